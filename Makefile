@@ -1,0 +1,31 @@
+# nicsplit — the two commands a newcomer needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+DATA   ?= ./nicsplit-data
+
+.PHONY: run test bench venv system-deps clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Debian packages of the real NBD peers the tests drive (nbdkit, libnbd, qemu, fio).
+system-deps:
+	bash scripts/setup-system.sh
+
+run: venv
+	$(VENV)/bin/nicsplit --data $(DATA) demo
+
+test: system-deps venv
+	$(PY) -m pytest -v tests
+
+bench: system-deps venv
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

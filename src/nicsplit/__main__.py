@@ -1,0 +1,3 @@
+from nicsplit.control.cli import main
+
+raise SystemExit(main())

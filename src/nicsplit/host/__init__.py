@@ -1,0 +1,1 @@
+"""The host: NBD front end, filter chain and datastore."""
