@@ -1,0 +1,273 @@
+"""The ``nicsplit`` command line.
+
+Contract: every command takes ``--data DIR`` (env ``NICSPLIT_DATA``, default
+``./nicsplit-data``); errors print one line on stderr and exit non-zero,
+never a traceback; ``--json`` output is stable for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from nicsplit import __version__
+from nicsplit.control import config as cfgmod
+from nicsplit.control.config import ConfigError, parse_listen, parse_size
+from nicsplit.host.chain import ChainError
+
+log = logging.getLogger("nicsplit")
+
+_OWNER = re.compile(r"^(vm|container):[A-Za-z0-9._-]{1,64}$")
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 1."""
+
+
+def _datastore_errors() -> tuple[type[BaseException], ...]:
+    from nicsplit.host.datastore import DatastoreError
+
+    return (DatastoreError,)
+
+
+# -- commands ---------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from nicsplit.host.datastore import Datastore
+
+    data = cfgmod.data_dir(args.data)
+    cfg_file = cfgmod.write_default(data)
+    cfg = cfgmod.load(data)
+    if (cfg.datastore_dir / "catalog.json").exists():
+        print(f"{data} is already initialised")
+        return 0
+    Datastore.create(
+        cfg.datastore_dir,
+        volume_size=parse_size(cfg.datastore("volume_size", "64G"), "volume_size"),
+        extent_size=parse_size(cfg.datastore("extent_size", "1M"), "extent_size"),
+    ).close()
+    print(f"initialised {data} (configuration: {cfg_file})")
+    return 0
+
+
+def _open_catalog(args: argparse.Namespace):
+    from nicsplit.host.datastore import Datastore
+
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    return cfg, Datastore.open(cfg.datastore_dir)
+
+
+def _vdisk_json(v: Any) -> dict[str, Any]:
+    return {
+        "name": v.name,
+        "size": v.size,
+        "owner": v.owner,
+        "uuid": v.uuid,
+        "id": v.id,
+        "block_size": v.block_size,
+        "readonly": v.readonly,
+        "created": v.created,
+    }
+
+
+def cmd_vdisk_create(args: argparse.Namespace) -> int:
+    if args.owner is not None and not _OWNER.match(args.owner):
+        raise CliError(f"bad owner {args.owner!r}: use vm:NAME or container:NAME")
+    size = parse_size(args.size, "size")
+    _, ds = _open_catalog(args)
+    v = ds.create_vdisk(args.name, size, owner=args.owner, readonly=args.readonly)
+    if args.json:
+        print(json.dumps(_vdisk_json(v)))
+    else:
+        print(f"created vdisk {v.name} ({_human(v.size)}{', owner ' + v.owner if v.owner else ''})")
+    return 0
+
+
+def cmd_vdisk_list(args: argparse.Namespace) -> int:
+    _, ds = _open_catalog(args)
+    vdisks = ds.list_vdisks()
+    if args.json:
+        print(json.dumps({"vdisks": [_vdisk_json(v) for v in vdisks]}, indent=2))
+        return 0
+    if not vdisks:
+        print("no vdisks (create one with: nicsplit vdisk create NAME --size 1G)")
+        return 0
+    print(f"{'NAME':<24} {'SIZE':>10} {'OWNER':<24} {'MODE':<4}")
+    for v in vdisks:
+        print(f"{v.name:<24} {_human(v.size):>10} {v.owner or '-':<24} {'ro' if v.readonly else 'rw':<4}")
+    return 0
+
+
+def cmd_vdisk_delete(args: argparse.Namespace) -> int:
+    _, ds = _open_catalog(args)
+    ds.open_io()
+    try:
+        ds.delete_vdisk(args.name)
+    finally:
+        ds.close()
+    print(f"deleted vdisk {args.name}")
+    return 0
+
+
+def _run_async(coro: Any) -> None:
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
+
+
+def _serve(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
+    from nicsplit.host.server import serve
+
+    listen = parse_listen(args.listen or cfg.host("listen", "127.0.0.1:10809"))
+    sock = args.socket if args.socket is not None else (cfg.host("socket", "") or None)
+
+    def ready(info: dict) -> None:
+        # One JSON line on stdout tells a supervisor (or a test) we serve.
+        print(json.dumps(info), flush=True)
+        for a in info["addresses"]:
+            log.info("serving NBD on %s (export = vdisk name)", a)
+
+    _run_async(serve(cfg, listen=listen, socket_path=sock, readonly=True if args.readonly else None, ready=ready))
+    return 0
+
+
+def cmd_host_serve(args: argparse.Namespace) -> int:
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    return _serve(args, cfg)
+
+
+def cmd_host_stats(args: argparse.Namespace) -> int:
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    path = cfg.run_dir / "host.sock"
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(path))
+            s.sendall(b'{"cmd": "stats"}\n')
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+    except OSError as e:
+        raise CliError(f"no running host for {cfg.data} ({path}: {e.strerror or e})") from None
+    reply = json.loads(buf)
+    if args.json:
+        print(json.dumps(reply["stats"], indent=2))
+        return 0
+    for name, st in reply["stats"]["vdisks"].items():
+        for verb, s in st.get("stats", {}).items():
+            if s["ops"]:
+                print(f"{name:<20} {verb:<8} ops={s['ops']:<10} bytes={s['bytes']:<14} p50={s['p50_us']:.1f}us p99={s['p99_us']:.1f}us errors={s['errors']}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Everything on one machine with the embedded default configuration."""
+    from nicsplit.host.datastore import Datastore
+
+    data = cfgmod.data_dir(args.data)
+    if not (data / cfgmod.CONFIG_NAME).exists():
+        cmd_init(args)
+    cfg = cfgmod.load(data)
+    ds = Datastore.open(cfg.datastore_dir)
+    if not ds.list_vdisks():
+        ds.create_vdisk("demo-vm-root", 1 << 30, owner="vm:demo")
+        ds.create_vdisk("demo-vm-data", 1 << 30, owner="vm:demo")
+        print("created demo vdisks demo-vm-root and demo-vm-data (1 GiB each, owner vm:demo)")
+    listen = args.listen or cfg.host("listen", "127.0.0.1:10809")
+    host, port = parse_listen(listen)
+    for v in ds.list_vdisks():
+        print(f"  {v.name:<20} nbd://{host}:{port}/{v.name}")
+    print("try:  qemu-io -f raw -c 'write -P 0xab 0 64k' nbd://%s:%d/%s   (Ctrl-C stops)" % (host, port, ds.list_vdisks()[0].name), flush=True)
+    return _serve(args, cfg)
+
+
+# -- plumbing ---------------------------------------------------------------
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.4g} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--data",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help=f"data directory (env {cfgmod.ENV_DATA}, default {cfgmod.DEFAULT_DATA})",
+    )
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging")
+
+    p = argparse.ArgumentParser(prog="nicsplit", description="Continuous data protection for virtual disks.", parents=[common])
+    p.add_argument("--version", action="version", version=f"nicsplit {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("init", parents=[common], help="create a data directory")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("up", parents=[common], help="run everything with the embedded default configuration")
+    s.add_argument("--listen", metavar="HOST:PORT")
+    s.add_argument("--socket", metavar="PATH", default=None)
+    s.add_argument("--readonly", action="store_true")
+    s.set_defaults(func=cmd_up)
+
+    vd = sub.add_parser("vdisk", parents=[common], help="manage virtual disks").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    s = vd.add_parser("create", parents=[common], help="create a vdisk")
+    s.add_argument("name")
+    s.add_argument("--size", required=True, help="e.g. 64M, 10G")
+    s.add_argument("--owner", help="vm:NAME or container:NAME (default: none)")
+    s.add_argument("--readonly", action="store_true", help="export read-only")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_vdisk_create)
+    s = vd.add_parser("list", parents=[common], help="list vdisks")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_vdisk_list)
+    s = vd.add_parser("delete", parents=[common], help="delete a vdisk and free its space")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_vdisk_delete)
+
+    hs = sub.add_parser("host", parents=[common], help="the host IO path").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    s = hs.add_parser("serve", parents=[common], help="serve vdisks over NBD (foreground)")
+    s.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:10809")
+    s.add_argument("--socket", metavar="PATH", default=None, help="also serve on a Unix socket")
+    s.add_argument("--readonly", action="store_true", help="serve every export read-only")
+    s.set_defaults(func=cmd_host_serve)
+    s = hs.add_parser("stats", parents=[common], help="per-vdisk IO statistics of the running host")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_host_stats)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.data = getattr(args, "data", None)
+    verbose = getattr(args, "verbose", 0) or 0
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose or args.command in ("up", "host") else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args) or 0
+    except (CliError, ConfigError, ChainError, *_datastore_errors()) as e:
+        print(f"nicsplit: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"nicsplit: error: {e.strerror or e}{': ' + e.filename if e.filename else ''}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,136 @@
+"""The data directory and its configuration file, ``nicsplit.toml``.
+
+Layout of a data directory (created by ``nicsplit init``)::
+
+    DIR/nicsplit.toml     configuration (documented template below)
+    DIR/datastore/        catalog, volume files, extent map (docs/datastore.md)
+    DIR/run/              sockets and pid files of running processes
+
+Every key is optional; `DEFAULT_TOML` documents each one with its default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_DATA = "NICSPLIT_DATA"
+DEFAULT_DATA = "./nicsplit-data"
+CONFIG_NAME = "nicsplit.toml"
+
+DEFAULT_TOML = '''\
+# nicsplit configuration. Every key is optional; the values shown are the
+# defaults. Sizes accept K, M, G, T suffixes (powers of 1024).
+
+[host]
+# TCP address `nicsplit host serve` listens on for NBD clients (--listen).
+listen = "127.0.0.1:10809"
+# Also listen on this Unix socket; empty means none (--socket).
+socket = ""
+# Filter chain of every vdisk, top first. An entry is a filter name or a
+# table {name = "...", option = value, ...}. Built in: stats, delay, error;
+# more install as Python packages (entry-point group "nicsplit.filters").
+filters = ["stats"]
+# Check the contract between every pair of chain layers (ranges, flags,
+# read lengths). Costs some CPU per IO; the test suite turns it on.
+validate = false
+# Serve every export read-only.
+readonly = false
+# Requests in flight per connection before the server stops reading from
+# it (backpressure): 128 covers any common client queue depth.
+max_inflight = 128
+
+[datastore]
+# Largest size of one datastore volume file (sparse); another volume is
+# added when all are full.
+volume_size = "64G"
+# Thin-provisioning allocation unit: a vdisk's first write to an extent
+# allocates it. A multiple of the 4 KiB block size.
+extent_size = "1M"
+
+# Per-vdisk settings override [host] ones, e.g.
+# [vdisks.web1-root]
+# filters = ["stats", {name = "delay", write_ms = 1}]
+'''
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """Bad configuration or data directory (one clear line)."""
+
+
+def parse_size(value: Any, what: str = "size") -> int:
+    """``4096``, ``"64K"``, ``"1M"``, ``"10GiB"`` → bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = _SIZE.match(str(value))
+        if not m:
+            raise ConfigError(f"bad {what} {value!r}: use a number of bytes or a K/M/G/T suffix")
+        n = int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+    if n <= 0:
+        raise ConfigError(f"bad {what} {value!r}: must be positive")
+    return n
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"bad listen address {value!r}: use HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@dataclass
+class Config:
+    data: Path
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def datastore_dir(self) -> Path:
+        return self.data / "datastore"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data / "run"
+
+    def host(self, key: str, default: Any) -> Any:
+        return self.raw.get("host", {}).get(key, default)
+
+    def datastore(self, key: str, default: Any) -> Any:
+        return self.raw.get("datastore", {}).get(key, default)
+
+    def vdisk_filters(self, name: str) -> list[Any]:
+        per = self.raw.get("vdisks", {}).get(name, {})
+        return list(per.get("filters", self.host("filters", ["stats"])))
+
+
+def data_dir(arg: str | None) -> Path:
+    return Path(arg or os.environ.get(ENV_DATA) or DEFAULT_DATA)
+
+
+def load(data: Path) -> Config:
+    cfg_file = data / CONFIG_NAME
+    if not cfg_file.exists():
+        raise ConfigError(f"{data} is not a nicsplit data directory (no {CONFIG_NAME}); run 'nicsplit init' first")
+    try:
+        raw = tomllib.loads(cfg_file.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{cfg_file}: {e}") from None
+    for section in ("host", "datastore", "vdisks"):
+        if section in raw and not isinstance(raw[section], dict):
+            raise ConfigError(f"{cfg_file}: [{section}] must be a table")
+    return Config(data=data, raw=raw)
+
+
+def write_default(data: Path) -> Path:
+    data.mkdir(parents=True, exist_ok=True)
+    cfg_file = data / CONFIG_NAME
+    if not cfg_file.exists():
+        cfg_file.write_text(DEFAULT_TOML)
+    (data / "run").mkdir(exist_ok=True)
+    return cfg_file

@@ -1,0 +1,130 @@
+"""``stats``: per-vdisk operation counts, bytes and a latency histogram.
+
+Observes no data (it only counts), so verbs it does not time would pass
+through; it times them all anyway so every op shows up.
+
+Options: none.  Example chain: ``filters = ["stats"]``.
+
+The histogram has power-of-two nanosecond buckets (bucket k holds latencies
+in [2^k, 2^(k+1)) ns): 40 buckets reach 2^40 ns ≈ 18 minutes, and recording
+is an int.bit_length() and a list increment — cheap enough for every IO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from time import perf_counter_ns
+from typing import Any
+
+from nicsplit.host.chain import Filter
+
+BUCKETS = 40
+
+
+class Histogram:
+    __slots__ = ("counts", "total", "sum_ns", "max_ns")
+
+    def __init__(self) -> None:
+        self.counts = [0] * BUCKETS
+        self.total = 0
+        self.sum_ns = 0
+        self.max_ns = 0
+
+    def record(self, ns: int) -> None:
+        b = ns.bit_length()
+        self.counts[b if b < BUCKETS else BUCKETS - 1] += 1
+        self.total += 1
+        self.sum_ns += ns
+        if ns > self.max_ns:
+            self.max_ns = ns
+
+    def percentile(self, p: float) -> int:
+        """Upper bound (ns) of the bucket holding the p-th percentile."""
+        if not self.total:
+            return 0
+        want = p / 100.0 * self.total
+        seen = 0
+        for k, c in enumerate(self.counts):
+            seen += c
+            if seen >= want and c:
+                return min(1 << k, self.max_ns)
+        return self.max_ns
+
+
+@dataclass(frozen=True)
+class OpStats:
+    ops: int
+    bytes: int
+    errors: int
+    mean_us: float
+    p50_us: float
+    p99_us: float
+    max_us: float
+
+
+class StatsFilter(Filter):
+    name = "stats"
+
+    def __init__(self, vdisk, options: dict[str, Any]) -> None:
+        super().__init__(vdisk, options)
+        self._hist = {v: Histogram() for v in ("pread", "pwrite", "zero", "trim", "flush", "extents")}
+        self._bytes = dict.fromkeys(self._hist, 0)
+        self._errors = dict.fromkeys(self._hist, 0)
+
+    async def pread(self, next, offset, length, flags):
+        t = perf_counter_ns()
+        try:
+            data = await next.pread(offset, length, flags)
+        except BaseException:
+            self._errors["pread"] += 1
+            raise
+        self._hist["pread"].record(perf_counter_ns() - t)
+        self._bytes["pread"] += length
+        return data
+
+    async def pwrite(self, next, offset, data, flags):
+        t = perf_counter_ns()
+        try:
+            await next.pwrite(offset, data, flags)
+        except BaseException:
+            self._errors["pwrite"] += 1
+            raise
+        self._hist["pwrite"].record(perf_counter_ns() - t)
+        self._bytes["pwrite"] += len(data)
+
+    async def zero(self, next, offset, length, flags):
+        await self._timed("zero", length, next.zero(offset, length, flags))
+
+    async def trim(self, next, offset, length, flags):
+        await self._timed("trim", length, next.trim(offset, length, flags))
+
+    async def flush(self, next, flags):
+        await self._timed("flush", 0, next.flush(flags))
+
+    async def extents(self, next, offset, length, flags):
+        return await self._timed("extents", 0, next.extents(offset, length, flags))
+
+    async def _timed(self, verb, nbytes, aw):
+        t = perf_counter_ns()
+        try:
+            r = await aw
+        except BaseException:
+            self._errors[verb] += 1
+            raise
+        self._hist[verb].record(perf_counter_ns() - t)
+        self._bytes[verb] += nbytes
+        return r
+
+    def statistics(self) -> dict[str, OpStats]:
+        out = {}
+        for verb, h in self._hist.items():
+            out[verb] = OpStats(
+                ops=h.total,
+                bytes=self._bytes[verb],
+                errors=self._errors[verb],
+                mean_us=(h.sum_ns / h.total / 1000) if h.total else 0.0,
+                p50_us=h.percentile(50) / 1000,
+                p99_us=h.percentile(99) / 1000,
+                max_us=h.max_ns / 1000,
+            )
+        return out

@@ -1,0 +1,412 @@
+"""The host front end: NBD sessions over the filter chains of a datastore.
+
+Theory of operation
+-------------------
+`NBDSession` is an asyncio Protocol and a thin loop around the sans-IO codec
+(`nicsplit.wire.nbd`): bytes in → events → chain calls → reply bytes out.
+
+- Each request runs as a coroutine down its vdisk's chain, started *eagerly*
+  (`run_eager`): one that never blocks (a page-cache write or read) completes
+  inside ``data_received`` with no Task, and its reply joins a batch written
+  with one ``writelines`` when the received bytes are used up. Only a request
+  that must wait (flush, FUA, a delay filter) becomes a Task; its reply is
+  written when it completes, so replies go out of order, as NBD allows.
+- At most ``max_inflight`` Tasks per session; beyond that the session stops
+  reading from its socket until half have finished (bounded, visible
+  backpressure instead of unbounded buffering).
+- Errors are raised where they happen as `IOFailure(errno)` and mapped to
+  the NBD code in exactly one place, `_execute`, after logging the cause.
+- One chain per vdisk, shared by all its sessions (multi-conn safe: a flush
+  on any connection syncs the whole datastore).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any, Callable
+
+from nicsplit.control.config import Config
+from nicsplit.host.chain import Chain, VdiskView, build_chain
+from nicsplit.host.datastore import Datastore, UnknownVdisk
+from nicsplit.host.eager import run_eager
+from nicsplit.host.io import Flag, IOFailure
+from nicsplit.host.plugin import DatastorePlugin, GroupSync
+from nicsplit.wire import nbd
+
+log = logging.getLogger(__name__)
+
+# NBD command flags → chain flags, precomputed for every 16-bit combination
+# the codec lets through (it already refused unknown bits).
+_FLAG_MAP = [
+    (Flag.FUA if f & nbd.NBD_CMD_FLAG_FUA else 0)
+    | (Flag.NO_HOLE if f & nbd.NBD_CMD_FLAG_NO_HOLE else 0)
+    | (Flag.FAST_ZERO if f & nbd.NBD_CMD_FLAG_FAST_ZERO else 0)
+    | (Flag.REQ_ONE if f & nbd.NBD_CMD_FLAG_REQ_ONE else 0)
+    for f in range(64)
+]
+
+# NBD lengths are 32-bit; keep each reported extent below that.
+_MAX_EXTENT = 0xFFFF_F000
+
+
+class ExportCatalog:
+    """The codec's view of exports: one per vdisk, named by the vdisk."""
+
+    def __init__(self, host: "HostServer") -> None:
+        self._host = host
+
+    def _info(self, v: Any) -> nbd.ExportInfo:
+        owner = f" of {v.owner}" if v.owner else ""
+        return nbd.ExportInfo(
+            name=v.name,
+            size=v.size,
+            readonly=v.readonly or self._host.readonly,
+            description=f"nicsplit vdisk {v.name}{owner}",
+        )
+
+    def lookup(self, name: str) -> nbd.ExportInfo | None:
+        self._host.datastore.reload_catalog()
+        try:
+            return self._info(self._host.datastore.get_vdisk(name))
+        except UnknownVdisk:
+            return None
+
+    def list_exports(self) -> list[nbd.ExportInfo]:
+        self._host.datastore.reload_catalog()
+        return [self._info(v) for v in self._host.datastore.list_vdisks()]
+
+
+class HostServer:
+    """Owns the datastore (it holds the datastore's IO lock) and the chains."""
+
+    def __init__(self, cfg: Config, datastore: Datastore, *, readonly: bool | None = None) -> None:
+        self.cfg = cfg
+        self.datastore = datastore
+        self.readonly = bool(cfg.host("readonly", False) if readonly is None else readonly)
+        self.validate = bool(cfg.host("validate", False))
+        self.max_inflight = int(cfg.host("max_inflight", 128))
+        self.exports = ExportCatalog(self)
+        self.group_sync = GroupSync(datastore.sync)
+        self._chains: dict[str, Chain] = {}
+        self.sessions: set[NBDSession] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+
+    def chain(self, name: str) -> Chain:
+        ch = self._chains.get(name)
+        if ch is None:
+            info = self.datastore.get_vdisk(name)
+            view = VdiskView(
+                name=info.name,
+                id=info.id,
+                uuid=info.uuid,
+                size=info.size,
+                owner=info.owner,
+                readonly=info.readonly or self.readonly,
+                extra=dict(info.extra),
+            )
+            plugin = DatastorePlugin(self.datastore.vdisk(name), self.group_sync)
+            ch = build_chain(view, self.cfg.vdisk_filters(name), plugin, validate=self.validate)
+            self._chains[name] = ch
+        return ch
+
+    def check_chains(self) -> None:
+        """Build every vdisk's chain now so a bad configuration fails at start."""
+        for v in self.datastore.list_vdisks():
+            self.chain(v.name)
+
+    def statistics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"vdisks": {}, "sessions": len(self.sessions)}
+        for name, ch in self._chains.items():
+            out["vdisks"][name] = _jsonable(ch.statistics())
+        out["group_sync"] = {"requests": self.group_sync.requests, "syncs": self.group_sync.syncs}
+        return out
+
+    async def start(self, listen: tuple[str, int] | None, socket_path: str | None) -> list[str]:
+        loop = asyncio.get_running_loop()
+        addrs = []
+        if listen is not None:
+            srv = await loop.create_server(lambda: NBDSession(self), listen[0], listen[1], reuse_address=True)
+            self._servers.append(srv)
+            host, port = srv.sockets[0].getsockname()[:2]
+            addrs.append(f"nbd://{host}:{port}")
+        if socket_path:
+            Path(socket_path).unlink(missing_ok=True)
+            srv = await loop.create_unix_server(lambda: NBDSession(self), socket_path)
+            self._servers.append(srv)
+            addrs.append(f"nbd+unix:///?socket={socket_path}")
+        return addrs
+
+    async def stop(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        for s in list(self.sessions):
+            s.shutdown()
+        await asyncio.gather(*(s.wait_idle() for s in list(self.sessions)), return_exceptions=True)
+        for ch in self._chains.values():
+            await ch.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.datastore.sync)
+
+
+class NBDSession(asyncio.Protocol):
+    """One NBD connection."""
+
+    def __init__(self, host: HostServer) -> None:
+        self.host = host
+        self.codec = nbd.ServerConnection(host.exports)
+        self.transport: asyncio.Transport | None = None
+        self.top: Any = None
+        self.export = ""
+        self._ctx_id = 0
+        self._out: list[bytes] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._paused = False
+        self._closing = False
+        self._idle: asyncio.Future | None = None
+        self.peer = "?"
+
+    # -- asyncio.Protocol ------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.peer = str(transport.get_extra_info("peername") or "unix")
+        self.host.sessions.add(self)
+        transport.write(self.codec.data_to_send())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.host.sessions.discard(self)
+        self._closing = True
+        self._maybe_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        codec = self.codec
+        codec.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> bool:
+        if not self._closing:
+            self.codec.receive_data(b"")
+            self._pump()
+        return False
+
+    # -- the loop around the codec ----------------------------------------
+    def _pump(self) -> None:
+        codec = self.codec
+        out = self._out
+        Request = nbd.Request
+        try:
+            while True:
+                ev = codec.next_event()
+                if ev is nbd.NEED_DATA:
+                    break
+                if type(ev) is Request:
+                    if ev.error:
+                        log.debug("%s %s: request %#x refused: NBD errno %d", self.peer, self.export, ev.handle, ev.error)
+                        out.append(codec.reply_error(ev.handle, ev.error))
+                        continue
+                    done, res = run_eager(self._execute(ev))
+                    if done:
+                        if type(res) is list:
+                            out.extend(res)
+                        else:
+                            out.append(res)
+                    else:
+                        self._track(res)
+                elif isinstance(ev, nbd.Negotiated):
+                    self._negotiated(ev)
+                elif isinstance(ev, nbd.Disconnect):
+                    self.shutdown()
+                    break
+                elif isinstance(ev, nbd.Closed):
+                    log.debug("%s: handshake ended: %s", self.peer, ev.reason)
+                    self._flush_out()
+                    self.shutdown()
+                    return
+        except nbd.RemoteProtocolError as e:
+            log.warning("%s %s: closing connection: %s", self.peer, self.export, e)
+            self._flush_out()
+            self._closing = True
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._flush_out()
+
+    def _flush_out(self) -> None:
+        # Handshake replies exist only before transmission starts.
+        hs = self.codec.data_to_send() if self.top is None else b""
+        t = self.transport
+        if t is None or t.is_closing():
+            self._out.clear()
+            return
+        if hs:
+            t.write(hs)
+        if self._out:
+            t.writelines(self._out)
+            self._out.clear()
+
+    def _negotiated(self, ev: Any) -> None:
+        self.export = ev.export.name
+        # Handshake replies must reach the client before any transmission reply.
+        hs = self.codec.data_to_send()
+        if hs and self.transport is not None:
+            self.transport.write(hs)
+        try:
+            self.top = self.host.chain(ev.export.name).top
+        except Exception as e:  # a chain that cannot build: refuse this session only
+            log.error("%s: export %s unusable: %s", self.peer, ev.export.name, e)
+            self.shutdown()
+            return
+        self._ctx_id = next((i for i, n in ev.meta_contexts.items() if n == "base:allocation"), 0)
+        log.info("%s: session on export %s (structured=%s)", self.peer, self.export, ev.structured)
+
+    def _track(self, task: asyncio.Task) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        if len(self._tasks) >= self.host.max_inflight and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            res = task.result()  # _execute never raises
+            t = self.transport
+            if t is not None and not t.is_closing():
+                if type(res) is list:
+                    t.writelines(res)
+                else:
+                    t.write(res)
+        if self._paused and len(self._tasks) <= self.host.max_inflight // 2 and self.transport is not None:
+            self._paused = False
+            if not self._closing:
+                self.transport.resume_reading()
+        self._maybe_idle()
+
+    async def _execute(self, req: Any) -> Any:
+        """Run one request down the chain; returns the reply. Never raises."""
+        codec = self.codec
+        top = self.top
+        cmd = req.cmd
+        try:
+            if cmd == nbd.NBD_CMD_WRITE:
+                await top.pwrite(req.offset, req.data, _FLAG_MAP[req.flags & 63])
+                return codec.reply_ok(req.handle)
+            if cmd == nbd.NBD_CMD_READ:
+                data = await top.pread(req.offset, req.length, 0)
+                return codec.reply_read(req.handle, req.offset, data)
+            if cmd == nbd.NBD_CMD_FLUSH:
+                await top.flush(0)
+                return codec.reply_ok(req.handle)
+            if cmd == nbd.NBD_CMD_WRITE_ZEROES:
+                await top.zero(req.offset, req.length, _FLAG_MAP[req.flags & 63])
+                return codec.reply_ok(req.handle)
+            if cmd == nbd.NBD_CMD_TRIM:
+                await top.trim(req.offset, req.length, _FLAG_MAP[req.flags & 63])
+                return codec.reply_ok(req.handle)
+            if cmd == nbd.NBD_CMD_BLOCK_STATUS:
+                ext = await top.extents(req.offset, req.length, _FLAG_MAP[req.flags & 63])
+                return codec.reply_block_status(req.handle, self._ctx_id, _clip_extents(ext))
+            raise IOFailure(errno.EINVAL, f"command {cmd} not supported")
+        except IOFailure as e:
+            log.info("%s %s: request %#x (cmd %d %d+%d) failed: %s", self.peer, self.export, req.handle, cmd, req.offset, req.length, e)
+            return codec.reply_error(req.handle, nbd.errno_to_nbd(e.errno), str(e))
+        except Exception:  # a bug below us: fail the IO, keep the session
+            log.exception("%s %s: request %#x (cmd %d) crashed", self.peer, self.export, req.handle, cmd)
+            return codec.reply_error(req.handle, nbd.NBD_EIO, "internal error")
+
+    # -- shutdown ----------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop reading; close once in-flight requests have replied."""
+        self._closing = True
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if self._closing and not self._tasks:
+            if self.transport is not None and not self.transport.is_closing():
+                self._flush_out()
+                self.transport.close()
+            if self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
+
+    async def wait_idle(self) -> None:
+        if self._tasks:
+            self._idle = asyncio.get_running_loop().create_future()
+            await self._idle
+
+
+def _clip_extents(ext: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    if all(n <= _MAX_EXTENT for n, _ in ext):
+        return ext
+    return [(min(n, _MAX_EXTENT), t) for n, t in ext]
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: _jsonable(getattr(obj, k)) for k in obj.__dataclass_fields__}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+async def _control(host: HostServer, path: Path) -> asyncio.AbstractServer:
+    """A JSON-lines control socket in DATA/run: ``{"cmd": "stats"}``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            try:
+                cmd = json.loads(line or b"{}").get("cmd")
+            except (ValueError, AttributeError):
+                cmd = None
+            if cmd == "stats":
+                reply = {"ok": True, "stats": host.statistics()}
+            elif cmd == "ping":
+                reply = {"ok": True, "pid": os.getpid()}
+            else:
+                reply = {"ok": False, "error": f"unknown command {cmd!r}"}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    path.unlink(missing_ok=True)
+    return await asyncio.start_unix_server(handle, str(path))
+
+
+async def serve(
+    cfg: Config,
+    *,
+    listen: tuple[str, int] | None,
+    socket_path: str | None,
+    readonly: bool | None = None,
+    ready: Callable[[dict], None] | None = None,
+) -> None:
+    """Run the host until SIGTERM/SIGINT; then finish in-flight IO and sync."""
+    ds = Datastore.open(cfg.datastore_dir)
+    ds.open_io()
+    try:
+        host = HostServer(cfg, ds, readonly=readonly)
+        host.check_chains()
+        addrs = await host.start(listen, socket_path)
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        control = await _control(host, cfg.run_dir / "host.sock")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready({"event": "ready", "pid": os.getpid(), "addresses": addrs})
+        await stop.wait()
+        log.info("stopping: finishing in-flight IO")
+        control.close()
+        await host.stop()
+    finally:
+        ds.close()

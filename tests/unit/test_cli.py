@@ -1,0 +1,61 @@
+"""The CLI contract: --data/NICSPLIT_DATA, JSON shapes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from nicsplit.testing.procs import nicsplit_cmd, run_cli
+
+
+def test_init_create_list_delete(tmp_path):
+    data = tmp_path / "d"
+    run_cli(data, "init")
+    assert (data / "nicsplit.toml").exists()
+    assert "already" in run_cli(data, "init").stdout
+    run_cli(data, "vdisk", "create", "web1-root", "--size", "10G", "--owner", "vm:web1")
+    run_cli(data, "vdisk", "create", "db-data", "--size", "512M", "--owner", "container:db")
+    run_cli(data, "vdisk", "create", "scratch", "--size", "1M")
+    listing = json.loads(run_cli(data, "vdisk", "list", "--json").stdout)
+    by_name = {v["name"]: v for v in listing["vdisks"]}
+    assert set(by_name) == {"web1-root", "db-data", "scratch"}
+    assert by_name["web1-root"]["size"] == 10 << 30 and by_name["web1-root"]["owner"] == "vm:web1"
+    assert by_name["db-data"]["owner"] == "container:db"
+    assert by_name["scratch"]["owner"] is None
+    assert len({v["uuid"] for v in listing["vdisks"]}) == 3
+    run_cli(data, "vdisk", "delete", "scratch")
+    listing = json.loads(run_cli(data, "vdisk", "list", "--json").stdout)
+    assert [v["name"] for v in listing["vdisks"]] == ["web1-root", "db-data"] or {v["name"] for v in listing["vdisks"]} == {"web1-root", "db-data"}
+
+
+def test_env_var_selects_data_dir(tmp_path):
+    data = tmp_path / "envdata"
+    env = dict(os.environ, NICSPLIT_DATA=str(data))
+    subprocess.run(nicsplit_cmd("init"), env=env, check=True, capture_output=True)
+    subprocess.run(nicsplit_cmd("vdisk", "create", "x", "--size", "1M"), env=env, check=True, capture_output=True)
+    out = subprocess.run(nicsplit_cmd("vdisk", "list", "--json"), env=env, check=True, capture_output=True, text=True).stdout
+    assert [v["name"] for v in json.loads(out)["vdisks"]] == ["x"]
+
+
+def _fails(data, *args) -> str:
+    p = run_cli(data, *args, check=False)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    return lines[0]
+
+
+def test_errors_are_one_line(tmp_path):
+    data = tmp_path / "d"
+    assert "nicsplit init" in _fails(data, "vdisk", "list")
+    run_cli(data, "init")
+    run_cli(data, "vdisk", "create", "a", "--size", "1M")
+    assert "exists" in _fails(data, "vdisk", "create", "a", "--size", "1M")
+    assert "size" in _fails(data, "vdisk", "create", "b", "--size", "lots")
+    assert "owner" in _fails(data, "vdisk", "create", "b", "--size", "1M", "--owner", "pod:x")
+    assert "b" in _fails(data, "vdisk", "delete", "b")
+    assert "name" in _fails(data, "vdisk", "create", "bad/name", "--size", "1M").lower()
+    assert "listen" in _fails(data, "host", "serve", "--listen", "nowhere")
+    assert "no running host" in _fails(data, "host", "stats")
