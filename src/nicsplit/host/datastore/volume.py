@@ -1,0 +1,159 @@
+"""Volume files (`vol-NNNN.dsk`) and the raw file operations on them.
+
+Rules:
+- A volume is ``volume_size`` bytes at most: extent 0 holds the header, data
+  extents 1.. follow. Physical extent ``p`` lives at byte ``(p + 1) *
+  extent_size``, so no vdisk byte ever sits at physical == virtual by accident.
+- The file is sparse and its length is ``(1 + high water mark) *
+  extent_size``; it only grows by whole extents (ftruncate), so a read inside
+  an allocated extent is never short.
+- Freed space is given back with ``fallocate(PUNCH_HOLE | KEEP_SIZE)``; a
+  punched range reads zeros, which is what makes extent reuse safe.
+- ``os.posix_fallocate`` cannot punch, so `fallocate(2)` is called through
+  ctypes. Filesystems without ZERO_RANGE fall back to writing zeros.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import struct
+import uuid as _uuid
+import zlib
+
+from .errors import CorruptDatastore, DatastoreError
+
+VOLUME_MAGIC = b"NSDSVOL1"
+VOLUME_VERSION = 1
+
+# Volume header, at byte 0 of every volume; the rest of extent 0 is a hole.
+VOLUME_HEADER = struct.Struct(
+    "<"
+    "8s"  # magic: b"NSDSVOL1"
+    "I"  # version: 1
+    "I"  # volume index: N of vol-NNNN.dsk
+    "16s"  # datastore uuid (raw bytes), ties the volume to its catalog
+    "Q"  # extent size in bytes
+    "Q"  # volume size (max bytes of this file, header extent included)
+    "I"  # CRC-32 of all bytes above
+)
+assert VOLUME_HEADER.size == 52
+
+# linux/falloc.h
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+# 1 MiB of zeros for the write-zeros fallback (bounded memory per call).
+_ZEROS = bytes(1 << 20)
+
+
+def volume_name(index: int) -> str:
+    return f"vol-{index:04d}.dsk"
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """Call fallocate(2); raise OSError with the real errno on failure."""
+    while _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, f"fallocate(mode={mode:#x}, {offset}, {length}): {os.strerror(err)}")
+
+
+def write_zeros(fd: int, offset: int, length: int) -> None:
+    end = offset + length
+    while offset < end:
+        n = os.pwrite(fd, memoryview(_ZEROS)[: min(len(_ZEROS), end - offset)], offset)
+        offset += n
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a range; it reads zeros afterwards (partial blocks zeroed)."""
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        write_zeros(fd, offset, length)  # correct, just not thin
+
+
+def zero_range(fd: int, offset: int, length: int) -> None:
+    """Zero a range and keep it allocated."""
+    try:
+        fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        write_zeros(fd, offset, length)
+
+
+def encode_header(index: int, ds_uuid: _uuid.UUID, extent_size: int, volume_size: int) -> bytes:
+    body = VOLUME_HEADER.pack(VOLUME_MAGIC, VOLUME_VERSION, index, ds_uuid.bytes, extent_size, volume_size, 0)
+    return body[:-4] + struct.pack("<I", zlib.crc32(body[:-4]))
+
+
+def create_volume(dirpath: str, index: int, ds_uuid: _uuid.UUID, extent_size: int, volume_size: int) -> int:
+    """Create vol-<index>.dsk with its header extent, durably; return an O_RDWR fd."""
+    path = os.path.join(dirpath, volume_name(index))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.pwrite(fd, encode_header(index, ds_uuid, extent_size, volume_size), 0)
+        os.ftruncate(fd, extent_size)
+        os.fsync(fd)
+        fsync_dir(dirpath)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_volume(dirpath: str, index: int, ds_uuid: _uuid.UUID, extent_size: int) -> int:
+    """Open and validate an existing volume; return an O_RDWR fd."""
+    path = os.path.join(dirpath, volume_name(index))
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        raw = os.pread(fd, VOLUME_HEADER.size, 0)
+        if len(raw) != VOLUME_HEADER.size:
+            raise CorruptDatastore(f"{path}: short volume header ({len(raw)} bytes)")
+        magic, version, idx, uu, es, _vs, crc = VOLUME_HEADER.unpack(raw)
+        if magic != VOLUME_MAGIC:
+            raise CorruptDatastore(f"{path}: bad volume magic {magic!r}")
+        if crc != zlib.crc32(raw[:-4]):
+            raise CorruptDatastore(f"{path}: volume header CRC mismatch")
+        if version != VOLUME_VERSION:
+            raise CorruptDatastore(f"{path}: unsupported volume version {version}")
+        if uu != ds_uuid.bytes:
+            raise CorruptDatastore(f"{path}: belongs to datastore {_uuid.UUID(bytes=uu)}, not {ds_uuid}")
+        if idx != index:
+            raise CorruptDatastore(f"{path}: header says volume {idx}, file name says {index}")
+        if es != extent_size:
+            raise CorruptDatastore(f"{path}: extent size {es} != catalog extent size {extent_size}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def fsync_dir(dirpath: str) -> None:
+    fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_extent_size(extent_size: int, volume_size: int) -> None:
+    if extent_size <= 0 or extent_size % 4096:
+        raise DatastoreError(f"extent_size {extent_size} must be a positive multiple of 4096")
+    if volume_size % extent_size or volume_size < 2 * extent_size:
+        raise DatastoreError(
+            f"volume_size {volume_size} must be a multiple of extent_size {extent_size} "
+            "and hold the header extent plus at least one data extent"
+        )
