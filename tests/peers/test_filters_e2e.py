@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nicsplit.testing.datadir import init_data, vdisk
-from nicsplit.testing.procs import HostProcess, import_libnbd, nicsplit_cmd
+from nicsplit.testing.procs import HostProcess, import_libnbd, libnbd_errno, nicsplit_cmd
 
 pytestmark = pytest.mark.usefixtures("peers")
 
@@ -38,10 +38,10 @@ def test_error_filter_errno_reaches_client(tmp_path, host_factory, err):
     h = _h(host.uri("bad"))
     with pytest.raises(nbd.Error) as ei:
         h.pwrite(b"w" * 4096, 0)
-    assert ei.value.errno == getattr(errno, err)
+    assert libnbd_errno(ei.value) == getattr(errno, err)
     with pytest.raises(nbd.Error) as ei:
         h.flush()
-    assert ei.value.errno == getattr(errno, err)
+    assert libnbd_errno(ei.value) == getattr(errno, err)
     # reads pass; the failed write never reached the datastore
     assert h.pread(4096, 0) == bytes(4096)
     g = _h(host.uri("good"))
@@ -67,7 +67,7 @@ def test_error_filter_trigger_file_and_rate(tmp_path, host_factory, seed):
         try:
             h.pwrite(b"b" * 512, i * 512)
         except nbd.Error as e:
-            assert e.errno == errno.EIO
+            assert libnbd_errno(e) == errno.EIO
             failed += 1
     assert 50 < failed < 150, failed  # rate 0.5, seeded
 

@@ -23,7 +23,7 @@ def test_fio_randwrite_verify_qd16(data, host_factory, tmp_path, seed):
             "--verify=crc32c", "--verify_fatal=1", f"--randseed={seed}",
             "--output-format=json", f"--output={out}",
         ],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert p.returncode == 0, p.stdout + p.stderr + host.log()
     job = json.loads(out.read_text())["jobs"][0]

@@ -26,7 +26,7 @@ def test_concurrent_vdisks_do_not_bleed(data, host_factory, seed, tmp_path):
                     f"--randseed={seed}", "--verify=pattern", f"--verify_pattern={pattern}",
                     "--verify_fatal=1", "--norandommap=0",
                 ],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
             )
         )
     for p in procs:

@@ -161,7 +161,11 @@ class NbdkitProcess:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
     def __enter__(self) -> "NbdkitProcess":
         return self.start()
@@ -183,3 +187,14 @@ def env_with_libnbd() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), LIBNBD_PATH]))
     return env
+
+
+def libnbd_errno(exc: BaseException) -> int:
+    """libnbd's Python binding reports ``Error.errno`` as a name
+    (``"EINVAL"``); turn it into the number (0 when it has none)."""
+    import errno as errno_mod
+
+    e = getattr(exc, "errno", None)
+    if isinstance(e, str):
+        return getattr(errno_mod, e, -1)
+    return e or 0
