@@ -20,6 +20,7 @@ from typing import Any
 
 from nicsplit import __version__
 from nicsplit.control import config as cfgmod
+from nicsplit.control.cgs import CGCatalog, CGError
 from nicsplit.control.config import ConfigError, parse_listen, parse_size
 from nicsplit.host.chain import ChainError
 
@@ -76,6 +77,7 @@ def _vdisk_json(v: Any) -> dict[str, Any]:
         "block_size": v.block_size,
         "readonly": v.readonly,
         "created": v.created,
+        "cg": v.extra.get("cg"),
     }
 
 
@@ -83,8 +85,12 @@ def cmd_vdisk_create(args: argparse.Namespace) -> int:
     if args.owner is not None and not _OWNER.match(args.owner):
         raise CliError(f"bad owner {args.owner!r}: use vm:NAME or container:NAME")
     size = parse_size(args.size, "size")
-    _, ds = _open_catalog(args)
-    v = ds.create_vdisk(args.name, size, owner=args.owner, readonly=args.readonly)
+    cfg, ds = _open_catalog(args)
+    extra = None
+    if args.cg:
+        CGCatalog(cfg.data).get(args.cg)  # must exist
+        extra = {"cg": args.cg}
+    v = ds.create_vdisk(args.name, size, owner=args.owner, readonly=args.readonly, extra=extra)
     if args.json:
         print(json.dumps(_vdisk_json(v)))
     else:
@@ -115,6 +121,39 @@ def cmd_vdisk_delete(args: argparse.Namespace) -> int:
     finally:
         ds.close()
     print(f"deleted vdisk {args.name}")
+    return 0
+
+
+def cmd_cg_create(args: argparse.Namespace) -> int:
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    cg = CGCatalog(cfg.data).create(args.name)
+    print(json.dumps({"name": cg.name, "id": cg.id, "uuid": cg.uuid}) if args.json else f"created consistency group {cg.name}")
+    return 0
+
+
+def cmd_cg_add(args: argparse.Namespace) -> int:
+    cfg, ds = _open_catalog(args)
+    CGCatalog(cfg.data).get(args.cg)
+    v = ds.get_vdisk(args.vdisk)
+    if v.extra.get("cg") not in (None, args.cg):
+        raise CliError(f"vdisk {v.name} is already in consistency group {v.extra['cg']}")
+    ds.update_vdisk(v.name, extra={**v.extra, "cg": args.cg})
+    print(f"vdisk {v.name} joins consistency group {args.cg} (a running host applies it to new sessions after restart)")
+    return 0
+
+
+def cmd_cg_list(args: argparse.Namespace) -> int:
+    cfg, ds = _open_catalog(args)
+    members: dict[str, list[str]] = {}
+    for v in ds.list_vdisks():
+        if v.extra.get("cg"):
+            members.setdefault(v.extra["cg"], []).append(v.name)
+    cgs = [{"name": c.name, "id": c.id, "uuid": c.uuid, "vdisks": members.get(c.name, [])} for c in CGCatalog(cfg.data).list()]
+    if args.json:
+        print(json.dumps({"cgs": cgs}, indent=2))
+    else:
+        for c in cgs:
+            print(f"{c['name']:<20} id={c['id']:<4} vdisks: {', '.join(c['vdisks']) or '-'}")
     return 0
 
 
@@ -234,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", required=True, help="e.g. 64M, 10G")
     s.add_argument("--owner", help="vm:NAME or container:NAME (default: none)")
     s.add_argument("--readonly", action="store_true", help="export read-only")
+    s.add_argument("--cg", metavar="CG", help="consistency group to protect it in (see: nicsplit cg create)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_vdisk_create)
     s = vd.add_parser("list", parents=[common], help="list vdisks")
@@ -242,6 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = vd.add_parser("delete", parents=[common], help="delete a vdisk and free its space")
     s.add_argument("name")
     s.set_defaults(func=cmd_vdisk_delete)
+
+    cgp = sub.add_parser("cg", parents=[common], help="consistency groups").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    s = cgp.add_parser("create", parents=[common], help="create a consistency group")
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_cg_create)
+    s = cgp.add_parser("add", parents=[common], help="put a vdisk into a consistency group")
+    s.add_argument("cg")
+    s.add_argument("vdisk")
+    s.set_defaults(func=cmd_cg_add)
+    s = cgp.add_parser("list", parents=[common], help="list consistency groups and their vdisks")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_cg_list)
 
     hs = sub.add_parser("host", parents=[common], help="the host IO path").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
     s = hs.add_parser("serve", parents=[common], help="serve vdisks over NBD (foreground)")
@@ -263,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args) or 0
-    except (CliError, ConfigError, ChainError, *_datastore_errors()) as e:
+    except (CliError, ConfigError, ChainError, CGError, *_datastore_errors()) as e:
         print(f"nicsplit: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -32,9 +32,12 @@ listen = "127.0.0.1:10809"
 # Also listen on this Unix socket; empty means none (--socket).
 socket = ""
 # Filter chain of every vdisk, top first. An entry is a filter name or a
-# table {name = "...", option = value, ...}. Built in: stats, delay, error;
-# more install as Python packages (entry-point group "nicsplit.filters").
-filters = ["stats"]
+# table {name = "...", option = value, ...}. Built in: stats, split, delay,
+# error; more install as Python packages (entry-point group
+# "nicsplit.filters"). "split" protects vdisks that are in a consistency
+# group (and passes the others through): e.g.
+# {name = "split", split_timeout_us = 1000} waits at most 1 ms for the card.
+filters = ["stats", "split"]
 # Check the contract between every pair of chain layers (ranges, flags,
 # read lengths). Costs some CPU per IO; the test suite turns it on.
 validate = false
@@ -106,7 +109,7 @@ class Config:
 
     def vdisk_filters(self, name: str) -> list[Any]:
         per = self.raw.get("vdisks", {}).get(name, {})
-        return list(per.get("filters", self.host("filters", ["stats"])))
+        return list(per.get("filters", self.host("filters", ["stats", "split"])))
 
 
 def data_dir(arg: str | None) -> Path:

@@ -68,6 +68,7 @@ class VdiskView:
     owner: str | None
     readonly: bool
     extra: dict
+    context: Any = None  # the host's shared services (HostContext), for filters that need them
 
 
 class Filter:

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from nicsplit.control.config import Config
 from nicsplit.host.chain import Chain, VdiskView, build_chain
+from nicsplit.host.context import HostContext
 from nicsplit.host.datastore import Datastore, UnknownVdisk
 from nicsplit.host.eager import run_eager
 from nicsplit.host.io import Flag, IOFailure
@@ -93,6 +94,7 @@ class HostServer:
         self.max_inflight = int(cfg.host("max_inflight", 128))
         self.exports = ExportCatalog(self)
         self.group_sync = GroupSync(datastore.sync)
+        self.context = HostContext(cfg.data, cfg.run_dir, card=cfg.raw.get("host", {}).get("card"))
         self._chains: dict[str, Chain] = {}
         self.sessions: set[NBDSession] = set()
         self._servers: list[asyncio.AbstractServer] = []
@@ -109,6 +111,7 @@ class HostServer:
                 owner=info.owner,
                 readonly=info.readonly or self.readonly,
                 extra=dict(info.extra),
+                context=self.context,
             )
             plugin = DatastorePlugin(self.datastore.vdisk(name), self.group_sync)
             ch = build_chain(view, self.cfg.vdisk_filters(name), plugin, validate=self.validate)
@@ -126,6 +129,26 @@ class HostServer:
             out["vdisks"][name] = _jsonable(ch.statistics())
         out["group_sync"] = {"requests": self.group_sync.requests, "syncs": self.group_sync.syncs}
         return out
+
+    def status(self) -> dict[str, Any]:
+        """Protection state per vdisk (from its splitter) for `nicsplit status`."""
+        self.datastore.reload_catalog()
+        vdisks = []
+        for v in self.datastore.list_vdisks():
+            try:
+                ch = self.chain(v.name)
+            except Exception as e:  # a vdisk whose chain cannot build is reported, not hidden
+                vdisks.append({"name": v.name, "cg": v.extra.get("cg"), "state": "error", "reason": str(e)})
+                continue
+            sp = ch.filter("split")
+            st = sp.statistics() if sp is not None else {"state": "unprotected"}
+            vdisks.append({"name": v.name, "cg": v.extra.get("cg"), **st})
+        link = self.context.card
+        return {
+            "pid": os.getpid(),
+            "vdisks": vdisks,
+            "card": {"attached": link._t is not None, "losses": link.losses, "last_error": link.last_error, "tracked": link.tracked},
+        }
 
     async def start(self, listen: tuple[str, int] | None, socket_path: str | None) -> list[str]:
         loop = asyncio.get_running_loop()
@@ -151,6 +174,7 @@ class HostServer:
         for ch in self._chains.values():
             await ch.close()
         await asyncio.get_running_loop().run_in_executor(None, self.datastore.sync)
+        self.context.close()
 
 
 class NBDSession(asyncio.Protocol):
@@ -368,6 +392,8 @@ async def _control(host: HostServer, path: Path) -> asyncio.AbstractServer:
                 cmd = None
             if cmd == "stats":
                 reply = {"ok": True, "stats": host.statistics()}
+            elif cmd == "status":
+                reply = {"ok": True, "status": host.status()}
             elif cmd == "ping":
                 reply = {"ok": True, "pid": os.getpid()}
             else:

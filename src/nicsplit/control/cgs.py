@@ -1,0 +1,94 @@
+"""Consistency groups (`DATA/cgs.json`).
+
+A CG is a set of vdisks whose writes share one sequence, so every point in
+time of the group is a prefix of one order across all its disks (P2). A vdisk
+belongs to at most one CG; membership is stored with the vdisk (catalog
+``extra["cg"]``) so deleting a vdisk leaves no dangling member.
+
+Rules: ids are small ints from ``next_id``, never reused (journals are keyed
+by name, records by id). Changes are read-modify-write under an flock, and
+the file is replaced atomically (tmp, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class CGError(Exception):
+    """One clear line."""
+
+
+@dataclass(frozen=True)
+class CGInfo:
+    name: str
+    id: int
+    uuid: str
+    created: float
+
+
+class CGCatalog:
+    def __init__(self, data: Path) -> None:
+        self.path = Path(data) / "cgs.json"
+        self._lock = Path(data) / "cgs.lock"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self._lock, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def _read(self) -> dict:
+        try:
+            raw = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {"next_id": 1, "cgs": {}}
+        except ValueError as e:
+            raise CGError(f"{self.path}: corrupt ({e})") from None
+        return raw
+
+    def _write(self, raw: dict) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(raw, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self.path)
+
+    def create(self, name: str) -> CGInfo:
+        if not NAME_RE.match(name):
+            raise CGError(f"bad consistency group name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+        with self._locked():
+            raw = self._read()
+            if name in raw["cgs"]:
+                raise CGError(f"consistency group {name!r} already exists")
+            cg = {"id": raw["next_id"], "uuid": str(uuid.uuid4()), "created": time.time()}
+            raw["next_id"] += 1
+            raw["cgs"][name] = cg
+            self._write(raw)
+        return CGInfo(name=name, **cg)
+
+    def list(self) -> list[CGInfo]:
+        raw = self._read()
+        return sorted((CGInfo(name=n, **c) for n, c in raw["cgs"].items()), key=lambda c: c.id)
+
+    def get(self, name: str) -> CGInfo:
+        raw = self._read()
+        if name not in raw["cgs"]:
+            known = ", ".join(sorted(raw["cgs"])) or "none"
+            raise CGError(f"unknown consistency group {name!r} (known: {known})")
+        return CGInfo(name=name, **raw["cgs"][name])
+
+    def by_id(self) -> dict[int, CGInfo]:
+        return {c.id: c for c in self.list()}

@@ -1,0 +1,118 @@
+"""The host's link to the offload card, shared by every splitter filter.
+
+Rules:
+- The link never blocks production: connecting is tried at most once per
+  ``retry_s`` with a short timeout, and a missing card just means "no
+  transport" (the splitter then marks).
+- Acked is not yet protected: the card acknowledged a write, but it is only
+  safe once the appliance holds it durably. The link keeps every split write
+  until the card reports its payload released (shipped and durable, or
+  dropped); if the card is lost, every write still kept is marked dirty in its
+  vdisk's map, so a resync covers it (P1).
+- The kept list is bounded by the card's own capacity (a write the card has
+  not released occupies hidden-volume space), plus ``max_tracked`` as a hard
+  stop: beyond it the oldest entries' regions are marked dirty at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class CardLink:
+    def __init__(self, run_dir: Path, *, transport: str = "ring", retry_s: float = 0.5,
+                 connect_timeout_s: float = 0.05, max_tracked: int = 1 << 20) -> None:
+        self.run_dir = Path(run_dir)
+        self.kind = transport
+        self.retry_s = retry_s
+        self.connect_timeout_s = connect_timeout_s
+        self.max_tracked = max_tracked
+        self._t: Any = None
+        self._last_try = 0.0
+        self._tracked: collections.deque = collections.deque()
+        self.losses = 0
+        self.last_error = ""
+
+    def get(self) -> Any:
+        """The transport, or None when no card is reachable now."""
+        t = self._t
+        if t is not None:
+            return t
+        now = time.monotonic()
+        if now - self._last_try < self.retry_s:
+            return None
+        self._last_try = now
+        try:
+            self._t = self._connect()
+            log.info("attached to the card through the %s transport", self.kind)
+        except Exception as e:  # any failure to attach means "no card now"
+            self.last_error = str(e)
+            log.debug("card not reachable: %s", e)
+            self._t = None
+        return self._t
+
+    def _connect(self) -> Any:
+        if self.kind != "ring":
+            raise ValueError(f"unknown transport {self.kind!r}")
+        from nicsplit.card.transports.ring import RingSplitter
+
+        return RingSplitter.connect(str(self.run_dir / "card.sock"), timeout=self.connect_timeout_s)
+
+    def track(self, position: int, dmap: Any, offset: int, length: int) -> None:
+        tr = self._tracked
+        tr.append((position, dmap, offset, length))
+        if len(tr) > self.max_tracked:
+            _, d, o, n = tr.popleft()
+            d.enter_marking("card backlog beyond the host's tracking bound")
+            d.mark(o, n)
+
+    def trim(self) -> None:
+        """Forget writes the card has released (durable at the appliance)."""
+        t = self._t
+        tr = self._tracked
+        if t is None or not tr:
+            return
+        released = t.released_position()
+        while tr and tr[0][0] < released:
+            tr.popleft()
+
+    def lost(self, reason: str) -> None:
+        """The card is gone or unusable: mark everything not known durable."""
+        if self._t is not None:
+            try:
+                self.trim()
+            except Exception:  # the card's memory may be unreadable now
+                pass
+            try:
+                self._t.close()
+            except Exception:
+                pass
+            self._t = None
+            self.losses += 1
+            self._last_try = time.monotonic()
+        self.last_error = reason
+        n = len(self._tracked)
+        while self._tracked:
+            _, d, o, ln = self._tracked.popleft()
+            d.enter_marking(reason)
+            d.mark(o, ln)
+        if n:
+            log.warning("card lost (%s): %d unconfirmed writes marked dirty", reason, n)
+
+    @property
+    def tracked(self) -> int:
+        return len(self._tracked)
+
+    def close(self) -> None:
+        if self._t is not None:
+            try:
+                self._t.close()
+            except Exception:
+                pass
+            self._t = None

@@ -1,0 +1,53 @@
+"""Host-wide services that filters share: consistency groups and their
+sequencers, per-vdisk dirty maps, and the link to the offload card."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+from nicsplit.control.cgs import CGCatalog, CGError
+from nicsplit.host.cardlink import CardLink
+from nicsplit.host.marking import DirtyMap
+from nicsplit.host.sequencer import Sequencer
+
+
+class HostContext:
+    def __init__(self, data: Path, run_dir: Path, card: dict[str, Any] | None = None) -> None:
+        self.data = Path(data)
+        self.run_dir = Path(run_dir)
+        self.cgs = CGCatalog(self.data)
+        self._seq: dict[str, Sequencer] = {}
+        self._dmaps: dict[str, DirtyMap] = {}
+        self.card = CardLink(self.run_dir, **(card or {}))
+        # io ids are unique across restarts: time-based high bits, counter below.
+        self._io_ids = itertools.count((time.time_ns() // 1000) << 16)
+
+    def next_io_id(self) -> int:
+        return next(self._io_ids) & 0xFFFF_FFFF_FFFF_FFFF
+
+    def cg_id(self, name: str) -> int:
+        try:
+            return self.cgs.get(name).id
+        except CGError:
+            raise
+
+    def sequencer(self, cg: str) -> Sequencer:
+        s = self._seq.get(cg)
+        if s is None:
+            s = self._seq[cg] = Sequencer(self.data / "host" / "cg-seq" / f"{cg}.json")
+        return s
+
+    def dirty_map(self, vdisk_uuid: str, size: int) -> DirtyMap:
+        d = self._dmaps.get(vdisk_uuid)
+        if d is None:
+            d = self._dmaps[vdisk_uuid] = DirtyMap(self.data / "host" / "marking", vdisk_uuid, size)
+        return d
+
+    def close(self) -> None:
+        self.card.close()
+        for d in self._dmaps.values():
+            d.sync()
+            d.close()

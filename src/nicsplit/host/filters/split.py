@@ -1,0 +1,173 @@
+"""``split``: the splitter filter — every write of a protected vdisk is
+augmented with its virtual identity and handed to the offload card before it
+goes down to the datastore.
+
+What it does per write-like IO (ARCHITECTURE.md §3, steps D–I):
+D. builds an `AugmentedWrite`: CG id, CG sequence number (taken as the IO
+   enters this filter), vdisk id, op (write / zero / trim / barrier), FUA,
+   *virtual* offset and length, timestamp, IO id;
+E–F. hands it to the card through the transport and spins for the ack, at
+   most ``split_timeout_us``;
+G–H. passes the IO down the chain (the datastore translates and writes);
+I. posts the outcome (committed / failed) to the card without waiting, so the
+   card ships only what production committed (P3).
+
+Flush is a barrier record in the stream; FUA travels as a flag (also a
+barrier). Production first (P4): if the card is slow, full or gone the vdisk
+enters *marking* — the write's region goes into the persistent dirty map and
+the IO proceeds; a vdisk stays marking (without waiting on the card again)
+until a resync clears it. A vdisk in no consistency group is not protected:
+its IOs pass through and its state is ``unprotected``.
+
+Options: ``split_timeout_us`` (default 1000).
+Example: ``filters = ["stats", "split"]`` with the vdisk in a CG
+(``nicsplit vdisk create NAME --size 1G --cg CG``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from time import perf_counter_ns, time_ns
+
+from nicsplit.card.records import AugmentedWrite, Op, Status, WFlag
+from nicsplit.host.chain import ChainError, Filter
+from nicsplit.host.filters.stats import Histogram
+from nicsplit.host.io import Flag
+
+_COMMITTED = Status.COMMITTED
+_FAILED = Status.FAILED
+
+
+class SplitFilter(Filter):
+    name = "split"
+    observes_data = True
+    handles_fua = True
+    options = ("split_timeout_us",)
+
+    def __init__(self, vdisk, options) -> None:
+        super().__init__(vdisk, options)
+        ctx = vdisk.context
+        if ctx is None:
+            raise ChainError("filter 'split' needs the host context (run it inside nicsplit host serve)")
+        self.ctx = ctx
+        self.timeout_ns = int(float(options.get("split_timeout_us", 1000)) * 1000)
+        if self.timeout_ns <= 0:
+            raise ChainError("filter 'split': split_timeout_us must be > 0")
+        self.cg = vdisk.extra.get("cg")
+        self.cg_id = ctx.cg_id(self.cg) if self.cg else 0
+        self.seq = ctx.sequencer(self.cg) if self.cg else None
+        self.dmap = ctx.dirty_map(vdisk.uuid, vdisk.size)
+        self.link = ctx.card
+        self.hist = Histogram()  # time spent handing writes to the card
+        self.split_count = 0
+        self.marked_count = 0
+        self._dmap_dirty = False
+
+    # -- state -------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        if self.seq is None:
+            return "unprotected"
+        return self.dmap.state
+
+    def _mark(self, w: AugmentedWrite, reason: str) -> None:
+        self.dmap.enter_marking(reason)
+        self.dmap.mark(w.voffset, w.length)
+        self._dmap_dirty = True
+        self.marked_count += 1
+
+    # -- the split ---------------------------------------------------------
+    def _split(self, op: Op, offset: int, length: int, flags: int, data) -> AugmentedWrite | None:
+        """Steps D–F. Returns the write if the card holds it (needs an outcome)."""
+        seq = self.seq
+        if seq is None:
+            return None
+        w = AugmentedWrite(
+            self.ctx.next_io_id(), self.cg_id, seq.next(), self.vdisk.id, op,
+            WFlag.FUA if flags & Flag.FUA else WFlag.NONE, offset, length, time_ns(), data,
+        )
+        if self.dmap.marking:
+            self._mark(w, "")
+            return None
+        t = self.link.get()
+        if t is None:
+            self._mark(w, "card unavailable: " + (self.link.last_error or "not attached"))
+            return None
+        t0 = perf_counter_ns()
+        ok = t.split(w, self.timeout_ns)
+        self.hist.record(perf_counter_ns() - t0)
+        if not ok:
+            if not t.healthy():
+                self.link.lost("card stopped responding")
+            self._mark(w, f"card did not acknowledge within {self.timeout_ns // 1000} us")
+            return None
+        self.split_count += 1
+        if op is not Op.BARRIER:
+            self.link.track(t.last_position, self.dmap, offset, length)
+            if self.split_count & 1023 == 0:
+                self.link.trim()
+        return w
+
+    def _outcome(self, w: AugmentedWrite | None, status: Status) -> None:
+        """Step I: tell the card, never waiting; no room means marking."""
+        if w is None:
+            return
+        t = self.link.get()
+        if t is None or not t.post_outcome(w.io_id, status):
+            if status is _COMMITTED:
+                self._mark(w, "could not post the outcome to the card")
+
+    # -- verbs -------------------------------------------------------------
+    async def pwrite(self, next, offset, data, flags):
+        w = self._split(Op.WRITE, offset, len(data), flags, data)
+        try:
+            await next.pwrite(offset, data, flags)
+        except BaseException:
+            self._outcome(w, _FAILED)
+            raise
+        self._outcome(w, _COMMITTED)
+
+    async def zero(self, next, offset, length, flags):
+        w = self._split(Op.ZERO, offset, length, flags, None)
+        try:
+            await next.zero(offset, length, flags)
+        except BaseException:
+            self._outcome(w, _FAILED)
+            raise
+        self._outcome(w, _COMMITTED)
+
+    async def trim(self, next, offset, length, flags):
+        w = self._split(Op.TRIM, offset, length, flags, None)
+        try:
+            await next.trim(offset, length, flags)
+        except BaseException:
+            self._outcome(w, _FAILED)
+            raise
+        self._outcome(w, _COMMITTED)
+
+    async def flush(self, next, flags):
+        w = self._split(Op.BARRIER, 0, 0, 0, None)
+        if self._dmap_dirty:
+            # Dirty bits must be as durable as the data this flush covers.
+            self._dmap_dirty = False
+            await asyncio.get_running_loop().run_in_executor(None, self.dmap.sync)
+        try:
+            await next.flush(flags)
+        except BaseException:
+            self._outcome(w, _FAILED)
+            raise
+        self._outcome(w, _COMMITTED)
+
+    def statistics(self):
+        return {
+            "state": self.state,
+            "cg": self.cg,
+            "split": self.split_count,
+            "marked": self.marked_count,
+            "dirty_bytes": self.dmap.dirty_bytes() if self.dmap.marking else 0,
+            "reason": self.dmap.reason if self.dmap.marking else "",
+            "split_p50_us": self.hist.percentile(50) / 1000,
+            "split_p99_us": self.hist.percentile(99) / 1000,
+            "split_p999_us": self.hist.percentile(99.9) / 1000,
+            "split_max_us": self.hist.max_ns / 1000,
+        }

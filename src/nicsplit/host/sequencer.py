@@ -1,0 +1,55 @@
+"""Consistency-group sequence numbers, assigned on the host.
+
+All vdisks of a CG share one counter; the splitter takes the next number as a
+write enters the filter, so the CG's order is the order the host saw.
+
+Rules:
+- Numbers only grow, also across host restarts and crashes: the host persists
+  a *reservation* (the highest number it may hand out) before handing out
+  numbers under it, and a restart continues above the last reservation. A
+  crash can therefore leave a gap, never a repeat; consumers must not assume
+  gap-free numbering (marked writes leave gaps too).
+- One fsync per ``RESERVE`` numbers: 2^16 at ~100k writes/s is one fsync per
+  0.65 s, noise on the write path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+RESERVE = 1 << 16
+
+
+class Sequencer:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            reserved = int(json.loads(path.read_text())["reserved"])
+        except FileNotFoundError:
+            reserved = 0
+        self._next = reserved + 1
+        self._reserved = reserved
+        self._reserve()
+
+    def _reserve(self) -> None:
+        self._reserved = self._next + RESERVE - 1
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"reserved": self._reserved}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def next(self) -> int:
+        n = self._next
+        if n > self._reserved:
+            self._reserve()
+        self._next = n + 1
+        return n
+
+    @property
+    def last(self) -> int:
+        return self._next - 1
