@@ -188,20 +188,9 @@ def cmd_host_serve(args: argparse.Namespace) -> int:
 def cmd_host_stats(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     path = cfg.run_dir / "host.sock"
-    try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(5)
-            s.connect(str(path))
-            s.sendall(b'{"cmd": "stats"}\n')
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-    except OSError as e:
-        raise CliError(f"no running host for {cfg.data} ({path}: {e.strerror or e})") from None
-    reply = json.loads(buf)
+    reply = _ctl(path, {"cmd": "stats"})
+    if reply is None:
+        raise CliError(f"no running host for {cfg.data} ({path} does not answer)")
     if args.json:
         print(json.dumps(reply["stats"], indent=2))
         return 0
@@ -213,24 +202,115 @@ def cmd_host_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """Everything on one machine with the embedded default configuration."""
+    """Appliance, card and host on one machine with the embedded defaults."""
+    from nicsplit.control.supervisor import Child, Supervisor, child_argv
     from nicsplit.host.datastore import Datastore
 
     data = cfgmod.data_dir(args.data)
-    if not (data / cfgmod.CONFIG_NAME).exists():
+    if not (data / cfgmod.CONFIG_NAME).exists() or not (data / "datastore" / "catalog.json").exists():
         cmd_init(args)
     cfg = cfgmod.load(data)
     ds = Datastore.open(cfg.datastore_dir)
+    cgs = CGCatalog(cfg.data)
     if not ds.list_vdisks():
-        ds.create_vdisk("demo-vm-root", 1 << 30, owner="vm:demo")
-        ds.create_vdisk("demo-vm-data", 1 << 30, owner="vm:demo")
-        print("created demo vdisks demo-vm-root and demo-vm-data (1 GiB each, owner vm:demo)")
+        cgs.create("demo-vm")
+        for name in ("demo-vm-root", "demo-vm-data"):
+            ds.create_vdisk(name, 1 << 30, owner="vm:demo", extra={"cg": "demo-vm"})
+        print("created the demo VM: vdisks demo-vm-root and demo-vm-data (1 GiB each) in consistency group demo-vm")
     listen = args.listen or cfg.host("listen", "127.0.0.1:10809")
     host, port = parse_listen(listen)
-    for v in ds.list_vdisks():
-        print(f"  {v.name:<20} nbd://{host}:{port}/{v.name}")
-    print("try:  qemu-io -f raw -c 'write -P 0xab 0 64k' nbd://%s:%d/%s   (Ctrl-C stops)" % (host, port, ds.list_vdisks()[0].name), flush=True)
-    return _serve(args, cfg)
+    host_args = ["host", "serve", "--listen", listen] + (["--socket", args.socket] if args.socket else []) + (["--readonly"] if args.readonly else [])
+    children = [
+        Child("appliance", child_argv(data, "appliance", "run")),
+        Child("card", child_argv(data, "card", "run")),
+        Child("host", child_argv(data, *host_args)),
+    ]
+
+    def ready(info: dict) -> None:
+        print(json.dumps({"event": "ready", "pid": os.getpid(), "processes": {k: {"pid": v.get("pid")} for k, v in info.items()},
+                          "addresses": info["host"].get("addresses", [])}), flush=True)
+        for v in ds.list_vdisks():
+            print(f"  {v.name:<20} nbd://{host}:{port}/{v.name}   cg={v.extra.get('cg') or '-'}", flush=True)
+        first = ds.list_vdisks()[0].name
+        print(f"try:  qemu-io -f raw -c 'write -P 0xab 0 64k' nbd://{host}:{port}/{first}", flush=True)
+        print(f"then: nicsplit --data {data} status; nicsplit --data {data} journal dump demo-vm   (Ctrl-C stops)", flush=True)
+
+    _run_async(Supervisor(data, children, on_ready=ready).run())
+    return 0
+
+
+def _ctl(path: Path, cmd: dict, timeout: float = 5.0) -> dict | None:
+    """One request on a JSON-lines control socket; None if nobody answers."""
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(json.dumps(cmd).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        return json.loads(buf)
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg, ds = _open_catalog(args)
+    run = cfg.run_dir
+    host = _ctl(run / "host.sock", {"cmd": "status"})
+    card = _ctl(run / "card-ctl.sock", {"cmd": "stats"})
+    processes = {
+        "host": {"pid": (host or {}).get("status", {}).get("pid") or _pid_alive(run / "host.pid")},
+        "card": {"pid": ((card or {}).get("stats") or {}).get("pid") or _pid_alive(run / "card.pid")},
+        "appliance": {"pid": _pid_alive(run / "appliance.pid")},
+    }
+    vstate = {v["name"]: v for v in (host or {}).get("status", {}).get("vdisks", [])}
+    card_cgs = ((card or {}).get("stats") or {}).get("cgs", {})
+    out = []
+    for cg in CGCatalog(cfg.data).list():
+        members = [v for v in ds.list_vdisks() if v.extra.get("cg") == cg.name]
+        vds = []
+        for v in members:
+            st = vstate.get(v.name, {})
+            vds.append({"name": v.name, "state": st.get("state", "unknown" if host is None else "protected"),
+                        "dirty_bytes": st.get("dirty_bytes", 0), "reason": st.get("reason", "")})
+        states = {v["state"] for v in vds}
+        if host is None:
+            state = "host-down"
+        elif "marking" in states:
+            state = "marking"
+        elif card is None or processes["card"]["pid"] is None:
+            state = "card-down"
+        else:
+            state = "protected"
+        c = card_cgs.get(cg.name, {})
+        out.append({"name": cg.name, "state": state, "rpo_seconds": c.get("rpo_seconds", 0.0 if state == "protected" else None),
+                    "last_durable_seq": c.get("last_durable_seq"), "vdisks": vds})
+    result = {"cgs": out, "processes": processes}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for name, p in processes.items():
+        print(f"{name:<10} {'pid ' + str(p['pid']) if p['pid'] else 'not running'}")
+    for c in out:
+        rpo = "-" if c["rpo_seconds"] is None else f"{c['rpo_seconds']:.2f}s"
+        print(f"cg {c['name']:<16} {c['state']:<10} rpo {rpo}")
+        for v in c["vdisks"]:
+            extra = f" ({v['reason']}; {_human(v['dirty_bytes'])} dirty)" if v["state"] == "marking" else ""
+            print(f"   {v['name']:<20} {v['state']}{extra}")
+    return 0
 
 
 # -- plumbing ---------------------------------------------------------------
@@ -295,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = cgp.add_parser("list", parents=[common], help="list consistency groups and their vdisks")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_cg_list)
+
+    s = sub.add_parser("status", parents=[common], help="protection state of every consistency group")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
 
     hs = sub.add_parser("host", parents=[common], help="the host IO path").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
     s = hs.add_parser("serve", parents=[common], help="serve vdisks over NBD (foreground)")

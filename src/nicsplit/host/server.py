@@ -424,6 +424,8 @@ async def serve(
         addrs = await host.start(listen, socket_path)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         control = await _control(host, cfg.run_dir / "host.sock")
+        pid_file = cfg.run_dir / "host.pid"
+        pid_file.write_text(str(os.getpid()))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -434,5 +436,6 @@ async def serve(
         log.info("stopping: finishing in-flight IO")
         control.close()
         await host.stop()
+        pid_file.unlink(missing_ok=True)
     finally:
         ds.close()

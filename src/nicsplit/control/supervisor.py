@@ -1,0 +1,146 @@
+"""``nicsplit up``: appliance, card and host on one machine, supervised.
+
+Rules:
+- Start order follows the data path's dependencies: appliance (where data
+  goes), card (which ships to it), host (which splits to the card). Each child
+  prints one JSON "ready" line on stdout; the next starts only after it.
+- A child that dies is restarted after a back-off (0.5 s doubling to 10 s,
+  reset after 60 s of good health); the host never waits for the card or the
+  appliance — while they are down its vdisks go to marking (P4).
+- Each child's pid is written to ``DATA/run/<name>.pid`` so ``nicsplit
+  status`` can name the processes; the supervisor's own to ``up.pid``.
+- SIGTERM/SIGINT stops the children in reverse order (host first, so no new
+  writes arrive while the card drains), each with SIGTERM and a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: asyncio.subprocess.Process | None = None
+    ready: dict = field(default_factory=dict)
+    restarts: int = 0
+    started_at: float = 0.0
+
+
+class Supervisor:
+    def __init__(self, data: Path, children: list[Child], on_ready: Callable[[dict[str, dict]], None] | None = None) -> None:
+        self.data = data
+        self.run_dir = data / "run"
+        self.children = children
+        self.on_ready = on_ready
+        self._stopping = False
+
+    async def _start(self, c: Child) -> None:
+        log_path = self.run_dir / f"{c.name}.log"
+        logf = open(log_path, "ab")
+        c.proc = await asyncio.create_subprocess_exec(
+            *c.argv, stdout=asyncio.subprocess.PIPE, stderr=logf, stdin=asyncio.subprocess.DEVNULL
+        )
+        logf.close()
+        c.started_at = time.monotonic()
+        (self.run_dir / f"{c.name}.pid").write_text(str(c.proc.pid))
+        try:
+            c.ready = await asyncio.wait_for(self._wait_ready(c), READY_TIMEOUT_S)
+        except (asyncio.TimeoutError, EOFError) as e:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{c.name} did not start ({e or 'timeout'}); its log ({log_path}) ends:\n{tail}") from None
+        log.info("%s ready (pid %d)", c.name, c.proc.pid)
+
+    async def _wait_ready(self, c: Child) -> dict:
+        assert c.proc and c.proc.stdout
+        while True:
+            line = await c.proc.stdout.readline()
+            if not line:
+                raise EOFError(f"{c.name} exited with {await c.proc.wait()}")
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict) and msg.get("event") == "ready":
+                # Keep draining stdout so the child never blocks on a full pipe.
+                asyncio.get_running_loop().create_task(self._drain(c))
+                return msg
+
+    async def _drain(self, c: Child) -> None:
+        assert c.proc and c.proc.stdout
+        while await c.proc.stdout.readline():
+            pass
+
+    async def run(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "up.pid").write_text(str(os.getpid()))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            for c in self.children:
+                await self._start(c)
+            if self.on_ready:
+                self.on_ready({c.name: c.ready for c in self.children})
+            async with asyncio.TaskGroup() as tg:
+                watchers = [tg.create_task(self._watch(c, stop)) for c in self.children]
+                await stop.wait()
+                self._stopping = True
+                for w in watchers:
+                    w.cancel()
+        finally:
+            self._stopping = True
+            await self._stop_all()
+            (self.run_dir / "up.pid").unlink(missing_ok=True)
+
+    async def _watch(self, c: Child, stop: asyncio.Event) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            assert c.proc
+            rc = await c.proc.wait()
+            if self._stopping:
+                return
+            if time.monotonic() - c.started_at > 60:
+                backoff = 0.5
+            log.error("%s exited with %s; restarting in %.1fs", c.name, rc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+            c.restarts += 1
+            try:
+                await self._start(c)
+            except RuntimeError as e:
+                log.error("%s", e)
+
+    async def _stop_all(self) -> None:
+        for c in reversed(self.children):
+            p = c.proc
+            if p is None or p.returncode is not None:
+                continue
+            p.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(p.wait(), STOP_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                log.error("%s ignored SIGTERM for %ss; killing it", c.name, STOP_TIMEOUT_S)
+                p.kill()
+                await p.wait()
+            (self.run_dir / f"{c.name}.pid").unlink(missing_ok=True)
+
+
+def child_argv(data: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "nicsplit", "--data", str(data), *args]
