@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Awaitable, Callable, ClassVar
 
-from nicsplit.host.io import Flag, IOFailure
+from nicsplit.host.io import REQ_ONE, Flag, IOFailure
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,12 @@ WRITE_VERBS = ("pwrite", "zero", "trim", "flush")
 
 # Flags each verb may carry (rule 2).
 ALLOWED_FLAGS = {
-    "pread": Flag.NONE,
-    "pwrite": Flag.FUA,
-    "zero": Flag.FUA | Flag.NO_HOLE | Flag.FAST_ZERO,
-    "trim": Flag.FUA,
-    "flush": Flag.NONE,
-    "extents": Flag.REQ_ONE,
+    "pread": 0,
+    "pwrite": int(Flag.FUA),
+    "zero": int(Flag.FUA | Flag.NO_HOLE | Flag.FAST_ZERO),
+    "trim": int(Flag.FUA),
+    "flush": 0,
+    "extents": int(Flag.REQ_ONE),
 }
 
 
@@ -157,7 +157,7 @@ class _Validator:
         total = sum(n for n, _ in ext)
         if not ext or any(n <= 0 for n, _ in ext) or total > self.size - offset:
             raise self._bad("extents", f"bad extent list covering {total} bytes")
-        if not (flags & Flag.REQ_ONE) and total < length:
+        if not (flags & REQ_ONE) and total < length:
             raise self._bad("extents", f"extents cover {total} of {length} bytes")
         return ext
 

@@ -13,7 +13,7 @@ import asyncio
 import errno
 from typing import Any, Callable
 
-from nicsplit.host.io import Flag, IOFailure
+from nicsplit.host.io import FUA, NO_HOLE, REQ_ONE, IOFailure
 
 
 class GroupSync:
@@ -76,17 +76,17 @@ class DatastorePlugin:
             self.store.pwrite(offset, data)
         except OSError as e:
             raise _oserror(e, "write") from e
-        if flags & Flag.FUA:
+        if flags & FUA:
             await self._gs.sync()
 
     async def zero(self, offset: int, length: int, flags: int) -> None:
         # Zeroing is metadata-only here (unmap or fallocate ZERO_RANGE), so
         # FAST_ZERO is always honoured.
         try:
-            self.store.zero(offset, length, no_hole=bool(flags & Flag.NO_HOLE))
+            self.store.zero(offset, length, no_hole=bool(flags & NO_HOLE))
         except OSError as e:
             raise _oserror(e, "zero") from e
-        if flags & Flag.FUA:
+        if flags & FUA:
             await self._gs.sync()
 
     async def trim(self, offset: int, length: int, flags: int) -> None:
@@ -94,7 +94,7 @@ class DatastorePlugin:
             self.store.trim(offset, length)
         except OSError as e:
             raise _oserror(e, "trim") from e
-        if flags & Flag.FUA:
+        if flags & FUA:
             await self._gs.sync()
 
     async def flush(self, flags: int) -> None:
@@ -105,4 +105,4 @@ class DatastorePlugin:
 
     async def extents(self, offset: int, length: int, flags: int) -> list[tuple[int, int]]:
         ext = self.store.extents(offset, length)
-        return ext[:1] if flags & Flag.REQ_ONE else ext
+        return ext[:1] if flags & REQ_ONE else ext

@@ -45,10 +45,12 @@ log = logging.getLogger(__name__)
 # NBD command flags → chain flags, precomputed for every 16-bit combination
 # the codec lets through (it already refused unknown bits).
 _FLAG_MAP = [
-    (Flag.FUA if f & nbd.NBD_CMD_FLAG_FUA else 0)
-    | (Flag.NO_HOLE if f & nbd.NBD_CMD_FLAG_NO_HOLE else 0)
-    | (Flag.FAST_ZERO if f & nbd.NBD_CMD_FLAG_FAST_ZERO else 0)
-    | (Flag.REQ_ONE if f & nbd.NBD_CMD_FLAG_REQ_ONE else 0)
+    int(
+        (Flag.FUA if f & nbd.NBD_CMD_FLAG_FUA else 0)
+        | (Flag.NO_HOLE if f & nbd.NBD_CMD_FLAG_NO_HOLE else 0)
+        | (Flag.FAST_ZERO if f & nbd.NBD_CMD_FLAG_FAST_ZERO else 0)
+        | (Flag.REQ_ONE if f & nbd.NBD_CMD_FLAG_REQ_ONE else 0)
+    )
     for f in range(64)
 ]
 
@@ -270,9 +272,13 @@ class NBDSession(asyncio.Protocol):
             return
         if hs:
             t.write(hs)
-        if self._out:
-            t.writelines(self._out)
-            self._out.clear()
+        out = self._out
+        if out:
+            if len(out) == 1:
+                t.write(out[0])  # the QD1 case: one send, no list walk
+            else:
+                t.writelines(out)
+            out.clear()
 
     def _negotiated(self, ev: Any) -> None:
         self.export = ev.export.name

@@ -32,8 +32,10 @@ from time import perf_counter_ns, time_ns
 from nicsplit.card.records import AugmentedWrite, Op, Status, WFlag
 from nicsplit.host.chain import ChainError, Filter
 from nicsplit.host.filters.stats import Histogram
-from nicsplit.host.io import Flag
+from nicsplit.host.io import FUA
 
+_WFUA = int(WFlag.FUA)
+_WNONE = 0
 _COMMITTED = Status.COMMITTED
 _FAILED = Status.FAILED
 
@@ -84,7 +86,7 @@ class SplitFilter(Filter):
             return None
         w = AugmentedWrite(
             self.ctx.next_io_id(), self.cg_id, seq.next(), self.vdisk.id, op,
-            WFlag.FUA if flags & Flag.FUA else WFlag.NONE, offset, length, time_ns(), data,
+            _WFUA if flags & FUA else _WNONE, offset, length, time_ns(), data,
         )
         if self.dmap.marking:
             self._mark(w, "")
