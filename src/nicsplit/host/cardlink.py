@@ -58,11 +58,9 @@ class CardLink:
         return self._t
 
     def _connect(self) -> Any:
-        if self.kind != "ring":
-            raise ValueError(f"unknown transport {self.kind!r}")
-        from nicsplit.card.transports.ring import RingSplitter
+        from nicsplit.card.transports.base import open_splitter
 
-        return RingSplitter.connect(str(self.run_dir / "card.sock"), timeout=self.connect_timeout_s)
+        return open_splitter(self.kind, str(self.run_dir / "card.sock"), timeout=self.connect_timeout_s)
 
     def track(self, position: int, dmap: Any, offset: int, length: int) -> None:
         tr = self._tracked
@@ -79,20 +77,17 @@ class CardLink:
         if t is None or not tr:
             return
         released = t.released_position()
-        while tr and tr[0][0] < released:
+        while tr and tr[0][0] <= released:
             tr.popleft()
 
     def lost(self, reason: str) -> None:
         """The card is gone or unusable: mark everything not known durable."""
         if self._t is not None:
-            try:
-                self.trim()
-            except Exception:  # the card's memory may be unreadable now
-                pass
+            self.trim()  # the hidden volume stays mapped: its counters are readable
             try:
                 self._t.close()
-            except Exception:
-                pass
+            except OSError as e:
+                log.debug("closing the lost card transport: %s", e)
             self._t = None
             self.losses += 1
             self._last_try = time.monotonic()
@@ -113,6 +108,6 @@ class CardLink:
         if self._t is not None:
             try:
                 self._t.close()
-            except Exception:
-                pass
+            except OSError as e:
+                log.debug("closing the card transport: %s", e)
             self._t = None

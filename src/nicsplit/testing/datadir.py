@@ -9,7 +9,8 @@ from nicsplit.control.config import DEFAULT_TOML
 from nicsplit.testing.procs import run_cli
 
 
-def init_data(path: Path, *, datastore: dict | None = None, vdisks: dict | None = None, **host: object) -> Path:
+def init_data(path: Path, *, datastore: dict | None = None, vdisks: dict | None = None,
+              sections: dict[str, dict] | None = None, **host: object) -> Path:
     """Write a configuration (the documented default with edits) and run
     ``nicsplit init``. Chain validation is on unless the caller says not."""
     text = DEFAULT_TOML
@@ -24,6 +25,13 @@ def init_data(path: Path, *, datastore: dict | None = None, vdisks: dict | None 
             if n == 0:
                 body = f"{key} = {_toml(value)}\n" + body
         text = text[:start] + body + text[end:]
+    for section, settings in (sections or {}).items():
+        head = f"[{section}]\n"
+        if head in text:
+            start = text.index(head) + len(head)
+            text = text[:start] + "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items()) + text[start:]
+        else:
+            text += f"\n{head}" + "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items())
     for name, settings in (vdisks or {}).items():
         text += f"\n[vdisks.{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items())
     path.mkdir(parents=True, exist_ok=True)
