@@ -34,9 +34,11 @@ class CliError(Exception):
 
 
 def _datastore_errors() -> tuple[type[BaseException], ...]:
+    from nicsplit.appliance.journal import JournalError
+    from nicsplit.control.pki import PkiError
     from nicsplit.host.datastore import DatastoreError
 
-    return (DatastoreError,)
+    return (DatastoreError, PkiError, JournalError)
 
 
 # -- commands ---------------------------------------------------------------
@@ -48,6 +50,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     data = cfgmod.data_dir(args.data)
     cfg_file = cfgmod.write_default(data)
     cfg = cfgmod.load(data)
+    from nicsplit.control.pki import init_pki
+
+    init_pki(cfg.data / "pki")
     if (cfg.datastore_dir / "catalog.json").exists():
         print(f"{data} is already initialised")
         return 0
@@ -221,8 +226,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     host, port = parse_listen(listen)
     host_args = ["host", "serve", "--listen", listen] + (["--socket", args.socket] if args.socket else []) + (["--readonly"] if args.readonly else [])
     children = [
-        Child("appliance", child_argv(data, "appliance", "run")),
-        Child("card", child_argv(data, "card", "run")),
+        Child("appliance", child_argv(data, "appliance", "run", *(["--listen", args.appliance_listen] if args.appliance_listen else [])),
+              sticky=lambda ready: ["--listen", ready["address"]]),
+        # The card ships to wherever the appliance says it listens.
+        Child("card", child_argv(data, "card", "run"), args_from=lambda ready: ["--appliance", ready["appliance"]["address"]]),
         Child("host", child_argv(data, *host_args)),
     ]
 
@@ -236,6 +243,29 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"then: nicsplit --data {data} status; nicsplit --data {data} journal dump demo-vm   (Ctrl-C stops)", flush=True)
 
     _run_async(Supervisor(data, children, on_ready=ready).run())
+    return 0
+
+
+def cmd_card_run(args: argparse.Namespace) -> int:
+    from nicsplit.card.process import CardConfig, main as card_main
+
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    table = dict(cfg.raw.get("card", {}))
+    if args.appliance:
+        table["appliance"] = args.appliance
+    elif "appliance" not in table:
+        table["appliance"] = cfg.raw.get("appliance", {}).get("listen", "127.0.0.1:10810")
+    if args.cpus is not None:
+        table["cpus"] = [int(c) for c in args.cpus.split(",") if c.strip()]
+    return card_main(CardConfig.from_mapping(cfg.data, table))
+
+
+def cmd_card_stats(args: argparse.Namespace) -> int:
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    reply = _ctl(cfg.run_dir / "card-ctl.sock", {"cmd": "stats"})
+    if reply is None:
+        raise CliError(f"no running card for {cfg.data}")
+    print(json.dumps(reply.get("stats"), indent=2))
     return 0
 
 
@@ -342,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("up", parents=[common], help="run everything with the embedded default configuration")
-    s.add_argument("--listen", metavar="HOST:PORT")
+    s.add_argument("--listen", metavar="HOST:PORT", help="NBD address of the host (default [host] listen)")
+    s.add_argument("--appliance-listen", metavar="HOST:PORT", help="address of the appliance (default [appliance] listen)")
     s.add_argument("--socket", metavar="PATH", default=None)
     s.add_argument("--readonly", action="store_true")
     s.set_defaults(func=cmd_up)
@@ -376,6 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_cg_list)
 
+    from nicsplit.appliance.cli import add_parsers as add_appliance_parsers
+
+    add_appliance_parsers(sub, common)
+
+    cp = sub.add_parser("card", parents=[common], help="the (emulated) offload card").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
+    s = cp.add_parser("run", parents=[common], help="run the card: hidden volume, ring, pipeline, shipping (foreground)")
+    s.add_argument("--appliance", metavar="HOST:PORT", help="where to ship (default: [card] appliance, else [appliance] listen)")
+    s.add_argument("--cpus", metavar="LIST", help="CPUs to pin to, e.g. 1 or 2,3 (default: the last core; empty: no pinning)")
+    s.set_defaults(func=cmd_card_run)
+    s = cp.add_parser("stats", parents=[common], help="statistics of the running card (JSON)")
+    s.set_defaults(func=cmd_card_stats)
+
     s = sub.add_parser("status", parents=[common], help="protection state of every consistency group")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
@@ -396,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.data = getattr(args, "data", None)
     verbose = getattr(args, "verbose", 0) or 0
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose or args.command in ("up", "host") else logging.WARNING
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose or args.command in ("up", "host", "appliance", "card") else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args) or 0

@@ -55,6 +55,43 @@ volume_size = "64G"
 # allocates it. A multiple of the 4 KiB block size.
 extent_size = "1M"
 
+[appliance]
+# TCP address `nicsplit appliance run` listens on for cards (--listen).
+listen = "127.0.0.1:10810"
+# Directory of the deployment's CA, certificates and batch key
+# (`nicsplit pki init`); relative paths are inside the data directory.
+pki = "pki"
+# Certificate names (CN) allowed to ship batches.
+peers = ["card", "host"]
+# Require AES-256-GCM sealed batches (key: pki/batch.key). false accepts
+# only unencrypted bodies (tests, benchmarks of the cipher's cost).
+encryption = true
+# Journal segment file size: 64M holds 4 full batches of 16 MiB.
+segment_size = "64M"
+# Seconds between heartbeats; a peer silent for idle_timeout is dropped.
+heartbeat_interval = 5
+idle_timeout = 30
+# Batches buffered per connection before the appliance stops reading it.
+queue_depth = 4
+
+[card]
+# The emulated offload card (`nicsplit card run`). Every pipeline option is
+# documented in docs/pipeline.md; the main ones:
+# Where to ship; default: the [appliance] listen address.
+# appliance = "127.0.0.1:10810"
+# CPUs the card process is pinned to; default: the last core.
+# cpus = [1]
+# Busy-poll this long after the last entry before sleeping on the doorbell.
+idle_spin_us = 200
+# Coalesce overlapping writes of one vdisk within this window (0 = every
+# write is its own point in time).
+merge_window_ms = 0
+# A batch closes at this many bytes or after this delay, whichever first.
+batch_bytes = "1M"
+batch_delay_us = 500
+# zstd level for batches (1 = fast).
+compress_level = 1
+
 # Per-vdisk settings override [host] ones, e.g.
 # [vdisks.web1-root]
 # filters = ["stats", {name = "delay", write_ms = 1}]
@@ -124,7 +161,7 @@ def load(data: Path) -> Config:
         raw = tomllib.loads(cfg_file.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{cfg_file}: {e}") from None
-    for section in ("host", "datastore", "vdisks"):
+    for section in ("host", "datastore", "vdisks", "appliance", "card"):
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"{cfg_file}: [{section}] must be a table")
     return Config(data=data, raw=raw)

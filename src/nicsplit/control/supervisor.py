@@ -40,6 +40,11 @@ class Child:
     ready: dict = field(default_factory=dict)
     restarts: int = 0
     started_at: float = 0.0
+    # Extra arguments computed from earlier children's ready lines.
+    args_from: Callable[[dict[str, dict]], list[str]] | None = None
+    # Arguments fixed after the first start from its own ready line (e.g. the
+    # port picked for --listen 127.0.0.1:0, so a restart keeps the address).
+    sticky: Callable[[dict], list[str]] | None = None
 
 
 class Supervisor:
@@ -53,8 +58,11 @@ class Supervisor:
     async def _start(self, c: Child) -> None:
         log_path = self.run_dir / f"{c.name}.log"
         logf = open(log_path, "ab")
+        argv = list(c.argv)
+        if c.args_from is not None:
+            argv += c.args_from({o.name: o.ready for o in self.children if o.ready})
         c.proc = await asyncio.create_subprocess_exec(
-            *c.argv, stdout=asyncio.subprocess.PIPE, stderr=logf, stdin=asyncio.subprocess.DEVNULL
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=logf, stdin=asyncio.subprocess.DEVNULL
         )
         logf.close()
         c.started_at = time.monotonic()
@@ -64,6 +72,8 @@ class Supervisor:
         except (asyncio.TimeoutError, EOFError) as e:
             tail = log_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"{c.name} did not start ({e or 'timeout'}); its log ({log_path}) ends:\n{tail}") from None
+        if c.sticky is not None and c.restarts == 0:
+            c.argv = c.argv + c.sticky(c.ready)
         log.info("%s ready (pid %d)", c.name, c.proc.pid)
 
     async def _wait_ready(self, c: Child) -> dict:

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nicsplit.card.lostlog import LostLogReader
+
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +40,20 @@ class CardLink:
         self._tracked: collections.deque = collections.deque()
         self.losses = 0
         self.last_error = ""
+        self._lost_log = LostLogReader(self.run_dir)
+        self._dmaps: dict[int, Any] = {}  # vdisk id -> DirtyMap, for the card's lost-writes log
+
+    def register(self, vdisk_id: int, dmap: Any) -> None:
+        self._dmaps[vdisk_id] = dmap
+
+    def _read_lost(self) -> None:
+        for e in self._lost_log.read_new():
+            d = self._dmaps.get(e.get("vdisk_id"))
+            if d is None:
+                log.error("card reports a lost write on unknown vdisk id %s", e.get("vdisk_id"))
+                continue
+            d.enter_marking("card dropped acknowledged writes: " + str(e.get("reason", "")))
+            d.mark(int(e["offset"]), int(e["length"]))
 
     def get(self) -> Any:
         """The transport, or None when no card is reachable now."""
@@ -77,6 +93,7 @@ class CardLink:
         if t is None or not tr:
             return
         released = t.released_position()
+        self._read_lost()  # after the watermark: see nicsplit.card.lostlog
         while tr and tr[0][0] <= released:
             tr.popleft()
 
@@ -92,6 +109,7 @@ class CardLink:
             self.losses += 1
             self._last_try = time.monotonic()
         self.last_error = reason
+        self._read_lost()
         n = len(self._tracked)
         while self._tracked:
             _, d, o, ln = self._tracked.popleft()

@@ -167,6 +167,20 @@ class HostServer:
             addrs.append(f"nbd+unix:///?socket={socket_path}")
         return addrs
 
+    async def housekeeping(self, interval: float = 0.2) -> None:
+        """Notice a dead card and the card's lost-writes log even when no
+        writes arrive (the splitter notices on its own while writes flow)."""
+        link = self.context.card
+        while True:
+            await asyncio.sleep(interval)
+            t = link.get()
+            if t is None:
+                continue
+            if not t.healthy():
+                link.lost("card stopped responding (heartbeat stale or connection closed)")
+            else:
+                link.trim()
+
     async def stop(self) -> None:
         for srv in self._servers:
             srv.close()
@@ -436,10 +450,12 @@ async def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        keeper = loop.create_task(host.housekeeping())
         if ready is not None:
             ready({"event": "ready", "pid": os.getpid(), "addresses": addrs})
         await stop.wait()
         log.info("stopping: finishing in-flight IO")
+        keeper.cancel()
         control.close()
         await host.stop()
         pid_file.unlink(missing_ok=True)

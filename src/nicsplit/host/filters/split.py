@@ -60,6 +60,7 @@ class SplitFilter(Filter):
         self.seq = ctx.sequencer(self.cg) if self.cg else None
         self.dmap = ctx.dirty_map(vdisk.uuid, vdisk.size)
         self.link = ctx.card
+        self.link.register(vdisk.id, self.dmap)
         self.hist = Histogram()  # time spent handing writes to the card
         self.split_count = 0
         self.marked_count = 0

@@ -1,0 +1,456 @@
+"""The appliance's ingest server: authenticated cards in, durable acks out.
+
+Theory of operation
+===================
+One asyncio (uvloop) server; per connection three tasks in a TaskGroup::
+
+    reader:    TLS bytes -> FrameDecoder -> bounded queue (depth queue_depth)
+    processor: queue -> Hello / Batch handling -> Ack frames
+    heartbeat: a Heartbeat frame every heartbeat_interval seconds
+
+A batch is handled off the event loop, in the journal worker pool:
+unseal (AES-256-GCM with ``batch_aad``, then zstd) → ``decode_records`` →
+``Journal.append_batch`` (write + fdatasync) → the processor sends
+``Ack(durable=True, known=<fingerprints of the data blocks stored>)``.
+Moving the whole step to a thread keeps the loop free for heartbeats and
+other connections while a 16 MiB batch decrypts and an fsync takes
+milliseconds; a per-CG asyncio lock keeps one CG's batches in order even
+across connections.
+
+Rules
+-----
+1. TLS 1.3 with mutual certificates signed by our CA only (`control.pki`).
+   We accept raw sockets and run the handshake ourselves
+   (``loop.connect_accepted_socket(ssl=...)``) so a refused certificate is
+   logged with the peer address and reason (asyncio's own TLS server drops
+   handshake failures silently).  The peer's CN must be in ``peers``.
+2. The first frame must be Hello with our PROTOCOL_VERSION; the reply is
+   HelloAck(resume = last durable seq per CG named).  A batch for a CG not
+   named in Hello, a second Hello, or any appliance-bound frame type that a
+   card must not send is a protocol error.
+3. Anything malformed, unauthenticated or undecryptable: the reason is
+   logged, an Error frame is sent where possible, the connection is dropped,
+   and nothing of that batch is journaled (append happens after unseal and
+   decode succeeded, and is itself all-or-nothing via COMMIT).
+4. Backpressure: the reader stops reading while the queue is full, so one
+   connection buffers at most ``queue_depth`` batches (4 x 16 MiB).
+5. A journal write failure is fatal for the process (durable.py rule 4): the
+   connection gets Error(INTERNAL), the server stops and exits non-zero; the
+   restart recovers the journal.
+6. At start every existing journal is opened (recovered) before the ready
+   line: torn tails are cut, a corrupt journal aborts the start.
+7. SIGTERM / SIGINT: stop accepting, stop reading, let each connection finish
+   the batch it is processing (ack it), tell the card Error(SHUTDOWN), exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import ssl
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from nicsplit.appliance.journal import AppendResult, BatchRejected, Journal, JournalError, JournalStatistics
+from nicsplit.control import pki
+from nicsplit.wire import frames as F
+
+log = logging.getLogger("nicsplit.appliance")
+
+CG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a safe directory name
+_EOF = object()
+
+
+@dataclass
+class ServerConfig:
+    data: Path  # the data directory; journals in data/appliance/journal/<cg>
+    listen: tuple[str, int] = ("127.0.0.1", 10810)
+    pki_dir: Path | None = None  # default data/pki
+    identity: str = "appliance"  # our certificate in pki_dir
+    peers: tuple[str, ...] = ("card", "host")  # accepted client certificate CNs
+    encryption: bool = True  # require AES-256-GCM batches (batch.key); False: plaintext bodies only
+    segment_size: int = 64 * 1024 * 1024
+    heartbeat_interval: float = 5.0
+    idle_timeout: float = 30.0  # drop a peer silent this long (6 missed heartbeats)
+    handshake_timeout: float = 10.0
+    queue_depth: int = 4
+    journal_threads: int = 4
+
+    @property
+    def journal_root(self) -> Path:
+        return self.data / "appliance" / "journal"
+
+
+@dataclass(frozen=True, slots=True)
+class ApplianceStatistics:
+    connections: int  # open now
+    accepted: int  # connections that completed TLS and the CN check
+    refused: int  # TLS or CN failures
+    dropped: int  # connections dropped for a protocol / auth / batch error
+    batches: int  # batches acknowledged (applied or duplicate)
+    duplicates: int
+    bytes_in: int  # sealed batch body bytes received
+    journals: dict[str, JournalStatistics] = field(default_factory=dict)
+
+
+class _Drop(Exception):
+    """End this connection: ``code`` None means no Error frame is sent."""
+
+    def __init__(self, reason: str, code: int | None, *, level: int = logging.WARNING) -> None:
+        super().__init__(reason)
+        self.reason, self.code, self.level = reason, code, level
+
+
+def appliance_id(data: Path) -> str:
+    """A stable id for this appliance (created once under data/appliance/id)."""
+    path = data / "appliance" / "id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ident = f"appliance-{uuid.uuid4()}"
+        path.write_text(ident + "\n")
+        return ident
+
+
+class Appliance:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.pki_dir = cfg.pki_dir or cfg.data / "pki"
+        self.ssl = pki.server_context(self.pki_dir, cfg.identity)
+        self.key = pki.load_batch_key(self.pki_dir) if cfg.encryption else None
+        self.id = appliance_id(cfg.data)
+        self.journals: dict[str, Journal] = {}
+        self._cg_locks: dict[str, asyncio.Lock] = {}
+        self._open_lock = asyncio.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(cfg.journal_threads, thread_name_prefix="journal")
+        self._conns: set[_Connection] = set()
+        self._handlers: set[asyncio.Task] = set()  # one per accepted TCP connection
+        self._stopping = asyncio.Event()
+        self.fatal: str | None = None
+        self._counts = dict(accepted=0, refused=0, dropped=0, batches=0, duplicates=0, bytes_in=0)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def serve(self, ready: Callable[[dict], None] | None = None) -> int:
+        """Run until SIGTERM / SIGINT or a fatal journal error; returns the
+        process exit status (0 clean, 1 fatal)."""
+        loop = asyncio.get_running_loop()
+        self.cfg.journal_root.mkdir(parents=True, exist_ok=True)
+        # Recover every existing journal before accepting anyone: a torn tail
+        # is cut now, a corrupt journal stops the start with a clear error.
+        for d in sorted(self.cfg.journal_root.iterdir()):
+            if d.is_dir() and CG_NAME.fullmatch(d.name):
+                j = await loop.run_in_executor(self._pool, lambda: Journal.open(d, segment_size=self.cfg.segment_size))
+                self.journals[d.name] = j
+                self._cg_locks[d.name] = asyncio.Lock()
+                log.info("journal %s recovered: last seq %d", d.name, j.last_seq)
+        lsock = socket.create_server(self.cfg.listen, backlog=128)
+        lsock.setblocking(False)
+        acceptor = loop.create_task(self._accept_loop(lsock))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, f"signal {signal.Signals(sig).name}")
+        host, port = lsock.getsockname()[:2]
+        pid_file = self.cfg.data / "run" / "appliance.pid"  # read by `nicsplit status`, like host.pid
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(str(os.getpid()))
+        info = {"event": "ready", "pid": os.getpid(), "address": f"{host}:{port}"}
+        log.info("appliance %s listening on %s:%d (TLS 1.3, mutual auth, peers %s)", self.id, host, port,
+                 ", ".join(self.cfg.peers))
+        if ready:
+            ready(info)
+        try:
+            await self._stopping.wait()
+        finally:
+            acceptor.cancel()
+            await asyncio.gather(acceptor, return_exceptions=True)
+            lsock.close()
+            for c in list(self._conns):
+                c.stop()
+            for t in list(self._handlers):
+                if not any(c.task is t for c in self._conns):
+                    t.cancel()  # still in the TLS handshake
+            if self._handlers:
+                await asyncio.wait(list(self._handlers), timeout=30)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await loop.run_in_executor(self._pool, self._close_journals)
+            self._pool.shutdown(wait=True)
+            pid_file.unlink(missing_ok=True)
+        return 1 if self.fatal else 0
+
+    def request_stop(self, why: str = "stop requested") -> None:
+        if not self._stopping.is_set():
+            log.info("appliance stopping (%s)", why)
+            self._stopping.set()
+
+    def _close_journals(self) -> None:
+        for j in self.journals.values():
+            j.close()
+
+    def statistics(self) -> ApplianceStatistics:
+        return ApplianceStatistics(
+            connections=len(self._conns), **self._counts,
+            journals={cg: j.statistics() for cg, j in self.journals.items()},
+        )
+
+    # -- journals ----------------------------------------------------------------------
+
+    async def journal(self, cg: str) -> Journal:
+        async with self._open_lock:
+            j = self.journals.get(cg)
+            if j is None:
+                path = self.cfg.journal_root / cg
+                try:
+                    j = await asyncio.get_running_loop().run_in_executor(
+                        self._pool, lambda: Journal.open(path, segment_size=self.cfg.segment_size))
+                except (JournalError, OSError) as e:
+                    log.error("journal %s cannot be opened: %s", cg, e)
+                    raise _Drop(f"journal {cg} cannot be opened: {e}", F.ErrorCode.INTERNAL, level=logging.ERROR) from None
+                self.journals[cg] = j
+                self._cg_locks[cg] = asyncio.Lock()
+                log.info("journal %s opened: last seq %d", cg, j.last_seq)
+            return j
+
+    def _ingest(self, j: Journal, b: F.Batch) -> AppendResult:
+        """Worker thread: unseal, decode, append (durable on return)."""
+        try:
+            plain = F.unseal(b.body, self.key, F.batch_aad(b))
+        except F.FrameError as e:
+            raise _Drop(f"batch {b.batch_id} of {b.cg}: {e}", F.ErrorCode.UNAUTHENTICATED) from None
+        try:
+            records = F.decode_records(plain)
+        except F.FrameError as e:
+            raise _Drop(f"batch {b.batch_id} of {b.cg}: bad records: {e}", F.ErrorCode.BAD_BATCH) from None
+        try:
+            return j.append_batch(b, records)
+        except BatchRejected as e:
+            raise _Drop(str(e), F.ErrorCode.BAD_BATCH) from None
+
+    async def ingest(self, b: F.Batch) -> AppendResult:
+        j = await self.journal(b.cg)
+        async with self._cg_locks[b.cg]:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._pool, self._ingest, j, b)
+            except JournalError as e:
+                self.fatal = str(e)
+                log.critical("journal %s failed: %s; stopping (a restart recovers the journal)", b.cg, e)
+                self.request_stop("journal failure")
+                raise _Drop(f"journal failure: {e}", F.ErrorCode.INTERNAL, level=logging.ERROR) from None
+
+    # -- connections ----------------------------------------------------------------------
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as e:  # EMFILE and friends: log, back off, go on
+                log.error("accept failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._handle(conn))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def _handle(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            peer = sock.getpeername()
+            where = f"{peer[0]}:{peer[1]}"
+        except OSError:
+            where = "?"
+        reader = asyncio.StreamReader(limit=1 << 20)
+        proto = asyncio.StreamReaderProtocol(reader)
+        try:
+            # The handshake happens here, so its failure is ours to log (rule 1).
+            tls, _ = await asyncio.wait_for(
+                loop.connect_accepted_socket(lambda: proto, sock, ssl=self.ssl,
+                                             ssl_handshake_timeout=self.cfg.handshake_timeout),
+                self.cfg.handshake_timeout + 1)
+        except (ssl.SSLError, OSError, asyncio.TimeoutError) as e:
+            self._counts["refused"] += 1
+            reason = getattr(e, "verify_message", None) or getattr(e, "reason", None) or str(e) or type(e).__name__
+            log.warning("refused %s: TLS handshake failed: %s", where, reason)
+            sock.close()
+            return
+        writer = asyncio.StreamWriter(tls, proto, reader, loop)
+        cn = pki.peer_name(writer.get_extra_info("ssl_object"))
+        conn = _Connection(self, reader, writer, f"{where} ({cn})")
+        conn.task = asyncio.current_task()
+        if cn not in self.cfg.peers:
+            self._counts["refused"] += 1
+            log.warning("refused %s: certificate CN %r is not an accepted peer (%s)", where, cn, ", ".join(self.cfg.peers))
+            await conn.close_with(F.Error(F.ErrorCode.UNAUTHENTICATED, f"certificate {cn!r} may not ship batches"))
+            return
+        self._counts["accepted"] += 1
+        log.info("accepted %s", conn.name)
+        self._conns.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._conns.discard(conn)
+
+
+class _Connection:
+    def __init__(self, app: Appliance, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str) -> None:
+        self.app, self.reader, self.writer, self.name = app, reader, writer, name
+        self.dec = F.FrameDecoder()
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=app.cfg.queue_depth)
+        self.cgs: frozenset[str] | None = None
+        self.busy = False
+        self.stopping = False
+        self.task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._wlock = asyncio.Lock()
+
+    async def send(self, frame: F.Frame) -> None:
+        async with self._wlock:
+            self.writer.write(F.encode(frame))
+            await self.writer.drain()
+
+    async def close_with(self, frame: F.Frame | None) -> None:
+        try:
+            if frame is not None and not self.writer.is_closing():
+                await asyncio.wait_for(self.send(frame), 2)
+        except (OSError, asyncio.TimeoutError, ssl.SSLError):
+            pass
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 2)
+        except (OSError, asyncio.TimeoutError, ssl.SSLError):
+            self.writer.transport.abort()
+
+    def stop(self) -> None:
+        """Shutdown: stop reading; the processor finishes its current batch."""
+        self.stopping = True
+        reader, processor, heartbeat = self._tasks or (None, None, None)
+        for t in (reader, heartbeat):
+            if t:
+                t.cancel()
+        if processor and not self.busy:
+            processor.cancel()
+
+    async def run(self) -> None:
+        drop: _Drop | None = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tasks = [tg.create_task(self._read_loop()), tg.create_task(self._process_loop()),
+                               tg.create_task(self._heartbeat_loop())]
+        except* _Drop as eg:
+            drop = eg.exceptions[0]  # type: ignore[assignment]
+        except* OSError as eg:  # ConnectionError, ssl.SSLError: the link broke
+            drop = _Drop(f"connection lost: {eg.exceptions[0]}", None)
+        except* Exception as eg:  # a bug: log it whole, tell the peer, keep serving others
+            log.error("internal error on %s", self.name, exc_info=eg)
+            drop = _Drop(f"internal error: {eg.exceptions[0]!r}", F.ErrorCode.INTERNAL, level=logging.ERROR)
+        if drop is None and self.stopping:
+            drop = _Drop("appliance shutting down", F.ErrorCode.SHUTDOWN, level=logging.INFO)
+        if drop is None:
+            drop = _Drop("closed", None, level=logging.INFO)
+        if drop.code not in (None, F.ErrorCode.SHUTDOWN):
+            self.app._counts["dropped"] += 1
+        log.log(drop.level, "dropping %s: %s", self.name, drop.reason)
+        await self.close_with(F.Error(drop.code, drop.reason[: F.MAX_STRING]) if drop.code is not None else None)
+
+    async def _read_loop(self) -> None:
+        idle = self.app.cfg.idle_timeout
+        while True:
+            try:
+                data = await asyncio.wait_for(self.reader.read(256 * 1024), idle)
+            except asyncio.TimeoutError:
+                raise _Drop(f"peer silent for {idle:g}s (no frames or heartbeats)", F.ErrorCode.PROTOCOL) from None
+            except (ConnectionError, ssl.SSLError, OSError) as e:
+                raise _Drop(f"read failed: {e}", None) from None
+            try:
+                self.dec.receive_data(data)
+                while (frame := self.dec.next_event()) is not F.NEED_DATA:
+                    if isinstance(frame, F.Heartbeat):
+                        continue  # liveness only; reading it reset the idle timer
+                    await self.queue.put(frame)
+            except F.FrameError as e:
+                raise _Drop(f"protocol error: {e}", F.ErrorCode.PROTOCOL) from None
+            if not data:
+                await self.queue.put(_EOF)
+                return
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.app.cfg.heartbeat_interval)
+            await self.send(F.Heartbeat(time.time_ns()))
+
+    async def _process_loop(self) -> None:
+        while True:
+            item = await self.queue.get()
+            if item is _EOF:
+                raise _Drop("peer closed the connection", None, level=logging.INFO)
+            self.busy = True
+            try:
+                await self._handle_frame(item)
+            finally:
+                self.busy = False
+            if self.stopping:
+                return
+
+    async def _handle_frame(self, f: F.Frame) -> None:
+        if isinstance(f, F.Hello):
+            await self._hello(f)
+        elif isinstance(f, F.Batch):
+            await self._batch(f)
+        elif isinstance(f, F.Error):
+            raise _Drop(f"peer reported error {f.code}: {f.message}", None)
+        else:
+            raise _Drop(f"protocol error: unexpected {type(f).__name__} frame from a card", F.ErrorCode.PROTOCOL)
+
+    async def _hello(self, h: F.Hello) -> None:
+        if self.cgs is not None:
+            raise _Drop("protocol error: second Hello", F.ErrorCode.PROTOCOL)
+        if h.version != F.PROTOCOL_VERSION:
+            raise _Drop(f"protocol version {h.version} not supported (appliance speaks {F.PROTOCOL_VERSION})",
+                        F.ErrorCode.VERSION)
+        for cg in h.cgs:
+            if not CG_NAME.fullmatch(cg):
+                raise _Drop(f"bad CG name {cg!r}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -)",
+                            F.ErrorCode.UNKNOWN_CG)
+        resume = {cg: (await self.app.journal(cg)).last_seq for cg in h.cgs}
+        self.cgs = frozenset(h.cgs)
+        self.name = f"{self.name} card {h.card_id!r}"
+        log.info("hello from %s: CGs %s, resume %s", self.name, ", ".join(h.cgs) or "-", resume)
+        await self.send(F.HelloAck(self.app.id, F.PROTOCOL_VERSION, resume))
+
+    async def _batch(self, b: F.Batch) -> None:
+        if self.cgs is None:
+            raise _Drop("protocol error: Batch before Hello", F.ErrorCode.PROTOCOL)
+        if b.cg not in self.cgs:
+            raise _Drop(f"batch {b.batch_id} for CG {b.cg!r} not named in Hello", F.ErrorCode.UNKNOWN_CG)
+        self.app._counts["bytes_in"] += len(b.body)
+        result = await self.app.ingest(b)
+        self.app._counts["batches"] += 1
+        if not result.applied:
+            self.app._counts["duplicates"] += 1
+        log.debug("batch %d of %s seqs %d..%d %s", b.batch_id, b.cg, b.first_seq, b.last_seq,
+                  "journaled" if result.applied else "duplicate")
+        await self.send(F.Ack(b.batch_id, b.cg, b.last_seq, True, result.known))
+
+
+def run(cfg: ServerConfig) -> int:
+    """Run the appliance in the foreground (uvloop); prints the JSON ready
+    line on stdout.  Returns the exit status."""
+    import uvloop
+
+    app = Appliance(cfg)
+
+    def ready(info: dict) -> None:
+        print(json.dumps(info), flush=True)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(app.serve(ready))

@@ -1,0 +1,328 @@
+"""Test helpers for the appliance, importable by any test suite.
+
+* `CrashFilesystem` — the D5 power-cut double of `durable.Filesystem`: an
+  in-memory disk that knows which bytes were synced.  ``power_cut()`` returns
+  the disk as it would be after the plug was pulled: unsynced appends dropped
+  or torn (a random prefix kept, its last sector possibly garbage), files
+  whose directory entry was never synced possibly gone.  ``fail_sync_at=N``
+  makes the N-th sync fail with EIO.
+* `ApplianceProcess` — ``python -m nicsplit.appliance run`` as a child
+  process, ready when it prints its JSON ready line.
+* `CardClient` — a blocking TLS client speaking frames (a stand-in card).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import queue
+import random
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nicsplit.wire import frames as F
+
+# -- D5: power-cut filesystem ----------------------------------------------------
+
+
+@dataclass
+class _MemFile:
+    data: bytearray = field(default_factory=bytearray)
+    durable: bytes = b""  # content as of the last successful sync
+
+
+class _MemHandle:
+    def __init__(self, fs: "CrashFilesystem", path: str, readonly: bool) -> None:
+        self._fs, self.name, self._readonly = fs, path, readonly
+
+    def _file(self) -> _MemFile:
+        f = self._fs._files.get(self.name)
+        if f is None:
+            raise FileNotFoundError(errno.ENOENT, "file removed", self.name)
+        return f
+
+    def size(self) -> int:
+        return len(self._file().data)
+
+    def append(self, data: bytes) -> None:
+        if self._readonly:
+            raise OSError(errno.EBADF, "read-only handle", self.name)
+        self._fs._maybe_fail("write", self.name)
+        self._file().data += data
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return bytes(self._file().data[offset : offset + length])
+
+    def sync(self) -> None:
+        self._fs._maybe_fail("sync", self.name)
+        f = self._file()
+        f.durable = bytes(f.data)
+
+    def truncate(self, size: int) -> None:
+        f = self._file()
+        del f.data[size:]
+
+    def close(self) -> None:
+        pass
+
+
+class _NoLock:
+    def close(self) -> None:
+        pass
+
+
+class CrashFilesystem:
+    """In-memory `Filesystem` that can lose what was not synced."""
+
+    def __init__(self, *, fail_sync_at: int | None = None, fail_write_at: int | None = None) -> None:
+        self._files: dict[str, _MemFile] = {}
+        self._dirs: set[str] = set()
+        self._durable_names: set[str] = set()  # file names made durable by sync_dir
+        self.fail_sync_at = fail_sync_at
+        self.fail_write_at = fail_write_at
+        self.syncs = 0
+        self.writes = 0
+
+    def _maybe_fail(self, what: str, name: str) -> None:
+        if what == "sync":
+            self.syncs += 1
+            if self.fail_sync_at is not None and self.syncs >= self.fail_sync_at:
+                raise OSError(errno.EIO, "injected fsync failure", name)
+        else:
+            self.writes += 1
+            if self.fail_write_at is not None and self.writes >= self.fail_write_at:
+                raise OSError(errno.ENOSPC, "injected write failure", name)
+
+    def makedirs(self, path: Path) -> None:
+        p = Path(path)
+        for d in [p, *p.parents]:
+            self._dirs.add(str(d))
+
+    def listdir(self, path: Path) -> list[str]:
+        prefix = str(path) + "/"
+        return sorted(k[len(prefix) :] for k in self._files if k.startswith(prefix) and "/" not in k[len(prefix) :])
+
+    def exists(self, path: Path) -> bool:
+        return str(path) in self._files or str(path) in self._dirs
+
+    def open(self, path: Path, *, create: bool = False, readonly: bool = False) -> _MemHandle:
+        key = str(path)
+        if create:
+            if key in self._files:
+                raise FileExistsError(errno.EEXIST, "exists", key)
+            self._files[key] = _MemFile()
+        elif key not in self._files:
+            raise FileNotFoundError(errno.ENOENT, "no such file", key)
+        return _MemHandle(self, key, readonly)
+
+    def remove(self, path: Path) -> None:
+        del self._files[str(path)]
+
+    def sync_dir(self, path: Path) -> None:
+        self._maybe_fail("sync", str(path))
+        prefix = str(path) + "/"
+        self._durable_names = {n for n in self._durable_names if not n.startswith(prefix) or n in self._files}
+        self._durable_names |= {n for n in self._files if n.startswith(prefix)}
+
+    def lock(self, path: Path) -> _NoLock:
+        return _NoLock()
+
+    def unsynced_bytes(self) -> int:
+        return sum(max(0, len(f.data) - len(f.durable)) for f in self._files.values())
+
+    def power_cut(self, mode: str, rng: random.Random) -> "CrashFilesystem":
+        """The disk after a power cut.  ``mode``: "drop" (only synced bytes
+        survive), "tear" (a random prefix of each unsynced tail survives and
+        its last up-to-512 bytes may be garbage), "keep" (the OS happened to
+        write everything back)."""
+        if mode not in ("drop", "tear", "keep"):
+            raise ValueError(f"unknown power-cut mode {mode!r}")
+        after = CrashFilesystem()
+        after._dirs = set(self._dirs)
+        for name, f in self._files.items():
+            if name not in self._durable_names and mode != "keep" and (mode == "drop" or rng.random() < 0.5):
+                continue  # its directory entry never reached the disk
+            data = bytearray(f.durable)
+            if mode == "keep":
+                data = bytearray(f.data)
+            elif mode == "tear" and len(f.data) > len(f.durable) and f.data[: len(f.durable)] == f.durable:
+                tail = f.data[len(f.durable) :]
+                kept = rng.randint(0, len(tail))
+                data += tail[:kept]
+                if kept and rng.random() < 0.5:
+                    n = rng.randint(1, min(512, kept))
+                    data[len(data) - n :] = rng.randbytes(n)
+            after._files[name] = _MemFile(data, bytes(data))
+            after._durable_names.add(name)
+        return after
+
+
+# -- real processes ------------------------------------------------------------------
+
+
+class ApplianceProcess:
+    """``python -m nicsplit.appliance run`` as a child; ready on its JSON line."""
+
+    def __init__(self, data: Path, *args: str, log_path: Path | None = None) -> None:
+        self.data = Path(data)
+        self.args = list(args)
+        self.log_path = log_path or self.data / "appliance.log"
+        self.proc: subprocess.Popen | None = None
+        self.address = ""
+        self._lines: queue.Queue[str | None] = queue.Queue()
+
+    def start(self, timeout: float = 30) -> "ApplianceProcess":
+        if not any(a.startswith("--listen") for a in self.args):
+            self.args += ["--listen", "127.0.0.1:0"]
+        self._lines = queue.Queue()
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nicsplit.appliance", "--data", str(self.data), "run", *self.args],
+            stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, text=True,
+        )
+        threading.Thread(target=self._read, args=(self.proc, self._lines), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise TimeoutError(f"appliance did not become ready in {timeout}s; log:\n{self.log()}") from None
+            if line is None:
+                raise RuntimeError(f"appliance exited ({self.proc.wait()}) before ready; log:\n{self.log()}")
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if msg.get("event") == "ready":
+                self.address = msg["address"]
+                return self
+
+    @staticmethod
+    def _read(proc: subprocess.Popen, lines: queue.Queue) -> None:
+        assert proc.stdout
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc
+        return self.proc.pid
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.address.rpartition(":")
+        return host, int(port)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-8000:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        """kill -9 and reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+            self._log.close()
+
+    def __enter__(self) -> "ApplianceProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+
+
+class CardClient:
+    """A blocking frame client over TLS (or any connected socket)."""
+
+    def __init__(self, sock: socket.socket, *, timeout: float = 30) -> None:
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        self.dec = F.FrameDecoder()
+        self.closed = False
+
+    @classmethod
+    def connect(cls, address: tuple[str, int], ctx: ssl.SSLContext | None, *, server_hostname: str = "localhost",
+                timeout: float = 30) -> "CardClient":
+        raw = socket.create_connection(address, timeout=timeout)
+        if ctx is None:
+            return cls(raw, timeout=timeout)
+        try:
+            return cls(ctx.wrap_socket(raw, server_hostname=server_hostname), timeout=timeout)
+        except BaseException:
+            raw.close()
+            raise
+
+    def send(self, frame: F.Frame) -> None:
+        self.sock.sendall(F.encode(frame))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self) -> F.Frame | None:
+        """The next frame, skipping heartbeats; None on EOF."""
+        while True:
+            ev = self.dec.next_event()
+            if ev is F.NEED_DATA:
+                if self.closed:
+                    return None
+                data = self.sock.recv(65536)
+                self.dec.receive_data(data)
+                if not data:
+                    self.closed = True
+                continue
+            if isinstance(ev, F.Heartbeat):
+                continue
+            return ev
+
+    def hello(self, cgs: tuple[str, ...], card_id: str = "test-card") -> F.HelloAck:
+        self.send(F.Hello(card_id, F.PROTOCOL_VERSION, cgs))
+        ack = self.recv()
+        if not isinstance(ack, F.HelloAck):
+            raise AssertionError(f"expected HelloAck, got {ack!r}")
+        return ack
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> "CardClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_batch(batch_id: int, cg: str, records: list[F.Record], key: bytes | None, *, compress: bool = True,
+               first_seq: int | None = None, last_seq: int | None = None) -> F.Batch:
+    """A sealed batch over ``records`` (seq range and times taken from them)."""
+    first = first_seq if first_seq is not None else records[0].seq
+    last = last_seq if last_seq is not None else records[-1].seq
+    t0 = min((r.time_ns for r in records), default=0)
+    t1 = max((r.time_ns for r in records), default=0)
+    head = F.Batch(batch_id, cg, first, last, t0, t1, b"")
+    body = F.seal(F.encode_records(records), key, F.batch_aad(head), compress=compress)
+    return F.Batch(batch_id, cg, first, last, t0, t1, body)

@@ -1,0 +1,190 @@
+"""Stage 7, batch: collect records per consistency group into batches.
+
+A CG has at most one *open* batch. A record joins its CG's open batch; the
+batch closes when it reaches ``batch_bytes`` (encoded size estimate) or
+``batch_records`` records, or when ``batch_delay_us`` has passed since its
+first record (`tick`) — whichever comes first. ``batch_delay_us = 0`` closes
+a batch after every record. A closed batch gets the next batch id (monotonic
+per card incarnation, starting at ``first_batch_id``) and waits in the ready
+queue for compress → encrypt → ship.
+
+Seq coverage: a batch covers ``first_seq..last_seq`` of its CG; records in it
+are in ascending seq order (hold and merge guarantee it; `add` checks). The
+seqs between records (failed writes, writes folded by merge, rejected ones)
+are simply absent. ``first_seq`` is the seq of the first record, not the
+previous batch's end + 1.
+
+Bounds: ``full`` is true when ``max_ready`` batches are waiting for the
+shipper; the pipeline then stops taking writes out of hold (backpressure
+goes up the chain to hold, whose bound makes the card report itself full).
+A batch's encoded plaintext stays below ``batch_bytes`` + one record, and
+``batch_bytes`` is capped at 8 MiB so even an incompressible batch fits
+``frames.MAX_BODY`` (16 MiB).
+
+Options: ``batch_bytes`` (default 1 MiB), ``batch_records`` (default 4096),
+``batch_delay_us`` (default 500), ``batch_max_ready`` (default 4).
+
+Example::
+
+    b = Batcher(batch_bytes=1 << 20, batch_delay_us=500)
+    b.add(record, io_ids, now_ns)
+    b.tick(now_ns)
+    while (p := b.pop()) is not None: ...    # Pending: id, cg, records, io_ids
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from nicsplit.wire.frames import Batch, Record
+
+from .items import PipelineError
+
+MAX_BATCH_BYTES = 8 << 20
+_RECORD_OVERHEAD = 58  # frames._RECORD header
+_REF_SIZE = 20  # frames._REF
+
+
+def record_size(r: Record) -> int:
+    """Encoded size of a record (frames layout)."""
+    return _RECORD_OVERHEAD + _REF_SIZE * len(r.refs) + len(r.data)
+
+
+@dataclass(slots=True)
+class Pending:
+    """A closed batch, not yet sealed."""
+
+    batch_id: int
+    cg: str
+    records: list[Record]
+    io_ids: list[int]
+    nbytes: int  # encoded plaintext estimate
+    t_open_ns: int  # card clock when the first record joined
+    closed_ns: int = 0
+
+    def header(self) -> Batch:
+        """The Batch header (empty body): what ``frames.batch_aad`` binds."""
+        times = [r.time_ns for r in self.records]
+        return Batch(self.batch_id, self.cg, self.records[0].seq, self.records[-1].seq,
+                     max(0, min(times)), max(0, max(times)), b"")
+
+
+@dataclass(slots=True)
+class _Open:
+    records: list[Record] = field(default_factory=list)
+    io_ids: list[int] = field(default_factory=list)
+    nbytes: int = 4  # the record count
+    t_open_ns: int = 0
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    batches: int  # closed
+    records: int
+    open_batches: int
+    open_bytes: int
+    ready: int
+    max_ready: int
+    next_batch_id: int
+    closed_by_size: int
+    closed_by_count: int
+    closed_by_delay: int
+    full: bool
+
+
+class Batcher:
+    def __init__(
+        self,
+        *,
+        batch_bytes: int = 1 << 20,
+        batch_records: int = 4096,
+        batch_delay_us: float = 500,
+        max_ready: int = 4,
+        first_batch_id: int = 1,
+    ) -> None:
+        if not 0 < batch_bytes <= MAX_BATCH_BYTES:
+            raise ValueError(f"batch_bytes {batch_bytes} outside 1..{MAX_BATCH_BYTES}")
+        if batch_records < 1 or batch_delay_us < 0 or max_ready < 1 or first_batch_id < 0:
+            raise ValueError("batch_records and batch_max_ready must be >= 1, batch_delay_us >= 0")
+        self.batch_bytes = batch_bytes
+        self.batch_records = batch_records
+        self.delay_ns = int(batch_delay_us * 1000)
+        self.max_ready = max_ready
+        self._next_id = first_batch_id
+        self._open: dict[str, _Open] = {}
+        self._ready: deque[Pending] = deque()
+        self._batches = self._records = self._by_size = self._by_count = self._by_delay = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self._ready) >= self.max_ready
+
+    def add(self, cg: str, record: Record, io_ids: tuple[int, ...], now_ns: int) -> None:
+        size = record_size(record)
+        ob = self._open.get(cg)
+        if ob is not None and ob.records:
+            if record.seq <= ob.records[-1].seq:
+                raise PipelineError(f"cg {cg}: record seq {record.seq} after {ob.records[-1].seq}")
+            if ob.nbytes + size > self.batch_bytes:
+                self._by_size += 1
+                self._close(cg, now_ns)
+                ob = None
+        if ob is None:
+            ob = self._open[cg] = _Open(t_open_ns=now_ns)
+        ob.records.append(record)
+        ob.io_ids.extend(io_ids)
+        ob.nbytes += size
+        self._records += 1
+        if ob.nbytes >= self.batch_bytes:
+            self._by_size += 1
+            self._close(cg, now_ns)
+        elif len(ob.records) >= self.batch_records:
+            self._by_count += 1
+            self._close(cg, now_ns)
+        elif not self.delay_ns:
+            self._by_delay += 1
+            self._close(cg, now_ns)
+
+    def tick(self, now_ns: int) -> None:
+        if self._open:
+            for cg in [cg for cg, ob in self._open.items() if now_ns - ob.t_open_ns >= self.delay_ns]:
+                self._by_delay += 1
+                self._close(cg, now_ns)
+
+    def flush(self, now_ns: int) -> None:
+        for cg in list(self._open):
+            self._close(cg, now_ns)
+
+    def next_deadline_ns(self) -> int | None:
+        """When the oldest open batch is due (for the caller's timer)."""
+        if not self._open:
+            return None
+        return min(ob.t_open_ns for ob in self._open.values()) + self.delay_ns
+
+    def oldest_by_cg(self) -> dict[str, int]:
+        """Per CG, the write timestamp of the first record not yet handed to ship."""
+        out: dict[str, int] = {}
+        for p in self._ready:
+            out.setdefault(p.cg, p.records[0].time_ns)
+        for cg, ob in self._open.items():
+            if ob.records:
+                out.setdefault(cg, ob.records[0].time_ns)
+        return out
+
+    def pop(self) -> Pending | None:
+        return self._ready.popleft() if self._ready else None
+
+    def statistics(self) -> BatchStats:
+        return BatchStats(
+            batches=self._batches, records=self._records, open_batches=len(self._open),
+            open_bytes=sum(ob.nbytes for ob in self._open.values()), ready=len(self._ready),
+            max_ready=self.max_ready, next_batch_id=self._next_id, closed_by_size=self._by_size,
+            closed_by_count=self._by_count, closed_by_delay=self._by_delay, full=self.full,
+        )
+
+    def _close(self, cg: str, now_ns: int) -> None:
+        ob = self._open.pop(cg)
+        self._ready.append(Pending(self._next_id, cg, ob.records, ob.io_ids, ob.nbytes, ob.t_open_ns, now_ns))
+        self._next_id += 1
+        self._batches += 1

@@ -1,0 +1,118 @@
+"""Stage 4, dedup: send a reference instead of a 4 KiB block the appliance
+already holds.
+
+Each WRITE item's payload is cut into 4 KiB blocks counted from the record's
+start (block i = bytes ``[i*4096, (i+1)*4096)``); every full block is
+fingerprinted (`nicsplit.wire.frames.fingerprint`, xxh3-128) on the *plain*
+data — before compression and encryption, the borg/restic order. A block
+whose fingerprint is in the known set becomes a ``(block index, fingerprint)``
+ref and leaves the record's data; the other blocks stay, in order, so
+``frames.expand(record, lookup)`` rebuilds the payload byte for byte. A
+partial last block is always sent as data.
+
+The known set holds only fingerprints the appliance *confirmed* it holds
+(``Ack.known``, fed through `learn`), never ones the card merely sent: a ref
+to a block still in flight could reach an appliance that lost that batch.
+It is keyed by (CG, fingerprint): the appliance resolves a reference in the
+CG's own journal only (docs/wire.md), so a block known in one CG is sent as
+data to another. It is an LRU bounded by ``dedup_known_max`` entries (a hit
+refreshes the entry; the least recently used is forgotten first); an entry
+costs about 200 bytes, so the default 65536 is ~13 MB.
+
+Options: ``dedup`` (default on), ``dedup_known_max`` (default 65536).
+
+Example::
+
+    d = Dedup(known_max=65536)
+    d.learn(ack.cg, ack.known)
+    record, io_ids = d.apply(item)     # frames.Record with refs, io ids to free
+
+No queue: a synchronous one-item-in, one-record-out transform.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable
+
+from nicsplit.card.records import Op
+from nicsplit.wire.frames import Record, fingerprint
+
+from .items import BLOCK, Item
+
+
+@dataclass(frozen=True)
+class DedupStats:
+    enabled: bool
+    records: int
+    blocks: int  # full blocks fingerprinted
+    ref_blocks: int  # sent by reference
+    bytes_saved: int
+    known: int  # fingerprints in the LRU
+    known_max: int
+    learned: int
+    evicted: int
+
+
+class Dedup:
+    def __init__(self, *, known_max: int = 65536, enabled: bool = True) -> None:
+        if known_max < 0:
+            raise ValueError("dedup_known_max must be >= 0")
+        self.enabled = enabled and known_max > 0
+        self.known_max = known_max
+        self._known: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+        self._records = self._blocks = self._refs = self._learned = self._evicted = 0
+
+    def learn(self, cg: str, fps: Iterable[bytes]) -> None:
+        """The appliance confirmed it holds these blocks in CG ``cg``'s journal."""
+        if not self.enabled:
+            return
+        known = self._known
+        for fp in fps:
+            key = (cg, fp)
+            if key in known:
+                known.move_to_end(key)
+                continue
+            known[key] = None
+            self._learned += 1
+            if len(known) > self.known_max:
+                known.popitem(last=False)
+                self._evicted += 1
+
+    def apply(self, item: Item) -> tuple[Record, tuple[int, ...]]:
+        self._records += 1
+        data = item.data
+        refs: list[tuple[int, bytes]] = []
+        if self.enabled and item.op == Op.WRITE and len(data) >= BLOCK:
+            mv = memoryview(data)
+            known = self._known
+            cg = item.cg
+            kept: list[memoryview] = []
+            nfull = len(data) // BLOCK
+            self._blocks += nfull
+            for i in range(nfull):
+                block = mv[i * BLOCK : (i + 1) * BLOCK]
+                fp = fingerprint(block)
+                if (cg, fp) in known:
+                    known.move_to_end((cg, fp))
+                    refs.append((i, fp))
+                else:
+                    kept.append(block)
+            if refs:
+                self._refs += len(refs)
+                kept.append(mv[nfull * BLOCK :])
+                data = b"".join(kept)
+        rec = Record(
+            seq=item.seq, io_id=item.io_ids[-1], vdisk_id=item.vdisk_id, op=int(item.op), flags=item.flags,
+            offset=item.offset, length=item.length, time_ns=item.time_ns,
+            data=bytes(data), refs=tuple(refs),
+        )
+        return rec, item.io_ids
+
+    def statistics(self) -> DedupStats:
+        return DedupStats(
+            enabled=self.enabled, records=self._records, blocks=self._blocks, ref_blocks=self._refs,
+            bytes_saved=self._refs * BLOCK, known=len(self._known), known_max=self.known_max,
+            learned=self._learned, evicted=self._evicted,
+        )

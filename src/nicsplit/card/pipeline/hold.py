@@ -1,0 +1,271 @@
+"""Stage 2, hold: keep each write until the host says it committed (P3), and
+release committed writes downstream in CG sequence order (P2).
+
+Theory of operation
+-------------------
+The splitter gives each write of a consistency group a gap-free sequence
+number ``cg_seq`` and, after the datastore answered, posts an `Outcome`.
+Hold keeps one *lane* per CG (keyed by ``cg_id``, the domain of ``cg_seq``)
+with a slot per seq and a ``next`` pointer:
+
+- seq N leaves hold only after every seq < N of its CG is resolved, i.e.
+  committed (passed on), failed (payload freed, never shipped), rejected by
+  resolve, or lost;
+- COMMITTED and the slot is the lane's next → appended to the ready queue;
+- FAILED → payload freed at once, the slot stays as a "resolved" marker;
+- an outcome that does not arrive within ``outcome_timeout_ms`` makes the
+  write *lost*: ``on_lost(write)`` is called (the lead marks its region
+  dirty; P1) and the write is treated as failed. A seq that never arrives at
+  all (the splitter timed out before handing it over and marked it itself)
+  is skipped after the same timeout once a later seq of its CG is waiting;
+- a write whose seq is below the lane's ``next`` (too late) or repeats a seq
+  cannot be placed in order: it is lost as well;
+- the lane's first ``next`` is the first seq seen for the CG, unless the lead
+  called ``expect(cg_id, seq)``;
+- an outcome seen before its write (possible on unordered transports) waits
+  up to the timeout for it.
+
+Every write that enters hold is released (``release(io_id)``) exactly once
+by the pipeline: here when it is dropped, after a durable ack otherwise.
+
+Bounds: ``max_writes`` writes and ``max_bytes`` payload bytes held (pending
+plus ready). When either is reached `full` is true — the card reports itself
+full so the splitter goes to marking (P4) — and a write that still arrives is
+lost (``on_lost``), never queued beyond the bound.
+
+Options: ``max_writes`` (default 65536), ``max_bytes`` (default 256 MiB),
+``outcome_timeout_ms`` (default 5000).
+
+Example::
+
+    hold = Hold(on_lost=mark_dirty, release=endpoint.release)
+    hold.add(resolved, now_ns)
+    hold.outcome(Outcome(io_id, Status.COMMITTED), now_ns)
+    while (r := hold.pop_ready()) is not None: ...
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Callable
+
+from nicsplit.card.records import AugmentedWrite, Outcome, Status
+
+from .items import Resolved
+
+log = logging.getLogger(__name__)
+
+_PENDING, _COMMITTED, _DROPPED = 0, 1, 2
+
+
+class _Slot:
+    __slots__ = ("r", "state", "t_ns")
+
+    def __init__(self, r: Resolved | None, state: int, t_ns: int) -> None:
+        self.r = r  # None: a placeholder for a seq resolve rejected
+        self.state = state
+        self.t_ns = t_ns
+
+
+class _Lane:
+    __slots__ = ("next", "slots", "blocked_ns")
+
+    def __init__(self, first: int) -> None:
+        self.next = first
+        self.slots: dict[int, _Slot] = {}
+        self.blocked_ns: int | None = None  # since when `next` is missing while later seqs wait
+
+
+@dataclass(frozen=True)
+class HoldStats:
+    held: int  # writes inside hold (pending + ready)
+    held_bytes: int
+    ready: int  # committed, in order, not yet taken downstream
+    lanes: int  # consistency groups seen
+    committed: int
+    failed: int
+    lost_timeout: int  # outcome never came
+    lost_late: int  # seq below the lane's next, or a repeated seq
+    refused_full: int  # arrived while full
+    gaps_skipped: int  # seqs that never arrived
+    stray_outcomes: int  # outcome for no held write (expired unmatched)
+    full: bool
+
+
+class Hold:
+    def __init__(
+        self,
+        *,
+        on_lost: Callable[[AugmentedWrite], None],
+        release: Callable[[int], None],
+        max_writes: int = 65536,
+        max_bytes: int = 256 << 20,
+        outcome_timeout_ms: float = 5000,
+    ) -> None:
+        if max_writes < 1 or max_bytes < 1:
+            raise ValueError("hold bounds must be positive")
+        self._on_lost = on_lost
+        self._release = release
+        self.max_writes = max_writes
+        self.max_bytes = max_bytes
+        self.timeout_ns = int(outcome_timeout_ms * 1_000_000)
+        self._lanes: dict[int, _Lane] = {}
+        self._by_io: dict[int, tuple[int, int]] = {}  # io_id → (cg_id, seq) of a pending slot
+        self._early: OrderedDict[int, tuple[Status, int]] = OrderedDict()  # io_id → (status, t_ns)
+        self._ready: deque[Resolved] = deque()
+        self._count = self._bytes = 0
+        self._committed = self._failed = self._lost_timeout = self._lost_late = 0
+        self._refused = self._gaps = self._stray = 0
+
+    # -- input ---------------------------------------------------------------
+
+    @property
+    def full(self) -> bool:
+        return self._count >= self.max_writes or self._bytes >= self.max_bytes
+
+    def expect(self, cg_id: int, next_seq: int) -> None:
+        """Declare the next seq of a CG (before any of its writes arrive)."""
+        lane = self._lanes.get(cg_id)
+        if lane is None:
+            self._lanes[cg_id] = _Lane(next_seq)
+        elif not lane.slots:
+            lane.next = next_seq
+
+    def add(self, r: Resolved, now_ns: int) -> None:
+        w = r.write
+        lane = self._lane(w.cg_id, w.cg_seq)
+        if self.full:
+            self._refused += 1
+            self._lose(r, "card full")
+            if w.cg_seq >= lane.next and w.cg_seq not in lane.slots:  # its seq is spoken for: later ones go on
+                lane.slots[w.cg_seq] = _Slot(None, _DROPPED, now_ns)
+                self._advance(lane, now_ns)
+            return
+        if w.cg_seq < lane.next or w.cg_seq in lane.slots:
+            self._lost_late += 1
+            self._lose(r, f"seq {w.cg_seq} cannot be placed (next is {lane.next})")
+            return
+        lane.slots[w.cg_seq] = _Slot(r, _PENDING, now_ns)
+        self._by_io[w.io_id] = (w.cg_id, w.cg_seq)
+        self._count += 1
+        self._bytes += r.nbytes
+        early = self._early.pop(w.io_id, None)
+        if early is not None:
+            self._resolve(w.io_id, early[0])
+        self._advance(lane, now_ns)
+
+    def reject(self, cg_id: int, seq: int, now_ns: int) -> None:
+        """Resolve dropped this seq: it is resolved without being shipped."""
+        lane = self._lane(cg_id, seq)
+        if seq >= lane.next and seq not in lane.slots:
+            lane.slots[seq] = _Slot(None, _DROPPED, now_ns)
+            self._advance(lane, now_ns)
+
+    def outcome(self, o: Outcome, now_ns: int) -> None:
+        if o.io_id in self._by_io:
+            cg_id, _ = self._by_io[o.io_id]
+            self._resolve(o.io_id, o.status)
+            self._advance(self._lanes[cg_id], now_ns)
+        else:
+            self._early[o.io_id] = (o.status, now_ns)
+            if len(self._early) > self.max_writes:
+                self._early.popitem(last=False)
+                self._stray += 1
+
+    def expire(self, now_ns: int) -> None:
+        """Lose writes whose outcome is overdue and skip seqs that never came."""
+        for cg_id, lane in self._lanes.items():
+            while lane.slots:
+                s = lane.slots.get(lane.next)
+                if s is not None:
+                    if s.state != _PENDING or s.t_ns + self.timeout_ns > now_ns:
+                        break
+                    self._by_io.pop(s.r.write.io_id, None)
+                    s.state = _DROPPED
+                    self._lost_timeout += 1
+                    self._count -= 1
+                    self._bytes -= s.r.nbytes
+                    self._lose(s.r, f"no outcome within {self.timeout_ns // 1_000_000} ms")
+                elif lane.blocked_ns is not None and lane.blocked_ns + self.timeout_ns <= now_ns:
+                    first = min(lane.slots)
+                    log.warning("cg %d: seqs %d..%d never arrived: skipped", cg_id, lane.next, first - 1)
+                    self._gaps += first - lane.next
+                    lane.next = first
+                else:
+                    break
+                self._advance(lane, now_ns)
+        while self._early:
+            io_id, (_, t) = next(iter(self._early.items()))
+            if t + self.timeout_ns > now_ns:
+                break
+            del self._early[io_id]
+            self._stray += 1
+
+    # -- output --------------------------------------------------------------
+
+    def pop_ready(self) -> Resolved | None:
+        if not self._ready:
+            return None
+        r = self._ready.popleft()
+        self._count -= 1
+        self._bytes -= r.nbytes
+        return r
+
+    def has_ready(self) -> bool:
+        return bool(self._ready)
+
+    def statistics(self) -> HoldStats:
+        return HoldStats(
+            held=self._count, held_bytes=self._bytes, ready=len(self._ready), lanes=len(self._lanes),
+            committed=self._committed, failed=self._failed, lost_timeout=self._lost_timeout,
+            lost_late=self._lost_late, refused_full=self._refused, gaps_skipped=self._gaps,
+            stray_outcomes=self._stray, full=self.full,
+        )
+
+    # -- internals -----------------------------------------------------------
+
+    def _lane(self, cg_id: int, seq: int) -> _Lane:
+        lane = self._lanes.get(cg_id)
+        if lane is None:
+            lane = self._lanes[cg_id] = _Lane(seq)
+        return lane
+
+    def _resolve(self, io_id: int, status: Status) -> None:
+        cg_id, seq = self._by_io.pop(io_id)
+        s = self._lanes[cg_id].slots[seq]
+        if status == Status.COMMITTED:
+            s.state = _COMMITTED
+            self._committed += 1
+        else:
+            s.state = _DROPPED
+            self._failed += 1
+            self._count -= 1
+            self._bytes -= s.r.nbytes
+            log.info("io %d: failed in the datastore: dropped, never shipped", io_id)
+            self._release(io_id)
+
+    def _lose(self, r: Resolved, why: str) -> None:
+        w = r.write
+        log.warning("io %d: lost (%s): vdisk %d %d+%d reported dirty", w.io_id, why, w.vdisk_id, w.voffset, w.length)
+        self._on_lost(w)
+        self._release(w.io_id)
+
+    def _advance(self, lane: _Lane, now_ns: int) -> None:
+        slots = lane.slots
+        moved = False
+        while True:
+            s = slots.get(lane.next)
+            if s is None or s.state == _PENDING:
+                break
+            del slots[lane.next]
+            lane.next += 1
+            moved = True
+            if s.state == _COMMITTED:
+                self._ready.append(s.r)
+        if slots and lane.next not in slots:
+            if moved or lane.blocked_ns is None:
+                lane.blocked_ns = now_ns  # the gap clock starts when this seq became the one missing
+        else:
+            lane.blocked_ns = None

@@ -1,0 +1,258 @@
+"""The card pipeline assembled: resolve → hold → merge → dedup → batch →
+(encode → compress → encrypt) → ship window.
+
+`CardPipeline` is sans-IO and single-threaded: the card loop feeds it what
+the transport polled (`feed`), calls `tick` with the card's monotonic clock,
+and the asyncio `Shipper` drives its `window`. Nothing in here blocks.
+
+Data order of one batch (the borg/restic order, STYLE.md)::
+
+    fingerprint plain 4 KiB blocks (dedup) → frames.Record → encode_records
+    → zstd (compress) → AES-256-GCM, AAD = batch_aad(header) (encrypt)
+
+Backpressure: `pump` moves writes out of hold only while the batcher is not
+full, and moves sealed batches into the ship window only while it has room.
+So an unacked window fills the batcher, which leaves committed writes in
+hold, whose bound makes `full` true (the card reports itself full and the
+splitter marks, P4). The poller never waits: a write arriving while hold is
+full is reported lost (``on_lost``) and released.
+
+Payload ownership: every write-with-payload the transport handed over is
+released exactly once — dropped (resolve reject, failed, lost) at once,
+shipped after its batch's durable ack. Writes without payload (ZERO, TRIM,
+BARRIER) hold no transport memory and are never released (the ring refuses
+an unknown io id).
+
+Example::
+
+    p = CardPipeline(catalog, release=ep.release, on_lost=mark_dirty, key=batch_key)
+    p.feed(ep.poll(), monotonic_ns())
+    p.tick(monotonic_ns())
+    shipper = Shipper(p.window, connect=..., card_id=..., cgs=p.cgs)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Callable, Iterable, Mapping
+
+from nicsplit.card.records import AugmentedWrite, Op, Outcome
+from nicsplit.wire.frames import Batch, batch_aad, encode_records
+
+from .batch import Batcher, BatchStats, Pending
+from .compress import Compressor, CompressStats
+from .dedup import Dedup, DedupStats
+from .encrypt import Encryptor, EncryptStats
+from .hold import Hold, HoldStats
+from .merge import Merger, MergeStats
+from .resolve import CardCatalog, Resolver, ResolveStats
+from .ship import ShipStats, ShipWindow
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Every pipeline option with its default (the ``[card]`` keys)."""
+
+    hold_max_writes: int = 65536
+    hold_max_bytes: int = 256 << 20
+    outcome_timeout_ms: float = 5000
+    merge_window_ms: float = 0
+    merge_max_bytes: int = 1 << 20
+    dedup: bool = True
+    dedup_known_max: int = 65536
+    compress: bool = True
+    compress_level: int = 1
+    batch_bytes: int = 1 << 20
+    batch_records: int = 4096
+    batch_delay_us: float = 500
+    batch_max_ready: int = 4
+    ship_window: int = 64
+    ship_window_bytes: int = 64 << 20
+    first_batch_id: int = 1
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> "PipelineConfig":
+        names = {f.name for f in fields(cls)}
+        return replace(cls(), **{k: v for k, v in m.items() if k in names})
+
+
+@dataclass(frozen=True)
+class PipelineStats:
+    resolve: ResolveStats
+    hold: HoldStats
+    merge: MergeStats
+    dedup: DedupStats
+    compress: CompressStats
+    encrypt: EncryptStats
+    batch: BatchStats
+    ship: ShipStats
+    writes_in: int  # augmented writes received
+    outcomes_in: int
+    payload_bytes_in: int  # bytes written by clients (WRITE payloads received)
+    wire_bytes_out: int  # Batch frame bytes transmitted (retransmits included)
+    released: int  # payloads released to the transport
+    lost: int  # writes reported via on_lost (resolve reject, timeout, late, full)
+    full: bool
+
+
+class CardPipeline:
+    def __init__(
+        self,
+        catalog: CardCatalog,
+        *,
+        release: Callable[[int], None],
+        on_lost: Callable[[AugmentedWrite], None],
+        key: bytes | None,
+        config: PipelineConfig = PipelineConfig(),
+    ) -> None:
+        self.config = c = config
+        self._release_cb = release
+        self._on_lost_cb = on_lost
+        self._payload_ios: set[int] = set()  # io ids whose payload the transport holds for us
+        self.resolver = Resolver(catalog)
+        self.hold = Hold(on_lost=self._lost, release=self._release, max_writes=c.hold_max_writes,
+                         max_bytes=c.hold_max_bytes, outcome_timeout_ms=c.outcome_timeout_ms)
+        self.merger = Merger(window_ms=c.merge_window_ms, max_bytes=c.merge_max_bytes)
+        self.dedup = Dedup(known_max=c.dedup_known_max, enabled=c.dedup)
+        self.compressor = Compressor(level=c.compress_level, enabled=c.compress)
+        self.encryptor = Encryptor(key)
+        self.batcher = Batcher(batch_bytes=c.batch_bytes, batch_records=c.batch_records,
+                               batch_delay_us=c.batch_delay_us, max_ready=c.batch_max_ready,
+                               first_batch_id=c.first_batch_id)
+        self.window = ShipWindow(release=self._release, learn=self.dedup.learn,
+                                 max_batches=c.ship_window, max_bytes=c.ship_window_bytes)
+        self._cgs: dict[str, None] = {}
+        self._writes = self._outcomes = self._bytes_in = self._released = self._lost_n = 0
+
+    # -- input -------------------------------------------------------------------
+
+    def feed(self, entries: Iterable[AugmentedWrite | Outcome], now_ns: int) -> None:
+        """Take what the transport polled (in its order) and push it along."""
+        hold = self.hold
+        for e in entries:
+            if type(e) is Outcome:
+                self._outcomes += 1
+                hold.outcome(e, now_ns)
+                continue
+            self._writes += 1
+            if e.op == Op.WRITE and e.data is not None:
+                self._payload_ios.add(e.io_id)
+                self._bytes_in += len(e.data)
+            r = self.resolver.resolve(e)
+            if r is None:
+                self._lost(e)  # acked to the host, never shipped: its region must be resynced (P1)
+                self._release(e.io_id)
+                hold.reject(e.cg_id, e.cg_seq, now_ns)
+            else:
+                self._cgs.setdefault(r.cg)
+                hold.add(r, now_ns)
+        self.pump(now_ns)
+
+    def tick(self, now_ns: int) -> None:
+        """Time-driven work: overdue outcomes, merge windows, batch delays."""
+        self.hold.expire(now_ns)
+        self.merger.tick(now_ns)
+        self._drain_merge(now_ns)
+        self.batcher.tick(now_ns)
+        self.pump(now_ns)
+
+    def drain(self, now_ns: int) -> None:
+        """Shutdown: close every merge window and open batch and push what the
+        ship window takes. Writes still waiting for an outcome stay in hold."""
+        self.pump(now_ns)
+        self.merger.flush()
+        self._drain_merge(now_ns)
+        self.batcher.flush(now_ns)
+        self.pump(now_ns)
+
+    def pump(self, now_ns: int) -> None:
+        hold, merger, batcher = self.hold, self.merger, self.batcher
+        while True:
+            self._ship(now_ns)
+            if batcher.full or not hold.has_ready():
+                return
+            merger.push(hold.pop_ready(), now_ns)
+            self._drain_merge(now_ns)
+
+    # -- state -------------------------------------------------------------------
+
+    @property
+    def full(self) -> bool:
+        return self.hold.full
+
+    def cgs(self) -> tuple[str, ...]:
+        """CG names seen so far (for Hello)."""
+        return tuple(self._cgs)
+
+    def add_cgs(self, names: Iterable[str]) -> None:
+        for n in names:
+            self._cgs.setdefault(n)
+
+    def idle(self) -> bool:
+        """Nothing waits for time to pass (no open window or batch)."""
+        b = self.batcher.statistics()
+        return not b.open_batches and not b.ready and not self.merger.statistics().open_windows
+
+    def drained(self) -> bool:
+        """Everything committed so far is durable at the appliance."""
+        return self.idle() and not self.hold.has_ready() and self.window.empty
+
+    def statistics(self) -> PipelineStats:
+        ship = self.window.statistics()
+        return PipelineStats(
+            resolve=self.resolver.statistics(), hold=self.hold.statistics(), merge=self.merger.statistics(),
+            dedup=self.dedup.statistics(), compress=self.compressor.statistics(),
+            encrypt=self.encryptor.statistics(), batch=self.batcher.statistics(), ship=ship,
+            writes_in=self._writes, outcomes_in=self._outcomes, payload_bytes_in=self._bytes_in,
+            wire_bytes_out=ship.bytes_out, released=self._released, lost=self._lost_n, full=self.full,
+        )
+
+    def cg_report(self, wall_ns: int | None = None) -> dict[str, dict[str, Any]]:
+        """Per CG: last durable seq, unacked batches, RPO (age of the oldest
+        write that left hold but is not durable yet, 0 when none; writes
+        still waiting in hold for their outcome are not counted)."""
+        wall_ns = time.time_ns() if wall_ns is None else wall_ns
+        out: dict[str, dict[str, Any]] = {cg: {"last_durable_seq": 0, "unacked_batches": 0, "rpo_seconds": 0.0}
+                                          for cg in self._cgs}
+        oldest = self.batcher.oldest_by_cg()
+        for cg, s in self.window.cg_statistics().items():
+            out[cg].update(last_durable_seq=s.last_durable_seq, unacked_batches=s.unacked_batches)
+            if s.oldest_unacked_ns:
+                oldest[cg] = s.oldest_unacked_ns  # shipped batches are older than batched ones
+        for cg, t in oldest.items():
+            out.setdefault(cg, {"last_durable_seq": 0, "unacked_batches": 0})["rpo_seconds"] = max(0.0, (wall_ns - t) / 1e9)
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """statistics() as plain JSON-able dicts."""
+        return asdict(self.statistics())
+
+    # -- internals ---------------------------------------------------------------
+
+    def _drain_merge(self, now_ns: int) -> None:
+        merger, dedup, batcher = self.merger, self.dedup, self.batcher
+        while (item := merger.pop()) is not None:
+            rec, io_ids = dedup.apply(item)
+            batcher.add(item.cg, rec, io_ids, now_ns)
+
+    def _ship(self, now_ns: int) -> None:
+        window, batcher = self.window, self.batcher
+        while window.room and (p := batcher.pop()) is not None:
+            window.submit(self.seal(p), p.io_ids, now_ns)
+
+    def seal(self, p: Pending) -> Batch:
+        """encode_records → compress → encrypt with the header as AAD."""
+        head = p.header()
+        tag, payload = self.compressor.compress(encode_records(p.records))
+        return replace(head, body=self.encryptor.seal(tag, payload, batch_aad(head)))
+
+    def _release(self, io_id: int) -> None:
+        if io_id in self._payload_ios:
+            self._payload_ios.discard(io_id)
+            self._released += 1
+            self._release_cb(io_id)
+
+    def _lost(self, w: AugmentedWrite) -> None:
+        self._lost_n += 1
+        self._on_lost_cb(w)

@@ -1,0 +1,473 @@
+"""The card process: ``nicsplit card run`` → `run_card`.
+
+Theory of operation
+===================
+One thread, one asyncio loop (uvloop when available), pinned to its own CPU
+set (``cpus``; default the last core the process may use). The loop runs:
+
+- the **poller**, a coroutine that busy-polls the transport endpoint
+  (``endpoint.poll()``), feeds `CardPipeline` and yields to the loop after
+  every round (``await asyncio.sleep(0)``, i.e. call_soon-style cooperative
+  polling) so the shipper and the control socket run in between. After
+  ``idle_spin_us`` without entries it publishes SLEEPING, fences, re-checks
+  (no lost wake-up, see wire/ring.py) and waits on the doorbell fd with
+  ``loop.add_reader`` — at most ``sleep_max_ms`` (10 ms, well below the
+  host's 100 ms staleness bound) or until the next batch/merge deadline;
+  it heartbeats the endpoint every round and every wake-up;
+- the **shipper** (`nicsplit.card.pipeline.ship.Shipper`): TLS to the
+  appliance, Hello/resume, batches out, acks in;
+- the **control socket** ``RUN_DIR/card-ctl.sock``: JSON lines;
+  ``{"cmd": "stats"}`` → ``{"ok": true, "stats": {"pid", "full", "cgs":
+  {name: {"last_durable_seq", "unacked_batches", "rpo_seconds"}}, "stages":
+  {...per-stage statistics...}, "wire": {"bytes_in", "bytes_out"},
+  "endpoint": {...}, "appliance": {...}}}``.
+
+When the pipeline is full (hold at its bound because the ship window is
+full) the endpoint is told if it supports ``set_full(bool)``, and the stats
+say ``"full": true``; the poller keeps polling (outcomes must get through).
+
+SIGTERM / SIGINT: stop the poller, take the outcomes still queued in the
+transport, close merge windows and open batches, wait up to
+``drain_timeout_s`` for the appliance to ack everything committed,
+close the endpoint, exit 0. Writes still awaiting an outcome are not
+shipped; the host marks whatever the card did not release.
+
+stdout carries exactly one line, ``{"event": "ready", "pid": N, ...}``, once
+the endpoint and the control socket exist (the supervisor waits for it).
+
+Config keys (``[card]`` of nicsplit.toml, all optional) — see `CardConfig`
+and docs/pipeline.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from nicsplit.card.pipeline import CardPipeline, PipelineConfig, Shipper, tls_connector
+from nicsplit.card.pipeline.resolve import CardCatalog
+from nicsplit.card.records import AugmentedWrite
+
+from nicsplit.card.lostlog import LostLog
+
+log = logging.getLogger(__name__)
+
+CTL_SOCKET = "card-ctl.sock"
+_SIZE_KEYS = {"hold_max_bytes", "merge_max_bytes", "batch_bytes", "ship_window_bytes"}
+
+
+@dataclass(frozen=True)
+class CardConfig:
+    data: Path  # the data directory (DATA/run, DATA/pki, DATA/datastore)
+    appliance: str = "127.0.0.1:10810"  # HOST:PORT of the appliance
+    server_hostname: str = ""  # TLS name to check; default: the appliance host
+    card_id: str = ""  # default "card-<hostname>"
+    transport: str = "ring"  # nicsplit.card.transports.base.TRANSPORTS
+    transport_options: dict = field(default_factory=dict)  # e.g. {data_size = "64M", sq_entries = 4096}
+    cpus: tuple[int, ...] | None = None  # None: the last allowed core; (): no pinning
+    idle_spin_us: float = 200  # busy-poll this long after the last entry before sleeping
+    sleep_max_ms: float = 10  # longest doorbell sleep (heartbeat cadence while idle)
+    poll_entries: int = 256  # entries per poll
+    tls: bool = True  # False: plain TCP (tests only)
+    encrypt: bool = True  # False: cipher "none" (an appliance with a key refuses it)
+    heartbeat_s: float = 1.0
+    dead_after_s: float = 5.0
+    backoff_min_s: float = 0.05
+    backoff_max_s: float = 5.0
+    drain_timeout_s: float = 10.0
+    pipeline: PipelineConfig = PipelineConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data / "run"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.data / "pki"
+
+    @classmethod
+    def from_mapping(cls, data: Path, m: Mapping[str, Any]) -> "CardConfig":
+        """From the ``[card]`` table; pipeline keys sit in the same table."""
+        from nicsplit.control.config import ConfigError, parse_size
+
+        own = {f.name for f in fields(cls)} - {"data", "pipeline"}
+        pipe = {f.name for f in fields(PipelineConfig)}
+        kw: dict[str, Any] = {}
+        pkw: dict[str, Any] = {}
+        for k, v in m.items():
+            if k in _SIZE_KEYS:
+                v = parse_size(v, k)
+            if k in own:
+                kw[k] = tuple(v) if k == "cpus" and v is not None else v
+            elif k in pipe:
+                pkw[k] = v
+            else:
+                raise ConfigError(f"[card] has no key {k!r}")
+        opts = dict(kw.get("transport_options", {}))
+        if "data_size" in opts:
+            opts["data_size"] = parse_size(opts["data_size"], "transport_options.data_size")
+        kw["transport_options"] = opts
+        return cls(data=Path(data), pipeline=PipelineConfig.from_mapping(pkw), **kw)
+
+    @classmethod
+    def load(cls, cfg: Any) -> "CardConfig":
+        """From a `nicsplit.control.config.Config`."""
+        return cls.from_mapping(cfg.data, cfg.raw.get("card", {}))
+
+
+class DatastoreCatalog:
+    """A `CardCatalog` read from ``DATA/datastore/catalog.json``: a vdisk's CG
+    is its ``extra["cg"]``; a vdisk without a CG is its own group, named after
+    it. ``refresh()`` re-reads the file only when its stamp changed."""
+
+    def __init__(self, datastore_dir: Path) -> None:
+        from nicsplit.host.datastore.catalog import CatalogFile
+
+        self._file = CatalogFile(str(datastore_dir))
+        self._stamp: Any = None
+        self._map: dict[int, tuple[str, str, int]] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        stamp = self._file.stamp()
+        if stamp is None or stamp == self._stamp:
+            return
+        cat, self._stamp = self._file.read()
+        self._map = {v.id: (v.extra.get("cg") or v.name, v.name, v.size) for v in cat.vdisks.values()}
+
+    def lookup(self, vdisk_id: int) -> tuple[str, str, int] | None:
+        return self._map.get(vdisk_id)
+
+    def cg_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(cg for cg, _, _ in self._map.values()))
+
+
+def _jsonable(x: Any) -> Any:
+    return asdict(x) if is_dataclass(x) else x
+
+
+def pin_cpus(cpus: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Pin this process; returns the CPU set in force."""
+    if not hasattr(os, "sched_setaffinity"):
+        return ()
+    allowed = sorted(os.sched_getaffinity(0))
+    want = (allowed[-1],) if cpus is None else cpus
+    if want:
+        os.sched_setaffinity(0, want)
+    return tuple(sorted(os.sched_getaffinity(0)))
+
+
+class CardProcess:
+    """The running card: poller + shipper + control socket around one pipeline.
+    Built by `run_card`; tests may build it with a fake endpoint and connector."""
+
+    def __init__(
+        self,
+        cfg: CardConfig,
+        endpoint: Any,
+        catalog: CardCatalog,
+        *,
+        key: bytes | None,
+        connect: Callable | None = None,
+        on_lost: Callable[[AugmentedWrite], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.endpoint = endpoint
+        self.catalog = catalog
+        self._lost_log = LostLog(cfg.run_dir) if on_lost is None and cfg.run_dir.is_dir() else None
+        self.pipeline = CardPipeline(catalog, release=endpoint.release, on_lost=on_lost or self._default_lost,
+                                     key=key, config=cfg.pipeline)
+        if callable(getattr(catalog, "cg_names", None)):
+            self.pipeline.add_cgs(catalog.cg_names())
+        if connect is None:
+            host, _, port = cfg.appliance.rpartition(":")
+            host = host.strip("[]") or "127.0.0.1"
+            ctx = None
+            if cfg.tls:
+                from nicsplit.control.pki import client_context
+
+                ctx = client_context(cfg.pki_dir, "card")
+            connect = tls_connector(host, int(port), ctx, cfg.server_hostname or host)
+        self.shipper = Shipper(
+            self.pipeline.window, connect=connect, card_id=cfg.card_id or f"card-{socket.gethostname()}",
+            cgs=self._hello_cgs, heartbeat_s=cfg.heartbeat_s, dead_after_s=cfg.dead_after_s,
+            backoff_min_s=cfg.backoff_min_s, backoff_max_s=cfg.backoff_max_s,
+        )
+        self.lost: list[AugmentedWrite] = []  # only with the default on_lost (bounded below)
+        self._stop = asyncio.Event()
+        self._full = False
+        self._polls = self._entries = self._sleeps = self._doorbells = 0
+
+    def _hello_cgs(self) -> tuple[str, ...]:
+        if callable(getattr(self.catalog, "refresh", None)):
+            self.catalog.refresh()
+        if callable(getattr(self.catalog, "cg_names", None)):
+            self.pipeline.add_cgs(self.catalog.cg_names())
+        return self.pipeline.cgs()
+
+    def _default_lost(self, w: AugmentedWrite) -> None:
+        log.warning("io %d lost: vdisk %d %d+%d must be resynced", w.io_id, w.vdisk_id, w.voffset, w.length)
+        if self._lost_log is not None:
+            # Before the pipeline releases it: the host reads this log after
+            # the released watermark, so it never forgets an unshipped write.
+            self._lost_log.append(w.io_id, w.vdisk_id, w.voffset, w.length, "card could not ship it")
+        if len(self.lost) < 65536:
+            self.lost.append(w)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- the poller --------------------------------------------------------------
+
+    async def poll_loop(self) -> None:
+        ep, p = self.endpoint, self.pipeline
+        spin_ns = int(self.cfg.idle_spin_us * 1000)
+        n = self.cfg.poll_entries
+        now = time.monotonic_ns
+        idle_since = now()
+        sleep = asyncio.sleep
+        while not self._stop.is_set():
+            entries = ep.poll(n)
+            t = now()
+            self._polls += 1
+            if entries:
+                self._entries += len(entries)
+                p.feed(entries, t)
+                idle_since = t
+            p.tick(t)
+            ep.heartbeat()
+            self._report_full()
+            if not entries and t - idle_since >= spin_ns:
+                await self._sleep(t)
+                idle_since = now()
+            else:
+                await sleep(0)
+
+    def _report_full(self) -> None:
+        full = self.pipeline.full
+        if full != self._full:
+            self._full = full
+            log.warning("card %s", "full: writes will be refused until the appliance catches up" if full else "no longer full")
+            set_full = getattr(self.endpoint, "set_full", None)
+            if callable(set_full):
+                set_full(full)
+
+    async def _sleep(self, now_ns: int) -> None:
+        """Doorbell sleep with notification suppression; returns on a ring,
+        a deadline, or after sleep_max_ms."""
+        ep = self.endpoint
+        timeout = self.cfg.sleep_max_ms / 1000
+        deadline = self.pipeline.batcher.next_deadline_ns()
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, (deadline - now_ns) / 1e9))
+        if self.pipeline.merger.enabled and self.pipeline.merger.statistics().open_windows:
+            timeout = min(timeout, self.pipeline.merger.window_ns / 1e9)
+        fd_of = getattr(ep, "doorbell_fd", None)
+        if not callable(fd_of) or not callable(getattr(ep, "pending", None)):
+            await asyncio.sleep(0) if timeout <= 0 else await asyncio.get_running_loop().run_in_executor(
+                None, ep.wait_doorbell, timeout)
+            return
+        from nicsplit.wire.ring import full_fence
+
+        ep.set_sleeping(True)
+        full_fence()  # SLEEPING visible before we re-read the tail (Dekker; wire/ring.py)
+        if ep.pending() or timeout <= 0:
+            ep.set_sleeping(False)
+            await asyncio.sleep(0)
+            return
+        loop = asyncio.get_running_loop()
+        fd = fd_of()
+        woke = loop.create_future()
+        loop.add_reader(fd, lambda: woke.done() or woke.set_result(None))
+        self._sleeps += 1
+        try:
+            await asyncio.wait_for(woke, timeout)
+            self._doorbells += 1
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            loop.remove_reader(fd)
+            ep.set_sleeping(False)
+            try:
+                os.eventfd_read(fd)  # clear the doorbell (nonblocking eventfd)
+            except (BlockingIOError, OSError):
+                pass
+            ep.heartbeat()
+
+    # -- control socket ------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        st = self.pipeline.statistics()
+        ep_stats = self.endpoint.statistics() if callable(getattr(self.endpoint, "statistics", None)) else None
+        return {
+            "pid": os.getpid(),
+            "full": st.full,
+            "cgs": self.pipeline.cg_report(),
+            "stages": {k: _jsonable(getattr(st, k)) for k in
+                       ("resolve", "hold", "merge", "dedup", "compress", "encrypt", "batch", "ship")},
+            "writes_in": st.writes_in, "outcomes_in": st.outcomes_in, "released": st.released, "lost": st.lost,
+            "payload_bytes_in": st.payload_bytes_in,
+            "wire": {"bytes_out": st.wire_bytes_out, "bytes_in": self.shipper.bytes_in},
+            "appliance": {"connected": st.ship.connected, "id": self.shipper.appliance_id,
+                          "last_error": self.shipper.last_error},
+            "endpoint": _jsonable(ep_stats),
+            "poller": {"polls": self._polls, "entries": self._entries, "sleeps": self._sleeps,
+                       "doorbell_wakeups": self._doorbells},
+        }
+
+    async def _ctl_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                try:
+                    req = json.loads(line)
+                    cmd = req.get("cmd") if isinstance(req, dict) else None
+                except ValueError:
+                    cmd = None
+                if cmd == "stats":
+                    reply = {"ok": True, "stats": self.stats()}
+                else:
+                    reply = {"ok": False, "error": "unknown command (known: stats)"}
+                writer.write(json.dumps(reply, default=str).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def run(self, *, ready: Callable[[dict], None] | None = None) -> int:
+        run_dir = self.cfg.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ctl_path = run_dir / CTL_SOCKET
+        try:
+            ctl_path.unlink()
+        except FileNotFoundError:
+            pass
+        server = await asyncio.start_unix_server(self._ctl_client, path=str(ctl_path))
+        os.chmod(ctl_path, 0o600)
+        ship_task = asyncio.create_task(self.shipper.run(), name="card-shipper")
+        poll_task = asyncio.create_task(self.poll_loop(), name="card-poller")
+        if ready:
+            ready({"event": "ready", "pid": os.getpid(), "control": str(ctl_path)})
+        stop_task = asyncio.create_task(self._stop.wait(), name="card-stop")
+        try:
+            done, _ = await asyncio.wait({ship_task, poll_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            for t in done & {ship_task, poll_task}:
+                t.result()  # a crashed task is a crashed card: raise it
+            self._stop.set()
+            await poll_task
+            await self._drain()
+        finally:
+            self._stop.set()
+            self.shipper.stop()
+            for t in (ship_task, poll_task, stop_task):
+                t.cancel()
+            for t in (ship_task, poll_task, stop_task):
+                try:
+                    await t
+                except asyncio.CancelledError:
+                    pass
+            server.close()
+            await server.wait_closed()
+            try:
+                ctl_path.unlink()
+            except FileNotFoundError:
+                pass
+        return 0
+
+    async def _drain(self) -> None:
+        """Ship what is committed; wait (bounded) for its durable acks."""
+        p, ep = self.pipeline, self.endpoint
+        deadline = time.monotonic() + self.cfg.drain_timeout_s
+        # Outcomes already in the transport decide what is committed (the
+        # supervisor stops the host first, so nothing new arrives).
+        for _ in range(10_000):
+            entries = ep.poll(self.cfg.poll_entries)
+            if not entries:
+                break
+            p.feed(entries, time.monotonic_ns())
+        p.drain(time.monotonic_ns())
+        while not p.drained() and time.monotonic() < deadline:
+            ep.heartbeat()
+            p.drain(time.monotonic_ns())
+            await asyncio.sleep(0.01)
+        st = p.statistics()
+        if p.drained():
+            log.info("card drained: everything committed is durable at the appliance")
+        else:
+            log.warning("card stopping with %d unacked batches and %d writes in hold; the host marks them",
+                        st.ship.unacked, st.hold.held)
+
+
+async def run_card(
+    cfg: CardConfig | Mapping[str, Any] | Any,
+    *,
+    endpoint: Any = None,
+    catalog: CardCatalog | None = None,
+    on_lost: Callable[[AugmentedWrite], None] | None = None,
+    connect: Callable | None = None,
+    install_signals: bool = True,
+) -> int:
+    """The card main. ``cfg``: a `CardConfig`, a `nicsplit.control.config.Config`
+    (its ``[card]`` table), or a mapping with ``data`` plus ``[card]`` keys.
+    ``endpoint`` (any `CardEndpoint`), ``catalog`` (any `CardCatalog`),
+    ``on_lost`` and ``connect`` override the defaults (ring transport,
+    DATA/datastore catalog, log-and-remember, TLS to ``appliance``)."""
+    if not isinstance(cfg, CardConfig):
+        if isinstance(cfg, Mapping):
+            m = dict(cfg)
+            cfg = CardConfig.from_mapping(Path(m.pop("data")), m)
+        else:
+            cfg = CardConfig.load(cfg)
+    cpus = pin_cpus(cfg.cpus)
+    key = None
+    if cfg.encrypt:
+        from nicsplit.control.pki import load_batch_key
+
+        key = load_batch_key(cfg.pki_dir)
+    if catalog is None:
+        catalog = DatastoreCatalog(cfg.data / "datastore")
+    own_endpoint = endpoint is None
+    if own_endpoint:
+        from nicsplit.card.transports.base import open_endpoint
+
+        endpoint = open_endpoint(cfg.transport, str(cfg.run_dir), **cfg.transport_options)
+    card = CardProcess(cfg, endpoint, catalog, key=key, connect=connect, on_lost=on_lost)
+    loop = asyncio.get_running_loop()
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, card.stop)
+
+    def ready(info: dict) -> None:
+        info["cpus"] = list(cpus)  # never the hidden volume's path or UID: only the splitter learns them (P6)
+        sys.stdout.write(json.dumps(info) + "\n")
+        sys.stdout.flush()
+
+    try:
+        return await card.run(ready=ready)
+    finally:
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        if own_endpoint:
+            endpoint.close()
+
+
+def main(cfg: Any) -> int:
+    """Synchronous entry for the CLI (``nicsplit card run``)."""
+    try:
+        import uvloop
+
+        return uvloop.run(run_card(cfg))
+    except ImportError:
+        return asyncio.run(run_card(cfg))

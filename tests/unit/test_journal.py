@@ -1,0 +1,332 @@
+"""The per-CG journal: append / reopen, recovery of torn tails, detection of
+corrupt committed entries, the D5 power-cut double, duplicates, references."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from nicsplit.appliance.journal import (
+    BatchRejected, Journal, JournalCorrupt, JournalError,
+)
+from nicsplit.appliance.testing import CrashFilesystem
+from nicsplit.card.records import Op
+from nicsplit.wire.frames import Record, fingerprint
+
+
+@dataclass(frozen=True)
+class Meta:
+    batch_id: int
+    first_seq: int
+    last_seq: int
+    t_first_ns: int = 0
+    t_last_ns: int = 0
+
+
+def write(seq: int, data: bytes, offset: int = 0, vdisk: int = 1) -> Record:
+    return Record(seq, 1000 + seq, vdisk, Op.WRITE, 0, offset, len(data), seq * 10, data)
+
+
+def batch(bid: int, recs: list[Record]) -> Meta:
+    return Meta(bid, recs[0].seq, recs[-1].seq, recs[0].time_ns, recs[-1].time_ns)
+
+
+def rand_batches(rng: random.Random, n: int, per: int = 3, start: int = 1) -> list[tuple[Meta, list[Record]]]:
+    out, seq = [], start
+    for bid in range(1, n + 1):
+        recs = []
+        for _ in range(per):
+            kind = rng.random()
+            if kind < 0.7:
+                recs.append(write(seq, rng.randbytes(rng.choice([512, 4096, 9000])), rng.randrange(100) * 4096))
+            elif kind < 0.85:
+                recs.append(Record(seq, seq, 2, Op.ZERO, 0, 0, 65536, seq * 10))
+            else:
+                recs.append(Record(seq, seq, 2, Op.BARRIER, 1, 0, 0, seq * 10))
+            seq += 1
+        out.append((batch(bid, recs), recs))
+    return out
+
+
+def all_records(j: Journal) -> list[tuple[Record, bytes]]:
+    return list(j.records())
+
+
+def test_append_and_reopen(tmp_path: Path):
+    d = tmp_path / "j"
+    rng = random.Random(1)
+    batches = rand_batches(rng, 5)
+    with Journal.open(d) as j:
+        assert j.last_seq == 0
+        for meta, recs in batches:
+            res = j.append_batch(meta, recs)
+            assert res.applied and res.last_seq == meta.last_seq
+        got = all_records(j)
+    want = [r for _, recs in batches for r in recs]
+    assert [r for r, _ in got] == want
+    assert [p for _, p in got] == [r.data for r in want]
+    with Journal.open(d) as j:
+        assert j.last_seq == 15
+        assert [r for r, _ in all_records(j)] == want
+        st = j.statistics()
+        assert (st.records, st.batches, st.last_seq, st.last_batch_id, st.segments) == (15, 5, 15, 5, 1)
+        assert st.truncated_bytes == 0 and not st.failed
+        assert [r.seq for r, _ in j.records(from_seq=7, upto_seq=9)] == [7, 8, 9]
+        assert j.seq_at(0) == 0 and j.seq_at(60) == 6 and j.seq_at(10**9) == 15
+    assert {p.name for p in d.iterdir()} == {"00000001.seg", "lock"}
+    assert (d / "00000001.seg").stat().st_mode & 0o777 == 0o600
+
+
+def test_segments_roll_over(tmp_path: Path):
+    d = tmp_path / "j"
+    rng = random.Random(2)
+    batches = rand_batches(rng, 20)
+    with Journal.open(d, segment_size=20000) as j:
+        for meta, recs in batches:
+            j.append_batch(meta, recs)
+        assert j.statistics().segments > 3
+    with Journal.open(d, segment_size=20000) as j:
+        assert [r for r, _ in all_records(j)] == [r for _, recs in batches for r in recs]
+
+
+def test_uncommitted_and_torn_tail_discarded(tmp_path: Path):
+    d = tmp_path / "j"
+    with Journal.open(d) as j:
+        j.append_batch(batch(1, [write(1, b"a" * 4096)]), [write(1, b"a" * 4096)])
+        committed = (d / "00000001.seg").stat().st_size
+        j.append_batch(batch(2, [write(2, b"b" * 4096)]), [write(2, b"b" * 4096)])
+    seg = d / "00000001.seg"
+    raw = seg.read_bytes()
+    # Cut the second batch's COMMIT in half: its RECORD is intact but uncommitted.
+    seg.write_bytes(raw[: len(raw) - 30])
+    with Journal.open(d) as j:
+        assert j.last_seq == 1
+        assert [r.seq for r, _ in all_records(j)] == [1]
+        assert j.statistics().truncated_bytes == len(raw) - 30 - committed
+        assert seg.stat().st_size == committed
+        # the journal goes on from the cut
+        j.append_batch(batch(3, [write(2, b"c" * 10)]), [write(2, b"c" * 10)])
+    with Journal.open(d) as j:
+        assert [(r.seq, p) for r, p in all_records(j)] == [(1, b"a" * 4096), (2, b"c" * 10)]
+    # garbage appended after the last commit (a torn write) is cut too
+    with open(seg, "ab") as f:
+        f.write(os.urandom(1000))
+    with Journal.open(d) as j:
+        assert j.last_seq == 2 and j.statistics().truncated_bytes == 1000
+
+
+def test_uncommitted_segment_after_last_commit_is_removed(tmp_path: Path):
+    d = tmp_path / "j"
+    with Journal.open(d, segment_size=5000) as j:
+        j.append_batch(batch(1, [write(1, b"a" * 4096)]), [write(1, b"a" * 4096)])
+    # a crash right after creating segment 2: header torn
+    (d / "00000002.seg").write_bytes(b"NSJS\x00")
+    with Journal.open(d, segment_size=5000) as j:
+        assert j.last_seq == 1
+    assert not (d / "00000002.seg").exists()
+
+
+def test_corrupt_committed_entry_is_a_clear_error(tmp_path: Path):
+    d = tmp_path / "j"
+    with Journal.open(d) as j:
+        for b in range(1, 4):
+            j.append_batch(batch(b, [write(b, bytes([b]) * 4096)]), [write(b, bytes([b]) * 4096)])
+    seg = d / "00000001.seg"
+    raw = bytearray(seg.read_bytes())
+    raw[24 + 12 + 100] ^= 0xFF  # inside the first RECORD's payload
+    seg.write_bytes(raw)
+    with pytest.raises(JournalCorrupt, match=r"00000001\.seg at offset 24 \(entry CRC mismatch\)"):
+        Journal.open(d)
+    assert seg.read_bytes() == raw  # nothing was truncated
+    with pytest.raises(JournalCorrupt):
+        Journal.open(d, readonly=True)
+
+
+def test_corrupt_segment_header_before_committed_data(tmp_path: Path):
+    d = tmp_path / "j"
+    with Journal.open(d, segment_size=5000) as j:
+        for b in range(1, 4):
+            j.append_batch(batch(b, [write(b, b"x" * 4096)]), [write(b, b"x" * 4096)])
+    seg = d / "00000001.seg"
+    raw = bytearray(seg.read_bytes())
+    raw[0] = ord("X")
+    seg.write_bytes(raw)
+    with pytest.raises(JournalCorrupt, match="00000001.seg at offset 0"):
+        Journal.open(d, segment_size=5000)
+
+
+def test_missing_segment_is_an_error(tmp_path: Path):
+    d = tmp_path / "j"
+    with Journal.open(d, segment_size=5000) as j:
+        for b in range(1, 4):
+            j.append_batch(batch(b, [write(b, b"x" * 4096)]), [write(b, b"x" * 4096)])
+    (d / "00000002.seg").unlink()
+    with pytest.raises(JournalCorrupt, match="00000002.seg is missing"):
+        Journal.open(d)
+
+
+def test_duplicates_not_applied_twice(tmp_path: Path):
+    d = tmp_path / "j"
+    recs = [write(1, b"a" * 100), write(2, b"b" * 100), write(3, b"c" * 100)]
+    with Journal.open(d) as j:
+        assert j.append_batch(batch(1, recs), recs).applied
+        size = (d / "00000001.seg").stat().st_size
+        again = j.append_batch(batch(1, recs), recs)
+        assert not again.applied and again.last_seq == 3 and again.known == ()
+        assert j.append_batch(batch(9, recs[:2]), recs[:2]).applied is False
+        assert (d / "00000001.seg").stat().st_size == size
+        # overlapping batch (re-batched after a reconnect): only seqs 4.. are new
+        more = recs[1:] + [write(4, b"d" * 100)]
+        assert j.append_batch(batch(2, more), more).applied
+        assert [r.seq for r, _ in all_records(j)] == [1, 2, 3, 4]
+        assert j.statistics().duplicates == 2
+    with Journal.open(d) as j:
+        assert [r.seq for r, _ in all_records(j)] == [1, 2, 3, 4]
+
+
+def test_gap_is_accepted_and_counted(tmp_path: Path):
+    with Journal.open(tmp_path / "j") as j:
+        j.append_batch(batch(1, [write(1, b"a")]), [write(1, b"a")])
+        j.append_batch(batch(2, [write(5, b"e")]), [write(5, b"e")])
+        assert j.statistics().gaps == 1 and j.last_seq == 5
+    with Journal.open(tmp_path / "j") as j:
+        assert j.statistics().gaps == 1
+
+
+@pytest.mark.parametrize("meta, recs, match", [
+    (Meta(1, 2, 3), [write(1, b"a")], "outside"),
+    (Meta(1, 1, 3), [write(2, b"a"), write(2, b"b")], "out of order"),
+    (Meta(1, 3, 2), [], "bad seq range"),
+])
+def test_bad_batches_rejected_and_nothing_written(tmp_path: Path, meta, recs, match):
+    with Journal.open(tmp_path / "j") as j:
+        with pytest.raises(BatchRejected, match=match):
+            j.append_batch(meta, recs)
+        assert j.last_seq == 0
+    assert not (tmp_path / "j" / "00000001.seg").exists()
+
+
+def test_references_resolve_across_batches_and_reopen(tmp_path: Path):
+    d = tmp_path / "j"
+    a, b = os.urandom(4096), os.urandom(4096)
+    first = Record(1, 1, 1, Op.WRITE, 0, 0, 8192, 0, a + b)
+    with Journal.open(d) as j:
+        res = j.append_batch(batch(1, [first]), [first])
+        assert set(res.known) == {fingerprint(a), fingerprint(b)}
+        # block 0 by reference, block 1 new data; then a record fully by reference in the same batch
+        c = os.urandom(4096)
+        second = Record(2, 2, 1, Op.WRITE, 0, 4096, 8192, 0, c, ((0, fingerprint(b)),))
+        third = Record(3, 3, 2, Op.WRITE, 0, 0, 8192, 0, b"", ((0, fingerprint(c)), (1, fingerprint(a))))
+        res = j.append_batch(Meta(2, 2, 3), [second, third])
+        assert res.known == (fingerprint(c),)
+        want = [(1, a + b), (2, b + c), (3, c + a)]
+        assert [(r.seq, p) for r, p in j.records()] == want
+        # a reference to a block the journal does not hold: rejected, nothing written
+        size = (d / "00000001.seg").stat().st_size
+        bad = Record(4, 4, 1, Op.WRITE, 0, 0, 4096, 0, b"", ((0, b"\x99" * 16),))
+        with pytest.raises(BatchRejected, match="does not hold"):
+            j.append_batch(batch(3, [bad]), [bad])
+        assert (d / "00000001.seg").stat().st_size == size and j.last_seq == 3
+        # the stored record keeps its references (dedup survives in the journal)
+        assert [r.refs for r in j.iter_records(2)] == [second.refs, third.refs]
+    with Journal.open(d, readonly=True) as j:
+        assert [(r.seq, p) for r, p in j.records()] == want
+        assert j.statistics().blocks_indexed == 3
+
+
+def test_readonly_open_does_not_truncate_and_writer_lock(tmp_path: Path):
+    d = tmp_path / "j"
+    w = Journal.open(d)
+    w.append_batch(batch(1, [write(1, b"a")]), [write(1, b"a")])
+    with pytest.raises(JournalError, match="in use"):
+        Journal.open(d)
+    seg = d / "00000001.seg"
+    with open(seg, "ab") as f:
+        f.write(b"partial entry of a batch in progress")
+    size = seg.stat().st_size
+    with Journal.open(d, readonly=True) as r:
+        assert r.last_seq == 1
+        with pytest.raises(JournalError, match="read-only"):
+            r.append_batch(batch(2, [write(2, b"b")]), [write(2, b"b")])
+    assert seg.stat().st_size == size
+    w.close()
+    with pytest.raises(JournalError, match="no journal"):
+        Journal.open(tmp_path / "missing", readonly=True)
+
+
+# -- D5: power cuts ----------------------------------------------------------------
+
+
+def _check_after_cut(fs: CrashFilesystem, acked: list[tuple[Meta, list[Record]]], inflight: list[Record] | None) -> None:
+    with Journal.open(Path("/j"), fs=fs, segment_size=30000) as j:
+        got = [r for r, _ in j.records()]
+        want = [r for _, recs in acked for r in recs]
+        assert got[: len(want)] == want, "an acknowledged batch is missing or damaged"
+        rest = got[len(want) :]
+        assert rest in ([], inflight or []), "a partial batch survived"
+        assert j.last_seq == (rest[-1].seq if rest else (want[-1].seq if want else 0))
+        # and the journal accepts the next batch after recovery
+        nxt = write(j.last_seq + 1, b"after")
+        j.append_batch(batch(999, [nxt]), [nxt])
+
+
+@pytest.mark.parametrize("mode", ["drop", "tear", "keep"])
+def test_power_cut_between_batches(mode: str, seed: int):
+    rng = random.Random(seed)
+    for _ in range(20):
+        fs = CrashFilesystem()
+        batches = rand_batches(rng, rng.randint(0, 12))
+        acked = []
+        with Journal.open(Path("/j"), fs=fs, segment_size=30000) as j:
+            for meta, recs in batches:
+                j.append_batch(meta, recs)
+                acked.append((meta, recs))
+        _check_after_cut(fs.power_cut(mode, rng), acked, None)
+
+
+@pytest.mark.parametrize("mode", ["drop", "tear", "keep"])
+def test_power_cut_during_a_batch(mode: str, seed: int):
+    """The k-th fsync fails (the batch in progress is not acked); the plug is
+    pulled; every acked batch survives and the in-flight one is all or nothing."""
+    rng = random.Random(seed)
+    for _ in range(30):
+        fs = CrashFilesystem(fail_sync_at=rng.randint(1, 25))
+        batches = rand_batches(rng, 12)
+        acked: list = []
+        inflight = None
+        j = Journal.open(Path("/j"), fs=fs, segment_size=30000) if fs.fail_sync_at > 1 else None
+        if j is None:
+            with pytest.raises(OSError):
+                Journal.open(Path("/j"), fs=fs, segment_size=30000)
+            continue
+        for meta, recs in batches:
+            try:
+                j.append_batch(meta, recs)
+            except JournalError as e:
+                assert "nothing acknowledged" in str(e)
+                inflight = recs
+                # fatal: never retried, every later call refused
+                with pytest.raises(JournalError, match="failed earlier"):
+                    j.append_batch(meta, recs)
+                assert j.statistics().failed
+                break
+            acked.append((meta, recs))
+        j.close()
+        fs.fail_sync_at = None
+        _check_after_cut(fs.power_cut(mode, rng), acked, inflight)
+
+
+def test_failed_write_is_fatal(tmp_path: Path):
+    fs = CrashFilesystem()
+    j = Journal.open(Path("/j"), fs=fs)
+    j.append_batch(batch(1, [write(1, b"a")]), [write(1, b"a")])
+    fs.fail_write_at = fs.writes + 1
+    with pytest.raises(JournalError, match="ENOSPC|injected"):
+        j.append_batch(batch(2, [write(2, b"b")]), [write(2, b"b")])
+    fs.fail_write_at = None
+    with pytest.raises(JournalError, match="failed earlier"):
+        j.append_batch(batch(2, [write(2, b"b")]), [write(2, b"b")])
