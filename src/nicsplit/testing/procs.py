@@ -198,3 +198,99 @@ def libnbd_errno(exc: BaseException) -> int:
     if isinstance(e, str):
         return getattr(errno_mod, e, -1)
     return e or 0
+
+
+class UpProcess:
+    """``nicsplit up`` (appliance + card + host) as a child process, on free
+    ports; ready when its JSON ready line names every process."""
+
+    def __init__(self, data: Path, *args: str) -> None:
+        self.data = Path(data)
+        self.args = list(args)
+        self.proc: subprocess.Popen | None = None
+        self.ready: dict = {}
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.log_path = self.data / "up.log"
+
+    def start(self, timeout: float = 60) -> "UpProcess":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            nicsplit_cmd("--data", str(self.data), "up", "--listen", "127.0.0.1:0", "--appliance-listen", "127.0.0.1:0", *self.args),
+            stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise TimeoutError(f"nicsplit up not ready in {timeout}s; log:\n{self.log()}") from None
+            if line is None:
+                raise RuntimeError(f"nicsplit up exited ({self.proc.wait()}); log:\n{self.log()}")
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if msg.get("event") == "ready":
+                self.ready = msg
+                return self
+
+    def _read(self) -> None:
+        assert self.proc and self.proc.stdout
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def pid_of(self, name: str) -> int:
+        """Current pid of a child (it may have been restarted)."""
+        return int((self.data / "run" / f"{name}.pid").read_text())
+
+    @property
+    def port(self) -> int:
+        return int(self.ready["addresses"][0].rsplit(":", 1)[1])
+
+    def uri(self, export: str) -> str:
+        return f"nbd://127.0.0.1:{self.port}/{export}"
+
+    def log(self) -> str:
+        parts = []
+        for p in [self.log_path, *sorted((self.data / "run").glob("*.log"))]:
+            try:
+                parts.append(f"== {p.name}\n" + p.read_text(errors="replace")[-4000:])
+            except OSError:
+                pass
+        return "\n".join(parts)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> "UpProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            rc = self.stop()
+            if rc != 0 and exc[0] is None:
+                raise AssertionError(f"nicsplit up exited {rc} on SIGTERM; log:\n{self.log()}")
+
+
+def journal(data: Path, cg: str) -> list[dict]:
+    """``nicsplit journal dump CG --json`` records (empty before the first batch)."""
+    p = run_cli(data, "journal", "dump", cg, "--json", check=False)
+    if p.returncode != 0:
+        if "no journal" in p.stderr:
+            return []
+        raise AssertionError(p.stderr)
+    return json.loads(p.stdout)["records"]

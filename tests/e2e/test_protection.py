@@ -1,0 +1,234 @@
+"""Issue 3 acceptance: real host, card and appliance processes (`nicsplit up`),
+real clients (fio, libnbd, qemu-img); the journal is checked against what the
+clients did.
+
+The split timeout is raised to 200 ms in these tests except where marking is
+the point: this shared 2-core machine can deschedule the card for
+milliseconds, and a vdisk that drops to marking (correctly, P4) would make a
+"journal holds every write" check meaningless.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from nicsplit.host.datastore import Datastore
+from nicsplit.host.marking import DirtyMap
+from nicsplit.testing.datadir import init_data
+from nicsplit.testing.procs import UpProcess, import_libnbd, journal, libnbd_errno, run_cli, wait_for
+
+pytestmark = pytest.mark.usefixtures("peers")
+
+SIZE = 32 << 20
+
+
+def system(tmp_path: Path, *, timeout_us: int = 200_000, vdisks: dict | None = None, names=("a", "b")) -> Path:
+    data = init_data(tmp_path / "data", filters=["stats", {"name": "split", "split_timeout_us": timeout_us}], vdisks=vdisks)
+    run_cli(data, "cg", "create", "cg1")
+    for n in names:
+        run_cli(data, "vdisk", "create", n, "--size", str(SIZE), "--cg", "cg1")
+    return data
+
+
+def status(data: Path) -> dict:
+    import json
+
+    return json.loads(run_cli(data, "status", "--json").stdout)
+
+
+def writes(recs: list[dict]) -> list[dict]:
+    return [r for r in recs if r["op"] == "write"]
+
+
+def wait_journal(data: Path, count: int, timeout: float = 180) -> list[dict]:
+    box: dict = {}
+
+    def enough() -> bool:
+        box["r"] = journal(data, "cg1")
+        return len(writes(box["r"])) >= count
+
+    wait_for(enough, timeout, f"{count} journaled writes", interval=0.5)
+    return box["r"]
+
+
+def test_fio_two_vdisks_journal_and_replay(tmp_path, seed):
+    data = system(tmp_path)
+    with UpProcess(data) as up:
+        procs = [
+            subprocess.Popen(
+                ["fio", f"--name={n}", "--ioengine=nbd", f"--uri={up.uri(n)}", "--rw=randwrite", "--bs=4k",
+                 f"--size={SIZE}", "--iodepth=16", "--verify=crc32c", "--verify_fatal=1", f"--randseed={seed + i}"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+            )
+            for i, n in enumerate(("a", "b"))
+        ]
+        for p in procs:
+            out, _ = p.communicate(timeout=600)
+            assert p.returncode == 0, out
+        per_vdisk = SIZE // 4096
+        recs = wait_journal(data, 2 * per_vdisk)
+        st = status(data)
+        assert {v["state"] for c in st["cgs"] for v in c["vdisks"]} == {"protected"}, st
+        # Every committed write exactly once, in CG order, with virtual offsets.
+        seqs = [r["seq"] for r in recs]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        ws = writes(recs)
+        assert len(ws) == 2 * per_vdisk
+        for n in ("a", "b"):
+            offs = sorted(r["offset"] for r in ws if r["vdisk"] == n)
+            assert offs == list(range(0, SIZE, 4096)), f"vdisk {n}: not every block exactly once"
+            assert all(r["length"] == 4096 for r in ws if r["vdisk"] == n)
+        # Replaying the journal onto empty images reproduces production.
+        out = tmp_path / "replay"
+        run_cli(data, "journal", "replay", "cg1", "--out", str(out))
+        for n in ("a", "b"):
+            subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(out / f"{n}.raw"), up.uri(n)],
+                           check=True, capture_output=True, timeout=120)
+    # The offsets journaled are virtual: the datastore put the data elsewhere.
+    ds = Datastore.open(data / "datastore")
+    ds.open_io()
+    try:
+        store = ds.vdisk("a")
+        differ = sum(1 for off in range(0, SIZE, 1 << 20) if store.physical(off)[1] != off)
+        assert differ > 0
+    finally:
+        ds.close()
+
+
+def _h(uri):
+    nbd = import_libnbd()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    return h
+
+
+def test_write_order_alternating_vdisks(tmp_path, rng):
+    data = system(tmp_path)
+    with UpProcess(data) as up:
+        ha, hb = _h(up.uri("a")), _h(up.uri("b"))
+        issued = []
+        for i in range(300):
+            name, h = ("a", ha) if i % 2 == 0 else ("b", hb)
+            off = rng.randrange(0, SIZE // 4096) * 4096
+            h.pwrite(rng.randbytes(4096), off)  # one at a time: acked before the next
+            issued.append((name, off))
+        recs = writes(wait_journal(data, len(issued)))
+        assert [(r["vdisk"], r["offset"]) for r in recs] == issued
+
+
+def test_failed_writes_are_never_journaled(tmp_path):
+    trigger = tmp_path / "fail"
+    data = system(tmp_path, vdisks={"a": {"filters": [
+        "stats", {"name": "split", "split_timeout_us": 200_000},
+        {"name": "error", "verbs": ["pwrite"], "trigger": str(trigger)},  # below the splitter: the datastore "fails"
+    ]}})
+    with UpProcess(data) as up:
+        h = _h(up.uri("a"))
+        ok1 = [i * 4096 for i in range(0, 20)]
+        bad = [i * 4096 for i in range(100, 120)]
+        ok2 = [i * 4096 for i in range(200, 220)]
+        for off in ok1:
+            h.pwrite(b"1" * 4096, off)
+        trigger.touch()
+        nbd = import_libnbd()
+        for off in bad:
+            with pytest.raises(nbd.Error) as ei:
+                h.pwrite(b"2" * 4096, off)
+            assert libnbd_errno(ei.value) == errno.EIO
+        trigger.unlink()
+        for off in ok2:
+            h.pwrite(b"3" * 4096, off)
+        recs = writes(wait_journal(data, len(ok1) + len(ok2)))
+        assert [r["offset"] for r in recs] == ok1 + ok2  # CG order: nothing failed slipped in between
+        st = status(data)
+        assert [v["state"] for c in st["cgs"] for v in c["vdisks"] if v["name"] == "a"] == ["protected"]
+
+
+def test_card_killed_writes_go_on_and_dirty_map_covers_the_gap(tmp_path, rng):
+    timeout_us = 50_000
+    data = system(tmp_path, timeout_us=timeout_us)
+    with UpProcess(data) as up:
+        h = _h(up.uri("a"))
+        ledger = []
+        worst = 0.0
+        card_pid = up.pid_of("card")
+        for i in range(600):
+            if i == 300:
+                os.kill(card_pid, signal.SIGKILL)
+            off = rng.randrange(0, SIZE // 4096) * 4096
+            t = time.monotonic()
+            h.pwrite(bytes([i % 251 + 1]) * 4096, off)  # must succeed: production first
+            worst = max(worst, time.monotonic() - t) if i >= 300 else worst
+            ledger.append(off)
+        # Bounded by the split timeout, not by the dead card (generous slack:
+        # this checks "returns promptly", not speed).
+        assert worst < timeout_us / 1e6 + 1.0, worst
+        st = status(data)
+        a = next(v for c in st["cgs"] for v in c["vdisks"] if v["name"] == "a")
+        assert a["state"] == "marking", st
+        uuid = next(v for v in Datastore.open(data / "datastore").list_vdisks() if v.name == "a").uuid
+        dmap = DirtyMap(data / "host" / "marking", uuid, SIZE)
+        journaled = {r["offset"] for r in writes(journal(data, "cg1")) if r["vdisk"] == "a"}
+        uncovered = [off for off in ledger if off not in journaled and not dmap.is_marked(off, 4096)]
+        assert not uncovered, f"{len(uncovered)} acknowledged writes neither journaled nor marked dirty"
+        assert dmap.dirty_bytes() > 0
+        dmap.close()
+
+
+def test_appliance_restart_loses_nothing_stores_nothing_twice(tmp_path, rng):
+    data = system(tmp_path)
+    with UpProcess(data) as up:
+        h = _h(up.uri("a"))
+        issued = []
+        for i in range(1500):
+            if i == 500:
+                os.kill(up.pid_of("appliance"), signal.SIGKILL)
+            off = rng.randrange(0, SIZE // 4096) * 4096
+            h.pwrite(rng.randbytes(4096), off)
+            issued.append(off)
+        recs = writes(wait_journal(data, len(issued)))
+        seqs = [r["seq"] for r in recs]
+        assert len(seqs) == len(set(seqs)) == len(issued), "a batch was lost or stored twice"
+        assert [r["offset"] for r in recs] == issued
+        assert int((data / "run" / "appliance.pid").read_text()) != 0
+        st = status(data)
+        assert [v["state"] for c in st["cgs"] for v in c["vdisks"] if v["name"] == "a"] == ["protected"], st
+
+
+def test_hidden_volume_is_hidden(tmp_path):
+    data = system(tmp_path)
+    with UpProcess(data) as up:
+        card_pid = up.pid_of("card")
+        mine = []
+        for p in Path("/dev/shm").glob("nicsplit-hv-*"):
+            st = p.stat()
+            assert stat.S_IMODE(st.st_mode) == 0o600
+            mine.append(p)
+        assert mine, "the card made no hidden volume"
+        import json
+
+        listing = json.loads(subprocess.run(["nbdinfo", "--list", "--json", up.uri("")], capture_output=True, text=True,
+                                            check=True).stdout)
+        names = {e["export-name"] for e in listing["exports"]}
+        assert names == {"a", "b"}
+        nbd = import_libnbd()
+        for p in mine:
+            uid = p.name.removeprefix("nicsplit-hv-")
+            for name in (uid, p.name, str(p)):
+                h = nbd.NBD()
+                h.set_opt_mode(True)
+                h.connect_uri(up.uri(""))
+                h.set_export_name(name)
+                with pytest.raises(nbd.Error) as ei:
+                    h.opt_go()
+                assert libnbd_errno(ei.value) == errno.ENOENT
+                h.opt_abort()
+        assert card_pid > 0
