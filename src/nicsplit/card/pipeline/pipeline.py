@@ -63,7 +63,7 @@ class PipelineConfig:
     dedup_known_max: int = 65536
     compress: bool = True
     compress_level: int = 1
-    batch_bytes: int = 1 << 20
+    batch_bytes: int = 256 << 10  # sealing one holds the card ~0.5 ms: inside the split timeout
     batch_records: int = 4096
     batch_delay_us: float = 500
     batch_max_ready: int = 4
