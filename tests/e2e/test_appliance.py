@@ -28,7 +28,7 @@ from nicsplit.wire import frames as F
 
 
 def appliance_cli(data: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "nicsplit.appliance", "--data", str(data), *args],
+    p = subprocess.run([sys.executable, "-m", "nicsplit", "--data", str(data), *args],
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     if check and p.returncode != 0:
         raise AssertionError(f"appliance {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()}")
@@ -326,7 +326,7 @@ def test_cli_errors_are_one_line(adata: Path, tmp_path: Path):
     assert p.returncode == 1 and p.stderr.strip() == f"nicsplit: error: no journal for CG 'nope' (looked in {adata}/appliance/journal/nope)"
     bare = init_data(tmp_path / "bare")
     shutil.rmtree(bare / "pki")  # init creates it; without it the appliance cannot serve
-    p = appliance_cli(bare, "run", "--listen", "127.0.0.1:0", check=False)
+    p = appliance_cli(bare, "appliance", "run", "--listen", "127.0.0.1:0", check=False)
     assert p.returncode == 1 and "run 'nicsplit pki init'" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -342,7 +342,7 @@ def test_corrupt_journal_stops_the_start_with_a_clear_error(adata: Path, applian
     raw = bytearray(seg.read_bytes())
     raw[24 + 12 + 200] ^= 0xFF  # inside the first committed record
     seg.write_bytes(raw)
-    p = subprocess.run([sys.executable, "-m", "nicsplit.appliance", "--data", str(adata), "run", "--listen", "127.0.0.1:0"],
+    p = subprocess.run([sys.executable, "-m", "nicsplit", "--data", str(adata), "appliance", "run", "--listen", "127.0.0.1:0"],
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "corrupt entry in segment 00000001.seg at offset 24 (entry CRC mismatch)" in p.stderr

@@ -24,7 +24,7 @@ import pytest
 from nicsplit.host.datastore import Datastore
 from nicsplit.host.marking import DirtyMap
 from nicsplit.testing.datadir import init_data
-from nicsplit.testing.procs import UpProcess, import_libnbd, journal, libnbd_errno, run_cli, wait_for
+from nicsplit.testing.procs import UpProcess, import_libnbd, journal, libnbd_errno, nbd_connect, run_cli, wait_for
 
 pytestmark = pytest.mark.usefixtures("peers")
 
@@ -112,17 +112,11 @@ def test_fio_two_vdisks_journal_and_replay(tmp_path, seed):
         ds.close()
 
 
-def _h(uri):
-    nbd = import_libnbd()
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    return h
-
 
 def test_write_order_alternating_vdisks(tmp_path, rng):
     data = system(tmp_path)
     with UpProcess(data) as up:
-        ha, hb = _h(up.uri("a")), _h(up.uri("b"))
+        ha, hb = nbd_connect(up.uri("a")), nbd_connect(up.uri("b"))
         issued = []
         for i in range(300):
             name, h = ("a", ha) if i % 2 == 0 else ("b", hb)
@@ -140,7 +134,7 @@ def test_failed_writes_are_never_journaled(tmp_path):
         {"name": "error", "verbs": ["pwrite"], "trigger": str(trigger)},  # below the splitter: the datastore "fails"
     ]}})
     with UpProcess(data) as up:
-        h = _h(up.uri("a"))
+        h = nbd_connect(up.uri("a"))
         ok1 = [i * 4096 for i in range(0, 20)]
         bad = [i * 4096 for i in range(100, 120)]
         ok2 = [i * 4096 for i in range(200, 220)]
@@ -165,7 +159,7 @@ def test_card_killed_writes_go_on_and_dirty_map_covers_the_gap(tmp_path, rng):
     timeout_us = 50_000
     data = system(tmp_path, timeout_us=timeout_us)
     with UpProcess(data) as up:
-        h = _h(up.uri("a"))
+        h = nbd_connect(up.uri("a"))
         ledger = []
         worst = 0.0
         card_pid = up.pid_of("card")
@@ -195,7 +189,7 @@ def test_card_killed_writes_go_on_and_dirty_map_covers_the_gap(tmp_path, rng):
 def test_appliance_restart_loses_nothing_stores_nothing_twice(tmp_path, rng):
     data = system(tmp_path)
     with UpProcess(data) as up:
-        h = _h(up.uri("a"))
+        h = nbd_connect(up.uri("a"))
         issued = []
         for i in range(1500):
             if i == 500:

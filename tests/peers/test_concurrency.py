@@ -5,16 +5,10 @@ from __future__ import annotations
 import pytest
 
 from nicsplit.testing.datadir import init_data, vdisk
-from nicsplit.testing.procs import import_libnbd
+from nicsplit.testing.procs import nbd_connect
 
 pytestmark = pytest.mark.usefixtures("peers")
 
-
-def _h(uri):
-    nbd = import_libnbd()
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    return h
 
 
 def test_replies_out_of_order(tmp_path, host_factory):
@@ -22,7 +16,7 @@ def test_replies_out_of_order(tmp_path, host_factory):
     data = init_data(tmp_path / "d", vdisks={"disk": {"filters": [{"name": "delay", "flush_ms": 300}]}})
     vdisk(data, "disk", "1M")
     host = host_factory(data)
-    h = _h(host.uri("disk"))
+    h = nbd_connect(host.uri("disk"))
     flush = h.aio_flush()
     write = h.aio_pwrite(b"q" * 4096, 0)
     while not h.aio_command_completed(write):
@@ -36,7 +30,7 @@ def test_replies_out_of_order(tmp_path, host_factory):
 def test_multi_conn_flush_on_any_connection(data, host_factory, rng):
     vdisk(data, "disk", "4M")
     host = host_factory(data)
-    conns = [_h(host.uri("disk")) for _ in range(4)]
+    conns = [nbd_connect(host.uri("disk")) for _ in range(4)]
     assert all(c.can_multi_conn() for c in conns)
     expect = {}
     for i in range(64):
@@ -55,7 +49,7 @@ def test_many_clients_many_exports_at_once(data, host_factory, rng):
     for n in names:
         vdisk(data, n, "2M")
     host = host_factory(data)
-    handles = {n: [_h(host.uri(n)) for _ in range(3)] for n in names}
+    handles = {n: [nbd_connect(host.uri(n)) for _ in range(3)] for n in names}
     # Keep many requests in flight on every connection at once.
     cookies = []
     for n, hs in handles.items():

@@ -6,23 +6,16 @@ from __future__ import annotations
 
 import errno
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from nicsplit.testing.datadir import init_data, vdisk
-from nicsplit.testing.procs import HostProcess, import_libnbd, libnbd_errno, nicsplit_cmd
+from nicsplit.testing.procs import HostProcess, import_libnbd, libnbd_errno, nbd_connect, nicsplit_cmd
 
 pytestmark = pytest.mark.usefixtures("peers")
 
-
-def _h(uri):
-    nbd = import_libnbd()
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    return h
 
 
 @pytest.mark.parametrize("err", ["EIO", "ENOSPC", "EPERM"])
@@ -35,7 +28,7 @@ def test_error_filter_errno_reaches_client(tmp_path, host_factory, err):
     vdisk(data, "good", "1M")
     host = host_factory(data)
     nbd = import_libnbd()
-    h = _h(host.uri("bad"))
+    h = nbd_connect(host.uri("bad"))
     with pytest.raises(nbd.Error) as ei:
         h.pwrite(b"w" * 4096, 0)
     assert libnbd_errno(ei.value) == getattr(errno, err)
@@ -44,7 +37,7 @@ def test_error_filter_errno_reaches_client(tmp_path, host_factory, err):
     assert libnbd_errno(ei.value) == getattr(errno, err)
     # reads pass; the failed write never reached the datastore
     assert h.pread(4096, 0) == bytes(4096)
-    g = _h(host.uri("good"))
+    g = nbd_connect(host.uri("good"))
     g.pwrite(b"w" * 4096, 0)
     assert g.pread(4096, 0) == b"w" * 4096
 
@@ -58,7 +51,7 @@ def test_error_filter_trigger_file_and_rate(tmp_path, host_factory, seed):
     vdisk(data, "disk", "1M")
     host = host_factory(data)
     nbd = import_libnbd()
-    h = _h(host.uri("disk"))
+    h = nbd_connect(host.uri("disk"))
     for i in range(20):
         h.pwrite(b"a" * 512, i * 512)  # no trigger: never fails
     trigger.touch()
@@ -123,7 +116,7 @@ def test_third_party_filter_from_entry_point(tmp_path, third_party):
     data = init_data(tmp_path / "d", filters=["stats", "invert"])
     vdisk(data, "disk", "1M")
     with HostProcess(data) as host:
-        h = _h(host.uri("disk"))
+        h = nbd_connect(host.uri("disk"))
         h.pwrite(b"\x0f" * 4096, 0)
         assert h.pread(4096, 0) == b"\x0f" * 4096
         h.zero(4096, 8192)
@@ -132,7 +125,7 @@ def test_third_party_filter_from_entry_point(tmp_path, third_party):
     # The datastore really holds inverted bytes: read it without the filter.
     (data / "nicsplit.toml").write_text((data / "nicsplit.toml").read_text().replace('filters = ["stats", "invert"]', 'filters = []'))
     with HostProcess(data) as host:
-        h = _h(host.uri("disk"))
+        h = nbd_connect(host.uri("disk"))
         assert h.pread(4096, 0) == b"\xf0" * 4096
         h.shutdown()
 

@@ -9,10 +9,8 @@ choices with nbdkit (both required: a missing tool fails the suite).
 from __future__ import annotations
 
 import errno
-import shutil
 import socket
 import struct
-import sys
 import threading
 
 import pytest

@@ -258,7 +258,9 @@ class JournalScanner:
                             return
                         payload = get(pos + _ENTRY.size, esize)
                         if zlib.crc32(payload, zlib.crc32(get(pos, 8))) != ecrc:
-                            return  # torn, or not yet complete in our view: the next scan retries
+                            # torn, or not yet complete in our view: the next scan retries
+                            self._stop(seg, pos, "COMMIT entry fails its CRC (torn tail, or being written)")
+                            return
                         bid, first, lseq, t_first, t_last, nrec = _COMMIT.unpack(payload)
                         if nrec != len(pending) or lseq < first or first <= last or any(
                                 not first <= r.seq <= lseq for r in pending):

@@ -14,19 +14,13 @@
 from __future__ import annotations
 
 import errno
-import json
-import queue
 import random
-import signal
 import socket
 import ssl
-import subprocess
-import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nicsplit.testing.procs import ReadyProcess, nicsplit_cmd
 from nicsplit.wire import frames as F
 
 # -- D5: power-cut filesystem ----------------------------------------------------
@@ -167,86 +161,23 @@ class CrashFilesystem:
 # -- real processes ------------------------------------------------------------------
 
 
-class ApplianceProcess:
-    """``python -m nicsplit.appliance run`` as a child; ready on its JSON line."""
+class ApplianceProcess(ReadyProcess):
+    """``nicsplit appliance run`` as a child; ready on its JSON line."""
 
-    def __init__(self, data: Path, *args: str, log_path: Path | None = None) -> None:
-        self.data = Path(data)
-        self.args = list(args)
-        self.log_path = log_path or self.data / "appliance.log"
-        self.proc: subprocess.Popen | None = None
-        self.address = ""
-        self._lines: queue.Queue[str | None] = queue.Queue()
+    what = "appliance"
 
-    def start(self, timeout: float = 30) -> "ApplianceProcess":
+    def argv(self) -> list[str]:
         if not any(a.startswith("--listen") for a in self.args):
             self.args += ["--listen", "127.0.0.1:0"]
-        self._lines = queue.Queue()
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nicsplit.appliance", "--data", str(self.data), "run", *self.args],
-            stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, text=True,
-        )
-        threading.Thread(target=self._read, args=(self.proc, self._lines), daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self.kill()
-                raise TimeoutError(f"appliance did not become ready in {timeout}s; log:\n{self.log()}") from None
-            if line is None:
-                raise RuntimeError(f"appliance exited ({self.proc.wait()}) before ready; log:\n{self.log()}")
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if msg.get("event") == "ready":
-                self.address = msg["address"]
-                return self
+        return nicsplit_cmd("--data", str(self.data), "appliance", "run", *self.args)
 
-    @staticmethod
-    def _read(proc: subprocess.Popen, lines: queue.Queue) -> None:
-        assert proc.stdout
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc
-        return self.proc.pid
+    def on_ready(self, msg: dict) -> None:
+        self.address = msg["address"]
 
     @property
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.address.rpartition(":")
         return host, int(port)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-8000:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM and wait; returns the exit status."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        """kill -9 and reap."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-            self._log.close()
-
-    def __enter__(self) -> "ApplianceProcess":
-        return self.start()
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:

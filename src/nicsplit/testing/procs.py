@@ -46,56 +46,115 @@ def run_cli(data: Path, *args: str, check: bool = True, timeout: float = 60) -> 
     return p
 
 
-class HostProcess:
-    """``nicsplit host serve`` as a child process."""
+class ReadyProcess:
+    """A nicsplit command as a child process that prints one JSON
+    ``{"event": "ready", ...}`` line on stdout once it serves; `start` waits
+    for that line (a condition, never a sleep). Subclasses give the argv."""
+
+    what = "process"
 
     def __init__(self, data: Path, *args: str, log_path: Path | None = None) -> None:
         self.data = Path(data)
         self.args = list(args)
-        self.log_path = log_path or self.data / "host.log"
+        self.log_path = log_path or self.data / f"{self.what}.log"
         self.proc: subprocess.Popen | None = None
-        self.addresses: list[str] = []
+        self.ready: dict = {}
         self._lines: queue.Queue[str | None] = queue.Queue()
+        self._log = None
 
-    def start(self, timeout: float = 30) -> "HostProcess":
-        if not any(a.startswith("--listen") for a in self.args):
-            self.args += ["--listen", "127.0.0.1:0"]
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 60) -> "ReadyProcess":
+        self._lines = queue.Queue()
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            nicsplit_cmd("--data", str(self.data), "host", "serve", *self.args),
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
+        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.PIPE, stderr=self._log,
+                                     stdin=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self._read, args=(self.proc, self._lines), daemon=True).start()
         deadline = time.monotonic() + timeout
         while True:
             try:
                 line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 self.kill()
-                raise TimeoutError(f"host did not become ready in {timeout}s; log:\n{self.log()}") from None
+                raise TimeoutError(f"{self.what} did not become ready in {timeout}s; log:\n{self.log()}") from None
             if line is None:
-                raise RuntimeError(f"host exited ({self.proc.wait()}) before ready; log:\n{self.log()}")
+                raise RuntimeError(f"{self.what} exited ({self.proc.wait()}) before ready; log:\n{self.log()}")
             try:
                 msg = json.loads(line)
             except ValueError:
                 continue
-            if msg.get("event") == "ready":
-                self.addresses = msg["addresses"]
+            if isinstance(msg, dict) and msg.get("event") == "ready":
+                self.ready = msg
+                self.on_ready(msg)
                 return self
 
-    def _read(self) -> None:
-        assert self.proc and self.proc.stdout
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
+    def on_ready(self, msg: dict) -> None:
+        """Hook: pick what the ready line says (addresses, ports)."""
+
+    @staticmethod
+    def _read(proc: subprocess.Popen, lines: queue.Queue) -> None:
+        assert proc.stdout
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
 
     @property
     def pid(self) -> int:
         assert self.proc
         return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-8000:]
+        except OSError:
+            return ""
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM and wait for a clean exit; returns the exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._close_log()
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._close_log()
+
+    def kill(self) -> None:
+        """kill -9 and reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._close_log()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            rc = self.stop()
+            if rc != 0 and exc[0] is None:
+                raise AssertionError(f"{self.what} exited {rc} on SIGTERM; log:\n{self.log()}")
+
+
+class HostProcess(ReadyProcess):
+    """``nicsplit host serve`` (on a free port unless --listen is given)."""
+
+    what = "host"
+
+    def argv(self) -> list[str]:
+        if not any(a.startswith("--listen") for a in self.args):
+            self.args += ["--listen", "127.0.0.1:0"]
+        return nicsplit_cmd("--data", str(self.data), "host", "serve", *self.args)
+
+    def on_ready(self, msg: dict) -> None:
+        self.addresses = msg["addresses"]
 
     @property
     def port(self) -> int:
@@ -104,34 +163,6 @@ class HostProcess:
 
     def uri(self, export: str) -> str:
         return f"nbd://127.0.0.1:{self.port}/{export}"
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-8000:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM and wait for a clean exit; returns the exit status."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def __enter__(self) -> "HostProcess":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.stop()
 
 
 class NbdkitProcess:
@@ -200,47 +231,14 @@ def libnbd_errno(exc: BaseException) -> int:
     return e or 0
 
 
-class UpProcess:
-    """``nicsplit up`` (appliance + card + host) as a child process, on free
-    ports; ready when its JSON ready line names every process."""
+class UpProcess(ReadyProcess):
+    """``nicsplit up`` (appliance + card + host) on free ports."""
 
-    def __init__(self, data: Path, *args: str) -> None:
-        self.data = Path(data)
-        self.args = list(args)
-        self.proc: subprocess.Popen | None = None
-        self.ready: dict = {}
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self.log_path = self.data / "up.log"
+    what = "up"
 
-    def start(self, timeout: float = 60) -> "UpProcess":
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            nicsplit_cmd("--data", str(self.data), "up", "--listen", "127.0.0.1:0", "--appliance-listen", "127.0.0.1:0", *self.args),
-            stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self.kill()
-                raise TimeoutError(f"nicsplit up not ready in {timeout}s; log:\n{self.log()}") from None
-            if line is None:
-                raise RuntimeError(f"nicsplit up exited ({self.proc.wait()}); log:\n{self.log()}")
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if msg.get("event") == "ready":
-                self.ready = msg
-                return self
-
-    def _read(self) -> None:
-        assert self.proc and self.proc.stdout
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
+    def argv(self) -> list[str]:
+        return nicsplit_cmd("--data", str(self.data), "up", "--listen", "127.0.0.1:0",
+                            "--appliance-listen", "127.0.0.1:0", *self.args)
 
     def pid_of(self, name: str) -> int:
         """Current pid of a child (it may have been restarted)."""
@@ -254,36 +252,20 @@ class UpProcess:
         return f"nbd://127.0.0.1:{self.port}/{export}"
 
     def log(self) -> str:
-        parts = []
-        for p in [self.log_path, *sorted((self.data / "run").glob("*.log"))]:
+        parts = [super().log()]
+        for p in sorted((self.data / "run").glob("*.log")):
             try:
                 parts.append(f"== {p.name}\n" + p.read_text(errors="replace")[-4000:])
             except OSError:
                 pass
         return "\n".join(parts)
 
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._log.close()
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def __enter__(self) -> "UpProcess":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            rc = self.stop()
-            if rc != 0 and exc[0] is None:
-                raise AssertionError(f"nicsplit up exited {rc} on SIGTERM; log:\n{self.log()}")
+def nbd_connect(uri: str):
+    """A libnbd handle connected to ``uri`` (default strictness)."""
+    h = import_libnbd().NBD()
+    h.connect_uri(uri)
+    return h
 
 
 def journal(data: Path, cg: str) -> list[dict]:

@@ -1,0 +1,344 @@
+"""Point-in-time commands for the ``nicsplit`` CLI (wired in by control/cli.py).
+
+    nicsplit pits CG [--json]
+    nicsplit bookmark CG NAME [--lock] [--seq N] [--json]
+    nicsplit restore VDISK (--at TIME | --seq N | --bookmark NAME | --latest) --to FILE
+                     [--format raw|qcow2] [--json]
+
+``add_parsers(sub, common)`` registers them.  Every user-facing failure (an
+unknown CG, vdisk or bookmark, a PIT that does not exist, a time outside
+retention) raises ``nicsplit.control.cli.CliError``: one line, exit 1.
+
+The commands read the journal read-only (no lock; the appliance may be
+appending): PITs come from `nicsplit.appliance.pits`, images from
+`nicsplit.appliance.replica.PitReader`.  A restore writes ``FILE.partial``
+and renames it to ``FILE`` once complete and fsynced, so an interrupted
+restore never leaves a half image under the requested name.
+
+TIME for ``--at``: seconds since the epoch (``1718000000.5``), ISO 8601
+(``2024-06-10T08:00:00``, local time unless it has an offset), ``now``, or
+relative to now (``-90s``, ``-15m``, ``-2h``, ``-1d``).
+
+Example::
+
+    nicsplit bookmark cg1 before-upgrade --lock
+    nicsplit restore vm1-root --bookmark before-upgrade --to /tmp/root.raw
+    nicsplit restore vm1-root --at -1h --to /tmp/root.qcow2 --format qcow2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from nicsplit.appliance.pits import Pit, PitIndex
+
+# 4 MiB per read/write of a restore: large enough to amortise a system call,
+# small enough that the progress line moves every few ms.
+_CHUNK = 4 << 20
+_RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhd])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _cli_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn PIT / journal / catalog errors into the CLI's one-line CliError."""
+
+    @functools.wraps(fn)
+    def wrapper(args: argparse.Namespace) -> int:
+        from nicsplit.appliance.journal import JournalError
+        from nicsplit.appliance.pits import PitError
+        from nicsplit.control.cgs import CGError
+        from nicsplit.control.cli import CliError
+        from nicsplit.host.datastore import DatastoreError
+
+        try:
+            return fn(args)
+        except (PitError, JournalError, CGError, DatastoreError) as e:
+            raise CliError(str(e)) from None
+
+    return wrapper
+
+
+def parse_time(value: str, now_ns: int | None = None) -> int:
+    """``--at`` TIME → ns since the epoch (see the module docstring)."""
+    from nicsplit.control.cli import CliError
+
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    v = value.strip()
+    if v == "now":
+        return now_ns
+    m = _RELATIVE.match(v)
+    if m:
+        return now_ns - int(float(m.group(1)) * _UNIT[m.group(2)] * 1e9)
+    try:
+        return int(float(v) * 1e9)
+    except ValueError:
+        pass
+    try:
+        dt = _dt.datetime.fromisoformat(v)
+    except ValueError:
+        raise CliError(f"bad time {value!r}: use seconds since the epoch, ISO 8601, 'now' or -N[smhd]") from None
+    return int(dt.timestamp() * 1e9)  # naive = local time
+
+
+def _fmt(t_ns: int) -> str:
+    return _dt.datetime.fromtimestamp(t_ns / 1e9).isoformat(timespec="milliseconds")
+
+
+def _journal_dir(data: Path, cg: str) -> Path:
+    return Path(data) / "appliance" / "journal" / cg
+
+
+def _check_cg(data: Path, cg: str) -> Path:
+    """The CG's journal directory; CliError for a CG nobody knows."""
+    from nicsplit.control.cgs import CGCatalog, CGError
+    from nicsplit.control.cli import CliError
+
+    jd = _journal_dir(data, cg)
+    if jd.is_dir():
+        return jd
+    try:
+        CGCatalog(data).get(cg)
+    except CGError as e:
+        raise CliError(str(e)) from None
+    return jd  # known CG, nothing journaled yet
+
+
+def _index(jd: Path, cg: str) -> PitIndex:
+    from nicsplit.control.cli import CliError
+
+    if not jd.is_dir():
+        raise CliError(f"consistency group {cg} has no journal yet (no point in time)")
+    return PitIndex(jd)
+
+
+def resolve_pit(idx: PitIndex, data: Path, cg: str, *, at: str | None = None, seq: int | None = None,
+                bookmark: str | None = None, latest: bool = False, now_ns: int | None = None) -> Pit:
+    """The PIT a command's selector names; refuses a PIT inside a merge window."""
+    from nicsplit.appliance.pits import get_bookmark
+    from nicsplit.control.cli import CliError
+
+    if at is not None:
+        pit = idx.pit_at(parse_time(at, now_ns))
+    elif seq is not None:
+        pit = idx.pit_for_seq(seq)
+    elif bookmark is not None:
+        b = get_bookmark(data, cg, bookmark)
+        pit = idx.pit_for_seq(b.seq)
+    elif latest:
+        pit = idx.latest()
+    else:
+        raise CliError("say which point in time: --at TIME, --seq N, --bookmark NAME or --latest")
+    if not pit.consistent:
+        raise CliError(f"the point in time at seq {pit.seq} is inside a merge window (not crash-consistent); "
+                       f"pick a consistent one from 'nicsplit pits {cg}'")
+    return pit
+
+
+# -- commands -------------------------------------------------------------------------
+
+
+@_cli_errors
+def cmd_pits(args: argparse.Namespace) -> int:
+    from nicsplit.appliance.pits import list_bookmarks
+    from nicsplit.control import config as cfgmod
+
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    jd = _check_cg(cfg.data, args.cg)
+    pits = PitIndex(jd).list_pits() if jd.is_dir() else []
+    marks: dict[int, list[str]] = {}
+    for b in list_bookmarks(cfg.data, args.cg):
+        marks.setdefault(b.seq, []).append(b.name)
+    rows = [{"seq": p.seq, "time": p.time_ns / 1e9, "consistent": p.consistent, "bookmarks": marks.get(p.seq, [])}
+            for p in pits]
+    if args.json:
+        print(json.dumps({"pits": rows}))
+        return 0
+    if not rows:
+        print(f"consistency group {args.cg} has no point in time yet")
+    for p, row in zip(pits, rows):
+        flag = "" if p.consistent else "  (inside a merge window)"
+        names = f"  [{', '.join(row['bookmarks'])}]" if row["bookmarks"] else ""
+        print(f"{p.seq:>12}  {_fmt(p.time_ns)}{names}{flag}")
+    return 0
+
+
+@_cli_errors
+def cmd_bookmark(args: argparse.Namespace) -> int:
+    from nicsplit.appliance.pits import add_bookmark
+    from nicsplit.control import config as cfgmod
+
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    jd = _check_cg(cfg.data, args.cg)
+    idx = _index(jd, args.cg)
+    pit = idx.pit_for_seq(args.seq) if args.seq is not None else idx.latest()
+    b = add_bookmark(cfg.data, args.cg, args.name, pit.seq, locked=args.lock, time_ns=pit.time_ns)
+    if args.json:
+        print(json.dumps({"name": b.name, "seq": b.seq, "time": b.time_ns / 1e9, "locked": b.locked}))
+    else:
+        print(f"bookmark {b.name} of {args.cg} at seq {b.seq} ({_fmt(b.time_ns)}){' locked' if b.locked else ''}")
+    return 0
+
+
+class _Progress:
+    """A progress line on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, what: str, total: int) -> None:
+        self.what, self.total = what, total
+        self.on = sys.stderr.isatty()
+        self._last = 0.0
+        self._t0 = time.monotonic()
+
+    def update(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.on or (not force and now - self._last < 0.1):
+            return
+        self._last = now
+        pct = 100 * done / self.total if self.total else 100
+        rate = done / max(now - self._t0, 1e-9) / (1 << 20)
+        sys.stderr.write(f"\r{self.what}: {pct:5.1f}% ({done >> 20}/{self.total >> 20} MiB, {rate:.0f} MiB/s)")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.on:
+            self.update(self.total, force=True)
+            sys.stderr.write("\n")
+
+
+def restore_to_file(reader: Any, vdisk_id: int, size: int, path: Path, *, progress: _Progress | None = None) -> int:
+    """Write the reader's image of one vdisk to a new sparse raw file at
+    ``path`` (data extents only; holes and zeroed ranges stay holes), fsync
+    it; returns the data bytes written."""
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        pos = 0
+        while pos < size:
+            n = min(_CHUNK, size - pos)
+            for ext in reader.extents(vdisk_id, pos, n):
+                if ext.kind == "data":
+                    buf = reader.pread(vdisk_id, ext.offset, ext.length)
+                    view = memoryview(buf)
+                    off = ext.offset
+                    while view:
+                        k = os.pwrite(fd, view, off)
+                        view, off = view[k:], off + k
+                    written += ext.length
+            pos += n
+            if progress:
+                progress.update(pos)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return written
+
+
+@_cli_errors
+def cmd_restore(args: argparse.Namespace) -> int:
+    from nicsplit.appliance.replica import PitReader
+    from nicsplit.control import config as cfgmod
+    from nicsplit.control.cli import CliError
+    from nicsplit.host.datastore import Datastore
+
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    if not (cfg.datastore_dir / "catalog.json").exists():
+        raise CliError(f"no datastore catalog in {cfg.datastore_dir}: restore needs the vdisk's id and size")
+    ds = Datastore.open(cfg.datastore_dir)
+    v = ds.get_vdisk(args.vdisk)
+    cg = v.extra.get("cg")
+    if not cg:
+        raise CliError(f"vdisk {v.name} is in no consistency group: it has no journal to restore from")
+    jd = _check_cg(cfg.data, cg)
+    idx = _index(jd, cg)
+    pit = resolve_pit(idx, cfg.data, cg, at=args.at, seq=args.seq, bookmark=args.bookmark, latest=args.latest)
+    fmt = args.format
+    out = Path(args.to)
+    if out.is_dir():
+        raise CliError(f"{out} is a directory; give a file name")
+    if not out.parent.is_dir():
+        raise CliError(f"no directory {out.parent} for {out.name}")
+    partial = out.with_name(out.name + ".partial")
+    raw = partial if fmt == "raw" else out.with_name(out.name + ".raw.partial")
+    progress = _Progress(f"restore {v.name} @ seq {pit.seq}", v.size)
+    try:
+        with PitReader(jd, [v], pit.seq) as r:
+            written = restore_to_file(r, v.id, v.size, raw, progress=progress)
+        progress.done()
+        if fmt == "qcow2":
+            p = subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(partial)],
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                raise CliError(f"qemu-img convert failed ({p.returncode}): {p.stderr.strip()}")
+            fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.rename(partial, out)
+        dfd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except FileNotFoundError as e:
+        if e.filename == "qemu-img":
+            raise CliError("qemu-img is not installed: --format qcow2 needs it (apt-get install qemu-utils)") from None
+        raise
+    finally:
+        for p_ in {raw, partial}:
+            if p_.exists():
+                p_.unlink()
+    if args.json:
+        print(json.dumps({"vdisk": v.name, "cg": cg, "seq": pit.seq, "time": pit.time_ns / 1e9, "file": str(out),
+                          "format": fmt, "size": v.size, "data_bytes": written}))
+    else:
+        print(f"restored {v.name} at seq {pit.seq} ({_fmt(pit.time_ns)}) to {out} ({fmt}, {v.size} bytes)")
+    return 0
+
+
+# -- parsers ---------------------------------------------------------------------------
+
+
+def _seq(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"bad sequence number {value!r}")
+    return int(value)
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Register ``pits``, ``bookmark`` and ``restore`` on the ``nicsplit``
+    subparsers object ``sub``."""
+    s = sub.add_parser("pits", parents=[common], help="list a consistency group's points in time")
+    s.add_argument("cg")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_pits)
+
+    s = sub.add_parser("bookmark", parents=[common], help="name a point in time of a consistency group")
+    s.add_argument("cg")
+    s.add_argument("name")
+    s.add_argument("--lock", action="store_true", help="keep it whatever the retention policy says")
+    s.add_argument("--seq", type=_seq, metavar="N", help="the point in time at seq N (default: the latest)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bookmark)
+
+    s = sub.add_parser("restore", parents=[common], help="write a vdisk's image at a point in time to a file")
+    s.add_argument("vdisk")
+    when = s.add_mutually_exclusive_group(required=True)
+    when.add_argument("--at", metavar="TIME", help="the latest point in time at or before TIME")
+    when.add_argument("--seq", type=_seq, metavar="N", help="the point in time at seq N")
+    when.add_argument("--bookmark", metavar="NAME")
+    when.add_argument("--latest", action="store_true")
+    s.add_argument("--to", required=True, metavar="FILE")
+    s.add_argument("--format", choices=("raw", "qcow2"), default="raw")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_restore)

@@ -1,0 +1,776 @@
+"""Images of a CG at any point in time: the block index, the PIT reader, and
+distribution to replica images with undo data (RecoverPoint's do/undo).
+
+Theory of operation
+===================
+**Block index** (`BlockIndex`, one per journal, shared by every reader of the
+process through `shared_index`).  Built once from the same read-only scan as
+the PIT index (`nicsplit.appliance.pits.JournalScanner`: entry and record
+heads only, no payload read), then extended by `refresh()` as the journal
+grows.  It holds
+
+* a record table, one row per WRITE / ZERO / TRIM record in seq order, in
+  parallel ``array`` columns (seq, segment, entry offset, vdisk offset, length,
+  op): 41 bytes per record.  A row's number is its *ordinal*; ordinals and seqs
+  sort the same way, so "latest version <= seq S" is "largest ordinal <= the
+  ordinal of S", found once per PIT by one bisect over the seq column;
+* per vdisk and 4 KiB block, the ordinals of the records that touch it, in
+  ascending order: ``single`` (an ``array('I')``, 4 bytes per block) holds the
+  one ordinal (+1; 0 = never written) of a block written once, and blocks
+  written more than once move to ``multi[block]`` (an ``array('I')`` of
+  ordinals), marked ``MULTI`` in ``single``.  A 1 GiB vdisk written once costs
+  1 MiB of index plus the record table.
+
+**PIT reader** (`PitReader`): the image of a vdisk at PIT seq S is, per byte,
+the newest record <= S that covers it (WRITE: its payload, ZERO/TRIM: zeros),
+zeros if none.  Per block: bisect the block's ordinals for the newest <= S,
+walk back while records cover the block only partly (unaligned writes), then
+lay them over zeros oldest first.  Nothing is replayed: a PIT of any age is
+ready as soon as its ordinal is found (one bisect), hence well within 1 s.
+Payloads are read from the segment files with their entry CRC checked
+(own read-only descriptors; the writer's objects are never touched), with a
+small LRU of decoded records so sequential reads of a large record read it
+once.  Deduplicated blocks (references) are resolved through the Journal's
+block index (`Journal.read_block` when present, else `Journal.records`).
+
+**Distribution** (`Distributor`): applies the journal in seq order to one raw
+sparse image per vdisk (``DATA/appliance/replicas/<cg>/<vdisk>.img``); before
+a step touches the images it appends the bytes each record replaces to the
+undo log (write-ahead, fsynced), then writes and fsyncs the images, then
+atomically persists ``applied_seq``.  `undo_to(seq)` rolls the replica back to
+an earlier PIT by laying the undo entries newer than it over the images in
+reverse order.  docs/recovery.md §4–5 give the formats and invariants.
+
+Rules
+-----
+1. Nothing here writes a journal file or a production vdisk.
+2. Undo before do: an undo entry is durable before the image bytes it
+   describes change.  Hence at open, the undo entries after the persisted
+   ``undo_end`` belong to the step that was interrupted; laying them back in
+   reverse order returns the images exactly to ``applied_seq`` (harmless when
+   the images had not been touched yet), after which the tail is cut.
+3. ``state.json`` is replaced atomically (tmp, fsync, rename, fsync dir) and
+   only after the images and the undo log were fsynced.
+4. A rollback first persists its intent (``rollback_to``); applying undo
+   entries newest first is idempotent, so a crash mid-rollback is finished at
+   the next open.
+5. Failpoints (`Distributor.failpoint`) are called at every step of the
+   protocol above; tests raise from them to cut the protocol anywhere.
+
+Example::
+
+    idx = shared_index(journal_dir)
+    with PitReader(journal_dir, vdisks_of_cg, idx.pits.latest().seq, index=idx) as r:
+        r.pread(vdisk_id, 0, 65536); r.extents(vdisk_id, 0, size)
+    d = Distributor(journal_dir, data / "appliance/replicas/cg1", vdisks_of_cg)
+    while d.step(256): pass
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import ctypes.util
+import json
+import logging
+import os
+import struct
+import sys
+import threading
+import zlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+from nicsplit.appliance.pits import Commit, PitError, PitIndex, RecordHead
+from nicsplit.card.records import Op
+from nicsplit.wire.frames import BLOCK_SIZE, FrameError, Record, decode_record, expand
+
+log = logging.getLogger("nicsplit.appliance.replica")
+
+__all__ = [
+    "BlockIndex", "IndexStatistics", "shared_index", "PitReader", "Extent", "ReplicaError", "Distributor",
+    "DistributorStatistics", "VdiskLike",
+]
+
+MULTI = 0xFFFFFFFF  # in ``single``: the block's ordinals are in ``multi``
+assert array("I").itemsize == 4 and array("Q").itemsize == 8
+
+# 64 MiB of decoded payloads per reader: four of the largest (16 MiB) batches'
+# records, or 16,384 4 KiB records — enough that a sequential read never
+# decodes a record twice.
+_CACHE_BYTES = 64 << 20
+
+
+class ReplicaError(PitError):
+    """A replica or reader cannot do what was asked (one clear line)."""
+
+
+class VdiskLike(Protocol):
+    id: int
+    name: str
+    size: int
+
+
+# -- block index -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IndexStatistics:
+    records: int  # WRITE / ZERO / TRIM records indexed
+    pits: int
+    vdisks: int
+    blocks: int  # (vdisk, block) pairs ever written
+    versions: int  # (block, record) pairs
+    multi_blocks: int  # blocks written more than once
+    memory_bytes: int  # arrays + per-block containers (estimate, sys.getsizeof)
+
+
+class _Vdisk:
+    __slots__ = ("single", "multi", "blocks", "versions")
+
+    def __init__(self) -> None:
+        self.single = array("I")
+        self.multi: dict[int, array] = {}
+        self.blocks = 0
+        self.versions = 0
+
+
+class BlockIndex:
+    """Record table + per-vdisk block → ordinals (see the module docstring).
+    `refresh()` may run in one thread while readers read in others: columns
+    only grow, and a block's ``multi`` array exists before ``single`` says so."""
+
+    def __init__(self, journal_dir: str | Path) -> None:
+        self.path = Path(journal_dir)
+        self.rec_seq = array("Q")
+        self.rec_seg = array("I")
+        self.rec_pos = array("Q")
+        self.rec_off = array("Q")
+        self.rec_len = array("Q")
+        self.rec_vdisk = array("Q")
+        self.rec_op = array("B")
+        self._vd: dict[int, _Vdisk] = {}
+        self.pits = PitIndex(self.path, on_batch=self._add)  # scans and fills us through _add
+
+    def refresh(self) -> int:
+        """Index what was committed since; returns the number of new PITs."""
+        return self.pits.refresh()
+
+    def _add(self, commit: Commit, recs: list[RecordHead]) -> None:
+        for r in recs:
+            if r.op == Op.BARRIER or r.length == 0:
+                continue
+            o = len(self.rec_seq)
+            if o + 1 >= MULTI:
+                raise ReplicaError(f"journal {self.path}: more than {MULTI - 2} records; the block index is full")
+            self.rec_seq.append(r.seq)
+            self.rec_seg.append(r.segment)
+            self.rec_pos.append(r.pos)
+            self.rec_off.append(r.offset)
+            self.rec_len.append(r.length)
+            self.rec_vdisk.append(r.vdisk_id)
+            self.rec_op.append(r.op)
+            vd = self._vd.get(r.vdisk_id)
+            if vd is None:
+                vd = self._vd[r.vdisk_id] = _Vdisk()
+            b0 = r.offset // BLOCK_SIZE
+            b1 = (r.offset + r.length - 1) // BLOCK_SIZE
+            single, multi = vd.single, vd.multi
+            if b1 >= len(single):
+                single.frombytes(bytes(4 * (b1 + 1 - len(single) + (b1 >> 3))))  # grow by 1/8 ahead
+            v1 = o + 1
+            new = 0
+            for b in range(b0, b1 + 1):
+                v = single[b]
+                if v == 0:
+                    single[b] = v1
+                    new += 1
+                elif v == MULTI:
+                    multi[b].append(o)
+                else:
+                    multi[b] = array("I", (v - 1, o))
+                    single[b] = MULTI
+            vd.blocks += new
+            vd.versions += b1 + 1 - b0
+
+    def vdisk_ids(self) -> list[int]:
+        return sorted(self._vd)
+
+    def ordinal_upto(self, seq: int) -> int:
+        """The ordinal of the newest record with seq <= ``seq`` (-1 if none)."""
+        return bisect.bisect_right(self.rec_seq, seq) - 1
+
+    def versions(self, vdisk_id: int, block: int, upto: int) -> tuple[Any, int]:
+        """(ordinals, n): the block's ordinals <= ``upto`` are ordinals[:n]."""
+        vd = self._vd.get(vdisk_id)
+        if vd is None or block >= len(vd.single):
+            return (), 0
+        v = vd.single[block]
+        if v == 0:
+            return (), 0
+        if v != MULTI:
+            return (v - 1,), 1 if v - 1 <= upto else 0
+        arr = vd.multi[block]
+        return arr, bisect.bisect_right(arr, upto)
+
+    def statistics(self) -> IndexStatistics:
+        cols = (self.rec_seq, self.rec_seg, self.rec_pos, self.rec_off, self.rec_len, self.rec_vdisk, self.rec_op)
+        mem = sum(sys.getsizeof(c) for c in cols) + sys.getsizeof(self._vd)
+        blocks = versions = multi = 0
+        for vd in self._vd.values():
+            mem += sys.getsizeof(vd.single) + sys.getsizeof(vd.multi) + sum(sys.getsizeof(a) for a in vd.multi.values())
+            blocks += vd.blocks
+            versions += vd.versions
+            multi += len(vd.multi)
+        return IndexStatistics(len(self.rec_seq), len(self.pits), len(self._vd), blocks, versions, multi, mem)
+
+
+_shared: dict[Path, BlockIndex] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_index(journal_dir: str | Path) -> BlockIndex:
+    """The process's one `BlockIndex` of a journal, refreshed (incrementally)."""
+    key = Path(journal_dir).resolve()
+    with _shared_lock:
+        idx = _shared.get(key)
+        if idx is None:
+            idx = _shared[key] = BlockIndex(key)
+            return idx
+    idx.refresh()
+    return idx
+
+
+# -- reading records -------------------------------------------------------------------------
+
+_ENTRY = struct.Struct(
+    ">"
+    "I"  # size: payload bytes after the head
+    "B"  # tag: 1 RECORD
+    "3x"  # padding
+    "I"  # crc: zlib.crc32(head[0:8] || payload)
+)
+assert _ENTRY.size == 12
+
+
+class _RecordSource:
+    """Read committed records at (segment, offset) with their entry CRC
+    checked, through our own read-only descriptors; references are resolved
+    through a Journal opened read-only on first need (or the one given)."""
+
+    def __init__(self, path: Path, journal: Any | None) -> None:
+        self.path = path
+        self._journal = journal
+        self._own_journal = False
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def read(self, seg: int, pos: int, seq: int) -> tuple[Record, bytes]:
+        with self._lock:
+            fd = self._fds.get(seg)
+            if fd is None:
+                fd = self._fds[seg] = os.open(self.path / f"{seg:08d}.seg", os.O_RDONLY | os.O_CLOEXEC)
+        where = f"journal {self.path}: {seg:08d}.seg offset {pos}"
+        head = os.pread(fd, _ENTRY.size, pos)
+        if len(head) != _ENTRY.size:
+            raise _corrupt(f"{where}: entry head truncated")
+        size, tag, crc = _ENTRY.unpack(head)
+        payload = os.pread(fd, size, pos + _ENTRY.size)
+        if tag != 1 or len(payload) != size or zlib.crc32(payload, zlib.crc32(head[:8])) != crc:
+            raise _corrupt(f"{where}: record entry fails its check (needed for seq {seq})")
+        try:
+            rec, _ = decode_record(payload)
+        except FrameError as e:
+            raise _corrupt(f"{where}: {e}") from None
+        if rec.seq != seq:
+            raise _corrupt(f"{where}: holds seq {rec.seq}, the index says {seq}")
+        if not rec.refs:
+            return rec, rec.data if rec.op == Op.WRITE else b""
+        j = self._journal_for(seq)
+        read_block = getattr(j, "read_block", None)  # public lookup, when the journal offers one
+        if read_block is not None:
+            return rec, expand(rec, read_block)
+        for r, data in j.records(seq, seq):
+            return r, data
+        raise _corrupt(f"{where}: seq {seq} is not in the journal's own index")
+
+    def _journal_for(self, seq: int) -> Any:
+        from nicsplit.appliance.journal import Journal
+
+        with self._lock:
+            if self._journal is not None and self._journal.last_seq < seq and self._own_journal:
+                self._journal.close()
+                self._journal = None
+            if self._journal is None:
+                self._journal = Journal.open(self.path, readonly=True)
+                self._own_journal = True
+            return self._journal
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            if self._own_journal and self._journal is not None:
+                self._journal.close()
+                self._journal = None
+
+
+def _corrupt(msg: str) -> Exception:
+    from nicsplit.appliance.journal import JournalCorrupt
+
+    return JournalCorrupt(msg)
+
+
+# -- PIT reader -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    offset: int
+    length: int
+    kind: str  # "data" (written), "zero" (last made zero / trimmed), "hole" (never written)
+
+
+class PitReader:
+    """Read-only image of every vdisk of a CG at PIT ``upto_seq``, served from
+    the journal through the block index (module docstring).  Thread-safe."""
+
+    def __init__(self, journal_dir: str | Path, catalog_vdisks: Iterable[VdiskLike], upto_seq: int, *,
+                 index: BlockIndex | None = None, journal: Any | None = None,
+                 cache_bytes: int = _CACHE_BYTES) -> None:
+        self.path = Path(journal_dir)
+        self.index = index if index is not None else shared_index(self.path)
+        last = self.index.pits.latest(consistent=False).seq if len(self.index.pits) else 0
+        if upto_seq > last:
+            raise ReplicaError(f"seq {upto_seq} is beyond the journal's last point in time (seq {last})")
+        self.upto_seq = upto_seq
+        self._u = self.index.ordinal_upto(upto_seq)
+        self.vdisks = {v.id: v for v in catalog_vdisks}
+        self._src = _RecordSource(self.path, journal)
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_cap = cache_bytes
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "PitReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._src.close()
+
+    def size(self, vdisk_id: int) -> int:
+        v = self.vdisks.get(vdisk_id)
+        if v is None:
+            raise ReplicaError(f"vdisk id {vdisk_id} is not one of this reader's vdisks")
+        return v.size
+
+    def _check(self, vdisk_id: int, offset: int, length: int) -> None:
+        size = self.size(vdisk_id)
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ValueError(f"range {offset}+{length} is outside vdisk id {vdisk_id} ({size} bytes)")
+
+    def _payload(self, o: int) -> bytes:
+        with self._lock:
+            p = self._cache.get(o)
+            if p is not None:
+                self._cache.move_to_end(o)
+                return p
+        ix = self.index
+        _, p = self._src.read(ix.rec_seg[o], ix.rec_pos[o], ix.rec_seq[o])
+        with self._lock:
+            self._cache[o] = p
+            self._cache_bytes += len(p)
+            while self._cache_bytes > self._cache_cap and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= len(old)
+        return p
+
+    def _chain(self, vdisk_id: int, b: int) -> list[int]:
+        """Ordinals that decide block ``b`` at this PIT, newest first: back to
+        the first that covers the whole block (or to the oldest)."""
+        ords, n = self.index.versions(vdisk_id, b, self._u)
+        if not n:
+            return []
+        ix = self.index
+        lo, hi = b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE
+        out = []
+        for i in range(n - 1, -1, -1):
+            o = ords[i]
+            out.append(o)
+            if ix.rec_off[o] <= lo and ix.rec_off[o] + ix.rec_len[o] >= hi:
+                break
+        return out
+
+    def pread(self, vdisk_id: int, offset: int, length: int) -> bytes:
+        """``length`` bytes of the vdisk's image at this PIT."""
+        self._check(vdisk_id, offset, length)
+        out = bytearray(length)
+        ix = self.index
+        pos, end = offset, offset + length
+        while pos < end:
+            b = pos // BLOCK_SIZE
+            bend = min((b + 1) * BLOCK_SIZE, end)
+            chain = self._chain(vdisk_id, b)
+            for o in reversed(chain):
+                ro = ix.rec_off[o]
+                s, e = max(pos, ro), min(bend, ro + ix.rec_len[o])
+                if s >= e:
+                    continue
+                if ix.rec_op[o] == Op.WRITE:
+                    p = self._payload(o)
+                    out[s - offset : e - offset] = p[s - ro : e - ro]
+                else:
+                    out[s - offset : e - offset] = bytes(e - s)
+            pos = bend
+        return bytes(out)
+
+    def _kind(self, vdisk_id: int, b: int) -> str:
+        chain = self._chain(vdisk_id, b)
+        if not chain:
+            return "hole"
+        return "data" if any(self.index.rec_op[o] == Op.WRITE for o in chain) else "zero"
+
+    def extents(self, vdisk_id: int, offset: int, length: int) -> list[Extent]:
+        """The range split into runs of "data", "zero" (zeroed or trimmed) and
+        "hole" (never written) at this PIT, at 4 KiB granularity (an
+        unaligned range is widened to whole blocks, then clipped)."""
+        self._check(vdisk_id, offset, length)
+        out: list[Extent] = []
+        end = offset + length
+        pos = offset
+        while pos < end:
+            b = pos // BLOCK_SIZE
+            bend = min((b + 1) * BLOCK_SIZE, end)
+            k = self._kind(vdisk_id, b)
+            if out and out[-1].kind == k:
+                last = out[-1]
+                out[-1] = Extent(last.offset, bend - last.offset, k)
+            else:
+                out.append(Extent(pos, bend - pos, k))
+            pos = bend
+        return out
+
+
+# -- distribution with undo ------------------------------------------------------------------
+
+_UNDO = struct.Struct(
+    ">"
+    "4s"  # magic: b"NSUN"
+    "B"  # kind: UNDO_DATA (the replaced bytes follow) or UNDO_ZEROS (they were all zero; nothing follows)
+    "3x"  # padding: zero
+    "Q"  # seq: the record whose application replaced these bytes
+    "Q"  # vdisk_id
+    "Q"  # offset: virtual byte offset in the vdisk (= in its image)
+    "I"  # length: bytes replaced
+    "I"  # crc: zlib.crc32 of the 36 bytes before it followed by the payload
+)
+assert _UNDO.size == 40
+UNDO_MAGIC = b"NSUN"
+UNDO_DATA = 1
+UNDO_ZEROS = 2
+STATE_VERSION = 1
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _zero(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) read as zeros: punch a hole, or write zeros."""
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, ctypes.c_int64(offset),
+                       ctypes.c_int64(length)) == 0:
+        return
+    zeros = bytes(min(length, 1 << 20))
+    end = offset + length
+    while offset < end:
+        n = min(len(zeros), end - offset)
+        os.pwrite(fd, zeros[:n], offset)
+        offset += n
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class DistributorStatistics:
+    applied_seq: int
+    undo_floor: int  # the oldest seq the replica can be rolled back to
+    undo_entries: int
+    undo_bytes: int
+    records_applied: int  # since open
+    records_skipped: int  # records of vdisks not in this replica (since open)
+    recovered_entries: int  # undo entries laid back at open (an interrupted step or rollback)
+
+
+class Distributor:
+    """Applies a CG's journal to replica images, keeping undo data.  One
+    instance per replica directory; not thread-safe (one distribution task)."""
+
+    def __init__(self, journal_dir: str | Path, replica_dir: str | Path, vdisks: Iterable[VdiskLike], *,
+                 index: BlockIndex | None = None, journal: Any | None = None,
+                 failpoint: Callable[[str], None] | None = None) -> None:
+        self.journal_dir = Path(journal_dir)
+        self.dir = Path(replica_dir)
+        self.vdisks = {v.id: v for v in vdisks}
+        self.index = index if index is not None else shared_index(self.journal_dir)
+        self.failpoint = failpoint
+        self._src = _RecordSource(self.journal_dir, journal)
+        created = not self.dir.exists()
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if created:
+            _fsync_dir(self.dir.parent)
+        self._fds: dict[int, int] = {}
+        for v in self.vdisks.values():
+            p = self.image_path(v)
+            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if os.fstat(fd).st_size != v.size:
+                os.ftruncate(fd, v.size)  # sparse; a grown vdisk grows its image
+            self._fds[v.id] = fd
+        self._undo_path = self.dir / "undo.log"
+        self._undo = os.open(self._undo_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        _fsync_dir(self.dir)
+        self._undo_seq = array("Q")  # per undo entry: seq ...
+        self._undo_off = array("Q")  # ... and offset in undo.log
+        self._applied = self._skipped = self._recovered = 0
+        st = self._read_state()
+        self.applied_seq: int = st["applied_seq"]
+        self.undo_floor: int = st["undo_floor"]
+        self._undo_end: int = st["undo_end"]
+        self._recover(st.get("rollback_to"))
+
+    # -- files -------------------------------------------------------------------------
+
+    def image_path(self, v: VdiskLike) -> Path:
+        return self.dir / f"{v.name}.img"
+
+    def _read_state(self) -> dict:
+        p = self.dir / "state.json"
+        try:
+            st = json.loads(p.read_text())
+        except FileNotFoundError:
+            return {"applied_seq": 0, "undo_end": 0, "undo_floor": 0, "rollback_to": None}
+        except ValueError as e:
+            raise ReplicaError(f"{p}: unreadable ({e})") from None
+        if st.get("version") != STATE_VERSION:
+            raise ReplicaError(f"{p}: version {st.get('version')!r} not supported")
+        return st
+
+    def _write_state(self, applied: int, undo_end: int, rollback_to: int | None = None) -> None:
+        p = self.dir / "state.json"
+        tmp = self.dir / "state.json.tmp"
+        body = json.dumps({"version": STATE_VERSION, "applied_seq": applied, "undo_end": undo_end,
+                           "undo_floor": self.undo_floor, "rollback_to": rollback_to})
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, body.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, p)
+        _fsync_dir(self.dir)
+
+    def _fp(self, name: str) -> None:
+        if self.failpoint is not None:
+            self.failpoint(name)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if self._undo >= 0:
+            os.close(self._undo)
+            self._undo = -1
+        self._src.close()
+
+    def __enter__(self) -> "Distributor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- undo log -------------------------------------------------------------------------
+
+    def _scan_undo(self, start: int, end: int | None) -> tuple[list[tuple[int, int]], int]:
+        """(seq, offset) of the valid entries in [start, end) (to the first
+        invalid one when ``end`` is None) and the offset after the last."""
+        size = os.fstat(self._undo).st_size
+        stop = size if end is None else end
+        out = []
+        pos = start
+        while pos + _UNDO.size <= stop:
+            head = os.pread(self._undo, _UNDO.size, pos)
+            magic, kind, seq, vid, off, length, crc = _UNDO.unpack(head)
+            n = length if kind == UNDO_DATA else 0
+            if magic != UNDO_MAGIC or kind not in (UNDO_DATA, UNDO_ZEROS) or pos + _UNDO.size + n > stop:
+                if end is not None:
+                    raise ReplicaError(f"{self._undo_path}: bad undo entry at offset {pos} (before undo_end {end})")
+                break
+            out.append((seq, pos))
+            pos += _UNDO.size + n
+        return out, pos
+
+    def _read_undo(self, pos: int) -> tuple[int, int, int, int, bytes | None]:
+        head = os.pread(self._undo, _UNDO.size, pos)
+        magic, kind, seq, vid, off, length, crc = _UNDO.unpack(head)
+        data = os.pread(self._undo, length, pos + _UNDO.size) if kind == UNDO_DATA else b""
+        if magic != UNDO_MAGIC or zlib.crc32(data, zlib.crc32(head[:36])) != crc or (
+                kind == UNDO_DATA and len(data) != length):
+            raise ReplicaError(f"{self._undo_path}: undo entry at offset {pos} fails its check")
+        return seq, vid, off, length, data if kind == UNDO_DATA else None
+
+    def _lay_back(self, offsets: list[int]) -> None:
+        """Apply the undo entries at ``offsets`` newest first, fsync images."""
+        touched = set()
+        for pos in reversed(offsets):
+            seq, vid, off, length, data = self._read_undo(pos)
+            fd = self._fds.get(vid)
+            if fd is None:
+                raise ReplicaError(f"{self._undo_path}: undo entry for vdisk id {vid}, which this replica lacks")
+            if data is None:
+                _zero(fd, off, length)
+            else:
+                os.pwrite(fd, data, off)
+            touched.add(fd)
+            self._fp("undo-entry-applied")
+        for fd in touched:
+            os.fsync(fd)
+
+    def _recover(self, rollback_to: int | None) -> None:
+        entries, end = self._scan_undo(0, self._undo_end)
+        if rollback_to is not None:  # rule 4: finish an interrupted rollback
+            self._undo_seq.extend(s for s, _ in entries)
+            self._undo_off.extend(o for _, o in entries)
+            log.warning("replica %s: finishing an interrupted rollback to seq %d", self.dir, rollback_to)
+            self.undo_to(rollback_to)
+            return
+        tail, _ = self._scan_undo(self._undo_end, None)
+        if tail:  # rule 2: a step was interrupted after its undo entries were written
+            log.warning("replica %s: laying back %d undo entries of an interrupted step (applied seq %d)",
+                        self.dir, len(tail), self.applied_seq)
+            self._lay_back([o for _, o in tail])
+            self._recovered += len(tail)
+        if os.fstat(self._undo).st_size != self._undo_end:
+            os.ftruncate(self._undo, self._undo_end)
+            os.fsync(self._undo)
+        self._undo_seq.extend(s for s, _ in entries)
+        self._undo_off.extend(o for _, o in entries)
+
+    # -- do / undo ------------------------------------------------------------------------
+
+    def pending(self) -> int:
+        """Indexed records not applied yet."""
+        self.index.refresh()
+        return len(self.index.rec_seq) - (self.index.ordinal_upto(self.applied_seq) + 1)
+
+    def step(self, max_records: int = 256) -> int:
+        """Apply up to ``max_records`` journaled records (undo first, rule 2);
+        returns how many were applied (0 = caught up)."""
+        ix = self.index
+        ix.refresh()
+        first = ix.ordinal_upto(self.applied_seq) + 1
+        last = min(first + max_records, len(ix.rec_seq))
+        if first >= last:
+            return 0
+        # Pre-images, seen through the earlier records of this step (not applied yet).
+        todo: list[tuple[int, int, int, bytes | None, int]] = []  # (seq, vdisk, offset, payload|None, length)
+        undo = bytearray()
+        for o in range(first, last):
+            seq, vid, off, length = ix.rec_seq[o], ix.rec_vdisk[o], ix.rec_off[o], ix.rec_len[o]
+            fd = self._fds.get(vid)
+            if fd is None:
+                self._skipped += 1
+                continue
+            v = self.vdisks[vid]
+            if off + length > v.size:
+                raise ReplicaError(f"record seq {seq}: {off}+{length} is past the end of vdisk {v.name} ({v.size} bytes)")
+            _, payload = self._src.read(ix.rec_seg[o], ix.rec_pos[o], seq)
+            pre = bytearray(os.pread(fd, length, off))
+            pre.extend(bytes(length - len(pre)))
+            for _, pvid, poff, pdata, plen in todo:
+                if pvid == vid and poff < off + length and off < poff + plen:
+                    s, e = max(off, poff), min(off + length, poff + plen)
+                    pre[s - off : e - off] = pdata[s - poff : e - poff] if pdata is not None else bytes(e - s)
+            zeros = pre.count(0) == len(pre)
+            kind = UNDO_ZEROS if zeros else UNDO_DATA
+            body = b"" if zeros else bytes(pre)
+            head = _UNDO.pack(UNDO_MAGIC, kind, seq, vid, off, length, 0)[:36]
+            self._undo_seq.append(seq)
+            self._undo_off.append(self._undo_end + len(undo))
+            undo += head + struct.pack(">I", zlib.crc32(body, zlib.crc32(head))) + body
+            todo.append((seq, vid, off, payload if ix.rec_op[o] == Op.WRITE else None, length))
+        end = self._undo_end + len(undo)
+        if undo:
+            os.pwrite(self._undo, undo, self._undo_end)
+            self._fp("undo-written")
+            os.fsync(self._undo)
+            self._fp("undo-synced")
+            touched = set()
+            for seq, vid, off, payload, length in todo:
+                fd = self._fds[vid]
+                if payload is None:
+                    _zero(fd, off, length)
+                else:
+                    os.pwrite(fd, payload, off)
+                touched.add(fd)
+                self._fp("image-written")
+            for fd in touched:
+                os.fsync(fd)
+            self._fp("images-synced")
+        self._write_state(ix.rec_seq[last - 1], end)
+        self._fp("state-persisted")
+        self.applied_seq = ix.rec_seq[last - 1]
+        self._undo_end = end
+        self._applied += len(todo)
+        return last - first
+
+    def catch_up(self, max_records: int = 256) -> int:
+        n = 0
+        while (k := self.step(max_records)):
+            n += k
+        return n
+
+    def undo_to(self, seq: int) -> int:
+        """Roll the replica images back to PIT ``seq`` (<= applied_seq) with the
+        undo log (rule 4); later `step`s re-apply from there.  Returns the
+        number of undo entries laid back."""
+        if seq > self.applied_seq:
+            raise ReplicaError(f"cannot roll back to seq {seq}: the replica is at seq {self.applied_seq}")
+        if seq < self.undo_floor:
+            raise ReplicaError(f"cannot roll back to seq {seq}: undo data starts after seq {self.undo_floor}")
+        i = bisect.bisect_right(self._undo_seq, seq)
+        offs = list(self._undo_off[i:])
+        cut = offs[0] if offs else self._undo_end
+        self._write_state(self.applied_seq, self._undo_end, rollback_to=seq)
+        self._fp("rollback-intent")
+        self._lay_back(offs)
+        self._write_state(seq, cut)
+        self._fp("rollback-persisted")
+        os.ftruncate(self._undo, cut)
+        os.fsync(self._undo)
+        del self._undo_seq[i:]
+        del self._undo_off[i:]
+        self.applied_seq, self._undo_end = seq, cut
+        return len(offs)
+
+    def read(self, vdisk_id: int, offset: int, length: int) -> bytes:
+        """Bytes of the replica image (at ``applied_seq``)."""
+        data = os.pread(self._fds[vdisk_id], length, offset)
+        return data + bytes(length - len(data))
+
+    def statistics(self) -> DistributorStatistics:
+        return DistributorStatistics(self.applied_seq, self.undo_floor, len(self._undo_seq), self._undo_end,
+                                     self._applied, self._skipped, self._recovered)
