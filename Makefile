@@ -19,7 +19,7 @@ system-deps:
 	bash scripts/setup-system.sh
 
 run: venv
-	$(VENV)/bin/nicsplit --data $(DATA) demo
+	$(VENV)/bin/nicsplit --data $(DATA) up
 
 test: system-deps venv
 	$(PY) -m pytest -v tests
