@@ -545,6 +545,11 @@ class Journal:
             raise JournalCorrupt(f"journal {self.path}: block {fp.hex()} at {_seg_name(seg)} offset {off} is damaged")
         return data
 
+    def read_block(self, fp: bytes) -> bytes:
+        """The 4 KiB block with fingerprint ``fp`` (a dedup reference target)."""
+        with self._lock:
+            return self._read_block(fp)
+
     def read_entry(self, seg: int, pos: int) -> Record:
         """The record whose entry starts at (segment, offset), CRC-checked."""
         f = self._reader(seg)

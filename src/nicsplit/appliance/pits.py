@@ -293,8 +293,8 @@ class JournalScanner:
 
 
 class PitIndex:
-    """Every PIT of one journal, in seq order, in compact arrays (16 bytes +
-    1 per PIT).  `refresh()` adds what was committed since; thread-safe.
+    """Every PIT of one journal, in seq order, in compact arrays (25 bytes
+    per PIT).  `refresh()` adds what was committed since; thread-safe.
 
     ``on_batch(commit, records)`` is called for every committed batch as it is
     indexed (the replica block index builds itself from the same scan)."""

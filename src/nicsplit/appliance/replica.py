@@ -11,8 +11,8 @@ grows.  It holds
 
 * a record table, one row per WRITE / ZERO / TRIM record in seq order, in
   parallel ``array`` columns (seq, segment, entry offset, vdisk offset, length,
-  op): 41 bytes per record.  A row's number is its *ordinal*; ordinals and seqs
-  sort the same way, so "latest version <= seq S" is "largest ordinal <= the
+  vdisk id, op): 45 bytes per record.  A row's number is its *ordinal*;
+  ordinals and seqs sort the same way, so "latest version <= seq S" is "largest ordinal <= the
   ordinal of S", found once per PIT by one bisect over the seq column;
 * per vdisk and 4 KiB block, the ordinals of the records that touch it, in
   ascending order: ``single`` (an ``array('I')``, 4 bytes per block) holds the
@@ -82,7 +82,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from nicsplit.appliance.pits import Commit, PitError, PitIndex, RecordHead
 from nicsplit.card.records import Op
@@ -408,53 +408,104 @@ class PitReader:
                 break
         return out
 
-    def pread(self, vdisk_id: int, offset: int, length: int) -> bytes:
-        """``length`` bytes of the vdisk's image at this PIT."""
-        self._check(vdisk_id, offset, length)
-        out = bytearray(length)
+    def _latest(self, vdisk_id: int) -> Callable[[int], int]:
+        """block → the newest ordinal <= this PIT touching it (-1: none)."""
+        vd = self.index._vd.get(vdisk_id)
+        if vd is None:
+            return lambda b: -1
+        single, multi, u, bisect_right = vd.single, vd.multi, self._u, bisect.bisect_right
+
+        def latest(b: int) -> int:
+            if b >= len(single):
+                return -1
+            v = single[b]
+            if v == 0:
+                return -1
+            if v != MULTI:
+                return v - 1 if v - 1 <= u else -1
+            arr = multi[b]
+            i = bisect_right(arr, u)
+            return arr[i - 1] if i else -1
+
+        return latest
+
+    def _runs(self, vdisk_id: int, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """(start, end, ordinal) runs of [offset, offset+length): ordinal >= 0
+        decides the whole run alone (it covers every block of it fully), -1
+        means never written, -2 means the run is one block whose chain must
+        be walked (partial covers)."""
+        latest = self._latest(vdisk_id)
         ix = self.index
+        rec_off, rec_len = ix.rec_off, ix.rec_len
         pos, end = offset, offset + length
         while pos < end:
             b = pos // BLOCK_SIZE
-            bend = min((b + 1) * BLOCK_SIZE, end)
-            chain = self._chain(vdisk_id, b)
-            for o in reversed(chain):
-                ro = ix.rec_off[o]
-                s, e = max(pos, ro), min(bend, ro + ix.rec_len[o])
-                if s >= e:
-                    continue
-                if ix.rec_op[o] == Op.WRITE:
-                    p = self._payload(o)
-                    out[s - offset : e - offset] = p[s - ro : e - ro]
-                else:
-                    out[s - offset : e - offset] = bytes(e - s)
-            pos = bend
-        return bytes(out)
+            o = latest(b)
+            if o < 0:
+                nb = b + 1
+                while nb * BLOCK_SIZE < end and latest(nb) < 0:
+                    nb += 1
+                stop = min(nb * BLOCK_SIZE, end)
+                yield pos, stop, -1
+                pos = stop
+                continue
+            ro, rend = rec_off[o], rec_off[o] + rec_len[o]
+            if ro > b * BLOCK_SIZE or rend < (b + 1) * BLOCK_SIZE:
+                stop = min((b + 1) * BLOCK_SIZE, end)
+                yield pos, stop, -2
+                pos = stop
+                continue
+            nb = b + 1
+            while nb * BLOCK_SIZE < end and (nb + 1) * BLOCK_SIZE <= rend and latest(nb) == o:
+                nb += 1
+            stop = min(nb * BLOCK_SIZE, end)
+            yield pos, stop, o
+            pos = stop
 
-    def _kind(self, vdisk_id: int, b: int) -> str:
-        chain = self._chain(vdisk_id, b)
-        if not chain:
-            return "hole"
-        return "data" if any(self.index.rec_op[o] == Op.WRITE for o in chain) else "zero"
+    def pread(self, vdisk_id: int, offset: int, length: int) -> bytes:
+        """``length`` bytes of the vdisk's image at this PIT."""
+        self._check(vdisk_id, offset, length)
+        ix = self.index
+        runs = list(self._runs(vdisk_id, offset, length))
+        if len(runs) == 1 and runs[0][2] >= 0 and ix.rec_op[runs[0][2]] == Op.WRITE:  # one record decides it all
+            o = runs[0][2]
+            return self._payload(o)[offset - ix.rec_off[o] : offset - ix.rec_off[o] + length]
+        out = bytearray(length)  # zeros: never written, ZERO and TRIM need no work
+        for s, e, o in runs:
+            if o >= 0:
+                if ix.rec_op[o] == Op.WRITE:
+                    ro = ix.rec_off[o]
+                    out[s - offset : e - offset] = memoryview(self._payload(o))[s - ro : e - ro]
+            elif o == -2:
+                for c in reversed(self._chain(vdisk_id, s // BLOCK_SIZE)):  # oldest first
+                    ro = ix.rec_off[c]
+                    cs, ce = max(s, ro), min(e, ro + ix.rec_len[c])
+                    if cs >= ce:
+                        continue
+                    if ix.rec_op[c] == Op.WRITE:
+                        out[cs - offset : ce - offset] = memoryview(self._payload(c))[cs - ro : ce - ro]
+                    else:
+                        out[cs - offset : ce - offset] = bytes(ce - cs)
+        return bytes(out)
 
     def extents(self, vdisk_id: int, offset: int, length: int) -> list[Extent]:
         """The range split into runs of "data", "zero" (zeroed or trimmed) and
-        "hole" (never written) at this PIT, at 4 KiB granularity (an
-        unaligned range is widened to whole blocks, then clipped)."""
+        "hole" (never written) at this PIT, decided per 4 KiB block (a block
+        holding any written byte is "data")."""
         self._check(vdisk_id, offset, length)
         out: list[Extent] = []
-        end = offset + length
-        pos = offset
-        while pos < end:
-            b = pos // BLOCK_SIZE
-            bend = min((b + 1) * BLOCK_SIZE, end)
-            k = self._kind(vdisk_id, b)
-            if out and out[-1].kind == k:
-                last = out[-1]
-                out[-1] = Extent(last.offset, bend - last.offset, k)
+        ops = self.index.rec_op
+        for s, e, o in self._runs(vdisk_id, offset, length):
+            if o == -1:
+                k = "hole"
+            elif o >= 0:
+                k = "data" if ops[o] == Op.WRITE else "zero"
             else:
-                out.append(Extent(pos, bend - pos, k))
-            pos = bend
+                k = "data" if any(ops[c] == Op.WRITE for c in self._chain(vdisk_id, s // BLOCK_SIZE)) else "zero"
+            if out and out[-1].kind == k:
+                out[-1] = Extent(out[-1].offset, e - out[-1].offset, k)
+            else:
+                out.append(Extent(s, e - s, k))
         return out
 
 
