@@ -1,6 +1,6 @@
 """The first recovery steps with real processes and real clients: points in
 time listed from the journal, a bookmark, restore to a file (issue 4, in
-progress: image access, retention and failover are not built yet)."""
+progress: retention, in-place restore and failover are not built yet)."""
 
 from __future__ import annotations
 

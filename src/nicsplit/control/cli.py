@@ -413,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nicsplit.appliance.pitcli import add_parsers as add_pit_parsers
 
     add_pit_parsers(sub, common)
+    from nicsplit.appliance.imagecli import add_parsers as add_image_parsers
+
+    add_image_parsers(sub, common)
 
     cp = sub.add_parser("card", parents=[common], help="the (emulated) offload card").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
     s = cp.add_parser("run", parents=[common], help="run the card: hidden volume, ring, pipeline, shipping (foreground)")
