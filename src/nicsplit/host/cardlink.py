@@ -9,6 +9,13 @@ Rules:
   until the card reports its payload released (shipped and durable, or
   dropped); if the card is lost, every write still kept is marked dirty in its
   vdisk's map, so a resync covers it (P1).
+- Waiting for acks is pipelined: a write is published to the card, goes on
+  to the datastore, and only its *reply* waits for the ack. A short spin
+  catches the common case (the ack is there within microseconds); beyond it
+  the wait becomes an asyncio future that a loop callback completes by polling
+  the completion ring, so the host keeps taking other requests meanwhile —
+  one spinning write must not serialize a queue depth of 16 behind the card's
+  round trip. Deadlines are enforced by the same poller (P4).
 - The kept list is bounded by the card's own capacity (a write the card has
   not released occupies hidden-volume space), plus ``max_tracked`` as a hard
   stop: beyond it the oldest entries' regions are marked dirty at once.
@@ -16,9 +23,11 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
+from time import monotonic_ns
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +38,7 @@ log = logging.getLogger(__name__)
 
 class CardLink:
     def __init__(self, run_dir: Path, *, transport: str = "ring", retry_s: float = 0.5,
-                 connect_timeout_s: float = 0.05, max_tracked: int = 1 << 20) -> None:
+                 connect_timeout_s: float = 0.05, max_tracked: int = 1 << 20, spin_us: float = 20) -> None:
         self.run_dir = Path(run_dir)
         self.kind = transport
         self.retry_s = retry_s
@@ -41,6 +50,10 @@ class CardLink:
         self.losses = 0
         self.last_error = ""
         self._lost_log = LostLogReader(self.run_dir)
+        self.spin_ns = int(spin_us * 1000)
+        self._waiting: dict[int, tuple[asyncio.Future, int]] = {}  # io_id -> (future, deadline)
+        self._poller_scheduled = False
+        self.async_waits = 0
         self._dmaps: dict[int, Any] = {}  # vdisk id -> DirtyMap, for the card's lost-writes log
 
     def register(self, vdisk_id: int, dmap: Any) -> None:
@@ -77,6 +90,58 @@ class CardLink:
         from nicsplit.card.transports.base import open_splitter
 
         return open_splitter(self.kind, str(self.run_dir / "card.sock"), timeout=self.connect_timeout_s)
+
+    # -- acks ------------------------------------------------------------
+    def wait_ack(self, t: Any, io_id: int, deadline_ns: int) -> "bool | asyncio.Future":
+        """The verdict for a submitted io: a bool now (acked within the spin,
+        or refused), else a future the ack poller completes (False once the
+        deadline passes)."""
+        spin_until = min(deadline_ns, monotonic_ns() + self.spin_ns)
+        while True:
+            t.reap()
+            v = t.take_ack(io_id)
+            if v is not None:
+                return v
+            if monotonic_ns() >= spin_until:
+                break
+        if monotonic_ns() >= deadline_ns:
+            return t.abandon(io_id)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[io_id] = (fut, deadline_ns)
+        self.async_waits += 1
+        if not self._poller_scheduled:
+            self._poller_scheduled = True
+            asyncio.get_running_loop().call_soon(self._poll_acks)
+        return fut
+
+    def _poll_acks(self) -> None:
+        """Loop callback: complete waiting acks; reschedules itself while any
+        remain (busy polling only while acks are outstanding)."""
+        self._poller_scheduled = False
+        waiting = self._waiting
+        if not waiting:
+            return
+        t = self._t
+        if t is None:  # the card was lost: nobody will ack
+            for fut, _ in waiting.values():
+                if not fut.done():
+                    fut.set_result(False)
+            waiting.clear()
+            return
+        t.reap()
+        now = monotonic_ns()
+        for io_id in list(waiting):
+            fut, deadline = waiting[io_id]
+            v = t.take_ack(io_id)
+            if v is None and now >= deadline:
+                v = t.abandon(io_id)
+            if v is not None:
+                del waiting[io_id]
+                if not fut.done():
+                    fut.set_result(v)
+        if waiting:
+            self._poller_scheduled = True
+            asyncio.get_running_loop().call_soon(self._poll_acks)
 
     def track(self, position: int, dmap: Any, offset: int, length: int) -> None:
         tr = self._tracked

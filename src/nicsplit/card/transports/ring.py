@@ -376,6 +376,24 @@ class RingSplitter:
                 return self._timed_out(io_id)
             self._spins += 1
 
+    def reap(self) -> None:
+        """Consume every completion available now, without waiting; their
+        verdicts wait in a table for `take_ack` (the pipelined host path)."""
+        ctail = self._ctr[_CQ_TAIL]
+        if ctail != self._cq_head:
+            self._drain(ctail, -1)
+
+    def take_ack(self, io_id: int) -> bool | None:
+        """The verdict for ``io_id`` if its completion was reaped, else None."""
+        return self._done.pop(io_id, None) if self._done else None
+
+    def abandon(self, io_id: int) -> bool:
+        """Give up on ``io_id`` (its deadline passed); a late ack is dropped."""
+        done = self._done.pop(io_id, None) if self._done else None
+        if done is not None:
+            return done
+        return self._timed_out(io_id)
+
     def _drain(self, ctail: int, want: int) -> bool | None:
         """Consume completions up to ``ctail``; the verdict for ``want`` if seen.
         Verdicts for other in-flight io_ids are kept for their ``wait_ack``."""

@@ -27,7 +27,7 @@ Example: ``filters = ["stats", "split"]`` with the vdisk in a CG
 from __future__ import annotations
 
 import asyncio
-from time import perf_counter_ns, time_ns
+from time import monotonic_ns, perf_counter_ns, time_ns
 
 from nicsplit.card.records import AugmentedWrite, Op, Status, WFlag
 from nicsplit.host.chain import ChainError, Filter
@@ -80,8 +80,9 @@ class SplitFilter(Filter):
         self.marked_count += 1
 
     # -- the split ---------------------------------------------------------
-    def _split(self, op: Op, offset: int, length: int, flags: int, data) -> AugmentedWrite | None:
-        """Steps D–F. Returns the write if the card holds it (needs an outcome)."""
+    def _submit(self, op: Op, offset: int, length: int, flags: int, data):
+        """Steps D–E: build the augmented write and publish it to the card.
+        Returns (write, transport) when the card must ack it, else None."""
         seq = self.seq
         if seq is None:
             return None
@@ -96,17 +97,30 @@ class SplitFilter(Filter):
         if t is None:
             self._mark(w, "card unavailable: " + (self.link.last_error or "not attached"))
             return None
-        t0 = perf_counter_ns()
-        ok = t.split(w, self.timeout_ns)
+        if not t.submit(w):
+            if not t.healthy():
+                self.link.lost("card stopped responding")
+            self._mark(w, "card refused the write (full, or gone)")
+            return None
+        return w, t, perf_counter_ns(), t.last_position  # its payload position, for tracking
+
+    async def _acked(self, sub) -> AugmentedWrite | None:
+        """Step F, pipelined: the ack (usually already there) or marking."""
+        w, t, t0, position = sub
+        v = self.link.wait_ack(t, w.io_id, monotonic_ns() + self.timeout_ns)
+        if v is not True and v is not False:
+            v = await v
         self.hist.record(perf_counter_ns() - t0)
-        if not ok:
+        if not v:
             if not t.healthy():
                 self.link.lost("card stopped responding")
             self._mark(w, f"card did not acknowledge within {self.timeout_ns // 1000} us")
+            # Tell the card to drop it if it ever takes it: the region is dirty.
+            t.post_outcome(w.io_id, _FAILED)
             return None
         self.split_count += 1
-        if op is not Op.BARRIER:
-            self.link.track(t.last_position, self.dmap, offset, length)
+        if w.op is not Op.BARRIER:
+            self.link.track(position, self.dmap, w.voffset, w.length)
             if self.split_count & 1023 == 0:
                 self.link.trim()
         return w
@@ -120,46 +134,39 @@ class SplitFilter(Filter):
             if status is _COMMITTED:
                 self._mark(w, "could not post the outcome to the card")
 
+    async def _through(self, sub, down) -> None:
+        """Steps G–I around the layer below: the datastore write overlaps the
+        card's round trip; the client's reply waits for the ack (or marking)."""
+        try:
+            await down
+        except BaseException:
+            if sub is not None:
+                sub[1].post_outcome(sub[0].io_id, _FAILED)
+            raise
+        if sub is not None:
+            w = await self._acked(sub)
+            self._outcome(w, _COMMITTED)
+
     # -- verbs -------------------------------------------------------------
     async def pwrite(self, next, offset, data, flags):
-        w = self._split(Op.WRITE, offset, len(data), flags, data)
-        try:
-            await next.pwrite(offset, data, flags)
-        except BaseException:
-            self._outcome(w, _FAILED)
-            raise
-        self._outcome(w, _COMMITTED)
+        sub = self._submit(Op.WRITE, offset, len(data), flags, data)
+        await self._through(sub, next.pwrite(offset, data, flags))
 
     async def zero(self, next, offset, length, flags):
-        w = self._split(Op.ZERO, offset, length, flags, None)
-        try:
-            await next.zero(offset, length, flags)
-        except BaseException:
-            self._outcome(w, _FAILED)
-            raise
-        self._outcome(w, _COMMITTED)
+        sub = self._submit(Op.ZERO, offset, length, flags, None)
+        await self._through(sub, next.zero(offset, length, flags))
 
     async def trim(self, next, offset, length, flags):
-        w = self._split(Op.TRIM, offset, length, flags, None)
-        try:
-            await next.trim(offset, length, flags)
-        except BaseException:
-            self._outcome(w, _FAILED)
-            raise
-        self._outcome(w, _COMMITTED)
+        sub = self._submit(Op.TRIM, offset, length, flags, None)
+        await self._through(sub, next.trim(offset, length, flags))
 
     async def flush(self, next, flags):
-        w = self._split(Op.BARRIER, 0, 0, 0, None)
+        sub = self._submit(Op.BARRIER, 0, 0, 0, None)
         if self._dmap_dirty:
             # Dirty bits must be as durable as the data this flush covers.
             self._dmap_dirty = False
             await asyncio.get_running_loop().run_in_executor(None, self.dmap.sync)
-        try:
-            await next.flush(flags)
-        except BaseException:
-            self._outcome(w, _FAILED)
-            raise
-        self._outcome(w, _COMMITTED)
+        await self._through(sub, next.flush(flags))
 
     def statistics(self):
         return {
