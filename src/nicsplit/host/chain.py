@@ -30,6 +30,7 @@ Verb signatures (all coroutines, offsets and lengths virtual):
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -256,8 +257,6 @@ def build_chain(
 
 
 def _bind(method: Callable[..., Awaitable[Any]], nxt: Backend) -> Callable[..., Awaitable[Any]]:
-    # A closure is cheaper to call than functools.partial on the hot path.
-    def call(*args: Any) -> Awaitable[Any]:
-        return method(nxt, *args)
-
-    return call
+    # functools.partial is implemented in C: calling it adds no Python frame
+    # (a closure would), which is measurable at ~100k IOs per second.
+    return functools.partial(method, nxt)

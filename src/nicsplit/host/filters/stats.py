@@ -95,7 +95,13 @@ class StatsFilter(Filter):
         self._hist = {v: Histogram() for v in ("pread", "pwrite", "zero", "trim", "flush", "extents")}
         self._bytes = dict.fromkeys(self._hist, 0)
         self._errors = dict.fromkeys(self._hist, 0)
+        self._h_read = self._hist["pread"]
+        self._h_write = self._hist["pwrite"]
+        self._read_bytes = 0  # kept apart from _bytes: an attribute add is cheaper than a dict update
+        self._write_bytes = 0
 
+    # pread and pwrite are written out (no shared helper coroutine): one
+    # coroutine frame less per IO, measurably cheaper on the hot path.
     async def pread(self, next, offset, length, flags):
         t = perf_counter_ns()
         try:
@@ -103,8 +109,8 @@ class StatsFilter(Filter):
         except BaseException:
             self._errors["pread"] += 1
             raise
-        self._hist["pread"].record(perf_counter_ns() - t)
-        self._bytes["pread"] += length
+        self._h_read.record(perf_counter_ns() - t)
+        self._read_bytes += length
         return data
 
     async def pwrite(self, next, offset, data, flags):
@@ -114,8 +120,8 @@ class StatsFilter(Filter):
         except BaseException:
             self._errors["pwrite"] += 1
             raise
-        self._hist["pwrite"].record(perf_counter_ns() - t)
-        self._bytes["pwrite"] += len(data)
+        self._h_write.record(perf_counter_ns() - t)
+        self._write_bytes += len(data)
 
     async def zero(self, next, offset, length, flags):
         await self._timed("zero", length, next.zero(offset, length, flags))
@@ -145,7 +151,7 @@ class StatsFilter(Filter):
         for verb, h in self._hist.items():
             out[verb] = OpStats(
                 ops=h.total,
-                bytes=self._bytes[verb],
+                bytes=self._bytes[verb] + (self._read_bytes if verb == "pread" else self._write_bytes if verb == "pwrite" else 0),
                 errors=self._errors[verb],
                 mean_us=(h.sum_ns / h.total / 1000) if h.total else 0.0,
                 p50_us=h.percentile(50) / 1000,
