@@ -326,8 +326,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             state = "protected"
         c = card_cgs.get(cg.name, {})
+        host_seq = (host or {}).get("status", {}).get("cgs", {}).get(cg.name, {}).get("last_seq")
         out.append({"name": cg.name, "state": state, "rpo_seconds": c.get("rpo_seconds", 0.0 if state == "protected" else None),
-                    "last_durable_seq": c.get("last_durable_seq"), "vdisks": vds})
+                    "last_durable_seq": c.get("last_durable_seq"), "host_last_seq": host_seq, "vdisks": vds})
     result = {"cgs": out, "processes": processes}
     if args.json:
         print(json.dumps(result, indent=2))

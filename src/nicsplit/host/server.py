@@ -149,6 +149,9 @@ class HostServer:
         return {
             "pid": os.getpid(),
             "vdisks": vdisks,
+            # The last CG sequence number handed out: the journal has caught
+            # up with production once its latest PIT reaches it.
+            "cgs": {name: {"last_seq": s.last} for name, s in self.context._seq.items()},
             "card": {"attached": link._t is not None, "losses": link.losses, "last_error": link.last_error, "tracked": link.tracked},
         }
 

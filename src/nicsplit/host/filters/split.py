@@ -110,11 +110,15 @@ class SplitFilter(Filter):
         v = self.link.wait_ack(t, w.io_id, monotonic_ns() + self.timeout_ns)
         if v is not True and v is not False:
             v = await v
-        self.hist.record(perf_counter_ns() - t0)
+        waited = perf_counter_ns() - t0
+        self.hist.record(waited)
         if not v:
             if not t.healthy():
                 self.link.lost("card stopped responding")
-            self._mark(w, f"card did not acknowledge within {self.timeout_ns // 1000} us")
+            if waited < self.timeout_ns:  # an answer before the deadline is a refusal
+                self._mark(w, "card refused the write (full, or a bad record)")
+            else:
+                self._mark(w, f"card did not acknowledge within {self.timeout_ns // 1000} us")
             # Tell the card to drop it if it ever takes it: the region is dirty.
             t.post_outcome(w.io_id, _FAILED)
             return None
