@@ -28,7 +28,6 @@ import json
 import queue
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import MiB, Server, fio_cmd, run_fio
+from nicsplit.control.ctl import request
 from nicsplit.testing.procs import nicsplit_cmd, run_cli
 
 CG = "bench"
@@ -52,22 +52,9 @@ WIRE_TIMEOUT_US = 100_000
 
 
 def ctl(path: Path, cmd: dict, timeout: float = 5.0) -> dict | None:
-    """One request on a nicsplit JSON-lines control socket (what ``nicsplit
-    host stats`` / ``card stats`` do, without a Python start-up per sample)."""
-    try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(timeout)
-            s.connect(str(path))
-            s.sendall(json.dumps(cmd).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf)
-    except (OSError, ValueError):
-        return None
+    """One request on a nicsplit control socket (what ``nicsplit host stats``
+    / ``card stats`` do, without a Python start-up per sample)."""
+    return request(path, cmd, timeout)
 
 
 class SplitSystem(Server):

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from nicsplit import __version__
 from nicsplit.control import config as cfgmod
 from nicsplit.control.cgs import CGCatalog, CGError
 from nicsplit.control.config import ConfigError, parse_listen, parse_size
+from nicsplit.control.ctl import request as _ctl
 from nicsplit.host.chain import ChainError
 
 log = logging.getLogger("nicsplit")
@@ -267,24 +267,6 @@ def cmd_card_stats(args: argparse.Namespace) -> int:
         raise CliError(f"no running card for {cfg.data}")
     print(json.dumps(reply.get("stats"), indent=2))
     return 0
-
-
-def _ctl(path: Path, cmd: dict, timeout: float = 5.0) -> dict | None:
-    """One request on a JSON-lines control socket; None if nobody answers."""
-    try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(timeout)
-            s.connect(str(path))
-            s.sendall(json.dumps(cmd).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf)
-    except (OSError, ValueError):
-        return None
 
 
 def _pid_alive(path: Path) -> int | None:
