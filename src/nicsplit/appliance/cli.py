@@ -93,7 +93,7 @@ def server_config(cfg: cfgmod.Config, listen: str | None = None):
         segment_size=parse_size(sec.get("segment_size", "64M"), "segment_size"),
         heartbeat_interval=positive("heartbeat_interval", 5),
         idle_timeout=positive("idle_timeout", 30),
-        queue_depth=int(positive("queue_depth", 4)),
+        queue_depth=int(positive("queue_depth", 16)),
     )
 
 

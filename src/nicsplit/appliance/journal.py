@@ -204,6 +204,7 @@ class Journal:
         self._commits: list[tuple[int, int]] = []  # (t_last_ns, last_seq)
         self._blocks: dict[bytes, tuple[int, int, int]] = {}
         self._last_seq = 0
+        self._durable_seq = 0  # highest seq made durable (group commit may lag _last_seq)
         self._last_batch_id = 0
         self._first_time = 0
         self._batches = 0
@@ -241,6 +242,7 @@ class Journal:
         except BaseException:
             j.close()
             raise
+        j._durable_seq = j._last_seq  # what recovery kept is on disk
         return j
 
     def _recover(self) -> None:
@@ -432,9 +434,11 @@ class Journal:
         if self.readonly:
             raise JournalError(f"journal {self.path} is open read-only")
 
-    def append_batch(self, batch_meta: BatchMeta, records: Sequence[Record]) -> AppendResult:
+    def append_batch(self, batch_meta: BatchMeta, records: Sequence[Record], *, sync: bool = True) -> AppendResult:
         """Append one batch and make it durable before returning (rule 1).
-        Duplicates are acknowledged without writing (rule 5)."""
+        Duplicates are acknowledged without writing (rule 5). With
+        ``sync=False`` the batch is written but durable only after the next
+        `sync()` (group commit: the caller acks nothing before that)."""
         with self._lock:
             self._check_usable()
             m = batch_meta
@@ -473,13 +477,36 @@ class Journal:
                 encoded.append(_entry(TAG_RECORD, encode_record(r)))
             commit = _entry(TAG_COMMIT, _COMMIT.pack(m.batch_id, first, m.last_seq, m.t_first_ns, m.t_last_ns, len(new)))
             try:
-                pending = self._write(new, blocks, encoded, commit)
+                pending = self._write(new, blocks, encoded, commit, sync)
             except OSError as e:
                 self._failed = f"{type(e).__name__}: {e}"
                 log.error("journal %s: write failed, journal is now failed: %s", self.path, self._failed)
                 raise JournalError(f"journal {self.path}: write failed ({self._failed}); nothing acknowledged") from e
             self._apply(pending, m.batch_id, first, m.last_seq, m.t_first_ns, m.t_last_ns)
+            if sync:
+                self._durable_seq = self._last_seq
             return AppendResult(True, self._last_seq, tuple(known))
+
+    def sync(self) -> None:
+        """Make every batch appended so far durable (the group commit's one
+        fdatasync). A failure is fatal, like any other (rule 6)."""
+        with self._lock:
+            self._check_usable()
+            if self._durable_seq == self._last_seq or not self._segments:
+                return
+            seg, f = self._current()
+            try:
+                f.sync()
+            except OSError as e:
+                self._failed = f"{type(e).__name__}: {e}"
+                log.error("journal %s: sync failed, journal is now failed: %s", self.path, self._failed)
+                raise JournalError(f"journal {self.path}: sync failed ({self._failed}); nothing acknowledged") from e
+            self._durable_seq = self._last_seq
+
+    @property
+    def durable_seq(self) -> int:
+        """Highest seq that is durable (what a card may be told it holds)."""
+        return self._durable_seq
 
     def _current(self) -> tuple[int, DurableFile]:
         if not self._segments:
@@ -501,7 +528,7 @@ class Journal:
         return seg, f
 
     def _write(self, recs: list[Record], blocks: list[list[tuple[int, int, bytes]]], encoded: list[bytes],
-               commit: bytes) -> _Pending:
+               commit: bytes, sync: bool = True) -> _Pending:
         pending = _Pending([], {})
         seg, f = self._current()
         buf = bytearray()
@@ -523,7 +550,8 @@ class Journal:
             buf += e
         buf += commit  # the COMMIT may overhang segment_size by its 56 bytes
         f.append(bytes(buf))
-        f.sync()
+        if sync:
+            f.sync()
         self._seg_sizes[seg] = f.size()
         return pending
 

@@ -71,8 +71,9 @@ segment_size = "64M"
 # Seconds between heartbeats; a peer silent for idle_timeout is dropped.
 heartbeat_interval = 5
 idle_timeout = 30
-# Batches buffered per connection before the appliance stops reading it.
-queue_depth = 4
+# Batches buffered per connection before the appliance stops reading it;
+# the batches queued for one CG are journaled with a single fdatasync.
+queue_depth = 16
 
 [card]
 # The emulated offload card (`nicsplit card run`). Every pipeline option is
