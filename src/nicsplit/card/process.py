@@ -42,6 +42,7 @@ and docs/pipeline.md.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -177,6 +178,16 @@ def set_priority(mode: str) -> str:
         except OSError as e:
             log.warning("card: cannot raise priority (%s)", e)
     return "normal"
+
+
+def quiet_gc() -> None:
+    """The cyclic collector's full passes stop the card for milliseconds —
+    longer than the split timeout — once it holds many objects. Objects
+    alive after start-up are frozen out of collection, and collections are
+    made rarer (reference counting frees the per-write objects anyway)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
 
 
 def pin_cpus(cpus: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -455,6 +466,7 @@ async def run_card(
             cfg = CardConfig.load(cfg)
     cpus = pin_cpus(cfg.cpus)
     priority = set_priority(cfg.priority)
+    quiet_gc()
     key = None
     if cfg.encrypt:
         from nicsplit.control.pki import load_batch_key
