@@ -59,3 +59,24 @@ def host_factory(tmp_path: Path):
         if h.proc is not None and h.proc.poll() is None:
             status = h.stop()
             assert status == 0, f"host exited {status} on SIGTERM; log:\n{h.log()}"
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_image_servers(tmp_path: Path):
+    """`nicsplit image export` detaches its server on purpose; a test that
+    fails before `image close` must not leave one running."""
+    yield
+    import signal
+
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"image" in cmd and b"serve" in cmd and any(str(tmp_path).encode() in c for c in cmd):
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+            except OSError:
+                pass
