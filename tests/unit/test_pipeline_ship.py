@@ -29,7 +29,7 @@ async def _until(cond, timeout=5.0):
     while not cond():
         if loop.time() > end:
             raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0.001)  # ok-sleep: the poll interval of a condition wait with a deadline
 
 
 def _connector(path):

@@ -16,6 +16,7 @@ from nicsplit.card.records import AugmentedWrite, Op, Outcome, Status, WFlag
 from nicsplit.card.transports import base
 from nicsplit.card.transports.base import CardEndpoint, SplitterTransport, TransportUnavailable
 from nicsplit.card.transports.ring import RingEndpoint, RingSplitter
+from nicsplit.testing.procs import wait_for
 from nicsplit.wire import ring as R
 
 MS = 1_000_000
@@ -290,8 +291,9 @@ def test_card_thread_sleeping_and_woken_by_doorbell(make):
             w = write(rng.randbytes(rng.randrange(1, 8000)))
             sent[w.io_id] = w.data
             assert sp.split(w, timeout_ns=5 * 1_000_000_000)
-            if i % 50 == 0:
-                time.sleep(0.02)  # let the card fall asleep so the doorbell path runs
+            if i % 50 == 0:  # wait for the card to fall asleep so the doorbell path runs
+                wait_for(lambda: ep._ctr[R.Counter.CARD_STATE] == R.CardState.SLEEPING, 5, "the card asleep",
+                         interval=0.001)
     finally:
         stop.set()
         t.join()
@@ -304,8 +306,7 @@ def test_stale_heartbeat_and_recovery(make):
     ep, sp = make(stale_after_ns=20 * MS, data_size=R.MIN_DATA, sq_entries=8)
     ep.heartbeat()
     assert sp.healthy()
-    time.sleep(0.05)
-    assert not sp.healthy()
+    wait_for(lambda: not sp.healthy(), 5, "the heartbeat to go stale", interval=0.005)
     assert sp.split(write(b"x"), timeout_ns=FAR) is False
     assert sp.statistics().unhealthy == 1 and sp.statistics().submitted == 0
     ep.heartbeat()
@@ -331,14 +332,13 @@ def test_connect_failures_and_one_host_at_a_time(make, tmp_path):
         RingSplitter.connect(str(ep.socket_path), timeout=1)
     sp.close()
     # the card notices the host left and accepts the next one, which resumes the rings
-    deadline = time.monotonic() + 5
-    while True:
+    def attach():
         try:
-            sp2 = RingSplitter.connect(str(ep.socket_path), timeout=1, stale_after_ns=FAR)
-            break
+            return RingSplitter.connect(str(ep.socket_path), timeout=1, stale_after_ns=FAR)
         except TransportUnavailable:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+            return None
+
+    sp2 = wait_for(attach, 5, "the card to accept a new host")
     try:
         for _ in range(20):
             roundtrip(ep, sp2, write(b"second" * 100))
