@@ -258,7 +258,7 @@ class Appliance:
                 return await asyncio.get_running_loop().run_in_executor(self._pool, self._ingest_group, j, batches)
             except JournalError as e:
                 self.fatal = str(e)
-                log.critical("journal %s failed: %s; stopping (a restart recovers the journal)", b.cg, e)
+                log.critical("journal %s failed: %s; stopping (a restart recovers the journal)", batches[0].cg, e)
                 self.request_stop("journal failure")
                 raise _Drop(f"journal failure: {e}", F.ErrorCode.INTERNAL, level=logging.ERROR) from None
 
