@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from nicsplit.fsutil import fsync_dir
 from nicsplit.appliance.pits import Pit, PitIndex
 
 # 4 MiB per read/write of a restore: large enough to amortise a system call,
@@ -285,11 +286,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             finally:
                 os.close(fd)
         os.rename(partial, out)
-        dfd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(out.parent)
     except FileNotFoundError as e:
         if e.filename == "qemu-img":
             raise CliError("qemu-img is not installed: --format qcow2 needs it (apt-get install qemu-utils)") from None

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from nicsplit.fsutil import atomic_write
 from nicsplit.card.pipeline.items import RFLAG_IN_WINDOW
 from nicsplit.card.records import Op
 from nicsplit.wire.frames import RECORD_HEAD_SIZE
@@ -438,20 +439,8 @@ def _read_bookmarks(path: Path) -> list[Bookmark]:
 
 
 def _write_bookmarks(path: Path, cg: str, marks: list[Bookmark]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     body = json.dumps({"version": BOOKMARKS_VERSION, "cg": cg, "bookmarks": [b.to_json() for b in marks]}, indent=1)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, body.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, body.encode(), 0o600)
 
 
 @contextlib.contextmanager

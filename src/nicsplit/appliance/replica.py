@@ -84,6 +84,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
+from nicsplit.fsutil import fsync_dir
 from nicsplit.appliance.pits import Commit, PitError, PitIndex, RecordHead
 from nicsplit.card.records import Op
 from nicsplit.wire.frames import BLOCK_SIZE, FrameError, Record, decode_record, expand
@@ -548,13 +549,6 @@ def _zero(fd: int, offset: int, length: int) -> None:
         offset += n
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 @dataclass(frozen=True, slots=True)
 class DistributorStatistics:
@@ -583,7 +577,7 @@ class Distributor:
         created = not self.dir.exists()
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if created:
-            _fsync_dir(self.dir.parent)
+            fsync_dir(self.dir.parent)
         self._fds: dict[int, int] = {}
         for v in self.vdisks.values():
             p = self.image_path(v)
@@ -593,7 +587,7 @@ class Distributor:
             self._fds[v.id] = fd
         self._undo_path = self.dir / "undo.log"
         self._undo = os.open(self._undo_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self._undo_seq = array("Q")  # per undo entry: seq ...
         self._undo_off = array("Q")  # ... and offset in undo.log
         self._applied = self._skipped = self._recovered = 0
@@ -632,7 +626,7 @@ class Distributor:
         finally:
             os.close(fd)
         os.rename(tmp, p)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def _fp(self, name: str) -> None:
         if self.failpoint is not None:

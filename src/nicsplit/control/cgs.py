@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import re
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from nicsplit.fsutil import atomic_write
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -59,12 +60,7 @@ class CGCatalog:
         return raw
 
     def _write(self, raw: dict) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(raw, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.path)
+        atomic_write(self.path, json.dumps(raw, indent=2).encode())
 
     def create(self, name: str) -> CGInfo:
         if not NAME_RE.match(name):

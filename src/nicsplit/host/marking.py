@@ -22,6 +22,8 @@ import os
 import time
 from pathlib import Path
 
+from nicsplit.fsutil import atomic_write
+
 REGION = 64 * 1024
 
 
@@ -55,9 +57,7 @@ class DirtyMap:
         self._save_state()
 
     def _save_state(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"state": self.state, "since": self.since, "reason": self.reason}))
-        os.replace(tmp, self.state_path)
+        atomic_write(self.state_path, json.dumps({"state": self.state, "since": self.since, "reason": self.reason}).encode())
 
     def mark(self, offset: int, length: int) -> None:
         if length <= 0:

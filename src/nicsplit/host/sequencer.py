@@ -16,8 +16,9 @@ Rules:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from nicsplit.fsutil import atomic_write
 
 RESERVE = 1 << 16
 
@@ -36,12 +37,7 @@ class Sequencer:
 
     def _reserve(self) -> None:
         self._reserved = self._next + RESERVE - 1
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"reserved": self._reserved}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps({"reserved": self._reserved}).encode())
 
     def next(self) -> int:
         n = self._next

@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass
 
 from .errors import CorruptDatastore, DatastoreError
-from .volume import fsync_dir
+from nicsplit.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,8 @@ import ctypes
 import ctypes.util
 import errno
 import os
+
+from nicsplit.fsutil import fsync_dir
 import struct
 import uuid as _uuid
 import zlib
@@ -139,14 +141,6 @@ def open_volume(dirpath: str, index: int, ds_uuid: _uuid.UUID, extent_size: int)
         os.close(fd)
         raise
     return fd
-
-
-def fsync_dir(dirpath: str) -> None:
-    fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_extent_size(extent_size: int, volume_size: int) -> None:
