@@ -184,6 +184,10 @@ class CardLink:
             log.warning("card lost (%s): %d unconfirmed writes marked dirty", reason, n)
 
     @property
+    def attached(self) -> bool:
+        return self._t is not None
+
+    @property
     def tracked(self) -> int:
         return len(self._tracked)
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nicsplit.control.cgs import CGCatalog, CGError
+from nicsplit.control.cgs import CGCatalog
 from nicsplit.host.cardlink import CardLink
 from nicsplit.host.marking import DirtyMap
 from nicsplit.host.sequencer import Sequencer
@@ -29,16 +29,17 @@ class HostContext:
         return next(self._io_ids) & 0xFFFF_FFFF_FFFF_FFFF
 
     def cg_id(self, name: str) -> int:
-        try:
-            return self.cgs.get(name).id
-        except CGError:
-            raise
+        return self.cgs.get(name).id  # CGError (one clear line) for an unknown CG
 
     def sequencer(self, cg: str) -> Sequencer:
         s = self._seq.get(cg)
         if s is None:
             s = self._seq[cg] = Sequencer(self.data / "host" / "cg-seq" / f"{cg}.json")
         return s
+
+    def cg_last_seqs(self) -> dict[str, int]:
+        """The last sequence number handed out per CG this host sequenced."""
+        return {name: s.last for name, s in self._seq.items()}
 
     def dirty_map(self, vdisk_uuid: str, size: int) -> DirtyMap:
         d = self._dmaps.get(vdisk_uuid)

@@ -151,8 +151,8 @@ class HostServer:
             "vdisks": vdisks,
             # The last CG sequence number handed out: the journal has caught
             # up with production once its latest PIT reaches it.
-            "cgs": {name: {"last_seq": s.last} for name, s in self.context._seq.items()},
-            "card": {"attached": link._t is not None, "losses": link.losses, "last_error": link.last_error, "tracked": link.tracked},
+            "cgs": {name: {"last_seq": seq} for name, seq in self.context.cg_last_seqs().items()},
+            "card": {"attached": link.attached, "losses": link.losses, "last_error": link.last_error, "tracked": link.tracked},
         }
 
     async def start(self, listen: tuple[str, int] | None, socket_path: str | None) -> list[str]:
