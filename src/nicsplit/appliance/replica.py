@@ -200,6 +200,12 @@ class BlockIndex:
     def vdisk_ids(self) -> list[int]:
         return sorted(self._vd)
 
+    def extent(self) -> tuple[int, int]:
+        """(records indexed, seq of the newest PIT), read together: a PIT's
+        records are indexed under the same lock that publishes it."""
+        with self.pits._lock:
+            return len(self.rec_seq), (self.pits._seq[-1] if len(self.pits) else 0)
+
     def ordinal_upto(self, seq: int) -> int:
         """The ordinal of the newest record with seq <= ``seq`` (-1 if none)."""
         return bisect.bisect_right(self.rec_seq, seq) - 1
@@ -726,9 +732,13 @@ class Distributor:
         returns how many were applied (0 = caught up)."""
         ix = self.index
         ix.refresh()
+        nrec, pit_seq = ix.extent()
         first = ix.ordinal_upto(self.applied_seq) + 1
-        last = min(first + max_records, len(ix.rec_seq))
+        last = min(first + max_records, nrec)
         if first >= last:
+            if pit_seq > self.applied_seq:  # only barriers since: the replica is at that PIT already
+                self._write_state(pit_seq, self._undo_end)
+                self.applied_seq = pit_seq
             return 0
         # Pre-images, seen through the earlier records of this step (not applied yet).
         todo: list[tuple[int, int, int, bytes | None, int]] = []  # (seq, vdisk, offset, payload|None, length)
@@ -775,9 +785,12 @@ class Distributor:
             for fd in touched:
                 os.fsync(fd)
             self._fp("images-synced")
-        self._write_state(ix.rec_seq[last - 1], end)
+        # Through the end of the index, the replica is at the newest PIT, even
+        # when that batch ended with barriers (which the index does not hold).
+        seq = pit_seq if last == nrec else ix.rec_seq[last - 1]
+        self._write_state(seq, end)
         self._fp("state-persisted")
-        self.applied_seq = ix.rec_seq[last - 1]
+        self.applied_seq = seq
         self._undo_end = end
         self._applied += len(todo)
         return last - first
