@@ -173,21 +173,100 @@ def cmd_pits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hook(what: str, command: str, cg: str, timeout: float) -> None:
+    """Run a quiesce / thaw hook through the shell; CliError unless it exits 0."""
+    from nicsplit.control.cli import CliError
+
+    env = {**os.environ, "NICSPLIT_CG": cg, "NICSPLIT_HOOK": what}
+    try:
+        p = subprocess.run(command, shell=True, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise CliError(f"{what} hook did not finish within {timeout:g} s: {command}") from None
+    if p.returncode != 0:
+        tail = (p.stderr or p.stdout).strip().splitlines()
+        raise CliError(f"{what} hook failed (exit {p.returncode}): {command}" + (f": {tail[-1]}" if tail else ""))
+
+
+def _barrier(data: Path, cg: str) -> int | None:
+    """Ask the running host for a barrier in the CG's stream, acknowledged by
+    the card; its seq, or None when no host runs."""
+    from nicsplit.control import ctl
+    from nicsplit.control.cli import CliError
+
+    reply = ctl.request(Path(data) / "run" / "host.sock", {"cmd": "barrier", "cg": cg}, timeout=10.0)
+    if reply is None:
+        return None
+    if not reply.get("ok"):
+        raise CliError(f"cannot bookmark {cg}: {reply.get('error')}")
+    return int(reply["seq"])
+
+
+def _wait_for_pit(idx: PitIndex, seq: int, timeout: float) -> Pit:
+    """The first consistent PIT at or after ``seq``, once journaled."""
+    from nicsplit.control.cli import CliError
+
+    deadline = time.monotonic() + timeout
+    pause = 0.002
+    while True:
+        idx.refresh()
+        pit = idx.first_at_or_after(seq)
+        if pit is not None:
+            return pit
+        if time.monotonic() >= deadline:
+            raise CliError(f"seq {seq} was not journaled within {timeout:g} s (is the card shipping? "
+                           f"see 'nicsplit status')")
+        time.sleep(pause)  # polling the journal files: the appliance has no push channel to us
+        pause = min(pause * 2, 0.05)
+
+
 @_cli_errors
 def cmd_bookmark(args: argparse.Namespace) -> int:
-    from nicsplit.appliance.pits import add_bookmark
+    """Bookmark the first PIT after a barrier the card acknowledged: it covers
+    every write acknowledged to a client before the command started; with
+    ``--quiesce``/``--thaw`` the application flushed and paused around it."""
+    from nicsplit.appliance.pits import add_bookmark, lock_bookmark
     from nicsplit.control import config as cfgmod
+    from nicsplit.control.cli import CliError
 
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     jd = _check_cg(cfg.data, args.cg)
-    idx = _index(jd, args.cg)
-    pit = idx.pit_for_seq(args.seq) if args.seq is not None else idx.latest()
-    b = add_bookmark(cfg.data, args.cg, args.name, pit.seq, locked=args.lock, time_ns=pit.time_ns)
+    if args.unlock or (args.lock and args.existing):
+        b = lock_bookmark(cfg.data, args.cg, args.name, not args.unlock)
+        pit = None
+    else:
+        if args.seq is not None:
+            pit = _index(jd, args.cg).pit_for_seq(args.seq)
+        else:
+            if args.quiesce:
+                _hook("quiesce", args.quiesce, args.cg, args.hook_timeout)
+            try:
+                seq = _barrier(cfg.data, args.cg)
+            finally:
+                if args.quiesce and args.thaw:
+                    _hook("thaw", args.thaw, args.cg, args.hook_timeout)
+            if seq is None:
+                if args.quiesce:
+                    raise CliError("the host is not running: a quiesced bookmark needs it (for the barrier)")
+                print(f"note: the host is not running; bookmarking the latest journaled point in time of {args.cg}",
+                      file=sys.stderr)
+                pit = _index(jd, args.cg).latest()
+            else:
+                pit = _wait_for_pit(_index_when_ready(jd, args.cg, args.timeout), seq, args.timeout)
+        b = add_bookmark(cfg.data, args.cg, args.name, pit.seq, locked=args.lock, time_ns=pit.time_ns)
     if args.json:
         print(json.dumps({"name": b.name, "seq": b.seq, "time": b.time_ns / 1e9, "locked": b.locked}))
     else:
         print(f"bookmark {b.name} of {args.cg} at seq {b.seq} ({_fmt(b.time_ns)}){' locked' if b.locked else ''}")
     return 0
+
+
+def _index_when_ready(jd: Path, cg: str, timeout: float) -> PitIndex:
+    """The CG's PIT index; a CG whose first batch is still on its way has no
+    journal directory yet, so wait for it (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not jd.is_dir() and time.monotonic() < deadline:
+        time.sleep(0.01)  # polling the file system, see _wait_for_pit
+    return _index(jd, cg)
 
 
 class _Progress:
@@ -260,6 +339,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if not cg:
         raise CliError(f"vdisk {v.name} is in no consistency group: it has no journal to restore from")
     jd = _check_cg(cfg.data, cg)
+    if args.in_place:
+        return _restore_in_place(cfg, v, cg, jd, args)
+    if args.to is None:
+        raise CliError("say where to: --to FILE, or --in-place onto the production vdisk")
     idx = _index(jd, cg)
     pit = resolve_pit(idx, cfg.data, cg, at=args.at, seq=args.seq, bookmark=args.bookmark, latest=args.latest)
     fmt = args.format
@@ -303,6 +386,79 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _host_uri(addresses: list[str], export: str) -> str:
+    """The URI of ``export`` on a host listening on ``addresses`` (unix socket first)."""
+    for a in addresses:
+        if a.startswith("nbd+unix://"):
+            return f"nbd+unix:///{export}?" + a.split("?", 1)[1]
+    for a in addresses:
+        host, port = a.removeprefix("nbd://").rsplit(":", 1)
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host in ("::", "[::]") else host)
+        return f"nbd://{host}:{port}/{export}"
+    raise ValueError("the host listens nowhere")
+
+
+def _restore_in_place(cfg: Any, v: Any, cg: str, jd: Path, args: argparse.Namespace) -> int:
+    """Copy the PIT image back onto the production vdisk *through the host*,
+    so the splitter captures every restored block: the vdisk stays protected
+    and later PITs include the restored data. The copy is nbdcopy from a
+    read-only image server of the PIT (in this process) to the host's export."""
+    import asyncio
+
+    from nicsplit.appliance.image import ImageServer
+    from nicsplit.appliance.replica import BlockIndex
+    from nicsplit.control import ctl
+    from nicsplit.control.cli import CliError
+
+    if args.to is not None or args.format != "raw":
+        raise CliError("--in-place writes onto the production vdisk: it takes no --to or --format")
+    reply = ctl.request(cfg.run_dir / "host.sock", {"cmd": "status"})
+    if reply is None or not reply.get("ok"):
+        raise CliError("restore --in-place writes through the host so the splitter captures it: "
+                       "the host is not running (start it: nicsplit up)")
+    st = reply["status"]
+    if cg in st.get("fenced", []):
+        raise CliError(f"consistency group {cg} is failed over to the appliance: fail back first")
+    try:
+        dest = _host_uri(st.get("addresses", []), v.name)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    idx = BlockIndex(jd)
+    pit = resolve_pit(idx.pits, cfg.data, cg, at=args.at, seq=args.seq, bookmark=args.bookmark, latest=args.latest)
+    t0 = time.monotonic()
+
+    async def copy() -> tuple[int, str]:
+        srv = ImageServer(jd, [v], pit.seq, index=idx, cg=cg)
+        try:
+            host, port = await srv.start("127.0.0.1", 0)
+            src = srv.urls("127.0.0.1", port)[v.name]
+            argv = ["nbdcopy", "--flush", *(["--progress"] if sys.stderr.isatty() else []), src, dest]
+            proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=None if sys.stderr.isatty() else asyncio.subprocess.PIPE)
+            _, err = await proc.communicate()
+            return proc.returncode or 0, (err or b"").decode(errors="replace").strip()
+        finally:
+            await srv.stop()
+
+    try:
+        rc, err = asyncio.run(copy())
+    except FileNotFoundError:
+        raise CliError("nbdcopy is not installed: restore --in-place needs it (apt-get install libnbd-bin)") from None
+    if rc != 0:
+        raise CliError(f"nbdcopy failed ({rc}) restoring {v.name}: {err.splitlines()[-1] if err else 'no message'}; "
+                       "the vdisk may be partly restored: run the restore again")
+    seconds = time.monotonic() - t0
+    after = _barrier(cfg.data, cg)  # the restored blocks are in the stream before this seq
+    out = {"vdisk": v.name, "cg": cg, "seq": pit.seq, "time": pit.time_ns / 1e9, "in_place": True,
+           "size": v.size, "seconds": round(seconds, 3), "covered_by_seq": after}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"restored {v.name} in place to seq {pit.seq} ({_fmt(pit.time_ns)}) in {seconds:.2f} s; "
+              f"still protected: the journal holds the restored data from seq {after}")
+    return 0
+
+
 # -- parsers ---------------------------------------------------------------------------
 
 
@@ -324,7 +480,15 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("cg")
     s.add_argument("name")
     s.add_argument("--lock", action="store_true", help="keep it whatever the retention policy says")
-    s.add_argument("--seq", type=_seq, metavar="N", help="the point in time at seq N (default: the latest)")
+    s.add_argument("--unlock", action="store_true", help="let retention trim an existing bookmark again")
+    s.add_argument("--existing", action="store_true", help="with --lock: lock an existing bookmark")
+    s.add_argument("--seq", type=_seq, metavar="N",
+                   help="the point in time at seq N (default: a barrier through the running host and card)")
+    s.add_argument("--quiesce", metavar="CMD", help="shell command run before the barrier (e.g. fsfreeze -f)")
+    s.add_argument("--thaw", metavar="CMD", help="shell command run after the barrier, also when it failed")
+    s.add_argument("--hook-timeout", type=float, default=60.0, metavar="S")
+    s.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="how long to wait for the barrier to be journaled")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bookmark)
 
@@ -335,7 +499,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     when.add_argument("--seq", type=_seq, metavar="N", help="the point in time at seq N")
     when.add_argument("--bookmark", metavar="NAME")
     when.add_argument("--latest", action="store_true")
-    s.add_argument("--to", required=True, metavar="FILE")
+    s.add_argument("--to", metavar="FILE")
+    s.add_argument("--in-place", action="store_true",
+                   help="write the image back onto the production vdisk through the host (stays protected)")
     s.add_argument("--format", choices=("raw", "qcow2"), default="raw")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_restore)

@@ -374,6 +374,14 @@ class PitIndex:
                 raise NoSuchPit(f"no point in time at seq {seq}; the latest is {self._seq[-1]}")
             raise NoSuchPit(f"no point in time at seq {seq}; nearest are {self._seq[i - 1]} and {self._seq[i]}")
 
+    def first_at_or_after(self, seq: int, *, consistent: bool = True) -> Pit | None:
+        """The oldest (consistent) PIT with seq >= ``seq``, None if not journaled yet."""
+        with self._lock:
+            for i in range(bisect.bisect_left(self._seq, seq), len(self._seq)):
+                if self._consistent[i] or not consistent:
+                    return self._pit(i)
+        return None
+
     def pit_at(self, time_ns: int, *, consistent: bool = True) -> Pit:
         """The latest (consistent) PIT whose time is <= ``time_ns``; NoSuchPit
         when ``time_ns`` is before the oldest PIT (outside retention)."""
@@ -473,6 +481,20 @@ def add_bookmark(data: str | Path, cg: str, name: str, seq: int, *, locked: bool
         marks.append(mark)
         _write_bookmarks(path, cg, marks)
     return mark
+
+
+def lock_bookmark(data: str | Path, cg: str, name: str, locked: bool) -> Bookmark:
+    """Lock (keep whatever retention says) or unlock an existing bookmark."""
+    path = bookmarks_path(data, cg)
+    with _locked(path):
+        marks = _read_bookmarks(path)
+        for i, b in enumerate(marks):
+            if b.name == name:
+                marks[i] = Bookmark(b.name, b.seq, b.time_ns, locked, b.created)
+                _write_bookmarks(path, cg, marks)
+                return marks[i]
+    known = ", ".join(b.name for b in marks) or "none"
+    raise BookmarkError(f"unknown bookmark {name!r} in CG {cg} (known: {known})")
 
 
 def list_bookmarks(data: str | Path, cg: str) -> list[Bookmark]:

@@ -37,6 +37,12 @@ class CGInfo:
     id: int
     uuid: str
     created: float
+    # "production": the host serves the CG's vdisks; "failed-over": the
+    # appliance does, and the host serves them read-only (fenced).
+    role: str = "production"
+
+
+ROLES = ("production", "failed-over")
 
 
 class CGCatalog:
@@ -85,6 +91,20 @@ class CGCatalog:
             known = ", ".join(sorted(raw["cgs"])) or "none"
             raise CGError(f"unknown consistency group {name!r} (known: {known})")
         return CGInfo(name=name, **raw["cgs"][name])
+
+    def set_role(self, name: str, role: str) -> CGInfo:
+        if role not in ROLES:
+            raise CGError(f"bad role {role!r}: one of {', '.join(ROLES)}")
+        with self._locked():
+            raw = self._read()
+            if name not in raw["cgs"]:
+                raise CGError(f"unknown consistency group {name!r}")
+            raw["cgs"][name]["role"] = role
+            self._write(raw)
+            return CGInfo(name=name, **raw["cgs"][name])
+
+    def role(self, name: str) -> str:
+        return self.get(name).role
 
     def by_id(self) -> dict[int, CGInfo]:
         return {c.id: c for c in self.list()}

@@ -31,11 +31,13 @@ import signal
 from pathlib import Path
 from typing import Any, Callable
 
+from nicsplit.control.cgs import CGCatalog, CGError
 from nicsplit.control.config import Config
 from nicsplit.host.chain import Chain, VdiskView, build_chain
 from nicsplit.host.context import HostContext
 from nicsplit.host.datastore import Datastore, UnknownVdisk
 from nicsplit.host.eager import run_eager
+from nicsplit.host.filters.split import BarrierFailed
 from nicsplit.host.io import Flag, IOFailure
 from nicsplit.host.plugin import DatastorePlugin, GroupSync
 from nicsplit.wire import nbd
@@ -58,6 +60,10 @@ _FLAG_MAP = [
 _MAX_EXTENT = 0xFFFF_F000
 
 
+class HostCommandError(Exception):
+    """A control-socket command that cannot be done: one clear line."""
+
+
 class ExportCatalog:
     """The codec's view of exports: one per vdisk, named by the vdisk."""
 
@@ -69,12 +75,13 @@ class ExportCatalog:
         return nbd.ExportInfo(
             name=v.name,
             size=v.size,
-            readonly=v.readonly or self._host.readonly,
+            readonly=v.readonly or self._host.readonly or v.extra.get("cg") in self._host.fenced,
             description=f"nicsplit vdisk {v.name}{owner}",
         )
 
     def lookup(self, name: str) -> nbd.ExportInfo | None:
         self._host.datastore.reload_catalog()
+        self._host.reload_fences()
         try:
             return self._info(self._host.datastore.get_vdisk(name))
         except UnknownVdisk:
@@ -82,6 +89,7 @@ class ExportCatalog:
 
     def list_exports(self) -> list[nbd.ExportInfo]:
         self._host.datastore.reload_catalog()
+        self._host.reload_fences()
         return [self._info(v) for v in self._host.datastore.list_vdisks()]
 
 
@@ -100,6 +108,65 @@ class HostServer:
         self._chains: dict[str, Chain] = {}
         self.sessions: set[NBDSession] = set()
         self._servers: list[asyncio.AbstractServer] = []
+        self.addresses: list[str] = []  # NBD URIs we listen on (status, restore --in-place)
+        self.fenced: frozenset[str] = frozenset()  # CGs failed over to the appliance: read-only here
+        self.reload_fences()
+
+    # -- consistency groups: fence and barrier ------------------------------
+    def reload_fences(self) -> None:
+        """The fenced CGs from DATA/cgs.json (their role is "failed-over"), so
+        a fence set while the host was down still holds."""
+        try:
+            cgs = CGCatalog(self.cfg.data).list()
+        except CGError as e:
+            log.error("cannot read the consistency groups: %s", e)
+            return
+        self.fenced = frozenset(c.name for c in cgs if c.role == "failed-over")
+
+    def _cg_vdisks(self, cg: str) -> list[str]:
+        self.datastore.reload_catalog()
+        return [v.name for v in self.datastore.list_vdisks() if v.extra.get("cg") == cg]
+
+    def fence(self, cg: str, on: bool) -> dict[str, Any]:
+        """Failover: the CG's vdisks become read-only here and their sessions
+        are closed (in-flight requests still answer), so production cannot
+        diverge from the appliance's copy. Failback lifts it."""
+        catalog = CGCatalog(self.cfg.data)
+        catalog.set_role(cg, "failed-over" if on else "production")
+        self.reload_fences()
+        names = set(self._cg_vdisks(cg))
+        closed = 0
+        if on:
+            for s in list(self.sessions):
+                if s.export in names:
+                    s.shutdown()
+                    closed += 1
+        log.warning("consistency group %s %s (%d sessions closed)", cg,
+                    "fenced: failed over to the appliance" if on else "unfenced: production again", closed)
+        return {"cg": cg, "fenced": on, "vdisks": sorted(names), "sessions_closed": closed}
+
+    async def barrier(self, cg: str) -> dict[str, Any]:
+        """A barrier record in the CG's stream, acknowledged by the card: every
+        write acknowledged to a client before this call has a lower seq, so
+        the first PIT at or after the returned seq covers them all (bookmarks)."""
+        names = self._cg_vdisks(cg)
+        if not names:
+            raise HostCommandError(f"consistency group {cg!r} has no vdisks on this host")
+        splits = []
+        for name in names:
+            sp = self.chain(name).filter("split")
+            if sp is None or sp.state == "unprotected":
+                raise HostCommandError(f"vdisk {name} of {cg} has no splitter in its chain: it is not protected")
+            splits.append(sp)
+        marking = [n for n, sp in zip(names, splits) if sp.state == "marking"]
+        if marking:
+            raise HostCommandError(f"{', '.join(marking)} of {cg} {'is' if len(marking) == 1 else 'are'} marking: "
+                                   "the journal lacks writes the card did not capture")
+        try:
+            seq = await splits[0].barrier()
+        except BarrierFailed as e:
+            raise HostCommandError(str(e)) from None
+        return {"cg": cg, "seq": seq}
 
     def chain(self, name: str) -> Chain:
         ch = self._chains.get(name)
@@ -148,6 +215,8 @@ class HostServer:
         link = self.context.card
         return {
             "pid": os.getpid(),
+            "addresses": self.addresses,
+            "fenced": sorted(self.fenced),
             "vdisks": vdisks,
             # The last CG sequence number handed out: the journal has caught
             # up with production once its latest PIT reaches it.
@@ -168,6 +237,7 @@ class HostServer:
             srv = await loop.create_unix_server(lambda: NBDSession(self), socket_path)
             self._servers.append(srv)
             addrs.append(f"nbd+unix:///?socket={socket_path}")
+        self.addresses = addrs
         return addrs
 
     async def housekeeping(self, interval: float = 0.2) -> None:
@@ -403,24 +473,36 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+async def _command(host: HostServer, cmd: Any, req: dict) -> dict:
+    if cmd == "stats":
+        return {"ok": True, "stats": host.statistics()}
+    if cmd == "status":
+        return {"ok": True, "status": host.status()}
+    if cmd == "ping":
+        return {"ok": True, "pid": os.getpid()}
+    if cmd == "fence":
+        return {"ok": True, **host.fence(str(req.get("cg")), bool(req.get("on", True)))}
+    if cmd == "barrier":
+        return {"ok": True, **(await host.barrier(str(req.get("cg"))))}
+    return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
 async def _control(host: HostServer, path: Path) -> asyncio.AbstractServer:
-    """A JSON-lines control socket in DATA/run: ``{"cmd": "stats"}``."""
+    """A JSON-lines control socket in DATA/run: ``{"cmd": "stats"}``; also
+    ``fence`` (failover) and ``barrier`` (bookmarks), see HostServer."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await reader.readline()
             try:
-                cmd = json.loads(line or b"{}").get("cmd")
+                req = json.loads(line or b"{}")
+                cmd = req.get("cmd")
             except (ValueError, AttributeError):
-                cmd = None
-            if cmd == "stats":
-                reply = {"ok": True, "stats": host.statistics()}
-            elif cmd == "status":
-                reply = {"ok": True, "status": host.status()}
-            elif cmd == "ping":
-                reply = {"ok": True, "pid": os.getpid()}
-            else:
-                reply = {"ok": False, "error": f"unknown command {cmd!r}"}
+                req, cmd = {}, None
+            try:
+                reply = await _command(host, cmd, req)
+            except (HostCommandError, CGError) as e:
+                reply = {"ok": False, "error": str(e)}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         finally:

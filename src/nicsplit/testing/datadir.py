@@ -29,7 +29,14 @@ def init_data(path: Path, *, datastore: dict | None = None, vdisks: dict | None 
         head = f"[{section}]\n"
         if head in text:
             start = text.index(head) + len(head)
-            text = text[:start] + "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items()) + text[start:]
+            end = text.find("\n[", start)
+            end = len(text) if end < 0 else end
+            body, extra = text[start:end], ""
+            for k, v in settings.items():  # replace a documented key, add the others
+                body, n = re.subn(rf"(?m)^{k} = .*$", lambda _m, k=k, v=v: f"{k} = {_toml(v)}", body, count=1)
+                if n == 0:
+                    extra += f"{k} = {_toml(v)}\n"
+            text = text[:start] + extra + body + text[end:]
         else:
             text += f"\n{head}" + "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items())
     for name, settings in (vdisks or {}).items():

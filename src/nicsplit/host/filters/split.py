@@ -40,6 +40,10 @@ _COMMITTED = Status.COMMITTED
 _FAILED = Status.FAILED
 
 
+class BarrierFailed(Exception):
+    """The card did not acknowledge a barrier: one clear line."""
+
+
 class SplitFilter(Filter):
     name = "split"
     observes_data = True
@@ -171,6 +175,19 @@ class SplitFilter(Filter):
             self._dmap_dirty = False
             await asyncio.get_running_loop().run_in_executor(None, self.dmap.sync)
         await self._through(sub, next.flush(flags))
+
+    async def barrier(self) -> int:
+        """A barrier in the CG's stream, acknowledged by the card; returns its
+        seq. Every write acknowledged to a client before has a lower seq, so
+        the first PIT at or after it covers them (``nicsplit bookmark``)."""
+        sub = self._submit(Op.BARRIER, 0, 0, 0, None)
+        w = await self._acked(sub) if sub is not None else None
+        if w is None:
+            raise BarrierFailed(f"vdisk {self.vdisk.name} is {self.state}"
+                                + (f" ({self.dmap.reason})" if self.dmap.marking and self.dmap.reason else "")
+                                + ": the card did not take the barrier")
+        self._outcome(w, _COMMITTED)
+        return w.cg_seq
 
     def statistics(self):
         return {
