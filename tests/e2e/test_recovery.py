@@ -118,6 +118,10 @@ def test_restore_in_place_then_protection_continues(tmp_path, rng):
         # still protected: the vdisks are not marking, and new writes go on top
         st = json.loads(run_cli(data, "status", "--json").stdout)
         assert {v["name"]: v["state"] for c in st["cgs"] for v in c["vdisks"]} == {"a": "protected", "b": "protected"}
+        window = st["cgs"][0]["protection_window"]  # the oldest PIT: the first batch of pattern A
+        first = json.loads(run_cli(data, "pits", "cg1", "--json").stdout)["pits"][0]
+        assert (window["oldest_seq"], window["oldest_time"]) == (first["seq"], first["time"]) and window["seconds"] >= 0
+        assert f"(since seq {first['seq']})" in run_cli(data, "status").stdout
         hs["a"] = nbd_connect(up.uri("a"))
         _scatter(hs, golden, rng, 0xC3, count=16)
         run_cli(data, "bookmark", "cg1", "after-restore")

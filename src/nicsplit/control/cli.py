@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -299,7 +300,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             vds.append({"name": v.name, "state": st.get("state", "unknown" if host is None else "protected"),
                         "dirty_bytes": st.get("dirty_bytes", 0), "reason": st.get("reason", "")})
         states = {v["state"] for v in vds}
-        if host is None:
+        if cg.role == "failed-over":
+            state = "failed-over"
+        elif host is None:
             state = "host-down"
         elif "marking" in states:
             state = "marking"
@@ -310,7 +313,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         c = card_cgs.get(cg.name, {})
         host_seq = (host or {}).get("status", {}).get("cgs", {}).get(cg.name, {}).get("last_seq")
         out.append({"name": cg.name, "state": state, "rpo_seconds": c.get("rpo_seconds", 0.0 if state == "protected" else None),
-                    "last_durable_seq": c.get("last_durable_seq"), "host_last_seq": host_seq, "vdisks": vds})
+                    "last_durable_seq": c.get("last_durable_seq"), "host_last_seq": host_seq, "role": cg.role,
+                    "protection_window": _window(cfg.data, cg.name), "vdisks": vds})
     result = {"cgs": out, "processes": processes}
     if args.json:
         print(json.dumps(result, indent=2))
@@ -319,7 +323,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{name:<10} {'pid ' + str(p['pid']) if p['pid'] else 'not running'}")
     for c in out:
         rpo = "-" if c["rpo_seconds"] is None else f"{c['rpo_seconds']:.2f}s"
-        print(f"cg {c['name']:<16} {c['state']:<10} rpo {rpo}")
+        w = c["protection_window"]
+        if not w:
+            since = "  no point in time yet"
+        elif "error" in w:
+            since = f"  window unknown: {w['error']}"
+        else:
+            since = f"  window {_human_span(w['seconds'])} (since seq {w['oldest_seq']})"
+        print(f"cg {c['name']:<16} {c['state']:<10} rpo {rpo}{since}")
         for v in c["vdisks"]:
             extra = f" ({v['reason']}; {_human(v['dirty_bytes'])} dirty)" if v["state"] == "marking" else ""
             print(f"   {v['name']:<20} {v['state']}{extra}")
@@ -327,6 +338,31 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # -- plumbing ---------------------------------------------------------------
+
+
+def _window(data: Path, cg: str) -> dict | None:
+    """The protection window: the oldest PIT the journal still holds (one
+    read of its first commit, not a scan of the whole journal)."""
+    from nicsplit.appliance.pits import JournalScanner
+
+    jd = Path(data) / "appliance" / "journal" / cg
+    if not jd.is_dir():
+        return None
+    try:
+        commit, _ = next(iter(JournalScanner(jd).scan()))
+    except StopIteration:
+        return None
+    except Exception as e:  # a damaged journal must not break status; say so
+        return {"error": str(e)}
+    return {"oldest_seq": commit.last_seq, "oldest_time": commit.t_last_ns / 1e9,
+            "seconds": max(0.0, time.time() - commit.t_last_ns / 1e9)}
+
+
+def _human_span(seconds: float) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n:
+            return f"{seconds / n:.1f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def _human(n: int) -> str:
