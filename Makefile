@@ -26,6 +26,7 @@ test: system-deps venv
 
 bench: system-deps venv
 	$(PY) bench/run.py
+	$(PY) bench/recovery.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
