@@ -1,0 +1,162 @@
+"""Retention: which points in time a CG keeps, and which journal segments can go.
+
+Policy (``[retention]`` in nicsplit.toml, docs/recovery.md "Retention")::
+
+    keep_all = "24h"      # every PIT younger than this is kept
+    keep_hourly = "7d"    # then one PIT per clock hour up to this age; none older
+    max_journal_size = 0  # also trim the oldest segments beyond this size (0 = no limit)
+    interval = "60s"      # how often the appliance applies the policy
+
+Theory of operation
+===================
+The journal is a sequence of segments, oldest first. Trimming is by whole
+segments from the oldest end: a trimmed segment's records are first applied
+to the CG's **base images** (the image of each vdisk at the newest seq
+trimmed so far, `nicsplit.appliance.base`), then the file is deleted. The
+image at any PIT is then base + the journal records after the base seq, so
+every PIT at or after the base seq stays exact; older ones are gone, and the
+*protection window* starts at the base.
+
+`thin` decides which PITs are *offered* (listed, selectable) in the hourly
+band; the journal ranges between hourly PITs are not rewritten, so thinning
+frees space only when the range ages past ``keep_hourly`` and its segments
+are trimmed (RecoverPoint and Zerto likewise consolidate only at the old end).
+
+Rules
+-----
+1. The segment being written (the newest) is never trimmed.
+2. A *locked* bookmark at seq S keeps every segment holding records after
+   its base: a segment is trimmed only when its last seq <= S (base <= S, so
+   S stays reachable). When that stops the size limit from holding, the plan
+   says which bookmark blocks it (shown by ``nicsplit status``).
+3. By age: a segment goes when its newest commit is older than
+   ``keep_hourly`` (or ``keep_all`` when hourly keeping is off).
+4. By size: the oldest segments go while the journal exceeds
+   ``max_journal_size``, rule 1 and 2 permitting.
+Everything here is pure (no I/O): the appliance gathers segment facts and
+carries the plan out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+HOUR_NS = 3600 * 10**9
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class RetentionError(ValueError):
+    """A bad retention setting: one clear line."""
+
+
+def parse_duration(value: Any, what: str) -> float:
+    """``"24h"``, ``"7d"``, ``"90s"``, ``"2w"``, ``3600`` → seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise RetentionError(f"{what}: {value} is negative")
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise RetentionError(f"{what}: bad duration {value!r} (use e.g. 90s, 15m, 24h, 7d, 2w)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    keep_all_s: float = 86400.0
+    keep_hourly_s: float = 7 * 86400.0  # the oldest age kept at all (0: keep_all is the limit)
+    max_journal_bytes: int = 0  # 0 = no size limit
+    interval_s: float = 60.0
+
+    @property
+    def max_age_s(self) -> float:
+        return max(self.keep_all_s, self.keep_hourly_s)
+
+    @classmethod
+    def from_config(cls, raw: dict[str, Any] | None) -> "Policy":
+        from nicsplit.control.config import ConfigError, parse_size
+
+        raw = dict(raw or {})
+        unknown = set(raw) - {"keep_all", "keep_hourly", "max_journal_size", "interval"}
+        if unknown:
+            raise RetentionError(f"[retention]: unknown setting(s) {', '.join(sorted(unknown))}")
+        size_v = raw.get("max_journal_size", 0)
+        try:
+            size = 0 if size_v in (0, "0", "") else parse_size(size_v, "[retention] max_journal_size")
+        except ConfigError as e:
+            raise RetentionError(str(e)) from None
+        p = cls(parse_duration(raw.get("keep_all", "24h"), "[retention] keep_all"),
+                parse_duration(raw.get("keep_hourly", "7d"), "[retention] keep_hourly"),
+                size, parse_duration(raw.get("interval", "60s"), "[retention] interval"))
+        if p.keep_all_s <= 0:
+            raise RetentionError("[retention] keep_all must be > 0 (every PIT would expire at once)")
+        if p.interval_s <= 0:
+            raise RetentionError("[retention] interval must be > 0")
+        return p
+
+
+def thin(times_ns: Sequence[int], now_ns: int, policy: Policy, pinned: Sequence[bool] | None = None) -> list[bool]:
+    """Which PITs are offered: all younger than ``keep_all``; in the hourly
+    band the newest PIT of each clock hour; none past the max age; a pinned
+    one (bookmarked) always. ``times_ns`` ascending."""
+    keep_all_ns = int(policy.keep_all_s * 1e9)
+    max_ns = int(policy.max_age_s * 1e9)
+    out = [False] * len(times_ns)
+    last_hour = None
+    for i in range(len(times_ns) - 1, -1, -1):  # newest first: the first seen in an hour is its newest
+        age = now_ns - times_ns[i]
+        if age <= keep_all_ns:
+            out[i] = True
+        elif age <= max_ns:
+            hour = times_ns[i] // HOUR_NS
+            if hour != last_hour:
+                out[i] = True
+                last_hour = hour
+        if pinned is not None and pinned[i]:
+            out[i] = True
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentInfo:
+    number: int
+    last_seq: int  # of its last COMMIT (0: no commit in it)
+    t_last_ns: int  # time of its last COMMIT
+    size: int  # bytes on disk
+
+
+@dataclass(frozen=True, slots=True)
+class TrimPlan:
+    trim: list[int] = field(default_factory=list)  # segment numbers, oldest first
+    base_seq: int = 0  # the base after trimming them (unchanged when nothing is trimmed)
+    blocked_by: str | None = None  # why the size limit cannot hold, if it cannot
+
+
+def plan_trim(segments: Sequence[SegmentInfo], now_ns: int, policy: Policy, *, base_seq: int = 0,
+              locked_seqs: Sequence[int] = ()) -> TrimPlan:
+    """The segments to trim now (rules 1-4), oldest first."""
+    if not segments:
+        return TrimPlan([], base_seq)
+    floor = min(locked_seqs) if locked_seqs else None
+    cutoff_ns = now_ns - int(policy.max_age_s * 1e9)
+    total = sum(s.size for s in segments)
+    trim: list[int] = []
+    blocked = None
+    for s in segments[:-1]:  # rule 1
+        too_old = s.last_seq > 0 and s.t_last_ns < cutoff_ns
+        too_big = policy.max_journal_bytes > 0 and total > policy.max_journal_bytes
+        if not (too_old or too_big):
+            break
+        if floor is not None and s.last_seq > floor:  # rule 2
+            if too_big:
+                blocked = f"locked bookmark at seq {floor}"
+            break
+        trim.append(s.number)
+        total -= s.size
+        base_seq = max(base_seq, s.last_seq)
+    if blocked is None and policy.max_journal_bytes and total > policy.max_journal_bytes and len(trim) == len(segments) - 1:
+        blocked = "the newest segment alone exceeds the limit"
+    return TrimPlan(trim, base_seq, blocked)
