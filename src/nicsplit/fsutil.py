@@ -35,3 +35,52 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Non
         os.close(fd)
     os.rename(tmp, path)
     fsync_dir(path.parent)
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = None
+
+
+def zero_range(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) of a file read as zeros: punch a hole
+    (frees the space, keeps the size), or write zeros where the file system
+    cannot."""
+    global _libc
+    if length <= 0:
+        return
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    import ctypes
+
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, ctypes.c_int64(offset),
+                       ctypes.c_int64(length)) == 0:
+        return
+    zeros = bytes(min(length, 1 << 20))
+    end = offset + length
+    while offset < end:
+        n = min(len(zeros), end - offset)
+        os.pwrite(fd, zeros[:n], offset)
+        offset += n
+
+
+def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
+    """The (offset, length) ranges of a sparse file holding data within
+    [offset, offset+length), via SEEK_DATA / SEEK_HOLE."""
+    out = []
+    end = offset + length
+    pos = offset
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            break
+        if start >= end:
+            break
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        out.append((start, stop - start))
+        pos = stop
+    return out

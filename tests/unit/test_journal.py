@@ -146,6 +146,27 @@ def test_corrupt_committed_entry_is_a_clear_error(tmp_path: Path):
         Journal.open(d, readonly=True)
 
 
+def test_readonly_open_can_stop_at_damage(tmp_path: Path):
+    """Readers of a damaged journal (docs/recovery.md §9) keep the committed
+    prefix before the damage; a writer never opens past it."""
+    d = tmp_path / "j"
+    with Journal.open(d) as j:
+        for b in range(1, 4):
+            j.append_batch(batch(b, [write(b, bytes([b]) * 4096)]), [write(b, bytes([b]) * 4096)])
+    seg = d / "00000001.seg"
+    raw = bytearray(seg.read_bytes())
+    second = 24 + (12 + 58 + 4096) + (12 + 44)  # batch 2's RECORD entry
+    raw[second + 12 + 100] ^= 0xFF
+    seg.write_bytes(raw)
+    with Journal.open(d, readonly=True, stop_at_damage=True) as j:
+        assert j.last_seq == 1 and [(r.seq, p) for r, p in j.records()] == [(1, b"\x01" * 4096)]
+        assert j.damage and f"00000001.seg at offset {second} (entry CRC mismatch)" in j.damage
+        assert "refusing" not in j.damage
+    with pytest.raises(ValueError, match="read-only"):
+        Journal.open(d, stop_at_damage=True)
+    assert seg.read_bytes() == raw
+
+
 def test_corrupt_segment_header_before_committed_data(tmp_path: Path):
     d = tmp_path / "j"
     with Journal.open(d, segment_size=5000) as j:
@@ -261,8 +282,9 @@ def test_readonly_open_does_not_truncate_and_writer_lock(tmp_path: Path):
 # -- D5: power cuts ----------------------------------------------------------------
 
 
-def _check_after_cut(fs: CrashFilesystem, acked: list[tuple[Meta, list[Record]]], inflight: list[Record] | None) -> None:
-    with Journal.open(Path("/j"), fs=fs, segment_size=30000) as j:
+def _check_after_cut(fs: CrashFilesystem, acked: list[tuple[Meta, list[Record]]], inflight: list[Record] | None,
+                     **open_kw) -> None:
+    with Journal.open(Path("/j"), fs=fs, segment_size=30000, **open_kw) as j:
         got = [r for r, _ in j.records()]
         want = [r for _, recs in acked for r in recs]
         assert got[: len(want)] == want, "an acknowledged batch is missing or damaged"

@@ -1,6 +1,9 @@
 """Appliance commands for the ``nicsplit`` CLI (wired in by control/cli.py).
 
     nicsplit appliance run [--listen HOST:PORT]
+    nicsplit appliance keys [--json]              at-rest keys and the journal segments using each
+    nicsplit appliance rotate-key [--json]        a new at-rest key, active for new segments
+    nicsplit appliance retire-key ID [--json]     remove a key no segment uses any more
     nicsplit journal dump CG [--json] [--from SEQ] [--upto SEQ]
     nicsplit journal replay CG --out DIR [--upto SEQ] [--json]
     nicsplit pki init [--appliance-name NAME ...]
@@ -19,6 +22,7 @@ import ctypes.util
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,13 +41,14 @@ def _cli_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
     @functools.wraps(fn)
     def wrapper(args: argparse.Namespace) -> int:
+        from nicsplit.appliance.atrest import AtRestError
         from nicsplit.appliance.journal import JournalError
         from nicsplit.control.cli import CliError
         from nicsplit.control.pki import PkiError
 
         try:
             return fn(args)
-        except (JournalError, PkiError) as e:
+        except (JournalError, PkiError, AtRestError) as e:
             raise CliError(str(e)) from None
 
     return wrapper
@@ -70,7 +75,8 @@ def server_config(cfg: cfgmod.Config, listen: str | None = None):
     from nicsplit.appliance.server import ServerConfig
 
     sec = _section(cfg)
-    known = {"listen", "pki", "peers", "encryption", "segment_size", "heartbeat_interval", "idle_timeout", "queue_depth"}
+    known = {"listen", "pki", "peers", "encryption", "segment_size", "heartbeat_interval", "idle_timeout", "queue_depth",
+             "at_rest_encryption"}
     unknown = set(sec) - known
     if unknown:
         raise cfgmod.ConfigError(f"[appliance]: unknown key(s) {', '.join(sorted(unknown))}")
@@ -97,15 +103,117 @@ def server_config(cfg: cfgmod.Config, listen: str | None = None):
     )
 
 
+def at_rest_encryption(cfg: cfgmod.Config) -> bool:
+    """``[appliance] at_rest_encryption`` (default true)."""
+    v = _section(cfg).get("at_rest_encryption", True)
+    if not isinstance(v, bool):
+        raise cfgmod.ConfigError(f"[appliance] at_rest_encryption = {v!r}: must be true or false")
+    return v
+
+
 # -- commands ----------------------------------------------------------------------
 
 
 @_cli_errors
 def cmd_appliance_run(args: argparse.Namespace) -> int:
+    from nicsplit.appliance import atrest
     from nicsplit.appliance.server import run
 
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
-    return run(server_config(cfg, args.listen))
+    scfg = server_config(cfg, args.listen)
+    # The keyring says what the journals do (they read it themselves, also
+    # while running): make it match the configuration before any opens.
+    atrest.ensure(atrest.keyring_path(cfg.data), at_rest_encryption(cfg))
+    return run(scfg)
+
+
+def _key_use(data: Path) -> tuple[dict[int, dict[str, int]], list[str]]:
+    """{key id: {cg: segments}} over every journal, and unreadable headers."""
+    from nicsplit.appliance.journal import segment_key_ids
+
+    use: dict[int, dict[str, int]] = {}
+    bad: list[str] = []
+    root = Path(data) / "appliance" / "journal"
+    for jd in sorted(root.iterdir()) if root.is_dir() else []:
+        if not jd.is_dir():
+            continue
+        ids, unreadable = segment_key_ids(jd)
+        for k, n in ids.items():
+            use.setdefault(k, {})[jd.name] = n
+        bad += [f"{jd.name}/{name}" for name in unreadable]
+    return use, bad
+
+
+@_cli_errors
+def cmd_appliance_keys(args: argparse.Namespace) -> int:
+    """The at-rest keys and which journal segments use each: a key with no
+    segments (and not active) can be retired."""
+    from nicsplit.appliance import atrest
+
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    path = atrest.keyring_path(cfg.data)
+    kr = atrest.Keyring.load(path) if path.exists() else None
+    use, bad = _key_use(cfg.data)
+    keys = [{"id": k.id, "created": k.created, "active": kr.active == k.id, "segments": sum(use.get(k.id, {}).values()),
+             "journals": use.get(k.id, {})} for k in (kr.keys() if kr else [])]
+    missing = sorted(k for k in use if k and (kr is None or not kr.has(k)))
+    out = {"keyring": str(path) if kr else None, "enabled": at_rest_encryption(cfg), "active": kr.active if kr else None,
+           "keys": keys, "clear_segments": sum(use.get(0, {}).values()), "missing_keys": missing,
+           "unreadable_headers": bad}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    if kr is None:
+        print(f"no at-rest keyring ({path}); journal segments are written in clear")
+    for k in keys:
+        state = "active" if k["active"] else ("in use" if k["segments"] else "unused: can be retired")
+        print(f"key {k['id']:>4}  created {_when(k['created'])}  {k['segments']:>6} segment(s)  {state}")
+    print(f"{out['clear_segments']} segment(s) in clear")
+    for k in missing:
+        print(f"warning: segments use key {k}, which the keyring does not hold: they cannot be read", file=sys.stderr)
+    return 0
+
+
+def _when(t: float) -> str:
+    import datetime as _dt
+
+    return _dt.datetime.fromtimestamp(t).isoformat(timespec="seconds")
+
+
+@_cli_errors
+def cmd_appliance_rotate_key(args: argparse.Namespace) -> int:
+    """Add an at-rest key; new journal segments use it from the next segment
+    each journal starts (a running appliance re-reads the keyring)."""
+    from nicsplit.appliance import atrest
+    from nicsplit.control.cli import CliError
+
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    if not at_rest_encryption(cfg):
+        raise CliError("[appliance] at_rest_encryption is false: the appliance would deactivate the key at its "
+                       "next start; turn it on first")
+    new, old = atrest.rotate(atrest.keyring_path(cfg.data))
+    if args.json:
+        print(json.dumps({"key_id": new, "previous": old}))
+    else:
+        print(f"at-rest key {new} is active for new journal segments" + (f" (was key {old})" if old else ""))
+    return 0
+
+
+@_cli_errors
+def cmd_appliance_retire_key(args: argparse.Namespace) -> int:
+    from nicsplit.appliance import atrest
+    from nicsplit.control.cli import CliError
+
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    use, bad = _key_use(cfg.data)
+    if bad:
+        raise CliError(f"cannot tell which key {bad[0]} uses (unreadable segment header): not retiring any key")
+    atrest.retire(atrest.keyring_path(cfg.data), args.key_id, {k: sum(v.values()) for k, v in use.items()})
+    if args.json:
+        print(json.dumps({"retired": args.key_id}))
+    else:
+        print(f"at-rest key {args.key_id} retired")
+    return 0
 
 
 @_cli_errors
@@ -133,7 +241,8 @@ def _open_journal(cfg: cfgmod.Config, cg: str):
     path = journal_dir(cfg.data, cg)
     if not path.is_dir():
         raise CliError(f"no journal for CG {cg!r} (looked in {path})")
-    return Journal.open(path, readonly=True)
+    # A damaged journal: what is before the damage is still listed / replayed (docs/recovery.md §9).
+    return Journal.open(path, readonly=True, stop_at_damage=True)
 
 
 @_cli_errors
@@ -143,6 +252,7 @@ def cmd_journal_dump(args: argparse.Namespace) -> int:
     if (cfg.datastore_dir / "catalog.json").exists():
         names = {v.id: v.name for v in _catalog(cfg)}
     with _open_journal(cfg, args.cg) as j:
+        damage = j.damage
         rows = [
             {
                 "seq": r.seq,
@@ -156,12 +266,17 @@ def cmd_journal_dump(args: argparse.Namespace) -> int:
         ]
     if args.json:
         print(json.dumps({"records": rows}))
-        return 0
-    if not rows:
-        print(f"journal {args.cg} holds no records")
-    for row in rows:
-        print(f"{row['seq']:>10} {row['vdisk']:<24} {row['op']:<8} offset={row['offset']:<14} "
-              f"length={row['length']:<10} time={row['time']:.6f}")
+    else:
+        if not rows:
+            print(f"journal {args.cg} holds no records")
+        for row in rows:
+            print(f"{row['seq']:>10} {row['vdisk']:<24} {row['op']:<8} offset={row['offset']:<14} "
+                  f"length={row['length']:<10} time={row['time']:.6f}")
+    if damage:
+        from nicsplit.control.cli import CliError
+
+        sys.stdout.flush()
+        raise CliError(f"{damage}; the records after it are not listed")
     return 0
 
 
@@ -195,6 +310,9 @@ def cmd_journal_replay(args: argparse.Namespace) -> int:
     if not (cfg.datastore_dir / "catalog.json").exists():
         raise CliError(f"no datastore catalog in {cfg.datastore_dir}: replay needs the vdisk sizes")
     by_id = {v.id: v for v in _catalog(cfg)}
+    with _open_journal(cfg, args.cg) as j:  # refuse a damaged range before any image is created
+        if j.damage and (args.upto is None or args.upto > j.last_seq):
+            raise CliError(f"{j.damage}; replay can reach seq {j.last_seq} at most (--upto {j.last_seq})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fds: dict[int, int] = {}
@@ -251,13 +369,24 @@ def _seq(value: str) -> int:
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Register ``appliance run``, ``journal dump``, ``journal replay`` and
-    ``pki init`` on the ``nicsplit`` subparsers object ``sub``."""
+    """Register ``appliance run|keys|rotate-key|retire-key``, ``journal
+    dump``, ``journal replay`` and ``pki init`` on the ``nicsplit``
+    subparsers object ``sub``."""
     ap = sub.add_parser("appliance", parents=[common], help="the protection appliance").add_subparsers(
         dest="sub", metavar="SUBCOMMAND", required=True)
     s = ap.add_parser("run", parents=[common], help="receive batches from cards and journal them (foreground)")
     s.add_argument("--listen", metavar="HOST:PORT", help=f"default {DEFAULT_LISTEN}")
     s.set_defaults(func=cmd_appliance_run)
+    s = ap.add_parser("keys", parents=[common], help="at-rest keys and the journal segments that use each")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_appliance_keys)
+    s = ap.add_parser("rotate-key", parents=[common], help="add an at-rest key; new journal segments use it")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_appliance_rotate_key)
+    s = ap.add_parser("retire-key", parents=[common], help="remove an at-rest key that no journal segment uses")
+    s.add_argument("key_id", type=int, metavar="ID")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_appliance_retire_key)
 
     jp = sub.add_parser("journal", parents=[common], help="inspect a CG's journal").add_subparsers(
         dest="sub", metavar="SUBCOMMAND", required=True)

@@ -38,19 +38,38 @@ Rules
 7. The index (seq → entry, commit time → seq, fingerprint → block) lives in
    memory and is rebuilt by scanning the segments at open; open time is
    linear in the journal size and verifies every CRC on the way.
+8. At-rest encryption (`nicsplit.appliance.atrest`): a segment is written in
+   clear (version 1) or sealed (version 2, its header names the key id); a
+   sealed RECORD keeps the wire record head in clear and seals refs + data
+   with AES-256-GCM, head, entry size/tag and entry offset as associated
+   data.  The entry CRC covers what is stored (ciphertext), so the keyless
+   scanners still tell damage from a torn tail.  Every record read goes
+   through `open_record_payload` — the one place that decrypts.  The writer
+   starts a new segment (instead of appending to the last one) when the
+   keyring's active key differs from the last segment's, and re-reads the
+   keyring before each new segment, so a rotation applies from the next one.
+9. Read-only opens with ``stop_at_damage=True`` (the PIT reader's reference
+   resolution, ``journal dump``) index the committed prefix before the first
+   damaged entry instead of refusing; ``damage`` says where it stopped.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import os
 import struct
 import threading
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from nicsplit.appliance import atrest
 from nicsplit.appliance.durable import DurableFile, Filesystem, OsFilesystem
 from nicsplit.card.records import Op
 from nicsplit.wire.frames import (
@@ -64,15 +83,17 @@ log = logging.getLogger("nicsplit.appliance.journal")
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
 SEGMENT_SUFFIX = ".seg"
 SEGMENT_MAGIC = b"NSJS"
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 1  # records in clear (every journal before at-rest encryption)
+SEALED_VERSION = 2  # RECORD payloads sealed with AES-256-GCM (rule 8)
+FLAG_SEALED = 0x0001  # version 2 flags: the one flag, always set
 
 _SEG_HEAD = struct.Struct(
     ">"
     "4s"  # magic: b"NSJS"
-    "H"  # version: JOURNAL_VERSION
-    "H"  # flags: 0
+    "H"  # version: JOURNAL_VERSION (clear) or SEALED_VERSION
+    "H"  # flags: 0 (version 1), FLAG_SEALED (version 2)
     "Q"  # segment number: equals the number in the file name
-    "I"  # reserved: 0
+    "I"  # key id: 0 (version 1); the at-rest key sealing the records (version 2)
     "I"  # crc: zlib.crc32 of the 20 bytes before it
 )
 assert _SEG_HEAD.size == 24
@@ -104,6 +125,19 @@ assert _COMMIT.size == 44
 # after a damaged entry to tell a torn tail from corruption (rule 3).
 _COMMIT_PREFIX = _ENTRY.pack(_COMMIT.size, TAG_COMMIT, 0)[:8]
 _MAX_ENTRY = 0x7FFFFFFF
+
+# A sealed RECORD payload: the wire record head (clear) ‖ 12-byte nonce ‖
+# GCM(refs ‖ data) ‖ 16-byte tag — 28 bytes more than the clear payload.
+SEALED_OVERHEAD = atrest.NONCE_SIZE + atrest.TAG_SIZE
+assert SEALED_OVERHEAD == 28
+
+# Decrypted records kept for `read_block` of sealed segments (a reference
+# needs its whole record decrypted): 16 MiB = one full batch of records.
+_SEALED_CACHE_BYTES = 16 << 20
+
+# `Journal.open(keyring=AUTO)`: the keyring of the data directory the journal
+# is in (DATA/appliance/at-rest.key), if there is one.
+AUTO = "auto"
 
 
 class JournalError(Exception):
@@ -156,7 +190,7 @@ class _Pending:
     """Index updates of a batch, applied only once its COMMIT is durable."""
 
     recs: list[tuple[int, int, int]]  # (seq, segment, entry offset)
-    blocks: dict[bytes, tuple[int, int, int]]  # fp -> (segment, offset, length)
+    blocks: dict[bytes, tuple[int, ...]]  # fp -> location (see Journal._blocks)
 
 
 def _seg_name(n: int) -> str:
@@ -186,11 +220,221 @@ def _data_offset(rec: Record) -> int:
     return RECORD_HEAD_SIZE + REF_SIZE * len(rec.refs)
 
 
+# -- segment and entry codecs (no IO) ------------------------------------------------------
+
+
+def segment_head(seg: int, key_id: int) -> bytes:
+    """The header of segment ``seg``: version 1 (records in clear) when
+    ``key_id`` is 0, else version 2 sealed under at-rest key ``key_id``."""
+    if key_id:
+        head = _SEG_HEAD.pack(SEGMENT_MAGIC, SEALED_VERSION, FLAG_SEALED, seg, key_id, 0)[:20]
+    else:
+        head = _SEG_HEAD.pack(SEGMENT_MAGIC, JOURNAL_VERSION, 0, seg, 0, 0)[:20]
+    return head + struct.pack(">I", zlib.crc32(head))
+
+
+def parse_segment_head(buf: bytes | memoryview, seg: int, where: str) -> tuple[int, str | None]:
+    """(key id, None) for an intact header of segment ``seg`` (key id 0 =
+    records in clear); (0, why) for a damaged one (torn, bad magic or CRC).
+    An intact header this code cannot read (version, flags, number) raises
+    `JournalCorrupt` naming ``where``."""
+    if len(buf) < _SEG_HEAD.size:
+        return 0, f"segment header truncated ({len(buf)} bytes)"
+    magic, version, flags, number, key_id, crc = _SEG_HEAD.unpack_from(buf, 0)
+    if zlib.crc32(buf[:20]) != crc or magic != SEGMENT_MAGIC:
+        return 0, "bad segment header"
+    if not ((version == JOURNAL_VERSION and flags == 0 and key_id == 0)
+            or (version == SEALED_VERSION and flags == FLAG_SEALED and key_id)):
+        raise JournalCorrupt(f"{where}: journal version {version} flags {flags} not supported")
+    if number != seg:
+        raise JournalCorrupt(f"{where}: header says segment {number}")
+    return key_id, None
+
+
+def _aad(head8: bytes | memoryview, pos: int, rec_head: bytes | memoryview) -> bytes:
+    # What a sealed record authenticates besides its ciphertext: entry size and
+    # tag, where the entry is (a moved entry fails), the clear record head.
+    return bytes(head8) + pos.to_bytes(8, "big") + bytes(rec_head)
+
+
+def seal_record_entry(cipher: AESGCM, pos: int, encoded: bytes, nonce: bytes) -> bytes:
+    """The sealed RECORD entry of the wire record ``encoded`` written at
+    segment offset ``pos`` (rule 8).  ``nonce``: 12 fresh random bytes."""
+    head8 = _ENTRY.pack(len(encoded) + SEALED_OVERHEAD, TAG_RECORD, 0)[:8]
+    view = memoryview(encoded)
+    rec_head = view[:RECORD_HEAD_SIZE]
+    sealed = cipher.encrypt(nonce, view[RECORD_HEAD_SIZE:], _aad(head8, pos, rec_head))
+    crc = zlib.crc32(sealed, zlib.crc32(nonce, zlib.crc32(rec_head, zlib.crc32(head8))))
+    return b"".join((head8, struct.pack(">I", crc), rec_head, nonce, sealed))
+
+
+def open_record_payload(cipher: AESGCM | None, pos: int, head8: bytes | memoryview, payload: bytes | memoryview,
+                        where: str) -> Record:
+    """The record of a RECORD entry whose CRC was checked: decrypted when its
+    segment is sealed (``cipher``), decoded.  Every record read goes through
+    here — the one place that decrypts (rule 8)."""
+    if cipher is not None:
+        if len(payload) < RECORD_HEAD_SIZE + SEALED_OVERHEAD:
+            raise JournalCorrupt(f"{where}: sealed record entry of {len(payload)} bytes is too short")
+        view = memoryview(payload)
+        rec_head = view[:RECORD_HEAD_SIZE]
+        nonce = bytes(view[RECORD_HEAD_SIZE : RECORD_HEAD_SIZE + atrest.NONCE_SIZE])
+        try:
+            plain = cipher.decrypt(nonce, view[RECORD_HEAD_SIZE + atrest.NONCE_SIZE :], _aad(head8, pos, rec_head))
+        except InvalidTag:
+            raise JournalCorrupt(f"{where}: record fails authentication (altered on disk, "
+                                 f"or sealed under another key)") from None
+        payload = bytes(rec_head) + plain
+    try:
+        rec, end = decode_record(payload)
+    except FrameError as e:
+        raise JournalCorrupt(f"{where}: record does not decode: {e}") from None
+    if end != len(payload):
+        raise JournalCorrupt(f"{where}: trailing bytes after record")
+    return rec
+
+
+def read_record_at(pread: Callable[[int, int], bytes], cipher: AESGCM | None, pos: int, where: str) -> Record:
+    """The record whose entry starts at ``pos`` of a segment read through
+    ``pread(offset, length)``: entry CRC checked, then `open_record_payload`."""
+    head = pread(pos, _ENTRY.size)
+    if len(head) != _ENTRY.size:
+        raise JournalCorrupt(f"{where}: entry head truncated")
+    size, tag, crc = _ENTRY.unpack(head)
+    payload = pread(pos + _ENTRY.size, size)
+    if tag != TAG_RECORD or len(payload) != size or zlib.crc32(payload, zlib.crc32(head[:8])) != crc:
+        raise JournalCorrupt(f"{where}: record entry fails its check")
+    return open_record_payload(cipher, pos, head[:8], payload, where)
+
+
+class SegmentCiphers:
+    """The AES-GCM cipher of each sealed segment of one journal, derived from
+    the keyring on first need (cached per segment).  ``keyring``: a
+    `atrest.Keyring`, None (no keys: sealed segments cannot be read), or
+    `AUTO` (the data directory's keyring, looked up on first need)."""
+
+    def __init__(self, path: Path, keyring: "atrest.Keyring | None | str") -> None:
+        self.path = path
+        self._keyring = keyring
+        self._by_seg: dict[int, tuple[int, AESGCM]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def keyring(self) -> "atrest.Keyring | None":
+        """The keyring (AUTO resolved; None when there is none yet)."""
+        if self._keyring == AUTO:
+            try:
+                kr = atrest.keyring_for_journal(self.path)
+            except atrest.AtRestError as e:
+                raise JournalError(f"journal {self.path}: {e}") from None
+            if kr is not None:
+                self._keyring = kr
+            return kr
+        return self._keyring  # type: ignore[return-value]
+
+    def for_segment(self, seg: int, key_id: int) -> AESGCM | None:
+        """The cipher of segment ``seg`` sealed under ``key_id`` (None: clear)."""
+        if not key_id:
+            return None
+        with self._lock:
+            c = self._by_seg.get(seg)
+            if c is not None and c[0] == key_id:
+                return c[1]
+        kr = self.keyring
+        if kr is None:
+            raise JournalError(f"journal {self.path}: {_seg_name(seg)} is sealed with at-rest key {key_id} "
+                               f"and no keyring was found (DATA/appliance/{atrest.KEYRING_NAME})")
+        try:
+            if not kr.has(key_id):
+                kr.refresh()  # rotated since we read it?
+            key = kr.key(key_id)
+        except atrest.AtRestError as e:
+            raise JournalError(f"journal {self.path}: {_seg_name(seg)} is sealed with at-rest key {key_id}: {e}") from None
+        cipher = atrest.segment_cipher(key, seg)
+        with self._lock:
+            self._by_seg[seg] = (key_id, cipher)
+        return cipher
+
+
+class SegmentReader:
+    """Committed records of a journal read at (segment, entry offset) through
+    our own read-only descriptors — for readers that must not share the
+    writer's `Journal` (PIT reader, distributor).  Entry CRC checked, sealed
+    records decrypted (`read_record_at`).  Thread-safe."""
+
+    def __init__(self, path: str | Path, keyring: "atrest.Keyring | None | str" = AUTO) -> None:
+        self.path = Path(path)
+        self._ciphers = SegmentCiphers(self.path, keyring)
+        self._fds: dict[int, tuple[int, AESGCM | None]] = {}
+        self._lock = threading.Lock()
+
+    def _segment(self, seg: int) -> tuple[int, AESGCM | None]:
+        with self._lock:
+            got = self._fds.get(seg)
+        if got is not None:
+            return got
+        p = self.path / _seg_name(seg)
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise JournalError(f"journal {self.path}: cannot open {_seg_name(seg)}: {e.strerror or e}") from None
+        try:
+            key_id, why = parse_segment_head(os.pread(fd, _SEG_HEAD.size, 0), seg, f"journal {self.path}: {_seg_name(seg)}")
+            if why:
+                raise JournalCorrupt(f"journal {self.path}: {_seg_name(seg)}: {why}")
+            cipher = self._ciphers.for_segment(seg, key_id)
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._lock:
+            if seg in self._fds:  # another thread won the race
+                os.close(fd)
+                return self._fds[seg]
+            self._fds[seg] = (fd, cipher)
+        return fd, cipher
+
+    def read_record(self, seg: int, pos: int) -> Record:
+        fd, cipher = self._segment(seg)
+        return read_record_at(lambda off, n: os.pread(fd, n, off), cipher, pos,
+                              f"journal {self.path}: {_seg_name(seg)} offset {pos}")
+
+    def close(self) -> None:
+        with self._lock:
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def segment_key_ids(journal_dir: str | Path) -> tuple[dict[int, int], list[str]]:
+    """({key id: segments sealed with it}, [segments whose header is
+    unreadable]) of one journal, from the segment headers alone (no lock:
+    safe while the appliance runs).  Key id 0 counts segments in clear."""
+    jd = Path(journal_dir)
+    use: dict[int, int] = {}
+    bad: list[str] = []
+    for p in sorted(jd.glob("*" + SEGMENT_SUFFIX)):
+        stem = p.name[: -len(SEGMENT_SUFFIX)]
+        if not stem.isdigit():
+            continue
+        with open(p, "rb") as f:
+            head = f.read(_SEG_HEAD.size)
+        try:
+            key_id, why = parse_segment_head(head, int(stem), f"journal {jd}: {p.name}")
+        except JournalCorrupt:
+            why = "unsupported header"
+        if why:
+            bad.append(p.name)
+            continue
+        use[key_id] = use.get(key_id, 0) + 1
+    return use, bad
+
+
 class Journal:
     """One CG's journal.  Thread-safe: `append_batch` and readers may run in
     different threads (the server appends from a worker thread)."""
 
-    def __init__(self, path: Path, fs: Filesystem, segment_size: int, readonly: bool) -> None:
+    def __init__(self, path: Path, fs: Filesystem, segment_size: int, readonly: bool,
+                 keyring: "atrest.Keyring | None | str" = None, stop_at_damage: bool = False) -> None:
         self.path = Path(path)
         self._fs = fs
         self._segment_size = segment_size
@@ -199,10 +443,17 @@ class Journal:
         self._files: dict[int, DurableFile] = {}
         self._segments: list[int] = []
         self._seg_sizes: dict[int, int] = {}
+        self._seg_keys: dict[int, int] = {}  # segment -> at-rest key id (0 = clear)
+        self._ciphers = SegmentCiphers(self.path, keyring)
+        self._last_checked = False  # the writer compared the last segment's key with the active one
+        self._sealed_cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()  # (seg, pos) -> record data
+        self._sealed_cache_bytes = 0
         self._recs: list[tuple[int, int, int]] = []  # (seq, segment, entry offset), seq ascending
         self._seqs: list[int] = []  # seqs of _recs, for bisect
         self._commits: list[tuple[int, int]] = []  # (t_last_ns, last_seq)
-        self._blocks: dict[bytes, tuple[int, int, int]] = {}
+        # fp -> (segment, file offset, length) in a clear segment, or
+        # (segment, entry offset, offset in the record's data, length) in a sealed one
+        self._blocks: dict[bytes, tuple[int, ...]] = {}
         self._last_seq = 0
         self._durable_seq = 0  # highest seq made durable (group commit may lag _last_seq)
         self._last_batch_id = 0
@@ -213,20 +464,29 @@ class Journal:
         self._truncated = 0
         self._failed: str | None = None
         self._lockfile: object | None = None
+        self._stop_at_damage = stop_at_damage
+        self.damage: str | None = None  # rule 9: where a stop_at_damage open stopped
 
     # -- open / recovery --------------------------------------------------------
 
     @classmethod
     def open(cls, path: str | Path, *, fs: Filesystem | None = None, segment_size: int = DEFAULT_SEGMENT_SIZE,
-             readonly: bool = False, create: bool = True) -> "Journal":
+             readonly: bool = False, create: bool = True, keyring: "atrest.Keyring | None | str" = AUTO,
+             stop_at_damage: bool = False) -> "Journal":
         """Open (creating it unless readonly / not create) and recover.  In
         writer mode the uncommitted tail is cut and an exclusive lock held;
-        readonly mode ignores the tail and never writes."""
+        readonly mode ignores the tail and never writes.  ``keyring``: the
+        at-rest keys (rule 8); AUTO = the data directory's keyring if any,
+        None = none (new segments in clear, sealed ones unreadable).
+        ``stop_at_damage`` (read-only): index the prefix before damage
+        instead of raising `JournalCorrupt` (rule 9)."""
         fs = fs or OsFilesystem()
         path = Path(path)
         if segment_size < _SEG_HEAD.size + 2 * _ENTRY.size + _COMMIT.size:
             raise ValueError(f"segment_size {segment_size} is too small")
-        j = cls(path, fs, segment_size, readonly)
+        if stop_at_damage and not readonly:
+            raise ValueError("stop_at_damage is for read-only opens: a writer must not append after damage")
+        j = cls(path, fs, segment_size, readonly, keyring, stop_at_damage)
         if not fs.exists(path):
             if readonly or not create:
                 raise JournalError(f"no journal at {path}")
@@ -238,6 +498,8 @@ class Journal:
             except BlockingIOError:
                 raise JournalError(f"journal {path} is in use by another process (lock held)") from None
         try:
+            if not readonly:
+                j._ciphers.keyring  # a writer fails now, not at its first segment, on a bad keyring
             j._recover()
         except BaseException:
             j.close()
@@ -264,83 +526,92 @@ class Journal:
         committed_end: tuple[int, int] | None = None  # (segment, offset after the last COMMIT)
         damage: tuple[int, int, str] | None = None
         contents: dict[int, bytes] = {}
-        for seg in segs:
-            f = self._fs.open(self.path / _seg_name(seg), readonly=self.readonly)
-            try:
-                buf = f.pread(0, f.size())
-            finally:
-                f.close()
-            contents[seg] = buf
-            if damage is not None:
-                continue  # only searched for commits below
-            problem = self._check_seg_head(buf, seg)
-            if problem:
-                damage = (seg, 0, problem)
-                continue
-            pos = _SEG_HEAD.size
-            while pos < len(buf):
-                where = f"{_seg_name(seg)} offset {pos}"
-                if len(buf) - pos < _ENTRY.size:
-                    damage = (seg, pos, "truncated entry head")
-                    break
-                size, tag, crc = _ENTRY.unpack_from(buf, pos)
-                if buf[pos + 5 : pos + 8] != b"\0\0\0" or tag not in (TAG_RECORD, TAG_COMMIT):
-                    damage = (seg, pos, f"bad entry head (tag {tag})")
-                    break
-                end = pos + _ENTRY.size + size
-                if end > len(buf):
-                    damage = (seg, pos, f"entry of {size} bytes runs past the end of the segment")
-                    break
-                payload = memoryview(buf)[pos + _ENTRY.size : end]
-                if zlib.crc32(payload, zlib.crc32(buf[pos : pos + 8])) != crc:
-                    damage = (seg, pos, "entry CRC mismatch")
-                    break
-                if tag == TAG_RECORD:
-                    try:
-                        rec, rend = decode_record(payload)
-                    except FrameError as e:
-                        raise JournalCorrupt(f"{self.path / _seg_name(seg)} offset {pos}: record does not decode: {e}") from None
-                    if rend != size:
-                        raise JournalCorrupt(f"{self.path / _seg_name(seg)} offset {pos}: trailing bytes after record")
-                    last = pending.recs[-1][0] if pending.recs else self._last_seq
-                    if rec.seq <= last:
-                        raise JournalCorrupt(f"{self.path / _seg_name(seg)} offset {pos}: record seq {rec.seq} not after {last}")
-                    for _, fp in rec.refs:
-                        if fp not in self._blocks and fp not in pending.blocks:
-                            raise JournalCorrupt(f"{where}: record seq {rec.seq} references unknown block {fp.hex()}")
-                    base = pos + _ENTRY.size + _data_offset(rec)
-                    for _, doff, n in _data_blocks(rec):
-                        fp = fingerprint(rec.data[doff : doff + n])
-                        if fp not in self._blocks and fp not in pending.blocks:
-                            pending.blocks[fp] = (seg, base + doff, n)
-                    pending.recs.append((rec.seq, seg, pos))
-                    pending_count += 1
-                else:
-                    if size != _COMMIT.size:
-                        raise JournalCorrupt(f"{self.path / _seg_name(seg)} offset {pos}: COMMIT of {size} bytes")
-                    batch_id, first, last, t_first, t_last, nrec = _COMMIT.unpack(payload)
-                    if nrec != pending_count or last < first or first <= self._last_seq or any(
-                        not first <= s <= last for s, _, _ in pending.recs
-                    ):
-                        raise JournalCorrupt(
-                            f"{self.path / _seg_name(seg)} offset {pos}: COMMIT of batch {batch_id} "
-                            f"(seqs {first}..{last}, {nrec} records) does not match the {pending_count} records before it"
-                        )
-                    self._apply(pending, batch_id, first, last, t_first, t_last)
-                    pending = _Pending([], {})
-                    pending_count = 0
-                    committed_end = (seg, end)
-                pos = end
+        try:
+            for seg in segs:
+                f = self._fs.open(self.path / _seg_name(seg), readonly=self.readonly)
+                try:
+                    buf = f.pread(0, f.size())
+                finally:
+                    f.close()
+                contents[seg] = buf
+                if damage is not None:
+                    continue  # only searched for commits below
+                key_id, problem = parse_segment_head(buf, seg, str(self.path / _seg_name(seg)))
+                if problem:
+                    damage = (seg, 0, problem)
+                    continue
+                self._seg_keys[seg] = key_id
+                cipher = self._ciphers.for_segment(seg, key_id)
+                pos = _SEG_HEAD.size
+                while pos < len(buf):
+                    where = f"{_seg_name(seg)} offset {pos}"
+                    if len(buf) - pos < _ENTRY.size:
+                        damage = (seg, pos, "truncated entry head")
+                        break
+                    size, tag, crc = _ENTRY.unpack_from(buf, pos)
+                    if buf[pos + 5 : pos + 8] != b"\0\0\0" or tag not in (TAG_RECORD, TAG_COMMIT):
+                        damage = (seg, pos, f"bad entry head (tag {tag})")
+                        break
+                    end = pos + _ENTRY.size + size
+                    if end > len(buf):
+                        damage = (seg, pos, f"entry of {size} bytes runs past the end of the segment")
+                        break
+                    payload = memoryview(buf)[pos + _ENTRY.size : end]
+                    if zlib.crc32(payload, zlib.crc32(buf[pos : pos + 8])) != crc:
+                        damage = (seg, pos, "entry CRC mismatch")
+                        break
+                    if tag == TAG_RECORD:
+                        rec = open_record_payload(cipher, pos, buf[pos : pos + 8], payload,
+                                                  f"{self.path / _seg_name(seg)} offset {pos}")
+                        last = pending.recs[-1][0] if pending.recs else self._last_seq
+                        if rec.seq <= last:
+                            raise JournalCorrupt(f"{self.path / _seg_name(seg)} offset {pos}: record seq {rec.seq} not after {last}")
+                        for _, fp in rec.refs:
+                            if fp not in self._blocks and fp not in pending.blocks:
+                                raise JournalCorrupt(f"{where}: record seq {rec.seq} references unknown block {fp.hex()}")
+                        base = pos + _ENTRY.size + _data_offset(rec)
+                        for _, doff, n in _data_blocks(rec):
+                            fp = fingerprint(rec.data[doff : doff + n])
+                            if fp not in self._blocks and fp not in pending.blocks:
+                                pending.blocks[fp] = (seg, base + doff, n) if cipher is None else (seg, pos, doff, n)
+                        pending.recs.append((rec.seq, seg, pos))
+                        pending_count += 1
+                    else:
+                        if size != _COMMIT.size:
+                            raise JournalCorrupt(f"{self.path / _seg_name(seg)} offset {pos}: COMMIT of {size} bytes")
+                        batch_id, first, last, t_first, t_last, nrec = _COMMIT.unpack(payload)
+                        if nrec != pending_count or last < first or first <= self._last_seq or any(
+                            not first <= s <= last for s, _, _ in pending.recs
+                        ):
+                            raise JournalCorrupt(
+                                f"{self.path / _seg_name(seg)} offset {pos}: COMMIT of batch {batch_id} "
+                                f"(seqs {first}..{last}, {nrec} records) does not match the {pending_count} records before it"
+                            )
+                        self._apply(pending, batch_id, first, last, t_first, t_last)
+                        pending = _Pending([], {})
+                        pending_count = 0
+                        committed_end = (seg, end)
+                    pos = end
 
-        if damage is not None:
-            self._check_no_commit_after(damage, segs, contents)
-            seg, pos, why = damage
-            log.warning("journal %s: discarding torn tail at %s offset %d (%s)", self.path, _seg_name(seg), pos, why)
+            if damage is not None:
+                seg0, pos0, why = damage
+                after = self._find_commit_after(damage, segs, contents)
+                if after is not None:
+                    msg = (f"journal {self.path}: corrupt entry in segment {_seg_name(seg0)} at offset {pos0} ({why}), "
+                           f"before committed data (a COMMIT at {_seg_name(after[0])} offset {after[1]})")
+                    raise JournalCorrupt(msg if self._stop_at_damage else msg + "; refusing to open")
+                log.warning("journal %s: discarding torn tail at %s offset %d (%s)", self.path, _seg_name(seg0), pos0, why)
+        except JournalCorrupt as e:
+            if not self._stop_at_damage:
+                raise
+            # Rule 9: everything committed before the damage stays readable.
+            self.damage = str(e)
+            log.info("journal %s: read-only open stops at damage: %s", self.path, e)  # the caller reports it
 
         # Decide the committed extent of every segment; cut the rest (writer only).
         keep_until = committed_end
         for seg in segs:
-            size = len(contents[seg])
+            size = len(contents.get(seg, b""))
             if keep_until is None or seg > keep_until[0]:
                 new = None  # after the last commit entirely
             elif seg == keep_until[0]:
@@ -359,6 +630,7 @@ class Journal:
                 continue
             if new is None:
                 self._fs.remove(self.path / _seg_name(seg))
+                self._seg_keys.pop(seg, None)
             else:
                 f = self._fs.open(self.path / _seg_name(seg))
                 try:
@@ -372,20 +644,10 @@ class Journal:
             self._fs.sync_dir(self.path)
             log.warning("journal %s: cut %d uncommitted bytes at open", self.path, self._truncated)
 
-    def _check_seg_head(self, buf: bytes, seg: int) -> str | None:
-        if len(buf) < _SEG_HEAD.size:
-            return f"segment header truncated ({len(buf)} bytes)"
-        magic, version, flags, number, reserved, crc = _SEG_HEAD.unpack_from(buf, 0)
-        if zlib.crc32(buf[:20]) != crc or magic != SEGMENT_MAGIC:
-            return "bad segment header"
-        if version != JOURNAL_VERSION or flags or reserved:
-            raise JournalCorrupt(f"{self.path / _seg_name(seg)}: journal version {version} flags {flags} not supported")
-        if number != seg:
-            raise JournalCorrupt(f"{self.path / _seg_name(seg)}: header says segment {number}")
-        return None
-
-    def _check_no_commit_after(self, damage: tuple[int, int, str], segs: list[int], contents: dict[int, bytes]) -> None:
-        """Rule 3: damage followed by a valid COMMIT is corruption."""
+    def _find_commit_after(self, damage: tuple[int, int, str], segs: list[int],
+                           contents: dict[int, bytes]) -> tuple[int, int] | None:
+        """Rule 3: (segment, offset) of a valid COMMIT after the damage, if any
+        (then it is corruption, not a torn tail)."""
         seg0, pos0, why = damage
         for seg in segs:
             if seg < seg0:
@@ -398,11 +660,9 @@ class Journal:
                     break
                 (crc,) = struct.unpack_from(">I", buf, i + 8)
                 if zlib.crc32(buf[i + 12 : i + 12 + _COMMIT.size], zlib.crc32(buf[i : i + 8])) == crc:
-                    raise JournalCorrupt(
-                        f"journal {self.path}: corrupt entry in segment {_seg_name(seg0)} at offset {pos0} ({why}), "
-                        f"before committed data (a COMMIT at {_seg_name(seg)} offset {i}); refusing to open"
-                    )
+                    return seg, i
                 start = i + 1
+        return None
 
     def _apply(self, p: _Pending, batch_id: int, first: int, last: int, t_first: int, t_last: int) -> None:
         if first > self._last_seq + 1 and self._last_seq:
@@ -474,7 +734,7 @@ class Journal:
                 fps = [(doff, n, fingerprint(r.data[doff : doff + n])) for _, doff, n in _data_blocks(r)]
                 known.update((fp, None) for _, _, fp in fps)
                 blocks.append(fps)
-                encoded.append(_entry(TAG_RECORD, encode_record(r)))
+                encoded.append(encode_record(r))  # framed (and sealed) in _write, where its offset is known
             commit = _entry(TAG_COMMIT, _COMMIT.pack(m.batch_id, first, m.last_seq, m.t_first_ns, m.t_last_ns, len(new)))
             try:
                 pending = self._write(new, blocks, encoded, commit, sync)
@@ -494,7 +754,10 @@ class Journal:
             self._check_usable()
             if self._durable_seq == self._last_seq or not self._segments:
                 return
-            seg, f = self._current()
+            seg = self._segments[-1]
+            f = self._files.get(seg)
+            if f is None:
+                f = self._files[seg] = self._fs.open(self.path / _seg_name(seg))
             try:
                 f.sync()
             except OSError as e:
@@ -510,44 +773,82 @@ class Journal:
 
     def _current(self) -> tuple[int, DurableFile]:
         if not self._segments:
+            self._last_checked = True
             return self._new_segment(1)
         seg = self._segments[-1]
         f = self._files.get(seg)
         if f is None:
             f = self._files[seg] = self._fs.open(self.path / _seg_name(seg))
+        if not self._last_checked:
+            # First append since open: a segment sealed under another key (or
+            # sealed when we would write in clear, or the reverse) is closed,
+            # not continued — rule 8.
+            self._last_checked = True
+            if self._seg_keys.get(seg, 0) != self._wanted_key():
+                f.sync()  # rule 1: the previous segment is complete before a new one exists
+                return self._new_segment(seg + 1)
         return seg, f
 
+    def _wanted_key(self) -> int:
+        """The at-rest key id a new segment is sealed with (0 = clear): the
+        keyring's active key, re-read if the file changed (rule 8)."""
+        try:
+            kr = self._ciphers.keyring  # AUTO: looked up again until there is one
+        except JournalError as e:
+            log.error("%s; new segments stay in clear", e)
+            return 0
+        if kr is None:
+            return 0
+        try:
+            kr.refresh()
+        except atrest.AtRestError as e:
+            log.error("journal %s: %s; keeping the keys read earlier", self.path, e)
+        return kr.active or 0
+
     def _new_segment(self, seg: int) -> tuple[int, DurableFile]:
+        key_id = self._wanted_key()
+        self._ciphers.for_segment(seg, key_id)  # derive (and check the key) before the file exists
         f = self._fs.open(self.path / _seg_name(seg), create=True)
         self._files[seg] = f
-        head = _SEG_HEAD.pack(SEGMENT_MAGIC, JOURNAL_VERSION, 0, seg, 0, 0)[:20]
-        f.append(head + struct.pack(">I", zlib.crc32(head)))
+        f.append(segment_head(seg, key_id))
         self._fs.sync_dir(self.path)  # the name is durable before data relies on it
         self._segments.append(seg)
         self._seg_sizes[seg] = _SEG_HEAD.size
+        self._seg_keys[seg] = key_id
         return seg, f
 
     def _write(self, recs: list[Record], blocks: list[list[tuple[int, int, bytes]]], encoded: list[bytes],
                commit: bytes, sync: bool = True) -> _Pending:
         pending = _Pending([], {})
         seg, f = self._current()
+        cipher = self._ciphers.for_segment(seg, self._seg_keys.get(seg, 0))
+        nonces = b""
         buf = bytearray()
         size = f.size()
-        for r, fps, e in zip(recs, blocks, encoded, strict=True):
-            if size + len(buf) > _SEG_HEAD.size and size + len(buf) + len(e) > self._segment_size:
+        for i, (r, fps, enc) in enumerate(zip(recs, blocks, encoded, strict=True)):
+            esize = _ENTRY.size + len(enc) + (SEALED_OVERHEAD if cipher is not None else 0)
+            if size + len(buf) > _SEG_HEAD.size and size + len(buf) + esize > self._segment_size:
                 f.append(bytes(buf))
                 f.sync()  # rule 1: the old segment is complete before a new one exists
                 self._seg_sizes[seg] = f.size()
                 buf.clear()
                 seg, f = self._new_segment(seg + 1)
+                cipher = self._ciphers.for_segment(seg, self._seg_keys[seg])
                 size = f.size()
             pos = size + len(buf)
+            if cipher is None:
+                buf += _entry(TAG_RECORD, enc)
+                base = pos + _ENTRY.size + _data_offset(r)
+                locs = [(fp, (seg, base + doff, n)) for doff, n, fp in fps]
+            else:
+                if not nonces:  # one system call per batch, not per record
+                    nonces = os.urandom(atrest.NONCE_SIZE * len(recs))
+                buf += seal_record_entry(cipher, pos, enc, nonces[i * atrest.NONCE_SIZE : (i + 1) * atrest.NONCE_SIZE])
+                locs = [(fp, (seg, pos, doff, n)) for doff, n, fp in fps]
             pending.recs.append((r.seq, seg, pos))
-            base = pos + _ENTRY.size + _data_offset(r)
-            for doff, n, fp in fps:
+            for fp, loc in locs:
                 if fp not in self._blocks and fp not in pending.blocks:
-                    pending.blocks[fp] = (seg, base + doff, n)
-            buf += e
+                    pending.blocks[fp] = loc
         buf += commit  # the COMMIT may overhang segment_size by its 56 bytes
         f.append(bytes(buf))
         if sync:
@@ -567,10 +868,28 @@ class Journal:
         loc = self._blocks.get(fp)
         if loc is None:
             raise JournalCorrupt(f"journal {self.path}: block {fp.hex()} is referenced but not held")
-        seg, off, n = loc
-        data = self._reader(seg).pread(off, n)
+        if len(loc) == 3:  # clear segment: the block's bytes are in the file as they are
+            seg, off, n = loc
+            data = self._reader(seg).pread(off, n)
+        else:  # sealed: the whole record is decrypted (and kept a little while)
+            seg, off, doff, n = loc
+            data = self._sealed_data(seg, off)[doff : doff + n]
         if len(data) != n or fingerprint(data) != fp:
             raise JournalCorrupt(f"journal {self.path}: block {fp.hex()} at {_seg_name(seg)} offset {off} is damaged")
+        return data
+
+    def _sealed_data(self, seg: int, pos: int) -> bytes:
+        key = (seg, pos)
+        data = self._sealed_cache.get(key)
+        if data is not None:
+            self._sealed_cache.move_to_end(key)
+            return data
+        data = self.read_entry(seg, pos).data
+        self._sealed_cache[key] = data
+        self._sealed_cache_bytes += len(data)
+        while self._sealed_cache_bytes > _SEALED_CACHE_BYTES and len(self._sealed_cache) > 1:
+            _, old = self._sealed_cache.popitem(last=False)
+            self._sealed_cache_bytes -= len(old)
         return data
 
     def read_block(self, fp: bytes) -> bytes:
@@ -578,22 +897,30 @@ class Journal:
         with self._lock:
             return self._read_block(fp)
 
+    def _cipher(self, seg: int) -> AESGCM | None:
+        key_id = self._seg_keys.get(seg)
+        if key_id is None:  # a segment recovery did not read (read-only open of a growing journal)
+            where = f"journal {self.path}: {_seg_name(seg)}"
+            key_id, why = parse_segment_head(self._reader(seg).pread(0, _SEG_HEAD.size), seg, where)
+            if why:
+                raise JournalCorrupt(f"{where}: {why}")
+            self._seg_keys[seg] = key_id
+        return self._ciphers.for_segment(seg, key_id)
+
     def read_entry(self, seg: int, pos: int) -> Record:
-        """The record whose entry starts at (segment, offset), CRC-checked."""
+        """The record whose entry starts at (segment, offset), CRC-checked
+        (and decrypted when its segment is sealed)."""
         f = self._reader(seg)
-        head = f.pread(pos, _ENTRY.size)
-        where = f"journal {self.path}: {_seg_name(seg)} offset {pos}"
-        if len(head) != _ENTRY.size:
-            raise JournalCorrupt(f"{where}: entry head truncated")
-        size, tag, crc = _ENTRY.unpack(head)
-        payload = f.pread(pos + _ENTRY.size, size)
-        if tag != TAG_RECORD or len(payload) != size or zlib.crc32(payload, zlib.crc32(head[:8])) != crc:
-            raise JournalCorrupt(f"{where}: record entry fails its check")
-        try:
-            rec, _ = decode_record(payload)
-        except FrameError as e:
-            raise JournalCorrupt(f"{where}: {e}") from None
-        return rec
+        return read_record_at(f.pread, self._cipher(seg), pos, f"journal {self.path}: {_seg_name(seg)} offset {pos}")
+
+    def key_ids(self) -> dict[int, int]:
+        """{at-rest key id: segments sealed with it} (0 = in clear)."""
+        with self._lock:
+            out: dict[int, int] = {}
+            for seg in self._segments:
+                k = self._seg_keys.get(seg, 0)
+                out[k] = out.get(k, 0) + 1
+            return out
 
     def iter_records(self, from_seq: int = 1, upto_seq: int | None = None) -> Iterator[Record]:
         """Committed records with from_seq <= seq (<= upto_seq), in seq order,

@@ -124,7 +124,8 @@ def _index(jd: Path, cg: str) -> PitIndex:
 
 def resolve_pit(idx: PitIndex, data: Path, cg: str, *, at: str | None = None, seq: int | None = None,
                 bookmark: str | None = None, latest: bool = False, now_ns: int | None = None) -> Pit:
-    """The PIT a command's selector names; refuses a PIT inside a merge window."""
+    """The PIT a command's selector names; refuses a PIT that needs a damaged
+    stretch of the journal, or one inside a merge window."""
     from nicsplit.appliance.pits import get_bookmark
     from nicsplit.control.cli import CliError
 
@@ -139,6 +140,7 @@ def resolve_pit(idx: PitIndex, data: Path, cg: str, *, at: str | None = None, se
         pit = idx.latest()
     else:
         raise CliError("say which point in time: --at TIME, --seq N, --bookmark NAME or --latest")
+    idx.check_usable(pit)  # a damaged journal: UnusablePit names the segment and the lost seqs
     if not pit.consistent:
         raise CliError(f"the point in time at seq {pit.seq} is inside a merge window (not crash-consistent); "
                        f"pick a consistent one from 'nicsplit pits {cg}'")
@@ -155,21 +157,30 @@ def cmd_pits(args: argparse.Namespace) -> int:
 
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     jd = _check_cg(cfg.data, args.cg)
-    pits = PitIndex(jd).list_pits() if jd.is_dir() else []
+    idx = PitIndex(jd) if jd.is_dir() else None
+    pits = idx.list_pits() if idx is not None else []
+    damage = idx.damage if idx is not None else []
     marks: dict[int, list[str]] = {}
     for b in list_bookmarks(cfg.data, args.cg):
         marks.setdefault(b.seq, []).append(b.name)
-    rows = [{"seq": p.seq, "time": p.time_ns / 1e9, "consistent": p.consistent, "bookmarks": marks.get(p.seq, [])}
-            for p in pits]
+    rows = [{"seq": p.seq, "time": p.time_ns / 1e9, "consistent": p.consistent, "usable": p.usable,
+             "bookmarks": marks.get(p.seq, [])} for p in pits]
+    for row in rows:
+        if not row["usable"]:
+            row["reason"] = f"needs seqs {damage[0].first_seq}..{damage[0].last_seq}, lost to damage: {damage[0].describe()}"
     if args.json:
-        print(json.dumps({"pits": rows}))
+        print(json.dumps({"pits": rows, "damage": [d.to_json() for d in damage]}))
         return 0
     if not rows:
         print(f"consistency group {args.cg} has no point in time yet")
     for p, row in zip(pits, rows):
         flag = "" if p.consistent else "  (inside a merge window)"
+        if not p.usable:
+            flag += "  UNUSABLE (journal damaged)"
         names = f"  [{', '.join(row['bookmarks'])}]" if row["bookmarks"] else ""
         print(f"{p.seq:>12}  {_fmt(p.time_ns)}{names}{flag}")
+    for d in damage:
+        print(f"damaged: {d.describe()}", file=sys.stderr)
     return 0
 
 

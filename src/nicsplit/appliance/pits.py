@@ -14,29 +14,55 @@ A **bookmark** is a name for a PIT seq, kept per CG in
 Theory of operation
 ===================
 `JournalScanner` reads the segments of a journal *read-only* (docs/journal.md
-§1 byte layout), without the writer's lock and without the cost of
-`Journal.open` (which CRC-checks and fingerprints every data block): it reads
-entry heads and record heads only and skips payloads.  It emits a batch only
-when its COMMIT entry is complete and its CRC verifies, so a batch being
-written concurrently (or a torn tail before the writer's recovery cut it) is
-never seen.  It remembers (segment, offset) after the last COMMIT and the next
-`scan()` goes on from there: refreshing is incremental.
+§1 byte layout), without the writer's lock, without a key and without the
+cost of `Journal.open` (which decodes, decrypts and fingerprints every data
+block): it checks every entry's CRC (the read-ahead brings the payloads in
+anyway; CRC-32 costs ≈ 0.3 ms per MiB) and parses entry heads and record heads
+(in clear in sealed segments too).  It emits a batch only when its COMMIT
+entry is complete and its CRC verifies, so a batch being written concurrently
+(or a torn tail before the writer's recovery cut it) is never seen.  It
+remembers (segment, offset) after the last COMMIT and the next `scan()` goes
+on from there: refreshing is incremental.
+
+**Damage** (docs/recovery.md §9).  At a bad spot (segment header, entry head,
+entry CRC, a record or COMMIT that does not fit) the scanner searches on for
+the next valid COMMIT entry — its head prefix, its CRC, seqs after the last
+good PIT, and a well-formed entry (or the end of the file) after it.  Found:
+the stretch from the last good COMMIT to that one is *damaged*; the scanner
+records a `Damage` (segment, offset, why, seqs ``first_seq..last_seq``),
+emits that COMMIT's PIT with no records and goes on after it, so later PITs
+are still listed.  Not found: it is the tail (being written, or torn by a
+crash and cut at the writer's next open) and the scan waits there.
+
+**Usable PITs.**  A PIT is *usable* iff its seq is below the first damaged
+seq.  The lost records are unknown — their heads are among the damaged bytes
+— so no later PIT can be shown not to need them: every PIT from the first
+damage on is unusable (`PitIndex.check_usable` says why in one line), every
+PIT before it is complete and byte-exact.
 
 Rules
 -----
 1. Nothing here writes a journal file.  The scanner never trusts anything
-   after the last COMMIT whose CRC verifies.
-2. Payload CRCs are *not* checked by the scanner (that would read the whole
-   journal); every payload read goes through `Journal.read_entry` /
-   `Journal.records`, which check them.  A damaged record thus shows up when a
-   PIT that needs it is read, as `JournalCorrupt` naming segment and offset.
-3. A structurally impossible entry (bad tag, a COMMIT that does not match the
-   records before it, seqs not increasing) stops the scan there; the PITs
+   after the last COMMIT whose CRC verifies, except across a damaged stretch
+   closed by a valid COMMIT (above).
+2. Every entry's CRC is checked by the scanner; payloads are decoded (and
+   decrypted) only by the readers (`Journal.read_entry`,
+   `journal.SegmentReader`), which check the CRC again and authenticate
+   sealed records: an entry altered *with* a matching CRC shows up there, as
+   `JournalCorrupt` naming segment and offset.
+3. A bad spot without a valid COMMIT after it stops the scan there; the PITs
    before it stay usable, ``PitIndex.stalled`` says where and why, and the
    next refresh tries again from the last COMMIT (a torn tail is cut by the
-   writer's next open; committed damage makes that open fail loudly).
+   writer's next open).  A bad spot can only be called damage from bytes
+   that are complete: in the segment being written, only what the first
+   ``fstat`` showed is searched; later segments only once this one is final
+   (a later segment exists — the writer syncs a segment before it starts the
+   next — and its size did not change).
 4. Bookmark files are replaced atomically (tmp, fsync, rename, fsync dir)
    under an flock, read-modify-write; names are unique per CG.
+5. Damage found by any scan of this process is published (`known_damage`) so
+   the record readers (`replica._RecordSource`) refuse records at or after
+   it: a distributor or reader never silently skips lost records.
 
 Example::
 
@@ -63,29 +89,19 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from nicsplit.fsutil import atomic_write
+from nicsplit.appliance.journal import JournalCorrupt, parse_segment_head
 from nicsplit.card.pipeline.items import RFLAG_IN_WINDOW
 from nicsplit.card.records import Op
 from nicsplit.wire.frames import RECORD_HEAD_SIZE
 
 __all__ = [
-    "Pit", "RecordHead", "Commit", "PitError", "NoSuchPit", "BookmarkError", "JournalScanner", "PitIndex",
+    "Pit", "RecordHead", "Commit", "Damage", "PitError", "NoSuchPit", "UnusablePit", "BookmarkError", "JournalScanner",
+    "PitIndex", "known_damage",
     "list_pits", "Bookmark", "add_bookmark", "list_bookmarks", "get_bookmark", "bookmarks_path", "RFLAG_IN_WINDOW",
 ]
 
 # -- on-disk layouts (docs/journal.md §1; journal.py holds the writer's copy) --------
-
-_SEG_HEAD = struct.Struct(
-    ">"
-    "4s"  # magic: b"NSJS"
-    "H"  # version: 1
-    "H"  # flags: 0
-    "Q"  # segment number: equals the file name
-    "I"  # reserved: 0
-    "I"  # crc: zlib.crc32 of the 20 bytes before it
-)
-assert _SEG_HEAD.size == 24
-_SEG_MAGIC = b"NSJS"
-_SEG_VERSION = 1
+# The segment header is parsed by journal.parse_segment_head (versions 1 and 2).
 
 _ENTRY = struct.Struct(
     ">"
@@ -128,7 +144,11 @@ assert _RECORD_HEAD.size == RECORD_HEAD_SIZE == 58
 # pread; records larger than this are skipped with a single pread of the next
 # head.  1 MiB = 256 full 4 KiB records per system call.
 _READ_AHEAD = 1 << 20
+_SEG_HEAD_SIZE = 24
 _SEG_SUFFIX = ".seg"
+# What every COMMIT entry head starts with (size 44, tag 2, zero padding):
+# searched for after a bad spot to resynchronise.
+_COMMIT_PREFIX = struct.pack(">IB3x", _COMMIT.size, _TAG_COMMIT)
 _OPS = frozenset(int(o) for o in Op)
 
 
@@ -144,6 +164,10 @@ class NoSuchPit(PitError):
     """No PIT matches the request (seq, time, empty journal)."""
 
 
+class UnusablePit(PitError):
+    """The PIT needs records of a damaged stretch of the journal."""
+
+
 class BookmarkError(PitError):
     """Unknown, duplicate or badly named bookmark; unreadable bookmark file."""
 
@@ -154,6 +178,7 @@ class Pit:
     time_ns: int  # the COMMIT's t_last_ns
     batch_id: int
     consistent: bool  # False inside a merge window (RFLAG_IN_WINDOW)
+    usable: bool = True  # False at and after the first damaged stretch of the journal
 
     @property
     def time(self) -> float:
@@ -177,6 +202,30 @@ class RecordHead:
 
 
 @dataclass(frozen=True, slots=True)
+class Damage:
+    """A stretch of a journal that could not be read, closed by a valid COMMIT."""
+
+    path: str  # the journal directory
+    segment: int  # where the first bad spot is
+    offset: int
+    why: str
+    first_seq: int  # the first seq the stretch may hold: the previous PIT's seq + 1
+    last_seq: int  # the seq of the COMMIT that closes it (a PIT, unusable)
+    end_segment: int  # where that COMMIT is
+    end_offset: int
+
+    def describe(self) -> str:
+        through = f" (the damaged stretch ends in {_seg_name(self.end_segment)})" if self.end_segment != self.segment else ""
+        return (f"segment {_seg_name(self.segment)} of journal {self.path} is damaged at offset {self.offset} "
+                f"({self.why}): seqs {self.first_seq}..{self.last_seq} are unreadable{through}")
+
+    def to_json(self) -> dict:
+        return {"segment": _seg_name(self.segment), "offset": self.offset, "why": self.why,
+                "first_seq": self.first_seq, "last_seq": self.last_seq,
+                "end_segment": _seg_name(self.end_segment), "end_offset": self.end_offset}
+
+
+@dataclass(frozen=True, slots=True)
 class Commit:
     batch_id: int
     first_seq: int
@@ -186,10 +235,54 @@ class Commit:
     records: int
     segment: int
     pos: int
+    damage: Damage | None = None  # set on the COMMIT that closes a damaged stretch (its records are unknown)
 
 
 def _fmt_time(t_ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_ns / 1e9)) + f".{t_ns % 10**9 // 10**6:03d}"
+
+
+class _Segment:
+    """A segment file opened read-only: the size its first fstat showed (rule
+    3 trusts nothing beyond it) and a read-ahead window."""
+
+    __slots__ = ("fd", "size", "_buf", "_base")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+        self._buf = memoryview(b"")
+        self._base = 0
+
+    def get(self, at: int, n: int) -> memoryview:
+        if not (self._base <= at and at + n <= self._base + len(self._buf)):
+            self._base = at
+            self._buf = memoryview(os.pread(self.fd, max(n, _READ_AHEAD), at))
+        return self._buf[at - self._base : at - self._base + n]
+
+
+def _plausible_next(buf: bytes, at: int) -> bool:
+    """After a candidate COMMIT: the end of what we have, or a well-formed entry head."""
+    if len(buf) - at < _ENTRY.size:
+        return True
+    size, tag, pad, _ = _ENTRY.unpack_from(buf, at)
+    return pad == b"\0\0\0" and (tag == _TAG_RECORD or (tag == _TAG_COMMIT and size == _COMMIT.size))
+
+
+def _find_commit(buf: bytes, start: int, last: int) -> tuple[int, tuple] | None:
+    """(offset, fields) of the first valid COMMIT entry in ``buf`` at or after
+    ``start`` that can follow PIT seq ``last``."""
+    while True:
+        i = buf.find(_COMMIT_PREFIX, start)
+        if i < 0 or i + _ENTRY.size + _COMMIT.size > len(buf):
+            return None
+        (crc,) = struct.unpack_from(">I", buf, i + 8)
+        body = buf[i + _ENTRY.size : i + _ENTRY.size + _COMMIT.size]
+        if zlib.crc32(body, zlib.crc32(buf[i : i + 8])) == crc:
+            c = _COMMIT.unpack(body)
+            if c[1] > last and c[2] >= c[1] and _plausible_next(buf, i + _ENTRY.size + _COMMIT.size):
+                return i, c
+        start = i + 1
 
 
 class JournalScanner:
@@ -201,81 +294,97 @@ class JournalScanner:
         self.offset = 0  # 0 = the segment header is not checked yet
         self.last_seq = 0
         self.stalled: str | None = None  # rule 3: why the last scan stopped before the end of the files
+        self.damage: list[Damage] = []  # damaged stretches passed so far, in journal order
 
     def scan(self) -> Iterator[tuple[Commit, list[RecordHead]]]:
-        """Every batch committed since the previous scan, in order."""
+        """Every batch committed since the previous scan, in order (a COMMIT
+        closing a damaged stretch comes with no records and ``damage`` set)."""
         self.stalled = None
         seg, pos = self.segment, self.offset
         pending: list[RecordHead] = []
         last = self.last_seq
         while True:
-            p = self.path / _seg_name(seg)
             try:
-                fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self.path / _seg_name(seg), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 return
             try:
-                size = os.fstat(fd).st_size
-                buf, base = b"", 0
-
-                def get(at: int, n: int) -> bytes:
-                    nonlocal buf, base
-                    if not (base <= at and at + n <= base + len(buf)):
-                        base = at
-                        buf = os.pread(fd, max(n, _READ_AHEAD), at)
-                    return buf[at - base : at - base + n]
-
+                f = _Segment(fd)
+                # (offset, why, wait): wait = the bytes may still be being written
+                bad: tuple[int, str, bool] | None = None
                 if pos == 0:
-                    head = get(0, _SEG_HEAD.size)
-                    if len(head) < _SEG_HEAD.size:
-                        return  # being created
-                    magic, version, flags, number, reserved, crc = _SEG_HEAD.unpack(head)
-                    if zlib.crc32(head[:20]) != crc or magic != _SEG_MAGIC or version != _SEG_VERSION or number != seg:
-                        self._stop(seg, 0, "bad segment header")
-                        return
-                    pos = _SEG_HEAD.size
-                while pos + _ENTRY.size <= size:
-                    esize, tag, pad, ecrc = _ENTRY.unpack(get(pos, _ENTRY.size))
+                    head = f.get(0, _SEG_HEAD_SIZE)
+                    if len(head) < _SEG_HEAD_SIZE:
+                        bad = (0, f"segment header truncated ({len(head)} bytes)", True)  # being created?
+                    else:
+                        try:
+                            _, why = parse_segment_head(head, seg, f"journal {self.path}: {_seg_name(seg)}")
+                        except JournalCorrupt as e:  # intact, but not a format we read: no way past it
+                            self.stalled = str(e)
+                            return
+                        if why:
+                            bad = (0, why, False)
+                        else:
+                            pos = _SEG_HEAD_SIZE
+                while bad is None and pos < f.size:
+                    if pos + _ENTRY.size > f.size:
+                        bad = (pos, "truncated entry head", True)
+                        break
+                    head = bytes(f.get(pos, _ENTRY.size))
+                    esize, tag, pad, ecrc = _ENTRY.unpack(head)
                     end = pos + _ENTRY.size + esize
                     if pad != b"\0\0\0" or tag not in (_TAG_RECORD, _TAG_COMMIT):
-                        self._stop(seg, pos, f"bad entry head (tag {tag})")
-                        return
-                    if end > size:
-                        break  # being written (or a torn tail): wait for more
+                        bad = (pos, f"bad entry head (tag {tag})", False)
+                        break
+                    if end > f.size:
+                        bad = (pos, f"entry of {esize} bytes runs past the end of the segment", True)
+                        break
+                    payload = f.get(pos + _ENTRY.size, esize)
+                    if zlib.crc32(payload, zlib.crc32(head[:8])) != ecrc:
+                        bad = (pos, "entry CRC mismatch" if tag == _TAG_RECORD else
+                               "COMMIT entry fails its CRC (torn tail, or being written)", False)
+                        break
                     if tag == _TAG_RECORD:
                         if esize < _RECORD_HEAD.size:
-                            self._stop(seg, pos, "record entry shorter than a record head")
-                            return
-                        rseq, _io, vdisk, op, flags, off, length, t_ns, nrefs, dlen = _RECORD_HEAD.unpack(
-                            get(pos + _ENTRY.size, _RECORD_HEAD.size))
+                            bad = (pos, "record entry shorter than a record head", False)
+                            break
+                        rseq, _io, vdisk, op, flags, off, length, t_ns, nrefs, dlen = _RECORD_HEAD.unpack_from(payload)
                         prev = pending[-1].seq if pending else last
                         if rseq <= prev or op not in _OPS:
-                            self._stop(seg, pos, f"record seq {rseq} op {op} does not follow seq {prev}")
-                            return
+                            bad = (pos, f"record seq {rseq} op {op} does not follow seq {prev}", False)
+                            break
                         pending.append(RecordHead(rseq, vdisk, op, flags, off, length, t_ns, seg, pos))
                     else:
                         if esize != _COMMIT.size:
-                            self._stop(seg, pos, f"COMMIT of {esize} bytes")
-                            return
-                        payload = get(pos + _ENTRY.size, esize)
-                        if zlib.crc32(payload, zlib.crc32(get(pos, 8))) != ecrc:
-                            # torn, or not yet complete in our view: the next scan retries
-                            self._stop(seg, pos, "COMMIT entry fails its CRC (torn tail, or being written)")
-                            return
+                            bad = (pos, f"COMMIT of {esize} bytes", False)
+                            break
                         bid, first, lseq, t_first, t_last, nrec = _COMMIT.unpack(payload)
                         if nrec != len(pending) or lseq < first or first <= last or any(
                                 not first <= r.seq <= lseq for r in pending):
-                            self._stop(seg, pos, f"COMMIT of batch {bid} (seqs {first}..{lseq}, {nrec} records) "
-                                                 f"does not match the {len(pending)} records before it")
-                            return
+                            bad = (pos, f"COMMIT of batch {bid} (seqs {first}..{lseq}, {nrec} records) "
+                                        f"does not match the {len(pending)} records before it", False)
+                            break
                         batch = pending
                         pending = []
                         last = self.last_seq = lseq
                         self.segment, self.offset = seg, end
                         yield Commit(bid, first, lseq, t_first, t_last, nrec, seg, pos), batch
                     pos = end
-                if pos < size:
-                    return  # a partial entry (head) at the end: being written, or a torn tail
+                if bad is not None:
+                    found = self._resync(f, seg, bad[0], last)
+                    if found is None:  # the tail: being written, or torn (rule 3)
+                        if not bad[2]:
+                            self._stop(seg, bad[0], bad[1])
+                        return
+                    cseg, cpos, (bid, first, lseq, t_first, t_last, nrec) = found
+                    d = Damage(str(self.path), seg, bad[0], bad[1], last + 1, lseq, cseg, cpos)
+                    self.damage.append(d)
+                    pending = []
+                    last = self.last_seq = lseq
+                    self.segment, self.offset = cseg, cpos + _ENTRY.size + _COMMIT.size
+                    yield Commit(bid, first, lseq, t_first, t_last, nrec, cseg, cpos, d), []
+                    seg, pos = self.segment, self.offset
+                    continue
             finally:
                 os.close(fd)
             # End of this segment: a following one continues the journal (a batch
@@ -286,11 +395,59 @@ class JournalScanner:
             if not pending:
                 self.segment, self.offset = seg, 0
 
+    def _resync(self, f: _Segment, seg: int, pos: int, last: int) -> tuple[int, int, tuple] | None:
+        """(segment, offset, fields) of the first valid COMMIT after the bad
+        spot at (seg, pos) that can close a damaged stretch after PIT seq
+        ``last``; None when there is none yet (rule 3)."""
+        if f.size > pos + 1:
+            buf = os.pread(f.fd, f.size - pos - 1, pos + 1)  # only what the first fstat showed
+            hit = _find_commit(buf, 0, last)
+            if hit is not None:
+                return seg, pos + 1 + hit[0], hit[1]
+        # Later segments only once this one is final: the writer syncs a segment
+        # before it creates the next, so then nothing is still being written here.
+        if not (self.path / _seg_name(seg + 1)).exists() or os.fstat(f.fd).st_size != f.size:
+            return None
+        s = seg + 1
+        while True:
+            try:
+                with open(self.path / _seg_name(s), "rb") as g:
+                    buf = g.read()
+            except FileNotFoundError:
+                return None
+            hit = _find_commit(buf, 0, last)
+            if hit is not None:
+                return s, hit[0], hit[1]
+            s += 1
+
     def _stop(self, seg: int, pos: int, why: str) -> None:
         # Not sticky: after a crash this may be a torn tail that the writer cuts
         # at its next open (then the next scan goes on); committed damage makes
         # the writer's Journal.open fail loudly (docs/journal.md §3).
         self.stalled = f"journal {self.path}: {_seg_name(seg)} offset {pos}: {why}"
+
+
+# Damage found by any scan of this process, per journal (rule 5): the first
+# stretch (lowest first_seq) of each.  Journal files are write-once, so it is
+# never cleared; a journal repaired by hand needs a new process.
+_known: dict[Path, Damage] = {}
+_known_lock = threading.Lock()
+
+
+def _publish(journal_dir: Path, d: Damage) -> None:
+    key = journal_dir.resolve()
+    with _known_lock:
+        cur = _known.get(key)
+        if cur is None or d.first_seq < cur.first_seq:
+            _known[key] = d
+
+
+def known_damage(resolved_journal_dir: Path) -> Damage | None:
+    """The first damaged stretch any scan of this process found in the
+    journal at ``resolved_journal_dir`` (an absolute, resolved path)."""
+    if not _known:
+        return None
+    return _known.get(resolved_journal_dir)
 
 
 class PitIndex:
@@ -313,6 +470,8 @@ class PitIndex:
         self._batch = array("Q")
         self._consistent = bytearray()
         self._last_in_window = False  # flag of the last record indexed
+        self._damage: list[Damage] = []
+        self._unusable_from = 1 << 64  # the first damaged seq: PITs at or after it are unusable
         self.refresh()
 
     @property
@@ -325,6 +484,13 @@ class PitIndex:
         with self._lock:
             n = 0
             for commit, recs in self._scanner.scan():
+                if commit.damage is not None:
+                    # Its records are unknown, so is whether it ends inside a merge
+                    # window: not claimed consistent (it is unusable anyway).
+                    self._last_in_window = True
+                    self._damage.append(commit.damage)
+                    self._unusable_from = min(self._unusable_from, commit.damage.first_seq)
+                    _publish(self.path, commit.damage)
                 if recs:
                     self._last_in_window = bool(recs[-1].flags & RFLAG_IN_WINDOW)
                 self._seq.append(commit.last_seq)
@@ -340,7 +506,34 @@ class PitIndex:
         return len(self._seq)
 
     def _pit(self, i: int) -> Pit:
-        return Pit(self._seq[i], self._time[i], self._batch[i], bool(self._consistent[i]))
+        return Pit(self._seq[i], self._time[i], self._batch[i], bool(self._consistent[i]),
+                   self._seq[i] < self._unusable_from)
+
+    @property
+    def damage(self) -> list[Damage]:
+        """The damaged stretches found so far, in journal order."""
+        with self._lock:
+            return list(self._damage)
+
+    def newest_usable(self, *, consistent: bool = True) -> Pit | None:
+        """The newest usable (and consistent) PIT, None if there is none."""
+        with self._lock:
+            for i in range(bisect.bisect_left(self._seq, self._unusable_from) - 1, -1, -1):
+                if self._consistent[i] or not consistent:
+                    return self._pit(i)
+        return None
+
+    def check_usable(self, pit: Pit) -> None:
+        """`UnusablePit` (one line: the damaged segment, the lost seqs, the
+        newest usable PIT) unless every record up to ``pit`` is readable."""
+        with self._lock:
+            if pit.seq < self._unusable_from:
+                return
+            d = self._damage[0]
+        ok = self.newest_usable()
+        alt = (f"the newest usable point in time is seq {ok.seq} ({_fmt_time(ok.time_ns)})" if ok is not None
+               else "no earlier point in time is usable")
+        raise UnusablePit(f"the point in time at seq {pit.seq} is unusable: {d.describe()}; {alt}")
 
     def list_pits(self) -> list[Pit]:
         with self._lock:

@@ -87,7 +87,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 from nicsplit.fsutil import fsync_dir
 from nicsplit.appliance.pits import Commit, PitError, PitIndex, RecordHead
 from nicsplit.card.records import Op
-from nicsplit.wire.frames import BLOCK_SIZE, FrameError, Record, decode_record, expand
+from nicsplit.wire.frames import BLOCK_SIZE, Record, expand
 
 log = logging.getLogger("nicsplit.appliance.replica")
 
@@ -253,45 +253,38 @@ def shared_index(journal_dir: str | Path) -> BlockIndex:
 
 # -- reading records -------------------------------------------------------------------------
 
-_ENTRY = struct.Struct(
-    ">"
-    "I"  # size: payload bytes after the head
-    "B"  # tag: 1 RECORD
-    "3x"  # padding
-    "I"  # crc: zlib.crc32(head[0:8] || payload)
-)
-assert _ENTRY.size == 12
-
 
 class _RecordSource:
-    """Read committed records at (segment, offset) with their entry CRC
-    checked, through our own read-only descriptors; references are resolved
-    through a Journal opened read-only on first need (or the one given)."""
+    """Read committed records at (segment, offset) through the journal's own
+    read path (`journal.SegmentReader`: our own read-only descriptors, entry
+    CRC checked, sealed records decrypted — the one place that decrypts);
+    references are resolved through a Journal opened read-only on first need
+    (or the one given).  A record at or after a damaged stretch of the
+    journal (`pits.known_damage`) is refused: an image or a replica must not
+    silently lack the lost records (docs/recovery.md §9)."""
 
     def __init__(self, path: Path, journal: Any | None) -> None:
+        from nicsplit.appliance.journal import SegmentReader
+
         self.path = path
+        self._resolved = Path(path).resolve()
         self._journal = journal
         self._own_journal = False
-        self._fds: dict[int, int] = {}
+        self._files = SegmentReader(path)
         self._lock = threading.Lock()
 
     def read(self, seg: int, pos: int, seq: int) -> tuple[Record, bytes]:
-        with self._lock:
-            fd = self._fds.get(seg)
-            if fd is None:
-                fd = self._fds[seg] = os.open(self.path / f"{seg:08d}.seg", os.O_RDONLY | os.O_CLOEXEC)
+        from nicsplit.appliance.journal import JournalCorrupt
+        from nicsplit.appliance.pits import known_damage
+
+        d = known_damage(self._resolved)
+        if d is not None and seq >= d.first_seq:
+            raise JournalCorrupt(f"record seq {seq} is not readable: {d.describe()}")
         where = f"journal {self.path}: {seg:08d}.seg offset {pos}"
-        head = os.pread(fd, _ENTRY.size, pos)
-        if len(head) != _ENTRY.size:
-            raise _corrupt(f"{where}: entry head truncated")
-        size, tag, crc = _ENTRY.unpack(head)
-        payload = os.pread(fd, size, pos + _ENTRY.size)
-        if tag != 1 or len(payload) != size or zlib.crc32(payload, zlib.crc32(head[:8])) != crc:
-            raise _corrupt(f"{where}: record entry fails its check (needed for seq {seq})")
         try:
-            rec, _ = decode_record(payload)
-        except FrameError as e:
-            raise _corrupt(f"{where}: {e}") from None
+            rec = self._files.read_record(seg, pos)
+        except JournalCorrupt as e:
+            raise JournalCorrupt(f"{e} (needed for seq {seq})") from None
         if rec.seq != seq:
             raise _corrupt(f"{where}: holds seq {rec.seq}, the index says {seq}")
         if not rec.refs:
@@ -312,15 +305,14 @@ class _RecordSource:
                 self._journal.close()
                 self._journal = None
             if self._journal is None:
-                self._journal = Journal.open(self.path, readonly=True)
+                # stop_at_damage: the blocks before a damaged stretch still resolve
+                self._journal = Journal.open(self.path, readonly=True, stop_at_damage=True)
                 self._own_journal = True
             return self._journal
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            self._files.close()
             if self._own_journal and self._journal is not None:
                 self._journal.close()
                 self._journal = None
@@ -722,19 +714,36 @@ class Distributor:
 
     # -- do / undo ------------------------------------------------------------------------
 
-    def pending(self) -> int:
-        """Indexed records not applied yet."""
+    def pending(self, upto_seq: int | None = None) -> int:
+        """Indexed records not applied yet (those with seq <= ``upto_seq``)."""
         self.index.refresh()
-        return len(self.index.rec_seq) - (self.index.ordinal_upto(self.applied_seq) + 1)
+        end = len(self.index.rec_seq) if upto_seq is None else self.index.ordinal_upto(upto_seq) + 1
+        return max(0, end - (self.index.ordinal_upto(self.applied_seq) + 1))
 
-    def step(self, max_records: int = 256) -> int:
+    def step(self, max_records: int = 256, upto_seq: int | None = None, max_bytes: int | None = None) -> int:
         """Apply up to ``max_records`` journaled records (undo first, rule 2);
-        returns how many were applied (0 = caught up)."""
+        returns how many were applied (0 = caught up).  With ``upto_seq``
+        nothing after that seq is applied (the appliance passes the journal's
+        durable seq; failover a PIT), and once every record up to it is
+        applied, ``applied_seq`` becomes ``upto_seq`` itself (when indexed).
+        ``max_bytes`` bounds the payload bytes of one step too (at least one
+        record), so a step of large records stays short."""
         ix = self.index
         ix.refresh()
         nrec, pit_seq = ix.extent()
+        if upto_seq is not None:
+            if upto_seq <= self.applied_seq:
+                return 0  # going back is undo_to's job
+            nrec = min(nrec, ix.ordinal_upto(upto_seq) + 1)
+            pit_seq = min(pit_seq, upto_seq)
         first = ix.ordinal_upto(self.applied_seq) + 1
         last = min(first + max_records, nrec)
+        if max_bytes is not None and first < last:
+            total, cut = 0, first
+            while cut < last and (cut == first or total + ix.rec_len[cut] <= max_bytes):
+                total += ix.rec_len[cut]
+                cut += 1
+            last = cut
         if first >= last:
             if pit_seq > self.applied_seq:  # only barriers since: the replica is at that PIT already
                 self._write_state(pit_seq, self._undo_end)
@@ -742,6 +751,9 @@ class Distributor:
             return 0
         # Pre-images, seen through the earlier records of this step (not applied yet).
         todo: list[tuple[int, int, int, bytes | None, int]] = []  # (seq, vdisk, offset, payload|None, length)
+        # (vdisk, 4 KiB block) -> indexes in todo of this step's records touching it, so a
+        # record's pre-image sees only the earlier ones that overlap it (not all of them: O(n²)).
+        touch: dict[tuple[int, int], list[int]] = {}
         undo = bytearray()
         for o in range(first, last):
             seq, vid, off, length = ix.rec_seq[o], ix.rec_vdisk[o], ix.rec_off[o], ix.rec_len[o]
@@ -755,9 +767,16 @@ class Distributor:
             _, payload = self._src.read(ix.rec_seg[o], ix.rec_pos[o], seq)
             pre = bytearray(os.pread(fd, length, off))
             pre.extend(bytes(length - len(pre)))
-            for _, pvid, poff, pdata, plen in todo:
-                if pvid == vid and poff < off + length and off < poff + plen:
-                    s, e = max(off, poff), min(off + length, poff + plen)
+            blocks = range(off // BLOCK_SIZE, (off + length - 1) // BLOCK_SIZE + 1)
+            earlier: set[int] = set()
+            for b in blocks:
+                hit = touch.get((vid, b))
+                if hit:
+                    earlier.update(hit)
+            for i in sorted(earlier):  # oldest first: the newest overlapping record wins
+                _, _, poff, pdata, plen = todo[i]
+                s, e = max(off, poff), min(off + length, poff + plen)
+                if s < e:
                     pre[s - off : e - off] = pdata[s - poff : e - poff] if pdata is not None else bytes(e - s)
             zeros = pre.count(0) == len(pre)
             kind = UNDO_ZEROS if zeros else UNDO_DATA
@@ -766,6 +785,8 @@ class Distributor:
             self._undo_seq.append(seq)
             self._undo_off.append(self._undo_end + len(undo))
             undo += head + struct.pack(">I", zlib.crc32(body, zlib.crc32(head))) + body
+            for b in blocks:
+                touch.setdefault((vid, b), []).append(len(todo))
             todo.append((seq, vid, off, payload if ix.rec_op[o] == Op.WRITE else None, length))
         end = self._undo_end + len(undo)
         if undo:
@@ -795,11 +816,22 @@ class Distributor:
         self._applied += len(todo)
         return last - first
 
-    def catch_up(self, max_records: int = 256) -> int:
+    def catch_up(self, max_records: int = 256, upto_seq: int | None = None) -> int:
         n = 0
-        while (k := self.step(max_records)):
+        while (k := self.step(max_records, upto_seq)):
             n += k
         return n
+
+    def goto(self, seq: int, max_records: int = 256) -> None:
+        """Bring the images to exactly PIT ``seq``: roll back with the undo
+        log, or apply forward up to it (failover)."""
+        if seq < self.applied_seq:
+            self.undo_to(seq)
+            return
+        self.catch_up(max_records, seq)
+        if self.applied_seq != seq:
+            raise ReplicaError(f"cannot bring the replica to seq {seq}: the journal's records end at "
+                               f"seq {self.applied_seq}")
 
     def undo_to(self, seq: int) -> int:
         """Roll the replica images back to PIT ``seq`` (<= applied_seq) with the
