@@ -310,6 +310,21 @@ def test_dedup_only_trusts_acked_fingerprints_and_its_lru_is_bounded():
     assert [i for i, _ in rec.refs] == [1] and rec.data == blk(1)
 
 
+def test_dedup_forgets_a_block_past_its_horizon_and_relearns_it():
+    d = Dedup(known_max=16, horizon_s=600)
+    item = Item("cg", 1, 1, Op.WRITE, 0, 0, 8192, 0, blk(1) + blk(2), (1,))
+    d.learn("cg", [fingerprint(blk(1)), fingerprint(blk(2))])
+    assert len(d.apply(item)[0].refs) == 2
+    d._known[("cg", fingerprint(blk(1)))] -= 601 * 10**9  # learned 601 s ago
+    d.apply(item)  # a hit does not extend the horizon ...
+    rec, _ = d.apply(item)
+    assert [i for i, _ in rec.refs] == [1] and rec.data == blk(1)  # ... blk(1) goes as data again
+    st = d.statistics()
+    assert (st.expired, st.known) == (1, 1)
+    d.learn("cg", [fingerprint(blk(1))])  # the appliance confirmed the new copy
+    assert len(d.apply(item)[0].refs) == 2
+
+
 def test_dedup_references_resolve_per_cg_only():
     r = Rig()
     r.connect()

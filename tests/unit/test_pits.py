@@ -86,7 +86,9 @@ class Workload:
 
     @classmethod
     def generate(cls, seed: int, nbatches: int = 60, vdisks: list[V] | None = None,
-                 windows: bool = True, refs: bool = True) -> "Workload":
+                 windows: bool = True, refs: bool = True, ref_window: int | None = None) -> "Workload":
+        """``ref_window``: references pick among the last N blocks stored (the
+        card's dedup horizon; None: any block stored so far)."""
         rng = random.Random(seed)
         w = cls(vdisks or [V(11, "alpha", 64 * BS), V(12, "beta", 48 * BS + 2048)])
         seq, bid = 0, 0
@@ -109,7 +111,7 @@ class Workload:
                     rrefs: tuple = ()
                     if refs and held and rng.random() < 0.3:
                         i = rng.randrange(n)
-                        reused = rng.choice(held)
+                        reused = rng.choice(held[-ref_window:] if ref_window else held)
                         blocks[i] = reused
                         data = b"".join(blocks)
                         rrefs = ((i, fingerprint(reused)),)

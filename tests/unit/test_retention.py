@@ -64,7 +64,7 @@ def _model(segs, now, policy, base, locked):
         for s in prefix:
             too_old = s.last_seq > 0 and s.t_last_ns < now - int(policy.max_age_s * 1e9)
             too_big = policy.max_journal_bytes > 0 and total > policy.max_journal_bytes
-            if not (too_old or too_big) or (floor is not None and s.last_seq > floor):
+            if not (too_old or too_big) or (floor is not None and s.last_seq >= floor):
                 ok = False
                 break
             total -= s.size
@@ -91,7 +91,7 @@ def test_plan_trim_matches_the_model(seed, nseg, sized, locked):
     assert segs[-1].number not in plan.trim  # never the segment being written
     assert plan.base_seq == (segs[len(plan.trim) - 1].last_seq if plan.trim else 0)
     if locks:
-        assert plan.base_seq <= locks[0]  # the locked PIT stays reachable
+        assert plan.base_seq < locks[0]  # the locked PIT stays listed and reachable
     remaining = sum(s.size for s in segs if s.number not in plan.trim)
     if policy.max_journal_bytes and remaining > policy.max_journal_bytes:
         assert plan.blocked_by, "over the size limit without saying why"
@@ -101,5 +101,22 @@ def test_locked_bookmark_blocks_the_size_limit_and_says_so():
     segs = [SegmentInfo(n, n * 10, NOW - (10 - n) * S, 64 << 20) for n in range(1, 6)]
     p = Policy(keep_all_s=86400, keep_hourly_s=0, max_journal_bytes=64 << 20)
     plan = plan_trim(segs, NOW, p, locked_seqs=[25])
-    assert plan.trim == [1, 2] and plan.base_seq == 20 and plan.blocked_by == "locked bookmark at seq 25"
+    assert plan.trim == [1, 2] and plan.base_seq == 20 and "pinned point in time (seq 25" in plan.blocked_by
     assert plan_trim(segs, NOW, p).trim == [1, 2, 3, 4]
+
+
+def test_rules_5_and_6_cut_the_prefix_back():
+    old = NOW - 30 * 86400 * S
+    p = Policy(keep_all_s=86400, keep_hourly_s=0)
+    segs = [SegmentInfo(1, 10, old, 1, ends_batch=False), SegmentInfo(2, 20, old, 1), SegmentInfo(3, 30, old, 1),
+            SegmentInfo(4, 40, NOW, 1)]
+    assert plan_trim(segs, NOW, p).trim == [1, 2, 3]
+    # segments 1 and 2 hold one batch: they go together or not at all
+    assert plan_trim(segs, NOW, p, locked_seqs=[15]).trim == []
+    # the card may still reference blocks appended within min_age
+    young = [SegmentInfo(1, 10, old, 1), SegmentInfo(2, 20, old, 1, appended_ns=NOW - 60 * S), segs[3]]
+    assert plan_trim(young, NOW, p, min_age_s=600).trim == [1]
+    assert plan_trim(young, NOW, p, min_age_s=30).trim == [1, 2]
+    # with a size limit the reason is said
+    sized = Policy(keep_all_s=86400, keep_hourly_s=0, max_journal_bytes=1)
+    assert plan_trim(young, NOW, sized, min_age_s=600).blocked_by == "the card may still reference its blocks (dedup horizon)"

@@ -51,6 +51,17 @@ Rules
 9. Read-only opens with ``stop_at_damage=True`` (the PIT reader's reference
    resolution, ``journal dump``) index the committed prefix before the first
    damaged entry instead of refusing; ``damage`` says where it stopped.
+10. Retention (`nicsplit.appliance.retention`) deletes whole segments from
+   the oldest end (`trim`), after their records went into the base images.
+   So that no kept record needs a deleted block, a deduplicated block's home
+   is its *newest* copy (a block stored again moves its home forward), and
+   per segment the journal knows the newest seq of a later batch's record
+   referencing a block homed there (`segment_facts`). Blocks of a trimmed
+   segment that a kept record references are first copied to
+   ``carried.blk`` (sealed like records, fsynced), which is indexed at open
+   before the segments. Numbering continues: the oldest segment's number is
+   then > 1. (carried.blk is not compacted yet: it grows by the blocks
+   referenced across each trim boundary.)
 """
 
 from __future__ import annotations
@@ -60,9 +71,10 @@ import logging
 import os
 import struct
 import threading
+import time
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
@@ -135,6 +147,22 @@ assert SEALED_OVERHEAD == 28
 # needs its whole record decrypted): 16 MiB = one full batch of records.
 _SEALED_CACHE_BYTES = 16 << 20
 
+# Carried blocks (rule 10): ``carried.blk`` in the journal directory, entries of
+# this head, then the block (sealed with the pseudo-segment 0's key when key_id
+# is not 0: segments count from 1, so its derived key is used nowhere else).
+CARRIED_NAME = "carried.blk"
+_CARRY = struct.Struct(
+    ">"
+    "4s"  # magic: b"NSCB"
+    "I"  # at-rest key id (0: clear)
+    "16s"  # fingerprint of the plain block
+    "I"  # stored length (plain + 28 when sealed)
+    "12s"  # nonce (zeros when clear)
+    "I"  # crc: zlib.crc32 of the head before it and the stored bytes
+)
+_CARRY_MAGIC = b"NSCB"
+CARRY_SEGMENT = 0  # the "segment" of a carried block's location: (0, entry offset)
+
 # `Journal.open(keyring=AUTO)`: the keyring of the data directory the journal
 # is in (DATA/appliance/at-rest.key), if there is one.
 AUTO = "auto"
@@ -191,6 +219,7 @@ class _Pending:
 
     recs: list[tuple[int, int, int]]  # (seq, segment, entry offset)
     blocks: dict[bytes, tuple[int, ...]]  # fp -> location (see Journal._blocks)
+    refs: dict[int, int] = field(default_factory=dict)  # home segment of a referenced block -> newest seq referencing it
 
 
 def _seg_name(n: int) -> str:
@@ -454,6 +483,14 @@ class Journal:
         # fp -> (segment, file offset, length) in a clear segment, or
         # (segment, entry offset, offset in the record's data, length) in a sealed one
         self._blocks: dict[bytes, tuple[int, ...]] = {}
+        # Retention (rule 10): per segment, the newest seq of a record referencing
+        # a block homed there, and its last COMMIT (last seq, time).
+        self._ref_last: dict[int, int] = {}
+        self._seg_commit: dict[int, tuple[int, int]] = {}
+        self._seg_maxrec: dict[int, int] = {}  # newest record seq in a segment
+        self._seg_appended: dict[int, int] = {}  # our clock at its last append (open time for older ones)
+        self._carried_end = 0  # bytes of carried.blk in use
+        self._carried_keys: dict[int, int] = {}  # at-rest key id -> carried blocks sealed with it
         self._last_seq = 0
         self._durable_seq = 0  # highest seq made durable (group commit may lag _last_seq)
         self._last_batch_id = 0
@@ -507,7 +544,40 @@ class Journal:
         j._durable_seq = j._last_seq  # what recovery kept is on disk
         return j
 
+    def _load_carried(self) -> None:
+        """Index ``carried.blk`` (rule 10) before the segments, so references
+        to carried blocks resolve; a torn tail (a crash while carrying) is
+        ignored, and cut by a writer."""
+        path = self.path / CARRIED_NAME
+        if not self._fs.exists(path):
+            return
+        f = self._fs.open(path, readonly=self.readonly)
+        try:
+            buf = f.pread(0, f.size())
+        finally:
+            f.close()
+        pos = 0
+        while pos + _CARRY.size <= len(buf):
+            magic, key_id, fp, n, _nonce, crc = _CARRY.unpack_from(buf, pos)
+            end = pos + _CARRY.size + n
+            if magic != _CARRY_MAGIC or end > len(buf) or zlib.crc32(
+                    memoryview(buf)[pos + _CARRY.size : end], zlib.crc32(memoryview(buf)[pos : pos + _CARRY.size - 4])) != crc:
+                break
+            self._blocks[fp] = (CARRY_SEGMENT, pos)
+            self._carried_keys[key_id] = self._carried_keys.get(key_id, 0) + 1
+            pos = end
+        self._carried_end = pos
+        if pos < len(buf) and not self.readonly:
+            log.warning("journal %s: cutting a torn tail of %s at offset %d", self.path, CARRIED_NAME, pos)
+            f = self._fs.open(path)
+            try:
+                f.truncate(pos)
+                f.sync()
+            finally:
+                f.close()
+
     def _recover(self) -> None:
+        self._load_carried()
         names = [n for n in self._fs.listdir(self.path) if n.endswith(SEGMENT_SUFFIX)]
         segs: list[int] = []
         for n in names:
@@ -567,13 +637,17 @@ class Journal:
                         if rec.seq <= last:
                             raise JournalCorrupt(f"{self.path / _seg_name(seg)} offset {pos}: record seq {rec.seq} not after {last}")
                         for _, fp in rec.refs:
-                            if fp not in self._blocks and fp not in pending.blocks:
+                            if fp in pending.blocks:
+                                continue  # held by an earlier record of this batch
+                            home = self._blocks.get(fp)
+                            if home is None:
                                 raise JournalCorrupt(f"{where}: record seq {rec.seq} references unknown block {fp.hex()}")
+                            pending.refs[home[0]] = rec.seq
                         base = pos + _ENTRY.size + _data_offset(rec)
                         for _, doff, n in _data_blocks(rec):
                             fp = fingerprint(rec.data[doff : doff + n])
-                            if fp not in self._blocks and fp not in pending.blocks:
-                                pending.blocks[fp] = (seg, base + doff, n) if cipher is None else (seg, pos, doff, n)
+                            # The newest copy is the home (rule 10): a trimmed old copy is then never needed.
+                            pending.blocks[fp] = (seg, base + doff, n) if cipher is None else (seg, pos, doff, n)
                         pending.recs.append((rec.seq, seg, pos))
                         pending_count += 1
                     else:
@@ -587,7 +661,7 @@ class Journal:
                                 f"{self.path / _seg_name(seg)} offset {pos}: COMMIT of batch {batch_id} "
                                 f"(seqs {first}..{last}, {nrec} records) does not match the {pending_count} records before it"
                             )
-                        self._apply(pending, batch_id, first, last, t_first, t_last)
+                        self._apply(pending, batch_id, first, last, t_first, t_last, seg)
                         pending = _Pending([], {})
                         pending_count = 0
                         committed_end = (seg, end)
@@ -664,13 +738,20 @@ class Journal:
                 start = i + 1
         return None
 
-    def _apply(self, p: _Pending, batch_id: int, first: int, last: int, t_first: int, t_last: int) -> None:
+    def _apply(self, p: _Pending, batch_id: int, first: int, last: int, t_first: int, t_last: int,
+               commit_seg: int) -> None:
         if first > self._last_seq + 1 and self._last_seq:
             self._gaps += 1
         self._recs.extend(p.recs)
         self._seqs.extend(s for s, _, _ in p.recs)
-        for fp, loc in p.blocks.items():
-            self._blocks.setdefault(fp, loc)
+        for seq, seg, _ in p.recs:
+            self._seg_maxrec[seg] = seq
+        self._blocks.update(p.blocks)  # the newest copy of a block is its home (rule 10)
+        for seg, seq in p.refs.items():
+            if seq > self._ref_last.get(seg, 0):
+                self._ref_last[seg] = seq
+        self._seg_commit[commit_seg] = (last, t_last)
+        self._seg_appended[commit_seg] = time.time_ns()
         self._commits.append((t_last, last))
         if not self._first_time:
             self._first_time = t_first
@@ -726,11 +807,16 @@ class Journal:
             encoded: list[bytes] = []
             blocks: list[list[tuple[int, int, bytes]]] = []  # per record: (offset in data, length, fp)
             known: dict[bytes, None] = {}
+            cross: dict[int, int] = {}  # home segment of a block an earlier batch holds -> newest seq referencing it
             for r in new:
                 for _, fp in r.refs:
-                    if fp not in self._blocks and fp not in known:
+                    if fp in known:
+                        continue  # an earlier record of this batch holds it
+                    home = self._blocks.get(fp)
+                    if home is None:
                         raise BatchRejected(f"batch {m.batch_id}: record seq {r.seq} references block {fp.hex()} "
                                             f"that this journal does not hold")
+                    cross[home[0]] = r.seq
                 fps = [(doff, n, fingerprint(r.data[doff : doff + n])) for _, doff, n in _data_blocks(r)]
                 known.update((fp, None) for _, _, fp in fps)
                 blocks.append(fps)
@@ -742,7 +828,8 @@ class Journal:
                 self._failed = f"{type(e).__name__}: {e}"
                 log.error("journal %s: write failed, journal is now failed: %s", self.path, self._failed)
                 raise JournalError(f"journal {self.path}: write failed ({self._failed}); nothing acknowledged") from e
-            self._apply(pending, m.batch_id, first, m.last_seq, m.t_first_ns, m.t_last_ns)
+            pending.refs = cross
+            self._apply(pending, m.batch_id, first, m.last_seq, m.t_first_ns, m.t_last_ns, self._segments[-1])
             if sync:
                 self._durable_seq = self._last_seq
             return AppendResult(True, self._last_seq, tuple(known))
@@ -847,14 +934,72 @@ class Journal:
                 locs = [(fp, (seg, pos, doff, n)) for doff, n, fp in fps]
             pending.recs.append((r.seq, seg, pos))
             for fp, loc in locs:
-                if fp not in self._blocks and fp not in pending.blocks:
-                    pending.blocks[fp] = loc
+                pending.blocks[fp] = loc  # the newest copy is the home (rule 10)
         buf += commit  # the COMMIT may overhang segment_size by its 56 bytes
         f.append(bytes(buf))
         if sync:
             f.sync()
         self._seg_sizes[seg] = f.size()
         return pending
+
+    # -- retention (rule 10) --------------------------------------------------------
+
+    def segment_facts(self) -> list["SegmentInfo"]:
+        """What retention needs of every segment, oldest first."""
+        from nicsplit.appliance.retention import SegmentInfo
+
+        with self._lock:
+            out = []
+            for seg in self._segments:
+                last, t_last = self._seg_commit.get(seg, (0, 0))
+                out.append(SegmentInfo(seg, last, t_last, self._seg_sizes.get(seg, 0), self._ref_last.get(seg, 0),
+                                       self._seg_maxrec.get(seg, 0) <= last, self._seg_appended.get(seg, 0)))
+            return out
+
+    def trim(self, upto_segment: int) -> int:
+        """Delete every segment <= ``upto_segment`` (never the last one) and
+        forget what the index holds of them; returns how many went. The
+        caller applied their records to the base images first (retention)."""
+        with self._lock:
+            self._check_usable()
+            if not self._segments or upto_segment >= self._segments[-1]:
+                raise JournalError(f"journal {self.path}: the segment being written cannot be trimmed")
+            gone = [s for s in self._segments if s <= upto_segment]
+            if not gone:
+                return 0
+            base_seq = max(self._seg_commit.get(s, (0, 0))[0] for s in gone)
+            dead = set(gone)
+            # Blocks a kept record references (a later batch's record past the
+            # base) move to carried.blk before their segment goes.
+            referenced = {s for s in gone if self._ref_last.get(s, 0) > base_seq}
+            carry = [fp for fp, loc in self._blocks.items() if loc[0] in referenced and len(loc) != 2]
+            self._carry(carry)
+            for s in gone:
+                f = self._files.pop(s, None)
+                if f is not None:
+                    f.close()
+            for s in gone:  # oldest first: a crash leaves a contiguous journal
+                self._fs.remove(self.path / _seg_name(s))
+            self._fs.sync_dir(self.path)
+            self._segments = [s for s in self._segments if s not in dead]
+            for d in (self._seg_sizes, self._seg_keys, self._ref_last, self._seg_commit, self._seg_maxrec,
+                      self._seg_appended):
+                for s in gone:
+                    d.pop(s, None)
+            i = bisect.bisect_right(self._seqs, base_seq)
+            del self._recs[:i], self._seqs[:i]
+            self._commits = [c for c in self._commits if c[1] > base_seq]
+            self._first_time = self._commits[0][0] if self._commits else 0
+            self._blocks = {fp: loc for fp, loc in self._blocks.items() if loc[0] not in dead or len(loc) == 2}
+            for k in [k for k in self._sealed_cache if k[0] in dead]:
+                self._sealed_bytes_drop(k)
+            log.info("journal %s: trimmed %d segment(s) through %s (base seq %d, %d referenced blocks carried)",
+                     self.path, len(gone), _seg_name(gone[-1]), base_seq, len(carry))
+            return len(gone)
+
+    def _sealed_bytes_drop(self, key: tuple[int, int]) -> None:
+        data = self._sealed_cache.pop(key)
+        self._sealed_cache_bytes -= len(data)
 
     # -- reading ------------------------------------------------------------------
 
@@ -868,7 +1013,11 @@ class Journal:
         loc = self._blocks.get(fp)
         if loc is None:
             raise JournalCorrupt(f"journal {self.path}: block {fp.hex()} is referenced but not held")
-        if len(loc) == 3:  # clear segment: the block's bytes are in the file as they are
+        if len(loc) == 2:  # carried (rule 10)
+            seg, off = loc
+            data = self._read_carried(off, fp)
+            n = len(data)
+        elif len(loc) == 3:  # clear segment: the block's bytes are in the file as they are
             seg, off, n = loc
             data = self._reader(seg).pread(off, n)
         else:  # sealed: the whole record is decrypted (and kept a little while)
@@ -877,6 +1026,55 @@ class Journal:
         if len(data) != n or fingerprint(data) != fp:
             raise JournalCorrupt(f"journal {self.path}: block {fp.hex()} at {_seg_name(seg)} offset {off} is damaged")
         return data
+
+    def _carried_file(self) -> DurableFile:
+        f = self._files.get(CARRY_SEGMENT)
+        if f is None:
+            path = self.path / CARRIED_NAME
+            create = not self.readonly and not self._fs.exists(path)
+            f = self._files[CARRY_SEGMENT] = self._fs.open(path, readonly=self.readonly, create=create)
+        return f
+
+    def _read_carried(self, off: int, fp: bytes) -> bytes:
+        f = self._carried_file()
+        head = f.pread(off, _CARRY.size)
+        magic, key_id, hfp, n, nonce, _crc = _CARRY.unpack(head)
+        stored = f.pread(off + _CARRY.size, n)
+        where = f"journal {self.path}: {CARRIED_NAME} offset {off}"
+        if magic != _CARRY_MAGIC or hfp != fp or len(stored) != n:
+            raise JournalCorrupt(f"{where}: not the carried block {fp.hex()}")
+        if not key_id:
+            return stored
+        try:
+            return self._ciphers.for_segment(CARRY_SEGMENT, key_id).decrypt(nonce, stored, head[:24])
+        except InvalidTag:
+            raise JournalCorrupt(f"{where}: carried block fails authentication") from None
+
+    def _carry(self, fps: list[bytes]) -> None:
+        """Append these blocks to carried.blk (sealed under the active key),
+        fsync, and make it their home (rule 10). Lock held."""
+        key_id = self._wanted_key()
+        cipher = self._ciphers.for_segment(CARRY_SEGMENT, key_id) if key_id else None
+        buf = bytearray()
+        locs = {}
+        for fp in fps:
+            plain = self._read_block(fp)
+            nonce = os.urandom(atrest.NONCE_SIZE) if cipher is not None else bytes(atrest.NONCE_SIZE)
+            head = _CARRY.pack(_CARRY_MAGIC, key_id, fp, len(plain) + (atrest.TAG_SIZE if cipher else 0), nonce, 0)[:-4]
+            stored = cipher.encrypt(nonce, plain, head[:24]) if cipher is not None else plain
+            locs[fp] = (CARRY_SEGMENT, self._carried_end + len(buf))
+            buf += head + struct.pack(">I", zlib.crc32(stored, zlib.crc32(head))) + stored
+        if not buf:
+            return
+        new = CARRY_SEGMENT not in self._files and not self._fs.exists(self.path / CARRIED_NAME)
+        f = self._carried_file()
+        f.append(bytes(buf))
+        f.sync()
+        if new:
+            self._fs.sync_dir(self.path)
+        self._carried_end += len(buf)
+        self._carried_keys[key_id] = self._carried_keys.get(key_id, 0) + len(locs)
+        self._blocks.update(locs)
 
     def _sealed_data(self, seg: int, pos: int) -> bytes:
         key = (seg, pos)
@@ -920,6 +1118,8 @@ class Journal:
             for seg in self._segments:
                 k = self._seg_keys.get(seg, 0)
                 out[k] = out.get(k, 0) + 1
+            for k, n in self._carried_keys.items():  # carried blocks use keys too (rule 10)
+                out[k] = out.get(k, 0) + n
             return out
 
     def iter_records(self, from_seq: int = 1, upto_seq: int | None = None) -> Iterator[Record]:

@@ -285,6 +285,16 @@ def _find_commit(buf: bytes, start: int, last: int) -> tuple[int, tuple] | None:
         start = i + 1
 
 
+def _first_segment(path: Path, after: int) -> int | None:
+    """The lowest segment number > ``after`` in the journal directory."""
+    try:
+        nums = [int(n[:-4]) for n in os.listdir(path) if n.endswith(".seg") and n[:-4].isdigit()]
+    except FileNotFoundError:
+        return None
+    later = [n for n in nums if n > after]
+    return min(later) if later else None
+
+
 class JournalScanner:
     """Incremental read-only parser of a journal's segments (rules 1–3)."""
 
@@ -307,7 +317,14 @@ class JournalScanner:
             try:
                 fd = os.open(self.path / _seg_name(seg), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                return
+                # Retention deletes segments from the oldest end (journal.py rule
+                # 10): the journal now starts at a later segment; go on there.
+                first = _first_segment(self.path, after=seg)
+                if first is None:
+                    return
+                seg, pos, pending = first, 0, []
+                self.segment, self.offset = seg, 0
+                continue
             try:
                 f = _Segment(fd)
                 # (offset, why, wait): wait = the bytes may still be being written
@@ -688,6 +705,19 @@ def lock_bookmark(data: str | Path, cg: str, name: str, locked: bool) -> Bookmar
                 return marks[i]
     known = ", ".join(b.name for b in marks) or "none"
     raise BookmarkError(f"unknown bookmark {name!r} in CG {cg} (known: {known})")
+
+
+def remove_bookmarks(data: str | Path, cg: str, which: Callable[[Bookmark], bool]) -> list[Bookmark]:
+    """Remove the bookmarks ``which`` selects (retention); returns them."""
+    path = bookmarks_path(data, cg)
+    if not path.exists():
+        return []
+    with _locked(path):
+        marks = _read_bookmarks(path)
+        gone = [b for b in marks if which(b)]
+        if gone:
+            _write_bookmarks(path, cg, [b for b in marks if not which(b)])
+    return gone
 
 
 def list_bookmarks(data: str | Path, cg: str) -> list[Bookmark]:

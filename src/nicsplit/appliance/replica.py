@@ -350,6 +350,17 @@ class PitReader:
         self._u = self.index.ordinal_upto(upto_seq)
         self.vdisks = {v.id: v for v in catalog_vdisks}
         self._src = _RecordSource(self.path, journal)
+        # Retention's base images (base.py): the image at base.seq; records up to
+        # it may be deleted, so they are read from the base (ordinals <= _floor).
+        from nicsplit.appliance.base import BaseImages
+
+        self._base = BaseImages(self.path.parent.parent / "base" / self.path.name,
+                                {v.id: v.size for v in self.vdisks.values()})
+        self._floor = self.index.ordinal_upto(self._base.seq) if self._base.seq else -1
+        if self._base.seq > upto_seq:
+            self._base.close()
+            raise ReplicaError(f"seq {upto_seq} is older than the protection window (retention kept seq "
+                               f"{self._base.seq} and later)")
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_bytes = 0
         self._cache_cap = cache_bytes
@@ -363,6 +374,25 @@ class PitReader:
 
     def close(self) -> None:
         self._src.close()
+        self._base.close()
+
+    def _rebase(self) -> bool:
+        """Retention moved the base forward under us (a segment we read is
+        gone): re-read it; True if it moved."""
+        from nicsplit.appliance.base import read_state
+
+        st = read_state(self._base.path)
+        if st.seq == self._base.seq:
+            return False
+        if st.seq > self.upto_seq:
+            raise ReplicaError(f"seq {self.upto_seq} left the protection window while being read "
+                               f"(retention kept seq {st.seq} and later)")
+        with self._lock:
+            self._base.state = st
+            self._floor = self.index.ordinal_upto(st.seq)
+            self._cache.clear()
+            self._cache_bytes = 0
+        return True
 
     def size(self, vdisk_id: int) -> int:
         v = self.vdisks.get(vdisk_id)
@@ -400,8 +430,11 @@ class PitReader:
         ix = self.index
         lo, hi = b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE
         out = []
+        floor = self._floor
         for i in range(n - 1, -1, -1):
             o = ords[i]
+            if o <= floor:
+                break  # it and everything older are in the base image
             out.append(o)
             if ix.rec_off[o] <= lo and ix.rec_off[o] + ix.rec_len[o] >= hi:
                 break
@@ -413,6 +446,7 @@ class PitReader:
         if vd is None:
             return lambda b: -1
         single, multi, u, bisect_right = vd.single, vd.multi, self._u, bisect.bisect_right
+        floor = self._floor
 
         def latest(b: int) -> int:
             if b >= len(single):
@@ -421,18 +455,19 @@ class PitReader:
             if v == 0:
                 return -1
             if v != MULTI:
-                return v - 1 if v - 1 <= u else -1
+                return v - 1 if floor < v - 1 <= u else -1
             arr = multi[b]
             i = bisect_right(arr, u)
-            return arr[i - 1] if i else -1
+            return arr[i - 1] if i and arr[i - 1] > floor else -1
 
         return latest
 
     def _runs(self, vdisk_id: int, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
         """(start, end, ordinal) runs of [offset, offset+length): ordinal >= 0
         decides the whole run alone (it covers every block of it fully), -1
-        means never written, -2 means the run is one block whose chain must
-        be walked (partial covers)."""
+        means not written since the base (base image, or zeros without one),
+        -2 means the run is one block whose chain must be walked (partial
+        covers, laid over the base)."""
         latest = self._latest(vdisk_id)
         ix = self.index
         rec_off, rec_len = ix.rec_off, ix.rec_len
@@ -464,17 +499,28 @@ class PitReader:
     def pread(self, vdisk_id: int, offset: int, length: int) -> bytes:
         """``length`` bytes of the vdisk's image at this PIT."""
         self._check(vdisk_id, offset, length)
+        try:
+            return self._pread(vdisk_id, offset, length)
+        except FileNotFoundError:
+            if not self._rebase():
+                raise
+            return self._pread(vdisk_id, offset, length)
+
+    def _pread(self, vdisk_id: int, offset: int, length: int) -> bytes:
         ix = self.index
         runs = list(self._runs(vdisk_id, offset, length))
         if len(runs) == 1 and runs[0][2] >= 0 and ix.rec_op[runs[0][2]] == Op.WRITE:  # one record decides it all
             o = runs[0][2]
             return self._payload(o)[offset - ix.rec_off[o] : offset - ix.rec_off[o] + length]
-        out = bytearray(length)  # zeros: never written, ZERO and TRIM need no work
+        # The base (zeros without one): unwritten since, and the underlay of partial covers.
+        out = bytearray(self._base.pread(vdisk_id, offset, length) if self._base.seq else length)
         for s, e, o in runs:
             if o >= 0:
                 if ix.rec_op[o] == Op.WRITE:
                     ro = ix.rec_off[o]
                     out[s - offset : e - offset] = memoryview(self._payload(o))[s - ro : e - ro]
+                elif self._base.seq:  # zeroed or trimmed since the base
+                    out[s - offset : e - offset] = bytes(e - s)
             elif o == -2:
                 for c in reversed(self._chain(vdisk_id, s // BLOCK_SIZE)):  # oldest first
                     ro = ix.rec_off[c]
@@ -494,13 +540,14 @@ class PitReader:
         self._check(vdisk_id, offset, length)
         out: list[Extent] = []
         ops = self.index.rec_op
+        base = self._base.extents(vdisk_id, offset, length) if self._base.seq else []
         for s, e, o in self._runs(vdisk_id, offset, length):
             if o == -1:
-                k = "hole"
+                k = "data" if any(bs < e and s < bs + bl for bs, bl in base) else "hole"
             elif o >= 0:
                 k = "data" if ops[o] == Op.WRITE else "zero"
             else:
-                k = "data" if any(ops[c] == Op.WRITE for c in self._chain(vdisk_id, s // BLOCK_SIZE)) else "zero"
+                k = "data" if base or any(ops[c] == Op.WRITE for c in self._chain(vdisk_id, s // BLOCK_SIZE)) else "zero"
             if out and out[-1].kind == k:
                 out[-1] = Extent(out[-1].offset, e - out[-1].offset, k)
             else:

@@ -24,15 +24,23 @@ are trimmed (RecoverPoint and Zerto likewise consolidate only at the old end).
 
 Rules
 -----
-1. The segment being written (the newest) is never trimmed.
-2. A *locked* bookmark at seq S keeps every segment holding records after
-   its base: a segment is trimmed only when its last seq <= S (base <= S, so
-   S stays reachable). When that stops the size limit from holding, the plan
+1. The segment being written (the newest) is never trimmed, nor any
+   segment of a batch that continues into it.
+2. A *pinned* PIT S (a locked bookmark, an open image, the replica's
+   applied seq) keeps every segment from the one holding S on: a segment is
+   trimmed only when its last seq < S (the base stays below S, so S stays
+   listed and reachable). When that stops the size limit from holding, the plan
    says which bookmark blocks it (shown by ``nicsplit status``).
 3. By age: a segment goes when its newest commit is older than
    ``keep_hourly`` (or ``keep_all`` when hourly keeping is off).
 4. By size: the oldest segments go while the journal exceeds
    ``max_journal_size``, rule 1 and 2 permitting.
+5. A trimmed prefix ends at a batch boundary (a batch may span segments:
+   such segments go together). Blocks in it that kept records reference are
+   carried over by the journal first (journal.py rule 10).
+6. Nor anything the card may still reference: the card forgets a learned
+   block ``dedup_horizon`` after learning it, so segments younger than that
+   (plus a margin) stay (``min_age_s``).
 Everything here is pure (no I/O): the appliance gathers segment facts and
 carries the plan out.
 """
@@ -126,6 +134,9 @@ class SegmentInfo:
     last_seq: int  # of its last COMMIT (0: no commit in it)
     t_last_ns: int  # time of its last COMMIT
     size: int  # bytes on disk
+    ref_last: int = 0  # newest seq of a record (of a later batch) referencing a block homed here
+    ends_batch: bool = True  # no record after its last COMMIT (a batch may span segments)
+    appended_ns: int = 0  # appliance clock of its last append (the journal's open time after a restart)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,27 +147,46 @@ class TrimPlan:
 
 
 def plan_trim(segments: Sequence[SegmentInfo], now_ns: int, policy: Policy, *, base_seq: int = 0,
-              locked_seqs: Sequence[int] = ()) -> TrimPlan:
-    """The segments to trim now (rules 1-4), oldest first."""
-    if not segments:
-        return TrimPlan([], base_seq)
+              locked_seqs: Sequence[int] = (), min_age_s: float = 0.0) -> TrimPlan:
+    """The segments to trim now (rules 1-6), oldest first."""
+    # Units: runs of segments ending where a batch ends (a batch may span
+    # segments; its COMMIT is in the last). The run holding the segment
+    # being written is never complete, hence never trimmed (rule 1).
+    units: list[list[SegmentInfo]] = []
+    run: list[SegmentInfo] = []
+    for s in segments[:-1]:
+        run.append(s)
+        if s.last_seq and s.ends_batch:
+            units.append(run)
+            run = []
     floor = min(locked_seqs) if locked_seqs else None
     cutoff_ns = now_ns - int(policy.max_age_s * 1e9)
     total = sum(s.size for s in segments)
-    trim: list[int] = []
+    n = 0  # units to trim
     blocked = None
-    for s in segments[:-1]:  # rule 1
-        too_old = s.last_seq > 0 and s.t_last_ns < cutoff_ns
+    for u in units:
+        end = u[-1]
+        too_old = end.t_last_ns < cutoff_ns
         too_big = policy.max_journal_bytes > 0 and total > policy.max_journal_bytes
         if not (too_old or too_big):
             break
-        if floor is not None and s.last_seq > floor:  # rule 2
-            if too_big:
-                blocked = f"locked bookmark at seq {floor}"
+        if floor is not None and end.last_seq >= floor:  # rule 2: the base stays below the pinned PIT
+            blocked = f"a pinned point in time (seq {floor}: locked bookmark, open image or replica)"
             break
-        trim.append(s.number)
-        total -= s.size
-        base_seq = max(base_seq, s.last_seq)
-    if blocked is None and policy.max_journal_bytes and total > policy.max_journal_bytes and len(trim) == len(segments) - 1:
-        blocked = "the newest segment alone exceeds the limit"
+        n += 1
+        total -= sum(s.size for s in u)
+    # Rule 6: back to a prefix the card can no longer reference.
+    young_ns = now_ns - int(min_age_s * 1e9)
+    while n and any(s.appended_ns > young_ns for u in units[:n] for s in u):
+        n -= 1
+        if blocked is None:
+            blocked = "the card may still reference its blocks (dedup horizon)"
+    trim = [s.number for u in units[:n] for s in u]
+    if trim:
+        base_seq = units[n - 1][-1].last_seq
+    total = sum(s.size for s in segments) - sum(s.size for u in units[:n] for s in u)
+    if blocked is None:
+        blocked = "the newest batches alone exceed the limit"
+    if not (policy.max_journal_bytes and total > policy.max_journal_bytes):
+        blocked = None  # only a size limit that does not hold needs a reason
     return TrimPlan(trim, base_seq, blocked)

@@ -19,7 +19,14 @@ data to another. It is an LRU bounded by ``dedup_known_max`` entries (a hit
 refreshes the entry; the least recently used is forgotten first); an entry
 costs about 200 bytes, so the default 65536 is ~13 MB.
 
-Options: ``dedup`` (default on), ``dedup_known_max`` (default 65536).
+A block is referenced at most ``dedup_horizon_s`` after it was last learned
+(a hit does not extend that): then it is sent as data again, the appliance
+confirms that newer copy, and the old one is no longer needed. Retention
+relies on it: it trims nothing appended within twice the horizon, so no
+reference can ever name a block whose segment is gone.
+
+Options: ``dedup`` (default on), ``dedup_known_max`` (default 65536),
+``dedup_horizon_s`` (default 600).
 
 Example::
 
@@ -33,6 +40,7 @@ No queue: a synchronous one-item-in, one-record-out transform.
 from __future__ import annotations
 
 from collections import OrderedDict
+from time import monotonic_ns
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -53,28 +61,32 @@ class DedupStats:
     known_max: int
     learned: int
     evicted: int
+    expired: int  # known blocks sent as data again because they were past the horizon
 
 
 class Dedup:
-    def __init__(self, *, known_max: int = 65536, enabled: bool = True) -> None:
+    def __init__(self, *, known_max: int = 65536, enabled: bool = True, horizon_s: float = 600.0) -> None:
         if known_max < 0:
             raise ValueError("dedup_known_max must be >= 0")
         self.enabled = enabled and known_max > 0
         self.known_max = known_max
-        self._known: OrderedDict[tuple[str, bytes], None] = OrderedDict()
-        self._records = self._blocks = self._refs = self._learned = self._evicted = 0
+        self.horizon_ns = int(horizon_s * 1e9)
+        self._known: OrderedDict[tuple[str, bytes], int] = OrderedDict()  # -> monotonic ns when learned
+        self._records = self._blocks = self._refs = self._learned = self._evicted = self._expired = 0
 
     def learn(self, cg: str, fps: Iterable[bytes]) -> None:
         """The appliance confirmed it holds these blocks in CG ``cg``'s journal."""
         if not self.enabled:
             return
         known = self._known
+        now = monotonic_ns()
         for fp in fps:
             key = (cg, fp)
             if key in known:
+                known[key] = now  # a newer copy: the horizon starts again
                 known.move_to_end(key)
                 continue
-            known[key] = None
+            known[key] = now
             self._learned += 1
             if len(known) > self.known_max:
                 known.popitem(last=False)
@@ -91,13 +103,18 @@ class Dedup:
             kept: list[memoryview] = []
             nfull = len(data) // BLOCK
             self._blocks += nfull
+            oldest = monotonic_ns() - self.horizon_ns
             for i in range(nfull):
                 block = mv[i * BLOCK : (i + 1) * BLOCK]
                 fp = fingerprint(block)
-                if (cg, fp) in known:
+                t = known.get((cg, fp))
+                if t is not None and t >= oldest:
                     known.move_to_end((cg, fp))
                     refs.append((i, fp))
                 else:
+                    if t is not None:  # past the horizon: send it again (the appliance re-homes it)
+                        del known[(cg, fp)]
+                        self._expired += 1
                     kept.append(block)
             if refs:
                 self._refs += len(refs)
@@ -114,5 +131,5 @@ class Dedup:
         return DedupStats(
             enabled=self.enabled, records=self._records, blocks=self._blocks, ref_blocks=self._refs,
             bytes_saved=self._refs * BLOCK, known=len(self._known), known_max=self.known_max,
-            learned=self._learned, evicted=self._evicted,
+            learned=self._learned, evicted=self._evicted, expired=self._expired,
         )

@@ -61,6 +61,7 @@ class PipelineConfig:
     merge_max_bytes: int = 1 << 20
     dedup: bool = True
     dedup_known_max: int = 65536
+    dedup_horizon_s: float = 600  # a learned block is referenced at most this long (retention relies on it)
     compress: bool = True
     compress_level: int = 1
     batch_bytes: int = 256 << 10  # sealing one holds the card ~0.5 ms: inside the split timeout
@@ -114,7 +115,7 @@ class CardPipeline:
         self.hold = Hold(on_lost=self._lost, release=self._release, max_writes=c.hold_max_writes,
                          max_bytes=c.hold_max_bytes, outcome_timeout_ms=c.outcome_timeout_ms)
         self.merger = Merger(window_ms=c.merge_window_ms, max_bytes=c.merge_max_bytes)
-        self.dedup = Dedup(known_max=c.dedup_known_max, enabled=c.dedup)
+        self.dedup = Dedup(known_max=c.dedup_known_max, enabled=c.dedup, horizon_s=c.dedup_horizon_s)
         self.compressor = Compressor(level=c.compress_level, enabled=c.compress)
         self.encryptor = Encryptor(key)
         self.batcher = Batcher(batch_bytes=c.batch_bytes, batch_records=c.batch_records,
