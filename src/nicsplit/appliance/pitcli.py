@@ -154,6 +154,7 @@ def resolve_pit(idx: PitIndex, data: Path, cg: str, *, at: str | None = None, se
 def cmd_pits(args: argparse.Namespace) -> int:
     from nicsplit.appliance.pits import list_bookmarks
     from nicsplit.control import config as cfgmod
+    from nicsplit.control.cli import CliError
 
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     jd = _check_cg(cfg.data, args.cg)
@@ -163,6 +164,15 @@ def cmd_pits(args: argparse.Namespace) -> int:
     marks: dict[int, list[str]] = {}
     for b in list_bookmarks(cfg.data, args.cg):
         marks.setdefault(b.seq, []).append(b.name)
+    if not args.all:  # the retention policy's thinning: all recent PITs, then one per hour
+        from nicsplit.appliance.retention import Policy, RetentionError, thin
+
+        try:
+            policy = Policy.from_config(cfg.raw.get("retention"))
+        except RetentionError as e:
+            raise CliError(str(e)) from None
+        keep = thin([p.time_ns for p in pits], time.time_ns(), policy, [p.seq in marks for p in pits], expired=True)
+        pits = [p for p, k in zip(pits, keep) if k]
     rows = [{"seq": p.seq, "time": p.time_ns / 1e9, "consistent": p.consistent, "usable": p.usable,
              "bookmarks": marks.get(p.seq, [])} for p in pits]
     for row in rows:
@@ -484,6 +494,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     subparsers object ``sub``."""
     s = sub.add_parser("pits", parents=[common], help="list a consistency group's points in time")
     s.add_argument("cg")
+    s.add_argument("--all", action="store_true",
+                   help="every PIT the journal holds, also those retention's hourly thinning does not offer")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_pits)
 

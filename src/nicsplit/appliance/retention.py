@@ -106,10 +106,12 @@ class Policy:
         return p
 
 
-def thin(times_ns: Sequence[int], now_ns: int, policy: Policy, pinned: Sequence[bool] | None = None) -> list[bool]:
+def thin(times_ns: Sequence[int], now_ns: int, policy: Policy, pinned: Sequence[bool] | None = None, *,
+         expired: bool = False) -> list[bool]:
     """Which PITs are offered: all younger than ``keep_all``; in the hourly
-    band the newest PIT of each clock hour; none past the max age; a pinned
-    one (bookmarked) always. ``times_ns`` ascending."""
+    band the newest PIT of each clock hour; none past the max age (unless
+    ``expired``: still in the journal until the next trim, so still
+    offered); a pinned one (bookmarked) always. ``times_ns`` ascending."""
     keep_all_ns = int(policy.keep_all_s * 1e9)
     max_ns = int(policy.max_age_s * 1e9)
     out = [False] * len(times_ns)
@@ -118,7 +120,7 @@ def thin(times_ns: Sequence[int], now_ns: int, policy: Policy, pinned: Sequence[
         age = now_ns - times_ns[i]
         if age <= keep_all_ns:
             out[i] = True
-        elif age <= max_ns:
+        elif age <= max_ns or expired:
             hour = times_ns[i] // HOUR_NS
             if hour != last_hour:
                 out[i] = True

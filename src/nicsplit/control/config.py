@@ -107,6 +107,21 @@ batch_bytes = "256K"
 batch_delay_us = 500
 # zstd level for batches (1 = fast).
 compress_level = 1
+# A block the appliance confirmed is sent as a reference for at most this
+# long after it was confirmed; then as data again. Retention keeps journal
+# segments appended within twice this, so no reference outlives its block.
+dedup_horizon_s = 600
+
+[retention]
+# Which points in time the appliance keeps (docs/recovery.md "Retention").
+# Every PIT younger than keep_all; then the newest PIT of each clock hour up
+# to keep_hourly; nothing older (the oldest segments are folded into base
+# images and deleted). Locked bookmarks, open images and the replica pin
+# their PIT. 0 for max_journal_size = no size limit.
+keep_all = "24h"
+keep_hourly = "7d"
+max_journal_size = 0
+interval = "60s"
 
 # Per-vdisk settings override [host] ones, e.g.
 # [vdisks.web1-root]
@@ -177,7 +192,7 @@ def load(data: Path) -> Config:
         raw = tomllib.loads(cfg_file.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{cfg_file}: {e}") from None
-    for section in ("host", "datastore", "vdisks", "appliance", "card"):
+    for section in ("host", "datastore", "vdisks", "appliance", "card", "retention"):
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"{cfg_file}: [{section}] must be a table")
     return Config(data=data, raw=raw)
