@@ -100,7 +100,30 @@ def server_config(cfg: cfgmod.Config, listen: str | None = None):
         heartbeat_interval=positive("heartbeat_interval", 5),
         idle_timeout=positive("idle_timeout", 30),
         queue_depth=int(positive("queue_depth", 16)),
+        retention=_retention(cfg),
+        dedup_min_age_s=_dedup_min_age(cfg),
     )
+
+
+def _retention(cfg: cfgmod.Config) -> Any:
+    """``[retention]`` as a `retention.Policy` (ConfigError when bad)."""
+    from nicsplit.appliance.retention import Policy, RetentionError
+
+    try:
+        return Policy.from_config(cfg.raw.get("retention"))
+    except RetentionError as e:
+        raise cfgmod.ConfigError(str(e)) from None
+
+
+def _dedup_min_age(cfg: cfgmod.Config) -> float:
+    """Retention rule 6: twice the card's dedup horizon (0 with dedup off)."""
+    card = cfg.raw.get("card", {})
+    if card.get("dedup") is False:
+        return 0.0
+    try:
+        return 2 * float(card.get("dedup_horizon_s", 600))
+    except (TypeError, ValueError):
+        raise cfgmod.ConfigError(f"[card] dedup_horizon_s = {card.get('dedup_horizon_s')!r}: a number of seconds") from None
 
 
 def at_rest_encryption(cfg: cfgmod.Config) -> bool:

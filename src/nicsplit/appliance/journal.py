@@ -83,6 +83,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nicsplit.appliance import atrest
 from nicsplit.appliance.durable import DurableFile, Filesystem, OsFilesystem
+from nicsplit.appliance.retention import SegmentInfo
 from nicsplit.card.records import Op
 from nicsplit.wire.frames import (
     BLOCK_SIZE, RECORD_HEAD_SIZE, REF_SIZE, FrameError, Record, block_spans, decode_record, encode_record, expand, fingerprint,
@@ -944,10 +945,8 @@ class Journal:
 
     # -- retention (rule 10) --------------------------------------------------------
 
-    def segment_facts(self) -> list["SegmentInfo"]:
+    def segment_facts(self) -> list[SegmentInfo]:
         """What retention needs of every segment, oldest first."""
-        from nicsplit.appliance.retention import SegmentInfo
-
         with self._lock:
             out = []
             for seg in self._segments:

@@ -69,8 +69,6 @@ Example::
 from __future__ import annotations
 
 import bisect
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -84,7 +82,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
-from nicsplit.fsutil import fsync_dir
+from nicsplit.fsutil import fsync_dir, zero_range
 from nicsplit.appliance.pits import Commit, PitError, PitIndex, RecordHead
 from nicsplit.card.records import Op
 from nicsplit.wire.frames import BLOCK_SIZE, Record, expand
@@ -574,25 +572,7 @@ UNDO_DATA = 1
 UNDO_ZEROS = 2
 STATE_VERSION = 1
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def _zero(fd: int, offset: int, length: int) -> None:
-    """Make [offset, offset+length) read as zeros: punch a hole, or write zeros."""
-    if length <= 0:
-        return
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, ctypes.c_int64(offset),
-                       ctypes.c_int64(length)) == 0:
-        return
-    zeros = bytes(min(length, 1 << 20))
-    end = offset + length
-    while offset < end:
-        n = min(len(zeros), end - offset)
-        os.pwrite(fd, zeros[:n], offset)
-        offset += n
-
+_zero = zero_range  # punch a hole (or write zeros)
 
 
 @dataclass(frozen=True, slots=True)
