@@ -215,12 +215,12 @@ def test_cli_on_a_damaged_journal(damaged_data, tmp_path: Path):
     lost = f"seqs {first}..{resync.last_seq}"
     name = f"{seg:08d}.seg"
 
-    out = json.loads(run_cli(data, "pits", "cg1", "--json").stdout)
+    out = json.loads(run_cli(data, "pits", "cg1", "--json", "--all").stdout)
     assert [(p["seq"], p["usable"]) for p in out["pits"]] == [(p.seq, p.usable) for p in pits]
     assert all(name in p["reason"] and lost in p["reason"] for p in out["pits"] if not p["usable"])
     assert all("reason" not in p for p in out["pits"] if p["usable"])
     assert [(d["segment"], d["first_seq"], d["last_seq"]) for d in out["damage"]] == [(name, first, resync.last_seq)]
-    text = run_cli(data, "pits", "cg1")
+    text = run_cli(data, "pits", "cg1", "--all")
     assert sum("UNUSABLE" in line for line in text.stdout.splitlines()) == sum(not p.usable for p in pits)
     assert name in text.stderr
 
