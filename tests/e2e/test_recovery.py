@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nicsplit.testing.datadir import init_data
-from nicsplit.testing.procs import UpProcess, journal, nbd_connect, run_cli, wait_for
+from nicsplit.testing.procs import UpProcess, journal, nbd_connect, run_cli
 
 pytestmark = pytest.mark.usefixtures("peers")
 

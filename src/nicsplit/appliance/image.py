@@ -66,19 +66,20 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from nicsplit.appliance.journal import JournalError
 from nicsplit.appliance.pits import PitError
 from nicsplit.appliance.replica import BlockIndex, PitReader, VdiskLike, shared_index
 from nicsplit.host.chain import Chain, ChainError, Filter, VdiskView, build_chain
-from nicsplit.host.io import EXTENT_DATA, EXTENT_HOLE_ZERO, EXTENT_ZERO, REQ_ONE, IOFailure
+from nicsplit.host.io import EXTENT_DATA, EXTENT_HOLE_ZERO, EXTENT_ZERO, FUA, REQ_ONE, IOFailure
 from nicsplit.wire import nbd
 from nicsplit.wire.frames import BLOCK_SIZE
 
 log = logging.getLogger("nicsplit.appliance.image")
 
-__all__ = ["PitPlugin", "OverlayFilter", "OverlayStatistics", "ImageServer", "EXECUTOR_READ"]
+__all__ = ["PitPlugin", "OverlayFilter", "OverlayStatistics", "ImageServer", "EXECUTOR_READ", "DirtyMap",
+           "ReplicaPlugin", "ReplicaServer", "DIRTY_REGION", "file_extents"]
 
 BS = BLOCK_SIZE
 
@@ -313,57 +314,39 @@ class OverlayFilter(Filter):
             self._fd = -1
 
 
-# -- the server ------------------------------------------------------------------------------
+# -- the servers ------------------------------------------------------------------------------
 
 
-class ImageServer:
-    """The NBD exports of one image.  Duck-types what `NBDSession` needs of a
-    host: ``exports`` (an `nbd.ExportProvider`), ``chain(name).top``,
-    ``max_inflight`` and ``sessions``."""
+class _Exports:
+    """One NBD export per vdisk, each over its own chain, on one address.
+    Duck-types what `NBDSession` needs of a host: ``exports`` (an
+    `nbd.ExportProvider`), ``chain(name).top``, ``max_inflight`` and
+    ``sessions``.  Subclasses fill ``_chains`` and say what `_info` describes."""
 
-    def __init__(self, journal_dir: str | Path, vdisks: Iterable[VdiskLike], seq: int, *,
-                 writable: bool = False, overlay_dir: str | Path | None = None, index: BlockIndex | None = None,
-                 image_id: str = "", cg: str = "", validate: bool = False, max_inflight: int = 128) -> None:
-        self.journal_dir = Path(journal_dir)
+    writable = False
+    id = ""
+    cg = ""
+    seq = 0
+
+    def __init__(self, vdisks: Iterable[VdiskLike], max_inflight: int) -> None:
         self.vdisks = {v.name: v for v in vdisks}
-        if not self.vdisks:
-            raise PitError(f"image {image_id or '?'}: no vdisks to export")
-        self.seq = seq
-        self.writable = writable
-        self.id = image_id
-        self.cg = cg
         self.max_inflight = max_inflight
         self.sessions: set[Any] = set()
         self.exports = self
-        self.index = index if index is not None else shared_index(self.journal_dir)
-        self.reader = PitReader(self.journal_dir, self.vdisks.values(), seq, index=self.index)
-        self.overlay_dir: Path | None = None
-        self._own_overlay_dir = False
-        if writable:
-            if overlay_dir is None:
-                raise PitError("a writable image needs an overlay directory")
-            self.overlay_dir = Path(overlay_dir)
-            self._own_overlay_dir = not self.overlay_dir.exists()
-            self.overlay_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._chains: dict[str, Chain] = {}
         self._servers: list[asyncio.AbstractServer] = []
-        try:
-            for v in self.vdisks.values():
-                view = VdiskView(name=v.name, id=v.id, uuid=getattr(v, "uuid", ""), size=v.size,
-                                 owner=getattr(v, "owner", None), readonly=not writable,
-                                 extra=dict(getattr(v, "extra", {}) or {}))
-                specs = [{"name": "overlay", "dir": str(self.overlay_dir)}] if writable else []
-                self._chains[v.name] = build_chain(view, specs, PitPlugin(self.reader, v), validate=validate,
-                                                   resolve=_resolve_filter)
-        except BaseException:
-            self._close_sync()
-            raise
+
+    def _view(self, v: VdiskLike, readonly: bool) -> VdiskView:
+        return VdiskView(name=v.name, id=v.id, uuid=getattr(v, "uuid", ""), size=v.size,
+                         owner=getattr(v, "owner", None), readonly=readonly,
+                         extra=dict(getattr(v, "extra", {}) or {}))
 
     # -- ExportProvider (the codec's view) --------------------------------------------
+    def _describe(self, v: VdiskLike) -> str:
+        raise NotImplementedError
+
     def _info(self, v: VdiskLike) -> nbd.ExportInfo:
-        mode = "writable overlay" if self.writable else "read-only"
-        return nbd.ExportInfo(name=v.name, size=v.size, readonly=not self.writable,
-                              description=f"nicsplit image {self.id} of {self.cg}: {v.name} at seq {self.seq} ({mode})")
+        return nbd.ExportInfo(name=v.name, size=v.size, readonly=not self.writable, description=self._describe(v))
 
     def lookup(self, name: str) -> nbd.ExportInfo | None:
         v = self.vdisks.get(name)
@@ -387,9 +370,12 @@ class ImageServer:
         srv = await loop.create_server(lambda: NBDSession(self), host, port, reuse_address=True)
         self._servers.append(srv)
         h, p = srv.sockets[0].getsockname()[:2]
-        log.info("image %s: %s at seq %d (%s) on %s:%d", self.id, self.cg, self.seq,
-                 "writable overlay" if self.writable else "read-only", h, p)
+        log.info("%s: %s at seq %d (%s) on %s:%d", self._what(), self.cg, self.seq,
+                 "writable" if self.writable else "read-only", h, p)
         return h, p
+
+    def _what(self) -> str:
+        return f"image {self.id}"
 
     def urls(self, host: str, port: int) -> dict[str, str]:
         h = f"[{host}]" if ":" in host else host
@@ -405,6 +391,48 @@ class ImageServer:
             await ch.close()
         self._chains.clear()
         self._close_sync()
+
+    def _close_sync(self) -> None:
+        """Close what the exports hold (also when construction failed halfway)."""
+
+
+class ImageServer(_Exports):
+    """The NBD exports of one image (a CG at a PIT, from the journal)."""
+
+    def __init__(self, journal_dir: str | Path, vdisks: Iterable[VdiskLike], seq: int, *,
+                 writable: bool = False, overlay_dir: str | Path | None = None, index: BlockIndex | None = None,
+                 image_id: str = "", cg: str = "", validate: bool = False, max_inflight: int = 128) -> None:
+        super().__init__(vdisks, max_inflight)
+        self.journal_dir = Path(journal_dir)
+        if not self.vdisks:
+            raise PitError(f"image {image_id or '?'}: no vdisks to export")
+        self.seq = seq
+        self.writable = writable
+        self.id = image_id
+        self.cg = cg
+        self.index = index if index is not None else shared_index(self.journal_dir)
+        self.reader = PitReader(self.journal_dir, self.vdisks.values(), seq, index=self.index)
+        self.overlay_dir: Path | None = None
+        self._own_overlay_dir = False
+        if writable:
+            if overlay_dir is None:
+                raise PitError("a writable image needs an overlay directory")
+            self.overlay_dir = Path(overlay_dir)
+            self._own_overlay_dir = not self.overlay_dir.exists()
+            self.overlay_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            for v in self.vdisks.values():
+                view = self._view(v, not writable)
+                specs = [{"name": "overlay", "dir": str(self.overlay_dir)}] if writable else []
+                self._chains[v.name] = build_chain(view, specs, PitPlugin(self.reader, v), validate=validate,
+                                                   resolve=_resolve_filter)
+        except BaseException:
+            self._close_sync()
+            raise
+
+    def _describe(self, v: VdiskLike) -> str:
+        mode = "writable overlay" if self.writable else "read-only"
+        return f"nicsplit image {self.id} of {self.cg}: {v.name} at seq {self.seq} ({mode})"
 
     def _close_sync(self) -> None:
         for ch in self._chains.values():  # only when start failed halfway: close fds without a loop
@@ -423,6 +451,258 @@ class ImageServer:
             if f is not None:
                 out["vdisks"][name] = f.statistics()
         return out
+
+
+# -- replicas served writable (failover) --------------------------------------------------------
+
+# Dirty regions of a failover are 64 KiB, like the host's marking bitmap: a
+# 1 TiB vdisk needs 2 MiB of bitmap, and failback copies at most 60 KiB
+# more than was written per region touched.
+DIRTY_REGION = 64 << 10
+
+
+class DirtyMap:
+    """Persistent bitmap of the regions written at the failover site: one bit
+    per `DIRTY_REGION` bytes (bit ``r % 8`` of byte ``r // 8`` = region r), in
+    a file of ``ceil(regions / 8)`` bytes.  A bit is on disk (written and
+    fdatasynced) before the write that sets it touches the image, so after any
+    crash every region that may differ from the failover PIT is marked."""
+
+    def __init__(self, path: str | Path, size: int, region: int = DIRTY_REGION) -> None:
+        self.path = Path(path)
+        self.size = size
+        self.region = region
+        self.regions = -(-size // region)
+        n = -(-self.regions // 8)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        have = os.pread(self._fd, n, 0)
+        self._bits = bytearray(have) + bytearray(n - len(have))
+        if len(have) < n:
+            os.ftruncate(self._fd, n)
+        self.written = self.synced = 0  # generations: bitmap writes made / made durable
+
+    @property
+    def unsynced(self) -> bool:
+        return self.synced < self.written
+
+    def mark(self, offset: int, length: int) -> tuple[int, int] | None:
+        """Set the bits of [offset, offset+length) in memory; the byte range
+        (start, end) of the bitmap that changed, or None (all already set)."""
+        if length <= 0:
+            return None
+        r0, r1 = offset // self.region, (offset + length - 1) // self.region
+        lo = hi = -1
+        bits = self._bits
+        for r in range(r0, r1 + 1):
+            i, m = r >> 3, 1 << (r & 7)
+            if not bits[i] & m:
+                bits[i] |= m
+                if lo < 0:
+                    lo = i
+                hi = i
+        return None if lo < 0 else (lo, hi + 1)
+
+    def write(self, span: tuple[int, int]) -> None:
+        """Put the changed bytes in the file (page cache; `sync` makes them durable)."""
+        lo, hi = span
+        os.pwrite(self._fd, bytes(self._bits[lo:hi]), lo)
+        self.written += 1
+
+    def sync(self) -> None:
+        gen = self.written
+        os.fdatasync(self._fd)
+        self.synced = max(self.synced, gen)
+
+    def count(self) -> int:
+        return sum(bin(b).count("1") for b in self._bits)
+
+    def runs(self) -> Iterator[tuple[int, int]]:
+        """(offset, length) of the runs of dirty regions, clipped to the size."""
+        r, n = 0, self.regions
+        bits = self._bits
+        while r < n:
+            if not bits[r >> 3]:
+                r = (r | 7) + 1
+                continue
+            if not bits[r >> 3] & (1 << (r & 7)):
+                r += 1
+                continue
+            start = r
+            while r < n and bits[r >> 3] & (1 << (r & 7)):
+                r += 1
+            off = start * self.region
+            yield off, min(r * self.region, self.size) - off
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+_SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+_SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+
+
+def file_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
+    """base:allocation of a sparse file: data → 0, holes → HOLE|ZERO (SEEK_DATA / SEEK_HOLE)."""
+    out: list[tuple[int, int]] = []
+    pos, end = offset, offset + length
+    while pos < end:
+        try:
+            d = os.lseek(fd, pos, _SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no data after pos
+                raise
+            d = end
+        if d > pos:
+            nxt = min(d, end)
+            out.append((nxt - pos, EXTENT_HOLE_ZERO))
+            pos = nxt
+            continue
+        h = min(os.lseek(fd, pos, _SEEK_HOLE), end)
+        out.append((h - pos, EXTENT_DATA))
+        pos = h
+    return out
+
+
+class ReplicaPlugin:
+    """Bottom of a failover chain: a replica image file, served writable.
+    Every write, zero and trim first marks its regions in the `DirtyMap`
+    (durably; concurrent markers share one fdatasync), then changes the
+    image; flush and FUA fsync the image (shared likewise)."""
+
+    def __init__(self, image: str | Path, vdisk: VdiskLike, dirty: DirtyMap) -> None:
+        from nicsplit.host.plugin import GroupSync
+
+        self.name = vdisk.name
+        self.size = vdisk.size
+        self.path = Path(image)
+        self.dirty = dirty
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        if os.fstat(self._fd).st_size < vdisk.size:
+            os.ftruncate(self._fd, vdisk.size)
+        self._dirty_sync = GroupSync(dirty.sync)
+        self._image_sync = GroupSync(lambda: os.fsync(self._fd))
+        self.writes = self.write_bytes = self.zeroes = self.flushes = 0
+
+    def _err(self, e: OSError, what: str) -> IOFailure:
+        return IOFailure(e.errno or errno.EIO, f"replica {self.name} {what}: {e.strerror or e}")
+
+    async def _mark(self, offset: int, length: int) -> None:
+        span = self.dirty.mark(offset, length)
+        try:
+            if span is not None:
+                self.dirty.write(span)
+            # Also when our bits were set by a request still waiting for its
+            # sync: this write must not reach the image before them.
+            if self.dirty.unsynced:
+                await self._dirty_sync.sync()
+        except OSError as e:
+            raise self._err(e, "dirty map") from None
+
+    async def pread(self, offset: int, length: int, flags: int) -> bytes:
+        try:
+            if length >= EXECUTOR_READ:
+                data = await asyncio.get_running_loop().run_in_executor(None, os.pread, self._fd, length, offset)
+            else:
+                data = os.pread(self._fd, length, offset)
+        except OSError as e:
+            raise self._err(e, "read") from None
+        return data if len(data) == length else data + bytes(length - len(data))
+
+    async def pwrite(self, offset: int, data: bytes, flags: int) -> None:
+        await self._mark(offset, len(data))
+        try:
+            view, pos = memoryview(data), offset
+            while view:
+                k = os.pwrite(self._fd, view, pos)
+                view, pos = view[k:], pos + k
+        except OSError as e:
+            raise self._err(e, "write") from None
+        self.writes += 1
+        self.write_bytes += len(data)
+        if flags & FUA:
+            await self.flush(0)
+
+    async def zero(self, offset: int, length: int, flags: int) -> None:
+        await self._mark(offset, length)
+        try:
+            _punch(self._fd, offset, length)
+        except OSError as e:
+            raise self._err(e, "zero") from None
+        self.zeroes += 1
+        if flags & FUA:
+            await self.flush(0)
+
+    async def trim(self, offset: int, length: int, flags: int) -> None:
+        await self.zero(offset, length, flags)  # trimmed ranges read as zeros: deterministic for failback
+
+    async def flush(self, flags: int) -> None:
+        try:
+            await self._image_sync.sync()
+        except OSError as e:
+            raise self._err(e, "flush") from None
+        self.flushes += 1
+
+    async def extents(self, offset: int, length: int, flags: int) -> list[tuple[int, int]]:
+        try:
+            ext = file_extents(self._fd, offset, length)
+        except OSError as e:
+            raise self._err(e, "block status") from None
+        return ext[:1] if flags & REQ_ONE else ext
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        self.dirty.close()
+
+
+class ReplicaServer(_Exports):
+    """The writable NBD exports of a failed-over CG: each vdisk's replica
+    image (brought to the failover PIT beforehand) served directly, writes
+    tracked in a `DirtyMap` per vdisk under ``dirty_dir``."""
+
+    writable = True
+
+    def __init__(self, replica: str | Path, vdisks: Iterable[VdiskLike], seq: int, *, dirty_dir: str | Path,
+                 cg: str = "", validate: bool = False, max_inflight: int = 128) -> None:
+        super().__init__(vdisks, max_inflight)
+        if not self.vdisks:
+            raise PitError(f"failover of {cg or '?'}: no vdisks to serve")
+        self.seq, self.cg, self.id = seq, cg, f"failover-{cg}"
+        self.replica = Path(replica)
+        self.dirty_dir = Path(dirty_dir)
+        self.plugins: dict[str, ReplicaPlugin] = {}
+        try:
+            for v in self.vdisks.values():
+                img = self.replica / f"{v.name}.img"
+                if not img.exists():
+                    raise PitError(f"failover of {cg}: no replica image {img}")
+                p = self.plugins[v.name] = ReplicaPlugin(img, v, DirtyMap(self.dirty_dir / f"{v.name}.dirty", v.size))
+                self._chains[v.name] = build_chain(self._view(v, False), [], p, validate=validate,
+                                                   resolve=_resolve_filter)
+        except BaseException:
+            self._close_sync()
+            raise
+
+    def _describe(self, v: VdiskLike) -> str:
+        return f"nicsplit failover of {self.cg}: {v.name} (replica from seq {self.seq}, writable)"
+
+    def _what(self) -> str:
+        return "failover"
+
+    def _close_sync(self) -> None:
+        for p in self.plugins.values():
+            p.close()
+        self.plugins.clear()
+
+    def statistics(self) -> dict[str, Any]:
+        return {"sessions": len(self.sessions),
+                "vdisks": {n: {"writes": p.writes, "write_bytes": p.write_bytes, "zeroes": p.zeroes,
+                               "flushes": p.flushes, "dirty_regions": p.dirty.count()}
+                           for n, p in self.plugins.items()}}
 
 
 def _resolve_filter(name: str) -> type[Filter]:

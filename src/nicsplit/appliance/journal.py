@@ -909,10 +909,18 @@ class Journal:
                commit: bytes, sync: bool = True) -> _Pending:
         pending = _Pending([], {})
         seg, f = self._current()
+        size = f.size()
+        # A batch that fits in a segment starts a new one rather than span two,
+        # so segments end at batch boundaries and retention can trim them one
+        # by one (rule 10); only a batch larger than a segment spans segments.
+        total = sum(_ENTRY.size + len(e) + SEALED_OVERHEAD for e in encoded) + len(commit)
+        if size > _SEG_HEAD.size and size + total > self._segment_size and _SEG_HEAD.size + total <= self._segment_size:
+            f.sync()  # rule 1: the old segment is complete before a new one exists
+            seg, f = self._new_segment(seg + 1)
+            size = f.size()
         cipher = self._ciphers.for_segment(seg, self._seg_keys.get(seg, 0))
         nonces = b""
         buf = bytearray()
-        size = f.size()
         for i, (r, fps, enc) in enumerate(zip(recs, blocks, encoded, strict=True)):
             esize = _ENTRY.size + len(enc) + (SEALED_OVERHEAD if cipher is not None else 0)
             if size + len(buf) > _SEG_HEAD.size and size + len(buf) + esize > self._segment_size:

@@ -405,8 +405,18 @@ class JournalScanner:
             finally:
                 os.close(fd)
             # End of this segment: a following one continues the journal (a batch
-            # may span segments, its COMMIT in the last one).
-            if not (self.path / _seg_name(seg + 1)).exists():
+            # may span segments, its COMMIT in the last one). Look for the next
+            # one *before* re-checking this one's size: the writer completes (and
+            # syncs) a segment before it creates the next, so if the next exists,
+            # this size is final; if this one grew meanwhile, read the rest first.
+            next_exists = (self.path / _seg_name(seg + 1)).exists()
+            try:
+                grown = os.stat(self.path / _seg_name(seg)).st_size > f.size
+            except FileNotFoundError:  # trimmed under us: the open above follows it
+                grown = False
+            if grown:
+                continue
+            if not next_exists:
                 return
             seg, pos = seg + 1, 0
             if not pending:

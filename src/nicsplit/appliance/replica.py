@@ -592,9 +592,12 @@ class Distributor:
 
     def __init__(self, journal_dir: str | Path, replica_dir: str | Path, vdisks: Iterable[VdiskLike], *,
                  index: BlockIndex | None = None, journal: Any | None = None,
-                 failpoint: Callable[[str], None] | None = None) -> None:
+                 failpoint: Callable[[str], None] | None = None, refresh: bool = True) -> None:
+        """``refresh=False``: the index's owner refreshes it (the appliance,
+        after each group commit, while no append runs); steps never do."""
         self.journal_dir = Path(journal_dir)
         self.dir = Path(replica_dir)
+        self._refresh = refresh
         self.vdisks = {v.id: v for v in vdisks}
         self.index = index if index is not None else shared_index(self.journal_dir)
         self.failpoint = failpoint
@@ -743,7 +746,8 @@ class Distributor:
 
     def pending(self, upto_seq: int | None = None) -> int:
         """Indexed records not applied yet (those with seq <= ``upto_seq``)."""
-        self.index.refresh()
+        if self._refresh:
+            self.index.refresh()
         end = len(self.index.rec_seq) if upto_seq is None else self.index.ordinal_upto(upto_seq) + 1
         return max(0, end - (self.index.ordinal_upto(self.applied_seq) + 1))
 
@@ -756,7 +760,8 @@ class Distributor:
         ``max_bytes`` bounds the payload bytes of one step too (at least one
         record), so a step of large records stays short."""
         ix = self.index
-        ix.refresh()
+        if self._refresh:
+            ix.refresh()
         nrec, pit_seq = ix.extent()
         if upto_seq is not None:
             if upto_seq <= self.applied_seq:

@@ -41,6 +41,23 @@ Rules
    line: torn tails are cut, a corrupt journal aborts the start.
 7. SIGTERM / SIGINT: stop accepting, stop reading, let each connection finish
    the batch it is processing (ack it), tell the card Error(SHUTDOWN), exit 0.
+8. Distribution (`nicsplit.appliance.distribution`): one thread per CG
+   applies the journal to the CG's replica images behind ingest.  A group
+   commit only *wakes* it (`CGDistribution.notify`, after the sync, outside
+   the per-CG lock); it reads committed, durable records on its own and never
+   takes the per-CG lock, so ingest never waits for it.  The CG's block
+   index (what distribution, and later image access, work from) is built
+   when the journal opens and refreshed by the ingest worker after each group
+   commit, under the CG's lock: then no append extends or rolls a segment
+   while the scan reads it.
+9. Control socket ``DATA/run/appliance.sock`` (JSON lines, like the host's):
+   ``{"cmd": "status"}`` → per CG ``durable_seq`` and ``distribution`` (applied
+   seq, lag in records and seconds, state); ``{"cmd": "wake", "cg": CG}``
+   makes a CG's distribution look at once for a failover request;
+   ``{"cmd": "ping"}``.
+10. Retention (`nicsplit.appliance.trimmer`): every ``[retention] interval``
+   each CG's oldest segments are folded into base images and deleted per the
+   policy; the last report is in ``status`` (``retention``).
 """
 
 from __future__ import annotations
@@ -60,7 +77,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from nicsplit.appliance.distribution import NICE, CatalogMembers, CGDistribution, replica_dir
 from nicsplit.appliance.journal import AppendResult, BatchRejected, Journal, JournalError, JournalStatistics
+from nicsplit.appliance.pits import PitError
+from nicsplit.appliance.replica import BlockIndex
+from nicsplit.appliance.retention import Policy
+from nicsplit.appliance.trimmer import Trimmer
 from nicsplit.control import pki
 from nicsplit.wire import frames as F
 
@@ -84,6 +106,11 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     queue_depth: int = 16
     journal_threads: int = 4
+    distribution: bool = True  # apply journals to replica images in the background (rule 8)
+    distribution_nice: int = NICE  # how much lower the distribution threads run than ingest (0: as high)
+    retention: Policy | None = None  # rule 10; None: keep everything
+    dedup_min_age_s: float = 1200.0  # retention keeps segments appended this recently (2x the card's horizon)
+    datastore_dir: Path | None = None  # the catalog (vdisk ids, names, sizes); default data/datastore
 
     @property
     def journal_root(self) -> Path:
@@ -133,9 +160,13 @@ class Appliance:
         self._cg_locks: dict[str, asyncio.Lock] = {}
         self._open_lock = asyncio.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(cfg.journal_threads, thread_name_prefix="journal")
+        self._index_pool = concurrent.futures.ThreadPoolExecutor(cfg.journal_threads, thread_name_prefix="index")
         self._conns: set[_Connection] = set()
         self._handlers: set[asyncio.Task] = set()  # one per accepted TCP connection
         self._stopping = asyncio.Event()
+        self.distribution: dict[str, CGDistribution] = {}
+        self.indexes: dict[str, BlockIndex] = {}  # per CG, refreshed after each group commit (rule 8)
+        self.trimmers: dict[str, Trimmer] = {}
         self.fatal: str | None = None
         self._counts = dict(accepted=0, refused=0, dropped=0, batches=0, duplicates=0, bytes_in=0)
 
@@ -154,6 +185,8 @@ class Appliance:
                 self.journals[d.name] = j
                 self._cg_locks[d.name] = asyncio.Lock()
                 log.info("journal %s recovered: last seq %d", d.name, j.last_seq)
+                await loop.run_in_executor(self._pool, self._build_index, d.name)
+                self._distribute(d.name, j)
         lsock = socket.create_server(self.cfg.listen, backlog=128)
         lsock.setblocking(False)
         acceptor = loop.create_task(self._accept_loop(lsock))
@@ -162,6 +195,8 @@ class Appliance:
         host, port = lsock.getsockname()[:2]
         pid_file = self.cfg.data / "run" / "appliance.pid"  # read by `nicsplit status`, like host.pid
         pid_file.parent.mkdir(parents=True, exist_ok=True)
+        control = await self._control(self.cfg.data / "run" / "appliance.sock")
+        retention = loop.create_task(self._retention_loop()) if self.cfg.retention is not None else None
         pid_file.write_text(str(os.getpid()))
         info = {"event": "ready", "pid": os.getpid(), "address": f"{host}:{port}"}
         log.info("appliance %s listening on %s:%d (TLS 1.3, mutual auth, peers %s)", self.id, host, port,
@@ -183,8 +218,16 @@ class Appliance:
                 await asyncio.wait(list(self._handlers), timeout=30)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            control.close()
+            (self.cfg.data / "run" / "appliance.sock").unlink(missing_ok=True)
+            if retention is not None:
+                retention.cancel()
+                await asyncio.gather(retention, return_exceptions=True)
+            # Distribution resolves references through the live journals: stop it first.
+            await loop.run_in_executor(None, self._stop_distribution)
             await loop.run_in_executor(self._pool, self._close_journals)
             self._pool.shutdown(wait=True)
+            self._index_pool.shutdown(wait=True)
             pid_file.unlink(missing_ok=True)
         return 1 if self.fatal else 0
 
@@ -196,6 +239,113 @@ class Appliance:
     def _close_journals(self) -> None:
         for j in self.journals.values():
             j.close()
+
+    # -- distribution (rule 8) ----------------------------------------------------------
+
+    def _build_index(self, cg: str) -> None:
+        """Worker thread, right after the journal opened (nothing appends yet)."""
+        if not self.cfg.distribution:
+            return
+        try:
+            self.indexes[cg] = BlockIndex(self.cfg.journal_root / cg)
+        except (PitError, OSError) as e:  # distribution then indexes on its own, and says so if it cannot
+            log.error("journal %s: block index not built: %s", cg, e)
+
+    def _refresh_index(self, cg: str) -> None:
+        idx = self.indexes.get(cg)
+        if idx is None:
+            return
+        try:
+            idx.refresh()
+        except (PitError, OSError) as e:  # never a reason to fail ingest; distribution stalls and status shows it
+            log.error("journal %s: block index refresh failed: %s", cg, e)
+        except Exception:  # a bug in the index: the same, with its traceback
+            log.exception("journal %s: block index refresh failed", cg)
+
+    def _distribute(self, cg: str, j: Journal) -> None:
+        if not self.cfg.distribution or cg in self.distribution:
+            return
+        ds_dir = self.cfg.datastore_dir or self.cfg.data / "datastore"
+        self.distribution[cg] = CGDistribution(
+            self.cfg.data, cg, self.cfg.journal_root / cg, journal=j, durable=lambda: j.durable_seq,
+            index=self.indexes.get(cg), nice=self.cfg.distribution_nice,
+            members=CatalogMembers(ds_dir, cg, replica_dir(self.cfg.data, cg))).start()
+
+    def _stop_distribution(self) -> None:
+        for d in self.distribution.values():
+            d.stop()
+        for d in self.distribution.values():
+            d.join(30)  # a step is bounded (STEP_RECORDS / STEP_BYTES): well under a second
+
+    # -- retention (rule 10) ------------------------------------------------------------
+
+    async def _retention_loop(self) -> None:
+        """Every ``interval``: each CG's Trimmer in the journal pool (base
+        images are written off the loop; the CG's ingest lock is not taken:
+        `Journal.trim` holds the journal's own lock only while it deletes)."""
+        loop = asyncio.get_running_loop()
+        policy = self.cfg.retention
+        assert policy is not None
+        ds_dir = self.cfg.datastore_dir or self.cfg.data / "datastore"
+        while True:
+            await asyncio.sleep(policy.interval_s)
+            for cg, j in list(self.journals.items()):
+                t = self.trimmers.get(cg)
+                if t is None:
+                    members = CatalogMembers(ds_dir, cg, replica_dir(self.cfg.data, cg))
+
+                    def sizes(members: CatalogMembers = members) -> dict[int, int] | None:
+                        vds = members()
+                        return None if vds is None else {v.id: v.size for v in vds}
+
+                    t = self.trimmers[cg] = Trimmer(self.cfg.data, cg, j, policy, sizes,
+                                                    min_age_s=self.cfg.dedup_min_age_s)
+                try:
+                    await loop.run_in_executor(self._pool, t.run_once)
+                except JournalError as e:  # the journal failed: ingest stops the appliance (rule 5)
+                    log.error("retention of %s: %s", cg, e)
+                except Exception:  # a bug or a disk problem in the base: keep the journal, say why
+                    log.exception("retention of %s failed; the journal keeps everything until it works", cg)
+
+    def status(self) -> dict[str, Any]:
+        """What the control socket's ``status`` answers (rule 9)."""
+        cgs: dict[str, Any] = {}
+        for cg, j in self.journals.items():
+            d = self.distribution.get(cg)
+            t = self.trimmers.get(cg)
+            cgs[cg] = {"durable_seq": j.durable_seq, "last_seq": j.last_seq,
+                       "distribution": d.statistics().to_json() if d is not None else None,
+                       "retention": t.last.to_json() if t is not None and t.last is not None else None}
+        return {"pid": os.getpid(), "id": self.id, "cgs": cgs}
+
+    async def _control(self, path: Path) -> asyncio.AbstractServer:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                try:
+                    req = json.loads(await reader.readline() or b"{}")
+                    cmd = req.get("cmd")
+                except (ValueError, AttributeError):
+                    req, cmd = {}, None
+                if cmd == "status":
+                    reply = {"ok": True, "status": self.status()}
+                elif cmd == "wake":
+                    d = self.distribution.get(str(req.get("cg")))
+                    if d is not None:
+                        d.notify()
+                    reply = {"ok": True, "distributing": d is not None}
+                elif cmd == "ping":
+                    reply = {"ok": True, "pid": os.getpid()}
+                else:
+                    reply = {"ok": False, "error": f"unknown command {cmd!r}"}
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+                pass  # a client that went away or sent garbage: its problem only
+            finally:
+                writer.close()
+
+        path.unlink(missing_ok=True)
+        return await asyncio.start_unix_server(handle, str(path))
 
     def statistics(self) -> ApplianceStatistics:
         return ApplianceStatistics(
@@ -219,6 +369,8 @@ class Appliance:
                 self.journals[cg] = j
                 self._cg_locks[cg] = asyncio.Lock()
                 log.info("journal %s opened: last seq %d", cg, j.last_seq)
+                await asyncio.get_running_loop().run_in_executor(self._pool, self._build_index, cg)
+                self._distribute(cg, j)
             return j
 
     def _ingest(self, j: Journal, b: F.Batch, *, sync: bool = True) -> AppendResult:
@@ -245,7 +397,16 @@ class Appliance:
             for b in batches:
                 results.append(self._ingest(j, b, sync=False))
         finally:
-            j.sync()  # also for the batches before one that failed: they are acked or resent
+            # The block index reads what was appended while fdatasync waits on the
+            # disk; both end before the CG's lock is released, so no append runs
+            # while the index reads (rule 8).  Distribution caps at durable_seq.
+            cg = batches[0].cg
+            refresh = self._index_pool.submit(self._refresh_index, cg) if cg in self.indexes else None
+            try:
+                j.sync()  # also for the batches before one that failed: they are acked or resent
+            finally:
+                if refresh is not None:
+                    refresh.result()
         return results
 
     async def ingest(self, b: F.Batch) -> AppendResult:
@@ -255,12 +416,16 @@ class Appliance:
         j = await self.journal(batches[0].cg)
         async with self._cg_locks[batches[0].cg]:
             try:
-                return await asyncio.get_running_loop().run_in_executor(self._pool, self._ingest_group, j, batches)
+                results = await asyncio.get_running_loop().run_in_executor(self._pool, self._ingest_group, j, batches)
             except JournalError as e:
                 self.fatal = str(e)
                 log.critical("journal %s failed: %s; stopping (a restart recovers the journal)", batches[0].cg, e)
                 self.request_stop("journal failure")
                 raise _Drop(f"journal failure: {e}", F.ErrorCode.INTERNAL, level=logging.ERROR) from None
+        d = self.distribution.get(batches[0].cg)
+        if d is not None:
+            d.notify(j.durable_seq)  # wake only: distribution reads the journal on its own thread
+        return results
 
     # -- connections ----------------------------------------------------------------------
 

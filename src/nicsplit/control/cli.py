@@ -291,6 +291,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     }
     vstate = {v["name"]: v for v in (host or {}).get("status", {}).get("vdisks", [])}
     card_cgs = ((card or {}).get("stats") or {}).get("cgs", {})
+    from nicsplit.appliance.failover import status_fields  # per CG: "distribution", "failover"
+
+    appl = _ctl(run / "appliance.sock", {"cmd": "status"})
+    appl_cgs = None if appl is None else (appl.get("status") or {}).get("cgs", {})
     out = []
     for cg in CGCatalog(cfg.data).list():
         members = [v for v in ds.list_vdisks() if v.extra.get("cg") == cg.name]
@@ -314,7 +318,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         host_seq = (host or {}).get("status", {}).get("cgs", {}).get(cg.name, {}).get("last_seq")
         out.append({"name": cg.name, "state": state, "rpo_seconds": c.get("rpo_seconds", 0.0 if state == "protected" else None),
                     "last_durable_seq": c.get("last_durable_seq"), "host_last_seq": host_seq, "role": cg.role,
-                    "protection_window": _window(cfg.data, cg.name), "vdisks": vds})
+                    "protection_window": _window(cfg.data, cg.name), "vdisks": vds,
+                    "retention": None if appl_cgs is None else (appl_cgs.get(cg.name) or {}).get("retention"),
+                    **status_fields(cfg.data, cg.name, None if appl_cgs is None else appl_cgs.get(cg.name, {}))})
     result = {"cgs": out, "processes": processes}
     if args.json:
         print(json.dumps(result, indent=2))
@@ -331,6 +337,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             since = f"  window {_human_span(w['seconds'])} (since seq {w['oldest_seq']})"
         print(f"cg {c['name']:<16} {c['state']:<10} rpo {rpo}{since}")
+        d, f = c["distribution"], c["failover"]
+        if d["applied_seq"] is not None:
+            lag = "" if d["lag_records"] is None else f", lag {d['lag_records']} records / {d['lag_seconds']:.2f}s"
+            print(f"   replica at seq {d['applied_seq']} ({d['state']}{lag})")
+        for n, u in ((f or {}).get("exports") or {}).items():
+            print(f"   failover {n:<20} {u}{'' if f['alive'] else ' (server not running)'}")
+        r = c.get("retention")
+        if r and (r["base_seq"] or r["blocked_by"]):
+            why = f"; over its size limit: {r['blocked_by']}" if r["blocked_by"] else ""
+            print(f"   journal {_human(r['journal_bytes'])}, older points in time folded into the base at seq "
+                  f"{r['base_seq']}{why}")
         for v in c["vdisks"]:
             extra = f" ({v['reason']}; {_human(v['dirty_bytes'])} dirty)" if v["state"] == "marking" else ""
             print(f"   {v['name']:<20} {v['state']}{extra}")
@@ -435,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nicsplit.appliance.imagecli import add_parsers as add_image_parsers
 
     add_image_parsers(sub, common)
+    from nicsplit.appliance.failover import add_parsers as add_failover_parsers
+
+    add_failover_parsers(sub, common)
 
     cp = sub.add_parser("card", parents=[common], help="the (emulated) offload card").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
     s = cp.add_parser("run", parents=[common], help="run the card: hidden volume, ring, pipeline, shipping (foreground)")
