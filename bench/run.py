@@ -544,10 +544,10 @@ def render_markdown(doc: dict, servers: list[Server], qds: list[int]) -> str:
                 f"{_fmt(r['server_cpu_s_per_gib'], '.1f')} | ±{_fmt((r['iops_spread_pct'] or 0) / 2, '.0f')}% |"
             )
     lines += ["", f"## Acceptance ({next((s.label for s in servers if s.key == PRIMARY), 'nicsplit')}, default chain)", ""]
-    lines += [f"- {l}" for l in acceptance_lines(doc["acceptance"], PRIMARY)]
+    lines += [f"- {line}" for line in acceptance_lines(doc["acceptance"], PRIMARY)]
     if any(s.key == NOFILTER for s in servers):
         lines += ["", "For reference, nicsplit with no filters:", ""]
-        lines += [f"- {l}" for l in acceptance_lines(doc["acceptance"], NOFILTER)]
+        lines += [f"- {line}" for line in acceptance_lines(doc["acceptance"], NOFILTER)]
     if doc.get("split"):
         lines += render_split_markdown(doc["split"], m)
     if doc["errors"]:

@@ -180,9 +180,9 @@ def test_request_sequences_split_anywhere_match_whole(reqs, cuts):
     stream = STREAM[:TRANSMISSION_START] + b"".join(reqs)
     whole = feed([stream], eof=False)
     split = feed(chunked(stream, cuts), eof=False)
-    norm = lambda evs: [(type(e), getattr(e, "handle", None), getattr(e, "error", None),
-                         bytes(e.data) if getattr(e, "data", None) is not None else None)
-                        for e in evs]
+    def norm(evs):
+        return [(type(e), getattr(e, "handle", None), getattr(e, "error", None),
+                 bytes(e.data) if getattr(e, "data", None) is not None else None) for e in evs]
     assert norm(whole) == norm(split)
     assert len(whole) == 1 + len(reqs)
 

@@ -64,7 +64,7 @@ def test_distributor_applies_in_seq_order(setup, rng: random.Random):
     with Distributor(jd, rd, w.vdisks, index=BlockIndex(jd)) as d:
         assert d.applied_seq == 0 and d.pending() > 0
         assert_replica_at(d, w, 0)
-        while n := d.step(rng.randint(1, 9)):
+        while d.step(rng.randint(1, 9)):
             assert_replica_at(d, w, d.applied_seq)
         last = w.batches[-1][0].last_seq  # the newest PIT, even when its batch ends in barriers or gaps
         assert d.applied_seq == last and d.pending() == 0
