@@ -92,6 +92,9 @@ def test_image_of_a_bookmark_while_fio_writes_production(tmp_path, rng, seed):
             print(f"\nimage export during fio: ready in {img['ready_seconds']:.3f} s (command {t_export:.3f} s; "
                   f"server {img['server_ready_seconds']:.3f} s after its start); journal {bytes0 >> 20} MiB")
             assert img["seq"] == mark["seq"] and set(img["exports"]) == {"a", "b"}
+            assert img["in_appliance"]  # served from the appliance's live block index: no journal scan
+            listed = json.loads(run_cli(data, "image", "list", "--json").stdout)["images"]
+            assert [(i["id"], i["alive"]) for i in listed] == [(img["id"], True)]
             for n, url in img["exports"].items():
                 _compare(tmp_path / f"{n}-A.raw", url)
             assert all(p.poll() is None for p in fio), "fio ended before the image was compared; raise FIO_SECONDS"

@@ -104,6 +104,15 @@ def _alive(pid: int, image_id: str) -> bool:
     return b"serve" in cmdline and image_id.encode() in cmdline
 
 
+def _appliance_serves(data: Path, info: dict) -> bool:
+    """An image served by the appliance is alive while that appliance runs."""
+    try:
+        cmdline = Path(f"/proc/{int(info.get('pid', 0))}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return b"appliance" in cmdline
+
+
 # -- serve (foreground) -----------------------------------------------------------------
 
 
@@ -267,6 +276,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfgmod.load(data)  # not a data directory: one line, before any process starts
     if args.listen:
         parse_listen(args.listen)
+    via = _export_in_appliance(data, args)
+    if via is not None:
+        return _print_export(args, via, time.monotonic() - t0)
     image_id = secrets.token_hex(4)
     (data / "run").mkdir(parents=True, exist_ok=True)
     images_dir(data).mkdir(parents=True, exist_ok=True)
@@ -307,10 +319,31 @@ def cmd_export(args: argparse.Namespace) -> int:
             proc.stdout.close()
     if ready is not None:
         proc.returncode = 0  # detached: it lives on after we exit (no "still running" warning)
-    total = time.monotonic() - t0
+    return _print_export(args, ready, time.monotonic() - t0)
+
+
+def _export_in_appliance(data: Path, args: argparse.Namespace) -> dict | None:
+    """The running appliance serves the image from its own block index
+    (imagehost.py); None when no appliance answers (or it has no index for
+    the CG): then a standalone server is started."""
+    from nicsplit.control import ctl
+    from nicsplit.control.cli import CliError
+
+    req = {"cmd": "image-export", "cg": args.cg, "at": args.at, "seq": args.seq, "bookmark": args.bookmark,
+           "latest": bool(args.latest), "writable": bool(args.writable), "listen": args.listen}
+    reply = ctl.request(data / "run" / "appliance.sock", req, timeout=_READY_TIMEOUT)
+    if reply is None or reply.get("fallback"):
+        return None
+    if not reply.get("ok"):
+        raise CliError(str(reply.get("error")))
+    return reply["image"]
+
+
+def _print_export(args: argparse.Namespace, ready: dict, total: float) -> int:
     out = {k: ready[k] for k in ("id", "cg", "seq", "time", "writable", "pid", "exports")}
     out["ready_seconds"] = round(total, 4)
     out["server_ready_seconds"] = ready.get("ready_seconds")
+    out["in_appliance"] = bool(ready.get("in_appliance"))
     if args.json:
         print(json.dumps(out))
         return 0
@@ -342,7 +375,8 @@ def _images(data: Path) -> list[dict]:
             info = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
-        info["alive"] = _alive(int(info.get("pid", 0)), info.get("id", ""))
+        info["alive"] = _appliance_serves(data, info) if info.get("in_appliance") else \
+            _alive(int(info.get("pid", 0)), info.get("id", ""))
         out.append(info)
     return out
 
@@ -386,6 +420,11 @@ def cmd_close(args: argparse.Namespace) -> int:
         raise CliError(f"unknown image id {image_id!r} (open images: {known})")
     pid = int(info.get("pid", 0))
     killed = False
+    if info.get("in_appliance"):
+        from nicsplit.control import ctl
+
+        ctl.request(data / "run" / "appliance.sock", {"cmd": "image-close", "id": image_id}, timeout=_CLOSE_TIMEOUT)
+        pid = 0  # the appliance stopped it (or is gone): never signal the appliance
     if pid and _alive(pid, image_id):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + _CLOSE_TIMEOUT

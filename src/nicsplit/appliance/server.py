@@ -58,6 +58,9 @@ Rules
 10. Retention (`nicsplit.appliance.trimmer`): every ``[retention] interval``
    each CG's oldest segments are folded into base images and deleted per the
    policy; the last report is in ``status`` (``retention``).
+11. Image access (`nicsplit.appliance.imagehost`): ``image-export`` /
+   ``image-close`` on the control socket serve a CG at a PIT over NBD from
+   the block index kept current here, so an export needs no journal scan.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ from nicsplit.appliance.distribution import NICE, CatalogMembers, CGDistribution
 from nicsplit.appliance.journal import AppendResult, BatchRejected, Journal, JournalError, JournalStatistics
 from nicsplit.appliance.pits import PitError
 from nicsplit.appliance.replica import BlockIndex
+from nicsplit.appliance.imagehost import ApplianceImages, ImageRequestError
 from nicsplit.appliance.retention import Policy
 from nicsplit.appliance.trimmer import Trimmer
 from nicsplit.control import pki
@@ -167,6 +171,7 @@ class Appliance:
         self.distribution: dict[str, CGDistribution] = {}
         self.indexes: dict[str, BlockIndex] = {}  # per CG, refreshed after each group commit (rule 8)
         self.trimmers: dict[str, Trimmer] = {}
+        self.images = ApplianceImages(cfg.data, cfg.journal_root)  # image access from our index (rule 11)
         self.fatal: str | None = None
         self._counts = dict(accepted=0, refused=0, dropped=0, batches=0, duplicates=0, bytes_in=0)
 
@@ -220,6 +225,7 @@ class Appliance:
                 loop.remove_signal_handler(sig)
             control.close()
             (self.cfg.data / "run" / "appliance.sock").unlink(missing_ok=True)
+            await self.images.close_all()
             if retention is not None:
                 retention.cancel()
                 await asyncio.gather(retention, return_exceptions=True)
@@ -335,6 +341,17 @@ class Appliance:
                     reply = {"ok": True, "distributing": d is not None}
                 elif cmd == "ping":
                     reply = {"ok": True, "pid": os.getpid()}
+                elif cmd == "image-export":
+                    index = self.indexes.get(str(req.get("cg")))
+                    if index is None:  # no journal (or index) here: the standalone server says why
+                        reply = {"ok": False, "fallback": True, "error": "no block index for that CG"}
+                    else:
+                        try:
+                            reply = {"ok": True, "image": await self.images.export(req, index)}
+                        except ImageRequestError as e:
+                            reply = {"ok": False, "error": str(e)}
+                elif cmd == "image-close":
+                    reply = {"ok": True, "closed": await self.images.close(str(req.get("id")))}
                 else:
                     reply = {"ok": False, "error": f"unknown command {cmd!r}"}
                 writer.write(json.dumps(reply).encode() + b"\n")
