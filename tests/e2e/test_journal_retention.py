@@ -30,7 +30,7 @@ def _scatter(hs: dict, golden: dict, rng, pattern: int, count: int) -> None:
     for i in range(count):
         n = "ab"[i % 2]
         off = rng.randrange(0, SIZE // 4096 - 16) * 4096
-        blob = bytes([pattern]) * 4096 + rng.randbytes(4096 * 7)  # partly compressible, never deduplicated
+        blob = bytes([pattern]) * 4096 + rng.randbytes(4096 * 7)  # the pattern block repeats: references cross trims
         hs[n].pwrite(blob, off)
         golden[n][off : off + len(blob)] = blob
 

@@ -53,15 +53,15 @@ Rules
    damaged entry instead of refusing; ``damage`` says where it stopped.
 10. Retention (`nicsplit.appliance.retention`) deletes whole segments from
    the oldest end (`trim`), after their records went into the base images.
-   So that no kept record needs a deleted block, a deduplicated block's home
-   is its *newest* copy (a block stored again moves its home forward), and
-   per segment the journal knows the newest seq of a later batch's record
-   referencing a block homed there (`segment_facts`). Blocks of a trimmed
-   segment that a kept record references are first copied to
-   ``carried.blk`` (sealed like records, fsynced), which is indexed at open
-   before the segments. Numbering continues: the oldest segment's number is
-   then > 1. (carried.blk is not compacted yet: it grows by the blocks
-   referenced across each trim boundary.)
+   A kept record may reference a block whose only earlier copy is in a
+   trimmed segment, so the journal knows, per block, the newest seq of a
+   later batch's record referencing it, and on trim first copies every
+   block referenced after the new base to ``carried.blk`` (once; sealed
+   like records, fsynced), which every open indexes before the segments. A
+   block's home for new references is its newest copy. A batch that fits a
+   segment never spans two, so segments end at batch boundaries. Numbering
+   continues: the oldest segment's number is then > 1. (carried.blk is not
+   compacted yet.)
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ class _Pending:
 
     recs: list[tuple[int, int, int]]  # (seq, segment, entry offset)
     blocks: dict[bytes, tuple[int, ...]]  # fp -> location (see Journal._blocks)
-    refs: dict[int, int] = field(default_factory=dict)  # home segment of a referenced block -> newest seq referencing it
+    refs: dict[bytes, int] = field(default_factory=dict)  # block held by an earlier batch -> newest seq referencing it
 
 
 def _seg_name(n: int) -> str:
@@ -486,7 +486,7 @@ class Journal:
         self._blocks: dict[bytes, tuple[int, ...]] = {}
         # Retention (rule 10): per segment, the newest seq of a record referencing
         # a block homed there, and its last COMMIT (last seq, time).
-        self._ref_last: dict[int, int] = {}
+        self._ref_last: dict[bytes, int] = {}  # fp -> newest seq of a later batch's record referencing it
         self._seg_commit: dict[int, tuple[int, int]] = {}
         self._seg_maxrec: dict[int, int] = {}  # newest record seq in a segment
         self._seg_appended: dict[int, int] = {}  # our clock at its last append (open time for older ones)
@@ -643,7 +643,7 @@ class Journal:
                             home = self._blocks.get(fp)
                             if home is None:
                                 raise JournalCorrupt(f"{where}: record seq {rec.seq} references unknown block {fp.hex()}")
-                            pending.refs[home[0]] = rec.seq
+                            pending.refs[fp] = rec.seq
                         base = pos + _ENTRY.size + _data_offset(rec)
                         for _, doff, n in _data_blocks(rec):
                             fp = fingerprint(rec.data[doff : doff + n])
@@ -748,9 +748,9 @@ class Journal:
         for seq, seg, _ in p.recs:
             self._seg_maxrec[seg] = seq
         self._blocks.update(p.blocks)  # the newest copy of a block is its home (rule 10)
-        for seg, seq in p.refs.items():
-            if seq > self._ref_last.get(seg, 0):
-                self._ref_last[seg] = seq
+        for fp, seq in p.refs.items():
+            if seq > self._ref_last.get(fp, 0):
+                self._ref_last[fp] = seq
         self._seg_commit[commit_seg] = (last, t_last)
         self._seg_appended[commit_seg] = time.time_ns()
         self._commits.append((t_last, last))
@@ -808,7 +808,7 @@ class Journal:
             encoded: list[bytes] = []
             blocks: list[list[tuple[int, int, bytes]]] = []  # per record: (offset in data, length, fp)
             known: dict[bytes, None] = {}
-            cross: dict[int, int] = {}  # home segment of a block an earlier batch holds -> newest seq referencing it
+            cross: dict[bytes, int] = {}  # block an earlier batch holds -> newest seq referencing it
             for r in new:
                 for _, fp in r.refs:
                     if fp in known:
@@ -817,7 +817,7 @@ class Journal:
                     if home is None:
                         raise BatchRejected(f"batch {m.batch_id}: record seq {r.seq} references block {fp.hex()} "
                                             f"that this journal does not hold")
-                    cross[home[0]] = r.seq
+                    cross[fp] = r.seq
                 fps = [(doff, n, fingerprint(r.data[doff : doff + n])) for _, doff, n in _data_blocks(r)]
                 known.update((fp, None) for _, _, fp in fps)
                 blocks.append(fps)
@@ -959,7 +959,7 @@ class Journal:
             out = []
             for seg in self._segments:
                 last, t_last = self._seg_commit.get(seg, (0, 0))
-                out.append(SegmentInfo(seg, last, t_last, self._seg_sizes.get(seg, 0), self._ref_last.get(seg, 0),
+                out.append(SegmentInfo(seg, last, t_last, self._seg_sizes.get(seg, 0), 0,
                                        self._seg_maxrec.get(seg, 0) <= last, self._seg_appended.get(seg, 0)))
             return out
 
@@ -978,9 +978,14 @@ class Journal:
             dead = set(gone)
             # Blocks a kept record references (a later batch's record past the
             # base) move to carried.blk before their segment goes.
-            referenced = {s for s in gone if self._ref_last.get(s, 0) > base_seq}
-            carry = [fp for fp, loc in self._blocks.items() if loc[0] in referenced and len(loc) != 2]
+            # A kept record (seq > base) may reference a block whose only copy
+            # before it is in a trimmed segment (a block's home moves to its
+            # newest copy, which may come after that record): carry every block
+            # referenced after the base that is not carried yet.
+            carry = [fp for fp, seq in self._ref_last.items()
+                     if seq > base_seq and fp in self._blocks and len(self._blocks[fp]) != 2]
             self._carry(carry)
+            self._ref_last = {fp: seq for fp, seq in self._ref_last.items() if seq > base_seq}
             for s in gone:
                 f = self._files.pop(s, None)
                 if f is not None:
@@ -989,7 +994,7 @@ class Journal:
                 self._fs.remove(self.path / _seg_name(s))
             self._fs.sync_dir(self.path)
             self._segments = [s for s in self._segments if s not in dead]
-            for d in (self._seg_sizes, self._seg_keys, self._ref_last, self._seg_commit, self._seg_maxrec,
+            for d in (self._seg_sizes, self._seg_keys, self._seg_commit, self._seg_maxrec,
                       self._seg_appended):
                 for s in gone:
                     d.pop(s, None)
