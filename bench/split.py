@@ -25,6 +25,7 @@ chain is ``["stats"]``; then the configuration is switched to
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import signal
@@ -113,6 +114,9 @@ class SplitSystem(Server):
         if n != 1:
             raise RuntimeError("could not switch the [host] filters line of the bench configuration")
         text += f'\n[vdisks.{WIRE_VDISK}]\nfilters = ["stats", {{name = "split", split_timeout_us = {WIRE_TIMEOUT_US}}}]\n'
+        prio = os.environ.get("NICSPLIT_BENCH_CARD_PRIORITY")  # an experiment knob: realtime / high / normal
+        if prio:
+            text = re.sub(r'(?m)^priority = ".*"$', f'priority = "{prio}"', text, count=1)
         cfg.write_text(text)
 
     def start(self, fio_size: str = "") -> None:  # type: ignore[override]

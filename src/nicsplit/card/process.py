@@ -85,7 +85,7 @@ class CardConfig:
     backoff_min_s: float = 0.05
     backoff_max_s: float = 5.0
     drain_timeout_s: float = 10.0
-    priority: str = "high"  # realtime | high | normal: see set_priority
+    priority: str = "realtime"  # realtime | high | normal: see set_priority
     pipeline: PipelineConfig = PipelineConfig()
 
     @property
