@@ -162,20 +162,9 @@ def remove_state(data: str | Path, cg: str) -> None:
 
 def _server_alive(pid: int, cg: str) -> bool:
     """Is ``pid`` still the failover server of ``cg`` (not a zombie, not a reused pid)?"""
-    if not pid:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    if state in ("Z", "X"):
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        return False
-    return b"failover-serve" in cmdline and cg.encode() in cmdline
+    from nicsplit.procutil import runs
+
+    return runs(pid, "failover-serve", cg)
 
 
 def status_fields(data: str | Path, cg: str, appliance_cg: dict | None) -> dict[str, Any]:

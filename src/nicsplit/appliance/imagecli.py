@@ -90,18 +90,9 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def _alive(pid: int, image_id: str) -> bool:
     """Is ``pid`` still the server of ``image_id`` (not a zombie, not a reused pid)?"""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    if state in ("Z", "X"):
-        try:
-            os.waitpid(pid, os.WNOHANG)  # our own child (in-process callers): reap it
-        except ChildProcessError:
-            pass
-        return False
-    return b"serve" in cmdline and image_id.encode() in cmdline
+    from nicsplit.procutil import runs
+
+    return runs(pid, "serve", image_id)
 
 
 def _appliance_serves(data: Path, info: dict) -> bool:
