@@ -184,3 +184,20 @@ def test_a_reference_whose_block_was_stored_again_later_survives_the_trim(tmp_pa
             assert r.pread(v.id, 0, v.size) == bytes(want), f"PIT {upto}"
     with Journal.open(jd, segment_size=5000) as j:  # the writer reopens it too
         assert j.read_block(fp) == x
+
+
+def test_a_replica_created_after_a_trim_starts_from_the_base(tmp_path, seed):
+    from nicsplit.appliance.replica import Distributor
+
+    w, data, jd, goldens = _setup(tmp_path, seed, nbatches=50)
+    sizes = {v.id: v.size for v in w.vdisks}
+    with Journal.open(jd, segment_size=24 * 1024) as j:
+        rep = Trimmer(data, "cg1", j, POLICY, lambda: sizes).run_once(LATER)
+    assert rep.base_seq > 0
+    last = w.batches[-1][0].last_seq
+    with Distributor(jd, tmp_path / "replica", w.vdisks) as d:
+        assert d.applied_seq == rep.base_seq and d.undo_floor == rep.base_seq
+        d.catch_up(64)
+        assert d.applied_seq == last
+        for v in w.vdisks:
+            assert d.read(v.id, 0, v.size) == goldens[last][v.id]

@@ -624,6 +624,31 @@ class Distributor:
         self.undo_floor: int = st["undo_floor"]
         self._undo_end: int = st["undo_end"]
         self._recover(st.get("rollback_to"))
+        if self.applied_seq == 0 and self._undo_end == 0:
+            self._seed_from_base()
+
+    def _seed_from_base(self) -> None:
+        """A new replica of a journal that retention trimmed starts from the
+        base images (the records up to the base seq are gone): copy their
+        data, fsync, then persist applied_seq = the base seq. A crash before
+        that re-seeds at the next open (the copy overwrites what it wrote)."""
+        from nicsplit.appliance.base import BaseImages
+
+        with BaseImages(self.journal_dir.parent.parent / "base" / self.journal_dir.name,
+                        {v.id: v.size for v in self.vdisks.values()}) as base:
+            if not base.seq:
+                return
+            for vid, fd in self._fds.items():
+                for off, length in base.extents(vid, 0, self.vdisks[vid].size):
+                    for at in range(off, off + length, 4 << 20):
+                        n = min(4 << 20, off + length - at)
+                        os.pwrite(fd, base.pread(vid, at, n), at)
+                os.fsync(fd)
+            self.undo_floor = base.seq
+            self._write_state(base.seq, 0)
+            self.applied_seq = base.seq
+            log.info("replica %s: seeded from the base images at seq %d (the journal before it was trimmed)",
+                     self.dir, base.seq)
 
     # -- files -------------------------------------------------------------------------
 
