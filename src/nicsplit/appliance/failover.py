@@ -87,7 +87,6 @@ import re
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 import urllib.parse
@@ -521,43 +520,15 @@ def _stop_server(pid: int, cg: str) -> bool:
 
 def _spawn_server(cfg: Any, cg: str, lock: ReplicaLock, listen: str | None) -> dict:
     """Start failover-serve detached with the replica lock's descriptor; its ready line."""
-    from nicsplit.appliance.imagecli import _last_error, _read_line
-    from nicsplit.control.cli import CliError
+    from nicsplit.appliance.imagecli import spawn_detached
 
     argv = [sys.executable, "-m", "nicsplit", "--data", str(cfg.data), "failover-serve", cg,
             "--lock-fd", str(lock.fileno()), "--detach-stdout"]
     if listen:
         argv += ["--listen", listen]
-    logp = cfg.run_dir / f"failover-{cg}.log"
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    with open(logp, "ab") as logf:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf,
-                                start_new_session=True, close_fds=True, pass_fds=(lock.fileno(),))
-    deadline = time.monotonic() + READY_TIMEOUT
-    try:
-        while True:
-            line = _read_line(proc, deadline)
-            if line is None:
-                proc.kill()
-                proc.wait()
-                raise CliError(f"the failover server did not become ready in {READY_TIMEOUT:.0f} s (log: {logp})")
-            if line == "":
-                rc = proc.wait()
-                raise CliError(_last_error(logp) or f"the failover server exited ({rc}) before it was ready "
-                                                    f"(log: {logp})")
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(msg, dict) and msg.get("event") == "error":
-                proc.wait()
-                raise CliError(str(msg.get("error")))
-            if isinstance(msg, dict) and msg.get("event") == "ready":
-                proc.returncode = 0  # detached: it outlives us
-                return msg
-    finally:
-        if proc.stdout is not None:
-            proc.stdout.close()
+    return spawn_detached(argv, cfg.run_dir / f"failover-{cg}.log", "failover server", READY_TIMEOUT,
+                          pass_fds=(lock.fileno(),))
 
 
 def _print(args: argparse.Namespace, out: dict, text: str) -> None:

@@ -382,13 +382,9 @@ class _Exports:
         return {name: f"nbd://{h}:{port}/{name}" for name in self.vdisks}
 
     async def stop(self) -> None:
-        for srv in self._servers:
-            srv.close()
-        for s in list(self.sessions):
-            s.shutdown()
-        await asyncio.gather(*(s.wait_idle() for s in list(self.sessions)), return_exceptions=True)
-        for ch in self._chains.values():
-            await ch.close()
+        from nicsplit.host.server import close_exports
+
+        await close_exports(self._servers, self.sessions, self._chains.values())
         self._chains.clear()
         self._close_sync()
 

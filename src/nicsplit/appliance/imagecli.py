@@ -259,7 +259,6 @@ def _read_line(proc: subprocess.Popen, deadline: float) -> str | None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from nicsplit.control import config as cfgmod
-    from nicsplit.control.cli import CliError
     from nicsplit.control.config import parse_listen
 
     t0 = time.monotonic()
@@ -279,38 +278,46 @@ def cmd_export(args: argparse.Namespace) -> int:
         argv.append("--writable")
     if args.listen:
         argv += ["--listen", args.listen]
-    logp = _log_path(data, image_id)
+    ready = spawn_detached(argv, _log_path(data, image_id), "image server", _READY_TIMEOUT, drop_log_on_error=True)
+    return _print_export(args, ready, time.monotonic() - t0)
+
+
+def spawn_detached(argv: list[str], logp: Path, what: str, timeout: float, *, pass_fds: tuple[int, ...] = (),
+                   drop_log_on_error: bool = False) -> dict:
+    """Start a server detached (own session, stdin closed, stderr to
+    ``logp``), read its stdout until the JSON ready line and return it; its
+    ``{"event": "error"}`` line, an exit or a timeout is a one-line CliError."""
+    from nicsplit.control.cli import CliError
+
     with open(logp, "ab") as logf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf,
-                                start_new_session=True, close_fds=True)
-    deadline = time.monotonic() + _READY_TIMEOUT
-    ready: dict | None = None
+                                start_new_session=True, close_fds=True, pass_fds=pass_fds)
+    deadline = time.monotonic() + timeout
     try:
-        while ready is None:
+        while True:
             line = _read_line(proc, deadline)
             if line is None:
                 proc.kill()
                 proc.wait()
-                raise CliError(f"image server did not become ready in {_READY_TIMEOUT:.0f} s (log: {logp})")
+                raise CliError(f"the {what} did not become ready in {timeout:.0f} s (log: {logp})")
             if line == "":
                 rc = proc.wait()
-                raise CliError(_last_error(logp) or f"image server exited ({rc}) before it was ready (log: {logp})")
+                raise CliError(_last_error(logp) or f"the {what} exited ({rc}) before it was ready (log: {logp})")
             try:
                 msg = json.loads(line)
             except ValueError:
                 continue
             if isinstance(msg, dict) and msg.get("event") == "error":
                 proc.wait()
-                logp.unlink(missing_ok=True)  # a user error, said in full here: no log to keep
+                if drop_log_on_error:
+                    logp.unlink(missing_ok=True)  # a user error, said in full here: no log to keep
                 raise CliError(str(msg.get("error")))
             if isinstance(msg, dict) and msg.get("event") == "ready":
-                ready = msg
+                proc.returncode = 0  # detached: it lives on after we exit (no "still running" warning)
+                return msg
     finally:
         if proc.stdout is not None:
             proc.stdout.close()
-    if ready is not None:
-        proc.returncode = 0  # detached: it lives on after we exit (no "still running" warning)
-    return _print_export(args, ready, time.monotonic() - t0)
 
 
 def _export_in_appliance(data: Path, args: argparse.Namespace) -> dict | None:

@@ -288,7 +288,8 @@ def _find_commit(buf: bytes, start: int, last: int) -> tuple[int, tuple] | None:
 def _first_segment(path: Path, after: int) -> int | None:
     """The lowest segment number > ``after`` in the journal directory."""
     try:
-        nums = [int(n[:-4]) for n in os.listdir(path) if n.endswith(".seg") and n[:-4].isdigit()]
+        stems = [n[: -len(_SEG_SUFFIX)] for n in os.listdir(path) if n.endswith(_SEG_SUFFIX)]
+        nums = [int(n) for n in stems if n.isdigit()]
     except FileNotFoundError:
         return None
     later = [n for n in nums if n > after]

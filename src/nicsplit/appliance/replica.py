@@ -572,9 +572,6 @@ UNDO_DATA = 1
 UNDO_ZEROS = 2
 STATE_VERSION = 1
 
-_zero = zero_range  # punch a hole (or write zeros)
-
-
 @dataclass(frozen=True, slots=True)
 class DistributorStatistics:
     applied_seq: int
@@ -739,7 +736,7 @@ class Distributor:
             if fd is None:
                 raise ReplicaError(f"{self._undo_path}: undo entry for vdisk id {vid}, which this replica lacks")
             if data is None:
-                _zero(fd, off, length)
+                zero_range(fd, off, length)
             else:
                 os.pwrite(fd, data, off)
             touched.add(fd)
@@ -855,7 +852,7 @@ class Distributor:
             for seq, vid, off, payload, length in todo:
                 fd = self._fds[vid]
                 if payload is None:
-                    _zero(fd, off, length)
+                    zero_range(fd, off, length)
                 else:
                     os.pwrite(fd, payload, off)
                 touched.add(fd)

@@ -29,7 +29,7 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from nicsplit.control.cgs import CGCatalog, CGError
 from nicsplit.control.config import Config
@@ -255,15 +255,22 @@ class HostServer:
                 link.trim()
 
     async def stop(self) -> None:
-        for srv in self._servers:
-            srv.close()
-        for s in list(self.sessions):
-            s.shutdown()
-        await asyncio.gather(*(s.wait_idle() for s in list(self.sessions)), return_exceptions=True)
-        for ch in self._chains.values():
-            await ch.close()
+        await close_exports(self._servers, self.sessions, self._chains.values())
         await asyncio.get_running_loop().run_in_executor(None, self.datastore.sync)
         self.context.close()
+
+
+async def close_exports(servers: list[asyncio.AbstractServer], sessions: set["NBDSession"],
+                        chains: Iterable[Chain]) -> None:
+    """Stop listening, let every session's in-flight requests reply, then
+    close the chains (the host's and an image server's shutdown)."""
+    for srv in servers:
+        srv.close()
+    for s in list(sessions):
+        s.shutdown()
+    await asyncio.gather(*(s.wait_idle() for s in list(sessions)), return_exceptions=True)
+    for ch in chains:
+        await ch.close()
 
 
 class NBDSession(asyncio.Protocol):
