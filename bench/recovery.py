@@ -87,6 +87,10 @@ def write_journal(data: Path, vdisk: Any, total: int, rec_size: int, *, sequenti
     from nicsplit.card.records import Op
     from nicsplit.wire.frames import Record
 
+    from nicsplit.appliance import atrest
+
+    # As `nicsplit appliance run` leaves it by default: at-rest encryption on.
+    atrest.ensure(atrest.keyring_path(data), True)
     rng = random.Random(seed)
     pool = rng.randbytes(8 << 20)
     per_batch = max(1, (4 << 20) // rec_size)

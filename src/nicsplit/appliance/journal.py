@@ -86,7 +86,7 @@ from nicsplit.appliance.durable import DurableFile, Filesystem, OsFilesystem
 from nicsplit.appliance.retention import SegmentInfo
 from nicsplit.card.records import Op
 from nicsplit.wire.frames import (
-    BLOCK_SIZE, RECORD_HEAD_SIZE, REF_SIZE, FrameError, Record, block_spans, decode_record, encode_record, expand, fingerprint,
+    BLOCK_SIZE, RECORD_HEAD_SIZE, REF_SIZE, FrameError, Record, block_spans, decode_record, decode_record_split, encode_record, expand, fingerprint,
 )
 
 log = logging.getLogger("nicsplit.appliance.journal")
@@ -314,7 +314,10 @@ def open_record_payload(cipher: AESGCM | None, pos: int, head8: bytes | memoryvi
         except InvalidTag:
             raise JournalCorrupt(f"{where}: record fails authentication (altered on disk, "
                                  f"or sealed under another key)") from None
-        payload = bytes(rec_head) + plain
+        try:
+            return decode_record_split(rec_head, plain)
+        except FrameError as e:
+            raise JournalCorrupt(f"{where}: record does not decode: {e}") from None
     try:
         rec, end = decode_record(payload)
     except FrameError as e:
@@ -332,7 +335,11 @@ def read_record_at(pread: Callable[[int, int], bytes], cipher: AESGCM | None, po
         raise JournalCorrupt(f"{where}: entry head truncated")
     size, tag, crc = _ENTRY.unpack(head)
     payload = pread(pos + _ENTRY.size, size)
-    if tag != TAG_RECORD or len(payload) != size or zlib.crc32(payload, zlib.crc32(head[:8])) != crc:
+    # A sealed entry's GCM tag authenticates every byte the CRC covers (the
+    # head and record head as associated data, the nonce through the key
+    # stream), so the CRC, a second pass over the payload, is skipped there.
+    if tag != TAG_RECORD or len(payload) != size or (
+            cipher is None and zlib.crc32(payload, zlib.crc32(head[:8])) != crc):
         raise JournalCorrupt(f"{where}: record entry fails its check")
     return open_record_payload(cipher, pos, head[:8], payload, where)
 

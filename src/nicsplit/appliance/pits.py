@@ -143,7 +143,7 @@ assert _RECORD_HEAD.size == RECORD_HEAD_SIZE == 58
 # Read-ahead of the scanner: entry heads of small records come out of one
 # pread; records larger than this are skipped with a single pread of the next
 # head.  1 MiB = 256 full 4 KiB records per system call.
-_READ_AHEAD = 1 << 20
+_READ_AHEAD = 4 << 20
 _SEG_HEAD_SIZE = 24
 _SEG_SUFFIX = ".seg"
 # What every COMMIT entry head starts with (size 44, tag 2, zero padding):
@@ -246,18 +246,26 @@ class _Segment:
     """A segment file opened read-only: the size its first fstat showed (rule
     3 trusts nothing beyond it) and a read-ahead window."""
 
-    __slots__ = ("fd", "size", "_buf", "_base")
+    __slots__ = ("fd", "size", "_mem", "_buf", "_base")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.size = os.fstat(fd).st_size
+        self._mem = bytearray()
         self._buf = memoryview(b"")
         self._base = 0
 
     def get(self, at: int, n: int) -> memoryview:
+        """``n`` bytes at ``at`` (fewer at the end of the file).  The view is
+        valid until the next call: the window is one buffer, reused, because
+        a fresh allocation per read costs more (page faults) than the copy."""
         if not (self._base <= at and at + n <= self._base + len(self._buf)):
+            want = max(n, _READ_AHEAD)
+            if len(self._mem) < want:
+                self._mem = bytearray(want)
             self._base = at
-            self._buf = memoryview(os.pread(self.fd, max(n, _READ_AHEAD), at))
+            k = os.preadv(self.fd, [memoryview(self._mem)[:want]], at)
+            self._buf = memoryview(self._mem)[:k]
         return self._buf[at - self._base : at - self._base + n]
 
 

@@ -531,6 +531,40 @@ class PitReader:
                         out[cs - offset : ce - offset] = bytes(ce - cs)
         return bytes(out)
 
+    def copy_to(self, vdisk_id: int, fd: int, offset: int, length: int) -> int:
+        """Write the range's image into ``fd`` at the same offsets, which must
+        read as zeros there already (a new sparse file): whole-record runs go
+        straight from the record's payload to ``pwrite`` (no assembly copy),
+        zeros are skipped, so the file stays sparse.  Returns the data bytes
+        written.  What `restore` uses: one pass over the runs instead of
+        `extents` then `pread`."""
+        self._check(vdisk_id, offset, length)
+        try:
+            return self._copy_to(vdisk_id, fd, offset, length)
+        except FileNotFoundError:
+            if not self._rebase():
+                raise
+            return self._copy_to(vdisk_id, fd, offset, length)
+
+    def _copy_to(self, vdisk_id: int, fd: int, offset: int, length: int) -> int:
+        ix = self.index
+        ops, rec_off = ix.rec_op, ix.rec_off
+        written = 0
+        for s, e, o in self._runs(vdisk_id, offset, length):
+            if o >= 0 and ops[o] != Op.WRITE:
+                continue  # zeroed or trimmed: stays a hole
+            if o >= 0:
+                ro = rec_off[o]
+                _pwrite_all(fd, memoryview(self._payload(o))[s - ro : e - ro], s)
+                written += e - s
+                continue
+            if o == -1 and not self._base.seq:
+                continue  # never written: a hole
+            for xs, xl in ([(s, e - s)] if o == -2 else self._base.extents(vdisk_id, s, e - s)):
+                _pwrite_all(fd, self._pread(vdisk_id, xs, xl), xs)
+                written += xl
+        return written
+
     def extents(self, vdisk_id: int, offset: int, length: int) -> list[Extent]:
         """The range split into runs of "data", "zero" (zeroed or trimmed) and
         "hole" (never written) at this PIT, decided per 4 KiB block (a block
@@ -551,6 +585,13 @@ class PitReader:
             else:
                 out.append(Extent(s, e - s, k))
         return out
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        k = os.pwrite(fd, view, offset)
+        view, offset = view[k:], offset + k
 
 
 # -- distribution with undo ------------------------------------------------------------------

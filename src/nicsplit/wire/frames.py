@@ -57,7 +57,7 @@ __all__ = [
     "Hello", "HelloAck", "Batch", "Ack", "Error", "Heartbeat", "Frame", "FrameType",
     "ErrorCode", "FrameError", "FrameDecoder", "NEED_DATA", "DecoderStatistics",
     "encode", "batch_aad", "Record", "encode_records", "decode_records", "encode_record",
-    "decode_record", "RECORD_HEAD_SIZE", "REF_SIZE", "fingerprint", "expand", "block_spans", "seal", "unseal",
+    "decode_record", "decode_record_split", "RECORD_HEAD_SIZE", "REF_SIZE", "fingerprint", "expand", "block_spans", "seal", "unseal",
     "COMPRESS_NONE", "COMPRESS_ZSTD", "CIPHER_NONE", "CIPHER_AES256GCM",
 ]
 
@@ -639,6 +639,26 @@ def decode_record(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
     rec = Record(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, data, refs)
     _check_record(rec, FrameError)
     return rec, pos
+
+
+def decode_record_split(head: bytes | memoryview, body: bytes) -> Record:
+    """A record whose head (RECORD_HEAD_SIZE bytes) and the rest (refs, then
+    data) are separate buffers — a sealed journal entry decrypts to the rest.
+    A record without refs keeps ``body`` itself as its data: no copy."""
+    if len(head) != _RECORD.size:
+        raise FrameError(f"record head of {len(head)} bytes, not {_RECORD.size}")
+    seq, io_id, vdisk_id, op, flags, offset, length, time_ns, nrefs, data_len = _RECORD.unpack(head)
+    if nrefs * _REF.size + data_len != len(body):
+        raise FrameError(f"record seq {seq}: {nrefs} refs and {data_len} data bytes do not fill {len(body)} bytes")
+    if nrefs:
+        mv = memoryview(body)
+        refs = tuple((b, bytes(fp)) for b, fp in _REF.iter_unpack(mv[: nrefs * _REF.size]))
+        data = bytes(mv[nrefs * _REF.size :])
+    else:
+        refs, data = (), body
+    rec = Record(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, data, refs)
+    _check_record(rec, FrameError)
+    return rec
 
 
 def encode_records(records: Iterable[Record]) -> bytes:
