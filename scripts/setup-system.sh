@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages of the real NBD peers the test suite drives,
 # only when one is missing. A tool missing in CI is a failure, not a skip, so
-# the suite needs every one of them.
+# the suite needs every one of them. qemu-system-x86 (the image-boot test
+# boots an image export in qemu) is installed without its recommends, which
+# would pull in a desktop's worth of display and audio libraries.
 set -euo pipefail
 need=()
 command -v nbdkit   >/dev/null || need+=(nbdkit)
@@ -11,10 +13,18 @@ command -v nbdcopy  >/dev/null || need+=(libnbd-bin)
 command -v qemu-io  >/dev/null || need+=(qemu-utils)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v fio      >/dev/null || need+=(fio)
-if [ ${#need[@]} -gt 0 ]; then
+need_norec=()
+command -v qemu-system-x86_64 >/dev/null || need_norec+=(qemu-system-x86)
+if [ ${#need[@]} -gt 0 ] || [ ${#need_norec[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    echo "installing Debian packages: ${need[*]}"
     $SUDO apt-get update -q
+fi
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing Debian packages: ${need[*]}"
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need[@]}"
+fi
+if [ ${#need_norec[@]} -gt 0 ]; then
+    echo "installing Debian packages (no recommends): ${need_norec[*]}"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need_norec[@]}"
 fi

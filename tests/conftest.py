@@ -16,7 +16,7 @@ import pytest
 from nicsplit.testing.datadir import init_data
 from nicsplit.testing.procs import HostProcess
 
-PEER_TOOLS = ("nbdkit", "nbdinfo", "nbdcopy", "qemu-io", "qemu-img", "fio")
+PEER_TOOLS = ("nbdkit", "nbdinfo", "nbdcopy", "qemu-io", "qemu-img", "fio", "qemu-system-x86_64")
 
 
 @pytest.fixture(scope="session")
