@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from nicsplit.appliance import atrest
+from nicsplit.appliance.sealed import open_image
 from nicsplit.control.ctl import request
 from nicsplit.testing.datadir import init_data
 from nicsplit.testing.procs import UpProcess, nbd_connect, run_cli, wait_for
@@ -91,6 +93,18 @@ def _wait_caught_up(data: Path, timeout: float = 60) -> int:
 
     wait_for(replica_done, timeout, f"the replica to reach seq {latest}", interval=0.1)
     return latest
+
+
+def _replica(data: Path, n: str, tmp_path: Path) -> Path:
+    """The replica image of vdisk ``n`` in clear (a raw file in ``tmp_path``):
+    at-rest encryption is on by default, so the file itself is ciphertext."""
+    p = data / "appliance" / "replicas" / "cg1" / f"{n}.img"
+    size = os.path.getsize(p)
+    out = tmp_path / f"replica-{n}.raw"
+    with open_image(p, size, atrest.keyring_in(data / "appliance"), writable=False) as img:
+        assert img.sealed, f"{p} is not sealed at rest"
+        out.write_bytes(img.pread(0, size))
+    return out
 
 
 def _compare(a: str | Path, b: str | Path) -> None:
@@ -198,7 +212,7 @@ def test_failover_then_failback_returns_identical_data(tmp_path: Path, rng):
         for n in ("a", "b"):
             a_files[n] = tmp_path / f"{n}-A.raw"
             a_files[n].write_bytes(golden[n])
-            _compare(a_files[n], data / "appliance" / "replicas" / "cg1" / f"{n}.img")  # distribution works
+            _compare(a_files[n], _replica(data, n, tmp_path))  # distribution works
         d = _status(data)["distribution"]
         assert d["state"] == "caught-up" and d["applied_seq"] >= seq_a and d["lag_records"] == 0, d
 
@@ -214,7 +228,7 @@ def test_failover_then_failback_returns_identical_data(tmp_path: Path, rng):
             out = tmp_path / f"{n}-restored.raw"
             run_cli(data, "restore", n, "--latest", "--to", str(out))
             _compare(img1[n], out)
-            _compare(img1[n], data / "appliance" / "replicas" / "cg1" / f"{n}.img")
+            _compare(img1[n], _replica(data, n, tmp_path))
 
         # Round 2: fail over to a bookmark, with production writes after it
         # that failback must replace by the failover image.
@@ -236,7 +250,7 @@ def test_failover_then_failback_returns_identical_data(tmp_path: Path, rng):
             out = tmp_path / f"{n}-restored-2.raw"
             run_cli(data, "restore", n, "--latest", "--to", str(out))
             _compare(img2[n], out)
-            _compare(img2[n], data / "appliance" / "replicas" / "cg1" / f"{n}.img")
+            _compare(img2[n], _replica(data, n, tmp_path))
         # Production takes writes again.
         p = _qemu_io(up.uri("a"), "write -P 0xee 0 4k", "read -P 0xee 0 4k")
         assert p.returncode == 0 and "verification failed" not in p.stdout, p
@@ -286,7 +300,7 @@ def test_kill9_appliance_mid_step_replica_recovers(tmp_path: Path, seed: int, mo
         latest = _wait_caught_up(data, timeout=120)
         log = (data / "run" / "appliance.log").read_text(errors="replace")
         assert "crashing at failpoint image-written" in log and "interrupted step" in log, log[-3000:]
-        _compare(data / "appliance" / "replicas" / "cg1" / "a.img", up.uri("a"))
+        _compare(_replica(data, "a", tmp_path), up.uri("a"))
         d = _appliance(data)["cgs"]["cg1"]["distribution"]
         assert d["applied_seq"] == latest and d["errors"] == 0, d
         state = json.loads((data / "appliance" / "replicas" / "cg1" / "state.json").read_text())

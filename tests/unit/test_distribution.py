@@ -22,6 +22,7 @@ import pytest
 from test_pits import BS, T0, V, Meta, Workload
 from test_replica import golden_at
 
+from nicsplit.appliance import atrest
 from nicsplit.appliance.distribution import (
     CatalogMembers, CGDistribution, ReplicaLock, failover_state_path, replica_dir,
 )
@@ -29,6 +30,7 @@ from nicsplit.appliance.failover import NbdClient, NbdError, copy_runs, failback
 from nicsplit.appliance.image import DIRTY_REGION, DirtyMap, ReplicaServer
 from nicsplit.appliance.journal import Journal
 from nicsplit.appliance.replica import BlockIndex, Distributor
+from nicsplit.appliance.sealed import open_image
 from nicsplit.card.records import Op
 from nicsplit.testing.procs import NbdkitProcess, import_libnbd, libnbd_errno, wait_for
 from nicsplit.wire.frames import Record
@@ -237,20 +239,18 @@ def test_dirty_map_marks_persists_and_lists_runs(tmp_path: Path):
 @pytest.mark.usefixtures("peers")
 def test_nbd_client_writes_zeroes_and_flushes_against_nbdkit(tmp_path: Path, rng: random.Random):
     size = 4 << 20
-    img = tmp_path / "src.img"
     src = bytearray(rng.randbytes(size))
     src[1 << 20 : 2 << 20] = bytes(1 << 20)  # a chunk of zeros: goes as WRITE_ZEROES
-    img.write_bytes(src)
+    kr = atrest.Keyring.create(tmp_path / atrest.KEYRING_NAME)
+    with open_image(tmp_path / "src.img", size, kr, writable=True, create=True) as w:  # sealed, as replicas are
+        assert w.sealed
+        w.pwrite(src, 0)
     runs = [(0, 3 * DIRTY_REGION), (1 << 20, (1 << 20) + 5000), (size - 4096, 4096)]
     with NbdkitProcess(tmp_path, ["memory", str(size)]) as kit:
         uri = f"nbd+unix:///?socket={kit.sock}"
-        fd = os.open(img, os.O_RDONLY)
-        try:
-            with NbdClient(uri) as c:
-                assert c.size == size and c.can_zero
-                written, zeroed = copy_runs(c, fd, runs, chunk=1 << 20)
-        finally:
-            os.close(fd)
+        with open_image(tmp_path / "src.img", size, kr, writable=False) as img, NbdClient(uri) as c:
+            assert c.size == size and c.can_zero
+            written, zeroed = copy_runs(c, img, runs, chunk=1 << 20)
         assert zeroed == 1 << 20 and written == sum(n for _, n in runs) - zeroed
         h = import_libnbd().NBD()
         h.connect_uri(uri)

@@ -19,8 +19,10 @@ import pytest
 
 from test_pits import BS, T0, Meta, V, Workload
 
+from nicsplit.appliance import atrest
 from nicsplit.appliance.journal import Journal
-from nicsplit.appliance.replica import BlockIndex, Distributor, PitReader, ReplicaError
+from nicsplit.appliance.replica import BlockIndex, Distributor, PitReader, ReplicaError, undo_key_usage
+from nicsplit.appliance.sealed import ENTRY_SIZE, HEADER_SIZE, SealedError, open_image
 from nicsplit.card.records import Op
 from nicsplit.wire.frames import Record
 
@@ -51,12 +53,25 @@ def assert_replica_at(d: Distributor, w: Workload, seq: int) -> None:
         assert got[v.id] == want[v.id], f"replica of {v.name} differs from the ledger prefix up to seq {seq}"
 
 
-@pytest.fixture
-def setup(tmp_path: Path, seed: int):
+def _make(tmp_path: Path, seed: int, sealed: bool) -> tuple[Workload, Path, Path]:
+    """A journaled workload; ``sealed``: with an at-rest keyring beside it (as
+    `DATA/appliance/at-rest.key`), so journal, replica images and undo entries
+    are all sealed, as the appliance's default configuration has them."""
+    if sealed:
+        atrest.Keyring.create(tmp_path / atrest.KEYRING_NAME)
     w = Workload.generate(seed, nbatches=40)
     jd = tmp_path / "journal" / "cg1"
     w.write_journal(jd)
     return w, jd, tmp_path / "replicas" / "cg1"
+
+
+@pytest.fixture(params=["plain", "sealed"])
+def setup(request, tmp_path: Path, seed: int):
+    return _make(tmp_path, seed, request.param == "sealed")
+
+
+def _sealed(rd: Path) -> bool:
+    return (rd.parent.parent / atrest.KEYRING_NAME).exists()
 
 
 def test_distributor_applies_in_seq_order(setup, rng: random.Random):
@@ -70,7 +85,8 @@ def test_distributor_applies_in_seq_order(setup, rng: random.Random):
         assert d.applied_seq == last and d.pending() == 0
         st = d.statistics()
         assert st.undo_entries == st.records_applied == sum(1 for e in w.ledger if e[2] != Op.BARRIER)
-    assert sorted(p.name for p in rd.iterdir()) == ["alpha.img", "beta.img", "state.json", "undo.log"]
+    tags = ["alpha.img.tags", "beta.img.tags"] if _sealed(rd) else []
+    assert sorted(p.name for p in rd.iterdir()) == sorted(["alpha.img", "beta.img", "state.json", "undo.log", *tags])
     assert (rd / "alpha.img").stat().st_size == w.vdisks[0].size
     # the replica equals what the PIT reader serves at the latest PIT
     with PitReader(jd, w.vdisks, w.batches[-1][0].last_seq) as r, Distributor(jd, rd, w.vdisks) as d:
@@ -199,6 +215,82 @@ def test_crash_during_rollback_is_finished_at_open(setup, k: int):
     with Distributor(jd, rd, w.vdisks) as d:
         assert d.applied_seq == target
         assert_replica_at(d, w, target)
+
+
+def test_sealed_replica_holds_no_plaintext_and_rekeys_after_rotation(setup):
+    """At rest, neither images, sidecars nor undo entries hold written bytes
+    in clear (the plain variant shows the search would find them); after a
+    rotation `rekey` moves every block and undo entry to the new key."""
+    w, jd, rd = setup
+    with Distributor(jd, rd, w.vdisks) as d:
+        d.catch_up(9)
+        pits = [m.last_seq for m, _ in w.batches]
+        d.undo_to(pits[len(pits) // 2])  # undo entries laid back: the replica still reads right
+        assert_replica_at(d, w, d.applied_seq)
+        d.catch_up(9)
+    blob = b"".join(p.read_bytes() for p in sorted(rd.iterdir()))
+    probes = [data[:32] for _, _, op, _, ln, data in w.ledger if op == Op.WRITE and ln >= 64 and any(data[:32])]
+    found = sum(1 for p in probes[-50:] if p in blob)
+    if not _sealed(rd):
+        assert found > 0  # the search works
+        return
+    assert found == 0, f"{found} written blocks found in clear under {rd}"
+    new, old = atrest.rotate(rd.parent.parent / atrest.KEYRING_NAME)
+    with Distributor(jd, rd, w.vdisks) as d:
+        use = d.key_usage()
+        assert set(use["image_blocks"]) == {old} and set(use["undo_entries"]) == {old}, use
+        blocks, entries = d.rekey()
+        assert blocks == use["image_blocks"][old] and entries == use["undo_entries"][old]
+        assert d.key_usage() == {"image_blocks": {new: blocks}, "undo_entries": {new: entries}}
+        assert_replica_at(d, w, d.applied_seq)
+        d.undo_to(pits[3])  # the re-sealed undo log still rolls back exactly
+        assert_replica_at(d, w, pits[3])
+    assert set(undo_key_usage(rd / "undo.log")) == {new}
+    atrest.retire(rd.parent.parent / atrest.KEYRING_NAME, old, {})  # nothing needs the old key any more
+    with Distributor(jd, rd, w.vdisks) as d:
+        assert_replica_at(d, w, pits[3])
+
+
+def test_sealed_block_torn_by_a_crash_mid_step_is_repaired_at_open(tmp_path: Path, seed: int):
+    """A crash between a sealed block's data and its tag entry leaves the
+    block unreadable; the step's undo pre-images cover whole blocks, so the
+    recovery at open rewrites it and the replica is exact again."""
+    w, jd, rd = _make(tmp_path, seed, sealed=True)
+    with Distributor(jd, rd, w.vdisks) as d:
+        d.step(6)
+        at = d.applied_seq
+    ix = BlockIndex(jd)
+    first = ix.ordinal_upto(at) + 1
+    # An unaligned write: its block is partly rewritten, the case that needs whole-block undo.
+    o = next(o for o in range(first, len(ix.rec_seq))
+             if ix.rec_op[o] == Op.WRITE and (ix.rec_off[o] % BS or ix.rec_len[o] % BS))
+    hits = {"n": o - first + 1}  # crash right after the image write of record o
+
+    def fp(name: str) -> None:
+        if name == "image-written":
+            hits["n"] -= 1
+            if hits["n"] == 0:
+                raise Crash(name)
+
+    d = Distributor(jd, rd, w.vdisks, failpoint=fp, index=ix)
+    with pytest.raises(Crash):
+        d.step(o - first + 5)
+    d.close()
+    v = next(v for v in w.vdisks if v.id == ix.rec_vdisk[o])
+    img_path = rd / f"{v.name}.img"
+    b = ix.rec_off[o] // BS if ix.rec_off[o] % BS else (ix.rec_off[o] + ix.rec_len[o]) // BS
+    # Tear it: the entry of the block goes back to another write's (as if its pwrite never landed).
+    with open(str(img_path) + ".tags", "r+b") as f:
+        f.seek(HEADER_SIZE + ENTRY_SIZE * b + 4)
+        f.write(os.urandom(12))
+    with open_image(img_path, v.size, atrest.keyring_in(rd.parent.parent), writable=False) as img:
+        with pytest.raises(SealedError, match="fails authentication"):
+            img.pread(b * BS, BS)
+    with Distributor(jd, rd, w.vdisks) as d:
+        assert d.applied_seq == at and d.statistics().recovered_entries > 0
+        assert_replica_at(d, w, at)
+        d.catch_up(11)
+        assert_replica_at(d, w, d.applied_seq)
 
 
 def test_records_of_other_vdisks_are_skipped(setup):

@@ -68,7 +68,7 @@ from nicsplit.fsutil import atomic_write
 
 __all__ = [
     "KEYRING_NAME", "KEY_SIZE", "NONCE_SIZE", "TAG_SIZE", "AtRestError", "Key", "Keyring", "segment_cipher",
-    "keyring_path", "keyring_for_journal", "rotate", "retire", "ensure",
+    "keyring_path", "keyring_for_journal", "keyring_for_images", "keyring_in", "rotate", "retire", "ensure",
 ]
 
 KEYRING_NAME = "at-rest.key"
@@ -251,8 +251,8 @@ def rotate(path: str | Path) -> tuple[int, int | None]:
 
 
 def retire(path: str | Path, key_id: int, in_use: dict[int, int]) -> None:
-    """Remove key ``key_id``; ``in_use`` maps key id → segments using it
-    (every journal of the appliance).  Refuses the active key and used keys."""
+    """Remove key ``key_id``; ``in_use`` maps key id → what it still seals
+    (journal segments, image blocks, undo entries of the whole appliance).  Refuses the active key and used keys."""
     path = Path(path)
     with _locked(path):
         kr = Keyring.load(path)
@@ -261,8 +261,9 @@ def retire(path: str | Path, key_id: int, in_use: dict[int, int]) -> None:
         if kr.active == key_id:
             raise AtRestError(f"at-rest key {key_id} is the active key; rotate first")
         if in_use.get(key_id):
-            raise AtRestError(f"at-rest key {key_id} still encrypts {in_use[key_id]} journal segment(s); "
-                              f"it can be retired once retention has removed them")
+            raise AtRestError(f"at-rest key {key_id} still encrypts {in_use[key_id]} journal segment(s), image "
+                              f"block(s) or undo entries; it can be retired once retention has removed those "
+                              f"segments and the running appliance has re-sealed the images")
         keys = {k.id: k for k in kr.keys() if k.id != key_id}
         _store(path, keys, kr.active, kr.next_id)
 
@@ -307,7 +308,21 @@ def keyring_for_journal(journal_dir: str | Path) -> Keyring | None:
     jd = Path(journal_dir)
     if jd.parent.name != "journal":
         return None
-    path = jd.parent.parent / KEYRING_NAME
+    return keyring_in(jd.parent.parent)
+
+
+def keyring_for_images(image_dir: str | Path) -> Keyring | None:
+    """The keyring for the images of a CG's replica or base directory
+    (``DATA/appliance/{replicas,base}/<cg>`` → ``DATA/appliance/at-rest.key``)."""
+    d = Path(image_dir)
+    if d.parent.name not in ("replicas", "base"):
+        return None
+    return keyring_in(d.parent.parent)
+
+
+def keyring_in(appliance_dir: str | Path) -> Keyring | None:
+    """The keyring file of ``DATA/appliance`` (cached as above), or None."""
+    path = Path(appliance_dir) / KEYRING_NAME
     if not path.exists():
         return None
     key = path.resolve()

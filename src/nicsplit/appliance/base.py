@@ -6,7 +6,10 @@ still exact: per block, the newest journal record <= S, else the base.
 
 Layout::
 
-    DATA/appliance/base/<cg>/v<vdisk id>.img   raw sparse image, the vdisk's size
+    DATA/appliance/base/<cg>/v<vdisk id>.img   sparse image of the vdisk's size: sealed
+                                               (AES-GCM per 4 KiB block, with its .tags
+                                               sidecar) when at-rest encryption is on,
+                                               raw otherwise (`nicsplit.appliance.sealed`)
     DATA/appliance/base/<cg>/state.json        {"version": 1, "seq", "time_ns", "first_segment"}
 
 ``seq`` is the newest seq applied (the base *is* the image at that seq);
@@ -24,18 +27,23 @@ Rules
 2. A missing image reads as zeros (a vdisk nothing was trimmed for yet).
 3. Only the appliance's retention writes here, under the journal's writer
    lock; readers open images read-only.
+4. A re-apply after a crash also repairs a sealed block torn by it (data
+   and tag entry out of step, `sealed` rule 1) when the re-applied records
+   cover the block whole; `apply` rewrites whole blocks only through
+   `Image.pwrite`, which reads a partly covered block first.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
+from nicsplit.appliance import atrest
+from nicsplit.appliance.sealed import Image, open_image
 from nicsplit.card.records import Op
-from nicsplit.fsutil import atomic_write, data_extents, fsync_dir, zero_range
+from nicsplit.fsutil import atomic_write, fsync_dir
 
 VERSION = 1
 
@@ -69,28 +77,31 @@ def read_state(path: str | Path) -> BaseState:
 
 
 class BaseImages:
-    def __init__(self, path: str | Path, sizes: dict[int, int], *, writable: bool = False) -> None:
-        """``sizes``: vdisk id -> size in bytes, for every vdisk of the CG."""
+    def __init__(self, path: str | Path, sizes: dict[int, int], *, writable: bool = False,
+                 keyring: "atrest.Keyring | None | str" = "auto") -> None:
+        """``sizes``: vdisk id -> size in bytes, for every vdisk of the CG.
+        ``keyring``: for sealed images; "auto" = the data directory's."""
         self.path = Path(path)
         self.sizes = dict(sizes)
         self.writable = writable
         self.state = read_state(self.path)
-        self._fds: dict[int, int] = {}
+        self.keyring: Any = atrest.keyring_for_images(self.path) if keyring == "auto" else keyring
+        self._imgs: dict[int, Image] = {}
 
-    def _fd(self, vid: int, create: bool) -> int | None:
-        fd = self._fds.get(vid)
-        if fd is not None:
-            return fd
-        p = self.path / f"v{vid}.img"
+    def image_path(self, vid: int) -> Path:
+        return self.path / f"v{vid}.img"
+
+    def _img(self, vid: int, create: bool) -> Image | None:
+        img = self._imgs.get(vid)
+        if img is not None:
+            return img
         try:
-            fd = os.open(p, (os.O_RDWR | (os.O_CREAT if create else 0)) if self.writable else os.O_RDONLY,
-                         0o600)
+            img = open_image(self.image_path(vid), self.sizes[vid], self.keyring, writable=self.writable,
+                             create=create and self.writable)
         except FileNotFoundError:
             return None
-        if create and os.fstat(fd).st_size != self.sizes[vid]:
-            os.ftruncate(fd, self.sizes[vid])
-        self._fds[vid] = fd
-        return fd
+        self._imgs[vid] = img
+        return img
 
     @property
     def seq(self) -> int:
@@ -98,16 +109,13 @@ class BaseImages:
 
     def pread(self, vid: int, offset: int, length: int) -> bytes:
         """Bytes of the base image (zeros where nothing was applied, rule 2)."""
-        fd = self._fd(vid, False)
-        if fd is None:
-            return bytes(length)
-        b = os.pread(fd, length, offset)
-        return b if len(b) == length else b + bytes(length - len(b))
+        img = self._img(vid, False)
+        return bytes(length) if img is None else img.pread(offset, length)
 
     def extents(self, vid: int, offset: int, length: int) -> list[tuple[int, int]]:
         """Ranges of the base image that may hold data (holes read as zeros)."""
-        fd = self._fd(vid, False)
-        return [] if fd is None else data_extents(fd, offset, length)
+        img = self._img(vid, False)
+        return [] if img is None else img.extents(offset, length)
 
     def apply(self, records: Iterable[tuple[int, int, int, int, int, bytes | None]], *, seq: int, time_ns: int,
               first_segment: int) -> int:
@@ -116,27 +124,28 @@ class BaseImages:
         if not self.writable:
             raise BaseError(f"{self.path}: opened read-only")
         self.path.mkdir(parents=True, exist_ok=True)
-        touched: set[int] = set()
+        touched: dict[int, Image] = {}
         n = 0
         for rseq, vid, op, off, length, payload in records:
             if vid not in self.sizes:
                 continue  # a vdisk no longer in the CG: nothing to keep for it
             if off + length > self.sizes[vid]:
                 raise BaseError(f"record seq {rseq}: {off}+{length} is past the end of vdisk id {vid}")
-            fd = self._fd(vid, True)
+            img = self._img(vid, True)
+            assert img is not None
             if op == Op.WRITE:
                 if payload is None or len(payload) != length:
                     raise BaseError(f"record seq {rseq}: payload of {0 if payload is None else len(payload)} "
                                     f"bytes for a {length}-byte write")
-                os.pwrite(fd, payload, off)
+                img.pwrite(payload, off)
             elif op in (Op.ZERO, Op.TRIM):
-                zero_range(fd, off, length)
+                img.zero(off, length)
             else:
                 continue
-            touched.add(fd)
+            touched[vid] = img
             n += 1
-        for fd in touched:
-            os.fsync(fd)
+        for img in touched.values():
+            img.fsync()
         if touched:
             fsync_dir(self.path)  # new image files
         state = BaseState(max(seq, self.state.seq), max(time_ns, self.state.time_ns),
@@ -147,10 +156,16 @@ class BaseImages:
         self.state = state
         return n
 
+    def images(self) -> dict[int, Image]:
+        """Every existing image, opened (for key usage and rekeying)."""
+        for vid in self.sizes:
+            self._img(vid, False)
+        return dict(self._imgs)
+
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for img in self._imgs.values():
+            img.close()
+        self._imgs.clear()
 
     def __enter__(self) -> "BaseImages":
         return self

@@ -167,6 +167,34 @@ def _key_use(data: Path) -> tuple[dict[int, dict[str, int]], list[str]]:
     return use, bad
 
 
+def _image_key_use(data: Path) -> dict[int, dict[str, int]]:
+    """{key id: {"<cg>/<replicas|base>": blocks or undo entries}} over every
+    sealed replica and base image and every replica's undo log."""
+    from nicsplit.appliance.replica import undo_key_usage
+    from nicsplit.appliance.sealed import open_image, tags_path
+
+    use: dict[int, dict[str, int]] = {}
+
+    def add(k: int, where: str, n: int) -> None:
+        use.setdefault(k, {})[where] = use.get(k, {}).get(where, 0) + n
+
+    for kind in ("replicas", "base"):
+        root = Path(data) / "appliance" / kind
+        for d in sorted(root.iterdir()) if root.is_dir() else []:
+            if not d.is_dir():
+                continue
+            for p in sorted(d.glob("*.img")):
+                if not tags_path(p).exists():
+                    continue  # a raw image (written while at-rest encryption was off)
+                with open_image(p, p.stat().st_size, None, writable=False) as img:
+                    for k, n in img.key_usage().items():
+                        add(k, f"{d.name}/{kind}", n)
+            if kind == "replicas":
+                for k, n in undo_key_usage(d / "undo.log").items():
+                    add(k, f"{d.name}/{kind}", n)
+    return use
+
+
 @_cli_errors
 def cmd_appliance_keys(args: argparse.Namespace) -> int:
     """The at-rest keys and which journal segments use each: a key with no
@@ -177,9 +205,11 @@ def cmd_appliance_keys(args: argparse.Namespace) -> int:
     path = atrest.keyring_path(cfg.data)
     kr = atrest.Keyring.load(path) if path.exists() else None
     use, bad = _key_use(cfg.data)
+    iuse = _image_key_use(cfg.data)
     keys = [{"id": k.id, "created": k.created, "active": kr.active == k.id, "segments": sum(use.get(k.id, {}).values()),
-             "journals": use.get(k.id, {})} for k in (kr.keys() if kr else [])]
-    missing = sorted(k for k in use if k and (kr is None or not kr.has(k)))
+             "journals": use.get(k.id, {}), "image_blocks": sum(iuse.get(k.id, {}).values()),
+             "images": iuse.get(k.id, {})} for k in (kr.keys() if kr else [])]
+    missing = sorted(k for k in set(use) | set(iuse) if k and (kr is None or not kr.has(k)))
     out = {"keyring": str(path) if kr else None, "enabled": at_rest_encryption(cfg), "active": kr.active if kr else None,
            "keys": keys, "clear_segments": sum(use.get(0, {}).values()), "missing_keys": missing,
            "unreadable_headers": bad}
@@ -189,11 +219,14 @@ def cmd_appliance_keys(args: argparse.Namespace) -> int:
     if kr is None:
         print(f"no at-rest keyring ({path}); journal segments are written in clear")
     for k in keys:
-        state = "active" if k["active"] else ("in use" if k["segments"] else "unused: can be retired")
-        print(f"key {k['id']:>4}  created {_when(k['created'])}  {k['segments']:>6} segment(s)  {state}")
+        state = "active" if k["active"] else (
+            "in use" if k["segments"] or k["image_blocks"] else "unused: can be retired")
+        print(f"key {k['id']:>4}  created {_when(k['created'])}  {k['segments']:>6} segment(s)  "
+              f"{k['image_blocks']:>9} image block(s) and undo entries  {state}")
     print(f"{out['clear_segments']} segment(s) in clear")
     for k in missing:
-        print(f"warning: segments use key {k}, which the keyring does not hold: they cannot be read", file=sys.stderr)
+        print(f"warning: segments or images use key {k}, which the keyring does not hold: they cannot be read",
+              file=sys.stderr)
     return 0
 
 
@@ -231,7 +264,10 @@ def cmd_appliance_retire_key(args: argparse.Namespace) -> int:
     use, bad = _key_use(cfg.data)
     if bad:
         raise CliError(f"cannot tell which key {bad[0]} uses (unreadable segment header): not retiring any key")
-    atrest.retire(atrest.keyring_path(cfg.data), args.key_id, {k: sum(v.values()) for k, v in use.items()})
+    in_use = {k: sum(v.values()) for k, v in use.items()}
+    for k, v in _image_key_use(cfg.data).items():  # images re-sealed after a rotation by the appliance
+        in_use[k] = in_use.get(k, 0) + sum(v.values())
+    atrest.retire(atrest.keyring_path(cfg.data), args.key_id, in_use)
     if args.json:
         print(json.dumps({"retired": args.key_id}))
     else:

@@ -283,6 +283,7 @@ class CGDistribution:
         self._tt = 0.0  # thread_time() when _cpu was last brought up to date
         self._last_error: str | None = None
         self._idle = threading.Condition()
+        self._rekeyed_for: int | None = None  # the active key the replica was last re-sealed for
 
     # -- control (any thread) -----------------------------------------------------------
 
@@ -459,4 +460,20 @@ class CGDistribution:
             self._steps += 1
             self._records += d.statistics().records_applied - before
             self._fp("step")
+        self._maybe_rekey(d)
         self._set_state("caught-up")
+
+    def _maybe_rekey(self, d: Distributor) -> None:
+        """After a key rotation (and once after each start), re-seal what the
+        replica holds under older keys, so they can be retired (docs/recovery.md §13)."""
+        kr = d.keyring
+        if kr is None:
+            return
+        kr.refresh()
+        if kr.active is None or kr.active == self._rekeyed_for:
+            return
+        blocks, entries = d.rekey()
+        self._rekeyed_for = kr.active
+        if blocks or entries:
+            log.info("replica of %s: re-sealed %d image block(s) and %d undo entr(ies) under at-rest key %d",
+                     self.cg, blocks, entries, kr.active)

@@ -96,6 +96,8 @@ from typing import Any, Iterable
 from nicsplit.appliance.distribution import (
     CatalogMembers, ReplicaLock, failover_state_path, replica_dir,
 )
+from nicsplit.appliance import atrest
+from nicsplit.appliance.sealed import Image, SealedError, open_image
 from nicsplit.appliance.pitcli import _cli_errors, _fmt
 from nicsplit.fsutil import atomic_write, fsync_dir
 from nicsplit.wire import nbd as N
@@ -395,17 +397,15 @@ def failback_regions(data: Path, cg: str, vdisks: Iterable[Any], seq: int, index
     return out
 
 
-def copy_runs(client: NbdClient, fd: int, runs: list[tuple[int, int]], chunk: int = COPY_CHUNK) -> tuple[int, int]:
-    """Copy the runs of an image file to the NBD export, zeros as
+def copy_runs(client: NbdClient, img: Image, runs: list[tuple[int, int]], chunk: int = COPY_CHUNK) -> tuple[int, int]:
+    """Copy the runs of an image (`sealed.Image`) to the NBD export, zeros as
     WRITE_ZEROES, then flush; (bytes written, bytes zeroed)."""
     written = zeroed = 0
     for off, ln in runs:
         pos, end = off, off + ln
         while pos < end:
             n = min(chunk, end - pos)
-            data = os.pread(fd, n, pos)
-            if len(data) < n:
-                data += bytes(n - len(data))
+            data = img.pread(pos, n)
             if client.can_zero and data.count(0) == n:
                 client.zero(pos, n)
                 zeroed += n
@@ -813,17 +813,17 @@ def cmd_failback(args: argparse.Namespace) -> int:
             uris = _production_uris(cfg, args, [v.name for v in vds])
             for v in vds:
                 r = regions[v.id]
-                fd = os.open(rd / f"{v.name}.img", os.O_RDONLY | os.O_CLOEXEC)
+                img = open_image(rd / f"{v.name}.img", v.size, atrest.keyring_for_images(rd), writable=False)
                 try:
                     with NbdClient(uris[v.name]) as c:
                         if c.size != v.size:
                             raise NbdError(f"{uris[v.name]}: size {c.size}, but vdisk {v.name} has {v.size}")
-                        w, z = copy_runs(c, fd, r["runs"])
-                except (NbdError, OSError) as e:
+                        w, z = copy_runs(c, img, r["runs"])
+                except (NbdError, OSError, SealedError) as e:
                     raise CliError(f"failback of {cg}: copying {v.name} to production failed: {e}; the replica still "
                                    f"holds the failover image: run 'nicsplit failback {cg}' again") from None
                 finally:
-                    os.close(fd)
+                    img.close()
                 copied += w
                 zeroed += z
                 per[v.name] = {"dirty_bytes": r["dirty"], "production_bytes": r["production"],
@@ -843,18 +843,18 @@ def cmd_failback(args: argparse.Namespace) -> int:
                     continue
                 flags = bytearray(-(-v.size // REGION))
                 _bitmap_into(flags, p.read_bytes())
-                fd = os.open(rd / f"{v.name}.img", os.O_RDWR | os.O_CLOEXEC)
+                img = open_image(rd / f"{v.name}.img", v.size, atrest.keyring_for_images(rd), writable=True)
                 try:
                     for off, ln in _runs(flags, v.size):
                         pos = off
                         while pos < off + ln:
                             n = min(4 << 20, off + ln - pos)
-                            os.pwrite(fd, reader.pread(v.id, pos, n), pos)
+                            img.pwrite(reader.pread(v.id, pos, n), pos)
                             pos += n
                         reverted += ln
-                    os.fsync(fd)
+                    img.fsync()
                 finally:
-                    os.close(fd)
+                    img.close()
         CGCatalog(cfg.data).set_role(cg, "production")
         shutil_rmtree(dirty_dir(cfg.data, cg))
         remove_state(cfg.data, cg)  # distribution resumes

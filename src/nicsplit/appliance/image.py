@@ -68,9 +68,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from nicsplit.appliance import atrest
 from nicsplit.appliance.journal import JournalError
 from nicsplit.appliance.pits import PitError
 from nicsplit.appliance.replica import BlockIndex, PitReader, VdiskLike, shared_index
+from nicsplit.appliance.sealed import SealedError, open_image
 from nicsplit.host.chain import Chain, ChainError, Filter, VdiskView, build_chain
 from nicsplit.host.io import EXTENT_DATA, EXTENT_HOLE_ZERO, EXTENT_ZERO, FUA, REQ_ONE, IOFailure
 from nicsplit.wire import nbd
@@ -561,24 +563,37 @@ def file_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
     return out
 
 
-class ReplicaPlugin:
-    """Bottom of a failover chain: a replica image file, served writable.
-    Every write, zero and trim first marks its regions in the `DirtyMap`
-    (durably; concurrent markers share one fdatasync), then changes the
-    image; flush and FUA fsync the image (shared likewise)."""
+def _data_to_extents(data: list[tuple[int, int]], offset: int, length: int) -> list[tuple[int, int]]:
+    """NBD base:allocation extents of [offset, offset+length) from its sorted data ranges."""
+    out: list[tuple[int, int]] = []
+    pos = offset
+    for d, n in data:
+        if d > pos:
+            out.append((d - pos, EXTENT_HOLE_ZERO))
+        out.append((n, EXTENT_DATA))
+        pos = d + n
+    if pos < offset + length:
+        out.append((offset + length - pos, EXTENT_HOLE_ZERO))
+    return out
 
-    def __init__(self, image: str | Path, vdisk: VdiskLike, dirty: DirtyMap) -> None:
+
+class ReplicaPlugin:
+    """Bottom of a failover chain: a replica image (`sealed.Image`: sealed
+    at rest, or raw), served writable.  Every write, zero and trim first
+    marks its regions in the `DirtyMap` (durably; concurrent markers share
+    one fdatasync), then changes the image; flush and FUA fsync the image
+    (shared likewise)."""
+
+    def __init__(self, image: str | Path, vdisk: VdiskLike, dirty: DirtyMap, keyring: Any = None) -> None:
         from nicsplit.host.plugin import GroupSync
 
         self.name = vdisk.name
         self.size = vdisk.size
         self.path = Path(image)
         self.dirty = dirty
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        if os.fstat(self._fd).st_size < vdisk.size:
-            os.ftruncate(self._fd, vdisk.size)
+        self._img = open_image(self.path, vdisk.size, keyring, writable=True)
         self._dirty_sync = GroupSync(dirty.sync)
-        self._image_sync = GroupSync(lambda: os.fsync(self._fd))
+        self._image_sync = GroupSync(self._img.fsync)
         self.writes = self.write_bytes = self.zeroes = self.flushes = 0
 
     def _err(self, e: OSError, what: str) -> IOFailure:
@@ -596,25 +611,28 @@ class ReplicaPlugin:
         except OSError as e:
             raise self._err(e, "dirty map") from None
 
+    def _sealed_err(self, e: Exception, what: str) -> IOFailure:
+        log.error("replica %s %s: %s", self.name, what, e)
+        return IOFailure(errno.EIO, f"replica {self.name} {what}: {e}")
+
     async def pread(self, offset: int, length: int, flags: int) -> bytes:
         try:
             if length >= EXECUTOR_READ:
-                data = await asyncio.get_running_loop().run_in_executor(None, os.pread, self._fd, length, offset)
-            else:
-                data = os.pread(self._fd, length, offset)
+                return await asyncio.get_running_loop().run_in_executor(None, self._img.pread, offset, length)
+            return self._img.pread(offset, length)
         except OSError as e:
             raise self._err(e, "read") from None
-        return data if len(data) == length else data + bytes(length - len(data))
+        except SealedError as e:  # a block that fails authentication: EIO, never other bytes
+            raise self._sealed_err(e, "read") from None
 
     async def pwrite(self, offset: int, data: bytes, flags: int) -> None:
         await self._mark(offset, len(data))
         try:
-            view, pos = memoryview(data), offset
-            while view:
-                k = os.pwrite(self._fd, view, pos)
-                view, pos = view[k:], pos + k
+            self._img.pwrite(data, offset)
         except OSError as e:
             raise self._err(e, "write") from None
+        except SealedError as e:  # read-modify-write of a partial block that fails authentication
+            raise self._sealed_err(e, "write") from None
         self.writes += 1
         self.write_bytes += len(data)
         if flags & FUA:
@@ -623,9 +641,11 @@ class ReplicaPlugin:
     async def zero(self, offset: int, length: int, flags: int) -> None:
         await self._mark(offset, length)
         try:
-            _punch(self._fd, offset, length)
+            self._img.zero(offset, length)
         except OSError as e:
             raise self._err(e, "zero") from None
+        except SealedError as e:
+            raise self._sealed_err(e, "zero") from None
         self.zeroes += 1
         if flags & FUA:
             await self.flush(0)
@@ -642,16 +662,16 @@ class ReplicaPlugin:
 
     async def extents(self, offset: int, length: int, flags: int) -> list[tuple[int, int]]:
         try:
-            ext = file_extents(self._fd, offset, length)
+            ext = _data_to_extents(self._img.extents(offset, length), offset, length)
         except OSError as e:
             raise self._err(e, "block status") from None
         return ext[:1] if flags & REQ_ONE else ext
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+        if self._img is not None:
+            self._img.fsync()
+            self._img.close()
+            self._img = None  # type: ignore[assignment]
         self.dirty.close()
 
 
@@ -676,7 +696,8 @@ class ReplicaServer(_Exports):
                 img = self.replica / f"{v.name}.img"
                 if not img.exists():
                     raise PitError(f"failover of {cg}: no replica image {img}")
-                p = self.plugins[v.name] = ReplicaPlugin(img, v, DirtyMap(self.dirty_dir / f"{v.name}.dirty", v.size))
+                p = self.plugins[v.name] = ReplicaPlugin(img, v, DirtyMap(self.dirty_dir / f"{v.name}.dirty", v.size),
+                                                         atrest.keyring_for_images(self.replica))
                 self._chains[v.name] = build_chain(self._view(v, False), [], p, validate=validate,
                                                    resolve=_resolve_filter)
         except BaseException:

@@ -82,8 +82,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
-from nicsplit.fsutil import fsync_dir, zero_range
+from nicsplit.fsutil import fsync_dir
+from nicsplit.appliance import atrest
 from nicsplit.appliance.pits import Commit, PitError, PitIndex, RecordHead
+from nicsplit.appliance.sealed import BlobSealer, Image, SealedError, open_image
 from nicsplit.card.records import Op
 from nicsplit.wire.frames import BLOCK_SIZE, Record, expand
 
@@ -611,7 +613,36 @@ assert _UNDO.size == 40
 UNDO_MAGIC = b"NSUN"
 UNDO_DATA = 1
 UNDO_ZEROS = 2
+UNDO_SEALED = 3  # the replaced bytes follow sealed (`sealed.BlobSealer`, the 36 head bytes as AAD)
+_UNDO_PAYLOAD = {UNDO_DATA: 0, UNDO_ZEROS: None, UNDO_SEALED: BlobSealer.SEALED_OVERHEAD}  # bytes beyond length
 STATE_VERSION = 1
+
+
+def undo_key_usage(path: str | Path, end: int | None = None) -> dict[int, int]:
+    """{key id: sealed entries} of an undo log (up to ``end``), from the
+    entries' heads and key ids alone (nothing is decrypted)."""
+    out: dict[int, int] = {}
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return out
+    try:
+        stop = os.fstat(fd).st_size if end is None else end
+        pos = 0
+        while pos + _UNDO.size <= stop:
+            magic, kind, _, _, _, length, _ = _UNDO.unpack(os.pread(fd, _UNDO.size, pos))
+            if magic != UNDO_MAGIC or kind not in _UNDO_PAYLOAD:
+                break
+            extra = _UNDO_PAYLOAD[kind]
+            if kind == UNDO_SEALED:
+                (k,) = struct.unpack(">I", os.pread(fd, 4, pos + _UNDO.size))
+                if k:
+                    out[k] = out.get(k, 0) + 1
+            pos += _UNDO.size + (0 if extra is None else length + extra)
+    finally:
+        os.close(fd)
+    return out
+
 
 @dataclass(frozen=True, slots=True)
 class DistributorStatistics:
@@ -630,9 +661,12 @@ class Distributor:
 
     def __init__(self, journal_dir: str | Path, replica_dir: str | Path, vdisks: Iterable[VdiskLike], *,
                  index: BlockIndex | None = None, journal: Any | None = None,
-                 failpoint: Callable[[str], None] | None = None, refresh: bool = True) -> None:
+                 failpoint: Callable[[str], None] | None = None, refresh: bool = True,
+                 keyring: Any = "auto") -> None:
         """``refresh=False``: the index's owner refreshes it (the appliance,
-        after each group commit, while no append runs); steps never do."""
+        after each group commit, while no append runs); steps never do.
+        ``keyring``: seals new images and undo entries (at-rest encryption);
+        "auto" = the data directory's keyring."""
         self.journal_dir = Path(journal_dir)
         self.dir = Path(replica_dir)
         self._refresh = refresh
@@ -644,14 +678,14 @@ class Distributor:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if created:
             fsync_dir(self.dir.parent)
-        self._fds: dict[int, int] = {}
+        self.keyring = atrest.keyring_for_images(self.dir) if keyring == "auto" else keyring
+        self._sealer = BlobSealer(self.keyring, b"replica undo")
+        self._imgs: dict[int, Image] = {}
         for v in self.vdisks.values():
-            p = self.image_path(v)
-            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            if os.fstat(fd).st_size != v.size:
-                os.ftruncate(fd, v.size)  # sparse; a grown vdisk grows its image
-            self._fds[v.id] = fd
+            # sparse; a grown vdisk grows its image
+            self._imgs[v.id] = open_image(self.image_path(v), v.size, self.keyring, writable=True, create=True)
         self._undo_path = self.dir / "undo.log"
+        (self.dir / "undo.log.rekey").unlink(missing_ok=True)  # a rekey cut before its rename: the log is intact
         self._undo = os.open(self._undo_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fsync_dir(self.dir)
         self._undo_seq = array("Q")  # per undo entry: seq ...
@@ -676,12 +710,12 @@ class Distributor:
                         {v.id: v.size for v in self.vdisks.values()}) as base:
             if not base.seq:
                 return
-            for vid, fd in self._fds.items():
+            for vid, img in self._imgs.items():
                 for off, length in base.extents(vid, 0, self.vdisks[vid].size):
                     for at in range(off, off + length, 4 << 20):
                         n = min(4 << 20, off + length - at)
-                        os.pwrite(fd, base.pread(vid, at, n), at)
-                os.fsync(fd)
+                        img.pwrite(base.pread(vid, at, n), at)
+                img.fsync()
             self.undo_floor = base.seq
             self._write_state(base.seq, 0)
             self.applied_seq = base.seq
@@ -723,10 +757,14 @@ class Distributor:
         if self.failpoint is not None:
             self.failpoint(name)
 
+    def images(self) -> dict[int, Image]:
+        """The replica images by vdisk id (for key usage and rekeying)."""
+        return dict(self._imgs)
+
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for img in self._imgs.values():
+            img.close()
+        self._imgs.clear()
         if self._undo >= 0:
             os.close(self._undo)
             self._undo = -1
@@ -750,8 +788,9 @@ class Distributor:
         while pos + _UNDO.size <= stop:
             head = os.pread(self._undo, _UNDO.size, pos)
             magic, kind, seq, vid, off, length, crc = _UNDO.unpack(head)
-            n = length if kind == UNDO_DATA else 0
-            if magic != UNDO_MAGIC or kind not in (UNDO_DATA, UNDO_ZEROS) or pos + _UNDO.size + n > stop:
+            extra = _UNDO_PAYLOAD.get(kind, 0)
+            n = 0 if extra is None else length + extra
+            if magic != UNDO_MAGIC or kind not in _UNDO_PAYLOAD or pos + _UNDO.size + n > stop:
                 if end is not None:
                     raise ReplicaError(f"{self._undo_path}: bad undo entry at offset {pos} (before undo_end {end})")
                 break
@@ -762,28 +801,37 @@ class Distributor:
     def _read_undo(self, pos: int) -> tuple[int, int, int, int, bytes | None]:
         head = os.pread(self._undo, _UNDO.size, pos)
         magic, kind, seq, vid, off, length, crc = _UNDO.unpack(head)
-        data = os.pread(self._undo, length, pos + _UNDO.size) if kind == UNDO_DATA else b""
-        if magic != UNDO_MAGIC or zlib.crc32(data, zlib.crc32(head[:36])) != crc or (
-                kind == UNDO_DATA and len(data) != length):
+        extra = _UNDO_PAYLOAD.get(kind, 0)
+        n = 0 if extra is None else length + extra
+        data = os.pread(self._undo, n, pos + _UNDO.size) if n else b""
+        if magic != UNDO_MAGIC or kind not in _UNDO_PAYLOAD or len(data) != n or \
+                zlib.crc32(data, zlib.crc32(head[:36])) != crc:
             raise ReplicaError(f"{self._undo_path}: undo entry at offset {pos} fails its check")
-        return seq, vid, off, length, data if kind == UNDO_DATA else None
+        if kind == UNDO_ZEROS:
+            return seq, vid, off, length, None
+        if kind == UNDO_SEALED:
+            try:
+                data = self._sealer.open(data, head[:36])
+            except SealedError as e:
+                raise ReplicaError(f"{self._undo_path}: undo entry at offset {pos}: {e}") from None
+        return seq, vid, off, length, data
 
     def _lay_back(self, offsets: list[int]) -> None:
         """Apply the undo entries at ``offsets`` newest first, fsync images."""
-        touched = set()
+        touched: dict[int, Image] = {}
         for pos in reversed(offsets):
             seq, vid, off, length, data = self._read_undo(pos)
-            fd = self._fds.get(vid)
-            if fd is None:
+            img = self._imgs.get(vid)
+            if img is None:
                 raise ReplicaError(f"{self._undo_path}: undo entry for vdisk id {vid}, which this replica lacks")
             if data is None:
-                zero_range(fd, off, length)
+                img.zero(off, length)
             else:
-                os.pwrite(fd, data, off)
-            touched.add(fd)
+                img.pwrite(data, off)
+            touched[vid] = img
             self._fp("undo-entry-applied")
-        for fd in touched:
-            os.fsync(fd)
+        for img in touched.values():
+            img.fsync()
 
     def _recover(self, rollback_to: int | None) -> None:
         entries, end = self._scan_undo(0, self._undo_end)
@@ -804,6 +852,59 @@ class Distributor:
             os.fsync(self._undo)
         self._undo_seq.extend(s for s, _ in entries)
         self._undo_off.extend(o for _, o in entries)
+
+    # -- at-rest keys ---------------------------------------------------------------------
+
+    def key_usage(self) -> dict[str, dict[int, int]]:
+        """Which at-rest keys the replica needs: {"image_blocks": {key id:
+        blocks}, "undo_entries": {key id: entries}} (sealed ones only)."""
+        blocks: dict[int, int] = {}
+        for img in self._imgs.values():
+            for k, n in img.key_usage().items():
+                blocks[k] = blocks.get(k, 0) + n
+        return {"image_blocks": blocks, "undo_entries": undo_key_usage(self._undo_path, self._undo_end)}
+
+    def rekey(self) -> tuple[int, int]:
+        """Re-seal under the active key every image block and undo entry
+        sealed under another (after a key rotation), so the old key can be
+        retired.  Returns (blocks, undo entries) re-sealed.  Between steps only
+        (the distribution thread calls it)."""
+        blocks = sum(img.rekey() for img in self._imgs.values() if img.sealed)
+        return blocks, self._rekey_undo()
+
+    def _rekey_undo(self) -> int:
+        """Undo entries are re-sealed into a copy of the log, which replaces
+        it atomically (same sizes, so every offset stays valid)."""
+        active = self.keyring.active if self.keyring is not None else None
+        use = undo_key_usage(self._undo_path, self._undo_end)
+        if active is None or not any(k != active for k in use):
+            return 0
+        tmp = self.dir / "undo.log.rekey"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        n = 0
+        try:
+            pos = 0
+            while pos < self._undo_end:
+                head = os.pread(self._undo, _UNDO.size, pos)
+                _, kind, _, _, _, length, _ = _UNDO.unpack(head)
+                extra = _UNDO_PAYLOAD.get(kind)
+                size = 0 if extra is None else length + extra
+                body = os.pread(self._undo, size, pos + _UNDO.size) if size else b""
+                if kind == UNDO_SEALED and struct.unpack_from(">I", body)[0] != active:
+                    data = self._read_undo(pos)[4]
+                    body = self._sealer.seal(data, head[:36])
+                    head = head[:36] + struct.pack(">I", zlib.crc32(body, zlib.crc32(head[:36])))
+                    n += 1
+                os.write(out, head + body)
+                pos += _UNDO.size + size
+            os.fsync(out)
+        finally:
+            os.close(out)
+        os.rename(tmp, self._undo_path)
+        fsync_dir(self.dir)
+        old, self._undo = self._undo, os.open(self._undo_path, os.O_RDWR | os.O_CLOEXEC)
+        os.close(old)
+        return n
 
     # -- do / undo ------------------------------------------------------------------------
 
@@ -852,16 +953,20 @@ class Distributor:
         undo = bytearray()
         for o in range(first, last):
             seq, vid, off, length = ix.rec_seq[o], ix.rec_vdisk[o], ix.rec_off[o], ix.rec_len[o]
-            fd = self._fds.get(vid)
-            if fd is None:
+            img = self._imgs.get(vid)
+            if img is None:
                 self._skipped += 1
                 continue
             v = self.vdisks[vid]
             if off + length > v.size:
                 raise ReplicaError(f"record seq {seq}: {off}+{length} is past the end of vdisk {v.name} ({v.size} bytes)")
             _, payload = self._src.read(ix.rec_seg[o], ix.rec_pos[o], seq)
-            pre = bytearray(os.pread(fd, length, off))
-            pre.extend(bytes(length - len(pre)))
+            # The pre-image covers whole 4 KiB blocks: laying it back rewrites
+            # them whole, which also repairs a sealed block that a crash tore
+            # mid-step (data and tag entry out of step: it cannot be read).
+            a0 = off - off % BLOCK_SIZE
+            a1 = min(v.size, -(-(off + length) // BLOCK_SIZE) * BLOCK_SIZE)
+            pre = bytearray(img.pread(a0, a1 - a0))
             blocks = range(off // BLOCK_SIZE, (off + length - 1) // BLOCK_SIZE + 1)
             earlier: set[int] = set()
             for b in blocks:
@@ -870,13 +975,14 @@ class Distributor:
                     earlier.update(hit)
             for i in sorted(earlier):  # oldest first: the newest overlapping record wins
                 _, _, poff, pdata, plen = todo[i]
-                s, e = max(off, poff), min(off + length, poff + plen)
+                s, e = max(a0, poff), min(a1, poff + plen)
                 if s < e:
-                    pre[s - off : e - off] = pdata[s - poff : e - poff] if pdata is not None else bytes(e - s)
+                    pre[s - a0 : e - a0] = pdata[s - poff : e - poff] if pdata is not None else bytes(e - s)
             zeros = pre.count(0) == len(pre)
-            kind = UNDO_ZEROS if zeros else UNDO_DATA
-            body = b"" if zeros else bytes(pre)
-            head = _UNDO.pack(UNDO_MAGIC, kind, seq, vid, off, length, 0)[:36]
+            kind = UNDO_ZEROS if zeros else (UNDO_SEALED if self._sealer.sealing else UNDO_DATA)
+            head = _UNDO.pack(UNDO_MAGIC, kind, seq, vid, a0, a1 - a0, 0)[:36]
+            body = b"" if zeros else (self._sealer.seal(pre, head) if kind == UNDO_SEALED else bytes(pre))
+            assert kind != UNDO_SEALED or len(body) == len(pre) + BlobSealer.SEALED_OVERHEAD
             self._undo_seq.append(seq)
             self._undo_off.append(self._undo_end + len(undo))
             undo += head + struct.pack(">I", zlib.crc32(body, zlib.crc32(head))) + body
@@ -889,17 +995,17 @@ class Distributor:
             self._fp("undo-written")
             os.fsync(self._undo)
             self._fp("undo-synced")
-            touched = set()
+            touched: dict[int, Image] = {}
             for seq, vid, off, payload, length in todo:
-                fd = self._fds[vid]
+                img = self._imgs[vid]
                 if payload is None:
-                    zero_range(fd, off, length)
+                    img.zero(off, length)
                 else:
-                    os.pwrite(fd, payload, off)
-                touched.add(fd)
+                    img.pwrite(payload, off)
+                touched[vid] = img
                 self._fp("image-written")
-            for fd in touched:
-                os.fsync(fd)
+            for img in touched.values():
+                img.fsync()
             self._fp("images-synced")
         # Through the end of the index, the replica is at the newest PIT, even
         # when that batch ended with barriers (which the index does not hold).
@@ -953,8 +1059,7 @@ class Distributor:
 
     def read(self, vdisk_id: int, offset: int, length: int) -> bytes:
         """Bytes of the replica image (at ``applied_seq``)."""
-        data = os.pread(self._fds[vdisk_id], length, offset)
-        return data + bytes(length - len(data))
+        return self._imgs[vdisk_id].pread(offset, length)
 
     def statistics(self) -> DistributorStatistics:
         return DistributorStatistics(self.applied_seq, self.undo_floor, len(self._undo_seq), self._undo_end,

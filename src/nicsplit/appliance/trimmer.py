@@ -82,6 +82,22 @@ class Trimmer:
         self.sizes = sizes
         self.min_age_s = min_age_s
         self.last: TrimReport | None = None
+        self._rekeyed_for: int | None = None  # the active key the base was last re-sealed for
+
+    def _rekey(self, base: BaseImages) -> None:
+        """After a key rotation (and once after each start), re-seal the base
+        images' blocks under the active key so older keys can be retired
+        (this thread is the base's only writer)."""
+        kr = base.keyring
+        if kr is None:
+            return
+        kr.refresh()
+        if kr.active is None or kr.active == self._rekeyed_for:
+            return
+        n = sum(img.rekey() for img in base.images().values() if img.sealed)
+        self._rekeyed_for = kr.active
+        if n:
+            log.info("retention of %s: re-sealed %d base image block(s) under at-rest key %d", self.cg, n, kr.active)
 
     def run_once(self, now_ns: int | None = None) -> TrimReport:
         now_ns = time.time_ns() if now_ns is None else now_ns
@@ -115,6 +131,7 @@ class Trimmer:
                 log.info("retention of %s: %d segment(s) (%d records) into the base, which is now at seq %d",
                          self.cg, len(plan.trim), applied, plan.base_seq)
             base_seq = base.seq
+            self._rekey(base)
         facts = j.segment_facts()
         self.last = TrimReport(trimmed, applied, base_seq, sum(f.size for f in facts), blocked,
                                tuple(sorted(set(pinned))))
