@@ -173,7 +173,10 @@ def _image_key_use(data: Path) -> dict[int, dict[str, int]]:
     from nicsplit.appliance.replica import undo_key_usage
     from nicsplit.appliance.sealed import open_image, tags_path
 
+    from nicsplit.appliance import atrest
+
     use: dict[int, dict[str, int]] = {}
+    kr = atrest.keyring_in(Path(data) / "appliance")  # opening a sealed image checks its header's keys
 
     def add(k: int, where: str, n: int) -> None:
         use.setdefault(k, {})[where] = use.get(k, {}).get(where, 0) + n
@@ -186,7 +189,7 @@ def _image_key_use(data: Path) -> dict[int, dict[str, int]]:
             for p in sorted(d.glob("*.img")):
                 if not tags_path(p).exists():
                     continue  # a raw image (written while at-rest encryption was off)
-                with open_image(p, p.stat().st_size, None, writable=False) as img:
+                with open_image(p, p.stat().st_size, kr, writable=False) as img:
                     for k, n in img.key_usage().items():
                         add(k, f"{d.name}/{kind}", n)
             if kind == "replicas":
