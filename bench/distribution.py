@@ -45,6 +45,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import cpu_seconds, fio_cmd, git_state, loadavg, run_fio  # noqa: E402
+from nicsplit.appliance import atrest  # noqa: E402
+from nicsplit.appliance.sealed import open_image  # noqa: E402
 from nicsplit.control.ctl import request  # noqa: E402
 from nicsplit.testing.datadir import init_data  # noqa: E402
 from nicsplit.testing.procs import UpProcess, run_cli, wait_for  # noqa: E402
@@ -209,9 +211,16 @@ def main(argv: list[str] | None = None) -> int:
             log_run(r)
         same = {}
         for v in names:
+            # Replicas are sealed at rest by default: compare their plaintext.
             replica = data / "appliance" / "replicas" / CG / f"{v}.img"
-            same[v] = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(replica), up.uri(v)],
+            clear = work / f"replica-{v}.raw"
+            with open_image(replica, replica.stat().st_size, atrest.keyring_in(data / "appliance"),
+                            writable=False) as img, open(clear, "wb") as f:
+                for pos in range(0, img.size, 16 << 20):
+                    f.write(img.pread(pos, min(16 << 20, img.size - pos)))
+            same[v] = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(clear), up.uri(v)],
                                      timeout=300).returncode == 0
+            clear.unlink()
     finally:
         up.stop()
 

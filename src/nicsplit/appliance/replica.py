@@ -87,7 +87,7 @@ from nicsplit.appliance import atrest
 from nicsplit.appliance.pits import Commit, PitError, PitIndex, RecordHead
 from nicsplit.appliance.sealed import BlobSealer, Image, SealedError, open_image
 from nicsplit.card.records import Op
-from nicsplit.wire.frames import BLOCK_SIZE, Record, expand
+from nicsplit.wire.frames import BLOCK_SIZE, RECORD_HEAD_SIZE, REF_SIZE, Record, expand
 
 log = logging.getLogger("nicsplit.appliance.replica")
 
@@ -97,6 +97,7 @@ __all__ = [
 ]
 
 MULTI = 0xFFFFFFFF  # in ``single``: the block's ordinals are in ``multi``
+_MAX_ENTRY_OVERHEAD = 12 + RECORD_HEAD_SIZE + 12 + 16  # entry head, record head, sealed nonce and tag
 assert array("I").itemsize == 4 and array("Q").itemsize == 8
 
 # 64 MiB of decoded payloads per reader: four of the largest (16 MiB) batches'
@@ -296,6 +297,44 @@ class _RecordSource:
         for r, data in j.records(seq, seq):
             return r, data
         raise _corrupt(f"{where}: seq {seq} is not in the journal's own index")
+
+    def read_many(self, items: list[tuple[int, int, int, int]]) -> list[bytes]:
+        """The payloads (see `read`) of records given as (segment, offset,
+        seq, length) in journal order: each segment's run is read with one
+        pread (`SegmentReader.read_records`)."""
+        from nicsplit.appliance.journal import JournalCorrupt
+        from nicsplit.appliance.pits import known_damage
+
+        if not items:
+            return []
+        d = known_damage(self._resolved)
+        if d is not None and items[-1][2] >= d.first_seq:
+            bad = next(seq for _, _, seq, _ in items if seq >= d.first_seq)
+            raise JournalCorrupt(f"record seq {bad} is not readable: {d.describe()}")
+        out: list[bytes] = []
+        i = 0
+        while i < len(items):
+            seg = items[i][0]
+            j = i
+            while j < len(items) and items[j][0] == seg:
+                j += 1
+            _, pos, _, length = items[j - 1]
+            # The last entry ends before: entry head, record head, nonce + tag, refs (at most one per block), data.
+            end = pos + _MAX_ENTRY_OVERHEAD + length + (length // BLOCK_SIZE + 1) * REF_SIZE
+            try:
+                recs = self._files.read_records(seg, [p for _, p, _, _ in items[i:j]], end)
+            except JournalCorrupt as e:
+                raise JournalCorrupt(f"{e} (needed for seqs {items[i][2]}..{items[j - 1][2]})") from None
+            for (_, p, seq, _), rec in zip(items[i:j], recs):
+                if rec.seq != seq:
+                    raise _corrupt(f"journal {self.path}: {seg:08d}.seg offset {p}: holds seq {rec.seq}, "
+                                   f"the index says {seq}")
+                if not rec.refs:
+                    out.append(rec.data if rec.op == Op.WRITE else b"")
+                else:
+                    out.append(self.read(seg, p, seq)[1])  # references: resolved the one-record way
+            i = j
+        return out
 
     def _journal_for(self, seq: int) -> Any:
         from nicsplit.appliance.journal import Journal
@@ -951,16 +990,15 @@ class Distributor:
         # record's pre-image sees only the earlier ones that overlap it (not all of them: O(n²)).
         touch: dict[tuple[int, int], list[int]] = {}
         undo = bytearray()
-        for o in range(first, last):
+        mine = [o for o in range(first, last) if ix.rec_vdisk[o] in self._imgs]
+        self._skipped += (last - first) - len(mine)
+        payloads = self._src.read_many([(ix.rec_seg[o], ix.rec_pos[o], ix.rec_seq[o], ix.rec_len[o]) for o in mine])
+        for o, payload in zip(mine, payloads):
             seq, vid, off, length = ix.rec_seq[o], ix.rec_vdisk[o], ix.rec_off[o], ix.rec_len[o]
-            img = self._imgs.get(vid)
-            if img is None:
-                self._skipped += 1
-                continue
+            img = self._imgs[vid]
             v = self.vdisks[vid]
             if off + length > v.size:
                 raise ReplicaError(f"record seq {seq}: {off}+{length} is past the end of vdisk {v.name} ({v.size} bytes)")
-            _, payload = self._src.read(ix.rec_seg[o], ix.rec_pos[o], seq)
             # The pre-image covers whole 4 KiB blocks: laying it back rewrites
             # them whole, which also repairs a sealed block that a crash tore
             # mid-step (data and tag entry out of step: it cannot be read).
