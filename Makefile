@@ -27,6 +27,7 @@ test: system-deps venv
 bench: system-deps venv
 	$(PY) bench/run.py
 	$(PY) bench/recovery.py
+	$(PY) bench/distribution.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -167,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="256M")
     ap.add_argument("--split-timeout-us", type=int, default=100_000)
     ap.add_argument("--rate-iops", type=int, default=0, help="pace fio (0: as fast as it goes)")
+    ap.add_argument("--card-idle-spin-us", type=float, default=None,
+                    help="[card] idle_spin_us (default: the configuration's, 2000): how long the card busy-polls "
+                         "its ring after the last entry, holding a core on this 2-core machine")
+    ap.add_argument("--at-rest", choices=("on", "off"), default="on",
+                    help="[appliance] at_rest_encryption: sealed journal and replica (default), or in clear")
     ap.add_argument("--order", default="PRRP",
                     help="runs: P = distribution paused, R = running (default PRRP: ABBA cancels a drift over time)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
@@ -176,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--order: a string of P and R")
     work = Path(tempfile.mkdtemp(prefix="nicsplit-dist-"))
     data = init_data(work / "data", filters=["stats", {"name": "split", "split_timeout_us": a.split_timeout_us}],
-                     sections={"card": {"transport_options": {"data_size": "512M"}}})
+                     sections={"card": {"transport_options": {"data_size": "512M"},
+                                        **({"idle_spin_us": a.card_idle_spin_us} if a.card_idle_spin_us is not None
+                                           else {})},
+                               "appliance": {"at_rest_encryption": a.at_rest == "on"}})
     run_cli(data, "cg", "create", CG)
     names = [f"v{i}" for i in range(len(a.order))]
     for v in names:  # one fresh vdisk per run: every run pays thin-provisioning allocation alike
@@ -230,12 +238,12 @@ def main(argv: list[str] | None = None) -> int:
 
     res = {"git": git_state(Path(__file__).resolve().parent.parent), "loadavg_before": load0,
            "seconds": a.seconds, "qd": a.qd, "size": a.size, "split_timeout_us": a.split_timeout_us,
-           "rate_iops": a.rate_iops, "order": a.order, "runs": runs,
+           "rate_iops": a.rate_iops, "at_rest": a.at_rest, "card_idle_spin_us": a.card_idle_spin_us, "order": a.order, "runs": runs,
            "iops_ratio": round(mean("running", "fio_iops") / max(1.0, mean("paused", "fio_iops")), 3),
            "replica_equals_production": same}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "distribution.json").write_text(json.dumps(res, indent=2))
-    md = [f"# Distribution under fio QD{a.qd} 4 KiB randwrite, {a.seconds:g} s per run, order {a.order} "
+    md = [f"# Distribution under fio QD{a.qd} 4 KiB randwrite, {a.seconds:g} s per run, order {a.order}, at-rest encryption {a.at_rest} "
           f"({res['git']}, load {load0:.2f} before)", "",
           "| run | distribution | fio IOPS | p50 / p99 µs | records/s journaled | lag records p50 / p99 / max "
           "| lag s p50 / p99 / max | replica caught up after fio | appliance CPU s (distribution) | vdisk |",
