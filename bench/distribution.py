@@ -19,7 +19,8 @@ production vdisk byte for byte.
     .venv/bin/python bench/distribution.py [--seconds 10] [--qd 16] [--size 256M] [--order PRRP]
         [--split-timeout-us 100000] [--rate-iops 0] [--out bench/out]
 
-Writes ``distribution.json`` and ``distribution.md`` into ``--out``.  Nothing
+Writes ``distribution.json``, ``distribution.md`` and ``distribution.png``
+(lag over time) into ``--out``.  Nothing
 here asserts on speed.
 
 Why a 100 ms split timeout by default: at full QD16 speed on a 2-core
@@ -260,11 +261,33 @@ def main(argv: list[str] | None = None) -> int:
                f"{all(same.values())}"]
     (a.out / "distribution.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+    plot(runs, a.out / "distribution.png")
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     else:
         print(f"data directory kept: {data}")
     return 0 if all(same.values()) else 1
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    """Replica lag (records behind the durable journal) over each run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, r in enumerate(runs):
+        xs = [p["t"] for p in r.get("samples", [])]
+        ys = [p["lag_records"] for p in r.get("samples", [])]
+        ax.plot(xs, ys, linestyle="--" if r["distribution"] == "paused" else "-",
+                label=f"run {i + 1}: {r['distribution']}, {r['fio_iops']} IOPS")
+    ax.set_xlabel("seconds of fio")
+    ax.set_ylabel("records not yet in the replica")
+    ax.set_title("distribution lag under QD16 4 KiB randwrite")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def log_run(r: dict[str, Any]) -> None:
