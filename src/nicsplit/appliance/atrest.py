@@ -68,7 +68,7 @@ from nicsplit.fsutil import atomic_write
 
 __all__ = [
     "KEYRING_NAME", "KEY_SIZE", "NONCE_SIZE", "TAG_SIZE", "AtRestError", "Key", "Keyring", "segment_cipher",
-    "keyring_path", "keyring_for_journal", "keyring_for_images", "keyring_in", "rotate", "retire", "ensure",
+    "keyring_path", "keyring_for_journal", "keyring_for_images", "keyring_in", "new_active", "rotate", "retire", "ensure",
 ]
 
 KEYRING_NAME = "at-rest.key"
@@ -318,6 +318,15 @@ def keyring_for_images(image_dir: str | Path) -> Keyring | None:
     if d.parent.name not in ("replicas", "base"):
         return None
     return keyring_in(d.parent.parent)
+
+
+def new_active(kr: Keyring | None, seen: int | None) -> int | None:
+    """The keyring's active key id when it is not ``seen`` (the file is
+    re-read first), else None: what re-sealers use to act once per rotation."""
+    if kr is None:
+        return None
+    kr.refresh()
+    return kr.active if kr.active is not None and kr.active != seen else None
 
 
 def keyring_in(appliance_dir: str | Path) -> Keyring | None:

@@ -76,6 +76,7 @@ from typing import Any, Callable
 
 from nicsplit.appliance.journal import JournalError
 from nicsplit.appliance.pits import PitError
+from nicsplit.appliance import atrest
 from nicsplit.appliance.replica import Distributor, shared_index
 from nicsplit.fsutil import atomic_write
 
@@ -466,14 +467,11 @@ class CGDistribution:
     def _maybe_rekey(self, d: Distributor) -> None:
         """After a key rotation (and once after each start), re-seal what the
         replica holds under older keys, so they can be retired (docs/recovery.md §13)."""
-        kr = d.keyring
-        if kr is None:
-            return
-        kr.refresh()
-        if kr.active is None or kr.active == self._rekeyed_for:
+        active = atrest.new_active(d.keyring, self._rekeyed_for)
+        if active is None:
             return
         blocks, entries = d.rekey()
-        self._rekeyed_for = kr.active
+        self._rekeyed_for = active
         if blocks or entries:
             log.info("replica of %s: re-sealed %d image block(s) and %d undo entr(ies) under at-rest key %d",
-                     self.cg, blocks, entries, kr.active)
+                     self.cg, blocks, entries, active)

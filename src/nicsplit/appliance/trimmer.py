@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from nicsplit.appliance import atrest
 from nicsplit.appliance.base import BaseImages, base_dir
 from nicsplit.appliance.retention import Policy, TrimPlan, plan_trim
 
@@ -88,16 +89,13 @@ class Trimmer:
         """After a key rotation (and once after each start), re-seal the base
         images' blocks under the active key so older keys can be retired
         (this thread is the base's only writer)."""
-        kr = base.keyring
-        if kr is None:
-            return
-        kr.refresh()
-        if kr.active is None or kr.active == self._rekeyed_for:
+        active = atrest.new_active(base.keyring, self._rekeyed_for)
+        if active is None:
             return
         n = sum(img.rekey() for img in base.images().values() if img.sealed)
-        self._rekeyed_for = kr.active
+        self._rekeyed_for = active
         if n:
-            log.info("retention of %s: re-sealed %d base image block(s) under at-rest key %d", self.cg, n, kr.active)
+            log.info("retention of %s: re-sealed %d base image block(s) under at-rest key %d", self.cg, n, active)
 
     def run_once(self, now_ns: int | None = None) -> TrimReport:
         now_ns = time.time_ns() if now_ns is None else now_ns
