@@ -28,6 +28,7 @@ bench: system-deps venv
 	$(PY) bench/run.py
 	$(PY) bench/recovery.py
 	$(PY) bench/distribution.py
+	$(PY) bench/distribution.py --rate-iops 6000 --card-idle-spin-us 50 --out bench/out/distribution-paced
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
