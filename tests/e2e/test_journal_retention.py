@@ -104,6 +104,12 @@ def test_size_retention_trims_into_the_base_and_locked_bookmarks_hold(tmp_path, 
             raise AssertionError(f"retention did not bring the journal under {LIMIT}: {_cg(data)}") from None
         cg = _cg(data)
         assert cg["protection_window"]["oldest_seq"] > cg["retention"]["base_seq"]
+
+        # The replica's undo log follows: entries older than the base are dropped, their space punched.
+        def undo_trimmed() -> bool:
+            st = json.loads((data / "appliance" / "replicas" / "cg1" / "state.json").read_text())
+            return st.get("undo_floor", 0) >= cg["retention"]["base_seq"] and st.get("undo_start", 0) > 0
+        wait_for(undo_trimmed, 60, "distribution to drop the undo entries older than the base", interval=0.2)
         _restore_equals(data, tmp_path, ["--latest"], golden, "latest")
         for n in ("a", "b"):
             _compare(up.uri(n), tmp_path / f"{n}-latest-want.raw")

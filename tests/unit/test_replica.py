@@ -293,6 +293,49 @@ def test_sealed_block_torn_by_a_crash_mid_step_is_repaired_at_open(tmp_path: Pat
         assert_replica_at(d, w, d.applied_seq)
 
 
+def test_trim_undo_frees_the_prefix_and_keeps_later_pits(setup):
+    """Retention's base makes undo entries of older records useless: the
+    floor rises, the log's prefix becomes a hole (its space freed, even when
+    a crash came between the persisted trim and the punch), later PITs still
+    roll back exactly, and all of it survives a reopen."""
+    w, jd, rd = setup
+    pits = [m.last_seq for m, _ in w.batches]
+    mid = pits[len(pits) // 2]
+
+    def crash_at_punch(name: str) -> None:
+        if name == "undo-trim-persisted":
+            raise Crash(name)
+
+    with Distributor(jd, rd, w.vdisks, failpoint=crash_at_punch) as d:
+        d.catch_up(9)
+        entries = d.statistics().undo_entries
+        blocks = os.stat(rd / "undo.log").st_blocks
+        with pytest.raises(Crash):
+            d.trim_undo(mid)
+    with Distributor(jd, rd, w.vdisks) as d:  # the trim was persisted; the open punches what it did not
+        kept = d.statistics().undo_entries
+        assert d.undo_floor == mid and 0 < kept < entries
+        assert os.stat(rd / "undo.log").st_blocks < blocks
+        sealed_entries = sum(undo_key_usage(rd / "undo.log").values())  # entries of zeros carry no key
+        assert (0 < sealed_entries <= kept) if _sealed(rd) else sealed_entries == 0
+        assert d.trim_undo(mid) == 0
+        with pytest.raises(ReplicaError, match="undo data starts after"):
+            d.undo_to(pits[len(pits) // 2 - 1])
+        d.undo_to(pits[-3])
+        assert_replica_at(d, w, pits[-3])
+        d.undo_to(mid)
+        assert_replica_at(d, w, mid)
+        assert d.statistics().undo_entries == 0
+        d.catch_up(5)
+        assert_replica_at(d, w, pits[-1])
+        n = d.trim_undo(pits[-2])
+        assert n > 0 and d.undo_floor == pits[-2]
+    with Distributor(jd, rd, w.vdisks) as d:
+        assert d.undo_floor == pits[-2]
+        d.undo_to(pits[-2])
+        assert_replica_at(d, w, pits[-2])
+
+
 def test_records_of_other_vdisks_are_skipped(setup):
     w, jd, rd = setup
     only = [w.vdisks[0]]

@@ -77,6 +77,8 @@ from typing import Any, Callable
 from nicsplit.appliance.journal import JournalError
 from nicsplit.appliance.pits import PitError
 from nicsplit.appliance import atrest
+from nicsplit.appliance.base import BaseError, base_dir
+from nicsplit.appliance.base import read_state as read_base_state
 from nicsplit.appliance.replica import Distributor, shared_index
 from nicsplit.fsutil import atomic_write
 
@@ -96,6 +98,7 @@ STEP_BYTES = 8 << 20
 # How often an idle thread looks for a failover request or a catalog change:
 # a failover waits at most this long (plus one step) for the lock.
 WAKE_INTERVAL = 0.25
+UNDO_TRIM_INTERVAL = 10.0  # seconds between checks of the base's seq (retention runs every minute)
 # lag_seconds keeps (durable seq, time) per group commit; beyond this many
 # pending entries the newest is extended instead (overstating, never hiding, lag).
 _MAX_MARKS = 4096
@@ -285,6 +288,7 @@ class CGDistribution:
         self._last_error: str | None = None
         self._idle = threading.Condition()
         self._rekeyed_for: int | None = None  # the active key the replica was last re-sealed for
+        self._undo_trimmed_at = float("-inf")
 
     # -- control (any thread) -----------------------------------------------------------
 
@@ -462,7 +466,26 @@ class CGDistribution:
             self._records += d.statistics().records_applied - before
             self._fp("step")
         self._maybe_rekey(d)
+        self._maybe_trim_undo(d)
         self._set_state("caught-up")
+
+    def _maybe_trim_undo(self, d: Distributor) -> None:
+        """Drop undo entries older than the base images (retention trimmed
+        the journal before them: no PIT there can be asked for), at most
+        every UNDO_TRIM_INTERVAL seconds; the undo log would grow forever."""
+        now = time.monotonic()
+        if now - self._undo_trimmed_at < UNDO_TRIM_INTERVAL:
+            return
+        self._undo_trimmed_at = now
+        try:
+            base_seq = read_base_state(base_dir(self.data, self.cg)).seq
+        except BaseError as e:
+            log.warning("distribution of %s: not trimming the undo log: %s", self.cg, e)
+            return
+        n = d.trim_undo(base_seq)
+        if n:
+            log.info("replica of %s: %d undo entries up to seq %d dropped (older than the protection window)",
+                     self.cg, n, d.undo_floor)
 
     def _maybe_rekey(self, d: Distributor) -> None:
         """After a key rotation (and once after each start), re-seal what the

@@ -82,7 +82,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
-from nicsplit.fsutil import fsync_dir
+from nicsplit.fsutil import fsync_dir, zero_range
 from nicsplit.appliance import atrest
 from nicsplit.appliance.pits import Commit, PitError, PitIndex, RecordHead
 from nicsplit.appliance.sealed import BlobSealer, Image, SealedError, open_image
@@ -657,17 +657,25 @@ _UNDO_PAYLOAD = {UNDO_DATA: 0, UNDO_ZEROS: None, UNDO_SEALED: BlobSealer.SEALED_
 STATE_VERSION = 1
 
 
-def undo_key_usage(path: str | Path, end: int | None = None) -> dict[int, int]:
-    """{key id: sealed entries} of an undo log (up to ``end``), from the
+def undo_key_usage(path: str | Path, end: int | None = None, start: int | None = None) -> dict[int, int]:
+    """{key id: sealed entries} of an undo log (from ``start`` up to
+    ``end``; by default what the replica's state.json says), from the
     entries' heads and key ids alone (nothing is decrypted)."""
     out: dict[int, int] = {}
+    if start is None or end is None:
+        try:
+            st = json.loads((Path(path).parent / "state.json").read_text())
+        except (OSError, ValueError):
+            st = {}
+        start = st.get("undo_start", 0) if start is None else start
+        end = st.get("undo_end") if end is None else end
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return out
     try:
         stop = os.fstat(fd).st_size if end is None else end
-        pos = 0
+        pos = start
         while pos + _UNDO.size <= stop:
             magic, kind, _, _, _, length, _ = _UNDO.unpack(os.pread(fd, _UNDO.size, pos))
             if magic != UNDO_MAGIC or kind not in _UNDO_PAYLOAD:
@@ -734,6 +742,7 @@ class Distributor:
         self.applied_seq: int = st["applied_seq"]
         self.undo_floor: int = st["undo_floor"]
         self._undo_end: int = st["undo_end"]
+        self._undo_start: int = st.get("undo_start", 0)  # entries before it were trimmed (a hole)
         self._recover(st.get("rollback_to"))
         if self.applied_seq == 0 and self._undo_end == 0:
             self._seed_from_base()
@@ -771,7 +780,7 @@ class Distributor:
         try:
             st = json.loads(p.read_text())
         except FileNotFoundError:
-            return {"applied_seq": 0, "undo_end": 0, "undo_floor": 0, "rollback_to": None}
+            return {"applied_seq": 0, "undo_end": 0, "undo_floor": 0, "rollback_to": None, "undo_start": 0}
         except ValueError as e:
             raise ReplicaError(f"{p}: unreadable ({e})") from None
         if st.get("version") != STATE_VERSION:
@@ -782,7 +791,8 @@ class Distributor:
         p = self.dir / "state.json"
         tmp = self.dir / "state.json.tmp"
         body = json.dumps({"version": STATE_VERSION, "applied_seq": applied, "undo_end": undo_end,
-                           "undo_floor": self.undo_floor, "rollback_to": rollback_to})
+                           "undo_floor": self.undo_floor, "rollback_to": rollback_to,
+                           "undo_start": self._undo_start})
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, body.encode())
@@ -873,7 +883,9 @@ class Distributor:
             img.fsync()
 
     def _recover(self, rollback_to: int | None) -> None:
-        entries, end = self._scan_undo(0, self._undo_end)
+        if self._undo_start:
+            zero_range(self._undo, 0, self._undo_start)  # a trim cut between its state and its punch
+        entries, end = self._scan_undo(self._undo_start, self._undo_end)
         if rollback_to is not None:  # rule 4: finish an interrupted rollback
             self._undo_seq.extend(s for s, _ in entries)
             self._undo_off.extend(o for _, o in entries)
@@ -901,7 +913,8 @@ class Distributor:
         for img in self._imgs.values():
             for k, n in img.key_usage().items():
                 blocks[k] = blocks.get(k, 0) + n
-        return {"image_blocks": blocks, "undo_entries": undo_key_usage(self._undo_path, self._undo_end)}
+        return {"image_blocks": blocks,
+                "undo_entries": undo_key_usage(self._undo_path, self._undo_end, self._undo_start)}
 
     def rekey(self) -> tuple[int, int]:
         """Re-seal under the active key every image block and undo entry
@@ -915,14 +928,14 @@ class Distributor:
         """Undo entries are re-sealed into a copy of the log, which replaces
         it atomically (same sizes, so every offset stays valid)."""
         active = self.keyring.active if self.keyring is not None else None
-        use = undo_key_usage(self._undo_path, self._undo_end)
+        use = undo_key_usage(self._undo_path, self._undo_end, self._undo_start)
         if active is None or not any(k != active for k in use):
             return 0
         tmp = self.dir / "undo.log.rekey"
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         n = 0
         try:
-            pos = 0
+            pos = self._undo_start  # a trimmed prefix stays a hole in the copy too
             while pos < self._undo_end:
                 head = os.pread(self._undo, _UNDO.size, pos)
                 _, kind, _, _, _, length, _ = _UNDO.unpack(head)
@@ -934,7 +947,7 @@ class Distributor:
                     body = self._sealer.seal(data, head[:36])
                     head = head[:36] + struct.pack(">I", zlib.crc32(body, zlib.crc32(head[:36])))
                     n += 1
-                os.write(out, head + body)
+                os.pwrite(out, head + body, pos)
                 pos += _UNDO.size + size
             os.fsync(out)
         finally:
@@ -1071,6 +1084,27 @@ class Distributor:
         if self.applied_seq != seq:
             raise ReplicaError(f"cannot bring the replica to seq {seq}: the journal's records end at "
                                f"seq {self.applied_seq}")
+
+    def trim_undo(self, upto_seq: int) -> int:
+        """Forget the undo entries of records <= ``upto_seq`` (retention
+        trimmed the journal up to there, so no PIT before it can be asked
+        for): the floor rises to it, the state says where the log now
+        starts, then the prefix is punched out of the file (offsets stay;
+        a crash before the punch only delays freeing the space).  Returns
+        the entries dropped."""
+        upto = min(upto_seq, self.applied_seq)
+        if upto <= self.undo_floor:
+            return 0
+        i = bisect.bisect_right(self._undo_seq, upto)
+        cut = self._undo_off[i] if i < len(self._undo_off) else self._undo_end
+        self.undo_floor = upto
+        self._undo_start = cut
+        self._write_state(self.applied_seq, self._undo_end)
+        self._fp("undo-trim-persisted")
+        zero_range(self._undo, 0, cut)
+        del self._undo_seq[:i]
+        del self._undo_off[:i]
+        return i
 
     def undo_to(self, seq: int) -> int:
         """Roll the replica images back to PIT ``seq`` (<= applied_seq) with the
