@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from nicsplit.testing.datadir import init_data
-from nicsplit.testing.procs import UpProcess, nbd_connect, run_cli
+from nicsplit.testing.procs import UpProcess, nbd_connect, run_cli, wait_for
 
 from bootsector import SECTOR, boot_sector, message_sector
 
@@ -49,18 +49,20 @@ def _boot(url: str, workdir: Path, *, read_only: bool) -> str:
     with open(stderr_path, "wb") as err:
         qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env, cwd=workdir)
     try:
-        # The guest halts after printing; poll its serial output for a whole
-        # line, bounded by a deadline, and stop qemu as soon as it is there.
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while True:
+        # The guest halts after printing: wait for a whole line on its serial
+        # port (a condition with a deadline), then stop qemu.
+        def first_line() -> tuple[str] | None:
             out = serial.read_bytes() if serial.exists() else b""
             if b"\n" in out:
-                return out.split(b"\n", 1)[0].decode("ascii", errors="replace")
+                return (out.split(b"\n", 1)[0].decode("ascii", errors="replace"),)
             if qemu.poll() is not None:
                 raise AssertionError(report(f"qemu exited {qemu.returncode} before the guest printed a line"))
-            if time.monotonic() > deadline:
-                raise AssertionError(report(f"no line on the guest's serial port in {BOOT_TIMEOUT:.0f} s"))
-            time.sleep(0.02)
+            return None
+
+        try:
+            return wait_for(first_line, BOOT_TIMEOUT, "a line on the guest's serial port", interval=0.02)[0]
+        except TimeoutError:
+            raise AssertionError(report(f"no line on the guest's serial port in {BOOT_TIMEOUT:.0f} s")) from None
     finally:
         if qemu.poll() is None:
             qemu.kill()
