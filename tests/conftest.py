@@ -63,8 +63,9 @@ def host_factory(tmp_path: Path):
 
 @pytest.fixture(autouse=True)
 def _no_stray_image_servers(tmp_path: Path):
-    """`nicsplit image export` detaches its server on purpose; a test that
-    fails before `image close` must not leave one running."""
+    """`nicsplit image export` and `nicsplit failover` detach their servers
+    on purpose; a test that fails before `image close` or `failback` must not
+    leave one running."""
     yield
     import signal
 
@@ -75,7 +76,8 @@ def _no_stray_image_servers(tmp_path: Path):
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"image" in cmd and b"serve" in cmd and any(str(tmp_path).encode() in c for c in cmd):
+        detached = (b"image" in cmd and b"serve" in cmd) or b"failover-serve" in cmd
+        if detached and any(str(tmp_path).encode() in c for c in cmd):
             try:
                 os.kill(int(proc.name), signal.SIGTERM)
             except OSError:

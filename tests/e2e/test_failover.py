@@ -35,24 +35,6 @@ pytestmark = pytest.mark.usefixtures("peers")
 SIZE = 8 << 20
 
 
-@pytest.fixture(autouse=True)
-def _no_stray_failover_servers(tmp_path: Path):
-    """`failover` detaches its server on purpose; a failed test must not leave one running."""
-    yield
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"failover-serve" in cmd and any(str(tmp_path).encode() in c for c in cmd):
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-            except OSError:
-                pass
-
-
 def _data(tmp_path: Path, size: int = SIZE, names: tuple[str, ...] = ("a", "b")) -> Path:
     data = init_data(tmp_path / "data", filters=["stats", {"name": "split", "split_timeout_us": 1_000_000}],
                      sections={"card": {"transport_options": {"data_size": "256M"}}})

@@ -10,17 +10,16 @@ client against ``nbdkit memory``, the writable replica server with libnbd.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
-import threading
 from pathlib import Path
 
 import pytest
 
 from test_pits import BS, T0, V, Meta, Workload
 from test_replica import golden_at
+from test_image import Served
 
 from nicsplit.appliance import atrest
 from nicsplit.appliance.distribution import (
@@ -264,24 +263,6 @@ def test_nbd_client_writes_zeroes_and_flushes_against_nbdkit(tmp_path: Path, rng
     with NbdkitProcess(tmp_path / "ro", ["memory", "1M"], readonly=True) as kit:
         with pytest.raises(NbdError, match="read-only"):
             NbdClient(f"nbd+unix:///?socket={kit.sock}")
-
-
-class Served:
-    def __init__(self, srv) -> None:
-        self.srv = srv
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self) -> "Served":
-        self.thread.start()
-        self.host, self.port = asyncio.run_coroutine_threadsafe(self.srv.start("127.0.0.1", 0), self.loop).result(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.srv.stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 def test_replica_server_serves_writable_and_tracks_dirty_regions(tmp_path: Path, seed: int, rng: random.Random):
