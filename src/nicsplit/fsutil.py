@@ -42,6 +42,15 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = None
 
 
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """``os.pwrite`` until every byte is written (it may write fewer)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
 def zero_range(fd: int, offset: int, length: int) -> None:
     """Make [offset, offset+length) of a file read as zeros: punch a hole
     (frees the space, keeps the size), or write zeros where the file system

@@ -1,9 +1,9 @@
 """Appliance commands for the ``nicsplit`` CLI (wired in by control/cli.py).
 
     nicsplit appliance run [--listen HOST:PORT]
-    nicsplit appliance keys [--json]              at-rest keys and the journal segments using each
-    nicsplit appliance rotate-key [--json]        a new at-rest key, active for new segments
-    nicsplit appliance retire-key ID [--json]     remove a key no segment uses any more
+    nicsplit appliance keys [--json]              at-rest keys and the segments and image blocks using each
+    nicsplit appliance rotate-key [--json]        a new at-rest key, active for new segments and images
+    nicsplit appliance retire-key ID [--json]     remove a key nothing uses any more
     nicsplit journal dump CG [--json] [--from SEQ] [--upto SEQ]
     nicsplit journal replay CG --out DIR [--upto SEQ] [--json]
     nicsplit pki init [--appliance-name NAME ...]
@@ -439,13 +439,13 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s = ap.add_parser("run", parents=[common], help="receive batches from cards and journal them (foreground)")
     s.add_argument("--listen", metavar="HOST:PORT", help=f"default {DEFAULT_LISTEN}")
     s.set_defaults(func=cmd_appliance_run)
-    s = ap.add_parser("keys", parents=[common], help="at-rest keys and the journal segments that use each")
+    s = ap.add_parser("keys", parents=[common], help="at-rest keys and the journal segments and image blocks that use each")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_appliance_keys)
-    s = ap.add_parser("rotate-key", parents=[common], help="add an at-rest key; new journal segments use it")
+    s = ap.add_parser("rotate-key", parents=[common], help="add an at-rest key; new journal segments use it, the appliance re-seals images under it")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_appliance_rotate_key)
-    s = ap.add_parser("retire-key", parents=[common], help="remove an at-rest key that no journal segment uses")
+    s = ap.add_parser("retire-key", parents=[common], help="remove an at-rest key that no journal segment or image block uses")
     s.add_argument("key_id", type=int, metavar="ID")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_appliance_retire_key)

@@ -68,6 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from nicsplit.fsutil import pwrite_all
 from nicsplit.appliance import atrest
 from nicsplit.appliance.journal import JournalError
 from nicsplit.appliance.pits import PitError
@@ -248,11 +249,7 @@ class OverlayFilter(Filter):
         end = offset + n
         async with self._lock:
             await self._own_partial(nxt, offset, end)
-            view = memoryview(data)
-            pos = offset
-            while view:
-                k = os.pwrite(self._fd, view, pos)
-                view, pos = view[k:], pos + k
+            pwrite_all(self._fd, data, offset)
             b0, b1 = offset // BS, (end - 1) // BS + 1
             self._map[b0:b1] = b"\x01" * (b1 - b0)
         self._writes += 1

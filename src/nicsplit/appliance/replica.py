@@ -82,7 +82,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
-from nicsplit.fsutil import fsync_dir, zero_range
+from nicsplit.fsutil import fsync_dir, pwrite_all, zero_range
 from nicsplit.appliance import atrest
 from nicsplit.appliance.pits import Commit, PitError, PitIndex, RecordHead
 from nicsplit.appliance.sealed import BlobSealer, Image, SealedError, open_image
@@ -596,13 +596,13 @@ class PitReader:
                 continue  # zeroed or trimmed: stays a hole
             if o >= 0:
                 ro = rec_off[o]
-                _pwrite_all(fd, memoryview(self._payload(o))[s - ro : e - ro], s)
+                pwrite_all(fd, memoryview(self._payload(o))[s - ro : e - ro], s)
                 written += e - s
                 continue
             if o == -1 and not self._base.seq:
                 continue  # never written: a hole
             for xs, xl in ([(s, e - s)] if o == -2 else self._base.extents(vdisk_id, s, e - s)):
-                _pwrite_all(fd, self._pread(vdisk_id, xs, xl), xs)
+                pwrite_all(fd, self._pread(vdisk_id, xs, xl), xs)
                 written += xl
         return written
 
@@ -626,13 +626,6 @@ class PitReader:
             else:
                 out.append(Extent(s, e - s, k))
         return out
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        k = os.pwrite(fd, view, offset)
-        view, offset = view[k:], offset + k
 
 
 # -- distribution with undo ------------------------------------------------------------------

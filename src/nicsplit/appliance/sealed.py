@@ -172,7 +172,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from nicsplit.appliance.atrest import KEY_SIZE, NONCE_SIZE, TAG_SIZE, AtRestError, Keyring
-from nicsplit.fsutil import data_extents, fsync_dir, zero_range
+from nicsplit.fsutil import data_extents, fsync_dir, pwrite_all, zero_range
 
 __all__ = [
     "BLOCK_SIZE", "HEADER_SIZE", "ENTRY_SIZE", "TAGS_SUFFIX", "REKEY_SUFFIX", "RUN_BLOCKS", "PIECE_BLOCKS",
@@ -393,14 +393,6 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
         got += n
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
 # -- the interface -------------------------------------------------------------------------------
 
 
@@ -547,7 +539,7 @@ def _blocks(blks: list[int]) -> str:
 
 def _write_header(tfd: int, uid: bytes, size: int) -> None:
     head = _HEADER.pack(MAGIC, VERSION, uid, size, BS)
-    _pwrite_all(tfd, (head + _U32.pack(zlib.crc32(head))).ljust(HEADER_SIZE, b"\0"), 0)
+    pwrite_all(tfd, (head + _U32.pack(zlib.crc32(head))).ljust(HEADER_SIZE, b"\0"), 0)
 
 
 # -- plain ---------------------------------------------------------------------------------------
@@ -580,7 +572,7 @@ class PlainImage(Image):
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         self._check_writable("write")
         self._check(offset, len(data))
-        _pwrite_all(self._fd, data, offset)
+        pwrite_all(self._fd, data, offset)
 
     def zero(self, offset: int, length: int) -> None:
         self._check_writable("zero")
@@ -952,8 +944,8 @@ class SealedImage(Image):
                 if self._open_pair(blk, entry, old, n) is None:
                     failed.append(blk)
                     continue
-                _pwrite_all(self._fd, old[:n], blk * BS)
-                _pwrite_all(self._tfd, entry, HEADER_SIZE + blk * ENTRY_SIZE)
+                pwrite_all(self._fd, old[:n], blk * BS)
+                pwrite_all(self._tfd, entry, HEADER_SIZE + blk * ENTRY_SIZE)
                 restored.append(blk)
             os.fsync(self._fd)
             os.fsync(self._tfd)
@@ -994,8 +986,8 @@ class SealedImage(Image):
             ct[o : o + m] = memoryview(sealed)[:m]
             pack_entry(tags, i * ENTRY_SIZE, kid, nonce, sealed[m:])
             o += BS
-        _pwrite_all(self._fd, ct, c0 * BS)
-        _pwrite_all(self._tfd, tags, HEADER_SIZE + c0 * ENTRY_SIZE)
+        pwrite_all(self._fd, ct, c0 * BS)
+        pwrite_all(self._tfd, tags, HEADER_SIZE + c0 * ENTRY_SIZE)
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         self._check_writable("write")
@@ -1239,9 +1231,9 @@ class SealedImage(Image):
                         while e < s1 and held[e] == held[e - 1] + 1 and same(held[e]):
                             e += 1
                         b0 = held[s]
-                        _pwrite_all(self._fd, work[s * BS : (e - 1) * BS + short.get(held[e - 1], BS)], b0 * BS)
+                        pwrite_all(self._fd, work[s * BS : (e - 1) * BS + short.get(held[e - 1], BS)], b0 * BS)
                         _fail("rekey-data-written")
-                        _pwrite_all(self._tfd, new_ents[s * ENTRY_SIZE : e * ENTRY_SIZE],
+                        pwrite_all(self._tfd, new_ents[s * ENTRY_SIZE : e * ENTRY_SIZE],
                                     HEADER_SIZE + b0 * ENTRY_SIZE)
                         _fail("rekey-entries-written")
                         rewritten += e - s
@@ -1261,7 +1253,7 @@ class SealedImage(Image):
             os.fsync(self._fd)
             os.fsync(self._tfd)
             _fail("rekey-synced")
-            _pwrite_all(lfd, _VOID, 0)
+            pwrite_all(lfd, _VOID, 0)
             os.fdatasync(lfd)
         finally:
             self._piece_lock.release()
