@@ -82,7 +82,7 @@ from nicsplit.wire.frames import BLOCK_SIZE
 log = logging.getLogger("nicsplit.appliance.image")
 
 __all__ = ["PitPlugin", "OverlayFilter", "OverlayStatistics", "ImageServer", "EXECUTOR_READ", "DirtyMap",
-           "ReplicaPlugin", "ReplicaServer", "DIRTY_REGION", "file_extents"]
+           "ReplicaPlugin", "ReplicaServer", "DIRTY_REGION"]
 
 BS = BLOCK_SIZE
 
@@ -532,32 +532,6 @@ class DirtyMap:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-_SEEK_DATA = getattr(os, "SEEK_DATA", 3)
-_SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
-
-
-def file_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
-    """base:allocation of a sparse file: data → 0, holes → HOLE|ZERO (SEEK_DATA / SEEK_HOLE)."""
-    out: list[tuple[int, int]] = []
-    pos, end = offset, offset + length
-    while pos < end:
-        try:
-            d = os.lseek(fd, pos, _SEEK_DATA)
-        except OSError as e:
-            if e.errno != errno.ENXIO:  # ENXIO: no data after pos
-                raise
-            d = end
-        if d > pos:
-            nxt = min(d, end)
-            out.append((nxt - pos, EXTENT_HOLE_ZERO))
-            pos = nxt
-            continue
-        h = min(os.lseek(fd, pos, _SEEK_HOLE), end)
-        out.append((h - pos, EXTENT_DATA))
-        pos = h
-    return out
 
 
 def _data_to_extents(data: list[tuple[int, int]], offset: int, length: int) -> list[tuple[int, int]]:
