@@ -83,11 +83,11 @@ def write_journal(data: Path, vdisk: Any, total: int, rec_size: int, *, sequenti
     """``total`` bytes of ``rec_size`` writes in 4 MiB batches whose times span
     ``hours`` up to ``t_end_ns``; random aligned offsets, or every block in
     order. Returns the record count."""
-    from nicsplit.appliance.journal import Journal
-    from nicsplit.card.records import Op
+    from nicsplit.journal.writer import Journal
+    from nicsplit.core.records import Op
     from nicsplit.wire.frames import Record
 
-    from nicsplit.appliance import atrest
+    from nicsplit.storage import atrest
 
     # As `nicsplit appliance run` leaves it by default: at-rest encryption on.
     atrest.ensure(atrest.keyring_path(data), True)
@@ -137,7 +137,7 @@ def measure_export(work: Path, rec_size: int, rounds: int, seed: int) -> dict[st
         return walls, servers, index, inapp
 
     walls, servers, index, _ = exports()  # standalone: no appliance runs
-    from nicsplit.appliance.testing import ApplianceProcess
+    from nicsplit.testing.appliance import ApplianceProcess
 
     t = time.perf_counter()
     app = ApplianceProcess(data).start(timeout=600)  # recovers the journal and builds its block index

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nicsplit.card.records import AugmentedWrite, Op, WFlag
+from nicsplit.core.records import AugmentedWrite, Op, WFlag
 from nicsplit.card.transports.ring import RingSplitter
 from nicsplit.wire import ring as R
 

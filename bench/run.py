@@ -124,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def size_bytes(s: str) -> int:
-    from nicsplit.control.config import parse_size
+    from nicsplit.core.config import parse_size
 
     n = parse_size(s, "size")
     if n % MiB:

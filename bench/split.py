@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import MiB, Server, fio_cmd, run_fio
-from nicsplit.control.ctl import request
+from nicsplit.core.ctl import request
 from nicsplit.testing.procs import nicsplit_cmd, run_cli
 
 CG = "bench"

@@ -1,3 +1,3 @@
-from nicsplit.control.cli import main
+from nicsplit.cli.main import main
 
 raise SystemExit(main())

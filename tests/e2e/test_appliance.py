@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from nicsplit.appliance.testing import ApplianceProcess, CardClient, make_batch
-from nicsplit.card.records import Op
-from nicsplit.control import pki
+from nicsplit.testing.appliance import ApplianceProcess, CardClient, make_batch
+from nicsplit.core.records import Op
+from nicsplit.core import pki
 from nicsplit.testing.datadir import init_data, vdisk
 from nicsplit.testing.procs import wait_for
 from nicsplit.wire import frames as F

@@ -17,14 +17,14 @@ import pytest
 from test_pits import BS, T0, Meta, Workload, sd_block
 from test_replica import golden_at
 
-from nicsplit.appliance import atrest
-from nicsplit.appliance.journal import (
+from nicsplit.storage import atrest
+from nicsplit.journal.writer import (
     SEALED_OVERHEAD, Journal, JournalCorrupt, JournalError, SegmentReader, segment_key_ids,
 )
-from nicsplit.appliance.pits import PitIndex
-from nicsplit.appliance.replica import BlockIndex, PitReader
-from nicsplit.appliance.testing import CrashFilesystem
-from nicsplit.card.records import Op
+from nicsplit.recovery.pits import PitIndex
+from nicsplit.recovery.replica import BlockIndex, PitReader
+from nicsplit.testing.appliance import CrashFilesystem
+from nicsplit.core.records import Op
 from nicsplit.testing.procs import run_cli
 from nicsplit.wire.frames import RECORD_HEAD_SIZE, Record
 

@@ -21,16 +21,16 @@ from test_pits import BS, T0, V, Meta, Workload
 from test_replica import golden_at
 from test_image import Served
 
-from nicsplit.appliance import atrest
-from nicsplit.appliance.distribution import (
+from nicsplit.storage import atrest
+from nicsplit.recovery.distribution import (
     CatalogMembers, CGDistribution, ReplicaLock, failover_state_path, replica_dir,
 )
-from nicsplit.appliance.failover import NbdClient, NbdError, copy_runs, failback_regions
-from nicsplit.appliance.image import DIRTY_REGION, DirtyMap, ReplicaServer
-from nicsplit.appliance.journal import Journal
-from nicsplit.appliance.replica import BlockIndex, Distributor
-from nicsplit.appliance.sealed import open_image
-from nicsplit.card.records import Op
+from nicsplit.cli.failover import NbdClient, NbdError, copy_runs, failback_regions
+from nicsplit.recovery.image import DIRTY_REGION, DirtyMap, ReplicaServer
+from nicsplit.journal.writer import Journal
+from nicsplit.recovery.replica import BlockIndex, Distributor
+from nicsplit.storage.sealed import open_image
+from nicsplit.core.records import Op
 from nicsplit.testing.procs import NbdkitProcess, import_libnbd, libnbd_errno, wait_for
 from nicsplit.wire.frames import Record
 
@@ -201,7 +201,7 @@ def test_a_distribution_error_is_shown_and_retried(live, monkeypatch):
     # The replica directory's place is taken by a file: opening the replica fails.
     replica_dir(data, "cg1").parent.mkdir(parents=True)
     replica_dir(data, "cg1").write_text("not a directory")
-    monkeypatch.setattr("nicsplit.appliance.distribution._BACKOFF", (0.05, 0.05))
+    monkeypatch.setattr("nicsplit.recovery.distribution._BACKOFF", (0.05, 0.05))
     dist.start()
     wait_for(lambda: dist.statistics().state == "error", 10, "the error state")
     st = dist.statistics()

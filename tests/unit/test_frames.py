@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 
-from nicsplit.card.records import Op, WFlag
+from nicsplit.core.records import Op, WFlag
 from nicsplit.wire import frames as F
 from nicsplit.wire.frames import (
     NEED_DATA, Ack, Batch, Error, FrameDecoder, FrameError, Heartbeat, Hello, HelloAck, Record,

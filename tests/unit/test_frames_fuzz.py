@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from nicsplit.card.records import Op
+from nicsplit.core.records import Op
 from nicsplit.wire import frames as F
 
 MAX_BODY = 4096

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from nicsplit.appliance.journal import (
+from nicsplit.journal.writer import (
     BatchRejected, Journal, JournalCorrupt, JournalError,
 )
-from nicsplit.appliance.testing import CrashFilesystem
-from nicsplit.card.records import Op
+from nicsplit.testing.appliance import CrashFilesystem
+from nicsplit.core.records import Op
 from nicsplit.wire.frames import Record, fingerprint
 
 

@@ -18,11 +18,11 @@ import pytest
 from test_pits import Workload
 from test_replica import golden_at
 
-from nicsplit.appliance import atrest
-from nicsplit.appliance.journal import Journal, JournalCorrupt
-from nicsplit.appliance.pits import Commit, JournalScanner, Pit, PitIndex, RecordHead, UnusablePit, known_damage
-from nicsplit.appliance.replica import BlockIndex, Distributor, PitReader
-from nicsplit.card.records import Op
+from nicsplit.storage import atrest
+from nicsplit.journal.writer import Journal, JournalCorrupt
+from nicsplit.recovery.pits import Commit, JournalScanner, Pit, PitIndex, RecordHead, UnusablePit, known_damage
+from nicsplit.recovery.replica import BlockIndex, Distributor, PitReader
+from nicsplit.core.records import Op
 from nicsplit.testing.procs import run_cli
 from nicsplit.wire.frames import RECORD_HEAD_SIZE
 

@@ -12,8 +12,8 @@ from nicsplit.card.pipeline.dedup import Dedup
 from nicsplit.card.pipeline.encrypt import Encryptor
 from nicsplit.card.pipeline.hold import Hold
 from nicsplit.card.pipeline.items import Item, Resolved
-from nicsplit.card.pipeline.testing import FakeAppliance, FakeCatalog, FakeEndpoint, committed, failed, write
-from nicsplit.card.records import Op, WFlag
+from nicsplit.testing.pipeline import FakeAppliance, FakeCatalog, FakeEndpoint, committed, failed, write
+from nicsplit.core.records import Op, WFlag
 from nicsplit.wire.frames import (
     COMPRESS_NONE, COMPRESS_ZSTD, PROTOCOL_VERSION, Batch, FrameError, Hello, Record, batch_aad, decode_records,
     encode_records, expand, fingerprint, seal, unseal,

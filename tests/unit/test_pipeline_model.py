@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from nicsplit.card.pipeline import CardPipeline, PipelineConfig
-from nicsplit.card.pipeline.testing import FakeAppliance, FakeCatalog, FakeEndpoint, committed, failed, write
-from nicsplit.card.records import Op, Status, WFlag
+from nicsplit.testing.pipeline import FakeAppliance, FakeCatalog, FakeEndpoint, committed, failed, write
+from nicsplit.core.records import Op, Status, WFlag
 from nicsplit.wire.frames import PROTOCOL_VERSION, Hello
 
 KEY = bytes(range(32))

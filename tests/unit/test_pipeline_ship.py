@@ -10,7 +10,7 @@ import json
 import pytest
 
 from nicsplit.card.pipeline import CardPipeline, PipelineConfig, Shipper
-from nicsplit.card.pipeline.testing import (
+from nicsplit.testing.pipeline import (
     FakeAppliance, FakeApplianceServer, FakeCatalog, FakeEndpoint, committed, failed, write,
 )
 from nicsplit.card.process import CardConfig, CardProcess, run_card
@@ -233,7 +233,7 @@ def test_run_card_prints_one_ready_line_and_exits_on_sigterm(tmp_path, capsys):
 
 
 def test_card_config_parses_sizes_and_refuses_unknown_keys(tmp_path):
-    from nicsplit.control.config import ConfigError
+    from nicsplit.core.config import ConfigError
 
     cfg = CardConfig.from_mapping(tmp_path, {"batch_bytes": "512K", "merge_window_ms": 5, "cpus": [0],
                                              "transport_options": {"data_size": "16M"}})

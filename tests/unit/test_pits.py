@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from nicsplit.appliance.journal import Journal
-from nicsplit.appliance.pits import (
+from nicsplit.journal.writer import Journal
+from nicsplit.recovery.pits import (
     RFLAG_IN_WINDOW, BookmarkError, JournalScanner, NoSuchPit, Pit, PitIndex, add_bookmark, bookmarks_path,
     get_bookmark, list_bookmarks, list_pits,
 )
-from nicsplit.appliance.replica import BlockIndex, PitReader, ReplicaError
-from nicsplit.card.records import Op
+from nicsplit.recovery.replica import BlockIndex, PitReader, ReplicaError
+from nicsplit.core.records import Op
 from nicsplit.wire.frames import BLOCK_SIZE, Record, fingerprint
 
 BS = BLOCK_SIZE
@@ -443,7 +443,7 @@ def cli_data(tmp_path: Path):
 
 
 def _parser():
-    from nicsplit.appliance.pitcli import add_parsers
+    from nicsplit.cli.pit import add_parsers
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", default=argparse.SUPPRESS)
@@ -458,7 +458,7 @@ def _run(data: Path, *argv: str) -> int:
 
 
 def test_cli_pits_bookmark_restore(cli_data, capsys, tmp_path: Path):
-    from nicsplit.control.cli import CliError
+    from nicsplit.cli.main import CliError
 
     data, w, vds = cli_data
     assert _run(data, "pits", "cg1", "--json", "--all") == 0
@@ -535,7 +535,7 @@ def test_cli_restore_qcow2(cli_data, capsys, tmp_path: Path):
 
 
 def test_parse_time():
-    from nicsplit.appliance.pitcli import parse_time
+    from nicsplit.cli.pit import parse_time
 
     now = 1_700_000_000 * 10**9
     assert parse_time("now", now) == now

@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from nicsplit.control import pki
+from nicsplit.core import pki
 
 FILES = {"ca.crt", "ca.key", "appliance.crt", "appliance.key", "card.crt", "card.key", "host.crt", "host.key", "batch.key"}
 

@@ -19,11 +19,11 @@ import pytest
 
 from test_pits import BS, T0, Meta, V, Workload
 
-from nicsplit.appliance import atrest
-from nicsplit.appliance.journal import Journal
-from nicsplit.appliance.replica import BlockIndex, Distributor, PitReader, ReplicaError, undo_key_usage
-from nicsplit.appliance.sealed import ENTRY_SIZE, HEADER_SIZE, SealedError, open_image
-from nicsplit.card.records import Op
+from nicsplit.storage import atrest
+from nicsplit.journal.writer import Journal
+from nicsplit.recovery.replica import BlockIndex, Distributor, PitReader, ReplicaError, undo_key_usage
+from nicsplit.storage.sealed import ENTRY_SIZE, HEADER_SIZE, SealedError, open_image
+from nicsplit.core.records import Op
 from nicsplit.wire.frames import Record
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nicsplit.card.records import Op, Status, WFlag
+from nicsplit.core.records import Op, Status, WFlag
 from nicsplit.wire import ring as R
 
 U8, U32, U64 = st.integers(0, 255), st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)

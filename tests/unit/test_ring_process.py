@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from nicsplit.card.records import AugmentedWrite, Op, Status, WFlag
+from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag
 from nicsplit.card.transports.ring import RingSplitter
 from nicsplit.testing.procs import wait_for
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from nicsplit.card.hidden import HiddenVolume
-from nicsplit.card.records import AugmentedWrite, Op, Outcome, Status, WFlag
+from nicsplit.core.records import AugmentedWrite, Op, Outcome, Status, WFlag
 from nicsplit.card.transports import base
 from nicsplit.card.transports.base import CardEndpoint, SplitterTransport, TransportUnavailable
 from nicsplit.card.transports.ring import RingEndpoint, RingSplitter

@@ -1,4 +1,4 @@
-"""Images at rest (`nicsplit.appliance.sealed`): plain and sealed images
+"""Images at rest (`nicsplit.storage.sealed`): plain and sealed images
 against a byte model, no plaintext on disk, tampering and torn blocks, wrong
 and missing keys, rotation and rekey, a rekey cut anywhere by a crash (the
 rekey log), plain images when encryption is off, extents, resize, concurrent
@@ -20,8 +20,8 @@ from typing import Callable
 
 import pytest
 
-from nicsplit.appliance import atrest, sealed
-from nicsplit.appliance.sealed import (
+from nicsplit.storage import atrest, sealed
+from nicsplit.storage.sealed import (
     BLOCK_SIZE as BS, ENTRY_SIZE, HEADER_SIZE, RUN_BLOCKS, BlobSealer, Image, SealedError, open_image, rekey_path,
     tags_path,
 )
@@ -372,7 +372,7 @@ def rekey_done(path: Path, kr: atrest.Keyring, model: bytearray, caplog: pytest.
     every byte, rekey to the end, check again: all ``blocks`` under key 2, no log."""
     size = len(model)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="nicsplit.appliance.sealed"):
+    with caplog.at_level(logging.WARNING, logger="nicsplit.storage.sealed"):
         img = open_image(path, size, kr, writable=True)
     try:
         assert recovered in caplog.text
@@ -462,7 +462,7 @@ def test_torn_blocks_read_from_the_log_until_recovered(tmp_path: Path, kr: atres
         part = rng.randbytes(100)
         img.pwrite(part, 9 * BS + 7)  # a read-modify-write of a torn block reads it from the log too
         model[9 * BS + 7 : 9 * BS + 107] = part
-        with caplog.at_level(logging.WARNING, logger="nicsplit.appliance.sealed"):
+        with caplog.at_level(logging.WARNING, logger="nicsplit.storage.sealed"):
             img.rekey()  # recovers first
         assert "recovered a rekey cut by a crash" in caplog.text
         assert img.key_usage() == {2: 101 - 6} and img.pread(0, len(model)) == model

@@ -13,12 +13,12 @@ import pytest
 
 from test_pits import Workload
 
-from nicsplit.appliance.base import read_state
-from nicsplit.appliance.journal import Journal
-from nicsplit.appliance.pits import PitIndex, add_bookmark, list_bookmarks
-from nicsplit.appliance.replica import BlockIndex, PitReader, ReplicaError
-from nicsplit.appliance.retention import Policy
-from nicsplit.appliance.trimmer import Trimmer
+from nicsplit.recovery.base import read_state
+from nicsplit.journal.writer import Journal
+from nicsplit.recovery.pits import PitIndex, add_bookmark, list_bookmarks
+from nicsplit.recovery.replica import BlockIndex, PitReader, ReplicaError
+from nicsplit.recovery.retention import Policy
+from nicsplit.recovery.trimmer import Trimmer
 
 LATER = time.time_ns() + 30 * 86400 * 10**9  # every record time of the workload is older than any window
 POLICY = Policy(keep_all_s=3600, keep_hourly_s=0)
@@ -150,7 +150,7 @@ def test_a_reference_whose_block_was_stored_again_later_survives_the_trim(tmp_pa
     before the later copy."""
     from test_pits import BS, T0, Meta, V
 
-    from nicsplit.card.records import Op
+    from nicsplit.core.records import Op
     from nicsplit.wire.frames import Record, fingerprint
 
     v = V(1, "d", 64 * BS)
@@ -174,7 +174,7 @@ def test_a_reference_whose_block_was_stored_again_later_survives_the_trim(tmp_pa
     golden[0:BS] = x
     golden[8 * BS : 9 * BS] = x
     golden[16 * BS : 17 * BS] = x
-    from nicsplit.appliance.base import BaseImages
+    from nicsplit.recovery.base import BaseImages
 
     with BaseImages(data / "appliance" / "base" / "cg1", {v.id: v.size}, writable=True) as b:
         b.apply([(1, v.id, Op.WRITE, 0, BS, x)], seq=1, time_ns=T0, first_segment=2)
@@ -187,7 +187,7 @@ def test_a_reference_whose_block_was_stored_again_later_survives_the_trim(tmp_pa
 
 
 def test_a_replica_created_after_a_trim_starts_from_the_base(tmp_path, seed):
-    from nicsplit.appliance.replica import Distributor
+    from nicsplit.recovery.replica import Distributor
 
     w, data, jd, goldens = _setup(tmp_path, seed, nbatches=50)
     sizes = {v.id: v.size for v in w.vdisks}

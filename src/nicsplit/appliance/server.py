@@ -41,7 +41,7 @@ Rules
    line: torn tails are cut, a corrupt journal aborts the start.
 7. SIGTERM / SIGINT: stop accepting, stop reading, let each connection finish
    the batch it is processing (ack it), tell the card Error(SHUTDOWN), exit 0.
-8. Distribution (`nicsplit.appliance.distribution`): one thread per CG
+8. Distribution (`nicsplit.recovery.distribution`): one thread per CG
    applies the journal to the CG's replica images behind ingest.  A group
    commit only *wakes* it (`CGDistribution.notify`, after the sync, outside
    the per-CG lock); it reads committed, durable records on its own and never
@@ -55,10 +55,10 @@ Rules
    seq, lag in records and seconds, state); ``{"cmd": "wake", "cg": CG}``
    makes a CG's distribution look at once for a failover request;
    ``{"cmd": "ping"}``.
-10. Retention (`nicsplit.appliance.trimmer`): every ``[retention] interval``
+10. Retention (`nicsplit.recovery.trimmer`): every ``[retention] interval``
    each CG's oldest segments are folded into base images and deleted per the
    policy; the last report is in ``status`` (``retention``).
-11. Image access (`nicsplit.appliance.imagehost`): ``image-export`` /
+11. Image access (`nicsplit.recovery.imagehost`): ``image-export`` /
    ``image-close`` on the control socket serve a CG at a PIT over NBD from
    the block index kept current here, so an export needs no journal scan.
 """
@@ -80,14 +80,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from nicsplit.appliance.distribution import NICE, CatalogMembers, CGDistribution, replica_dir
-from nicsplit.appliance.journal import AppendResult, BatchRejected, Journal, JournalError, JournalStatistics
-from nicsplit.appliance.pits import PitError
-from nicsplit.appliance.replica import BlockIndex
-from nicsplit.appliance.imagehost import ApplianceImages, ImageRequestError
-from nicsplit.appliance.retention import Policy
-from nicsplit.appliance.trimmer import Trimmer
-from nicsplit.control import pki
+from nicsplit.recovery.distribution import NICE, CatalogMembers, CGDistribution, replica_dir
+from nicsplit.journal.writer import AppendResult, BatchRejected, Journal, JournalError, JournalStatistics
+from nicsplit.recovery.pits import PitError
+from nicsplit.recovery.replica import BlockIndex
+from nicsplit.recovery.imagehost import ApplianceImages, ImageRequestError
+from nicsplit.recovery.retention import Policy
+from nicsplit.recovery.trimmer import Trimmer
+from nicsplit.core import pki
 from nicsplit.wire import frames as F
 
 log = logging.getLogger("nicsplit.appliance")

@@ -56,7 +56,7 @@ from typing import Any, Callable, Mapping
 
 from nicsplit.card.pipeline import CardPipeline, PipelineConfig, Shipper, tls_connector
 from nicsplit.card.pipeline.resolve import CardCatalog
-from nicsplit.card.records import AugmentedWrite
+from nicsplit.core.records import AugmentedWrite
 
 from nicsplit.card.lostlog import LostLog
 
@@ -99,7 +99,7 @@ class CardConfig:
     @classmethod
     def from_mapping(cls, data: Path, m: Mapping[str, Any]) -> "CardConfig":
         """From the ``[card]`` table; pipeline keys sit in the same table."""
-        from nicsplit.control.config import ConfigError, parse_size
+        from nicsplit.core.config import ConfigError, parse_size
 
         own = {f.name for f in fields(cls)} - {"data", "pipeline"}
         pipe = {f.name for f in fields(PipelineConfig)}
@@ -122,7 +122,7 @@ class CardConfig:
 
     @classmethod
     def load(cls, cfg: Any) -> "CardConfig":
-        """From a `nicsplit.control.config.Config`."""
+        """From a `nicsplit.core.config.Config`."""
         return cls.from_mapping(cfg.data, cfg.raw.get("card", {}))
 
 
@@ -244,7 +244,7 @@ class CardProcess:
             host = host.strip("[]") or "127.0.0.1"
             ctx = None
             if cfg.tls:
-                from nicsplit.control.pki import client_context
+                from nicsplit.core.pki import client_context
 
                 ctx = client_context(cfg.pki_dir, "card")
             connect = tls_connector(host, int(port), ctx, cfg.server_hostname or host)
@@ -472,7 +472,7 @@ async def run_card(
     connect: Callable | None = None,
     install_signals: bool = True,
 ) -> int:
-    """The card main. ``cfg``: a `CardConfig`, a `nicsplit.control.config.Config`
+    """The card main. ``cfg``: a `CardConfig`, a `nicsplit.core.config.Config`
     (its ``[card]`` table), or a mapping with ``data`` plus ``[card]`` keys.
     ``endpoint`` (any `CardEndpoint`), ``catalog`` (any `CardCatalog`),
     ``on_lost`` and ``connect`` override the defaults (ring transport,
@@ -488,7 +488,7 @@ async def run_card(
     quiet_gc()
     key = None
     if cfg.encrypt:
-        from nicsplit.control.pki import load_batch_key
+        from nicsplit.core.pki import load_batch_key
 
         key = load_batch_key(cfg.pki_dir)
     if catalog is None:

@@ -1,0 +1,1 @@
+"""Running the system: the supervisor behind ``nicsplit up``."""

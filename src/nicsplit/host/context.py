@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nicsplit.control.cgs import CGCatalog
+from nicsplit.core.cgs import CGCatalog
 from nicsplit.host.cardlink import CardLink
 from nicsplit.host.marking import DirtyMap
 from nicsplit.host.sequencer import Sequencer

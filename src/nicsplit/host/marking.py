@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from nicsplit.fsutil import atomic_write
+from nicsplit.core.fsutil import atomic_write
 
 REGION = 64 * 1024
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nicsplit.fsutil import atomic_write
+from nicsplit.core.fsutil import atomic_write
 
 RESERVE = 1 << 16
 

@@ -31,8 +31,8 @@ import signal
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from nicsplit.control.cgs import CGCatalog, CGError
-from nicsplit.control.config import Config
+from nicsplit.core.cgs import CGCatalog, CGError
+from nicsplit.core.config import Config
 from nicsplit.host.chain import Chain, VdiskView, build_chain
 from nicsplit.host.context import HostContext
 from nicsplit.host.datastore import Datastore, UnknownVdisk

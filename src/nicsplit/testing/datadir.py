@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from nicsplit.control.config import DEFAULT_TOML
+from nicsplit.core.config import DEFAULT_TOML
 from nicsplit.testing.procs import run_cli
 
 

@@ -50,7 +50,7 @@ from typing import Callable, Iterable, Union
 
 import xxhash
 
-from nicsplit.card.records import Op
+from nicsplit.core.records import Op
 
 __all__ = [
     "PROTOCOL_VERSION", "MAGIC", "MAX_BODY", "MAX_PLAIN", "BLOCK_SIZE", "FP_SIZE",
@@ -153,8 +153,8 @@ _RECORD = struct.Struct(
     "Q"  # seq: CG sequence number (>= 1)
     "Q"  # io_id: host IO id, for logs (the request id of STYLE rule 6)
     "Q"  # vdisk_id: datastore vdisk id
-    "B"  # op: nicsplit.card.records.Op (1 write, 2 zero, 3 trim, 4 barrier)
-    "B"  # flags: nicsplit.card.records.WFlag (1 = FUA)
+    "B"  # op: nicsplit.core.records.Op (1 write, 2 zero, 3 trim, 4 barrier)
+    "B"  # flags: nicsplit.core.records.WFlag (1 = FUA)
     "Q"  # offset: virtual byte offset in the vdisk
     "Q"  # length: bytes covered by the op
     "q"  # time_ns: when the write entered the splitter (ns since the epoch)

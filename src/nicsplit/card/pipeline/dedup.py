@@ -44,7 +44,7 @@ from time import monotonic_ns
 from dataclasses import dataclass
 from typing import Iterable
 
-from nicsplit.card.records import Op
+from nicsplit.core.records import Op
 from nicsplit.wire.frames import Record, fingerprint
 
 from .items import BLOCK, Item

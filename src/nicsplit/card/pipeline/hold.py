@@ -51,7 +51,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
 
-from nicsplit.card.records import AugmentedWrite, Outcome, Status
+from nicsplit.core.records import AugmentedWrite, Outcome, Status
 
 from .items import Resolved
 

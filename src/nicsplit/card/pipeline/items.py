@@ -14,14 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nicsplit.card.records import AugmentedWrite, Op
+from nicsplit.core.records import RFLAG_IN_WINDOW, AugmentedWrite, Op
 
 BLOCK = 4096  # dedup block size; also the datastore block size
-
-# Record.flags bit set by merge (merge_window_ms > 0) on every record of a
-# window except the last: no consistent point in time ends at such a record.
-# With merge off it is never set, so every record is a point in time.
-RFLAG_IN_WINDOW = 0x80
 
 
 class PipelineError(Exception):

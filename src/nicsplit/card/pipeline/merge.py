@@ -47,7 +47,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from nicsplit.card.records import Op, WFlag
+from nicsplit.core.records import Op, WFlag
 
 from .items import RFLAG_IN_WINDOW, Item, Resolved
 

@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Iterable, Mapping
 
-from nicsplit.card.records import AugmentedWrite, Op, Outcome
+from nicsplit.core.records import AugmentedWrite, Op, Outcome
 from nicsplit.wire.frames import Batch, batch_aad, encode_records
 
 from .batch import Batcher, BatchStats, Pending

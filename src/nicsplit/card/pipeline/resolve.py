@@ -31,7 +31,7 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-from nicsplit.card.records import AugmentedWrite, Op
+from nicsplit.core.records import AugmentedWrite, Op
 
 from .items import Resolved
 

@@ -24,7 +24,7 @@ order (which is seq order within each CG):
   the card reports full). The poller is never blocked.
 
 `Shipper` (asyncio) — the connection: TLS 1.3 with mutual certificates
-(``nicsplit.control.pki.client_context(pki_dir, "card")``), Hello with the
+(``nicsplit.core.pki.client_context(pki_dir, "card")``), Hello with the
 card id and its CGs, then batches out, acks in, a heartbeat every
 ``heartbeat_s``. Any error (refused, TLS, `FrameError`, Error frame, or no
 frame for ``dead_after_s`` while batches are unacked) closes the link, and it reconnects after an exponential backoff

@@ -1,7 +1,7 @@
 """The transport interface between the splitter filter and the card.
 
 A *transport* moves `AugmentedWrite` and `Outcome` records (see
-`nicsplit.card.records`) from the host's splitter filter to the card and
+`nicsplit.core.records`) from the host's splitter filter to the card and
 brings back one ack per write.  It has two halves:
 
 * `SplitterTransport` — the host half, used only by the splitter filter;
@@ -60,7 +60,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Protocol, runtime_checkable
 
-from nicsplit.card.records import AugmentedWrite, Outcome, Status
+from nicsplit.core.records import AugmentedWrite, Outcome, Status
 
 __all__ = ["TransportUnavailable", "SplitterTransport", "CardEndpoint", "TRANSPORTS", "open_splitter", "open_endpoint"]
 

@@ -83,7 +83,7 @@ from time import monotonic_ns
 from xxhash import xxh3_64_intdigest as _xxh3
 
 from nicsplit.card.hidden import DEFAULT_DATA_SIZE, DEFAULT_ENTRIES, HiddenVolume, HiddenVolumeError
-from nicsplit.card.records import AugmentedWrite, Op, Outcome, Status, WFlag
+from nicsplit.core.records import AugmentedWrite, Op, Outcome, Status, WFlag
 from nicsplit.card.transports.base import TransportUnavailable
 from nicsplit.wire import ring as R
 

@@ -27,7 +27,7 @@ import time
 
 import xxhash
 
-from nicsplit.card.records import AugmentedWrite, Op
+from nicsplit.core.records import AugmentedWrite, Op
 from nicsplit.card.transports.ring import RingEndpoint
 
 HEARTBEAT_EVERY_NS = 1_000_000  # 1 ms: 100x finer than the host's 100 ms staleness bound

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .errors import CorruptDatastore, DatastoreError
-from nicsplit.fsutil import fsync_dir
+from nicsplit.core.fsutil import fsync_dir
 
 CATALOG_FORMAT = 1
 BLOCK_SIZE = 4096

@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass
 
 from .errors import CorruptDatastore, DatastoreError
-from nicsplit.fsutil import fsync_dir
+from nicsplit.core.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import ctypes.util
 import errno
 import os
 
-from nicsplit.fsutil import fsync_dir
+from nicsplit.core.fsutil import fsync_dir
 import struct
 import uuid as _uuid
 import zlib

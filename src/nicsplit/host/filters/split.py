@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 from time import monotonic_ns, perf_counter_ns, time_ns
 
-from nicsplit.card.records import AugmentedWrite, Op, Status, WFlag
+from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag
 from nicsplit.host.chain import ChainError, Filter
 from nicsplit.host.filters.stats import Histogram
 from nicsplit.host.io import FUA

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from nicsplit.fsutil import atomic_write
+from nicsplit.core.fsutil import atomic_write
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 

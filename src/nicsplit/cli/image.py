@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nicsplit.appliance.pitcli import _cli_errors, _fmt, _seq
+from nicsplit.cli.pit import _cli_errors, _fmt, _seq
 
 # How long export waits for the server's ready line.  Ready takes one journal
 # scan (~0.3 s per 64 Ki records) plus interpreter start (~0.2 s); 60 s leaves
@@ -75,7 +75,7 @@ def _log_path(data: Path, image_id: str) -> Path:
 
 
 def _check_id(image_id: str) -> str:
-    from nicsplit.control.cli import CliError
+    from nicsplit.cli.main import CliError
 
     if not image_id or len(image_id) > 64 or not set(image_id) <= _ID_CHARS or image_id.startswith("."):
         raise CliError(f"bad image id {image_id!r}: use 1-64 of A-Z a-z 0-9 - _ .")
@@ -90,7 +90,7 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def _alive(pid: int, image_id: str) -> bool:
     """Is ``pid`` still the server of ``image_id`` (not a zombie, not a reused pid)?"""
-    from nicsplit.procutil import runs
+    from nicsplit.core.procutil import runs
 
     return runs(pid, "serve", image_id)
 
@@ -108,8 +108,8 @@ def _appliance_serves(data: Path, info: dict) -> bool:
 
 
 def _cg_vdisks(cfg: Any, cg: str) -> list[Any]:
-    from nicsplit.control.cgs import CGCatalog
-    from nicsplit.control.cli import CliError
+    from nicsplit.core.cgs import CGCatalog
+    from nicsplit.cli.main import CliError
     from nicsplit.host.datastore import Datastore
 
     CGCatalog(cfg.data).get(cg)  # unknown CG: CGError, one line
@@ -122,11 +122,11 @@ def _cg_vdisks(cfg: Any, cg: str) -> list[Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from nicsplit.control.cli import CliError
+    from nicsplit.cli.main import CliError
 
     import logging
 
-    from nicsplit.control.config import ConfigError
+    from nicsplit.core.config import ConfigError
 
     t0 = time.monotonic()
     if not getattr(args, "verbose", 0):
@@ -144,10 +144,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 @_cli_errors
 def _prepare(args: argparse.Namespace) -> tuple:
     """Everything that can fail with a user error, before the server listens."""
-    from nicsplit.appliance.pitcli import _check_cg, _index, resolve_pit
-    from nicsplit.appliance.replica import BlockIndex
-    from nicsplit.control import config as cfgmod
-    from nicsplit.control.config import parse_listen
+    from nicsplit.cli.pit import _check_cg, _index, resolve_pit
+    from nicsplit.recovery.replica import BlockIndex
+    from nicsplit.core import config as cfgmod
+    from nicsplit.core.config import parse_listen
 
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     listen = parse_listen(args.listen or "127.0.0.1:0")
@@ -168,7 +168,7 @@ async def _serve(args: argparse.Namespace, image_id: str, t0: float, cfg: Any, l
     import asyncio
     import logging
 
-    from nicsplit.appliance.image import ImageServer
+    from nicsplit.recovery.image import ImageServer
 
     idir = images_dir(cfg.data)
     idir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +198,7 @@ async def _serve(args: argparse.Namespace, image_id: str, t0: float, cfg: Any, l
             os.close(fd)
         _log_ready(image_id, args.cg, pit.seq, exports, t_index, ready_s)
         await stop.wait()
-        logging.getLogger("nicsplit.appliance.image").info("image %s: stopping (in-flight requests finish first)",
+        logging.getLogger("nicsplit.recovery.image").info("image %s: stopping (in-flight requests finish first)",
                                                            image_id)
     finally:
         await srv.stop()
@@ -209,7 +209,7 @@ async def _serve(args: argparse.Namespace, image_id: str, t0: float, cfg: Any, l
 def _log_ready(image_id: str, cg: str, seq: int, exports: dict[str, str], t_index: float, ready_s: float) -> None:
     import logging
 
-    log = logging.getLogger("nicsplit.appliance.image")
+    log = logging.getLogger("nicsplit.recovery.image")
     log.info("image %s of %s at seq %d ready in %.3f s (index %.3f s): %s", image_id, cg, seq, ready_s, t_index,
              " ".join(exports.values()))
 
@@ -258,8 +258,8 @@ def _read_line(proc: subprocess.Popen, deadline: float) -> str | None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nicsplit.control import config as cfgmod
-    from nicsplit.control.config import parse_listen
+    from nicsplit.core import config as cfgmod
+    from nicsplit.core.config import parse_listen
 
     t0 = time.monotonic()
     data = cfgmod.data_dir(args.data)
@@ -287,7 +287,7 @@ def spawn_detached(argv: list[str], logp: Path, what: str, timeout: float, *, pa
     """Start a server detached (own session, stdin closed, stderr to
     ``logp``), read its stdout until the JSON ready line and return it; its
     ``{"event": "error"}`` line, an exit or a timeout is a one-line CliError."""
-    from nicsplit.control.cli import CliError
+    from nicsplit.cli.main import CliError
 
     with open(logp, "ab") as logf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf,
@@ -324,8 +324,8 @@ def _export_in_appliance(data: Path, args: argparse.Namespace) -> dict | None:
     """The running appliance serves the image from its own block index
     (imagehost.py); None when no appliance answers (or it has no index for
     the CG): then a standalone server is started."""
-    from nicsplit.control import ctl
-    from nicsplit.control.cli import CliError
+    from nicsplit.core import ctl
+    from nicsplit.cli.main import CliError
 
     req = {"cmd": "image-export", "cg": args.cg, "at": args.at, "seq": args.seq, "bookmark": args.bookmark,
            "latest": bool(args.latest), "writable": bool(args.writable), "listen": args.listen}
@@ -380,7 +380,7 @@ def _images(data: Path) -> list[dict]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from nicsplit.control import config as cfgmod
+    from nicsplit.core import config as cfgmod
 
     data = cfgmod.load(cfgmod.data_dir(args.data)).data
     images = _images(data)
@@ -401,8 +401,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_close(args: argparse.Namespace) -> int:
-    from nicsplit.control import config as cfgmod
-    from nicsplit.control.cli import CliError
+    from nicsplit.core import config as cfgmod
+    from nicsplit.cli.main import CliError
 
     data = cfgmod.load(cfgmod.data_dir(args.data)).data
     image_id = args.id
@@ -419,7 +419,7 @@ def cmd_close(args: argparse.Namespace) -> int:
     pid = int(info.get("pid", 0))
     killed = False
     if info.get("in_appliance"):
-        from nicsplit.control import ctl
+        from nicsplit.core import ctl
 
         ctl.request(data / "run" / "appliance.sock", {"cmd": "image-close", "id": image_id}, timeout=_CLOSE_TIMEOUT)
         pid = 0  # the appliance stopped it (or is gone): never signal the appliance

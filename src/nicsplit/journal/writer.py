@@ -38,7 +38,7 @@ Rules
 7. The index (seq → entry, commit time → seq, fingerprint → block) lives in
    memory and is rebuilt by scanning the segments at open; open time is
    linear in the journal size and verifies every CRC on the way.
-8. At-rest encryption (`nicsplit.appliance.atrest`): a segment is written in
+8. At-rest encryption (`nicsplit.storage.atrest`): a segment is written in
    clear (version 1) or sealed (version 2, its header names the key id); a
    sealed RECORD keeps the wire record head in clear and seals refs + data
    with AES-256-GCM, head, entry size/tag and entry offset as associated
@@ -51,7 +51,7 @@ Rules
 9. Read-only opens with ``stop_at_damage=True`` (the PIT reader's reference
    resolution, ``journal dump``) index the committed prefix before the first
    damaged entry instead of refusing; ``damage`` says where it stopped.
-10. Retention (`nicsplit.appliance.retention`) deletes whole segments from
+10. Retention (`nicsplit.recovery.retention`) deletes whole segments from
    the oldest end (`trim`), after their records went into the base images.
    A kept record may reference a block whose only earlier copy is in a
    trimmed segment, so the journal knows, per block, the newest seq of a
@@ -81,15 +81,15 @@ from typing import Callable, Iterator, Protocol, Sequence
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from nicsplit.appliance import atrest
-from nicsplit.appliance.durable import DurableFile, Filesystem, OsFilesystem
-from nicsplit.appliance.retention import SegmentInfo
-from nicsplit.card.records import Op
+from nicsplit.storage import atrest
+from nicsplit.storage.durable import DurableFile, Filesystem, OsFilesystem
+from nicsplit.recovery.retention import SegmentInfo
+from nicsplit.core.records import Op
 from nicsplit.wire.frames import (
     BLOCK_SIZE, RECORD_HEAD_SIZE, REF_SIZE, FrameError, Record, block_spans, decode_record, decode_record_split, encode_record, expand, fingerprint,
 )
 
-log = logging.getLogger("nicsplit.appliance.journal")
+log = logging.getLogger("nicsplit.journal.writer")
 
 # 64 MiB: 4 full 16 MiB batches; small enough to read whole at open, large
 # enough that a busy CG creates a new file (and a directory fsync) rarely.

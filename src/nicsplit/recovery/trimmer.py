@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from nicsplit.appliance import atrest
-from nicsplit.appliance.base import BaseImages, base_dir
-from nicsplit.appliance.retention import Policy, TrimPlan, plan_trim
+from nicsplit.storage import atrest
+from nicsplit.recovery.base import BaseImages, base_dir
+from nicsplit.recovery.retention import Policy, TrimPlan, plan_trim
 
-log = logging.getLogger("nicsplit.appliance.retention")
+log = logging.getLogger("nicsplit.recovery.retention")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,7 @@ class TrimReport:
 
 def pins(data: Path, cg: str) -> list[int]:
     """Seqs retention must keep reachable (module docstring)."""
-    from nicsplit.appliance.pits import list_bookmarks
+    from nicsplit.recovery.pits import list_bookmarks
 
     out = [b.seq for b in list_bookmarks(data, cg) if b.locked]
     for p in (data / "run" / "images").glob("*.json"):
@@ -137,7 +137,7 @@ class Trimmer:
 
     def _drop_bookmarks(self, base_seq: int) -> None:
         """Unlocked bookmarks whose PIT is now gone."""
-        from nicsplit.appliance.pits import remove_bookmarks
+        from nicsplit.recovery.pits import remove_bookmarks
 
         gone = remove_bookmarks(self.data, self.cg, lambda b: not b.locked and b.seq <= base_seq)
         for b in gone:

@@ -12,7 +12,7 @@ Theory of operation
 The journal is a sequence of segments, oldest first. Trimming is by whole
 segments from the oldest end: a trimmed segment's records are first applied
 to the CG's **base images** (the image of each vdisk at the newest seq
-trimmed so far, `nicsplit.appliance.base`), then the file is deleted. The
+trimmed so far, `nicsplit.recovery.base`), then the file is deleted. The
 image at any PIT is then base + the journal records after the base seq, so
 every PIT at or after the base seq stays exact; older ones are gone, and the
 *protection window* starts at the base.
@@ -85,7 +85,7 @@ class Policy:
 
     @classmethod
     def from_config(cls, raw: dict[str, Any] | None) -> "Policy":
-        from nicsplit.control.config import ConfigError, parse_size
+        from nicsplit.core.config import ConfigError, parse_size
 
         raw = dict(raw or {})
         unknown = set(raw) - {"keep_all", "keep_hourly", "max_journal_size", "interval"}

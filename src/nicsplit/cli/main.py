@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from nicsplit import __version__
-from nicsplit.control import config as cfgmod
-from nicsplit.control.cgs import CGCatalog, CGError
-from nicsplit.control.config import ConfigError, parse_listen, parse_size
-from nicsplit.control.ctl import request as _ctl
+from nicsplit.core import config as cfgmod
+from nicsplit.core.cgs import CGCatalog, CGError
+from nicsplit.core.config import ConfigError, parse_listen, parse_size
+from nicsplit.core.ctl import request as _ctl
 from nicsplit.host.chain import ChainError
 
 log = logging.getLogger("nicsplit")
@@ -35,8 +35,8 @@ class CliError(Exception):
 
 
 def _datastore_errors() -> tuple[type[BaseException], ...]:
-    from nicsplit.appliance.journal import JournalError
-    from nicsplit.control.pki import PkiError
+    from nicsplit.journal.writer import JournalError
+    from nicsplit.core.pki import PkiError
     from nicsplit.host.datastore import DatastoreError
 
     return (DatastoreError, PkiError, JournalError)
@@ -51,7 +51,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     data = cfgmod.data_dir(args.data)
     cfg_file = cfgmod.write_default(data)
     cfg = cfgmod.load(data)
-    from nicsplit.control.pki import init_pki
+    from nicsplit.core.pki import init_pki
 
     init_pki(cfg.data / "pki")
     if (cfg.datastore_dir / "catalog.json").exists():
@@ -291,7 +291,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     }
     vstate = {v["name"]: v for v in (host or {}).get("status", {}).get("vdisks", [])}
     card_cgs = ((card or {}).get("stats") or {}).get("cgs", {})
-    from nicsplit.appliance.failover import status_fields  # per CG: "distribution", "failover"
+    from nicsplit.cli.failover import status_fields  # per CG: "distribution", "failover"
 
     appl = _ctl(run / "appliance.sock", {"cmd": "status"})
     appl_cgs = None if appl is None else (appl.get("status") or {}).get("cgs", {})
@@ -360,7 +360,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _window(data: Path, cg: str) -> dict | None:
     """The protection window: the oldest PIT the journal still holds (one
     read of its first commit, not a scan of the whole journal)."""
-    from nicsplit.appliance.pits import JournalScanner
+    from nicsplit.recovery.pits import JournalScanner
 
     jd = Path(data) / "appliance" / "journal" / cg
     if not jd.is_dir():
@@ -443,16 +443,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_cg_list)
 
-    from nicsplit.appliance.cli import add_parsers as add_appliance_parsers
+    from nicsplit.cli.appliance import add_parsers as add_appliance_parsers
 
     add_appliance_parsers(sub, common)
-    from nicsplit.appliance.pitcli import add_parsers as add_pit_parsers
+    from nicsplit.cli.pit import add_parsers as add_pit_parsers
 
     add_pit_parsers(sub, common)
-    from nicsplit.appliance.imagecli import add_parsers as add_image_parsers
+    from nicsplit.cli.image import add_parsers as add_image_parsers
 
     add_image_parsers(sub, common)
-    from nicsplit.appliance.failover import add_parsers as add_failover_parsers
+    from nicsplit.cli.failover import add_parsers as add_failover_parsers
 
     add_failover_parsers(sub, common)
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("nicsplit.appliance.image")
+log = logging.getLogger("nicsplit.recovery.image")
 
 
 class ImageRequestError(Exception):
@@ -41,13 +41,13 @@ class ApplianceImages:
 
     async def export(self, req: dict[str, Any], index: Any) -> dict[str, Any]:
         """Open an image of ``req["cg"]`` at the PIT its selector names."""
-        from nicsplit.appliance.image import ImageServer
-        from nicsplit.appliance.imagecli import _cg_vdisks, _info_path, _overlay_path, _write_json, images_dir
-        from nicsplit.appliance.pitcli import resolve_pit
-        from nicsplit.appliance.pits import PitError
-        from nicsplit.control import config as cfgmod
-        from nicsplit.control.cgs import CGError
-        from nicsplit.control.cli import CliError
+        from nicsplit.recovery.image import ImageServer
+        from nicsplit.cli.image import _cg_vdisks, _info_path, _overlay_path, _write_json, images_dir
+        from nicsplit.cli.pit import resolve_pit
+        from nicsplit.recovery.pits import PitError
+        from nicsplit.core import config as cfgmod
+        from nicsplit.core.cgs import CGError
+        from nicsplit.cli.main import CliError
 
         t0 = time.monotonic()
         cg = str(req.get("cg"))
@@ -83,7 +83,7 @@ class ApplianceImages:
 
     async def close(self, image_id: str) -> bool:
         """Stop an image this appliance serves; False if it serves none by that id."""
-        from nicsplit.appliance.imagecli import _info_path, _overlay_path
+        from nicsplit.cli.image import _info_path, _overlay_path
 
         srv = self.open.pop(image_id, None)
         if srv is None:

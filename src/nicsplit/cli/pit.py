@@ -7,11 +7,11 @@
 
 ``add_parsers(sub, common)`` registers them.  Every user-facing failure (an
 unknown CG, vdisk or bookmark, a PIT that does not exist, a time outside
-retention) raises ``nicsplit.control.cli.CliError``: one line, exit 1.
+retention) raises ``nicsplit.cli.main.CliError``: one line, exit 1.
 
 The commands read the journal read-only (no lock; the appliance may be
-appending): PITs come from `nicsplit.appliance.pits`, images from
-`nicsplit.appliance.replica.PitReader`.  A restore writes ``FILE.partial``
+appending): PITs come from `nicsplit.recovery.pits`, images from
+`nicsplit.recovery.replica.PitReader`.  A restore writes ``FILE.partial``
 and renames it to ``FILE`` once complete and fsynced, so an interrupted
 restore never leaves a half image under the requested name.
 
@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from nicsplit.fsutil import fsync_dir
-from nicsplit.appliance.pits import Pit, PitIndex
+from nicsplit.core.fsutil import fsync_dir
+from nicsplit.recovery.pits import Pit, PitIndex
 
 # 4 MiB per read/write of a restore: large enough to amortise a system call,
 # small enough that the progress line moves every few ms.
@@ -55,10 +55,10 @@ def _cli_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
     @functools.wraps(fn)
     def wrapper(args: argparse.Namespace) -> int:
-        from nicsplit.appliance.journal import JournalError
-        from nicsplit.appliance.pits import PitError
-        from nicsplit.control.cgs import CGError
-        from nicsplit.control.cli import CliError
+        from nicsplit.journal.writer import JournalError
+        from nicsplit.recovery.pits import PitError
+        from nicsplit.core.cgs import CGError
+        from nicsplit.cli.main import CliError
         from nicsplit.host.datastore import DatastoreError
 
         try:
@@ -71,7 +71,7 @@ def _cli_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
 def parse_time(value: str, now_ns: int | None = None) -> int:
     """``--at`` TIME → ns since the epoch (see the module docstring)."""
-    from nicsplit.control.cli import CliError
+    from nicsplit.cli.main import CliError
 
     now_ns = time.time_ns() if now_ns is None else now_ns
     v = value.strip()
@@ -101,8 +101,8 @@ def _journal_dir(data: Path, cg: str) -> Path:
 
 def _check_cg(data: Path, cg: str) -> Path:
     """The CG's journal directory; CliError for a CG nobody knows."""
-    from nicsplit.control.cgs import CGCatalog, CGError
-    from nicsplit.control.cli import CliError
+    from nicsplit.core.cgs import CGCatalog, CGError
+    from nicsplit.cli.main import CliError
 
     jd = _journal_dir(data, cg)
     if jd.is_dir():
@@ -115,7 +115,7 @@ def _check_cg(data: Path, cg: str) -> Path:
 
 
 def _index(jd: Path, cg: str) -> PitIndex:
-    from nicsplit.control.cli import CliError
+    from nicsplit.cli.main import CliError
 
     if not jd.is_dir():
         raise CliError(f"consistency group {cg} has no journal yet (no point in time)")
@@ -126,8 +126,8 @@ def resolve_pit(idx: PitIndex, data: Path, cg: str, *, at: str | None = None, se
                 bookmark: str | None = None, latest: bool = False, now_ns: int | None = None) -> Pit:
     """The PIT a command's selector names; refuses a PIT that needs a damaged
     stretch of the journal, or one inside a merge window."""
-    from nicsplit.appliance.pits import get_bookmark
-    from nicsplit.control.cli import CliError
+    from nicsplit.recovery.pits import get_bookmark
+    from nicsplit.cli.main import CliError
 
     if at is not None:
         pit = idx.pit_at(parse_time(at, now_ns))
@@ -152,9 +152,9 @@ def resolve_pit(idx: PitIndex, data: Path, cg: str, *, at: str | None = None, se
 
 @_cli_errors
 def cmd_pits(args: argparse.Namespace) -> int:
-    from nicsplit.appliance.pits import list_bookmarks
-    from nicsplit.control import config as cfgmod
-    from nicsplit.control.cli import CliError
+    from nicsplit.recovery.pits import list_bookmarks
+    from nicsplit.core import config as cfgmod
+    from nicsplit.cli.main import CliError
 
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     jd = _check_cg(cfg.data, args.cg)
@@ -165,7 +165,7 @@ def cmd_pits(args: argparse.Namespace) -> int:
     for b in list_bookmarks(cfg.data, args.cg):
         marks.setdefault(b.seq, []).append(b.name)
     if not args.all:  # the retention policy's thinning: all recent PITs, then one per hour
-        from nicsplit.appliance.retention import Policy, RetentionError, thin
+        from nicsplit.recovery.retention import Policy, RetentionError, thin
 
         try:
             policy = Policy.from_config(cfg.raw.get("retention"))
@@ -196,7 +196,7 @@ def cmd_pits(args: argparse.Namespace) -> int:
 
 def _hook(what: str, command: str, cg: str, timeout: float) -> None:
     """Run a quiesce / thaw hook through the shell; CliError unless it exits 0."""
-    from nicsplit.control.cli import CliError
+    from nicsplit.cli.main import CliError
 
     env = {**os.environ, "NICSPLIT_CG": cg, "NICSPLIT_HOOK": what}
     try:
@@ -211,8 +211,8 @@ def _hook(what: str, command: str, cg: str, timeout: float) -> None:
 def _barrier(data: Path, cg: str) -> int | None:
     """Ask the running host for a barrier in the CG's stream, acknowledged by
     the card; its seq, or None when no host runs."""
-    from nicsplit.control import ctl
-    from nicsplit.control.cli import CliError
+    from nicsplit.core import ctl
+    from nicsplit.cli.main import CliError
 
     reply = ctl.request(Path(data) / "run" / "host.sock", {"cmd": "barrier", "cg": cg}, timeout=10.0)
     if reply is None:
@@ -224,7 +224,7 @@ def _barrier(data: Path, cg: str) -> int | None:
 
 def _wait_for_pit(idx: PitIndex, seq: int, timeout: float) -> Pit:
     """The first consistent PIT at or after ``seq``, once journaled."""
-    from nicsplit.control.cli import CliError
+    from nicsplit.cli.main import CliError
 
     deadline = time.monotonic() + timeout
     pause = 0.002
@@ -245,9 +245,9 @@ def cmd_bookmark(args: argparse.Namespace) -> int:
     """Bookmark the first PIT after a barrier the card acknowledged: it covers
     every write acknowledged to a client before the command started; with
     ``--quiesce``/``--thaw`` the application flushed and paused around it."""
-    from nicsplit.appliance.pits import add_bookmark, lock_bookmark
-    from nicsplit.control import config as cfgmod
-    from nicsplit.control.cli import CliError
+    from nicsplit.recovery.pits import add_bookmark, lock_bookmark
+    from nicsplit.core import config as cfgmod
+    from nicsplit.cli.main import CliError
 
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     jd = _check_cg(cfg.data, args.cg)
@@ -347,9 +347,9 @@ def restore_to_file(reader: Any, vdisk_id: int, size: int, path: Path, *, progre
 
 @_cli_errors
 def cmd_restore(args: argparse.Namespace) -> int:
-    from nicsplit.appliance.replica import PitReader
-    from nicsplit.control import config as cfgmod
-    from nicsplit.control.cli import CliError
+    from nicsplit.recovery.replica import PitReader
+    from nicsplit.core import config as cfgmod
+    from nicsplit.cli.main import CliError
     from nicsplit.host.datastore import Datastore
 
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
@@ -427,10 +427,10 @@ def _restore_in_place(cfg: Any, v: Any, cg: str, jd: Path, args: argparse.Namesp
     read-only image server of the PIT (in this process) to the host's export."""
     import asyncio
 
-    from nicsplit.appliance.image import ImageServer
-    from nicsplit.appliance.replica import BlockIndex
-    from nicsplit.control import ctl
-    from nicsplit.control.cli import CliError
+    from nicsplit.recovery.image import ImageServer
+    from nicsplit.recovery.replica import BlockIndex
+    from nicsplit.core import ctl
+    from nicsplit.cli.main import CliError
 
     if args.to is not None or args.format != "raw":
         raise CliError("--in-place writes onto the production vdisk: it takes no --to or --format")

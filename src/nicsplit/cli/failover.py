@@ -31,7 +31,7 @@ the appliance side, at a PIT:
 5. it starts ``failover-serve`` detached, handing it the locked descriptor
    (the lock lives as long as the server), which serves every vdisk of the CG
    writable over NBD straight from the replica images
-   (`nicsplit.appliance.image.ReplicaServer`), recording every written region
+   (`nicsplit.recovery.image.ReplicaServer`), recording every written region
    in a persistent dirty bitmap (``DATA/appliance/failover/<cg>/<vdisk>.dirty``,
    one bit per 64 KiB, durable before the write);
 6. phase ``serving``: the state file names the server's pid and exports.
@@ -93,16 +93,16 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Iterable
 
-from nicsplit.appliance.distribution import (
+from nicsplit.recovery.distribution import (
     CatalogMembers, ReplicaLock, failover_state_path, replica_dir,
 )
-from nicsplit.appliance import atrest
-from nicsplit.appliance.sealed import Image, SealedError, open_image
-from nicsplit.appliance.pitcli import _cli_errors, _fmt
-from nicsplit.fsutil import atomic_write, fsync_dir
+from nicsplit.storage import atrest
+from nicsplit.storage.sealed import Image, SealedError, open_image
+from nicsplit.cli.pit import _cli_errors, _fmt
+from nicsplit.core.fsutil import atomic_write, fsync_dir
 from nicsplit.wire import nbd as N
 
-log = logging.getLogger("nicsplit.appliance.failover")
+log = logging.getLogger("nicsplit.cli.failover")
 
 STATE_VERSION = 1
 # How long failover and failback wait for a barrier through the card to be
@@ -132,7 +132,7 @@ def dirty_dir(data: str | Path, cg: str) -> Path:
 
 
 def read_state(data: str | Path, cg: str) -> dict | None:
-    from nicsplit.control.cli import CliError
+    from nicsplit.cli.main import CliError
 
     p = state_path(data, cg)
     try:
@@ -163,7 +163,7 @@ def remove_state(data: str | Path, cg: str) -> None:
 
 def _server_alive(pid: int, cg: str) -> bool:
     """Is ``pid`` still the failover server of ``cg`` (not a zombie, not a reused pid)?"""
-    from nicsplit.procutil import runs
+    from nicsplit.core.procutil import runs
 
     return runs(pid, "failover-serve", cg)
 
@@ -421,7 +421,7 @@ def copy_runs(client: NbdClient, img: Image, runs: list[tuple[int, int]], chunk:
 
 
 def _host_request(cfg: Any, cmd: dict, timeout: float = 30.0) -> dict | None:
-    from nicsplit.control.ctl import request
+    from nicsplit.core.ctl import request
 
     return request(cfg.run_dir / "host.sock", cmd, timeout)
 
@@ -429,8 +429,8 @@ def _host_request(cfg: Any, cmd: dict, timeout: float = 30.0) -> dict | None:
 def _fence(cfg: Any, cg: str, on: bool) -> str:
     """Fence (or unfence) production; "host" when the running host did it,
     "catalog" when no host runs (the role is all there is to change)."""
-    from nicsplit.control.cgs import CGCatalog
-    from nicsplit.control.cli import CliError
+    from nicsplit.core.cgs import CGCatalog
+    from nicsplit.cli.main import CliError
 
     reply = _host_request(cfg, {"cmd": "fence", "cg": cg, "on": on})
     if reply is not None and not reply.get("ok"):
@@ -485,13 +485,13 @@ class _Vd:
 
 
 def _wake_appliance(cfg: Any, cg: str) -> None:
-    from nicsplit.control.ctl import request
+    from nicsplit.core.ctl import request
 
     request(cfg.run_dir / "appliance.sock", {"cmd": "wake", "cg": cg}, 2.0)
 
 
 def _lock_replica(cfg: Any, cg: str) -> ReplicaLock:
-    from nicsplit.control.cli import CliError
+    from nicsplit.cli.main import CliError
 
     lock = ReplicaLock(cfg.data, cg)
     _wake_appliance(cfg, cg)  # the distribution thread lets go at once instead of at its next wake
@@ -520,7 +520,7 @@ def _stop_server(pid: int, cg: str) -> bool:
 
 def _spawn_server(cfg: Any, cg: str, lock: ReplicaLock, listen: str | None) -> dict:
     """Start failover-serve detached with the replica lock's descriptor; its ready line."""
-    from nicsplit.appliance.imagecli import spawn_detached
+    from nicsplit.cli.image import spawn_detached
 
     argv = [sys.executable, "-m", "nicsplit", "--data", str(cfg.data), "failover-serve", cg,
             "--lock-fd", str(lock.fileno()), "--detach-stdout"]
@@ -540,12 +540,12 @@ def _print(args: argparse.Namespace, out: dict, text: str) -> None:
 
 @_cli_errors
 def cmd_failover(args: argparse.Namespace) -> int:
-    from nicsplit.appliance.imagecli import _cg_vdisks
-    from nicsplit.appliance.pitcli import _check_cg, _index, resolve_pit
-    from nicsplit.appliance.replica import BlockIndex, Distributor
-    from nicsplit.control import config as cfgmod
-    from nicsplit.control.cli import CliError
-    from nicsplit.control.config import parse_listen
+    from nicsplit.cli.image import _cg_vdisks
+    from nicsplit.cli.pit import _check_cg, _index, resolve_pit
+    from nicsplit.recovery.replica import BlockIndex, Distributor
+    from nicsplit.core import config as cfgmod
+    from nicsplit.cli.main import CliError
+    from nicsplit.core.config import parse_listen
 
     t0 = time.monotonic()
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
@@ -619,7 +619,7 @@ def cmd_failover(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace, cfg: Any, cg: str, st: dict | None) -> int:
-    from nicsplit.control.cli import CliError
+    from nicsplit.cli.main import CliError
 
     if st is None or st.get("phase") != "serving":
         raise CliError(f"consistency group {cg} is not failed over (nothing to resume)"
@@ -644,15 +644,15 @@ def _resume(args: argparse.Namespace, cfg: Any, cg: str, st: dict | None) -> int
 
 
 def cmd_failover_serve(args: argparse.Namespace) -> int:
-    from nicsplit.appliance.imagecli import _run
-    from nicsplit.control import config as cfgmod
-    from nicsplit.control.cli import CliError
-    from nicsplit.control.config import ConfigError, parse_listen
+    from nicsplit.cli.image import _run
+    from nicsplit.core import config as cfgmod
+    from nicsplit.cli.main import CliError
+    from nicsplit.core.config import ConfigError, parse_listen
 
     if not getattr(args, "verbose", 0):
         logging.getLogger("nicsplit").setLevel(logging.INFO)  # a server logs its life (DATA/run/failover-CG.log)
-    from nicsplit.appliance.image import ReplicaServer
-    from nicsplit.appliance.pits import PitError
+    from nicsplit.recovery.image import ReplicaServer
+    from nicsplit.recovery.pits import PitError
 
     try:
         cfg = cfgmod.load(cfgmod.data_dir(args.data))
@@ -712,7 +712,7 @@ async def _serve(args: argparse.Namespace, srv: Any, listen: tuple[str, int], st
 def _production_uris(cfg: Any, args: argparse.Namespace, names: list[str]) -> dict[str, str]:
     """Where the host serves each vdisk: --production-uri, else what the host
     says (its status' addresses, else its listening TCP socket), else config."""
-    from nicsplit.control.cli import CliError
+    from nicsplit.cli.main import CliError
 
     base = args.production_uri
     if base is None:
@@ -768,10 +768,10 @@ def _listening_port(pid: int) -> int | None:
 
 @_cli_errors
 def cmd_failback(args: argparse.Namespace) -> int:
-    from nicsplit.appliance.replica import BlockIndex, PitReader
-    from nicsplit.control import config as cfgmod
-    from nicsplit.control.cgs import CGCatalog
-    from nicsplit.control.cli import CliError
+    from nicsplit.recovery.replica import BlockIndex, PitReader
+    from nicsplit.core import config as cfgmod
+    from nicsplit.core.cgs import CGCatalog
+    from nicsplit.cli.main import CliError
 
     t0 = time.monotonic()
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
@@ -879,7 +879,7 @@ def shutil_rmtree(p: Path) -> None:
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register ``failover``, ``failback`` and ``failover-serve``."""
-    from nicsplit.appliance.pitcli import _seq
+    from nicsplit.cli.pit import _seq
 
     s = sub.add_parser("failover", parents=[common],
                        help="serve a consistency group from its replicas at a point in time (production fenced)")

@@ -5,7 +5,7 @@ Theory of operation
 ===================
 **Block index** (`BlockIndex`, one per journal, shared by every reader of the
 process through `shared_index`).  Built once from the same read-only scan as
-the PIT index (`nicsplit.appliance.pits.JournalScanner`: entry and record
+the PIT index (`nicsplit.recovery.pits.JournalScanner`: entry and record
 heads only, no payload read), then extended by `refresh()` as the journal
 grows.  It holds
 
@@ -82,14 +82,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
-from nicsplit.fsutil import fsync_dir, pwrite_all, zero_range
-from nicsplit.appliance import atrest
-from nicsplit.appliance.pits import Commit, PitError, PitIndex, RecordHead
-from nicsplit.appliance.sealed import BlobSealer, Image, SealedError, open_image
-from nicsplit.card.records import Op
+from nicsplit.core.fsutil import fsync_dir, pwrite_all, zero_range
+from nicsplit.storage import atrest
+from nicsplit.recovery.pits import Commit, PitError, PitIndex, RecordHead
+from nicsplit.storage.sealed import BlobSealer, Image, SealedError, open_image
+from nicsplit.core.records import Op
 from nicsplit.wire.frames import BLOCK_SIZE, RECORD_HEAD_SIZE, REF_SIZE, Record, expand
 
-log = logging.getLogger("nicsplit.appliance.replica")
+log = logging.getLogger("nicsplit.recovery.replica")
 
 __all__ = [
     "BlockIndex", "IndexStatistics", "shared_index", "PitReader", "Extent", "ReplicaError", "Distributor",
@@ -265,7 +265,7 @@ class _RecordSource:
     silently lack the lost records (docs/recovery.md §9)."""
 
     def __init__(self, path: Path, journal: Any | None) -> None:
-        from nicsplit.appliance.journal import SegmentReader
+        from nicsplit.journal.writer import SegmentReader
 
         self.path = path
         self._resolved = Path(path).resolve()
@@ -275,8 +275,8 @@ class _RecordSource:
         self._lock = threading.Lock()
 
     def read(self, seg: int, pos: int, seq: int) -> tuple[Record, bytes]:
-        from nicsplit.appliance.journal import JournalCorrupt
-        from nicsplit.appliance.pits import known_damage
+        from nicsplit.journal.writer import JournalCorrupt
+        from nicsplit.recovery.pits import known_damage
 
         d = known_damage(self._resolved)
         if d is not None and seq >= d.first_seq:
@@ -302,8 +302,8 @@ class _RecordSource:
         """The payloads (see `read`) of records given as (segment, offset,
         seq, length) in journal order: each segment's run is read with one
         pread (`SegmentReader.read_records`)."""
-        from nicsplit.appliance.journal import JournalCorrupt
-        from nicsplit.appliance.pits import known_damage
+        from nicsplit.journal.writer import JournalCorrupt
+        from nicsplit.recovery.pits import known_damage
 
         if not items:
             return []
@@ -337,7 +337,7 @@ class _RecordSource:
         return out
 
     def _journal_for(self, seq: int) -> Any:
-        from nicsplit.appliance.journal import Journal
+        from nicsplit.journal.writer import Journal
 
         with self._lock:
             if self._journal is not None and self._journal.last_seq < seq and self._own_journal:
@@ -358,7 +358,7 @@ class _RecordSource:
 
 
 def _corrupt(msg: str) -> Exception:
-    from nicsplit.appliance.journal import JournalCorrupt
+    from nicsplit.journal.writer import JournalCorrupt
 
     return JournalCorrupt(msg)
 
@@ -391,7 +391,7 @@ class PitReader:
         self._src = _RecordSource(self.path, journal)
         # Retention's base images (base.py): the image at base.seq; records up to
         # it may be deleted, so they are read from the base (ordinals <= _floor).
-        from nicsplit.appliance.base import BaseImages
+        from nicsplit.recovery.base import BaseImages
 
         self._base = BaseImages(self.path.parent.parent / "base" / self.path.name,
                                 {v.id: v.size for v in self.vdisks.values()})
@@ -418,7 +418,7 @@ class PitReader:
     def _rebase(self) -> bool:
         """Retention moved the base forward under us (a segment we read is
         gone): re-read it; True if it moved."""
-        from nicsplit.appliance.base import read_state
+        from nicsplit.recovery.base import read_state
 
         st = read_state(self._base.path)
         if st.seq == self._base.seq:
@@ -745,7 +745,7 @@ class Distributor:
         base images (the records up to the base seq are gone): copy their
         data, fsync, then persist applied_seq = the base seq. A crash before
         that re-seeds at the next open (the copy overwrites what it wrote)."""
-        from nicsplit.appliance.base import BaseImages
+        from nicsplit.recovery.base import BaseImages
 
         with BaseImages(self.journal_dir.parent.parent / "base" / self.journal_dir.name,
                         {v.id: v.size for v in self.vdisks.values()}) as base:

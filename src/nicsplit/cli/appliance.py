@@ -9,9 +9,9 @@
     nicsplit pki init [--appliance-name NAME ...]
 
 ``add_parsers(sub, common)`` registers them on an argparse subparsers object;
-each command raises ``nicsplit.control.cli.CliError`` (one line, exit 1) on
+each command raises ``nicsplit.cli.main.CliError`` (one line, exit 1) on
 user-facing failures.  Configuration: the ``[appliance]`` table of
-nicsplit.toml, documented in DEFAULT_TOML (nicsplit.control.config).
+nicsplit.toml, documented in DEFAULT_TOML (nicsplit.core.config).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from nicsplit.control import config as cfgmod
-from nicsplit.control.config import parse_listen, parse_size
+from nicsplit.core import config as cfgmod
+from nicsplit.core.config import parse_listen, parse_size
 
 DEFAULT_LISTEN = "127.0.0.1:10810"
 
-# The documented [appliance] section lives in nicsplit.control.config.DEFAULT_TOML.
+# The documented [appliance] section lives in nicsplit.core.config.DEFAULT_TOML.
 
 _OP_NAMES = {1: "write", 2: "zero", 3: "trim", 4: "barrier"}
 
@@ -41,10 +41,10 @@ def _cli_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
     @functools.wraps(fn)
     def wrapper(args: argparse.Namespace) -> int:
-        from nicsplit.appliance.atrest import AtRestError
-        from nicsplit.appliance.journal import JournalError
-        from nicsplit.control.cli import CliError
-        from nicsplit.control.pki import PkiError
+        from nicsplit.storage.atrest import AtRestError
+        from nicsplit.journal.writer import JournalError
+        from nicsplit.cli.main import CliError
+        from nicsplit.core.pki import PkiError
 
         try:
             return fn(args)
@@ -107,7 +107,7 @@ def server_config(cfg: cfgmod.Config, listen: str | None = None):
 
 def _retention(cfg: cfgmod.Config) -> Any:
     """``[retention]`` as a `retention.Policy` (ConfigError when bad)."""
-    from nicsplit.appliance.retention import Policy, RetentionError
+    from nicsplit.recovery.retention import Policy, RetentionError
 
     try:
         return Policy.from_config(cfg.raw.get("retention"))
@@ -139,7 +139,7 @@ def at_rest_encryption(cfg: cfgmod.Config) -> bool:
 
 @_cli_errors
 def cmd_appliance_run(args: argparse.Namespace) -> int:
-    from nicsplit.appliance import atrest
+    from nicsplit.storage import atrest
     from nicsplit.appliance.server import run
 
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
@@ -152,7 +152,7 @@ def cmd_appliance_run(args: argparse.Namespace) -> int:
 
 def _key_use(data: Path) -> tuple[dict[int, dict[str, int]], list[str]]:
     """{key id: {cg: segments}} over every journal, and unreadable headers."""
-    from nicsplit.appliance.journal import segment_key_ids
+    from nicsplit.journal.writer import segment_key_ids
 
     use: dict[int, dict[str, int]] = {}
     bad: list[str] = []
@@ -170,10 +170,10 @@ def _key_use(data: Path) -> tuple[dict[int, dict[str, int]], list[str]]:
 def _image_key_use(data: Path) -> dict[int, dict[str, int]]:
     """{key id: {"<cg>/<replicas|base>": blocks or undo entries}} over every
     sealed replica and base image and every replica's undo log."""
-    from nicsplit.appliance.replica import undo_key_usage
-    from nicsplit.appliance.sealed import open_image, tags_path
+    from nicsplit.recovery.replica import undo_key_usage
+    from nicsplit.storage.sealed import open_image, tags_path
 
-    from nicsplit.appliance import atrest
+    from nicsplit.storage import atrest
 
     use: dict[int, dict[str, int]] = {}
     kr = atrest.keyring_in(Path(data) / "appliance")  # opening a sealed image checks its header's keys
@@ -202,7 +202,7 @@ def _image_key_use(data: Path) -> dict[int, dict[str, int]]:
 def cmd_appliance_keys(args: argparse.Namespace) -> int:
     """The at-rest keys and which journal segments use each: a key with no
     segments (and not active) can be retired."""
-    from nicsplit.appliance import atrest
+    from nicsplit.storage import atrest
 
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     path = atrest.keyring_path(cfg.data)
@@ -243,8 +243,8 @@ def _when(t: float) -> str:
 def cmd_appliance_rotate_key(args: argparse.Namespace) -> int:
     """Add an at-rest key; new journal segments use it from the next segment
     each journal starts (a running appliance re-reads the keyring)."""
-    from nicsplit.appliance import atrest
-    from nicsplit.control.cli import CliError
+    from nicsplit.storage import atrest
+    from nicsplit.cli.main import CliError
 
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     if not at_rest_encryption(cfg):
@@ -260,8 +260,8 @@ def cmd_appliance_rotate_key(args: argparse.Namespace) -> int:
 
 @_cli_errors
 def cmd_appliance_retire_key(args: argparse.Namespace) -> int:
-    from nicsplit.appliance import atrest
-    from nicsplit.control.cli import CliError
+    from nicsplit.storage import atrest
+    from nicsplit.cli.main import CliError
 
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     use, bad = _key_use(cfg.data)
@@ -280,7 +280,7 @@ def cmd_appliance_retire_key(args: argparse.Namespace) -> int:
 
 @_cli_errors
 def cmd_pki_init(args: argparse.Namespace) -> int:
-    from nicsplit.control.pki import init_pki
+    from nicsplit.core.pki import init_pki
 
     data = cfgmod.data_dir(args.data)
     cfg = cfgmod.load(data)
@@ -297,8 +297,8 @@ def _catalog(cfg: cfgmod.Config) -> list[Any]:
 
 
 def _open_journal(cfg: cfgmod.Config, cg: str):
-    from nicsplit.appliance.journal import Journal
-    from nicsplit.control.cli import CliError
+    from nicsplit.journal.writer import Journal
+    from nicsplit.cli.main import CliError
 
     path = journal_dir(cfg.data, cg)
     if not path.is_dir():
@@ -335,7 +335,7 @@ def cmd_journal_dump(args: argparse.Namespace) -> int:
             print(f"{row['seq']:>10} {row['vdisk']:<24} {row['op']:<8} offset={row['offset']:<14} "
                   f"length={row['length']:<10} time={row['time']:.6f}")
     if damage:
-        from nicsplit.control.cli import CliError
+        from nicsplit.cli.main import CliError
 
         sys.stdout.flush()
         raise CliError(f"{damage}; the records after it are not listed")
@@ -366,7 +366,7 @@ def _zero_range(fd: int, offset: int, length: int) -> None:
 @_cli_errors
 def cmd_journal_replay(args: argparse.Namespace) -> int:
     """Apply the journal in seq order onto fresh raw images, one per vdisk."""
-    from nicsplit.control.cli import CliError
+    from nicsplit.cli.main import CliError
 
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     if not (cfg.datastore_dir / "catalog.json").exists():

@@ -88,10 +88,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from nicsplit.fsutil import atomic_write
-from nicsplit.appliance.journal import JournalCorrupt, parse_segment_head
-from nicsplit.card.pipeline.items import RFLAG_IN_WINDOW
-from nicsplit.card.records import Op
+from nicsplit.core.fsutil import atomic_write
+from nicsplit.journal.writer import JournalCorrupt, parse_segment_head
+from nicsplit.core.records import RFLAG_IN_WINDOW
+from nicsplit.core.records import Op
 from nicsplit.wire.frames import RECORD_HEAD_SIZE
 
 __all__ = [

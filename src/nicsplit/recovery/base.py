@@ -1,6 +1,6 @@
 """Base images: each vdisk of a CG as it was at the oldest retained point in time.
 
-When retention trims the oldest journal segments (`nicsplit.appliance.retention`),
+When retention trims the oldest journal segments (`nicsplit.recovery.retention`),
 their records are first applied here, so the image at any retained PIT S is
 still exact: per block, the newest journal record <= S, else the base.
 
@@ -9,7 +9,7 @@ Layout::
     DATA/appliance/base/<cg>/v<vdisk id>.img   sparse image of the vdisk's size: sealed
                                                (AES-GCM per 4 KiB block, with its .tags
                                                sidecar) when at-rest encryption is on,
-                                               raw otherwise (`nicsplit.appliance.sealed`)
+                                               raw otherwise (`nicsplit.storage.sealed`)
     DATA/appliance/base/<cg>/state.json        {"version": 1, "seq", "time_ns", "first_segment"}
 
 ``seq`` is the newest seq applied (the base *is* the image at that seq);
@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from nicsplit.appliance import atrest
-from nicsplit.appliance.sealed import Image, open_image
-from nicsplit.card.records import Op
-from nicsplit.fsutil import atomic_write, fsync_dir
+from nicsplit.storage import atrest
+from nicsplit.storage.sealed import Image, open_image
+from nicsplit.core.records import Op
+from nicsplit.core.fsutil import atomic_write, fsync_dir
 
 VERSION = 1
 

@@ -5,7 +5,7 @@ name = vdisk name), served by the host's own NBD codec and session loop
 (`nicsplit.wire.nbd`, `nicsplit.host.server.NBDSession`), each export backed
 by a filter chain (`nicsplit.host.chain.build_chain`) whose bottom is
 `PitPlugin`, the vdisk's image at the PIT read from the journal by
-`nicsplit.appliance.replica.PitReader`.
+`nicsplit.recovery.replica.PitReader`.
 
 Theory of operation
 ===================
@@ -68,18 +68,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from nicsplit.fsutil import pwrite_all
-from nicsplit.appliance import atrest
-from nicsplit.appliance.journal import JournalError
-from nicsplit.appliance.pits import PitError
-from nicsplit.appliance.replica import BlockIndex, PitReader, VdiskLike, shared_index
-from nicsplit.appliance.sealed import SealedError, open_image
+from nicsplit.core.fsutil import pwrite_all
+from nicsplit.storage import atrest
+from nicsplit.journal.writer import JournalError
+from nicsplit.recovery.pits import PitError
+from nicsplit.recovery.replica import BlockIndex, PitReader, VdiskLike, shared_index
+from nicsplit.storage.sealed import SealedError, open_image
 from nicsplit.host.chain import Chain, ChainError, Filter, VdiskView, build_chain
 from nicsplit.host.io import EXTENT_DATA, EXTENT_HOLE_ZERO, EXTENT_ZERO, FUA, REQ_ONE, IOFailure
 from nicsplit.wire import nbd
 from nicsplit.wire.frames import BLOCK_SIZE
 
-log = logging.getLogger("nicsplit.appliance.image")
+log = logging.getLogger("nicsplit.recovery.image")
 
 __all__ = ["PitPlugin", "OverlayFilter", "OverlayStatistics", "ImageServer", "EXECUTOR_READ", "DirtyMap",
            "ReplicaPlugin", "ReplicaServer", "DIRTY_REGION"]

@@ -4,7 +4,7 @@ replica images in the background, behind ingest, never in its way.
 Theory of operation
 ===================
 One `CGDistribution` per CG, each a thread that owns one
-`nicsplit.appliance.replica.Distributor` over
+`nicsplit.recovery.replica.Distributor` over
 ``DATA/appliance/replicas/<cg>/`` (images, undo log, state.json; formats in
 docs/recovery.md §4).  Ingest wakes it (`notify`, a ``threading.Event``)
 after every group commit with the journal's new durable seq; the thread then
@@ -74,15 +74,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from nicsplit.appliance.journal import JournalError
-from nicsplit.appliance.pits import PitError
-from nicsplit.appliance import atrest
-from nicsplit.appliance.base import BaseError, base_dir
-from nicsplit.appliance.base import read_state as read_base_state
-from nicsplit.appliance.replica import Distributor, shared_index
-from nicsplit.fsutil import atomic_write
+from nicsplit.journal.writer import JournalError
+from nicsplit.recovery.pits import PitError
+from nicsplit.storage import atrest
+from nicsplit.recovery.base import BaseError, base_dir
+from nicsplit.recovery.base import read_state as read_base_state
+from nicsplit.recovery.replica import Distributor, shared_index
+from nicsplit.core.fsutil import atomic_write
 
-log = logging.getLogger("nicsplit.appliance.distribution")
+log = logging.getLogger("nicsplit.recovery.distribution")
 
 __all__ = [
     "CGDistribution", "CatalogMembers", "DistributionStatistics", "ReplicaLock", "replica_dir", "failover_state_path",

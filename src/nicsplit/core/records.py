@@ -28,6 +28,13 @@ class WFlag(enum.IntFlag):
     FUA = 1  # the client asked for FUA: also a barrier in the stream
 
 
+# Record.flags bit set by the card's merge stage (merge_window_ms > 0) on every
+# record of a window except the last: no consistent point in time ends at such
+# a record. With merge off it is never set, so every record is a point in time.
+# The WFlag bits stay below it.
+RFLAG_IN_WINDOW = 0x80
+
+
 class Status(enum.IntEnum):
     COMMITTED = 0
     FAILED = 1

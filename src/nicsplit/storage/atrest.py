@@ -64,7 +64,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from nicsplit.fsutil import atomic_write
+from nicsplit.core.fsutil import atomic_write
 
 __all__ = [
     "KEYRING_NAME", "KEY_SIZE", "NONCE_SIZE", "TAG_SIZE", "AtRestError", "Key", "Keyring", "segment_cipher",

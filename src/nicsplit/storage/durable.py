@@ -4,7 +4,7 @@ Rules
 -----
 1. The journal never calls ``open``/``os.write``/``os.fsync`` itself: it asks a
    `Filesystem` for `DurableFile` objects.  `OsFilesystem` is the real thing;
-   `nicsplit.appliance.testing.CrashFilesystem` keeps everything in memory and
+   `nicsplit.testing.appliance.CrashFilesystem` keeps everything in memory and
    can "pull the plug": unsynced writes are dropped or torn.
 2. Files are append-only: ``append()`` writes at the end; nothing is written
    at an offset.  The only other mutation is ``truncate()`` (used by the

@@ -171,15 +171,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from nicsplit.appliance.atrest import KEY_SIZE, NONCE_SIZE, TAG_SIZE, AtRestError, Keyring
-from nicsplit.fsutil import data_extents, fsync_dir, pwrite_all, zero_range
+from nicsplit.storage.atrest import KEY_SIZE, NONCE_SIZE, TAG_SIZE, AtRestError, Keyring
+from nicsplit.core.fsutil import data_extents, fsync_dir, pwrite_all, zero_range
 
 __all__ = [
     "BLOCK_SIZE", "HEADER_SIZE", "ENTRY_SIZE", "TAGS_SUFFIX", "REKEY_SUFFIX", "RUN_BLOCKS", "PIECE_BLOCKS",
     "SealedError", "Image", "PlainImage", "SealedImage", "open_image", "tags_path", "rekey_path", "BlobSealer",
 ]
 
-log = logging.getLogger("nicsplit.appliance.sealed")
+log = logging.getLogger("nicsplit.storage.sealed")
 
 BLOCK_SIZE = 4096  # the sealing unit: the page size, and what NBD clients write
 BS = BLOCK_SIZE
