@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from nicsplit.card.pipeline import RFLAG_IN_WINDOW, CardPipeline, PipelineConfig
+from nicsplit.card.pipeline import CardPipeline, PipelineConfig
+from nicsplit.core.records import RFLAG_IN_WINDOW
 from nicsplit.card.pipeline.batch import Batcher
 from nicsplit.card.pipeline.compress import Compressor
 from nicsplit.card.pipeline.dedup import Dedup

@@ -17,8 +17,6 @@ nicsplit.toml, documented in DEFAULT_TOML (nicsplit.core.config).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import functools
 import json
 import os
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nicsplit.core import config as cfgmod
+from nicsplit.core.fsutil import punch_hole
 from nicsplit.core.config import parse_listen, parse_size
 
 DEFAULT_LISTEN = "127.0.0.1:10810"
@@ -342,25 +341,6 @@ def cmd_journal_dump(args: argparse.Namespace) -> int:
     return 0
 
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def _zero_range(fd: int, offset: int, length: int) -> None:
-    """Make [offset, offset+length) read as zeros: punch a hole (sparse), or
-    write zeros where the filesystem cannot punch."""
-    if length <= 0:
-        return
-    rc = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, ctypes.c_int64(offset), ctypes.c_int64(length))
-    if rc == 0:
-        return
-    zeros = bytes(1 << 20)
-    end = offset + length
-    while offset < end:
-        n = min(len(zeros), end - offset)
-        os.pwrite(fd, zeros[:n], offset)
-        offset += n
 
 
 @_cli_errors
@@ -405,7 +385,7 @@ def cmd_journal_replay(args: argparse.Namespace) -> int:
                 if rec.op == 1:
                     os.pwrite(fd, payload, rec.offset)
                 elif rec.op in (2, 3):
-                    _zero_range(fd, rec.offset, rec.length)
+                    punch_hole(fd, rec.offset, rec.length)
                 count += 1
                 last = rec.seq
         for fd in fds.values():

@@ -4,10 +4,16 @@
 sequence reservations, bookmarks, replica state) are replaced: write a temp
 file, fsync it, rename it over the old one, fsync the directory — a reader
 sees the old or the new content, never a mix, and a crash keeps one of them.
+
+Two ways to zero a range, named for what they do to the space:
+`punch_hole` frees it, `zero_keep_allocated` keeps it reserved.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import os
 from pathlib import Path
 
@@ -37,9 +43,19 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Non
     fsync_dir(path.parent)
 
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = None
+# linux/falloc.h. os.posix_fallocate cannot punch, so fallocate(2) is called
+# through ctypes.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+# 1 MiB of zeros for the write-zeros fallback (bounded memory per call).
+_ZEROS = bytes(1 << 20)
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -51,29 +67,42 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         offset += n
 
 
-def zero_range(fd: int, offset: int, length: int) -> None:
-    """Make [offset, offset+length) of a file read as zeros: punch a hole
-    (frees the space, keeps the size), or write zeros where the file system
-    cannot."""
-    global _libc
-    if length <= 0:
-        return
-    if _libc is None:
-        import ctypes
-        import ctypes.util
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """Call fallocate(2); raise OSError with the real errno on failure."""
+    while _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, f"fallocate(mode={mode:#x}, {offset}, {length}): {os.strerror(err)}")
 
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    import ctypes
 
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, ctypes.c_int64(offset),
-                       ctypes.c_int64(length)) == 0:
-        return
-    zeros = bytes(min(length, 1 << 20))
+def write_zeros(fd: int, offset: int, length: int) -> None:
+    """pwrite zeros over [offset, offset+length)."""
     end = offset + length
     while offset < end:
-        n = min(len(zeros), end - offset)
-        os.pwrite(fd, zeros[:n], offset)
-        offset += n
+        offset += os.pwrite(fd, memoryview(_ZEROS)[: min(len(_ZEROS), end - offset)], offset)
+
+
+def _fallocate_or_zeros(fd: int, mode: int, offset: int, length: int) -> None:
+    if length <= 0:
+        return
+    try:
+        fallocate(fd, mode | FALLOC_FL_KEEP_SIZE, offset, length)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        write_zeros(fd, offset, length)  # correct, just not thin
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) read as zeros and give its space back
+    (size kept); write zeros where the file system cannot punch."""
+    _fallocate_or_zeros(fd, FALLOC_FL_PUNCH_HOLE, offset, length)
+
+
+def zero_keep_allocated(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) read as zeros and keep it allocated, so
+    a later write there cannot fail for space (FALLOC_FL_ZERO_RANGE)."""
+    _fallocate_or_zeros(fd, FALLOC_FL_ZERO_RANGE, offset, length)
 
 
 def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:

@@ -57,8 +57,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -68,7 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from nicsplit.core.fsutil import pwrite_all
+from nicsplit.core.fsutil import punch_hole, pwrite_all
 from nicsplit.storage import atrest
 from nicsplit.journal.writer import JournalError
 from nicsplit.recovery.pits import PitError
@@ -98,25 +96,6 @@ _BELOW, _DATA, _ZERO = 0, 1, 2
 _RUNS = re.compile(rb"\x00+|\x01+|\x02+")
 _OWNED_RUNS = re.compile(rb"\x00+|[\x01\x02]+")
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_ZEROS = bytes(1 << 20)
-
-
-def _punch(fd: int, offset: int, length: int) -> None:
-    """Make [offset, offset+length) of the overlay file read as zeros: punch a
-    hole (frees the space), or write zeros where the filesystem cannot."""
-    if length <= 0:
-        return
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, ctypes.c_int64(offset),
-                       ctypes.c_int64(length)) == 0:
-        return
-    end = offset + length
-    while offset < end:
-        n = min(len(_ZEROS), end - offset)
-        os.pwrite(fd, _ZEROS[:n], offset)
-        offset += n
 
 
 # -- the plugin: a vdisk at a PIT -----------------------------------------------------------
@@ -265,7 +244,7 @@ class OverlayFilter(Filter):
             # the partial edges (now owned) get zeros written into them.
             f0 = -(-offset // BS)
             f1 = end // BS if end < self.size else len(self._map)
-            _punch(self._fd, offset, length)
+            punch_hole(self._fd, offset, length)
             if f0 < f1:
                 self._map[f0:f1] = b"\x02" * (f1 - f0)
         self._zeroes += 1

@@ -82,7 +82,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
-from nicsplit.core.fsutil import fsync_dir, pwrite_all, zero_range
+from nicsplit.core.fsutil import fsync_dir, pwrite_all, punch_hole
 from nicsplit.storage import atrest
 from nicsplit.recovery.pits import Commit, PitError, PitIndex, RecordHead
 from nicsplit.storage.sealed import BlobSealer, Image, SealedError, open_image
@@ -877,7 +877,7 @@ class Distributor:
 
     def _recover(self, rollback_to: int | None) -> None:
         if self._undo_start:
-            zero_range(self._undo, 0, self._undo_start)  # a trim cut between its state and its punch
+            punch_hole(self._undo, 0, self._undo_start)  # a trim cut between its state and its punch
         entries, end = self._scan_undo(self._undo_start, self._undo_end)
         if rollback_to is not None:  # rule 4: finish an interrupted rollback
             self._undo_seq.extend(s for s, _ in entries)
@@ -1094,7 +1094,7 @@ class Distributor:
         self._undo_start = cut
         self._write_state(self.applied_seq, self._undo_end)
         self._fp("undo-trim-persisted")
-        zero_range(self._undo, 0, cut)
+        punch_hole(self._undo, 0, cut)
         del self._undo_seq[:i]
         del self._undo_off[:i]
         return i

@@ -172,7 +172,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from nicsplit.storage.atrest import KEY_SIZE, NONCE_SIZE, TAG_SIZE, AtRestError, Keyring
-from nicsplit.core.fsutil import data_extents, fsync_dir, pwrite_all, zero_range
+from nicsplit.core.fsutil import data_extents, fsync_dir, pwrite_all, punch_hole
 
 __all__ = [
     "BLOCK_SIZE", "HEADER_SIZE", "ENTRY_SIZE", "TAGS_SUFFIX", "REKEY_SUFFIX", "RUN_BLOCKS", "PIECE_BLOCKS",
@@ -577,7 +577,7 @@ class PlainImage(Image):
     def zero(self, offset: int, length: int) -> None:
         self._check_writable("zero")
         self._check(offset, length)
-        zero_range(self._fd, offset, length)
+        punch_hole(self._fd, offset, length)
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         self._check(offset, length)
@@ -1040,8 +1040,8 @@ class SealedImage(Image):
             if end > f1 * BS and f1 * BS < stored:
                 self._zero_part(f1 * BS, end)
             # Entries first: a block whose data is punched under a live entry would fail (rule 1).
-            zero_range(self._tfd, HEADER_SIZE + f0 * ENTRY_SIZE, (f1 - f0) * ENTRY_SIZE)
-            zero_range(self._fd, f0 * BS, min(f1 * BS, stored) - f0 * BS)
+            punch_hole(self._tfd, HEADER_SIZE + f0 * ENTRY_SIZE, (f1 - f0) * ENTRY_SIZE)
+            punch_hole(self._fd, f0 * BS, min(f1 * BS, stored) - f0 * BS)
 
     def _zero_part(self, lo: int, hi: int) -> None:
         """Zero [lo, hi), inside one block: nothing if the block is unwritten."""
@@ -1052,8 +1052,8 @@ class SealedImage(Image):
         block = bytearray(self._decrypt_run(blk, blk + 1, strict=True)[:n])
         block[lo - blk * BS : hi - blk * BS] = bytes(hi - lo)
         if block.count(0) == n:  # nothing left: clear it like a whole-block zero
-            zero_range(self._tfd, HEADER_SIZE + blk * ENTRY_SIZE, ENTRY_SIZE)
-            zero_range(self._fd, blk * BS, n)
+            punch_hole(self._tfd, HEADER_SIZE + blk * ENTRY_SIZE, ENTRY_SIZE)
+            punch_hole(self._fd, blk * BS, n)
         else:
             kid, aes = self._sealing()
             self._seal_run(blk, memoryview(block), kid, aes)

@@ -24,14 +24,14 @@ from .compress import Compressor
 from .dedup import Dedup
 from .encrypt import Encryptor
 from .hold import Hold
-from .items import RFLAG_IN_WINDOW, Item, Resolved
+from .items import Item, Resolved
 from .merge import Merger
 from .pipeline import CardPipeline, PipelineConfig, PipelineStats
 from .resolve import CardCatalog, Resolver
 from .ship import LinkDown, Shipper, ShipWindow, tls_connector
 
 __all__ = [
-    "Batcher", "Pending", "Compressor", "Dedup", "Encryptor", "Hold", "RFLAG_IN_WINDOW", "Item", "Resolved",
+    "Batcher", "Pending", "Compressor", "Dedup", "Encryptor", "Hold", "Item", "Resolved",
     "Merger", "CardPipeline", "PipelineConfig", "PipelineStats", "CardCatalog", "Resolver", "LinkDown",
     "Shipper", "ShipWindow", "tls_connector",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nicsplit.core.records import RFLAG_IN_WINDOW, AugmentedWrite, Op
+from nicsplit.core.records import AugmentedWrite, Op
 
 BLOCK = 4096  # dedup block size; also the datastore block size
 

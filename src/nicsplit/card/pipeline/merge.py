@@ -47,9 +47,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from nicsplit.core.records import Op, WFlag
+from nicsplit.core.records import RFLAG_IN_WINDOW, Op, WFlag
 
-from .items import RFLAG_IN_WINDOW, Item, Resolved
+from .items import Item, Resolved
 
 
 class _Window:

@@ -50,11 +50,13 @@ import uuid as _uuid
 from dataclasses import dataclass
 from typing import Any
 
+from nicsplit.core.fsutil import punch_hole, zero_keep_allocated
+
 from . import catalog as _catalog
 from .catalog import BLOCK_SIZE, MUTABLE_FIELDS, CatalogData, CatalogFile, VdiskInfo
 from .errors import CorruptDatastore, DatastoreBusy, DatastoreError, UnknownVdisk, VdiskExists
 from .extentlog import OP_MAP, OP_UNMAP, ExtentLog, Record, encode_record
-from .volume import check_extent_size, create_volume, open_volume, punch_hole, volume_name, zero_range
+from .volume import check_extent_size, create_volume, open_volume, volume_name
 
 log = logging.getLogger(__name__)
 
@@ -686,7 +688,7 @@ class VdiskStore:
             ent = m.get(i)
             if keep:
                 vol, fd, base = ent if ent is not None else self._entry_for_write(i)
-                zero_range(fd, base + off, k)
+                zero_keep_allocated(fd, base + off, k)
                 self._vmeta[vol] = True
             elif ent is not None:
                 # An extent is "whole" if the range covers all of it that lies inside the vdisk.

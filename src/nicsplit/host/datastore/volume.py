@@ -9,21 +9,18 @@ Rules:
   an allocated extent is never short.
 - Freed space is given back with ``fallocate(PUNCH_HOLE | KEEP_SIZE)``; a
   punched range reads zeros, which is what makes extent reuse safe.
-- ``os.posix_fallocate`` cannot punch, so `fallocate(2)` is called through
-  ctypes. Filesystems without ZERO_RANGE fall back to writing zeros.
+- Filesystems without PUNCH_HOLE or ZERO_RANGE fall back to writing zeros
+  (`nicsplit.core.fsutil`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import os
-
-from nicsplit.core.fsutil import fsync_dir
 import struct
 import uuid as _uuid
 import zlib
+
+from nicsplit.core.fsutil import fsync_dir
 
 from .errors import CorruptDatastore, DatastoreError
 
@@ -43,57 +40,8 @@ VOLUME_HEADER = struct.Struct(
 )
 assert VOLUME_HEADER.size == 52
 
-# linux/falloc.h
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-
-# 1 MiB of zeros for the write-zeros fallback (bounded memory per call).
-_ZEROS = bytes(1 << 20)
-
-
 def volume_name(index: int) -> str:
     return f"vol-{index:04d}.dsk"
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """Call fallocate(2); raise OSError with the real errno on failure."""
-    while _fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        if err != errno.EINTR:
-            raise OSError(err, f"fallocate(mode={mode:#x}, {offset}, {length}): {os.strerror(err)}")
-
-
-def write_zeros(fd: int, offset: int, length: int) -> None:
-    end = offset + length
-    while offset < end:
-        n = os.pwrite(fd, memoryview(_ZEROS)[: min(len(_ZEROS), end - offset)], offset)
-        offset += n
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Deallocate a range; it reads zeros afterwards (partial blocks zeroed)."""
-    try:
-        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-            raise
-        write_zeros(fd, offset, length)  # correct, just not thin
-
-
-def zero_range(fd: int, offset: int, length: int) -> None:
-    """Zero a range and keep it allocated."""
-    try:
-        fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-            raise
-        write_zeros(fd, offset, length)
 
 
 def encode_header(index: int, ds_uuid: _uuid.UUID, extent_size: int, volume_size: int) -> bytes:
