@@ -31,7 +31,10 @@ def test_kill9_during_fio_then_verify(data, seed, tmp_path, flush):
     extra = ["--fsync=8"] if flush else []  # nbd engine: fsync=N sends NBD_CMD_FLUSH
     try:
         p = subprocess.run(
-            _fio(host.uri("disk1"), seed, "--verify_state_save=1", "--trigger-timeout=1", f"--trigger=kill -9 {host.pid}", *extra),
+            # Paced so the job cannot finish before the trigger (256 MiB at
+            # 64 MiB/s is 4 s; unpaced it once ended in 0.65 s, before the kill).
+            _fio(host.uri("disk1"), seed, "--verify_state_save=1", "--trigger-timeout=1", f"--trigger=kill -9 {host.pid}",
+                 "--rate=64m", *extra),
             cwd=tmp_path, capture_output=True, text=True, timeout=120,
         )
         assert host.proc.wait(30) == -signal.SIGKILL, f"fio's trigger did not kill the host:\n{p.stdout}{p.stderr}"

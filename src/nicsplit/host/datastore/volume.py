@@ -50,13 +50,21 @@ def encode_header(index: int, ds_uuid: _uuid.UUID, extent_size: int, volume_size
 
 
 def create_volume(dirpath: str, index: int, ds_uuid: _uuid.UUID, extent_size: int, volume_size: int) -> int:
-    """Create vol-<index>.dsk with its header extent, durably; return an O_RDWR fd."""
+    """Create vol-<index>.dsk with its header extent, durably; return an O_RDWR fd.
+
+    The volume is built under a temporary name and linked into place whole:
+    volumes are found by listing the directory, so a crash mid-create must
+    leave no volume or a complete one, never a file without its header.
+    ``link`` (unlike ``rename``) refuses an existing name, as O_EXCL did."""
     path = os.path.join(dirpath, volume_name(index))
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.pwrite(fd, encode_header(index, ds_uuid, extent_size, volume_size), 0)
         os.ftruncate(fd, extent_size)
         os.fsync(fd)
+        os.link(tmp, path)
+        os.unlink(tmp)
         fsync_dir(dirpath)
     except BaseException:
         os.close(fd)
