@@ -97,7 +97,8 @@ from nicsplit.recovery.distribution import (
     CatalogMembers, ReplicaLock, failover_state_path, replica_dir,
 )
 from nicsplit.storage import atrest
-from nicsplit.storage.sealed import Image, SealedError, open_image
+from nicsplit.storage.image import Image, open_image
+from nicsplit.storage.sealing import SealedError
 from nicsplit.cli.pit import _cli_errors, _fmt
 from nicsplit.core.fsutil import atomic_write, fsync_dir
 from nicsplit.wire import nbd as N

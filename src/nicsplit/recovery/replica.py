@@ -85,9 +85,11 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 from nicsplit.core.fsutil import fsync_dir, pwrite_all, punch_hole
 from nicsplit.storage import atrest
 from nicsplit.recovery.pits import Commit, PitError, PitIndex, RecordHead
-from nicsplit.storage.sealed import BlobSealer, Image, SealedError, open_image
-from nicsplit.core.records import Op
-from nicsplit.wire.frames import BLOCK_SIZE, RECORD_HEAD_SIZE, REF_SIZE, Record, expand
+from nicsplit.storage.blob import BlobSealer
+from nicsplit.storage.image import Image, open_image
+from nicsplit.storage.sealing import SealedError
+from nicsplit.core.records import BLOCK_SIZE, Op
+from nicsplit.wire.frames import RECORD_HEAD_SIZE, REF_SIZE, Record, expand
 
 log = logging.getLogger("nicsplit.recovery.replica")
 
@@ -645,7 +647,7 @@ assert _UNDO.size == 40
 UNDO_MAGIC = b"NSUN"
 UNDO_DATA = 1
 UNDO_ZEROS = 2
-UNDO_SEALED = 3  # the replaced bytes follow sealed (`sealed.BlobSealer`, the 36 head bytes as AAD)
+UNDO_SEALED = 3  # the replaced bytes follow sealed (`storage.blob.BlobSealer`, the 36 head bytes as AAD)
 _UNDO_PAYLOAD = {UNDO_DATA: 0, UNDO_ZEROS: None, UNDO_SEALED: BlobSealer.SEALED_OVERHEAD}  # bytes beyond length
 STATE_VERSION = 1
 
