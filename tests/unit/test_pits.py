@@ -26,7 +26,8 @@ from nicsplit.recovery.pits import (
     RFLAG_IN_WINDOW, BookmarkError, JournalScanner, NoSuchPit, Pit, PitIndex, add_bookmark, bookmarks_path,
     get_bookmark, list_bookmarks, list_pits,
 )
-from nicsplit.recovery.replica import BlockIndex, PitReader, ReplicaError
+from nicsplit.recovery.blockindex import BlockIndex, ReplicaError
+from nicsplit.recovery.reader import PitReader
 from nicsplit.core.records import BLOCK_SIZE, Op
 from nicsplit.wire.frames import Record, fingerprint
 

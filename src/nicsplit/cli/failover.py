@@ -543,7 +543,8 @@ def _print(args: argparse.Namespace, out: dict, text: str) -> None:
 def cmd_failover(args: argparse.Namespace) -> int:
     from nicsplit.cli.image import _cg_vdisks
     from nicsplit.cli.pit import _check_cg, _index, resolve_pit
-    from nicsplit.recovery.replica import BlockIndex, Distributor
+    from nicsplit.recovery.blockindex import BlockIndex
+    from nicsplit.recovery.replica import Distributor
     from nicsplit.core import config as cfgmod
     from nicsplit.cli.main import CliError
     from nicsplit.core.config import parse_listen
@@ -769,7 +770,8 @@ def _listening_port(pid: int) -> int | None:
 
 @_cli_errors
 def cmd_failback(args: argparse.Namespace) -> int:
-    from nicsplit.recovery.replica import BlockIndex, PitReader
+    from nicsplit.recovery.blockindex import BlockIndex
+    from nicsplit.recovery.reader import PitReader
     from nicsplit.core import config as cfgmod
     from nicsplit.core.cgs import CGCatalog
     from nicsplit.cli.main import CliError

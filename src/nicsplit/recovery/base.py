@@ -44,6 +44,7 @@ from nicsplit.storage import atrest
 from nicsplit.storage.image import Image, open_image
 from nicsplit.core.records import Op
 from nicsplit.core.fsutil import atomic_write, fsync_dir
+from nicsplit.core.layout import Layout
 
 VERSION = 1
 
@@ -59,8 +60,12 @@ class BaseState:
     first_segment: int = 1
 
 
-def base_dir(data: str | Path, cg: str) -> Path:
-    return Path(data) / "appliance" / "base" / cg
+def base_of_journal(journal_dir: str | Path) -> Path:
+    """The base directory of the CG whose journal is ``journal_dir``: where
+    `Layout.base` is when `Layout.journal` is ``journal_dir``, relative to
+    their appliance directory (tests place that anywhere)."""
+    jd = Path(journal_dir)
+    return jd.parent.parent / Layout(".").bases.name / jd.name
 
 
 def read_state(path: str | Path) -> BaseState:

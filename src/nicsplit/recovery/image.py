@@ -70,7 +70,8 @@ from nicsplit.core.fsutil import punch_hole, pwrite_all
 from nicsplit.storage import atrest
 from nicsplit.journal.writer import JournalError
 from nicsplit.recovery.pits import PitError
-from nicsplit.recovery.replica import BlockIndex, PitReader, VdiskLike, shared_index
+from nicsplit.recovery.blockindex import BlockIndex, shared_index
+from nicsplit.recovery.reader import PitReader, VdiskLike
 from nicsplit.storage.image import open_image
 from nicsplit.storage.sealing import SealedError
 from nicsplit.host.chain import Chain, ChainError, Filter, VdiskView, build_chain
