@@ -1,4 +1,4 @@
-"""Images at rest (`nicsplit.storage.sealed`): plain and sealed images
+"""Images at rest (`nicsplit.storage`: image, sealed, rekey, blob): plain and sealed images
 against a byte model, no plaintext on disk, tampering and torn blocks, wrong
 and missing keys, rotation and rekey, a rekey cut anywhere by a crash (the
 rekey log), plain images when encryption is off, extents, resize, concurrent
