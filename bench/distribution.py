@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import cpu_seconds, fio_cmd, git_state, loadavg, run_fio  # noqa: E402
 from nicsplit.storage import atrest  # noqa: E402
-from nicsplit.storage.sealed import open_image  # noqa: E402
+from nicsplit.storage.image import open_image  # noqa: E402
 from nicsplit.core.ctl import request  # noqa: E402
 from nicsplit.testing.datadir import init_data  # noqa: E402
 from nicsplit.testing.procs import UpProcess, run_cli, wait_for  # noqa: E402

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from nicsplit.core.records import AugmentedWrite, Op, WFlag
-from nicsplit.card.transports.ring import RingSplitter
+from nicsplit.card.transports.ring_splitter import RingSplitter
 from nicsplit.wire import ring as R
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from nicsplit.storage import atrest
-from nicsplit.storage.sealed import open_image
+from nicsplit.storage.image import open_image
 from nicsplit.core.ctl import request
 from nicsplit.testing.datadir import init_data
 from nicsplit.testing.procs import UpProcess, nbd_connect, run_cli, wait_for

@@ -22,7 +22,8 @@ from nicsplit.journal.writer import (
     SEALED_OVERHEAD, Journal, JournalCorrupt, JournalError, SegmentReader, segment_key_ids,
 )
 from nicsplit.recovery.pits import PitIndex
-from nicsplit.recovery.replica import BlockIndex, PitReader
+from nicsplit.recovery.blockindex import BlockIndex
+from nicsplit.recovery.reader import PitReader
 from nicsplit.testing.appliance import CrashFilesystem
 from nicsplit.core.records import Op
 from nicsplit.testing.procs import run_cli

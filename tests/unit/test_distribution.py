@@ -28,8 +28,9 @@ from nicsplit.recovery.distribution import (
 from nicsplit.cli.failover import NbdClient, NbdError, copy_runs, failback_regions
 from nicsplit.recovery.image import DIRTY_REGION, DirtyMap, ReplicaServer
 from nicsplit.journal.writer import Journal
-from nicsplit.recovery.replica import BlockIndex, Distributor
-from nicsplit.storage.sealed import open_image
+from nicsplit.recovery.blockindex import BlockIndex
+from nicsplit.recovery.replica import Distributor
+from nicsplit.storage.image import open_image
 from nicsplit.core.records import Op
 from nicsplit.testing.procs import NbdkitProcess, import_libnbd, libnbd_errno, wait_for
 from nicsplit.wire.frames import Record

@@ -24,7 +24,7 @@ import pytest
 from test_pits import BS, T0, Meta, Workload
 from nicsplit.recovery.image import ImageServer
 from nicsplit.journal.writer import Journal
-from nicsplit.recovery.replica import BlockIndex
+from nicsplit.recovery.blockindex import BlockIndex
 from nicsplit.core.records import Op
 from nicsplit.testing.procs import import_libnbd, libnbd_errno, run_cli, wait_for
 from nicsplit.wire.frames import Record
@@ -423,7 +423,7 @@ def _hours_journal(jd: Path, total: int, vdisk, rec_size: int, rng: random.Rando
 
 @pytest.mark.parametrize("total,rec_size", [(256 << 20, 4096), (1 << 30, 64 << 10)], ids=["256MiB-4k", "1GiB-64k"])
 def test_export_ready_time_with_a_large_journal(tmp_path: Path, seed: int, total: int, rec_size: int):
-    from nicsplit.recovery.replica import PitReader
+    from nicsplit.recovery.reader import PitReader
     from nicsplit.host.datastore import Datastore
     from nicsplit.testing.datadir import init_data
 

@@ -21,7 +21,9 @@ from test_replica import golden_at
 from nicsplit.storage import atrest
 from nicsplit.journal.writer import Journal, JournalCorrupt
 from nicsplit.recovery.pits import Commit, JournalScanner, Pit, PitIndex, RecordHead, UnusablePit, known_damage
-from nicsplit.recovery.replica import BlockIndex, Distributor, PitReader
+from nicsplit.recovery.blockindex import BlockIndex
+from nicsplit.recovery.reader import PitReader
+from nicsplit.recovery.replica import Distributor
 from nicsplit.core.records import Op
 from nicsplit.testing.procs import run_cli
 from nicsplit.wire.frames import RECORD_HEAD_SIZE

@@ -26,9 +26,10 @@ from nicsplit.recovery.pits import (
     RFLAG_IN_WINDOW, BookmarkError, JournalScanner, NoSuchPit, Pit, PitIndex, add_bookmark, bookmarks_path,
     get_bookmark, list_bookmarks, list_pits,
 )
-from nicsplit.recovery.replica import BlockIndex, PitReader, ReplicaError
-from nicsplit.core.records import Op
-from nicsplit.wire.frames import BLOCK_SIZE, Record, fingerprint
+from nicsplit.recovery.blockindex import BlockIndex, ReplicaError
+from nicsplit.recovery.reader import PitReader
+from nicsplit.core.records import BLOCK_SIZE, Op
+from nicsplit.wire.frames import Record, fingerprint
 
 BS = BLOCK_SIZE
 T0 = 1_700_000_000 * 10**9  # ns; record times are T0 + seq * 1 ms

@@ -21,8 +21,11 @@ from test_pits import BS, T0, Meta, V, Workload
 
 from nicsplit.storage import atrest
 from nicsplit.journal.writer import Journal
-from nicsplit.recovery.replica import BlockIndex, Distributor, PitReader, ReplicaError, undo_key_usage
-from nicsplit.storage.sealed import ENTRY_SIZE, HEADER_SIZE, SealedError, open_image
+from nicsplit.recovery.blockindex import BlockIndex, ReplicaError
+from nicsplit.recovery.reader import PitReader
+from nicsplit.recovery.replica import Distributor, undo_key_usage
+from nicsplit.storage.image import open_image
+from nicsplit.storage.sealing import ENTRY_SIZE, HEADER_SIZE, SealedError
 from nicsplit.core.records import Op
 from nicsplit.wire.frames import Record
 

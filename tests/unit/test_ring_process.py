@@ -15,7 +15,7 @@ import pytest
 import xxhash
 
 from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag
-from nicsplit.card.transports.ring import RingSplitter
+from nicsplit.card.transports.ring_splitter import RingSplitter
 from nicsplit.testing.procs import wait_for
 
 MS = 1_000_000

@@ -15,7 +15,8 @@ from nicsplit.card.hidden import HiddenVolume
 from nicsplit.core.records import AugmentedWrite, Op, Outcome, Status, WFlag
 from nicsplit.card.transports import base
 from nicsplit.card.transports.base import CardEndpoint, SplitterTransport, TransportUnavailable
-from nicsplit.card.transports.ring import RingEndpoint, RingSplitter
+from nicsplit.card.transports.ring_endpoint import RingEndpoint
+from nicsplit.card.transports.ring_splitter import RingSplitter
 from nicsplit.testing.procs import wait_for
 from nicsplit.wire import ring as R
 

@@ -1,4 +1,4 @@
-"""Images at rest (`nicsplit.storage.sealed`): plain and sealed images
+"""Images at rest (`nicsplit.storage`: image, sealed, rekey, blob): plain and sealed images
 against a byte model, no plaintext on disk, tampering and torn blocks, wrong
 and missing keys, rotation and rekey, a rekey cut anywhere by a crash (the
 rekey log), plain images when encryption is off, extents, resize, concurrent
@@ -20,11 +20,11 @@ from typing import Callable
 
 import pytest
 
-from nicsplit.storage import atrest, sealed
-from nicsplit.storage.sealed import (
-    BLOCK_SIZE as BS, ENTRY_SIZE, HEADER_SIZE, RUN_BLOCKS, BlobSealer, Image, SealedError, open_image, rekey_path,
-    tags_path,
-)
+from nicsplit.storage import atrest, rekey, sealed, sealing
+from nicsplit.storage.blob import BlobSealer
+from nicsplit.storage.image import Image, open_image
+from nicsplit.storage.rekey import rekey_path
+from nicsplit.storage.sealing import BS, ENTRY_SIZE, HEADER_SIZE, RUN_BLOCKS, SealedError, tags_path
 
 # A plaintext no cipher output would contain: 4 KiB of a repeated marker.
 MARKER = b"NICSPLIT-PLAINTEXT-MARKER:"
@@ -267,7 +267,7 @@ def test_wrong_or_missing_key(tmp_path: Path, kr: atrest.Keyring):
 
 def test_rotation_then_rekey(tmp_path: Path, kr: atrest.Keyring, rng: random.Random,
                              monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(sealed, "PIECE_BLOCKS", 200)  # several pieces, each of several runs
+    monkeypatch.setattr(rekey, "PIECE_BLOCKS", 200)  # several pieces, each of several runs
     path = tmp_path / "disk.img"
     size = RUN_BLOCKS * BS + 40 * BS + 512  # rekey goes run by run, to the short last block
     model = bytearray(size)
@@ -332,14 +332,15 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, where: str, nth: int = 1,
         if name == where and seen[name] == nth:
             raise Crash(f"{name} #{nth}")
 
-    monkeypatch.setattr(sealed, "failpoint", fp)
+    monkeypatch.setattr(rekey, "failpoint", fp)
     return seen
 
 
 @pytest.fixture
 def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pieces of 24 blocks locked 8 at a time: a small image has several of each."""
-    monkeypatch.setattr(sealed, "PIECE_BLOCKS", 24)
+    monkeypatch.setattr(rekey, "PIECE_BLOCKS", 24)
+    monkeypatch.setattr(rekey, "RUN_BLOCKS", 8)
     monkeypatch.setattr(sealed, "RUN_BLOCKS", 8)
 
 
@@ -372,7 +373,7 @@ def rekey_done(path: Path, kr: atrest.Keyring, model: bytearray, caplog: pytest.
     every byte, rekey to the end, check again: all ``blocks`` under key 2, no log."""
     size = len(model)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="nicsplit.storage.sealed"):
+    with caplog.at_level(logging.WARNING, logger="nicsplit.storage.rekey"):
         img = open_image(path, size, kr, writable=True)
     try:
         assert recovered in caplog.text
@@ -421,7 +422,7 @@ def test_rekey_cut_anywhere_loses_nothing(tmp_path: Path, kr: atrest.Keyring, rn
     with pytest.raises(Crash):
         img.rekey()
     img.close()  # no fsync: the crash
-    monkeypatch.setattr(sealed, "failpoint", None)
+    monkeypatch.setattr(rekey, "failpoint", None)
     assert seen[where] == nth and rekey_path(path).stat().st_size > 0
     if power == "data-lost":
         path.write_bytes(snap["data"])
@@ -447,7 +448,7 @@ def test_torn_blocks_read_from_the_log_until_recovered(tmp_path: Path, kr: atres
     try:
         with pytest.raises(Crash):
             img.rekey()
-        monkeypatch.setattr(sealed, "failpoint", None)
+        monkeypatch.setattr(rekey, "failpoint", None)
         # without the log: torn
         bare = tmp_path / "bare"
         bare.mkdir()
@@ -462,7 +463,7 @@ def test_torn_blocks_read_from_the_log_until_recovered(tmp_path: Path, kr: atres
         part = rng.randbytes(100)
         img.pwrite(part, 9 * BS + 7)  # a read-modify-write of a torn block reads it from the log too
         model[9 * BS + 7 : 9 * BS + 107] = part
-        with caplog.at_level(logging.WARNING, logger="nicsplit.storage.sealed"):
+        with caplog.at_level(logging.WARNING, logger="nicsplit.storage.rekey"):
             img.rekey()  # recovers first
         assert "recovered a rekey cut by a crash" in caplog.text
         assert img.key_usage() == {2: 101 - 6} and img.pread(0, len(model)) == model
@@ -484,7 +485,7 @@ def test_a_damaged_or_void_rekey_log_is_deleted(tmp_path: Path, kr: atrest.Keyri
     with pytest.raises(Crash):
         img.rekey()
     img.close()
-    monkeypatch.setattr(sealed, "failpoint", None)
+    monkeypatch.setattr(rekey, "failpoint", None)
     rpath = rekey_path(path)
     raw = bytearray(rpath.read_bytes())
     if damage == "cut-short":
@@ -512,8 +513,8 @@ def test_rekey_log_format(tmp_path: Path, kr: atrest.Keyring, rng: random.Random
     path = tmp_path / "disk.img"
     model = rotated(path, kr, rng)
     synced_dirs: list[Path] = []
-    real_fsync_dir = sealed.fsync_dir
-    monkeypatch.setattr(sealed, "fsync_dir", lambda d: (synced_dirs.append(Path(d)), real_fsync_dir(d)))
+    real_fsync_dir = rekey.fsync_dir
+    monkeypatch.setattr(rekey, "fsync_dir", lambda d: (synced_dirs.append(Path(d)), real_fsync_dir(d)))
     logs: list[bytes] = []
 
     def hook(name: str) -> None:
@@ -573,7 +574,7 @@ def test_key_usage_counts_the_old_key_of_a_pending_log(tmp_path: Path, kr: atres
     img = open_image(path, len(model), kr, writable=True)
     with pytest.raises(Crash):
         img.rekey()
-    monkeypatch.setattr(sealed, "failpoint", None)
+    monkeypatch.setattr(rekey, "failpoint", None)
     try:
         usage = img.key_usage()
         assert usage[2] == 101 - 6 and 0 < usage[1] <= 24  # live: all key 2; logged: the last piece
@@ -610,7 +611,7 @@ def test_recovery_keeps_writes_made_after_the_log(tmp_path: Path, kr: atrest.Key
     with pytest.raises(Crash):
         img.rekey()
     img.close()
-    monkeypatch.setattr(sealed, "failpoint", None)
+    monkeypatch.setattr(rekey, "failpoint", None)
     path.write_bytes(snap["data"])  # the power loss: every block re-sealed in that piece is torn
     with open_image(path, len(model), kr, writable=False) as ro:
         assert ro.pread(0, len(model)) == model
@@ -667,7 +668,7 @@ def test_rotation_reaches_an_open_image_within_a_second(tmp_path: Path, kr: atre
     with open_image(path, 4 * BS, kr, writable=True, create=True) as img:
         img.pwrite(b"a" * BS, 0)
         atrest.rotate(kr.path)  # another process: this Keyring object is not told
-        monkeypatch.setattr(sealed, "_REFRESH_S", 0.0)  # instead of waiting a second
+        monkeypatch.setattr(sealing, "_REFRESH_S", 0.0)  # instead of waiting a second
         img.pwrite(b"b" * BS, BS)
         assert img.key_usage() == {1: 1, 2: 1}
 

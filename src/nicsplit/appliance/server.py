@@ -83,7 +83,7 @@ from typing import Any, Callable
 from nicsplit.recovery.distribution import NICE, CatalogMembers, CGDistribution, replica_dir
 from nicsplit.journal.writer import AppendResult, BatchRejected, Journal, JournalError, JournalStatistics
 from nicsplit.recovery.pits import PitError
-from nicsplit.recovery.replica import BlockIndex
+from nicsplit.recovery.blockindex import BlockIndex
 from nicsplit.recovery.imagehost import ApplianceImages, ImageRequestError
 from nicsplit.recovery.retention import Policy
 from nicsplit.recovery.trimmer import Trimmer

@@ -170,7 +170,8 @@ def _image_key_use(data: Path) -> dict[int, dict[str, int]]:
     """{key id: {"<cg>/<replicas|base>": blocks or undo entries}} over every
     sealed replica and base image and every replica's undo log."""
     from nicsplit.recovery.replica import undo_key_usage
-    from nicsplit.storage.sealed import open_image, tags_path
+    from nicsplit.storage.image import open_image
+    from nicsplit.storage.sealing import tags_path
 
     from nicsplit.storage import atrest
 

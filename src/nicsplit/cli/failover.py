@@ -97,7 +97,8 @@ from nicsplit.recovery.distribution import (
     CatalogMembers, ReplicaLock, failover_state_path, replica_dir,
 )
 from nicsplit.storage import atrest
-from nicsplit.storage.sealed import Image, SealedError, open_image
+from nicsplit.storage.image import Image, open_image
+from nicsplit.storage.sealing import SealedError
 from nicsplit.cli.pit import _cli_errors, _fmt
 from nicsplit.core.fsutil import atomic_write, fsync_dir
 from nicsplit.wire import nbd as N
@@ -542,7 +543,8 @@ def _print(args: argparse.Namespace, out: dict, text: str) -> None:
 def cmd_failover(args: argparse.Namespace) -> int:
     from nicsplit.cli.image import _cg_vdisks
     from nicsplit.cli.pit import _check_cg, _index, resolve_pit
-    from nicsplit.recovery.replica import BlockIndex, Distributor
+    from nicsplit.recovery.blockindex import BlockIndex
+    from nicsplit.recovery.replica import Distributor
     from nicsplit.core import config as cfgmod
     from nicsplit.cli.main import CliError
     from nicsplit.core.config import parse_listen
@@ -768,7 +770,8 @@ def _listening_port(pid: int) -> int | None:
 
 @_cli_errors
 def cmd_failback(args: argparse.Namespace) -> int:
-    from nicsplit.recovery.replica import BlockIndex, PitReader
+    from nicsplit.recovery.blockindex import BlockIndex
+    from nicsplit.recovery.reader import PitReader
     from nicsplit.core import config as cfgmod
     from nicsplit.core.cgs import CGCatalog
     from nicsplit.cli.main import CliError

@@ -145,7 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> tuple:
     """Everything that can fail with a user error, before the server listens."""
     from nicsplit.cli.pit import _check_cg, _index, resolve_pit
-    from nicsplit.recovery.replica import BlockIndex
+    from nicsplit.recovery.blockindex import BlockIndex
     from nicsplit.core import config as cfgmod
     from nicsplit.core.config import parse_listen
 

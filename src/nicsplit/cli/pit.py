@@ -347,7 +347,7 @@ def restore_to_file(reader: Any, vdisk_id: int, size: int, path: Path, *, progre
 
 @_cli_errors
 def cmd_restore(args: argparse.Namespace) -> int:
-    from nicsplit.recovery.replica import PitReader
+    from nicsplit.recovery.reader import PitReader
     from nicsplit.core import config as cfgmod
     from nicsplit.cli.main import CliError
     from nicsplit.host.datastore import Datastore
@@ -428,7 +428,7 @@ def _restore_in_place(cfg: Any, v: Any, cg: str, jd: Path, args: argparse.Namesp
     import asyncio
 
     from nicsplit.recovery.image import ImageServer
-    from nicsplit.recovery.replica import BlockIndex
+    from nicsplit.recovery.blockindex import BlockIndex
     from nicsplit.core import ctl
     from nicsplit.cli.main import CliError
 

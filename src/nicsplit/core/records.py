@@ -15,6 +15,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+# The block: 4 KiB is the page size (mmap, O_DIRECT and fallocate work in
+# pages), the smallest write NBD clients and filesystems issue, and the unit
+# the whole system shares: the datastore allocates in it, the card dedups in
+# it, the journal's references point at it, and sealed images seal it.
+BLOCK_SIZE = 4096
+
 
 class Op(enum.IntEnum):
     WRITE = 1  # data follows

@@ -9,7 +9,7 @@ Layout::
     DATA/appliance/base/<cg>/v<vdisk id>.img   sparse image of the vdisk's size: sealed
                                                (AES-GCM per 4 KiB block, with its .tags
                                                sidecar) when at-rest encryption is on,
-                                               raw otherwise (`nicsplit.storage.sealed`)
+                                               raw otherwise (`nicsplit.storage.image`)
     DATA/appliance/base/<cg>/state.json        {"version": 1, "seq", "time_ns", "first_segment"}
 
 ``seq`` is the newest seq applied (the base *is* the image at that seq);
@@ -41,9 +41,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from nicsplit.storage import atrest
-from nicsplit.storage.sealed import Image, open_image
+from nicsplit.storage.image import Image, open_image
 from nicsplit.core.records import Op
 from nicsplit.core.fsutil import atomic_write, fsync_dir
+from nicsplit.core.layout import Layout
 
 VERSION = 1
 
@@ -59,8 +60,12 @@ class BaseState:
     first_segment: int = 1
 
 
-def base_dir(data: str | Path, cg: str) -> Path:
-    return Path(data) / "appliance" / "base" / cg
+def base_of_journal(journal_dir: str | Path) -> Path:
+    """The base directory of the CG whose journal is ``journal_dir``: where
+    `Layout.base` is when `Layout.journal` is ``journal_dir``, relative to
+    their appliance directory (tests place that anywhere)."""
+    jd = Path(journal_dir)
+    return jd.parent.parent / Layout(".").bases.name / jd.name
 
 
 def read_state(path: str | Path) -> BaseState:

@@ -55,7 +55,7 @@ durable (wall clock of this appliance; 0 when caught up).
 
 Example::
 
-    dist = CGDistribution(data, "cg1", journal_dir, members=CatalogMembers(data / "datastore", "cg1", replica_dir(data, "cg1")),
+    dist = CGDistribution(data, "cg1", journal_dir, members=CatalogMembers(Layout(data).datastore, "cg1", Layout(data).replica("cg1")),
                           durable=lambda: journal.durable_seq, journal=journal)
     dist.start(); ...; dist.notify(journal.durable_seq); ...; dist.stop(); dist.join()
 """
@@ -77,10 +77,13 @@ from typing import Any, Callable
 from nicsplit.journal.writer import JournalError
 from nicsplit.recovery.pits import PitError
 from nicsplit.storage import atrest
-from nicsplit.recovery.base import BaseError, base_dir
+from nicsplit.recovery.base import BaseError
 from nicsplit.recovery.base import read_state as read_base_state
-from nicsplit.recovery.replica import Distributor, shared_index
+from nicsplit.recovery.blockindex import shared_index
+from nicsplit.recovery.replica import Distributor
 from nicsplit.core.fsutil import atomic_write
+from nicsplit.core.layout import CATALOG_NAME, Layout
+from nicsplit.host.datastore import Datastore
 
 log = logging.getLogger("nicsplit.recovery.distribution")
 
@@ -113,11 +116,13 @@ _BACKOFF = (1.0, 60.0)
 
 
 def replica_dir(data: str | Path, cg: str) -> Path:
-    return Path(data) / "appliance" / "replicas" / cg
+    """`Layout.replica` (for callers that hold a data directory, not a Layout)."""
+    return Layout(data).replica(cg)
 
 
 def failover_state_path(data: str | Path, cg: str) -> Path:
-    return Path(data) / "appliance" / "failover" / f"{cg}.json"
+    """`Layout.failover_state` (for callers that hold a data directory, not a Layout)."""
+    return Layout(data).failover_state(cg)
 
 
 def paused(data: str | Path, cg: str) -> bool:
@@ -129,7 +134,7 @@ class ReplicaLock:
     """The exclusive flock of one replica directory (rule 3)."""
 
     def __init__(self, data: str | Path, cg: str) -> None:
-        self.path = Path(data) / "appliance" / "replicas" / f"{cg}.lock"
+        self.path = Layout(data).replica_lock(cg)
         self._fd = -1
 
     @property
@@ -184,10 +189,8 @@ class CatalogMembers:
     def __call__(self) -> tuple[_Vd, ...] | None:
         """The members now (None: no datastore catalog on this machine);
         re-read only when the catalog file changed."""
-        from nicsplit.host.datastore import Datastore
-
         if self._ds is None:
-            if not (self.datastore_dir / "catalog.json").exists():
+            if not (self.datastore_dir / CATALOG_NAME).exists():
                 return None
             self._ds = Datastore.open(self.datastore_dir)
         elif not self._ds.reload_catalog() and self._last is not None:
@@ -260,7 +263,7 @@ class CGDistribution:
         self.data = Path(data)
         self.cg = cg
         self.journal_dir = Path(journal_dir)
-        self.dir = replica_dir(self.data, cg)
+        self.dir = Layout(self.data).replica(cg)
         self._members = members
         self._durable = durable
         self._journal = journal
@@ -478,7 +481,7 @@ class CGDistribution:
             return
         self._undo_trimmed_at = now
         try:
-            base_seq = read_base_state(base_dir(self.data, self.cg)).seq
+            base_seq = read_base_state(Layout(self.data).base(self.cg)).seq
         except BaseError as e:
             log.warning("distribution of %s: not trimming the undo log: %s", self.cg, e)
             return

@@ -70,12 +70,14 @@ from nicsplit.core.fsutil import punch_hole, pwrite_all
 from nicsplit.storage import atrest
 from nicsplit.journal.writer import JournalError
 from nicsplit.recovery.pits import PitError
-from nicsplit.recovery.replica import BlockIndex, PitReader, VdiskLike, shared_index
-from nicsplit.storage.sealed import SealedError, open_image
+from nicsplit.recovery.blockindex import BlockIndex, shared_index
+from nicsplit.recovery.reader import PitReader, VdiskLike
+from nicsplit.storage.image import open_image
+from nicsplit.storage.sealing import SealedError
 from nicsplit.host.chain import Chain, ChainError, Filter, VdiskView, build_chain
 from nicsplit.host.io import EXTENT_DATA, EXTENT_HOLE_ZERO, EXTENT_ZERO, FUA, REQ_ONE, IOFailure
 from nicsplit.wire import nbd
-from nicsplit.wire.frames import BLOCK_SIZE
+from nicsplit.core.records import BLOCK_SIZE
 
 log = logging.getLogger("nicsplit.recovery.image")
 

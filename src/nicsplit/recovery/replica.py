@@ -1,45 +1,18 @@
-"""Images of a CG at any point in time: the block index, the PIT reader, and
-distribution to replica images with undo data (RecoverPoint's do/undo).
+"""Distribution: a CG's journal applied in seq order to replica images,
+keeping undo data (RecoverPoint's do/undo).
 
 Theory of operation
 ===================
-**Block index** (`BlockIndex`, one per journal, shared by every reader of the
-process through `shared_index`).  Built once from the same read-only scan as
-the PIT index (`nicsplit.recovery.pits.JournalScanner`: entry and record
-heads only, no payload read), then extended by `refresh()` as the journal
-grows.  It holds
-
-* a record table, one row per WRITE / ZERO / TRIM record in seq order, in
-  parallel ``array`` columns (seq, segment, entry offset, vdisk offset, length,
-  vdisk id, op): 45 bytes per record.  A row's number is its *ordinal*;
-  ordinals and seqs sort the same way, so "latest version <= seq S" is "largest ordinal <= the
-  ordinal of S", found once per PIT by one bisect over the seq column;
-* per vdisk and 4 KiB block, the ordinals of the records that touch it, in
-  ascending order: ``single`` (an ``array('I')``, 4 bytes per block) holds the
-  one ordinal (+1; 0 = never written) of a block written once, and blocks
-  written more than once move to ``multi[block]`` (an ``array('I')`` of
-  ordinals), marked ``MULTI`` in ``single``.  A 1 GiB vdisk written once costs
-  1 MiB of index plus the record table.
-
-**PIT reader** (`PitReader`): the image of a vdisk at PIT seq S is, per byte,
-the newest record <= S that covers it (WRITE: its payload, ZERO/TRIM: zeros),
-zeros if none.  Per block: bisect the block's ordinals for the newest <= S,
-walk back while records cover the block only partly (unaligned writes), then
-lay them over zeros oldest first.  Nothing is replayed: a PIT of any age is
-ready as soon as its ordinal is found (one bisect), hence well within 1 s.
-Payloads are read from the segment files with their entry CRC checked
-(own read-only descriptors; the writer's objects are never touched), with a
-small LRU of decoded records so sequential reads of a large record read it
-once.  Deduplicated blocks (references) are resolved through the Journal's
-block index (`Journal.read_block` when present, else `Journal.records`).
-
-**Distribution** (`Distributor`): applies the journal in seq order to one raw
-sparse image per vdisk (``DATA/appliance/replicas/<cg>/<vdisk>.img``); before
-a step touches the images it appends the bytes each record replaces to the
-undo log (write-ahead, fsynced), then writes and fsyncs the images, then
-atomically persists ``applied_seq``.  `undo_to(seq)` rolls the replica back to
-an earlier PIT by laying the undo entries newer than it over the images in
-reverse order.  docs/recovery.md §4–5 give the formats and invariants.
+`Distributor` applies the journal in seq order to one image per vdisk
+(``Layout.replica(cg) / <vdisk>.img``, sealed at rest when the keyring has
+an active key: `nicsplit.storage.image`); before a step touches the images
+it appends the bytes each record replaces to the undo log (write-ahead,
+fsynced), then writes and fsyncs the images, then atomically persists
+``applied_seq``.  `undo_to(seq)` rolls the replica back to an earlier PIT by
+laying the undo entries newer than it over the images in reverse order.
+Records are found through the block index (`nicsplit.recovery.blockindex`)
+and read like the PIT reader reads them (`nicsplit.recovery.reader`).
+docs/recovery.md §4–5 give the formats and invariants.
 
 Rules
 -----
@@ -59,10 +32,7 @@ Rules
 
 Example::
 
-    idx = shared_index(journal_dir)
-    with PitReader(journal_dir, vdisks_of_cg, idx.pits.latest().seq, index=idx) as r:
-        r.pread(vdisk_id, 0, 65536); r.extents(vdisk_id, 0, size)
-    d = Distributor(journal_dir, data / "appliance/replicas/cg1", vdisks_of_cg)
+    d = Distributor(journal_dir, Layout(data).replica("cg1"), vdisks_of_cg)
     while d.step(256): pass
 """
 
@@ -73,562 +43,26 @@ import json
 import logging
 import os
 import struct
-import sys
-import threading
 import zlib
 from array import array
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable
 
-from nicsplit.core.fsutil import fsync_dir, pwrite_all, punch_hole
+from nicsplit.core.fsutil import fsync_dir, punch_hole
+from nicsplit.core.records import BLOCK_SIZE, Op
+from nicsplit.recovery.base import BaseImages, base_of_journal
+from nicsplit.recovery.blockindex import BlockIndex, ReplicaError, shared_index
+from nicsplit.recovery.reader import RecordSource, VdiskLike
 from nicsplit.storage import atrest
-from nicsplit.recovery.pits import Commit, PitError, PitIndex, RecordHead
-from nicsplit.storage.sealed import BlobSealer, Image, SealedError, open_image
-from nicsplit.core.records import Op
-from nicsplit.wire.frames import BLOCK_SIZE, RECORD_HEAD_SIZE, REF_SIZE, Record, expand
+from nicsplit.storage.blob import BlobSealer
+from nicsplit.storage.image import Image, open_image
+from nicsplit.storage.sealing import SealedError
 
 log = logging.getLogger("nicsplit.recovery.replica")
 
-__all__ = [
-    "BlockIndex", "IndexStatistics", "shared_index", "PitReader", "Extent", "ReplicaError", "Distributor",
-    "DistributorStatistics", "VdiskLike",
-]
-
-MULTI = 0xFFFFFFFF  # in ``single``: the block's ordinals are in ``multi``
-_MAX_ENTRY_OVERHEAD = 12 + RECORD_HEAD_SIZE + 12 + 16  # entry head, record head, sealed nonce and tag
-assert array("I").itemsize == 4 and array("Q").itemsize == 8
-
-# 64 MiB of decoded payloads per reader: four of the largest (16 MiB) batches'
-# records, or 16,384 4 KiB records — enough that a sequential read never
-# decodes a record twice.
-_CACHE_BYTES = 64 << 20
-
-
-class ReplicaError(PitError):
-    """A replica or reader cannot do what was asked (one clear line)."""
-
-
-class VdiskLike(Protocol):
-    id: int
-    name: str
-    size: int
-
-
-# -- block index -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class IndexStatistics:
-    records: int  # WRITE / ZERO / TRIM records indexed
-    pits: int
-    vdisks: int
-    blocks: int  # (vdisk, block) pairs ever written
-    versions: int  # (block, record) pairs
-    multi_blocks: int  # blocks written more than once
-    memory_bytes: int  # arrays + per-block containers (estimate, sys.getsizeof)
-
-
-class _Vdisk:
-    __slots__ = ("single", "multi", "blocks", "versions")
-
-    def __init__(self) -> None:
-        self.single = array("I")
-        self.multi: dict[int, array] = {}
-        self.blocks = 0
-        self.versions = 0
-
-
-class BlockIndex:
-    """Record table + per-vdisk block → ordinals (see the module docstring).
-    `refresh()` may run in one thread while readers read in others: columns
-    only grow, and a block's ``multi`` array exists before ``single`` says so."""
-
-    def __init__(self, journal_dir: str | Path) -> None:
-        self.path = Path(journal_dir)
-        self.rec_seq = array("Q")
-        self.rec_seg = array("I")
-        self.rec_pos = array("Q")
-        self.rec_off = array("Q")
-        self.rec_len = array("Q")
-        self.rec_vdisk = array("Q")
-        self.rec_op = array("B")
-        self._vd: dict[int, _Vdisk] = {}
-        self.pits = PitIndex(self.path, on_batch=self._add)  # scans and fills us through _add
-
-    def refresh(self) -> int:
-        """Index what was committed since; returns the number of new PITs."""
-        return self.pits.refresh()
-
-    def _add(self, commit: Commit, recs: list[RecordHead]) -> None:
-        for r in recs:
-            if r.op == Op.BARRIER or r.length == 0:
-                continue
-            o = len(self.rec_seq)
-            if o + 1 >= MULTI:
-                raise ReplicaError(f"journal {self.path}: more than {MULTI - 2} records; the block index is full")
-            self.rec_seq.append(r.seq)
-            self.rec_seg.append(r.segment)
-            self.rec_pos.append(r.pos)
-            self.rec_off.append(r.offset)
-            self.rec_len.append(r.length)
-            self.rec_vdisk.append(r.vdisk_id)
-            self.rec_op.append(r.op)
-            vd = self._vd.get(r.vdisk_id)
-            if vd is None:
-                vd = self._vd[r.vdisk_id] = _Vdisk()
-            b0 = r.offset // BLOCK_SIZE
-            b1 = (r.offset + r.length - 1) // BLOCK_SIZE
-            single, multi = vd.single, vd.multi
-            if b1 >= len(single):
-                single.frombytes(bytes(4 * (b1 + 1 - len(single) + (b1 >> 3))))  # grow by 1/8 ahead
-            v1 = o + 1
-            new = 0
-            for b in range(b0, b1 + 1):
-                v = single[b]
-                if v == 0:
-                    single[b] = v1
-                    new += 1
-                elif v == MULTI:
-                    multi[b].append(o)
-                else:
-                    multi[b] = array("I", (v - 1, o))
-                    single[b] = MULTI
-            vd.blocks += new
-            vd.versions += b1 + 1 - b0
-
-    def vdisk_ids(self) -> list[int]:
-        return sorted(self._vd)
-
-    def extent(self) -> tuple[int, int]:
-        """(records indexed, seq of the newest PIT), read together: a PIT's
-        records are indexed under the same lock that publishes it."""
-        with self.pits._lock:
-            return len(self.rec_seq), (self.pits._seq[-1] if len(self.pits) else 0)
-
-    def ordinal_upto(self, seq: int) -> int:
-        """The ordinal of the newest record with seq <= ``seq`` (-1 if none)."""
-        return bisect.bisect_right(self.rec_seq, seq) - 1
-
-    def versions(self, vdisk_id: int, block: int, upto: int) -> tuple[Any, int]:
-        """(ordinals, n): the block's ordinals <= ``upto`` are ordinals[:n]."""
-        vd = self._vd.get(vdisk_id)
-        if vd is None or block >= len(vd.single):
-            return (), 0
-        v = vd.single[block]
-        if v == 0:
-            return (), 0
-        if v != MULTI:
-            return (v - 1,), 1 if v - 1 <= upto else 0
-        arr = vd.multi[block]
-        return arr, bisect.bisect_right(arr, upto)
-
-    def statistics(self) -> IndexStatistics:
-        cols = (self.rec_seq, self.rec_seg, self.rec_pos, self.rec_off, self.rec_len, self.rec_vdisk, self.rec_op)
-        mem = sum(sys.getsizeof(c) for c in cols) + sys.getsizeof(self._vd)
-        blocks = versions = multi = 0
-        for vd in self._vd.values():
-            mem += sys.getsizeof(vd.single) + sys.getsizeof(vd.multi) + sum(sys.getsizeof(a) for a in vd.multi.values())
-            blocks += vd.blocks
-            versions += vd.versions
-            multi += len(vd.multi)
-        return IndexStatistics(len(self.rec_seq), len(self.pits), len(self._vd), blocks, versions, multi, mem)
-
-
-_shared: dict[Path, BlockIndex] = {}
-_shared_lock = threading.Lock()
-
-
-def shared_index(journal_dir: str | Path) -> BlockIndex:
-    """The process's one `BlockIndex` of a journal, refreshed (incrementally)."""
-    key = Path(journal_dir).resolve()
-    with _shared_lock:
-        idx = _shared.get(key)
-        if idx is None:
-            idx = _shared[key] = BlockIndex(key)
-            return idx
-    idx.refresh()
-    return idx
-
-
-# -- reading records -------------------------------------------------------------------------
-
-
-class _RecordSource:
-    """Read committed records at (segment, offset) through the journal's own
-    read path (`journal.SegmentReader`: our own read-only descriptors, entry
-    CRC checked, sealed records decrypted — the one place that decrypts);
-    references are resolved through a Journal opened read-only on first need
-    (or the one given).  A record at or after a damaged stretch of the
-    journal (`pits.known_damage`) is refused: an image or a replica must not
-    silently lack the lost records (docs/recovery.md §9)."""
-
-    def __init__(self, path: Path, journal: Any | None) -> None:
-        from nicsplit.journal.writer import SegmentReader
-
-        self.path = path
-        self._resolved = Path(path).resolve()
-        self._journal = journal
-        self._own_journal = False
-        self._files = SegmentReader(path)
-        self._lock = threading.Lock()
-
-    def read(self, seg: int, pos: int, seq: int) -> tuple[Record, bytes]:
-        from nicsplit.journal.writer import JournalCorrupt
-        from nicsplit.recovery.pits import known_damage
-
-        d = known_damage(self._resolved)
-        if d is not None and seq >= d.first_seq:
-            raise JournalCorrupt(f"record seq {seq} is not readable: {d.describe()}")
-        where = f"journal {self.path}: {seg:08d}.seg offset {pos}"
-        try:
-            rec = self._files.read_record(seg, pos)
-        except JournalCorrupt as e:
-            raise JournalCorrupt(f"{e} (needed for seq {seq})") from None
-        if rec.seq != seq:
-            raise _corrupt(f"{where}: holds seq {rec.seq}, the index says {seq}")
-        if not rec.refs:
-            return rec, rec.data if rec.op == Op.WRITE else b""
-        j = self._journal_for(seq)
-        read_block = getattr(j, "read_block", None)  # public lookup, when the journal offers one
-        if read_block is not None:
-            return rec, expand(rec, read_block)
-        for r, data in j.records(seq, seq):
-            return r, data
-        raise _corrupt(f"{where}: seq {seq} is not in the journal's own index")
-
-    def read_many(self, items: list[tuple[int, int, int, int]]) -> list[bytes]:
-        """The payloads (see `read`) of records given as (segment, offset,
-        seq, length) in journal order: each segment's run is read with one
-        pread (`SegmentReader.read_records`)."""
-        from nicsplit.journal.writer import JournalCorrupt
-        from nicsplit.recovery.pits import known_damage
-
-        if not items:
-            return []
-        d = known_damage(self._resolved)
-        if d is not None and items[-1][2] >= d.first_seq:
-            bad = next(seq for _, _, seq, _ in items if seq >= d.first_seq)
-            raise JournalCorrupt(f"record seq {bad} is not readable: {d.describe()}")
-        out: list[bytes] = []
-        i = 0
-        while i < len(items):
-            seg = items[i][0]
-            j = i
-            while j < len(items) and items[j][0] == seg:
-                j += 1
-            _, pos, _, length = items[j - 1]
-            # The last entry ends before: entry head, record head, nonce + tag, refs (at most one per block), data.
-            end = pos + _MAX_ENTRY_OVERHEAD + length + (length // BLOCK_SIZE + 1) * REF_SIZE
-            try:
-                recs = self._files.read_records(seg, [p for _, p, _, _ in items[i:j]], end)
-            except JournalCorrupt as e:
-                raise JournalCorrupt(f"{e} (needed for seqs {items[i][2]}..{items[j - 1][2]})") from None
-            for (_, p, seq, _), rec in zip(items[i:j], recs):
-                if rec.seq != seq:
-                    raise _corrupt(f"journal {self.path}: {seg:08d}.seg offset {p}: holds seq {rec.seq}, "
-                                   f"the index says {seq}")
-                if not rec.refs:
-                    out.append(rec.data if rec.op == Op.WRITE else b"")
-                else:
-                    out.append(self.read(seg, p, seq)[1])  # references: resolved the one-record way
-            i = j
-        return out
-
-    def _journal_for(self, seq: int) -> Any:
-        from nicsplit.journal.writer import Journal
-
-        with self._lock:
-            if self._journal is not None and self._journal.last_seq < seq and self._own_journal:
-                self._journal.close()
-                self._journal = None
-            if self._journal is None:
-                # stop_at_damage: the blocks before a damaged stretch still resolve
-                self._journal = Journal.open(self.path, readonly=True, stop_at_damage=True)
-                self._own_journal = True
-            return self._journal
-
-    def close(self) -> None:
-        with self._lock:
-            self._files.close()
-            if self._own_journal and self._journal is not None:
-                self._journal.close()
-                self._journal = None
-
-
-def _corrupt(msg: str) -> Exception:
-    from nicsplit.journal.writer import JournalCorrupt
-
-    return JournalCorrupt(msg)
-
-
-# -- PIT reader -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Extent:
-    offset: int
-    length: int
-    kind: str  # "data" (written), "zero" (last made zero / trimmed), "hole" (never written)
-
-
-class PitReader:
-    """Read-only image of every vdisk of a CG at PIT ``upto_seq``, served from
-    the journal through the block index (module docstring).  Thread-safe."""
-
-    def __init__(self, journal_dir: str | Path, catalog_vdisks: Iterable[VdiskLike], upto_seq: int, *,
-                 index: BlockIndex | None = None, journal: Any | None = None,
-                 cache_bytes: int = _CACHE_BYTES) -> None:
-        self.path = Path(journal_dir)
-        self.index = index if index is not None else shared_index(self.path)
-        last = self.index.pits.latest(consistent=False).seq if len(self.index.pits) else 0
-        if upto_seq > last:
-            raise ReplicaError(f"seq {upto_seq} is beyond the journal's last point in time (seq {last})")
-        self.upto_seq = upto_seq
-        self._u = self.index.ordinal_upto(upto_seq)
-        self.vdisks = {v.id: v for v in catalog_vdisks}
-        self._src = _RecordSource(self.path, journal)
-        # Retention's base images (base.py): the image at base.seq; records up to
-        # it may be deleted, so they are read from the base (ordinals <= _floor).
-        from nicsplit.recovery.base import BaseImages
-
-        self._base = BaseImages(self.path.parent.parent / "base" / self.path.name,
-                                {v.id: v.size for v in self.vdisks.values()})
-        self._floor = self.index.ordinal_upto(self._base.seq) if self._base.seq else -1
-        if self._base.seq > upto_seq:
-            self._base.close()
-            raise ReplicaError(f"seq {upto_seq} is older than the protection window (retention kept seq "
-                               f"{self._base.seq} and later)")
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._cache_bytes = 0
-        self._cache_cap = cache_bytes
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> "PitReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._src.close()
-        self._base.close()
-
-    def _rebase(self) -> bool:
-        """Retention moved the base forward under us (a segment we read is
-        gone): re-read it; True if it moved."""
-        from nicsplit.recovery.base import read_state
-
-        st = read_state(self._base.path)
-        if st.seq == self._base.seq:
-            return False
-        if st.seq > self.upto_seq:
-            raise ReplicaError(f"seq {self.upto_seq} left the protection window while being read "
-                               f"(retention kept seq {st.seq} and later)")
-        with self._lock:
-            self._base.state = st
-            self._floor = self.index.ordinal_upto(st.seq)
-            self._cache.clear()
-            self._cache_bytes = 0
-        return True
-
-    def size(self, vdisk_id: int) -> int:
-        v = self.vdisks.get(vdisk_id)
-        if v is None:
-            raise ReplicaError(f"vdisk id {vdisk_id} is not one of this reader's vdisks")
-        return v.size
-
-    def _check(self, vdisk_id: int, offset: int, length: int) -> None:
-        size = self.size(vdisk_id)
-        if offset < 0 or length < 0 or offset + length > size:
-            raise ValueError(f"range {offset}+{length} is outside vdisk id {vdisk_id} ({size} bytes)")
-
-    def _payload(self, o: int) -> bytes:
-        with self._lock:
-            p = self._cache.get(o)
-            if p is not None:
-                self._cache.move_to_end(o)
-                return p
-        ix = self.index
-        _, p = self._src.read(ix.rec_seg[o], ix.rec_pos[o], ix.rec_seq[o])
-        with self._lock:
-            self._cache[o] = p
-            self._cache_bytes += len(p)
-            while self._cache_bytes > self._cache_cap and len(self._cache) > 1:
-                _, old = self._cache.popitem(last=False)
-                self._cache_bytes -= len(old)
-        return p
-
-    def _chain(self, vdisk_id: int, b: int) -> list[int]:
-        """Ordinals that decide block ``b`` at this PIT, newest first: back to
-        the first that covers the whole block (or to the oldest)."""
-        ords, n = self.index.versions(vdisk_id, b, self._u)
-        if not n:
-            return []
-        ix = self.index
-        lo, hi = b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE
-        out = []
-        floor = self._floor
-        for i in range(n - 1, -1, -1):
-            o = ords[i]
-            if o <= floor:
-                break  # it and everything older are in the base image
-            out.append(o)
-            if ix.rec_off[o] <= lo and ix.rec_off[o] + ix.rec_len[o] >= hi:
-                break
-        return out
-
-    def _latest(self, vdisk_id: int) -> Callable[[int], int]:
-        """block → the newest ordinal <= this PIT touching it (-1: none)."""
-        vd = self.index._vd.get(vdisk_id)
-        if vd is None:
-            return lambda b: -1
-        single, multi, u, bisect_right = vd.single, vd.multi, self._u, bisect.bisect_right
-        floor = self._floor
-
-        def latest(b: int) -> int:
-            if b >= len(single):
-                return -1
-            v = single[b]
-            if v == 0:
-                return -1
-            if v != MULTI:
-                return v - 1 if floor < v - 1 <= u else -1
-            arr = multi[b]
-            i = bisect_right(arr, u)
-            return arr[i - 1] if i and arr[i - 1] > floor else -1
-
-        return latest
-
-    def _runs(self, vdisk_id: int, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
-        """(start, end, ordinal) runs of [offset, offset+length): ordinal >= 0
-        decides the whole run alone (it covers every block of it fully), -1
-        means not written since the base (base image, or zeros without one),
-        -2 means the run is one block whose chain must be walked (partial
-        covers, laid over the base)."""
-        latest = self._latest(vdisk_id)
-        ix = self.index
-        rec_off, rec_len = ix.rec_off, ix.rec_len
-        pos, end = offset, offset + length
-        while pos < end:
-            b = pos // BLOCK_SIZE
-            o = latest(b)
-            if o < 0:
-                nb = b + 1
-                while nb * BLOCK_SIZE < end and latest(nb) < 0:
-                    nb += 1
-                stop = min(nb * BLOCK_SIZE, end)
-                yield pos, stop, -1
-                pos = stop
-                continue
-            ro, rend = rec_off[o], rec_off[o] + rec_len[o]
-            if ro > b * BLOCK_SIZE or rend < (b + 1) * BLOCK_SIZE:
-                stop = min((b + 1) * BLOCK_SIZE, end)
-                yield pos, stop, -2
-                pos = stop
-                continue
-            nb = b + 1
-            while nb * BLOCK_SIZE < end and (nb + 1) * BLOCK_SIZE <= rend and latest(nb) == o:
-                nb += 1
-            stop = min(nb * BLOCK_SIZE, end)
-            yield pos, stop, o
-            pos = stop
-
-    def pread(self, vdisk_id: int, offset: int, length: int) -> bytes:
-        """``length`` bytes of the vdisk's image at this PIT."""
-        self._check(vdisk_id, offset, length)
-        try:
-            return self._pread(vdisk_id, offset, length)
-        except FileNotFoundError:
-            if not self._rebase():
-                raise
-            return self._pread(vdisk_id, offset, length)
-
-    def _pread(self, vdisk_id: int, offset: int, length: int) -> bytes:
-        ix = self.index
-        runs = list(self._runs(vdisk_id, offset, length))
-        if len(runs) == 1 and runs[0][2] >= 0 and ix.rec_op[runs[0][2]] == Op.WRITE:  # one record decides it all
-            o = runs[0][2]
-            return self._payload(o)[offset - ix.rec_off[o] : offset - ix.rec_off[o] + length]
-        # The base (zeros without one): unwritten since, and the underlay of partial covers.
-        out = bytearray(self._base.pread(vdisk_id, offset, length) if self._base.seq else length)
-        for s, e, o in runs:
-            if o >= 0:
-                if ix.rec_op[o] == Op.WRITE:
-                    ro = ix.rec_off[o]
-                    out[s - offset : e - offset] = memoryview(self._payload(o))[s - ro : e - ro]
-                elif self._base.seq:  # zeroed or trimmed since the base
-                    out[s - offset : e - offset] = bytes(e - s)
-            elif o == -2:
-                for c in reversed(self._chain(vdisk_id, s // BLOCK_SIZE)):  # oldest first
-                    ro = ix.rec_off[c]
-                    cs, ce = max(s, ro), min(e, ro + ix.rec_len[c])
-                    if cs >= ce:
-                        continue
-                    if ix.rec_op[c] == Op.WRITE:
-                        out[cs - offset : ce - offset] = memoryview(self._payload(c))[cs - ro : ce - ro]
-                    else:
-                        out[cs - offset : ce - offset] = bytes(ce - cs)
-        return bytes(out)
-
-    def copy_to(self, vdisk_id: int, fd: int, offset: int, length: int) -> int:
-        """Write the range's image into ``fd`` at the same offsets, which must
-        read as zeros there already (a new sparse file): whole-record runs go
-        straight from the record's payload to ``pwrite`` (no assembly copy),
-        zeros are skipped, so the file stays sparse.  Returns the data bytes
-        written.  What `restore` uses: one pass over the runs instead of
-        `extents` then `pread`."""
-        self._check(vdisk_id, offset, length)
-        try:
-            return self._copy_to(vdisk_id, fd, offset, length)
-        except FileNotFoundError:
-            if not self._rebase():
-                raise
-            return self._copy_to(vdisk_id, fd, offset, length)
-
-    def _copy_to(self, vdisk_id: int, fd: int, offset: int, length: int) -> int:
-        ix = self.index
-        ops, rec_off = ix.rec_op, ix.rec_off
-        written = 0
-        for s, e, o in self._runs(vdisk_id, offset, length):
-            if o >= 0 and ops[o] != Op.WRITE:
-                continue  # zeroed or trimmed: stays a hole
-            if o >= 0:
-                ro = rec_off[o]
-                pwrite_all(fd, memoryview(self._payload(o))[s - ro : e - ro], s)
-                written += e - s
-                continue
-            if o == -1 and not self._base.seq:
-                continue  # never written: a hole
-            for xs, xl in ([(s, e - s)] if o == -2 else self._base.extents(vdisk_id, s, e - s)):
-                pwrite_all(fd, self._pread(vdisk_id, xs, xl), xs)
-                written += xl
-        return written
-
-    def extents(self, vdisk_id: int, offset: int, length: int) -> list[Extent]:
-        """The range split into runs of "data", "zero" (zeroed or trimmed) and
-        "hole" (never written) at this PIT, decided per 4 KiB block (a block
-        holding any written byte is "data")."""
-        self._check(vdisk_id, offset, length)
-        out: list[Extent] = []
-        ops = self.index.rec_op
-        base = self._base.extents(vdisk_id, offset, length) if self._base.seq else []
-        for s, e, o in self._runs(vdisk_id, offset, length):
-            if o == -1:
-                k = "data" if any(bs < e and s < bs + bl for bs, bl in base) else "hole"
-            elif o >= 0:
-                k = "data" if ops[o] == Op.WRITE else "zero"
-            else:
-                k = "data" if base or any(ops[c] == Op.WRITE for c in self._chain(vdisk_id, s // BLOCK_SIZE)) else "zero"
-            if out and out[-1].kind == k:
-                out[-1] = Extent(out[-1].offset, e - out[-1].offset, k)
-            else:
-                out.append(Extent(s, e - s, k))
-        return out
-
-
-# -- distribution with undo ------------------------------------------------------------------
+__all__ = ["Distributor", "DistributorStatistics", "undo_key_usage", "UNDO_MAGIC", "UNDO_DATA", "UNDO_ZEROS",
+           "UNDO_SEALED", "STATE_VERSION"]
 
 _UNDO = struct.Struct(
     ">"
@@ -645,7 +79,7 @@ assert _UNDO.size == 40
 UNDO_MAGIC = b"NSUN"
 UNDO_DATA = 1
 UNDO_ZEROS = 2
-UNDO_SEALED = 3  # the replaced bytes follow sealed (`sealed.BlobSealer`, the 36 head bytes as AAD)
+UNDO_SEALED = 3  # the replaced bytes follow sealed (`storage.blob.BlobSealer`, the 36 head bytes as AAD)
 _UNDO_PAYLOAD = {UNDO_DATA: 0, UNDO_ZEROS: None, UNDO_SEALED: BlobSealer.SEALED_OVERHEAD}  # bytes beyond length
 STATE_VERSION = 1
 
@@ -713,7 +147,7 @@ class Distributor:
         self.vdisks = {v.id: v for v in vdisks}
         self.index = index if index is not None else shared_index(self.journal_dir)
         self.failpoint = failpoint
-        self._src = _RecordSource(self.journal_dir, journal)
+        self._src = RecordSource(self.journal_dir, journal)
         created = not self.dir.exists()
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if created:
@@ -745,9 +179,7 @@ class Distributor:
         base images (the records up to the base seq are gone): copy their
         data, fsync, then persist applied_seq = the base seq. A crash before
         that re-seeds at the next open (the copy overwrites what it wrote)."""
-        from nicsplit.recovery.base import BaseImages
-
-        with BaseImages(self.journal_dir.parent.parent / "base" / self.journal_dir.name,
+        with BaseImages(base_of_journal(self.journal_dir),
                         {v.id: v.size for v in self.vdisks.values()}) as base:
             if not base.seq:
                 return

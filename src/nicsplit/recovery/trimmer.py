@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nicsplit.storage import atrest
-from nicsplit.recovery.base import BaseImages, base_dir
+from nicsplit.core.layout import Layout
+from nicsplit.recovery.base import BaseImages
+from nicsplit.recovery.pits import list_bookmarks, remove_bookmarks
 from nicsplit.recovery.retention import Policy, TrimPlan, plan_trim
 
 log = logging.getLogger("nicsplit.recovery.retention")
@@ -53,17 +55,16 @@ class TrimReport:
 
 def pins(data: Path, cg: str) -> list[int]:
     """Seqs retention must keep reachable (module docstring)."""
-    from nicsplit.recovery.pits import list_bookmarks
-
     out = [b.seq for b in list_bookmarks(data, cg) if b.locked]
-    for p in (data / "run" / "images").glob("*.json"):
+    layout = Layout(data)
+    for p in layout.images_run.glob("*.json"):
         try:
             info = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
         if info.get("cg") == cg and isinstance(info.get("seq"), int):
             out.append(info["seq"])
-    for p in (data / "appliance" / "failover" / f"{cg}.json", data / "appliance" / "replicas" / cg / "state.json"):
+    for p in (layout.failover_state(cg), layout.replica(cg) / "state.json"):
         try:
             info = json.loads(p.read_text())
         except (OSError, ValueError):
@@ -102,7 +103,7 @@ class Trimmer:
         j = self.journal
         sizes = self.sizes()
         facts = j.segment_facts()
-        bdir = base_dir(self.data, self.cg)
+        bdir = Layout(self.data).base(self.cg)
         trimmed = applied = 0
         blocked: str | None = None
         pinned = pins(self.data, self.cg)
@@ -137,8 +138,6 @@ class Trimmer:
 
     def _drop_bookmarks(self, base_seq: int) -> None:
         """Unlocked bookmarks whose PIT is now gone."""
-        from nicsplit.recovery.pits import remove_bookmarks
-
         gone = remove_bookmarks(self.data, self.cg, lambda b: not b.locked and b.seq <= base_seq)
         for b in gone:
             log.info("retention of %s: bookmark %s (seq %d) is older than the protection window; removed",

@@ -42,7 +42,7 @@ Rules
 
 Example::
 
-    kr = Keyring.create(data / "appliance" / KEYRING_NAME)    # key 1, active
+    kr = Keyring.create(Layout(data).keyring)                 # key 1, active
     new = rotate(kr.path)                                      # key 2, active
     segment_cipher(kr.key(1), 7).decrypt(nonce, sealed, aad)
 """
@@ -65,13 +65,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from nicsplit.core.fsutil import atomic_write
+from nicsplit.core.layout import KEYRING_NAME, Layout
 
 __all__ = [
     "KEYRING_NAME", "KEY_SIZE", "NONCE_SIZE", "TAG_SIZE", "AtRestError", "Key", "Keyring", "segment_cipher",
     "keyring_path", "keyring_for_journal", "keyring_for_images", "keyring_in", "new_active", "rotate", "retire", "ensure",
 ]
 
-KEYRING_NAME = "at-rest.key"
 KEYRING_VERSION = 1
 KEY_SIZE = 32  # AES-256
 NONCE_SIZE = 12  # GCM's 96-bit nonce, random per record
@@ -98,8 +98,8 @@ def segment_cipher(key: bytes, segment: int) -> AESGCM:
 
 
 def keyring_path(data: str | Path) -> Path:
-    """Where the appliance of data directory ``data`` keeps its keyring."""
-    return Path(data) / "appliance" / KEYRING_NAME
+    """Where the appliance of data directory ``data`` keeps its keyring (`Layout.keyring`)."""
+    return Layout(data).keyring
 
 
 class Keyring:
@@ -296,6 +296,9 @@ def ensure(path: str | Path, enabled: bool) -> Keyring | None:
 
 # -- discovery for journals ----------------------------------------------------------------
 
+# The discovery goes by the names `Layout` gives the directories, relative to
+# the appliance directory (tests place that anywhere, not only DATA/appliance).
+_NAMES = Layout(".")
 _cache: dict[Path, Keyring] = {}
 _cache_lock = threading.Lock()
 
@@ -306,7 +309,7 @@ def keyring_for_journal(journal_dir: str | Path) -> Keyring | None:
     None when there is none.  One object per keyring file per process,
     refreshed when the file changed."""
     jd = Path(journal_dir)
-    if jd.parent.name != "journal":
+    if jd.parent.name != _NAMES.journals.name:
         return None
     return keyring_in(jd.parent.parent)
 
@@ -315,7 +318,7 @@ def keyring_for_images(image_dir: str | Path) -> Keyring | None:
     """The keyring for the images of a CG's replica or base directory
     (``DATA/appliance/{replicas,base}/<cg>`` → ``DATA/appliance/at-rest.key``)."""
     d = Path(image_dir)
-    if d.parent.name not in ("replicas", "base"):
+    if d.parent.name not in (_NAMES.replicas.name, _NAMES.bases.name):
         return None
     return keyring_in(d.parent.parent)
 

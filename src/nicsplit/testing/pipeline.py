@@ -17,9 +17,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 
-from nicsplit.core.records import AugmentedWrite, Op, Outcome, Status, WFlag
+from nicsplit.core.records import BLOCK_SIZE, AugmentedWrite, Op, Outcome, Status, WFlag
 from nicsplit.wire.frames import (
-    BLOCK_SIZE, NEED_DATA, PROTOCOL_VERSION, Ack, Batch, FrameDecoder, Hello, HelloAck, Record, batch_aad,
+    NEED_DATA, PROTOCOL_VERSION, Ack, Batch, FrameDecoder, Hello, HelloAck, Record, batch_aad,
     decode_records, expand, fingerprint, unseal,
 )
 

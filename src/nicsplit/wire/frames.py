@@ -50,10 +50,10 @@ from typing import Callable, Iterable, Union
 
 import xxhash
 
-from nicsplit.core.records import Op
+from nicsplit.core.records import BLOCK_SIZE, Op
 
 __all__ = [
-    "PROTOCOL_VERSION", "MAGIC", "MAX_BODY", "MAX_PLAIN", "BLOCK_SIZE", "FP_SIZE",
+    "PROTOCOL_VERSION", "MAGIC", "MAX_BODY", "MAX_PLAIN", "FP_SIZE",
     "Hello", "HelloAck", "Batch", "Ack", "Error", "Heartbeat", "Frame", "FrameType",
     "ErrorCode", "FrameError", "FrameDecoder", "NEED_DATA", "DecoderStatistics",
     "encode", "batch_aad", "Record", "encode_records", "decode_records", "encode_record",
@@ -70,7 +70,6 @@ MAX_BODY = 16 * 1024 * 1024
 # than 4:1, so a bound is needed against decompression bombs; 64 MiB = 4x
 # MAX_BODY, and the card caps its batches' plaintext at this size too.
 MAX_PLAIN = 64 * 1024 * 1024
-BLOCK_SIZE = 4096  # dedup / expand granularity (the datastore block size)
 FP_SIZE = 16  # xxh3-128 digest
 MAX_STRING = 4096  # identities, CG names and error messages
 MAX_CGS = 4096  # CGs named in one Hello / HelloAck

@@ -44,10 +44,11 @@ from time import monotonic_ns
 from dataclasses import dataclass
 from typing import Iterable
 
+from nicsplit.core.records import BLOCK_SIZE as BLOCK
 from nicsplit.core.records import Op
 from nicsplit.wire.frames import Record, fingerprint
 
-from .items import BLOCK, Item
+from .items import Item
 
 
 @dataclass(frozen=True)

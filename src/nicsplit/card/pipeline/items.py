@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 from nicsplit.core.records import AugmentedWrite, Op
 
-BLOCK = 4096  # dedup block size; also the datastore block size
-
 
 class PipelineError(Exception):
     """A pipeline stage was used against its contract (a bug, not bad input)."""

@@ -28,7 +28,7 @@ import time
 import xxhash
 
 from nicsplit.core.records import AugmentedWrite, Op
-from nicsplit.card.transports.ring import RingEndpoint
+from nicsplit.card.transports.ring_endpoint import RingEndpoint
 
 HEARTBEAT_EVERY_NS = 1_000_000  # 1 ms: 100x finer than the host's 100 ms staleness bound
 SLEEP_TIMEOUT_S = 0.01  # 10 ms doorbell sleeps: heartbeat stays 10x fresher than 100 ms

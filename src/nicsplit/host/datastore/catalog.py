@@ -27,7 +27,6 @@ from .errors import CorruptDatastore, DatastoreError
 from nicsplit.core.fsutil import fsync_dir
 
 CATALOG_FORMAT = 1
-BLOCK_SIZE = 4096
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Fields update_vdisk may change; the rest identify the vdisk or its layout.
 MUTABLE_FIELDS = frozenset({"name", "owner", "readonly", "extra", "size"})

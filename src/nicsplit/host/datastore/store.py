@@ -51,9 +51,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from nicsplit.core.fsutil import punch_hole, zero_keep_allocated
+from nicsplit.core.records import BLOCK_SIZE
 
 from . import catalog as _catalog
-from .catalog import BLOCK_SIZE, MUTABLE_FIELDS, CatalogData, CatalogFile, VdiskInfo
+from .catalog import MUTABLE_FIELDS, CatalogData, CatalogFile, VdiskInfo
 from .errors import CorruptDatastore, DatastoreBusy, DatastoreError, UnknownVdisk, VdiskExists
 from .extentlog import OP_MAP, OP_UNMAP, ExtentLog, Record, encode_record
 from .volume import check_extent_size, create_volume, open_volume, volume_name

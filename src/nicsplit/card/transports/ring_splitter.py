@@ -1,0 +1,432 @@
+"""Host half of the ring transport: `RingSplitter`, used by the splitter
+filter to hand each write to the card and wait for its ack.  The protocol
+(set-up, the write steps, rules) is in `nicsplit.card.transports.ring`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from time import monotonic_ns
+
+from xxhash import xxh3_64_intdigest as xxh3
+
+from nicsplit.card.hidden import HiddenVolume, HiddenVolumeError
+from nicsplit.card.transports.base import TransportUnavailable
+from nicsplit.card.transports.ring_shared import (
+    CLOSED, CQ_HEAD, CQ_TAIL, DATA_HEAD, DATA_TAIL, DEFAULT_STALE_AFTER_NS, DF_CSUM, HEARTBEAT, K_OUTCOME, K_WRITE,
+    M32, MAX_CONTROL_MSG, OK, SLEEPING, SQ_HEAD, SQ_TAIL, STATE, RateLimitedLog, brief, cqe_unpack, desc_pack,
+    fence, reason_name,
+)
+from nicsplit.core.records import AugmentedWrite, Status
+from nicsplit.wire import ring as R
+
+__all__ = ["RingSplitter", "RingStats"]
+
+log = logging.getLogger("nicsplit.card.transports.ring")  # one logger for both halves
+
+_WAITING, _ABANDONED = 0, 1
+
+
+@dataclass(frozen=True, slots=True)
+class RingStats:
+    submitted: int  # write-like entries published
+    acked: int  # ... acked OK by the card (split returned True)
+    rejected: int  # ... acked FAILED by the card (bad descriptor / checksum)
+    timeouts: int  # splits that gave up waiting (ack may arrive late)
+    full_sq: int  # splits/outcomes refused: no SQ slot
+    full_data: int  # splits refused: no room in the data area
+    unhealthy: int  # splits refused: card dead, closed or heartbeat stale
+    invalid: int  # records that do not fit the format (caller bug; logged)
+    doorbells: int  # eventfd writes (card was SLEEPING)
+    spins: int  # CQ polls that found nothing yet
+    outcomes: int  # OUTCOME entries published
+    late_acks: int  # completions for io_ids that had already timed out
+    unknown_acks: int  # completions for io_ids we never waited for
+    bytes: int  # payload bytes copied into the data area
+    abandoned: int  # timed-out io_ids still waiting for their late ack
+
+
+class RingSplitter:
+    """Host half of the ring transport (see module docstring)."""
+
+    def __init__(
+        self, sock: socket.socket, hv: HiddenVolume, doorbell: int, card_pid: int,
+        stale_after_ns: int = DEFAULT_STALE_AFTER_NS, checksum: bool = True,
+    ) -> None:
+        self._sock = sock
+        self._hv = hv
+        self._efd = doorbell
+        self.card_pid = card_pid
+        self.volume_path = str(hv.path)
+        self._stale_ns = stale_after_ns
+        g = hv.geometry
+        self._ctr = c = hv.counters
+        self._sq, self._cq, self._data = hv.sq, hv.cq, hv.data
+        self._sq_n, self._sq_mask = g.sq_entries, g.sq_entries - 1
+        self._cq_mask = g.cq_entries - 1
+        self._dsize = g.data_size
+        self._csum = checksum and hv.identity.csum_alg == R.CsumAlg.XXH3_LOW32
+        # Resume from the shared counters (a previous host may have used the volume).
+        self._sq_tail = c[SQ_TAIL]
+        self._sq_head_c = c[SQ_HEAD]
+        self._cq_head = c[CQ_HEAD]
+        self._data_tail = c[DATA_TAIL]
+        self.last_position = self._data_tail  # position of the last split (see released_position)
+        self._data_head_c = c[DATA_HEAD]
+        c[R.Counter.HOST_PID] = os.getpid()
+        c[R.Counter.HOST_ATTACH_NS] = monotonic_ns()
+        # Tracker table (SPDK style): io_id -> _WAITING / _ABANDONED (timed
+        # out, its late ack will be dropped).  Acks are matched by io_id, so
+        # they may come in any order; verdicts for io_ids other than the one
+        # being waited for park in _done.  Abandoned entries are bounded by
+        # both rings' capacity (beyond that the card cannot still owe them).
+        self._inflight: dict[int, int] = {}
+        self._done: dict[int, bool] = {}
+        self._n_abandoned = 0
+        self._abandon_cap = g.sq_entries + g.cq_entries
+        self._dead = False
+        self._closed = False
+        self._submitted = self._acked = self._rejected = self._timeouts = 0
+        self._full_sq = self._full_data = self._unhealthy = self._invalid = 0
+        self._doorbells = self._spins = self._outcomes = self._late = self._unknown = self._bytes = 0
+        self._warn = RateLimitedLog()
+
+    # -- set-up ----------------------------------------------------------------
+
+    @classmethod
+    def connect(
+        cls, control_socket: str, timeout: float = 1.0, *, stale_after_ns: int = DEFAULT_STALE_AFTER_NS,
+        checksum: bool = True,
+    ) -> "RingSplitter":
+        """Attach to the card serving ``control_socket``; TransportUnavailable
+        (with the reason) if there is no card, it refuses, or its volume is bad."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        fds: list[int] = []
+        try:
+            s.settimeout(timeout)
+            try:
+                s.connect(str(control_socket))
+                msg, fds, flags, _ = socket.recv_fds(s, MAX_CONTROL_MSG, 1)
+            except (OSError, ValueError) as e:  # ValueError: socket path too long
+                raise TransportUnavailable(f"card control socket {control_socket}: {e}") from None
+            if not msg:
+                raise TransportUnavailable(f"card at {control_socket} closed the connection without a hello")
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise TransportUnavailable(f"card at {control_socket}: truncated hello")
+            try:
+                info = json.loads(msg)
+            except ValueError:
+                raise TransportUnavailable(f"card at {control_socket}: hello is not JSON") from None
+            if not isinstance(info, dict):
+                raise TransportUnavailable(f"card at {control_socket}: hello is not a JSON object")
+            if "error" in info:
+                raise TransportUnavailable(f"card at {control_socket} refused: {info['error']}")
+            if len(fds) != 1:
+                raise TransportUnavailable(f"card at {control_socket} sent {len(fds)} descriptors, expected 1")
+            try:
+                if info.get("transport") != "ring" or info.get("version") != R.VERSION:
+                    raise TransportUnavailable(
+                        f"card speaks {info.get('transport')!r} v{info.get('version')}, we speak 'ring' v{R.VERSION}"
+                    )
+                want = R.Geometry(int(info["sq_entries"]), int(info["cq_entries"]), int(info["data_size"]))
+                path, uid, card_pid = str(info["path"]), str(info["uid"]), int(info["pid"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise TransportUnavailable(f"card at {control_socket}: bad hello field: {e}") from None
+            try:
+                hv = HiddenVolume.attach(path, uid)
+            except HiddenVolumeError as e:
+                raise TransportUnavailable(str(e)) from None
+            if hv.geometry != want or hv.identity.card_pid != card_pid:
+                hv.close()
+                raise TransportUnavailable(
+                    f"hidden volume {path} does not match the card's hello "
+                    f"({hv.geometry}, pid {hv.identity.card_pid} vs {want}, pid {card_pid})"
+                )
+            s.setblocking(False)
+        except BaseException:
+            s.close()
+            for fd in fds:
+                os.close(fd)
+            raise
+        log.info("attached to card pid %d: hidden volume %s", card_pid, path)
+        return cls(s, hv, fds[0], card_pid, stale_after_ns=stale_after_ns, checksum=checksum)
+
+    # -- the hot path ------------------------------------------------------------
+
+    def split(self, w: AugmentedWrite, timeout_ns: int) -> bool:
+        """Submit ``w`` and spin for its ack, at most ``timeout_ns``."""
+        now = monotonic_ns()
+        if not self._submit(w, now):
+            return False
+        return self.wait_ack(w.io_id, now + timeout_ns)
+
+    def submit(self, w: AugmentedWrite) -> bool:
+        """Publish ``w`` without waiting (the ``_nowait`` half of `split`).
+        False if the card is unhealthy or there is no room; then nothing was
+        published.  Every True must be followed by ``wait_ack(w.io_id, ...)``."""
+        return self._submit(w, monotonic_ns())
+
+    def _submit(self, w: AugmentedWrite, now: int) -> bool:
+        if self._dead:
+            self._unhealthy += 1
+            return False
+        c = self._ctr
+        if now - c[HEARTBEAT] > self._stale_ns or c[STATE] == CLOSED:
+            self._unhealthy += 1
+            if c[STATE] == CLOSED:
+                self._set_dead("card closed the ring")
+            return False
+        tail = self._sq_tail
+        if tail - self._sq_head_c >= self._sq_n:
+            self._sq_head_c = c[SQ_HEAD]
+            if tail - self._sq_head_c >= self._sq_n:
+                self._full_sq += 1
+                return False
+        op = w.op
+        length = w.length
+        data_pos = csum = dflags = end = 0
+        if op == K_WRITE:
+            payload = w.data
+            if payload is None or len(payload) != length or not length:
+                return self._invalid_record(w, "WRITE payload missing or not `length` bytes")
+            size = self._dsize
+            pos = self._data_tail
+            off = pos % size
+            if off + length > size:  # does not fit before the end: pad to the next lap
+                pos += size - off
+                off = 0
+            end = pos + length
+            if end - self._data_head_c > size:
+                self._data_head_c = c[DATA_HEAD]
+                if end - self._data_head_c > size:
+                    self._full_data += 1
+                    return False
+            self._data[off: off + length] = payload  # the one copy
+            if self._csum:
+                csum = xxh3(payload) & M32
+                dflags = DF_CSUM
+            data_pos = pos
+        io_id = w.io_id
+        if io_id in self._inflight:
+            return self._invalid_record(w, "io_id already in flight")
+        try:
+            desc_pack(
+                self._sq, (tail & self._sq_mask) << 6, op, w.flags, dflags, 0, length, io_id, w.cg_seq,
+                w.cg_id, w.vdisk_id, w.voffset, w.timestamp_ns, data_pos, csum, tail & M32,
+            )
+        except struct.error as e:
+            return self._invalid_record(w, str(e))
+        if end:
+            self._data_tail = end
+            self._bytes += length
+            c[DATA_TAIL] = end
+            self.last_position = end
+        else:
+            # No payload: count it durable only once a *later* write's payload
+            # is released (conservative: the card holds no space for it).
+            self.last_position = self._data_tail + 1
+        tail += 1
+        self._sq_tail = tail
+        c[SQ_TAIL] = tail  # publish (TSO: payload and descriptor are visible first)
+        self._inflight[io_id] = _WAITING
+        self._submitted += 1
+        fence()
+        if c[STATE] == SLEEPING:
+            self._ring()
+        return True
+
+    def released_position(self) -> int:
+        """Payload position below which the card has released everything
+        (shipped durable or dropped). A split whose `last_position` is at or
+        below it needs no dirty mark if the card is lost. Readable after the
+        card died: the hidden volume stays mapped."""
+        return self._ctr[DATA_HEAD]
+
+    def wait_ack(self, io_id: int, deadline_ns: int) -> bool:
+        """Spin until ``io_id`` (submitted) is acked or ``time.monotonic_ns()``
+        passes ``deadline_ns``.  True = acked OK; False = refused or timed out
+        (then a late ack is recognised and dropped)."""
+        done = self._done.pop(io_id, None) if self._done else None
+        if done is not None:
+            return done
+        c = self._ctr
+        cq_head = self._cq_head
+        while True:
+            ctail = c[CQ_TAIL]
+            if ctail != cq_head:
+                got = self._drain(ctail, io_id)
+                if got is not None:
+                    return got
+                cq_head = ctail
+            if monotonic_ns() > deadline_ns:
+                return self._timed_out(io_id)
+            self._spins += 1
+
+    def reap(self) -> None:
+        """Consume every completion available now, without waiting; their
+        verdicts wait in a table for `take_ack` (the pipelined host path)."""
+        ctail = self._ctr[CQ_TAIL]
+        if ctail != self._cq_head:
+            self._drain(ctail, -1)
+
+    def take_ack(self, io_id: int) -> bool | None:
+        """The verdict for ``io_id`` if its completion was reaped, else None."""
+        return self._done.pop(io_id, None) if self._done else None
+
+    def abandon(self, io_id: int) -> bool:
+        """Give up on ``io_id`` (its deadline passed); a late ack is dropped."""
+        done = self._done.pop(io_id, None) if self._done else None
+        if done is not None:
+            return done
+        return self._timed_out(io_id)
+
+    def _drain(self, ctail: int, want: int) -> bool | None:
+        """Consume completions up to ``ctail``; the verdict for ``want`` if seen.
+        Verdicts for other in-flight io_ids are kept for their ``wait_ack``."""
+        cq, mask = self._cq, self._cq_mask
+        head = self._cq_head
+        got = None
+        inflight = self._inflight
+        while head != ctail:
+            io_id, status, reason, _r, seq = cqe_unpack(cq, (head & mask) << 4)
+            head += 1
+            if seq != (head - 1) & M32:
+                self._warn("ring: completion at %d has seq %d (io %d): ignored", head - 1, seq, io_id)
+                continue
+            state = inflight.pop(io_id, None)
+            if state is None:
+                self._unknown += 1
+                self._warn("ring: completion for unknown io %d", io_id)
+                continue
+            if state == _ABANDONED:
+                self._late += 1
+                self._n_abandoned -= 1
+                continue
+            ok = status == OK
+            if ok:
+                self._acked += 1
+            else:
+                self._rejected += 1
+                self._warn("ring: card refused io %d: %s", io_id, reason_name(reason))
+            if io_id == want:
+                got = ok
+            else:
+                self._done[io_id] = ok
+        self._cq_head = head
+        self._ctr[CQ_HEAD] = head
+        return got
+
+    def _timed_out(self, io_id: int) -> bool:
+        self._timeouts += 1
+        if self._inflight.get(io_id) == _WAITING:
+            self._inflight[io_id] = _ABANDONED
+            self._n_abandoned += 1
+            if self._n_abandoned > self._abandon_cap:  # the card will never answer: forget the oldest
+                self._forget_abandoned()
+        if not self._socket_alive():
+            self._set_dead("card control socket closed")
+        return False
+
+    def _forget_abandoned(self) -> None:
+        for k in [k for k, v in self._inflight.items() if v == _ABANDONED][: self._abandon_cap // 2]:
+            del self._inflight[k]
+        self._n_abandoned = sum(1 for v in self._inflight.values() if v == _ABANDONED)
+
+    def _ring(self) -> None:
+        try:
+            os.eventfd_write(self._efd, 1)
+            self._doorbells += 1
+        except OSError as e:  # EAGAIN only if the counter is near 2**64: the card is awake anyway
+            self._warn("ring: doorbell failed: %s", e)
+
+    def _invalid_record(self, w: AugmentedWrite, why: str) -> bool:
+        self._invalid += 1
+        log.error("ring: io %d cannot be encoded (%s): %s", w.io_id, why, brief(w))
+        return False
+
+    # -- outcomes ------------------------------------------------------------------
+
+    def post_outcome(self, io_id: int, status: Status) -> bool:
+        if self._dead:
+            return False
+        c = self._ctr
+        tail = self._sq_tail
+        if tail - self._sq_head_c >= self._sq_n:
+            self._sq_head_c = c[SQ_HEAD]
+            if tail - self._sq_head_c >= self._sq_n:
+                self._full_sq += 1
+                return False
+        try:
+            desc_pack(self._sq, (tail & self._sq_mask) << 6, K_OUTCOME, 0, 0, status, 0, io_id,
+                       0, 0, 0, 0, 0, 0, 0, tail & M32)
+        except struct.error as e:
+            self._invalid += 1
+            log.error("ring: outcome for io %d cannot be encoded: %s", io_id, e)
+            return False
+        tail += 1
+        self._sq_tail = tail
+        c[SQ_TAIL] = tail
+        self._outcomes += 1
+        fence()
+        if c[STATE] == SLEEPING:
+            self._ring()
+        return True
+
+    # -- health, stats, close ---------------------------------------------------------
+
+    def healthy(self) -> bool:
+        if self._dead:
+            return False
+        c = self._ctr
+        if c[STATE] == CLOSED:
+            self._set_dead("card closed the ring")
+            return False
+        if not self._socket_alive():
+            self._set_dead("card control socket closed")
+            return False
+        return monotonic_ns() - c[HEARTBEAT] <= self._stale_ns
+
+    def _socket_alive(self) -> bool:
+        try:
+            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    def _set_dead(self, why: str) -> None:
+        if not self._dead:
+            self._dead = True
+            log.warning("ring: card pid %d unavailable: %s", self.card_pid, why)
+
+    def statistics(self) -> RingStats:
+        return RingStats(
+            submitted=self._submitted, acked=self._acked, rejected=self._rejected, timeouts=self._timeouts,
+            full_sq=self._full_sq, full_data=self._full_data, unhealthy=self._unhealthy, invalid=self._invalid,
+            doorbells=self._doorbells, spins=self._spins, outcomes=self._outcomes, late_acks=self._late,
+            unknown_acks=self._unknown, bytes=self._bytes, abandoned=self._n_abandoned,
+        )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._dead = True
+        try:
+            if not self._hv.closed:
+                self._ctr[R.Counter.HOST_PID] = 0
+        except ValueError:  # view already released
+            pass
+        self._sock.close()
+        os.close(self._efd)
+        self._hv.close()
+
+    def __enter__(self) -> "RingSplitter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
