@@ -5,7 +5,7 @@ Theory of operation
 ===================
 **Block index** (`BlockIndex`, one per journal, shared by every reader of the
 process through `shared_index`).  Built once from the same read-only scan as
-the PIT index (`nicsplit.recovery.pits.JournalScanner`: entry and record
+the PIT index (`nicsplit.journal.scan.JournalScanner`: entry and record
 heads only, no payload read), then extended by `refresh()` as the journal
 grows.  It holds
 
@@ -84,7 +84,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from nicsplit.core.fsutil import fsync_dir, pwrite_all, punch_hole
 from nicsplit.storage import atrest
-from nicsplit.recovery.pits import Commit, PitError, PitIndex, RecordHead
+from nicsplit.journal.scan import Commit, RecordHead
+from nicsplit.recovery.pits import PitError, PitIndex
 from nicsplit.storage.sealed import BlobSealer, Image, SealedError, open_image
 from nicsplit.core.records import Op
 from nicsplit.wire.frames import BLOCK_SIZE, RECORD_HEAD_SIZE, REF_SIZE, Record, expand
@@ -265,7 +266,7 @@ class _RecordSource:
     silently lack the lost records (docs/recovery.md §9)."""
 
     def __init__(self, path: Path, journal: Any | None) -> None:
-        from nicsplit.journal.writer import SegmentReader
+        from nicsplit.journal.reader import SegmentReader
 
         self.path = path
         self._resolved = Path(path).resolve()

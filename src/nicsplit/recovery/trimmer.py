@@ -53,7 +53,7 @@ class TrimReport:
 
 def pins(data: Path, cg: str) -> list[int]:
     """Seqs retention must keep reachable (module docstring)."""
-    from nicsplit.recovery.pits import list_bookmarks
+    from nicsplit.recovery.bookmarks import list_bookmarks
 
     out = [b.seq for b in list_bookmarks(data, cg) if b.locked]
     for p in (data / "run" / "images").glob("*.json"):
@@ -137,7 +137,7 @@ class Trimmer:
 
     def _drop_bookmarks(self, base_seq: int) -> None:
         """Unlocked bookmarks whose PIT is now gone."""
-        from nicsplit.recovery.pits import remove_bookmarks
+        from nicsplit.recovery.bookmarks import remove_bookmarks
 
         gone = remove_bookmarks(self.data, self.cg, lambda b: not b.locked and b.seq <= base_seq)
         for b in gone:
