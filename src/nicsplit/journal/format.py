@@ -275,9 +275,10 @@ def read_record_at(pread: Callable[[int, int], bytes | memoryview], cipher: AESG
 
 # -- carried blocks ---------------------------------------------------------------------
 # Blocks a kept record references whose segment retention trims (docs/journal.md
-# §8): ``carried.blk`` in the journal directory, entries of this head, then the
-# block (sealed with the pseudo-segment 0's key when key_id is not 0: segments
-# count from 1, so its derived key is used nowhere else).
+# §1, docs/recovery.md §10): ``carried.blk`` in the journal directory, entries
+# of this head, then the block (sealed with the pseudo-segment 0's key when
+# key_id is not 0: segments count from 1, so its derived key is used nowhere
+# else).
 
 CARRIED_NAME = "carried.blk"
 CARRY = struct.Struct(

@@ -354,8 +354,8 @@ class JournalScanner:
             try:
                 fd = os.open(self.path / seg_name(seg), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                # Retention deletes segments from the oldest end (docs/journal.md
-                # §8): the journal now starts at a later segment; go on there.
+                # Retention deletes segments from the oldest end (docs/recovery.md
+                # §10): the journal now starts at a later segment; go on there.
                 first = _first_segment(self.path, after=seg)
                 if first is None:
                     return

@@ -7,6 +7,10 @@ keeps them as files in a directory through a `durable.Filesystem` — the real
 one (`OsFilesystem`) or the power-cut double of the tests
 (`nicsplit.testing.appliance.CrashFilesystem`).  Another backend (an object
 store) implements the same few calls; the journal logic does not change.
+The read-only readers that must not share the writer (`journal.scan.
+JournalScanner`, `journal.reader.SegmentReader`) still open the segment
+files of a local directory themselves, for their read-ahead and ``fstat``
+rules; a remote backend would give them a read-range call of this store.
 
 Rules
 -----
