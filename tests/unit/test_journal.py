@@ -413,3 +413,23 @@ def test_group_commit_power_cut(mode: str, seed: int):
             # whole batches only
             ends = {sum(len(r) for _, r in group[:k]) for k in range(len(group) + 1)}
             assert len(rest) in ends, "a partial batch survived"
+
+
+def test_journal_layouts_are_defined_once():
+    """The entry, COMMIT, segment header and carried-block layouts are
+    struct.Structs of nicsplit.journal.format and of no other module (a second
+    copy would let a reader silently disagree with the writer)."""
+    import ast
+
+    from nicsplit.journal import format as fmt
+
+    src = Path(fmt.__file__).resolve().parents[1]
+    wanted = {s.format.replace("x", "s") for s in (fmt.ENTRY, fmt.COMMIT, fmt.SEGMENT_HEAD, fmt.CARRY)}
+    where: dict[str, list[str]] = {}
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "Struct" and node.args
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                if node.args[0].value.replace("x", "s") in wanted:
+                    where.setdefault(node.args[0].value, []).append(str(path.relative_to(src)))
+    assert len(where) == len(wanted) and all(v == ["journal/format.py"] for v in where.values()), where
