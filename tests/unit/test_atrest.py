@@ -18,9 +18,9 @@ from test_pits import BS, T0, Meta, Workload, sd_block
 from test_replica import golden_at
 
 from nicsplit.storage import atrest
-from nicsplit.journal.writer import (
-    SEALED_OVERHEAD, Journal, JournalCorrupt, JournalError, SegmentReader, segment_key_ids,
-)
+from nicsplit.journal.format import SEALED_OVERHEAD, JournalCorrupt, JournalError
+from nicsplit.journal.reader import SegmentReader, segment_key_ids
+from nicsplit.journal.writer import Journal
 from nicsplit.recovery.pits import PitIndex
 from nicsplit.recovery.blockindex import BlockIndex
 from nicsplit.recovery.reader import PitReader

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from nicsplit.journal.format import encode_commit
+from nicsplit.journal.scan import JournalScanner
 from nicsplit.journal.writer import (
     BatchRejected, Journal, JournalCorrupt, JournalError,
 )
@@ -144,6 +146,31 @@ def test_corrupt_committed_entry_is_a_clear_error(tmp_path: Path):
     assert seg.read_bytes() == raw  # nothing was truncated
     with pytest.raises(JournalCorrupt):
         Journal.open(d, readonly=True)
+
+
+def test_torn_tail_holding_an_old_commit_image_is_cut(tmp_path: Path):
+    """A torn last record whose data holds the bytes of an older COMMIT entry
+    (a protected disk may hold a copy of a journal) is a torn tail, for the
+    writer and the PIT scanner alike: the resync after a bad spot accepts only
+    a COMMIT that can follow the last good one (`scan.find_commit`).  The
+    writer used to accept any COMMIT-shaped bytes with a valid CRC there, and
+    refused to open a journal that the scanner read as merely torn."""
+    d = tmp_path / "j"
+    stale = encode_commit(99, 1, 1, 10, 10, 1)  # what batch 1's COMMIT could look like
+    data = bytes(100) + stale + bytes(4096 - 100 - len(stale))
+    with Journal.open(d) as j:
+        for b in range(1, 4):
+            j.append_batch(batch(b, [write(b, bytes([b]) * 4096)]), [write(b, bytes([b]) * 4096)])
+        j.append_batch(batch(4, [write(4, data)]), [write(4, data)])
+    seg = d / "00000001.seg"
+    raw = seg.read_bytes()
+    at = raw.index(stale)
+    seg.write_bytes(raw[: at + len(stale) + 5])  # a crash tore batch 4's record after the image
+    sc = JournalScanner(d)
+    assert [c.last_seq for c, _ in sc.scan()] == [1, 2, 3] and sc.damage == [] and sc.stalled is None
+    with Journal.open(d) as j:
+        assert j.last_seq == 3 and j.statistics().truncated_bytes > 0
+        assert [(r.seq, p) for r, p in j.records()] == [(b, bytes([b]) * 4096) for b in range(1, 4)]
 
 
 def test_readonly_open_can_stop_at_damage(tmp_path: Path):
@@ -386,3 +413,23 @@ def test_group_commit_power_cut(mode: str, seed: int):
             # whole batches only
             ends = {sum(len(r) for _, r in group[:k]) for k in range(len(group) + 1)}
             assert len(rest) in ends, "a partial batch survived"
+
+
+def test_journal_layouts_are_defined_once():
+    """The entry, COMMIT, segment header and carried-block layouts are
+    struct.Structs of nicsplit.journal.format and of no other module (a second
+    copy would let a reader silently disagree with the writer)."""
+    import ast
+
+    from nicsplit.journal import format as fmt
+
+    src = Path(fmt.__file__).resolve().parents[1]
+    wanted = {s.format.replace("x", "s") for s in (fmt.ENTRY, fmt.COMMIT, fmt.SEGMENT_HEAD, fmt.CARRY)}
+    where: dict[str, list[str]] = {}
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "Struct" and node.args
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                if node.args[0].value.replace("x", "s") in wanted:
+                    where.setdefault(node.args[0].value, []).append(str(path.relative_to(src)))
+    assert len(where) == len(wanted) and all(v == ["journal/format.py"] for v in where.values()), where

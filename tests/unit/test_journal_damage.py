@@ -20,7 +20,8 @@ from test_replica import golden_at
 
 from nicsplit.storage import atrest
 from nicsplit.journal.writer import Journal, JournalCorrupt
-from nicsplit.recovery.pits import Commit, JournalScanner, Pit, PitIndex, RecordHead, UnusablePit, known_damage
+from nicsplit.journal.scan import Commit, JournalScanner, RecordHead
+from nicsplit.recovery.pits import Pit, PitIndex, UnusablePit, known_damage
 from nicsplit.recovery.blockindex import BlockIndex
 from nicsplit.recovery.reader import PitReader
 from nicsplit.recovery.replica import Distributor

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from nicsplit.core.records import RFLAG_IN_WINDOW
+from nicsplit.journal.scan import JournalScanner
 from nicsplit.journal.writer import Journal
-from nicsplit.recovery.pits import (
-    RFLAG_IN_WINDOW, BookmarkError, JournalScanner, NoSuchPit, Pit, PitIndex, add_bookmark, bookmarks_path,
-    get_bookmark, list_bookmarks, list_pits,
-)
+from nicsplit.recovery.bookmarks import BookmarkError, add_bookmark, bookmarks_path, get_bookmark, list_bookmarks
+from nicsplit.recovery.pits import NoSuchPit, Pit, PitIndex, list_pits
 from nicsplit.recovery.blockindex import BlockIndex, ReplicaError
 from nicsplit.recovery.reader import PitReader
 from nicsplit.core.records import BLOCK_SIZE, Op

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nicsplit.recovery.retention import HOUR_NS, Policy, RetentionError, SegmentInfo, parse_duration, plan_trim, thin
+from nicsplit.journal.writer import SegmentInfo
+from nicsplit.recovery.retention import HOUR_NS, Policy, RetentionError, parse_duration, plan_trim, thin
 
 S = 10**9
 NOW = 1_800_000_000 * S

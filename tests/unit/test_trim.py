@@ -15,7 +15,8 @@ from test_pits import Workload
 
 from nicsplit.recovery.base import read_state
 from nicsplit.journal.writer import Journal
-from nicsplit.recovery.pits import PitIndex, add_bookmark, list_bookmarks
+from nicsplit.recovery.bookmarks import add_bookmark, list_bookmarks
+from nicsplit.recovery.pits import PitIndex
 from nicsplit.recovery.blockindex import BlockIndex, ReplicaError
 from nicsplit.recovery.reader import PitReader
 from nicsplit.recovery.retention import Policy

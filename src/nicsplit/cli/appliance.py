@@ -151,7 +151,7 @@ def cmd_appliance_run(args: argparse.Namespace) -> int:
 
 def _key_use(data: Path) -> tuple[dict[int, dict[str, int]], list[str]]:
     """{key id: {cg: segments}} over every journal, and unreadable headers."""
-    from nicsplit.journal.writer import segment_key_ids
+    from nicsplit.journal.reader import segment_key_ids
 
     use: dict[int, dict[str, int]] = {}
     bad: list[str] = []

@@ -360,7 +360,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _window(data: Path, cg: str) -> dict | None:
     """The protection window: the oldest PIT the journal still holds (one
     read of its first commit, not a scan of the whole journal)."""
-    from nicsplit.recovery.pits import JournalScanner
+    from nicsplit.journal.scan import JournalScanner
 
     jd = Path(data) / "appliance" / "journal" / cg
     if not jd.is_dir():

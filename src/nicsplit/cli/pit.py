@@ -126,7 +126,7 @@ def resolve_pit(idx: PitIndex, data: Path, cg: str, *, at: str | None = None, se
                 bookmark: str | None = None, latest: bool = False, now_ns: int | None = None) -> Pit:
     """The PIT a command's selector names; refuses a PIT that needs a damaged
     stretch of the journal, or one inside a merge window."""
-    from nicsplit.recovery.pits import get_bookmark
+    from nicsplit.recovery.bookmarks import get_bookmark
     from nicsplit.cli.main import CliError
 
     if at is not None:
@@ -152,7 +152,7 @@ def resolve_pit(idx: PitIndex, data: Path, cg: str, *, at: str | None = None, se
 
 @_cli_errors
 def cmd_pits(args: argparse.Namespace) -> int:
-    from nicsplit.recovery.pits import list_bookmarks
+    from nicsplit.recovery.bookmarks import list_bookmarks
     from nicsplit.core import config as cfgmod
     from nicsplit.cli.main import CliError
 
@@ -245,7 +245,7 @@ def cmd_bookmark(args: argparse.Namespace) -> int:
     """Bookmark the first PIT after a barrier the card acknowledged: it covers
     every write acknowledged to a client before the command started; with
     ``--quiesce``/``--thaw`` the application flushed and paused around it."""
-    from nicsplit.recovery.pits import add_bookmark, lock_bookmark
+    from nicsplit.recovery.bookmarks import add_bookmark, lock_bookmark
     from nicsplit.core import config as cfgmod
     from nicsplit.cli.main import CliError
 

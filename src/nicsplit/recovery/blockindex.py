@@ -5,7 +5,7 @@ journal, shared by every reader of the process through `shared_index`.
 Theory of operation
 ===================
 Built once from the same read-only scan as the PIT index
-(`nicsplit.recovery.pits.JournalScanner`: entry and record heads only, no
+(`nicsplit.journal.scan.JournalScanner`: entry and record heads only, no
 payload read), then extended by `refresh()` as the journal grows.  It holds
 
 * a record table, one row per WRITE / ZERO / TRIM record in seq order, in
@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nicsplit.core.records import BLOCK_SIZE, Op
-from nicsplit.recovery.pits import Commit, PitError, PitIndex, RecordHead
+from nicsplit.journal.scan import Commit, RecordHead
+from nicsplit.recovery.pits import PitError, PitIndex
 
 __all__ = ["BlockIndex", "IndexStatistics", "shared_index", "ReplicaError", "MULTI"]
 

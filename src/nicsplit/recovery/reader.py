@@ -37,7 +37,9 @@ from typing import Any, Iterable, Iterator, Protocol
 
 from nicsplit.core.fsutil import pwrite_all
 from nicsplit.core.records import BLOCK_SIZE, Op
-from nicsplit.journal.writer import Journal, JournalCorrupt, SegmentReader
+from nicsplit.journal.format import JournalCorrupt
+from nicsplit.journal.reader import SegmentReader
+from nicsplit.journal.writer import Journal
 from nicsplit.recovery.base import BaseImages, base_of_journal, read_state
 from nicsplit.recovery.blockindex import BlockIndex, ReplicaError, shared_index
 from nicsplit.recovery.pits import known_damage

@@ -37,12 +37,13 @@ Rules
    ``max_journal_size``, rule 1 and 2 permitting.
 5. A trimmed prefix ends at a batch boundary (a batch may span segments:
    such segments go together). Blocks in it that kept records reference are
-   carried over by the journal first (journal.py rule 10).
+   carried over by the journal first (nicsplit.journal.writer rule 10).
 6. Nor anything the card may still reference: the card forgets a learned
    block ``dedup_horizon`` after learning it, so segments younger than that
    (plus a margin) stay (``min_age_s``).
-Everything here is pure (no I/O): the appliance gathers segment facts and
-carries the plan out.
+Everything here is pure (no I/O): the journal gathers the segment facts
+(`Journal.segment_facts`, a list of `nicsplit.journal.writer.SegmentInfo`),
+the trimmer (`nicsplit.recovery.trimmer`) carries the plan out.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+from nicsplit.core.config import ConfigError, parse_size
+from nicsplit.journal.writer import SegmentInfo
 
 HOUR_NS = 3600 * 10**9
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -85,8 +89,6 @@ class Policy:
 
     @classmethod
     def from_config(cls, raw: dict[str, Any] | None) -> "Policy":
-        from nicsplit.core.config import ConfigError, parse_size
-
         raw = dict(raw or {})
         unknown = set(raw) - {"keep_all", "keep_hourly", "max_journal_size", "interval"}
         if unknown:
@@ -128,17 +130,6 @@ def thin(times_ns: Sequence[int], now_ns: int, policy: Policy, pinned: Sequence[
         if pinned is not None and pinned[i]:
             out[i] = True
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentInfo:
-    number: int
-    last_seq: int  # of its last COMMIT (0: no commit in it)
-    t_last_ns: int  # time of its last COMMIT
-    size: int  # bytes on disk
-    ref_last: int = 0  # newest seq of a record (of a later batch) referencing a block homed here
-    ends_batch: bool = True  # no record after its last COMMIT (a batch may span segments)
-    appended_ns: int = 0  # appliance clock of its last append (the journal's open time after a restart)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from typing import Any, Callable
 from nicsplit.storage import atrest
 from nicsplit.core.layout import Layout
 from nicsplit.recovery.base import BaseImages
-from nicsplit.recovery.pits import list_bookmarks, remove_bookmarks
+from nicsplit.recovery.bookmarks import list_bookmarks, remove_bookmarks
 from nicsplit.recovery.retention import Policy, TrimPlan, plan_trim
 
 log = logging.getLogger("nicsplit.recovery.retention")

@@ -1,11 +1,14 @@
-"""The one interface through which the appliance writes files (TESTING.md D5).
+"""Durable files: the one interface through which the journal writes (TESTING.md D5).
 
 Rules
 -----
-1. The journal never calls ``open``/``os.write``/``os.fsync`` itself: it asks a
-   `Filesystem` for `DurableFile` objects.  `OsFilesystem` is the real thing;
+1. The journal never calls ``open``/``os.write``/``os.fsync`` itself: its
+   `nicsplit.storage.segments.LocalSegmentStore` asks a `Filesystem` for
+   `DurableFile` objects.  `OsFilesystem` is the real thing;
    `nicsplit.testing.appliance.CrashFilesystem` keeps everything in memory and
-   can "pull the plug": unsynced writes are dropped or torn.
+   can "pull the plug": unsynced writes are dropped or torn.  (The read-only
+   journal readers — `journal.scan.JournalScanner`, `journal.reader.SegmentReader`
+   — read segment files with ``os.pread`` directly: they write nothing.)
 2. Files are append-only: ``append()`` writes at the end; nothing is written
    at an offset.  The only other mutation is ``truncate()`` (used by the
    journal to cut an uncommitted tail at open, followed by ``sync()``).

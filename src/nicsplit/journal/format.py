@@ -1,0 +1,337 @@
+"""The journal's on-disk format: the one codec of segments, entries, commits
+and carried blocks (docs/journal.md §1 lists every byte).  No IO here.
+
+Every module that reads or writes journal bytes — the writer, the recovery
+scanner (`nicsplit.journal.scan`), the record readers (`nicsplit.journal.reader`)
+— takes its layouts, tags and names from this module, so a format change is
+made in one place and a reader can never silently disagree with the writer.
+
+A journal directory holds segments ``00000001.seg``, ``00000002.seg``, ...
+(numbered from 1, no gaps but for the oldest ones trimmed by retention) and
+possibly ``carried.blk``.  A segment is a 24-byte header then entries; an
+entry is a 12-byte head (size, tag, CRC-32 over head and payload) then its
+payload:
+
+* RECORD — one `nicsplit.wire.frames.Record` in the wire record layout, data
+  blocks inline and deduplicated blocks kept as references (fingerprints);
+  in a sealed segment (version 2) everything after the record head is sealed
+  with AES-256-GCM (`seal_record_entry`, `open_record_payload`);
+* COMMIT — closes a batch: batch id, seq range, time range, record count.
+
+Example::
+
+    buf = segment_head(1, 0) + encode_entry(TAG_COMMIT, encode_commit(7, 1, 3, t0, t1, 0))
+    key_id, why = parse_segment_head(buf, 1, "here")      # (0, None)
+    size, tag, crc = ENTRY.unpack_from(buf, SEGMENT_HEAD.size)
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Callable, Iterator
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from nicsplit.core.records import Op
+from nicsplit.storage import atrest
+from nicsplit.wire.frames import (
+    BLOCK_SIZE, RECORD_HEAD_SIZE, REF_SIZE, FrameError, Record, block_spans, decode_record, decode_record_split,
+)
+
+__all__ = [
+    "JournalError", "JournalCorrupt", "SEGMENT_SUFFIX", "SEGMENT_MAGIC", "JOURNAL_VERSION", "SEALED_VERSION",
+    "FLAG_SEALED", "SEGMENT_HEAD", "ENTRY", "TAG_RECORD", "TAG_COMMIT", "COMMIT", "COMMIT_PREFIX", "RECORD_HEAD",
+    "SEALED_OVERHEAD", "CARRIED_NAME", "CARRY", "CARRY_MAGIC", "CARRY_SEGMENT", "OPS",
+    "seg_name", "seg_number", "segment_head", "parse_segment_head", "encode_entry", "encode_commit",
+    "seal_record_entry", "open_record_payload", "read_record_at", "data_blocks", "data_offset",
+    "encode_carried", "carried_entries", "open_carried",
+]
+
+
+class JournalError(Exception):
+    """The journal cannot be used (IO failure, failed state, lock held)."""
+
+
+class JournalCorrupt(JournalError):
+    """Committed data failed its check: names the segment and offset."""
+
+
+# -- segments ---------------------------------------------------------------------------
+
+SEGMENT_SUFFIX = ".seg"
+SEGMENT_MAGIC = b"NSJS"
+JOURNAL_VERSION = 1  # records in clear (every journal before at-rest encryption)
+SEALED_VERSION = 2  # RECORD payloads sealed with AES-256-GCM
+FLAG_SEALED = 0x0001  # version 2 flags: the one flag, always set
+
+SEGMENT_HEAD = struct.Struct(
+    ">"
+    "4s"  # magic: b"NSJS"
+    "H"  # version: JOURNAL_VERSION (clear) or SEALED_VERSION
+    "H"  # flags: 0 (version 1), FLAG_SEALED (version 2)
+    "Q"  # segment number: equals the number in the file name
+    "I"  # key id: 0 (version 1); the at-rest key sealing the records (version 2)
+    "I"  # crc: zlib.crc32 of the 20 bytes before it
+)
+assert SEGMENT_HEAD.size == 24
+
+
+def seg_name(n: int) -> str:
+    """The file name of segment ``n``: ``00000001.seg``."""
+    return f"{n:08d}{SEGMENT_SUFFIX}"
+
+
+def seg_number(name: str) -> int | None:
+    """The number of a segment file name, None for any other name (an
+    irregular one like ``1.seg`` too: `seg_name` would not give it)."""
+    if not name.endswith(SEGMENT_SUFFIX):
+        return None
+    stem = name[: -len(SEGMENT_SUFFIX)]
+    if not stem.isdigit() or seg_name(int(stem)) != name:
+        return None
+    return int(stem)
+
+
+def segment_head(seg: int, key_id: int) -> bytes:
+    """The header of segment ``seg``: version 1 (records in clear) when
+    ``key_id`` is 0, else version 2 sealed under at-rest key ``key_id``."""
+    if key_id:
+        head = SEGMENT_HEAD.pack(SEGMENT_MAGIC, SEALED_VERSION, FLAG_SEALED, seg, key_id, 0)[:20]
+    else:
+        head = SEGMENT_HEAD.pack(SEGMENT_MAGIC, JOURNAL_VERSION, 0, seg, 0, 0)[:20]
+    return head + struct.pack(">I", zlib.crc32(head))
+
+
+def parse_segment_head(buf: bytes | memoryview, seg: int, where: str) -> tuple[int, str | None]:
+    """(key id, None) for an intact header of segment ``seg`` (key id 0 =
+    records in clear); (0, why) for a damaged one (torn, bad magic or CRC).
+    An intact header this code cannot read (version, flags, number) raises
+    `JournalCorrupt` naming ``where``."""
+    if len(buf) < SEGMENT_HEAD.size:
+        return 0, f"segment header truncated ({len(buf)} bytes)"
+    magic, version, flags, number, key_id, crc = SEGMENT_HEAD.unpack_from(buf, 0)
+    if zlib.crc32(buf[:20]) != crc or magic != SEGMENT_MAGIC:
+        return 0, "bad segment header"
+    if not ((version == JOURNAL_VERSION and flags == 0 and key_id == 0)
+            or (version == SEALED_VERSION and flags == FLAG_SEALED and key_id)):
+        raise JournalCorrupt(f"{where}: journal version {version} flags {flags} not supported")
+    if number != seg:
+        raise JournalCorrupt(f"{where}: header says segment {number}")
+    return key_id, None
+
+
+# -- entries ----------------------------------------------------------------------------
+
+ENTRY = struct.Struct(
+    ">"
+    "I"  # size: payload bytes that follow the head
+    "B"  # tag: TAG_RECORD or TAG_COMMIT
+    "3s"  # padding: zero (read as bytes so a reader can check it)
+    "I"  # crc: zlib.crc32 of the first 8 head bytes followed by the payload
+)
+assert ENTRY.size == 12
+
+TAG_RECORD = 1
+TAG_COMMIT = 2
+
+COMMIT = struct.Struct(
+    ">"
+    "Q"  # batch_id: from the card's Batch
+    "Q"  # first_seq: first seq this commit applies (after duplicate trimming)
+    "Q"  # last_seq: last seq covered; the journal's last_seq after it (a PIT's seq)
+    "Q"  # t_first_ns: batch time range start
+    "Q"  # t_last_ns: batch time range end (a PIT's time)
+    "I"  # records: RECORD entries since the previous COMMIT
+)
+assert COMMIT.size == 44
+
+# What every COMMIT entry head starts with (size + tag + padding): searched for
+# after a damaged entry to resynchronise (`nicsplit.journal.scan.find_commit`).
+COMMIT_PREFIX = ENTRY.pack(COMMIT.size, TAG_COMMIT, b"", 0)[:8]
+
+# The wire record head (docs/wire.md §3), in clear in sealed segments too, so
+# the keyless scanner reads seq, vdisk, op, flags, offset, length and time.
+# nicsplit.wire.frames owns this layout; the size assert ties the two.
+RECORD_HEAD = struct.Struct(
+    ">"
+    "Q"  # seq
+    "Q"  # io_id
+    "Q"  # vdisk_id
+    "B"  # op: Op
+    "B"  # flags: WFlag | RFLAG_IN_WINDOW
+    "Q"  # offset: virtual byte offset
+    "Q"  # length
+    "q"  # time_ns
+    "I"  # nrefs
+    "I"  # data_len
+)  # refs and data follow
+assert RECORD_HEAD.size == RECORD_HEAD_SIZE == 58
+OPS = frozenset(int(o) for o in Op)
+
+# A sealed RECORD payload: the wire record head (clear) ‖ 12-byte nonce ‖
+# GCM(refs ‖ data) ‖ 16-byte tag — 28 bytes more than the clear payload.
+SEALED_OVERHEAD = atrest.NONCE_SIZE + atrest.TAG_SIZE
+assert SEALED_OVERHEAD == 28
+
+
+def encode_entry(tag: int, payload: bytes) -> bytes:
+    """An entry: head (size, tag, CRC over head and payload), then ``payload``."""
+    head8 = ENTRY.pack(len(payload), tag, b"", 0)[:8]
+    return head8 + struct.pack(">I", zlib.crc32(payload, zlib.crc32(head8))) + payload
+
+
+def encode_commit(batch_id: int, first_seq: int, last_seq: int, t_first_ns: int, t_last_ns: int,
+                  records: int) -> bytes:
+    """The COMMIT entry closing a batch of ``records`` RECORD entries."""
+    return encode_entry(TAG_COMMIT, COMMIT.pack(batch_id, first_seq, last_seq, t_first_ns, t_last_ns, records))
+
+
+def data_blocks(rec: Record) -> Iterator[tuple[int, int, int]]:
+    """(block index, offset in rec.data, length) of the blocks carried inline."""
+    if rec.op != Op.WRITE:
+        return
+    refs = {b for b, _ in rec.refs}
+    dpos = 0
+    for i in range(block_spans(rec.length)):
+        n = min(BLOCK_SIZE, rec.length - i * BLOCK_SIZE)
+        if i not in refs:
+            yield i, dpos, n
+            dpos += n
+
+
+def data_offset(rec: Record) -> int:
+    """Offset of ``rec.data`` inside its encoded record (wire layout)."""
+    return RECORD_HEAD_SIZE + REF_SIZE * len(rec.refs)
+
+
+# -- sealed records (at-rest encryption) ---------------------------------------------
+
+
+def _aad(head8: bytes | memoryview, pos: int, rec_head: bytes | memoryview) -> bytes:
+    # What a sealed record authenticates besides its ciphertext: entry size and
+    # tag, where the entry is (a moved entry fails), the clear record head.
+    return bytes(head8) + pos.to_bytes(8, "big") + bytes(rec_head)
+
+
+def seal_record_entry(cipher: AESGCM, pos: int, encoded: bytes, nonce: bytes) -> bytes:
+    """The sealed RECORD entry of the wire record ``encoded`` written at
+    segment offset ``pos``.  ``nonce``: 12 fresh random bytes."""
+    head8 = ENTRY.pack(len(encoded) + SEALED_OVERHEAD, TAG_RECORD, b"", 0)[:8]
+    view = memoryview(encoded)
+    rec_head = view[:RECORD_HEAD_SIZE]
+    sealed = cipher.encrypt(nonce, view[RECORD_HEAD_SIZE:], _aad(head8, pos, rec_head))
+    crc = zlib.crc32(sealed, zlib.crc32(nonce, zlib.crc32(rec_head, zlib.crc32(head8))))
+    return b"".join((head8, struct.pack(">I", crc), rec_head, nonce, sealed))
+
+
+def open_record_payload(cipher: AESGCM | None, pos: int, head8: bytes | memoryview, payload: bytes | memoryview,
+                        where: str) -> Record:
+    """The record of a RECORD entry whose CRC was checked: decrypted when its
+    segment is sealed (``cipher``), decoded.  Every record read goes through
+    here — the one place that decrypts."""
+    if cipher is not None:
+        if len(payload) < RECORD_HEAD_SIZE + SEALED_OVERHEAD:
+            raise JournalCorrupt(f"{where}: sealed record entry of {len(payload)} bytes is too short")
+        view = memoryview(payload)
+        rec_head = view[:RECORD_HEAD_SIZE]
+        nonce = bytes(view[RECORD_HEAD_SIZE : RECORD_HEAD_SIZE + atrest.NONCE_SIZE])
+        try:
+            plain = cipher.decrypt(nonce, view[RECORD_HEAD_SIZE + atrest.NONCE_SIZE :], _aad(head8, pos, rec_head))
+        except InvalidTag:
+            raise JournalCorrupt(f"{where}: record fails authentication (altered on disk, "
+                                 f"or sealed under another key)") from None
+        try:
+            return decode_record_split(rec_head, plain)
+        except FrameError as e:
+            raise JournalCorrupt(f"{where}: record does not decode: {e}") from None
+    try:
+        rec, end = decode_record(payload)
+    except FrameError as e:
+        raise JournalCorrupt(f"{where}: record does not decode: {e}") from None
+    if end != len(payload):
+        raise JournalCorrupt(f"{where}: trailing bytes after record")
+    return rec
+
+
+def read_record_at(pread: Callable[[int, int], bytes | memoryview], cipher: AESGCM | None, pos: int,
+                   where: str) -> Record:
+    """The record whose entry starts at ``pos`` of a segment read through
+    ``pread(offset, length)``: entry CRC checked, then `open_record_payload`."""
+    head = pread(pos, ENTRY.size)
+    if len(head) != ENTRY.size:
+        raise JournalCorrupt(f"{where}: entry head truncated")
+    size, tag, _pad, crc = ENTRY.unpack(head)
+    payload = pread(pos + ENTRY.size, size)
+    # A sealed entry's GCM tag authenticates every byte the CRC covers (the
+    # head and record head as associated data, the nonce through the key
+    # stream), so the CRC, a second pass over the payload, is skipped there.
+    if tag != TAG_RECORD or len(payload) != size or (
+            cipher is None and zlib.crc32(payload, zlib.crc32(head[:8])) != crc):
+        raise JournalCorrupt(f"{where}: record entry fails its check")
+    return open_record_payload(cipher, pos, head[:8], payload, where)
+
+
+# -- carried blocks ---------------------------------------------------------------------
+# Blocks a kept record references whose segment retention trims (docs/journal.md
+# §1, docs/recovery.md §10): ``carried.blk`` in the journal directory, entries
+# of this head, then the block (sealed with the pseudo-segment 0's key when
+# key_id is not 0: segments count from 1, so its derived key is used nowhere
+# else).
+
+CARRIED_NAME = "carried.blk"
+CARRY = struct.Struct(
+    ">"
+    "4s"  # magic: b"NSCB"
+    "I"  # at-rest key id (0: clear)
+    "16s"  # fingerprint of the plain block
+    "I"  # stored length (plain + 16-byte GCM tag when sealed)
+    "12s"  # nonce (zeros when clear)
+    "I"  # crc: zlib.crc32 of the head before it and the stored bytes
+)
+assert CARRY.size == 44
+CARRY_MAGIC = b"NSCB"
+CARRY_SEGMENT = 0  # the "segment" of a carried block's location: (0, entry offset)
+
+
+def encode_carried(cipher: AESGCM | None, key_id: int, fp: bytes, plain: bytes, nonce: bytes) -> bytes:
+    """The carried.blk entry of block ``fp`` (``plain``), sealed when
+    ``cipher`` is given (``key_id`` names its key; ``nonce`` 12 fresh bytes)."""
+    if cipher is None:
+        nonce = bytes(atrest.NONCE_SIZE)
+    head = CARRY.pack(CARRY_MAGIC, key_id, fp, len(plain) + (atrest.TAG_SIZE if cipher else 0), nonce, 0)[:-4]
+    stored = cipher.encrypt(nonce, plain, head[:24]) if cipher is not None else plain
+    return head + struct.pack(">I", zlib.crc32(stored, zlib.crc32(head))) + stored
+
+
+def carried_entries(buf: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+    """(offset, end, key id, fingerprint) of each intact entry of a carried.blk,
+    in order, up to the first torn or damaged one (a crash while carrying)."""
+    view = memoryview(buf)
+    pos = 0
+    while pos + CARRY.size <= len(buf):
+        magic, key_id, fp, n, _nonce, crc = CARRY.unpack_from(buf, pos)
+        end = pos + CARRY.size + n
+        if magic != CARRY_MAGIC or end > len(buf) or zlib.crc32(
+                view[pos + CARRY.size : end], zlib.crc32(view[pos : pos + CARRY.size - 4])) != crc:
+            return
+        yield pos, end, key_id, fp
+        pos = end
+
+
+def open_carried(head: bytes, stored: bytes, fp: bytes, cipher_for: Callable[[int], AESGCM | None],
+                 where: str) -> bytes:
+    """The plain block of a carried.blk entry (``head`` and the ``stored``
+    bytes after it) that must hold block ``fp``; ``cipher_for(key id)``."""
+    magic, key_id, hfp, n, nonce, _crc = CARRY.unpack(head)
+    if magic != CARRY_MAGIC or hfp != fp or len(stored) != n:
+        raise JournalCorrupt(f"{where}: not the carried block {fp.hex()}")
+    if not key_id:
+        return stored
+    cipher = cipher_for(key_id)
+    assert cipher is not None
+    try:
+        return cipher.decrypt(nonce, stored, head[:24])
+    except InvalidTag:
+        raise JournalCorrupt(f"{where}: carried block fails authentication") from None
