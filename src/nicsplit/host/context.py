@@ -10,7 +10,7 @@ from typing import Any
 
 from nicsplit.core.cgs import CGCatalog
 from nicsplit.host.cardlink import CardLink
-from nicsplit.host.marking import DirtyMap
+from nicsplit.host.marking import MarkingMap
 from nicsplit.host.sequencer import Sequencer
 
 
@@ -20,7 +20,7 @@ class HostContext:
         self.run_dir = Path(run_dir)
         self.cgs = CGCatalog(self.data)
         self._seq: dict[str, Sequencer] = {}
-        self._dmaps: dict[str, DirtyMap] = {}
+        self._dmaps: dict[str, MarkingMap] = {}
         self.card = CardLink(self.run_dir, **(card or {}))
         # io ids are unique across restarts: time-based high bits, counter below.
         self._io_ids = itertools.count((time.time_ns() // 1000) << 16)
@@ -41,10 +41,10 @@ class HostContext:
         """The last sequence number handed out per CG this host sequenced."""
         return {name: s.last for name, s in self._seq.items()}
 
-    def dirty_map(self, vdisk_uuid: str, size: int) -> DirtyMap:
+    def dirty_map(self, vdisk_uuid: str, size: int) -> MarkingMap:
         d = self._dmaps.get(vdisk_uuid)
         if d is None:
-            d = self._dmaps[vdisk_uuid] = DirtyMap(self.data / "host" / "marking", vdisk_uuid, size)
+            d = self._dmaps[vdisk_uuid] = MarkingMap(self.data / "host" / "marking", vdisk_uuid, size)
         return d
 
     def close(self) -> None:
