@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 from nicsplit.core import ctl
@@ -58,3 +59,18 @@ def test_requests_replies_errors_and_garbage(tmp_path: Path):
 
 def test_request_without_a_server_is_none(tmp_path: Path):
     assert ctl.request(tmp_path / "none.sock", {"cmd": "ping"}, timeout=1) is None
+
+
+def test_jsonable_flattens_statistics():
+    @dataclass(frozen=True)
+    class Inner:
+        n: int
+        per: dict
+
+    @dataclass(frozen=True)
+    class Outer:
+        inner: Inner
+        items: tuple
+
+    assert ctl.jsonable(Outer(Inner(1, {2: (3, 4)}), (Inner(5, {}),))) == \
+        {"inner": {"n": 1, "per": {"2": [3, 4]}}, "items": [{"n": 5, "per": {}}]}

@@ -50,7 +50,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -154,10 +154,6 @@ class DatastoreCatalog:
 
     def cg_names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(cg for cg, _, _ in self._map.values()))
-
-
-def _jsonable(x: Any) -> Any:
-    return asdict(x) if is_dataclass(x) else x
 
 
 def set_priority(mode: str) -> str:
@@ -365,14 +361,14 @@ class CardProcess:
             "pid": os.getpid(),
             "full": st.full,
             "cgs": self.pipeline.cg_report(),
-            "stages": {k: _jsonable(getattr(st, k)) for k in
+            "stages": {k: ctl.jsonable(getattr(st, k)) for k in
                        ("resolve", "hold", "merge", "dedup", "compress", "encrypt", "batch", "ship")},
             "writes_in": st.writes_in, "outcomes_in": st.outcomes_in, "released": st.released, "lost": st.lost,
             "payload_bytes_in": st.payload_bytes_in,
             "wire": {"bytes_out": st.wire_bytes_out, "bytes_in": self.shipper.bytes_in},
             "appliance": {"connected": st.ship.connected, "id": self.shipper.appliance_id,
                           "last_error": self.shipper.last_error},
-            "endpoint": _jsonable(ep_stats),
+            "endpoint": ctl.jsonable(ep_stats),
             "poller": {"polls": self._polls, "entries": self._entries, "sleeps": self._sleeps,
                        "doorbell_wakeups": self._doorbells},
         }

@@ -52,6 +52,17 @@ def decode_request(line: bytes) -> dict[str, Any]:
     return req if isinstance(req, dict) else {}
 
 
+def jsonable(obj: Any) -> Any:
+    """Statistics (dataclasses, dicts, tuples of them) as plain JSON values."""
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: jsonable(getattr(obj, k)) for k in obj.__dataclass_fields__}
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
 def encode_reply(reply: dict[str, Any]) -> bytes:
     return json.dumps(reply, default=str).encode() + b"\n"
 

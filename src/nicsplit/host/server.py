@@ -195,7 +195,7 @@ class HostServer:
     def statistics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"vdisks": {}, "sessions": len(self.sessions)}
         for name, ch in self._chains.items():
-            out["vdisks"][name] = _jsonable(ch.statistics())
+            out["vdisks"][name] = ctl.jsonable(ch.statistics())
         out["group_sync"] = {"requests": self.group_sync.requests, "syncs": self.group_sync.syncs}
         return out
 
@@ -468,16 +468,6 @@ def _clip_extents(ext: list[tuple[int, int]]) -> list[tuple[int, int]]:
     if all(n <= _MAX_EXTENT for n, _ in ext):
         return ext
     return [(min(n, _MAX_EXTENT), t) for n, t in ext]
-
-
-def _jsonable(obj: Any) -> Any:
-    if hasattr(obj, "__dataclass_fields__"):
-        return {k: _jsonable(getattr(obj, k)) for k in obj.__dataclass_fields__}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 def control_handler(host: HostServer) -> Callable[[dict], Awaitable[dict]]:
