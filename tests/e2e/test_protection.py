@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from nicsplit.host.datastore import Datastore
-from nicsplit.host.marking import DirtyMap
+from nicsplit.host.marking import MarkingMap
 from nicsplit.testing.datadir import init_data
 from nicsplit.testing.procs import UpProcess, import_libnbd, journal, libnbd_errno, nbd_connect, run_cli, wait_for
 
@@ -178,7 +178,7 @@ def test_card_killed_writes_go_on_and_dirty_map_covers_the_gap(tmp_path, rng):
         a = next(v for c in st["cgs"] for v in c["vdisks"] if v["name"] == "a")
         assert a["state"] == "marking", st
         uuid = next(v for v in Datastore.open(data / "datastore").list_vdisks() if v.name == "a").uuid
-        dmap = DirtyMap(data / "host" / "marking", uuid, SIZE)
+        dmap = MarkingMap(data / "host" / "marking", uuid, SIZE)
         journaled = {r["offset"] for r in writes(journal(data, "cg1")) if r["vdisk"] == "a"}
         uncovered = [off for off in ledger if off not in journaled and not dmap.is_marked(off, 4096)]
         assert not uncovered, f"{len(uncovered)} acknowledged writes neither journaled nor marked dirty"

@@ -26,7 +26,8 @@ from nicsplit.recovery.distribution import (
     CatalogMembers, CGDistribution, ReplicaLock, failover_state_path, replica_dir,
 )
 from nicsplit.cli.failover import NbdClient, NbdError, copy_runs, failback_regions
-from nicsplit.recovery.image import DIRTY_REGION, DirtyMap, ReplicaServer
+from nicsplit.core.dirtymap import REGION as DIRTY_REGION, DirtyMap
+from nicsplit.recovery.image import ReplicaServer
 from nicsplit.journal.writer import Journal
 from nicsplit.recovery.blockindex import BlockIndex
 from nicsplit.recovery.replica import Distributor

@@ -80,14 +80,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from nicsplit.recovery.distribution import NICE, CatalogMembers, CGDistribution, replica_dir
+from nicsplit.recovery.distribution import NICE, CatalogMembers, CGDistribution
 from nicsplit.journal.writer import AppendResult, BatchRejected, Journal, JournalError, JournalStatistics
 from nicsplit.recovery.pits import PitError
 from nicsplit.recovery.blockindex import BlockIndex
 from nicsplit.recovery.imagehost import ApplianceImages, ImageRequestError
 from nicsplit.recovery.retention import Policy
 from nicsplit.recovery.trimmer import Trimmer
-from nicsplit.core import pki
+from nicsplit.core import ctl, pki
+from nicsplit.core.layout import Layout
 from nicsplit.wire import frames as F
 
 log = logging.getLogger("nicsplit.appliance")
@@ -117,8 +118,16 @@ class ServerConfig:
     datastore_dir: Path | None = None  # the catalog (vdisk ids, names, sizes); default data/datastore
 
     @property
+    def catalog_dir(self) -> Path:
+        return self.datastore_dir or self.layout.datastore
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.data)
+
+    @property
     def journal_root(self) -> Path:
-        return self.data / "appliance" / "journal"
+        return self.layout.journals
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +152,7 @@ class _Drop(Exception):
 
 def appliance_id(data: Path) -> str:
     """A stable id for this appliance (created once under data/appliance/id)."""
-    path = data / "appliance" / "id"
+    path = Layout(data).appliance_id
     try:
         return path.read_text().strip()
     except FileNotFoundError:
@@ -156,7 +165,7 @@ def appliance_id(data: Path) -> str:
 class Appliance:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
-        self.pki_dir = cfg.pki_dir or cfg.data / "pki"
+        self.pki_dir = cfg.pki_dir or cfg.layout.pki
         self.ssl = pki.server_context(self.pki_dir, cfg.identity)
         self.key = pki.load_batch_key(self.pki_dir) if cfg.encryption else None
         self.id = appliance_id(cfg.data)
@@ -198,9 +207,10 @@ class Appliance:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, f"signal {signal.Signals(sig).name}")
         host, port = lsock.getsockname()[:2]
-        pid_file = self.cfg.data / "run" / "appliance.pid"  # read by `nicsplit status`, like host.pid
+        layout = self.cfg.layout
+        pid_file = layout.pid("appliance")  # read by `nicsplit status`, like host.pid
         pid_file.parent.mkdir(parents=True, exist_ok=True)
-        control = await self._control(self.cfg.data / "run" / "appliance.sock")
+        control = await ctl.serve(layout.appliance_sock, self._control_request, errors=(ImageRequestError,))
         retention = loop.create_task(self._retention_loop()) if self.cfg.retention is not None else None
         pid_file.write_text(str(os.getpid()))
         info = {"event": "ready", "pid": os.getpid(), "address": f"{host}:{port}"}
@@ -224,7 +234,7 @@ class Appliance:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             control.close()
-            (self.cfg.data / "run" / "appliance.sock").unlink(missing_ok=True)
+            layout.appliance_sock.unlink(missing_ok=True)
             await self.images.close_all()
             if retention is not None:
                 retention.cancel()
@@ -253,7 +263,7 @@ class Appliance:
         if not self.cfg.distribution:
             return
         try:
-            self.indexes[cg] = BlockIndex(self.cfg.journal_root / cg)
+            self.indexes[cg] = BlockIndex(self.cfg.layout.journal(cg))
         except (PitError, OSError) as e:  # distribution then indexes on its own, and says so if it cannot
             log.error("journal %s: block index not built: %s", cg, e)
 
@@ -271,11 +281,11 @@ class Appliance:
     def _distribute(self, cg: str, j: Journal) -> None:
         if not self.cfg.distribution or cg in self.distribution:
             return
-        ds_dir = self.cfg.datastore_dir or self.cfg.data / "datastore"
+        ds_dir = self.cfg.catalog_dir
         self.distribution[cg] = CGDistribution(
-            self.cfg.data, cg, self.cfg.journal_root / cg, journal=j, durable=lambda: j.durable_seq,
+            self.cfg.data, cg, self.cfg.layout.journal(cg), journal=j, durable=lambda: j.durable_seq,
             index=self.indexes.get(cg), nice=self.cfg.distribution_nice,
-            members=CatalogMembers(ds_dir, cg, replica_dir(self.cfg.data, cg))).start()
+            members=CatalogMembers(ds_dir, cg, self.cfg.layout.replica(cg))).start()
 
     def _stop_distribution(self) -> None:
         for d in self.distribution.values():
@@ -292,13 +302,13 @@ class Appliance:
         loop = asyncio.get_running_loop()
         policy = self.cfg.retention
         assert policy is not None
-        ds_dir = self.cfg.datastore_dir or self.cfg.data / "datastore"
+        ds_dir = self.cfg.catalog_dir
         while True:
             await asyncio.sleep(policy.interval_s)
             for cg, j in list(self.journals.items()):
                 t = self.trimmers.get(cg)
                 if t is None:
-                    members = CatalogMembers(ds_dir, cg, replica_dir(self.cfg.data, cg))
+                    members = CatalogMembers(ds_dir, cg, self.cfg.layout.replica(cg))
 
                     def sizes(members: CatalogMembers = members) -> dict[int, int] | None:
                         vds = members()
@@ -324,45 +334,26 @@ class Appliance:
                        "retention": t.last.to_json() if t is not None and t.last is not None else None}
         return {"pid": os.getpid(), "id": self.id, "cgs": cgs}
 
-    async def _control(self, path: Path) -> asyncio.AbstractServer:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                try:
-                    req = json.loads(await reader.readline() or b"{}")
-                    cmd = req.get("cmd")
-                except (ValueError, AttributeError):
-                    req, cmd = {}, None
-                if cmd == "status":
-                    reply = {"ok": True, "status": self.status()}
-                elif cmd == "wake":
-                    d = self.distribution.get(str(req.get("cg")))
-                    if d is not None:
-                        d.notify()
-                    reply = {"ok": True, "distributing": d is not None}
-                elif cmd == "ping":
-                    reply = {"ok": True, "pid": os.getpid()}
-                elif cmd == "image-export":
-                    index = self.indexes.get(str(req.get("cg")))
-                    if index is None:  # no journal (or index) here: the standalone server says why
-                        reply = {"ok": False, "fallback": True, "error": "no block index for that CG"}
-                    else:
-                        try:
-                            reply = {"ok": True, "image": await self.images.export(req, index)}
-                        except ImageRequestError as e:
-                            reply = {"ok": False, "error": str(e)}
-                elif cmd == "image-close":
-                    reply = {"ok": True, "closed": await self.images.close(str(req.get("id")))}
-                else:
-                    reply = {"ok": False, "error": f"unknown command {cmd!r}"}
-                writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-                pass  # a client that went away or sent garbage: its problem only
-            finally:
-                writer.close()
-
-        path.unlink(missing_ok=True)
-        return await asyncio.start_unix_server(handle, str(path))
+    async def _control_request(self, req: dict) -> dict:
+        """A control-socket request (rule 9), decoded by `nicsplit.core.ctl`."""
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "status": self.status()}
+        if cmd == "wake":
+            d = self.distribution.get(str(req.get("cg")))
+            if d is not None:
+                d.notify()
+            return {"ok": True, "distributing": d is not None}
+        if cmd == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if cmd == "image-export":
+            index = self.indexes.get(str(req.get("cg")))
+            if index is None:  # no journal (or index) here: the standalone server says why
+                return {"ok": False, "fallback": True, "error": "no block index for that CG"}
+            return {"ok": True, "image": await self.images.export(req, index)}
+        if cmd == "image-close":
+            return {"ok": True, "closed": await self.images.close(str(req.get("id")))}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
 
     def statistics(self) -> ApplianceStatistics:
         return ApplianceStatistics(
@@ -376,7 +367,7 @@ class Appliance:
         async with self._open_lock:
             j = self.journals.get(cg)
             if j is None:
-                path = self.cfg.journal_root / cg
+                path = self.cfg.layout.journal(cg)
                 try:
                     j = await asyncio.get_running_loop().run_in_executor(
                         self._pool, lambda: Journal.open(path, segment_size=self.cfg.segment_size))
@@ -664,6 +655,8 @@ class _Connection:
 def run(cfg: ServerConfig) -> int:
     """Run the appliance in the foreground (uvloop); prints the JSON ready
     line on stdout.  Returns the exit status."""
+    # The entry point alone picks the loop: Appliance.serve runs on whatever
+    # loop its caller (a test, an embedder) already has.
     import uvloop
 
     app = Appliance(cfg)

@@ -3,7 +3,7 @@
 The card acks a write in microseconds, so when it later has to drop one
 (no outcome in time, vdisk unknown, refused while full) the host must still
 learn that the region needs a resync (P1). The card appends one JSON line per
-lost write to ``RUN_DIR/card-lost.jsonl`` *before* it releases the write's
+lost write to ``RUN_DIR/card-lost.jsonl`` (`Layout.card_lost_log`) *before* it releases the write's
 hidden-volume space; the host reads the released watermark first and then the
 log, so every write it stops tracking is either durable or listed here.
 
@@ -18,12 +18,9 @@ import os
 import time
 from pathlib import Path
 
-NAME = "card-lost.jsonl"
-
-
 class LostLog:
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / NAME
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self.count = 0
 
@@ -40,8 +37,8 @@ class LostLog:
 class LostLogReader:
     """Host side: yields new complete lines since the last call."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / NAME
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
         self._offset = 0
         self._partial = b""
 

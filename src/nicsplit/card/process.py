@@ -50,19 +50,24 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from nicsplit.card.lostlog import LostLog
 from nicsplit.card.pipeline import CardPipeline, PipelineConfig, Shipper, tls_connector
 from nicsplit.card.pipeline.resolve import CardCatalog
+from nicsplit.card.transports.base import open_endpoint
+from nicsplit.core import ctl
+from nicsplit.core.catalog import CatalogReader
+from nicsplit.core.config import ConfigError, parse_size
+from nicsplit.core.layout import Layout
+from nicsplit.core.pki import client_context, load_batch_key
 from nicsplit.core.records import AugmentedWrite
-
-from nicsplit.card.lostlog import LostLog
+from nicsplit.wire.ring import full_fence
 
 log = logging.getLogger(__name__)
 
-CTL_SOCKET = "card-ctl.sock"
 _SIZE_KEYS = {"hold_max_bytes", "merge_max_bytes", "batch_bytes", "ship_window_bytes"}
 
 
@@ -89,18 +94,20 @@ class CardConfig:
     pipeline: PipelineConfig = PipelineConfig()
 
     @property
+    def layout(self) -> Layout:
+        return Layout(self.data)
+
+    @property
     def run_dir(self) -> Path:
-        return self.data / "run"
+        return self.layout.run
 
     @property
     def pki_dir(self) -> Path:
-        return self.data / "pki"
+        return self.layout.pki
 
     @classmethod
     def from_mapping(cls, data: Path, m: Mapping[str, Any]) -> "CardConfig":
         """From the ``[card]`` table; pipeline keys sit in the same table."""
-        from nicsplit.core.config import ConfigError, parse_size
-
         own = {f.name for f in fields(cls)} - {"data", "pipeline"}
         pipe = {f.name for f in fields(PipelineConfig)}
         kw: dict[str, Any] = {}
@@ -127,34 +134,26 @@ class CardConfig:
 
 
 class DatastoreCatalog:
-    """A `CardCatalog` read from ``DATA/datastore/catalog.json``: a vdisk's CG
-    is its ``extra["cg"]``; a vdisk without a CG is its own group, named after
-    it. ``refresh()`` re-reads the file only when its stamp changed."""
+    """A `CardCatalog` read from ``DATA/datastore/catalog.json`` through
+    `nicsplit.core.catalog`: a vdisk's CG is its ``extra["cg"]``; a vdisk
+    without a CG is its own group, named after it. ``refresh()`` re-reads the
+    file only when its stamp changed; no file yet (or any more) keeps the map."""
 
     def __init__(self, datastore_dir: Path) -> None:
-        from nicsplit.host.datastore.catalog import CatalogFile
-
-        self._file = CatalogFile(str(datastore_dir))
-        self._stamp: Any = None
+        self._reader = CatalogReader(datastore_dir)
         self._map: dict[int, tuple[str, str, int]] = {}
         self.refresh()
 
     def refresh(self) -> None:
-        stamp = self._file.stamp()
-        if stamp is None or stamp == self._stamp:
+        if self._reader.stamp() is None or not self._reader.refresh():
             return
-        cat, self._stamp = self._file.read()
-        self._map = {v.id: (v.extra.get("cg") or v.name, v.name, v.size) for v in cat.vdisks.values()}
+        self._map = {v.id: (v.cg or v.name, v.name, v.size) for v in self._reader.vdisks()}
 
     def lookup(self, vdisk_id: int) -> tuple[str, str, int] | None:
         return self._map.get(vdisk_id)
 
     def cg_names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(cg for cg, _, _ in self._map.values()))
-
-
-def _jsonable(x: Any) -> Any:
-    return asdict(x) if is_dataclass(x) else x
 
 
 def set_priority(mode: str) -> str:
@@ -234,7 +233,7 @@ class CardProcess:
         self.cfg = cfg
         self.endpoint = endpoint
         self.catalog = catalog
-        self._lost_log = LostLog(cfg.run_dir) if on_lost is None and cfg.run_dir.is_dir() else None
+        self._lost_log = LostLog(cfg.layout.card_lost_log) if on_lost is None and cfg.run_dir.is_dir() else None
         self.pipeline = CardPipeline(catalog, release=endpoint.release, on_lost=on_lost or self._default_lost,
                                      key=key, config=cfg.pipeline)
         if callable(getattr(catalog, "cg_names", None)):
@@ -244,8 +243,6 @@ class CardProcess:
             host = host.strip("[]") or "127.0.0.1"
             ctx = None
             if cfg.tls:
-                from nicsplit.core.pki import client_context
-
                 ctx = client_context(cfg.pki_dir, "card")
             connect = tls_connector(host, int(port), ctx, cfg.server_hostname or host)
         self.shipper = Shipper(
@@ -329,8 +326,6 @@ class CardProcess:
             await asyncio.sleep(0) if timeout <= 0 else await asyncio.get_running_loop().run_in_executor(
                 None, ep.wait_doorbell, timeout)
             return
-        from nicsplit.wire.ring import full_fence
-
         collect_when_idle(True)  # before SLEEPING: a ring now waits for the poll, not for the collector
         ep.set_sleeping(True)
         full_fence()  # SLEEPING visible before we re-read the tail (Dekker; wire/ring.py)
@@ -366,49 +361,28 @@ class CardProcess:
             "pid": os.getpid(),
             "full": st.full,
             "cgs": self.pipeline.cg_report(),
-            "stages": {k: _jsonable(getattr(st, k)) for k in
+            "stages": {k: ctl.jsonable(getattr(st, k)) for k in
                        ("resolve", "hold", "merge", "dedup", "compress", "encrypt", "batch", "ship")},
             "writes_in": st.writes_in, "outcomes_in": st.outcomes_in, "released": st.released, "lost": st.lost,
             "payload_bytes_in": st.payload_bytes_in,
             "wire": {"bytes_out": st.wire_bytes_out, "bytes_in": self.shipper.bytes_in},
             "appliance": {"connected": st.ship.connected, "id": self.shipper.appliance_id,
                           "last_error": self.shipper.last_error},
-            "endpoint": _jsonable(ep_stats),
+            "endpoint": ctl.jsonable(ep_stats),
             "poller": {"polls": self._polls, "entries": self._entries, "sleeps": self._sleeps,
                        "doorbell_wakeups": self._doorbells},
         }
 
-    async def _ctl_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while line := await reader.readline():
-                try:
-                    req = json.loads(line)
-                    cmd = req.get("cmd") if isinstance(req, dict) else None
-                except ValueError:
-                    cmd = None
-                if cmd == "stats":
-                    reply = {"ok": True, "stats": self.stats()}
-                else:
-                    reply = {"ok": False, "error": "unknown command (known: stats)"}
-                writer.write(json.dumps(reply, default=str).encode() + b"\n")
-                await writer.drain()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
-            pass
-        finally:
-            writer.close()
+    async def _ctl_request(self, req: dict) -> dict:
+        if req.get("cmd") == "stats":
+            return {"ok": True, "stats": self.stats()}
+        return {"ok": False, "error": "unknown command (known: stats)"}
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def run(self, *, ready: Callable[[dict], None] | None = None) -> int:
-        run_dir = self.cfg.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ctl_path = run_dir / CTL_SOCKET
-        try:
-            ctl_path.unlink()
-        except FileNotFoundError:
-            pass
-        server = await asyncio.start_unix_server(self._ctl_client, path=str(ctl_path))
-        os.chmod(ctl_path, 0o600)
+        ctl_path = self.cfg.layout.card_ctl_sock
+        server = await ctl.serve(ctl_path, self._ctl_request, mode=0o600)
         ship_task = asyncio.create_task(self.shipper.run(), name="card-shipper")
         poll_task = asyncio.create_task(self.poll_loop(), name="card-poller")
         if ready:
@@ -488,15 +462,11 @@ async def run_card(
     quiet_gc()
     key = None
     if cfg.encrypt:
-        from nicsplit.core.pki import load_batch_key
-
         key = load_batch_key(cfg.pki_dir)
     if catalog is None:
-        catalog = DatastoreCatalog(cfg.data / "datastore")
+        catalog = DatastoreCatalog(cfg.layout.datastore)
     own_endpoint = endpoint is None
     if own_endpoint:
-        from nicsplit.card.transports.base import open_endpoint
-
         endpoint = open_endpoint(cfg.transport, str(cfg.run_dir), **cfg.transport_options)
     card = CardProcess(cfg, endpoint, catalog, key=key, connect=connect, on_lost=on_lost)
     loop = asyncio.get_running_loop()
@@ -523,6 +493,8 @@ async def run_card(
 def main(cfg: Any) -> int:
     """Synchronous entry for the CLI (``nicsplit card run``)."""
     try:
+        # The entry point alone picks the loop: CardProcess and run_card run
+        # on whatever loop their caller (a test, an embedder) already has.
         import uvloop
 
         return uvloop.run(run_card(cfg))

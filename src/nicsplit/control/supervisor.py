@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from nicsplit.core.layout import Layout
+
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 30.0
@@ -50,13 +52,14 @@ class Child:
 class Supervisor:
     def __init__(self, data: Path, children: list[Child], on_ready: Callable[[dict[str, dict]], None] | None = None) -> None:
         self.data = data
-        self.run_dir = data / "run"
+        self.layout = Layout(data)
+        self.run_dir = self.layout.run
         self.children = children
         self.on_ready = on_ready
         self._stopping = False
 
     async def _start(self, c: Child) -> None:
-        log_path = self.run_dir / f"{c.name}.log"
+        log_path = self.layout.log(c.name)
         logf = open(log_path, "ab")
         argv = list(c.argv)
         if c.args_from is not None:
@@ -66,7 +69,7 @@ class Supervisor:
         )
         logf.close()
         c.started_at = time.monotonic()
-        (self.run_dir / f"{c.name}.pid").write_text(str(c.proc.pid))
+        self.layout.pid(c.name).write_text(str(c.proc.pid))
         try:
             c.ready = await asyncio.wait_for(self._wait_ready(c), READY_TIMEOUT_S)
         except (asyncio.TimeoutError, EOFError) as e:
@@ -98,7 +101,7 @@ class Supervisor:
 
     async def run(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "up.pid").write_text(str(os.getpid()))
+        self.layout.pid("up").write_text(str(os.getpid()))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -117,7 +120,7 @@ class Supervisor:
         finally:
             self._stopping = True
             await self._stop_all()
-            (self.run_dir / "up.pid").unlink(missing_ok=True)
+            self.layout.pid("up").unlink(missing_ok=True)
 
     async def _watch(self, c: Child, stop: asyncio.Event) -> None:
         backoff = 0.5
@@ -149,7 +152,7 @@ class Supervisor:
                 log.error("%s ignored SIGTERM for %ss; killing it", c.name, STOP_TIMEOUT_S)
                 p.kill()
                 await p.wait()
-            (self.run_dir / f"{c.name}.pid").unlink(missing_ok=True)
+            self.layout.pid(c.name).unlink(missing_ok=True)
 
 
 def child_argv(data: Path, *args: str) -> list[str]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from nicsplit.core.fsutil import atomic_write
+from nicsplit.core.layout import Layout
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -47,8 +48,9 @@ ROLES = ("production", "failed-over")
 
 class CGCatalog:
     def __init__(self, data: Path) -> None:
-        self.path = Path(data) / "cgs.json"
-        self._lock = Path(data) / "cgs.lock"
+        layout = Layout(data)
+        self.path = layout.cgs
+        self._lock = layout.cgs_lock
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

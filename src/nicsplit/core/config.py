@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nicsplit.core.layout import CONFIG_NAME, Layout
+
 ENV_DATA = "NICSPLIT_DATA"
 DEFAULT_DATA = "./nicsplit-data"
-CONFIG_NAME = "nicsplit.toml"
 
 DEFAULT_TOML = '''\
 # nicsplit configuration. Every key is optional; the values shown are the
@@ -164,12 +165,16 @@ class Config:
     raw: dict = field(default_factory=dict)
 
     @property
+    def layout(self) -> Layout:
+        return Layout(self.data)
+
+    @property
     def datastore_dir(self) -> Path:
-        return self.data / "datastore"
+        return self.layout.datastore
 
     @property
     def run_dir(self) -> Path:
-        return self.data / "run"
+        return self.layout.run
 
     def host(self, key: str, default: Any) -> Any:
         return self.raw.get("host", {}).get(key, default)
@@ -187,7 +192,7 @@ def data_dir(arg: str | None) -> Path:
 
 
 def load(data: Path) -> Config:
-    cfg_file = data / CONFIG_NAME
+    cfg_file = Layout(data).config
     if not cfg_file.exists():
         raise ConfigError(f"{data} is not a nicsplit data directory (no {CONFIG_NAME}); run 'nicsplit init' first")
     try:
@@ -202,8 +207,9 @@ def load(data: Path) -> Config:
 
 def write_default(data: Path) -> Path:
     data.mkdir(parents=True, exist_ok=True)
-    cfg_file = data / CONFIG_NAME
+    layout = Layout(data)
+    cfg_file = layout.config
     if not cfg_file.exists():
         cfg_file.write_text(DEFAULT_TOML)
-    (data / "run").mkdir(exist_ok=True)
+    layout.run.mkdir(exist_ok=True)
     return cfg_file

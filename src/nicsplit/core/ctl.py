@@ -1,11 +1,102 @@
-"""Client of the JSON-lines control sockets in DATA/run (host.sock,
-card-ctl.sock): one request, one reply line."""
+"""The JSON-lines control sockets in DATA/run (host.sock, card-ctl.sock,
+appliance.sock): the one server loop and the one client.
+
+Protocol: a request is one JSON object on one line, ``{"cmd": NAME, ...}``;
+the reply is one JSON object on one line, ``{"ok": true, ...}`` or
+``{"ok": false, "error": "one line"}``. A connection may carry several
+requests in turn; the clients here send one and close.
+
+Rules:
+- A line that is not a JSON object reaches the handler as ``{}`` (so it
+  answers "unknown command", each process in its own words).
+- An error the handler raises from ``errors`` becomes ``{"ok": false,
+  "error": str(e)}``; the connection lives on.
+- A client that goes away or sends an over-long line costs its own
+  connection only; a bug in a handler is logged with its traceback and ends
+  that connection without a reply (the client sees no answer).
+- Replies encode what JSON cannot (a Path, an enum) with ``str``.
+
+Example::
+
+    async def handle(req: dict) -> dict:
+        if req.get("cmd") == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        return {"ok": False, "error": f"unknown command {req.get('cmd')!r}"}
+
+    server = await serve(layout.host_sock, handle)
+    ...
+    request(layout.host_sock, {"cmd": "ping"})   # {"ok": True, "pid": ...}
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import os
 import socket
 from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def decode_request(line: bytes) -> dict[str, Any]:
+    """One request line → its object; ``{}`` for anything that is not a JSON object."""
+    try:
+        req = json.loads(line or b"{}")
+    except ValueError:
+        return {}
+    return req if isinstance(req, dict) else {}
+
+
+def jsonable(obj: Any) -> Any:
+    """Statistics (dataclasses, dicts, tuples of them) as plain JSON values."""
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: jsonable(getattr(obj, k)) for k in obj.__dataclass_fields__}
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def encode_reply(reply: dict[str, Any]) -> bytes:
+    return json.dumps(reply, default=str).encode() + b"\n"
+
+
+async def serve(path: Path, handler: Handler, *, errors: tuple[type[BaseException], ...] = (),
+                mode: int | None = None) -> asyncio.AbstractServer:
+    """Listen on the Unix socket ``path`` (a stale one is replaced) and answer
+    each request line with ``await handler(request)``. ``mode``: chmod the
+    socket (e.g. 0o600: only our user may ask)."""
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                req = decode_request(line)
+                try:
+                    reply = await handler(req)
+                except errors as e:
+                    reply = {"ok": False, "error": str(e)}
+                except Exception:  # a bug in the handler: this connection ends, the server lives on
+                    log.exception("control socket %s: request %r failed", path, req.get("cmd"))
+                    return
+                writer.write(encode_reply(reply))
+                await writer.drain()
+        except (OSError, asyncio.LimitOverrunError, ValueError):
+            pass  # a client that went away or sent an over-long line: its problem only
+        finally:
+            writer.close()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    server = await asyncio.start_unix_server(connection, str(path))
+    if mode is not None:
+        os.chmod(path, mode)
+    return server
 
 
 def request(path: Path, cmd: dict, timeout: float = 5.0) -> dict | None:

@@ -11,7 +11,9 @@ The tree, with who writes what:
       datastore/                    vdisk volumes and catalog.json (the host)
       host/cg-seq/CG.json           next cg_seq per CG (the host)
       host/marking/UUID.bitmap      dirty regions of a vdisk in marking (the host)
+      host/marking/UUID.state.json  protected or marking, since, reason (the host)
       run/                          sockets, pid files, logs of running processes
+      run/card-lost.jsonl           writes the card could not ship (the card)
       run/images/ID.json            image-access registry (the appliance)
       appliance/id                  appliance identity
       appliance/at-rest.key         at-rest keyring
@@ -31,6 +33,7 @@ from pathlib import Path
 CONFIG_NAME = "nicsplit.toml"
 KEYRING_NAME = "at-rest.key"
 CATALOG_NAME = "catalog.json"
+CATALOG_LOCK_NAME = "catalog.lock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,10 @@ class Layout:
     def catalog(self) -> Path:
         return self.datastore / CATALOG_NAME
 
+    @property
+    def catalog_lock(self) -> Path:
+        return self.datastore / CATALOG_LOCK_NAME
+
     # --- host state
     @property
     def host(self) -> Path:
@@ -93,6 +100,10 @@ class Layout:
         """Pid file of a process: up, host, card, appliance."""
         return self.run / f"{name}.pid"
 
+    def log(self, name: str) -> Path:
+        """Log (stderr) of a process `nicsplit up` supervises: host, card, appliance."""
+        return self.run / f"{name}.log"
+
     @property
     def host_sock(self) -> Path:
         return self.sock("host")
@@ -109,6 +120,11 @@ class Layout:
     @property
     def appliance_sock(self) -> Path:
         return self.sock("appliance")
+
+    @property
+    def card_lost_log(self) -> Path:
+        """Writes the card acknowledged but could not ship (nicsplit.card.lostlog)."""
+        return self.run / "card-lost.jsonl"
 
     @property
     def images_run(self) -> Path:

@@ -76,10 +76,12 @@ def init_pki(dir: Path, *, appliance_names: tuple[str, ...] = ()) -> list[str]:
     """Create what is missing under ``dir``; returns the file names created.
     ``appliance_names`` adds DNS names / IP addresses to the appliance
     certificate's SAN (besides 127.0.0.1 and localhost)."""
+    # x509 and key generation serve `nicsplit pki init` only: every process
+    # that merely loads its certificates (host, card, appliance) skips them.
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.hazmat.primitives import hashes, serialization  # pki init only, as above
+    from cryptography.hazmat.primitives.asymmetric import ec  # pki init only
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # pki init only
 
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True, mode=0o700)

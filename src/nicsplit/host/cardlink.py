@@ -32,14 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from nicsplit.card.lostlog import LostLogReader
+from nicsplit.card.transports.base import open_splitter
 
 log = logging.getLogger(__name__)
 
 
 class CardLink:
-    def __init__(self, run_dir: Path, *, transport: str = "ring", retry_s: float = 0.5,
+    def __init__(self, card_sock: Path, lost_log: Path, *, transport: str = "ring", retry_s: float = 0.5,
                  connect_timeout_s: float = 0.05, max_tracked: int = 1 << 20, spin_us: float = 20) -> None:
-        self.run_dir = Path(run_dir)
+        self.card_sock = Path(card_sock)  # the transport's rendezvous (Layout.card_sock)
         self.kind = transport
         self.retry_s = retry_s
         self.connect_timeout_s = connect_timeout_s
@@ -49,7 +50,7 @@ class CardLink:
         self._tracked: collections.deque = collections.deque()
         self.losses = 0
         self.last_error = ""
-        self._lost_log = LostLogReader(self.run_dir)
+        self._lost_log = LostLogReader(lost_log)
         self.spin_ns = int(spin_us * 1000)
         self._waiting: dict[int, tuple[asyncio.Future, int]] = {}  # io_id -> (future, deadline)
         self._poller_scheduled = False
@@ -87,9 +88,7 @@ class CardLink:
         return self._t
 
     def _connect(self) -> Any:
-        from nicsplit.card.transports.base import open_splitter
-
-        return open_splitter(self.kind, str(self.run_dir / "card.sock"), timeout=self.connect_timeout_s)
+        return open_splitter(self.kind, str(self.card_sock), timeout=self.connect_timeout_s)
 
     # -- acks ------------------------------------------------------------
     def wait_ack(self, t: Any, io_id: int, deadline_ns: int) -> "bool | asyncio.Future":

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
+from nicsplit.core import ctl
 from nicsplit.core.cgs import CGCatalog, CGError
 from nicsplit.core.config import Config
 from nicsplit.host.chain import Chain, VdiskView, build_chain
@@ -104,7 +104,7 @@ class HostServer:
         self.max_inflight = int(cfg.host("max_inflight", 128))
         self.exports = ExportCatalog(self)
         self.group_sync = GroupSync(datastore.sync)
-        self.context = HostContext(cfg.data, cfg.run_dir, card=cfg.raw.get("host", {}).get("card"))
+        self.context = HostContext(cfg.data, card=cfg.raw.get("host", {}).get("card"))
         self._chains: dict[str, Chain] = {}
         self.sessions: set[NBDSession] = set()
         self._servers: list[asyncio.AbstractServer] = []
@@ -195,7 +195,7 @@ class HostServer:
     def statistics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"vdisks": {}, "sessions": len(self.sessions)}
         for name, ch in self._chains.items():
-            out["vdisks"][name] = _jsonable(ch.statistics())
+            out["vdisks"][name] = ctl.jsonable(ch.statistics())
         out["group_sync"] = {"requests": self.group_sync.requests, "syncs": self.group_sync.syncs}
         return out
 
@@ -470,53 +470,26 @@ def _clip_extents(ext: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(min(n, _MAX_EXTENT), t) for n, t in ext]
 
 
-def _jsonable(obj: Any) -> Any:
-    if hasattr(obj, "__dataclass_fields__"):
-        return {k: _jsonable(getattr(obj, k)) for k in obj.__dataclass_fields__}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
+def control_handler(host: HostServer) -> Callable[[dict], Awaitable[dict]]:
+    """The host's control socket (`nicsplit.core.ctl`): ``{"cmd": "stats"}``,
+    ``status``, ``ping``; also ``fence`` (failover) and ``barrier``
+    (bookmarks), see HostServer."""
 
+    async def handle(req: dict) -> dict:
+        cmd = req.get("cmd")
+        if cmd == "stats":
+            return {"ok": True, "stats": host.statistics()}
+        if cmd == "status":
+            return {"ok": True, "status": host.status()}
+        if cmd == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if cmd == "fence":
+            return {"ok": True, **host.fence(str(req.get("cg")), bool(req.get("on", True)))}
+        if cmd == "barrier":
+            return {"ok": True, **(await host.barrier(str(req.get("cg"))))}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
 
-async def _command(host: HostServer, cmd: Any, req: dict) -> dict:
-    if cmd == "stats":
-        return {"ok": True, "stats": host.statistics()}
-    if cmd == "status":
-        return {"ok": True, "status": host.status()}
-    if cmd == "ping":
-        return {"ok": True, "pid": os.getpid()}
-    if cmd == "fence":
-        return {"ok": True, **host.fence(str(req.get("cg")), bool(req.get("on", True)))}
-    if cmd == "barrier":
-        return {"ok": True, **(await host.barrier(str(req.get("cg"))))}
-    return {"ok": False, "error": f"unknown command {cmd!r}"}
-
-
-async def _control(host: HostServer, path: Path) -> asyncio.AbstractServer:
-    """A JSON-lines control socket in DATA/run: ``{"cmd": "stats"}``; also
-    ``fence`` (failover) and ``barrier`` (bookmarks), see HostServer."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await reader.readline()
-            try:
-                req = json.loads(line or b"{}")
-                cmd = req.get("cmd")
-            except (ValueError, AttributeError):
-                req, cmd = {}, None
-            try:
-                reply = await _command(host, cmd, req)
-            except (HostCommandError, CGError) as e:
-                reply = {"ok": False, "error": str(e)}
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
-        finally:
-            writer.close()
-
-    path.unlink(missing_ok=True)
-    return await asyncio.start_unix_server(handle, str(path))
+    return handle
 
 
 async def serve(
@@ -534,9 +507,10 @@ async def serve(
         host = HostServer(cfg, ds, readonly=readonly)
         host.check_chains()
         addrs = await host.start(listen, socket_path)
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        control = await _control(host, cfg.run_dir / "host.sock")
-        pid_file = cfg.run_dir / "host.pid"
+        layout = cfg.layout
+        layout.run.mkdir(parents=True, exist_ok=True)
+        control = await ctl.serve(layout.host_sock, control_handler(host), errors=(HostCommandError, CGError))
+        pid_file = layout.pid("host")
         pid_file.write_text(str(os.getpid()))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -64,8 +64,9 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
+from nicsplit.core.dirtymap import DirtyMap
 from nicsplit.core.fsutil import punch_hole, pwrite_all
 from nicsplit.storage import atrest
 from nicsplit.journal.writer import JournalError
@@ -81,8 +82,8 @@ from nicsplit.core.records import BLOCK_SIZE
 
 log = logging.getLogger("nicsplit.recovery.image")
 
-__all__ = ["PitPlugin", "OverlayFilter", "OverlayStatistics", "ImageServer", "EXECUTOR_READ", "DirtyMap",
-           "ReplicaPlugin", "ReplicaServer", "DIRTY_REGION"]
+__all__ = ["PitPlugin", "OverlayFilter", "OverlayStatistics", "ImageServer", "EXECUTOR_READ",
+           "ReplicaPlugin", "ReplicaServer"]
 
 BS = BLOCK_SIZE
 
@@ -431,88 +432,8 @@ class ImageServer(_Exports):
 
 # -- replicas served writable (failover) --------------------------------------------------------
 
-# Dirty regions of a failover are 64 KiB, like the host's marking bitmap: a
-# 1 TiB vdisk needs 2 MiB of bitmap, and failback copies at most 60 KiB
-# more than was written per region touched.
-DIRTY_REGION = 64 << 10
-
-
-class DirtyMap:
-    """Persistent bitmap of the regions written at the failover site: one bit
-    per `DIRTY_REGION` bytes (bit ``r % 8`` of byte ``r // 8`` = region r), in
-    a file of ``ceil(regions / 8)`` bytes.  A bit is on disk (written and
-    fdatasynced) before the write that sets it touches the image, so after any
-    crash every region that may differ from the failover PIT is marked."""
-
-    def __init__(self, path: str | Path, size: int, region: int = DIRTY_REGION) -> None:
-        self.path = Path(path)
-        self.size = size
-        self.region = region
-        self.regions = -(-size // region)
-        n = -(-self.regions // 8)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        have = os.pread(self._fd, n, 0)
-        self._bits = bytearray(have) + bytearray(n - len(have))
-        if len(have) < n:
-            os.ftruncate(self._fd, n)
-        self.written = self.synced = 0  # generations: bitmap writes made / made durable
-
-    @property
-    def unsynced(self) -> bool:
-        return self.synced < self.written
-
-    def mark(self, offset: int, length: int) -> tuple[int, int] | None:
-        """Set the bits of [offset, offset+length) in memory; the byte range
-        (start, end) of the bitmap that changed, or None (all already set)."""
-        if length <= 0:
-            return None
-        r0, r1 = offset // self.region, (offset + length - 1) // self.region
-        lo = hi = -1
-        bits = self._bits
-        for r in range(r0, r1 + 1):
-            i, m = r >> 3, 1 << (r & 7)
-            if not bits[i] & m:
-                bits[i] |= m
-                if lo < 0:
-                    lo = i
-                hi = i
-        return None if lo < 0 else (lo, hi + 1)
-
-    def write(self, span: tuple[int, int]) -> None:
-        """Put the changed bytes in the file (page cache; `sync` makes them durable)."""
-        lo, hi = span
-        os.pwrite(self._fd, bytes(self._bits[lo:hi]), lo)
-        self.written += 1
-
-    def sync(self) -> None:
-        gen = self.written
-        os.fdatasync(self._fd)
-        self.synced = max(self.synced, gen)
-
-    def count(self) -> int:
-        return sum(bin(b).count("1") for b in self._bits)
-
-    def runs(self) -> Iterator[tuple[int, int]]:
-        """(offset, length) of the runs of dirty regions, clipped to the size."""
-        r, n = 0, self.regions
-        bits = self._bits
-        while r < n:
-            if not bits[r >> 3]:
-                r = (r | 7) + 1
-                continue
-            if not bits[r >> 3] & (1 << (r & 7)):
-                r += 1
-                continue
-            start = r
-            while r < n and bits[r >> 3] & (1 << (r & 7)):
-                r += 1
-            off = start * self.region
-            yield off, min(r * self.region, self.size) - off
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+# The regions written at the failover site: `nicsplit.core.dirtymap.DirtyMap`,
+# 64 KiB regions like the host's marking bitmap (failback reads both).
 
 
 def _data_to_extents(data: list[tuple[int, int]], offset: int, length: int) -> list[tuple[int, int]]:

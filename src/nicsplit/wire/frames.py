@@ -49,6 +49,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Union
 
 import xxhash
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nicsplit.core.records import BLOCK_SIZE, Op
 
@@ -727,15 +730,11 @@ def seal(plain: bytes, key: bytes | None, aad: bytes, *, compress: bool = True) 
     comp = COMPRESS_NONE
     payload = bytes(plain)
     if compress and plain:
-        import zstandard
-
         z = zstandard.ZstdCompressor(level=1, write_content_size=True).compress(plain)
         if len(z) < len(plain):
             comp, payload = COMPRESS_ZSTD, z
     if key is None:
         return _ENVELOPE.pack(comp, CIPHER_NONE, bytes(12)) + payload
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
     if len(key) != _KEY_SIZE:
         raise ValueError(f"AES-256 key must be {_KEY_SIZE} bytes, not {len(key)}")
     nonce = os.urandom(12)
@@ -763,9 +762,6 @@ def unseal(body: bytes, key: bytes | None, aad: bytes) -> bytes:
             raise FrameError("encrypted batch but no batch key is configured")
         if len(payload) < _TAG_SIZE:
             raise FrameError("encrypted batch shorter than its tag")
-        from cryptography.exceptions import InvalidTag
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
         try:
             data = AESGCM(key).decrypt(nonce, bytes(payload), aad)
         except InvalidTag:
@@ -776,8 +772,6 @@ def unseal(body: bytes, key: bytes | None, aad: bytes) -> bytes:
         if len(data) > MAX_PLAIN:
             raise FrameError(f"plaintext of {len(data)} bytes exceeds {MAX_PLAIN}")
         return data
-    import zstandard
-
     try:
         size = zstandard.frame_content_size(data)
         if size > MAX_PLAIN:

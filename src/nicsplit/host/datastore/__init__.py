@@ -16,7 +16,8 @@ Example::
     ds.close()
 """
 
-from .catalog import VdiskInfo
+from nicsplit.core.catalog import VdiskInfo
+
 from .errors import CorruptDatastore, DatastoreBusy, DatastoreError, UnknownVdisk, VdiskExists
 from .store import Datastore, DatastoreStats, VdiskStore
 

@@ -3,9 +3,11 @@ file, vdisk or process involved, so a log line alone explains the failure."""
 
 from __future__ import annotations
 
+# The catalog's codec (nicsplit.core.catalog) raises these too, so they live
+# there; every datastore error is still a DatastoreError.
+from nicsplit.core.catalog import CorruptDatastore, DatastoreError
 
-class DatastoreError(Exception):
-    """Any datastore failure: bad input, bad files, wrong state."""
+__all__ = ["CorruptDatastore", "DatastoreBusy", "DatastoreError", "UnknownVdisk", "VdiskExists"]
 
 
 class VdiskExists(DatastoreError):
@@ -18,7 +20,3 @@ class UnknownVdisk(DatastoreError):
 
 class DatastoreBusy(DatastoreError):
     """Another process (or another handle) holds the datastore IO lock."""
-
-
-class CorruptDatastore(DatastoreError):
-    """A datastore file fails validation (bad magic, CRC, impossible map)."""

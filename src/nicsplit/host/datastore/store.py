@@ -53,8 +53,11 @@ from typing import Any
 from nicsplit.core.fsutil import punch_hole, zero_keep_allocated
 from nicsplit.core.records import BLOCK_SIZE
 
-from . import catalog as _catalog
-from .catalog import MUTABLE_FIELDS, CatalogData, CatalogFile, VdiskInfo
+from nicsplit.core import catalog as _catalog
+from nicsplit.core.catalog import CatalogData, VdiskInfo
+from nicsplit.core.layout import CATALOG_NAME
+
+from .catalog import MUTABLE_FIELDS, CatalogFile, new_catalog
 from .errors import CorruptDatastore, DatastoreBusy, DatastoreError, UnknownVdisk, VdiskExists
 from .extentlog import OP_MAP, OP_UNMAP, ExtentLog, Record, encode_record
 from .volume import check_extent_size, create_volume, open_volume, volume_name
@@ -127,10 +130,10 @@ class Datastore:
         check_extent_size(extent_size, volume_size)
         os.makedirs(path, exist_ok=True)
         cf = CatalogFile(path)
-        leftovers = [n for n in os.listdir(path) if n in ("catalog.json", "extents.log") or _VOLUME_RE.fullmatch(n)]
+        leftovers = [n for n in os.listdir(path) if n in (CATALOG_NAME, "extents.log") or _VOLUME_RE.fullmatch(n)]
         if leftovers:
             raise DatastoreError(f"datastore already exists at {path} (found {', '.join(sorted(leftovers))})")
-        cat = _catalog.new_catalog(extent_size, volume_size)
+        cat = new_catalog(extent_size, volume_size)
         os.close(create_volume(path, 0, cat.uuid, extent_size, volume_size))
         ExtentLog.create(os.path.join(path, "extents.log"), cat.uuid, extent_size)
         with cf.locked():
