@@ -9,24 +9,23 @@ checked against a byte model under seeded random writes, zeroes and trims.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
 import random
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from test_pits import BS, T0, Meta, Workload
 from nicsplit.recovery.image import ImageServer
 from nicsplit.journal.writer import Journal
 from nicsplit.recovery.replica import BlockIndex
 from nicsplit.core.records import Op
 from nicsplit.testing.procs import import_libnbd, libnbd_errno, run_cli, wait_for
+from nicsplit.testing.served import Served
+from nicsplit.testing.workload import BS, T0, Meta, Workload
 from nicsplit.wire.frames import Record
 
 pytestmark = pytest.mark.usefixtures("peers")
@@ -35,29 +34,6 @@ HOLE, ZERO = 1, 2  # NBD_STATE_*
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-class Served:
-    """An `ImageServer` on 127.0.0.1:0 in its own event-loop thread."""
-
-    def __init__(self, srv: ImageServer) -> None:
-        self.srv = srv
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self) -> "Served":
-        self.thread.start()
-        self.host, self.port = asyncio.run_coroutine_threadsafe(self.srv.start("127.0.0.1", 0), self.loop).result(10)
-        return self
-
-    def uri(self, name: str) -> str:
-        return f"nbd://127.0.0.1:{self.port}/{name}"
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.srv.stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 def connect(uri: str, *, strict: bool = True):

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pits import BS, T0, Meta, Workload, sd_block
-from test_replica import golden_at
+from nicsplit.testing.workload import BS, T0, Meta, Workload, check_after_cut, golden_at, rand_batches, sd_block
 
 from nicsplit.storage import atrest
 from nicsplit.journal.writer import (
@@ -313,7 +312,6 @@ def test_keyring_file(tmp_path: Path):
 def test_power_cut_with_sealed_segments(seed: int):
     """D5 with encryption: after any cut every acknowledged batch reads back
     (decrypts) and the in-flight one is all or nothing."""
-    from test_journal import _check_after_cut, rand_batches
 
     rng = random.Random(seed)
     kr = atrest.Keyring(Path("/nonexistent/at-rest.key"), {1: atrest.Key(1, os.urandom(32), 0.0)}, 1, 2, None)
@@ -332,7 +330,7 @@ def test_power_cut_with_sealed_segments(seed: int):
                 acked.append((meta, recs))
             j.close()
             fs.fail_sync_at = None
-            _check_after_cut(fs.power_cut(mode, rng), acked, inflight, keyring=kr)
+            check_after_cut(fs.power_cut(mode, rng), acked, inflight, keyring=kr)
 
 
 def test_cli_keys_rotate_retire(tmp_path: Path):

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from test_pits import BS, T0, V, Meta, Workload
-from test_replica import golden_at
-from test_image import Served
+from nicsplit.testing.served import Served
+from nicsplit.testing.workload import BS, T0, V, Meta, Workload, golden_at
 
 from nicsplit.storage import atrest
 from nicsplit.recovery.distribution import (

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pits import Workload
-from test_replica import golden_at
+from nicsplit.testing.workload import Workload, golden_at
 
 from nicsplit.storage import atrest
 from nicsplit.journal.writer import Journal, JournalCorrupt

@@ -12,10 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import struct
 import tempfile
-import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -28,154 +25,8 @@ from nicsplit.recovery.pits import (
 )
 from nicsplit.recovery.replica import BlockIndex, PitReader, ReplicaError
 from nicsplit.core.records import Op
-from nicsplit.wire.frames import BLOCK_SIZE, Record, fingerprint
-
-BS = BLOCK_SIZE
-T0 = 1_700_000_000 * 10**9  # ns; record times are T0 + seq * 1 ms
-
-
-# -- workload: ledger + self-describing blocks (D1, D2) ----------------------------------------
-
-_BLOCK_HEAD = struct.Struct(">4sQQQ")  # magic b"NSTB", vdisk, block, seq; crc32 of the rest in the last 4 bytes
-
-
-def sd_block(vdisk: int, block: int, seq: int) -> bytes:
-    """A self-describing 4 KiB block (D2): who/where/when, filler, CRC."""
-    head = _BLOCK_HEAD.pack(b"NSTB", vdisk, block, seq)
-    filler = random.Random(hash((vdisk, block, seq))).randbytes(BS - len(head) - 4)
-    body = head + filler
-    return body + struct.pack(">I", zlib.crc32(body))
-
-
-def check_sd(block: bytes, upto: int) -> bool:
-    """D2 check of one block read back: zeros, or a self-describing block with
-    a valid CRC and a seq not after the PIT (unaligned writes break the CRC:
-    the golden image is the oracle for those)."""
-    if block.count(0) == len(block):
-        return True
-    if block[:4] != b"NSTB" or zlib.crc32(block[:-4]) != struct.unpack(">I", block[-4:])[0]:
-        return False
-    return _BLOCK_HEAD.unpack_from(block)[3] <= upto
-
-
-@dataclass
-class V:
-    id: int
-    name: str
-    size: int
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Meta:
-    batch_id: int
-    first_seq: int
-    last_seq: int
-    t_first_ns: int
-    t_last_ns: int
-
-
-@dataclass
-class Workload:
-    """A seeded stream of batches plus the ledger of what each seq did."""
-
-    vdisks: list[V]
-    batches: list[tuple[Meta, list[Record]]] = field(default_factory=list)
-    ledger: list[tuple[int, int, int, int, int, bytes | None]] = field(default_factory=list)  # seq, vdisk, op, off, len, data
-    unaligned: set[tuple[int, int]] = field(default_factory=set)  # (vdisk, block) ever written unaligned
-
-    @classmethod
-    def generate(cls, seed: int, nbatches: int = 60, vdisks: list[V] | None = None,
-                 windows: bool = True, refs: bool = True, ref_window: int | None = None) -> "Workload":
-        """``ref_window``: references pick among the last N blocks stored (the
-        card's dedup horizon; None: any block stored so far)."""
-        rng = random.Random(seed)
-        w = cls(vdisks or [V(11, "alpha", 64 * BS), V(12, "beta", 48 * BS + 2048)])
-        seq, bid = 0, 0
-        held: list[bytes] = []  # inline blocks written so far (candidates for references)
-        for _ in range(nbatches):
-            bid += 1
-            recs = []
-            for _ in range(rng.randint(1, 6)):
-                seq += rng.choice([1, 1, 1, 1, 2])  # merged writes leave seq gaps
-                v = rng.choice(w.vdisks)
-                nblocks = v.size // BS
-                kind = rng.random()
-                t = T0 + seq * 10**6
-                if kind < 0.55:
-                    n = rng.randint(1, 8)
-                    b0 = rng.randrange(max(1, nblocks - n + 1))
-                    n = min(n, nblocks - b0)
-                    blocks = [sd_block(v.id, b, seq) for b in range(b0, b0 + n)]
-                    data = b"".join(blocks)
-                    rrefs: tuple = ()
-                    if refs and held and rng.random() < 0.3:
-                        i = rng.randrange(n)
-                        reused = rng.choice(held[-ref_window:] if ref_window else held)
-                        blocks[i] = reused
-                        data = b"".join(blocks)
-                        rrefs = ((i, fingerprint(reused)),)
-                    inline = b"".join(b for i, b in enumerate(blocks) if not rrefs or i != rrefs[0][0])
-                    held.extend(b for i, b in enumerate(blocks) if not rrefs or i != rrefs[0][0])
-                    recs.append(Record(seq, seq, v.id, Op.WRITE, 0, b0 * BS, n * BS, t, inline, rrefs))
-                    w.ledger.append((seq, v.id, Op.WRITE, b0 * BS, n * BS, data))
-                elif kind < 0.7:  # unaligned (512-byte sectors), possibly across a block boundary
-                    off = rng.randrange(v.size // 512 - 1) * 512
-                    ln = min(rng.choice([512, 1024, 3584, 4608, 6144]), v.size - off)
-                    data = rng.randbytes(ln)
-                    recs.append(Record(seq, seq, v.id, Op.WRITE, 0, off, ln, t, data))
-                    w.ledger.append((seq, v.id, Op.WRITE, off, ln, data))
-                    w.unaligned.update((v.id, b) for b in range(off // BS, (off + ln - 1) // BS + 1))
-                elif kind < 0.93:
-                    op = Op.ZERO if kind < 0.82 else Op.TRIM
-                    off = rng.randrange(v.size // 512) * 512
-                    ln = min(rng.randint(1, 24) * 512, v.size - off)
-                    recs.append(Record(seq, seq, v.id, op, 0, off, ln, t))
-                    w.ledger.append((seq, v.id, op, off, ln, None))
-                    w.unaligned.update((v.id, b) for b in (off // BS, (off + ln - 1) // BS))  # partly zeroed
-                else:
-                    recs.append(Record(seq, seq, v.id, Op.BARRIER, 1, 0, 0, t))
-                    w.ledger.append((seq, v.id, Op.BARRIER, 0, 0, None))
-            if windows and rng.random() < 0.15:  # the batch ends inside a merge window
-                last = recs[-1]
-                recs[-1] = Record(last.seq, last.io_id, last.vdisk_id, last.op, last.flags | RFLAG_IN_WINDOW,
-                                  last.offset, last.length, last.time_ns, last.data, last.refs)
-            last_seq = recs[-1].seq + rng.choice([0, 0, 0, 1])  # a commit may cover seqs after its last record
-            seq = last_seq
-            w.batches.append((Meta(bid, recs[0].seq, last_seq, recs[0].time_ns, T0 + last_seq * 10**6), recs))
-        return w
-
-    def write_journal(self, d: Path, *, segment_size: int = 64 * 1024, upto_batch: int | None = None,
-                      start_batch: int = 0) -> None:
-        with Journal.open(d, segment_size=segment_size) as j:
-            for meta, recs in self.batches[start_batch:upto_batch]:
-                assert j.append_batch(meta, recs).applied
-
-    def expected_pits(self) -> list[Pit]:
-        return [Pit(m.last_seq, m.t_last_ns, m.batch_id, not (recs[-1].flags & RFLAG_IN_WINDOW))
-                for m, recs in self.batches]
-
-    def goldens(self):
-        """(seq, {vdisk id: image}) at every batch boundary, replaying the ledger (D3)."""
-        imgs = {v.id: bytearray(v.size) for v in self.vdisks}
-        i = 0
-        for meta, _ in self.batches:
-            while i < len(self.ledger) and self.ledger[i][0] <= meta.last_seq:
-                _, vid, op, off, ln, data = self.ledger[i]
-                if op == Op.WRITE:
-                    imgs[vid][off : off + ln] = data
-                elif op in (Op.ZERO, Op.TRIM):
-                    imgs[vid][off : off + ln] = bytes(ln)
-                i += 1
-            yield meta.last_seq, imgs
-
-    def written_blocks(self, upto: int) -> dict[int, set[int]]:
-        out: dict[int, set[int]] = {v.id: set() for v in self.vdisks}
-        for seq, vid, op, off, ln, _ in self.ledger:
-            if seq <= upto and op != Op.BARRIER:
-                out[vid].update(range(off // BS, (off + ln - 1) // BS + 1))
-        return out
-
+from nicsplit.wire.frames import Record
+from nicsplit.testing.workload import BS, T0, Meta, V, Workload, check_sd, sd_block
 
 def check_every_pit(jd: Path, w: Workload, **reader_kw) -> int:
     """D3: every PIT's image equals the golden image of its ledger prefix, on

@@ -7,6 +7,7 @@ which nbdkit writes only once it accepts connections.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -223,11 +224,9 @@ def env_with_libnbd() -> dict[str, str]:
 def libnbd_errno(exc: BaseException) -> int:
     """libnbd's Python binding reports ``Error.errno`` as a name
     (``"EINVAL"``); turn it into the number (0 when it has none)."""
-    import errno as errno_mod
-
     e = getattr(exc, "errno", None)
     if isinstance(e, str):
-        return getattr(errno_mod, e, -1)
+        return getattr(errno, e, -1)
     return e or 0
 
 
