@@ -17,9 +17,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 LIBNBD_PATH = "/usr/lib/python3/dist-packages"
+T = TypeVar("T")
 
 
 def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.01) -> object:
@@ -32,6 +33,34 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: fl
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def call_within(timeout: float, what: str, fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)``, which must return within ``timeout`` seconds: a
+    deadline on the call returning ("at once", "promptly"), not a speed
+    measurement.  The call runs in a thread; past the deadline this fails
+    naming ``what``, after giving the call up to a minute more to end, so
+    nothing is left using the test's objects (``fn`` should be bounded by its
+    own timeout)."""
+    done = threading.Event()
+    result: list[tuple[bool, object]] = []
+
+    def call() -> None:
+        try:
+            result.append((True, fn(*args)))
+        except BaseException as e:  # handed to the caller below
+            result.append((False, e))
+        finally:
+            done.set()
+
+    threading.Thread(target=call, name=f"call_within: {what}", daemon=True).start()
+    if not done.wait(timeout):
+        done.wait(60)
+        raise AssertionError(f"{what}: no return within {timeout}s")
+    ok, value = result[0]
+    if not ok:
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]
 
 
 def nicsplit_cmd(*args: str) -> list[str]:
