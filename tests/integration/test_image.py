@@ -1,7 +1,7 @@
 """Image access (issue 4 item 5): a CG at a PIT served over NBD by our codec,
 read with real clients (libnbd, qemu-img, nbdcopy, nbdinfo, qemu-io).
 
-The journals are the D1/D2 workloads of tests/unit/test_pits.py (self-
+The journals are the D1/D2 workloads of nicsplit.testing.workload (self-
 describing blocks, unaligned writes, zero, trim, merge windows); the oracle
 for every image is the ledger prefix of its PIT.  The writable overlay is
 checked against a byte model under seeded random writes, zeroes and trims.

@@ -1,7 +1,7 @@
 """Distribution inside the appliance (issue "any-point-in-time recovery",
 item 1) and the pieces failover is made of, in-process.
 
-The oracle is the ledger of test_pits' seeded workload (TESTING.md D1/D3):
+The oracle is the ledger of the seeded workload (nicsplit.testing.workload, D1/D3):
 whenever the distribution thread says it caught up, the replica images equal
 the ledger prefix up to the journal's durable seq, byte for byte.  Failover's
 parts are checked against real peers where there is one: the writable

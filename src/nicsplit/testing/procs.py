@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +62,36 @@ def call_within(timeout: float, what: str, fn: Callable[..., T], *args: object) 
     if not ok:
         raise value  # type: ignore[misc]
     return value  # type: ignore[return-value]
+
+
+# The real NBD peers the suite drives; a missing one is a failure, never a skip.
+PEER_TOOLS = ("nbdkit", "nbdinfo", "nbdcopy", "qemu-io", "qemu-img", "fio", "qemu-system-x86_64")
+
+
+def missing_peer_tools() -> list[str]:
+    return [t for t in PEER_TOOLS if shutil.which(t) is None]
+
+
+def stop_detached_servers(under: Path) -> list[int]:
+    """SIGTERM the servers `nicsplit image export` and `nicsplit failover`
+    detach on purpose (``image serve``, ``failover-serve``) whose command line
+    names a path under ``under``; their pids."""
+    stopped = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        detached = (b"image" in cmd and b"serve" in cmd) or b"failover-serve" in cmd
+        if detached and any(str(under).encode() in c for c in cmd):
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+                stopped.append(int(proc.name))
+            except OSError:
+                pass
+    return stopped
 
 
 def nicsplit_cmd(*args: str) -> list[str]:
