@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 DATA   ?= ./nicsplit-data
 
-.PHONY: run test bench venv system-deps clean
+.PHONY: run test test-fast bench venv system-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ run: venv
 
 test: system-deps venv
 	$(PY) -m pytest -v tests
+
+# The edit-test loop: tests/unit only (no process started; about a minute).
+# `make test` still runs everything.
+test-fast: system-deps venv
+	$(PY) -m pytest -q -m unit tests/unit
 
 bench: system-deps venv
 	$(PY) bench/run.py

@@ -2,26 +2,41 @@
 
 A missing peer tool is a *failure* (never a skip): the suite exists to show
 that real clients nobody here wrote work against nicsplit.
+
+Every test is marked by the directory it lives in (unit, integration, e2e,
+peers, crash), so `pytest -m unit` (`make test-fast`) needs no marks in the
+test files: tests/unit starts no process; tests/integration starts nicsplit
+commands or peer tools as children; e2e, peers and crash run whole systems.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import shutil
 from pathlib import Path
 
 import pytest
 
 from nicsplit.testing.datadir import init_data
-from nicsplit.testing.procs import HostProcess
+from nicsplit.testing.procs import HostProcess, missing_peer_tools, stop_detached_servers
 
-PEER_TOOLS = ("nbdkit", "nbdinfo", "nbdcopy", "qemu-io", "qemu-img", "fio", "qemu-system-x86_64")
+TESTS = Path(__file__).resolve().parent
+KINDS = ("unit", "integration", "e2e", "peers", "crash")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            kind = item.path.resolve().relative_to(TESTS).parts[0]
+        except ValueError:  # collected from outside tests/
+            continue
+        if kind in KINDS:
+            item.add_marker(kind)
 
 
 @pytest.fixture(scope="session")
 def peers() -> None:
-    missing = [t for t in PEER_TOOLS if shutil.which(t) is None]
+    missing = missing_peer_tools()
     if missing:
         pytest.fail(f"peer tools missing: {', '.join(missing)} (make test installs them: scripts/setup-system.sh)")
 
@@ -42,6 +57,7 @@ def rng(seed: int) -> random.Random:
 
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
+    """An initialised data directory (``nicsplit init`` runs as a child)."""
     return init_data(tmp_path / "data")
 
 
@@ -67,18 +83,4 @@ def _no_stray_image_servers(tmp_path: Path):
     on purpose; a test that fails before `image close` or `failback` must not
     leave one running."""
     yield
-    import signal
-
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        detached = (b"image" in cmd and b"serve" in cmd) or b"failover-serve" in cmd
-        if detached and any(str(tmp_path).encode() in c for c in cmd):
-            try:
-                os.kill(int(proc.name), signal.SIGTERM)
-            except OSError:
-                pass
+    stop_detached_servers(tmp_path)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from test_failover import _data, _one_line_error, _replica, _wait_caught_up
 
 from nicsplit.testing.procs import UpProcess, nbd_connect, run_cli, wait_for
+from nicsplit.testing.stack import cg_data, one_line_error, replica_in_clear, wait_caught_up
 
 pytestmark = pytest.mark.usefixtures("peers")
 
@@ -38,7 +38,7 @@ def _markers_in_clear(root: Path, markers: list[bytes]) -> list[str]:
 
 
 def test_replica_sealed_at_rest_and_resealed_after_rotation(tmp_path: Path, rng: random.Random):
-    data = _data(tmp_path, SIZE, ("a",))
+    data = cg_data(tmp_path, SIZE, ("a",))
     markers = [rng.randbytes(4096) for _ in range(16)]
     with UpProcess(data) as up:
         h = nbd_connect(up.uri("a"))
@@ -46,7 +46,7 @@ def test_replica_sealed_at_rest_and_resealed_after_rotation(tmp_path: Path, rng:
             h.pwrite(m, (i * 37 % (SIZE // 4096)) * 4096)
         h.flush()
         h.shutdown()
-        _wait_caught_up(data)
+        wait_caught_up(data)
         leaked = _markers_in_clear(data / "appliance", markers)
         assert leaked == [], f"written blocks in clear at rest: {leaked}"
         before = _keys(data)
@@ -64,12 +64,12 @@ def test_replica_sealed_at_rest_and_resealed_after_rotation(tmp_path: Path, rng:
             return k[1]["image_blocks"] == 0 and k[2]["image_blocks"] > 0
 
         wait_for(resealed, 60, "the appliance to re-seal the replica under key 2", interval=0.2)
-        _wait_caught_up(data)
+        wait_caught_up(data)
         after = _keys(data)
         assert after[2]["active"] and after[1]["segments"] > 0, after  # journal segments keep key 1
-        err = _one_line_error(data, "appliance", "retire-key", "1")
+        err = one_line_error(data, "appliance", "retire-key", "1")
         assert "key 1 still encrypts" in err, err
-        p = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(_replica(data, "a", tmp_path)),
+        p = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(replica_in_clear(data, "a", tmp_path)),
                             up.uri("a")], capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, p.stdout + p.stderr  # the re-sealed replica still equals production
         assert _markers_in_clear(data / "appliance", markers) == []

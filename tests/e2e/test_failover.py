@@ -24,69 +24,14 @@ from pathlib import Path
 
 import pytest
 
-from nicsplit.storage import atrest
-from nicsplit.storage.image import open_image
-from nicsplit.core.ctl import request
-from nicsplit.testing.datadir import init_data
 from nicsplit.testing.procs import UpProcess, nbd_connect, run_cli, wait_for
+from nicsplit.testing.stack import (
+    appliance_status, cg_data, cg_status, one_line_error, replica_in_clear, wait_caught_up,
+)
 
 pytestmark = pytest.mark.usefixtures("peers")
 
 SIZE = 8 << 20
-
-
-def _data(tmp_path: Path, size: int = SIZE, names: tuple[str, ...] = ("a", "b")) -> Path:
-    data = init_data(tmp_path / "data", filters=["stats", {"name": "split", "split_timeout_us": 1_000_000}],
-                     sections={"card": {"transport_options": {"data_size": "256M"}}})
-    run_cli(data, "cg", "create", "cg1")
-    for n in names:
-        run_cli(data, "vdisk", "create", n, "--size", str(size), "--cg", "cg1")
-    return data
-
-
-def _status(data: Path) -> dict:
-    (cg,) = json.loads(run_cli(data, "status", "--json").stdout)["cgs"]
-    return cg
-
-
-def _latest_seq(data: Path) -> int:
-    pits = json.loads(run_cli(data, "pits", "cg1", "--json").stdout)["pits"]
-    return pits[-1]["seq"] if pits else 0
-
-
-def _appliance(data: Path) -> dict | None:
-    """The appliance's own status (its control socket; no process start per poll)."""
-    reply = request(data / "run" / "appliance.sock", {"cmd": "status"}, 5)
-    return None if reply is None else reply["status"]
-
-
-def _wait_caught_up(data: Path, timeout: float = 60) -> int:
-    """Journal == production (host's last seq) and the replica == journal; the seq."""
-    def journal_done() -> bool:
-        st = _status(data)
-        return st["host_last_seq"] is not None and _latest_seq(data) >= st["host_last_seq"]
-
-    wait_for(journal_done, timeout, "the journal to catch up with production", interval=0.2)
-    latest = _latest_seq(data)
-
-    def replica_done() -> bool:
-        d = ((_appliance(data) or {}).get("cgs", {}).get("cg1") or {}).get("distribution") or {}
-        return d.get("applied_seq", -1) >= latest and d.get("lag_records") == 0
-
-    wait_for(replica_done, timeout, f"the replica to reach seq {latest}", interval=0.1)
-    return latest
-
-
-def _replica(data: Path, n: str, tmp_path: Path) -> Path:
-    """The replica image of vdisk ``n`` in clear (a raw file in ``tmp_path``):
-    at-rest encryption is on by default, so the file itself is ciphertext."""
-    p = data / "appliance" / "replicas" / "cg1" / f"{n}.img"
-    size = os.path.getsize(p)
-    out = tmp_path / f"replica-{n}.raw"
-    with open_image(p, size, atrest.keyring_in(data / "appliance"), writable=False) as img:
-        assert img.sealed, f"{p} is not sealed at rest"
-        out.write_bytes(img.pread(0, size))
-    return out
 
 
 def _compare(a: str | Path, b: str | Path) -> None:
@@ -111,14 +56,6 @@ def _scatter(hs: dict, golden: dict, rng, pattern: int, count: int = 48) -> None
         golden[n][off : off + 8192] = blob
 
 
-def _one_line_error(data: Path, *args: str) -> str:
-    p = run_cli(data, *args, check=False)
-    assert p.returncode != 0, (args, p.stdout)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nicsplit: error: ") and "Traceback" not in p.stderr, (args, p.stderr)
-    return lines[0]
-
-
 def _failover_round(data: Path, up: UpProcess, tmp: Path, selector: list[str], want: dict[str, Path],
                     site_cmds: dict[str, list[str]], crash: str) -> dict[str, Path]:
     """failover → images == want → production refuses writes → writes at the
@@ -140,7 +77,7 @@ def _failover_round(data: Path, up: UpProcess, tmp: Path, selector: list[str], w
     _compare(before, up.uri("a"))
     if selector == ["--latest"]:
         _compare(want["a"], up.uri("a"))  # the latest PIT is production as the fence left it
-    st = _status(data)
+    st = cg_status(data)
     assert st["state"] == "failed-over" and st["role"] == "failed-over", st
     assert st["failover"]["exports"] == fo["exports"] and st["failover"]["alive"] and st["failover"]["seq"] == fo["seq"]
     assert st["distribution"]["state"] == "paused", st["distribution"]
@@ -155,17 +92,17 @@ def _failover_round(data: Path, up: UpProcess, tmp: Path, selector: list[str], w
     if crash == "appliance":  # the failover survives an appliance restart: still paused, still served
         pid = up.pid_of("appliance")
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: (a := _appliance(data)) is not None and a["pid"] != pid, 60, "a restarted appliance",
+        wait_for(lambda: (a := appliance_status(data)) is not None and a["pid"] != pid, 60, "a restarted appliance",
                  interval=0.1)
-        wait_for(lambda: _status(data)["distribution"]["state"] == "paused", 30, "distribution paused again")
-        assert _status(data)["failover"]["alive"]
+        wait_for(lambda: cg_status(data)["distribution"]["state"] == "paused", 30, "distribution paused again")
+        assert cg_status(data)["failover"]["alive"]
     else:  # the failover server dies; --resume serves the same images, the dirty bitmaps kept
         os.kill(fo["pid"], signal.SIGKILL)
-        wait_for(lambda: not _status(data)["failover"]["alive"], 30, "the failover server gone")
-        assert "fail back first" in _one_line_error(data, "failover", "cg1", "--latest")
+        wait_for(lambda: not cg_status(data)["failover"]["alive"], 30, "the failover server gone")
+        assert "fail back first" in one_line_error(data, "failover", "cg1", "--latest")
         again = json.loads(run_cli(data, "failover", "cg1", "--resume", "--json").stdout)
         assert again["resumed"] and again["seq"] == fo["seq"]
-        assert _status(data)["failover"]["alive"] and _status(data)["failover"]["exports"] == again["exports"]
+        assert cg_status(data)["failover"]["alive"] and cg_status(data)["failover"]["exports"] == again["exports"]
         for n, url in again["exports"].items():
             _compare(image[n], url)
     fb = json.loads(run_cli(data, "failback", "cg1", "--json").stdout)
@@ -175,27 +112,27 @@ def _failover_round(data: Path, up: UpProcess, tmp: Path, selector: list[str], w
           f"{ {n: (v['dirty_bytes'], v['production_bytes']) for n, v in fb['vdisks'].items()} } (dirty, production)")
     for n, path in image.items():
         _compare(path, up.uri(n))  # failover then failback: identical data
-    st = _status(data)
+    st = cg_status(data)
     assert st["role"] == "production" and st["failover"] is None and st["state"] != "failed-over", st
     assert not (data / "appliance" / "failover" / "cg1.json").exists()
     return image
 
 
 def test_failover_then_failback_returns_identical_data(tmp_path: Path, rng):
-    data = _data(tmp_path)
+    data = cg_data(tmp_path)
     golden = {n: bytearray(SIZE) for n in ("a", "b")}
     with UpProcess(data) as up:
         hs = {n: nbd_connect(up.uri(n)) for n in ("a", "b")}
         _scatter(hs, golden, rng, 0xA1)
         for h in hs.values():
             h.shutdown()
-        seq_a = _wait_caught_up(data)
+        seq_a = wait_caught_up(data)
         a_files = {}
         for n in ("a", "b"):
             a_files[n] = tmp_path / f"{n}-A.raw"
             a_files[n].write_bytes(golden[n])
-            _compare(a_files[n], _replica(data, n, tmp_path))  # distribution works
-        d = _status(data)["distribution"]
+            _compare(a_files[n], replica_in_clear(data, n, tmp_path))  # distribution works
+        d = cg_status(data)["distribution"]
         assert d["state"] == "caught-up" and d["applied_seq"] >= seq_a and d["lag_records"] == 0, d
 
         # Round 1: the latest PIT.
@@ -204,13 +141,13 @@ def test_failover_then_failback_returns_identical_data(tmp_path: Path, rng):
         img1 = _failover_round(data, up, tmp_path, ["--latest"], a_files, site_b, crash="appliance")
 
         # Protection goes on: a later PIT and the replica hold B.
-        latest = _wait_caught_up(data)
+        latest = wait_caught_up(data)
         assert latest > seq_a
         for n in ("a", "b"):
             out = tmp_path / f"{n}-restored.raw"
             run_cli(data, "restore", n, "--latest", "--to", str(out))
             _compare(img1[n], out)
-            _compare(img1[n], _replica(data, n, tmp_path))
+            _compare(img1[n], replica_in_clear(data, n, tmp_path))
 
         # Round 2: fail over to a bookmark, with production writes after it
         # that failback must replace by the failover image.
@@ -220,31 +157,31 @@ def test_failover_then_failback_returns_identical_data(tmp_path: Path, rng):
         _scatter(hs, golden, rng, 0xC3)
         for h in hs.values():
             h.shutdown()
-        _wait_caught_up(data)
+        wait_caught_up(data)
         site_d = {"b": ["write -P 0xd4 100k 200k", "write -P 0xd5 6M 512"]}
         img2 = _failover_round(data, up, tmp_path, ["--bookmark", "before-c"], img1, site_d, crash="server")
         c_only = tmp_path / "a-C.raw"
         c_only.write_bytes(golden["a"])
         assert subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(c_only), up.uri("a")],
                               timeout=60).returncode == 1  # production's pattern C is gone again
-        _wait_caught_up(data)
+        wait_caught_up(data)
         for n in ("a", "b"):
             out = tmp_path / f"{n}-restored-2.raw"
             run_cli(data, "restore", n, "--latest", "--to", str(out))
             _compare(img2[n], out)
-            _compare(img2[n], _replica(data, n, tmp_path))
+            _compare(img2[n], replica_in_clear(data, n, tmp_path))
         # Production takes writes again.
         p = _qemu_io(up.uri("a"), "write -P 0xee 0 4k", "read -P 0xee 0 4k")
         assert p.returncode == 0 and "verification failed" not in p.stdout, p
 
         # Bad input: one clear line, non-zero exit, nothing changed.
-        assert "unknown consistency group" in _one_line_error(data, "failover", "nocg", "--latest")
-        assert "no point in time at seq" in _one_line_error(data, "failover", "cg1", "--seq", "999999999")
-        assert "bookmark" in _one_line_error(data, "failover", "cg1", "--bookmark", "nope")
-        assert "not failed over" in _one_line_error(data, "failback", "cg1")
-        assert "not failed over" in _one_line_error(data, "failover", "cg1", "--resume")
-        assert "unknown consistency group" in _one_line_error(data, "failback", "nocg")
-        st = _status(data)
+        assert "unknown consistency group" in one_line_error(data, "failover", "nocg", "--latest")
+        assert "no point in time at seq" in one_line_error(data, "failover", "cg1", "--seq", "999999999")
+        assert "bookmark" in one_line_error(data, "failover", "cg1", "--bookmark", "nope")
+        assert "not failed over" in one_line_error(data, "failback", "cg1")
+        assert "not failed over" in one_line_error(data, "failover", "cg1", "--resume")
+        assert "unknown consistency group" in one_line_error(data, "failback", "nocg")
+        st = cg_status(data)
         assert st["role"] == "production" and st["failover"] is None and st["state"] == "protected", st
 
 
@@ -257,7 +194,7 @@ def test_kill9_appliance_mid_step_replica_recovers(tmp_path: Path, seed: int, mo
     size = 32 << 20
     trigger = tmp_path / "crash-now"
     monkeypatch.setenv("NICSPLIT_DISTRIBUTION_CRASH", f"image-written@{trigger}")
-    data = _data(tmp_path, size=size, names=("a",))
+    data = cg_data(tmp_path, size=size, names=("a",))
     with UpProcess(data) as up:
         fio = subprocess.Popen(
             ["fio", "--name=a", "--ioengine=nbd", f"--uri={up.uri('a')}", "--rw=randwrite", "--bs=4k",
@@ -268,22 +205,22 @@ def test_kill9_appliance_mid_step_replica_recovers(tmp_path: Path, seed: int, mo
             pid = up.pid_of("appliance")
 
             def applied() -> int:
-                return ((_appliance(data) or {}).get("cgs", {}).get("cg1") or {}).get(
+                return ((appliance_status(data) or {}).get("cgs", {}).get("cg1") or {}).get(
                     "distribution", {}).get("applied_seq", 0)
 
             wait_for(lambda: applied() >= 2000, 30, "distribution under way", interval=0.05)
             trigger.write_text("")  # the next step dies between its first image write and the image fsync
             wait_for(lambda: not trigger.exists(), 30, "the appliance to crash mid-step", interval=0.02)
-            wait_for(lambda: (a := _appliance(data)) is not None and a["pid"] != pid, 60, "a restarted appliance",
+            wait_for(lambda: (a := appliance_status(data)) is not None and a["pid"] != pid, 60, "a restarted appliance",
                      interval=0.1)
         finally:
             out, _ = fio.communicate(timeout=120)
         assert fio.returncode == 0, out
-        latest = _wait_caught_up(data, timeout=120)
+        latest = wait_caught_up(data, timeout=120)
         log = (data / "run" / "appliance.log").read_text(errors="replace")
         assert "crashing at failpoint image-written" in log and "interrupted step" in log, log[-3000:]
-        _compare(_replica(data, "a", tmp_path), up.uri("a"))
-        d = _appliance(data)["cgs"]["cg1"]["distribution"]
+        _compare(replica_in_clear(data, "a", tmp_path), up.uri("a"))
+        d = appliance_status(data)["cgs"]["cg1"]["distribution"]
         assert d["applied_seq"] == latest and d["errors"] == 0, d
         state = json.loads((data / "appliance" / "replicas" / "cg1" / "state.json").read_text())
         assert state["applied_seq"] == latest and state["rollback_to"] is None

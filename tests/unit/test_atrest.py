@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pits import BS, T0, Meta, Workload, sd_block
-from test_replica import golden_at
+from nicsplit.testing.workload import BS, T0, Meta, Workload, check_after_cut, golden_at, rand_batches, sd_block
 
 from nicsplit.storage import atrest
 from nicsplit.journal.format import SEALED_OVERHEAD, JournalCorrupt, JournalError
@@ -26,7 +25,6 @@ from nicsplit.recovery.blockindex import BlockIndex
 from nicsplit.recovery.reader import PitReader
 from nicsplit.testing.appliance import CrashFilesystem
 from nicsplit.core.records import Op
-from nicsplit.testing.procs import run_cli
 from nicsplit.wire.frames import RECORD_HEAD_SIZE, Record
 
 # A plaintext no cipher output would contain: 4 KiB of a repeated marker.
@@ -314,7 +312,6 @@ def test_keyring_file(tmp_path: Path):
 def test_power_cut_with_sealed_segments(seed: int):
     """D5 with encryption: after any cut every acknowledged batch reads back
     (decrypts) and the in-flight one is all or nothing."""
-    from test_journal import _check_after_cut, rand_batches
 
     rng = random.Random(seed)
     kr = atrest.Keyring(Path("/nonexistent/at-rest.key"), {1: atrest.Key(1, os.urandom(32), 0.0)}, 1, 2, None)
@@ -333,36 +330,4 @@ def test_power_cut_with_sealed_segments(seed: int):
                 acked.append((meta, recs))
             j.close()
             fs.fail_sync_at = None
-            _check_after_cut(fs.power_cut(mode, rng), acked, inflight, keyring=kr)
-
-
-def test_cli_keys_rotate_retire(tmp_path: Path):
-    from nicsplit.testing.datadir import init_data
-
-    data = init_data(tmp_path / "data")
-    krp = atrest.keyring_path(data)
-    out = json.loads(run_cli(data, "appliance", "keys", "--json").stdout)
-    assert out["keyring"] is None and out["enabled"] is True and out["keys"] == []
-    assert json.loads(run_cli(data, "appliance", "rotate-key", "--json").stdout) == {"key_id": 1, "previous": None}
-    jd = data / "appliance" / "journal" / "cg1"
-    Workload.generate(1, nbatches=4).write_journal(jd)
-    assert json.loads(run_cli(data, "appliance", "rotate-key", "--json").stdout) == {"key_id": 2, "previous": 1}
-    out = json.loads(run_cli(data, "appliance", "keys", "--json").stdout)
-    assert out["active"] == 2 and out["keyring"] == str(krp)
-    n = len(list(jd.glob("*.seg")))
-    assert [(k["id"], k["active"], k["segments"], k["journals"]) for k in out["keys"]] == [
-        (1, False, n, {"cg1": n}), (2, True, 0, {})]
-    p = run_cli(data, "appliance", "retire-key", "1", check=False)
-    assert p.returncode == 1 and p.stderr.count("\n") == 1 and f"key 1 still encrypts {n} journal segment" in p.stderr
-    assert "unused: can be retired" not in run_cli(data, "appliance", "keys").stdout
-    for s in jd.glob("*.seg"):  # retention (not built yet) would remove them
-        s.unlink()
-    run_cli(data, "appliance", "rotate-key")
-    assert "unused: can be retired" in run_cli(data, "appliance", "keys").stdout
-    run_cli(data, "appliance", "retire-key", "1")
-    assert [k["id"] for k in json.loads(run_cli(data, "appliance", "keys", "--json").stdout)["keys"]] == [2, 3]
-    # switched off in the configuration: rotate-key refuses (the appliance would deactivate it)
-    cfg = data / "nicsplit.toml"
-    cfg.write_text(cfg.read_text().replace("at_rest_encryption = true", "at_rest_encryption = false"))
-    p = run_cli(data, "appliance", "rotate-key", check=False)
-    assert p.returncode == 1 and "at_rest_encryption is false" in p.stderr
+            check_after_cut(fs.power_cut(mode, rng), acked, inflight, keyring=kr)

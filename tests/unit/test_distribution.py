@@ -1,11 +1,12 @@
 """Distribution inside the appliance (issue "any-point-in-time recovery",
 item 1) and the pieces failover is made of, in-process.
 
-The oracle is the ledger of test_pits' seeded workload (TESTING.md D1/D3):
+The oracle is the ledger of the seeded workload (nicsplit.testing.workload, D1/D3):
 whenever the distribution thread says it caught up, the replica images equal
 the ledger prefix up to the journal's durable seq, byte for byte.  Failover's
-parts are checked against real peers where there is one: the failback copy
-client against ``nbdkit memory``, the writable replica server with libnbd.
+parts are checked against real peers where there is one: the writable
+replica server with libnbd (the failback copy client against ``nbdkit
+memory``, a child process, is in tests/integration/test_distribution_nbdkit.py).
 """
 
 from __future__ import annotations
@@ -17,23 +18,20 @@ from pathlib import Path
 
 import pytest
 
-from test_pits import BS, T0, V, Meta, Workload
-from test_replica import golden_at
-from test_image import Served
+from nicsplit.testing.served import Served
+from nicsplit.testing.workload import BS, T0, V, Meta, Workload, golden_at
 
-from nicsplit.storage import atrest
 from nicsplit.recovery.distribution import (
     CatalogMembers, CGDistribution, ReplicaLock, failover_state_path, replica_dir,
 )
-from nicsplit.cli.failover import NbdClient, NbdError, copy_runs, failback_regions
+from nicsplit.cli.failover import failback_regions
 from nicsplit.core.dirtymap import REGION as DIRTY_REGION, DirtyMap
 from nicsplit.recovery.image import ReplicaServer
 from nicsplit.journal.writer import Journal
 from nicsplit.recovery.blockindex import BlockIndex
 from nicsplit.recovery.replica import Distributor
-from nicsplit.storage.image import open_image
 from nicsplit.core.records import Op
-from nicsplit.testing.procs import NbdkitProcess, import_libnbd, libnbd_errno, wait_for
+from nicsplit.testing.procs import import_libnbd, libnbd_errno, wait_for
 from nicsplit.wire.frames import Record
 
 
@@ -235,36 +233,6 @@ def test_dirty_map_marks_persists_and_lists_runs(tmp_path: Path):
     assert list(m.runs()) == [(0, 2 * DIRTY_REGION), (10 * DIRTY_REGION, 1000)]
     assert m.count() == 3
     m.close()
-
-
-@pytest.mark.usefixtures("peers")
-def test_nbd_client_writes_zeroes_and_flushes_against_nbdkit(tmp_path: Path, rng: random.Random):
-    size = 4 << 20
-    src = bytearray(rng.randbytes(size))
-    src[1 << 20 : 2 << 20] = bytes(1 << 20)  # a chunk of zeros: goes as WRITE_ZEROES
-    kr = atrest.Keyring.create(tmp_path / atrest.KEYRING_NAME)
-    with open_image(tmp_path / "src.img", size, kr, writable=True, create=True) as w:  # sealed, as replicas are
-        assert w.sealed
-        w.pwrite(src, 0)
-    runs = [(0, 3 * DIRTY_REGION), (1 << 20, (1 << 20) + 5000), (size - 4096, 4096)]
-    with NbdkitProcess(tmp_path, ["memory", str(size)]) as kit:
-        uri = f"nbd+unix:///?socket={kit.sock}"
-        with open_image(tmp_path / "src.img", size, kr, writable=False) as img, NbdClient(uri) as c:
-            assert c.size == size and c.can_zero
-            written, zeroed = copy_runs(c, img, runs, chunk=1 << 20)
-        assert zeroed == 1 << 20 and written == sum(n for _, n in runs) - zeroed
-        h = import_libnbd().NBD()
-        h.connect_uri(uri)
-        got = h.pread(size, 0)
-        h.shutdown()
-        want = bytearray(size)
-        for off, n in runs:
-            want[off : off + n] = src[off : off + n]
-        assert got == bytes(want)
-    (tmp_path / "ro").mkdir()
-    with NbdkitProcess(tmp_path / "ro", ["memory", "1M"], readonly=True) as kit:
-        with pytest.raises(NbdError, match="read-only"):
-            NbdClient(f"nbd+unix:///?socket={kit.sock}")
 
 
 def test_replica_server_serves_writable_and_tracks_dirty_regions(tmp_path: Path, seed: int, rng: random.Random):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,42 +15,9 @@ from nicsplit.journal.writer import (
     BatchRejected, Journal, JournalCorrupt, JournalError,
 )
 from nicsplit.testing.appliance import CrashFilesystem
+from nicsplit.testing.workload import Meta, batch, check_after_cut, rand_batches, write
 from nicsplit.core.records import Op
 from nicsplit.wire.frames import Record, fingerprint
-
-
-@dataclass(frozen=True)
-class Meta:
-    batch_id: int
-    first_seq: int
-    last_seq: int
-    t_first_ns: int = 0
-    t_last_ns: int = 0
-
-
-def write(seq: int, data: bytes, offset: int = 0, vdisk: int = 1) -> Record:
-    return Record(seq, 1000 + seq, vdisk, Op.WRITE, 0, offset, len(data), seq * 10, data)
-
-
-def batch(bid: int, recs: list[Record]) -> Meta:
-    return Meta(bid, recs[0].seq, recs[-1].seq, recs[0].time_ns, recs[-1].time_ns)
-
-
-def rand_batches(rng: random.Random, n: int, per: int = 3, start: int = 1) -> list[tuple[Meta, list[Record]]]:
-    out, seq = [], start
-    for bid in range(1, n + 1):
-        recs = []
-        for _ in range(per):
-            kind = rng.random()
-            if kind < 0.7:
-                recs.append(write(seq, rng.randbytes(rng.choice([512, 4096, 9000])), rng.randrange(100) * 4096))
-            elif kind < 0.85:
-                recs.append(Record(seq, seq, 2, Op.ZERO, 0, 0, 65536, seq * 10))
-            else:
-                recs.append(Record(seq, seq, 2, Op.BARRIER, 1, 0, 0, seq * 10))
-            seq += 1
-        out.append((batch(bid, recs), recs))
-    return out
 
 
 def all_records(j: Journal) -> list[tuple[Record, bytes]]:
@@ -309,20 +275,6 @@ def test_readonly_open_does_not_truncate_and_writer_lock(tmp_path: Path):
 # -- D5: power cuts ----------------------------------------------------------------
 
 
-def _check_after_cut(fs: CrashFilesystem, acked: list[tuple[Meta, list[Record]]], inflight: list[Record] | None,
-                     **open_kw) -> None:
-    with Journal.open(Path("/j"), fs=fs, segment_size=30000, **open_kw) as j:
-        got = [r for r, _ in j.records()]
-        want = [r for _, recs in acked for r in recs]
-        assert got[: len(want)] == want, "an acknowledged batch is missing or damaged"
-        rest = got[len(want) :]
-        assert rest in ([], inflight or []), "a partial batch survived"
-        assert j.last_seq == (rest[-1].seq if rest else (want[-1].seq if want else 0))
-        # and the journal accepts the next batch after recovery
-        nxt = write(j.last_seq + 1, b"after")
-        j.append_batch(batch(999, [nxt]), [nxt])
-
-
 @pytest.mark.parametrize("mode", ["drop", "tear", "keep"])
 def test_power_cut_between_batches(mode: str, seed: int):
     rng = random.Random(seed)
@@ -334,7 +286,7 @@ def test_power_cut_between_batches(mode: str, seed: int):
             for meta, recs in batches:
                 j.append_batch(meta, recs)
                 acked.append((meta, recs))
-        _check_after_cut(fs.power_cut(mode, rng), acked, None)
+        check_after_cut(fs.power_cut(mode, rng), acked, None)
 
 
 @pytest.mark.parametrize("mode", ["drop", "tear", "keep"])
@@ -366,7 +318,7 @@ def test_power_cut_during_a_batch(mode: str, seed: int):
             acked.append((meta, recs))
         j.close()
         fs.fail_sync_at = None
-        _check_after_cut(fs.power_cut(mode, rng), acked, inflight)
+        check_after_cut(fs.power_cut(mode, rng), acked, inflight)
 
 
 def test_failed_write_is_fatal(tmp_path: Path):

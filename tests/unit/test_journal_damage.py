@@ -7,95 +7,22 @@ segment and the lost seqs.  Clear and sealed (at-rest encrypted) journals."""
 
 from __future__ import annotations
 
-import json
 import random
-import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from test_pits import Workload
-from test_replica import golden_at
+from nicsplit.testing.damage import corrupt, expected, journal_layout, make_journal
+from nicsplit.testing.workload import Workload, golden_at
 
-from nicsplit.storage import atrest
 from nicsplit.journal.writer import Journal, JournalCorrupt
-from nicsplit.journal.scan import Commit, JournalScanner, RecordHead
-from nicsplit.recovery.pits import Pit, PitIndex, UnusablePit, known_damage
+from nicsplit.journal.scan import JournalScanner
+from nicsplit.recovery.pits import PitIndex, UnusablePit, known_damage
 from nicsplit.recovery.blockindex import BlockIndex
 from nicsplit.recovery.reader import PitReader
 from nicsplit.recovery.replica import Distributor
-from nicsplit.core.records import Op
-from nicsplit.testing.procs import run_cli
-from nicsplit.wire.frames import RECORD_HEAD_SIZE
 
 MODES = ["record-data", "record-head", "entry-size", "commit", "segment-header"]
-
-
-def journal_layout(jd: Path) -> tuple[list[Commit], list[RecordHead]]:
-    commits, heads = [], []
-    for c, recs in JournalScanner(jd).scan():
-        commits.append(c)
-        heads.extend(recs)
-    return commits, heads
-
-
-def corrupt(jd: Path, mode: str, rng: random.Random) -> tuple[int, int, Commit | None]:
-    """Flip one byte of a seeded entry (or header) in a middle segment;
-    returns (segment, offset of the damaged entry, the COMMIT hit if any)."""
-    commits, heads = journal_layout(jd)
-    segs = sorted(int(p.stem) for p in jd.glob("*.seg"))
-    middle = segs[len(segs) // 3 : 2 * len(segs) // 3]
-    rng.shuffle(middle)
-    for s in middle:
-        path = jd / f"{s:08d}.seg"
-        raw = bytearray(path.read_bytes())
-        hit = None
-        if mode == "segment-header":
-            at, where = 10, 0  # inside the segment number: the header CRC fails
-        elif mode == "commit":
-            cs = [c for c in commits if c.segment == s]
-            if not cs:
-                continue
-            hit = rng.choice(cs)
-            at, where = hit.pos + 12 + rng.randrange(44), hit.pos
-        else:
-            hs = [h for h in heads if h.segment == s and (mode != "record-data" or h.op == Op.WRITE)]
-            if not hs:
-                continue
-            h = rng.choice(hs)
-            esize = struct.unpack_from(">I", raw, h.pos)[0]
-            where = h.pos
-            if mode == "record-data":
-                at = h.pos + 12 + RECORD_HEAD_SIZE + rng.randrange(esize - RECORD_HEAD_SIZE)
-            elif mode == "record-head":
-                at = h.pos + 12 + rng.randrange(RECORD_HEAD_SIZE)
-            else:  # entry-size: the size now runs far past the end of the segment
-                at = h.pos + 1
-                assert raw[at] & 0x80 == 0
-        raw[at] ^= 0x80
-        path.write_bytes(raw)
-        return s, where, hit
-    raise AssertionError(f"no middle segment has an entry for mode {mode}")
-
-
-def expected(w: Workload, jd_commits: list[Commit], bad: tuple[int, int], hit: Commit | None):
-    """(PIT list, first damaged seq, the COMMIT the scanner resynchronises at)."""
-    before = [c for c in jd_commits if (c.segment, c.pos) < bad]
-    first = (before[-1].last_seq if before else 0) + 1
-    resync = [c for c in jd_commits if (c.segment, c.pos) > bad][0]
-    pits = [Pit(p.seq, p.time_ns, p.batch_id, p.consistent and p.seq != resync.last_seq, p.seq < first)
-            for p in w.expected_pits() if hit is None or p.seq != hit.last_seq]
-    return pits, first, resync
-
-
-def make_journal(jd: Path, seed: int, sealed: bool, nbatches: int = 60, vdisks=None) -> Workload:
-    if sealed:
-        atrest.ensure(atrest.keyring_path(jd.parent.parent.parent), True)
-    w = Workload.generate(seed, nbatches=nbatches, vdisks=vdisks)
-    w.write_journal(jd, segment_size=16 << 10)
-    assert len(list(jd.glob("*.seg"))) >= 6
-    return w
 
 
 @pytest.mark.parametrize("sealed", [False, True], ids=["clear", "sealed"])
@@ -180,81 +107,6 @@ def test_damage_in_the_last_segment_is_the_tail_until_a_commit_follows(tmp_path:
     [d] = idx.damage
     assert (d.offset, d.first_seq, d.last_seq) == (good, w.batches[9][0].last_seq + 1, w.batches[10][0].last_seq)
     assert [p.usable for p in idx.list_pits()] == [True] * 10 + [False]
-
-
-# -- the commands --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def damaged_data(tmp_path: Path, seed: int):
-    """A data directory (two vdisks in CG cg1), a sealed journal of a seeded
-    workload, one record in a middle segment damaged."""
-    from nicsplit.host.datastore import Datastore
-    from nicsplit.testing.datadir import init_data
-
-    data = init_data(tmp_path / "data")
-    run_cli(data, "cg", "create", "cg1")
-    run_cli(data, "vdisk", "create", "alpha", "--size", "256K", "--cg", "cg1")
-    run_cli(data, "vdisk", "create", "beta", "--size", "192K", "--cg", "cg1")
-    vds = {v.name: v for v in Datastore.open(data / "datastore").list_vdisks()}
-    jd = data / "appliance" / "journal" / "cg1"
-    w = make_journal(jd, seed, True, nbatches=40, vdisks=[vds["alpha"], vds["beta"]])
-    commits, _ = journal_layout(jd)
-    seg, off, hit = corrupt(jd, "record-data", random.Random(seed))
-    pits, first, resync = expected(w, commits, (seg, off), hit)
-    return data, w, vds, pits, first, resync, seg
-
-
-def _one_line_error(p: subprocess.CompletedProcess, *parts: str) -> str:
-    err = p.stderr.strip()
-    assert p.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for part in parts:
-        assert part in err, (part, err)
-    return err
-
-
-def test_cli_on_a_damaged_journal(damaged_data, tmp_path: Path):
-    data, w, vds, pits, first, resync, seg = damaged_data
-    lost = f"seqs {first}..{resync.last_seq}"
-    name = f"{seg:08d}.seg"
-
-    out = json.loads(run_cli(data, "pits", "cg1", "--json", "--all").stdout)
-    assert [(p["seq"], p["usable"]) for p in out["pits"]] == [(p.seq, p.usable) for p in pits]
-    assert all(name in p["reason"] and lost in p["reason"] for p in out["pits"] if not p["usable"])
-    assert all("reason" not in p for p in out["pits"] if p["usable"])
-    assert [(d["segment"], d["first_seq"], d["last_seq"]) for d in out["damage"]] == [(name, first, resync.last_seq)]
-    text = run_cli(data, "pits", "cg1", "--all")
-    assert sum("UNUSABLE" in line for line in text.stdout.splitlines()) == sum(not p.usable for p in pits)
-    assert name in text.stderr
-
-    good = [p for p in pits if p.usable and p.consistent][-1]
-    bad = [p for p in pits if not p.usable]
-    f = tmp_path / "alpha.raw"
-    run_cli(data, "restore", "alpha", "--seq", str(good.seq), "--to", str(f))
-    assert f.read_bytes() == golden_at(w, good.seq)[vds["alpha"].id]
-    for argv in (("restore", "alpha", "--seq", str(bad[-1].seq), "--to", str(f)),
-                 ("restore", "beta", "--latest", "--to", str(f)),
-                 ("image", "export", "cg1", "--seq", str(bad[0].seq))):
-        err = _one_line_error(run_cli(data, *argv, check=False), name, lost)
-        assert f"the newest usable point in time is seq {good.seq}" in err
-    assert json.loads(run_cli(data, "image", "list", "--json").stdout)["images"] == []
-
-    # an image of a usable PIT serves the exact bytes
-    img = json.loads(run_cli(data, "image", "export", "cg1", "--seq", str(good.seq), "--json").stdout)
-    try:
-        got = subprocess.run(["nbdcopy", img["exports"]["beta"], "-"], capture_output=True, check=True).stdout
-        assert got == golden_at(w, good.seq)[vds["beta"].id]
-    finally:
-        run_cli(data, "image", "close", img["id"])
-
-    # journal dump lists what precedes the damage, then fails with the damage
-    p = run_cli(data, "journal", "dump", "cg1", "--json", check=False)
-    _one_line_error(p, name)
-    assert [r["seq"] for r in json.loads(p.stdout)["records"]] == [s for s, *_ in w.ledger if s < first]
-    _one_line_error(run_cli(data, "journal", "replay", "cg1", "--out", str(tmp_path / "r"), check=False),
-                    name, f"replay can reach seq {first - 1} at most")
-    run_cli(data, "journal", "replay", "cg1", "--out", str(tmp_path / "r"), "--upto", str(first - 1))
-    assert (tmp_path / "r" / "alpha.raw").read_bytes() == golden_at(w, first - 1)[vds["alpha"].id]
 
 
 def test_a_segment_that_grows_and_rolls_over_during_a_scan_is_read_whole(tmp_path, seed):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pits import BS, T0, Meta, V, Workload
+from nicsplit.testing.workload import BS, T0, Meta, V, Workload, golden_at
 
 from nicsplit.storage import atrest
 from nicsplit.journal.writer import Journal
@@ -32,18 +32,6 @@ from nicsplit.wire.frames import Record
 
 class Crash(Exception):
     """The process 'dies' at a failpoint."""
-
-
-def golden_at(w: Workload, seq: int) -> dict[int, bytes]:
-    imgs = {v.id: bytearray(v.size) for v in w.vdisks}
-    for s, vid, op, off, ln, data in w.ledger:
-        if s > seq:
-            break
-        if op == Op.WRITE:
-            imgs[vid][off : off + ln] = data
-        elif op in (Op.ZERO, Op.TRIM):
-            imgs[vid][off : off + ln] = bytes(ln)
-    return {k: bytes(v) for k, v in imgs.items()}
 
 
 def images(d: Distributor, w: Workload) -> dict[int, bytes]:

@@ -17,11 +17,12 @@ from nicsplit.card.transports import base
 from nicsplit.card.transports.base import CardEndpoint, SplitterTransport, TransportUnavailable
 from nicsplit.card.transports.ring_endpoint import RingEndpoint
 from nicsplit.card.transports.ring_splitter import RingSplitter
-from nicsplit.testing.procs import wait_for
+from nicsplit.testing.procs import call_within, wait_for
 from nicsplit.wire import ring as R
 
 MS = 1_000_000
 FAR = 10 * 1_000_000_000  # a deadline we never mean to reach
+AT_ONCE = FAR / 2e9  # s: a call that waited for FAR would miss it
 
 
 @pytest.fixture
@@ -150,10 +151,8 @@ def test_full_sq_returns_false_at_once(make):
     ep, sp = make(data_size=R.MIN_DATA, sq_entries=4)
     for i in range(4):
         assert sp.post_outcome(1000 + i, Status.COMMITTED)
-    t0 = time.monotonic()
-    assert sp.split(write(b"a" * 10), timeout_ns=FAR) is False  # no waiting for room
-    assert sp.post_outcome(2000, Status.FAILED) is False
-    assert time.monotonic() - t0 < 1.0
+    assert call_within(AT_ONCE, "split on a full SQ", sp.split, write(b"a" * 10), FAR) is False  # no waiting for room
+    assert call_within(AT_ONCE, "post_outcome on a full SQ", sp.post_outcome, 2000, Status.FAILED) is False
     st = sp.statistics()
     assert st.full_sq == 2 and st.timeouts == 0
     assert [r.io_id for r in ep.poll()] == [1000, 1001, 1002, 1003]
@@ -164,9 +163,7 @@ def test_full_data_area_returns_false_at_once_and_out_of_order_release(make):
     ep, sp = make(data_size=R.MIN_DATA, sq_entries=64)
     chunk = R.MIN_DATA // 4
     held = [roundtrip(ep, sp, write(bytes([i]) * chunk), release=False)[0] for i in range(4)]
-    t0 = time.monotonic()
-    assert sp.split(write(b"z" * 100), timeout_ns=FAR) is False
-    assert time.monotonic() - t0 < 1.0
+    assert call_within(AT_ONCE, "split on a full data area", sp.split, write(b"z" * 100), FAR) is False
     assert sp.statistics().full_data == 1
     data_head = lambda: ep._ctr[R.Counter.DATA_HEAD]  # noqa: E731
     # release out of order: nothing frees until the oldest goes
@@ -251,9 +248,7 @@ def test_wait_doorbell_rechecks_the_sq_before_sleeping(make):
     ep, sp = make(data_size=R.MIN_DATA, sq_entries=8)
     assert sp.submit(w := write(b"x"))
     assert sp.statistics().doorbells == 0
-    t0 = time.monotonic()
-    assert ep.wait_doorbell(5.0) is True
-    assert time.monotonic() - t0 < 1.0
+    assert call_within(2.5, "wait_doorbell with work already in the SQ", ep.wait_doorbell, 5.0) is True
     assert ep._ctr[R.Counter.CARD_STATE] == R.CardState.POLLING
     ep.poll()
     assert sp.wait_ack(w.io_id, time.monotonic_ns() + FAR)

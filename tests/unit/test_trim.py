@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pits import Workload
+from nicsplit.testing.workload import BS, T0, Meta, V, Workload
 
 from nicsplit.recovery.base import read_state
 from nicsplit.journal.writer import Journal
@@ -150,7 +150,6 @@ def test_a_reference_whose_block_was_stored_again_later_survives_the_trim(tmp_pa
     stored again after R (its home moves forward). Trimming segment 1 must
     keep X readable for R: a reader scanning the kept journal meets R
     before the later copy."""
-    from test_pits import BS, T0, Meta, V
 
     from nicsplit.core.records import Op
     from nicsplit.wire.frames import Record, fingerprint

@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 
 from nicsplit.core.records import BLOCK_SIZE, AugmentedWrite, Op, Outcome, Status, WFlag
 from nicsplit.wire.frames import (
-    NEED_DATA, PROTOCOL_VERSION, Ack, Batch, FrameDecoder, Hello, HelloAck, Record, batch_aad,
-    decode_records, expand, fingerprint, unseal,
+    NEED_DATA, PROTOCOL_VERSION, Ack, Batch, FrameDecoder, Heartbeat, Hello, HelloAck, Record, batch_aad,
+    decode_records, encode, expand, fingerprint, unseal,
 )
 
 
@@ -182,8 +182,6 @@ class FakeApplianceServer:
         self.unknown_cg = 0  # batches refused: CG not named in this connection's Hello
 
     async def handle(self, reader, writer) -> None:
-        from nicsplit.wire.frames import Heartbeat, encode
-
         self.connections += 1
         dec = FrameDecoder()
         self.app.connect()

@@ -7,18 +7,21 @@ which nbdkit writes only once it accepts connections.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 LIBNBD_PATH = "/usr/lib/python3/dist-packages"
+T = TypeVar("T")
 
 
 def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.01) -> object:
@@ -31,6 +34,64 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: fl
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def call_within(timeout: float, what: str, fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)``, which must return within ``timeout`` seconds: a
+    deadline on the call returning ("at once", "promptly"), not a speed
+    measurement.  The call runs in a thread; past the deadline this fails
+    naming ``what``, after giving the call up to a minute more to end, so
+    nothing is left using the test's objects (``fn`` should be bounded by its
+    own timeout)."""
+    done = threading.Event()
+    result: list[tuple[bool, object]] = []
+
+    def call() -> None:
+        try:
+            result.append((True, fn(*args)))
+        except BaseException as e:  # handed to the caller below
+            result.append((False, e))
+        finally:
+            done.set()
+
+    threading.Thread(target=call, name=f"call_within: {what}", daemon=True).start()
+    if not done.wait(timeout):
+        done.wait(60)
+        raise AssertionError(f"{what}: no return within {timeout}s")
+    ok, value = result[0]
+    if not ok:
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]
+
+
+# The real NBD peers the suite drives; a missing one is a failure, never a skip.
+PEER_TOOLS = ("nbdkit", "nbdinfo", "nbdcopy", "qemu-io", "qemu-img", "fio", "qemu-system-x86_64")
+
+
+def missing_peer_tools() -> list[str]:
+    return [t for t in PEER_TOOLS if shutil.which(t) is None]
+
+
+def stop_detached_servers(under: Path) -> list[int]:
+    """SIGTERM the servers `nicsplit image export` and `nicsplit failover`
+    detach on purpose (``image serve``, ``failover-serve``) whose command line
+    names a path under ``under``; their pids."""
+    stopped = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        detached = (b"image" in cmd and b"serve" in cmd) or b"failover-serve" in cmd
+        if detached and any(str(under).encode() in c for c in cmd):
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+                stopped.append(int(proc.name))
+            except OSError:
+                pass
+    return stopped
 
 
 def nicsplit_cmd(*args: str) -> list[str]:
@@ -223,11 +284,9 @@ def env_with_libnbd() -> dict[str, str]:
 def libnbd_errno(exc: BaseException) -> int:
     """libnbd's Python binding reports ``Error.errno`` as a name
     (``"EINVAL"``); turn it into the number (0 when it has none)."""
-    import errno as errno_mod
-
     e = getattr(exc, "errno", None)
     if isinstance(e, str):
-        return getattr(errno_mod, e, -1)
+        return getattr(errno, e, -1)
     return e or 0
 
 

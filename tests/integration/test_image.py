@@ -1,7 +1,7 @@
 """Image access (issue 4 item 5): a CG at a PIT served over NBD by our codec,
 read with real clients (libnbd, qemu-img, nbdcopy, nbdinfo, qemu-io).
 
-The journals are the D1/D2 workloads of tests/unit/test_pits.py (self-
+The journals are the D1/D2 workloads of nicsplit.testing.workload (self-
 describing blocks, unaligned writes, zero, trim, merge windows); the oracle
 for every image is the ledger prefix of its PIT.  The writable overlay is
 checked against a byte model under seeded random writes, zeroes and trims.
@@ -9,109 +9,25 @@ checked against a byte model under seeded random writes, zeroes and trims.
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
 import os
 import random
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from test_pits import BS, T0, Meta, Workload
 from nicsplit.recovery.image import ImageServer
 from nicsplit.journal.writer import Journal
-from nicsplit.recovery.blockindex import BlockIndex
 from nicsplit.core.records import Op
+from nicsplit.testing.nbdclient import HOLE, ZERO, check_extents, connect, segments_digest
 from nicsplit.testing.procs import import_libnbd, libnbd_errno, run_cli, wait_for
+from nicsplit.testing.served import Served
+from nicsplit.testing.workload import BS, T0, Meta, Workload
 from nicsplit.wire.frames import Record
 
 pytestmark = pytest.mark.usefixtures("peers")
-
-HOLE, ZERO = 1, 2  # NBD_STATE_*
-
-
-# -- helpers -------------------------------------------------------------------------------
-
-
-class Served:
-    """An `ImageServer` on 127.0.0.1:0 in its own event-loop thread."""
-
-    def __init__(self, srv: ImageServer) -> None:
-        self.srv = srv
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self) -> "Served":
-        self.thread.start()
-        self.host, self.port = asyncio.run_coroutine_threadsafe(self.srv.start("127.0.0.1", 0), self.loop).result(10)
-        return self
-
-    def uri(self, name: str) -> str:
-        return f"nbd://127.0.0.1:{self.port}/{name}"
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.srv.stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-def connect(uri: str, *, strict: bool = True):
-    nbd = import_libnbd()
-    h = nbd.NBD()
-    h.add_meta_context("base:allocation")
-    if not strict:
-        h.set_strict_mode(0)  # let requests a read-only export must refuse reach the server
-    h.connect_uri(uri)
-    return h
-
-
-def block_status(h, size: int) -> list[tuple[int, int, int]]:
-    """(offset, length, flags) over the whole export."""
-    out: list[tuple[int, int, int]] = []
-    pos = 0
-    while pos < size:
-        got: list[int] = []
-
-        def cb(meta: str, off: int, entries: list[int], err: int) -> int:
-            if meta == "base:allocation":
-                got.extend(entries)
-            return 0
-
-        h.block_status(size - pos, pos, cb)
-        assert got, "no base:allocation extents"
-        for i in range(0, len(got), 2):
-            n = min(got[i], size - pos)
-            out.append((pos, n, got[i + 1]))
-            pos += n
-            if pos >= size:
-                break
-    return out
-
-
-def check_extents(ext: list[tuple[int, int, int]], golden: bytes, written: set[int],
-                  overlay: set[int] = frozenset()) -> None:
-    """Holes only where the ledger never wrote; ZERO only over zeros (blocks
-    an overlay touched may be either: a zeroed overlay block is a hole)."""
-    assert sum(n for _, n, _ in ext) == len(golden)
-    for off, n, flags in ext:
-        if flags & ZERO:
-            assert golden[off : off + n].count(0) == n, (off, n, flags)
-        for b in range(off // BS, (off + n - 1) // BS + 1):
-            if b in overlay:
-                continue
-            if flags & HOLE:
-                assert b not in written, (off, n, flags, b)
-            else:
-                assert b in written, (off, n, flags, b)
-
-
-def segments_digest(jd: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(jd.iterdir())}
 
 
 @pytest.fixture
@@ -122,43 +38,7 @@ def workload(tmp_path: Path, seed: int) -> tuple[Path, Workload]:
     return jd, w
 
 
-# -- in-process server: every PIT, growth, read-only, overlay ------------------------------------
-
-
-def test_every_pit_over_nbd_equals_its_ledger_prefix(workload):
-    jd, w = workload
-    idx = BlockIndex(jd)
-    n = 0
-    for seq, golden in w.goldens():
-        written = w.written_blocks(seq)
-        with Served(ImageServer(jd, w.vdisks, seq, index=idx, validate=True, cg="cg1")) as s:
-            for v in w.vdisks:
-                h = connect(s.uri(v.name))
-                assert h.get_size() == v.size and h.is_read_only()
-                assert h.pread(v.size, 0) == bytes(golden[v.id]), f"PIT {seq}: {v.name} differs from the ledger prefix"
-                check_extents(block_status(h, v.size), bytes(golden[v.id]), written[v.id])
-                h.shutdown()
-        n += 1
-    assert n == len(w.batches)
-
-
-def test_image_stays_at_its_pit_while_the_journal_grows(tmp_path: Path, seed: int):
-    w = Workload.generate(seed, nbatches=30, windows=False)
-    jd = tmp_path / "journal"
-    w.write_journal(jd, upto_batch=15)
-    goldens = {s: {k: bytes(v) for k, v in g.items()} for s, g in w.goldens()}
-    pit = w.batches[14][0].last_seq
-    idx = BlockIndex(jd)
-    with Served(ImageServer(jd, w.vdisks, pit, index=idx)) as s:
-        hs = {v.name: connect(s.uri(v.name)) for v in w.vdisks}
-        for v in w.vdisks:
-            assert hs[v.name].pread(v.size, 0) == goldens[pit][v.id]
-        w.write_journal(jd, start_batch=15)  # ingest goes on
-        assert idx.refresh() == 15  # even a refreshed shared index does not move the image
-        for v in w.vdisks:
-            assert hs[v.name].pread(v.size, 0) == goldens[pit][v.id]
-    last = w.batches[-1][0].last_seq
-    assert goldens[last] != goldens[pit]
+# -- in-process server against peer tools: read-only (qemu-io), export list (nbdinfo) ------------
 
 
 def test_readonly_refuses_writes_with_eperm(workload):
@@ -179,61 +59,6 @@ def test_readonly_refuses_writes_with_eperm(workload):
                            text=True, timeout=30)
         assert p.returncode != 0 and "Permission denied" in p.stderr, p
     assert segments_digest(jd) == digest
-
-
-@pytest.mark.parametrize("rounds", [200])
-def test_writable_overlay_against_a_model(workload, tmp_path: Path, seed: int, rounds: int):
-    jd, w = workload
-    rng = random.Random(seed)
-    pits = [m.last_seq for m, _ in w.batches]
-    seq, other = pits[len(pits) // 2], pits[-1]
-    goldens = {s: {k: bytes(v) for k, v in g.items()} for s, g in w.goldens()}
-    digest = segments_digest(jd)
-    ov = tmp_path / "overlay"
-    model = {v.id: bytearray(goldens[seq][v.id]) for v in w.vdisks}
-    owned = {v.id: bytearray(-(-v.size // BS)) for v in w.vdisks}  # blocks any op touched
-    with Served(ImageServer(jd, w.vdisks, seq, writable=True, overlay_dir=ov, validate=True)) as s:
-        assert ov.is_dir() and not list(ov.iterdir())  # overlay files are unlinked once open
-        hs = {v.id: connect(s.uri(v.name)) for v in w.vdisks}
-        h2 = connect(s.uri(w.vdisks[0].name))  # a second connection sees the same overlay
-        nbd = import_libnbd()
-        for i in range(rounds):
-            v = rng.choice(w.vdisks)
-            h = hs[v.id]
-            off = rng.randrange(v.size // 512) * 512 if rng.random() < 0.5 else rng.randrange(v.size)
-            ln = min(rng.choice([1, 511, 512, 4096, 5000, 8192, 3 * BS + 100, 16 * BS]), v.size - off) or 1
-            off = min(off, v.size - ln)
-            kind = rng.random()
-            if kind < 0.6:
-                data = rng.randbytes(ln)
-                h.pwrite(data, off, nbd.CMD_FLAG_FUA if rng.random() < 0.2 else 0)
-                model[v.id][off : off + ln] = data
-            elif kind < 0.8:
-                h.zero(ln, off, nbd.CMD_FLAG_NO_HOLE if rng.random() < 0.3 else 0)
-                model[v.id][off : off + ln] = bytes(ln)
-            else:
-                h.trim(ln, off)
-                model[v.id][off : off + ln] = bytes(ln)
-            owned[v.id][off // BS : (off + ln - 1) // BS + 1] = b"\x01" * ((off + ln - 1) // BS + 1 - off // BS)
-            if i % 20 == 19 or i == rounds - 1:
-                h.flush()
-                for u in w.vdisks:
-                    assert hs[u.id].pread(u.size, 0) == bytes(model[u.id]), f"round {i}: {u.name} differs from the model"
-                    touched = {b for b, o in enumerate(owned[u.id]) if o}
-                    check_extents(block_status(hs[u.id], u.size), bytes(model[u.id]), w.written_blocks(seq)[u.id],
-                                  touched)
-                assert h2.pread(w.vdisks[0].size, 0) == bytes(model[w.vdisks[0].id])
-        stats = s.srv.statistics()["vdisks"]
-        assert sum(st.writes for st in stats.values()) > 0 and sum(st.fills for st in stats.values()) > 0
-        # Another PIT of the same journal, and the journal itself, are untouched.
-        with Served(ImageServer(jd, w.vdisks, other)) as s2:
-            for v in w.vdisks:
-                assert connect(s2.uri(v.name)).pread(v.size, 0) == goldens[other][v.id]
-    assert not ov.exists()  # overlay gone after close
-    assert segments_digest(jd) == digest
-    with Served(ImageServer(jd, w.vdisks, seq)) as s3:  # the same PIT again: as it was
-        for v in w.vdisks:
-            assert connect(s3.uri(v.name)).pread(v.size, 0) == goldens[seq][v.id]
 
 
 def test_unknown_export_and_export_list(workload):

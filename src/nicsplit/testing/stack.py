@@ -1,0 +1,89 @@
+"""A data directory with one protected CG, and what a test asks of the
+running stack (`nicsplit up`): status, PITs, the replica, one-line errors.
+
+* `cg_data` — ``nicsplit init`` with the split filter and a 256M ring, one
+  CG ``cg1`` holding the named vdisks.
+* `wait_caught_up` — wait (with a deadline) until the journal holds every
+  write the host made and the replica has applied the journal.
+* `replica_in_clear` — a replica image decrypted to a raw file.
+* `one_line_error` — a command that must fail with one ``nicsplit: error:``
+  line and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from nicsplit.core.ctl import request
+from nicsplit.core.layout import Layout
+from nicsplit.storage import atrest
+from nicsplit.storage.image import open_image
+from nicsplit.testing.datadir import init_data
+from nicsplit.testing.procs import run_cli, wait_for
+
+SIZE = 8 << 20
+
+
+def cg_data(tmp_path: Path, size: int = SIZE, names: tuple[str, ...] = ("a", "b")) -> Path:
+    data = init_data(tmp_path / "data", filters=["stats", {"name": "split", "split_timeout_us": 1_000_000}],
+                     sections={"card": {"transport_options": {"data_size": "256M"}}})
+    run_cli(data, "cg", "create", "cg1")
+    for n in names:
+        run_cli(data, "vdisk", "create", n, "--size", str(size), "--cg", "cg1")
+    return data
+
+
+def cg_status(data: Path) -> dict:
+    (cg,) = json.loads(run_cli(data, "status", "--json").stdout)["cgs"]
+    return cg
+
+
+def latest_seq(data: Path) -> int:
+    pits = json.loads(run_cli(data, "pits", "cg1", "--json").stdout)["pits"]
+    return pits[-1]["seq"] if pits else 0
+
+
+def appliance_status(data: Path) -> dict | None:
+    """The appliance's own status (its control socket; no process start per poll)."""
+    reply = request(Layout(data).appliance_sock, {"cmd": "status"}, 5)
+    return None if reply is None else reply["status"]
+
+
+def wait_caught_up(data: Path, timeout: float = 60) -> int:
+    """Journal == production (host's last seq) and the replica == journal; the seq."""
+    def journal_done() -> bool:
+        st = cg_status(data)
+        return st["host_last_seq"] is not None and latest_seq(data) >= st["host_last_seq"]
+
+    wait_for(journal_done, timeout, "the journal to catch up with production", interval=0.2)
+    latest = latest_seq(data)
+
+    def replica_done() -> bool:
+        d = ((appliance_status(data) or {}).get("cgs", {}).get("cg1") or {}).get("distribution") or {}
+        return d.get("applied_seq", -1) >= latest and d.get("lag_records") == 0
+
+    wait_for(replica_done, timeout, f"the replica to reach seq {latest}", interval=0.1)
+    return latest
+
+
+def replica_in_clear(data: Path, n: str, tmp_path: Path) -> Path:
+    """The replica image of vdisk ``n`` in clear (a raw file in ``tmp_path``):
+    at-rest encryption is on by default, so the file itself is ciphertext."""
+    layout = Layout(data)
+    p = layout.replica("cg1") / f"{n}.img"
+    size = os.path.getsize(p)
+    out = tmp_path / f"replica-{n}.raw"
+    with open_image(p, size, atrest.keyring_in(layout.appliance), writable=False) as img:
+        assert img.sealed, f"{p} is not sealed at rest"
+        out.write_bytes(img.pread(0, size))
+    return out
+
+
+def one_line_error(data: Path, *args: str) -> str:
+    p = run_cli(data, *args, check=False)
+    assert p.returncode != 0, (args, p.stdout)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nicsplit: error: ") and "Traceback" not in p.stderr, (args, p.stderr)
+    return lines[0]
