@@ -25,7 +25,8 @@ from nicsplit.storage import atrest
 from nicsplit.recovery.distribution import (
     CatalogMembers, CGDistribution, ReplicaLock, failover_state_path, replica_dir,
 )
-from nicsplit.cli.failover import NbdClient, NbdError, copy_runs, failback_regions
+from nicsplit.recovery.failover import copy_runs, failback_regions
+from nicsplit.recovery.nbdclient import NbdClient, NbdError
 from nicsplit.recovery.image import DIRTY_REGION, DirtyMap, ReplicaServer
 from nicsplit.journal.writer import Journal
 from nicsplit.recovery.replica import BlockIndex, Distributor

@@ -458,7 +458,7 @@ def _run(data: Path, *argv: str) -> int:
 
 
 def test_cli_pits_bookmark_restore(cli_data, capsys, tmp_path: Path):
-    from nicsplit.cli.main import CliError
+    from nicsplit.cli.common import USER_ERRORS as CliError  # every one-line error main() maps
 
     data, w, vds = cli_data
     assert _run(data, "pits", "cg1", "--json", "--all") == 0
@@ -535,7 +535,7 @@ def test_cli_restore_qcow2(cli_data, capsys, tmp_path: Path):
 
 
 def test_parse_time():
-    from nicsplit.cli.pit import parse_time
+    from nicsplit.recovery.select import parse_time
 
     now = 1_700_000_000 * 10**9
     assert parse_time("now", now) == now
