@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import os
+from typing import Any, Callable
 
 from nicsplit.core.cgs import CGError
 from nicsplit.core.config import ConfigError
@@ -58,3 +59,19 @@ def selector(args: argparse.Namespace) -> Selector:
 def emit(args: argparse.Namespace, out: dict, text: str) -> None:
     """``out`` as one JSON line with ``--json``, else ``text``."""
     print(json.dumps(out) if args.json else text)
+
+
+def ready_printer(detach_stdout: bool, extra: dict | None = None) -> Callable[[dict], None]:
+    """What a detached server (image serve, failover-serve) does once it
+    listens: print its JSON ready line for the process that started it and,
+    with ``--detach-stdout``, point stdout at /dev/null, since the starter
+    stops reading it then and a later print must not die of a broken pipe."""
+
+    def ready(info: dict) -> None:
+        print(json.dumps({**(extra or {}), **info}), flush=True)
+        if detach_stdout:
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, 1)
+            os.close(fd)
+
+    return ready

@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from typing import Any
 
-from nicsplit.cli.common import USER_ERRORS, add_when, emit, selector
+from nicsplit.cli.common import USER_ERRORS, add_when, emit, ready_printer, selector
 from nicsplit.core import config as cfgmod
 from nicsplit.recovery import failover as fo
 from nicsplit.recovery.images import run_async
@@ -62,14 +61,7 @@ def cmd_failover_serve(args: argparse.Namespace) -> int:
         print(json.dumps({"event": "error", "error": str(e)}), flush=True)
         raise
 
-    def ready(line: dict) -> None:
-        print(json.dumps(line), flush=True)
-        if args.detach_stdout:
-            fd = os.open(os.devnull, os.O_WRONLY)  # the starter stops reading us now
-            os.dup2(fd, 1)
-            os.close(fd)
-
-    run_async(fo.serve(srv, listen, st, args.cg, ready, args.lock_fd))
+    run_async(fo.serve(srv, listen, st, args.cg, ready_printer(args.detach_stdout), args.lock_fd))
     return 0
 
 

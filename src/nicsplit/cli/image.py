@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import secrets
 import time
 from typing import Any
 
-from nicsplit.cli.common import USER_ERRORS, add_when, selector
+from nicsplit.cli.common import USER_ERRORS, add_when, ready_printer, selector
 from nicsplit.core import config as cfgmod
 from nicsplit.recovery import images
 from nicsplit.recovery.select import format_time
@@ -47,16 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(json.dumps({"event": "error", "error": str(e)}), flush=True)
         raise
 
-    def ready(info: dict) -> None:
-        print(json.dumps({"event": "ready", **info}), flush=True)
-        if args.detach_stdout:
-            # The exporter stops reading our stdout now: point it at /dev/null
-            # so a later print cannot die of a broken pipe.
-            fd = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(fd, 1)
-            os.close(fd)
-
-    images.run_async(images.serve(prep, image_id, args.writable, t0, ready))
+    images.run_async(images.serve(prep, image_id, args.writable, t0,
+                                 ready_printer(args.detach_stdout, {"event": "ready"})))
     return 0
 
 

@@ -88,7 +88,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import time
 import urllib.parse
@@ -104,7 +103,7 @@ from nicsplit.core.procutil import runs
 from nicsplit.recovery.distribution import CatalogMembers, ReplicaLock
 from nicsplit.recovery.errors import RecoveryError
 from nicsplit.recovery.image import ReplicaServer
-from nicsplit.recovery.images import spawn_detached
+from nicsplit.recovery.images import spawn_detached, terminate, url_host
 from nicsplit.recovery.nbdclient import NbdClient, NbdError
 from nicsplit.recovery.pits import PitError
 from nicsplit.recovery.replica import BlockIndex, Distributor, PitReader
@@ -391,19 +390,7 @@ def lock_replica(cfg: Config, cg: str) -> ReplicaLock:
 
 def stop_server(pid: int, cg: str) -> bool:
     """SIGTERM the failover server and wait (SIGKILL after STOP_TIMEOUT); True if it had to be killed."""
-    if not server_alive(pid, cg):
-        return False
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while server_alive(pid, cg) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if not server_alive(pid, cg):
-        return False
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while server_alive(pid, cg) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return True
+    return terminate(pid, lambda: server_alive(pid, cg), STOP_TIMEOUT)
 
 
 def _spawn_server(cfg: Config, cg: str, lock: ReplicaLock, listen: str | None) -> dict:
@@ -546,8 +533,7 @@ async def serve(srv: ReplicaServer, listen: tuple[str, int], st: dict, cg: str,
                 raise
             log.warning("failover %s: %s:%d is taken (%s); listening on a free port", cg, listen[0], listen[1], e)
             host, port = await srv.start(listen[0], 0)
-        url_host = socket.gethostname() if host in ("0.0.0.0", "::") else host
-        exports = srv.urls(url_host, port)
+        exports = srv.urls(url_host(host), port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -21,7 +21,6 @@ import logging
 import os
 import secrets
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from nicsplit.core.cgs import CGError
 from nicsplit.core.layout import Layout
 from nicsplit.recovery.errors import RecoveryError
 from nicsplit.recovery.image import ImageServer
-from nicsplit.recovery.images import info_path, overlay_path, write_info
+from nicsplit.recovery.images import info_path, overlay_path, url_host, write_info
 from nicsplit.recovery.pits import PitError
 from nicsplit.recovery.select import Selector, cg_vdisks, resolve_pit
 
@@ -72,10 +71,9 @@ class ApplianceImages:
         except BaseException:
             await srv.stop()
             raise
-        url_host = socket.gethostname() if host in ("0.0.0.0", "::") else host
         info = {"id": image_id, "cg": cg, "seq": pit.seq, "time": pit.time_ns / 1e9, "writable": writable,
                 "pid": os.getpid(), "in_appliance": True, "address": f"{host}:{port}",
-                "exports": srv.urls(url_host, port), "started": time.time(),
+                "exports": srv.urls(url_host(host), port), "started": time.time(),
                 "index_seconds": 0.0, "ready_seconds": round(time.monotonic() - t0, 4)}
         write_info(info_path(self.data, image_id), info)
         self.open[image_id] = srv

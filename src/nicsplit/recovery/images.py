@@ -121,6 +121,12 @@ def list_images(data: Path) -> list[dict]:
 # -- serve (in the image server's process) ------------------------------------------------
 
 
+def url_host(host: str) -> str:
+    """The host name to put in export URLs of a server listening on ``host``
+    (a wildcard address is no address a client can use)."""
+    return socket.gethostname() if host in ("0.0.0.0", "::") else host
+
+
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """Everything `serve` needs, resolved before anything listens."""
@@ -158,8 +164,7 @@ async def serve(p: Prepared, image_id: str, writable: bool, t0: float, on_ready:
                       validate=bool(p.cfg.host("validate", False)))
     try:
         host, port = await srv.start(*p.listen)
-        url_host = socket.gethostname() if host in ("0.0.0.0", "::") else host
-        exports = srv.urls(url_host, port)
+        exports = srv.urls(url_host(host), port)
         ready_s = time.monotonic() - t0
         info = {"id": image_id, "cg": p.cg, "seq": p.pit.seq, "time": p.pit.time_ns / 1e9, "writable": writable,
                 "pid": os.getpid(), "address": f"{host}:{port}", "exports": exports,
@@ -290,6 +295,24 @@ def export(data: Path, cg: str, sel: Selector, *, writable: bool = False, listen
     return spawn_detached(argv, lay.image_log(image_id), "image server", READY_TIMEOUT, drop_log_on_error=True)
 
 
+def terminate(pid: int, alive: Callable[[], bool], timeout: float) -> bool:
+    """SIGTERM a detached server and wait while ``alive()`` (in-flight
+    requests finish first); SIGKILL after ``timeout``. True if it was killed."""
+    if not alive():
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.02)  # another process's exit: nothing to wait on but polling
+    if not alive():
+        return False
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return True
+
+
 def close(data: Path, image_id: str) -> bool:
     """Stop an exported image and discard its overlay; True if its server
     had to be killed (it did not stop within `CLOSE_TIMEOUT` of SIGTERM)."""
@@ -308,17 +331,8 @@ def close(data: Path, image_id: str) -> bool:
     if info.get("in_appliance"):
         ctl.request(Layout(data).appliance_sock, {"cmd": "image-close", "id": image_id}, timeout=CLOSE_TIMEOUT)
         pid = 0  # the appliance stopped it (or is gone): never signal the appliance
-    if pid and _alive(pid, image_id):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + CLOSE_TIMEOUT
-        while _alive(pid, image_id) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if _alive(pid, image_id):
-            os.kill(pid, signal.SIGKILL)
-            killed = True
-            deadline = time.monotonic() + 5
-            while _alive(pid, image_id) and time.monotonic() < deadline:
-                time.sleep(0.02)
+    if pid:
+        killed = terminate(pid, lambda: _alive(pid, image_id), CLOSE_TIMEOUT)
     shutil.rmtree(overlay_path(data, image_id), ignore_errors=True)
     assert path is not None
     path.unlink(missing_ok=True)
