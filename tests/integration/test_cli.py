@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 
+import pytest
+
+from nicsplit.cli.common import USER_ERRORS, CliError, seq
+from nicsplit.recovery.errors import RecoveryError
+from nicsplit.recovery.images import check_id
+from nicsplit.recovery.select import Selector, parse_time, resolve_pit
 from nicsplit.testing.procs import nicsplit_cmd, run_cli
 
 
@@ -59,3 +66,30 @@ def test_errors_are_one_line(tmp_path):
     assert "name" in _fails(data, "vdisk", "create", "bad/name", "--size", "1M").lower()
     assert "listen" in _fails(data, "host", "serve", "--listen", "nowhere")
     assert "no running host" in _fails(data, "host", "stats")
+
+
+def test_one_seq_parser():
+    """journal dump/replay took seq 0, pits/restore/bookmark did not: one
+    parser now, and 0 (no record, no PIT has it) is refused everywhere."""
+    assert seq("1") == 1 and seq("123") == 123
+    for bad in ("0", "-1", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="bad sequence number"):
+            seq(bad)
+
+
+def test_library_raises_domain_errors_not_cli_errors(tmp_path):
+    for call in (lambda: parse_time("yesterday-ish"), lambda: check_id("../x"),
+                 lambda: resolve_pit(None, tmp_path, "cg1", Selector())):
+        with pytest.raises(RecoveryError) as ei:
+            call()
+        assert not isinstance(ei.value, CliError) and isinstance(ei.value, USER_ERRORS)
+        assert "\n" not in str(ei.value)
+
+
+def test_seq_zero_is_a_usage_error(tmp_path):
+    data = tmp_path / "d"
+    run_cli(data, "init")
+    for argv in (("journal", "dump", "cg1", "--from", "0"), ("restore", "v", "--seq", "0")):
+        p = run_cli(data, *argv, check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr
+        assert p.stderr.strip().splitlines()[-1].endswith("bad sequence number '0'")

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from nicsplit.storage import atrest
-from nicsplit.cli.failover import NbdClient, NbdError, copy_runs
+from nicsplit.recovery.failover import copy_runs
+from nicsplit.recovery.nbdclient import NbdClient, NbdError
 from nicsplit.core.dirtymap import REGION as DIRTY_REGION
 from nicsplit.storage.image import open_image
 from nicsplit.testing.procs import NbdkitProcess, import_libnbd

@@ -50,7 +50,7 @@ def _run(data: Path, *argv: str) -> int:
 
 
 def test_cli_pits_bookmark_restore(cli_data, capsys, tmp_path: Path):
-    from nicsplit.cli.main import CliError
+    from nicsplit.cli.common import USER_ERRORS as CliError  # every one-line error main() maps
 
     data, w, vds = cli_data
     assert _run(data, "pits", "cg1", "--json", "--all") == 0

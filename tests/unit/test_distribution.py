@@ -24,7 +24,7 @@ from nicsplit.testing.workload import BS, T0, V, Meta, Workload, golden_at
 from nicsplit.recovery.distribution import (
     CatalogMembers, CGDistribution, ReplicaLock, failover_state_path, replica_dir,
 )
-from nicsplit.cli.failover import failback_regions
+from nicsplit.recovery.failover import failback_regions
 from nicsplit.core.dirtymap import REGION as DIRTY_REGION, DirtyMap
 from nicsplit.recovery.image import ReplicaServer
 from nicsplit.journal.writer import Journal

@@ -275,7 +275,7 @@ def test_bookmarks(tmp_path: Path):
 
 
 def test_parse_time():
-    from nicsplit.cli.pit import parse_time
+    from nicsplit.recovery.select import parse_time
 
     now = 1_700_000_000 * 10**9
     assert parse_time("now", now) == now

@@ -8,7 +8,6 @@ never a traceback; ``--json`` output is stable for scripts.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -19,42 +18,35 @@ from pathlib import Path
 from typing import Any
 
 from nicsplit import __version__
+from nicsplit.cli import appliance, failover, image, pit
+from nicsplit.cli.common import USER_ERRORS, CliError
 from nicsplit.core import config as cfgmod
-from nicsplit.core.cgs import CGCatalog, CGError
-from nicsplit.core.config import ConfigError, parse_listen, parse_size
-from nicsplit.core.ctl import request as _ctl
-from nicsplit.host.chain import ChainError
+from nicsplit.core.cgs import CGCatalog
+from nicsplit.core.config import parse_listen, parse_size
+from nicsplit.core.ctl import request as ctl_request
+from nicsplit.core.layout import Layout
+from nicsplit.core.pki import init_pki
+from nicsplit.host.datastore import Datastore
+from nicsplit.recovery.failover import status_fields
+from nicsplit.recovery.images import run_async
+from nicsplit.journal.scan import JournalScanner
+
+__all__ = ["main", "build_parser", "CliError"]
 
 log = logging.getLogger("nicsplit")
 
 _OWNER = re.compile(r"^(vm|container):[A-Za-z0-9._-]{1,64}$")
 
 
-class CliError(Exception):
-    """A user error: printed as one line, exit status 1."""
-
-
-def _datastore_errors() -> tuple[type[BaseException], ...]:
-    from nicsplit.journal.writer import JournalError
-    from nicsplit.core.pki import PkiError
-    from nicsplit.host.datastore import DatastoreError
-
-    return (DatastoreError, PkiError, JournalError)
-
-
 # -- commands ---------------------------------------------------------------
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from nicsplit.host.datastore import Datastore
-
     data = cfgmod.data_dir(args.data)
     cfg_file = cfgmod.write_default(data)
     cfg = cfgmod.load(data)
-    from nicsplit.core.pki import init_pki
-
-    init_pki(cfg.data / "pki")
-    if (cfg.datastore_dir / "catalog.json").exists():
+    init_pki(Layout(cfg.data).pki)
+    if Layout(cfg.data).catalog.exists():
         print(f"{data} is already initialised")
         return 0
     Datastore.create(
@@ -66,9 +58,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_catalog(args: argparse.Namespace):
-    from nicsplit.host.datastore import Datastore
-
+def _open_catalog(args: argparse.Namespace) -> tuple[cfgmod.Config, Datastore]:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     return cfg, Datastore.open(cfg.datastore_dir)
 
@@ -163,15 +153,8 @@ def cmd_cg_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_async(coro: Any) -> None:
-    import uvloop
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(coro)
-
-
 def _serve(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
-    from nicsplit.host.server import serve
+    from nicsplit.host.server import serve  # lazy: a server's modules load only when it starts (see main())
 
     listen = parse_listen(args.listen or cfg.host("listen", "127.0.0.1:10809"))
     sock = args.socket if args.socket is not None else (cfg.host("socket", "") or None)
@@ -182,7 +165,7 @@ def _serve(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
         for a in info["addresses"]:
             log.info("serving NBD on %s (export = vdisk name)", a)
 
-    _run_async(serve(cfg, listen=listen, socket_path=sock, readonly=True if args.readonly else None, ready=ready))
+    run_async(serve(cfg, listen=listen, socket_path=sock, readonly=True if args.readonly else None, ready=ready))
     return 0
 
 
@@ -193,8 +176,8 @@ def cmd_host_serve(args: argparse.Namespace) -> int:
 
 def cmd_host_stats(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
-    path = cfg.run_dir / "host.sock"
-    reply = _ctl(path, {"cmd": "stats"})
+    path = Layout(cfg.data).host_sock
+    reply = ctl_request(path, {"cmd": "stats"})
     if reply is None:
         raise CliError(f"no running host for {cfg.data} ({path} does not answer)")
     if args.json:
@@ -209,11 +192,10 @@ def cmd_host_stats(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Appliance, card and host on one machine with the embedded defaults."""
-    from nicsplit.control.supervisor import Child, Supervisor, child_argv
-    from nicsplit.host.datastore import Datastore
+    from nicsplit.control.supervisor import Child, Supervisor, child_argv  # lazy: see main()
 
     data = cfgmod.data_dir(args.data)
-    if not (data / cfgmod.CONFIG_NAME).exists() or not (data / "datastore" / "catalog.json").exists():
+    if not Layout(data).config.exists() or not Layout(data).catalog.exists():
         cmd_init(args)
     cfg = cfgmod.load(data)
     ds = Datastore.open(cfg.datastore_dir)
@@ -243,12 +225,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"try:  qemu-io -f raw -c 'write -P 0xab 0 64k' nbd://{host}:{port}/{first}", flush=True)
         print(f"then: nicsplit --data {data} status; nicsplit --data {data} journal dump demo-vm   (Ctrl-C stops)", flush=True)
 
-    _run_async(Supervisor(data, children, on_ready=ready).run())
+    run_async(Supervisor(data, children, on_ready=ready).run())
     return 0
 
 
 def cmd_card_run(args: argparse.Namespace) -> int:
-    from nicsplit.card.process import CardConfig, main as card_main
+    from nicsplit.card.process import CardConfig, main as card_main  # lazy: see main()
 
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     table = dict(cfg.raw.get("card", {}))
@@ -263,7 +245,7 @@ def cmd_card_run(args: argparse.Namespace) -> int:
 
 def cmd_card_stats(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
-    reply = _ctl(cfg.run_dir / "card-ctl.sock", {"cmd": "stats"})
+    reply = ctl_request(Layout(cfg.data).card_ctl_sock, {"cmd": "stats"})
     if reply is None:
         raise CliError(f"no running card for {cfg.data}")
     print(json.dumps(reply.get("stats"), indent=2))
@@ -281,19 +263,17 @@ def _pid_alive(path: Path) -> int | None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg, ds = _open_catalog(args)
-    run = cfg.run_dir
-    host = _ctl(run / "host.sock", {"cmd": "status"})
-    card = _ctl(run / "card-ctl.sock", {"cmd": "stats"})
+    lay = Layout(cfg.data)
+    host = ctl_request(lay.host_sock, {"cmd": "status"})
+    card = ctl_request(lay.card_ctl_sock, {"cmd": "stats"})
     processes = {
-        "host": {"pid": (host or {}).get("status", {}).get("pid") or _pid_alive(run / "host.pid")},
-        "card": {"pid": ((card or {}).get("stats") or {}).get("pid") or _pid_alive(run / "card.pid")},
-        "appliance": {"pid": _pid_alive(run / "appliance.pid")},
+        "host": {"pid": (host or {}).get("status", {}).get("pid") or _pid_alive(lay.pid("host"))},
+        "card": {"pid": ((card or {}).get("stats") or {}).get("pid") or _pid_alive(lay.pid("card"))},
+        "appliance": {"pid": _pid_alive(lay.pid("appliance"))},
     }
     vstate = {v["name"]: v for v in (host or {}).get("status", {}).get("vdisks", [])}
     card_cgs = ((card or {}).get("stats") or {}).get("cgs", {})
-    from nicsplit.cli.failover import status_fields  # per CG: "distribution", "failover"
-
-    appl = _ctl(run / "appliance.sock", {"cmd": "status"})
+    appl = ctl_request(lay.appliance_sock, {"cmd": "status"})
     appl_cgs = None if appl is None else (appl.get("status") or {}).get("cgs", {})
     out = []
     for cg in CGCatalog(cfg.data).list():
@@ -360,9 +340,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _window(data: Path, cg: str) -> dict | None:
     """The protection window: the oldest PIT the journal still holds (one
     read of its first commit, not a scan of the whole journal)."""
-    from nicsplit.journal.scan import JournalScanner
-
-    jd = Path(data) / "appliance" / "journal" / cg
+    jd = Layout(data).journal(cg)
     if not jd.is_dir():
         return None
     try:
@@ -443,18 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_cg_list)
 
-    from nicsplit.cli.appliance import add_parsers as add_appliance_parsers
-
-    add_appliance_parsers(sub, common)
-    from nicsplit.cli.pit import add_parsers as add_pit_parsers
-
-    add_pit_parsers(sub, common)
-    from nicsplit.cli.image import add_parsers as add_image_parsers
-
-    add_image_parsers(sub, common)
-    from nicsplit.cli.failover import add_parsers as add_failover_parsers
-
-    add_failover_parsers(sub, common)
+    appliance.add_parsers(sub, common)
+    pit.add_parsers(sub, common)
+    image.add_parsers(sub, common)
+    failover.add_parsers(sub, common)
 
     cp = sub.add_parser("card", parents=[common], help="the (emulated) offload card").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
     s = cp.add_parser("run", parents=[common], help="run the card: hidden volume, ring, pipeline, shipping (foreground)")
@@ -481,14 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Imports are at module top except the four long-running servers' (host
+    # serve, card run, appliance run, up): loading those for every command
+    # made `nicsplit --help` take 0.21 s instead of 0.17 s (measured, 2 cores).
     args = build_parser().parse_args(argv)
     args.data = getattr(args, "data", None)
     verbose = getattr(args, "verbose", 0) or 0
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose or args.command in ("up", "host", "appliance", "card") else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # The one error mapper: a domain error is one line on stderr and exit 1.
     try:
         return args.func(args) or 0
-    except (CliError, ConfigError, ChainError, CGError, *_datastore_errors()) as e:
+    except USER_ERRORS as e:
         print(f"nicsplit: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

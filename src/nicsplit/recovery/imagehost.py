@@ -5,7 +5,7 @@ keeps current for distribution (server.py rule 8).
 on ``DATA/run/appliance.sock``): the journal is already indexed there, so an
 image of a CG with GiBs of journal is ready as soon as its NBD listener is
 (no scan, no new process). Without a running appliance the CLI starts a
-standalone ``image serve`` process instead (imagecli.py), which scans.
+standalone ``image serve`` process instead (images.py), which scans.
 
 The image is the same `ImageServer` either way and is listed in
 ``DATA/run/images/ID.json`` like a standalone one, with ``"in_appliance":
@@ -21,15 +21,23 @@ import logging
 import os
 import secrets
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
+from nicsplit.core import config as cfgmod
+from nicsplit.core.cgs import CGError
+from nicsplit.core.layout import Layout
+from nicsplit.recovery.errors import RecoveryError
+from nicsplit.recovery.image import ImageServer
+from nicsplit.recovery.images import info_path, overlay_path, url_host, write_info
+from nicsplit.recovery.pits import PitError
+from nicsplit.recovery.select import Selector, cg_vdisks, resolve_pit
+
 log = logging.getLogger("nicsplit.recovery.image")
 
 
-class ImageRequestError(Exception):
+class ImageRequestError(RecoveryError):
     """A user error in an image request: one clear line for the CLI."""
 
 
@@ -41,41 +49,33 @@ class ApplianceImages:
 
     async def export(self, req: dict[str, Any], index: Any) -> dict[str, Any]:
         """Open an image of ``req["cg"]`` at the PIT its selector names."""
-        from nicsplit.recovery.image import ImageServer
-        from nicsplit.cli.image import _cg_vdisks, _info_path, _overlay_path, _write_json, images_dir
-        from nicsplit.cli.pit import resolve_pit
-        from nicsplit.recovery.pits import PitError
-        from nicsplit.core import config as cfgmod
-        from nicsplit.core.cgs import CGError
-        from nicsplit.cli.main import CliError
-
         t0 = time.monotonic()
         cg = str(req.get("cg"))
+        sel = Selector(at=req.get("at"), seq=req.get("seq"), bookmark=req.get("bookmark"),
+                       latest=bool(req.get("latest")))
         try:
             cfg = cfgmod.load(self.data)
-            vds = _cg_vdisks(cfg, cg)
-            pit = resolve_pit(index.pits, cfg.data, cg, at=req.get("at"), seq=req.get("seq"),
-                              bookmark=req.get("bookmark"), latest=bool(req.get("latest")))
+            vds = cg_vdisks(cfg, cg)
+            pit = resolve_pit(index.pits, cfg.data, cg, sel)
             listen = cfgmod.parse_listen(req.get("listen") or "127.0.0.1:0")
-        except (CliError, PitError, CGError, cfgmod.ConfigError) as e:
+        except (RecoveryError, PitError, CGError, cfgmod.ConfigError) as e:
             raise ImageRequestError(str(e)) from None
         image_id = secrets.token_hex(4)
         writable = bool(req.get("writable"))
-        images_dir(self.data).mkdir(parents=True, exist_ok=True)
+        Layout(self.data).images_run.mkdir(parents=True, exist_ok=True)
         srv = ImageServer(self.journal_root / cg, vds, pit.seq, writable=writable, index=index, image_id=image_id,
-                          cg=cg, overlay_dir=_overlay_path(self.data, image_id) if writable else None,
+                          cg=cg, overlay_dir=overlay_path(self.data, image_id) if writable else None,
                           validate=bool(cfg.host("validate", False)))
         try:
             host, port = await srv.start(*listen)
         except BaseException:
             await srv.stop()
             raise
-        url_host = socket.gethostname() if host in ("0.0.0.0", "::") else host
         info = {"id": image_id, "cg": cg, "seq": pit.seq, "time": pit.time_ns / 1e9, "writable": writable,
                 "pid": os.getpid(), "in_appliance": True, "address": f"{host}:{port}",
-                "exports": srv.urls(url_host, port), "started": time.time(),
+                "exports": srv.urls(url_host(host), port), "started": time.time(),
                 "index_seconds": 0.0, "ready_seconds": round(time.monotonic() - t0, 4)}
-        _write_json(_info_path(self.data, image_id), info)
+        write_info(info_path(self.data, image_id), info)
         self.open[image_id] = srv
         log.info("image %s of %s at seq %d ready in %.3f s (appliance index): %s", image_id, cg, pit.seq,
                  info["ready_seconds"], " ".join(info["exports"].values()))
@@ -83,14 +83,12 @@ class ApplianceImages:
 
     async def close(self, image_id: str) -> bool:
         """Stop an image this appliance serves; False if it serves none by that id."""
-        from nicsplit.cli.image import _info_path, _overlay_path
-
         srv = self.open.pop(image_id, None)
         if srv is None:
             return False
         await srv.stop()
-        _info_path(self.data, image_id).unlink(missing_ok=True)
-        shutil.rmtree(_overlay_path(self.data, image_id), ignore_errors=True)
+        info_path(self.data, image_id).unlink(missing_ok=True)
+        shutil.rmtree(overlay_path(self.data, image_id), ignore_errors=True)
         log.info("image %s closed", image_id)
         return True
 

@@ -1,4 +1,4 @@
-"""Sans-IO NBD server codec (fixed newstyle handshake + transmission).
+"""Sans-IO NBD codec: the server (fixed newstyle handshake + transmission) and a small client.
 
 Theory of operation
 ===================
@@ -53,7 +53,7 @@ __all__ = [
     "MAX_PAYLOAD", "ExportInfo", "ExportProvider", "Negotiated", "Request",
     "Disconnect", "Closed", "NEED_DATA", "RemoteProtocolError",
     "LocalProtocolError", "ServerConnection", "ConnectionStatistics",
-    "errno_to_nbd", "transmission_flags",
+    "errno_to_nbd", "transmission_flags", "ClientConnection", "ExportReady", "Reply",
 ]
 
 # ---------------------------------------------------------------------------
@@ -982,3 +982,109 @@ def _parse_meta_request(data: bytes) -> tuple[str, list[bytes]] | None:
     if pos != n:
         return None
     return name, queries
+
+
+# ---------------------------------------------------------------------------
+# Client side (what failback writes production with)
+# ---------------------------------------------------------------------------
+#
+# Rules of the client codec:
+# 1. Phases: ``greeting`` -> ``options`` -> ``transmission``.  The client asks
+#    for one export with NBD_OPT_GO (no structured replies, no meta contexts),
+#    so every transmission reply is a simple reply.
+# 2. ``next_event()`` returns NEED_DATA, `ExportReady` once (the export's size
+#    and transmission flags), then one `Reply` per answered request.
+# 3. Anything the server says that breaks the protocol, or a refused export,
+#    raises RemoteProtocolError (sticky, as on the server side).
+# 4. ``request()`` returns the request header; the caller sends a WRITE's
+#    payload after it (no copy of large payloads into the codec).
+
+@dataclass(frozen=True, slots=True)
+class ExportReady:
+    """OPT_GO acknowledged: transmission starts on this export."""
+    size: int
+    flags: int  # transmission flags
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A simple reply to the request with ``handle`` (error = NBD errno, 0 = ok)."""
+    handle: int
+    error: int
+
+
+class ClientConnection:
+    """Sans-IO NBD client: fixed newstyle handshake, NBD_OPT_GO, simple replies."""
+
+    def __init__(self, export: str) -> None:
+        self.export = export
+        self.phase = "greeting"
+        self._in = bytearray()
+        self._out = bytearray()
+        self._size: int | None = None
+        self._flags: int | None = None
+        self._error: RemoteProtocolError | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        if not data:
+            self._fail("the server closed the connection")
+        self._in += data
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def _fail(self, why: str) -> None:
+        self._error = RemoteProtocolError(why)
+        raise self._error
+
+    def next_event(self):
+        if self._error is not None:
+            raise self._error
+        if self.phase == "greeting":
+            if len(self._in) < _GREETING.size:
+                return NEED_DATA
+            magic, opt, hflags = _GREETING.unpack_from(self._in)
+            del self._in[:_GREETING.size]
+            if magic != NBDMAGIC or opt != IHAVEOPT or not hflags & NBD_FLAG_FIXED_NEWSTYLE:
+                self._fail("not a fixed-newstyle NBD server")
+            cflags = NBD_FLAG_C_FIXED_NEWSTYLE | (NBD_FLAG_C_NO_ZEROES if hflags & NBD_FLAG_NO_ZEROES else 0)
+            name = self.export.encode()
+            body = _U32.pack(len(name)) + name + _U16.pack(0)  # no NBD_INFO requests: EXPORT comes anyway
+            self._out += _CLIENT_FLAGS.pack(cflags) + _OPTION.pack(IHAVEOPT, NBD_OPT_GO, len(body)) + body
+            self.phase = "options"
+        if self.phase == "options":
+            while len(self._in) >= _OPTION_REPLY.size:
+                rmagic, ropt, rtype, rlen = _OPTION_REPLY.unpack_from(self._in)
+                if len(self._in) < _OPTION_REPLY.size + rlen:
+                    return NEED_DATA
+                data = bytes(self._in[_OPTION_REPLY.size:_OPTION_REPLY.size + rlen])
+                del self._in[:_OPTION_REPLY.size + rlen]
+                if rmagic != NBD_OPT_REPLY_MAGIC or ropt != NBD_OPT_GO:
+                    self._fail("bad option reply")
+                if rtype == NBD_REP_ACK:
+                    if self._size is None or self._flags is None:
+                        self._fail("the server did not say the export's size")
+                    self.phase = "transmission"
+                    return ExportReady(self._size, self._flags)
+                if rtype & _REP_ERR:
+                    why = data.decode(errors="replace") or f"error {rtype & 0x7FFFFFFF}"
+                    self._fail(f"export {self.export!r} refused: {why}")
+                if rtype == NBD_REP_INFO and len(data) >= _INFO_EXPORT.size \
+                        and _U16.unpack_from(data)[0] == NBD_INFO_EXPORT:
+                    _, self._size, self._flags = _INFO_EXPORT.unpack_from(data)
+            return NEED_DATA
+        if len(self._in) < _SIMPLE_REPLY.size:
+            return NEED_DATA
+        magic, err, handle = _SIMPLE_REPLY.unpack_from(self._in)
+        del self._in[:_SIMPLE_REPLY.size]
+        if magic != NBD_SIMPLE_REPLY_MAGIC:
+            self._fail(f"unexpected reply (magic {magic:#x}, cookie {handle})")
+        return Reply(handle, err)
+
+    def request(self, cmd: int, handle: int, offset: int = 0, length: int = 0, flags: int = 0) -> bytes:
+        """The header of a transmission request (a WRITE's payload follows it)."""
+        if self.phase != "transmission":
+            raise LocalProtocolError(f"request in phase {self.phase}")
+        return _REQUEST.pack(NBD_REQUEST_MAGIC, flags, cmd, handle, offset, length)

@@ -1,0 +1,100 @@
+"""Read a CG's journal record by record: list it (`dump`) or apply it in seq
+order onto fresh raw images, one per vdisk (`replay`).
+
+Both open the journal read-only and stop at damage: what is before the
+damage is still listed or replayed (docs/recovery.md §9); `replay` refuses
+to reach past it before any image is created.
+
+Example::
+
+    replay(cfg, "cg1", Path("/tmp/out"), upto=1200)   # /tmp/out/<vdisk>.raw
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from nicsplit.core.config import Config
+from nicsplit.core.fsutil import punch_hole
+from nicsplit.core.layout import Layout
+from nicsplit.core.records import Op
+from nicsplit.host.datastore import Datastore
+from nicsplit.journal.writer import Journal
+from nicsplit.recovery.errors import RecoveryError
+
+OP_NAMES = {int(Op.WRITE): "write", int(Op.ZERO): "zero", int(Op.TRIM): "trim", int(Op.BARRIER): "barrier"}
+
+
+def open_journal(cfg: Config, cg: str) -> Journal:
+    """The CG's journal, read-only, stopping at damage (``.damage`` says where)."""
+    path = Layout(cfg.data).journal(cg)
+    if not path.is_dir():
+        raise RecoveryError(f"no journal for CG {cg!r} (looked in {path})")
+    return Journal.open(path, readonly=True, stop_at_damage=True)
+
+
+def dump(cfg: Config, cg: str, from_seq: int = 1, upto: int | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    """The records from ``from_seq`` to ``upto`` as `journal dump --json`
+    rows, and the damage that stopped the listing (None when whole)."""
+    names: dict[int, str] = {}
+    if Layout(cfg.data).catalog.exists():
+        names = {v.id: v.name for v in Datastore.open(cfg.datastore_dir).list_vdisks()}
+    with open_journal(cfg, cg) as j:
+        damage = j.damage
+        rows = [{"seq": r.seq, "vdisk": names.get(r.vdisk_id, f"#{r.vdisk_id}"), "offset": r.offset,
+                 "length": r.length, "op": OP_NAMES.get(r.op, str(r.op)), "time": r.time_ns / 1e9}
+                for r in j.iter_records(from_seq, upto)]
+    return rows, damage
+
+
+def replay(cfg: Config, cg: str, out: Path, upto: int | None = None) -> dict[str, Any]:
+    """Apply the journal up to ``upto`` onto ``out/<vdisk>.raw``; the result
+    as `journal replay --json` prints it (records, last_seq, images)."""
+    if not Layout(cfg.data).catalog.exists():
+        raise RecoveryError(f"no datastore catalog in {cfg.datastore_dir}: replay needs the vdisk sizes")
+    by_id = {v.id: v for v in Datastore.open(cfg.datastore_dir).list_vdisks()}
+    with open_journal(cfg, cg) as j:  # refuse a damaged range before any image is created
+        if j.damage and (upto is None or upto > j.last_seq):
+            raise RecoveryError(f"{j.damage}; replay can reach seq {j.last_seq} at most (--upto {j.last_seq})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fds: dict[int, int] = {}
+
+    def image(vid: int) -> int:
+        fd = fds.get(vid)
+        if fd is None:
+            v = by_id.get(vid)
+            if v is None:
+                raise RecoveryError(f"journal {cg} has records of vdisk id {vid}, which is not in the catalog")
+            fd = os.open(out / f"{v.name}.raw", os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            os.ftruncate(fd, v.size)
+            fds[vid] = fd
+        return fd
+
+    for v in by_id.values():  # vdisks the catalog puts in this CG get an image even without records
+        if v.extra.get("cg") == cg:
+            image(v.id)
+    count = last = 0
+    try:
+        with open_journal(cfg, cg) as j:
+            for rec, payload in j.records(1, upto):
+                fd = image(rec.vdisk_id)
+                size = by_id[rec.vdisk_id].size
+                if rec.offset + rec.length > size:
+                    raise RecoveryError(f"record seq {rec.seq}: {rec.offset}+{rec.length} is past the end of "
+                                        f"vdisk {by_id[rec.vdisk_id].name} ({size} bytes)")
+                if rec.op == Op.WRITE:
+                    os.pwrite(fd, payload, rec.offset)
+                elif rec.op in (Op.ZERO, Op.TRIM):
+                    punch_hole(fd, rec.offset, rec.length)
+                count += 1
+                last = rec.seq
+        for fd in fds.values():
+            os.fsync(fd)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    images = {by_id[vid].name: str(out / f"{by_id[vid].name}.raw") for vid in fds}
+    return {"records": count, "last_seq": last, "images": images}
