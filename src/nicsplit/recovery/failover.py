@@ -85,7 +85,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
@@ -97,6 +96,7 @@ from typing import Any, Callable, Iterable
 from nicsplit.core import ctl
 from nicsplit.core.cgs import CGCatalog
 from nicsplit.core.config import Config, parse_listen
+from nicsplit.core.dirtymap import REGION, RegionBitmap
 from nicsplit.core.fsutil import atomic_write, fsync_dir
 from nicsplit.core.layout import Layout
 from nicsplit.core.procutil import runs
@@ -218,48 +218,6 @@ def status_fields(data: str | Path, cg: str, appliance_cg: dict | None) -> dict[
     return {"distribution": distribution, "failover": failover_}
 
 
-# -- dirty-region bitmaps ---------------------------------------------------------------------
-# Failover's own copy of the 64 KiB region bitmap, which also reads the
-# host's marking bitmap files (bit r%8 of byte r//8). Kept apart from the
-# rest of this module: it is to be replaced by nicsplit.core.dirtymap.
-
-REGION = 64 << 10  # of dirty and marking bitmaps
-
-
-def _mark(flags: bytearray, offset: int, length: int) -> None:
-    if length > 0:
-        r0, r1 = offset // REGION, (offset + length - 1) // REGION
-        flags[r0 : r1 + 1] = b"\x01" * (r1 + 1 - r0)
-
-
-def _bitmap_into(flags: bytearray, bits: bytes) -> int:
-    """OR a 1-bit-per-region bitmap (bit r%8 of byte r//8) into ``flags``; bytes marked."""
-    n = 0
-    for i, b in enumerate(bits):
-        if b:
-            for k in range(8):
-                r = i * 8 + k
-                if b & (1 << k) and r < len(flags):
-                    flags[r] = 1
-                    n += REGION
-    return n
-
-
-def _runs(flags: bytearray, size: int) -> list[tuple[int, int]]:
-    out = []
-    for m in re.finditer(rb"\x01+", flags):
-        off = m.start() * REGION
-        out.append((off, min(m.end() * REGION, size) - off))
-    return out
-
-
-def bitmap_runs(bits: bytes, size: int) -> list[tuple[int, int]]:
-    """The (offset, length) runs a region bitmap file marks in a vdisk of ``size`` bytes."""
-    flags = bytearray(-(-size // REGION))
-    _bitmap_into(flags, bits)
-    return _runs(flags, size)
-
-
 # -- regions and the copy ---------------------------------------------------------------------
 
 
@@ -269,16 +227,16 @@ def failback_regions(data: Path, cg: str, vdisks: Iterable[Any], seq: int, index
     out: dict[int, dict[str, Any]] = {}
     lay = Layout(data)
     for v in vdisks:
-        flags = bytearray(-(-v.size // REGION))
+        bm = RegionBitmap(v.size)
         dirty = marked = 0
         p = dirty_dir(data, cg) / f"{v.name}.dirty"
         if p.exists():
-            dirty = _bitmap_into(flags, p.read_bytes())
+            dirty = bm.merge(p.read_bytes()) * REGION
         uuid = getattr(v, "uuid", "")
         mp = lay.marking_bitmap(uuid)
         if uuid and mp.exists():
-            marked = _bitmap_into(flags, mp.read_bytes())
-        out[v.id] = {"flags": flags, "size": v.size, "dirty": dirty, "production": 0, "marked": marked}
+            marked = bm.merge(mp.read_bytes()) * REGION
+        out[v.id] = {"bitmap": bm, "size": v.size, "dirty": dirty, "production": 0, "marked": marked}
     ix = index
     o0 = ix.ordinal_upto(seq) + 1
     for o in range(o0, len(ix.rec_seq)):
@@ -287,10 +245,10 @@ def failback_regions(data: Path, cg: str, vdisks: Iterable[Any], seq: int, index
             off, n = ix.rec_off[o], ix.rec_len[o]
             if off + n > e["size"]:
                 n = max(0, e["size"] - off)
-            _mark(e["flags"], off, n)
+            e["bitmap"].mark(off, n)
             e["production"] += n
     for e in out.values():
-        e["runs"] = _runs(e.pop("flags"), e["size"])
+        e["runs"] = e.pop("bitmap").runs()
     return out
 
 
@@ -655,7 +613,7 @@ def _revert(cfg: Config, cg: str, vds: list[StateVdisk], seq: int, index: BlockI
             p = dirty_dir(cfg.data, cg) / f"{v.name}.dirty"
             if not p.exists():
                 continue
-            runs_ = bitmap_runs(p.read_bytes(), v.size)
+            runs_ = RegionBitmap.read(p, v.size).runs()
             img = open_image(rd / f"{v.name}.img", v.size, atrest.keyring_for_images(rd), writable=True)
             try:
                 for off, ln in runs_:
