@@ -20,7 +20,7 @@ from nicsplit.core.config import Config
 from nicsplit.core.fsutil import punch_hole
 from nicsplit.core.layout import Layout
 from nicsplit.core.records import Op
-from nicsplit.host.datastore import Datastore
+from nicsplit.core.catalog import open_catalog
 from nicsplit.journal.writer import Journal
 from nicsplit.recovery.errors import RecoveryError
 
@@ -40,7 +40,7 @@ def dump(cfg: Config, cg: str, from_seq: int = 1, upto: int | None = None) -> tu
     rows, and the damage that stopped the listing (None when whole)."""
     names: dict[int, str] = {}
     if Layout(cfg.data).catalog.exists():
-        names = {v.id: v.name for v in Datastore.open(cfg.datastore_dir).list_vdisks()}
+        names = {v.id: v.name for v in open_catalog(cfg.datastore_dir).vdisks()}
     with open_journal(cfg, cg) as j:
         damage = j.damage
         rows = [{"seq": r.seq, "vdisk": names.get(r.vdisk_id, f"#{r.vdisk_id}"), "offset": r.offset,
@@ -54,7 +54,7 @@ def replay(cfg: Config, cg: str, out: Path, upto: int | None = None) -> dict[str
     as `journal replay --json` prints it (records, last_seq, images)."""
     if not Layout(cfg.data).catalog.exists():
         raise RecoveryError(f"no datastore catalog in {cfg.datastore_dir}: replay needs the vdisk sizes")
-    by_id = {v.id: v for v in Datastore.open(cfg.datastore_dir).list_vdisks()}
+    by_id = {v.id: v for v in open_catalog(cfg.datastore_dir).vdisks()}
     with open_journal(cfg, cg) as j:  # refuse a damaged range before any image is created
         if j.damage and (upto is None or upto > j.last_seq):
             raise RecoveryError(f"{j.damage}; replay can reach seq {j.last_seq} at most (--upto {j.last_seq})")

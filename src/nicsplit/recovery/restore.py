@@ -33,7 +33,7 @@ from nicsplit.core import ctl
 from nicsplit.core.config import Config
 from nicsplit.core.fsutil import fsync_dir
 from nicsplit.core.layout import Layout
-from nicsplit.host.datastore import Datastore
+from nicsplit.core.catalog import open_catalog
 from nicsplit.recovery.errors import RecoveryError
 from nicsplit.recovery.image import ImageServer
 from nicsplit.recovery.blockindex import BlockIndex
@@ -58,7 +58,9 @@ def restore_source(cfg: Config, vdisk: str) -> RestoreSource:
     a missing catalog, an unknown vdisk, a vdisk in no CG, an unknown CG)."""
     if not Layout(cfg.data).catalog.exists():
         raise RecoveryError(f"no datastore catalog in {cfg.datastore_dir}: restore needs the vdisk's id and size")
-    v = Datastore.open(cfg.datastore_dir).get_vdisk(vdisk)
+    v = open_catalog(cfg.datastore_dir).get(vdisk)
+    if v is None:
+        raise RecoveryError(f"no vdisk {vdisk!r} in {cfg.datastore_dir}")
     cg = v.extra.get("cg")
     if not cg:
         raise RecoveryError(f"vdisk {v.name} is in no consistency group: it has no journal to restore from")

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from nicsplit.core import ctl
+from nicsplit.core.catalog import open_catalog
 from nicsplit.core.cgs import CGCatalog
 from nicsplit.core.config import Config
 from nicsplit.core.layout import Layout
-from nicsplit.host.datastore import Datastore
 from nicsplit.recovery.errors import RecoveryError
 from nicsplit.journal.scan import Damage
 from nicsplit.recovery.bookmarks import Bookmark, add_bookmark, get_bookmark, list_bookmarks, lock_bookmark
@@ -133,7 +133,7 @@ def cg_vdisks(cfg: Config, cg: str) -> list[Any]:
     CGCatalog(cfg.data).get(cg)
     if not Layout(cfg.data).catalog.exists():
         raise RecoveryError(f"no datastore catalog in {cfg.datastore_dir}: an image needs its vdisks' ids and sizes")
-    vds = [v for v in Datastore.open(cfg.datastore_dir).list_vdisks() if v.extra.get("cg") == cg]
+    vds = open_catalog(cfg.datastore_dir).cg_members(cg)
     if not vds:
         raise RecoveryError(f"consistency group {cg} has no vdisks")
     return vds
