@@ -13,8 +13,6 @@ import logging
 import os
 import re
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
 from nicsplit import __version__
@@ -26,10 +24,10 @@ from nicsplit.core.config import parse_listen, parse_size
 from nicsplit.core.ctl import request as ctl_request
 from nicsplit.core.layout import Layout
 from nicsplit.core.pki import init_pki
+from nicsplit.control.demo import ensure_demo
+from nicsplit.control.status import system_status
 from nicsplit.host.datastore import Datastore
-from nicsplit.recovery.failover import status_fields
 from nicsplit.recovery.images import run_async
-from nicsplit.journal.scan import JournalScanner
 
 __all__ = ["main", "build_parser", "CliError"]
 
@@ -198,13 +196,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not Layout(data).config.exists() or not Layout(data).catalog.exists():
         cmd_init(args)
     cfg = cfgmod.load(data)
-    ds = Datastore.open(cfg.datastore_dir)
-    cgs = CGCatalog(cfg.data)
-    if not ds.list_vdisks():
-        cgs.create("demo-vm")
-        for name in ("demo-vm-root", "demo-vm-data"):
-            ds.create_vdisk(name, 1 << 30, owner="vm:demo", extra={"cg": "demo-vm"})
+    if ensure_demo(cfg):
         print("created the demo VM: vdisks demo-vm-root and demo-vm-data (1 GiB each) in consistency group demo-vm")
+    ds = Datastore.open(cfg.datastore_dir)
     listen = args.listen or cfg.host("listen", "127.0.0.1:10809")
     host, port = parse_listen(listen)
     host_args = ["host", "serve", "--listen", listen] + (["--socket", args.socket] if args.socket else []) + (["--readonly"] if args.readonly else [])
@@ -252,56 +246,10 @@ def cmd_card_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pid_alive(path: Path) -> int | None:
-    try:
-        pid = int(path.read_text())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
-        return None
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg, ds = _open_catalog(args)
-    lay = Layout(cfg.data)
-    host = ctl_request(lay.host_sock, {"cmd": "status"})
-    card = ctl_request(lay.card_ctl_sock, {"cmd": "stats"})
-    processes = {
-        "host": {"pid": (host or {}).get("status", {}).get("pid") or _pid_alive(lay.pid("host"))},
-        "card": {"pid": ((card or {}).get("stats") or {}).get("pid") or _pid_alive(lay.pid("card"))},
-        "appliance": {"pid": _pid_alive(lay.pid("appliance"))},
-    }
-    vstate = {v["name"]: v for v in (host or {}).get("status", {}).get("vdisks", [])}
-    card_cgs = ((card or {}).get("stats") or {}).get("cgs", {})
-    appl = ctl_request(lay.appliance_sock, {"cmd": "status"})
-    appl_cgs = None if appl is None else (appl.get("status") or {}).get("cgs", {})
-    out = []
-    for cg in CGCatalog(cfg.data).list():
-        members = [v for v in ds.list_vdisks() if v.extra.get("cg") == cg.name]
-        vds = []
-        for v in members:
-            st = vstate.get(v.name, {})
-            vds.append({"name": v.name, "state": st.get("state", "unknown" if host is None else "protected"),
-                        "dirty_bytes": st.get("dirty_bytes", 0), "reason": st.get("reason", "")})
-        states = {v["state"] for v in vds}
-        if cg.role == "failed-over":
-            state = "failed-over"
-        elif host is None:
-            state = "host-down"
-        elif "marking" in states:
-            state = "marking"
-        elif card is None or processes["card"]["pid"] is None:
-            state = "card-down"
-        else:
-            state = "protected"
-        c = card_cgs.get(cg.name, {})
-        host_seq = (host or {}).get("status", {}).get("cgs", {}).get(cg.name, {}).get("last_seq")
-        out.append({"name": cg.name, "state": state, "rpo_seconds": c.get("rpo_seconds", 0.0 if state == "protected" else None),
-                    "last_durable_seq": c.get("last_durable_seq"), "host_last_seq": host_seq, "role": cg.role,
-                    "protection_window": _window(cfg.data, cg.name), "vdisks": vds,
-                    "retention": None if appl_cgs is None else (appl_cgs.get(cg.name) or {}).get("retention"),
-                    **status_fields(cfg.data, cg.name, None if appl_cgs is None else appl_cgs.get(cg.name, {}))})
-    result = {"cgs": out, "processes": processes}
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    result = system_status(cfg)
+    out, processes = result["cgs"], result["processes"]
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -335,22 +283,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # -- plumbing ---------------------------------------------------------------
-
-
-def _window(data: Path, cg: str) -> dict | None:
-    """The protection window: the oldest PIT the journal still holds (one
-    read of its first commit, not a scan of the whole journal)."""
-    jd = Layout(data).journal(cg)
-    if not jd.is_dir():
-        return None
-    try:
-        commit, _ = next(iter(JournalScanner(jd).scan()))
-    except StopIteration:
-        return None
-    except Exception as e:  # a damaged journal must not break status; say so
-        return {"error": str(e)}
-    return {"oldest_seq": commit.last_seq, "oldest_time": commit.t_last_ns / 1e9,
-            "seconds": max(0.0, time.time() - commit.t_last_ns / 1e9)}
 
 
 def _human_span(seconds: float) -> str:

@@ -1,0 +1,101 @@
+"""The state of the whole system, as ``nicsplit status`` shows it.
+
+One function, `system_status`, asks each running process on its control
+socket (host: vdisk states and CG seqs; card: RPO and durable seq per CG;
+appliance: distribution, failover and retention per CG), reads the
+protection window off each journal, and folds them into one document per
+CG. A process that does not answer is reported down, never an error:
+status must work best exactly when something is broken.
+
+CG state, first match wins: ``failed-over`` (the CG's role), ``host-down``,
+``marking`` (a vdisk of the CG lost its card), ``card-down``, ``protected``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from nicsplit.core.catalog import open_catalog
+from nicsplit.core.cgs import CGCatalog
+from nicsplit.core.config import Config
+from nicsplit.core.ctl import request
+from nicsplit.core.layout import Layout
+from nicsplit.journal.scan import JournalScanner
+from nicsplit.recovery.failover import status_fields
+
+__all__ = ["system_status", "protection_window", "pid_alive"]
+
+
+def pid_alive(path: Path) -> int | None:
+    """The pid in a pid file if that process exists, else None."""
+    try:
+        pid = int(path.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def protection_window(data: Path, cg: str) -> dict | None:
+    """The protection window: the oldest PIT the journal still holds (one
+    read of its first commit, not a scan of the whole journal)."""
+    jd = Layout(data).journal(cg)
+    if not jd.is_dir():
+        return None
+    try:
+        commit, _ = next(iter(JournalScanner(jd).scan()))
+    except StopIteration:
+        return None
+    except Exception as e:  # a damaged journal must not break status; say so
+        return {"error": str(e)}
+    return {"oldest_seq": commit.last_seq, "oldest_time": commit.t_last_ns / 1e9,
+            "seconds": max(0.0, time.time() - commit.t_last_ns / 1e9)}
+
+
+def _cg_state(role: str, vdisks: list[dict], host_up: bool, card_up: bool) -> str:
+    if role == "failed-over":
+        return "failed-over"
+    if not host_up:
+        return "host-down"
+    if "marking" in {v["state"] for v in vdisks}:
+        return "marking"
+    if not card_up:
+        return "card-down"
+    return "protected"
+
+
+def system_status(cfg: Config) -> dict[str, Any]:
+    """``{"cgs": [...], "processes": {...}}``: the document behind
+    ``nicsplit status --json`` (its keys are documented in operations.md)."""
+    catalog = open_catalog(cfg.datastore_dir)
+    lay = Layout(cfg.data)
+    host = request(lay.host_sock, {"cmd": "status"})
+    card = request(lay.card_ctl_sock, {"cmd": "stats"})
+    processes = {
+        "host": {"pid": (host or {}).get("status", {}).get("pid") or pid_alive(lay.pid("host"))},
+        "card": {"pid": ((card or {}).get("stats") or {}).get("pid") or pid_alive(lay.pid("card"))},
+        "appliance": {"pid": pid_alive(lay.pid("appliance"))},
+    }
+    vstate = {v["name"]: v for v in (host or {}).get("status", {}).get("vdisks", [])}
+    card_cgs = ((card or {}).get("stats") or {}).get("cgs", {})
+    appl = request(lay.appliance_sock, {"cmd": "status"})
+    appl_cgs = None if appl is None else (appl.get("status") or {}).get("cgs", {})
+    out = []
+    for cg in CGCatalog(cfg.data).list():
+        vds = []
+        for v in catalog.cg_members(cg.name):
+            st = vstate.get(v.name, {})
+            vds.append({"name": v.name, "state": st.get("state", "unknown" if host is None else "protected"),
+                        "dirty_bytes": st.get("dirty_bytes", 0), "reason": st.get("reason", "")})
+        state = _cg_state(cg.role, vds, host is not None, card is not None and processes["card"]["pid"] is not None)
+        c = card_cgs.get(cg.name, {})
+        host_seq = (host or {}).get("status", {}).get("cgs", {}).get(cg.name, {}).get("last_seq")
+        out.append({"name": cg.name, "state": state, "rpo_seconds": c.get("rpo_seconds", 0.0 if state == "protected" else None),
+                    "last_durable_seq": c.get("last_durable_seq"), "host_last_seq": host_seq, "role": cg.role,
+                    "protection_window": protection_window(cfg.data, cg.name), "vdisks": vds,
+                    "retention": None if appl_cgs is None else (appl_cgs.get(cg.name) or {}).get("retention"),
+                    **status_fields(cfg.data, cg.name, None if appl_cgs is None else appl_cgs.get(cg.name, {}))})
+    return {"cgs": out, "processes": processes}
