@@ -1,4 +1,4 @@
-"""Appliance commands for the ``nicsplit`` CLI (wired in by control/cli.py).
+"""Appliance commands for the ``nicsplit`` CLI (wired in by cli/main.py).
 
     nicsplit appliance run [--listen HOST:PORT]
     nicsplit appliance keys [--json]              at-rest keys and the segments and image blocks using each
@@ -12,7 +12,7 @@
 The work is done by `nicsplit.appliance.server` (run), `nicsplit.recovery.keys`
 and `nicsplit.recovery.replay`.  Configuration: the ``[appliance]`` table of
 nicsplit.toml, documented in DEFAULT_TOML (nicsplit.core.config);
-`server_config` maps it onto the server's ServerConfig.
+`nicsplit.appliance.config` maps it onto the server's ServerConfig.
 """
 
 from __future__ import annotations
@@ -24,92 +24,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nicsplit.appliance.config import DEFAULT_LISTEN, at_rest_encryption, pki_dir, server_config
 from nicsplit.cli.common import CliError, seq
 from nicsplit.core import config as cfgmod
-from nicsplit.core.config import parse_listen, parse_size
 from nicsplit.core.pki import init_pki
 from nicsplit.recovery import keys, replay
-from nicsplit.recovery.retention import Policy, RetentionError
 from nicsplit.storage import atrest
-
-DEFAULT_LISTEN = "127.0.0.1:10810"
-
-# The documented [appliance] section lives in nicsplit.core.config.DEFAULT_TOML.
-
-
-def _section(cfg: cfgmod.Config) -> dict[str, Any]:
-    sec = cfg.raw.get("appliance", {})
-    if not isinstance(sec, dict):
-        raise cfgmod.ConfigError(f"{cfg.data / cfgmod.CONFIG_NAME}: [appliance] must be a table")
-    return sec
-
-
-def _pki_dir(cfg: cfgmod.Config) -> Path:
-    p = Path(str(_section(cfg).get("pki", "pki")))
-    return p if p.is_absolute() else cfg.data / p
-
-
-def server_config(cfg: cfgmod.Config, listen: str | None = None) -> Any:
-    """The ServerConfig for a data directory (``[appliance]`` + overrides)."""
-    from nicsplit.appliance.server import ServerConfig  # lazy: see cli.main.main()
-
-    sec = _section(cfg)
-    known = {"listen", "pki", "peers", "encryption", "segment_size", "heartbeat_interval", "idle_timeout", "queue_depth",
-             "at_rest_encryption"}
-    unknown = set(sec) - known
-    if unknown:
-        raise cfgmod.ConfigError(f"[appliance]: unknown key(s) {', '.join(sorted(unknown))}")
-
-    def positive(key: str, default: float) -> float:
-        v = sec.get(key, default)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            raise cfgmod.ConfigError(f"[appliance] {key} = {v!r}: must be a positive number")
-        return v
-
-    peers = sec.get("peers", ["card", "host"])
-    if not isinstance(peers, list) or not all(isinstance(p, str) and p for p in peers):
-        raise cfgmod.ConfigError("[appliance] peers must be a list of certificate names")
-    return ServerConfig(
-        data=cfg.data,
-        listen=parse_listen(listen or str(sec.get("listen", DEFAULT_LISTEN))),
-        pki_dir=_pki_dir(cfg),
-        peers=tuple(peers),
-        encryption=bool(sec.get("encryption", True)),
-        segment_size=parse_size(sec.get("segment_size", "64M"), "segment_size"),
-        heartbeat_interval=positive("heartbeat_interval", 5),
-        idle_timeout=positive("idle_timeout", 30),
-        queue_depth=int(positive("queue_depth", 16)),
-        retention=_retention(cfg),
-        dedup_min_age_s=_dedup_min_age(cfg),
-    )
-
-
-def _retention(cfg: cfgmod.Config) -> Any:
-    """``[retention]`` as a `retention.Policy` (ConfigError when bad)."""
-    try:
-        return Policy.from_config(cfg.raw.get("retention"))
-    except RetentionError as e:
-        raise cfgmod.ConfigError(str(e)) from None
-
-
-def _dedup_min_age(cfg: cfgmod.Config) -> float:
-    """Retention rule 6: twice the card's dedup horizon (0 with dedup off)."""
-    card = cfg.raw.get("card", {})
-    if card.get("dedup") is False:
-        return 0.0
-    try:
-        return 2 * float(card.get("dedup_horizon_s", 600))
-    except (TypeError, ValueError):
-        raise cfgmod.ConfigError(f"[card] dedup_horizon_s = {card.get('dedup_horizon_s')!r}: a number of seconds") from None
-
-
-def at_rest_encryption(cfg: cfgmod.Config) -> bool:
-    """``[appliance] at_rest_encryption`` (default true)."""
-    v = _section(cfg).get("at_rest_encryption", True)
-    if not isinstance(v, bool):
-        raise cfgmod.ConfigError(f"[appliance] at_rest_encryption = {v!r}: must be true or false")
-    return v
-
 
 # -- commands ----------------------------------------------------------------------
 
@@ -176,7 +96,7 @@ def cmd_appliance_retire_key(args: argparse.Namespace) -> int:
 def cmd_pki_init(args: argparse.Namespace) -> int:
     data = cfgmod.data_dir(args.data)
     cfg = cfgmod.load(data)
-    d = _pki_dir(cfg)
+    d = pki_dir(cfg)
     created = init_pki(d, appliance_names=tuple(args.appliance_name or ()))
     print(f"created {', '.join(created)} in {d}" if created else f"{d} is complete; nothing created")
     return 0
