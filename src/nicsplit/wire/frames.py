@@ -60,7 +60,7 @@ __all__ = [
     "Hello", "HelloAck", "Batch", "Ack", "Error", "Heartbeat", "Frame", "FrameType",
     "ErrorCode", "FrameError", "FrameDecoder", "NEED_DATA", "DecoderStatistics",
     "encode", "batch_aad", "Record", "encode_records", "decode_records", "encode_record",
-    "decode_record", "decode_record_split", "RECORD_HEAD_SIZE", "REF_SIZE", "fingerprint", "expand", "block_spans", "seal", "unseal",
+    "decode_record", "decode_record_split", "RECORD_HEAD", "RECORD_HEAD_SIZE", "REF_SIZE", "fingerprint", "expand", "block_spans", "seal", "unseal",
     "COMPRESS_NONE", "COMPRESS_ZSTD", "CIPHER_NONE", "CIPHER_AES256GCM",
 ]
 
@@ -150,20 +150,20 @@ assert _HEARTBEAT.size == 8
 
 # -- records ------------------------------------------------------------------
 
-_RECORD = struct.Struct(
+RECORD_HEAD = struct.Struct(
     ">"
     "Q"  # seq: CG sequence number (>= 1)
     "Q"  # io_id: host IO id, for logs (the request id of STYLE rule 6)
     "Q"  # vdisk_id: datastore vdisk id
     "B"  # op: nicsplit.core.records.Op (1 write, 2 zero, 3 trim, 4 barrier)
-    "B"  # flags: nicsplit.core.records.WFlag (1 = FUA)
+    "B"  # flags: nicsplit.core.records.WFlag (1 = FUA); the journal adds RFLAG_IN_WINDOW
     "Q"  # offset: virtual byte offset in the vdisk
     "Q"  # length: bytes covered by the op
     "q"  # time_ns: when the write entered the splitter (ns since the epoch)
     "I"  # nrefs: (block index, fingerprint) pairs that follow
     "I"  # data_len: bytes of data after the refs
 )  # followed by: nrefs x _REF, data_len bytes of data
-assert _RECORD.size == 58
+assert RECORD_HEAD.size == 58
 
 _REF = struct.Struct(
     ">"
@@ -172,7 +172,7 @@ _REF = struct.Struct(
 )
 assert _REF.size == 20
 
-RECORD_HEAD_SIZE = _RECORD.size  # a record's data starts at RECORD_HEAD_SIZE + nrefs * REF_SIZE
+RECORD_HEAD_SIZE = RECORD_HEAD.size  # a record's data starts at RECORD_HEAD_SIZE + nrefs * REF_SIZE
 REF_SIZE = _REF.size
 
 _RECORDS_COUNT = struct.Struct(">I")  # number of records in the plaintext
@@ -617,7 +617,7 @@ def _check_record(r: Record, err: Callable[[str], Exception]) -> None:
 def encode_record(r: Record) -> bytes:
     """One record in the wire layout (also the journal RECORD entry payload)."""
     _check_record(r, ValueError)
-    head = _RECORD.pack(
+    head = RECORD_HEAD.pack(
         _u(r.seq, 64, "seq"), _u(r.io_id, 64, "io_id"), _u(r.vdisk_id, 64, "vdisk_id"), _u(r.op, 8, "op"),
         _u(r.flags, 8, "flags"), _u(r.offset, 64, "offset"), _u(r.length, 64, "length"), _s64(r.time_ns, "time_ns"),
         len(r.refs), _u(len(r.data), 32, "data length"),
@@ -628,10 +628,10 @@ def encode_record(r: Record) -> bytes:
 def decode_record(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
     """Decode one record at ``buf[pos:]``; returns it and the offset after it."""
     mv = memoryview(buf)
-    if len(mv) - pos < _RECORD.size:
+    if len(mv) - pos < RECORD_HEAD.size:
         raise FrameError(f"record at offset {pos}: truncated header")
-    seq, io_id, vdisk_id, op, flags, offset, length, time_ns, nrefs, data_len = _RECORD.unpack_from(mv, pos)
-    pos += _RECORD.size
+    seq, io_id, vdisk_id, op, flags, offset, length, time_ns, nrefs, data_len = RECORD_HEAD.unpack_from(mv, pos)
+    pos += RECORD_HEAD.size
     if nrefs * _REF.size + data_len > len(mv) - pos:
         raise FrameError(f"record seq {seq}: {nrefs} refs and {data_len} data bytes run past the end")
     refs = tuple((b, bytes(fp)) for b, fp in _REF.iter_unpack(mv[pos : pos + nrefs * _REF.size])) if nrefs else ()
@@ -647,9 +647,9 @@ def decode_record_split(head: bytes | memoryview, body: bytes) -> Record:
     """A record whose head (RECORD_HEAD_SIZE bytes) and the rest (refs, then
     data) are separate buffers — a sealed journal entry decrypts to the rest.
     A record without refs keeps ``body`` itself as its data: no copy."""
-    if len(head) != _RECORD.size:
-        raise FrameError(f"record head of {len(head)} bytes, not {_RECORD.size}")
-    seq, io_id, vdisk_id, op, flags, offset, length, time_ns, nrefs, data_len = _RECORD.unpack(head)
+    if len(head) != RECORD_HEAD.size:
+        raise FrameError(f"record head of {len(head)} bytes, not {RECORD_HEAD.size}")
+    seq, io_id, vdisk_id, op, flags, offset, length, time_ns, nrefs, data_len = RECORD_HEAD.unpack(head)
     if nrefs * _REF.size + data_len != len(body):
         raise FrameError(f"record seq {seq}: {nrefs} refs and {data_len} data bytes do not fill {len(body)} bytes")
     if nrefs:
@@ -676,7 +676,7 @@ def decode_records(b: bytes | memoryview) -> list[Record]:
     if len(mv) < _RECORDS_COUNT.size:
         raise FrameError("records: truncated count")
     (n,) = _RECORDS_COUNT.unpack_from(mv, 0)
-    if n > (len(mv) - _RECORDS_COUNT.size) // _RECORD.size:
+    if n > (len(mv) - _RECORDS_COUNT.size) // RECORD_HEAD.size:
         raise FrameError(f"records: count {n} cannot fit in {len(mv)} bytes")
     pos = _RECORDS_COUNT.size
     out = []
