@@ -319,6 +319,13 @@ def _batch_head(b: Batch) -> bytes:
     ) + _str(b.cg, "cg")
 
 
+def _handshake_head_bytes(what: str, id_field: str, sender: str, version: int, n: int) -> bytes:
+    """Sender id, version and CG count: how HELLO and HELLO_ACK both begin."""
+    if n > MAX_CGS:
+        raise ValueError(f"{what} names {n} CGs; at most {MAX_CGS}")
+    return _str(sender, id_field) + _U16.pack(_u(version, 16, "version")) + _U16.pack(n)
+
+
 def _encode_body(frame: Frame) -> tuple[int, bytes]:
     if isinstance(frame, Batch):
         return FrameType.BATCH, _batch_head(frame) + bytes(frame.body)
@@ -332,16 +339,12 @@ def _encode_body(frame: Frame) -> tuple[int, bytes]:
     if isinstance(frame, Heartbeat):
         return FrameType.HEARTBEAT, _HEARTBEAT.pack(_s64(frame.time_ns, "time_ns"))
     if isinstance(frame, Hello):
-        if len(frame.cgs) > MAX_CGS:
-            raise ValueError(f"hello names {len(frame.cgs)} CGs; at most {MAX_CGS}")
-        parts = [_str(frame.card_id, "card_id"), _U16.pack(_u(frame.version, 16, "version")), _U16.pack(len(frame.cgs))]
+        parts = [_handshake_head_bytes("hello", "card_id", frame.card_id, frame.version, len(frame.cgs))]
         parts += [_str(cg, "cg") for cg in frame.cgs]
         return FrameType.HELLO, b"".join(parts)
     if isinstance(frame, HelloAck):
-        if len(frame.resume) > MAX_CGS:
-            raise ValueError(f"hello-ack names {len(frame.resume)} CGs; at most {MAX_CGS}")
-        parts = [_str(frame.appliance_id, "appliance_id"), _U16.pack(_u(frame.version, 16, "version")),
-                 _U16.pack(len(frame.resume))]
+        parts = [_handshake_head_bytes("hello-ack", "appliance_id", frame.appliance_id, frame.version,
+                                       len(frame.resume))]
         for cg, seq in frame.resume.items():
             parts += [_str(cg, "cg"), _U64.pack(_u(seq, 64, f"resume[{cg}]"))]
         return FrameType.HELLO_ACK, b"".join(parts)
@@ -399,6 +402,16 @@ class _Reader:
             raise FrameError(f"{self.what}: {len(self.buf) - self.pos} trailing bytes in body")
 
 
+def _handshake_head(r: _Reader, id_field: str) -> tuple[str, int, int]:
+    """(sender id, version, CG count): how HELLO and HELLO_ACK both begin."""
+    sender = r.string(id_field)
+    (version,) = r.unpack(_U16)
+    (n,) = r.unpack(_U16)
+    if n > MAX_CGS:
+        raise FrameError(f"{r.what}: {n} CGs, at most {MAX_CGS}")
+    return sender, version, n
+
+
 def _decode_body(ftype: int, body: memoryview) -> Frame:
     if ftype == FrameType.BATCH:
         r = _Reader(body, "batch")
@@ -426,11 +439,7 @@ def _decode_body(ftype: int, body: memoryview) -> Frame:
         return Heartbeat(t)
     if ftype == FrameType.HELLO:
         r = _Reader(body, "hello")
-        card_id = r.string("card_id")
-        (version,) = r.unpack(_U16)
-        (n,) = r.unpack(_U16)
-        if n > MAX_CGS:
-            raise FrameError(f"hello: {n} CGs, at most {MAX_CGS}")
+        card_id, version, n = _handshake_head(r, "card_id")
         cgs = tuple(r.string("cg") for _ in range(n))
         r.end()
         if len(set(cgs)) != len(cgs):
@@ -438,11 +447,7 @@ def _decode_body(ftype: int, body: memoryview) -> Frame:
         return Hello(card_id, version, cgs)
     if ftype == FrameType.HELLO_ACK:
         r = _Reader(body, "hello-ack")
-        appliance_id = r.string("appliance_id")
-        (version,) = r.unpack(_U16)
-        (n,) = r.unpack(_U16)
-        if n > MAX_CGS:
-            raise FrameError(f"hello-ack: {n} CGs, at most {MAX_CGS}")
+        appliance_id, version, n = _handshake_head(r, "appliance_id")
         resume: dict[str, int] = {}
         for _ in range(n):
             cg = r.string("cg")
