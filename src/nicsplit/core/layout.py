@@ -182,3 +182,15 @@ class Layout:
 
     def failover_dir(self, cg: str) -> Path:
         return self.failovers / cg
+
+
+class InDataDir:
+    """Base of the configurations rooted at a data directory (``data``):
+    every path under it comes from `layout`."""
+
+    __slots__ = ()
+    data: Path
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.data)
