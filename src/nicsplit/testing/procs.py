@@ -153,6 +153,13 @@ class ReadyProcess:
     def on_ready(self, msg: dict) -> None:
         """Hook: pick what the ready line says (addresses, ports)."""
 
+    def listening_cmd(self, *command: str) -> list[str]:
+        """``nicsplit --data DATA *command *args``, on a free local port
+        unless the args name --listen."""
+        if not any(a.startswith("--listen") for a in self.args):
+            self.args += ["--listen", "127.0.0.1:0"]
+        return nicsplit_cmd("--data", str(self.data), *command, *self.args)
+
     @staticmethod
     def _read(proc: subprocess.Popen, lines: queue.Queue) -> None:
         assert proc.stdout
@@ -210,9 +217,7 @@ class HostProcess(ReadyProcess):
     what = "host"
 
     def argv(self) -> list[str]:
-        if not any(a.startswith("--listen") for a in self.args):
-            self.args += ["--listen", "127.0.0.1:0"]
-        return nicsplit_cmd("--data", str(self.data), "host", "serve", *self.args)
+        return self.listening_cmd("host", "serve")
 
     def on_ready(self, msg: dict) -> None:
         self.addresses = msg["addresses"]
