@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
+from nicsplit.core import ctl
+
 LIBNBD_PATH = "/usr/lib/python3/dist-packages"
 T = TypeVar("T")
 
@@ -141,11 +143,8 @@ class ReadyProcess:
                 raise TimeoutError(f"{self.what} did not become ready in {timeout}s; log:\n{self.log()}") from None
             if line is None:
                 raise RuntimeError(f"{self.what} exited ({self.proc.wait()}) before ready; log:\n{self.log()}")
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(msg, dict) and msg.get("event") == "ready":
+            msg = ctl.ready_message(line)
+            if msg is not None:
                 self.ready = msg
                 self.on_ready(msg)
                 return self
