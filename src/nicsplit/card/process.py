@@ -94,10 +94,6 @@ class CardConfig(InDataDir):
     pipeline: PipelineConfig = PipelineConfig()
 
     @property
-    def run_dir(self) -> Path:
-        return self.layout.run
-
-    @property
     def pki_dir(self) -> Path:
         return self.layout.pki
 

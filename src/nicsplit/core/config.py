@@ -168,10 +168,6 @@ class Config(InDataDir):
     def datastore_dir(self) -> Path:
         return self.layout.datastore
 
-    @property
-    def run_dir(self) -> Path:
-        return self.layout.run
-
     def host(self, key: str, default: Any) -> Any:
         return self.raw.get("host", {}).get(key, default)
 

@@ -186,7 +186,8 @@ class Layout:
 
 class InDataDir:
     """Base of the configurations rooted at a data directory (``data``):
-    every path under it comes from `layout`."""
+    every path under it comes from `layout`; ``run_dir`` (sockets, pid
+    files, logs) is the one every process needs."""
 
     __slots__ = ()
     data: Path
@@ -194,3 +195,7 @@ class InDataDir:
     @property
     def layout(self) -> Layout:
         return Layout(self.data)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.layout.run
