@@ -88,7 +88,7 @@ from nicsplit.recovery.imagehost import ApplianceImages, ImageRequestError
 from nicsplit.recovery.retention import Policy
 from nicsplit.recovery.trimmer import Trimmer
 from nicsplit.core import ctl, pki
-from nicsplit.core.layout import Layout
+from nicsplit.core.layout import InDataDir, Layout
 from nicsplit.wire import frames as F
 
 log = logging.getLogger("nicsplit.appliance")
@@ -98,7 +98,7 @@ _EOF = object()
 
 
 @dataclass
-class ServerConfig:
+class ServerConfig(InDataDir):
     data: Path  # the data directory; journals in data/appliance/journal/<cg>
     listen: tuple[str, int] = ("127.0.0.1", 10810)
     pki_dir: Path | None = None  # default data/pki
@@ -120,10 +120,6 @@ class ServerConfig:
     @property
     def catalog_dir(self) -> Path:
         return self.datastore_dir or self.layout.datastore
-
-    @property
-    def layout(self) -> Layout:
-        return Layout(self.data)
 
     @property
     def journal_root(self) -> Path:

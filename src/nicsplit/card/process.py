@@ -61,7 +61,7 @@ from nicsplit.card.transports.base import open_endpoint
 from nicsplit.core import ctl
 from nicsplit.core.catalog import CatalogReader
 from nicsplit.core.config import ConfigError, parse_size
-from nicsplit.core.layout import Layout
+from nicsplit.core.layout import InDataDir
 from nicsplit.core.pki import client_context, load_batch_key
 from nicsplit.core.records import AugmentedWrite
 from nicsplit.wire.ring import full_fence
@@ -72,7 +72,7 @@ _SIZE_KEYS = {"hold_max_bytes", "merge_max_bytes", "batch_bytes", "ship_window_b
 
 
 @dataclass(frozen=True)
-class CardConfig:
+class CardConfig(InDataDir):
     data: Path  # the data directory (DATA/run, DATA/pki, DATA/datastore)
     appliance: str = "127.0.0.1:10810"  # HOST:PORT of the appliance
     server_hostname: str = ""  # TLS name to check; default: the appliance host
@@ -92,14 +92,6 @@ class CardConfig:
     drain_timeout_s: float = 10.0
     priority: str = "realtime"  # realtime | high | normal: see set_priority
     pipeline: PipelineConfig = PipelineConfig()
-
-    @property
-    def layout(self) -> Layout:
-        return Layout(self.data)
-
-    @property
-    def run_dir(self) -> Path:
-        return self.layout.run
 
     @property
     def pki_dir(self) -> Path:

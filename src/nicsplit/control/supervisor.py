@@ -16,7 +16,6 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from nicsplit.core import ctl
 from nicsplit.core.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -85,11 +85,8 @@ class Supervisor:
             line = await c.proc.stdout.readline()
             if not line:
                 raise EOFError(f"{c.name} exited with {await c.proc.wait()}")
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(msg, dict) and msg.get("event") == "ready":
+            msg = ctl.ready_message(line)
+            if msg is not None:
                 # Keep draining stdout so the child never blocks on a full pipe.
                 asyncio.get_running_loop().create_task(self._drain(c))
                 return msg

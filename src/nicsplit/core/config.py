@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nicsplit.core.layout import CONFIG_NAME, Layout
+from nicsplit.core.layout import CONFIG_NAME, InDataDir, Layout
 
 ENV_DATA = "NICSPLIT_DATA"
 DEFAULT_DATA = "./nicsplit-data"
@@ -160,21 +160,13 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 @dataclass
-class Config:
+class Config(InDataDir):
     data: Path
     raw: dict = field(default_factory=dict)
 
     @property
-    def layout(self) -> Layout:
-        return Layout(self.data)
-
-    @property
     def datastore_dir(self) -> Path:
         return self.layout.datastore
-
-    @property
-    def run_dir(self) -> Path:
-        return self.layout.run
 
     def host(self, key: str, default: Any) -> Any:
         return self.raw.get("host", {}).get(key, default)

@@ -43,6 +43,17 @@ log = logging.getLogger(__name__)
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
+def ready_message(line: str | bytes) -> dict[str, Any] | None:
+    """The ``{"event": "ready", ...}`` object a child process prints on
+    stdout once it serves (the supervisor and the test harness wait for it);
+    None for any other line."""
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        return None
+    return msg if isinstance(msg, dict) and msg.get("event") == "ready" else None
+
+
 def decode_request(line: bytes) -> dict[str, Any]:
     """One request line → its object; ``{}`` for anything that is not a JSON object."""
     try:

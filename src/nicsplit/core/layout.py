@@ -29,11 +29,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CONFIG_NAME = "nicsplit.toml"
 KEYRING_NAME = "at-rest.key"
 CATALOG_NAME = "catalog.json"
 CATALOG_LOCK_NAME = "catalog.lock"
+
+
+class _Under:
+    """A fixed path of the tree: ``name`` under the path attribute ``parent``
+    (a `Layout` class attribute, read like a property)."""
+
+    def __init__(self, parent: str, name: str, doc: str | None = None) -> None:
+        self.parent, self.name, self.__doc__ = parent, name, doc
+
+    def __get__(self, layout: Any, owner: type | None = None) -> Path:
+        if layout is None:
+            return self  # type: ignore[return-value]  # the descriptor itself, on the class
+        return getattr(layout, self.parent) / self.name
+
+
+def _sock_name(process: str) -> str:
+    return f"{process}.sock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,57 +62,33 @@ class Layout:
         object.__setattr__(self, "data", Path(data))
 
     # --- top level
-    @property
-    def config(self) -> Path:
-        return self.data / CONFIG_NAME
-
-    @property
-    def cgs(self) -> Path:
-        return self.data / "cgs.json"
-
-    @property
-    def cgs_lock(self) -> Path:
-        return self.data / "cgs.lock"
-
-    @property
-    def pki(self) -> Path:
-        return self.data / "pki"
-
-    @property
-    def datastore(self) -> Path:
-        return self.data / "datastore"
-
-    @property
-    def catalog(self) -> Path:
-        return self.datastore / CATALOG_NAME
-
-    @property
-    def catalog_lock(self) -> Path:
-        return self.datastore / CATALOG_LOCK_NAME
+    config = _Under("data", CONFIG_NAME)
+    cgs = _Under("data", "cgs.json")
+    cgs_lock = _Under("data", "cgs.lock")
+    pki = _Under("data", "pki")
+    datastore = _Under("data", "datastore")
+    catalog = _Under("datastore", CATALOG_NAME)
+    catalog_lock = _Under("datastore", CATALOG_LOCK_NAME)
 
     # --- host state
-    @property
-    def host(self) -> Path:
-        return self.data / "host"
+    host = _Under("data", "host")
+    marking = _Under("host", "marking")
 
     def cg_seq(self, cg: str) -> Path:
         return self.host / "cg-seq" / f"{cg}.json"
-
-    @property
-    def marking(self) -> Path:
-        return self.host / "marking"
 
     def marking_bitmap(self, vdisk_uuid: str) -> Path:
         return self.marking / f"{vdisk_uuid}.bitmap"
 
     # --- running processes
-    @property
-    def run(self) -> Path:
-        return self.data / "run"
+    run = _Under("data", "run")
+    card_lost_log = _Under("run", "card-lost.jsonl",
+                           "Writes the card acknowledged but could not ship (nicsplit.card.lostlog).")
+    images_run = _Under("run", "images")
 
     def sock(self, name: str) -> Path:
         """Control socket of a process: host, card-ctl, appliance."""
-        return self.run / f"{name}.sock"
+        return self.run / _sock_name(name)
 
     def pid(self, name: str) -> Path:
         """Pid file of a process: up, host, card, appliance."""
@@ -104,51 +98,22 @@ class Layout:
         """Log (stderr) of a process `nicsplit up` supervises: host, card, appliance."""
         return self.run / f"{name}.log"
 
-    @property
-    def host_sock(self) -> Path:
-        return self.sock("host")
-
-    @property
-    def card_sock(self) -> Path:
-        """The splitter's transport endpoint (the ring's rendezvous)."""
-        return self.sock("card")
-
-    @property
-    def card_ctl_sock(self) -> Path:
-        return self.sock("card-ctl")
-
-    @property
-    def appliance_sock(self) -> Path:
-        return self.sock("appliance")
-
-    @property
-    def card_lost_log(self) -> Path:
-        """Writes the card acknowledged but could not ship (nicsplit.card.lostlog)."""
-        return self.run / "card-lost.jsonl"
-
-    @property
-    def images_run(self) -> Path:
-        return self.run / "images"
-
     def image_log(self, image_id: str) -> Path:
         return self.run / f"image-{image_id}.log"
 
+    host_sock = _Under("run", _sock_name("host"))
+    card_sock = _Under("run", _sock_name("card"), "The splitter's transport endpoint (the ring's rendezvous).")
+    card_ctl_sock = _Under("run", _sock_name("card-ctl"))
+    appliance_sock = _Under("run", _sock_name("appliance"))
+
     # --- appliance
-    @property
-    def appliance(self) -> Path:
-        return self.data / "appliance"
-
-    @property
-    def appliance_id(self) -> Path:
-        return self.appliance / "id"
-
-    @property
-    def keyring(self) -> Path:
-        return self.appliance / KEYRING_NAME
-
-    @property
-    def journals(self) -> Path:
-        return self.appliance / "journal"
+    appliance = _Under("data", "appliance")
+    appliance_id = _Under("appliance", "id")
+    keyring = _Under("appliance", KEYRING_NAME)
+    journals = _Under("appliance", "journal")
+    replicas = _Under("appliance", "replicas")
+    bases = _Under("appliance", "base")
+    failovers = _Under("appliance", "failover")
 
     def journal(self, cg: str) -> Path:
         return self.journals / cg
@@ -156,29 +121,34 @@ class Layout:
     def bookmarks(self, cg: str) -> Path:
         return self.appliance / "bookmarks" / f"{cg}.json"
 
-    @property
-    def replicas(self) -> Path:
-        return self.appliance / "replicas"
-
     def replica(self, cg: str) -> Path:
         return self.replicas / cg
 
     def replica_lock(self, cg: str) -> Path:
         return self.replicas / f"{cg}.lock"
 
-    @property
-    def bases(self) -> Path:
-        return self.appliance / "base"
-
     def base(self, cg: str) -> Path:
         return self.bases / cg
-
-    @property
-    def failovers(self) -> Path:
-        return self.appliance / "failover"
 
     def failover_state(self, cg: str) -> Path:
         return self.failovers / f"{cg}.json"
 
     def failover_dir(self, cg: str) -> Path:
         return self.failovers / cg
+
+
+class InDataDir:
+    """Base of the configurations rooted at a data directory (``data``):
+    every path under it comes from `layout`; ``run_dir`` (sockets, pid
+    files, logs) is the one every process needs."""
+
+    __slots__ = ()
+    data: Path
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.data)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.layout.run

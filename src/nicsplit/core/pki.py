@@ -44,9 +44,10 @@ class PkiError(Exception):
     """The PKI directory is incomplete or unreadable (one clear line)."""
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``data`` durably; never overwrite one that exists."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         os.write(fd, data)
         os.fsync(fd)
@@ -58,18 +59,12 @@ def _write_private(path: Path, data: bytes) -> None:
         os.unlink(tmp)
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    _write_new(path, data, 0o600)
+
+
 def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
+    _write_new(path, data, 0o644)
 
 
 def init_pki(dir: Path, *, appliance_names: tuple[str, ...] = ()) -> list[str]:

@@ -58,6 +58,16 @@ def _oserror(e: OSError, what: str) -> IOFailure:
     return IOFailure(e.errno or errno.EIO, f"datastore {what}: {e.strerror or e}")
 
 
+def _on_store(what: str, call: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """``call(*args, **kw)`` on the store; an OSError becomes the IOFailure
+    that names ``what`` (a plain function, not a coroutine: the IO path
+    gains no await)."""
+    try:
+        return call(*args, **kw)
+    except OSError as e:
+        raise _oserror(e, what) from e
+
+
 class DatastorePlugin:
     """Chain bottom for one vdisk over a `VdiskStore`."""
 
@@ -66,34 +76,22 @@ class DatastorePlugin:
         self._gs = group_sync
 
     async def pread(self, offset: int, length: int, flags: int) -> bytes:
-        try:
-            return self.store.pread(offset, length)
-        except OSError as e:
-            raise _oserror(e, "read") from e
+        return _on_store("read", self.store.pread, offset, length)
 
     async def pwrite(self, offset: int, data: bytes, flags: int) -> None:
-        try:
-            self.store.pwrite(offset, data)
-        except OSError as e:
-            raise _oserror(e, "write") from e
+        _on_store("write", self.store.pwrite, offset, data)
         if flags & FUA:
             await self._gs.sync()
 
     async def zero(self, offset: int, length: int, flags: int) -> None:
         # Zeroing is metadata-only here (unmap or fallocate ZERO_RANGE), so
         # FAST_ZERO is always honoured.
-        try:
-            self.store.zero(offset, length, no_hole=bool(flags & NO_HOLE))
-        except OSError as e:
-            raise _oserror(e, "zero") from e
+        _on_store("zero", self.store.zero, offset, length, no_hole=bool(flags & NO_HOLE))
         if flags & FUA:
             await self._gs.sync()
 
     async def trim(self, offset: int, length: int, flags: int) -> None:
-        try:
-            self.store.trim(offset, length)
-        except OSError as e:
-            raise _oserror(e, "trim") from e
+        _on_store("trim", self.store.trim, offset, length)
         if flags & FUA:
             await self._gs.sync()
 

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nicsplit.core.records import Op
 from nicsplit.storage import atrest
 from nicsplit.wire.frames import (
-    BLOCK_SIZE, RECORD_HEAD_SIZE, REF_SIZE, FrameError, Record, block_spans, decode_record, decode_record_split,
+    BLOCK_SIZE, RECORD_HEAD, RECORD_HEAD_SIZE, REF_SIZE, FrameError, Record, block_spans, decode_record, decode_record_split,
 )
 
 __all__ = [
@@ -151,23 +151,10 @@ assert COMMIT.size == 44
 # after a damaged entry to resynchronise (`nicsplit.journal.scan.find_commit`).
 COMMIT_PREFIX = ENTRY.pack(COMMIT.size, TAG_COMMIT, b"", 0)[:8]
 
-# The wire record head (docs/wire.md §3), in clear in sealed segments too, so
-# the keyless scanner reads seq, vdisk, op, flags, offset, length and time.
-# nicsplit.wire.frames owns this layout; the size assert ties the two.
-RECORD_HEAD = struct.Struct(
-    ">"
-    "Q"  # seq
-    "Q"  # io_id
-    "Q"  # vdisk_id
-    "B"  # op: Op
-    "B"  # flags: WFlag | RFLAG_IN_WINDOW
-    "Q"  # offset: virtual byte offset
-    "Q"  # length
-    "q"  # time_ns
-    "I"  # nrefs
-    "I"  # data_len
-)  # refs and data follow
-assert RECORD_HEAD.size == RECORD_HEAD_SIZE == 58
+# RECORD_HEAD (nicsplit.wire.frames, docs/wire.md §3) is in clear in sealed
+# segments too, so the keyless scanner reads seq, vdisk, op, flags, offset,
+# length and time from it; it is re-exported here with the journal's layouts.
+
 OPS = frozenset(int(o) for o in Op)
 
 # A sealed RECORD payload: the wire record head (clear) ‖ 12-byte nonce ‖

@@ -139,8 +139,7 @@ class BlockIndex:
     def extent(self) -> tuple[int, int]:
         """(records indexed, seq of the newest PIT), read together: a PIT's
         records are indexed under the same lock that publishes it."""
-        with self.pits._lock:
-            return len(self.rec_seq), (self.pits._seq[-1] if len(self.pits) else 0)
+        return self.pits.newest_seq_with(lambda: len(self.rec_seq))
 
     def ordinal_upto(self, seq: int) -> int:
         """The ordinal of the newest record with seq <= ``seq`` (-1 if none)."""

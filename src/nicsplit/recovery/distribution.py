@@ -82,8 +82,8 @@ from nicsplit.recovery.base import read_state as read_base_state
 from nicsplit.recovery.blockindex import shared_index
 from nicsplit.recovery.replica import Distributor
 from nicsplit.core.fsutil import atomic_write
-from nicsplit.core.layout import CATALOG_NAME, Layout
-from nicsplit.host.datastore import Datastore
+from nicsplit.core.catalog import CatalogReader
+from nicsplit.core.layout import Layout
 
 log = logging.getLogger("nicsplit.recovery.distribution")
 
@@ -183,19 +183,17 @@ class CatalogMembers:
         self.datastore_dir = Path(datastore_dir)
         self.cg = cg
         self.record = Path(replica) / "vdisks.json"
-        self._ds: Any = None
+        self._catalog = CatalogReader(self.datastore_dir)
         self._last: tuple[_Vd, ...] | None = None
 
     def __call__(self) -> tuple[_Vd, ...] | None:
         """The members now (None: no datastore catalog on this machine);
         re-read only when the catalog file changed."""
-        if self._ds is None:
-            if not (self.datastore_dir / CATALOG_NAME).exists():
-                return None
-            self._ds = Datastore.open(self.datastore_dir)
-        elif not self._ds.reload_catalog() and self._last is not None:
+        if self._last is None and not self._catalog.exists():
+            return None
+        if not self._catalog.refresh() and self._last is not None:
             return self._last
-        now = {v.id: _Vd(v.id, v.name, v.size) for v in self._ds.list_vdisks() if v.extra.get("cg") == self.cg}
+        now = {v.id: _Vd(v.id, v.name, v.size) for v in self._catalog.cg_members(self.cg)}
         try:
             old = json.loads(self.record.read_text())["vdisks"]
         except (FileNotFoundError, ValueError, KeyError, TypeError):

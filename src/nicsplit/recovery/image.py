@@ -76,6 +76,8 @@ from nicsplit.recovery.reader import PitReader, VdiskLike
 from nicsplit.storage.image import open_image
 from nicsplit.storage.sealing import SealedError
 from nicsplit.host.chain import Chain, ChainError, Filter, VdiskView, build_chain
+from nicsplit.host.plugin import GroupSync
+from nicsplit.host.server import NBDSession, close_exports
 from nicsplit.host.io import EXTENT_DATA, EXTENT_HOLE_ZERO, EXTENT_ZERO, FUA, REQ_ONE, IOFailure
 from nicsplit.wire import nbd
 from nicsplit.core.records import BLOCK_SIZE
@@ -345,8 +347,6 @@ class _Exports:
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        from nicsplit.host.server import NBDSession
-
         loop = asyncio.get_running_loop()
         srv = await loop.create_server(lambda: NBDSession(self), host, port, reuse_address=True)
         self._servers.append(srv)
@@ -363,8 +363,6 @@ class _Exports:
         return {name: f"nbd://{h}:{port}/{name}" for name in self.vdisks}
 
     async def stop(self) -> None:
-        from nicsplit.host.server import close_exports
-
         await close_exports(self._servers, self.sessions, self._chains.values())
         self._chains.clear()
         self._close_sync()
@@ -458,8 +456,6 @@ class ReplicaPlugin:
     (shared likewise)."""
 
     def __init__(self, image: str | Path, vdisk: VdiskLike, dirty: DirtyMap, keyring: Any = None) -> None:
-        from nicsplit.host.plugin import GroupSync
-
         self.name = vdisk.name
         self.size = vdisk.size
         self.path = Path(image)

@@ -48,7 +48,7 @@ import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from nicsplit.core.records import RFLAG_IN_WINDOW
 from nicsplit.journal.scan import Commit, Damage, JournalScanner, RecordHead
@@ -56,6 +56,8 @@ from nicsplit.journal.scan import Commit, Damage, JournalScanner, RecordHead
 __all__ = [
     "Pit", "PitError", "NoSuchPit", "UnusablePit", "PitIndex", "known_damage", "list_pits", "fmt_time",
 ]
+
+T = TypeVar("T")
 
 
 class PitError(Exception):
@@ -165,6 +167,13 @@ class PitIndex:
 
     def __len__(self) -> int:
         return len(self._seq)
+
+    def newest_seq_with(self, read: Callable[[], T]) -> tuple[T, int]:
+        """(``read()``, seq of the newest PIT, 0 if none), taken together under
+        the lock `refresh` holds while it calls ``on_batch`` and publishes a
+        PIT: what ``on_batch`` built and the PITs it built for agree."""
+        with self._lock:
+            return read(), (self._seq[-1] if self._seq else 0)
 
     def _pit(self, i: int) -> Pit:
         return Pit(self._seq[i], self._time[i], self._batch[i], bool(self._consistent[i]),

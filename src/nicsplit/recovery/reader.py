@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator, Protocol
 
 from nicsplit.core.fsutil import pwrite_all
 from nicsplit.core.records import BLOCK_SIZE, Op
-from nicsplit.journal.format import JournalCorrupt
+from nicsplit.journal.format import ENTRY, SEALED_OVERHEAD, JournalCorrupt
 from nicsplit.journal.reader import SegmentReader
 from nicsplit.journal.writer import Journal
 from nicsplit.recovery.base import BaseImages, base_of_journal, read_state
@@ -47,7 +47,7 @@ from nicsplit.wire.frames import RECORD_HEAD_SIZE, REF_SIZE, Record, expand
 
 __all__ = ["PitReader", "Extent", "VdiskLike", "RecordSource"]
 
-_MAX_ENTRY_OVERHEAD = 12 + RECORD_HEAD_SIZE + 12 + 16  # entry head, record head, sealed nonce and tag
+_MAX_ENTRY_OVERHEAD = ENTRY.size + RECORD_HEAD_SIZE + SEALED_OVERHEAD  # entry head, record head, sealed nonce and tag
 
 # 64 MiB of decoded payloads per reader: four of the largest (16 MiB) batches'
 # records, or 16,384 4 KiB records — enough that a sequential read never

@@ -47,7 +47,7 @@ import zlib
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from nicsplit.core.fsutil import fsync_dir, punch_hole
 from nicsplit.core.records import BLOCK_SIZE, Op
@@ -292,18 +292,28 @@ class Distributor:
 
     def _lay_back(self, offsets: list[int]) -> None:
         """Apply the undo entries at ``offsets`` newest first, fsync images."""
+        def entries() -> Iterator[tuple[int, int, int, bytes | None]]:
+            for pos in reversed(offsets):
+                _, vid, off, length, data = self._read_undo(pos)
+                if vid not in self._imgs:
+                    raise ReplicaError(f"{self._undo_path}: undo entry for vdisk id {vid}, which this replica lacks")
+                yield vid, off, length, data
+
+        self._write_images(entries(), "undo-entry-applied")
+
+    def _write_images(self, changes: Iterable[tuple[int, int, int, bytes | None]], point: str) -> None:
+        """Write each (vdisk id, offset, length, data; None: zeros) to its
+        image in order, passing fault point ``point`` after each; then fsync
+        the images written."""
         touched: dict[int, Image] = {}
-        for pos in reversed(offsets):
-            seq, vid, off, length, data = self._read_undo(pos)
-            img = self._imgs.get(vid)
-            if img is None:
-                raise ReplicaError(f"{self._undo_path}: undo entry for vdisk id {vid}, which this replica lacks")
+        for vid, off, length, data in changes:
+            img = self._imgs[vid]
             if data is None:
                 img.zero(off, length)
             else:
                 img.pwrite(data, off)
             touched[vid] = img
-            self._fp("undo-entry-applied")
+            self._fp(point)
         for img in touched.values():
             img.fsync()
 
@@ -471,17 +481,7 @@ class Distributor:
             self._fp("undo-written")
             os.fsync(self._undo)
             self._fp("undo-synced")
-            touched: dict[int, Image] = {}
-            for seq, vid, off, payload, length in todo:
-                img = self._imgs[vid]
-                if payload is None:
-                    img.zero(off, length)
-                else:
-                    img.pwrite(payload, off)
-                touched[vid] = img
-                self._fp("image-written")
-            for img in touched.values():
-                img.fsync()
+            self._write_images(((vid, off, length, payload) for _, vid, off, payload, length in todo), "image-written")
             self._fp("images-synced")
         # Through the end of the index, the replica is at the newest PIT, even
         # when that batch ended with barriers (which the index does not hold).

@@ -20,7 +20,7 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nicsplit.testing.procs import ReadyProcess, nicsplit_cmd
+from nicsplit.testing.procs import ReadyProcess
 from nicsplit.wire import frames as F
 
 # -- D5: power-cut filesystem ----------------------------------------------------
@@ -167,9 +167,7 @@ class ApplianceProcess(ReadyProcess):
     what = "appliance"
 
     def argv(self) -> list[str]:
-        if not any(a.startswith("--listen") for a in self.args):
-            self.args += ["--listen", "127.0.0.1:0"]
-        return nicsplit_cmd("--data", str(self.data), "appliance", "run", *self.args)
+        return self.listening_cmd("appliance", "run")
 
     def on_ready(self, msg: dict) -> None:
         self.address = msg["address"]

@@ -7,10 +7,10 @@ resynchronises at)."""
 from __future__ import annotations
 
 import random
-import struct
 from pathlib import Path
 
 from nicsplit.core.records import Op
+from nicsplit.journal.format import ENTRY
 from nicsplit.journal.scan import Commit, JournalScanner, RecordHead
 from nicsplit.recovery.pits import Pit
 from nicsplit.storage import atrest
@@ -50,12 +50,12 @@ def corrupt(jd: Path, mode: str, rng: random.Random) -> tuple[int, int, Commit |
             if not hs:
                 continue
             h = rng.choice(hs)
-            esize = struct.unpack_from(">I", raw, h.pos)[0]
+            esize = ENTRY.unpack_from(raw, h.pos)[0]
             where = h.pos
             if mode == "record-data":
-                at = h.pos + 12 + RECORD_HEAD_SIZE + rng.randrange(esize - RECORD_HEAD_SIZE)
+                at = h.pos + ENTRY.size + RECORD_HEAD_SIZE + rng.randrange(esize - RECORD_HEAD_SIZE)
             elif mode == "record-head":
-                at = h.pos + 12 + rng.randrange(RECORD_HEAD_SIZE)
+                at = h.pos + ENTRY.size + rng.randrange(RECORD_HEAD_SIZE)
             else:  # entry-size: the size now runs far past the end of the segment
                 at = h.pos + 1
                 assert raw[at] & 0x80 == 0

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
+from nicsplit.core import ctl
+
 LIBNBD_PATH = "/usr/lib/python3/dist-packages"
 T = TypeVar("T")
 
@@ -141,17 +143,21 @@ class ReadyProcess:
                 raise TimeoutError(f"{self.what} did not become ready in {timeout}s; log:\n{self.log()}") from None
             if line is None:
                 raise RuntimeError(f"{self.what} exited ({self.proc.wait()}) before ready; log:\n{self.log()}")
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(msg, dict) and msg.get("event") == "ready":
+            msg = ctl.ready_message(line)
+            if msg is not None:
                 self.ready = msg
                 self.on_ready(msg)
                 return self
 
     def on_ready(self, msg: dict) -> None:
         """Hook: pick what the ready line says (addresses, ports)."""
+
+    def listening_cmd(self, *command: str) -> list[str]:
+        """``nicsplit --data DATA *command *args``, on a free local port
+        unless the args name --listen."""
+        if not any(a.startswith("--listen") for a in self.args):
+            self.args += ["--listen", "127.0.0.1:0"]
+        return nicsplit_cmd("--data", str(self.data), *command, *self.args)
 
     @staticmethod
     def _read(proc: subprocess.Popen, lines: queue.Queue) -> None:
@@ -210,9 +216,7 @@ class HostProcess(ReadyProcess):
     what = "host"
 
     def argv(self) -> list[str]:
-        if not any(a.startswith("--listen") for a in self.args):
-            self.args += ["--listen", "127.0.0.1:0"]
-        return nicsplit_cmd("--data", str(self.data), "host", "serve", *self.args)
+        return self.listening_cmd("host", "serve")
 
     def on_ready(self, msg: dict) -> None:
         self.addresses = msg["addresses"]

@@ -60,7 +60,7 @@ __all__ = [
     "Hello", "HelloAck", "Batch", "Ack", "Error", "Heartbeat", "Frame", "FrameType",
     "ErrorCode", "FrameError", "FrameDecoder", "NEED_DATA", "DecoderStatistics",
     "encode", "batch_aad", "Record", "encode_records", "decode_records", "encode_record",
-    "decode_record", "decode_record_split", "RECORD_HEAD_SIZE", "REF_SIZE", "fingerprint", "expand", "block_spans", "seal", "unseal",
+    "decode_record", "decode_record_split", "RECORD_HEAD", "RECORD_HEAD_SIZE", "REF_SIZE", "fingerprint", "expand", "block_spans", "seal", "unseal",
     "COMPRESS_NONE", "COMPRESS_ZSTD", "CIPHER_NONE", "CIPHER_AES256GCM",
 ]
 
@@ -150,20 +150,20 @@ assert _HEARTBEAT.size == 8
 
 # -- records ------------------------------------------------------------------
 
-_RECORD = struct.Struct(
+RECORD_HEAD = struct.Struct(
     ">"
     "Q"  # seq: CG sequence number (>= 1)
     "Q"  # io_id: host IO id, for logs (the request id of STYLE rule 6)
     "Q"  # vdisk_id: datastore vdisk id
     "B"  # op: nicsplit.core.records.Op (1 write, 2 zero, 3 trim, 4 barrier)
-    "B"  # flags: nicsplit.core.records.WFlag (1 = FUA)
+    "B"  # flags: nicsplit.core.records.WFlag (1 = FUA); the journal adds RFLAG_IN_WINDOW
     "Q"  # offset: virtual byte offset in the vdisk
     "Q"  # length: bytes covered by the op
     "q"  # time_ns: when the write entered the splitter (ns since the epoch)
     "I"  # nrefs: (block index, fingerprint) pairs that follow
     "I"  # data_len: bytes of data after the refs
 )  # followed by: nrefs x _REF, data_len bytes of data
-assert _RECORD.size == 58
+assert RECORD_HEAD.size == 58
 
 _REF = struct.Struct(
     ">"
@@ -172,7 +172,7 @@ _REF = struct.Struct(
 )
 assert _REF.size == 20
 
-RECORD_HEAD_SIZE = _RECORD.size  # a record's data starts at RECORD_HEAD_SIZE + nrefs * REF_SIZE
+RECORD_HEAD_SIZE = RECORD_HEAD.size  # a record's data starts at RECORD_HEAD_SIZE + nrefs * REF_SIZE
 REF_SIZE = _REF.size
 
 _RECORDS_COUNT = struct.Struct(">I")  # number of records in the plaintext
@@ -319,6 +319,13 @@ def _batch_head(b: Batch) -> bytes:
     ) + _str(b.cg, "cg")
 
 
+def _handshake_head_bytes(what: str, id_field: str, sender: str, version: int, n: int) -> bytes:
+    """Sender id, version and CG count: how HELLO and HELLO_ACK both begin."""
+    if n > MAX_CGS:
+        raise ValueError(f"{what} names {n} CGs; at most {MAX_CGS}")
+    return _str(sender, id_field) + _U16.pack(_u(version, 16, "version")) + _U16.pack(n)
+
+
 def _encode_body(frame: Frame) -> tuple[int, bytes]:
     if isinstance(frame, Batch):
         return FrameType.BATCH, _batch_head(frame) + bytes(frame.body)
@@ -332,16 +339,12 @@ def _encode_body(frame: Frame) -> tuple[int, bytes]:
     if isinstance(frame, Heartbeat):
         return FrameType.HEARTBEAT, _HEARTBEAT.pack(_s64(frame.time_ns, "time_ns"))
     if isinstance(frame, Hello):
-        if len(frame.cgs) > MAX_CGS:
-            raise ValueError(f"hello names {len(frame.cgs)} CGs; at most {MAX_CGS}")
-        parts = [_str(frame.card_id, "card_id"), _U16.pack(_u(frame.version, 16, "version")), _U16.pack(len(frame.cgs))]
+        parts = [_handshake_head_bytes("hello", "card_id", frame.card_id, frame.version, len(frame.cgs))]
         parts += [_str(cg, "cg") for cg in frame.cgs]
         return FrameType.HELLO, b"".join(parts)
     if isinstance(frame, HelloAck):
-        if len(frame.resume) > MAX_CGS:
-            raise ValueError(f"hello-ack names {len(frame.resume)} CGs; at most {MAX_CGS}")
-        parts = [_str(frame.appliance_id, "appliance_id"), _U16.pack(_u(frame.version, 16, "version")),
-                 _U16.pack(len(frame.resume))]
+        parts = [_handshake_head_bytes("hello-ack", "appliance_id", frame.appliance_id, frame.version,
+                                       len(frame.resume))]
         for cg, seq in frame.resume.items():
             parts += [_str(cg, "cg"), _U64.pack(_u(seq, 64, f"resume[{cg}]"))]
         return FrameType.HELLO_ACK, b"".join(parts)
@@ -399,6 +402,16 @@ class _Reader:
             raise FrameError(f"{self.what}: {len(self.buf) - self.pos} trailing bytes in body")
 
 
+def _handshake_head(r: _Reader, id_field: str) -> tuple[str, int, int]:
+    """(sender id, version, CG count): how HELLO and HELLO_ACK both begin."""
+    sender = r.string(id_field)
+    (version,) = r.unpack(_U16)
+    (n,) = r.unpack(_U16)
+    if n > MAX_CGS:
+        raise FrameError(f"{r.what}: {n} CGs, at most {MAX_CGS}")
+    return sender, version, n
+
+
 def _decode_body(ftype: int, body: memoryview) -> Frame:
     if ftype == FrameType.BATCH:
         r = _Reader(body, "batch")
@@ -426,11 +439,7 @@ def _decode_body(ftype: int, body: memoryview) -> Frame:
         return Heartbeat(t)
     if ftype == FrameType.HELLO:
         r = _Reader(body, "hello")
-        card_id = r.string("card_id")
-        (version,) = r.unpack(_U16)
-        (n,) = r.unpack(_U16)
-        if n > MAX_CGS:
-            raise FrameError(f"hello: {n} CGs, at most {MAX_CGS}")
+        card_id, version, n = _handshake_head(r, "card_id")
         cgs = tuple(r.string("cg") for _ in range(n))
         r.end()
         if len(set(cgs)) != len(cgs):
@@ -438,11 +447,7 @@ def _decode_body(ftype: int, body: memoryview) -> Frame:
         return Hello(card_id, version, cgs)
     if ftype == FrameType.HELLO_ACK:
         r = _Reader(body, "hello-ack")
-        appliance_id = r.string("appliance_id")
-        (version,) = r.unpack(_U16)
-        (n,) = r.unpack(_U16)
-        if n > MAX_CGS:
-            raise FrameError(f"hello-ack: {n} CGs, at most {MAX_CGS}")
+        appliance_id, version, n = _handshake_head(r, "appliance_id")
         resume: dict[str, int] = {}
         for _ in range(n):
             cg = r.string("cg")
@@ -617,7 +622,7 @@ def _check_record(r: Record, err: Callable[[str], Exception]) -> None:
 def encode_record(r: Record) -> bytes:
     """One record in the wire layout (also the journal RECORD entry payload)."""
     _check_record(r, ValueError)
-    head = _RECORD.pack(
+    head = RECORD_HEAD.pack(
         _u(r.seq, 64, "seq"), _u(r.io_id, 64, "io_id"), _u(r.vdisk_id, 64, "vdisk_id"), _u(r.op, 8, "op"),
         _u(r.flags, 8, "flags"), _u(r.offset, 64, "offset"), _u(r.length, 64, "length"), _s64(r.time_ns, "time_ns"),
         len(r.refs), _u(len(r.data), 32, "data length"),
@@ -628,10 +633,10 @@ def encode_record(r: Record) -> bytes:
 def decode_record(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
     """Decode one record at ``buf[pos:]``; returns it and the offset after it."""
     mv = memoryview(buf)
-    if len(mv) - pos < _RECORD.size:
+    if len(mv) - pos < RECORD_HEAD.size:
         raise FrameError(f"record at offset {pos}: truncated header")
-    seq, io_id, vdisk_id, op, flags, offset, length, time_ns, nrefs, data_len = _RECORD.unpack_from(mv, pos)
-    pos += _RECORD.size
+    seq, io_id, vdisk_id, op, flags, offset, length, time_ns, nrefs, data_len = RECORD_HEAD.unpack_from(mv, pos)
+    pos += RECORD_HEAD.size
     if nrefs * _REF.size + data_len > len(mv) - pos:
         raise FrameError(f"record seq {seq}: {nrefs} refs and {data_len} data bytes run past the end")
     refs = tuple((b, bytes(fp)) for b, fp in _REF.iter_unpack(mv[pos : pos + nrefs * _REF.size])) if nrefs else ()
@@ -647,9 +652,9 @@ def decode_record_split(head: bytes | memoryview, body: bytes) -> Record:
     """A record whose head (RECORD_HEAD_SIZE bytes) and the rest (refs, then
     data) are separate buffers — a sealed journal entry decrypts to the rest.
     A record without refs keeps ``body`` itself as its data: no copy."""
-    if len(head) != _RECORD.size:
-        raise FrameError(f"record head of {len(head)} bytes, not {_RECORD.size}")
-    seq, io_id, vdisk_id, op, flags, offset, length, time_ns, nrefs, data_len = _RECORD.unpack(head)
+    if len(head) != RECORD_HEAD.size:
+        raise FrameError(f"record head of {len(head)} bytes, not {RECORD_HEAD.size}")
+    seq, io_id, vdisk_id, op, flags, offset, length, time_ns, nrefs, data_len = RECORD_HEAD.unpack(head)
     if nrefs * _REF.size + data_len != len(body):
         raise FrameError(f"record seq {seq}: {nrefs} refs and {data_len} data bytes do not fill {len(body)} bytes")
     if nrefs:
@@ -676,7 +681,7 @@ def decode_records(b: bytes | memoryview) -> list[Record]:
     if len(mv) < _RECORDS_COUNT.size:
         raise FrameError("records: truncated count")
     (n,) = _RECORDS_COUNT.unpack_from(mv, 0)
-    if n > (len(mv) - _RECORDS_COUNT.size) // _RECORD.size:
+    if n > (len(mv) - _RECORDS_COUNT.size) // RECORD_HEAD.size:
         raise FrameError(f"records: count {n} cannot fit in {len(mv)} bytes")
     pos = _RECORDS_COUNT.size
     out = []

@@ -181,11 +181,8 @@ class RingSplitter:
                 self._set_dead("card closed the ring")
             return False
         tail = self._sq_tail
-        if tail - self._sq_head_c >= self._sq_n:
-            self._sq_head_c = c[SQ_HEAD]
-            if tail - self._sq_head_c >= self._sq_n:
-                self._full_sq += 1
-                return False
+        if self._sq_full(tail):
+            return False
         op = w.op
         length = w.length
         data_pos = csum = dflags = end = 0
@@ -229,15 +226,28 @@ class RingSplitter:
             # No payload: count it durable only once a *later* write's payload
             # is released (conservative: the card holds no space for it).
             self.last_position = self._data_tail + 1
-        tail += 1
-        self._sq_tail = tail
-        c[SQ_TAIL] = tail  # publish (TSO: payload and descriptor are visible first)
         self._inflight[io_id] = _WAITING
         self._submitted += 1
-        fence()
-        if c[STATE] == SLEEPING:
-            self._ring()
+        self._publish(tail + 1)
         return True
+
+    def _sq_full(self, tail: int) -> bool:
+        """True (and counted) if the SQ has no free slot at ``tail``; the
+        card's head is re-read only when the cached one says full."""
+        if tail - self._sq_head_c >= self._sq_n:
+            self._sq_head_c = self._ctr[SQ_HEAD]
+            if tail - self._sq_head_c >= self._sq_n:
+                self._full_sq += 1
+                return True
+        return False
+
+    def _publish(self, tail: int) -> None:
+        """Move the SQ tail to ``tail`` and wake the card if it sleeps."""
+        self._sq_tail = tail
+        self._ctr[SQ_TAIL] = tail  # publish (TSO: payload and descriptor are visible first)
+        fence()
+        if self._ctr[STATE] == SLEEPING:
+            self._ring()
 
     def released_position(self) -> int:
         """Payload position below which the card has released everything
@@ -353,13 +363,9 @@ class RingSplitter:
     def post_outcome(self, io_id: int, status: Status) -> bool:
         if self._dead:
             return False
-        c = self._ctr
         tail = self._sq_tail
-        if tail - self._sq_head_c >= self._sq_n:
-            self._sq_head_c = c[SQ_HEAD]
-            if tail - self._sq_head_c >= self._sq_n:
-                self._full_sq += 1
-                return False
+        if self._sq_full(tail):
+            return False
         try:
             desc_pack(self._sq, (tail & self._sq_mask) << 6, K_OUTCOME, 0, 0, status, 0, io_id,
                        0, 0, 0, 0, 0, 0, 0, tail & M32)
@@ -367,13 +373,8 @@ class RingSplitter:
             self._invalid += 1
             log.error("ring: outcome for io %d cannot be encoded: %s", io_id, e)
             return False
-        tail += 1
-        self._sq_tail = tail
-        c[SQ_TAIL] = tail
         self._outcomes += 1
-        fence()
-        if c[STATE] == SLEEPING:
-            self._ring()
+        self._publish(tail + 1)
         return True
 
     # -- health, stats, close ---------------------------------------------------------

@@ -25,7 +25,7 @@ import uuid as _uuid
 from typing import Iterator
 
 from nicsplit.core.catalog import CatalogData, CatalogReader, encode
-from nicsplit.core.fsutil import fsync_dir
+from nicsplit.core.fsutil import atomic_write
 from nicsplit.core.layout import CATALOG_LOCK_NAME
 
 # Fields update_vdisk may change; the rest identify the vdisk or its layout.
@@ -41,18 +41,7 @@ class CatalogFile(CatalogReader):
         self.lock_path = os.path.join(self.dir, CATALOG_LOCK_NAME)
 
     def write(self, cat: CatalogData) -> None:
-        tmp = self.path + ".tmp"
-        data = encode(cat)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            mv = memoryview(data)
-            while mv:
-                mv = mv[os.write(fd, mv) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.path)
-        fsync_dir(self.dir)
+        atomic_write(self.path, encode(cat))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass
 
 from .errors import CorruptDatastore, DatastoreError
-from nicsplit.core.fsutil import fsync_dir
+from nicsplit.core.fsutil import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -193,20 +193,10 @@ class ExtentLog:
 
     def rewrite(self, records: list[Record], ds_uuid: _uuid.UUID, extent_size: int) -> None:
         """Compaction: replace the file by header + `records`, atomically."""
-        tmp = self.path + ".tmp"
         buf = bytearray(encode_header(ds_uuid, extent_size))
         for r in records:
             buf += encode_record(*r)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            mv = memoryview(buf)
-            while mv:
-                mv = mv[os.write(fd, mv) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.path)
-        fsync_dir(os.path.dirname(self.path))
+        atomic_write(self.path, buf, 0o600)
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         self.length = len(buf)
