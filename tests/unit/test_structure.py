@@ -18,9 +18,6 @@ import pytest
 SRC = Path(__file__).resolve().parents[2] / "src"
 PKG = SRC / "nicsplit"
 MAX_LINES = 800
-# Issue 8 (the structure issue) is under way: these rules are written down
-# first and turned on one by one as the tree meets them.
-PENDING = pytest.mark.xfail(reason="issue 8: the tree does not meet this rule yet", strict=False)
 LONG_OK = {"nicsplit.wire.nbd"}
 
 # Which top-level packages each package may import (besides itself).
@@ -148,7 +145,6 @@ def layer(mod: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
 
 
-@PENDING
 def test_no_import_cycles() -> None:
     g = graph()
     # A package's __init__ importing its own submodules is how a package
@@ -157,7 +153,6 @@ def test_no_import_cycles() -> None:
     assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
 
 
-@PENDING
 def test_nothing_outside_cli_imports_cli() -> None:
     bad = []
     for mod, targets in graph().items():
@@ -167,7 +162,6 @@ def test_nothing_outside_cli_imports_cli() -> None:
     assert not bad, "\n".join(bad)
 
 
-@PENDING
 def test_layers_import_downwards() -> None:
     bad = []
     for mod, targets in graph().items():
@@ -181,7 +175,6 @@ def test_layers_import_downwards() -> None:
     assert not bad, "\n".join(sorted(bad))
 
 
-@PENDING
 def test_no_private_names_imported_across_modules() -> None:
     bad = []
     for mod in MODULES:
@@ -192,7 +185,6 @@ def test_no_private_names_imported_across_modules() -> None:
     assert not bad, "\n".join(bad)
 
 
-@PENDING
 def test_function_level_imports_say_why() -> None:
     bad = []
     for mod, path in MODULES.items():
@@ -206,7 +198,6 @@ def test_function_level_imports_say_why() -> None:
     assert not bad, "\n".join(bad)
 
 
-@PENDING
 @pytest.mark.parametrize("mod", sorted(MODULES))
 def test_source_files_stay_short(mod: str) -> None:
     n = len(MODULES[mod].read_text().splitlines())
