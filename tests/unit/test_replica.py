@@ -236,7 +236,9 @@ def test_sealed_replica_holds_no_plaintext_and_rekeys_after_rotation(setup):
         assert_replica_at(d, w, d.applied_seq)
         d.undo_to(pits[3])  # the re-sealed undo log still rolls back exactly
         assert_replica_at(d, w, pits[3])
-    assert set(undo_key_usage(rd / "undo.log")) == {new}
+    # Rolling back to pits[3] may consume every undo entry (the log can be
+    # empty); what must hold is that none is left under the old key.
+    assert set(undo_key_usage(rd / "undo.log")) <= {new}
     atrest.retire(rd.parent.parent / atrest.KEYRING_NAME, old, {})  # nothing needs the old key any more
     with Distributor(jd, rd, w.vdisks) as d:
         assert_replica_at(d, w, pits[3])
