@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from nicsplit.core.ctl import request
+from nicsplit.core.layout import Layout
 from nicsplit.host.datastore import Datastore
 from nicsplit.host.marking import MarkingMap
 from nicsplit.testing.datadir import init_data
@@ -232,3 +234,41 @@ def test_hidden_volume_is_hidden(tmp_path):
                 assert libnbd_errno(ei.value) == errno.ENOENT
                 h.opt_abort()
         assert card_pid > 0
+
+
+def test_card_stalled_past_the_split_timeout_loses_no_protection(tmp_path, rng):
+    """A late ack is not a lost write (issue 10, build 1): with the default
+    1 ms split timeout, the card stopped (SIGSTOP) while writes arrive makes
+    them late, not lost. Each write still returns promptly (P4); the vdisk
+    stays protected; once the card runs again it takes them in order and the
+    journal holds every write, in the client's order."""
+    data = system(tmp_path, timeout_us=1000)
+    with UpProcess(data) as up:
+        h = nbd_connect(up.uri("a"))
+        ledger = []
+
+        def put(i: int) -> None:
+            off = rng.randrange(0, SIZE // 4096) * 4096
+            call_within(1.0, f"write {i}", h.pwrite, bytes([i % 251 + 1]) * 4096, off)
+            ledger.append(off)
+
+        put(0)
+        wait_journal(data, 1)  # the card is attached and shipping
+        card = up.pid_of("card")
+        os.kill(card, signal.SIGSTOP)
+        try:
+            for i in range(1, 41):
+                put(i)
+        finally:
+            os.kill(card, signal.SIGCONT)
+        for i in range(41, 61):
+            put(i)
+        recs = wait_journal(data, len(ledger))
+        assert [r["offset"] for r in writes(recs) if r["vdisk"] == "a"] == ledger
+        st = status(data)
+        a = next(v for c in st["cgs"] for v in c["vdisks"] if v["name"] == "a")
+        assert a["state"] == "protected", st
+        host = request(Layout(data).host_sock, {"cmd": "status"})["status"]
+        late = sum(v.get("late", 0) for v in host["vdisks"])
+        assert late >= 1, f"stopping the card made no write late, so this test proved nothing: {host}"
+        assert host["card"]["unconfirmed"] == 0 and host["card"]["late_refused"] == 0, host

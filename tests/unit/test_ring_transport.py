@@ -490,3 +490,42 @@ def test_full_card_refuses_writes_at_once_and_frees_their_space(make):
     assert ep.poll() == [Outcome(w.io_id, Status.FAILED)]  # outcomes still flow
     ep.set_full(False)
     roundtrip(ep, sp, write(b"ok"))
+
+
+def test_detached_write_stays_in_flight_and_its_late_verdict_is_kept(make):
+    """A late ack is not a lost write: after `detach` the write is still in
+    the ring, the card takes it in order, and its verdict reaches `take_late`."""
+    ep, sp = make(data_size=R.MIN_DATA, sq_entries=8)
+    w1, w2 = write(b"late" * 10), write(b"next" * 10)
+    assert sp.submit(w1)
+    assert sp.detach(w1.io_id) is None  # no verdict yet: late, not failed
+    assert sp.statistics().late == 1 and sp.take_late() == []
+    assert sp.submit(w2)
+    got = ep.poll()
+    assert [r.io_id for r in got] == [w1.io_id, w2.io_id]  # in ring order, payload intact
+    assert bytes(got[0].data) == w1.data
+    assert sp.wait_ack(w2.io_id, time.monotonic_ns() + FAR)  # w1's ack is drained on the way
+    assert sp.take_late() == [(w1.io_id, True)]
+    st = sp.statistics()
+    assert st.late == 0 and st.late_acks == 1 and st.acked == 2 and st.timeouts == 1
+
+
+def test_detached_write_refused_later_reports_the_refusal(make):
+    ep, sp = make(data_size=R.MIN_DATA, sq_entries=8)
+    w = write(b"r" * 100)
+    assert sp.submit(w)
+    assert sp.detach(w.io_id) is None
+    ep.set_full(True)
+    assert ep.poll() == []  # refused: acked FAILED
+    assert sp.take_late() == [(w.io_id, False)]
+    assert sp.statistics().rejected == 1
+
+
+def test_detach_after_the_verdict_returns_it(make):
+    ep, sp = make(data_size=R.MIN_DATA, sq_entries=8)
+    w = write(b"quick")
+    assert sp.submit(w)
+    ep.poll()
+    sp.reap()
+    assert sp.detach(w.io_id) is True  # the ack was there: not late
+    assert sp.statistics().late == 0 and sp.take_late() == []

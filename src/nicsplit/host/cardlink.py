@@ -9,6 +9,11 @@ Rules:
   until the card reports its payload released (shipped and durable, or
   dropped); if the card is lost, every write still kept is marked dirty in its
   vdisk's map, so a resync covers it (P1).
+- A late ack is not a lost write: a write whose ack misses its deadline
+  stays in flight in the ring, in order (the transport's ``detach``); the
+  client's reply goes on (P4) and the write is *unconfirmed* until the card's
+  verdict settles it: acked, it joins the kept list like any other; refused,
+  its region is marked. If the card dies first, it is marked with the rest.
 - Waiting for acks is pipelined: a write is published to the card, goes on
   to the datastore, and only its *reply* waits for the ack. A short spin
   catches the common case (the ack is there within microseconds); beyond it
@@ -56,6 +61,8 @@ class CardLink:
         self._poller_scheduled = False
         self.async_waits = 0
         self._dmaps: dict[int, Any] = {}  # vdisk id -> DirtyMap, for the card's lost-writes log
+        self._late: dict[int, tuple[int, Any, int, int]] = {}  # io_id -> (position, dmap, offset, length)
+        self.late_refused = 0
 
     def register(self, vdisk_id: int, dmap: Any) -> None:
         self._dmaps[vdisk_id] = dmap
@@ -91,10 +98,11 @@ class CardLink:
         return open_splitter(self.kind, str(self.card_sock), timeout=self.connect_timeout_s)
 
     # -- acks ------------------------------------------------------------
-    def wait_ack(self, t: Any, io_id: int, deadline_ns: int) -> "bool | asyncio.Future":
+    def wait_ack(self, t: Any, io_id: int, deadline_ns: int) -> "bool | None | asyncio.Future":
         """The verdict for a submitted io: a bool now (acked within the spin,
-        or refused), else a future the ack poller completes (False once the
-        deadline passes)."""
+        or refused), None when the deadline passed without one (the write is
+        late: still in flight, see `late`), else a future the ack poller
+        completes with one of those."""
         spin_until = min(deadline_ns, monotonic_ns() + self.spin_ns)
         while True:
             t.reap()
@@ -104,7 +112,7 @@ class CardLink:
             if monotonic_ns() >= spin_until:
                 break
         if monotonic_ns() >= deadline_ns:
-            return t.abandon(io_id)
+            return t.detach(io_id)
         fut = asyncio.get_running_loop().create_future()
         self._waiting[io_id] = (fut, deadline_ns)
         self.async_waits += 1
@@ -132,15 +140,39 @@ class CardLink:
         for io_id in list(waiting):
             fut, deadline = waiting[io_id]
             v = t.take_ack(io_id)
-            if v is None and now >= deadline:
-                v = t.abandon(io_id)
-            if v is not None:
-                del waiting[io_id]
-                if not fut.done():
-                    fut.set_result(v)
+            if v is None:
+                if now < deadline:
+                    continue
+                v = t.detach(io_id)  # True / False, or None: late
+            del waiting[io_id]
+            if not fut.done():
+                fut.set_result(v)
         if waiting:
             self._poller_scheduled = True
             asyncio.get_running_loop().call_soon(self._poll_acks)
+
+    def late(self, io_id: int, position: int, dmap: Any, offset: int, length: int) -> None:
+        """Keep a write whose ack missed its deadline as unconfirmed until
+        the card's verdict arrives (`settle`) or the card is lost."""
+        self._late[io_id] = (position, dmap, offset, length)
+
+    def settle(self) -> None:
+        """Apply the verdicts of late writes: an ack makes the write kept like
+        any acked one; a refusal marks its region (the card will not ship it)."""
+        t = self._t
+        if t is None or not self._late:
+            return
+        for io_id, ok in t.take_late():
+            e = self._late.pop(io_id, None)
+            if e is None:
+                continue
+            if ok:
+                self._tracked.append(e)
+                continue
+            _, d, o, n = e
+            self.late_refused += 1
+            d.enter_marking("card refused a write after its deadline (full, or a bad record)")
+            d.mark(o, n)
 
     def track(self, position: int, dmap: Any, offset: int, length: int) -> None:
         tr = self._tracked
@@ -154,8 +186,9 @@ class CardLink:
         """Forget writes the card has released (durable at the appliance)."""
         t = self._t
         tr = self._tracked
-        if t is None or not tr:
+        if t is None or not (tr or self._late):
             return
+        self.settle()
         released = t.released_position()
         self._read_lost()  # after the watermark: see nicsplit.card.lostlog
         while tr and tr[0][0] <= released:
@@ -174,11 +207,12 @@ class CardLink:
             self._last_try = time.monotonic()
         self.last_error = reason
         self._read_lost()
-        n = len(self._tracked)
-        while self._tracked:
-            _, d, o, ln = self._tracked.popleft()
+        n = len(self._tracked) + len(self._late)
+        for _, d, o, ln in [*self._tracked, *self._late.values()]:
             d.enter_marking(reason)
             d.mark(o, ln)
+        self._tracked.clear()
+        self._late.clear()
         if n:
             log.warning("card lost (%s): %d unconfirmed writes marked dirty", reason, n)
 
@@ -189,6 +223,11 @@ class CardLink:
     @property
     def tracked(self) -> int:
         return len(self._tracked)
+
+    @property
+    def unconfirmed(self) -> int:
+        """Late writes whose verdict has not arrived."""
+        return len(self._late)
 
     def close(self) -> None:
         if self._t is not None:

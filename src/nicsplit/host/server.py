@@ -221,7 +221,9 @@ class HostServer:
             # The last CG sequence number handed out: the journal has caught
             # up with production once its latest PIT reaches it.
             "cgs": {name: {"last_seq": seq} for name, seq in self.context.cg_last_seqs().items()},
-            "card": {"attached": link.attached, "losses": link.losses, "last_error": link.last_error, "tracked": link.tracked},
+            "card": {"attached": link.attached, "losses": link.losses, "last_error": link.last_error, "tracked": link.tracked,
+                     # late writes still in flight without a verdict, and late ones the card refused
+                     "unconfirmed": link.unconfirmed, "late_refused": link.late_refused},
         }
 
     async def start(self, listen: tuple[str, int] | None, socket_path: str | None) -> list[str]:

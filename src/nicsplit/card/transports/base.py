@@ -35,9 +35,16 @@ Host half:
    full, slow, refusing or gone; the filter then puts the vdisk in marking
    (promise P4).  The payload (``w.data``) may be reused by the caller as soon
    as ``split`` returns.
+   The pipelined half: ``submit`` publishes, ``take_ack`` collects a verdict
+   that arrived, ``detach`` ends a wait whose deadline passed *without*
+   dropping the write: it stays in flight in order, and its verdict comes
+   later through ``take_late`` (a late ack is not a lost write; the filter
+   treats the write as unconfirmed until then).  ``abandon`` gives up on a
+   write for good (its late ack is dropped).
 2. ``post_outcome(io_id, status)`` is non-blocking and ordered after the write
    it describes; False means it could not be queued (the filter marks).
-3. ``healthy()`` is cheap and says whether a split could currently succeed.
+3. ``healthy()`` is cheap and says whether a split could currently succeed;
+   False means the card is dead (gone, closed, or no heartbeat for seconds).
 4. ``statistics()`` returns a frozen dataclass of counters.
 5. Not thread-safe: one producer (the host's event-loop thread) per instance.
 
@@ -83,6 +90,10 @@ class SplitterTransport(Protocol):
     def take_ack(self, io_id: int) -> bool | None: ...
 
     def abandon(self, io_id: int) -> bool: ...
+
+    def detach(self, io_id: int) -> bool | None: ...
+
+    def take_late(self) -> list[tuple[int, bool]]: ...
 
     @property
     def last_position(self) -> int: ...

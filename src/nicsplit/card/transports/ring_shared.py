@@ -20,7 +20,12 @@ __all__ = [
 log = logging.getLogger("nicsplit.card.transports.ring")  # one logger for both halves
 
 SOCKET_NAME = Layout(".").card_sock.name  # `Layout.card_sock`, in the run directory the endpoint is given
-DEFAULT_STALE_AFTER_NS = 100_000_000  # 100 ms: 10x the card's longest doorbell sleep (10 ms)
+# A card whose heartbeat is this old is dead (the splitter stops handing it
+# writes and marks what it holds). Seconds, not the card's 10 ms doorbell
+# sleep times ten: a busy 2-core machine deschedules a live card for tens of
+# milliseconds, and a late ack is not a lost write (the write waits in the
+# ring, in order), so only a card that makes no progress for this long is.
+DEFAULT_STALE_AFTER_NS = 2_000_000_000
 MAX_CONTROL_MSG = 4096  # the JSON hello is ~400 bytes
 M32 = 0xFFFFFFFF
 

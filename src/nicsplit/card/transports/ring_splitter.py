@@ -28,7 +28,9 @@ __all__ = ["RingSplitter", "RingStats"]
 
 log = logging.getLogger("nicsplit.card.transports.ring")  # one logger for both halves
 
-_WAITING, _ABANDONED = 0, 1
+# Tracker states: waited for; abandoned (a late ack is dropped); late (the
+# caller went on without the ack, its verdict is kept for `take_late`).
+_WAITING, _ABANDONED, _LATE = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,7 @@ class RingStats:
     unknown_acks: int  # completions for io_ids we never waited for
     bytes: int  # payload bytes copied into the data area
     abandoned: int  # timed-out io_ids still waiting for their late ack
+    late: int  # detached io_ids whose verdict has not arrived yet
 
 
 class RingSplitter:
@@ -87,6 +90,8 @@ class RingSplitter:
         self._inflight: dict[int, int] = {}
         self._done: dict[int, bool] = {}
         self._n_abandoned = 0
+        self._n_late = 0
+        self._late_verdicts: list[tuple[int, bool]] = []
         self._abandon_cap = g.sq_entries + g.cq_entries
         self._dead = False
         self._closed = False
@@ -294,6 +299,27 @@ class RingSplitter:
             return done
         return self._timed_out(io_id)
 
+    def detach(self, io_id: int) -> bool | None:
+        """Stop waiting for ``io_id`` but keep it: its verdict, if not here
+        yet (None), is kept for `take_late` when it arrives.  The write stays
+        in the ring in order; only the caller's wait ends (a late ack is not a
+        lost write)."""
+        done = self._done.pop(io_id, None) if self._done else None
+        if done is not None:
+            return done
+        if self._inflight.get(io_id) == _WAITING:
+            self._timeouts += 1
+            self._inflight[io_id] = _LATE
+            self._n_late += 1
+            return None
+        return False  # never submitted, or already settled: nothing is in flight
+
+    def take_late(self) -> list[tuple[int, bool]]:
+        """Verdicts (io_id, acked) of detached io_ids reaped so far."""
+        self.reap()
+        out, self._late_verdicts = self._late_verdicts, []
+        return out
+
     def _drain(self, ctail: int, want: int) -> bool | None:
         """Consume completions up to ``ctail``; the verdict for ``want`` if seen.
         Verdicts for other in-flight io_ids are kept for their ``wait_ack``."""
@@ -317,6 +343,16 @@ class RingSplitter:
                 self._n_abandoned -= 1
                 continue
             ok = status == OK
+            if state == _LATE:
+                self._late += 1
+                self._n_late -= 1
+                self._late_verdicts.append((io_id, ok))
+                if not ok:
+                    self._rejected += 1
+                    self._warn("ring: card refused late io %d: %s", io_id, reason_name(reason))
+                else:
+                    self._acked += 1
+                continue
             if ok:
                 self._acked += 1
             else:
@@ -409,7 +445,7 @@ class RingSplitter:
             submitted=self._submitted, acked=self._acked, rejected=self._rejected, timeouts=self._timeouts,
             full_sq=self._full_sq, full_data=self._full_data, unhealthy=self._unhealthy, invalid=self._invalid,
             doorbells=self._doorbells, spins=self._spins, outcomes=self._outcomes, late_acks=self._late,
-            unknown_acks=self._unknown, bytes=self._bytes, abandoned=self._n_abandoned,
+            unknown_acks=self._unknown, bytes=self._bytes, abandoned=self._n_abandoned, late=self._n_late,
         )
 
     def close(self) -> None:

@@ -6,15 +6,19 @@ What it does per write-like IO (ARCHITECTURE.md §3, steps D–I):
 D. builds an `AugmentedWrite`: CG id, CG sequence number (taken as the IO
    enters this filter), vdisk id, op (write / zero / trim / barrier), FUA,
    *virtual* offset and length, timestamp, IO id;
-E–F. hands it to the card through the transport and spins for the ack, at
-   most ``split_timeout_us``;
+E–F. hands it to the card through the transport and waits for the ack, at
+   most ``split_timeout_us``; a write whose ack is late is not lost: it stays
+   in flight in the ring, in order, and is *unconfirmed* until the card's
+   verdict arrives (`nicsplit.host.cardlink`), while the IO goes on;
 G–H. passes the IO down the chain (the datastore translates and writes);
 I. posts the outcome (committed / failed) to the card without waiting, so the
    card ships only what production committed (P3).
 
 Flush is a barrier record in the stream; FUA travels as a flag (also a
-barrier). Production first (P4): if the card is slow, full or gone the vdisk
-enters *marking* — the write's region goes into the persistent dirty map and
+barrier). Production first (P4): a slow card never holds an IO longer than
+the timeout, and a late ack is not a lost write. Only when the card refuses a
+write (every buffer full) or is dead (gone, closed, or no heartbeat for
+seconds) does the vdisk enter *marking* — the write's region goes into the persistent dirty map and
 the IO proceeds; a vdisk stays marking (without waiting on the card again)
 until a resync clears it. A vdisk in no consistency group is not protected:
 its IOs pass through and its state is ``unprotected``.
@@ -68,6 +72,7 @@ class SplitFilter(Filter):
         self.hist = Histogram()  # time spent handing writes to the card
         self.split_count = 0
         self.marked_count = 0
+        self.late_count = 0  # writes that went on without their ack (still in flight)
         self._dmap_dirty = False
 
     # -- state -------------------------------------------------------------
@@ -109,20 +114,24 @@ class SplitFilter(Filter):
         return w, t, perf_counter_ns(), t.last_position  # its payload position, for tracking
 
     async def _acked(self, sub) -> AugmentedWrite | None:
-        """Step F, pipelined: the ack (usually already there) or marking."""
+        """Step F, pipelined: the ack (usually already there), a late write
+        (in flight, unconfirmed until its verdict), or marking."""
         w, t, t0, position = sub
         v = self.link.wait_ack(t, w.io_id, monotonic_ns() + self.timeout_ns)
-        if v is not True and v is not False:
+        if isinstance(v, asyncio.Future):
             v = await v
         waited = perf_counter_ns() - t0
         self.hist.record(waited)
+        if v is None:
+            # Late: the write waits in the ring in order and the card will take
+            # it; until its verdict it is unconfirmed (marked if the card dies).
+            self.late_count += 1
+            self.link.late(w.io_id, position, self.dmap, w.voffset, w.length)
+            return w
         if not v:
             if not t.healthy():
                 self.link.lost("card stopped responding")
-            if waited < self.timeout_ns:  # an answer before the deadline is a refusal
-                self._mark(w, "card refused the write (full, or a bad record)")
-            else:
-                self._mark(w, f"card did not acknowledge within {self.timeout_ns // 1000} us")
+            self._mark(w, "card refused the write (full, or a bad record)")
             # Tell the card to drop it if it ever takes it: the region is dirty.
             t.post_outcome(w.io_id, _FAILED)
             return None
@@ -195,6 +204,7 @@ class SplitFilter(Filter):
             "cg": self.cg,
             "split": self.split_count,
             "marked": self.marked_count,
+            "late": self.late_count,
             "dirty_bytes": self.dmap.dirty_bytes() if self.dmap.marking else 0,
             "reason": self.dmap.reason if self.dmap.marking else "",
             "split_p50_us": self.hist.percentile(50) / 1000,

@@ -1,0 +1,73 @@
+"""The host's card link with a real ring in one process: a write whose ack
+misses its deadline is *late*, not lost — it stays unconfirmed until the
+card's verdict (acked: kept like any write; refused: marked) or the card's
+loss (marked)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from nicsplit.card.transports.ring_endpoint import RingEndpoint
+from nicsplit.core.records import AugmentedWrite, Op, WFlag
+from nicsplit.host.cardlink import CardLink
+from nicsplit.host.marking import MarkingMap
+
+SIZE = 16 << 20
+
+
+@pytest.fixture
+def rig(tmp_path: Path):
+    ep = RingEndpoint(tmp_path / "run", data_size=1 << 20, sq_entries=16)
+    link = CardLink(ep.socket_path, tmp_path / "card-lost.log")
+    mm = MarkingMap(tmp_path / "marking", "uuid-a", SIZE)
+    link.register(7, mm)
+    t = link.get()
+    assert t is not None, link.last_error
+    yield ep, link, t, mm
+    link.close()
+    mm.close()
+    ep.close()
+
+
+_ids = iter(range(1, 1 << 40))
+
+
+def late_write(link: CardLink, t, mm: MarkingMap, offset: int) -> AugmentedWrite:
+    """Submit a write and let its deadline pass before the card looks."""
+    w = AugmentedWrite(next(_ids), 1, next(_ids), 7, Op.WRITE, WFlag.NONE, offset, 4096, time.time_ns(), b"x" * 4096)
+    assert t.submit(w)
+    assert link.wait_ack(t, w.io_id, time.monotonic_ns() - 1) is None  # late: no verdict, nothing failed
+    link.late(w.io_id, t.last_position, mm, w.voffset, w.length)
+    return w
+
+
+def test_late_write_acked_later_is_kept_and_never_marked(rig):
+    ep, link, t, mm = rig
+    late_write(link, t, mm, 0)
+    assert link.unconfirmed == 1 and not mm.marking
+    ep.poll()  # the card takes it late, in order, and acks
+    link.trim()
+    assert link.unconfirmed == 0 and link.tracked == 1
+    assert not mm.marking and mm.dirty_bytes() == 0
+
+
+def test_late_write_refused_later_marks_its_region(rig):
+    ep, link, t, mm = rig
+    late_write(link, t, mm, 1 << 20)
+    ep.set_full(True)
+    ep.poll()
+    link.trim()
+    assert link.unconfirmed == 0 and link.late_refused == 1
+    assert mm.marking and mm.is_marked(1 << 20, 4096) and not mm.is_marked(0, 4096)
+
+
+def test_card_lost_with_late_writes_marks_them(rig):
+    ep, link, t, mm = rig
+    late_write(link, t, mm, 2 << 20)
+    late_write(link, t, mm, 3 << 20)
+    link.lost("card gone")
+    assert link.unconfirmed == 0
+    assert mm.marking and mm.is_marked(2 << 20, 4096) and mm.is_marked(3 << 20, 4096)
