@@ -13,6 +13,7 @@ from nicsplit.card.pipeline import CardPipeline, PipelineConfig, Shipper
 from nicsplit.testing.pipeline import (
     FakeAppliance, FakeApplianceServer, FakeCatalog, FakeEndpoint, committed, failed, write,
 )
+from nicsplit.card.lostlog import LostLogReader
 from nicsplit.card.process import CardConfig, CardProcess, run_card
 
 KEY = bytes(range(32))
@@ -241,3 +242,26 @@ def test_card_config_parses_sizes_and_refuses_unknown_keys(tmp_path):
     assert cfg.cpus == (0,) and cfg.transport_options == {"data_size": 16 << 20}
     with pytest.raises(ConfigError):
         CardConfig.from_mapping(tmp_path, {"bogus": 1})
+
+
+def test_card_process_puts_refused_writes_in_the_lost_log(tmp_path):
+    """The endpoint's refusals reach the lost log the host reads at start (a
+    late write's host may have answered its client and died before the
+    refusal came)."""
+    (tmp_path / "run").mkdir()
+
+    class RefusingEndpoint(FakeEndpoint):
+        on_refused = None
+
+    ep = RefusingEndpoint()
+    cfg = CardConfig.from_mapping(tmp_path, {"tls": False, "cpus": []})
+
+    async def never():
+        raise OSError("no appliance in this test")
+
+    card = CardProcess(cfg, ep, CAT, key=None, connect=never)
+    assert ep.on_refused == card._refused
+    ep.on_refused(77, 1, 8192, 4096, "FULL")
+    lines = LostLogReader(cfg.layout.card_lost_log).read_new()
+    assert [(e["io_id"], e["vdisk_id"], e["offset"], e["length"]) for e in lines] == [(77, 1, 8192, 4096)]
+    assert "FULL" in lines[0]["reason"]

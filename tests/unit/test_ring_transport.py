@@ -529,3 +529,18 @@ def test_detach_after_the_verdict_returns_it(make):
     sp.reap()
     assert sp.detach(w.io_id) is True  # the ack was there: not late
     assert sp.statistics().late == 0 and sp.take_late() == []
+
+
+def test_refused_writes_are_reported_for_the_lost_log(make):
+    """A refusal may reach a host that already answered its client (a late
+    write) and then died: the card reports each one (the card process puts it
+    in the lost log the host reads at its next start)."""
+    ep, sp = make(data_size=R.MIN_DATA, sq_entries=8)
+    seen: list = []
+    ep.on_refused = lambda *a: seen.append(a)
+    ep.set_full(True)
+    w = write(b"f" * 300, vdisk=9, voffset=8192)
+    b = other(Op.BARRIER)
+    assert sp.submit(w) and sp.submit(b)
+    ep.poll()
+    assert seen == [(w.io_id, 9, 8192, 300, "FULL")]  # the barrier has no region to report

@@ -243,6 +243,8 @@ class CardProcess:
             backoff_min_s=cfg.backoff_min_s, backoff_max_s=cfg.backoff_max_s,
         )
         self.lost: list[AugmentedWrite] = []  # only with the default on_lost (bounded below)
+        if self._lost_log is not None and hasattr(endpoint, "on_refused"):
+            endpoint.on_refused = self._refused
         self._stop = asyncio.Event()
         self._full = False
         self._polls = self._entries = self._sleeps = self._doorbells = 0
@@ -253,6 +255,13 @@ class CardProcess:
         if callable(getattr(self.catalog, "cg_names", None)):
             self.pipeline.add_cgs(self.catalog.cg_names())
         return self.pipeline.cgs()
+
+    def _refused(self, io_id: int, vdisk_id: int, offset: int, length: int, reason: str) -> None:
+        """A write the card refused: its host may have answered the client
+        already (a late write) and die before it hears the refusal, so the
+        region goes to the lost log the host reads at its next start."""
+        assert self._lost_log is not None
+        self._lost_log.append(io_id, vdisk_id, offset, length, f"card refused it ({reason})")
 
     def _default_lost(self, w: AugmentedWrite) -> None:
         log.warning("io %d lost: vdisk %d %d+%d must be resynced", w.io_id, w.vdisk_id, w.voffset, w.length)

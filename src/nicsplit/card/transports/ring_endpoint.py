@@ -16,6 +16,7 @@ import stat
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 from time import monotonic_ns
 
@@ -103,6 +104,11 @@ class RingEndpoint:
         self._dsize = g.data_size
         self._verify = verify_checksums
         self._full = False
+        # Told of every write-like entry acked FAILED (io_id, vdisk_id, voffset,
+        # length, reason): the host may already have answered its client (a
+        # late write) and may die before it hears the refusal, so the card
+        # records it where the host reads it at its next start (the lost log).
+        self.on_refused: Callable[[int, int, int, int, str], None] | None = None
         self._counters_ns = 0
         self._sq_head = self._cq_tail = self._cq_head_c = 0
         self._data_expect = 0  # logical end of the last accepted payload allocation
@@ -187,6 +193,8 @@ class RingEndpoint:
                 if not reason:
                     held[io_id] = h
                     self._n_bytes += length
+            if reason and length and self.on_refused is not None:
+                self.on_refused(io_id, vdisk_id, voffset, length, reason_name(reason))
             if reason == R_FULL:
                 self._n_refused_full += 1
             elif reason:
