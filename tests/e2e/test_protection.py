@@ -24,7 +24,7 @@ from nicsplit.core.ctl import request
 from nicsplit.core.layout import Layout
 from nicsplit.host.datastore import Datastore
 from nicsplit.host.marking import MarkingMap
-from nicsplit.testing.datadir import init_data
+from nicsplit.testing.stack import cg_data
 from nicsplit.testing.procs import (
     UpProcess, call_within, import_libnbd, journal, libnbd_errno, nbd_connect, run_cli, wait_for,
 )
@@ -35,15 +35,7 @@ SIZE = 32 << 20
 
 
 def system(tmp_path: Path, *, timeout_us: int = 1_000_000, vdisks: dict | None = None, names=("a", "b")) -> Path:
-    # The hidden volume holds more than a test writes in total, so a slow
-    # appliance (fsyncs on a loaded machine) cannot fill it: a full card
-    # rightly drops vdisks to marking, which is not what these tests check.
-    data = init_data(tmp_path / "data", filters=["stats", {"name": "split", "split_timeout_us": timeout_us}], vdisks=vdisks,
-                     sections={"card": {"transport_options": {"data_size": "256M"}}})
-    run_cli(data, "cg", "create", "cg1")
-    for n in names:
-        run_cli(data, "vdisk", "create", n, "--size", str(SIZE), "--cg", "cg1")
-    return data
+    return cg_data(tmp_path, SIZE, tuple(names), timeout_us=timeout_us, vdisks=vdisks)
 
 
 def status(data: Path) -> dict:

@@ -24,7 +24,7 @@ from nicsplit.core.records import Op
 from nicsplit.testing.nbdclient import HOLE, ZERO, check_extents, connect, segments_digest
 from nicsplit.testing.procs import import_libnbd, libnbd_errno, run_cli, wait_for
 from nicsplit.testing.served import Served
-from nicsplit.testing.workload import BS, T0, Meta, Workload
+from nicsplit.testing.workload import BS, Meta, T0, Workload, journaled
 from nicsplit.wire.frames import Record
 
 pytestmark = pytest.mark.usefixtures("peers")
@@ -32,10 +32,7 @@ pytestmark = pytest.mark.usefixtures("peers")
 
 @pytest.fixture
 def workload(tmp_path: Path, seed: int) -> tuple[Path, Workload]:
-    w = Workload.generate(seed, nbatches=40)
-    jd = tmp_path / "journal"
-    w.write_journal(jd, segment_size=48 * 1024)
-    return jd, w
+    return journaled(tmp_path, seed)
 
 
 # -- in-process server against peer tools: read-only (qemu-io), export list (nbdinfo) ------------

@@ -18,15 +18,12 @@ from nicsplit.recovery.blockindex import BlockIndex
 from nicsplit.testing.nbdclient import block_status, check_extents, connect, segments_digest
 from nicsplit.testing.procs import import_libnbd
 from nicsplit.testing.served import Served
-from nicsplit.testing.workload import BS, Workload
+from nicsplit.testing.workload import BS, Workload, journaled
 
 
 @pytest.fixture
 def workload(tmp_path: Path, seed: int) -> tuple[Path, Workload]:
-    w = Workload.generate(seed, nbatches=40)
-    jd = tmp_path / "journal"
-    w.write_journal(jd, segment_size=48 * 1024)
-    return jd, w
+    return journaled(tmp_path, seed)
 
 
 def test_every_pit_over_nbd_equals_its_ledger_prefix(workload):

@@ -18,11 +18,11 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nicsplit.core.records import RFLAG_IN_WINDOW, Op
+from nicsplit.core.records import BLOCK_SIZE, RFLAG_IN_WINDOW, Op
 from nicsplit.journal.writer import Journal
 from nicsplit.recovery.pits import Pit
 from nicsplit.testing.appliance import CrashFilesystem
-from nicsplit.wire.frames import BLOCK_SIZE, Record, fingerprint
+from nicsplit.wire.frames import Record, fingerprint
 
 BS = BLOCK_SIZE
 T0 = 1_700_000_000 * 10**9  # ns; record times are T0 + seq * 1 ms
@@ -169,6 +169,15 @@ class Workload:
             if seq <= upto and op != Op.BARRIER:
                 out[vid].update(range(off // BS, (off + ln - 1) // BS + 1))
         return out
+
+
+def journaled(tmp_path: Path, seed: int, nbatches: int = 40, segment_size: int = 48 * 1024) -> tuple[Path, Workload]:
+    """A seeded workload written to a journal under ``tmp_path`` (many small
+    segments, so readers cross segment boundaries)."""
+    w = Workload.generate(seed, nbatches=nbatches)
+    jd = tmp_path / "journal"
+    w.write_journal(jd, segment_size=segment_size)
+    return jd, w
 
 
 def golden_at(w: Workload, seq: int) -> dict[int, bytes]:
