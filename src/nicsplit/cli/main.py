@@ -213,10 +213,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     def ready(info: dict) -> None:
         print(json.dumps({"event": "ready", "pid": os.getpid(), "processes": {k: {"pid": v.get("pid")} for k, v in info.items()},
                           "addresses": info["host"].get("addresses", [])}), flush=True)
+        # The address the host really listens on (port 0 asks for a free one).
+        base = next((a for a in info["host"].get("addresses", []) if a.startswith("nbd://")), f"nbd://{host}:{port}")
         for v in ds.list_vdisks():
-            print(f"  {v.name:<20} nbd://{host}:{port}/{v.name}   cg={v.extra.get('cg') or '-'}", flush=True)
+            print(f"  {v.name:<20} {base}/{v.name}   cg={v.extra.get('cg') or '-'}", flush=True)
         first = ds.list_vdisks()[0].name
-        print(f"try:  qemu-io -f raw -c 'write -P 0xab 0 64k' nbd://{host}:{port}/{first}", flush=True)
+        print(f"try:  qemu-io -f raw -c 'write -P 0xab 0 64k' {base}/{first}", flush=True)
         print(f"then: nicsplit --data {data} status; nicsplit --data {data} journal dump demo-vm   (Ctrl-C stops)", flush=True)
 
     run_async(Supervisor(data, children, on_ready=ready).run())
