@@ -74,7 +74,7 @@ def test_record_codec_round_trip():
     buf = b"".join(h + bytes(d) for h, d in map(encode, cases))
     pos, got = 0, []
     while pos < len(buf):
-        e, pos = decode(buf, pos)
+        e, pos, _ = decode(buf, pos)
         got.append(e)
     for a, b in zip(cases, got, strict=True):
         if isinstance(a, Outcome):
@@ -261,13 +261,15 @@ def test_the_log_survives_a_card_restart_and_is_replayed_in_order(tmp_path, rng)
 
         card = CardProcess(_card_cfg(tmp_path), ep1, CAT, key=KEY, connect=never)
         run = asyncio.create_task(card.run())
-        ep1.push(*entries)
-        await _until(lambda: not ep1.queue)
+        for i in range(0, len(entries), 10):  # the first ones go straight to the pipeline
+            ep1.push(*entries[i:i + 10])
+            await _until(lambda: not ep1.queue)
         card.stop()  # drain: syncs the log; what it holds waits for the next start
         assert await run == 0
         logged = sorted(ep1.released)
-        direct = sorted(ep1.held)  # fed before the log took over: the host marks these (never released)
-        assert len(logged) > 150 and set(logged) | set(direct) == {w.io_id for w in ws}
+        # the writes fed before the log took over were spilled into it too
+        assert card.overflow.spilled > 0 and not ep1.held
+        assert set(logged) == {w.io_id for w in ws}
         size = card.cfg.layout.card_overflow.stat().st_size
         assert size > len(FILE_MAGIC)
 
@@ -281,7 +283,7 @@ def test_the_log_survives_a_card_restart_and_is_replayed_in_order(tmp_path, rng)
         run2 = asyncio.create_task(card2.run())
         more = [write(5000 + i, 201 + i, data=blk(i)) for i in range(5)]
         ep2.push(*more, *(committed(w.io_id) for w in more))  # new writes go behind the replay
-        want = [w for w in ws if w.io_id in set(logged) and w.cg_seq % 17] + more
+        want = [w for w in ws if w.cg_seq % 17] + more
         await _until(lambda: len(app.records("cgA")) == len(want))
         assert [r.seq for r in app.records("cgA")] == [w.cg_seq for w in want]
         assert [bytes(r.data) for r in app.records("cgA")] == [bytes(w.data) for w in want]

@@ -65,12 +65,13 @@ __all__ = ["OverflowLog", "Overflow", "encode", "decode", "FILE_MAGIC", "REC", "
 log = logging.getLogger(__name__)
 
 FILE_MAGIC = b"NSOVFL\x00\x01"
-HEAD = struct.Struct("<HBBHBxIIQQQQQQ")
+HEAD = struct.Struct("<HBBHBBIIQQQQQQ")
 CRC = struct.Struct("<I4x")
-REC = struct.Struct("<HBBHBxIIQQQQQQI4x")
+REC = struct.Struct("<HBBHBBIIQQQQQQI4x")
 assert HEAD.size == 64 and REC.size == HEAD.size + CRC.size == 72
 REC_MAGIC = 0x564F
 K_WRITE, K_OUTCOME = 1, 2
+R_FED = 1  # rflags: the entry was already in the pipeline when logged (a spill): skipped by this run's reader
 _OPS = {int(o): o for o in Op}
 _STATUSES = {int(s): s for s in Status}
 _READ_CHUNK = 1 << 20
@@ -81,26 +82,26 @@ class TornRecord(ValueError):
     """A record that does not verify: the end of the good part of the log."""
 
 
-def encode(e: AugmentedWrite | Outcome) -> tuple[bytes, Any]:
+def encode(e: AugmentedWrite | Outcome, rflags: int = 0) -> tuple[bytes, Any]:
     """(72-byte record head, payload or b"") of one entry."""
     if type(e) is Outcome:
-        head = HEAD.pack(REC_MAGIC, K_OUTCOME, int(e.status), 0, 0, 0, 0, e.io_id, 0, 0, 0, 0, 0)
+        head = HEAD.pack(REC_MAGIC, K_OUTCOME, int(e.status), 0, 0, rflags, 0, 0, e.io_id, 0, 0, 0, 0, 0)
         return head + CRC.pack(zlib.crc32(head)), b""
     data = e.data if e.data is not None else b""
     n = len(data)
-    head = HEAD.pack(REC_MAGIC, K_WRITE, int(e.op), int(e.flags), e.data is not None, e.length, n, e.io_id,
-                     e.cg_id, e.cg_seq, e.vdisk_id, e.voffset, e.timestamp_ns)
+    head = HEAD.pack(REC_MAGIC, K_WRITE, int(e.op), int(e.flags), e.data is not None, rflags, e.length, n,
+                     e.io_id, e.cg_id, e.cg_seq, e.vdisk_id, e.voffset, e.timestamp_ns)
     return head + CRC.pack(zlib.crc32(data, zlib.crc32(head)) if n else zlib.crc32(head)), data
 
 
-def decode(buf: Any, pos: int, *, verify: bool = True) -> tuple[AugmentedWrite | Outcome, int] | None:
-    """The entry at ``buf[pos:]`` and the position after it; None if ``buf``
-    ends inside it; `TornRecord` if it does not verify. A write's ``data`` is
-    a memoryview into ``buf`` (zero copy)."""
+def decode(buf: Any, pos: int, *, verify: bool = True) -> tuple[AugmentedWrite | Outcome, int, int] | None:
+    """The entry at ``buf[pos:]``, the position after it and its rflags;
+    None if ``buf`` ends inside it; `TornRecord` if it does not verify. A
+    write's ``data`` is a memoryview into ``buf`` (zero copy)."""
     end = pos + REC.size
     if end > len(buf):
         return None
-    (magic, kind, op, wflags, has_data, length, dlen, io_id, cg_id, cg_seq, vdisk_id, voffset, ts,
+    (magic, kind, op, wflags, has_data, rflags, length, dlen, io_id, cg_id, cg_seq, vdisk_id, voffset, ts,
      crc) = REC.unpack_from(buf, pos)
     if magic != REC_MAGIC or kind not in (K_WRITE, K_OUTCOME):
         raise TornRecord(f"bad record head at {pos}")
@@ -117,12 +118,12 @@ def decode(buf: Any, pos: int, *, verify: bool = True) -> tuple[AugmentedWrite |
         st = _STATUSES.get(op)
         if st is None:
             raise TornRecord(f"bad status {op} at {pos}")
-        return Outcome(io_id, st), end
+        return Outcome(io_id, st), end, rflags
     o = _OPS.get(op)
     if o is None:
         raise TornRecord(f"bad op {op} at {pos}")
     data = mv[end: end + dlen] if has_data else None
-    return AugmentedWrite(io_id, cg_id, cg_seq, vdisk_id, o, WFlag(wflags), voffset, length, ts, data), end + dlen
+    return AugmentedWrite(io_id, cg_id, cg_seq, vdisk_id, o, WFlag(wflags), voffset, length, ts, data), end + dlen, rflags
 
 
 class OverflowLog:
@@ -159,7 +160,7 @@ class OverflowLog:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, FILE_MAGIC, 0)
             os.fsync(self._fd)
-            self._end = self._written = len(FILE_MAGIC)
+            self._end = self._written = self._replay_end = len(FILE_MAGIC)
             return
         pos = len(FILE_MAGIC)
         buf = b""
@@ -175,13 +176,13 @@ class OverflowLog:
                 rel = pos - buf_off
                 need = REC.size
                 if len(buf) - rel >= REC.size:
-                    need += REC.unpack_from(buf, rel)[6]
+                    need += REC.unpack_from(buf, rel)[7]
                 if pos + need > size:
                     break  # the file ends inside this record
                 buf = os.pread(self._fd, min(max(_READ_CHUNK, need), size - pos), pos)
                 buf_off = pos
                 continue
-            e, nxt = r
+            e, nxt, _ = r
             pos = buf_off + nxt
             self.entries += 1
             if type(e) is Outcome:
@@ -196,7 +197,7 @@ class OverflowLog:
                         size - good, self.entries)
             os.ftruncate(self._fd, good)
             os.fsync(self._fd)
-        self._end = self._written = good
+        self._end = self._written = self._replay_end = good
         self.unread = self.entries
         if self.entries:
             log.info("overflow log %s: %d entries (%d bytes) to replay", self.path, self.entries, good)
@@ -211,10 +212,12 @@ class OverflowLog:
         """Near its bound: the card refuses writes (one more poll's worth must still fit)."""
         return self._end + self.reserve >= self.max_bytes
 
-    def append(self, e: AugmentedWrite | Outcome) -> bool:
+    def append(self, e: AugmentedWrite | Outcome, fed: bool = False) -> bool:
         """Buffer one entry; False (nothing buffered) when a write would
-        pass ``max_bytes``. Outcomes always fit (72 bytes; `reserve`)."""
-        head, data = encode(e)
+        pass ``max_bytes``. Outcomes always fit (72 bytes; `reserve`).
+        ``fed``: the pipeline already has it (a spill); this run's reader
+        skips it, a restart replays it like any entry."""
+        head, data = encode(e, R_FED if fed else 0)
         n = REC.size + len(data)
         if data and self._end + n > self.max_bytes:
             return False
@@ -259,7 +262,7 @@ class OverflowLog:
         while r is None:
             need = REC.size
             if 0 <= rel and len(self._rbuf) - rel >= REC.size:
-                need += REC.unpack_from(self._rbuf, rel)[6]
+                need += REC.unpack_from(self._rbuf, rel)[7]
             left = self._written - self._rpos
             if need > left:
                 raise RuntimeError(f"overflow log {self.path}: record at {self._rpos} passes the end")
@@ -267,9 +270,15 @@ class OverflowLog:
             self._rbuf_off = self._rpos
             rel = 0
             r = decode(self._rbuf, 0, verify=False)
-        e, nxt = r
-        self._peeked = (e, self._rbuf_off + nxt)
+        e, nxt, rflags = r
+        self._peeked = (e, self._rbuf_off + nxt, bool(rflags & R_FED) and self._rpos >= self._replay_end)
         return e
+
+    @property
+    def peeked_fed(self) -> bool:
+        """The peeked entry was spilled by this run (the pipeline has it)."""
+        assert self._peeked is not None
+        return self._peeked[2]
 
     def advance(self) -> None:
         assert self._peeked is not None, "advance() without peek()"
@@ -288,7 +297,7 @@ class OverflowLog:
         """Everything read and released: cut the file back to its header."""
         assert not self.unread and not self._buf
         os.ftruncate(self._fd, len(FILE_MAGIC))
-        self._end = self._written = self._rpos = self._rbuf_off = len(FILE_MAGIC)
+        self._end = self._written = self._rpos = self._rbuf_off = self._replay_end = len(FILE_MAGIC)
         self._rbuf = b""
         self._peeked = None
         self.entries = 0
@@ -311,12 +320,13 @@ class Overflow:
         self._cg_name = cg_name
         self._index: dict[int, Outcome] = dict(olog.scanned_outcomes)  # logged outcomes not yet read
         self._skip: set[int] = set()  # outcomes handed over early: skip their logged copy
-        self.from_log: set[int] = set()  # payload writes fed from the log, not yet released
+        self.from_log: set[int] = set()  # payload writes fed from (or spilled to) the log, not yet released
+        self.ring_backed: dict[int, AugmentedWrite] = {}  # fed directly, payload still in the ring
         self._unsynced: list[int] = []  # ring io ids appended, not yet durable
         self._syncing: list[int] | None = None
         self.failed = ""
         self._oldest: dict[int, tuple[int, int]] = {cg: (v, t) for cg, v, t in olog.scanned_writes}
-        self.diverted = self.fed = self.refused = self.early_outcomes = 0
+        self.diverted = self.fed = self.refused = self.early_outcomes = self.spilled = 0
 
     # -- decisions ---------------------------------------------------------------
 
@@ -324,6 +334,11 @@ class Overflow:
     def active(self) -> bool:
         """The log holds unread entries: everything new goes behind them."""
         return self.log.unread > 0
+
+    @property
+    def in_use(self) -> bool:
+        """The log holds writes not yet durable at the appliance (the card is *lagging*)."""
+        return bool(self.log.unread or self.from_log)
 
     @property
     def full(self) -> bool:
@@ -341,12 +356,50 @@ class Overflow:
                 nbytes += e.length
         return not pipeline.fits(n, nbytes)
 
-    # -- ring → log ----------------------------------------------------------------
+    # -- ring → pipeline, ring → log ----------------------------------------------------
+
+    def fed_direct(self, entries: Iterable[AugmentedWrite | Outcome]) -> None:
+        """The card fed these straight to the pipeline: remember the writes
+        whose payload stays in the ring (a later spill must move them)."""
+        rb = self.ring_backed
+        for e in entries:
+            if type(e) is not Outcome and e.data is not None:
+                rb[e.io_id] = e
+
+    def spill(self, pipeline: Any, now_ns: int) -> None:
+        """Move the writes fed straight to the pipeline whose payload is
+        still in the ring into the log (marked fed, with a COMMITTED outcome
+        when hold no longer waits for theirs), and point the pipeline at a
+        copy of their bytes: once the log is durable their ring space is
+        released, so the ring's oldest payloads stop pinning the whole data
+        area (it is freed in order). Called before the first entry is
+        diverted, so the log stays in ring order."""
+        rb = self.ring_backed
+        if not rb:
+            return
+        pipeline.close_merge_windows(now_ns)  # no item downstream of hold may point into the ring
+        olog = self.log
+        done = []
+        for io_id, w in rb.items():
+            if not olog.append(w, fed=True):
+                break
+            if not pipeline.awaits(io_id):
+                olog.append(Outcome(io_id, Status.COMMITTED), fed=True)
+            if type(w.data) is memoryview:
+                w.data = bytes(w.data)  # hold's copy of the write is this object
+            self.from_log.add(io_id)
+            self._unsynced.append(io_id)
+            done.append(io_id)
+        for io_id in done:
+            del rb[io_id]
+        self.spilled += len(done)
 
     def divert(self, entries: Iterable[AugmentedWrite | Outcome], pipeline: Any, now_ns: int) -> None:
         """Append polled entries in order; a write the log cannot take goes to
         the pipeline (which loses it if it is full, as without the log)."""
         olog = self.log
+        if self.ring_backed and not self.failed:
+            self.spill(pipeline, now_ns)
         for e in entries:
             if type(e) is Outcome:
                 olog.append(e)
@@ -410,6 +463,9 @@ class Overflow:
         olog, skip, index = self.log, self._skip, self._index
         n = 0
         while n < limit and (e := olog.peek()) is not None:
+            if olog.peeked_fed:  # spilled by this run: the pipeline has it already
+                olog.advance()
+                continue
             if type(e) is Outcome:
                 olog.advance()
                 if e.io_id in skip:
@@ -446,6 +502,9 @@ class Overflow:
             if not fl:
                 self._maybe_reset()
             return True
+        rb = self.ring_backed
+        if rb:
+            rb.pop(io_id, None)
         return False
 
     def _maybe_reset(self) -> None:
@@ -472,9 +531,9 @@ class Overflow:
         olog = self.log
         return {
             "bytes": olog.size, "entries": olog.entries, "unread": olog.unread, "max": olog.max_bytes,
-            "fill": round(olog.size / olog.max_bytes, 6), "lagging": self.active, "full": self.full,
+            "fill": round(olog.size / olog.max_bytes, 6), "lagging": self.in_use, "full": self.full,
             "failed": self.failed, "diverted": self.diverted, "fed": self.fed, "refused": self.refused,
-            "early_outcomes": self.early_outcomes, "fed_unreleased": len(self.from_log),
+            "early_outcomes": self.early_outcomes, "spilled": self.spilled, "fed_unreleased": len(self.from_log),
             "unsynced": len(self._unsynced) + len(self._syncing or ()), "syncs": olog.syncs,
             "resets": olog.resets, "cut_at_open": olog.cut_bytes,
         }

@@ -342,6 +342,8 @@ class CardProcess:
                     ovf.divert(entries, p, t)  # in ring order, behind what the log holds
                     self._start_sync()
                 else:
+                    if ovf is not None:
+                        ovf.fed_direct(entries)  # before feeding: a write dropped at once is released in it
                     p.feed(entries, t)
                 idle_since = t
             else:
@@ -418,11 +420,12 @@ class CardProcess:
         ovf = self.overflow
         wall = time.time_ns()
         cgs = self.pipeline.cg_report(wall)
-        if ovf is not None:
-            for cg, t in ovf.oldest_by_cg().items():  # writes still in the overflow log are not protected
+        if ovf is not None and ovf.in_use:
+            for cg, t in ovf.oldest_by_cg().items():  # writes still unread in the overflow log are not protected
                 c = cgs.setdefault(cg, {"last_durable_seq": 0, "unacked_batches": 0, "rpo_seconds": 0.0})
                 c["rpo_seconds"] = max(c.get("rpo_seconds", 0.0), (wall - t) / 1e9)
-                c["lagging"] = True
+            for c in cgs.values():
+                c["lagging"] = c.get("rpo_seconds", 0.0) > 0
         return {
             "pid": os.getpid(),
             "full": st.full if ovf is None else ovf.full,
@@ -500,6 +503,8 @@ class CardProcess:
             if ovf is not None and ovf.behind(p, entries, fill() if callable(fill) else 0.0):
                 ovf.divert(entries, p, time.monotonic_ns())
             else:
+                if ovf is not None:
+                    ovf.fed_direct(entries)
                 p.feed(entries, time.monotonic_ns())
         if ovf is not None:
             while self._sync_fut is not None:
