@@ -104,6 +104,6 @@ def test_appliance_stopped_for_20s_the_overflow_log_absorbs_it(tmp_path, rng):
         assert [r["offset"] for r in recs] == ledger  # every write, once, in the client's order
         host = request(Layout(data).host_sock, {"cmd": "status"})["status"]
         assert host["card"]["late_refused"] == 0, host
-        assert all(v["state"] == "protected" for v in host["vdisks"]), host
+        assert all(v["state"] == "protected" and v["marked"] == 0 for v in host["vdisks"]), host
         card = request(Layout(data).card_ctl_sock, {"cmd": "stats"})["stats"]
         assert card["overflow"]["unread"] == 0 and not card["lost"], card["overflow"]

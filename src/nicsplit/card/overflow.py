@@ -359,12 +359,24 @@ class Overflow:
     # -- ring → pipeline, ring → log ----------------------------------------------------
 
     def fed_direct(self, entries: Iterable[AugmentedWrite | Outcome]) -> None:
-        """The card fed these straight to the pipeline: remember the writes
-        whose payload stays in the ring (a later spill must move them)."""
-        rb = self.ring_backed
+        """The card feeds these straight to the pipeline: remember the writes
+        whose payload stays in the ring (a later spill must move them), and
+        log (as fed) the outcome of a write the log holds, so a restart that
+        replays the write finds its outcome too."""
+        rb, fl = self.ring_backed, self.from_log
+        logged = False
         for e in entries:
-            if type(e) is not Outcome and e.data is not None:
+            if type(e) is Outcome:
+                if fl and e.io_id in fl and not self.failed:
+                    self.log.append(e, fed=True)
+                    logged = True
+            elif e.data is not None:
                 rb[e.io_id] = e
+        if logged:
+            try:
+                self.log.flush()
+            except OSError as err:
+                self.fail(f"write failed: {err}")
 
     def spill(self, pipeline: Any, now_ns: int) -> None:
         """Move the writes fed straight to the pipeline whose payload is
