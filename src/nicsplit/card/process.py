@@ -297,8 +297,7 @@ class CardProcess:
     def _synced(self, fut: asyncio.Future) -> None:
         self._sync_fut = None
         assert self.overflow is not None
-        self.overflow.synced(None if not fut.cancelled() and fut.exception() is None
-                             else (fut.exception() if not fut.cancelled() else OSError("fsync cancelled")))
+        self.overflow.synced(OSError("fsync cancelled") if fut.cancelled() else fut.exception())
         self._start_sync()  # the group that gathered meanwhile
 
     def _refused(self, io_id: int, vdisk_id: int, offset: int, length: int, reason: str) -> None:
