@@ -20,11 +20,20 @@ set (``cpus``; default the last core the process may use). The loop runs:
   ``{"cmd": "stats"}`` → ``{"ok": true, "stats": {"pid", "full", "cgs":
   {name: {"last_durable_seq", "unacked_batches", "rpo_seconds"}}, "stages":
   {...per-stage statistics...}, "wire": {"bytes_in", "bytes_out"},
-  "endpoint": {...}, "appliance": {...}}}``.
+  "endpoint": {...}, "appliance": {...}, "overflow": {"bytes", "entries",
+  "unread", "fill", "lagging", ...} | null}}``; a CG with writes in the
+  overflow log also has ``"lagging": true`` and its RPO counts them.
 
-When the pipeline is full (hold at its bound because the ship window is
-full) the endpoint is told if it supports ``set_full(bool)``, and the stats
-say ``"full": true``; the poller keeps polling (outcomes must get through).
+When the pipeline falls behind (hold has no room for what was polled, or the
+ring's data area is more than ``overflow_ring_fill`` full) the poller appends
+what it polls, in ring order, to the overflow log ``RUN_DIR/card-overflow.log``
+and feeds the pipeline from the log's head whenever hold has room; a group
+fsync off the loop thread releases the logged writes' ring payloads
+(`nicsplit.card.overflow`). Only when the log is full (``overflow_max``), or
+when there is none (``overflow_max = 0``) and the pipeline is full, is the
+endpoint told ``set_full(True)`` (it refuses writes: the host marks) and the
+stats say ``"full": true``; the poller keeps polling (outcomes must get
+through). At start, what the log holds is fed before anything polled since.
 
 SIGTERM / SIGINT: stop the poller, take the outcomes still queued in the
 transport, close merge windows and open batches, wait up to
@@ -55,6 +64,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from nicsplit.card.lostlog import LostLog
+from nicsplit.card.overflow import DEFAULT_MAX as OVERFLOW_DEFAULT_MAX, Overflow, OverflowLog
 from nicsplit.card.pipeline import CardPipeline, PipelineConfig, Shipper, tls_connector
 from nicsplit.card.pipeline.resolve import CardCatalog
 from nicsplit.card.transports.base import open_endpoint
@@ -68,7 +78,7 @@ from nicsplit.wire.ring import full_fence
 
 log = logging.getLogger(__name__)
 
-_SIZE_KEYS = {"hold_max_bytes", "merge_max_bytes", "batch_bytes", "ship_window_bytes"}
+_SIZE_KEYS = {"hold_max_bytes", "merge_max_bytes", "batch_bytes", "ship_window_bytes", "overflow_max"}
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,8 @@ class CardConfig(InDataDir):
     backoff_max_s: float = 5.0
     drain_timeout_s: float = 10.0
     priority: str = "realtime"  # realtime | high | normal: see set_priority
+    overflow_max: int = OVERFLOW_DEFAULT_MAX  # bound of RUN_DIR/card-overflow.log (0: no overflow log)
+    overflow_ring_fill: float = 0.5  # divert to the overflow log beyond this fill of the ring's data area
     pipeline: PipelineConfig = PipelineConfig()
 
     @property
@@ -105,7 +117,7 @@ class CardConfig(InDataDir):
         kw: dict[str, Any] = {}
         pkw: dict[str, Any] = {}
         for k, v in m.items():
-            if k in _SIZE_KEYS:
+            if k in _SIZE_KEYS and not (k == "overflow_max" and v in (0, "0")):  # 0: no overflow log
                 v = parse_size(v, k)
             if k in own:
                 kw[k] = tuple(v) if k == "cpus" and v is not None else v
@@ -226,7 +238,14 @@ class CardProcess:
         self.endpoint = endpoint
         self.catalog = catalog
         self._lost_log = LostLog(cfg.layout.card_lost_log) if on_lost is None and cfg.run_dir.is_dir() else None
-        self.pipeline = CardPipeline(catalog, release=endpoint.release, on_lost=on_lost or self._default_lost,
+        self.overflow: Overflow | None = None
+        if cfg.overflow_max > 0:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            self.overflow = Overflow(OverflowLog(cfg.layout.card_overflow, cfg.overflow_max),
+                                     release_ring=endpoint.release, ring_fill=cfg.overflow_ring_fill,
+                                     cg_name=self._cg_of)
+        self._sync_fut: asyncio.Future | None = None
+        self.pipeline = CardPipeline(catalog, release=self._release, on_lost=on_lost or self._default_lost,
                                      key=key, config=cfg.pipeline)
         if callable(getattr(catalog, "cg_names", None)):
             self.pipeline.add_cgs(catalog.cg_names())
@@ -256,6 +275,31 @@ class CardProcess:
             self.pipeline.add_cgs(self.catalog.cg_names())
         return self.pipeline.cgs()
 
+    def _release(self, io_id: int) -> None:
+        """The pipeline is done with a write: a write fed from the overflow
+        log gave its ring payload back when it was logged."""
+        ovf = self.overflow
+        if ovf is None or not ovf.release(io_id):
+            self.endpoint.release(io_id)
+
+    def _cg_of(self, vdisk_id: int) -> str | None:
+        r = self.catalog.lookup(vdisk_id)
+        return None if r is None else r[0]
+
+    def _start_sync(self) -> None:
+        """Group fsync of the overflow log off the loop thread; its writes'
+        ring payloads are released when it is done (`Overflow.synced`)."""
+        ovf = self.overflow
+        if ovf is not None and self._sync_fut is None and ovf.start_sync():
+            self._sync_fut = asyncio.get_running_loop().run_in_executor(None, ovf.log.sync)
+            self._sync_fut.add_done_callback(self._synced)
+
+    def _synced(self, fut: asyncio.Future) -> None:
+        self._sync_fut = None
+        assert self.overflow is not None
+        self.overflow.synced(OSError("fsync cancelled") if fut.cancelled() else fut.exception())
+        self._start_sync()  # the group that gathered meanwhile
+
     def _refused(self, io_id: int, vdisk_id: int, offset: int, length: int, reason: str) -> None:
         """A write the card refused: its host may have answered the client
         already (a late write) and die before it hears the refusal, so the
@@ -278,7 +322,10 @@ class CardProcess:
     # -- the poller --------------------------------------------------------------
 
     async def poll_loop(self) -> None:
-        ep, p = self.endpoint, self.pipeline
+        ep, p, ovf = self.endpoint, self.pipeline, self.overflow
+        fill = getattr(ep, "fill", None)
+        if not callable(fill):
+            fill = _no_fill
         spin_ns = int(self.cfg.idle_spin_us * 1000)
         n = self.cfg.poll_entries
         now = time.monotonic_ns
@@ -290,10 +337,18 @@ class CardProcess:
             self._polls += 1
             if entries:
                 self._entries += len(entries)
-                p.feed(entries, t)
+                if ovf is not None and ovf.behind(p, entries, fill()):
+                    ovf.divert(entries, p, t)  # in ring order, behind what the log holds
+                    self._start_sync()
+                else:
+                    if ovf is not None:
+                        ovf.fed_direct(entries)  # before feeding: a write dropped at once is released in it
+                    p.feed(entries, t)
                 idle_since = t
             else:
                 collect_when_idle(False)
+            if ovf is not None and ovf.active and ovf.feed(p, t):
+                idle_since = t
             p.tick(t)
             ep.heartbeat()
             self._report_full()
@@ -304,10 +359,13 @@ class CardProcess:
                 await sleep(0)
 
     def _report_full(self) -> None:
-        full = self.pipeline.full
+        """Refuse writes only when nothing can take them: the pipeline is
+        full and there is no overflow log, or the log is full (or failed)."""
+        full = self.pipeline.full if self.overflow is None else self.overflow.full
         if full != self._full:
             self._full = full
-            log.warning("card %s", "full: writes will be refused until the appliance catches up" if full else "no longer full")
+            log.warning("card %s", ("full: writes will be refused until the appliance catches up" if full
+                                    else "no longer full"))
             set_full = getattr(self.endpoint, "set_full", None)
             if callable(set_full):
                 set_full(full)
@@ -358,10 +416,20 @@ class CardProcess:
     def stats(self) -> dict[str, Any]:
         st = self.pipeline.statistics()
         ep_stats = self.endpoint.statistics() if callable(getattr(self.endpoint, "statistics", None)) else None
+        ovf = self.overflow
+        wall = time.time_ns()
+        cgs = self.pipeline.cg_report(wall)
+        if ovf is not None and ovf.in_use:
+            for cg, t in ovf.oldest_by_cg().items():  # writes still unread in the overflow log are not protected
+                c = cgs.setdefault(cg, {"last_durable_seq": 0, "unacked_batches": 0, "rpo_seconds": 0.0})
+                c["rpo_seconds"] = max(c.get("rpo_seconds", 0.0), (wall - t) / 1e9)
+            for c in cgs.values():
+                c["lagging"] = c.get("rpo_seconds", 0.0) > 0
         return {
             "pid": os.getpid(),
-            "full": st.full,
-            "cgs": self.pipeline.cg_report(),
+            "full": st.full if ovf is None else ovf.full,
+            "cgs": cgs,
+            "overflow": None if ovf is None else ovf.statistics(),
             "stages": {k: ctl.jsonable(getattr(st, k)) for k in
                        ("resolve", "hold", "merge", "dedup", "compress", "encrypt", "batch", "ship")},
             "writes_in": st.writes_in, "outcomes_in": st.outcomes_in, "released": st.released, "lost": st.lost,
@@ -412,6 +480,11 @@ class CardProcess:
                 ctl_path.unlink()
             except FileNotFoundError:
                 pass
+            while self._sync_fut is not None:
+                await asyncio.wait([self._sync_fut])
+                await asyncio.sleep(0)  # let its done callback run
+            if self.overflow is not None:
+                self.overflow.log.close()
         return 0
 
     async def _drain(self) -> None:
@@ -420,11 +493,23 @@ class CardProcess:
         deadline = time.monotonic() + self.cfg.drain_timeout_s
         # Outcomes already in the transport decide what is committed (the
         # supervisor stops the host first, so nothing new arrives).
+        ovf = self.overflow
+        fill = getattr(ep, "fill", None)
         for _ in range(10_000):
             entries = ep.poll(self.cfg.poll_entries)
             if not entries:
                 break
-            p.feed(entries, time.monotonic_ns())
+            if ovf is not None and ovf.behind(p, entries, fill() if callable(fill) else 0.0):
+                ovf.divert(entries, p, time.monotonic_ns())
+            else:
+                if ovf is not None:
+                    ovf.fed_direct(entries)
+                p.feed(entries, time.monotonic_ns())
+        if ovf is not None:
+            while self._sync_fut is not None:
+                await asyncio.wait([self._sync_fut])
+                await asyncio.sleep(0)  # let its done callback run
+            ovf.sync_now()  # what the log holds is replayed at the next start
         p.drain(time.monotonic_ns())
         while not p.drained() and time.monotonic() < deadline:
             ep.heartbeat()
@@ -436,6 +521,10 @@ class CardProcess:
         else:
             log.warning("card stopping with %d unacked batches and %d writes in hold; the host marks them",
                         st.ship.unacked, st.hold.held)
+
+
+def _no_fill() -> float:
+    return 0.0
 
 
 async def run_card(

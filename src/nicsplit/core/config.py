@@ -108,6 +108,11 @@ merge_window_ms = 0
 # AES-GCM each ~0.9 ms per MiB), inside the 1 ms split timeout.
 batch_bytes = "256K"
 batch_delay_us = 500
+# When the appliance or the link falls behind, the card moves what it
+# receives, in order, into its overflow log (DATA/run/card-overflow.log)
+# instead of refusing writes (which sends vdisks to marking); it refuses
+# only once the log reaches this size (0 = no overflow log).
+# overflow_max = "4G"
 # zstd level for batches (1 = fast).
 compress_level = 1
 # A block the appliance confirmed is sent as a reference for at most this

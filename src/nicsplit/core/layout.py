@@ -14,6 +14,7 @@ The tree, with who writes what:
       host/marking/UUID.state.json  protected or marking, since, reason (the host)
       run/                          sockets, pid files, logs of running processes
       run/card-lost.jsonl           writes the card could not ship (the card)
+      run/card-overflow.log         ring entries the card took while behind (the card)
       run/images/ID.json            image-access registry (the appliance)
       appliance/id                  appliance identity
       appliance/at-rest.key         at-rest keyring
@@ -84,6 +85,8 @@ class Layout:
     run = _Under("data", "run")
     card_lost_log = _Under("run", "card-lost.jsonl",
                            "Writes the card acknowledged but could not ship (nicsplit.card.lostlog).")
+    card_overflow = _Under("run", "card-overflow.log",
+                           "The card's ordered overflow log (nicsplit.card.overflow).")
     images_run = _Under("run", "images")
 
     def sock(self, name: str) -> Path:

@@ -125,6 +125,14 @@ class Hold:
     def full(self) -> bool:
         return self._count >= self.max_writes or self._bytes >= self.max_bytes
 
+    def fits(self, writes: int, nbytes: int) -> bool:
+        """Would ``writes`` more writes of ``nbytes`` payload stay within the bounds?"""
+        return self._count + writes <= self.max_writes and self._bytes + nbytes <= self.max_bytes
+
+    def awaiting(self, io_id: int) -> bool:
+        """Is ``io_id`` held, waiting for its outcome?"""
+        return io_id in self._by_io
+
     def expect(self, cg_id: int, next_seq: int) -> None:
         """Declare the next seq of a CG (before any of its writes arrive)."""
         lane = self._lanes.get(cg_id)

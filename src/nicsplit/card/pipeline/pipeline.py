@@ -182,6 +182,22 @@ class CardPipeline:
     def full(self) -> bool:
         return self.hold.full
 
+    def fits(self, writes: int, nbytes: int) -> bool:
+        """Room in hold for ``writes`` more writes of ``nbytes`` payload (the
+        card's overflow log feeds the pipeline only while this holds)."""
+        return self.hold.fits(writes, nbytes)
+
+    def awaits(self, io_id: int) -> bool:
+        """A write fed earlier still waits in hold for its outcome."""
+        return self.hold.awaiting(io_id)
+
+    def close_merge_windows(self, now_ns: int) -> None:
+        """Close every open merge window (its items may point into transport
+        memory): afterwards only hold refers to the writes' payloads."""
+        if self.merger.enabled:
+            self.merger.flush()
+            self._drain_merge(now_ns)
+
     def cgs(self) -> tuple[str, ...]:
         """CG names seen so far (for Hello)."""
         return tuple(self._cgs)

@@ -234,6 +234,10 @@ class RingEndpoint:
             self._data_head = end
             self._ctr[DATA_HEAD] = end
 
+    def fill(self) -> float:
+        """Fraction of the data area held by payloads not yet released."""
+        return (self._data_expect - self._data_head) / self._dsize
+
     # -- sleeping -----------------------------------------------------------------------
 
     def set_sleeping(self, sleeping: bool) -> None:
