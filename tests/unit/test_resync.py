@@ -148,9 +148,11 @@ def test_resync_ships_dirty_regions_in_cg_order_with_gap_then_protected(tmp_path
 
         seqs = [w.cg_seq for w in card.writes]
         assert seqs == sorted(seqs), "ring order is CG order"
-        *gap, last = card.writes
-        assert all(w.flags & GAP for w in gap) and not last.flags & GAP
-        copies = [w for w in card.writes if w.vdisk_id == sa.vdisk.id]
+        *gap, barrier, last = card.writes
+        assert all(w.flags & GAP for w in gap) and gap[-1].vdisk_id == sa.vdisk.id
+        # The gap ends with a barrier without GAP: a consistent PIT at once.
+        assert barrier.op == Op.BARRIER and barrier.flags == WFlag.NONE and not last.flags & GAP
+        copies = [w for w in card.writes if w.vdisk_id == sa.vdisk.id and w.op == Op.WRITE]
         covered = set()
         for w in copies:
             assert w.op == Op.WRITE and w.voffset % REGION == 0 and w.length % REGION == 0

@@ -33,8 +33,8 @@ Progress is the bitmap itself: an interrupted resync (card killed again,
 host restarted) resumes with only the regions left. When no bit is left,
 no chunk is claimed and no resync write of the vdisk is unconfirmed, the
 vdisk is *protected* again (persisted, logged with the reason); the CG's
-gap ends when all its vdisks are protected, and the next record it ships is
-a consistent PIT again.
+gap ends when all its vdisks are protected, and a barrier without GAP is
+shipped at once: the first consistent PIT after the gap.
 
 Rate: ``[host] resync_mib_s`` (default 64; 0 = unlimited) across all
 vdisks, halved while the card has late (unconfirmed) client writes.
@@ -161,6 +161,8 @@ class Resync:
                     await asyncio.get_running_loop().run_in_executor(None, d.sync)
                     el = time.monotonic() - self.progress.started
                     d.enter_protected(f"resync done: {self.progress.done_bytes / 2**20:.1f} MiB in {el:.1f} s")
+                    if not self.split.gap.vdisks:
+                        await self._close_gap()
                     return
                 if not chunks:
                     await asyncio.sleep(0.05)  # late verdicts still to come
@@ -171,6 +173,15 @@ class Resync:
                 t.cancel()
             if self._window:
                 await asyncio.gather(*self._window, return_exceptions=True)
+
+    async def _close_gap(self) -> None:
+        """The CG's gap just ended: a barrier without GAP makes the first
+        consistent PIT after it at once, not at the next client write."""
+        try:
+            seq = await self.split.barrier()
+            log.info("consistency group %s: consistent again from seq %d", self.split.cg, seq)
+        except Exception as e:  # the card went away again: the next write marks
+            log.warning("consistency group %s: no barrier after the resync: %s", self.split.cg, e)
 
     async def _drain(self) -> None:
         if self._window:
