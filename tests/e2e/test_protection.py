@@ -34,11 +34,12 @@ pytestmark = pytest.mark.usefixtures("peers")
 SIZE = 32 << 20
 
 
-def system(tmp_path: Path, *, timeout_us: int = 1_000_000, vdisks: dict | None = None, names=("a", "b")) -> Path:
+def system(tmp_path: Path, *, timeout_us: int = 1_000_000, vdisks: dict | None = None, names=("a", "b"),
+           **host: object) -> Path:
     # The hidden volume holds more than a test writes in total, so a slow
     # appliance (fsyncs on a loaded machine) cannot fill it: a full card
     # rightly drops vdisks to marking, which is not what these tests check.
-    data = init_data(tmp_path / "data", filters=["stats", {"name": "split", "split_timeout_us": timeout_us}], vdisks=vdisks,
+    data = init_data(tmp_path / "data", filters=["stats", {"name": "split", "split_timeout_us": timeout_us}], vdisks=vdisks, **host,
                      sections={"card": {"transport_options": {"data_size": "256M"}}})
     run_cli(data, "cg", "create", "cg1")
     for n in names:
@@ -160,7 +161,9 @@ def test_failed_writes_are_never_journaled(tmp_path):
 
 def test_card_killed_writes_go_on_and_dirty_map_covers_the_gap(tmp_path, rng):
     timeout_us = 50_000
-    data = system(tmp_path, timeout_us=timeout_us)
+    # No automatic resync here (the card is restarted at once): this checks
+    # what marking records; tests/e2e/test_resync.py checks what follows.
+    data = system(tmp_path, timeout_us=timeout_us, resync=False)
     with UpProcess(data) as up:
         h = nbd_connect(up.uri("a"))
         ledger = []

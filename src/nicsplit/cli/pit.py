@@ -63,7 +63,7 @@ def cmd_bookmark(args: argparse.Namespace) -> int:
         done = bookmark(cfg.data, args.cg, args.name, lock=args.lock, seq=args.seq, quiesce=args.quiesce,
                         thaw=args.thaw, hook_timeout=args.hook_timeout, timeout=args.timeout)
         if done.host_down:
-            print(f"note: the host is not running; bookmarking the latest journaled point in time of {args.cg}",
+            print(f"note: the host is not running; bookmarking the latest consistent journaled point in time of {args.cg}",
                   file=sys.stderr)
         b = done.bookmark
     if args.json:

@@ -45,6 +45,8 @@ filters = ["stats", "split"]
 # resync_parallel vdisks at a time.
 resync_mib_s = 64
 resync_parallel = 2
+# false: marking vdisks wait (for an operator, or a test) instead of resyncing.
+resync = true
 # Check the contract between every pair of chain layers (ranges, flags,
 # read lengths). Costs some CPU per IO; the test suite turns it on.
 validate = false

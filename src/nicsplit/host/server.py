@@ -108,6 +108,7 @@ class HostServer:
         self.context = HostContext(cfg.data, card=cfg.raw.get("host", {}).get("card"))
         self.resyncer = Resyncer(self.context.card, mib_s=float(cfg.host("resync_mib_s", 64)),
                                  parallel=int(cfg.host("resync_parallel", 2)))
+        self.auto_resync = bool(cfg.host("resync", True))
         self._chains: dict[str, Chain] = {}
         self.sessions: set[NBDSession] = set()
         self._servers: list[asyncio.AbstractServer] = []
@@ -266,7 +267,8 @@ class HostServer:
                 link.lost("card stopped responding (heartbeat stale or connection closed)")
                 continue
             link.trim()
-            self.resyncer.poll(self._chains.values())
+            if self.auto_resync:
+                self.resyncer.poll(self._chains.values())
 
     async def stop(self) -> None:
         await self.resyncer.stop()
