@@ -305,3 +305,36 @@ def test_region_lock_waits_for_writes_in_flight():
         await asyncio.wait_for(waiter, 1)
 
     asyncio.run(main())
+
+
+def test_host_restart_mid_resync_resumes_from_the_bitmap(tmp_path: Path):
+    async def main():
+        host, ds = mkhost(tmp_path)
+        card = Card(host.cfg.layout.run)
+        card.start()
+        sa = host.chain("a").filter("split")
+        await go_marking(host, card, [(0, 64 * REGION)])
+        card = Card(host.cfg.layout.run)
+        card.start()
+        await until(lambda: host.context.card.get() is not None)
+        host.resyncer.rate = RateLimit(8)
+        host.resyncer.poll([host.chain("a")])
+        await until(lambda: sa.resync is not None and sa.resync.done_bytes >= 16 * REGION, 10)
+        await host.stop()  # the host stops mid-resync: the state file says resyncing
+        ds.close()
+        ds = Datastore.open(host.cfg.datastore_dir)
+        ds.open_io()
+        host = HostServer(host.cfg, ds)
+        sa = host.chain("a").filter("split")
+        left = sa.dmap.dirty_regions()
+        assert sa.state == "resyncing" and 0 < left < 64, (sa.state, left)
+        assert host.context.gap("cg1").vdisks == {"a"}  # still in the gap after the restart
+        await until(lambda: host.context.card.get() is not None and host.context.card.get().healthy())
+        host.resyncer.poll([host.chain("a")])
+        await asyncio.wait_for(host.resyncer.tasks["a"], 10)
+        assert sa.state == "protected" and sa.resync.shipped_total == left * REGION
+        await card.kill()
+        await host.stop()
+        ds.close()
+
+    asyncio.run(main())
