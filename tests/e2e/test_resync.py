@@ -212,3 +212,44 @@ def test_resync_interrupted_by_a_second_card_kill_resumes(tmp_path, seed):
         # Resumed, not restarted: at most the dirty bytes plus what the kill made
         # dirty again (copies not yet durable, and client writes while marking).
         assert shipped < 1.5 * dirty, (shipped, dirty)
+
+
+def test_pits_after_marking_are_not_offered_as_consistent_with_the_host_stopped(tmp_path):
+    """Issue 11, item 3: PITs taken after a vdisk entered marking were listed
+    consistent and restored silently without the marked writes; with the host
+    stopped, bookmark took them. Now they carry the gap flag."""
+    data = init_data(tmp_path / "data", filters=["stats", {"name": "split", "split_timeout_us": 1_000_000}],
+                     resync=False, sections={"card": {"transport_options": {"data_size": "256M"}}})
+    run_cli(data, "cg", "create", "cg1")
+    for n in ("a", "b"):
+        run_cli(data, "vdisk", "create", n, "--size", str(SIZE), "--cg", "cg1")
+    with UpProcess(data) as up:
+        ha, hb = nbd_connect(up.uri("a")), nbd_connect(up.uri("b"))
+        for i in range(10):
+            ha.pwrite(block(i), i * BS)
+            hb.pwrite(block(i), i * BS)
+        wait_for(lambda: len(journal(data, "cg1")) >= 20, 60, "the first writes journaled", interval=0.1)
+        kill_card(up)
+        ha.pwrite(block(100), 0)  # the card is gone: a marks it
+        assert host_vdisks(data)["a"]["state"] == "marking"
+        wait_for(lambda: (request(Layout(data).host_sock, {"cmd": "status"}) or {}).get("status", {})
+                 .get("card", {}).get("attached"), 30, "the host attached to the restarted card", interval=0.1)
+        n0 = len(journal(data, "cg1"))
+        for i in range(10, 20):
+            hb.pwrite(block(i), i * BS)  # b is protected, but its CG is in the gap
+        wait_for(lambda: len(journal(data, "cg1")) >= n0 + 10, 60, "b's writes journaled", interval=0.1)
+        assert host_vdisks(data)["a"]["state"] == "marking"  # no automatic resync here
+        ha.shutdown()
+        hb.shutdown()
+    pits, gap = gap_pits(data)
+    assert gap and pits[-1]["gap"] and not pits[-1]["consistent"]
+    before = [p for p in pits if p["consistent"]][-1]
+    assert before["seq"] < gap[0]["seq"]
+    # The host is stopped: bookmark takes the last consistent PIT, before the gap.
+    p = run_cli(data, "bookmark", "cg1", "now", "--json")
+    assert json.loads(p.stdout)["seq"] == before["seq"]
+    out = tmp_path / "b.raw"
+    run_cli(data, "restore", "b", "--latest", "--to", str(out), timeout=120)
+    img = out.read_bytes()
+    assert img[:10 * BS] == b"".join(block(i) for i in range(10))
+    assert img[10 * BS:20 * BS].count(0) == 10 * BS  # b's writes in the gap are not in a consistent PIT
