@@ -221,6 +221,7 @@ class Resync:
                 if not ok:
                     d.release(off, n, False)
             if not ok:
+                sp.seq.unget(w.cg_seq)  # the same synchronous step: no seq was taken since
                 if not t.healthy():
                     self.link.lost("card stopped responding (during a resync)")
                     raise CardGone("card stopped responding")

@@ -4,7 +4,7 @@ goes down to the datastore.
 
 What it does per write-like IO (ARCHITECTURE.md §3, steps D–I):
 D. builds an `AugmentedWrite`: CG id, CG sequence number (taken as the IO
-   enters this filter), vdisk id, op (write / zero / trim / barrier), FUA,
+   enters this filter; a write that does not reach the card takes none), vdisk id, op (write / zero / trim / barrier), FUA,
    *virtual* offset and length, timestamp, IO id;
 E–F. hands it to the card through the transport and waits for the ack, at
    most ``split_timeout_us``; a write whose ack is late is not lost: it stays
@@ -94,8 +94,11 @@ class SplitFilter(Filter):
         return self.dmap.state
 
     def _mark(self, w: AugmentedWrite, reason: str) -> None:
+        self._mark_range(w.voffset, w.length, reason)
+
+    def _mark_range(self, offset: int, length: int, reason: str) -> None:
         self.dmap.enter_marking(reason)
-        self.dmap.mark(w.voffset, w.length)
+        self.dmap.mark(offset, length)
         self._dmap_dirty = True
         self.marked_count += 1
 
@@ -106,20 +109,22 @@ class SplitFilter(Filter):
         seq = self.seq
         if seq is None:
             return None
+        # A write that does not reach the card takes no seq (see Sequencer).
+        if self.dmap.marking:
+            self._mark_range(offset, length, "")
+            return None
+        t = self.link.get()
+        if t is None:
+            self._mark_range(offset, length, "card unavailable: " + (self.link.last_error or "not attached"))
+            return None
         wf = _WFUA if flags & FUA else _WNONE
         if self.gap.vdisks:
             wf |= _WGAP
         w = AugmentedWrite(
             self.ctx.next_io_id(), self.cg_id, seq.next(), self.vdisk.id, op, wf, offset, length, time_ns(), data,
         )
-        if self.dmap.marking:
-            self._mark(w, "")
-            return None
-        t = self.link.get()
-        if t is None:
-            self._mark(w, "card unavailable: " + (self.link.last_error or "not attached"))
-            return None
         if not t.submit(w):
+            seq.unget(w.cg_seq)
             if not t.healthy():
                 self.link.lost("card stopped responding")
             self._mark(w, "card refused the write (full, or gone)")
