@@ -338,3 +338,22 @@ def test_host_restart_mid_resync_resumes_from_the_bitmap(tmp_path: Path):
         ds.close()
 
     asyncio.run(main())
+
+
+def test_a_write_that_does_not_reach_the_card_takes_no_seq(tmp_path: Path):
+    """The card's hold stage waits its outcome timeout for a missing seq: a
+    marked write must leave no hole in the CG's order."""
+    async def main():
+        host, ds = mkhost(tmp_path)
+        card = Card(host.cfg.layout.run)
+        card.start()
+        await host.chain("b").top.pwrite(0, pattern(1, 4096), 0)
+        seq = host.context.sequencer("cg1")
+        before = seq.last
+        await go_marking(host, card, [(0, 4096), (REGION, 4096)])  # a: no card, then marking
+        assert seq.last == before
+        assert seq.unget(seq.next()) and seq.last == before and not seq.unget(before - 1)
+        await host.stop()
+        ds.close()
+
+    asyncio.run(main())
