@@ -45,6 +45,9 @@ filters = ["stats", "split"]
 # resync_parallel vdisks at a time.
 resync_mib_s = 64
 resync_parallel = 2
+# The rate is halved while client writes wait longer than this for the
+# card's ack on average (microseconds), or any ack is late.
+resync_latency_us = 2000
 # false: marking vdisks wait (for an operator, or a test) instead of resyncing.
 resync = true
 # Check the contract between every pair of chain layers (ranges, flags,

@@ -37,7 +37,10 @@ gap ends when all its vdisks are protected, and a barrier without GAP is
 shipped at once: the first consistent PIT after the gap.
 
 Rate: ``[host] resync_mib_s`` (default 64; 0 = unlimited) across all
-vdisks, halved while the card has late (unconfirmed) client writes.
+vdisks, halved while production suffers: the card has late (unconfirmed)
+client writes, or the mean time client writes waited for the card's ack over
+the last housekeeping tick exceeds ``[host] resync_latency_us`` (default
+2000).
 """
 
 from __future__ import annotations
@@ -201,7 +204,6 @@ class Resync:
         d, sp = self.dmap, self.split
         await self._room.acquire()
         try:
-            self.rate.slow = self.link.unconfirmed > 0
             await self.rate.take(n)
             t = self._transport()
             d.claim(off, n)
@@ -265,9 +267,11 @@ class Resyncer:
     housekeeping calls `poll`)."""
 
     def __init__(self, link: Any, *, mib_s: float = 64, parallel: int = 2, chunk: int = 1 << 20,
-                 max_inflight: int = 4) -> None:
+                 max_inflight: int = 4, latency_us: float = 2000) -> None:
         self.link = link
         self.rate = RateLimit(mib_s)
+        self.latency_ns = latency_us * 1000
+        self._acks: dict[str, tuple[int, int]] = {}  # vdisk -> (writes, ns waited) at the last tick
         self.parallel = parallel
         self.chunk = chunk
         self.max_inflight = max_inflight
@@ -280,6 +284,9 @@ class Resyncer:
             t = self.tasks.pop(name)
             if not t.cancelled() and t.exception() is not None:
                 log.error("vdisk %s: resync failed: %s", name, t.exception())
+        chains = list(chains)
+        if self.tasks:
+            self.rate.slow = self.link.unconfirmed > 0 or self._suffering(chains)
         t = self.link.get()
         if t is None or not t.healthy():
             return
@@ -297,6 +304,21 @@ class Resyncer:
                 d.enter_resyncing(f"card attached and healthy: copying {d.dirty_bytes() / 2**20:.1f} MiB of dirty regions")
             r = Resync(sp, below, self.rate, chunk=self.chunk, max_inflight=self.max_inflight)
             self.tasks[ch.vdisk.name] = asyncio.get_running_loop().create_task(r.run(), name=f"resync {ch.vdisk.name}")
+
+    def _suffering(self, chains: list[Any]) -> bool:
+        """True when client writes waited for the card's ack longer than
+        ``latency_us`` on average since the last tick (any vdisk)."""
+        slow = False
+        for ch in chains:
+            sp = ch.filter("split")
+            if sp is None:
+                continue
+            h = sp.hist
+            n0, s0 = self._acks.get(ch.vdisk.name, (h.total, h.sum_ns))
+            self._acks[ch.vdisk.name] = (h.total, h.sum_ns)
+            if h.total > n0 and (h.sum_ns - s0) / (h.total - n0) > self.latency_ns:
+                slow = True
+        return slow
 
     async def stop(self) -> None:
         for t in self.tasks.values():

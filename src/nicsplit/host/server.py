@@ -107,7 +107,8 @@ class HostServer:
         self.group_sync = GroupSync(datastore.sync)
         self.context = HostContext(cfg.data, card=cfg.raw.get("host", {}).get("card"))
         self.resyncer = Resyncer(self.context.card, mib_s=float(cfg.host("resync_mib_s", 64)),
-                                 parallel=int(cfg.host("resync_parallel", 2)))
+                                 parallel=int(cfg.host("resync_parallel", 2)),
+                                 latency_us=float(cfg.host("resync_latency_us", 2000)))
         self.auto_resync = bool(cfg.host("resync", True))
         self._chains: dict[str, Chain] = {}
         self.sessions: set[NBDSession] = set()
