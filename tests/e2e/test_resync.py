@@ -177,7 +177,7 @@ def test_card_killed_under_load_resyncs_by_itself(tmp_path, seed):
         print(f"resync: shipped {shipped / 2**20:.1f} MiB; {len(gap)} PITs in the gap; "
               f"{sum(r['gap'] for r in recs)} of {len(recs)} records carry GAP; prefix {n} of {len(ledger.done)}; "
               f"states {[v['state'] for c in st['cgs'] for v in c['vdisks']]}")
-        print("\n".join(ln for ln in up.log().splitlines() if "resync done" in ln or "protection gap" in ln))
+        print("\n".join(ln for ln in up.log().splitlines() if " -> " in ln or "protection gap" in ln or "lost" in ln))
 
 
 def test_resync_interrupted_by_a_second_card_kill_resumes(tmp_path, seed):

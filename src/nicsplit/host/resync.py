@@ -22,7 +22,10 @@ For each chunk (up to ``chunk`` bytes of consecutive dirty regions):
    take a fresh CG seq and submit it to the card as an ordinary WRITE with
    ``WFlag.GAP``: seq and submission are one synchronous step, so ring order
    is CG order; unlock — the writes that waited take later seqs;
-4. wait for the card's ack (bounded: ``max_inflight`` chunks at a time),
+4. wait for the card's ack (bounded: ``max_inflight`` chunks at a time, and
+   at most ``max_undurable`` bytes acked but not yet durable, and no new
+   copy while the card's buffer is over half full: the resync never fills
+   the card, which would refuse client writes),
    post the COMMITTED outcome, let `CardLink` keep the write like any acked
    one (if the card dies before it is durable, ``CardLink.lost`` marks the
    regions again), and clear the regions' bits. A late ack is fine: the
@@ -46,6 +49,7 @@ the last housekeeping tick exceeds ``[host] resync_latency_us`` (default
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import Any, Iterable
@@ -118,7 +122,7 @@ class Resync:
     (then protected), or stops when the vdisk leaves ``resyncing``."""
 
     def __init__(self, split: Any, below: Any, rate: RateLimit, *, chunk: int = 1 << 20,
-                 max_inflight: int = 4, ack_timeout_s: float = 1.0) -> None:
+                 max_inflight: int = 4, ack_timeout_s: float = 1.0, max_undurable: int = 16 << 20) -> None:
         self.split = split
         self.dmap = split.dmap
         self.link = split.link
@@ -129,6 +133,13 @@ class Resync:
         self.max_inflight = max_inflight
         self.ack_timeout_ns = int(ack_timeout_s * 1e9)
         self._window: set[asyncio.Task] = set()
+        # Copies the card acked but has not made durable (payload position,
+        # bytes): at most max_undurable, so the resync never fills the card
+        # (which would refuse client writes and send vdisks back to marking).
+        self.max_undurable = max_undurable
+        self._undurable: collections.deque[tuple[int, int]] = collections.deque()
+        self._undurable_bytes = 0
+        self._undurable_t: Any = None
         self._room = asyncio.Semaphore(max_inflight)
         self.refused = 0
         if split.resync is None:
@@ -206,6 +217,7 @@ class Resync:
         try:
             await self.rate.take(n)
             t = self._transport()
+            t = await self._card_room(t)
             d.claim(off, n)
             ok = False
             try:
@@ -238,6 +250,27 @@ class Resync:
         self._window.add(task)
         task.add_done_callback(self._window.discard)
 
+    async def _card_room(self, t: Any) -> Any:
+        """Wait (polling every 5 ms) until the card made enough of the
+        earlier copies durable; the transport to use then."""
+        while True:
+            if t is not self._undurable_t:  # another card: its positions start afresh
+                self._undurable_t = t
+                self._undurable.clear()
+                self._undurable_bytes = 0
+            released = t.released_position()
+            q = self._undurable
+            while q and q[0][0] <= released:
+                self._undurable_bytes -= q.popleft()[1]
+            # The card's buffer over half full (client writes, the appliance
+            # behind): leave the rest to production.
+            size = getattr(t, "data_size", 0)
+            busy = bool(size) and t.last_position - released > size // 2
+            if self._undurable_bytes < self.max_undurable and not busy:
+                return t
+            await asyncio.sleep(0.005)
+            t = self._transport()
+
     async def _settle(self, t: Any, w: AugmentedWrite, position: int) -> None:
         d, link = self.dmap, self.link
         copied = False
@@ -255,6 +288,8 @@ class Resync:
                 self.refused += 1
                 t.post_outcome(w.io_id, Status.FAILED)
             if copied:
+                self._undurable.append((position, w.length))
+                self._undurable_bytes += w.length
                 self.progress.done_bytes += w.length
                 self.progress.shipped_total += w.length
         finally:
