@@ -116,7 +116,7 @@ def test_durable_acks_dump_and_replay(adata: Path, appliance, tmp_path: Path, rn
     names = {v: k for k, v in ids.items()}
     rows = dump(adata, "db")
     assert rows == [{"seq": r.seq, "vdisk": names[r.vdisk_id], "offset": r.offset, "length": r.length,
-                     "op": "write" if r.op == Op.WRITE else "zero", "time": r.time_ns / 1e9} for r in recs]
+                     "op": "write" if r.op == Op.WRITE else "zero", "time": r.time_ns / 1e9, "gap": False} for r in recs]
     # replay == what the writes produce on zeroed images
     out = tmp_path / "replay"
     appliance_cli(adata, "journal", "replay", "db", "--out", str(out))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from nicsplit.core.records import RFLAG_IN_WINDOW
+from nicsplit.core.records import RFLAG_IN_WINDOW, WFlag
 from nicsplit.journal.scan import JournalScanner
 from nicsplit.journal.writer import Journal
 from nicsplit.recovery.bookmarks import BookmarkError, add_bookmark, bookmarks_path, get_bookmark, list_bookmarks
@@ -188,6 +188,28 @@ def test_resolution_and_errors(tmp_path: Path):
     with pytest.raises(NoSuchPit, match="before the oldest point in time"):
         idx.pit_at(99)
     assert idx.latest().seq == 12 and idx.oldest().seq == 3
+
+
+def test_pits_inside_a_protection_gap_are_not_consistent(tmp_path: Path):
+    """A PIT whose last record carries WFlag.GAP (a vdisk of the CG was marking
+    or resyncing) is listed consistent=False, gap=True; the one before the gap
+    stays consistent, and so is the first after it."""
+    jd = tmp_path / "j"
+    flags = [(3, 0), (5, WFlag.GAP), (7, WFlag.GAP | WFlag.FUA), (9, RFLAG_IN_WINDOW | WFlag.GAP), (11, 0)]
+    with Journal.open(jd) as j:
+        for i, (seq, f) in enumerate(flags, 1):
+            j.append_batch(Meta(i, seq, seq, seq * 10, seq * 10), [Record(seq, seq, 1, Op.WRITE, int(f), 0, 512, seq * 10, b"x" * 512)])
+    idx = PitIndex(jd)
+    pits = idx.list_pits()
+    assert [(p.seq, p.consistent, p.gap) for p in pits] == [
+        (3, True, False), (5, False, True), (7, False, True), (9, False, False), (11, True, False)]
+    assert idx.pit_at(95).seq == 3 and idx.pit_at(95, consistent=False).seq == 9
+    assert idx.first_at_or_after(4).seq == 11
+    jd2 = tmp_path / "j2"
+    with Journal.open(jd2) as j:
+        for i, (seq, f) in enumerate(flags[:3], 1):
+            j.append_batch(Meta(i, seq, seq, seq * 10, seq * 10), [Record(seq, seq, 1, Op.WRITE, int(f), 0, 512, seq * 10, b"x" * 512)])
+    assert PitIndex(jd2).latest().seq == 3  # the last consistent PIT before the gap
 
 
 def test_latest_skips_an_open_merge_window(tmp_path: Path):

@@ -123,7 +123,8 @@ def _d(kind=1, wflags=0, dflags=1, status=0, length=4096, data_pos=0, csum=7, se
     (_d(kind=0), R.AckReason.BAD_KIND),
     (_d(kind=5), R.AckReason.BAD_KIND),
     (_d(kind=255), R.AckReason.BAD_KIND),
-    (_d(wflags=2), R.AckReason.BAD_KIND),
+    (_d(wflags=2), R.AckReason.NONE),  # GAP
+    (_d(wflags=4), R.AckReason.BAD_KIND),
     (_d(dflags=4), R.AckReason.BAD_KIND),
     (_d(kind=2, dflags=0, wflags=0x80, csum=0), R.AckReason.BAD_KIND),
     (_d(length=0), R.AckReason.BAD_FIELD),  # empty WRITE

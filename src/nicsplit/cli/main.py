@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import time
 from typing import Any
 
 from nicsplit import __version__
@@ -280,6 +281,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                   f"{r['base_seq']}{why}")
         for v in c["vdisks"]:
             extra = f" ({v['reason']}; {_human(v['dirty_bytes'])} dirty)" if v["state"] == "marking" else ""
+            if v["state"] == "resyncing" and v.get("resync"):
+                r = v["resync"]
+                eta = "" if r.get("eta_s") is None else f", eta {r['eta_s']:.0f}s"
+                extra = f" ({r['percent']:.0f}% of {_human(r['total_bytes'])}, {r['rate_mib_s']:.1f} MiB/s{eta})"
+            if v.get("since") and v["state"] != "protected":
+                extra += f" since {time.strftime('%H:%M:%S', time.localtime(v['since']))}"
             print(f"   {v['name']:<20} {v['state']}{extra}")
     return 0
 

@@ -34,7 +34,7 @@ def cmd_pits(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     listing = list_pits(cfg, args.cg, every=args.all)
     pits, marks, damage = listing.pits, listing.bookmarks, listing.damage
-    rows = [{"seq": p.seq, "time": p.time_ns / 1e9, "consistent": p.consistent, "usable": p.usable,
+    rows = [{"seq": p.seq, "time": p.time_ns / 1e9, "consistent": p.consistent, "usable": p.usable, "gap": p.gap,
              "bookmarks": marks.get(p.seq, [])} for p in pits]
     for row in rows:
         if not row["usable"]:
@@ -45,7 +45,7 @@ def cmd_pits(args: argparse.Namespace) -> int:
     if not rows:
         print(f"consistency group {args.cg} has no point in time yet")
     for p, row in zip(pits, rows):
-        flag = "" if p.consistent else "  (inside a merge window)"
+        flag = "" if p.consistent else "  (inside a protection gap)" if p.gap else "  (inside a merge window)"
         if not p.usable:
             flag += "  UNUSABLE (journal damaged)"
         names = f"  [{', '.join(row['bookmarks'])}]" if row["bookmarks"] else ""
@@ -63,7 +63,7 @@ def cmd_bookmark(args: argparse.Namespace) -> int:
         done = bookmark(cfg.data, args.cg, args.name, lock=args.lock, seq=args.seq, quiesce=args.quiesce,
                         thaw=args.thaw, hook_timeout=args.hook_timeout, timeout=args.timeout)
         if done.host_down:
-            print(f"note: the host is not running; bookmarking the latest journaled point in time of {args.cg}",
+            print(f"note: the host is not running; bookmarking the latest consistent journaled point in time of {args.cg}",
                   file=sys.stderr)
         b = done.bookmark
     if args.json:

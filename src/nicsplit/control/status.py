@@ -8,7 +8,10 @@ CG. A process that does not answer is reported down, never an error:
 status must work best exactly when something is broken.
 
 CG state, first match wins: ``failed-over`` (the CG's role), ``host-down``,
-``marking`` (a vdisk of the CG lost its card), ``card-down``, ``protected``.
+``marking`` (a vdisk of the CG lost its card), ``resyncing`` (a vdisk copies
+its dirty regions to the card), ``card-down``, ``protected``. While marking
+or resyncing the CG's ``rpo_seconds`` is at least the age of the gap (the
+writes only a resync will protect were acknowledged since it began).
 """
 
 from __future__ import annotations
@@ -60,8 +63,11 @@ def _cg_state(role: str, vdisks: list[dict], host_up: bool, card_up: bool) -> st
         return "failed-over"
     if not host_up:
         return "host-down"
-    if "marking" in {v["state"] for v in vdisks}:
+    states = {v["state"] for v in vdisks}
+    if "marking" in states:
         return "marking"
+    if "resyncing" in states:
+        return "resyncing"
     if not card_up:
         return "card-down"
     return "protected"
@@ -89,9 +95,15 @@ def system_status(cfg: Config) -> dict[str, Any]:
         for v in catalog.cg_members(cg.name):
             st = vstate.get(v.name, {})
             vds.append({"name": v.name, "state": st.get("state", "unknown" if host is None else "protected"),
-                        "dirty_bytes": st.get("dirty_bytes", 0), "reason": st.get("reason", "")})
+                        "dirty_bytes": st.get("dirty_bytes", 0), "reason": st.get("reason", ""),
+                        "since": st.get("since"),
+                        **({"resync": st["resync"]} if "resync" in st else {})})
         state = _cg_state(cg.role, vds, host is not None, card is not None and processes["card"]["pid"] is not None)
-        c = card_cgs.get(cg.name, {})
+        c = dict(card_cgs.get(cg.name, {}))
+        if state in ("marking", "resyncing"):
+            gap_since = min((v["since"] for v in vds if v["state"] in ("marking", "resyncing") and v["since"]), default=None)
+            if gap_since is not None:
+                c["rpo_seconds"] = max(c.get("rpo_seconds") or 0.0, time.time() - gap_since)
         host_seq = (host or {}).get("status", {}).get("cgs", {}).get(cg.name, {}).get("last_seq")
         out.append({"name": cg.name, "state": state, "rpo_seconds": c.get("rpo_seconds", 0.0 if state == "protected" else None),
                     "last_durable_seq": c.get("last_durable_seq"), "host_last_seq": host_seq, "role": cg.role,

@@ -39,6 +39,17 @@ socket = ""
 # group (and passes the others through): e.g.
 # {name = "split", split_timeout_us = 1000} waits at most 1 ms for the card.
 filters = ["stats", "split"]
+# A marking vdisk resyncs by itself once the card is back: its dirty regions
+# are copied to the card at most this fast (MiB/s, all vdisks together; 0 =
+# unlimited; halved while the card acks client writes late), with at most
+# resync_parallel vdisks at a time.
+resync_mib_s = 64
+resync_parallel = 2
+# The rate is halved while client writes wait longer than this for the
+# card's ack on average (microseconds), or any ack is late.
+resync_latency_us = 2000
+# false: marking vdisks wait (for an operator, or a test) instead of resyncing.
+resync = true
 # Check the contract between every pair of chain layers (ranges, flags,
 # read lengths). Costs some CPU per IO; the test suite turns it on.
 validate = false

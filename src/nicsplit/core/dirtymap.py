@@ -48,6 +48,15 @@ class RegionBitmap:
         self.regions = -(-size // region)
         self.nbytes = -(-self.regions // 8)
         self._bits = bytearray(bits[: self.nbytes]).ljust(self.nbytes, b"\0")
+        self._count()
+
+    def _count(self) -> None:
+        # Regions marked, kept incrementally (status never walks the bitmap).
+        # Bits past the last region never count.
+        extra = self.nbytes * 8 - self.regions
+        if extra and self._bits:
+            self._bits[-1] &= 0xFF >> extra
+        self.marked = sum(bin(b).count("1") for b in self._bits)
 
     def mark(self, offset: int, length: int) -> tuple[int, int] | None:
         """Set the bits of [offset, offset+length); the byte range (start,
@@ -61,6 +70,25 @@ class RegionBitmap:
             i, m = r >> 3, 1 << (r & 7)
             if not bits[i] & m:
                 bits[i] |= m
+                self.marked += 1
+                if lo < 0:
+                    lo = i
+                hi = i
+        return None if lo < 0 else (lo, hi + 1)
+
+    def clear(self, offset: int, length: int) -> tuple[int, int] | None:
+        """Clear the bits of every region [offset, offset+length) touches (a
+        resync copied them); the byte range that changed, or None."""
+        if length <= 0:
+            return None
+        r0, r1 = offset // self.region, min((offset + length - 1) // self.region, self.regions - 1)
+        lo = hi = -1
+        bits = self._bits
+        for r in range(r0, r1 + 1):
+            i, m = r >> 3, 1 << (r & 7)
+            if bits[i] & m:
+                bits[i] &= ~m
+                self.marked -= 1
                 if lo < 0:
                     lo = i
                 hi = i
@@ -81,13 +109,15 @@ class RegionBitmap:
             if b:
                 for k in range(8):
                     if b & (1 << k) and i * 8 + k < self.regions:
-                        bits[i] |= 1 << k
+                        if not bits[i] & (1 << k):
+                            bits[i] |= 1 << k
+                            self.marked += 1
                         n += 1
         return n
 
     def count(self) -> int:
         """Regions marked."""
-        return sum(bin(b).count("1") for b in self._bits)
+        return self.marked
 
     def runs(self) -> list[tuple[int, int]]:
         """(offset, length) of the runs of marked regions, merged, clipped to the size."""
@@ -109,7 +139,12 @@ class RegionBitmap:
         return out
 
     def dirty_bytes(self) -> int:
-        return sum(n for _, n in self.runs())
+        """Bytes in marked regions, clipped to the size (no bitmap walk)."""
+        n = self.marked * self.region
+        last = self.regions - 1
+        if n and self._bits[last >> 3] & (1 << (last & 7)):
+            n -= self.regions * self.region - self.size
+        return n
 
     def to_bytes(self) -> bytes:
         return bytes(self._bits)
@@ -132,6 +167,7 @@ class DirtyMap(RegionBitmap):
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         have = os.pread(self._fd, self.nbytes, 0)
         self._bits[: len(have)] = have
+        self._count()
         if len(have) < self.nbytes:
             os.ftruncate(self._fd, self.nbytes)
         self.written = self.synced = 0  # generations: bitmap writes made / made durable
@@ -149,6 +185,14 @@ class DirtyMap(RegionBitmap):
     def mark_and_write(self, offset: int, length: int) -> bool:
         """`mark`, then `write` what changed; True when something did."""
         span = self.mark(offset, length)
+        if span is None:
+            return False
+        self.write(span)
+        return True
+
+    def clear_and_write(self, offset: int, length: int) -> bool:
+        """`clear`, then `write` what changed; True when something did."""
+        span = self.clear(offset, length)
         if span is None:
             return False
         self.write(span)

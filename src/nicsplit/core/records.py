@@ -32,6 +32,10 @@ class Op(enum.IntEnum):
 class WFlag(enum.IntFlag):
     NONE = 0
     FUA = 1  # the client asked for FUA: also a barrier in the stream
+    # A vdisk of this write's CG is marking or resyncing (the protection gap):
+    # the journal lacks some acknowledged writes, so no consistent PIT ends at
+    # a record carrying it. The last consistent PIT before the gap stays one.
+    GAP = 2
 
 
 # Record.flags bit set by the card's merge stage (merge_window_ms > 0) on every

@@ -229,6 +229,10 @@ class CardLink:
         """Late writes whose verdict has not arrived."""
         return len(self._late)
 
+    def unconfirmed_for(self, dmap: Any) -> int:
+        """Late writes of one vdisk (its dirty map) without a verdict."""
+        return sum(1 for e in self._late.values() if e[1] is dmap) if self._late else 0
+
     def close(self) -> None:
         if self._t is not None:
             try:

@@ -209,11 +209,18 @@ def parse_filter_spec(spec: Any) -> tuple[str, dict[str, Any]]:
 class Chain:
     """A built chain: ``top`` is what the front end calls."""
 
-    def __init__(self, vdisk: VdiskView, filters: list[Filter], plugin: Any, top: Backend) -> None:
+    def __init__(self, vdisk: VdiskView, filters: list[Filter], plugin: Any, top: Backend,
+                 belows: dict[str, Backend] | None = None) -> None:
         self.vdisk, self.filters, self.plugin, self.top = vdisk, filters, plugin, top
+        self._belows = belows or {}
 
     def filter(self, name: str) -> Filter | None:
         return next((f for f in self.filters if f.name == name), None)
+
+    def below(self, name: str) -> Backend | None:
+        """What filter ``name`` calls as ``next``: the layers under it (the
+        resync reads production there, never through the splitter)."""
+        return self._belows.get(name)
 
     def statistics(self) -> dict[str, Any]:
         return {f.name: f.statistics() for f in self.filters if f.statistics() is not None}
@@ -242,8 +249,10 @@ def build_chain(
         check_filter_class(cls)
         filters.append(cls(vdisk, opts))
     below = bottom
+    belows: dict[str, Backend] = {}
     for f in reversed(filters):
         nxt = _wrap(below, vdisk, f.name) if validate else below
+        belows.setdefault(f.name, nxt)
         b = Backend(f.name)
         for verb in VERBS:
             impl = getattr(type(f), verb, None)
@@ -253,7 +262,7 @@ def build_chain(
                 setattr(b, verb, _bind(getattr(f, verb), nxt))
         below = b
     top = _wrap(below, vdisk, "front end") if validate else below
-    return Chain(vdisk, filters, plugin, top)
+    return Chain(vdisk, filters, plugin, top, belows)
 
 
 def _bind(method: Callable[..., Awaitable[Any]], nxt: Backend) -> Callable[..., Awaitable[Any]]:

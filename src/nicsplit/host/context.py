@@ -1,9 +1,12 @@
 """Host-wide services that filters share: consistency groups and their
-sequencers, per-vdisk dirty maps, and the link to the offload card."""
+sequencers, per-vdisk dirty maps, the link to the offload card, and each
+CG's protection gap (the vdisks of the CG that are marking or resyncing:
+while any is, every record the CG ships carries ``WFlag.GAP``)."""
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,35 @@ from nicsplit.host.cardlink import CardLink
 from nicsplit.host.marking import MarkingMap
 from nicsplit.host.sequencer import Sequencer
 
+log = logging.getLogger(__name__)
+
+
+class CGGap:
+    """The vdisks of one CG in the protection gap (marking or resyncing), fed
+    by their marking maps' state changes; the splitter reads ``vdisks``."""
+
+    __slots__ = ("cg", "vdisks", "since")
+
+    def __init__(self, cg: str) -> None:
+        self.cg = cg
+        self.vdisks: set[str] = set()
+        self.since = 0.0
+
+    def update(self, dmap: MarkingMap, old: str, new: str) -> None:
+        before = bool(self.vdisks)
+        if dmap.in_gap:
+            self.vdisks.add(dmap.name)
+        else:
+            self.vdisks.discard(dmap.name)
+        if bool(self.vdisks) != before:
+            if self.vdisks:
+                self.since = time.time()
+                log.warning("consistency group %s: protection gap begins (%s is %s): "
+                            "no consistent PIT until every vdisk is protected again", self.cg, dmap.name, new)
+            else:
+                log.info("consistency group %s: protection gap ends after %.1f s (%s is %s)",
+                         self.cg, time.time() - self.since, dmap.name, new)
+
 
 class HostContext:
     def __init__(self, data: Path, card: dict[str, Any] | None = None) -> None:
@@ -22,6 +54,7 @@ class HostContext:
         self.cgs = CGCatalog(self.data)
         self._seq: dict[str, Sequencer] = {}
         self._dmaps: dict[str, MarkingMap] = {}
+        self._gaps: dict[str, CGGap] = {}
         self.card = CardLink(self.layout.card_sock, self.layout.card_lost_log, **(card or {}))
         # io ids are unique across restarts: time-based high bits, counter below.
         self._io_ids = itertools.count((time.time_ns() // 1000) << 16)
@@ -41,6 +74,21 @@ class HostContext:
     def cg_last_seqs(self) -> dict[str, int]:
         """The last sequence number handed out per CG this host sequenced."""
         return {name: s.last for name, s in self._seq.items()}
+
+    def gap(self, cg: str) -> CGGap:
+        g = self._gaps.get(cg)
+        if g is None:
+            g = self._gaps[cg] = CGGap(cg)
+        return g
+
+    def join_gap(self, cg: str, dmap: MarkingMap) -> CGGap:
+        """Count ``dmap`` in its CG's gap from now on (and now, if it is in one)."""
+        g = self.gap(cg)
+        if g.update not in dmap.listeners:
+            dmap.listeners.append(g.update)
+            if dmap.in_gap:
+                g.update(dmap, "protected", dmap.state)
+        return g
 
     def dirty_map(self, vdisk_uuid: str, size: int) -> MarkingMap:
         d = self._dmaps.get(vdisk_uuid)

@@ -11,18 +11,29 @@ Rules:
   so a flushed write's dirty bit is as durable as its data.
 - The bitmap is `nicsplit.core.dirtymap.DirtyMap` (64 KiB regions), the same
   file format the failover site writes; failback reads both.
-- The state file (``protected`` / ``marking``, since, reason) is replaced
-  atomically; the bitmap file is only ever updated byte-wise in place.
+- The state file (``protected`` / ``marking`` / ``resyncing``, since,
+  reason) is replaced atomically; the bitmap file is only ever updated
+  byte-wise in place. Every state change is logged with its reason and told
+  to the listeners (the host context's per-CG gap count).
+- A resync (`nicsplit.host.resync`) *claims* the regions it copies and
+  releases them once the card acked the copy: a region marked again while
+  claimed (a client write the card refused, a card loss) keeps its bit.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 from nicsplit.core.dirtymap import DirtyMap
 from nicsplit.core.fsutil import atomic_write
+
+log = logging.getLogger(__name__)
+
+STATES = ("protected", "marking", "resyncing")
 
 
 class MarkingMap:
@@ -38,9 +49,12 @@ class MarkingMap:
             st = json.loads(self.state_path.read_text())
         except (FileNotFoundError, ValueError):
             st = {"state": "protected", "since": time.time(), "reason": ""}
-        self.state: str = st["state"]
+        self.state: str = st["state"] if st.get("state") in STATES else "marking"
         self.since: float = st["since"]
         self.reason: str = st.get("reason", "")
+        self.name = vdisk_uuid  # for log lines; the splitter sets the vdisk's name
+        self.listeners: list[Callable[["MarkingMap", str, str], None]] = []  # (map, old, new)
+        self._claims: dict[int, bool] = {}  # region -> marked again while claimed
 
     @property
     def bitmap_path(self) -> Path:
@@ -50,11 +64,34 @@ class MarkingMap:
     def marking(self) -> bool:
         return self.state == "marking"
 
+    @property
+    def in_gap(self) -> bool:
+        """Marking or resyncing: the journal lacks some acknowledged writes."""
+        return self.state != "protected"
+
     def enter_marking(self, reason: str) -> None:
         if self.state == "marking":
             return
-        self.state, self.since, self.reason = "marking", time.time(), reason
+        self._set("marking", reason)
+
+    def enter_resyncing(self, reason: str) -> None:
+        if self.state != "marking":
+            return
+        self._set("resyncing", reason)
+
+    def enter_protected(self, reason: str) -> None:
+        if self.state == "protected":
+            return
+        self._set("protected", reason)
+
+    def _set(self, state: str, reason: str) -> None:
+        old = self.state
+        self.state, self.since, self.reason = state, time.time(), reason
         self._save_state()
+        (log.warning if state == "marking" else log.info)(
+            "vdisk %s: %s -> %s: %s (%.1f MiB dirty)", self.name, old, state, reason or "-", self.dirty_bytes() / 2**20)
+        for f in self.listeners:
+            f(self, old, state)
 
     def _save_state(self) -> None:
         atomic_write(self.state_path, json.dumps({"state": self.state, "since": self.since, "reason": self.reason}).encode())
@@ -62,6 +99,36 @@ class MarkingMap:
     def mark(self, offset: int, length: int) -> None:
         """Mark the range and write the changed bitmap bytes at once (rule 1)."""
         self.bitmap.mark_and_write(offset, length)
+        if self._claims and length > 0:
+            region = self.bitmap.region
+            for r in range(offset // region, (offset + length - 1) // region + 1):
+                if r in self._claims:
+                    self._claims[r] = True
+
+    def claim(self, offset: int, length: int) -> None:
+        """A resync is about to copy these regions (see `release`)."""
+        region = self.bitmap.region
+        for r in range(offset // region, (offset + length - 1) // region + 1):
+            self._claims[r] = False
+
+    def release(self, offset: int, length: int, copied: bool) -> int:
+        """End a claim; with ``copied`` (the card acked the copy) clear every
+        region not marked again meanwhile. Returns the regions cleared."""
+        region = self.bitmap.region
+        n = 0
+        for r in range(offset // region, (offset + length - 1) // region + 1):
+            again = self._claims.pop(r, True)
+            if copied and not again and self.bitmap.clear_and_write(r * region, region):
+                n += 1
+        return n
+
+    @property
+    def claimed(self) -> int:
+        """Regions a resync copies now (claimed, not yet released)."""
+        return len(self._claims)
+
+    def dirty_regions(self) -> int:
+        return self.bitmap.count()
 
     def is_marked(self, offset: int, length: int) -> bool:
         """True when every region touched by the range is marked."""

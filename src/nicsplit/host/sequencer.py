@@ -8,7 +8,10 @@ Rules:
   a *reservation* (the highest number it may hand out) before handing out
   numbers under it, and a restart continues above the last reservation. A
   crash can therefore leave a gap, never a repeat; consumers must not assume
-  gap-free numbering (marked writes leave gaps too).
+  gap-free numbering (a write the card refuses at its ack leaves one). A
+  write that never reaches the card (marked, or refused at submission) takes
+  no number, or gives it back at once (`unget`): the card's hold stage waits
+  up to its outcome timeout for a missing seq before skipping it.
 - One fsync per ``RESERVE`` numbers: 2^16 at ~100k writes/s is one fsync per
   0.65 s, noise on the write path.
 """
@@ -45,6 +48,15 @@ class Sequencer:
             self._reserve()
         self._next = n + 1
         return n
+
+    def unget(self, n: int) -> bool:
+        """Give back ``n`` if it is the last number handed out (a write that
+        never reached the card, in the same synchronous step): the card's hold
+        stage then waits for no seq that will never come."""
+        if n != self._next - 1:
+            return False
+        self._next = n
+        return True
 
     @property
     def last(self) -> int:

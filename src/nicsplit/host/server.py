@@ -40,6 +40,7 @@ from nicsplit.host.eager import run_eager
 from nicsplit.host.filters.split import BarrierFailed
 from nicsplit.host.io import Flag, IOFailure
 from nicsplit.host.plugin import DatastorePlugin, GroupSync
+from nicsplit.host.resync import Resyncer
 from nicsplit.wire import nbd
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,10 @@ class HostServer:
         self.exports = ExportCatalog(self)
         self.group_sync = GroupSync(datastore.sync)
         self.context = HostContext(cfg.data, card=cfg.raw.get("host", {}).get("card"))
+        self.resyncer = Resyncer(self.context.card, mib_s=float(cfg.host("resync_mib_s", 64)),
+                                 parallel=int(cfg.host("resync_parallel", 2)),
+                                 latency_us=float(cfg.host("resync_latency_us", 2000)))
+        self.auto_resync = bool(cfg.host("resync", True))
         self._chains: dict[str, Chain] = {}
         self.sessions: set[NBDSession] = set()
         self._servers: list[asyncio.AbstractServer] = []
@@ -162,6 +167,11 @@ class HostServer:
         if marking:
             raise HostCommandError(f"{', '.join(marking)} of {cg} {'is' if len(marking) == 1 else 'are'} marking: "
                                    "the journal lacks writes the card did not capture")
+        resyncing = [f"{n} ({sp.resync.status()['percent'] if sp.resync else 0}%)"
+                     for n, sp in zip(names, splits) if sp.state == "resyncing"]
+        if resyncing:
+            raise HostCommandError(f"{', '.join(resyncing)} of {cg} {'is' if len(resyncing) == 1 else 'are'} resyncing: "
+                                   "no consistent point in time until the resync ends")
         try:
             seq = await splits[0].barrier()
         except BarrierFailed as e:
@@ -220,7 +230,9 @@ class HostServer:
             "vdisks": vdisks,
             # The last CG sequence number handed out: the journal has caught
             # up with production once its latest PIT reaches it.
-            "cgs": {name: {"last_seq": seq} for name, seq in self.context.cg_last_seqs().items()},
+            # gap: vdisks of the CG marking or resyncing (its records carry WFlag.GAP).
+            "cgs": {name: {"last_seq": seq, "gap": sorted(self.context.gap(name).vdisks)}
+                    for name, seq in self.context.cg_last_seqs().items()},
             "card": {"attached": link.attached, "losses": link.losses, "last_error": link.last_error, "tracked": link.tracked,
                      # late writes still in flight without a verdict, and late ones the card refused
                      "unconfirmed": link.unconfirmed, "late_refused": link.late_refused},
@@ -244,7 +256,8 @@ class HostServer:
 
     async def housekeeping(self, interval: float = 0.2) -> None:
         """Notice a dead card and the card's lost-writes log even when no
-        writes arrive (the splitter notices on its own while writes flow)."""
+        writes arrive (the splitter notices on its own while writes flow);
+        start the resync of marking vdisks once the card is back."""
         link = self.context.card
         while True:
             await asyncio.sleep(interval)
@@ -253,10 +266,13 @@ class HostServer:
                 continue
             if not t.healthy():
                 link.lost("card stopped responding (heartbeat stale or connection closed)")
-            else:
-                link.trim()
+                continue
+            link.trim()
+            if self.auto_resync:
+                self.resyncer.poll(self._chains.values())
 
     async def stop(self) -> None:
+        await self.resyncer.stop()
         await close_exports(self._servers, self.sessions, self._chains.values())
         await asyncio.get_running_loop().run_in_executor(None, self.datastore.sync)
         self.context.close()

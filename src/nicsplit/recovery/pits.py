@@ -6,7 +6,12 @@ every vdisk of the CG at a PIT is the journal prefix up to that seq, a prefix
 of the CG's one write order (P2), hence crash-consistent across the CG — unless
 the PIT falls inside a merge window of the card (docs/pipeline.md): then the
 last record at or before it carries ``RFLAG_IN_WINDOW`` and the PIT is listed
-with ``consistent=False`` (restore and image access refuse it).
+with ``consistent=False`` (restore and image access refuse it).  The same
+holds inside a protection gap: while a vdisk of the CG is marking or
+resyncing the host sets ``WFlag.GAP`` on every record it ships, since the
+journal lacks some acknowledged writes until the resync ends; a PIT whose
+last record carries it is listed ``consistent=False`` with ``gap=True``.
+The last PIT before the gap carries no flag and stays consistent.
 
 Names for PITs (bookmarks) are `nicsplit.recovery.bookmarks`'.
 
@@ -50,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from nicsplit.core.records import RFLAG_IN_WINDOW
+from nicsplit.core.records import RFLAG_IN_WINDOW, WFlag
 from nicsplit.journal.scan import Commit, Damage, JournalScanner, RecordHead
 
 __all__ = [
@@ -58,6 +63,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+_GAP = int(WFlag.GAP)
+_IN_WINDOW, _OK, _IN_GAP = 0, 1, 2  # PitIndex._consistent values
 
 
 class PitError(Exception):
@@ -77,8 +85,9 @@ class Pit:
     seq: int  # the COMMIT's last_seq
     time_ns: int  # the COMMIT's t_last_ns
     batch_id: int
-    consistent: bool  # False inside a merge window (RFLAG_IN_WINDOW)
+    consistent: bool  # False inside a merge window (RFLAG_IN_WINDOW) or a protection gap (WFlag.GAP)
     usable: bool = True  # False at and after the first damaged stretch of the journal
+    gap: bool = False  # inside a protection gap: a vdisk of the CG was marking or resyncing
 
     @property
     def time(self) -> float:
@@ -131,8 +140,9 @@ class PitIndex:
         self._seq = array("Q")
         self._time = array("q")
         self._batch = array("Q")
-        self._consistent = bytearray()
+        self._consistent = bytearray()  # per PIT: _OK, _IN_WINDOW or _IN_GAP
         self._last_in_window = False  # flag of the last record indexed
+        self._last_in_gap = False  # WFlag.GAP on the last record indexed
         self._damage: list[Damage] = []
         self._unusable_from = 1 << 64  # the first damaged seq: PITs at or after it are unusable
         self.refresh()
@@ -156,10 +166,11 @@ class PitIndex:
                     _publish(self.path, commit.damage)
                 if recs:
                     self._last_in_window = bool(recs[-1].flags & RFLAG_IN_WINDOW)
+                    self._last_in_gap = bool(recs[-1].flags & _GAP)
                 self._seq.append(commit.last_seq)
                 self._time.append(commit.t_last_ns)
                 self._batch.append(commit.batch_id)
-                self._consistent.append(0 if self._last_in_window else 1)
+                self._consistent.append(_IN_WINDOW if self._last_in_window else _IN_GAP if self._last_in_gap else _OK)
                 if self._on_batch is not None:
                     self._on_batch(commit, recs)
                 n += 1
@@ -176,8 +187,9 @@ class PitIndex:
             return read(), (self._seq[-1] if self._seq else 0)
 
     def _pit(self, i: int) -> Pit:
-        return Pit(self._seq[i], self._time[i], self._batch[i], bool(self._consistent[i]),
-                   self._seq[i] < self._unusable_from)
+        c = self._consistent[i]
+        return Pit(self._seq[i], self._time[i], self._batch[i], c == _OK,
+                   self._seq[i] < self._unusable_from, c == _IN_GAP)
 
     @property
     def damage(self) -> list[Damage]:
@@ -189,7 +201,7 @@ class PitIndex:
         """The newest usable (and consistent) PIT, None if there is none."""
         with self._lock:
             for i in range(bisect.bisect_left(self._seq, self._unusable_from) - 1, -1, -1):
-                if self._consistent[i] or not consistent:
+                if self._consistent[i] == _OK or not consistent:
                     return self._pit(i)
         return None
 
@@ -213,7 +225,7 @@ class PitIndex:
         """The newest PIT (the newest consistent one unless ``consistent=False``)."""
         with self._lock:
             for i in range(len(self._seq) - 1, -1, -1):
-                if self._consistent[i] or not consistent:
+                if self._consistent[i] == _OK or not consistent:
                     return self._pit(i)
         raise NoSuchPit(f"journal {self.path} holds no {'consistent ' if consistent else ''}point in time yet")
 
@@ -241,7 +253,7 @@ class PitIndex:
         """The oldest (consistent) PIT with seq >= ``seq``, None if not journaled yet."""
         with self._lock:
             for i in range(bisect.bisect_left(self._seq, seq), len(self._seq)):
-                if self._consistent[i] or not consistent:
+                if self._consistent[i] == _OK or not consistent:
                     return self._pit(i)
         return None
 
@@ -256,7 +268,7 @@ class PitIndex:
                 raise NoSuchPit(f"time {fmt_time(time_ns)} ({time_ns / 1e9:.6f}) is before the oldest point in time "
                                 f"{fmt_time(self._time[0])} ({self._time[0] / 1e9:.6f}, seq {self._seq[0]})")
             for j in range(i - 1, -1, -1):
-                if self._consistent[j] or not consistent:
+                if self._consistent[j] == _OK or not consistent:
                     return self._pit(j)
             raise NoSuchPit(f"no consistent point in time at or before {fmt_time(time_ns)}")
 

@@ -19,7 +19,7 @@ from typing import Any
 from nicsplit.core.config import Config
 from nicsplit.core.fsutil import punch_hole
 from nicsplit.core.layout import Layout
-from nicsplit.core.records import Op
+from nicsplit.core.records import Op, WFlag
 from nicsplit.core.catalog import open_catalog
 from nicsplit.journal.writer import Journal
 from nicsplit.recovery.errors import RecoveryError
@@ -44,7 +44,8 @@ def dump(cfg: Config, cg: str, from_seq: int = 1, upto: int | None = None) -> tu
     with open_journal(cfg, cg) as j:
         damage = j.damage
         rows = [{"seq": r.seq, "vdisk": names.get(r.vdisk_id, f"#{r.vdisk_id}"), "offset": r.offset,
-                 "length": r.length, "op": OP_NAMES.get(r.op, str(r.op)), "time": r.time_ns / 1e9}
+                 "length": r.length, "op": OP_NAMES.get(r.op, str(r.op)), "time": r.time_ns / 1e9,
+                 "gap": bool(r.flags & WFlag.GAP)}
                 for r in j.iter_records(from_seq, upto)]
     return rows, damage
 

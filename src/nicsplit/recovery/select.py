@@ -123,7 +123,9 @@ def resolve_pit(idx: PitIndex, data: Path, cg: str, sel: Selector, now_ns: int |
         raise RecoveryError("say which point in time: --at TIME, --seq N, --bookmark NAME or --latest")
     idx.check_usable(pit)  # a damaged journal: UnusablePit names the segment and the lost seqs
     if not pit.consistent:
-        raise RecoveryError(f"the point in time at seq {pit.seq} is inside a merge window (not crash-consistent); "
+        where = ("inside a protection gap (a vdisk of the CG was marking or resyncing: the journal lacks "
+                 "acknowledged writes until the resync ends)" if pit.gap else "inside a merge window")
+        raise RecoveryError(f"the point in time at seq {pit.seq} is {where}, not crash-consistent; "
                             f"pick a consistent one from 'nicsplit pits {cg}'")
     return pit
 

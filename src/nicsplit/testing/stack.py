@@ -27,12 +27,12 @@ SIZE = 8 << 20
 
 
 def cg_data(tmp_path: Path, size: int = SIZE, names: tuple[str, ...] = ("a", "b"), *,
-            timeout_us: int = 1_000_000, vdisks: dict | None = None) -> Path:
+            timeout_us: int = 1_000_000, vdisks: dict | None = None, **host: object) -> Path:
     """A data directory with vdisks ``names`` in CG cg1. The hidden volume
     holds more than a test writes, so a slow appliance cannot fill it (a full
     card rightly marks, which is not what most tests check)."""
     data = init_data(tmp_path / "data", filters=["stats", {"name": "split", "split_timeout_us": timeout_us}],
-                     vdisks=vdisks, sections={"card": {"transport_options": {"data_size": "256M"}}})
+                     vdisks=vdisks, sections={"card": {"transport_options": {"data_size": "256M"}}}, **host)
     run_cli(data, "cg", "create", "cg1")
     for n in names:
         run_cli(data, "vdisk", "create", n, "--size", str(size), "--cg", "cg1")

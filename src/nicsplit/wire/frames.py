@@ -156,7 +156,7 @@ RECORD_HEAD = struct.Struct(
     "Q"  # io_id: host IO id, for logs (the request id of STYLE rule 6)
     "Q"  # vdisk_id: datastore vdisk id
     "B"  # op: nicsplit.core.records.Op (1 write, 2 zero, 3 trim, 4 barrier)
-    "B"  # flags: nicsplit.core.records.WFlag (1 = FUA); the journal adds RFLAG_IN_WINDOW
+    "B"  # flags: nicsplit.core.records.WFlag (1 = FUA, 2 = GAP); the journal adds RFLAG_IN_WINDOW
     "Q"  # offset: virtual byte offset in the vdisk
     "Q"  # length: bytes covered by the op
     "q"  # time_ns: when the write entered the splitter (ns since the epoch)

@@ -218,13 +218,13 @@ class DescFlag(enum.IntFlag):
     CSUM = 1  # the csum field is valid (CsumAlg from the header)
 
 
-_KNOWN_WFLAGS = 0x01  # records.WFlag.FUA
+_KNOWN_WFLAGS = 0x03  # records.WFlag.FUA | records.WFlag.GAP
 _KNOWN_DFLAGS = int(DescFlag.CSUM)
 
 DESC = struct.Struct(
     "<"
     "B"  # 0   kind             Kind (WRITE/ZERO/TRIM/BARRIER/OUTCOME)
-    "B"  # 1   wflags           records.WFlag (bit 0 FUA)
+    "B"  # 1   wflags           records.WFlag (bit 0 FUA, bit 1 GAP)
     "B"  # 2   dflags           DescFlag (bit 0 CSUM)
     "B"  # 3   status           OUTCOME only: records.Status (0 committed, 1 failed)
     "I"  # 4   length           IO length in bytes (payload length for WRITE)

@@ -41,7 +41,7 @@ OK, FAILED = int(R.AckStatus.OK), int(R.AckStatus.FAILED)
 DF_CSUM = int(R.DescFlag.CSUM)
 R_FULL = int(R.AckReason.FULL)
 OPS = {int(o): o for o in Op}
-WFLAGS = {int(f): WFlag(f) for f in (0, 1)}
+WFLAGS = {int(f): WFlag(f) for f in (0, 1, 2, 3)}  # FUA, GAP
 STATUSES = {int(s): s for s in Status}
 
 desc_pack = R.DESC.pack_into

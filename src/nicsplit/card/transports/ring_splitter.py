@@ -254,6 +254,11 @@ class RingSplitter:
         if self._ctr[STATE] == SLEEPING:
             self._ring()
 
+    @property
+    def data_size(self) -> int:
+        """Bytes of the hidden volume's data area (payload positions wrap at it)."""
+        return self._dsize
+
     def released_position(self) -> int:
         """Payload position below which the card has released everything
         (shipped durable or dropped). A split whose `last_position` is at or

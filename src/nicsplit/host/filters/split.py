@@ -4,7 +4,7 @@ goes down to the datastore.
 
 What it does per write-like IO (ARCHITECTURE.md §3, steps D–I):
 D. builds an `AugmentedWrite`: CG id, CG sequence number (taken as the IO
-   enters this filter), vdisk id, op (write / zero / trim / barrier), FUA,
+   enters this filter; a write that does not reach the card takes none), vdisk id, op (write / zero / trim / barrier), FUA,
    *virtual* offset and length, timestamp, IO id;
 E–F. hands it to the card through the transport and waits for the ack, at
    most ``split_timeout_us``; a write whose ack is late is not lost: it stays
@@ -20,8 +20,13 @@ the timeout, and a late ack is not a lost write. Only when the card refuses a
 write (every buffer full) or is dead (gone, closed, or no heartbeat for
 seconds) does the vdisk enter *marking* — the write's region goes into the persistent dirty map and
 the IO proceeds; a vdisk stays marking (without waiting on the card again)
-until a resync clears it. A vdisk in no consistency group is not protected:
-its IOs pass through and its state is ``unprotected``.
+until the card is back: then it is *resyncing* (`nicsplit.host.resync`
+copies its dirty regions while new writes are split again) and, once no
+region is left, *protected*. While any vdisk of the CG is marking or
+resyncing, every record of the CG carries ``WFlag.GAP`` (no consistent PIT
+ends there). A write to a region the resync is copying waits until the copy
+is in the ring (`nicsplit.host.regions`). A vdisk in no consistency group is
+not protected: its IOs pass through and its state is ``unprotected``.
 
 Options: ``split_timeout_us`` (default 1000).
 Example: ``filters = ["stats", "split"]`` with the vdisk in a CG
@@ -37,8 +42,10 @@ from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag
 from nicsplit.host.chain import ChainError, Filter
 from nicsplit.host.filters.stats import Histogram
 from nicsplit.host.io import FUA
+from nicsplit.host.regions import RegionLock
 
 _WFUA = int(WFlag.FUA)
+_WGAP = int(WFlag.GAP)
 _WNONE = 0
 _COMMITTED = Status.COMMITTED
 _FAILED = Status.FAILED
@@ -67,6 +74,10 @@ class SplitFilter(Filter):
         self.cg_id = ctx.cg_id(self.cg) if self.cg else 0
         self.seq = ctx.sequencer(self.cg) if self.cg else None
         self.dmap = ctx.dirty_map(vdisk.uuid, vdisk.size)
+        self.dmap.name = vdisk.name
+        self.gap = ctx.join_gap(self.cg, self.dmap) if self.cg else None
+        self.regions = RegionLock()  # shared with the resync of this vdisk
+        self.resync = None  # the resync's progress (nicsplit.host.resync.Progress) while one runs
         self.link = ctx.card
         self.link.register(vdisk.id, self.dmap)
         self.hist = Histogram()  # time spent handing writes to the card
@@ -83,8 +94,11 @@ class SplitFilter(Filter):
         return self.dmap.state
 
     def _mark(self, w: AugmentedWrite, reason: str) -> None:
+        self._mark_range(w.voffset, w.length, reason)
+
+    def _mark_range(self, offset: int, length: int, reason: str) -> None:
         self.dmap.enter_marking(reason)
-        self.dmap.mark(w.voffset, w.length)
+        self.dmap.mark(offset, length)
         self._dmap_dirty = True
         self.marked_count += 1
 
@@ -95,18 +109,22 @@ class SplitFilter(Filter):
         seq = self.seq
         if seq is None:
             return None
-        w = AugmentedWrite(
-            self.ctx.next_io_id(), self.cg_id, seq.next(), self.vdisk.id, op,
-            _WFUA if flags & FUA else _WNONE, offset, length, time_ns(), data,
-        )
+        # A write that does not reach the card takes no seq (see Sequencer).
         if self.dmap.marking:
-            self._mark(w, "")
+            self._mark_range(offset, length, "")
             return None
         t = self.link.get()
         if t is None:
-            self._mark(w, "card unavailable: " + (self.link.last_error or "not attached"))
+            self._mark_range(offset, length, "card unavailable: " + (self.link.last_error or "not attached"))
             return None
+        wf = _WFUA if flags & FUA else _WNONE
+        if self.gap.vdisks:
+            wf |= _WGAP
+        w = AugmentedWrite(
+            self.ctx.next_io_id(), self.cg_id, seq.next(), self.vdisk.id, op, wf, offset, length, time_ns(), data,
+        )
         if not t.submit(w):
+            seq.unget(w.cg_seq)
             if not t.healthy():
                 self.link.lost("card stopped responding")
             self._mark(w, "card refused the write (full, or gone)")
@@ -151,31 +169,48 @@ class SplitFilter(Filter):
             if status is _COMMITTED:
                 self._mark(w, "could not post the outcome to the card")
 
-    async def _through(self, sub, down) -> None:
+    async def _through(self, sub, down, offset: int = 0, length: int = 0) -> None:
         """Steps G–I around the layer below: the datastore write overlaps the
-        card's round trip; the client's reply waits for the ack (or marking)."""
+        card's round trip; the client's reply waits for the ack (or marking).
+        A write-like IO with a range is in flight for the region lock until
+        the layer below has it."""
         try:
             await down
         except BaseException:
             if sub is not None:
                 sub[1].post_outcome(sub[0].io_id, _FAILED)
             raise
+        finally:
+            if length:
+                self.regions.leave(offset, length)
         if sub is not None:
             w = await self._acked(sub)
             self._outcome(w, _COMMITTED)
 
     # -- verbs -------------------------------------------------------------
+    # A write to a region the resync holds waits *before* it takes its seq;
+    # from its seq until the layer below has it, it is in flight (regions).
     async def pwrite(self, next, offset, data, flags):
-        sub = self._submit(Op.WRITE, offset, len(data), flags, data)
-        await self._through(sub, next.pwrite(offset, data, flags))
+        n = len(data)
+        if self.regions.blocked(offset, n):
+            await self.regions.wait(offset, n)
+        sub = self._submit(Op.WRITE, offset, n, flags, data)
+        self.regions.enter(offset, n)
+        await self._through(sub, next.pwrite(offset, data, flags), offset, n)
 
     async def zero(self, next, offset, length, flags):
+        if self.regions.blocked(offset, length):
+            await self.regions.wait(offset, length)
         sub = self._submit(Op.ZERO, offset, length, flags, None)
-        await self._through(sub, next.zero(offset, length, flags))
+        self.regions.enter(offset, length)
+        await self._through(sub, next.zero(offset, length, flags), offset, length)
 
     async def trim(self, next, offset, length, flags):
+        if self.regions.blocked(offset, length):
+            await self.regions.wait(offset, length)
         sub = self._submit(Op.TRIM, offset, length, flags, None)
-        await self._through(sub, next.trim(offset, length, flags))
+        self.regions.enter(offset, length)
+        await self._through(sub, next.trim(offset, length, flags), offset, length)
 
     async def flush(self, next, flags):
         sub = self._submit(Op.BARRIER, 0, 0, 0, None)
@@ -193,22 +228,30 @@ class SplitFilter(Filter):
         w = await self._acked(sub) if sub is not None else None
         if w is None:
             raise BarrierFailed(f"vdisk {self.vdisk.name} is {self.state}"
-                                + (f" ({self.dmap.reason})" if self.dmap.marking and self.dmap.reason else "")
+                                + (f" ({self.dmap.reason})" if self.dmap.in_gap and self.dmap.reason else "")
                                 + ": the card did not take the barrier")
         self._outcome(w, _COMMITTED)
         return w.cg_seq
 
     def statistics(self):
-        return {
+        gap = self.seq is not None and self.dmap.in_gap
+        st = {
             "state": self.state,
+            "since": self.dmap.since,
             "cg": self.cg,
             "split": self.split_count,
             "marked": self.marked_count,
             "late": self.late_count,
-            "dirty_bytes": self.dmap.dirty_bytes() if self.dmap.marking else 0,
-            "reason": self.dmap.reason if self.dmap.marking else "",
+            "dirty_bytes": self.dmap.dirty_bytes() if gap else 0,
+            "reason": self.dmap.reason if gap else "",
+            "resync_waits": self.regions.waits,  # client writes that waited for a region being copied
             "split_p50_us": self.hist.percentile(50) / 1000,
             "split_p99_us": self.hist.percentile(99) / 1000,
             "split_p999_us": self.hist.percentile(99.9) / 1000,
             "split_max_us": self.hist.max_ns / 1000,
         }
+        if self.resync is not None:
+            if self.state == "resyncing":
+                st["resync"] = self.resync.status()
+            st["resync_shipped_bytes"] = self.resync.shipped_total  # every resync of this host run
+        return st
