@@ -87,7 +87,8 @@ def test_appliance_stopped_for_20s_the_overflow_log_absorbs_it(tmp_path, rng):
             stop.set()
             writer.join(60)
         assert not errors, errors
-        assert states == {"protected"}, f"a vdisk left protection: {states}"
+        # Protected throughout, and honest about it: lagging while the log held writes.
+        assert states <= {"protected", "lagging"} and "lagging" in states, f"a vdisk left protection: {states}"
 
         def recovered() -> bool:
             st = _status(data)

@@ -9,7 +9,9 @@ status must work best exactly when something is broken.
 
 CG state, first match wins: ``failed-over`` (the CG's role), ``host-down``,
 ``marking`` (a vdisk of the CG lost its card), ``resyncing`` (a vdisk copies
-its dirty regions to the card), ``card-down``, ``protected``. While marking
+its dirty regions to the card), ``card-down``, ``lagging`` (the card's
+overflow log holds writes of the CG: protected, in order, RPO growing),
+``protected``; a vdisk shows ``lagging`` the same way. While marking
 or resyncing the CG's ``rpo_seconds`` is at least the age of the gap (the
 writes only a resync will protect were acknowledged since it began).
 """
@@ -58,7 +60,7 @@ def protection_window(data: Path, cg: str) -> dict | None:
             "seconds": max(0.0, time.time() - commit.t_last_ns / 1e9)}
 
 
-def _cg_state(role: str, vdisks: list[dict], host_up: bool, card_up: bool) -> str:
+def _cg_state(role: str, vdisks: list[dict], host_up: bool, card_up: bool, lagging: bool = False) -> str:
     if role == "failed-over":
         return "failed-over"
     if not host_up:
@@ -70,6 +72,8 @@ def _cg_state(role: str, vdisks: list[dict], host_up: bool, card_up: bool) -> st
         return "resyncing"
     if not card_up:
         return "card-down"
+    if lagging:
+        return "lagging"
     return "protected"
 
 
@@ -92,13 +96,18 @@ def system_status(cfg: Config) -> dict[str, Any]:
     out = []
     for cg in CGCatalog(cfg.data).list():
         vds = []
+        lagging = bool(card_cgs.get(cg.name, {}).get("lagging"))  # the card's overflow log holds writes of it
         for v in catalog.cg_members(cg.name):
             st = vstate.get(v.name, {})
-            vds.append({"name": v.name, "state": st.get("state", "unknown" if host is None else "protected"),
+            vstate_ = st.get("state", "unknown" if host is None else "protected")
+            if vstate_ == "protected" and lagging:
+                vstate_ = "lagging"
+            vds.append({"name": v.name, "state": vstate_,
                         "dirty_bytes": st.get("dirty_bytes", 0), "reason": st.get("reason", ""),
                         "since": st.get("since"),
                         **({"resync": st["resync"]} if "resync" in st else {})})
-        state = _cg_state(cg.role, vds, host is not None, card is not None and processes["card"]["pid"] is not None)
+        state = _cg_state(cg.role, vds, host is not None, card is not None and processes["card"]["pid"] is not None,
+                          lagging)
         c = dict(card_cgs.get(cg.name, {}))
         if state in ("marking", "resyncing"):
             gap_since = min((v["since"] for v in vds if v["state"] in ("marking", "resyncing") and v["since"]), default=None)
