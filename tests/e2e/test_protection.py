@@ -154,7 +154,7 @@ def test_failed_writes_are_never_journaled(tmp_path):
 def test_card_killed_writes_go_on_and_dirty_map_covers_the_gap(tmp_path, rng):
     timeout_us = 50_000
     # No automatic resync here (the card is restarted at once): this checks
-    # what marking records; tests/e2e/test_resync.py checks what follows.
+    # what marking records; tests/e2e/test_resync_under_load.py checks what follows.
     data = system(tmp_path, timeout_us=timeout_us, resync=False)
     with UpProcess(data) as up:
         h = nbd_connect(up.uri("a"))
