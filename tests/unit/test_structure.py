@@ -211,3 +211,14 @@ def test_the_rules_can_fail() -> None:
     assert cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
     assert cycles({"a": {"a"}}) == [["a"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_test_module_basenames_are_unique() -> None:
+    """Tests are imported by basename (no packages under tests/): two files of
+    one name in different folders stop `make test` at collection."""
+    tests = Path(__file__).resolve().parents[1]
+    seen: dict[str, list[str]] = {}
+    for p in tests.rglob("test_*.py"):
+        seen.setdefault(p.name, []).append(str(p.relative_to(tests)))
+    dup = {k: v for k, v in seen.items() if len(v) > 1}
+    assert not dup, f"test modules sharing a basename: {dup}"
