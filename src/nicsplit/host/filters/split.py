@@ -51,6 +51,9 @@ _COMMITTED = Status.COMMITTED
 _FAILED = Status.FAILED
 
 
+_NO_ROOM = object()  # `_submit`'s verdict for a write a live card has no room for yet
+
+
 class BarrierFailed(Exception):
     """The card did not acknowledge a barrier: one clear line."""
 
@@ -83,7 +86,8 @@ class SplitFilter(Filter):
         self.hist = Histogram()  # time spent handing writes to the card
         self.split_count = 0
         self.marked_count = 0
-        self.late_count = 0  # writes that went on without their ack (still in flight)
+        self.late_count = 0
+        self.parked_count = 0  # writes that waited for room in a full ring  # writes that went on without their ack (still in flight)
         self._dmap_dirty = False
 
     # -- state -------------------------------------------------------------
@@ -103,9 +107,11 @@ class SplitFilter(Filter):
         self.marked_count += 1
 
     # -- the split ---------------------------------------------------------
-    def _submit(self, op: Op, offset: int, length: int, flags: int, data):
+    def _submit(self, op: Op, offset: int, length: int, flags: int, data, park: bool = False):
         """Steps D–E: build the augmented write and publish it to the card.
-        Returns (write, transport) when the card must ack it, else None."""
+        Returns (write, transport) when the card must ack it, else None; with
+        ``park``, `_NO_ROOM` when a healthy card has no room right now (the
+        write took no seq and marked nothing: the caller waits and retries)."""
         seq = self.seq
         if seq is None:
             return None
@@ -124,9 +130,11 @@ class SplitFilter(Filter):
             self.ctx.next_io_id(), self.cg_id, seq.next(), self.vdisk.id, op, wf, offset, length, time_ns(), data,
         )
         if not t.submit(w):
-            seq.unget(w.cg_seq)
+            seq.unget(w.cg_seq)  # nothing ran since next(): it is the last number
             if not t.healthy():
                 self.link.lost("card stopped responding")
+            elif park:
+                return _NO_ROOM
             self._mark(w, "card refused the write (full, or gone)")
             return None
         return w, t, perf_counter_ns(), t.last_position  # its payload position, for tracking
@@ -160,14 +168,24 @@ class SplitFilter(Filter):
                 self.link.trim()
         return w
 
-    def _outcome(self, w: AugmentedWrite | None, status: Status) -> None:
-        """Step I: tell the card, never waiting; no room means marking."""
+    async def _outcome(self, w: AugmentedWrite | None, status: Status) -> None:
+        """Step I: tell the card. A full ring with a live card parks the
+        outcome (at most ``split_timeout_us``, as `_split_in` parks a write);
+        a dead card, or no room by then, means marking."""
         if w is None:
             return
-        t = self.link.get()
-        if t is None or not t.post_outcome(w.io_id, status):
-            if status is _COMMITTED:
-                self._mark(w, "could not post the outcome to the card")
+        deadline = 0
+        while True:
+            t = self.link.get()
+            if t is not None and t.post_outcome(w.io_id, status):
+                return
+            if t is None or not t.healthy() or (deadline and monotonic_ns() >= deadline):
+                break
+            if not deadline:
+                deadline = monotonic_ns() + self.timeout_ns
+            await asyncio.sleep(0)  # the card frees SQ slots as it polls
+        if status is _COMMITTED:
+            self._mark(w, "could not post the outcome to the card")
 
     async def _through(self, sub, down, offset: int = 0, length: int = 0) -> None:
         """Steps G–I around the layer below: the datastore write overlaps the
@@ -185,35 +203,48 @@ class SplitFilter(Filter):
                 self.regions.leave(offset, length)
         if sub is not None:
             w = await self._acked(sub)
-            self._outcome(w, _COMMITTED)
+            await self._outcome(w, _COMMITTED)
+
+    async def _split_in(self, op: Op, offset: int, length: int, flags: int, data):
+        """Steps D–E with the region lock and backpressure. A write to a region
+        the resync holds waits before it takes its seq; a full ring with a live
+        card parks the write (SPDK's rule: a full queue parks the IO, it does
+        not fail it) for at most ``split_timeout_us``, retrying as the card
+        frees room; only then is it marked. From its seq until the layer
+        below has it, the write is in flight for the region lock."""
+        deadline = 0
+        while True:
+            if length and self.regions.blocked(offset, length):
+                await self.regions.wait(offset, length)
+            sub = self._submit(op, offset, length, flags, data, park=not deadline or monotonic_ns() < deadline)
+            if sub is not _NO_ROOM:
+                break
+            if not deadline:
+                deadline = monotonic_ns() + self.timeout_ns
+                self.parked_count += 1
+            await asyncio.sleep(0)  # the loop runs on (acks, other IOs) while the card drains
+        if length:
+            self.regions.enter(offset, length)
+        return sub
 
     # -- verbs -------------------------------------------------------------
     # A write to a region the resync holds waits *before* it takes its seq;
     # from its seq until the layer below has it, it is in flight (regions).
     async def pwrite(self, next, offset, data, flags):
         n = len(data)
-        if self.regions.blocked(offset, n):
-            await self.regions.wait(offset, n)
-        sub = self._submit(Op.WRITE, offset, n, flags, data)
-        self.regions.enter(offset, n)
+        sub = await self._split_in(Op.WRITE, offset, n, flags, data)
         await self._through(sub, next.pwrite(offset, data, flags), offset, n)
 
     async def zero(self, next, offset, length, flags):
-        if self.regions.blocked(offset, length):
-            await self.regions.wait(offset, length)
-        sub = self._submit(Op.ZERO, offset, length, flags, None)
-        self.regions.enter(offset, length)
+        sub = await self._split_in(Op.ZERO, offset, length, flags, None)
         await self._through(sub, next.zero(offset, length, flags), offset, length)
 
     async def trim(self, next, offset, length, flags):
-        if self.regions.blocked(offset, length):
-            await self.regions.wait(offset, length)
-        sub = self._submit(Op.TRIM, offset, length, flags, None)
-        self.regions.enter(offset, length)
+        sub = await self._split_in(Op.TRIM, offset, length, flags, None)
         await self._through(sub, next.trim(offset, length, flags), offset, length)
 
     async def flush(self, next, flags):
-        sub = self._submit(Op.BARRIER, 0, 0, 0, None)
+        sub = await self._split_in(Op.BARRIER, 0, 0, 0, None)
         if self._dmap_dirty:
             # Dirty bits must be as durable as the data this flush covers.
             self._dmap_dirty = False
@@ -230,7 +261,7 @@ class SplitFilter(Filter):
             raise BarrierFailed(f"vdisk {self.vdisk.name} is {self.state}"
                                 + (f" ({self.dmap.reason})" if self.dmap.in_gap and self.dmap.reason else "")
                                 + ": the card did not take the barrier")
-        self._outcome(w, _COMMITTED)
+        await self._outcome(w, _COMMITTED)
         return w.cg_seq
 
     def statistics(self):
@@ -242,6 +273,7 @@ class SplitFilter(Filter):
             "split": self.split_count,
             "marked": self.marked_count,
             "late": self.late_count,
+            "parked": self.parked_count,
             "dirty_bytes": self.dmap.dirty_bytes() if gap else 0,
             "reason": self.dmap.reason if gap else "",
             "resync_waits": self.regions.waits,  # client writes that waited for a region being copied

@@ -1,0 +1,84 @@
+"""Issue 10, "Unpaced load": `nicsplit up` with the default configuration
+(1 ms split timeout, 64 MiB hidden volume, overflow log on), fio QD16
+unpaced for 30 s on two vdisks of one CG, the card alive the whole time.
+What holds on these 2-core machines and is asserted: fio passes, the CG
+comes back to protected with RPO < 1 s by itself, and its latest PIT equals
+production. What does not hold yet (reported, not asserted): a few writes
+still find the ring full for longer than the split timeout and are marked
+(then resynced within a second); see the closing note of session 4."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from nicsplit.core.ctl import request
+from nicsplit.core.layout import Layout
+from nicsplit.testing.datadir import init_data
+from nicsplit.testing.procs import UpProcess, run_cli, wait_for
+
+pytestmark = pytest.mark.usefixtures("peers")
+
+SIZE = 64 << 20
+RUNTIME_S = 30
+
+
+def _status(data: Path) -> dict:
+    return json.loads(run_cli(data, "status", "--json").stdout)
+
+
+@pytest.mark.timeout(900)
+def test_unpaced_qd16_on_two_vdisks_comes_back_protected_and_exact(tmp_path, seed):
+    data = init_data(tmp_path / "data", filters=["stats", "split"])
+    run_cli(data, "cg", "create", "cg1")
+    for n in ("a", "b"):
+        run_cli(data, "vdisk", "create", n, "--size", str(SIZE), "--cg", "cg1")
+    with UpProcess(data) as up:
+        cmd = ["fio", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", f"--size={SIZE}", "--iodepth=16",
+               "--time_based", f"--runtime={RUNTIME_S}", f"--randseed={seed}", "--output-format=json", f"--output={tmp_path / 'fio.json'}",
+               "--name=a", f"--uri={up.uri('a')}", "--name=b", f"--uri={up.uri('b')}"]
+        fio = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        states: set[str] = set()
+        samples = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                st = _status(data)
+                cg = st["cgs"][0]
+                states.update(v["state"] for v in cg["vdisks"])
+                samples.append((time.monotonic(), cg["state"], cg["rpo_seconds"]))
+                done.wait(1.0)
+
+        sampler = threading.Thread(target=sample, name="status-sampler")
+        sampler.start()
+        try:
+            out, err = fio.communicate(timeout=RUNTIME_S + 120)
+        finally:
+            done.set()
+            sampler.join(30)
+        assert fio.returncode == 0, err
+        ios = sum(j["write"]["total_ios"] for j in json.loads((tmp_path / "fio.json").read_text())["jobs"])
+        print(f"unpaced: {ios} writes in {RUNTIME_S} s = {ios / RUNTIME_S:.0f} IOPS; states seen {sorted(states)}")
+        print("samples (t, state, rpo):", [(round(t - samples[0][0]), s, r) for t, s, r in samples])
+        host = request(Layout(data).host_sock, {"cmd": "status"})["status"]
+        marked = {v["name"]: v.get("marked", 0) for v in host["vdisks"]}
+        parked = {v["name"]: v.get("parked", 0) for v in host["vdisks"]}
+        print(f"marked writes {marked}, parked writes {parked}, card {host['card']}")
+        t_end = time.monotonic()
+
+        def caught_up() -> bool:
+            cg = _status(data)["cgs"][0]
+            return cg["state"] == "protected" and cg["rpo_seconds"] is not None and cg["rpo_seconds"] < 1
+
+        wait_for(caught_up, 300, "the CG protected with RPO < 1 s after the load", interval=1.0)
+        print(f"protected with RPO < 1 s {time.monotonic() - t_end:.1f} s after the load ended")
+        for n in ("a", "b"):
+            out_file = tmp_path / f"{n}.raw"
+            run_cli(data, "restore", n, "--latest", "--to", str(out_file), timeout=300)
+            subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(out_file), up.uri(n)], check=True)
