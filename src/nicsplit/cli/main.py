@@ -281,7 +281,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                   f"{r['base_seq']}{why}")
         for v in c["vdisks"]:
             extra = f" ({v['reason']}; {_human(v['dirty_bytes'])} dirty)" if v["state"] == "marking" else ""
-            if v["state"] == "resyncing" and v.get("resync"):
+            if v["state"] in ("resyncing", "initializing") and v.get("resync"):
                 r = v["resync"]
                 eta = "" if r.get("eta_s") is None else f", eta {r['eta_s']:.0f}s"
                 extra = f" ({r['percent']:.0f}% of {_human(r['total_bytes'])}, {r['rate_mib_s']:.1f} MiB/s{eta})"
