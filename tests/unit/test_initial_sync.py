@@ -252,6 +252,7 @@ def test_leaving_the_cg_drops_the_record(tmp_path: Path, rng: random.Random):
         join(ds, "e", "cg1")
         host = HostServer(config(tmp_path), ds)
         assert host.chain("e").filter("split").state == "initializing"
+        assert "joined consistency group cg1" in host.chain("e").filter("split").dmap.reason
         await host.stop()
         ds.close()
 

@@ -133,7 +133,8 @@ def cmd_cg_add(args: argparse.Namespace) -> int:
     if v.extra.get("cg") not in (None, args.cg):
         raise CliError(f"vdisk {v.name} is already in consistency group {v.extra['cg']}")
     ds.update_vdisk(v.name, extra={**v.extra, "cg": args.cg})
-    print(f"vdisk {v.name} joins consistency group {args.cg} (a running host applies it to new sessions after restart)")
+    print(f"vdisk {v.name} joins consistency group {args.cg} (a running host applies it after restart; "
+          "data it already holds is then copied in full: initializing)")
     return 0
 
 

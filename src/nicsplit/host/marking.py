@@ -64,7 +64,7 @@ class MarkingMap:
         self.reason: str = st.get("reason", "")
         self.cg: str | None = st.get("cg")  # the CG protection was established for (None: no record)
         self.initial: bool = bool(st.get("initial"))  # the initial sync for self.cg is not done
-        self.recorded = self.state_path.exists()
+        self.recorded = "cg" in st  # a record of the CG (None: in none), not a file from before it
         self.name = vdisk_uuid  # for log lines; the splitter sets the vdisk's name
         self.listeners: list[Callable[["MarkingMap", str, str], None]] = []  # (map, old, new)
         self._claims: dict[int, bool] = {}  # region -> marked again while claimed
@@ -118,7 +118,7 @@ class MarkingMap:
     def forget_cg(self) -> None:
         """The vdisk left every CG: its writes are no longer journalled, so
         joining again needs a full sync."""
-        if self.cg is not None:
+        if self.cg is not None or not self.recorded:
             self.cg, self.initial = None, False
             self._save_state()
 
