@@ -133,7 +133,6 @@ def test_a_vdisk_with_data_joining_a_cg_is_initialized_once(tmp_path: Path, rng:
         top = host.chain("a").top
         await top.pwrite(SIZE - 4096, b"\x77" * 4096, 0)
         host.resyncer.poll([host.chain("a"), host.chain("e")])
-        await until(lambda: sa.resync is not None and sa.resync.total_bytes > 0)
         assert sa.statistics()["resync"]["total_bytes"] == len(allocated) * REGION
         await asyncio.wait_for(host.resyncer.tasks["a"], 10)
         assert sa.state == "protected" and sa.dmap.dirty_regions() == 0 and not host.context.gap("cg1").vdisks

@@ -152,6 +152,7 @@ class Resync:
         if split.resync is None:
             split.resync = Progress()
         self.progress: Progress = split.resync
+        self.progress.begin(self.dmap.dirty_bytes())  # status has the total before the task runs
 
     def _chunks(self) -> list[tuple[int, int]]:
         out = []
@@ -165,7 +166,6 @@ class Resync:
 
     async def run(self) -> None:
         d = self.dmap
-        self.progress.begin(d.dirty_bytes())
         log.info("vdisk %s: %s starts: %.1f MiB dirty", d.name,
                  "initial sync" if d.state == "initializing" else "resync", d.dirty_bytes() / 2**20)
         try:
