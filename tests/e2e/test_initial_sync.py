@@ -6,8 +6,10 @@ clients (qemu-img, fio with crc32c verify)."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -104,3 +106,40 @@ def test_initial_sync_of_a_vdisk_with_256_mib_while_fio_writes(tmp_path, rng: ra
     with UpProcess(data) as up:
         v = host_vdisk(data, "v")
         assert v["state"] == "protected" and not v.get("resync_shipped_bytes"), v
+
+
+def test_initial_sync_interrupted_by_a_card_kill_resumes(tmp_path, rng: random.Random):
+    """A card killed during the initial sync: marking, then initializing again
+    from the bitmap (not from the start), then protected; latest PIT = production."""
+    data = init_data(tmp_path / "data", filters=["stats", {"name": "split", "split_timeout_us": 1_000_000}],
+                     resync_mib_s=16, sections={"card": {"transport_options": {"data_size": "256M"}}})
+    run_cli(data, "cg", "create", "cg1")
+    run_cli(data, "vdisk", "create", "v", "--size", str(64 << 20))
+    src = tmp_path / "src.raw"
+    src.write_bytes(rng.randbytes(48 << 20))
+    with UpProcess(data) as up:
+        subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), up.uri("v")],
+                       check=True, capture_output=True, timeout=120)
+    run_cli(data, "cg", "add", "cg1", "v")
+    with UpProcess(data) as up:
+        def part_way():
+            v = host_vdisk(data, "v")
+            return v.get("state") == "initializing" and v.get("resync", {}).get("percent", 0) >= 25
+        wait_for(part_way, 60, "the initial sync a quarter done", interval=0.05)
+        pid = up.pid_of("card")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: "v: marking -> initializing" in up.log(), 60,
+                 "the initial sync resumed (the card restarted)", interval=0.1)
+        assert "v: initializing -> marking" in up.log()
+        wait_for(lambda: status(data)["cgs"][0]["state"] == "protected", 120, "protected", interval=0.2)
+        v = host_vdisk(data, "v")
+        shipped = v["resync_shipped_bytes"]
+        assert shipped < 1.5 * (48 << 20), shipped  # resumed, not restarted
+        last = status(data)["cgs"][0]["host_last_seq"]
+        wait_for(lambda: (status(data)["cgs"][0]["last_durable_seq"] or 0) >= last, 120,
+                 f"the journal reaching seq {last}", interval=0.2)
+        out_img = tmp_path / "latest.raw"
+        run_cli(data, "restore", "v", "--latest", "--to", str(out_img), timeout=120)
+        subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(out_img), up.uri("v")],
+                       check=True, capture_output=True, timeout=120)
+        print(f"initial sync interrupted at 25%: shipped {shipped / 2**20:.1f} MiB for 48.0 MiB of data")
