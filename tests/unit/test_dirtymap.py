@@ -91,3 +91,31 @@ def test_host_marking_map_writes_the_core_format(tmp_path: Path):
     again = MarkingMap(tmp_path / "marking", "u1", 8 * REGION)
     assert again.marking and again.reason == "card gone" and again.regions() == [(3 * REGION, 2 * REGION)]
     again.close()
+
+
+def test_marking_a_long_range_a_byte_at_a_time_matches_region_by_region(rng):
+    """The bulk path of `mark` (64+ regions: an initial sync) sets the same
+    bits, counts the same and reports a span covering every changed byte."""
+    RB = RegionBitmap
+    size = 3000 * REGION + 123
+    for _ in range(200):
+        a, b = RB(size), RB(size)
+        for _ in range(rng.randrange(0, 4)):  # some bits set before
+            off, n = rng.randrange(size), rng.randrange(1, 200 * REGION)
+            n = min(n, size - off)
+            a.mark(off, n)
+            b.mark(off, n)
+        off = rng.randrange(size - 1)
+        n = min(rng.randrange(1, 400 * REGION), size - off)
+        old = b.to_bytes()
+        span = a.mark(off, n)
+        r0, r1 = off // REGION, (off + n - 1) // REGION
+        for r in range(r0, r1 + 1):  # the region-by-region reference
+            b.mark(r * REGION, 1)
+        assert a.to_bytes() == b.to_bytes() and a.count() == b.count()
+        new = a.to_bytes()
+        changed = [i for i in range(len(new)) if new[i] != old[i]]
+        if not changed:
+            assert span is None
+        else:
+            assert span is not None and span[0] <= changed[0] and changed[-1] < span[1]

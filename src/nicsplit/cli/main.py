@@ -133,7 +133,8 @@ def cmd_cg_add(args: argparse.Namespace) -> int:
     if v.extra.get("cg") not in (None, args.cg):
         raise CliError(f"vdisk {v.name} is already in consistency group {v.extra['cg']}")
     ds.update_vdisk(v.name, extra={**v.extra, "cg": args.cg})
-    print(f"vdisk {v.name} joins consistency group {args.cg} (a running host applies it to new sessions after restart)")
+    print(f"vdisk {v.name} joins consistency group {args.cg} (a running host applies it after restart; "
+          "data it already holds is then copied in full: initializing)")
     return 0
 
 
@@ -281,7 +282,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                   f"{r['base_seq']}{why}")
         for v in c["vdisks"]:
             extra = f" ({v['reason']}; {_human(v['dirty_bytes'])} dirty)" if v["state"] == "marking" else ""
-            if v["state"] == "resyncing" and v.get("resync"):
+            if v["state"] in ("resyncing", "initializing") and v.get("resync"):
                 r = v["resync"]
                 eta = "" if r.get("eta_s") is None else f", eta {r['eta_s']:.0f}s"
                 extra = f" ({r['percent']:.0f}% of {_human(r['total_bytes'])}, {r['rate_mib_s']:.1f} MiB/s{eta})"

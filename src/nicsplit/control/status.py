@@ -9,10 +9,12 @@ status must work best exactly when something is broken.
 
 CG state, first match wins: ``failed-over`` (the CG's role), ``host-down``,
 ``marking`` (a vdisk of the CG lost its card), ``resyncing`` (a vdisk copies
-its dirty regions to the card), ``card-down``, ``lagging`` (the card's
+its dirty regions to the card), ``initializing`` (a vdisk that joined the CG
+holding data is copied in full: its initial sync), ``card-down``, ``lagging`` (the card's
 overflow log holds writes of the CG: protected, in order, RPO growing),
-``protected``; a vdisk shows ``lagging`` the same way. While marking
-or resyncing the CG's ``rpo_seconds`` is at least the age of the gap (the
+``protected``; a vdisk shows ``lagging`` the same way; a resyncing or
+initializing vdisk carries ``resync`` (percent, rate, ETA). While marking,
+resyncing or initializing the CG's ``rpo_seconds`` is at least the age of the gap (the
 writes only a resync will protect were acknowledged since it began).
 """
 
@@ -60,6 +62,9 @@ def protection_window(data: Path, cg: str) -> dict | None:
             "seconds": max(0.0, time.time() - commit.t_last_ns / 1e9)}
 
 
+_GAP_STATES = ("marking", "resyncing", "initializing")  # the journal lacks acknowledged writes
+
+
 def _cg_state(role: str, vdisks: list[dict], host_up: bool, card_up: bool, lagging: bool = False) -> str:
     if role == "failed-over":
         return "failed-over"
@@ -70,6 +75,8 @@ def _cg_state(role: str, vdisks: list[dict], host_up: bool, card_up: bool, laggi
         return "marking"
     if "resyncing" in states:
         return "resyncing"
+    if "initializing" in states:
+        return "initializing"
     if not card_up:
         return "card-down"
     if lagging:
@@ -109,8 +116,8 @@ def system_status(cfg: Config) -> dict[str, Any]:
         state = _cg_state(cg.role, vds, host is not None, card is not None and processes["card"]["pid"] is not None,
                           lagging)
         c = dict(card_cgs.get(cg.name, {}))
-        if state in ("marking", "resyncing"):
-            gap_since = min((v["since"] for v in vds if v["state"] in ("marking", "resyncing") and v["since"]), default=None)
+        if state in _GAP_STATES:
+            gap_since = min((v["since"] for v in vds if v["state"] in _GAP_STATES and v["since"]), default=None)
             if gap_since is not None:
                 c["rpo_seconds"] = max(c.get("rpo_seconds") or 0.0, time.time() - gap_since)
         host_seq = (host or {}).get("status", {}).get("cgs", {}).get(cg.name, {}).get("last_seq")

@@ -11,13 +11,22 @@ Rules:
   so a flushed write's dirty bit is as durable as its data.
 - The bitmap is `nicsplit.core.dirtymap.DirtyMap` (64 KiB regions), the same
   file format the failover site writes; failback reads both.
-- The state file (``protected`` / ``marking`` / ``resyncing``, since,
-  reason) is replaced atomically; the bitmap file is only ever updated
+- The state file (``protected`` / ``marking`` / ``resyncing`` /
+  ``initializing``, since, reason, and ``cg``: the consistency group this
+  vdisk's protection was established for, with ``initial`` while its first
+  full copy is not done) is replaced atomically; the bitmap file is only ever updated
   byte-wise in place. Every state change is logged with its reason and told
   to the listeners (the host context's per-CG gap count).
 - A resync (`nicsplit.host.resync`) *claims* the regions it copies and
   releases them once the card acked the copy: a region marked again while
   claimed (a client write the card refused, a card loss) keeps its bit.
+- Initial sync (`begin_initial`): a vdisk that joins a CG while it already
+  holds data has every allocated region marked and enters ``initializing``
+  (a resync of the whole vdisk); protection counts as established for the
+  CG (`established`) only once it ends ``protected``. A vdisk with no
+  record of its CG (no state file, or one written before the record
+  existed) that holds data gets this one-time full sync too: nothing proves
+  the journal has its data (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ from nicsplit.core.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
-STATES = ("protected", "marking", "resyncing")
+STATES = ("protected", "marking", "resyncing", "initializing")
+COPYING = ("resyncing", "initializing")  # a resync copies the dirty regions
 
 
 class MarkingMap:
@@ -52,6 +62,9 @@ class MarkingMap:
         self.state: str = st["state"] if st.get("state") in STATES else "marking"
         self.since: float = st["since"]
         self.reason: str = st.get("reason", "")
+        self.cg: str | None = st.get("cg")  # the CG protection was established for (None: no record)
+        self.initial: bool = bool(st.get("initial"))  # the initial sync for self.cg is not done
+        self.recorded = "cg" in st  # a record of the CG (None: in none), not a file from before it
         self.name = vdisk_uuid  # for log lines; the splitter sets the vdisk's name
         self.listeners: list[Callable[["MarkingMap", str, str], None]] = []  # (map, old, new)
         self._claims: dict[int, bool] = {}  # region -> marked again while claimed
@@ -66,8 +79,48 @@ class MarkingMap:
 
     @property
     def in_gap(self) -> bool:
-        """Marking or resyncing: the journal lacks some acknowledged writes."""
+        """Marking, resyncing or initializing: the journal lacks some acknowledged writes."""
         return self.state != "protected"
+
+    @property
+    def copying(self) -> bool:
+        """Resyncing or initializing: a resync copies the dirty regions."""
+        return self.state in COPYING
+
+    def established(self, cg: str) -> bool:
+        """True when this vdisk's protection was established for ``cg``: its
+        initial sync for it ended (or it had nothing to copy)."""
+        return self.cg == cg and not self.initial
+
+    def begin_initial(self, cg: str, allocated: list[tuple[int, int]]) -> None:
+        """The vdisk joins ``cg`` (or has no record of it) holding the
+        ``allocated`` ranges: mark them all and enter ``initializing``; with
+        nothing allocated it is protected for ``cg`` at once. The bitmap is
+        durable before the state file says so (a crash in between redoes it)."""
+        allocated = [(o, n) for o, n in allocated if n > 0]
+        if not allocated:
+            self.cg, self.initial = cg, False
+            self._save_state()
+            log.info("vdisk %s: protected for consistency group %s (no data to copy)", self.name, cg)
+            return
+        for off, n in allocated:
+            self.mark(off, n)
+        self.sync()
+        self.cg, self.initial = cg, True
+        why = (f"joined consistency group {cg}" if self.recorded else f"no record of consistency group {cg}") + \
+            f": copying {self.dirty_bytes() / 2**20:.1f} MiB of allocated data"
+        if self.state == "protected" or self.state == "resyncing":
+            self._set("initializing", why)
+        else:  # marking: the resync that follows is the initial sync
+            self.reason = why
+            self._save_state()
+
+    def forget_cg(self) -> None:
+        """The vdisk left every CG: its writes are no longer journalled, so
+        joining again needs a full sync."""
+        if self.cg is not None or not self.recorded:
+            self.cg, self.initial = None, False
+            self._save_state()
 
     def enter_marking(self, reason: str) -> None:
         if self.state == "marking":
@@ -75,13 +128,15 @@ class MarkingMap:
         self._set("marking", reason)
 
     def enter_resyncing(self, reason: str) -> None:
+        """Marking -> resyncing (or initializing, while the initial sync is not done)."""
         if self.state != "marking":
             return
-        self._set("resyncing", reason)
+        self._set("initializing" if self.initial else "resyncing", reason)
 
     def enter_protected(self, reason: str) -> None:
         if self.state == "protected":
             return
+        self.initial = False  # saved with the state: the CG's protection is established
         self._set("protected", reason)
 
     def _set(self, state: str, reason: str) -> None:
@@ -94,7 +149,11 @@ class MarkingMap:
             f(self, old, state)
 
     def _save_state(self) -> None:
-        atomic_write(self.state_path, json.dumps({"state": self.state, "since": self.since, "reason": self.reason}).encode())
+        st = {"state": self.state, "since": self.since, "reason": self.reason, "cg": self.cg}
+        if self.initial:
+            st["initial"] = True
+        atomic_write(self.state_path, json.dumps(st).encode())
+        self.recorded = True
 
     def mark(self, offset: int, length: int) -> None:
         """Mark the range and write the changed bitmap bytes at once (rule 1)."""

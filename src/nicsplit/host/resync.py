@@ -39,6 +39,13 @@ vdisk is *protected* again (persisted, logged with the reason); the CG's
 gap ends when all its vdisks are protected, and a barrier without GAP is
 shipped at once: the first consistent PIT after the gap.
 
+Initial sync: a vdisk that joins a CG holding data starts *initializing*
+(`MarkingMap.begin_initial`, called when the host builds its chain): every
+allocated region is marked and this same resync copies them, with the CG in
+its gap; it ends ``protected`` with the CG recorded. A card lost meanwhile
+sends it to marking; the resync that follows is still the initial sync
+(``initializing``) and resumes from the bitmap.
+
 Rate: ``[host] resync_mib_s`` (default 64; 0 = unlimited) across all
 vdisks, halved while production suffers: the card has late (unconfirmed)
 client writes, or the mean time client writes waited for the card's ack over
@@ -145,6 +152,7 @@ class Resync:
         if split.resync is None:
             split.resync = Progress()
         self.progress: Progress = split.resync
+        self.progress.begin(self.dmap.dirty_bytes())  # status has the total before the task runs
 
     def _chunks(self) -> list[tuple[int, int]]:
         out = []
@@ -158,23 +166,25 @@ class Resync:
 
     async def run(self) -> None:
         d = self.dmap
-        self.progress.begin(d.dirty_bytes())
-        log.info("vdisk %s: resync starts: %.1f MiB dirty", d.name, d.dirty_bytes() / 2**20)
+        log.info("vdisk %s: %s starts: %.1f MiB dirty", d.name,
+                 "initial sync" if d.state == "initializing" else "resync", d.dirty_bytes() / 2**20)
         try:
-            while d.state == "resyncing":
+            while d.copying:
                 chunks = self._chunks()
                 for off, n in chunks:
-                    if d.state != "resyncing":
+                    if not d.copying:
                         break
                     await self._copy(off, n)
                 await self._drain()
-                if d.state != "resyncing":
+                if not d.copying:
                     break
                 self.link.settle()
                 if d.dirty_regions() == 0 and d.claimed == 0 and self.link.unconfirmed_for(d) == 0:
                     await asyncio.get_running_loop().run_in_executor(None, d.sync)
                     el = time.monotonic() - self.progress.started
-                    d.enter_protected(f"resync done: {self.progress.done_bytes / 2**20:.1f} MiB in {el:.1f} s")
+                    what = "initial sync" if d.state == "initializing" else "resync"
+                    d.enter_protected(f"{what} done: {self.progress.done_bytes / 2**20:.1f} MiB in {el:.1f} s"
+                                      + (f" for consistency group {d.cg}" if what == "initial sync" else ""))
                     if not self.split.gap.vdisks:
                         await self._close_gap()
                     return

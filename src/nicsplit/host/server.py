@@ -38,7 +38,7 @@ from nicsplit.host.context import HostContext
 from nicsplit.host.datastore import Datastore, UnknownVdisk
 from nicsplit.host.eager import run_eager
 from nicsplit.host.filters.split import BarrierFailed
-from nicsplit.host.io import Flag, IOFailure
+from nicsplit.host.io import EXTENT_DATA, Flag, IOFailure
 from nicsplit.host.plugin import DatastorePlugin, GroupSync
 from nicsplit.host.resync import Resyncer
 from nicsplit.wire import nbd
@@ -92,6 +92,17 @@ class ExportCatalog:
         self._host.datastore.reload_catalog()
         self._host.reload_fences()
         return [self._info(v) for v in self._host.datastore.list_vdisks()]
+
+
+def allocated_ranges(vd: Any) -> list[tuple[int, int]]:
+    """The (offset, length) runs of a datastore vdisk that hold data (its
+    allocated extents): what an initial sync copies."""
+    out, pos = [], 0
+    for n, flags in vd.extents(0, vd.size):
+        if flags == EXTENT_DATA:
+            out.append((pos, n))
+        pos += n
+    return out
 
 
 class HostServer:
@@ -169,6 +180,8 @@ class HostServer:
                                    "the journal lacks writes the card did not capture")
         resyncing = [f"{n} ({sp.resync.status()['percent'] if sp.resync else 0}%)"
                      for n, sp in zip(names, splits) if sp.state == "resyncing"]
+        resyncing += [f"{n} (initializing, {sp.resync.status()['percent'] if sp.resync else 0}%)"
+                      for n, sp in zip(names, splits) if sp.state == "initializing"]
         if resyncing:
             raise HostCommandError(f"{', '.join(resyncing)} of {cg} {'is' if len(resyncing) == 1 else 'are'} resyncing: "
                                    "no consistent point in time until the resync ends")
@@ -194,6 +207,11 @@ class HostServer:
             )
             plugin = DatastorePlugin(self.datastore.vdisk(name), self.group_sync)
             ch = build_chain(view, self.cfg.vdisk_filters(name), plugin, validate=self.validate)
+            sp = ch.filter("split")
+            # Initial sync when the vdisk joined its CG holding data (not in
+            # read-only mode, nor for a CG failed over to the appliance).
+            if sp is not None and not self.readonly and view.extra.get("cg") not in self.fenced:
+                sp.establish(lambda: allocated_ranges(self.datastore.vdisk(name)))
             self._chains[name] = ch
         return ch
 

@@ -28,6 +28,12 @@ ends there). A write to a region the resync is copying waits until the copy
 is in the ring (`nicsplit.host.regions`). A vdisk in no consistency group is
 not protected: its IOs pass through and its state is ``unprotected``.
 
+Initial sync (`establish`, called by the host once the chain is built): a
+vdisk whose protection was not yet established for its CG (it joined the CG
+holding data, or has no record of it) is *initializing*: its allocated
+regions are marked and the resync copies them all while new writes are
+split (with GAP); an empty one is protected at once.
+
 Options: ``split_timeout_us`` (default 1000).
 Example: ``filters = ["stats", "split"]`` with the vdisk in a CG
 (``nicsplit vdisk create NAME --size 1G --cg CG``).
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 from time import monotonic_ns, perf_counter_ns, time_ns
+from typing import Callable
 
 from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag
 from nicsplit.host.chain import ChainError, Filter
@@ -96,6 +103,19 @@ class SplitFilter(Filter):
         if self.seq is None:
             return "unprotected"
         return self.dmap.state
+
+    def establish(self, allocated: Callable[[], list[tuple[int, int]]]) -> None:
+        """Protection for the vdisk's CG starts here unless it was established
+        before: ``allocated()`` gives the (offset, length) ranges that hold data
+        (the datastore's extents, below the splitter); they are all marked and
+        the vdisk is *initializing* (the resync copies them), or protected at
+        once when there are none. Out of any CG the record is dropped: its
+        writes are not journalled, so joining again syncs in full."""
+        if self.seq is None:
+            self.dmap.forget_cg()
+            return
+        if self.dmap.cg != self.cg:  # (an initial sync under way for it resumes from the bitmap)
+            self.dmap.begin_initial(self.cg, allocated())
 
     def _mark(self, w: AugmentedWrite, reason: str) -> None:
         self._mark_range(w.voffset, w.length, reason)
@@ -283,7 +303,7 @@ class SplitFilter(Filter):
             "split_max_us": self.hist.max_ns / 1000,
         }
         if self.resync is not None:
-            if self.state == "resyncing":
+            if self.dmap.copying:
                 st["resync"] = self.resync.status()
             st["resync_shipped_bytes"] = self.resync.shipped_total  # every resync of this host run
         return st
