@@ -20,6 +20,7 @@ from nicsplit.core.ctl import request
 from nicsplit.core.layout import Layout
 from nicsplit.testing.datadir import init_data
 from nicsplit.testing.procs import UpProcess, run_cli, wait_for
+from nicsplit.testing.stack import latest_pit_equals_production
 
 pytestmark = pytest.mark.usefixtures("peers")
 
@@ -81,15 +82,9 @@ def test_initial_sync_of_a_vdisk_with_256_mib_while_fio_writes(tmp_path, rng: ra
             (cg,) = st["cgs"]
             return st if cg["state"] == "protected" and cg["vdisks"][0]["state"] == "protected" else None
 
-        st = wait_for(protected, 120, "the vdisk protected after its initial sync", interval=0.2)
+        wait_for(protected, 120, "the vdisk protected after its initial sync", interval=0.2)
         took = time.monotonic() - t0
-        last = st["cgs"][0]["host_last_seq"]
-        wait_for(lambda: (status(data)["cgs"][0]["last_durable_seq"] or 0) >= last, 120,
-                 f"the journal reaching seq {last}", interval=0.2)
-        out_img = tmp_path / "latest.raw"
-        run_cli(data, "restore", "v", "--latest", "--to", str(out_img), timeout=120)
-        subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(out_img), up.uri("v")],
-                       check=True, capture_output=True, timeout=120)
+        latest_pit_equals_production(data, "cg1", "v", up.uri("v"), tmp_path)
         v = host_vdisk(data, "v")
         done = [ln for ln in up.log().splitlines() if "initial sync done" in ln]
         assert done, up.log()[-4000:]
@@ -135,11 +130,5 @@ def test_initial_sync_interrupted_by_a_card_kill_resumes(tmp_path, rng: random.R
         v = host_vdisk(data, "v")
         shipped = v["resync_shipped_bytes"]
         assert shipped < 1.5 * (48 << 20), shipped  # resumed, not restarted
-        last = status(data)["cgs"][0]["host_last_seq"]
-        wait_for(lambda: (status(data)["cgs"][0]["last_durable_seq"] or 0) >= last, 120,
-                 f"the journal reaching seq {last}", interval=0.2)
-        out_img = tmp_path / "latest.raw"
-        run_cli(data, "restore", "v", "--latest", "--to", str(out_img), timeout=120)
-        subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(out_img), up.uri("v")],
-                       check=True, capture_output=True, timeout=120)
+        latest_pit_equals_production(data, "cg1", "v", up.uri("v"), tmp_path)
         print(f"initial sync interrupted at 25%: shipped {shipped / 2**20:.1f} MiB for 48.0 MiB of data")

@@ -21,6 +21,7 @@ from nicsplit.core.ctl import request
 from nicsplit.core.layout import Layout
 from nicsplit.testing.datadir import init_data
 from nicsplit.testing.procs import UpProcess, run_cli, wait_for
+from nicsplit.testing.stack import latest_pit_equals_production
 
 pytestmark = pytest.mark.usefixtures("peers")
 
@@ -79,6 +80,4 @@ def test_unpaced_qd16_on_two_vdisks_comes_back_protected_and_exact(tmp_path, see
         wait_for(caught_up, 300, "the CG protected with RPO < 1 s after the load", interval=1.0)
         print(f"protected with RPO < 1 s {time.monotonic() - t_end:.1f} s after the load ended")
         for n in ("a", "b"):
-            out_file = tmp_path / f"{n}.raw"
-            run_cli(data, "restore", n, "--latest", "--to", str(out_file), timeout=300)
-            subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(out_file), up.uri(n)], check=True)
+            latest_pit_equals_production(data, "cg1", n, up.uri(n), tmp_path)

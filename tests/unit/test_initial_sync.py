@@ -19,60 +19,17 @@ import json
 import random
 from pathlib import Path
 
-from nicsplit.card.transports.ring_endpoint import RingEndpoint
 from nicsplit.core.cgs import CGCatalog
 from nicsplit.core.config import Config
 from nicsplit.core.dirtymap import REGION
-from nicsplit.core.records import AugmentedWrite, Op, Outcome, WFlag
+from nicsplit.core.records import Op, WFlag
 from nicsplit.host.datastore import Datastore
 from nicsplit.host.resync import RateLimit
+from nicsplit.testing.inproc import RingCard as Card, until
 from nicsplit.host.server import HostServer, allocated_ranges
 
 SIZE = 16 << 20
 GAP = int(WFlag.GAP)
-
-
-class Card:
-    """The card's side of the ring: heartbeats, takes and acks entries,
-    releases payloads once their outcome arrives (durable)."""
-
-    def __init__(self, run: Path) -> None:
-        self.ep = RingEndpoint(run, data_size=16 << 20, sq_entries=256)
-        self.writes: list[AugmentedWrite] = []
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> "Card":
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    async def _run(self) -> None:
-        while True:
-            self.ep.heartbeat()
-            for e in self.ep.poll():
-                if isinstance(e, Outcome):
-                    try:
-                        self.ep.release(e.io_id)
-                    except KeyError:
-                        pass  # a barrier holds nothing
-                else:
-                    if e.data is not None:
-                        e.data = bytes(e.data)
-                    self.writes.append(e)
-            await asyncio.sleep(0.0005)
-
-    async def kill(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self.ep.close()
-
-
-async def until(cond, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.002)
 
 
 def config(tmp_path: Path) -> Config:

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from nicsplit.testing.inproc import unix_connector, until
 from nicsplit.card.overflow import FILE_MAGIC, REC, Overflow, OverflowLog, TornRecord, decode, encode
 from nicsplit.card.pipeline import CardPipeline, PipelineConfig
 from nicsplit.card.process import CardConfig, CardProcess
@@ -28,21 +29,6 @@ CAT = FakeCatalog({1: ("cgA", "a1", 1 << 30), 2: ("cgA", "a2", 1 << 30), 3: ("cg
 
 def blk(n: int, size: int = 4096) -> bytes:
     return bytes([n % 256]) * size
-
-
-async def _until(cond, timeout=10.0):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.001)  # ok-sleep: the poll interval of a condition wait with a deadline
-
-
-def _connector(path):
-    async def connect():
-        return await asyncio.open_unix_connection(str(path))
-    return connect
 
 
 def _entries(rng, n, *, first_io=1, qd=4):
@@ -200,24 +186,24 @@ def test_card_keeps_accepting_through_a_stalled_appliance_and_ships_everything_i
         srv = FakeApplianceServer(app)
         sock = tmp_path / "app.sock"
         ep = FakeEndpoint()
-        card = CardProcess(_card_cfg(tmp_path), ep, CAT, key=KEY, connect=_connector(sock))
+        card = CardProcess(_card_cfg(tmp_path), ep, CAT, key=KEY, connect=unix_connector(sock))
         run = asyncio.create_task(card.run())
         ws, entries = _entries(rng, 400)
         for i in range(0, len(entries), 37):  # no appliance yet: the window and then hold fill up
             ep.push(*entries[i:i + 37])
-            await _until(lambda: not ep.queue)
+            await until(lambda: not ep.queue)
         st = card.stats()
         assert st["overflow"]["lagging"] and st["overflow"]["entries"] > 300 and not st["full"]
         assert st["cgs"]["cgA"]["lagging"] and st["cgs"]["cgA"]["rpo_seconds"] > 0
         assert not ep.full_flag and not card.lost
-        await _until(lambda: card.overflow.statistics()["unsynced"] == 0)
+        await until(lambda: card.overflow.statistics()["unsynced"] == 0)
         logged = set(ep.released)
         assert len(logged) > 300  # released once durable in the log, not shipped
         server = await asyncio.start_unix_server(srv.handle, path=str(sock))  # the appliance is back
-        await _until(lambda: len(app.records("cgA")) == sum(1 for w in ws if w.cg_seq % 17))
+        await until(lambda: len(app.records("cgA")) == sum(1 for w in ws if w.cg_seq % 17))
         assert [r.seq for r in app.records("cgA")] == [w.cg_seq for w in ws if w.cg_seq % 17]
         assert [bytes(r.data) for r in app.records("cgA")] == [w.data for w in ws if w.cg_seq % 17]
-        await _until(lambda: not ep.held and card.overflow.log.entries == 0)  # drained and cut back
+        await until(lambda: not ep.held and card.overflow.log.entries == 0)  # drained and cut back
         assert not ep.full_flag and not card.lost and app.duplicates == 0
         assert card.stats()["overflow"]["lagging"] is False
         card.stop()
@@ -244,7 +230,7 @@ def test_ring_pressure_diverts_to_the_log_before_hold_is_full(tmp_path, rng):
         run = asyncio.create_task(card.run())
         ws, entries = _entries(rng, 50)
         ep.push(*entries)
-        await _until(lambda: not ep.queue and card.overflow.statistics()["unsynced"] == 0)
+        await until(lambda: not ep.queue and card.overflow.statistics()["unsynced"] == 0)
         st = card.stats()["overflow"]
         assert st["diverted"] == 50 and st["fed"] == 50  # logged, then fed from the log (hold has room)
         assert sorted(ep.released) == [w.io_id for w in ws]  # the ring got its space back
@@ -266,7 +252,7 @@ def test_the_log_survives_a_card_restart_and_is_replayed_in_order(tmp_path, rng)
         run = asyncio.create_task(card.run())
         for i in range(0, len(entries), 10):  # the first ones go straight to the pipeline
             ep1.push(*entries[i:i + 10])
-            await _until(lambda: not ep1.queue)
+            await until(lambda: not ep1.queue)
         card.stop()  # drain: syncs the log; what it holds waits for the next start
         assert await run == 0
         logged = sorted(ep1.released)
@@ -281,16 +267,16 @@ def test_the_log_survives_a_card_restart_and_is_replayed_in_order(tmp_path, rng)
         sock = tmp_path / "app.sock"
         server = await asyncio.start_unix_server(srv.handle, path=str(sock))
         ep2 = FakeEndpoint()  # the restarted card's new ring
-        card2 = CardProcess(_card_cfg(tmp_path), ep2, CAT, key=KEY, connect=_connector(sock))
+        card2 = CardProcess(_card_cfg(tmp_path), ep2, CAT, key=KEY, connect=unix_connector(sock))
         assert card2.overflow.log.unread > 0
         run2 = asyncio.create_task(card2.run())
         more = [write(5000 + i, 201 + i, data=blk(i)) for i in range(5)]
         ep2.push(*more, *(committed(w.io_id) for w in more))  # new writes go behind the replay
         want = [w for w in ws if w.cg_seq % 17] + more
-        await _until(lambda: len(app.records("cgA")) == len(want))
+        await until(lambda: len(app.records("cgA")) == len(want))
         assert [r.seq for r in app.records("cgA")] == [w.cg_seq for w in want]
         assert [bytes(r.data) for r in app.records("cgA")] == [bytes(w.data) for w in want]
-        await _until(lambda: card2.overflow.log.entries == 0 and not ep2.held)
+        await until(lambda: card2.overflow.log.entries == 0 and not ep2.held)
         assert sorted(ep2.released) == [w.io_id for w in more]  # replayed writes never touch the new ring
         card2.stop()
         assert await run2 == 0
@@ -310,7 +296,7 @@ def test_overflow_max_zero_keeps_the_old_refusal(tmp_path):
         assert card.overflow is None and card.stats()["overflow"] is None
         run = asyncio.create_task(card.run())
         ep.push(*(write(i, i, data=blk(i)) for i in range(1, 40)))  # no outcomes: hold stays full
-        await _until(lambda: ep.full_flag)
+        await until(lambda: ep.full_flag)
         assert len(card.lost) == 39 - 16
         card.stop()
         await run

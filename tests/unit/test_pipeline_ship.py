@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from nicsplit.testing.inproc import unix_connector, until
 from nicsplit.card.pipeline import CardPipeline, PipelineConfig, Shipper
 from nicsplit.testing.pipeline import (
     FakeAppliance, FakeApplianceServer, FakeCatalog, FakeEndpoint, committed, failed, write,
@@ -24,21 +25,6 @@ def blk(n: int) -> bytes:
     return bytes([n]) * 4096
 
 
-async def _until(cond, timeout=5.0):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.001)  # ok-sleep: the poll interval of a condition wait with a deadline
-
-
-def _connector(path):
-    async def connect():
-        return await asyncio.open_unix_connection(str(path))
-    return connect
-
-
 def test_shipper_reconnects_retransmits_and_releases_only_after_durable_acks(tmp_path):
     async def main():
         app = FakeAppliance(KEY)
@@ -48,13 +34,13 @@ def test_shipper_reconnects_retransmits_and_releases_only_after_durable_acks(tmp
         p = CardPipeline(CAT, release=ep.release, on_lost=pytest.fail, key=KEY,
                          config=PipelineConfig(batch_delay_us=0))
         p.add_cgs(CAT.cg_names())
-        sh = Shipper(p.window, connect=_connector(tmp_path / "app.sock"), card_id="c1", cgs=p.cgs,
+        sh = Shipper(p.window, connect=unix_connector(tmp_path / "app.sock"), card_id="c1", cgs=p.cgs,
                      heartbeat_s=0.01, backoff_min_s=0.001, backoff_max_s=0.01)
         task = asyncio.create_task(sh.run())
         ws = [write(i, i, vdisk_id=1 + i % 2, offset=i * 4096, data=blk(i)) for i in range(1, 7)]
         ep.push(*ws, *(committed(w.io_id) for w in ws))
         p.feed(ep.poll(), 0)
-        await _until(lambda: p.window.empty)
+        await until(lambda: p.window.empty)
         assert srv.connections == 2  # dropped after the 2nd batch, reconnected
         assert [r.seq for r in app.records("cgA")] == [1, 2, 3, 4, 5, 6]  # exactly once, in order
         assert sorted(ep.released) == [w.io_id for w in ws] and not ep.held
@@ -85,9 +71,9 @@ def test_shipper_resume_after_appliance_kept_batches_whose_acks_were_lost(tmp_pa
         assert ep.released == []
         srv = FakeApplianceServer(app)
         server = await asyncio.start_unix_server(srv.handle, path=str(tmp_path / "a.sock"))
-        sh = Shipper(p.window, connect=_connector(tmp_path / "a.sock"), card_id="c1", cgs=p.cgs)
+        sh = Shipper(p.window, connect=unix_connector(tmp_path / "a.sock"), card_id="c1", cgs=p.cgs)
         task = asyncio.create_task(sh.run())
-        await _until(lambda: p.window.empty)
+        await until(lambda: p.window.empty)
         assert app.batches == 3 and app.duplicates == 0  # nothing resent
         assert sorted(ep.released) == [1, 2, 3]
         sh.stop()
@@ -104,18 +90,18 @@ def test_a_cg_unknown_to_the_hello_triggers_a_new_hello_instead_of_a_refused_bat
         server = await asyncio.start_unix_server(srv.handle, path=str(tmp_path / "a.sock"))
         ep = FakeEndpoint()
         p = CardPipeline(CAT, release=ep.release, on_lost=pytest.fail, key=KEY, config=PipelineConfig(batch_delay_us=0))
-        sh = Shipper(p.window, connect=_connector(tmp_path / "a.sock"), card_id="c1", cgs=p.cgs,
+        sh = Shipper(p.window, connect=unix_connector(tmp_path / "a.sock"), card_id="c1", cgs=p.cgs,
                      backoff_min_s=0.001)
         task = asyncio.create_task(sh.run())
         a = write(1, 1, cg_id=1, vdisk_id=1, data=blk(1))
         ep.push(a, committed(1))
         p.feed(ep.poll(), 0)
-        await _until(lambda: p.window.empty)
+        await until(lambda: p.window.empty)
         assert srv.hellos[-1].cgs == ("cgA",)
         b = write(2, 1, cg_id=2, vdisk_id=3, data=blk(2))  # cgB appears after the Hello
         ep.push(b, committed(2))
         p.feed(ep.poll(), 0)
-        await _until(lambda: p.window.empty)
+        await until(lambda: p.window.empty)
         assert srv.unknown_cg == 0 and srv.connections == 2
         assert srv.hellos[-1].cgs == ("cgA", "cgB")
         assert [r.seq for r in app.records("cgB")] == [1]
@@ -134,14 +120,14 @@ def test_card_process_ships_reports_stats_and_drains_on_stop(tmp_path):
         ep = FakeEndpoint()
         cfg = CardConfig.from_mapping(tmp_path, {"tls": False, "cpus": [], "batch_delay_us": 100_000,
                                                  "idle_spin_us": 50, "sleep_max_ms": 1})
-        card = CardProcess(cfg, ep, CAT, key=KEY, connect=_connector(tmp_path / "app.sock"))
+        card = CardProcess(cfg, ep, CAT, key=KEY, connect=unix_connector(tmp_path / "app.sock"))
         ready = []
         run = asyncio.create_task(card.run(ready=ready.append))
-        await _until(lambda: ready)
+        await until(lambda: ready)
         assert ready[0]["event"] == "ready"
         ws = [write(i, i, vdisk_id=1, offset=i * 4096, data=blk(i)) for i in range(1, 5)]
         ep.push(*ws, committed(1), committed(2), failed(3), committed(4))
-        await _until(lambda: not ep.queue)
+        await until(lambda: not ep.queue)
         # control socket
         r, w = await asyncio.open_unix_connection(str(tmp_path / "run" / "card-ctl.sock"))
         w.write(b'{"cmd": "stats"}\n')
@@ -158,7 +144,7 @@ def test_card_process_ships_reports_stats_and_drains_on_stop(tmp_path):
         assert ep.sleeping in (True, False)
         late = write(5, 5, vdisk_id=1, data=blk(5))
         ep.push(late)
-        await _until(lambda: not ep.queue)
+        await until(lambda: not ep.queue)
         card.stop()  # SIGTERM: drain closes the open batch and waits for its ack
         ep.push(committed(5))  # an outcome still queued in the transport at stop time
         assert await run == 0
@@ -200,9 +186,9 @@ def test_card_process_sleeps_on_the_doorbell_when_idle(tmp_path):
 
         card = CardProcess(cfg, ep, CAT, key=None, connect=never)
         run = asyncio.create_task(card.run())
-        await _until(lambda: ep.sleeping)
+        await until(lambda: ep.sleeping)
         ep.ring(write(1, 1, data=blk(1)))
-        await _until(lambda: card.pipeline.statistics().writes_in == 1, timeout=0.04)  # woken, not timed out
+        await until(lambda: card.pipeline.statistics().writes_in == 1, timeout=0.04)  # woken, not timed out
         assert ep.sleeps >= 1 and card.stats()["poller"]["doorbell_wakeups"] >= 1
         card.stop()
         await run
@@ -223,7 +209,7 @@ def test_run_card_prints_one_ready_line_and_exits_on_sigterm(tmp_path, capsys):
 
         task = asyncio.create_task(run_card({"data": str(tmp_path), "tls": False, "encrypt": False, "cpus": [],
                                              "drain_timeout_s": 0.1}, endpoint=ep, catalog=CAT, connect=never))
-        await _until(lambda: (tmp_path / "run" / "card-ctl.sock").exists())
+        await until(lambda: (tmp_path / "run" / "card-ctl.sock").exists())
         os.kill(os.getpid(), signal.SIGTERM)  # handled by the card's loop handler: stop, drain, exit 0
         assert await task == 0
         assert not ep.closed  # an endpoint passed in belongs to the caller

@@ -17,61 +17,18 @@ import asyncio
 from pathlib import Path
 
 
-from nicsplit.card.transports.ring_endpoint import RingEndpoint
 from nicsplit.core.cgs import CGCatalog
 from nicsplit.core.config import Config
 from nicsplit.core.dirtymap import REGION
-from nicsplit.core.records import AugmentedWrite, Op, Outcome, WFlag
+from nicsplit.core.records import Op, WFlag
 from nicsplit.host.datastore import Datastore
 from nicsplit.host.regions import RegionLock
 from nicsplit.host.resync import RateLimit, Resync
+from nicsplit.testing.inproc import RingCard as Card, until
 from nicsplit.host.server import HostServer
 
 SIZE = 8 << 20
 GAP = int(WFlag.GAP)
-
-
-class Card:
-    """The card's side of the ring: heartbeats, takes entries (acks them),
-    keeps what it received; ``pause`` stops it taking entries, ``durable``
-    releases payloads (as the appliance's ack would)."""
-
-    def __init__(self, run: Path) -> None:
-        self.ep = RingEndpoint(run, data_size=16 << 20, sq_entries=256)
-        self.writes: list[AugmentedWrite] = []
-        self.outcomes: list[Outcome] = []
-        self.paused = False
-        self.durable = True
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            self.ep.heartbeat()
-            if not self.paused:
-                for e in self.ep.poll():
-                    if isinstance(e, Outcome):
-                        self.outcomes.append(e)
-                        if self.durable:
-                            self._release(e.io_id)
-                    else:
-                        if e.data is not None:
-                            e.data = bytes(e.data)
-                        self.writes.append(e)
-            await asyncio.sleep(0.0005)
-
-    def _release(self, io_id: int) -> None:
-        try:
-            self.ep.release(io_id)
-        except KeyError:
-            pass  # a barrier holds nothing
-
-    async def kill(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self.ep.close()
 
 
 def mkhost(tmp_path: Path) -> tuple[HostServer, Datastore]:
@@ -86,15 +43,6 @@ def mkhost(tmp_path: Path) -> tuple[HostServer, Datastore]:
 
 def pattern(tag: int, n: int) -> bytes:
     return bytes([tag & 0xFF]) * n
-
-
-async def until(cond, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.002)
 
 
 async def go_marking(host: HostServer, card: Card, writes: list[tuple[int, int]], tag: int = 0x5A) -> None:
@@ -126,9 +74,13 @@ def test_resync_ships_dirty_regions_in_cg_order_with_gap_then_protected(tmp_path
         await until(lambda: len(card.writes) == 1)
         assert card.writes[0].flags == WFlag.NONE and sa.state == "protected"
         await until(lambda: len(card.outcomes) == 1)
-        await asyncio.sleep(0.005)  # the card releases it (durable)
-        host.context.card.trim()
-        assert host.context.card.tracked == 0
+        link = host.context.card
+
+        def released() -> bool:  # the card releases it (durable): the host forgets it
+            link.trim()
+            return link.tracked == 0
+
+        await until(released, what="the acked write released")
 
         dirty = [(REGION, 4096), (3 * REGION + 100, 2 * REGION), (40 * REGION, 12 * REGION)]
         await go_marking(host, card, dirty)
@@ -268,8 +220,8 @@ def test_a_client_write_to_a_region_being_copied_waits_and_lands_after(tmp_path:
         client = asyncio.get_running_loop().create_task(top.pwrite(4096, pattern(0x22, 4096), 0))
         other = asyncio.get_running_loop().create_task(top.pwrite(2 * REGION, pattern(0x33, 4096), 0))
         await asyncio.wait_for(other, 5)  # another region: not held
-        await asyncio.sleep(0.01)
-        assert not client.done() and sa.regions.waits == 1
+        await until(lambda: sa.regions.waits == 1, what="the client write waiting on the region")
+        assert not client.done()
         below.gate.set()
         await asyncio.wait_for(client, 5)
         await asyncio.wait_for(task, 10)
@@ -293,13 +245,13 @@ def test_region_lock_waits_for_writes_in_flight():
         rl = RegionLock()
         rl.enter(100, 10)
         locking = asyncio.get_running_loop().create_task(rl.lock(0, REGION))
-        await asyncio.sleep(0.005)
-        assert not locking.done()
+        await until(lambda: rl.locked, what="the region locked")  # new writes stop at once ...
+        assert not locking.done()  # ... but the lock waits for the write in flight
         assert rl.blocked(REGION - 1, 2) and not rl.blocked(REGION, 10)
         rl.leave(100, 10)
         await asyncio.wait_for(locking, 1)
         waiter = asyncio.get_running_loop().create_task(rl.wait(0, 1))
-        await asyncio.sleep(0.005)
+        await until(lambda: rl.waits == 1, what="the client waiting")
         assert not waiter.done()
         rl.unlock(0, REGION)
         await asyncio.wait_for(waiter, 1)

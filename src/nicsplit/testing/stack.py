@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 from nicsplit.core.ctl import request
@@ -91,3 +92,19 @@ def one_line_error(data: Path, *args: str) -> str:
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("nicsplit: error: ") and "Traceback" not in p.stderr, (args, p.stderr)
     return lines[0]
+
+
+def latest_pit_equals_production(data: Path, cg: str, vdisk: str, production_uri: str, tmp_path: Path) -> None:
+    """Wait until the journal holds every seq the host handed out for ``cg``,
+    restore ``vdisk`` at the latest PIT and compare it with production
+    (``qemu-img compare``: raises on the first difference)."""
+    def status() -> dict:
+        (c,) = [c for c in json.loads(run_cli(data, "status", "--json").stdout)["cgs"] if c["name"] == cg]
+        return c
+
+    last = status()["host_last_seq"]
+    wait_for(lambda: (status()["last_durable_seq"] or 0) >= last, 120, f"the journal reaching seq {last}", interval=0.2)
+    out_img = tmp_path / f"{vdisk}-latest.raw"
+    run_cli(data, "restore", vdisk, "--latest", "--to", str(out_img), timeout=120)
+    subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(out_img), production_uri],
+                   check=True, capture_output=True, timeout=120)

@@ -225,6 +225,17 @@ class SplitFilter(Filter):
             w = await self._acked(sub)
             await self._outcome(w, _COMMITTED)
 
+    def _split_now(self, op: Op, offset: int, length: int, flags: int, data):
+        """The common case of `_split_in` without a coroutine on the per-write
+        path: the region is free and the ring has room. `_NO_ROOM` sends the
+        caller to `_split_in` (it took no seq and marked nothing)."""
+        if length and self.regions.blocked(offset, length):
+            return _NO_ROOM
+        sub = self._submit(op, offset, length, flags, data, park=True)
+        if sub is not _NO_ROOM and length:
+            self.regions.enter(offset, length)
+        return sub
+
     async def _split_in(self, op: Op, offset: int, length: int, flags: int, data):
         """Steps D–E with the region lock and backpressure. A write to a region
         the resync holds waits before it takes its seq; a full ring with a live
@@ -252,19 +263,27 @@ class SplitFilter(Filter):
     # from its seq until the layer below has it, it is in flight (regions).
     async def pwrite(self, next, offset, data, flags):
         n = len(data)
-        sub = await self._split_in(Op.WRITE, offset, n, flags, data)
+        sub = self._split_now(Op.WRITE, offset, n, flags, data)
+        if sub is _NO_ROOM:
+            sub = await self._split_in(Op.WRITE, offset, n, flags, data)
         await self._through(sub, next.pwrite(offset, data, flags), offset, n)
 
     async def zero(self, next, offset, length, flags):
-        sub = await self._split_in(Op.ZERO, offset, length, flags, None)
+        sub = self._split_now(Op.ZERO, offset, length, flags, None)
+        if sub is _NO_ROOM:
+            sub = await self._split_in(Op.ZERO, offset, length, flags, None)
         await self._through(sub, next.zero(offset, length, flags), offset, length)
 
     async def trim(self, next, offset, length, flags):
-        sub = await self._split_in(Op.TRIM, offset, length, flags, None)
+        sub = self._split_now(Op.TRIM, offset, length, flags, None)
+        if sub is _NO_ROOM:
+            sub = await self._split_in(Op.TRIM, offset, length, flags, None)
         await self._through(sub, next.trim(offset, length, flags), offset, length)
 
     async def flush(self, next, flags):
-        sub = await self._split_in(Op.BARRIER, 0, 0, 0, None)
+        sub = self._split_now(Op.BARRIER, 0, 0, 0, None)
+        if sub is _NO_ROOM:
+            sub = await self._split_in(Op.BARRIER, 0, 0, 0, None)
         if self._dmap_dirty:
             # Dirty bits must be as durable as the data this flush covers.
             self._dmap_dirty = False
