@@ -14,7 +14,9 @@ loop makes no per-write objects), so an ack waits only for the scheduler.
 
 Spinning and sleeping on a shared core: the acker runs SCHED_FIFO
 (``priority``) on the card's CPUs (``cpus``) and spins ``ack_spin_us``
-after its last entry, then sleeps on the doorbell. A real-time spinner
+after its last entry, then sleeps on the doorbell; it does not spin at all
+while the worker has entries it has not read (the worker is behind and
+needs the CPU more than the next ack needs a poll). A real-time spinner
 would starve anything of normal priority on its core, so the worker runs at
 normal priority on ``worker_cpus`` (default: every allowed core, so it
 runs where there is room) and the spin is short: a doorbell wake-up of a
@@ -208,8 +210,9 @@ class Acker:
                 time.sleep(0.0001)
                 t = now()
                 continue
-            if t - idle_since < spin_ns:
-                continue
+            if t - idle_since < spin_ns and hc[_P] == hc[_C]:
+                continue  # spin only while the worker keeps up: when it is behind, it needs this core
+
             ep.set_sleeping(True)
             fence()  # SLEEPING visible before we re-read the tail (Dekker; wire/ring.py)
             if ep.pending():
