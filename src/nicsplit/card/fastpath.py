@@ -121,7 +121,9 @@ class Acker:
         self.pidfd = -1
         if self.proc.stdout is not None:
             self.proc.stdout.close()
-        n = self.handoff.reclaim(self._lost_desc, self.ep.set_data_head)
+        why = ("the card stopped before the appliance held it" if self.stopping
+               else "the card's pipeline worker died before shipping it")
+        n = self.handoff.reclaim(lambda d: self.lost.append(d[5], d[8], d[9], d[4], why), self.ep.set_data_head)
         if self.stopping:
             if n:
                 log.warning("card: %d writes the worker did not finish go to the lost log (host marks)", n)
@@ -136,9 +138,6 @@ class Acker:
         self.spawn()
         self.ready_info = None
         self.wait_ready(30.0)
-
-    def _lost_desc(self, d: tuple) -> None:
-        self.lost.append(d[5], d[8], d[9], d[4], "the card's pipeline worker died before shipping it")
 
     def wait_ready(self, timeout: float) -> dict:
         """Ack while the worker starts; return its ready line."""

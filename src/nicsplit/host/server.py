@@ -279,6 +279,7 @@ class HostServer:
         link = self.context.card
         while True:
             await asyncio.sleep(interval)
+            link.read_lost()  # a stat and a short read: cheap at this cadence
             t = link.get()
             if t is None:
                 continue
@@ -542,6 +543,9 @@ async def serve(
     try:
         host = HostServer(cfg, ds, readonly=readonly)
         host.check_chains()
+        # What the card could not make durable while no host ran (e.g. it
+        # stopped after this host, with the appliance down) marks now.
+        host.context.card.read_lost()
         addrs = await host.start(listen, socket_path)
         layout = cfg.layout
         layout.run.mkdir(parents=True, exist_ok=True)
