@@ -105,6 +105,6 @@ def latest_pit_equals_production(data: Path, cg: str, vdisk: str, production_uri
     last = status()["host_last_seq"]
     wait_for(lambda: (status()["last_durable_seq"] or 0) >= last, 120, f"the journal reaching seq {last}", interval=0.2)
     out_img = tmp_path / f"{vdisk}-latest.raw"
-    run_cli(data, "restore", vdisk, "--latest", "--to", str(out_img), timeout=120)
+    run_cli(data, "restore", vdisk, "--latest", "--to", str(out_img), "--force", timeout=120)  # may run again
     subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(out_img), production_uri],
                    check=True, capture_output=True, timeout=120)
