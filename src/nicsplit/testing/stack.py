@@ -18,7 +18,8 @@ import subprocess
 from pathlib import Path
 
 from nicsplit.core.ctl import request
-from nicsplit.core.layout import Layout
+from nicsplit.core.catalog import open_catalog
+from nicsplit.core.layout import Layout, vdisk_file
 from nicsplit.storage import atrest
 from nicsplit.storage.image import open_image
 from nicsplit.testing.datadir import init_data
@@ -77,7 +78,7 @@ def replica_in_clear(data: Path, n: str, tmp_path: Path) -> Path:
     """The replica image of vdisk ``n`` in clear (a raw file in ``tmp_path``):
     at-rest encryption is on by default, so the file itself is ciphertext."""
     layout = Layout(data)
-    p = layout.replica("cg1") / f"{n}.img"
+    p = vdisk_file(layout.replica("cg1"), open_catalog(layout.datastore).get(n).id, ".img")
     size = os.path.getsize(p)
     out = tmp_path / f"replica-{n}.raw"
     with open_image(p, size, atrest.keyring_in(layout.appliance), writable=False) as img:
