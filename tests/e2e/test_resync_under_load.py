@@ -78,7 +78,7 @@ def check_latest_equals_production(data: Path, up: UpProcess, tmp_path: Path) ->
              f"the journal reaching seq {last}", interval=0.2)
     for n in ("a", "b"):
         out = tmp_path / f"latest-{n}.raw"
-        run_cli(data, "restore", n, "--latest", "--to", str(out), timeout=120)
+        run_cli(data, "restore", n, "--latest", "--to", str(out), "--force", timeout=120)  # called twice
         subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(out), up.uri(n)],
                        check=True, capture_output=True, timeout=120)
     return st

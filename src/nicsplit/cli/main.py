@@ -192,7 +192,7 @@ def cmd_host_stats(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Appliance, card and host on one machine with the embedded defaults."""
-    from nicsplit.control.supervisor import Child, Supervisor, child_argv  # lazy: see main()
+    from nicsplit.control.supervisor import Child, Supervisor, SupervisorError, child_argv  # lazy: see main()
 
     data = cfgmod.data_dir(args.data)
     if not Layout(data).config.exists() or not Layout(data).catalog.exists():
@@ -223,7 +223,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"try:  qemu-io -f raw -c 'write -P 0xab 0 64k' {base}/{first}", flush=True)
         print(f"then: nicsplit --data {data} status; nicsplit --data {data} journal dump demo-vm   (Ctrl-C stops)", flush=True)
 
-    run_async(Supervisor(data, children, on_ready=ready).run())
+    try:
+        run_async(Supervisor(data, children, on_ready=ready).run())
+    except SupervisorError as e:
+        raise CliError(str(e)) from None
     return 0
 
 

@@ -242,8 +242,10 @@ class Journal:
         if not readonly:
             try:
                 j._lockfile = store.lock()
-            except BlockingIOError:
-                raise JournalError(f"journal {path} is in use by another process (lock held)") from None
+            except BlockingIOError as e:
+                holder = getattr(e, "holder", None)  # `LockHeld` names the pid in the lock file
+                who = f"pid {holder}" if holder else "another process"
+                raise JournalError(f"journal {path} is in use by {who} (it holds {path}/lock)") from None
         try:
             if not readonly:
                 j._io.ciphers.keyring  # a writer fails now, not at its first segment, on a bad keyring
