@@ -25,9 +25,12 @@ Rules
    logged with the peer address and reason (asyncio's own TLS server drops
    handshake failures silently).  The peer's CN must be in ``peers``.
 2. The first frame must be Hello with our PROTOCOL_VERSION; the reply is
-   HelloAck(resume = last durable seq per CG named).  A batch for a CG not
-   named in Hello, a second Hello, or any appliance-bound frame type that a
-   card must not send is a protocol error.
+   HelloAck(resume = last durable seq per CG accepted).  A CG is refused on
+   its own, never the session: a name that breaks `nicsplit.core.names`, or a
+   journal that cannot be opened, is logged and left out of ``resume``, and
+   the card ships every other CG (one bad CG never blocks the others).  A
+   batch for a CG not accepted in Hello, a second Hello, or any
+   appliance-bound frame type that a card must not send is a protocol error.
 3. Anything malformed, unauthenticated or undecryptable: the reason is
    logged, an Error frame is sent where possible, the connection is dropped,
    and nothing of that batch is journaled (append happens after unseal and
@@ -70,7 +73,6 @@ import concurrent.futures
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import ssl
@@ -88,12 +90,12 @@ from nicsplit.recovery.imagehost import ApplianceImages, ImageRequestError
 from nicsplit.recovery.retention import Policy
 from nicsplit.recovery.trimmer import Trimmer
 from nicsplit.core import ctl, pki
+from nicsplit.core.names import check_name, is_name, BadName
 from nicsplit.core.layout import InDataDir, Layout
 from nicsplit.wire import frames as F
 
 log = logging.getLogger("nicsplit.appliance")
 
-CG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a safe directory name
 _EOF = object()
 
 
@@ -135,6 +137,8 @@ class ApplianceStatistics:
     batches: int  # batches acknowledged (applied or duplicate)
     duplicates: int
     bytes_in: int  # sealed batch body bytes received
+    cgs_refused: int  # CGs a Hello named that were left out of resume (rule 2)
+    group_commits: int  # fdatasyncs that made one or more batches durable
     journals: dict[str, JournalStatistics] = field(default_factory=dict)
 
 
@@ -178,7 +182,8 @@ class Appliance:
         self.trimmers: dict[str, Trimmer] = {}
         self.images = ApplianceImages(cfg.data, cfg.journal_root)  # image access from our index (rule 11)
         self.fatal: str | None = None
-        self._counts = dict(accepted=0, refused=0, dropped=0, batches=0, duplicates=0, bytes_in=0)
+        self._counts = dict(accepted=0, refused=0, dropped=0, batches=0, duplicates=0, bytes_in=0, cgs_refused=0,
+                            group_commits=0)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -190,7 +195,7 @@ class Appliance:
         # Recover every existing journal before accepting anyone: a torn tail
         # is cut now, a corrupt journal stops the start with a clear error.
         for d in sorted(self.cfg.journal_root.iterdir()):
-            if d.is_dir() and CG_NAME.fullmatch(d.name):
+            if d.is_dir() and is_name(d.name):  # the one name rule: also a safe directory name
                 j = await loop.run_in_executor(self._pool, lambda: Journal.open(d, segment_size=self.cfg.segment_size))
                 self.journals[d.name] = j
                 self._cg_locks[d.name] = asyncio.Lock()
@@ -615,14 +620,18 @@ class _Connection:
         if h.version != F.PROTOCOL_VERSION:
             raise _Drop(f"protocol version {h.version} not supported (appliance speaks {F.PROTOCOL_VERSION})",
                         F.ErrorCode.VERSION)
-        for cg in h.cgs:
-            if not CG_NAME.fullmatch(cg):
-                raise _Drop(f"bad CG name {cg!r}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -)",
-                            F.ErrorCode.UNKNOWN_CG)
-        resume = {cg: (await self.app.journal(cg)).durable_seq for cg in h.cgs}
-        self.cgs = frozenset(h.cgs)
         self.name = f"{self.name} card {h.card_id!r}"
-        log.info("hello from %s: CGs %s, resume %s", self.name, ", ".join(h.cgs) or "-", resume)
+        resume: dict[str, int] = {}
+        for cg in h.cgs:  # rule 2: each CG on its own
+            try:
+                check_name(cg, "CG")
+                resume[cg] = (await self.app.journal(cg)).durable_seq
+            except (BadName, _Drop) as e:
+                self.app._counts["cgs_refused"] += 1
+                log.warning("hello from %s: CG %r refused (left out of resume; the other CGs ship): %s",
+                            self.name, cg, getattr(e, "reason", e))
+        self.cgs = frozenset(resume)
+        log.info("hello from %s: CGs %s, resume %s", self.name, ", ".join(resume) or "-", resume)
         await self.send(F.HelloAck(self.app.id, F.PROTOCOL_VERSION, resume))
 
     async def _batch(self, b: F.Batch) -> None:
@@ -634,11 +643,11 @@ class _Connection:
             raise _Drop("protocol error: Batch before Hello", F.ErrorCode.PROTOCOL)
         b0 = group[0]
         if b0.cg not in self.cgs:
-            raise _Drop(f"batch {b0.batch_id} for CG {b0.cg!r} not named in Hello", F.ErrorCode.UNKNOWN_CG)
+            raise _Drop(f"batch {b0.batch_id} for CG {b0.cg!r} not accepted in Hello", F.ErrorCode.UNKNOWN_CG)
         for b in group:
             self.app._counts["bytes_in"] += len(b.body)
         results = await self.app.ingest_group(group)
-        self.app._counts["group_commits"] = self.app._counts.get("group_commits", 0) + 1
+        self.app._counts["group_commits"] += 1
         for b, result in zip(group, results, strict=True):
             self.app._counts["batches"] += 1
             if not result.applied:

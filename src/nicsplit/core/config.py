@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from nicsplit.core.layout import CONFIG_NAME, InDataDir, Layout
+from nicsplit.core.names import BadName, check_name
 
 ENV_DATA = "NICSPLIT_DATA"
 DEFAULT_DATA = "./nicsplit-data"
@@ -210,6 +211,11 @@ def load(data: Path) -> Config:
     for section in ("host", "datastore", "vdisks", "appliance", "card", "retention"):
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"{cfg_file}: [{section}] must be a table")
+    for name in raw.get("vdisks", {}):
+        try:
+            check_name(name, "vdisk")  # the rule the datastore, the card and the appliance apply
+        except BadName as e:
+            raise ConfigError(f"{cfg_file}: [vdisks.{name}]: {e}") from None
     return Config(data=data, raw=raw)
 
 

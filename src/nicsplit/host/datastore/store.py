@@ -347,6 +347,7 @@ class Datastore:
         _catalog.check_size(size)
         _catalog.check_owner(owner)
         extra = _check_extra(extra)
+        _catalog.check_cg(extra.get("cg"))
 
         def fn(cat: CatalogData) -> VdiskInfo:
             if name in cat.vdisks:
@@ -419,6 +420,8 @@ class Datastore:
             new_name = fields.get("name", name)
             if new_name != name and new_name in cat.vdisks:
                 raise VdiskExists(f"vdisk {new_name!r} already exists in {self.path}")
+            if "extra" in fields and fields["extra"].get("cg") != old.cg:
+                _catalog.check_cg(fields["extra"].get("cg"))  # joining a CG: the name rule of nicsplit.core.names
             if fields.get("size", old.size) < old.size:
                 raise DatastoreError(f"vdisk {name!r}: shrinking from {old.size} to {fields['size']} is not supported")
             new = VdiskInfo(**{**old.to_json(), **fields})

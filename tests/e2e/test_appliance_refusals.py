@@ -1,0 +1,71 @@
+"""Issue 11: what the appliance refuses, and that a refusal costs only what
+was refused.  The appliance is a real process (``nicsplit appliance run``);
+the client is the stand-in card `CardClient` with the card certificate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nicsplit.core import pki
+from nicsplit.core.records import Op
+from nicsplit.testing.appliance import ApplianceProcess, CardClient, make_batch
+from nicsplit.testing.datadir import init_data
+from nicsplit.wire import frames as F
+
+BAD_CGS = ("_x", ".", "..", ".hidden", "--", "db.json")
+
+
+@pytest.fixture
+def adata(tmp_path: Path) -> Path:
+    return init_data(tmp_path / "data")
+
+
+@pytest.fixture
+def appliance(adata: Path):
+    started: list[ApplianceProcess] = []
+
+    def start(*args: str) -> ApplianceProcess:
+        a = ApplianceProcess(adata, *args).start()
+        started.append(a)
+        return a
+
+    yield start
+    for a in started:
+        if a.proc is not None and a.proc.poll() is None:
+            assert a.stop() == 0, f"appliance exited non-zero on SIGTERM; log:\n{a.log()}"
+
+
+def card(data: Path, app: ApplianceProcess, name: str = "card") -> CardClient:
+    return CardClient.connect(app.host_port, pki.client_context(data / "pki", name))
+
+
+def barrier(batch_id: int, cg: str, seq: int, data: Path) -> F.Batch:
+    return make_batch(batch_id, cg, [F.Record(seq, batch_id, 1, Op.BARRIER, 0, 0, 0, 5)], pki.load_batch_key(data / "pki"))
+
+
+def seqs(data: Path, cg: str) -> list[int]:
+    p = subprocess.run([sys.executable, "-m", "nicsplit", "--data", str(data), "journal", "dump", cg, "--json"],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=True)
+    return [r["seq"] for r in json.loads(p.stdout)["records"]]
+
+
+def test_hello_with_bad_cgs_still_journals_the_good_one(adata: Path, appliance):
+    app = appliance()
+    with card(adata, app) as c:
+        ack = c.hello(("db", *BAD_CGS))
+        assert ack.resume == {"db": 0}  # each bad CG left out; the session lives
+        for n in (1, 2, 3):
+            c.send(barrier(n, "db", n, adata))
+            a = c.recv()
+            assert isinstance(a, F.Ack) and a.durable and a.last_seq == n
+    assert seqs(adata, "db") == [1, 2, 3]
+    assert sorted(p.name for p in (adata / "appliance" / "journal").iterdir()) == ["db"]
+    log = app.log()
+    for cg in BAD_CGS:
+        assert f"CG {cg!r} refused" in log, log
+    assert "Traceback" not in log
