@@ -114,9 +114,22 @@ def check_cg(cg: object) -> str | None:
         raise DatastoreError(str(e)) from None
 
 
-def check_size(size: object) -> int:
+# The largest vdisk a new one may be: 64 TiB. Its dirty bitmap (core.dirtymap,
+# one bit per 64 KiB region) is 2^46 / 2^16 / 8 = 128 MiB of host memory, and
+# every replica image and restored raw file is one sparse file of the vdisk's
+# size: xfs and btrfs hold 64 TiB in one file, ext4 (4 KiB blocks) only
+# 16 TiB, which is why the datastore also asks its filesystem (create_vdisk).
+MAX_VDISK_SIZE = 64 << 40
+
+
+def check_size(size: object, *, stored: bool = False) -> int:
+    """A vdisk size; above `MAX_VDISK_SIZE` only when ``stored`` (read from a
+    catalog an earlier version wrote, which had no maximum)."""
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 512:
         raise DatastoreError(f"invalid vdisk size {size!r}: must be a positive multiple of 512 bytes")
+    if size > MAX_VDISK_SIZE and not stored:
+        raise DatastoreError(f"invalid vdisk size {size} ({size / 2**40:.4g} TiB): the largest vdisk is "
+                             f"{MAX_VDISK_SIZE >> 40} TiB")
     return size
 
 
@@ -130,7 +143,7 @@ def _vdisk_from_json(d: Any, path: str) -> VdiskInfo:
     try:
         info = VdiskInfo(
             name=check_name(d["name"], stored=True), uuid=str(_uuid.UUID(d["uuid"])), id=int(d["id"]),
-            owner=check_owner(d["owner"]), size=check_size(d["size"]), block_size=int(d["block_size"]),
+            owner=check_owner(d["owner"]), size=check_size(d["size"], stored=True), block_size=int(d["block_size"]),
             readonly=bool(d["readonly"]), created=float(d["created"]), extra=dict(d.get("extra") or {}),
         )
     except (KeyError, TypeError, ValueError, DatastoreError) as e:

@@ -47,7 +47,11 @@ class RegionBitmap:
         self.region = region
         self.regions = -(-size // region)
         self.nbytes = -(-self.regions // 8)
-        self._bits = bytearray(bits[: self.nbytes]).ljust(self.nbytes, b"\0")
+        # Zeros first, then the bits: bytearray(b"").ljust(huge) prints a
+        # SystemError on its MemoryError (CPython 3.11); bytearray(huge) fails cleanly.
+        self._bits = bytearray(self.nbytes)
+        have = bits[: self.nbytes]
+        self._bits[: len(have)] = have
         self._count()
 
     def _count(self) -> None:
@@ -183,18 +187,35 @@ class RegionBitmap:
             return cls(size, region)
 
 
+class DirtyMapError(Exception):
+    """A bitmap file cannot be opened or held; the message names the file."""
+
+
 class DirtyMap(RegionBitmap):
-    """A bitmap file, created (0600) or extended to its size when opened."""
+    """A bitmap file, created (0600) or extended to its size when opened.
+    `DirtyMapError` (naming the file) when it cannot be: a vdisk too large
+    for its bitmap to fit in memory, or the file's IO failing."""
 
     def __init__(self, path: str | Path, size: int, region: int = REGION) -> None:
-        super().__init__(size, region)
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        have = os.pread(self._fd, self.nbytes, 0)
-        self._bits[: len(have)] = have
-        self._count()
-        if len(have) < self.nbytes:
-            os.ftruncate(self._fd, self.nbytes)
+        try:
+            super().__init__(size, region)
+        except (MemoryError, OverflowError):
+            raise DirtyMapError(f"{self.path}: the dirty bitmap of a {size}-byte vdisk "
+                                f"({-(-size // region) // 8} bytes) does not fit in memory") from None
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise DirtyMapError(f"{self.path}: cannot open the dirty bitmap: {e.strerror}") from None
+        try:
+            have = os.pread(self._fd, self.nbytes, 0)
+            self._bits[: len(have)] = have
+            self._count()
+            if len(have) < self.nbytes:
+                os.ftruncate(self._fd, self.nbytes)
+        except OSError as e:
+            os.close(self._fd)
+            raise DirtyMapError(f"{self.path}: cannot read or extend the dirty bitmap: {e.strerror}") from None
         self.written = self.synced = 0  # generations: bitmap writes made / made durable
 
     @property

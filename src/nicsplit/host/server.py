@@ -33,7 +33,8 @@ from typing import Any, Awaitable, Callable, Iterable
 from nicsplit.core import ctl
 from nicsplit.core.cgs import CGCatalog, CGError
 from nicsplit.core.config import Config
-from nicsplit.host.chain import Chain, VdiskView, build_chain
+from nicsplit.core.dirtymap import DirtyMapError
+from nicsplit.host.chain import Chain, ChainError, VdiskView, build_chain
 from nicsplit.host.context import HostContext
 from nicsplit.host.datastore import Datastore, UnknownVdisk
 from nicsplit.host.eager import run_eager
@@ -206,7 +207,10 @@ class HostServer:
                 context=self.context,
             )
             plugin = DatastorePlugin(self.datastore.vdisk(name), self.group_sync)
-            ch = build_chain(view, self.cfg.vdisk_filters(name), plugin, validate=self.validate)
+            try:
+                ch = build_chain(view, self.cfg.vdisk_filters(name), plugin, validate=self.validate)
+            except DirtyMapError as e:  # its bitmap names the file; the vdisk's name says which one
+                raise ChainError(f"vdisk {name} ({info.size} bytes): {e}") from None
             sp = ch.filter("split")
             # Initial sync when the vdisk joined its CG holding data (not in
             # read-only mode, nor for a CG failed over to the appliance).

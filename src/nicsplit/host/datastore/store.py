@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 import uuid as _uuid
@@ -345,6 +346,7 @@ class Datastore:
     ) -> VdiskInfo:
         _catalog.check_name(name)
         _catalog.check_size(size)
+        self._check_file_size(size)
         _catalog.check_owner(owner)
         extra = _check_extra(extra)
         _catalog.check_cg(extra.get("cg"))
@@ -361,6 +363,21 @@ class Datastore:
             return info
 
         return self._mutate(fn)
+
+    def _check_file_size(self, size: int) -> None:
+        """The filesystem of the datastore must hold one sparse file of
+        ``size`` bytes: replica images and restored raw files are such files
+        (ext4 stops at 16 TiB). Asked with a sparse probe file, removed at once."""
+        fd, probe = tempfile.mkstemp(prefix=".size-probe-", dir=self.path)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as e:
+            raise DatastoreError(f"invalid vdisk size {size} ({size / 2**40:.4g} TiB): the filesystem of {self.path} "
+                                 f"cannot hold a file that large ({e.strerror}); replica images and restores are "
+                                 "files of the vdisk's size") from None
+        finally:
+            os.close(fd)
+            os.unlink(probe)
 
     def delete_vdisk(self, name: str) -> None:
         """Remove a vdisk and release its extents.
@@ -408,6 +425,7 @@ class Datastore:
             _catalog.check_owner(fields["owner"])
         if "size" in fields:
             _catalog.check_size(fields["size"])
+            self._check_file_size(fields["size"])
         if "readonly" in fields and not isinstance(fields["readonly"], bool):
             raise DatastoreError(f"readonly must be a bool, not {fields['readonly']!r}")
         if "extra" in fields:
