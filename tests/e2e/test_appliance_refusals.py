@@ -69,3 +69,27 @@ def test_hello_with_bad_cgs_still_journals_the_good_one(adata: Path, appliance):
     for cg in BAD_CGS:
         assert f"CG {cg!r} refused" in log, log
     assert "Traceback" not in log
+
+
+def test_batch_with_a_wild_seq_is_refused_and_real_writes_go_on(adata: Path, appliance):
+    app = appliance()
+    with card(adata, app) as c:
+        c.hello(("db",))
+        c.send(barrier(1, "db", 1, adata))
+        assert c.recv().last_seq == 1
+        c.send(barrier(2, "db", 1 << 62, adata))
+        err = c.recv()
+        assert isinstance(err, F.Error) and err.code == F.ErrorCode.BAD_BATCH, err
+        assert "above the largest seq a CG reaches" in err.message
+    with card(adata, app) as c:  # far past the last seq, though below the absolute bound
+        c.hello(("db",))
+        c.send(barrier(2, "db", 1 << 40, adata))
+        err = c.recv()
+        assert isinstance(err, F.Error) and err.code == F.ErrorCode.BAD_BATCH, err
+        assert "past the journal's last seq 1" in err.message
+    with card(adata, app) as c:
+        assert c.hello(("db",)).resume == {"db": 1}
+        c.send(barrier(3, "db", 2, adata))
+        a = c.recv()
+        assert isinstance(a, F.Ack) and a.durable and a.last_seq == 2
+    assert seqs(adata, "db") == [1, 2]  # journaled, not taken for a duplicate of seq 2^62
