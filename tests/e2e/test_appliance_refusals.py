@@ -15,6 +15,7 @@ from nicsplit.core import pki
 from nicsplit.core.records import Op
 from nicsplit.testing.appliance import ApplianceProcess, CardClient, make_batch
 from nicsplit.testing.datadir import init_data
+from nicsplit.testing.procs import run_cli
 from nicsplit.wire import frames as F
 
 BAD_CGS = ("_x", ".", "..", ".hidden", "--", "db.json")
@@ -93,3 +94,26 @@ def test_batch_with_a_wild_seq_is_refused_and_real_writes_go_on(adata: Path, app
         a = c.recv()
         assert isinstance(a, F.Ack) and a.durable and a.last_seq == 2
     assert seqs(adata, "db") == [1, 2]  # journaled, not taken for a duplicate of seq 2^62
+
+
+def test_hello_creates_journals_only_for_known_cgs_or_up_to_the_limit(tmp_path: Path):
+    data = init_data(tmp_path / "data", sections={"appliance": {"max_unknown_cgs": 2}})
+    run_cli(data, "cg", "create", "k1")
+    run_cli(data, "vdisk", "create", "solo", "--size", "1M")  # in no CG: ships as CG "solo"
+    with ApplianceProcess(data) as app:
+        with card(data, app) as c:
+            ack = c.hello(("u1", "u2", "u3", "u4", "k1", "solo"))
+            assert ack.resume == {"u1": 0, "u2": 0, "k1": 0, "solo": 0}
+            c.send(barrier(1, "k1", 1, data))
+            assert c.recv().durable
+        assert "unknown CG 'u3' (not in cgs.json or the catalog) and 2 journals of unknown CGs exist already " \
+               "([appliance] max_unknown_cgs = 2)" in app.log()
+        with card(data, app) as c:  # existing journals are never refused; the limit still holds
+            assert c.hello(("u2", "u5")).resume == {"u2": 0}
+        assert app.stop() == 0
+    assert sorted(p.name for p in (data / "appliance" / "journal").iterdir()) == ["k1", "solo", "u1", "u2"]
+    # after a restart the journals of unknown CGs still count
+    with ApplianceProcess(data) as app:
+        with card(data, app) as c:
+            assert c.hello(("u1", "u6", "k1")).resume == {"u1": 0, "k1": 1}
+        assert app.stop() == 0

@@ -27,7 +27,11 @@ Rules
 2. The first frame must be Hello with our PROTOCOL_VERSION; the reply is
    HelloAck(resume = last durable seq per CG accepted).  A CG is refused on
    its own, never the session: a name that breaks `nicsplit.core.names`, or a
-   journal that cannot be opened, is logged and left out of ``resume``, and
+   journal that cannot be opened, or a CG without a journal that this
+   appliance does not know (not in ``cgs.json`` nor the catalog, both under
+   its data directory) once ``max_unknown_cgs`` journals of unknown CGs
+   exist (a Hello cannot create journals without bound), is logged and left
+   out of ``resume``, and
    the card ships every other CG (one bad CG never blocks the others).  A
    batch for a CG not accepted in Hello, a second Hello, or any
    appliance-bound frame type that a card must not send is a protocol error.
@@ -90,6 +94,8 @@ from nicsplit.recovery.imagehost import ApplianceImages, ImageRequestError
 from nicsplit.recovery.retention import Policy
 from nicsplit.recovery.trimmer import Trimmer
 from nicsplit.core import ctl, pki
+from nicsplit.core.catalog import CatalogReader, DatastoreError
+from nicsplit.core.cgs import CGCatalog, CGError
 from nicsplit.core.names import check_name, is_name, BadName
 from nicsplit.core.layout import InDataDir, Layout
 from nicsplit.wire import frames as F
@@ -118,6 +124,7 @@ class ServerConfig(InDataDir):
     retention: Policy | None = None  # rule 10; None: keep everything
     dedup_min_age_s: float = 1200.0  # retention keeps segments appended this recently (2x the card's horizon)
     datastore_dir: Path | None = None  # the catalog (vdisk ids, names, sizes); default data/datastore
+    max_unknown_cgs: int = 64  # journals a Hello may create for CGs not in cgs.json or the catalog (rule 2)
 
     @property
     def catalog_dir(self) -> Path:
@@ -369,6 +376,8 @@ class Appliance:
             j = self.journals.get(cg)
             if j is None:
                 path = self.cfg.layout.journal(cg)
+                if not path.is_dir():
+                    self._may_create(cg)
                 try:
                     j = await asyncio.get_running_loop().run_in_executor(
                         self._pool, lambda: Journal.open(path, segment_size=self.cfg.segment_size))
@@ -381,6 +390,35 @@ class Appliance:
                 await asyncio.get_running_loop().run_in_executor(self._pool, self._build_index, cg)
                 self._distribute(cg, j)
             return j
+
+    def _known_cgs(self) -> set[str]:
+        """The CGs of ``cgs.json`` and of the catalog (a vdisk in no CG ships
+        as a CG of its own name); either file may be absent or unreadable."""
+        known: set[str] = set()
+        try:
+            known.update(c.name for c in CGCatalog(self.cfg.data).list())
+        except (CGError, OSError, ValueError, TypeError) as e:
+            log.warning("cannot read the CG catalog: %s", e)
+        reader = CatalogReader(self.cfg.catalog_dir)
+        if reader.exists():
+            try:
+                known.update(v.cg or v.name for v in reader.vdisks())
+            except (DatastoreError, OSError) as e:
+                log.warning("cannot read the vdisk catalog: %s", e)
+        return known
+
+    def _may_create(self, cg: str) -> None:
+        """A Hello may create a journal for a CG this appliance knows, or for
+        an unknown one while fewer than ``max_unknown_cgs`` such journals
+        exist (rule 2); else `_Drop` (the Hello leaves the CG out)."""
+        known = self._known_cgs()
+        if cg in known:
+            return
+        unknown = sorted(c for c in self.journals if c not in known)
+        if len(unknown) >= self.cfg.max_unknown_cgs:
+            raise _Drop(f"unknown CG {cg!r} (not in cgs.json or the catalog) and {len(unknown)} journals of unknown "
+                        f"CGs exist already ([appliance] max_unknown_cgs = {self.cfg.max_unknown_cgs})",
+                        F.ErrorCode.UNKNOWN_CG)
 
     def _ingest(self, j: Journal, b: F.Batch, *, sync: bool = True) -> AppendResult:
         """Worker thread: unseal, decode, append (durable on return)."""

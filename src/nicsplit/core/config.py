@@ -93,6 +93,10 @@ idle_timeout = 30
 # Batches buffered per connection before the appliance stops reading it;
 # the batches queued for one CG are journaled with a single fdatasync.
 queue_depth = 16
+# A card's Hello may create a journal for a CG in cgs.json or the catalog;
+# for any other (unknown) CG only while fewer than this many journals of
+# unknown CGs exist (0: known CGs only). Bounds what a Hello can create.
+max_unknown_cgs = 64
 
 [card]
 # The emulated offload card (`nicsplit card run`). Every pipeline option is
