@@ -117,3 +117,24 @@ def test_hello_creates_journals_only_for_known_cgs_or_up_to_the_limit(tmp_path: 
         with card(data, app) as c:
             assert c.hello(("u1", "u6", "k1")).resume == {"u1": 0, "k1": 1}
         assert app.stop() == 0
+
+
+def test_only_the_card_certificate_may_ship_by_default(adata: Path, appliance):
+    app = appliance()
+    for who in ("host", "appliance"):  # valid certificates of our CA, but not cards
+        with card(adata, app, who) as c:
+            err = c.recv()
+            assert isinstance(err, F.Error) and err.code == F.ErrorCode.UNAUTHENTICATED, err
+            assert c.recv() is None
+    assert "certificate CN 'host' is not an accepted peer (card)" in app.log()
+    with card(adata, app) as c:
+        assert c.hello(("db",)).resume == {"db": 0}
+    assert sorted(p.name for p in (adata / "appliance" / "journal").iterdir()) == ["db"]
+
+
+def test_peers_can_admit_more(tmp_path: Path):
+    data = init_data(tmp_path / "data", sections={"appliance": {"peers": ["card", "host"]}})
+    with ApplianceProcess(data) as app:
+        with card(data, app, "host") as c:
+            assert c.hello(("db",)).resume == {"db": 0}
+        assert app.stop() == 0

@@ -111,7 +111,7 @@ class ServerConfig(InDataDir):
     listen: tuple[str, int] = ("127.0.0.1", 10810)
     pki_dir: Path | None = None  # default data/pki
     identity: str = "appliance"  # our certificate in pki_dir
-    peers: tuple[str, ...] = ("card", "host")  # accepted client certificate CNs
+    peers: tuple[str, ...] = ("card",)  # accepted client certificate CNs: only cards ship batches
     encryption: bool = True  # require AES-256-GCM batches (batch.key); False: plaintext bodies only
     segment_size: int = 64 * 1024 * 1024
     heartbeat_interval: float = 5.0

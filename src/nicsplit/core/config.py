@@ -74,8 +74,10 @@ listen = "127.0.0.1:10810"
 # Directory of the deployment's CA, certificates and batch key
 # (`nicsplit pki init`); relative paths are inside the data directory.
 pki = "pki"
-# Certificate names (CN) allowed to ship batches.
-peers = ["card", "host"]
+# Certificate names (CN) allowed to ship batches: only the card's. (Every
+# leaf of the deployment's CA is a valid client; the host's and the
+# appliance's own must not ship.)
+peers = ["card"]
 # Require AES-256-GCM sealed batches (key: pki/batch.key). false accepts
 # only unencrypted bodies (tests, benchmarks of the cipher's cost).
 encryption = true
