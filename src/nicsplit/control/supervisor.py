@@ -11,6 +11,10 @@ Rules:
   status`` can name the processes; the supervisor's own to ``up.pid``.
 - SIGTERM/SIGINT stops the children in reverse order (host first, so no new
   writes arrive while the card drains), each with SIGTERM and a deadline.
+- Each child logs to ``DATA/run/<name>.log`` (``--log-file``), rotated by
+  the child itself at ``log_max`` bytes keeping ``log_keep`` old files
+  (`nicsplit.core.logfile`): logs never grow without bound, and no child
+  writes through a pipe the supervisor must drain.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Callable
 
 from nicsplit.core import ctl
 from nicsplit.core.layout import Layout
+from nicsplit.core.logfile import KEEP, MAX_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +55,10 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, data: Path, children: list[Child], on_ready: Callable[[dict[str, dict]], None] | None = None) -> None:
+    def __init__(self, data: Path, children: list[Child], on_ready: Callable[[dict[str, dict]], None] | None = None,
+                 *, log_max: int = MAX_BYTES, log_keep: int = KEEP) -> None:
         self.data = data
+        self.log_max, self.log_keep = log_max, log_keep
         self.layout = Layout(data)
         self.run_dir = self.layout.run
         self.children = children
@@ -60,10 +67,11 @@ class Supervisor:
 
     async def _start(self, c: Child) -> None:
         log_path = self.layout.log(c.name)
-        logf = open(log_path, "ab")
+        logf = open(log_path, "ab")  # stderr until the child's logging takes it over (core.logfile)
         argv = list(c.argv)
         if c.args_from is not None:
             argv += c.args_from({o.name: o.ready for o in self.children if o.ready})
+        argv += ["--log-file", str(log_path), "--log-max", str(self.log_max), "--log-keep", str(self.log_keep)]
         c.proc = await asyncio.create_subprocess_exec(
             *argv, stdout=asyncio.subprocess.PIPE, stderr=logf, stdin=asyncio.subprocess.DEVNULL
         )

@@ -149,6 +149,13 @@ keep_hourly = "7d"
 max_journal_size = 0
 interval = "60s"
 
+[logs]
+# `nicsplit up` has each process log to DATA/run/NAME.log, rotated when it
+# would pass max_size, keeping `keep` older files (NAME.log.1 is the newest):
+# at most max_size x (keep + 1) per process.
+max_size = "16M"
+keep = 4
+
 # Per-vdisk settings override [host] ones, e.g.
 # [vdisks.web1-root]
 # filters = ["stats", {name = "delay", write_ms = 1}]
@@ -214,7 +221,7 @@ def load(data: Path) -> Config:
         raw = tomllib.loads(cfg_file.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{cfg_file}: {e}") from None
-    for section in ("host", "datastore", "vdisks", "appliance", "card", "retention"):
+    for section in ("host", "datastore", "vdisks", "appliance", "card", "retention", "logs"):
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"{cfg_file}: [{section}] must be a table")
     for name in raw.get("vdisks", {}):

@@ -389,17 +389,19 @@ class NBDSession(asyncio.Protocol):
                     self.shutdown()
                     return
         except nbd.RemoteProtocolError as e:
+            # One line per bad peer: a protocol error is expected input, no traceback
+            # (the codec's error is sticky, so ask it for no more handshake bytes).
             log.warning("%s %s: closing connection: %s", self.peer, self.export, e)
-            self._flush_out()
+            self._flush_out(handshake=False)
             self._closing = True
             if self.transport is not None:
                 self.transport.close()
             return
         self._flush_out()
 
-    def _flush_out(self) -> None:
+    def _flush_out(self, handshake: bool = True) -> None:
         # Handshake replies exist only before transmission starts.
-        hs = self.codec.data_to_send() if self.top is None else b""
+        hs = self.codec.data_to_send() if self.top is None and handshake else b""
         t = self.transport
         if t is None or t.is_closing():
             self._out.clear()
