@@ -28,6 +28,7 @@ from nicsplit.core.logfile import KEEP, MAX_BYTES, RotatingLog
 from nicsplit.core.pki import init_pki
 from nicsplit.control.demo import ensure_demo
 from nicsplit.control.status import system_status
+from nicsplit.host import marking
 from nicsplit.host.datastore import Datastore
 from nicsplit.recovery.images import run_async
 
@@ -110,12 +111,14 @@ def cmd_vdisk_list(args: argparse.Namespace) -> int:
 
 
 def cmd_vdisk_delete(args: argparse.Namespace) -> int:
-    _, ds = _open_catalog(args)
+    cfg, ds = _open_catalog(args)
     ds.open_io()
     try:
+        uuid = ds.get_vdisk(args.name).uuid
         ds.delete_vdisk(args.name)
     finally:
         ds.close()
+    marking.forget(Layout(cfg.data).marking, uuid)  # its dirty bitmap and state: after the catalog
     print(f"deleted vdisk {args.name}")
     return 0
 
