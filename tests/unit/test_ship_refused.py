@@ -50,8 +50,40 @@ def test_one_refused_cg_never_blocks_the_others(tmp_path):
         refused = p.window.statistics().refused_cgs
         assert set(refused) == {"_bad", "cgC"}
         assert "bad CG name" in refused["_bad"] and "refused by the appliance" in refused["cgC"]
+        assert p.window.refused("_bad") == refused["_bad"] and p.window.refused("cgA") is None
         cga = {w.io_id for w in ws if w.vdisk_id == 1}
         assert cga <= set(ep.released) and not (set(ep.released) - cga)  # the held CGs' writes stay held
+        sh.stop()
+        await task
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+
+
+def test_a_cg_the_appliance_refused_is_asked_for_again(tmp_path):
+    async def main():
+        app = FakeAppliance(KEY)
+        app.refuse = {"cgC"}
+        srv = FakeApplianceServer(app)
+        server = await asyncio.start_unix_server(srv.handle, path=str(tmp_path / "app.sock"))
+        ep = FakeEndpoint()
+        cat = FakeCatalog({1: ("cgA", "a1", 1 << 20), 3: ("cgC", "c1", 1 << 20)})
+        p = CardPipeline(cat, release=ep.release, on_lost=pytest.fail, key=KEY,
+                         config=PipelineConfig(batch_delay_us=0, batch_records=1))
+        p.add_cgs(cat.cg_names())
+        sh = Shipper(p.window, connect=unix_connector(tmp_path / "app.sock"), card_id="c1", cgs=p.cgs,
+                     heartbeat_s=0.01, backoff_min_s=0.001, backoff_max_s=0.01, refused_retry_s=0.05)
+        task = asyncio.create_task(sh.run())
+        ws = [write(1, 1, cg_id=1, vdisk_id=1, data=b"a" * 4096), write(2, 1, cg_id=3, vdisk_id=3, data=b"c" * 4096)]
+        ep.push(*ws, *(committed(w.io_id) for w in ws))
+        p.feed(ep.poll(), 0)
+        await until(lambda: len(app.records("cgA")) == 1, what="cgA journaled")
+        assert app.records("cgC") == [] and p.window.refused("cgC")
+        app.refuse = set()  # e.g. `nicsplit cg create cgC` at the appliance's site
+        await until(lambda: len(app.records("cgC")) == 1, what="cgC journaled after a new Hello")
+        assert srv.connections >= 2 and p.window.refused("cgC") is None
+        assert sorted(ep.released) == [1, 2]
         sh.stop()
         await task
         server.close()

@@ -36,9 +36,13 @@ card id and its CGs, then batches out, acks in, a heartbeat every
 frame for ``dead_after_s`` while batches are unacked) closes the link, and it reconnects after an exponential backoff
 (``backoff_min_s`` doubling to ``backoff_max_s``, reset by a good HelloAck).
 
+A CG the appliance refused is asked for again: while its batches wait, the
+Shipper ends the session after ``refused_retry_s`` and says Hello anew (the
+appliance may know the CG by then, e.g. after ``nicsplit cg create``).
+
 Options: ``ship_window`` (default 64 batches), ``ship_window_bytes`` (default
 64 MiB), ``heartbeat_s`` (1.0), ``dead_after_s`` (5.0), ``backoff_min_s``
-(0.05), ``backoff_max_s`` (5.0).
+(0.05), ``backoff_max_s`` (5.0), ``refused_retry_s`` (30.0).
 
 Example::
 
@@ -142,6 +146,17 @@ class ShipWindow:
     @property
     def empty(self) -> bool:
         return not self._unacked
+
+    def refused(self, cg: str) -> str | None:
+        """Why this link does not ship ``cg`` (bad name, or the appliance left
+        it out of resume), or None: the pipeline may report such a CG's new
+        writes lost instead of batching them, so they cannot fill the window."""
+        return self._refused.get(cg)
+
+    def holds(self, cgs: Iterable[str]) -> bool:
+        """True when a batch of one of ``cgs`` waits unacked."""
+        want = frozenset(cgs)
+        return any(u.head.cg in want for u in self._unacked.values())
 
     def submit(self, batch: Batch, io_ids: list[int], now_ns: int) -> None:
         if batch.batch_id in self._unacked:
@@ -293,6 +308,7 @@ class Shipper:
         backoff_min_s: float = 0.05,
         backoff_max_s: float = 5.0,
         hello_timeout_s: float = 5.0,
+        refused_retry_s: float = 30.0,
     ) -> None:
         self.window = window
         self._connect = connect
@@ -303,6 +319,7 @@ class Shipper:
         self.backoff_min_s = backoff_min_s
         self.backoff_max_s = backoff_max_s
         self.hello_timeout_s = hello_timeout_s
+        self.refused_retry_s = refused_retry_s
         self.appliance_id = ""
         self.last_error = ""
         self.bytes_in = 0
@@ -362,7 +379,9 @@ class Shipper:
         # A CG the Hello named but HelloAck's resume leaves out was refused by
         # the appliance (unknown, over its limit, journal unusable: its log says).
         accepted = tuple(cg for cg in cgs if cg in first.resume)
-        refused.update({cg: "refused by the appliance (see its log)" for cg in cgs if cg not in first.resume})
+        by_appliance = tuple(cg for cg in cgs if cg not in first.resume)
+        refused.update({cg: "refused by the appliance (see its log)" for cg in by_appliance})
+        retry_at = time.monotonic() + self.refused_retry_s if by_appliance else None
         for cg, why in refused.items():
             log.error("CG %s is not shipped on this link: %s; its batches are held, the other CGs ship", cg, why)
         self.window.on_new_cg = lambda: asyncio.get_running_loop().call_soon(writer.close)
@@ -386,6 +405,10 @@ class Shipper:
                     raise LinkDown(f"unexpected {type(frame).__name__} from the appliance")
                 if not self.window.is_connected:
                     raise LinkDown("transmit failed")
+                if retry_at is not None and time.monotonic() >= retry_at:
+                    if self.window.holds(by_appliance):
+                        raise LinkDown(f"saying Hello again for refused CG(s) {', '.join(by_appliance)}")
+                    retry_at = time.monotonic() + self.refused_retry_s
         finally:
             hb.cancel()
             try:
