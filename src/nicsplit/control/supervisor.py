@@ -24,6 +24,10 @@ Rules:
   process: pids are reused) is removed; one whose nicsplit process still
   runs stops the start with an error naming the pid, before anything is
   started or any pid file is overwritten.
+- Each child logs to ``DATA/run/<name>.log`` (``--log-file``), rotated by
+  the child itself at ``log_max`` bytes keeping ``log_keep`` old files
+  (`nicsplit.core.logfile`): logs never grow without bound, and no child
+  writes through a pipe the supervisor must drain.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from typing import Callable
 from nicsplit.core import ctl
 from nicsplit.core.layout import Layout
 from nicsplit.core.procutil import runs
+from nicsplit.core.logfile import KEEP, MAX_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +116,10 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, data: Path, children: list[Child], on_ready: Callable[[dict[str, dict]], None] | None = None) -> None:
+    def __init__(self, data: Path, children: list[Child], on_ready: Callable[[dict[str, dict]], None] | None = None,
+                 *, log_max: int = MAX_BYTES, log_keep: int = KEEP) -> None:
         self.data = data
+        self.log_max, self.log_keep = log_max, log_keep
         self.layout = Layout(data)
         self.run_dir = self.layout.run
         self.children = children
@@ -121,10 +128,11 @@ class Supervisor:
 
     async def _start(self, c: Child) -> None:
         log_path = self.layout.log(c.name)
-        logf = open(log_path, "ab")
+        logf = open(log_path, "ab")  # stderr until the child's logging takes it over (core.logfile)
         argv = list(c.argv)
         if c.args_from is not None:
             argv += c.args_from({o.name: o.ready for o in self.children if o.ready})
+        argv += ["--log-file", str(log_path), "--log-max", str(self.log_max), "--log-keep", str(self.log_keep)]
         c.proc = await asyncio.create_subprocess_exec(
             *argv, stdout=asyncio.subprocess.PIPE, stderr=logf, stdin=asyncio.subprocess.DEVNULL,
             preexec_fn=die_with_parent(os.getpid()),

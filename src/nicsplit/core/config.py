@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from nicsplit.core.layout import CONFIG_NAME, InDataDir, Layout
+from nicsplit.core.names import BadName, check_name
 
 ENV_DATA = "NICSPLIT_DATA"
 DEFAULT_DATA = "./nicsplit-data"
@@ -73,8 +74,10 @@ listen = "127.0.0.1:10810"
 # Directory of the deployment's CA, certificates and batch key
 # (`nicsplit pki init`); relative paths are inside the data directory.
 pki = "pki"
-# Certificate names (CN) allowed to ship batches.
-peers = ["card", "host"]
+# Certificate names (CN) allowed to ship batches: only the card's. (Every
+# leaf of the deployment's CA is a valid client; the host's and the
+# appliance's own must not ship.)
+peers = ["card"]
 # Require AES-256-GCM sealed batches (key: pki/batch.key). false accepts
 # only unencrypted bodies (tests, benchmarks of the cipher's cost).
 encryption = true
@@ -92,6 +95,10 @@ idle_timeout = 30
 # Batches buffered per connection before the appliance stops reading it;
 # the batches queued for one CG are journaled with a single fdatasync.
 queue_depth = 16
+# A card's Hello may create a journal for a CG in cgs.json or the catalog;
+# for any other (unknown) CG only while fewer than this many journals of
+# unknown CGs exist (0: known CGs only). Bounds what a Hello can create.
+max_unknown_cgs = 64
 
 [card]
 # The emulated offload card (`nicsplit card run`). Every pipeline option is
@@ -148,6 +155,13 @@ keep_all = "24h"
 keep_hourly = "7d"
 max_journal_size = 0
 interval = "60s"
+
+[logs]
+# `nicsplit up` has each process log to DATA/run/NAME.log, rotated when it
+# would pass max_size, keeping `keep` older files (NAME.log.1 is the newest):
+# at most max_size x (keep + 1) per process.
+max_size = "16M"
+keep = 4
 
 # Per-vdisk settings override [host] ones, e.g.
 # [vdisks.web1-root]
@@ -214,9 +228,14 @@ def load(data: Path) -> Config:
         raw = tomllib.loads(cfg_file.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{cfg_file}: {e}") from None
-    for section in ("host", "datastore", "vdisks", "appliance", "card", "retention"):
+    for section in ("host", "datastore", "vdisks", "appliance", "card", "retention", "logs"):
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"{cfg_file}: [{section}] must be a table")
+    for name in raw.get("vdisks", {}):
+        try:
+            check_name(name, "vdisk")  # the rule the datastore, the card and the appliance apply
+        except BadName as e:
+            raise ConfigError(f"{cfg_file}: [vdisks.{name}]: {e}") from None
     return Config(data=data, raw=raw)
 
 

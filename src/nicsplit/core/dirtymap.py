@@ -315,16 +315,33 @@ class RegionBitmap:
                 self._or(os.pread(fd, min(1 << 20, off + n - at), at), at)
 
 
+class DirtyMapError(Exception):
+    """A bitmap file cannot be opened or held; the message names the file."""
+
+
 class DirtyMap(RegionBitmap):
-    """A bitmap file, created (0600) or extended to its size when opened."""
+    """A bitmap file, created (0600) or extended to its size when opened.
+    `DirtyMapError` (naming the file) when it cannot be: the file's IO
+    failing, or a size beyond what a bitmap can describe."""
 
     def __init__(self, path: str | Path, size: int, region: int = REGION) -> None:
-        super().__init__(size, region)
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._load(self._fd)
-        if os.fstat(self._fd).st_size < self.nbytes:
-            os.ftruncate(self._fd, self.nbytes)  # a hole: no space, no page cache
+        try:
+            super().__init__(size, region)
+        except (MemoryError, OverflowError):
+            raise DirtyMapError(f"{self.path}: the dirty bitmap of a {size}-byte vdisk "
+                                f"({-(-size // region) // 8} bytes) cannot be held") from None
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise DirtyMapError(f"{self.path}: cannot open the dirty bitmap: {e.strerror}") from None
+        try:
+            self._load(self._fd)
+            if os.fstat(self._fd).st_size < self.nbytes:
+                os.ftruncate(self._fd, self.nbytes)  # a hole: no space, no page cache
+        except OSError as e:
+            os.close(self._fd)
+            raise DirtyMapError(f"{self.path}: cannot read or extend the dirty bitmap: {e.strerror}") from None
         self.written = self.synced = 0  # generations: bitmap writes made / made durable
 
     @property

@@ -33,7 +33,8 @@ from typing import Any, Awaitable, Callable, Iterable
 from nicsplit.core import ctl
 from nicsplit.core.cgs import CGCatalog, CGError
 from nicsplit.core.config import Config
-from nicsplit.host.chain import Chain, VdiskView, build_chain
+from nicsplit.core.dirtymap import DirtyMapError
+from nicsplit.host.chain import Chain, ChainError, VdiskView, build_chain
 from nicsplit.host.context import HostContext
 from nicsplit.host.datastore import Datastore, UnknownVdisk
 from nicsplit.host.eager import run_eager
@@ -206,7 +207,10 @@ class HostServer:
                 context=self.context,
             )
             plugin = DatastorePlugin(self.datastore.vdisk(name), self.group_sync)
-            ch = build_chain(view, self.cfg.vdisk_filters(name), plugin, validate=self.validate)
+            try:
+                ch = build_chain(view, self.cfg.vdisk_filters(name), plugin, validate=self.validate)
+            except DirtyMapError as e:  # its bitmap names the file; the vdisk's name says which one
+                raise ChainError(f"vdisk {name} ({info.size} bytes): {e}") from None
             sp = ch.filter("split")
             # Initial sync when the vdisk joined its CG holding data (not in
             # read-only mode, nor for a CG failed over to the appliance).
@@ -386,17 +390,19 @@ class NBDSession(asyncio.Protocol):
                     self.shutdown()
                     return
         except nbd.RemoteProtocolError as e:
+            # One line per bad peer: a protocol error is expected input, no traceback
+            # (the codec's error is sticky, so ask it for no more handshake bytes).
             log.warning("%s %s: closing connection: %s", self.peer, self.export, e)
-            self._flush_out()
+            self._flush_out(handshake=False)
             self._closing = True
             if self.transport is not None:
                 self.transport.close()
             return
         self._flush_out()
 
-    def _flush_out(self) -> None:
+    def _flush_out(self, handshake: bool = True) -> None:
         # Handshake replies exist only before transmission starts.
-        hs = self.codec.data_to_send() if self.top is None else b""
+        hs = self.codec.data_to_send() if self.top is None and handshake else b""
         t = self.transport
         if t is None or t.is_closing():
             self._out.clear()
