@@ -80,6 +80,9 @@ def test_unpaced_qd16_on_two_vdisks_never_marks_and_comes_back_exact(tmp_path, s
         marked = {v["name"]: v.get("marked", 0) for v in host["vdisks"]}
         parked = {v["name"]: v.get("parked", 0) for v in host["vdisks"]}
         print(f"marked writes {marked}, parked writes {parked}, card {host['card']}; ledger {len(ledger.done)} writes")
+        card = request(Layout(data).card_ctl_sock, {"cmd": "stats"})["stats"]
+        print("card endpoint:", {k: v for k, v in card["endpoint"].items() if k != "handoff"},
+              "handoff:", card["endpoint"].get("handoff"), "overflow:", card["overflow"])
         t_end = time.monotonic()
         assert "marking" not in states and "resyncing" not in states, states
         assert set(marked.values()) == {0}, marked

@@ -56,7 +56,7 @@ from nicsplit.wire import ring as R
 __all__ = ["Handoff", "H", "REFUSED", "RELEASED", "DEFAULT_SLOTS", "POLLING", "SLEEPING"]
 
 PAGE = 4096
-DEFAULT_SLOTS = 1 << 16  # 4 MiB of slots: more writes than the default 64 MiB data area holds at 4 KiB
+DEFAULT_SLOTS = 1 << 18  # 16 MiB of slots: twice the entries the default 256 MiB data area holds at 4 KiB
 REFUSED, RELEASED = 1, 2
 POLLING, SLEEPING = 0, 1
 

@@ -111,7 +111,11 @@ class CardConfig(InDataDir):
     worker_cpus: tuple[int, ...] | None = ()  # (): every allowed core; None: the last one
     worker_priority: str = "normal"  # realtime | high | normal (a real-time worker starves the host)
     worker_restarts_max: int = 5  # worker deaths within a minute before the card gives up
-    handoff_slots: int = 1 << 16  # entries between the acker and the worker (power of two)
+    # Entries between the acker and the worker (power of two). Like the data
+    # area, the queue frees only from its oldest unfinished write, so it holds
+    # at least what the default 256 MiB data area does (65,536 4 KiB writes
+    # and their outcomes), twice over: 2^16 filled first under unpaced load.
+    handoff_slots: int = 1 << 18
     pipeline: PipelineConfig = PipelineConfig()
 
     @property

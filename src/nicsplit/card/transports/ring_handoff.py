@@ -97,8 +97,11 @@ class HandoffEndpoint:
         self._ctr[DATA_HEAD] = end
 
     def fill(self) -> float:
-        """Fraction of the ring's data area still held (acked, not freed)."""
-        return max(0, self.handoff.c[_DX] - self._ctr[DATA_HEAD]) / self._dsize
+        """How full the card's memory for acked, unfinished writes is: the
+        ring's data area or the handoff queue, whichever is fuller (both
+        free only from their oldest unfinished write)."""
+        c = self.handoff.c
+        return max(max(0, c[_DX] - self._ctr[DATA_HEAD]) / self._dsize, (c[_P] - c[_F]) / self.handoff.n)
 
     def set_full(self, full: bool) -> None:
         """Ask the acker to refuse writes (FULL) while nothing can take them."""
