@@ -58,6 +58,16 @@ readonly = false
 # Requests in flight per connection before the server stops reading from
 # it (backpressure): 128 covers any common client queue depth.
 max_inflight = 128
+# NBD connections (docs/operations.md, "NBD doors"): seconds a client has
+# to finish the handshake; seconds without a request before an idle
+# connection is closed (0 = never); seconds replies may make no progress
+# towards a client that stopped reading before it is closed (0 = never);
+# connections at once (0 = no cap); options per handshake.
+handshake_timeout = 10
+idle_timeout = 0
+send_timeout = 60
+max_connections = 256
+max_options = 32
 
 [datastore]
 # Largest size of one datastore volume file (sparse); another volume is

@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable
 
@@ -35,10 +36,11 @@ from nicsplit.core.cgs import CGCatalog, CGError
 from nicsplit.core.config import Config
 from nicsplit.host.chain import Chain, VdiskView, build_chain
 from nicsplit.host.context import HostContext
-from nicsplit.host.datastore import Datastore, UnknownVdisk
+from nicsplit.host.datastore import Datastore
 from nicsplit.host.eager import run_eager
 from nicsplit.host.filters.split import BarrierFailed
 from nicsplit.host.io import EXTENT_DATA, Flag, IOFailure
+from nicsplit.host.nbdpolicy import NbdLimits, RateLimitedLog
 from nicsplit.host.plugin import DatastorePlugin, GroupSync
 from nicsplit.host.resync import Resyncer
 from nicsplit.wire import nbd
@@ -66,10 +68,19 @@ class HostCommandError(Exception):
 
 
 class ExportCatalog:
-    """The codec's view of exports: one per vdisk, named by the vdisk."""
+    """The codec's view of exports: one per vdisk, named by the vdisk.
+
+    Answers from a cache rebuilt only when the datastore catalog or the CG
+    roles (cgs.json) changed on disk (their stamps), so a handshake costs a
+    stat or two, not a parse: a flood of NBD_OPT_LIST must not cost the
+    event loop a catalog read each (issue 11 item 7)."""
 
     def __init__(self, host: "HostServer") -> None:
         self._host = host
+        self._key: Any = None
+        self._exports: dict[str, nbd.ExportInfo] = {}
+        self.rebuilds = 0   # cache rebuilds (host stats: "exports")
+        self.lookups = 0    # lookup + list calls
 
     def _info(self, v: Any) -> nbd.ExportInfo:
         owner = f" of {v.owner}" if v.owner else ""
@@ -80,18 +91,35 @@ class ExportCatalog:
             description=f"nicsplit vdisk {v.name}{owner}",
         )
 
+    def _current(self) -> dict[str, nbd.ExportInfo]:
+        self.lookups += 1
+        host = self._host
+        host.datastore.reload_catalog()
+        host.reload_fences()
+        key = (host.datastore.catalog_stamp, host.fenced, host.readonly)
+        if key != self._key:
+            self._exports = {v.name: self._info(v) for v in host.datastore.list_vdisks()}
+            self._key = key
+            self.rebuilds += 1
+        return self._exports
+
     def lookup(self, name: str) -> nbd.ExportInfo | None:
-        self._host.datastore.reload_catalog()
-        self._host.reload_fences()
-        try:
-            return self._info(self._host.datastore.get_vdisk(name))
-        except UnknownVdisk:
-            return None
+        return self._current().get(name)
 
     def list_exports(self) -> list[nbd.ExportInfo]:
-        self._host.datastore.reload_catalog()
-        self._host.reload_fences()
-        return [self._info(v) for v in self._host.datastore.list_vdisks()]
+        return list(self._current().values())
+
+    def statistics(self) -> dict[str, int]:
+        return {"lookups": self.lookups, "rebuilds": self.rebuilds, "fence_reads": self._host.fence_reads}
+
+
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime_ns, size) of ``path``; None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def allocated_ranges(vd: Any) -> list[tuple[int, int]]:
@@ -126,17 +154,27 @@ class HostServer:
         self._servers: list[asyncio.AbstractServer] = []
         self.addresses: list[str] = []  # NBD URIs we listen on (status, restore --in-place)
         self.fenced: frozenset[str] = frozenset()  # CGs failed over to the appliance: read-only here
+        self._fence_stamp: Any = False  # never equal to a stamp (None = no file)
+        self.fence_reads = 0
         self.reload_fences()
+        self.limits = NbdLimits.from_config(cfg)
+        self.refusals = RateLimitedLog()
 
     # -- consistency groups: fence and barrier ------------------------------
     def reload_fences(self) -> None:
         """The fenced CGs from DATA/cgs.json (their role is "failed-over"), so
-        a fence set while the host was down still holds."""
+        a fence set while the host was down still holds. Re-read only when
+        the file's stamp changed (it is replaced atomically on every change)."""
+        stamp = file_stamp(self.cfg.layout.cgs)
+        if stamp == self._fence_stamp:
+            return
         try:
             cgs = CGCatalog(self.cfg.data).list()
         except CGError as e:
             log.error("cannot read the consistency groups: %s", e)
             return
+        self.fence_reads += 1
+        self._fence_stamp = stamp
         self.fenced = frozenset(c.name for c in cgs if c.role == "failed-over")
 
     def _cg_vdisks(self, cg: str) -> list[str]:
@@ -221,7 +259,8 @@ class HostServer:
             self.chain(v.name)
 
     def statistics(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"vdisks": {}, "sessions": len(self.sessions)}
+        out: dict[str, Any] = {"vdisks": {}, "sessions": len(self.sessions), "exports": self.exports.statistics(),
+                               "refused": self.refusals.total}
         for name, ch in self._chains.items():
             out["vdisks"][name] = ctl.jsonable(ch.statistics())
         out["group_sync"] = {"requests": self.group_sync.requests, "syncs": self.group_sync.syncs}
@@ -314,7 +353,7 @@ class NBDSession(asyncio.Protocol):
 
     def __init__(self, host: HostServer) -> None:
         self.host = host
-        self.codec = nbd.ServerConnection(host.exports)
+        self.codec = nbd.ServerConnection(host.exports, max_options=host.limits.max_options)
         self.transport: asyncio.Transport | None = None
         self.top: Any = None
         self.export = ""
@@ -324,23 +363,63 @@ class NBDSession(asyncio.Protocol):
         self._paused = False
         self._closing = False
         self._idle: asyncio.Future | None = None
+        self._timer: asyncio.TimerHandle | None = None  # handshake, then idle timeout
+        self._last = 0.0   # time.monotonic() of the last bytes received
         self.peer = "?"
 
     # -- asyncio.Protocol ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.peer = str(transport.get_extra_info("peername") or "unix")
+        limits = self.host.limits
+        if limits.max_connections and len(self.host.sessions) >= limits.max_connections:
+            self.host.refusals.warning("%s: connection refused: %d connections already (max_connections)",
+                                       self.peer, len(self.host.sessions))
+            self._closing = True
+            transport.abort()
+            return
         self.host.sessions.add(self)
         transport.write(self.codec.data_to_send())
+        self._last = time.monotonic()
+        if limits.handshake_timeout:
+            self._timer = asyncio.get_running_loop().call_later(limits.handshake_timeout, self._handshake_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.host.sessions.discard(self)
         self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._maybe_idle()
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if self.top is None and not self._closing:
+            log.warning("%s: no NBD handshake within %gs: closing", self.peer, self.host.limits.handshake_timeout)
+            self._closing = True
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _idle_check(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        limit = self.host.limits.idle_timeout
+        now = time.monotonic()
+        t = self.transport
+        if self._tasks or (t is not None and t.get_write_buffer_size()):
+            self._last = now   # busy is not idle
+        left = self._last + limit - now
+        if left > 0:
+            self._timer = asyncio.get_running_loop().call_later(left, self._idle_check)
+            return
+        log.info("%s %s: no request for %gs (idle_timeout): closing", self.peer, self.export, limit)
+        self.shutdown()
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        self._last = time.monotonic()
         codec = self.codec
         codec.receive_data(data)
         self._pump()
@@ -412,6 +491,11 @@ class NBDSession(asyncio.Protocol):
 
     def _negotiated(self, ev: Any) -> None:
         self.export = ev.export.name
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.host.limits.idle_timeout:
+            self._timer = asyncio.get_running_loop().call_later(self.host.limits.idle_timeout, self._idle_check)
         # Handshake replies must reach the client before any transmission reply.
         hs = self.codec.data_to_send()
         if hs and self.transport is not None:

@@ -454,12 +454,14 @@ class ServerConnection:
     """Server side of one NBD connection.  See the module docstring."""
 
     def __init__(self, provider: ExportProvider, *, max_payload: int = MAX_PAYLOAD,
-                 max_option_length: int = 65536) -> None:
+                 max_option_length: int = 65536, max_options: int = 0) -> None:
         if not 1 <= max_payload < 1 << 32:
             raise ValueError("max_payload must fit the 32-bit request length")
         self._provider = provider
         self._max_payload = max_payload
         self._max_option_length = max_option_length
+        self._max_options = max_options   # 0 = no limit
+        self._n_options = 0
         self.phase = "handshake"
 
         self._buf = bytearray()
@@ -715,6 +717,10 @@ class ServerConnection:
             magic, opt, length = _OPTION.unpack_from(buf, pos)
             if magic != IHAVEOPT:
                 raise RemoteProtocolError(f"bad option magic 0x{magic:016x}")
+            self._n_options += 1
+            if self._max_options and self._n_options > self._max_options:
+                # nbdkit's rule too: the handshake is bounded work for the server.
+                raise RemoteProtocolError(f"more than {self._max_options} options in the handshake")
             if length > self._max_option_length:
                 if opt == NBD_OPT_EXPORT_NAME:
                     raise RemoteProtocolError("NBD_OPT_EXPORT_NAME name too long")

@@ -1,0 +1,174 @@
+"""What an NBD listener allows a connection: time, connections and memory.
+
+Theory of operation
+-------------------
+`NBDSession` (host/server.py) asks this module's objects, never the
+configuration, so the host and the image/failover servers share one policy.
+
+- **Time.** A connection must finish the handshake within
+  ``handshake_timeout`` seconds (qemu-nbd's ``--handshake-limit`` default is
+  10 s too); a connection with no request for ``idle_timeout`` seconds while
+  nothing is in flight is closed (default 0 = never: an idle VM disk is not
+  an attack); a connection whose replies make no progress towards the client
+  for ``send_timeout`` seconds is closed (a client that stops reading holds
+  its connection's byte budget, and would hold it forever).
+- **Connections.** At most ``max_connections`` at once per listener; one
+  beyond is accepted and closed at once (NBD has no "busy" greeting), with a
+  log line (at most one per 5 s, counting what it did not log).
+- **Handshake work.** At most ``max_options`` options per handshake (nbdkit
+  allows 32): a client cannot make the server answer an endless stream of
+  ``NBD_OPT_LIST`` on one connection.
+- **Memory.** Every connection holds at most ``conn_bytes`` of request and
+  reply data at once (request lengths of reads and writes being executed,
+  plus replies handed to the transport and not yet sent); the whole server
+  at most ``server_bytes`` (`ByteBudget`). A session over either bound stops
+  taking requests out of its input and stops reading its socket, and goes on
+  once replies drained. One request may cross the bound (it is checked before
+  a request starts), so the worst case per connection is ``conn_bytes +
+  max_payload`` and per server ``server_bytes + connections * max_payload``
+  of request data, plus at most one socket read (256 KiB) of input each.
+
+Defaults, with their arithmetic: ``conn_bytes`` 64 MiB = two maximum (32 MiB)
+reads, so one can be sent while the next is read; ``server_bytes`` 256 MiB =
+four such connections streaming at full speed at once (more than a second
+of what two cores serve), below nbdkit's 516 MiB RSS under the same flood.
+
+Example::
+
+    limits = NbdLimits.from_config(cfg)      # [host] keys, see docs/operations.md
+    budget = ByteBudget(limits.server_bytes)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+
+
+class PolicyError(Exception):
+    """A bad NBD limit or TLS setting in the configuration (one clear line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NbdLimits:
+    handshake_timeout: float = 10.0   # seconds from accept to transmission; 0 = none
+    idle_timeout: float = 0.0         # seconds without a request, nothing in flight; 0 = none
+    send_timeout: float = 60.0        # seconds of replies not moving towards the client; 0 = none
+    max_connections: int = 256        # per listener; 0 = no cap
+    max_options: int = 32             # options per handshake (as nbdkit)
+    conn_bytes: int = 64 * MIB        # request + reply bytes held per connection
+    server_bytes: int = 256 * MIB     # ... across the server
+
+    def __post_init__(self) -> None:
+        for name in ("handshake_timeout", "idle_timeout", "send_timeout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise PolicyError(f"[host] {name} = {v!r}: seconds >= 0 (0 = none)")
+        for name in ("max_connections", "max_options", "conn_bytes", "server_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise PolicyError(f"[host] {name} = {v!r}: an integer >= 0")
+        if self.max_options < 1 or self.conn_bytes < MIB or self.server_bytes < self.conn_bytes:
+            raise PolicyError("[host] max_options must be >= 1, conn_inflight_mib >= 1 and "
+                              "server_inflight_mib >= conn_inflight_mib")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "NbdLimits":
+        d = cls()
+        return cls(
+            handshake_timeout=float(cfg.host("handshake_timeout", d.handshake_timeout)),
+            idle_timeout=float(cfg.host("idle_timeout", d.idle_timeout)),
+            send_timeout=float(cfg.host("send_timeout", d.send_timeout)),
+            max_connections=_int(cfg.host("max_connections", d.max_connections), "max_connections"),
+            max_options=_int(cfg.host("max_options", d.max_options), "max_options"),
+            conn_bytes=_int(cfg.host("conn_inflight_mib", d.conn_bytes // MIB), "conn_inflight_mib") * MIB,
+            server_bytes=_int(cfg.host("server_inflight_mib", d.server_bytes // MIB), "server_inflight_mib") * MIB,
+        )
+
+
+def _int(v: Any, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise PolicyError(f"[host] {name} = {v!r}: an integer")
+    return v
+
+
+class ByteBudget:
+    """Bytes held by all sessions of one server (see the module docstring).
+
+    A session adds and removes its own share (`add`); `over()` says whether a
+    new request must wait. Sessions that wait register a wake-up callback; they
+    are called when bytes are given back, and every ``recheck`` seconds while
+    anyone waits (a transport that drains below its low-water mark tells no
+    one, so the waiters re-measure)."""
+
+    def __init__(self, limit: int, recheck: float = 0.05) -> None:
+        self.limit = limit
+        self.held = 0
+        self.peak = 0
+        self.waits = 0
+        self._recheck = recheck
+        self._waiters: dict[int, Callable[[], None]] = {}
+        self._timer: Any = None
+
+    def add(self, n: int) -> None:
+        self.held += n
+        if self.held > self.peak:
+            self.peak = self.held
+        if n < 0 and self._waiters and self.held < self.limit:
+            self._wake()
+
+    def over(self) -> bool:
+        return self.held >= self.limit
+
+    def wait(self, key: int, wake: Callable[[], None], loop: Any) -> None:
+        if key not in self._waiters:
+            self.waits += 1
+        self._waiters[key] = wake
+        if self._timer is None:
+            self._timer = loop.call_later(self._recheck, self._tick, loop)
+
+    def cancel(self, key: int) -> None:
+        self._waiters.pop(key, None)
+
+    def _tick(self, loop: Any) -> None:
+        self._timer = None
+        self._wake()
+        if self._waiters:
+            self._timer = loop.call_later(self._recheck, self._tick, loop)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for wake in waiters.values():
+            wake()
+
+    def statistics(self) -> dict[str, int]:
+        return {"limit": self.limit, "held": self.held, "peak": self.peak, "waits": self.waits,
+                "waiting": len(self._waiters)}
+
+
+class RateLimitedLog:
+    """At most one log line per ``every`` seconds; the next says how many were left out."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        self.every = every
+        self._last = -1e18
+        self._dropped = 0
+        self.total = 0
+
+    def warning(self, msg: str, *args: Any) -> None:
+        self.total += 1
+        now = time.monotonic()
+        if now - self._last < self.every:
+            self._dropped += 1
+            return
+        self._last = now
+        if self._dropped:
+            msg += f" (and {self._dropped} more like it not logged)"
+            self._dropped = 0
+        log.warning(msg, *args)
