@@ -68,6 +68,10 @@ idle_timeout = 0
 send_timeout = 60
 max_connections = 256
 max_options = 32
+# MiB of request and reply data (reads included) one connection, and the
+# whole server, may hold before they stop taking requests until replies drain.
+conn_inflight_mib = 64
+server_inflight_mib = 256
 
 [datastore]
 # Largest size of one datastore volume file (sparse); another volume is

@@ -20,13 +20,16 @@ configuration, so the host and the image/failover servers share one policy.
   ``NBD_OPT_LIST`` on one connection.
 - **Memory.** Every connection holds at most ``conn_bytes`` of request and
   reply data at once (request lengths of reads and writes being executed,
-  plus replies handed to the transport and not yet sent); the whole server
-  at most ``server_bytes`` (`ByteBudget`). A session over either bound stops
-  taking requests out of its input and stops reading its socket, and goes on
-  once replies drained. One request may cross the bound (it is checked before
-  a request starts), so the worst case per connection is ``conn_bytes +
-  max_payload`` and per server ``server_bytes + connections * max_payload``
-  of request data, plus at most one socket read (256 KiB) of input each.
+  read replies batched, replies handed to the transport and not yet sent);
+  the whole server at most ``server_bytes`` (`ByteBudget`). A session over
+  its bound takes no request out of its input and stops reading its socket
+  until replies drained (the transport's pause/resume_writing, a task's
+  end); over the server's bound it waits for the budget's wake-up. Bounds
+  are checked before a request starts, so one request may cross them: per
+  connection ``conn_bytes + max_payload``, per server ``server_bytes +
+  max_payload`` plus `SMALL_REQUEST` per connection (a session that holds
+  nothing still runs small requests while the server's budget is spent), plus
+  one socket read (256 KiB) of input per connection.
 
 Defaults, with their arithmetic: ``conn_bytes`` 64 MiB = two maximum (32 MiB)
 reads, so one can be sent while the next is read; ``server_bytes`` 256 MiB =
@@ -49,6 +52,10 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
+# While the server's budget is spent, a session that holds nothing may still
+# run requests up to this size, one at a time: clients that stopped reading
+# cannot starve the others, and the overshoot is at most 1 MiB a connection.
+SMALL_REQUEST = MIB
 
 
 class PolicyError(Exception):
@@ -78,6 +85,11 @@ class NbdLimits:
             raise PolicyError("[host] max_options must be >= 1, conn_inflight_mib >= 1 and "
                               "server_inflight_mib >= conn_inflight_mib")
 
+    def apply(self, transport: Any) -> None:
+        """Write-buffer marks of a new connection: above a quarter of
+        ``conn_bytes`` the transport calls pause_writing, below 1/16 resume_writing."""
+        transport.set_write_buffer_limits(high=self.conn_bytes // 4, low=self.conn_bytes // 16)
+
     @classmethod
     def from_config(cls, cfg: Any) -> "NbdLimits":
         d = cls()
@@ -101,55 +113,61 @@ def _int(v: Any, name: str) -> int:
 class ByteBudget:
     """Bytes held by all sessions of one server (see the module docstring).
 
-    A session adds and removes its own share (`add`); `over()` says whether a
-    new request must wait. Sessions that wait register a wake-up callback; they
-    are called when bytes are given back, and every ``recheck`` seconds while
-    anyone waits (a transport that drains below its low-water mark tells no
-    one, so the waiters re-measure)."""
+    A session adds and removes its own share (`add`, or ``held`` directly on
+    the hot path); ``held >= limit`` means a new request must wait. Sessions
+    that wait register a wake-up callback (`wait`); they are woken (on the
+    next loop turn) when bytes are given back, and every ``recheck`` seconds
+    while anyone waits, after the ``remeasure`` callback made every session
+    measure its share again (a transport that drains below its high-water
+    mark tells no one)."""
 
     def __init__(self, limit: int, recheck: float = 0.05) -> None:
         self.limit = limit
         self.held = 0
-        self.peak = 0
         self.waits = 0
         self._recheck = recheck
-        self._waiters: dict[int, Callable[[], None]] = {}
+        self._waiters: dict[object, Callable[[], None]] = {}
+        self._remeasure: Callable[[], None] | None = None
+        self._loop: Any = None
         self._timer: Any = None
+        self._wake_scheduled = False
 
     def add(self, n: int) -> None:
         self.held += n
-        if self.held > self.peak:
-            self.peak = self.held
-        if n < 0 and self._waiters and self.held < self.limit:
-            self._wake()
+        if n < 0 and self._waiters and self.held < self.limit and not self._wake_scheduled:
+            self._wake_scheduled = True
+            self._loop.call_soon(self._wake)
 
-    def over(self) -> bool:
-        return self.held >= self.limit
-
-    def wait(self, key: int, wake: Callable[[], None], loop: Any) -> None:
+    def wait(self, key: object, wake: Callable[[], None], loop: Any,
+             remeasure: Callable[[], None] | None = None) -> None:
         if key not in self._waiters:
             self.waits += 1
         self._waiters[key] = wake
+        self._loop = loop
+        self._remeasure = remeasure
         if self._timer is None:
-            self._timer = loop.call_later(self._recheck, self._tick, loop)
+            self._timer = loop.call_later(self._recheck, self._tick)
 
-    def cancel(self, key: int) -> None:
+    def waiting(self, key: object) -> bool:
+        return key in self._waiters
+
+    def cancel(self, key: object) -> None:
         self._waiters.pop(key, None)
 
-    def _tick(self, loop: Any) -> None:
+    def _tick(self) -> None:
         self._timer = None
-        self._wake()
-        if self._waiters:
-            self._timer = loop.call_later(self._recheck, self._tick, loop)
+        if self._remeasure is not None:
+            self._remeasure()
+        self._wake()   # a waiter still over the limit calls wait() again, which re-arms the timer
 
     def _wake(self) -> None:
+        self._wake_scheduled = False
         waiters, self._waiters = self._waiters, {}
         for wake in waiters.values():
             wake()
 
     def statistics(self) -> dict[str, int]:
-        return {"limit": self.limit, "held": self.held, "peak": self.peak, "waits": self.waits,
-                "waiting": len(self._waiters)}
+        return {"limit": self.limit, "held": self.held, "waits": self.waits, "waiting": len(self._waiters)}
 
 
 class RateLimitedLog:

@@ -14,6 +14,13 @@ Theory of operation
 - At most ``max_inflight`` Tasks per session; beyond that the session stops
   reading from its socket until half have finished (bounded, visible
   backpressure instead of unbounded buffering).
+- Bytes are bounded too (`nicsplit.host.nbdpolicy`): before each request the
+  session checks its own bytes (executing + batched + in the transport)
+  against ``conn_bytes`` and the server's `ByteBudget`; over either it keeps
+  the request in the codec (or in ``_pending``), pauses reading, and goes on
+  when replies drained (``resume_writing``), a task ended, or the budget
+  woke it. Handshake, idle and send timeouts and the connection cap live
+  there too.
 - Errors are raised where they happen as `IOFailure(errno)` and mapped to
   the NBD code in exactly one place, `_execute`, after logging the cause.
 - One chain per vdisk, shared by all its sessions (multi-conn safe: a flush
@@ -40,7 +47,7 @@ from nicsplit.host.datastore import Datastore
 from nicsplit.host.eager import run_eager
 from nicsplit.host.filters.split import BarrierFailed
 from nicsplit.host.io import EXTENT_DATA, Flag, IOFailure
-from nicsplit.host.nbdpolicy import NbdLimits, RateLimitedLog
+from nicsplit.host.nbdpolicy import SMALL_REQUEST, ByteBudget, NbdLimits, RateLimitedLog
 from nicsplit.host.plugin import DatastorePlugin, GroupSync
 from nicsplit.host.resync import Resyncer
 from nicsplit.wire import nbd
@@ -159,6 +166,7 @@ class HostServer:
         self.reload_fences()
         self.limits = NbdLimits.from_config(cfg)
         self.refusals = RateLimitedLog()
+        self.budget = ByteBudget(self.limits.server_bytes)
 
     # -- consistency groups: fence and barrier ------------------------------
     def reload_fences(self) -> None:
@@ -260,7 +268,8 @@ class HostServer:
 
     def statistics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"vdisks": {}, "sessions": len(self.sessions), "exports": self.exports.statistics(),
-                               "refused": self.refusals.total}
+                               "refused": self.refusals.total, "nbd_bytes": self.budget.statistics(),
+                               "throttles": sum(x.throttles for x in self.sessions)}
         for name, ch in self._chains.items():
             out["vdisks"][name] = ctl.jsonable(ch.statistics())
         out["group_sync"] = {"requests": self.group_sync.requests, "syncs": self.group_sync.syncs}
@@ -359,9 +368,20 @@ class NBDSession(asyncio.Protocol):
         self.export = ""
         self._ctx_id = 0
         self._out: list[bytes] = []
-        self._tasks: set[asyncio.Task] = set()
-        self._paused = False
+        self._tasks: dict[asyncio.Task, int] = {}   # task -> its request's bytes
+        self._paused = False      # max_inflight tasks executing
+        self._throttled = False   # byte budget spent (per connection or server)
+        self._reading_paused = False
         self._closing = False
+        self._lost = False
+        self._exec = 0            # bytes of requests executing (read lengths, write payloads)
+        self._out_bytes = 0       # read reply bytes batched in _out
+        self._share = 0           # what this session holds of host.budget
+        self._send_stalled = False
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._send_mark = 0
+        self._pending: Any = None  # a request held back while the server's budget is spent
+        self.throttles = 0
         self._idle: asyncio.Future | None = None
         self._timer: asyncio.TimerHandle | None = None  # handshake, then idle timeout
         self._last = 0.0   # time.monotonic() of the last bytes received
@@ -379,6 +399,7 @@ class NBDSession(asyncio.Protocol):
             transport.abort()
             return
         self.host.sessions.add(self)
+        limits.apply(transport)
         transport.write(self.codec.data_to_send())
         self._last = time.monotonic()
         if limits.handshake_timeout:
@@ -387,9 +408,15 @@ class NBDSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.host.sessions.discard(self)
         self._closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._lost = True
+        for timer in (self._timer, self._send_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._send_timer = None
+        self.host.budget.cancel(self)
+        self._out.clear()
+        self._out_bytes = 0
+        self._account()   # buffered replies are gone; executing requests still count until they end
         self._maybe_idle()
 
     def _handshake_expired(self) -> None:
@@ -430,29 +457,125 @@ class NBDSession(asyncio.Protocol):
             self._pump()
         return False
 
+    # -- flow control (nbdpolicy: bytes held per connection and per server) --
+    def pause_writing(self) -> None:
+        """The transport holds more than its high-water mark of replies."""
+        self._send_stalled = True
+        t = self.host.limits.send_timeout
+        if t and self._send_timer is None:
+            self._send_mark = self.transport.get_write_buffer_size() if self.transport is not None else 0
+            self._send_timer = asyncio.get_running_loop().call_later(t, self._send_check)
+
+    def resume_writing(self) -> None:
+        self._send_stalled = False
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        self._account()
+        self._unthrottle()
+
+    def _send_check(self) -> None:
+        """send_timeout passed with the transport above its high-water mark:
+        close unless the replies moved towards the client meanwhile."""
+        self._send_timer = None
+        t = self.transport
+        if t is None or not self._send_stalled:
+            return
+        size = t.get_write_buffer_size()
+        if size < self._send_mark:
+            self._send_mark = size
+            self._send_timer = asyncio.get_running_loop().call_later(self.host.limits.send_timeout, self._send_check)
+            return
+        log.warning("%s %s: client read none of %d bytes of replies for %gs (send_timeout): closing",
+                    self.peer, self.export, size, self.host.limits.send_timeout)
+        self._closing = True
+        t.abort()
+
+    def _account(self) -> None:
+        """Re-measure this session's share of the server's byte budget:
+        requests executing, replies batched, replies in the transport."""
+        t = self.transport
+        buf = t.get_write_buffer_size() if t is not None and not self._lost else 0
+        share = self._exec + self._out_bytes + buf
+        if share != self._share:
+            self.host.budget.add(share - self._share)
+            self._share = share
+
+    def _unthrottle(self) -> None:
+        t = self.transport
+        if self._throttled and not self._lost and t is not None and not t.is_closing():
+            self._throttled = False
+            self._pump()
+
+    def _set_reading(self) -> None:
+        """Read from the socket unless too many requests are executing, the
+        byte budget is spent, or the session is closing."""
+        t = self.transport
+        if t is None or self._lost:
+            return
+        want_pause = self._paused or self._throttled or self._closing
+        if want_pause != self._reading_paused:
+            self._reading_paused = want_pause
+            if want_pause:
+                t.pause_reading()
+            else:
+                t.resume_reading()
+
     # -- the loop around the codec ----------------------------------------
     def _pump(self) -> None:
         codec = self.codec
         out = self._out
         Request = nbd.Request
+        READ, WRITE = nbd.NBD_CMD_READ, nbd.NBD_CMD_WRITE
+        conn_limit = self.host.limits.conn_bytes
+        budget = self.host.budget
+        t = self.transport
+        buffered = t.get_write_buffer_size() if t is not None and not self._lost else 0
         try:
             while True:
-                ev = codec.next_event()
-                if ev is nbd.NEED_DATA:
+                if self._exec + self._out_bytes + buffered >= conn_limit:
+                    # Take no request out of the input (nor read the socket)
+                    # until replies drained: resume_writing or a task's end
+                    # calls _unthrottle.
+                    self._throttled = True
+                    self.throttles += 1
                     break
+                ev = self._pending
+                if ev is not None:
+                    self._pending = None
+                else:
+                    ev = codec.next_event()
+                    if ev is nbd.NEED_DATA:
+                        break
                 if type(ev) is Request:
                     if ev.error:
                         log.debug("%s %s: request %#x refused: NBD errno %d", self.peer, self.export, ev.handle, ev.error)
                         out.append(codec.reply_error(ev.handle, ev.error))
                         continue
+                    cost = ev.length if ev.cmd == READ or ev.cmd == WRITE else 0
+                    if budget.held >= budget.limit and (self._share or cost > SMALL_REQUEST):
+                        # The server's budget is spent: wait for the budget's
+                        # wake-up. A session holding nothing still runs small
+                        # requests, so clients that stopped reading cannot
+                        # starve the others.
+                        self._pending = ev
+                        self._throttled = True
+                        self.throttles += 1
+                        budget.wait(self, self._unthrottle, asyncio.get_running_loop(), self._remeasure_all)
+                        break
+                    self._exec += cost
+                    budget.held += cost
+                    self._share += cost
                     done, res = run_eager(self._execute(ev))
                     if done:
+                        self._exec -= cost
+                        self._out_bytes += cost
                         if type(res) is list:
                             out.extend(res)
                         else:
                             out.append(res)
                     else:
-                        self._track(res)
+                        self._track(res, cost)
                 elif isinstance(ev, nbd.Negotiated):
                     self._negotiated(ev)
                 elif isinstance(ev, nbd.Disconnect):
@@ -471,6 +594,16 @@ class NBDSession(asyncio.Protocol):
                 self.transport.close()
             return
         self._flush_out()
+        if self._throttled and not self._tasks and not self._send_stalled and not budget.waiting(self):
+            # Over this connection's bound only by what was just flushed, and
+            # the socket took it at once (no pause_writing): nothing else
+            # will wake this session, so look again on the next loop turn.
+            asyncio.get_running_loop().call_soon(self._unthrottle)
+        self._set_reading()
+
+    def _remeasure_all(self) -> None:
+        for s in list(self.host.sessions):
+            s._account()
 
     def _flush_out(self) -> None:
         # Handshake replies exist only before transmission starts.
@@ -478,6 +611,8 @@ class NBDSession(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing():
             self._out.clear()
+            self._out_bytes = 0
+            self._account()
             return
         if hs:
             t.write(hs)
@@ -488,6 +623,8 @@ class NBDSession(asyncio.Protocol):
             else:
                 t.writelines(out)
             out.clear()
+        self._out_bytes = 0
+        self._account()
 
     def _negotiated(self, ev: Any) -> None:
         self.export = ev.export.name
@@ -509,15 +646,14 @@ class NBDSession(asyncio.Protocol):
         self._ctx_id = next((i for i, n in ev.meta_contexts.items() if n == "base:allocation"), 0)
         log.info("%s: session on export %s (structured=%s)", self.peer, self.export, ev.structured)
 
-    def _track(self, task: asyncio.Task) -> None:
-        self._tasks.add(task)
+    def _track(self, task: asyncio.Task, cost: int) -> None:
+        self._tasks[task] = cost
         task.add_done_callback(self._task_done)
-        if len(self._tasks) >= self.host.max_inflight and not self._paused and self.transport is not None:
+        if len(self._tasks) >= self.host.max_inflight:
             self._paused = True
-            self.transport.pause_reading()
 
     def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
+        self._exec -= self._tasks.pop(task, 0)
         if not task.cancelled():
             res = task.result()  # _execute never raises
             t = self.transport
@@ -526,10 +662,13 @@ class NBDSession(asyncio.Protocol):
                     t.writelines(res)
                 else:
                     t.write(res)
-        if self._paused and len(self._tasks) <= self.host.max_inflight // 2 and self.transport is not None:
+        self._account()
+        if self._paused and len(self._tasks) <= self.host.max_inflight // 2:
             self._paused = False
-            if not self._closing:
-                self.transport.resume_reading()
+        if self._throttled:
+            self._unthrottle()
+        else:
+            self._set_reading()
         self._maybe_idle()
 
     async def _execute(self, req: Any) -> Any:

@@ -77,7 +77,7 @@ from nicsplit.storage.image import open_image
 from nicsplit.storage.sealing import SealedError
 from nicsplit.host.chain import Chain, ChainError, Filter, VdiskView, build_chain
 from nicsplit.host.plugin import GroupSync
-from nicsplit.host.nbdpolicy import NbdLimits, RateLimitedLog
+from nicsplit.host.nbdpolicy import ByteBudget, NbdLimits, RateLimitedLog
 from nicsplit.host.server import NBDSession, close_exports
 from nicsplit.host.io import EXTENT_DATA, EXTENT_HOLE_ZERO, EXTENT_ZERO, FUA, REQ_ONE, IOFailure
 from nicsplit.wire import nbd
@@ -305,7 +305,7 @@ class _Exports:
     """One NBD export per vdisk, each over its own chain, on one address.
     Duck-types what `NBDSession` needs of a host: ``exports`` (an
     `nbd.ExportProvider`), ``chain(name).top``, ``max_inflight``,
-    ``sessions``, ``limits`` (`NbdLimits`, the defaults) and ``refusals``.  Subclasses fill ``_chains`` and say what `_info` describes."""
+    ``sessions``, ``limits`` (`NbdLimits`, the defaults), ``refusals`` and ``budget``.  Subclasses fill ``_chains`` and say what `_info` describes."""
 
     writable = False
     id = ""
@@ -317,6 +317,7 @@ class _Exports:
         self.max_inflight = max_inflight
         self.limits = NbdLimits()
         self.refusals = RateLimitedLog()
+        self.budget = ByteBudget(self.limits.server_bytes)
         self.sessions: set[Any] = set()
         self.exports = self
         self._chains: dict[str, Chain] = {}
