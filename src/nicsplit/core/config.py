@@ -72,6 +72,13 @@ max_options = 32
 # whole server, may hold before they stop taking requests until replies drain.
 conn_inflight_mib = 64
 server_inflight_mib = 256
+# NBD over TLS (--tls): auto = required beyond loopback, offered on it;
+# off, on (offered) or require. tls_names: extra DNS names / addresses for
+# the server certificate (DATA/pki/nbd-server.crt); tls_clients: the client
+# certificate CNs let in (empty: any certificate of this deployment's CA).
+tls = "auto"
+tls_names = []
+tls_clients = []
 
 [datastore]
 # Largest size of one datastore volume file (sparse); another volume is

@@ -44,10 +44,17 @@ Example::
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import ssl
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
+
+from nicsplit.core import pki
+from nicsplit.core.config import ConfigError
+from nicsplit.wire import nbd
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +65,7 @@ MIB = 1 << 20
 SMALL_REQUEST = MIB
 
 
-class PolicyError(Exception):
+class PolicyError(ConfigError):
     """A bad NBD limit or TLS setting in the configuration (one clear line)."""
 
 
@@ -190,3 +197,66 @@ class RateLimitedLog:
             msg += f" (and {self._dropped} more like it not logged)"
             self._dropped = 0
         log.warning(msg, *args)
+
+
+# -- TLS -----------------------------------------------------------------------------
+
+TLS_SETTINGS = ("auto", nbd.TLS_OFF, nbd.TLS_ON, nbd.TLS_REQUIRE)
+
+
+@dataclass(frozen=True)
+class NbdTls:
+    """The TLS mode of one listener and what it needs.
+
+    ``mode``: `nbd.TLS_OFF` (STARTTLS refused), `nbd.TLS_ON` (offered; plain
+    clients still served), `nbd.TLS_REQUIRE` (every option but STARTTLS and
+    ABORT gets NBD_REP_ERR_TLS_REQD). ``clients``: the certificate CNs let in
+    (empty = any certificate our CA issued)."""
+
+    mode: str = nbd.TLS_OFF
+    context: ssl.SSLContext | None = None
+    clients: frozenset[str] = frozenset()
+
+    def admits(self, cn: str | None) -> bool:
+        return not self.clients or cn in self.clients
+
+
+NO_TLS = NbdTls()
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for a Unix socket (None), ``localhost`` and loopback addresses."""
+    if host is None or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False   # a name or a wildcard: reachable beyond this machine
+
+
+def resolve_tls(setting: str, host: str | None, pki_dir: Path, *, names: tuple[str, ...] = (),
+                clients: tuple[str, ...] = ()) -> NbdTls:
+    """The TLS of a listener on ``host`` (None = a Unix socket).
+
+    ``auto``: required beyond loopback; offered on loopback when the
+    deployment has a CA; else off. Beyond loopback anything but ``require``
+    (or ``auto``) is refused: the exports would be readable and writable by
+    anyone who can reach the port."""
+    if setting not in TLS_SETTINGS:
+        raise PolicyError(f"tls = {setting!r}: one of {', '.join(TLS_SETTINGS)}")
+    local = is_loopback(host)
+    if setting == "auto":
+        have_ca = (Path(pki_dir) / "ca.crt").exists() and (Path(pki_dir) / "ca.key").exists()
+        mode = nbd.TLS_REQUIRE if not local else (nbd.TLS_ON if have_ca else nbd.TLS_OFF)
+    elif not local and setting != nbd.TLS_REQUIRE:
+        raise PolicyError(f"--tls {setting} on {host}: TLS is required when listening beyond loopback "
+                          f"(use --tls require, or listen on 127.0.0.1)")
+    else:
+        mode = setting
+    if mode == nbd.TLS_OFF:
+        return NbdTls()
+    try:
+        ctx = pki.nbd_server_context(Path(pki_dir), names)
+    except pki.PkiError as e:
+        raise PolicyError(f"NBD over TLS ({mode}) needs the deployment's certificates: {e}") from None
+    return NbdTls(mode, ctx, frozenset(clients))

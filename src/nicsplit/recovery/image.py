@@ -2,7 +2,7 @@
 
 An *image* is one CG at one PIT: one NBD export per vdisk of the CG (export
 name = vdisk name), served by the host's own NBD codec and session loop
-(`nicsplit.wire.nbd`, `nicsplit.host.server.NBDSession`), each export backed
+(`nicsplit.wire.nbd`, `nicsplit.host.session.NBDSession`), each export backed
 by a filter chain (`nicsplit.host.chain.build_chain`) whose bottom is
 `PitPlugin`, the vdisk's image at the PIT read from the journal by
 `nicsplit.recovery.replica.PitReader`.
@@ -77,8 +77,8 @@ from nicsplit.storage.image import open_image
 from nicsplit.storage.sealing import SealedError
 from nicsplit.host.chain import Chain, ChainError, Filter, VdiskView, build_chain
 from nicsplit.host.plugin import GroupSync
-from nicsplit.host.nbdpolicy import ByteBudget, NbdLimits, RateLimitedLog
-from nicsplit.host.server import NBDSession, close_exports
+from nicsplit.host.nbdpolicy import NO_TLS, ByteBudget, NbdLimits, NbdTls, PolicyError, RateLimitedLog, is_loopback, resolve_tls
+from nicsplit.host.session import NBDSession, close_exports
 from nicsplit.host.io import EXTENT_DATA, EXTENT_HOLE_ZERO, EXTENT_ZERO, FUA, REQ_ONE, IOFailure
 from nicsplit.wire import nbd
 from nicsplit.core.records import BLOCK_SIZE
@@ -318,6 +318,8 @@ class _Exports:
         self.limits = NbdLimits()
         self.refusals = RateLimitedLog()
         self.budget = ByteBudget(self.limits.server_bytes)
+        self.pki_dir: Path | None = None   # certificates for NBD over TLS (see start)
+        self.tls: NbdTls = NO_TLS
         self.sessions: set[Any] = set()
         self.exports = self
         self._chains: dict[str, Chain] = {}
@@ -351,12 +353,19 @@ class _Exports:
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on host:port. TLS as the host's ``auto``: required beyond
+        loopback, offered on loopback, with the certificates of ``pki_dir``
+        (set by the caller; without it only loopback is allowed)."""
+        if self.pki_dir is not None:
+            self.tls = resolve_tls("auto", host, self.pki_dir)
+        elif not is_loopback(host):
+            raise PolicyError(f"{self._what()} on {host}: TLS is required beyond loopback and no PKI is set")
         loop = asyncio.get_running_loop()
-        srv = await loop.create_server(lambda: NBDSession(self), host, port, reuse_address=True)
+        srv = await loop.create_server(lambda: NBDSession(self, self.tls), host, port, reuse_address=True)
         self._servers.append(srv)
         h, p = srv.sockets[0].getsockname()[:2]
-        log.info("%s: %s at seq %d (%s) on %s:%d", self._what(), self.cg, self.seq,
-                 "writable" if self.writable else "read-only", h, p)
+        log.info("%s: %s at seq %d (%s) on %s:%d, TLS %s", self._what(), self.cg, self.seq,
+                 "writable" if self.writable else "read-only", h, p, self.tls.mode)
         return h, p
 
     def _what(self) -> str:
@@ -364,7 +373,8 @@ class _Exports:
 
     def urls(self, host: str, port: int) -> dict[str, str]:
         h = f"[{host}]" if ":" in host else host
-        return {name: f"nbd://{h}:{port}/{name}" for name in self.vdisks}
+        scheme = "nbds" if self.tls.mode == nbd.TLS_REQUIRE else "nbd"
+        return {name: f"{scheme}://{h}:{port}/{name}" for name in self.vdisks}
 
     async def stop(self) -> None:
         await close_exports(self._servers, self.sessions, self._chains.values())
