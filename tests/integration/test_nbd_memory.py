@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 
 import pytest
@@ -128,3 +129,36 @@ def test_server_budget_bounds_many_stuck_clients(tmp_path, host_factory):
         s.close()
     wait_for(lambda: host_stats(data)["nbd_bytes"]["held"] == 0, 60, "the bytes to be given back")
     assert peak_rss(host.pid) < RSS_LIMIT
+
+
+def test_unread_replies_over_tls_are_bounded_too(tmp_path, host_factory):
+    data = init_data(tmp_path / "data", send_timeout=5)
+    vdisk(data, "big", "64M")
+    certs = tmp_path / "client"
+    run_cli(data, "pki", "nbd-client", str(certs))
+    host = host_factory(data, "--tls", "require")
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(30)
+    s.connect(("127.0.0.1", host.port))
+    assert recv_exact(s, 18)[:8] == b"NBDMAGIC"
+    s.sendall(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, 5, 0))   # NBD_OPT_STARTTLS
+    assert struct.unpack(">QIII", recv_exact(s, 20))[2] == NBD_REP_ACK
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(certs / "ca-cert.pem"))
+    ctx.load_cert_chain(str(certs / "client-cert.pem"), str(certs / "client-key.pem"))
+    t = ctx.wrap_socket(s, server_hostname="127.0.0.1")
+    body = struct.pack(">I", 3) + b"big" + struct.pack(">H", 0)
+    t.sendall(struct.pack(">QII", IHAVEOPT, NBD_OPT_GO, len(body)) + body)
+    while True:
+        _m, _o, rtype, n = struct.unpack(">QIII", recv_exact(t, 20))
+        recv_exact(t, n)
+        if rtype == NBD_REP_ACK:
+            break
+    t.sendall(b"".join(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, NBD_CMD_READ, i, 0, 32 * MIB) for i in range(40)))
+    wait_for(lambda: host_stats(data)["throttles"] >= 1, 60, "the TLS session to be throttled")
+    assert host_stats(data)["nbd_bytes"]["held"] <= 64 * MIB + 32 * MIB
+    assert peak_rss(host.pid) < RSS_LIMIT, f"host peak RSS {peak_rss(host.pid) / MIB:.0f} MiB"
+    wait_for(lambda: "send_timeout" in host.log(), 60, "the send_timeout log line")
+    wait_for(lambda: host_stats(data)["nbd_bytes"]["held"] == 0, 30, "the bytes to be given back")
+    t.close()
