@@ -46,6 +46,7 @@ from nicsplit.host.filters.split import BarrierFailed
 from nicsplit.host.io import EXTENT_DATA
 from nicsplit.host.nbdpolicy import ByteBudget, NbdLimits, NbdTls, RateLimitedLog, resolve_tls
 from nicsplit.host.session import NBDSession, close_exports
+from nicsplit.host.stdio import serve_stdio
 from nicsplit.host.plugin import DatastorePlugin, GroupSync
 from nicsplit.host.resync import Resyncer
 from nicsplit.wire import nbd
@@ -375,6 +376,7 @@ async def serve(
     readonly: bool | None = None,
     ready: Callable[[dict], None] | None = None,
     tls: str | None = None,
+    stdio: bool = False,
 ) -> None:
     """Run the host until SIGTERM/SIGINT; then finish in-flight IO and sync."""
     ds = Datastore.open(cfg.datastore_dir)
@@ -382,7 +384,7 @@ async def serve(
     try:
         host = HostServer(cfg, ds, readonly=readonly)
         host.check_chains()
-        addrs = await host.start(listen, socket_path, tls)
+        addrs = await host.start(listen, socket_path, tls) if not stdio else ["stdio"]
         layout = cfg.layout
         layout.run.mkdir(parents=True, exist_ok=True)
         control = await ctl.serve(layout.host_sock, control_handler(host), errors=(HostCommandError, CGError))
@@ -395,7 +397,15 @@ async def serve(
         keeper = loop.create_task(host.housekeeping())
         if ready is not None:
             ready({"event": "ready", "pid": os.getpid(), "addresses": addrs, "tls": host.tls_modes})
-        await stop.wait()
+        if stdio:   # one session on fds 0/1: the host ends with it (or with a signal)
+            session = loop.create_task(serve_stdio(host))
+            stopped = loop.create_task(stop.wait())
+            await asyncio.wait({session, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if session.done():
+                session.result()
+        else:
+            await stop.wait()
         log.info("stopping: finishing in-flight IO")
         keeper.cancel()
         control.close()

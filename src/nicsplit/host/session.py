@@ -299,7 +299,7 @@ class NBDSession(asyncio.Protocol):
                     return
         except nbd.RemoteProtocolError as e:
             log.warning("%s %s: closing connection: %s", self.peer, self.export, e)
-            self._flush_out()
+            self._flush_out(handshake=False)   # the codec's queued output is gone with its error
             self._closing = True
             if self.transport is not None:
                 self.transport.close()
@@ -353,9 +353,9 @@ class NBDSession(asyncio.Protocol):
         for s in list(self.host.sessions):
             s._account()
 
-    def _flush_out(self) -> None:
+    def _flush_out(self, handshake: bool = True) -> None:
         # Handshake replies exist only before transmission starts.
-        hs = self.codec.data_to_send() if self.top is None else b""
+        hs = self.codec.data_to_send() if self.top is None and handshake else b""
         t = self.transport
         if t is None or t.is_closing():
             self._out.clear()
