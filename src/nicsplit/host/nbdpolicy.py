@@ -1,8 +1,8 @@
-"""What an NBD listener allows a connection: time, connections and memory.
+"""What an NBD server allows its connections: time, connections, memory, TLS.
 
 Theory of operation
 -------------------
-`NBDSession` (host/server.py) asks this module's objects, never the
+`NBDSession` (host/session.py) asks this module's objects, never the
 configuration, so the host and the image/failover servers share one policy.
 
 - **Time.** A connection must finish the handshake within
@@ -12,7 +12,7 @@ configuration, so the host and the image/failover servers share one policy.
   an attack); a connection whose replies make no progress towards the client
   for ``send_timeout`` seconds is closed (a client that stops reading holds
   its connection's byte budget, and would hold it forever).
-- **Connections.** At most ``max_connections`` at once per listener; one
+- **Connections.** At most ``max_connections`` at once per server (all its listeners); one
   beyond is accepted and closed at once (NBD has no "busy" greeting), with a
   log line (at most one per 5 s, counting what it did not log).
 - **Handshake work.** At most ``max_options`` options per handshake (nbdkit
@@ -36,10 +36,16 @@ reads, so one can be sent while the next is read; ``server_bytes`` 256 MiB =
 four such connections streaming at full speed at once (more than a second
 of what two cores serve), below nbdkit's 516 MiB RSS under the same flood.
 
+- **TLS.** `resolve_tls` gives each listener its mode (`NbdTls`): ``auto``
+  requires TLS beyond loopback and offers it on loopback; ``off``/``on``
+  beyond loopback refuse to start. Certificates come from the deployment's
+  CA (`nicsplit.core.pki.nbd_server_context`), and clients must present one.
+
 Example::
 
     limits = NbdLimits.from_config(cfg)      # [host] keys, see docs/operations.md
     budget = ByteBudget(limits.server_bytes)
+    tls = resolve_tls("auto", "0.0.0.0", cfg.layout.pki)   # -> mode "require"
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ class NbdLimits:
     handshake_timeout: float = 10.0   # seconds from accept to transmission; 0 = none
     idle_timeout: float = 0.0         # seconds without a request, nothing in flight; 0 = none
     send_timeout: float = 60.0        # seconds of replies not moving towards the client; 0 = none
-    max_connections: int = 256        # per listener; 0 = no cap
+    max_connections: int = 256        # per server (TCP and Unix together); 0 = no cap
     max_options: int = 32             # options per handshake (as nbdkit)
     conn_bytes: int = 64 * MIB        # request + reply bytes held per connection
     server_bytes: int = 256 * MIB     # ... across the server
