@@ -161,9 +161,28 @@ def test_tls_is_required_beyond_loopback(data, tmp_path):
     assert "Traceback" not in p.stderr
     p = run_cli(data, "host", "serve", "--listen", "0.0.0.0:0", "--tls", "on", check=False)
     assert p.returncode == 1 and "TLS is required" in p.stderr
-    # Left to itself (auto) it requires TLS there, and offers it on loopback.
+    # Left to itself (auto) it requires TLS there of every peer not on this
+    # machine's loopback (failback and restore --in-place connect from there).
+    # The server certificate names the addresses clients use: [host] tls_names.
+    addr = outside_address()
+    data = init_data(tmp_path / "d2", tls_names=[addr])
+    vdisk(data, "a", "1M")
     with HostProcess(data, "--listen", "0.0.0.0:0") as h:
         assert list(h.ready["tls"].values()) == ["require"]
+        s = raw(h.port)
+        assert option_reply(s, NBD_OPT_LIST) == 2   # NBD_REP_SERVER: a loopback peer
+        s.close()
+        s = socket.create_connection((addr, h.port), timeout=10)
+        assert recv_exact(s, 18)[:8] == b"NBDMAGIC"
+        s.sendall(struct.pack(">I", 3))
+        assert option_reply(s, NBD_OPT_LIST) == NBD_REP_ERR_TLS_REQD
+        s.close()
+        p = run("nbdinfo", f"nbd://{addr}:{h.port}/a")
+        assert p.returncode != 0
+        p = run("nbdinfo", f"nbds://{addr}:{h.port}/a?tls-certificates={certs(data, tmp_path / 'remote')}")
+        assert p.returncode == 0, p.stderr
+    # An explicit require requires TLS of loopback peers too.
+    with HostProcess(data, "--listen", "0.0.0.0:0", "--tls", "require") as h:
         s = raw(h.port)
         assert option_reply(s, NBD_OPT_LIST) == NBD_REP_ERR_TLS_REQD
         s.close()
@@ -174,6 +193,22 @@ def test_tls_is_required_beyond_loopback(data, tmp_path):
         c.shutdown()
         p = run("nbdinfo", tls_uri(h.port, "a", certs(data, tmp_path / "c")))
         assert p.returncode == 0, p.stderr
+
+
+def outside_address() -> str:
+    """An address of this machine that is not loopback (the route to a
+    documentation address; nothing is sent)."""
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.connect(("203.0.113.1", 9))
+        addr = u.getsockname()[0]
+    except OSError:
+        addr = ""
+    finally:
+        u.close()
+    if not addr or addr.startswith("127."):
+        pytest.skip("this machine has no IPv4 address beyond loopback")
+    return addr
 
 
 def test_starttls_with_data(tls_host):
@@ -207,7 +242,8 @@ def test_writable_image_exports_require_tls_beyond_loopback(tmp_path, seed):
     with Served(srv, host="0.0.0.0") as s:
         assert srv.tls.mode == "require"
         assert srv.urls("127.0.0.1", s.port)[name].startswith("nbds://")
-        assert run("nbdinfo", f"nbd://127.0.0.1:{s.port}/{name}").returncode != 0
+        addr = outside_address()   # a loopback peer would be let in plain (auto)
+        assert run("nbdinfo", f"nbd://{addr}:{s.port}/{name}").returncode != 0
         obj = f"tls-creds-x509,id=tls0,dir={client},endpoint=client"
         p = run("qemu-io", "--object", obj, "--image-opts", qemu_opts(s.port, name), "-c", "write -P 0x33 0 4096",
                 "-c", "read -P 0x33 0 4096")

@@ -222,9 +222,17 @@ class NbdTls:
     mode: str = nbd.TLS_OFF
     context: ssl.SSLContext | None = None
     clients: frozenset[str] = frozenset()
+    local_mode: str | None = None   # the mode for peers on loopback, if not ``mode``
 
     def admits(self, cn: str | None) -> bool:
         return not self.clients or cn in self.clients
+
+    def mode_for(self, peer: Any) -> str:
+        """The mode of one connection (the spec lets it depend on the
+        session): ``local_mode`` for a loopback peer, else ``mode``."""
+        if self.local_mode is not None and isinstance(peer, tuple) and is_loopback(str(peer[0])):
+            return self.local_mode
+        return self.mode
 
 
 NO_TLS = NbdTls()
@@ -244,10 +252,13 @@ def resolve_tls(setting: str, host: str | None, pki_dir: Path, *, names: tuple[s
                 clients: tuple[str, ...] = ()) -> NbdTls:
     """The TLS of a listener on ``host`` (None = a Unix socket).
 
-    ``auto``: required beyond loopback; offered on loopback when the
-    deployment has a CA; else off. Beyond loopback anything but ``require``
-    (or ``auto``) is refused: the exports would be readable and writable by
-    anyone who can reach the port."""
+    ``auto``: required beyond loopback (but only offered to peers that
+    connect from loopback: this machine's own tools, e.g. failback, which may
+    use the Unix socket or a loopback listener in the clear anyway); offered
+    on loopback when the deployment has a CA; else off. Beyond loopback
+    anything but ``require`` (or ``auto``) is refused: the exports would be
+    readable and writable by anyone who can reach the port. An explicit
+    ``require`` requires TLS of every peer."""
     if setting not in TLS_SETTINGS:
         raise PolicyError(f"tls = {setting!r}: one of {', '.join(TLS_SETTINGS)}")
     local = is_loopback(host)
@@ -265,4 +276,5 @@ def resolve_tls(setting: str, host: str | None, pki_dir: Path, *, names: tuple[s
         ctx = pki.nbd_server_context(Path(pki_dir), names)
     except pki.PkiError as e:
         raise PolicyError(f"NBD over TLS ({mode}) needs the deployment's certificates: {e}") from None
-    return NbdTls(mode, ctx, frozenset(clients))
+    local = nbd.TLS_ON if setting == "auto" and mode == nbd.TLS_REQUIRE else None
+    return NbdTls(mode, ctx, frozenset(clients), local)

@@ -100,6 +100,9 @@ class NBDSession(asyncio.Protocol):
             transport.abort()
             return
         self.host.sessions.add(self)
+        mode = self.tls.mode_for(transport.get_extra_info("peername"))
+        if mode != self.tls.mode:   # a loopback peer of an `auto` listener beyond loopback
+            self.codec = nbd.ServerConnection(self.host.exports, max_options=limits.max_options, tls=mode)
         limits.apply(transport)
         transport.write(self.codec.data_to_send())
         self._last = time.monotonic()
