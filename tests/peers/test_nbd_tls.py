@@ -248,3 +248,15 @@ def test_writable_image_exports_require_tls_beyond_loopback(tmp_path, seed):
         p = run("qemu-io", "--object", obj, "--image-opts", qemu_opts(s.port, name), "-c", "write -P 0x33 0 4096",
                 "-c", "read -P 0x33 0 4096")
         assert p.returncode == 0 and "read 4096" in p.stdout, p.stdout + p.stderr
+
+
+def test_the_unix_socket_offers_tls_but_never_requires_it(data, host_factory, tmp_path):
+    vdisk(data, "a", "1M")
+    sock = tmp_path / "nbd.sock"
+    host = host_factory(data, "--tls", "require", "--socket", str(sock))
+    assert host.ready["tls"] == {host.addresses[0]: "require", f"nbd+unix:///?socket={sock}": "on"}
+    h = nbd_connect(f"nbd+unix:///a?socket={sock}")   # plain: the host's own tools (failback) come this way
+    assert h.pread(512, 0) == bytes(512)
+    h.shutdown()
+    p = run("nbdinfo", f"nbds+unix:///a?socket={sock}&tls-certificates={certs(data, tmp_path / 'c')}")
+    assert p.returncode == 0 and "with TLS" in p.stdout, p.stdout + p.stderr

@@ -268,6 +268,11 @@ def resolve_tls(setting: str, host: str | None, pki_dir: Path, *, names: tuple[s
     elif not local and setting != nbd.TLS_REQUIRE:
         raise PolicyError(f"--tls {setting} on {host}: TLS is required when listening beyond loopback "
                           f"(use --tls require, or listen on 127.0.0.1)")
+    elif host is None and setting == nbd.TLS_REQUIRE:
+        # The Unix socket is guarded by its file mode: TLS is offered there,
+        # never required, so this machine's own tools (failback, restore
+        # --in-place: they prefer the socket) always have a way in.
+        mode = nbd.TLS_ON
     else:
         mode = setting
     if mode == nbd.TLS_OFF:
