@@ -31,6 +31,9 @@ test-fast: system-deps venv
 
 bench: system-deps venv
 	$(PY) bench/run.py
+	$(PY) bench/keepup.py
+	$(PY) bench/protection.py
+	$(PY) bench/overflow.py
 	$(PY) bench/recovery.py
 	$(PY) bench/distribution.py
 	$(PY) bench/distribution.py --rate-iops 6000 --card-idle-spin-us 50 --out bench/out/distribution-paced

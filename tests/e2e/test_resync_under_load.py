@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ import pytest
 from nicsplit.core.ctl import request
 from nicsplit.core.layout import Layout
 from nicsplit.testing.datadir import init_data
+from nicsplit.testing.ledger import Ledger, block, check_prefix
 from nicsplit.testing.procs import UpProcess, journal, nbd_connect, run_cli, wait_for
 
 pytestmark = pytest.mark.usefixtures("peers")
@@ -48,54 +47,6 @@ def host_vdisks(data: Path) -> dict[str, dict]:
 
 def status(data: Path) -> dict:
     return json.loads(run_cli(data, "status", "--json").stdout)
-
-
-def block(i: int) -> bytes:
-    """Ledger write i's block: self-describing."""
-    return struct.pack("<Q", i + 1) * (BS // 8)
-
-
-class Ledger(threading.Thread):
-    """Writes to vdisk b one block at a time (each acknowledged before the
-    next): the order of ``done`` is the client's write order."""
-
-    def __init__(self, uri: str, seed: int) -> None:
-        super().__init__(daemon=True)
-        self.h = nbd_connect(uri)
-        self.stop = threading.Event()
-        self.done: list[int] = []  # block numbers, in write order
-        self.seed = seed
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        import random  # local: only this thread uses it
-        rng = random.Random(self.seed)
-        try:
-            while not self.stop.is_set():
-                b = rng.randrange(SIZE // BS)
-                self.h.pwrite(block(len(self.done)), b * BS)
-                self.done.append(b)
-        except BaseException as e:  # reported by the test
-            self.error = e
-
-    def image(self, n: int) -> bytes:
-        img = bytearray(SIZE)
-        for i, b in enumerate(self.done[:n]):
-            img[b * BS:(b + 1) * BS] = block(i)
-        return bytes(img)
-
-
-def check_prefix(img: bytes, ledger: Ledger) -> int:
-    """The image is exactly the ledger's prefix up to its newest write; returns its length."""
-    newest = -1
-    for b in range(SIZE // BS):
-        chunk = img[b * BS:(b + 1) * BS]
-        if chunk.count(0) != BS:
-            i = struct.unpack_from("<Q", chunk)[0] - 1
-            assert chunk == block(i), f"block {b}: not a ledger block"
-            newest = max(newest, i)
-    assert img == ledger.image(newest + 1), f"not the prefix of the first {newest + 1} writes"
-    return newest + 1
 
 
 def fio(uri: str, seed: int, cwd: Path, rate_iops: int) -> subprocess.Popen:
@@ -127,7 +78,7 @@ def check_latest_equals_production(data: Path, up: UpProcess, tmp_path: Path) ->
              f"the journal reaching seq {last}", interval=0.2)
     for n in ("a", "b"):
         out = tmp_path / f"latest-{n}.raw"
-        run_cli(data, "restore", n, "--latest", "--to", str(out), timeout=120)
+        run_cli(data, "restore", n, "--latest", "--to", str(out), "--force", timeout=120)  # called twice
         subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(out), up.uri(n)],
                        check=True, capture_output=True, timeout=120)
     return st
@@ -141,7 +92,7 @@ def gap_pits(data: Path) -> tuple[list[dict], list[dict]]:
 def test_card_killed_under_load_resyncs_by_itself(tmp_path, seed):
     data = system(tmp_path, resync_mib_s=64)
     with UpProcess(data) as up:
-        ledger = Ledger(up.uri("b"), seed)
+        ledger = Ledger(up.uri("b"), seed, SIZE)
         ledger.start()
         f = fio(up.uri("a"), seed, tmp_path, rate_iops=2000)
         wait_for(lambda: len(ledger.done) >= 200 and len(journal(data, "cg1")) >= 200, 60, "some journaled writes",

@@ -84,11 +84,12 @@ def test_cli_pits_bookmark_restore(cli_data, capsys, tmp_path: Path):
     assert (res["seq"], res["vdisk"], res["format"]) == (mid.seq, "alpha", "raw")
     assert out.read_bytes() == goldens[mid.seq][vds["alpha"].id]
     assert not list(tmp_path.glob("*.partial"))
-    _run(data, "restore", "beta", "--latest", "--to", str(out))
+    _run(data, "restore", "beta", "--latest", "--to", str(out), "--force")  # replacing needs --force
     assert out.read_bytes() == goldens[good[-1].seq][vds["beta"].id]
-    _run(data, "restore", "beta", "--seq", str(good[0].seq), "--to", str(out))
+    _run(data, "restore", "beta", "--seq", str(good[0].seq), "--to", str(out), "--force")
     assert out.read_bytes() == goldens[good[0].seq][vds["beta"].id]
-    _run(data, "restore", "alpha", "--at", f"{(mid.time_ns + 500_000) / 1e9:.6f}", "--to", str(out))  # PITs are >= 1 ms apart
+    _run(data, "restore", "alpha", "--at", f"{(mid.time_ns + 500_000) / 1e9:.6f}", "--to", str(out),
+         "--force")  # PITs are >= 1 ms apart
     assert out.read_bytes() == goldens[mid.seq][vds["alpha"].id]
 
     errors = [

@@ -86,10 +86,10 @@ def test_bad_geometry(tmp_path, es, vs):
         Datastore.create(tmp_path / "ds", volume_size=vs, extent_size=es)
 
 
-@pytest.mark.parametrize("name", ["", "a" * 65, "a/b", "sp ace", "é", None, 3])
+@pytest.mark.parametrize("name", ["", "a" * 65, "a/b", "sp ace", "é", None, 3, "_x", ".", "..", ".hidden", "--"])
 def test_name_validation(path, name):
     d = Datastore.create(path)
-    with pytest.raises(DatastoreError, match=r"invalid vdisk name .*\[A-Za-z0-9._-\]"):
+    with pytest.raises(DatastoreError, match=r"bad vdisk name .*: use 1-64 of A-Z a-z 0-9 \. _ -, starting with a letter or digit"):
         d.create_vdisk(name, 4096)
 
 
@@ -108,8 +108,8 @@ def test_list_get_update_delete(path):
         d.create_vdisk("a", 4096)
     assert [v.name for v in d.list_vdisks()] == ["a", "b"]
     assert (a.id, b.id) == (1, 2)
-    u = d.update_vdisk("a", owner="vm:x", extra={"cg": 7}, size=8192, name="a2")
-    assert (u.name, u.owner, u.extra, u.size, u.id, u.uuid) == ("a2", "vm:x", {"cg": 7}, 8192, a.id, a.uuid)
+    u = d.update_vdisk("a", owner="vm:x", extra={"cg": "cg7"}, size=8192, name="a2")
+    assert (u.name, u.owner, u.extra, u.size, u.id, u.uuid) == ("a2", "vm:x", {"cg": "cg7"}, 8192, a.id, a.uuid)
     with pytest.raises(UnknownVdisk):
         d.get_vdisk("a")
     with pytest.raises(DatastoreError, match="shrinking"):

@@ -119,3 +119,86 @@ def test_marking_a_long_range_a_byte_at_a_time_matches_region_by_region(rng):
             assert span is None
         else:
             assert span is not None and span[0] <= changed[0] and changed[-1] < span[1]
+
+
+def test_sparse_chunks_match_a_set_model(rng, monkeypatch):
+    """With tiny chunks (3 bytes: 24 regions), random marks, clears and
+    merges across chunk boundaries give the same bits, count, runs, bytes
+    and dirty bytes as a set of regions; a chunk exists only while it holds
+    a bit (issue 11 item 10: the bitmap is sparse)."""
+    import nicsplit.core.dirtymap as dm
+
+    monkeypatch.setattr(dm, "CHUNK", 3)
+    size = 500 * REGION + 777
+    nregions = -(-size // REGION)
+    for _ in range(30):
+        b = dm.RegionBitmap(size)
+        model: set[int] = set()
+        for _ in range(rng.randrange(1, 40)):
+            off = rng.randrange(size)
+            n = min(rng.choice([1, REGION, 7 * REGION, 90 * REGION, 300 * REGION]) + rng.randrange(REGION), size - off)
+            rs = set(range(off // REGION, (off + n - 1) // REGION + 1))
+            before = b.to_bytes()
+            op = rng.choice(["mark", "mark", "clear", "merge"])
+            if op == "mark":
+                span = b.mark(off, n)
+                model |= rs
+            elif op == "clear":
+                span = b.clear(off, n)
+                model -= rs
+            else:
+                other = dm.RegionBitmap(size)
+                other.mark(off, n)
+                assert b.merge(other.to_bytes() + b"\xff") == len(rs)  # bytes past the end never count
+                span = None
+                model |= rs
+            after = b.to_bytes()
+            changed = [i for i in range(len(after)) if after[i] != before[i]]
+            if op != "merge":
+                assert (span is None) == (not changed)
+                if changed:
+                    assert span[0] <= changed[0] and changed[-1] < span[1]
+            want = bytearray(-(-nregions // 8))
+            for r in model:
+                want[r >> 3] |= 1 << (r & 7)
+            assert after == bytes(want)
+            assert b.count() == len(model)
+            assert regions_of(b.runs()) == model
+            last = nregions - 1
+            assert b.dirty_bytes() == len(model) * REGION - (nregions * REGION - size if last in model else 0)
+            assert b.chunks() == len({(r >> 3) // 3 for r in model})
+        runs = b.runs()
+        assert all(a[0] + a[1] < c[0] for a, c in zip(runs, runs[1:]))  # merged: no two runs touch
+
+
+def test_a_4tib_bitmap_costs_what_is_marked(tmp_path: Path):
+    """An empty bitmap of a 4 TiB vdisk holds no memory and costs no walk;
+    marks cost their chunks only, and reopening reads only the file's data
+    (the dense bitmap was 8 MiB, 1.6 s to open and 0.45 s per walk)."""
+    import time
+    import tracemalloc
+
+    size = 4 << 40
+    tracemalloc.start()
+    try:
+        t0 = time.perf_counter()
+        m = DirtyMap(tmp_path / "big.bitmap", size)
+        assert m.count() == 0 and m.runs() == [] and m.dirty_bytes() == 0
+        took = time.perf_counter() - t0
+        assert tracemalloc.get_traced_memory()[1] < 256 << 10 and m.chunks() == 0
+    finally:
+        tracemalloc.stop()
+    assert took < 0.2, took
+    marks = [(0, 1), (1 << 40, 3 * REGION), (size - 100, 100), (3 << 40, 1 << 30)]
+    for off, n in marks:
+        assert m.mark_and_write(off, n)
+    want = 1 + 3 + 1 + (1 << 30) // REGION
+    assert m.count() == want and m.dirty_bytes() == want * REGION and m.chunks() == 4
+    assert m.runs() == [(0, REGION), (1 << 40, 3 * REGION), (3 << 40, 1 << 30), (size - REGION, REGION)]
+    m.close()
+    t0 = time.perf_counter()
+    again = DirtyMap(tmp_path / "big.bitmap", size)
+    assert again.count() == want and again.chunks() == 4 and again.runs() == m.runs()
+    assert again.clear(0, size) == (0, size // REGION // 8) and again.count() == 0 and again.chunks() == 0
+    assert time.perf_counter() - t0 < 0.5
+    again.close()

@@ -30,6 +30,7 @@ from nicsplit.recovery.image import ReplicaServer
 from nicsplit.journal.writer import Journal
 from nicsplit.recovery.blockindex import BlockIndex
 from nicsplit.recovery.replica import Distributor
+from nicsplit.core.layout import vdisk_file
 from nicsplit.core.records import Op
 from nicsplit.testing.procs import import_libnbd, libnbd_errno, wait_for
 from nicsplit.wire.frames import Record
@@ -37,7 +38,7 @@ from nicsplit.wire.frames import Record
 
 def replica_images(data: Path, cg: str, vdisks) -> dict[int, bytes]:
     rd = replica_dir(data, cg)
-    return {v.id: (rd / f"{v.name}.img").read_bytes() for v in vdisks}
+    return {v.id: vdisk_file(rd, v.id, ".img").read_bytes() for v in vdisks}
 
 
 def assert_replica(data: Path, w: Workload, seq: int, cg: str = "cg1") -> None:
@@ -179,15 +180,15 @@ def test_a_vdisk_added_to_the_cg_gets_its_replica(tmp_path: Path):
         batch(1, 1, a.id, 0xA1)
         assert dist.wait_idle(30)
         rd = replica_dir(data, "cg1")
-        assert sorted(p.name for p in rd.glob("*.img")) == ["a.img"]
+        assert sorted(p.name for p in rd.glob("*.img")) == [f"vdisk+{a.id}.img"]
         ds.update_vdisk("b", extra={"cg": "cg1"})  # `nicsplit cg add cg1 b`: the host splits b's writes from now on
         batch(2, 2, b.id, 0xB2)
         batch(3, 3, a.id, 0xA3)
         assert dist.wait_idle(30)
         st = dist.statistics()
         assert st.applied_seq == 3 and st.errors == 0, st
-        assert (rd / "b.img").read_bytes() == bytes(4 * BS) + bytes([0xB2]) * (2 * BS) + bytes(26 * BS)
-        assert (rd / "a.img").read_bytes()[4 * BS : 6 * BS] == bytes([0xA3]) * (2 * BS)
+        assert vdisk_file(rd, b.id, ".img").read_bytes() == bytes(4 * BS) + bytes([0xB2]) * (2 * BS) + bytes(26 * BS)
+        assert vdisk_file(rd, a.id, ".img").read_bytes()[4 * BS : 6 * BS] == bytes([0xA3]) * (2 * BS)
         assert {v["name"] for v in json.loads((rd / "vdisks.json").read_text())["vdisks"]} == {"a", "b"}
     finally:
         dist.stop()
@@ -280,8 +281,8 @@ def test_replica_server_serves_writable_and_tracks_dirty_regions(tmp_path: Path,
             hs[v.id].shutdown()
         stats = s.srv.statistics()["vdisks"]
     for v in w.vdisks:
-        assert (rd / f"{v.name}.img").read_bytes() == bytes(model[v.id])
-        m = DirtyMap(dd / f"{v.name}.dirty", v.size)
+        assert vdisk_file(rd, v.id, ".img").read_bytes() == bytes(model[v.id])
+        m = DirtyMap(vdisk_file(dd, v.id, ".dirty"), v.size)
         got = {r for off, n in m.runs() for r in range(off // DIRTY_REGION, (off + n - 1) // DIRTY_REGION + 1)}
         assert got == touched[v.id] and stats[v.name]["dirty_regions"] == len(got)
         m.close()
@@ -321,6 +322,6 @@ def test_replica_server_refuses_writes_past_the_end(tmp_path: Path, seed: int):
         assert libnbd_errno(e.value) in (28, 22)
         assert h.pread(4096, 0) == golden_at(w, seq)[v.id][:4096]
         h.shutdown()
-    m = DirtyMap(dd / f"{v.name}.dirty", v.size)
+    m = DirtyMap(vdisk_file(dd, v.id, ".dirty"), v.size)
     assert list(m.runs()) == []
     m.close()

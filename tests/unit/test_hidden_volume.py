@@ -53,13 +53,13 @@ def test_mode_is_0600_whatever_the_umask(tmp_path):
         v.unlink()
 
 
-def test_data_size_is_configurable_and_default_is_64_mib(tmp_path):
+def test_data_size_is_configurable_and_default_is_256_mib(tmp_path):
     v = HiddenVolume.create(dir=tmp_path, data_size=3 * R.MIN_DATA, sq_entries=4, cq_entries=2)
     assert len(v.data) == 3 * R.MIN_DATA and v.geometry.cq_entries == 2
     v.close()
     v.unlink()
     d = HiddenVolume.create(dir=tmp_path)
-    assert len(d.data) == 64 << 20 and d.geometry.sq_entries == 4096
+    assert len(d.data) == 256 << 20 and d.geometry.sq_entries == 4096
     d.close()
     d.unlink()
 

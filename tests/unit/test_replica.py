@@ -26,6 +26,7 @@ from nicsplit.recovery.reader import PitReader
 from nicsplit.recovery.replica import Distributor, undo_key_usage
 from nicsplit.storage.image import open_image
 from nicsplit.storage.sealing import ENTRY_SIZE, HEADER_SIZE, SealedError
+from nicsplit.core.layout import vdisk_file
 from nicsplit.core.records import Op
 from nicsplit.wire.frames import Record
 
@@ -76,9 +77,10 @@ def test_distributor_applies_in_seq_order(setup, rng: random.Random):
         assert d.applied_seq == last and d.pending() == 0
         st = d.statistics()
         assert st.undo_entries == st.records_applied == sum(1 for e in w.ledger if e[2] != Op.BARRIER)
-    tags = ["alpha.img.tags", "beta.img.tags"] if _sealed(rd) else []
-    assert sorted(p.name for p in rd.iterdir()) == sorted(["alpha.img", "beta.img", "state.json", "undo.log", *tags])
-    assert (rd / "alpha.img").stat().st_size == w.vdisks[0].size
+    imgs = [vdisk_file(rd, v.id, ".img").name for v in w.vdisks]  # keyed by id (issue 11 item 4)
+    tags = [f"{i}.tags" for i in imgs] if _sealed(rd) else []
+    assert sorted(p.name for p in rd.iterdir()) == sorted([*imgs, "state.json", "undo.log", *tags])
+    assert vdisk_file(rd, w.vdisks[0].id, ".img").stat().st_size == w.vdisks[0].size
     # the replica equals what the PIT reader serves at the latest PIT
     with PitReader(jd, w.vdisks, w.batches[-1][0].last_seq) as r, Distributor(jd, rd, w.vdisks) as d:
         for v in w.vdisks:
@@ -270,7 +272,7 @@ def test_sealed_block_torn_by_a_crash_mid_step_is_repaired_at_open(tmp_path: Pat
         d.step(o - first + 5)
     d.close()
     v = next(v for v in w.vdisks if v.id == ix.rec_vdisk[o])
-    img_path = rd / f"{v.name}.img"
+    img_path = vdisk_file(rd, v.id, ".img")
     b = ix.rec_off[o] // BS if ix.rec_off[o] % BS else (ix.rec_off[o] + ix.rec_len[o]) // BS
     # Tear it: the entry of the block goes back to another write's (as if its pwrite never landed).
     with open(str(img_path) + ".tags", "r+b") as f:

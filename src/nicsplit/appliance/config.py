@@ -36,7 +36,7 @@ def server_config(cfg: cfgmod.Config, listen: str | None = None) -> ServerConfig
     """The ServerConfig for a data directory (``[appliance]`` + overrides)."""
     sec = _section(cfg)
     known = {"listen", "pki", "peers", "encryption", "segment_size", "heartbeat_interval", "idle_timeout", "queue_depth",
-             "at_rest_encryption"}
+             "at_rest_encryption", "max_unknown_cgs"}
     unknown = set(sec) - known
     if unknown:
         raise cfgmod.ConfigError(f"[appliance]: unknown key(s) {', '.join(sorted(unknown))}")
@@ -47,7 +47,10 @@ def server_config(cfg: cfgmod.Config, listen: str | None = None) -> ServerConfig
             raise cfgmod.ConfigError(f"[appliance] {key} = {v!r}: must be a positive number")
         return v
 
-    peers = sec.get("peers", ["card", "host"])
+    max_unknown = sec.get("max_unknown_cgs", 64)
+    if not isinstance(max_unknown, int) or isinstance(max_unknown, bool) or max_unknown < 0:
+        raise cfgmod.ConfigError(f"[appliance] max_unknown_cgs = {max_unknown!r}: must be an integer >= 0")
+    peers = sec.get("peers", ["card"])
     if not isinstance(peers, list) or not all(isinstance(p, str) and p for p in peers):
         raise cfgmod.ConfigError("[appliance] peers must be a list of certificate names")
     return ServerConfig(
@@ -60,6 +63,7 @@ def server_config(cfg: cfgmod.Config, listen: str | None = None) -> ServerConfig
         heartbeat_interval=positive("heartbeat_interval", 5),
         idle_timeout=positive("idle_timeout", 30),
         queue_depth=int(positive("queue_depth", 16)),
+        max_unknown_cgs=max_unknown,
         retention=_retention(cfg),
         dedup_min_age_s=_dedup_min_age(cfg),
     )

@@ -25,9 +25,16 @@ Rules
    logged with the peer address and reason (asyncio's own TLS server drops
    handshake failures silently).  The peer's CN must be in ``peers``.
 2. The first frame must be Hello with our PROTOCOL_VERSION; the reply is
-   HelloAck(resume = last durable seq per CG named).  A batch for a CG not
-   named in Hello, a second Hello, or any appliance-bound frame type that a
-   card must not send is a protocol error.
+   HelloAck(resume = last durable seq per CG accepted).  A CG is refused on
+   its own, never the session: a name that breaks `nicsplit.core.names`, or a
+   journal that cannot be opened, or a CG without a journal that this
+   appliance does not know (not in ``cgs.json`` nor the catalog, both under
+   its data directory) once ``max_unknown_cgs`` journals of unknown CGs
+   exist (a Hello cannot create journals without bound), is logged and left
+   out of ``resume``, and
+   the card ships every other CG (one bad CG never blocks the others).  A
+   batch for a CG not accepted in Hello, a second Hello, or any
+   appliance-bound frame type that a card must not send is a protocol error.
 3. Anything malformed, unauthenticated or undecryptable: the reason is
    logged, an Error frame is sent where possible, the connection is dropped,
    and nothing of that batch is journaled (append happens after unseal and
@@ -70,7 +77,6 @@ import concurrent.futures
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import ssl
@@ -88,12 +94,14 @@ from nicsplit.recovery.imagehost import ApplianceImages, ImageRequestError
 from nicsplit.recovery.retention import Policy
 from nicsplit.recovery.trimmer import Trimmer
 from nicsplit.core import ctl, pki
+from nicsplit.core.catalog import CatalogReader, DatastoreError
+from nicsplit.core.cgs import CGCatalog, CGError
+from nicsplit.core.names import check_name, is_name, BadName
 from nicsplit.core.layout import InDataDir, Layout
 from nicsplit.wire import frames as F
 
 log = logging.getLogger("nicsplit.appliance")
 
-CG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a safe directory name
 _EOF = object()
 
 
@@ -103,7 +111,7 @@ class ServerConfig(InDataDir):
     listen: tuple[str, int] = ("127.0.0.1", 10810)
     pki_dir: Path | None = None  # default data/pki
     identity: str = "appliance"  # our certificate in pki_dir
-    peers: tuple[str, ...] = ("card", "host")  # accepted client certificate CNs
+    peers: tuple[str, ...] = ("card",)  # accepted client certificate CNs: only cards ship batches
     encryption: bool = True  # require AES-256-GCM batches (batch.key); False: plaintext bodies only
     segment_size: int = 64 * 1024 * 1024
     heartbeat_interval: float = 5.0
@@ -116,6 +124,7 @@ class ServerConfig(InDataDir):
     retention: Policy | None = None  # rule 10; None: keep everything
     dedup_min_age_s: float = 1200.0  # retention keeps segments appended this recently (2x the card's horizon)
     datastore_dir: Path | None = None  # the catalog (vdisk ids, names, sizes); default data/datastore
+    max_unknown_cgs: int = 64  # journals a Hello may create for CGs not in cgs.json or the catalog (rule 2)
 
     @property
     def catalog_dir(self) -> Path:
@@ -135,6 +144,8 @@ class ApplianceStatistics:
     batches: int  # batches acknowledged (applied or duplicate)
     duplicates: int
     bytes_in: int  # sealed batch body bytes received
+    cgs_refused: int  # CGs a Hello named that were left out of resume (rule 2)
+    group_commits: int  # fdatasyncs that made one or more batches durable
     journals: dict[str, JournalStatistics] = field(default_factory=dict)
 
 
@@ -178,7 +189,8 @@ class Appliance:
         self.trimmers: dict[str, Trimmer] = {}
         self.images = ApplianceImages(cfg.data, cfg.journal_root)  # image access from our index (rule 11)
         self.fatal: str | None = None
-        self._counts = dict(accepted=0, refused=0, dropped=0, batches=0, duplicates=0, bytes_in=0)
+        self._counts = dict(accepted=0, refused=0, dropped=0, batches=0, duplicates=0, bytes_in=0, cgs_refused=0,
+                            group_commits=0)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -190,7 +202,7 @@ class Appliance:
         # Recover every existing journal before accepting anyone: a torn tail
         # is cut now, a corrupt journal stops the start with a clear error.
         for d in sorted(self.cfg.journal_root.iterdir()):
-            if d.is_dir() and CG_NAME.fullmatch(d.name):
+            if d.is_dir() and is_name(d.name):  # the one name rule: also a safe directory name
                 j = await loop.run_in_executor(self._pool, lambda: Journal.open(d, segment_size=self.cfg.segment_size))
                 self.journals[d.name] = j
                 self._cg_locks[d.name] = asyncio.Lock()
@@ -364,6 +376,8 @@ class Appliance:
             j = self.journals.get(cg)
             if j is None:
                 path = self.cfg.layout.journal(cg)
+                if not path.is_dir():
+                    self._may_create(cg)
                 try:
                     j = await asyncio.get_running_loop().run_in_executor(
                         self._pool, lambda: Journal.open(path, segment_size=self.cfg.segment_size))
@@ -376,6 +390,35 @@ class Appliance:
                 await asyncio.get_running_loop().run_in_executor(self._pool, self._build_index, cg)
                 self._distribute(cg, j)
             return j
+
+    def _known_cgs(self) -> set[str]:
+        """The CGs of ``cgs.json`` and of the catalog (a vdisk in no CG ships
+        as a CG of its own name); either file may be absent or unreadable."""
+        known: set[str] = set()
+        try:
+            known.update(c.name for c in CGCatalog(self.cfg.data).list())
+        except (CGError, OSError, ValueError, TypeError) as e:
+            log.warning("cannot read the CG catalog: %s", e)
+        reader = CatalogReader(self.cfg.catalog_dir)
+        if reader.exists():
+            try:
+                known.update(v.cg or v.name for v in reader.vdisks())
+            except (DatastoreError, OSError) as e:
+                log.warning("cannot read the vdisk catalog: %s", e)
+        return known
+
+    def _may_create(self, cg: str) -> None:
+        """A Hello may create a journal for a CG this appliance knows, or for
+        an unknown one while fewer than ``max_unknown_cgs`` such journals
+        exist (rule 2); else `_Drop` (the Hello leaves the CG out)."""
+        known = self._known_cgs()
+        if cg in known:
+            return
+        unknown = sorted(c for c in self.journals if c not in known)
+        if len(unknown) >= self.cfg.max_unknown_cgs:
+            raise _Drop(f"unknown CG {cg!r} (not in cgs.json or the catalog) and {len(unknown)} journals of unknown "
+                        f"CGs exist already ([appliance] max_unknown_cgs = {self.cfg.max_unknown_cgs})",
+                        F.ErrorCode.UNKNOWN_CG)
 
     def _ingest(self, j: Journal, b: F.Batch, *, sync: bool = True) -> AppendResult:
         """Worker thread: unseal, decode, append (durable on return)."""
@@ -615,14 +658,18 @@ class _Connection:
         if h.version != F.PROTOCOL_VERSION:
             raise _Drop(f"protocol version {h.version} not supported (appliance speaks {F.PROTOCOL_VERSION})",
                         F.ErrorCode.VERSION)
-        for cg in h.cgs:
-            if not CG_NAME.fullmatch(cg):
-                raise _Drop(f"bad CG name {cg!r}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -)",
-                            F.ErrorCode.UNKNOWN_CG)
-        resume = {cg: (await self.app.journal(cg)).durable_seq for cg in h.cgs}
-        self.cgs = frozenset(h.cgs)
         self.name = f"{self.name} card {h.card_id!r}"
-        log.info("hello from %s: CGs %s, resume %s", self.name, ", ".join(h.cgs) or "-", resume)
+        resume: dict[str, int] = {}
+        for cg in h.cgs:  # rule 2: each CG on its own
+            try:
+                check_name(cg, "CG")
+                resume[cg] = (await self.app.journal(cg)).durable_seq
+            except (BadName, _Drop) as e:
+                self.app._counts["cgs_refused"] += 1
+                log.warning("hello from %s: CG %r refused (left out of resume; the other CGs ship): %s",
+                            self.name, cg, getattr(e, "reason", e))
+        self.cgs = frozenset(resume)
+        log.info("hello from %s: CGs %s, resume %s", self.name, ", ".join(resume) or "-", resume)
         await self.send(F.HelloAck(self.app.id, F.PROTOCOL_VERSION, resume))
 
     async def _batch(self, b: F.Batch) -> None:
@@ -634,11 +681,11 @@ class _Connection:
             raise _Drop("protocol error: Batch before Hello", F.ErrorCode.PROTOCOL)
         b0 = group[0]
         if b0.cg not in self.cgs:
-            raise _Drop(f"batch {b0.batch_id} for CG {b0.cg!r} not named in Hello", F.ErrorCode.UNKNOWN_CG)
+            raise _Drop(f"batch {b0.batch_id} for CG {b0.cg!r} not accepted in Hello", F.ErrorCode.UNKNOWN_CG)
         for b in group:
             self.app._counts["bytes_in"] += len(b.body)
         results = await self.app.ingest_group(group)
-        self.app._counts["group_commits"] = self.app._counts.get("group_commits", 0) + 1
+        self.app._counts["group_commits"] += 1
         for b, result in zip(group, results, strict=True):
             self.app._counts["batches"] += 1
             if not result.applied:

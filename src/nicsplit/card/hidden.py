@@ -51,9 +51,11 @@ __all__ = ["HiddenVolume", "HiddenVolumeError", "DEFAULT_DATA_SIZE", "DEFAULT_EN
 log = logging.getLogger(__name__)
 
 NAME_PREFIX = "nicsplit-hv-"
-# 64 MiB holds 16,384 4 KiB writes awaiting ship: ~160 ms of a 100k IOPS
-# (400 MB/s) stream, enough to ride out a batch/compress/ship cycle.
-DEFAULT_DATA_SIZE = 64 * 1024 * 1024
+# 256 MiB holds 65,536 4 KiB writes awaiting ship or the overflow log: ~6 s
+# of an unpaced QD16 stream here (~40 MB/s), enough for the card's worker to
+# ride out a few seconds without CPU on a shared 2-core machine (at 64 MiB
+# it filled within ~1.5 s and the host marked).
+DEFAULT_DATA_SIZE = 256 * 1024 * 1024
 # 4096 SQ entries x 64 B = 256 KiB.  Each write costs two entries (write +
 # outcome), so 4096 entries absorb a ~20 ms card stall at 100k IOPS before the
 # splitter has to fall back to marking.  CQ the same count (64 KiB).

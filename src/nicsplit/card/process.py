@@ -51,7 +51,6 @@ and docs/pipeline.md.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -63,7 +62,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from nicsplit.card import fastpath
 from nicsplit.card.lostlog import LostLog
+from nicsplit.card.sched import collect_when_idle, pin_cpus, quiet_gc, set_priority
 from nicsplit.card.overflow import DEFAULT_MAX as OVERFLOW_DEFAULT_MAX, Overflow, OverflowLog
 from nicsplit.card.pipeline import CardPipeline, PipelineConfig, Shipper, tls_connector
 from nicsplit.card.pipeline.resolve import CardCatalog
@@ -103,6 +104,14 @@ class CardConfig(InDataDir):
     priority: str = "realtime"  # realtime | high | normal: see set_priority
     overflow_max: int = OVERFLOW_DEFAULT_MAX  # bound of RUN_DIR/card-overflow.log (0: no overflow log)
     overflow_ring_fill: float = 0.5  # divert to the overflow log beyond this fill of the ring's data area
+    # The fast path (nicsplit.card.fastpath): "process" acks in a process of
+    # its own and runs the pipeline in a worker; "inline" does both on one loop.
+    fast_path: str = "process"
+    ack_spin_us: float = 50  # the acker polls this long after its last entry before sleeping
+    worker_cpus: tuple[int, ...] | None = ()  # (): every allowed core; None: the last one
+    worker_priority: str = "normal"  # realtime | high | normal (a real-time worker starves the host)
+    worker_restarts_max: int = 5  # worker deaths within a minute before the card gives up
+    handoff_slots: int = 1 << 16  # entries between the acker and the worker (power of two)
     pipeline: PipelineConfig = PipelineConfig()
 
     @property
@@ -120,7 +129,7 @@ class CardConfig(InDataDir):
             if k in _SIZE_KEYS and not (k == "overflow_max" and v in (0, "0")):  # 0: no overflow log
                 v = parse_size(v, k)
             if k in own:
-                kw[k] = tuple(v) if k == "cpus" and v is not None else v
+                kw[k] = tuple(v) if k in ("cpus", "worker_cpus") and v is not None else v
             elif k in pipe:
                 pkw[k] = v
             else:
@@ -129,6 +138,8 @@ class CardConfig(InDataDir):
         if "data_size" in opts:
             opts["data_size"] = parse_size(opts["data_size"], "transport_options.data_size")
         kw["transport_options"] = opts
+        if kw.get("fast_path", "process") not in ("process", "inline"):
+            raise ConfigError(f"[card] fast_path must be \"process\" or \"inline\", not {kw['fast_path']!r}")
         return cls(data=Path(data), pipeline=PipelineConfig.from_mapping(pkw), **kw)
 
     @classmethod
@@ -158,66 +169,6 @@ class DatastoreCatalog:
 
     def cg_names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(cg for cg, _, _ in self._map.values()))
-
-
-def set_priority(mode: str) -> str:
-    """A DPU's cores serve only the card. Emulated on a shared core, the card
-    must at least preempt whatever else runs there the moment the doorbell
-    rings, or a wake-up waits for the scheduler's tick (~1 ms, the whole split
-    timeout). ``realtime``: SCHED_FIFO priority 1 (the kernel's RT throttle
-    still leaves others 5 %); ``high``: nice -10; ``normal``: unchanged.
-    Returns what is in force (falls back when not permitted)."""
-    if mode == "realtime":
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-            return "realtime"
-        except (PermissionError, AttributeError, OSError) as e:
-            log.warning("card: SCHED_FIFO not permitted (%s); using nice -10", e)
-            mode = "high"
-    if mode == "high":
-        try:
-            os.nice(-10 - os.nice(0))
-            return "high"
-        except OSError as e:
-            log.warning("card: cannot raise priority (%s)", e)
-    return "normal"
-
-
-def quiet_gc() -> None:
-    """The cyclic collector stops the card for milliseconds — longer than
-    the split timeout — once it holds many objects: with automatic
-    collection every 50,000 allocations, points of the split bench went to
-    marking after ~10,000 writes, each time. Objects alive after start-up
-    are frozen out of collection and automatic collection is off; the card
-    collects the young generation when it is idle (`collect_when_idle`),
-    and reference counting frees the per-write objects anyway."""
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-
-
-_GC_YOUNG = 2_000  # young objects worth a collection in a gap (~0.1 ms to traverse)
-
-
-def collect_when_idle(sleeping: bool) -> None:
-    """Collect in the card's gaps only: the youngest generation whenever the
-    ring is momentarily empty and enough objects piled up (a write arriving
-    meanwhile waits ~0.1 ms, not the milliseconds of a big pass); the middle
-    one too before a doorbell sleep, after 100 young passes."""
-    young, passes, _ = gc.get_count()
-    if young >= _GC_YOUNG:
-        gc.collect(1 if sleeping and passes >= 100 else 0)
-
-
-def pin_cpus(cpus: tuple[int, ...] | None) -> tuple[int, ...]:
-    """Pin this process; returns the CPU set in force."""
-    if not hasattr(os, "sched_setaffinity"):
-        return ()
-    allowed = sorted(os.sched_getaffinity(0))
-    want = (allowed[-1],) if cpus is None else cpus
-    if want:
-        os.sched_setaffinity(0, want)
-    return tuple(sorted(os.sched_getaffinity(0)))
 
 
 class CardProcess:
@@ -353,8 +304,10 @@ class CardProcess:
             ep.heartbeat()
             self._report_full()
             if not entries and t - idle_since >= spin_ns:
-                await self._sleep(t)
-                idle_since = now()
+                woken = await self._sleep(t)
+                # A wake-up by timeout with nothing to do sleeps again at
+                # once: spinning after each one cost an idle card 19% of a core.
+                idle_since = now() if woken else now() - spin_ns
             else:
                 await sleep(0)
 
@@ -370,9 +323,9 @@ class CardProcess:
             if callable(set_full):
                 set_full(full)
 
-    async def _sleep(self, now_ns: int) -> None:
+    async def _sleep(self, now_ns: int) -> bool:
         """Doorbell sleep with notification suppression; returns on a ring,
-        a deadline, or after sleep_max_ms."""
+        a deadline, or after sleep_max_ms: True if work may be waiting."""
         ep = self.endpoint
         timeout = self.cfg.sleep_max_ms / 1000
         deadline = self.pipeline.batcher.next_deadline_ns()
@@ -382,24 +335,27 @@ class CardProcess:
             timeout = min(timeout, self.pipeline.merger.window_ns / 1e9)
         fd_of = getattr(ep, "doorbell_fd", None)
         if not callable(fd_of) or not callable(getattr(ep, "pending", None)):
-            await asyncio.sleep(0) if timeout <= 0 else await asyncio.get_running_loop().run_in_executor(
-                None, ep.wait_doorbell, timeout)
-            return
+            if timeout <= 0:
+                await asyncio.sleep(0)
+                return True
+            return bool(await asyncio.get_running_loop().run_in_executor(None, ep.wait_doorbell, timeout))
         collect_when_idle(True)  # before SLEEPING: a ring now waits for the poll, not for the collector
         ep.set_sleeping(True)
         full_fence()  # SLEEPING visible before we re-read the tail (Dekker; wire/ring.py)
         if ep.pending() or timeout <= 0:
             ep.set_sleeping(False)
             await asyncio.sleep(0)
-            return
+            return True
         loop = asyncio.get_running_loop()
         fd = fd_of()
         woke = loop.create_future()
         loop.add_reader(fd, lambda: woke.done() or woke.set_result(None))
         self._sleeps += 1
+        rang = False
         try:
             await asyncio.wait_for(woke, timeout)
             self._doorbells += 1
+            rang = True
         except asyncio.TimeoutError:
             pass
         finally:
@@ -410,6 +366,7 @@ class CardProcess:
             except (BlockingIOError, OSError):
                 pass
             ep.heartbeat()
+        return rang or ep.pending()
 
     # -- control socket ------------------------------------------------------------
 
@@ -426,7 +383,8 @@ class CardProcess:
             for c in cgs.values():
                 c["lagging"] = c.get("rpo_seconds", 0.0) > 0
         return {
-            "pid": os.getpid(),
+            "pid": getattr(self.endpoint, "card_pid", os.getpid()),  # the acker's, with a fast path process
+            "worker_pid": os.getpid(),
             "full": st.full if ovf is None else ovf.full,
             "cgs": cgs,
             "overflow": None if ovf is None else ovf.statistics(),
@@ -582,6 +540,8 @@ async def run_card(
 
 def main(cfg: Any) -> int:
     """Synchronous entry for the CLI (``nicsplit card run``)."""
+    if isinstance(cfg, CardConfig) and cfg.fast_path == "process" and cfg.transport == "ring":
+        return fastpath.main(cfg)
     try:
         # The entry point alone picks the loop: CardProcess and run_card run
         # on whatever loop their caller (a test, an embedder) already has.

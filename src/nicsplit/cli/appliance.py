@@ -5,7 +5,7 @@
     nicsplit appliance rotate-key [--json]        a new at-rest key, active for new segments and images
     nicsplit appliance retire-key ID [--json]     remove a key nothing uses any more
     nicsplit journal dump CG [--json] [--from SEQ] [--upto SEQ]
-    nicsplit journal replay CG --out DIR [--upto SEQ] [--json]
+    nicsplit journal replay CG --out DIR [--upto SEQ] [--force] [--json]
     nicsplit pki init [--appliance-name NAME ...]
     nicsplit pki nbd-client DIR [--name CN]       a client certificate for NBD over TLS
 
@@ -131,7 +131,7 @@ def cmd_journal_replay(args: argparse.Namespace) -> int:
     """Apply the journal in seq order onto fresh raw images, one per vdisk."""
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     out = Path(args.out)
-    res = replay.replay(cfg, args.cg, out, args.upto)
+    res = replay.replay(cfg, args.cg, out, args.upto, force=args.force)
     if args.json:
         print(json.dumps(res))
     else:
@@ -176,6 +176,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("cg")
     s.add_argument("--out", required=True, metavar="DIR")
     s.add_argument("--upto", type=seq, default=None, metavar="SEQ")
+    s.add_argument("--force", action="store_true", help="replace existing images in DIR")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_journal_replay)
 

@@ -24,9 +24,11 @@ from nicsplit.core.cgs import CGCatalog
 from nicsplit.core.config import parse_listen, parse_size
 from nicsplit.core.ctl import request as ctl_request
 from nicsplit.core.layout import Layout
+from nicsplit.core.logfile import KEEP, MAX_BYTES, RotatingLog
 from nicsplit.core.pki import init_pki
 from nicsplit.control.demo import ensure_demo
 from nicsplit.control.status import system_status
+from nicsplit.host import marking
 from nicsplit.host.datastore import Datastore
 from nicsplit.recovery.images import run_async
 
@@ -109,12 +111,14 @@ def cmd_vdisk_list(args: argparse.Namespace) -> int:
 
 
 def cmd_vdisk_delete(args: argparse.Namespace) -> int:
-    _, ds = _open_catalog(args)
+    cfg, ds = _open_catalog(args)
     ds.open_io()
     try:
+        uuid = ds.get_vdisk(args.name).uuid
         ds.delete_vdisk(args.name)
     finally:
         ds.close()
+    marking.forget(Layout(cfg.data).marking, uuid)  # its dirty bitmap and state: after the catalog
     print(f"deleted vdisk {args.name}")
     return 0
 
@@ -196,7 +200,7 @@ def cmd_host_stats(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Appliance, card and host on one machine with the embedded defaults."""
-    from nicsplit.control.supervisor import Child, Supervisor, child_argv  # lazy: see main()
+    from nicsplit.control.supervisor import Child, Supervisor, SupervisorError, child_argv  # lazy: see main()
 
     data = cfgmod.data_dir(args.data)
     if not Layout(data).config.exists() or not Layout(data).catalog.exists():
@@ -228,7 +232,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"try:  qemu-io -f raw -c 'write -P 0xab 0 64k' {base}/{first}", flush=True)
         print(f"then: nicsplit --data {data} status; nicsplit --data {data} journal dump demo-vm   (Ctrl-C stops)", flush=True)
 
-    run_async(Supervisor(data, children, on_ready=ready).run())
+    logs = cfg.raw.get("logs", {})
+    if not isinstance(logs, dict):
+        raise cfgmod.ConfigError("[logs] must be a table")
+    keep = logs.get("keep", KEEP)
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise cfgmod.ConfigError(f"[logs] keep = {keep!r}: must be an integer >= 1")
+    try:
+        run_async(Supervisor(data, children, on_ready=ready,
+                             log_max=parse_size(logs.get("max_size", MAX_BYTES), "[logs] max_size"),
+                             log_keep=keep).run())
+    except SupervisorError as e:
+        raise CliError(str(e)) from None
     return 0
 
 
@@ -315,6 +330,17 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _log_handler(args: argparse.Namespace) -> logging.Handler:
+    """stderr, or with ``--log-file`` a size-rotated file (nicsplit.core.logfile)."""
+    path = getattr(args, "log_file", None)
+    if path is None:
+        return logging.StreamHandler(sys.stderr)
+    keep = getattr(args, "log_keep", KEEP)
+    if keep < 1:
+        raise CliError(f"--log-keep {keep}: keep at least 1 rotated file")
+    return RotatingLog(path, parse_size(getattr(args, "log_max", MAX_BYTES), "--log-max"), keep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -324,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"data directory (env {cfgmod.ENV_DATA}, default {cfgmod.DEFAULT_DATA})",
     )
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging")
+    common.add_argument("--log-file", metavar="PATH", default=argparse.SUPPRESS,
+                        help="log to this file, rotated by size (nicsplit up gives each process DATA/run/NAME.log)")
+    common.add_argument("--log-max", metavar="SIZE", default=argparse.SUPPRESS,
+                        help="rotate --log-file when it would pass SIZE (default 16M)")
+    common.add_argument("--log-keep", metavar="N", type=int, default=argparse.SUPPRESS,
+                        help="rotated files of --log-file to keep (default 4)")
 
     p = argparse.ArgumentParser(prog="nicsplit", description="Continuous data protection for virtual disks.", parents=[common])
     p.add_argument("--version", action="version", version=f"nicsplit {__version__}")
@@ -410,9 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     args.data = getattr(args, "data", None)
     verbose = getattr(args, "verbose", 0) or 0
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose or args.command in ("up", "host", "appliance", "card") else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # The one error mapper: a domain error is one line on stderr and exit 1.
     try:
+        handler = _log_handler(args)
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[handler])
         return args.func(args) or 0
     except USER_ERRORS as e:
         print(f"nicsplit: error: {e}", file=sys.stderr)

@@ -3,7 +3,7 @@
     nicsplit pits CG [--all] [--json]
     nicsplit bookmark CG NAME [--lock] [--seq N] [--json]
     nicsplit restore VDISK (--at TIME | --seq N | --bookmark NAME | --latest) --to FILE
-                     [--format raw|qcow2] [--json]
+                     [--format raw|qcow2] [--force] [--to-device] [--json]
     nicsplit restore VDISK (--at ... | --latest) --in-place [--json]
 
 The work is done by `nicsplit.recovery.select` (PITs, bookmarks) and
@@ -78,8 +78,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     src = rst.restore_source(cfg, args.vdisk)
     if args.in_place:
-        if args.to is not None or args.format != "raw":
-            raise CliError("--in-place writes onto the production vdisk: it takes no --to or --format")
+        if args.to is not None or args.format != "raw" or args.force or args.to_device:
+            raise CliError("--in-place writes onto the production vdisk: it takes no --to, --format, --force "
+                           "or --to-device")
         out = rst.restore_in_place(cfg, src, selector(args))
         text = (f"restored {out['vdisk']} in place to seq {out['seq']} ({format_time(out['time'])}) in "
                 f"{out['seconds']:.2f} s; still protected: the journal holds the restored data from seq "
@@ -87,7 +88,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     else:
         if args.to is None:
             raise CliError("say where to: --to FILE, or --in-place onto the production vdisk")
-        out = rst.restore_to_file(cfg, src, selector(args), Path(args.to), args.format)
+        out = rst.restore_to_file(cfg, src, selector(args), Path(args.to), args.format,
+                                  force=args.force, device_ok=args.to_device)
         text = (f"restored {out['vdisk']} at seq {out['seq']} ({format_time(out['time'])}) to {out['file']} "
                 f"({out['format']}, {out['size']} bytes)")
     print(json.dumps(out) if args.json else text)
@@ -127,5 +129,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--in-place", action="store_true",
                    help="write the image back onto the production vdisk through the host (stays protected)")
     s.add_argument("--format", choices=("raw", "qcow2"), default="raw")
+    s.add_argument("--force", action="store_true", help="replace an existing file at --to")
+    s.add_argument("--to-device", action="store_true",
+                   help="--to names a block or character device: write the raw image onto it")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_restore)

@@ -10,7 +10,9 @@ status must work best exactly when something is broken.
 CG state, first match wins: ``failed-over`` (the CG's role), ``host-down``,
 ``marking`` (a vdisk of the CG lost its card), ``resyncing`` (a vdisk copies
 its dirty regions to the card), ``initializing`` (a vdisk that joined the CG
-holding data is copied in full: its initial sync), ``card-down``, ``lagging`` (the card's
+holding data is copied in full: its initial sync), ``card-down``, ``refused`` (the card
+holds the CG's batches: its name breaks `nicsplit.core.names` or the appliance
+refused it in Hello; ``refused`` says why), ``lagging`` (the card's
 overflow log holds writes of the CG: protected, in order, RPO growing),
 ``protected``; a vdisk shows ``lagging`` the same way; a resyncing or
 initializing vdisk carries ``resync`` (percent, rate, ETA). While marking,
@@ -65,7 +67,8 @@ def protection_window(data: Path, cg: str) -> dict | None:
 _GAP_STATES = ("marking", "resyncing", "initializing")  # the journal lacks acknowledged writes
 
 
-def _cg_state(role: str, vdisks: list[dict], host_up: bool, card_up: bool, lagging: bool = False) -> str:
+def _cg_state(role: str, vdisks: list[dict], host_up: bool, card_up: bool, lagging: bool = False,
+              refused: bool = False) -> str:
     if role == "failed-over":
         return "failed-over"
     if not host_up:
@@ -79,6 +82,8 @@ def _cg_state(role: str, vdisks: list[dict], host_up: bool, card_up: bool, laggi
         return "initializing"
     if not card_up:
         return "card-down"
+    if refused:
+        return "refused"
     if lagging:
         return "lagging"
     return "protected"
@@ -98,6 +103,7 @@ def system_status(cfg: Config) -> dict[str, Any]:
     }
     vstate = {v["name"]: v for v in (host or {}).get("status", {}).get("vdisks", [])}
     card_cgs = ((card or {}).get("stats") or {}).get("cgs", {})
+    refused = ((((card or {}).get("stats") or {}).get("stages") or {}).get("ship") or {}).get("refused_cgs") or {}
     appl = request(lay.appliance_sock, {"cmd": "status"})
     appl_cgs = None if appl is None else (appl.get("status") or {}).get("cgs", {})
     out = []
@@ -114,7 +120,7 @@ def system_status(cfg: Config) -> dict[str, Any]:
                         "since": st.get("since"),
                         **({"resync": st["resync"]} if "resync" in st else {})})
         state = _cg_state(cg.role, vds, host is not None, card is not None and processes["card"]["pid"] is not None,
-                          lagging)
+                          lagging, cg.name in refused)
         c = dict(card_cgs.get(cg.name, {}))
         if state in _GAP_STATES:
             gap_since = min((v["since"] for v in vds if v["state"] in _GAP_STATES and v["since"]), default=None)
@@ -125,5 +131,6 @@ def system_status(cfg: Config) -> dict[str, Any]:
                     "last_durable_seq": c.get("last_durable_seq"), "host_last_seq": host_seq, "role": cg.role,
                     "protection_window": protection_window(cfg.data, cg.name), "vdisks": vds,
                     "retention": None if appl_cgs is None else (appl_cgs.get(cg.name) or {}).get("retention"),
+                    **({"refused": refused[cg.name]} if cg.name in refused else {}),
                     **status_fields(cfg.data, cg.name, None if appl_cgs is None else appl_cgs.get(cg.name, {}))})
     return {"cgs": out, "processes": processes}

@@ -11,11 +11,29 @@ Rules:
   status`` can name the processes; the supervisor's own to ``up.pid``.
 - SIGTERM/SIGINT stops the children in reverse order (host first, so no new
   writes arrive while the card drains), each with SIGTERM and a deadline.
+- The children die with the supervisor, however it dies (kill -9 too):
+  each is started with a parent-death signal (prctl PR_SET_PDEATHSIG =
+  SIGTERM, set in the child between fork and exec, so it survives exec).
+  The kernel sends it when the *thread* that forked the child exits: the
+  children are forked from the event loop's thread, which is the main
+  thread and lives as long as the process. If the supervisor died before
+  the prctl took effect, the child's parent is already someone else:
+  it checks getppid() after setting it and exits.
+- A new ``up`` first looks at the pid files an earlier one left
+  (`check_stale`): a file whose process is gone (or is no nicsplit
+  process: pids are reused) is removed; one whose nicsplit process still
+  runs stops the start with an error naming the pid, before anything is
+  started or any pid file is overwritten.
+- Each child logs to ``DATA/run/<name>.log`` (``--log-file``), rotated by
+  the child itself at ``log_max`` bytes keeping ``log_keep`` old files
+  (`nicsplit.core.logfile`): logs never grow without bound, and no child
+  writes through a pipe the supervisor must drain.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -27,11 +45,59 @@ from typing import Callable
 
 from nicsplit.core import ctl
 from nicsplit.core.layout import Layout
+from nicsplit.core.procutil import runs
+from nicsplit.core.logfile import KEEP, MAX_BYTES
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
+
+# linux/prctl.h
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class SupervisorError(RuntimeError):
+    """``up`` cannot start: processes of an earlier one still run."""
+
+
+def die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` for a child of process ``parent``: the child gets
+    SIGTERM when the thread that forked it exits, and exits at once if
+    ``parent`` is gone already (it died between fork and prctl)."""
+    def preexec() -> None:
+        _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+    return preexec
+
+
+def check_stale(layout: Layout, names: list[str]) -> list[str]:
+    """Remove the pid files under ``layout.run`` of ``names`` whose process
+    is gone; raise `SupervisorError` naming every one that still runs (a
+    nicsplit process). Returns the names of the files removed."""
+    removed, live = [], []
+    for name in names:
+        f = layout.pid(name)
+        try:
+            raw = f.read_text().strip()
+        except FileNotFoundError:
+            continue
+        pid = int(raw) if raw.isdigit() else 0
+        if pid and pid != os.getpid() and runs(pid, "nicsplit"):
+            live.append((name, pid))
+        else:
+            f.unlink(missing_ok=True)
+            removed.append(name)
+    if removed:
+        log.info("removed stale pid files of %s (their processes are gone)", ", ".join(removed))
+    if live:
+        who = ", ".join(f"{n} (pid {p}, {layout.pid(n)})" for n, p in live)
+        raise SupervisorError(f"processes of an earlier nicsplit up on {layout.data} "
+                              f"still run: {who}; stop them (kill {' '.join(str(p) for _, p in live)}) "
+                              "and run up again")
+    return removed
 
 
 @dataclass
@@ -50,8 +116,10 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, data: Path, children: list[Child], on_ready: Callable[[dict[str, dict]], None] | None = None) -> None:
+    def __init__(self, data: Path, children: list[Child], on_ready: Callable[[dict[str, dict]], None] | None = None,
+                 *, log_max: int = MAX_BYTES, log_keep: int = KEEP) -> None:
         self.data = data
+        self.log_max, self.log_keep = log_max, log_keep
         self.layout = Layout(data)
         self.run_dir = self.layout.run
         self.children = children
@@ -60,12 +128,14 @@ class Supervisor:
 
     async def _start(self, c: Child) -> None:
         log_path = self.layout.log(c.name)
-        logf = open(log_path, "ab")
+        logf = open(log_path, "ab")  # stderr until the child's logging takes it over (core.logfile)
         argv = list(c.argv)
         if c.args_from is not None:
             argv += c.args_from({o.name: o.ready for o in self.children if o.ready})
+        argv += ["--log-file", str(log_path), "--log-max", str(self.log_max), "--log-keep", str(self.log_keep)]
         c.proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=logf, stdin=asyncio.subprocess.DEVNULL
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=logf, stdin=asyncio.subprocess.DEVNULL,
+            preexec_fn=die_with_parent(os.getpid()),
         )
         logf.close()
         c.started_at = time.monotonic()
@@ -98,6 +168,7 @@ class Supervisor:
 
     async def run(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_stale(self.layout, ["up", *(c.name for c in self.children)])
         self.layout.pid("up").write_text(str(os.getpid()))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import uuid as _uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nicsplit.core.layout import CATALOG_NAME
+from nicsplit.core.names import BadName
+from nicsplit.core.names import check_name as _check
 
 CATALOG_FORMAT = 1
-NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 Stamp = tuple[int, int, int]  # (inode, mtime_ns, size): changes on every atomic replace
 
@@ -94,15 +94,42 @@ class CatalogData:
         }
 
 
-def check_name(name: object) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise DatastoreError(f"invalid vdisk name {name!r}: use 1-64 characters from [A-Za-z0-9._-]")
-    return name
+def check_name(name: object, *, stored: bool = False) -> str:
+    """A vdisk name by the one rule (`nicsplit.core.names`); ``stored``: read
+    from a catalog an earlier version may have written (characters only)."""
+    try:
+        return _check(name, "vdisk", stored=stored)
+    except BadName as e:
+        raise DatastoreError(str(e)) from None
 
 
-def check_size(size: object) -> int:
+def check_cg(cg: object) -> str | None:
+    """A vdisk's CG (``extra["cg"]``) when it is set or changed: None or a
+    valid CG name."""
+    if cg is None:
+        return None
+    try:
+        return _check(cg, "consistency group")
+    except BadName as e:
+        raise DatastoreError(str(e)) from None
+
+
+# The largest vdisk a new one may be: 64 TiB. Its dirty bitmap (core.dirtymap,
+# one bit per 64 KiB region) is 2^46 / 2^16 / 8 = 128 MiB of host memory, and
+# every replica image and restored raw file is one sparse file of the vdisk's
+# size: xfs and btrfs hold 64 TiB in one file, ext4 (4 KiB blocks) only
+# 16 TiB, which is why the datastore also asks its filesystem (create_vdisk).
+MAX_VDISK_SIZE = 64 << 40
+
+
+def check_size(size: object, *, stored: bool = False) -> int:
+    """A vdisk size; above `MAX_VDISK_SIZE` only when ``stored`` (read from a
+    catalog an earlier version wrote, which had no maximum)."""
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 512:
         raise DatastoreError(f"invalid vdisk size {size!r}: must be a positive multiple of 512 bytes")
+    if size > MAX_VDISK_SIZE and not stored:
+        raise DatastoreError(f"invalid vdisk size {size} ({size / 2**40:.4g} TiB): the largest vdisk is "
+                             f"{MAX_VDISK_SIZE >> 40} TiB")
     return size
 
 
@@ -115,8 +142,8 @@ def check_owner(owner: object) -> str | None:
 def _vdisk_from_json(d: Any, path: str) -> VdiskInfo:
     try:
         info = VdiskInfo(
-            name=check_name(d["name"]), uuid=str(_uuid.UUID(d["uuid"])), id=int(d["id"]),
-            owner=check_owner(d["owner"]), size=check_size(d["size"]), block_size=int(d["block_size"]),
+            name=check_name(d["name"], stored=True), uuid=str(_uuid.UUID(d["uuid"])), id=int(d["id"]),
+            owner=check_owner(d["owner"]), size=check_size(d["size"], stored=True), block_size=int(d["block_size"]),
             readonly=bool(d["readonly"]), created=float(d["created"]), extra=dict(d.get("extra") or {}),
         )
     except (KeyError, TypeError, ValueError, DatastoreError) as e:

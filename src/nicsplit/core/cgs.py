@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,8 +23,7 @@ from typing import Iterator
 
 from nicsplit.core.fsutil import atomic_write
 from nicsplit.core.layout import Layout
-
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+from nicsplit.core.names import BadName, check_name
 
 
 class CGError(Exception):
@@ -71,8 +69,10 @@ class CGCatalog:
         atomic_write(self.path, json.dumps(raw, indent=2).encode())
 
     def create(self, name: str) -> CGInfo:
-        if not NAME_RE.match(name):
-            raise CGError(f"bad consistency group name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+        try:
+            check_name(name, "consistency group")  # the rule the card and the appliance apply too
+        except BadName as e:
+            raise CGError(str(e)) from None
         with self._locked():
             raw = self._read()
             if name in raw["cgs"]:

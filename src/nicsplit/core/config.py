@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from nicsplit.core.layout import CONFIG_NAME, InDataDir, Layout
+from nicsplit.core.names import BadName, check_name
 
 ENV_DATA = "NICSPLIT_DATA"
 DEFAULT_DATA = "./nicsplit-data"
@@ -94,8 +95,10 @@ listen = "127.0.0.1:10810"
 # Directory of the deployment's CA, certificates and batch key
 # (`nicsplit pki init`); relative paths are inside the data directory.
 pki = "pki"
-# Certificate names (CN) allowed to ship batches.
-peers = ["card", "host"]
+# Certificate names (CN) allowed to ship batches: only the card's. (Every
+# leaf of the deployment's CA is a valid client; the host's and the
+# appliance's own must not ship.)
+peers = ["card"]
 # Require AES-256-GCM sealed batches (key: pki/batch.key). false accepts
 # only unencrypted bodies (tests, benchmarks of the cipher's cost).
 encryption = true
@@ -113,31 +116,42 @@ idle_timeout = 30
 # Batches buffered per connection before the appliance stops reading it;
 # the batches queued for one CG are journaled with a single fdatasync.
 queue_depth = 16
+# A card's Hello may create a journal for a CG in cgs.json or the catalog;
+# for any other (unknown) CG only while fewer than this many journals of
+# unknown CGs exist (0: known CGs only). Bounds what a Hello can create.
+max_unknown_cgs = 64
 
 [card]
 # The emulated offload card (`nicsplit card run`). Every pipeline option is
 # documented in docs/pipeline.md; the main ones:
 # Where to ship; default: the [appliance] listen address.
 # appliance = "127.0.0.1:10810"
-# CPUs the card process is pinned to; default: the last core.
+# The card runs as two processes (docs/pipeline.md "Fast path"): the acker
+# takes each write from the ring, checks it and acks it, and does nothing
+# else; the pipeline worker merges, dedups, compresses, seals and ships.
+# An ack never waits behind a batch being sealed (fast_path = "inline" runs
+# both on one thread, as before).
+# fast_path = "process"
+# CPUs the acker is pinned to; default: the last core.
 # cpus = [1]
-# Busy-poll this long after the last entry before sleeping on the doorbell:
-# a doorbell wake-up costs ~50-100 us here, a polled ack ~5-20 us, so keep
-# polling across the gaps between a client's writes (2 ms covers QD1).
-idle_spin_us = 2000
-# Scheduling of the card process on its (shared) core: realtime
-# (SCHED_FIFO 1; falls back to high where not permitted), high (nice -10)
-# or normal. A DPU's cores serve only the card; on a shared core the card
-# must preempt others when the doorbell rings. Measured here (bench split
-# suite): realtime cut the splitter's p99 from ~3 ms to ~50 us.
+# Scheduling of the acker on its (shared) core: realtime (SCHED_FIFO 1;
+# falls back to high where not permitted), high (nice -10) or normal. A
+# DPU's cores serve only the card; on a shared core the acker must preempt
+# others the moment the doorbell rings. Its work per write is a few us.
 priority = "realtime"
+# The acker polls this long after its last write before it sleeps on the
+# doorbell: short, because a real-time spinner keeps everything else off
+# its core, and a doorbell wake-up of a real-time task preempts at once.
+# ack_spin_us = 50
+# The worker runs at normal priority (worker_priority) on every core
+# (worker_cpus = []), and polls the acker's queue this long before sleeping.
+idle_spin_us = 200
 # Coalesce overlapping writes of one vdisk within this window (0 = every
 # write is its own point in time).
 merge_window_ms = 0
 # A batch closes at this many bytes or after this delay, whichever first.
-# Compressing and sealing a batch holds the card's only thread (the GIL),
-# during which it acks nothing: 256 KiB costs ~0.5 ms here (zstd-1 and
-# AES-GCM each ~0.9 ms per MiB), inside the 1 ms split timeout.
+# Compressing and sealing 256 KiB costs the worker ~0.5 ms here (zstd-1 and
+# AES-GCM each ~0.9 ms per MiB); the acker acks meanwhile.
 batch_bytes = "256K"
 batch_delay_us = 500
 # When the appliance or the link falls behind, the card moves what it
@@ -162,6 +176,13 @@ keep_all = "24h"
 keep_hourly = "7d"
 max_journal_size = 0
 interval = "60s"
+
+[logs]
+# `nicsplit up` has each process log to DATA/run/NAME.log, rotated when it
+# would pass max_size, keeping `keep` older files (NAME.log.1 is the newest):
+# at most max_size x (keep + 1) per process.
+max_size = "16M"
+keep = 4
 
 # Per-vdisk settings override [host] ones, e.g.
 # [vdisks.web1-root]
@@ -228,9 +249,14 @@ def load(data: Path) -> Config:
         raw = tomllib.loads(cfg_file.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{cfg_file}: {e}") from None
-    for section in ("host", "datastore", "vdisks", "appliance", "card", "retention"):
+    for section in ("host", "datastore", "vdisks", "appliance", "card", "retention", "logs"):
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"{cfg_file}: [{section}] must be a table")
+    for name in raw.get("vdisks", {}):
+        try:
+            check_name(name, "vdisk")  # the rule the datastore, the card and the appliance apply
+        except BadName as e:
+            raise ConfigError(f"{cfg_file}: [vdisks.{name}]: {e}") from None
     return Config(data=data, raw=raw)
 
 

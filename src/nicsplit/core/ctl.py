@@ -15,6 +15,11 @@ Rules:
   connection only; a bug in a handler is logged with its traceback and ends
   that connection without a reply (the client sees no answer).
 - Replies encode what JSON cannot (a Path, an enum) with ``str``.
+- The socket is mode 0600 whatever the umask (only our user may ask): it is
+  bound, chmodded, and only then listens, so nobody connects in between.
+- A client must send each request line within ``read_timeout`` (30 s) of
+  connecting or of its previous reply; one that sends nothing, or half a
+  line, is disconnected then and holds no server task.
 
 Example::
 
@@ -78,15 +83,20 @@ def encode_reply(reply: dict[str, Any]) -> bytes:
     return json.dumps(reply, default=str).encode() + b"\n"
 
 
+# Long enough for any client that means to send (a request is one short
+# line, written at once); short enough that idle connections do not pile up.
+READ_TIMEOUT = 30.0
+
+
 async def serve(path: Path, handler: Handler, *, errors: tuple[type[BaseException], ...] = (),
-                mode: int | None = None) -> asyncio.AbstractServer:
+                mode: int = 0o600, read_timeout: float = READ_TIMEOUT) -> asyncio.AbstractServer:
     """Listen on the Unix socket ``path`` (a stale one is replaced) and answer
-    each request line with ``await handler(request)``. ``mode``: chmod the
-    socket (e.g. 0o600: only our user may ask)."""
+    each request line with ``await handler(request)``. ``mode``: of the
+    socket, set before it listens (rules); ``read_timeout``: per request line."""
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while line := await reader.readline():
+            while line := await asyncio.wait_for(reader.readline(), read_timeout):
                 req = decode_request(line)
                 try:
                     reply = await handler(req)
@@ -97,6 +107,8 @@ async def serve(path: Path, handler: Handler, *, errors: tuple[type[BaseExceptio
                     return
                 writer.write(encode_reply(reply))
                 await writer.drain()
+        except asyncio.TimeoutError:  # before OSError: in 3.11 it is one
+            log.info("control socket %s: a client sent no complete request for %gs: disconnected", path, read_timeout)
         except (OSError, asyncio.LimitOverrunError, ValueError):
             pass  # a client that went away or sent an over-long line: its problem only
         finally:
@@ -104,10 +116,14 @@ async def serve(path: Path, handler: Handler, *, errors: tuple[type[BaseExceptio
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
-    server = await asyncio.start_unix_server(connection, str(path))
-    if mode is not None:
-        os.chmod(path, mode)
-    return server
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, mode)  # before listen(): no one can connect to it yet
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.start_unix_server(connection, sock=sock)
 
 
 def request(path: Path, cmd: dict, timeout: float = 5.0) -> dict | None:

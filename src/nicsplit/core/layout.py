@@ -20,17 +20,30 @@ The tree, with who writes what:
       appliance/at-rest.key         at-rest keyring
       appliance/journal/CG/         journal segments of a CG
       appliance/bookmarks/CG.json   bookmarks of a CG
-      appliance/replicas/CG/        replica images, state.json, undo.log
-      appliance/base/CG/            base images left by retention
+      appliance/replicas/CG/        replica images vdisk+ID.img, state.json, undo.log, vdisks.json
+      appliance/base/CG/            base images vID.img left by retention
       appliance/failover/CG.json    failover state of a CG
-      appliance/failover/CG/        failover overlays of a CG
+      appliance/failover/CG/        failover dirty bitmaps vdisk+ID.dirty of a CG
+
+Per-vdisk files are keyed by the vdisk *id* (catalog ``next_id``: never
+reused), never by its name: a vdisk deleted and created again under the same
+name is another vdisk, and must not find the old one's replica image or
+bitmap (issue 11 item 4). ``vdisk+ID`` cannot be a vdisk name (``+`` is not
+in the catalog's NAME_RE), so `migrate_name_keyed` can tell the old
+name-keyed files (``NAME.img``) from the new ones and rename them on open.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+from nicsplit.core.fsutil import fsync_dir
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "nicsplit.toml"
 KEYRING_NAME = "at-rest.key"
@@ -138,6 +151,58 @@ class Layout:
 
     def failover_dir(self, cg: str) -> Path:
         return self.failovers / cg
+
+
+VDISK_FILE_PREFIX = "vdisk+"  # "+" is in no vdisk name: core.catalog.NAME_RE
+
+
+def vdisk_file(directory: Path | str, vdisk_id: int, suffix: str) -> Path:
+    """The file of vdisk ``vdisk_id`` in a per-CG directory (replica images
+    ``.img``, failover dirty bitmaps ``.dirty``): ``vdisk+ID<suffix>``."""
+    return Path(directory) / f"{VDISK_FILE_PREFIX}{int(vdisk_id)}{suffix}"
+
+
+def migrate_name_keyed(directory: Path | str, vdisks: Iterable[Any], suffix: str,
+                       sidecars: tuple[str, ...] = ()) -> list[str]:
+    """Rename the old layout's ``NAME<suffix>`` (and ``NAME<suffix><sidecar>``)
+    files in ``directory`` to `vdisk_file` names, for the vdisks (``id``,
+    ``name``) given; idempotent, and safe to repeat after a crash part-way
+    (each piece moves on its own; sidecars first, so the main file, whose
+    presence marks an unmigrated vdisk, moves last). A name that belongs to
+    several of the given vdisks (deleted and created again: their files were
+    one file) is not renamed: returned, for the caller to decide. Files of
+    names none of ``vdisks`` has are left alone."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    owners: dict[str, set[int]] = {}
+    for v in vdisks:
+        owners.setdefault(v.name, set()).add(int(v.id))
+    legacy: set[str] = set()
+    for p in d.iterdir():
+        n = p.name
+        if n.startswith(VDISK_FILE_PREFIX):
+            continue
+        for tail in (suffix, *(suffix + s for s in sidecars)):
+            if n.endswith(tail) and n[: -len(tail)] in owners:
+                legacy.add(n[: -len(tail)])
+    shared, moved = [], False
+    for name in sorted(legacy):
+        ids = owners[name]
+        if len(ids) != 1:
+            shared.append(name)
+            continue
+        (vid,) = ids
+        for tail in (*(suffix + s for s in sidecars), suffix):  # the main file last
+            old = d / f"{name}{tail}"
+            new = d / f"{VDISK_FILE_PREFIX}{vid}{tail}"
+            if old.exists() and not new.exists():
+                os.rename(old, new)
+                moved = True
+                log.info("%s: renamed %s to %s (per-vdisk files are keyed by id)", d, old.name, new.name)
+    if moved:
+        fsync_dir(d)
+    return shared
 
 
 class InDataDir:

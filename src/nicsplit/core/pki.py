@@ -18,8 +18,9 @@ Rules
    (written to a temporary name, fsynced, renamed).
 3. Every certificate has CN = its name; peers are told apart by CN.  Every
    leaf carries both serverAuth and clientAuth so any process can dial or
-   listen (the appliance listens, the card dials; the classic ``net``
-   splitter lets the host dial too).
+   listen (the appliance listens, the card dials).  So a valid certificate
+   is not a permission: the appliance admits only the CNs in ``[appliance]
+   peers``, by default the card's alone.
 4. `server_context` / `client_context` trust *only* ``ca.crt`` (never the
    system store), speak TLS 1.3 only, and always demand the peer's certificate
    (mutual authentication).

@@ -55,7 +55,9 @@ class CardLink:
         self._tracked: collections.deque = collections.deque()
         self.losses = 0
         self.last_error = ""
-        self._lost_log = LostLogReader(lost_log)
+        # How far this host has read and marked is kept next to the log, so
+        # a restart reads what the card wrote while no host ran (issue 11 item 1).
+        self._lost_log = LostLogReader(lost_log, Path(str(lost_log) + ".read"))
         self.spin_ns = int(spin_us * 1000)
         self._waiting: dict[int, tuple[asyncio.Future, int]] = {}  # io_id -> (future, deadline)
         self._poller_scheduled = False
@@ -67,14 +69,29 @@ class CardLink:
     def register(self, vdisk_id: int, dmap: Any) -> None:
         self._dmaps[vdisk_id] = dmap
 
-    def _read_lost(self) -> None:
-        for e in self._lost_log.read_new():
+    def read_lost(self) -> int:
+        """Mark what the card's lost-writes log added since the last read
+        (also what it wrote while no host ran: called at start); returns how
+        many entries were read."""
+        return self._read_lost()
+
+    def _read_lost(self) -> int:
+        entries = self._lost_log.read_new()
+        if not entries:
+            return 0
+        touched = {}
+        for e in entries:
             d = self._dmaps.get(e.get("vdisk_id"))
             if d is None:
                 log.error("card reports a lost write on unknown vdisk id %s", e.get("vdisk_id"))
                 continue
             d.enter_marking("card dropped acknowledged writes: " + str(e.get("reason", "")))
             d.mark(int(e["offset"]), int(e["length"]))
+            touched[id(d)] = d
+        for d in touched.values():
+            d.sync()  # the marks are durable before the log's progress is
+        self._lost_log.commit()
+        return len(entries)
 
     def get(self) -> Any:
         """The transport, or None when no card is reachable now."""

@@ -205,3 +205,18 @@ class MarkingMap:
 
     def close(self) -> None:
         self.bitmap.close()
+
+
+def forget(directory: Path, vdisk_uuid: str) -> list[Path]:
+    """Remove a deleted vdisk's ``UUID.bitmap`` and ``UUID.state.json`` under
+    ``directory``; the paths removed. Call it after the vdisk left the
+    catalog (a crash in between leaves files no vdisk uses, never a vdisk
+    without its dirty bitmap)."""
+    gone = []
+    for p in (directory / f"{vdisk_uuid}.bitmap", directory / f"{vdisk_uuid}.state.json"):
+        try:
+            p.unlink()
+            gone.append(p)
+        except FileNotFoundError:
+            pass
+    return gone

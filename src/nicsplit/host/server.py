@@ -39,7 +39,8 @@ from typing import Any, Awaitable, Callable
 from nicsplit.core import ctl
 from nicsplit.core.cgs import CGCatalog, CGError
 from nicsplit.core.config import Config
-from nicsplit.host.chain import Chain, VdiskView, build_chain
+from nicsplit.core.dirtymap import DirtyMapError
+from nicsplit.host.chain import Chain, ChainError, VdiskView, build_chain
 from nicsplit.host.context import HostContext
 from nicsplit.host.datastore import Datastore
 from nicsplit.host.filters.split import BarrierFailed
@@ -236,7 +237,10 @@ class HostServer:
                 context=self.context,
             )
             plugin = DatastorePlugin(self.datastore.vdisk(name), self.group_sync)
-            ch = build_chain(view, self.cfg.vdisk_filters(name), plugin, validate=self.validate)
+            try:
+                ch = build_chain(view, self.cfg.vdisk_filters(name), plugin, validate=self.validate)
+            except DirtyMapError as e:  # its bitmap names the file; the vdisk's name says which one
+                raise ChainError(f"vdisk {name} ({info.size} bytes): {e}") from None
             sp = ch.filter("split")
             # Initial sync when the vdisk joined its CG holding data (not in
             # read-only mode, nor for a CG failed over to the appliance).
@@ -329,6 +333,7 @@ class HostServer:
         link = self.context.card
         while True:
             await asyncio.sleep(interval)
+            link.read_lost()  # a stat and a short read: cheap at this cadence
             t = link.get()
             if t is None:
                 continue
@@ -384,6 +389,9 @@ async def serve(
     try:
         host = HostServer(cfg, ds, readonly=readonly)
         host.check_chains()
+        # What the card could not make durable while no host ran (e.g. it
+        # stopped after this host, with the appliance down) marks now.
+        host.context.card.read_lost()
         addrs = await host.start(listen, socket_path, tls) if not stdio else ["stdio"]
         layout = cfg.layout
         layout.run.mkdir(parents=True, exist_ok=True)

@@ -163,10 +163,13 @@ SEALED_OVERHEAD = atrest.NONCE_SIZE + atrest.TAG_SIZE
 assert SEALED_OVERHEAD == 28
 
 
+_CRC = struct.Struct(">I")
+
+
 def encode_entry(tag: int, payload: bytes) -> bytes:
     """An entry: head (size, tag, CRC over head and payload), then ``payload``."""
     head8 = ENTRY.pack(len(payload), tag, b"", 0)[:8]
-    return head8 + struct.pack(">I", zlib.crc32(payload, zlib.crc32(head8))) + payload
+    return b"".join((head8, _CRC.pack(zlib.crc32(payload, zlib.crc32(head8))), payload))  # one copy of the payload
 
 
 def encode_commit(batch_id: int, first_seq: int, last_seq: int, t_first_ns: int, t_last_ns: int,

@@ -34,7 +34,10 @@ Rules
 5. A batch whose seqs are all <= ``last_seq`` is a duplicate: acknowledged,
    not applied.  One that overlaps is applied from ``last_seq + 1`` on.  One
    that starts after ``last_seq + 1`` leaves a gap that is counted and logged
-   (the card only skips seqs it marked dirty for resync).
+   (the card only skips seqs it marked dirty for resync).  A gap wider than
+   `MAX_SEQ_GAP`, or a seq above `MAX_SEQ`, is no gap but a broken sender:
+   the batch is rejected (`BatchRejected`), because once journaled it would
+   make every later real write look like a duplicate.
 6. A reference must name a block the journal holds (an earlier data block of
    this CG, possibly in the same batch); otherwise the batch is rejected
    (`BatchRejected`) and nothing of it is written.
@@ -105,6 +108,12 @@ __all__ = [
 ]
 
 log = logging.getLogger("nicsplit.journal.writer")
+
+# Rule 5's bounds. Host seqs come in reservations of 2^16 (host/sequencer.py)
+# and a restart skips at most one: 2^32 allows 65536 restarts in a row, while
+# a wild seq (2^62) is refused. 2^48 seqs: 8.9 years at 10^6 writes/s.
+MAX_SEQ_GAP = 1 << 32
+MAX_SEQ = 1 << 48
 
 # 64 MiB: 4 full 16 MiB batches; small enough to read whole at open, large
 # enough that a busy CG creates a new file (and a directory fsync) rarely.
@@ -242,8 +251,10 @@ class Journal:
         if not readonly:
             try:
                 j._lockfile = store.lock()
-            except BlockingIOError:
-                raise JournalError(f"journal {path} is in use by another process (lock held)") from None
+            except BlockingIOError as e:
+                holder = getattr(e, "holder", None)  # `LockHeld` names the pid in the lock file
+                who = f"pid {holder}" if holder else "another process"
+                raise JournalError(f"journal {path} is in use by {who} (it holds {path}/lock)") from None
         try:
             if not readonly:
                 j._io.ciphers.keyring  # a writer fails now, not at its first segment, on a bad keyring
@@ -443,6 +454,12 @@ class Journal:
             m = batch_meta
             if m.first_seq < 1 or m.last_seq < m.first_seq:
                 raise BatchRejected(f"batch {m.batch_id}: bad seq range {m.first_seq}..{m.last_seq}")
+            if m.last_seq > MAX_SEQ:
+                raise BatchRejected(f"batch {m.batch_id}: seq {m.last_seq} is above the largest seq a CG reaches "
+                                    f"({MAX_SEQ})")
+            if self._last_seq and m.last_seq - self._last_seq > MAX_SEQ_GAP:
+                raise BatchRejected(f"batch {m.batch_id}: seqs {m.first_seq}..{m.last_seq} are more than {MAX_SEQ_GAP} "
+                                    f"past the journal's last seq {self._last_seq}")
             prev = 0
             for r in records:
                 if not m.first_seq <= r.seq <= m.last_seq or r.seq <= prev:

@@ -8,7 +8,7 @@
 Theory of operation
 ===================
 **Failover** promotes the CG's replica images (``DATA/appliance/replicas/
-<cg>/<vdisk>.img``, kept by the appliance's distribution) to production on
+<cg>/vdisk+<id>.img``, kept by the appliance's distribution) to production on
 the appliance side, at a PIT:
 
 1. every check that can fail on user input (unknown CG, no vdisks, no such
@@ -32,7 +32,7 @@ the appliance side, at a PIT:
    (the lock lives as long as the server), which serves every vdisk of the CG
    writable over NBD straight from the replica images
    (`nicsplit.recovery.image.ReplicaServer`), recording every written region
-   in a persistent dirty bitmap (``DATA/appliance/failover/<cg>/<vdisk>.dirty``,
+   in a persistent dirty bitmap (``DATA/appliance/failover/<cg>/vdisk+<id>.dirty``,
    one bit per 64 KiB, durable before the write);
 6. phase ``serving``: the state file names the server's pid and exports.
 
@@ -98,7 +98,7 @@ from nicsplit.core.cgs import CGCatalog
 from nicsplit.core.config import Config, parse_listen
 from nicsplit.core.dirtymap import REGION, RegionBitmap
 from nicsplit.core.fsutil import atomic_write, fsync_dir
-from nicsplit.core.layout import Layout
+from nicsplit.core.layout import Layout, vdisk_file
 from nicsplit.core.procutil import runs
 from nicsplit.recovery.distribution import CatalogMembers, ReplicaLock
 from nicsplit.recovery.errors import RecoveryError
@@ -229,7 +229,7 @@ def failback_regions(data: Path, cg: str, vdisks: Iterable[Any], seq: int, index
     for v in vdisks:
         bm = RegionBitmap(v.size)
         dirty = marked = 0
-        p = dirty_dir(data, cg) / f"{v.name}.dirty"
+        p = vdisk_file(dirty_dir(data, cg), v.id, ".dirty")
         if p.exists():
             dirty = bm.merge(p.read_bytes()) * REGION
         uuid = getattr(v, "uuid", "")
@@ -582,7 +582,7 @@ def _sync(cfg: Config, cg: str, st: dict, vds: list[StateVdisk], seq: int, index
     uris = production_uris(cfg, production_uri, [v.name for v in vds])
     for v in vds:
         r = regions[v.id]
-        img = open_image(rd / f"{v.name}.img", v.size, atrest.keyring_for_images(rd), writable=False)
+        img = open_image(vdisk_file(rd, v.id, ".img"), v.size, atrest.keyring_for_images(rd), writable=False)
         try:
             with NbdClient(uris[v.name]) as c:
                 if c.size != v.size:
@@ -611,11 +611,11 @@ def _revert(cfg: Config, cg: str, vds: list[StateVdisk], seq: int, index: BlockI
     reverted = 0
     with PitReader(Layout(cfg.data).journal(cg), vds, seq, index=index) as reader:
         for v in vds:
-            p = dirty_dir(cfg.data, cg) / f"{v.name}.dirty"
+            p = vdisk_file(dirty_dir(cfg.data, cg), v.id, ".dirty")
             if not p.exists():
                 continue
             runs_ = RegionBitmap.read(p, v.size).runs()
-            img = open_image(rd / f"{v.name}.img", v.size, atrest.keyring_for_images(rd), writable=True)
+            img = open_image(vdisk_file(rd, v.id, ".img"), v.size, atrest.keyring_for_images(rd), writable=True)
             try:
                 for off, ln in runs_:
                     pos = off

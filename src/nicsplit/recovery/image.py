@@ -68,13 +68,15 @@ from typing import Any, Iterable
 
 from nicsplit.core.dirtymap import DirtyMap
 from nicsplit.core.fsutil import punch_hole, pwrite_all
+from nicsplit.core.layout import migrate_name_keyed, vdisk_file
 from nicsplit.storage import atrest
 from nicsplit.journal.writer import JournalError
 from nicsplit.recovery.pits import PitError
 from nicsplit.recovery.blockindex import BlockIndex, shared_index
 from nicsplit.recovery.reader import PitReader, VdiskLike
 from nicsplit.storage.image import open_image
-from nicsplit.storage.sealing import SealedError
+from nicsplit.storage.rekey import REKEY_SUFFIX
+from nicsplit.storage.sealing import TAGS_SUFFIX, SealedError
 from nicsplit.host.chain import Chain, ChainError, Filter, VdiskView, build_chain
 from nicsplit.host.plugin import GroupSync
 from nicsplit.host.nbdpolicy import NO_TLS, ByteBudget, NbdLimits, NbdTls, PolicyError, RateLimitedLog, is_loopback, resolve_tls
@@ -181,7 +183,7 @@ class OverlayFilter(Filter):
         if "dir" not in options:
             raise ChainError("filter 'overlay': option 'dir' is required")
         d = Path(options["dir"])
-        path = d / f"{vdisk.name}.overlay"
+        path = vdisk_file(d, vdisk.id, ".overlay")
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         os.unlink(path)  # throw-away: the space is freed when the fd closes, even after a crash
         os.ftruncate(self._fd, vdisk.size)
@@ -575,11 +577,16 @@ class ReplicaServer(_Exports):
         self.dirty_dir = Path(dirty_dir)
         self.plugins: dict[str, ReplicaPlugin] = {}
         try:
+            # a failover begun before per-vdisk files were keyed by id: rename its files (layout.py);
+            # its vdisks come from the catalog at failover time, so their names are unique
+            migrate_name_keyed(self.replica, self.vdisks.values(), ".img", (TAGS_SUFFIX, REKEY_SUFFIX))
+            migrate_name_keyed(self.dirty_dir, self.vdisks.values(), ".dirty")
             for v in self.vdisks.values():
-                img = self.replica / f"{v.name}.img"
+                img = vdisk_file(self.replica, v.id, ".img")
                 if not img.exists():
                     raise PitError(f"failover of {cg}: no replica image {img}")
-                p = self.plugins[v.name] = ReplicaPlugin(img, v, DirtyMap(self.dirty_dir / f"{v.name}.dirty", v.size),
+                dirty = DirtyMap(vdisk_file(self.dirty_dir, v.id, ".dirty"), v.size)
+                p = self.plugins[v.name] = ReplicaPlugin(img, v, dirty,
                                                          atrest.keyring_for_images(self.replica))
                 self._chains[v.name] = build_chain(self._view(v, False), [], p, validate=validate,
                                                    resolve=_resolve_filter)

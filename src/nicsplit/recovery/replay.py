@@ -23,6 +23,7 @@ from nicsplit.core.records import Op, WFlag
 from nicsplit.core.catalog import open_catalog
 from nicsplit.journal.writer import Journal
 from nicsplit.recovery.errors import RecoveryError
+from nicsplit.recovery.target import check_target, new_temp, publish
 
 OP_NAMES = {int(Op.WRITE): "write", int(Op.ZERO): "zero", int(Op.TRIM): "trim", int(Op.BARRIER): "barrier"}
 
@@ -50,35 +51,45 @@ def dump(cfg: Config, cg: str, from_seq: int = 1, upto: int | None = None) -> tu
     return rows, damage
 
 
-def replay(cfg: Config, cg: str, out: Path, upto: int | None = None) -> dict[str, Any]:
+def replay(cfg: Config, cg: str, out: Path, upto: int | None = None, *, force: bool = False) -> dict[str, Any]:
     """Apply the journal up to ``upto`` onto ``out/<vdisk>.raw``; the result
-    as `journal replay --json` prints it (records, last_seq, images)."""
+    as `journal replay --json` prints it (records, last_seq, images).
+    Each image is written to a temp file made with O_EXCL and put under its
+    name at the end (`nicsplit.recovery.target`): an existing image is
+    replaced only with ``force``; a symbolic link or device is refused."""
     if not Layout(cfg.data).catalog.exists():
         raise RecoveryError(f"no datastore catalog in {cfg.datastore_dir}: replay needs the vdisk sizes")
     by_id = {v.id: v for v in open_catalog(cfg.datastore_dir).vdisks()}
     with open_journal(cfg, cg) as j:  # refuse a damaged range before any image is created
         if j.damage and (upto is None or upto > j.last_seq):
             raise RecoveryError(f"{j.damage}; replay can reach seq {j.last_seq} at most (--upto {j.last_seq})")
+        vids = {v.id for v in by_id.values() if v.extra.get("cg") == cg}  # an image even without records
+        vids |= {r.vdisk_id for r in j.iter_records(1, upto)}
     out = Path(out)
+    if out.is_symlink():
+        raise RecoveryError(f"{out} is a symbolic link (to {os.readlink(out)}); refusing to write through it: "
+                            "give the real path")
     out.mkdir(parents=True, exist_ok=True)
-    fds: dict[int, int] = {}
+    for vid in sorted(vids):  # refuse before anything is written
+        v = by_id.get(vid)
+        if v is None:
+            raise RecoveryError(f"journal {cg} has records of vdisk id {vid}, which is not in the catalog")
+        check_target(out / f"{v.name}.raw", force=force)
+    fds: dict[int, tuple[int, Path]] = {}
 
     def image(vid: int) -> int:
-        fd = fds.get(vid)
-        if fd is None:
-            v = by_id.get(vid)
-            if v is None:
-                raise RecoveryError(f"journal {cg} has records of vdisk id {vid}, which is not in the catalog")
-            fd = os.open(out / f"{v.name}.raw", os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            os.ftruncate(fd, v.size)
-            fds[vid] = fd
-        return fd
+        got = fds.get(vid)
+        if got is None:
+            v = by_id[vid]
+            got = new_temp(out / f"{v.name}.raw")
+            fds[vid] = got
+            os.ftruncate(got[0], v.size)
+        return got[0]
 
-    for v in by_id.values():  # vdisks the catalog puts in this CG get an image even without records
-        if v.extra.get("cg") == cg:
-            image(v.id)
     count = last = 0
     try:
+        for vid in sorted(vids):
+            image(vid)
         with open_journal(cfg, cg) as j:
             for rec, payload in j.records(1, upto):
                 fd = image(rec.vdisk_id)
@@ -92,10 +103,19 @@ def replay(cfg: Config, cg: str, out: Path, upto: int | None = None) -> dict[str
                     punch_hole(fd, rec.offset, rec.length)
                 count += 1
                 last = rec.seq
-        for fd in fds.values():
+        for fd, _ in fds.values():
             os.fsync(fd)
-    finally:
-        for fd in fds.values():
+        for vid, (fd, tmp) in list(fds.items()):
             os.close(fd)
-    images = {by_id[vid].name: str(out / f"{by_id[vid].name}.raw") for vid in fds}
+            fds[vid] = (-1, tmp)
+        for vid, (_, tmp) in list(fds.items()):
+            publish(tmp, out / f"{by_id[vid].name}.raw", force=force)
+            del fds[vid]
+    finally:
+        for fd, tmp in fds.values():
+            if fd >= 0:
+                os.close(fd)
+            if os.path.lexists(tmp):
+                tmp.unlink()
+    images = {by_id[vid].name: str(out / f"{by_id[vid].name}.raw") for vid in sorted(vids)}
     return {"records": count, "last_seq": last, "images": images}

@@ -4,7 +4,7 @@ keeping undo data (RecoverPoint's do/undo).
 Theory of operation
 ===================
 `Distributor` applies the journal in seq order to one image per vdisk
-(``Layout.replica(cg) / <vdisk>.img``, sealed at rest when the keyring has
+(``Layout.replica(cg) / vdisk+<id>.img``, sealed at rest when the keyring has
 an active key: `nicsplit.storage.image`); before a step touches the images
 it appends the bytes each record replaces to the undo log (write-ahead,
 fsynced), then writes and fsyncs the images, then atomically persists
@@ -29,6 +29,13 @@ Rules
    the next open.
 5. Failpoints (`Distributor.failpoint`) are called at every step of the
    protocol above; tests raise from them to cut the protocol anywhere.
+6. Images are keyed by vdisk id (``vdisk+ID.img``, `nicsplit.core.layout.
+   vdisk_file`), never by name: a vdisk deleted and created again under its
+   name is a new vdisk with a new, empty image. At open, the old layout's
+   ``NAME.img`` (and sidecars) are renamed to their id's file; a name that
+   several of the replica's vdisks had (their writes went into one shared
+   file) makes the replica untrustworthy: it is discarded and rebuilt from
+   the journal (and the base images, if retention trimmed it).
 
 Example::
 
@@ -50,6 +57,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from nicsplit.core.fsutil import fsync_dir, punch_hole
+from nicsplit.core.layout import VDISK_FILE_PREFIX, migrate_name_keyed, vdisk_file
 from nicsplit.core.records import BLOCK_SIZE, Op
 from nicsplit.recovery.base import BaseImages, base_of_journal
 from nicsplit.recovery.blockindex import BlockIndex, ReplicaError, shared_index
@@ -57,6 +65,8 @@ from nicsplit.recovery.reader import RecordSource, VdiskLike
 from nicsplit.storage import atrest
 from nicsplit.storage.blob import BlobSealer
 from nicsplit.storage.image import Image, open_image
+from nicsplit.storage.rekey import REKEY_SUFFIX
+from nicsplit.storage.sealing import TAGS_SUFFIX
 from nicsplit.storage.sealing import SealedError
 
 log = logging.getLogger("nicsplit.recovery.replica")
@@ -129,6 +139,9 @@ class DistributorStatistics:
     recovered_entries: int  # undo entries laid back at open (an interrupted step or rollback)
 
 
+IMAGE_SIDECARS = (TAGS_SUFFIX, REKEY_SUFFIX)  # files beside a sealed image that move with it
+
+
 class Distributor:
     """Applies a CG's journal to replica images, keeping undo data.  One
     instance per replica directory; not thread-safe (one distribution task)."""
@@ -152,6 +165,7 @@ class Distributor:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if created:
             fsync_dir(self.dir.parent)
+        self._migrate()
         self.keyring = atrest.keyring_for_images(self.dir) if keyring == "auto" else keyring
         self._sealer = BlobSealer(self.keyring, b"replica undo")
         self._imgs: dict[int, Image] = {}
@@ -198,7 +212,23 @@ class Distributor:
     # -- files -------------------------------------------------------------------------
 
     def image_path(self, v: VdiskLike) -> Path:
-        return self.dir / f"{v.name}.img"
+        return vdisk_file(self.dir, v.id, ".img")
+
+    def _migrate(self) -> None:
+        """Rule 6: the old name-keyed images to id-keyed ones; a replica whose
+        image one name shared between vdisks is discarded (rebuilt)."""
+        shared = migrate_name_keyed(self.dir, self.vdisks.values(), ".img", IMAGE_SIDECARS)
+        if not shared:
+            return
+        log.warning("replica %s: vdisks %s were deleted and created again under their names while the replica "
+                    "kept one image per name; their images mixed both vdisks' data: discarding the replica and "
+                    "rebuilding it from the journal", self.dir, ", ".join(shared))
+        doomed = {f"{n}.img{t}" for n in shared for t in ("", *IMAGE_SIDECARS)}
+        for p in self.dir.iterdir():
+            if p.name in doomed or p.name.startswith(VDISK_FILE_PREFIX) or \
+                    p.name in ("undo.log", "undo.log.rekey", "state.json", "state.json.tmp"):
+                p.unlink()
+        fsync_dir(self.dir)
 
     def _read_state(self) -> dict:
         p = self.dir / "state.json"

@@ -1,9 +1,12 @@
 """Restore a vdisk at a point in time: to a file, or in place.
 
-`restore_to_file` writes the PIT image of one vdisk to ``FILE.partial`` (raw,
-sparse: holes and zeroed ranges stay holes), converts it with ``qemu-img``
-for qcow2, fsyncs and renames it to ``FILE``, so an interrupted restore never
-leaves a half image under the requested name.
+`restore_to_file` writes the PIT image of one vdisk to a new temp file in
+FILE's directory (raw, sparse: holes and zeroed ranges stay holes), converts
+it with ``qemu-img`` for qcow2, fsyncs it and only then puts it under
+``FILE``, so an interrupted restore never leaves a half image under the
+requested name. FILE is opened as `nicsplit.recovery.target` says: a
+symbolic link is never followed, an existing file is replaced only with
+``force``, a device is written only with ``device_ok`` (``--to-device``).
 
 `restore_in_place` copies the PIT image back onto the production vdisk
 *through the host*, so the splitter captures every restored block: the vdisk
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -31,7 +35,7 @@ from typing import Any, Callable
 
 from nicsplit.core import ctl
 from nicsplit.core.config import Config
-from nicsplit.core.fsutil import fsync_dir
+from nicsplit.core.fsutil import zero_keep_allocated
 from nicsplit.core.layout import Layout
 from nicsplit.core.catalog import open_catalog
 from nicsplit.recovery.errors import RecoveryError
@@ -39,6 +43,7 @@ from nicsplit.recovery.image import ImageServer
 from nicsplit.recovery.blockindex import BlockIndex
 from nicsplit.recovery.reader import PitReader
 from nicsplit.recovery.select import Selector, barrier, check_cg, open_index, resolve_pit
+from nicsplit.recovery.target import DEVICE, check_target, new_temp, open_device, publish, sync_device
 
 # 4 MiB per read/write of a restore: large enough to amortise a system call,
 # small enough that the progress line moves every few ms.
@@ -92,75 +97,95 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def write_image(reader: Any, vdisk_id: int, size: int, path: Path, *,
+def write_image(reader: Any, vdisk_id: int, size: int, fd: int, *,
                 progress: Callable[[int], None] | None = None, threads: int = 2) -> int:
-    """Write the reader's image of one vdisk to a new sparse raw file at
-    ``path`` (data extents only; holes and zeroed ranges stay holes), fsync
-    it; returns the data bytes written. Chunks go through `PitReader.copy_to`
-    in two threads: pwrite releases the GIL and blocks when the page cache
+    """Write the reader's image of one vdisk into ``fd``, which must read as
+    zeros over [0, size) already (a new sparse file, or a zeroed device):
+    data extents only, so holes and zeroed ranges stay holes; returns the
+    data bytes written. Chunks go through `PitReader.copy_to` in two
+    threads: pwrite releases the GIL and blocks when the page cache
     throttles dirty pages, so one thread decodes while the other waits on
     the disk (measured: more threads only fight over the GIL on two cores)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
 
     def chunk(pos: int) -> int:
         return reader.copy_to(vdisk_id, fd, pos, min(CHUNK, size - pos))
 
     written = 0
-    try:
-        os.ftruncate(fd, size)
-        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="restore") as pool:
-            # map keeps at most a few chunks ahead per thread in flight, in order
-            for i, n in enumerate(pool.map(chunk, range(0, size, CHUNK))):
-                written += n
-                if progress:
-                    progress(min(size, (i + 1) * CHUNK))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="restore") as pool:
+        # map keeps at most a few chunks ahead per thread in flight, in order
+        for i, n in enumerate(pool.map(chunk, range(0, size, CHUNK))):
+            written += n
+            if progress:
+                progress(min(size, (i + 1) * CHUNK))
     return written
 
 
-def restore_to_file(cfg: Config, src: RestoreSource, sel: Selector, to: Path, fmt: str = "raw") -> dict[str, Any]:
+def restore_to_file(cfg: Config, src: RestoreSource, sel: Selector, to: Path, fmt: str = "raw", *,
+                    force: bool = False, device_ok: bool = False) -> dict[str, Any]:
     """Write ``src``'s vdisk at the PIT ``sel`` names to ``to`` (raw or qcow2);
-    the result as `nicsplit restore --json` prints it."""
+    the result as `nicsplit restore --json` prints it. An existing ``to`` is
+    replaced only with ``force``; a device is written only with
+    ``device_ok``; a symbolic link is refused."""
     v, cg = src.vdisk, src.cg
     idx = open_index(src.journal_dir, cg)
     pit = resolve_pit(idx, cfg.data, cg, sel)
     out = Path(to)
-    if out.is_dir():
-        raise RecoveryError(f"{out} is a directory; give a file name")
-    if not out.parent.is_dir():
-        raise RecoveryError(f"no directory {out.parent} for {out.name}")
-    partial = out.with_name(out.name + ".partial")
-    raw = partial if fmt == "raw" else out.with_name(out.name + ".raw.partial")
+    kind = check_target(out, force=force, device_ok=device_ok)
+    if kind == DEVICE and fmt != "raw":
+        raise RecoveryError(f"{out} is a device: --to-device writes the raw image; --format {fmt} writes a file")
     progress = Progress(f"restore {v.name} @ seq {pit.seq}", v.size)
-    try:
-        with PitReader(src.journal_dir, [v], pit.seq) as r:
-            written = write_image(r, v.id, v.size, raw, progress=progress.update)
+    result = {"vdisk": v.name, "cg": cg, "seq": pit.seq, "time": pit.time_ns / 1e9, "file": str(out),
+              "format": fmt, "size": v.size}
+    if kind == DEVICE:
+        fd = open_device(out, v.size)
+        try:
+            if stat.S_ISBLK(os.fstat(fd).st_mode):
+                zero_keep_allocated(fd, 0, v.size)  # copy_to skips holes: they must read as zeros
+            with PitReader(src.journal_dir, [v], pit.seq) as r:
+                written = write_image(r, v.id, v.size, fd, progress=progress.update)
+            sync_device(fd)
+        finally:
+            os.close(fd)
         progress.done()
+        return {**result, "device": True, "data_bytes": written}
+    temps: list[Path] = []
+    try:
+        fd, raw = new_temp(out)
+        temps.append(raw)
+        try:
+            os.ftruncate(fd, v.size)
+            with PitReader(src.journal_dir, [v], pit.seq) as r:
+                written = write_image(r, v.id, v.size, fd, progress=progress.update)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        progress.done()
+        final = raw
         if fmt == "qcow2":
-            p = subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(partial)],
+            qfd, final = new_temp(out)
+            os.close(qfd)
+            temps.append(final)
+            p = subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(final)],
                                capture_output=True, text=True)
             if p.returncode != 0:
                 raise RecoveryError(f"qemu-img convert failed ({p.returncode}): {p.stderr.strip()}")
-            fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(final, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        os.rename(partial, out)
-        fsync_dir(out.parent)
+        publish(final, out, force=force)
+        temps.remove(final)
     except FileNotFoundError as e:
         if e.filename == "qemu-img":
             raise RecoveryError("qemu-img is not installed: --format qcow2 needs it (apt-get install qemu-utils)") \
                 from None
         raise
     finally:
-        for p_ in {raw, partial}:
-            if p_.exists():
-                p_.unlink()
-    return {"vdisk": v.name, "cg": cg, "seq": pit.seq, "time": pit.time_ns / 1e9, "file": str(out),
-            "format": fmt, "size": v.size, "data_bytes": written}
+        for t in temps:
+            if os.path.lexists(t):
+                t.unlink()
+    return {**result, "data_bytes": written}
 
 
 def host_uri(addresses: list[str], export: str) -> str:

@@ -22,6 +22,7 @@ Rules
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -124,17 +125,38 @@ class OsFilesystem:
         return _FileLock(path)
 
 
+class LockHeld(BlockingIOError):
+    """Another process holds the lock; ``holder`` is its pid as the lock
+    file records it (None when the file names none: an older writer)."""
+
+    def __init__(self, path: Path, holder: int | None) -> None:
+        super().__init__(errno.EWOULDBLOCK, f"{path} is locked by "
+                         f"{'pid ' + str(holder) if holder else 'another process'}")
+        self.holder = holder
+
+
 class _FileLock:
     """flock(LOCK_EX | LOCK_NB) on a lock file; released by close() or by
-    the process dying (so kill -9 never leaves a stale lock)."""
+    the process dying (so kill -9 never leaves a stale lock). The holder
+    writes its pid into the file, so a refused opener can name it
+    (`LockHeld`)."""
 
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raw = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
+            os.close(self._fd)
+            raise LockHeld(path, int(raw) if raw.isdigit() else None) from None
         except BaseException:
             os.close(self._fd)
             raise
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the pid is for messages only; the flock is the lock
 
     def close(self) -> None:
         if self._fd >= 0:

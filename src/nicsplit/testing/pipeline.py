@@ -123,13 +123,15 @@ class FakeAppliance:
         self.batches = 0
         self.duplicates = 0
         self.durable_acks = True
+        self.refuse: set[str] = set()  # CGs a Hello names that HelloAck leaves out (the appliance's rule 2)
         self._dec = FrameDecoder()
 
     def connect(self) -> None:
         self._dec = FrameDecoder()  # a new connection: the old stream's tail is gone
 
     def hello(self, hello: Hello) -> HelloAck:
-        return HelloAck(self.appliance_id, PROTOCOL_VERSION, {cg: self.durable.get(cg, 0) for cg in hello.cgs})
+        return HelloAck(self.appliance_id, PROTOCOL_VERSION,
+                        {cg: self.durable.get(cg, 0) for cg in hello.cgs if cg not in self.refuse})
 
     def receive(self, data: bytes) -> list[Ack]:
         self._dec.receive_data(data)
@@ -179,22 +181,25 @@ class FakeApplianceServer:
         self.drop_after_batches = drop_after_batches
         self.connections = 0
         self.hellos: list[Hello] = []
-        self.unknown_cg = 0  # batches refused: CG not named in this connection's Hello
+        self.unknown_cg = 0  # batches refused: CG not accepted in this connection's Hello
 
     async def handle(self, reader, writer) -> None:
         self.connections += 1
         dec = FrameDecoder()
         self.app.connect()
         batches = 0
+        accepted: dict[str, int] = {}
         try:
             while data := await reader.read(1 << 16):
                 dec.receive_data(data)
                 while (f := dec.next_event()) is not NEED_DATA:
                     if isinstance(f, Hello):
                         self.hellos.append(f)
-                        writer.write(encode(self.app.hello(f)))
+                        ack = self.app.hello(f)
+                        accepted = ack.resume
+                        writer.write(encode(ack))
                     elif isinstance(f, Batch):
-                        if f.cg not in self.hellos[-1].cgs:
+                        if f.cg not in accepted:
                             self.unknown_cg += 1
                             return  # the real appliance sends Error(UNKNOWN_CG) and closes
                         batches += 1

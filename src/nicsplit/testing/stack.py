@@ -18,7 +18,8 @@ import subprocess
 from pathlib import Path
 
 from nicsplit.core.ctl import request
-from nicsplit.core.layout import Layout
+from nicsplit.core.catalog import open_catalog
+from nicsplit.core.layout import Layout, vdisk_file
 from nicsplit.storage import atrest
 from nicsplit.storage.image import open_image
 from nicsplit.testing.datadir import init_data
@@ -77,7 +78,7 @@ def replica_in_clear(data: Path, n: str, tmp_path: Path) -> Path:
     """The replica image of vdisk ``n`` in clear (a raw file in ``tmp_path``):
     at-rest encryption is on by default, so the file itself is ciphertext."""
     layout = Layout(data)
-    p = layout.replica("cg1") / f"{n}.img"
+    p = vdisk_file(layout.replica("cg1"), open_catalog(layout.datastore).get(n).id, ".img")
     size = os.path.getsize(p)
     out = tmp_path / f"replica-{n}.raw"
     with open_image(p, size, atrest.keyring_in(layout.appliance), writable=False) as img:
@@ -105,6 +106,6 @@ def latest_pit_equals_production(data: Path, cg: str, vdisk: str, production_uri
     last = status()["host_last_seq"]
     wait_for(lambda: (status()["last_durable_seq"] or 0) >= last, 120, f"the journal reaching seq {last}", interval=0.2)
     out_img = tmp_path / f"{vdisk}-latest.raw"
-    run_cli(data, "restore", vdisk, "--latest", "--to", str(out_img), timeout=120)
+    run_cli(data, "restore", vdisk, "--latest", "--to", str(out_img), "--force", timeout=120)  # may run again
     subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(out_img), production_uri],
                    check=True, capture_output=True, timeout=120)

@@ -622,12 +622,18 @@ def _check_record(r: Record, err: Callable[[str], Exception]) -> None:
 def encode_record(r: Record) -> bytes:
     """One record in the wire layout (also the journal RECORD entry payload)."""
     _check_record(r, ValueError)
-    head = RECORD_HEAD.pack(
-        _u(r.seq, 64, "seq"), _u(r.io_id, 64, "io_id"), _u(r.vdisk_id, 64, "vdisk_id"), _u(r.op, 8, "op"),
-        _u(r.flags, 8, "flags"), _u(r.offset, 64, "offset"), _u(r.length, 64, "length"), _s64(r.time_ns, "time_ns"),
-        len(r.refs), _u(len(r.data), 32, "data length"),
-    )
-    return b"".join([head, *(_REF.pack(b, fp) for b, fp in r.refs), bytes(r.data)])
+    try:  # struct checks every range; the per-field checks below only name the culprit
+        head = RECORD_HEAD.pack(r.seq, r.io_id, r.vdisk_id, r.op, r.flags, r.offset, r.length, r.time_ns,
+                                len(r.refs), len(r.data))
+    except struct.error:
+        head = RECORD_HEAD.pack(
+            _u(r.seq, 64, "seq"), _u(r.io_id, 64, "io_id"), _u(r.vdisk_id, 64, "vdisk_id"), _u(r.op, 8, "op"),
+            _u(r.flags, 8, "flags"), _u(r.offset, 64, "offset"), _u(r.length, 64, "length"),
+            _s64(r.time_ns, "time_ns"), len(r.refs), _u(len(r.data), 32, "data length"),
+        )
+    if not r.refs:
+        return b"".join((head, r.data))
+    return b"".join([head, *(_REF.pack(b, fp) for b, fp in r.refs), r.data])
 
 
 def decode_record(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:

@@ -9,11 +9,17 @@ order (which is seq order within each CG):
 - ``submit`` adds a batch; if a link is up it is transmitted at once —
   unless its CG was not named in the link's Hello (the appliance would drop
   the link): then the Shipper reconnects with a Hello that names it;
-- ``connected(resume, transmit)`` after Hello → HelloAck: every batch whose
+- ``connected(resume, transmit, cgs, refused)`` after Hello → HelloAck: every batch whose
   ``last_seq <= resume[cg]`` is already durable at the appliance (a previous
   connection's ack was lost): it is released, not resent. Every other unacked
   batch is retransmitted, in order. A batch only partly covered by resume is
   resent whole; the appliance skips the seqs it holds;
+- a *refused* CG (its name breaks `nicsplit.core.names`, so it is not named
+  in the Hello, or the appliance left it out of HelloAck's resume) is held:
+  its batches stay unacked and unsent until a later Hello is accepted for
+  it, and they never make the link drop or re-Hello. Every other CG ships
+  on (one bad CG never blocks the others); ``statistics().refused_cgs``
+  says which and why;
 - ``on_ack(Ack(durable=True))`` releases the acked batch *and* every earlier
   unacked batch of that CG with ``last_seq <= ack.last_seq`` (the journal is
   per-CG append-only, so durability of seq N implies every seq < N), calls
@@ -30,9 +36,13 @@ card id and its CGs, then batches out, acks in, a heartbeat every
 frame for ``dead_after_s`` while batches are unacked) closes the link, and it reconnects after an exponential backoff
 (``backoff_min_s`` doubling to ``backoff_max_s``, reset by a good HelloAck).
 
+A CG the appliance refused is asked for again: while its batches wait, the
+Shipper ends the session after ``refused_retry_s`` and says Hello anew (the
+appliance may know the CG by then, e.g. after ``nicsplit cg create``).
+
 Options: ``ship_window`` (default 64 batches), ``ship_window_bytes`` (default
 64 MiB), ``heartbeat_s`` (1.0), ``dead_after_s`` (5.0), ``backoff_min_s``
-(0.05), ``backoff_max_s`` (5.0).
+(0.05), ``backoff_max_s`` (5.0), ``refused_retry_s`` (30.0).
 
 Example::
 
@@ -50,9 +60,10 @@ import logging
 import ssl
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Awaitable, Callable, Iterable
 
+from nicsplit.core.names import RULE, is_name
 from nicsplit.wire.frames import (
     NEED_DATA, PROTOCOL_VERSION, Ack, Batch, Error, FrameDecoder, FrameError, Heartbeat, Hello, HelloAck, encode,
 )
@@ -97,6 +108,7 @@ class ShipStats:
     acks_unknown: int  # acks naming no unacked batch
     bytes_out: int  # batch frame bytes transmitted
     full: bool
+    refused_cgs: dict[str, str] = field(default_factory=dict)  # CG -> why this link does not ship it
 
 
 class ShipWindow:
@@ -118,6 +130,7 @@ class ShipWindow:
         self._bytes = 0
         self._transmit: Transmit | None = None
         self._session_cgs: frozenset[str] | None = None  # CGs named in this link's Hello (None: any)
+        self._refused: dict[str, str] = {}  # CGs this link will not ship, and why (held, no re-Hello)
         self.new_cg = False  # a batch waits for a CG this link's Hello did not name: re-Hello needed
         self.on_new_cg: Callable[[], None] | None = None  # set by the Shipper: drop the link, re-Hello
         self._durable: dict[str, int] = {}
@@ -133,6 +146,17 @@ class ShipWindow:
     @property
     def empty(self) -> bool:
         return not self._unacked
+
+    def refused(self, cg: str) -> str | None:
+        """Why this link does not ship ``cg`` (bad name, or the appliance left
+        it out of resume), or None: the pipeline may report such a CG's new
+        writes lost instead of batching them, so they cannot fill the window."""
+        return self._refused.get(cg)
+
+    def holds(self, cgs: Iterable[str]) -> bool:
+        """True when a batch of one of ``cgs`` waits unacked."""
+        want = frozenset(cgs)
+        return any(u.head.cg in want for u in self._unacked.values())
 
     def submit(self, batch: Batch, io_ids: list[int], now_ns: int) -> None:
         if batch.batch_id in self._unacked:
@@ -151,13 +175,16 @@ class ShipWindow:
     def is_connected(self) -> bool:
         return self._transmit is not None
 
-    def connected(self, resume: dict[str, int], transmit: Transmit, cgs: Iterable[str] | None = None) -> None:
+    def connected(self, resume: dict[str, int], transmit: Transmit, cgs: Iterable[str] | None = None,
+                  refused: dict[str, str] | None = None) -> None:
         """The link is up and HelloAck said ``resume``: skip what is durable,
         retransmit the rest in order, and send new batches through ``transmit``.
-        ``cgs``: the CGs the Hello named; a batch of another CG is held back
-        (the appliance would drop the link) and sets `new_cg`."""
+        ``cgs``: the CGs the appliance accepted; a batch of another CG is held
+        back (the appliance would drop the link) and sets `new_cg`, unless
+        its CG is in ``refused`` (CG -> why): that one is only held."""
         self._connects += 1
         self._session_cgs = None if cgs is None else frozenset(cgs)
+        self._refused = dict(refused or {})
         self.new_cg = False
         for cg, seq in resume.items():
             if seq > self._durable.get(cg, 0):
@@ -213,12 +240,15 @@ class ShipWindow:
             submitted=self._submitted, sends=self._sends, retransmits=self._retx,
             durable_batches=self._durable_n, released_writes=self._released, skipped_by_resume=self._skipped,
             acks_unknown=self._acks_unknown, bytes_out=self._bytes_out, full=not self.room,
+            refused_cgs=dict(self._refused),
         )
 
     # -- internals -------------------------------------------------------------
 
     def _send(self, u: _Unacked) -> None:
         if self._session_cgs is not None and u.head.cg not in self._session_cgs:
+            if u.head.cg in self._refused:
+                return  # held until a Hello is accepted for it; the others ship on
             if not self.new_cg:
                 self.new_cg = True
                 log.info("batch %d: CG %s was not in this link's Hello: reconnecting to name it",
@@ -278,6 +308,7 @@ class Shipper:
         backoff_min_s: float = 0.05,
         backoff_max_s: float = 5.0,
         hello_timeout_s: float = 5.0,
+        refused_retry_s: float = 30.0,
     ) -> None:
         self.window = window
         self._connect = connect
@@ -288,6 +319,7 @@ class Shipper:
         self.backoff_min_s = backoff_min_s
         self.backoff_max_s = backoff_max_s
         self.hello_timeout_s = hello_timeout_s
+        self.refused_retry_s = refused_retry_s
         self.appliance_id = ""
         self.last_error = ""
         self.bytes_in = 0
@@ -329,7 +361,11 @@ class Shipper:
         reader, writer = await asyncio.wait_for(self._connect(), self.hello_timeout_s)
         self._writer = writer
         dec = FrameDecoder()
-        cgs = tuple(dict.fromkeys(self._cgs()))
+        named = tuple(dict.fromkeys(self._cgs()))
+        # One rule for names (nicsplit.core.names): a CG the appliance would
+        # refuse is not named at all, so it cannot cost the others the link.
+        cgs = tuple(cg for cg in named if is_name(cg))
+        refused = {cg: f"bad CG name ({RULE})" for cg in named if not is_name(cg)}
         writer.write(encode(Hello(self.card_id, PROTOCOL_VERSION, cgs)))
         first = await asyncio.wait_for(self._next_frame(reader, dec), self.hello_timeout_s)
         if isinstance(first, Error):
@@ -340,8 +376,16 @@ class Shipper:
             raise LinkDown(f"appliance speaks protocol {first.version}, the card {PROTOCOL_VERSION}")
         self.appliance_id = first.appliance_id
         log.info("connected to appliance %s; resume %s", first.appliance_id, first.resume)
+        # A CG the Hello named but HelloAck's resume leaves out was refused by
+        # the appliance (unknown, over its limit, journal unusable: its log says).
+        accepted = tuple(cg for cg in cgs if cg in first.resume)
+        by_appliance = tuple(cg for cg in cgs if cg not in first.resume)
+        refused.update({cg: "refused by the appliance (see its log)" for cg in by_appliance})
+        retry_at = time.monotonic() + self.refused_retry_s if by_appliance else None
+        for cg, why in refused.items():
+            log.error("CG %s is not shipped on this link: %s; its batches are held, the other CGs ship", cg, why)
         self.window.on_new_cg = lambda: asyncio.get_running_loop().call_soon(writer.close)
-        self.window.connected(first.resume, writer.write, cgs)
+        self.window.connected(first.resume, writer.write, accepted, refused)
         self._hello_ok = True
         hb = asyncio.create_task(self._heartbeats(writer))
         try:
@@ -361,6 +405,10 @@ class Shipper:
                     raise LinkDown(f"unexpected {type(frame).__name__} from the appliance")
                 if not self.window.is_connected:
                     raise LinkDown("transmit failed")
+                if retry_at is not None and time.monotonic() >= retry_at:
+                    if self.window.holds(by_appliance):
+                        raise LinkDown(f"saying Hello again for refused CG(s) {', '.join(by_appliance)}")
+                    retry_at = time.monotonic() + self.refused_retry_s
         finally:
             hb.cancel()
             try:

@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 import uuid as _uuid
@@ -351,8 +352,10 @@ class Datastore:
     ) -> VdiskInfo:
         _catalog.check_name(name)
         _catalog.check_size(size)
+        self._check_file_size(size)
         _catalog.check_owner(owner)
         extra = _check_extra(extra)
+        _catalog.check_cg(extra.get("cg"))
 
         def fn(cat: CatalogData) -> VdiskInfo:
             if name in cat.vdisks:
@@ -366,6 +369,21 @@ class Datastore:
             return info
 
         return self._mutate(fn)
+
+    def _check_file_size(self, size: int) -> None:
+        """The filesystem of the datastore must hold one sparse file of
+        ``size`` bytes: replica images and restored raw files are such files
+        (ext4 stops at 16 TiB). Asked with a sparse probe file, removed at once."""
+        fd, probe = tempfile.mkstemp(prefix=".size-probe-", dir=self.path)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as e:
+            raise DatastoreError(f"invalid vdisk size {size} ({size / 2**40:.4g} TiB): the filesystem of {self.path} "
+                                 f"cannot hold a file that large ({e.strerror}); replica images and restores are "
+                                 "files of the vdisk's size") from None
+        finally:
+            os.close(fd)
+            os.unlink(probe)
 
     def delete_vdisk(self, name: str) -> None:
         """Remove a vdisk and release its extents.
@@ -413,6 +431,7 @@ class Datastore:
             _catalog.check_owner(fields["owner"])
         if "size" in fields:
             _catalog.check_size(fields["size"])
+            self._check_file_size(fields["size"])
         if "readonly" in fields and not isinstance(fields["readonly"], bool):
             raise DatastoreError(f"readonly must be a bool, not {fields['readonly']!r}")
         if "extra" in fields:
@@ -425,6 +444,8 @@ class Datastore:
             new_name = fields.get("name", name)
             if new_name != name and new_name in cat.vdisks:
                 raise VdiskExists(f"vdisk {new_name!r} already exists in {self.path}")
+            if "extra" in fields and fields["extra"].get("cg") != old.cg:
+                _catalog.check_cg(fields["extra"].get("cg"))  # joining a CG: the name rule of nicsplit.core.names
             if fields.get("size", old.size) < old.size:
                 raise DatastoreError(f"vdisk {name!r}: shrinking from {old.size} to {fields['size']} is not supported")
             new = VdiskInfo(**{**old.to_json(), **fields})

@@ -1,0 +1,463 @@
+#!/usr/bin/env python3
+"""``make bench`` suite for issue 9, keeping up: does the card ack in
+microseconds under load, and do the card and the appliance cost less CPU
+per write than the host?
+
+Two parts, each on this machine and in one run (ratios, not absolute
+numbers, are the point; docs/benchmarks.md):
+
+1. **Components** (``--rounds`` rounds, medians and spread): a real
+   appliance (``nicsplit appliance run``, distribution held off the way a
+   failover holds it, so its CPU is ingest) and a real card
+   (``nicsplit card run``: acker + pipeline worker), driven by a synthetic
+   splitter in this process through the real ring (`RingSplitter`, the
+   host's own driver), 4 KiB half-compressible unique payloads:
+   - *idle*: the card's CPU with no writes for ``--idle-seconds``;
+   - *QD1*: submit → ack latency of the card (``split`` then the outcome);
+   - *1 MiB QD1*: the same for 1 MiB writes;
+   - *stream*: as many writes as the splitter can publish, in bursts of 32,
+     until the appliance holds them all durably: per-process CPU per write
+     (acker: busy and empty-poll time apart; worker; appliance), and from
+     it each component's writes per second of one core.
+2. **End to end** (``nicsplit up`` with the default configuration, exactly
+   as ``make run`` starts it): fio 4 KiB randwrite QD16 on two vdisks of one
+   CG, paced at ``--rate-iops`` in total for ``--seconds``, then unpaced for
+   ``--seconds`` on two fresh vdisks of another CG. Sampled every 0.5 s:
+   IOPS, RPO, state. Reported: the splitter's added latency (the host's
+   ``split`` histogram), per-process CPU per write (host, card acker with its
+   empty-poll time, worker, appliance) and the ratio (card work + appliance)
+   / host; plus the 1 MiB QD1 split latency through the host.
+
+    .venv/bin/python bench/keepup.py [--quick] [--rounds 3] [--seconds 60] [--rate-iops 10000] [--out bench/out]
+
+Writes ``keepup.json``, ``keepup.md`` and ``keepup.png`` into ``--out``.
+Nothing here asserts on speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from time import monotonic_ns
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import cpu_seconds, fio_cmd, loadavg  # noqa: E402
+from nicsplit.card.transports.ring_splitter import RingSplitter  # noqa: E402
+from nicsplit.core.ctl import request  # noqa: E402
+from nicsplit.core.layout import Layout  # noqa: E402
+from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag  # noqa: E402
+from nicsplit.testing.datadir import init_data  # noqa: E402
+from nicsplit.testing.procs import ReadyProcess, UpProcess, nicsplit_cmd, run_cli, wait_for  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BS = 4096
+
+
+def pct(xs: list[float], p: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
+def med(xs: list[Any]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def spread(xs: list[Any]) -> tuple[float, float] | None:
+    xs = [x for x in xs if x is not None]
+    return (min(xs), max(xs)) if xs else None
+
+
+def payloads(n: int, size: int) -> list[bytes]:
+    """Half random, half zeros: zstd halves them; the first 8 bytes are
+    overwritten per write so no two are the same block (no dedup)."""
+    return [os.urandom(size // 2) + bytes(size - size // 2) for _ in range(n)]
+
+
+class Appliance(ReadyProcess):
+    what = "appliance"
+
+    def argv(self) -> list[str]:
+        return nicsplit_cmd("--data", str(self.data), "appliance", "run", "--listen", "127.0.0.1:0")
+
+
+class Card(ReadyProcess):
+    what = "card"
+
+    def __init__(self, data: Path, appliance: str) -> None:
+        super().__init__(data)
+        self.appliance = appliance
+
+    def argv(self) -> list[str]:
+        return nicsplit_cmd("--data", str(self.data), "card", "run", "--appliance", self.appliance)
+
+
+def card_stats(data: Path) -> dict:
+    return (request(Layout(data).card_ctl_sock, {"cmd": "stats"}) or {}).get("stats") or {}
+
+
+def durable_seq(data: Path, cg: str) -> int:
+    st = (request(Layout(data).appliance_sock, {"cmd": "status"}) or {}).get("status") or {}
+    return ((st.get("cgs") or {}).get(cg) or {}).get("durable_seq") or 0
+
+
+def cpu_of(pids: dict[str, int]) -> dict[str, float]:
+    return {k: cpu_seconds(p) for k, p in pids.items()}
+
+
+def diff(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: b[k] - a[k] for k in a}
+
+
+# -- part 1: components --------------------------------------------------------------
+
+
+def component_round(work: Path, *, n_qd1: int, n_big: int, n_stream: int, idle_s: float) -> dict[str, Any]:
+    data = init_data(work / "data", sections={"card": {"transport_options": {"data_size": "256M"}}})
+    run_cli(data, "cg", "create", "k")
+    run_cli(data, "vdisk", "create", "v", "--size", "64G", "--cg", "k")
+    (data / "appliance" / "failover").mkdir(parents=True, exist_ok=True)
+    (data / "appliance" / "failover" / "k.json").write_text("{}")  # distribution held off: ingest alone
+    out: dict[str, Any] = {}
+    with Appliance(data) as app:
+        card = Card(data, app.ready["address"]).start()
+        try:
+            pids = {"acker": card.pid, "worker": card.ready["worker_pid"], "appliance": app.pid}
+            r = RingSplitter.connect(str(Layout(data).card_sock))
+            try:
+                out["idle"] = idle(pids, idle_s)
+                seq = [0]
+
+                def w(size: int, data_: bytes) -> AugmentedWrite:
+                    seq[0] += 1
+                    s = seq[0]
+                    return AugmentedWrite(s, 1, s, 1, Op.WRITE, WFlag.NONE, (s % 4096) * size, size, time.time_ns(),
+                                          s.to_bytes(8, "little") + data_[8:])
+
+                small = payloads(256, BS)
+                out["qd1"] = qd1(r, [w(BS, small[i % 256]) for i in range(n_qd1)])
+                big = payloads(4, 1 << 20)
+                out["qd1_1m"] = qd1(r, [w(1 << 20, big[i % 4]) for i in range(n_big)])
+                wait_for(lambda: durable_seq(data, "k") >= seq[0], 120, "the appliance holding the QD1 writes")
+                out["stream"] = stream(r, data, pids, lambda: w(BS, small[seq[0] % 256]), n_stream, seq)
+            finally:
+                r.close()
+        finally:
+            card.stop()
+    return out
+
+
+def idle(pids: dict[str, int], seconds: float) -> dict[str, Any]:
+    c0 = cpu_of(pids)
+    t0 = time.monotonic()
+    time.sleep(seconds)  # ok-sleep: measuring an idle card over a fixed time
+    el = time.monotonic() - t0
+    d = diff(c0, cpu_of(pids))
+    return {"seconds": round(el, 1), "acker_pct": 100 * d["acker"] / el, "worker_pct": 100 * d["worker"] / el,
+            "card_pct": 100 * (d["acker"] + d["worker"]) / el}
+
+
+def qd1(r: RingSplitter, writes: list[AugmentedWrite]) -> dict[str, Any]:
+    waits = []
+    refused = 0
+    for w in writes:
+        t = monotonic_ns()
+        ok = r.split(w, 1_000_000_000)
+        waits.append((monotonic_ns() - t) / 1000)
+        refused += not ok
+        r.post_outcome(w.io_id, Status.COMMITTED)
+    return {"n": len(writes), "refused": refused, "p50_us": pct(waits, 50), "p99_us": pct(waits, 99),
+            "p999_us": pct(waits, 99.9), "max_us": max(waits)}
+
+
+def stream(r: RingSplitter, data: Path, pids: dict[str, int], make, n: int, seq: list[int]) -> dict[str, Any]:
+    st0 = card_stats(data)
+    c0 = cpu_of(pids)
+    t0 = time.monotonic()
+    sent = 0
+    burst = 32
+    while sent < n:
+        batch = []
+        for _ in range(burst):
+            w = make()
+            while not r.submit(w):  # ring full: the card is behind; wait for room
+                r.reap()
+            batch.append(w)
+        for w in batch:
+            r.wait_ack(w.io_id, monotonic_ns() + 1_000_000_000)
+            r.post_outcome(w.io_id, Status.COMMITTED)
+        sent += burst
+    t_acked = time.monotonic() - t0
+    last = seq[0]
+    wait_for(lambda: durable_seq(data, "k") >= last, 300, "the appliance holding the stream", interval=0.01)
+    el = time.monotonic() - t0
+    d = diff(c0, cpu_of(pids))
+    st1 = card_stats(data)
+    h0, h1 = st0["endpoint"]["handoff"], st1["endpoint"]["handoff"]
+    busy = h1["acker_busy_s"] - h0["acker_busy_s"]
+    empty = h1["acker_empty_poll_s"] - h0["acker_empty_poll_s"]
+    us = lambda s: 1e6 * s / sent  # noqa: E731
+    return {
+        "writes": sent, "acked_per_s": sent / t_acked, "durable_per_s": sent / el,
+        "cpu_us_per_write": {"acker": us(d["acker"]), "acker_busy": us(busy), "acker_empty_poll": us(empty),
+                             "worker": us(d["worker"]), "appliance": us(d["appliance"])},
+        # one core's worth of each component: writes per CPU-second (the acker without its empty polls)
+        "per_core_per_s": {"acker": sent / busy if busy else None, "worker": sent / d["worker"] if d["worker"] else None,
+                           "card": sent / (busy + d["worker"]) if busy + d["worker"] else None,
+                           "appliance_ingest": sent / d["appliance"] if d["appliance"] else None},
+    }
+
+
+# -- part 2: end to end ----------------------------------------------------------------
+
+
+def host_split(data: Path, vdisks: list[str]) -> dict[str, dict]:
+    st = (request(Layout(data).host_sock, {"cmd": "stats"}) or {}).get("stats") or {}
+    return {v: ((st.get("vdisks") or {}).get(v) or {}).get("split") or {} for v in vdisks}
+
+
+def cg_state(data: Path, cg: str) -> dict:
+    st = json.loads(run_cli(data, "status", "--json").stdout)
+    return next((c for c in st["cgs"] if c["name"] == cg), {})
+
+
+def e2e_phase(data: Path, up: UpProcess, cg: str, vdisks: list[str], *, seconds: float, rate: int,
+              work: Path) -> dict[str, Any]:
+    card = card_stats(data)
+    pids = {"host": up.pid_of("host"), "acker": up.pid_of("card"), "worker": card["worker_pid"],
+            "appliance": up.pid_of("appliance")}
+    h0 = card["endpoint"]["handoff"]
+    s0 = host_split(data, vdisks)
+    c0 = cpu_of(pids)
+    fios = []
+    for i, v in enumerate(vdisks):
+        out = work / f"fio-{cg}-{v}.json"
+        cmd = fio_cmd(up.uri(v), rw="randwrite", bs="4k", size="1G", iodepth=16, out=out, runtime=seconds)
+        if rate:
+            cmd.append(f"--rate_iops={rate // len(vdisks)}")
+        cmd.append(f"--randseed={1234 + i}")
+        fios.append((subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True), out))
+    samples = []
+    t0 = time.monotonic()
+    prev_n, prev_t = 0, t0
+    while any(p.poll() is None for p, _ in fios):
+        time.sleep(0.5)  # ok-sleep: sampling cadence of a timed run
+        t = time.monotonic()
+        sp = host_split(data, vdisks)
+        n = sum(s.get("split", 0) + s.get("marked", 0) for s in sp.values())
+        c = cg_state(data, cg)
+        samples.append({"t": round(t - t0, 2), "iops": (n - prev_n) / (t - prev_t), "rpo_s": c.get("rpo_seconds"),
+                        "states": sorted({v["state"] for v in c.get("vdisks", [])})})
+        prev_n, prev_t = n, t
+    for p, _ in fios:
+        p.wait()
+    el = time.monotonic() - t0
+    d = diff(c0, cpu_of(pids))
+    s1 = host_split(data, vdisks)
+    card1 = card_stats(data)
+    h1 = card1["endpoint"]["handoff"]
+    writes = sum(s1[v].get("split", 0) + s1[v].get("marked", 0) - s0[v].get("split", 0) - s0[v].get("marked", 0)
+                 for v in vdisks)
+    marked = sum(s1[v].get("marked", 0) - s0[v].get("marked", 0) for v in vdisks)
+    us = lambda s: 1e6 * s / max(1, writes)  # noqa: E731
+    busy = h1["acker_busy_s"] - h0["acker_busy_s"]
+    empty = h1["acker_empty_poll_s"] - h0["acker_empty_poll_s"]
+    cpu = {"host": us(d["host"]), "acker": us(d["acker"]), "acker_busy": us(busy), "acker_empty_poll": us(empty),
+           "worker": us(d["worker"]), "appliance": us(d["appliance"])}
+    card_work = cpu["acker"] - cpu["acker_empty_poll"] + cpu["worker"]
+    rpos = [s["rpo_s"] for s in samples if s["rpo_s"] is not None]
+    states = sorted({x for s in samples for x in s["states"]})
+    return {
+        "cg": cg, "seconds": round(el, 1), "rate_iops": rate, "writes": writes, "marked": marked,
+        "iops": writes / el, "states_seen": states, "left_protected": states != ["protected"],
+        "rpo_p99_s": pct(rpos, 99), "rpo_max_s": max(rpos) if rpos else None,
+        "split_p50_us": med([s1[v].get("split_p50_us") for v in vdisks]),
+        "split_p99_us": max(s1[v].get("split_p99_us", 0) for v in vdisks),
+        "split_p999_us": max(s1[v].get("split_p999_us", 0) for v in vdisks),
+        "cpu_us_per_write": cpu, "card_plus_appliance_over_host": (card_work + cpu["appliance"]) / cpu["host"]
+        if cpu["host"] else None,
+        "fio_errors": [p.stderr.read()[-500:] for p, _ in fios if p.returncode],
+        "samples": samples,
+    }
+
+
+def big_writes(data: Path, up: UpProcess, vdisk: str, work: Path, n: int) -> dict[str, Any]:
+    out = work / "fio-1m.json"
+    cmd = fio_cmd(up.uri(vdisk), rw="write", bs="1m", size=f"{n}M", iodepth=1, out=out, runtime=None)
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    sp = host_split(data, [vdisk])[vdisk]
+    return {"writes": sp.get("split", 0) + sp.get("marked", 0), "marked": sp.get("marked", 0),
+            "split_p50_us": sp.get("split_p50_us"), "split_p99_us": sp.get("split_p99_us")}
+
+
+def e2e(work: Path, *, seconds: float, rate: int) -> dict[str, Any]:
+    data = init_data(work / "data")  # the documented default configuration, as `make run` writes it
+    for cg, vds in (("paced", ["p1", "p2"]), ("unpaced", ["u1", "u2"]), ("big", ["m"])):
+        run_cli(data, "cg", "create", cg)
+        for v in vds:
+            run_cli(data, "vdisk", "create", v, "--size", "1G", "--cg", cg)
+    out: dict[str, Any] = {}
+    with UpProcess(data) as up:
+        wait_for(lambda: cg_state(data, "paced").get("state") == "protected", 60, "the CGs protected")
+        out["qd1_1m"] = big_writes(data, up, "m", work, 200)
+        out["paced"] = e2e_phase(data, up, "paced", ["p1", "p2"], seconds=seconds, rate=rate, work=work)
+        out["unpaced"] = e2e_phase(data, up, "unpaced", ["u1", "u2"], seconds=seconds, rate=0, work=work)
+    return out
+
+
+# -- report ---------------------------------------------------------------------------
+
+
+def summarise(rounds: list[dict]) -> dict[str, Any]:
+    def col(path: str) -> list[Any]:
+        vals = []
+        for r in rounds:
+            x: Any = r
+            for k in path.split("."):
+                x = (x or {}).get(k)
+            vals.append(x)
+        return vals
+
+    keys = ["idle.card_pct", "idle.acker_pct", "idle.worker_pct", "qd1.p50_us", "qd1.p99_us", "qd1.p999_us",
+            "qd1_1m.p50_us", "qd1_1m.p99_us", "stream.acked_per_s", "stream.durable_per_s",
+            "stream.cpu_us_per_write.acker_busy", "stream.cpu_us_per_write.acker_empty_poll",
+            "stream.cpu_us_per_write.worker", "stream.cpu_us_per_write.appliance",
+            "stream.per_core_per_s.acker", "stream.per_core_per_s.worker", "stream.per_core_per_s.card",
+            "stream.per_core_per_s.appliance_ingest"]
+    return {k: {"median": med(col(k)), "spread": spread(col(k))} for k in keys}
+
+
+def f(x: Any, spec: str = ".1f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def verdict(x: Any, ok: bool) -> str:
+    return "–" if x is None else ("met" if ok else "**not met**")
+
+
+def markdown(doc: dict) -> str:
+    c, e = doc["components"], doc["e2e"]
+    m = lambda k: c[k]["median"]  # noqa: E731
+    s = lambda k, spec=".1f": "" if c[k]["spread"] is None else f" ({f(c[k]['spread'][0], spec)}–{f(c[k]['spread'][1], spec)})"  # noqa: E731
+    p, u, big = e["paced"], e["unpaced"], e["qd1_1m"]
+    rows = [
+        ("card ack, synthetic splitter QD1, p50 µs", f(m("qd1.p50_us")) + s("qd1.p50_us"), "≤ 5 (splitter added)", ""),
+        ("card ack QD1, p99 µs", f(m("qd1.p99_us")) + s("qd1.p99_us"), "≤ 50", ""),
+        ("card ack 1 MiB QD1, p50 µs", f(m("qd1_1m.p50_us")) + s("qd1_1m.p50_us"), "≤ 150", ""),
+        ("idle card, % of a core", f(m("idle.card_pct"), ".2f") + s("idle.card_pct", ".2f"), "≤ 1",
+         verdict(m("idle.card_pct"), (m("idle.card_pct") or 99) <= 1)),
+        ("card writes/s on one core (acker busy + worker)", f(m("stream.per_core_per_s.card"), ",.0f")
+         + s("stream.per_core_per_s.card", ",.0f"), "≥ 100,000",
+         verdict(m("stream.per_core_per_s.card"), (m("stream.per_core_per_s.card") or 0) >= 100_000)),
+        ("  acker alone, writes/s per core", f(m("stream.per_core_per_s.acker"), ",.0f"), "", ""),
+        ("  worker alone, writes/s per core", f(m("stream.per_core_per_s.worker"), ",.0f"), "", ""),
+        ("appliance ingest records/s on one core", f(m("stream.per_core_per_s.appliance_ingest"), ",.0f")
+         + s("stream.per_core_per_s.appliance_ingest", ",.0f"), "≥ 100,000",
+         verdict(m("stream.per_core_per_s.appliance_ingest"), (m("stream.per_core_per_s.appliance_ingest") or 0) >= 100_000)),
+        ("stream: acked writes/s (the synthetic splitter's pace)", f(m("stream.acked_per_s"), ",.0f"), "", ""),
+        ("e2e 1 MiB QD1 split p50 µs", f(big["split_p50_us"]), "≤ 150",
+         verdict(big["split_p50_us"], (big["split_p50_us"] or 1e9) <= 150)),
+        (f"e2e paced {p['rate_iops']} IOPS QD16: split p99 µs", f(p["split_p99_us"]), "≤ 100",
+         verdict(p["split_p99_us"], (p["split_p99_us"] or 1e9) <= 100)),
+        ("e2e paced: split p99.9 µs", f(p["split_p999_us"]), "≤ 1000",
+         verdict(p["split_p999_us"], (p["split_p999_us"] or 1e9) <= 1000)),
+        ("e2e paced: states seen", ", ".join(p["states_seen"]), "protected only",
+         verdict(True, not p["left_protected"])),
+        ("e2e paced: RPO p99 s", f(p["rpo_p99_s"], ".2f"), "≤ 1", verdict(p["rpo_p99_s"], (p["rpo_p99_s"] or 99) <= 1)),
+        ("e2e paced: (card work + appliance) / host CPU per write", f(p["card_plus_appliance_over_host"], ".2f"), "≤ 1.0",
+         verdict(p["card_plus_appliance_over_host"], (p["card_plus_appliance_over_host"] or 99) <= 1.0)),
+        ("e2e unpaced: IOPS (states seen)", f"{f(u['iops'], ',.0f')} ({', '.join(u['states_seen'])})", "report", ""),
+        ("e2e unpaced: marked writes / all", f"{u['marked']} / {u['writes']}", "report", ""),
+        ("e2e unpaced: RPO p99 / max s", f"{f(u['rpo_p99_s'], '.2f')} / {f(u['rpo_max_s'], '.2f')}", "report", ""),
+    ]
+    lines = ["# Keeping up (bench/keepup.py)", "", f"{doc['when']}, {doc['machine']}, load average at start "
+             f"{doc['loadavg']:.2f}; components: median of {doc['rounds']} rounds (spread min–max).", "",
+             "| measure | value | target | verdict |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {t} | {v} |" for a, b, t, v in rows]
+    lines += ["", "CPU µs per write, end to end (host / acker busy / acker empty-poll / worker / appliance):", ""]
+    for name, ph in (("paced", p), ("unpaced", u)):
+        cc = ph["cpu_us_per_write"]
+        lines.append(f"- {name}: {f(cc['host'])} / {f(cc['acker_busy'])} / {f(cc['acker_empty_poll'])} / "
+                     f"{f(cc['worker'])} / {f(cc['appliance'])} ({ph['writes']:,} writes in {ph['seconds']} s)")
+    cs = c
+    lines += ["", "CPU µs per write, components stream (acker busy / acker empty-poll / worker / appliance ingest): "
+              f"{f(cs['stream.cpu_us_per_write.acker_busy']['median'])} / "
+              f"{f(cs['stream.cpu_us_per_write.acker_empty_poll']['median'])} / "
+              f"{f(cs['stream.cpu_us_per_write.worker']['median'])} / {f(cs['stream.cpu_us_per_write.appliance']['median'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex="col")
+    for col, name in enumerate(("paced", "unpaced")):
+        ph = doc["e2e"][name]
+        t = [s["t"] for s in ph["samples"]]
+        axes[0][col].plot(t, [s["iops"] for s in ph["samples"]])
+        axes[0][col].set_title(f"{name}: IOPS (split + marked)")
+        rpo = [s["rpo_s"] if s["rpo_s"] is not None else float("nan") for s in ph["samples"]]
+        axes[1][col].plot(t, rpo, label="RPO s")
+        bad = [s["t"] for s in ph["samples"] if s["states"] != ["protected"]]
+        if bad:
+            axes[1][col].scatter(bad, [0] * len(bad), color="red", marker="|", label="not protected")
+        axes[1][col].set_title(f"{name}: RPO (s) and state")
+        axes[1][col].set_xlabel("seconds")
+        axes[1][col].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, short phases")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=60, help="each end-to-end phase (default 60)")
+    ap.add_argument("--rate-iops", type=int, default=10_000, help="paced phase, in total over two vdisks")
+    ap.add_argument("--idle-seconds", type=float, default=20)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.rounds, a.seconds, a.idle_seconds = 1, 10, 5
+    n_qd1, n_big, n_stream = (2000, 50, 20_000) if a.quick else (10_000, 200, 100_000)
+    a.out.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{os.cpu_count()} CPUs",
+                           "loadavg": loadavg(), "rounds": a.rounds}
+    with tempfile.TemporaryDirectory(prefix="nicsplit-keepup-") as tmp:
+        work = Path(tmp)
+        rounds = []
+        for i in range(a.rounds):
+            print(f"components round {i + 1}/{a.rounds}", flush=True)
+            rounds.append(component_round(work / f"c{i}", n_qd1=n_qd1, n_big=n_big, n_stream=n_stream,
+                                          idle_s=a.idle_seconds))
+        doc["component_rounds"] = rounds
+        doc["components"] = summarise(rounds)
+        print("end to end", flush=True)
+        doc["e2e"] = e2e(work / "e2e", seconds=a.seconds, rate=a.rate_iops)
+    (a.out / "keepup.json").write_text(json.dumps(doc, indent=1))
+    md = markdown(doc)
+    (a.out / "keepup.md").write_text(md)
+    plot(doc, a.out / "keepup.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""The card as two processes: the **acker** (this module, the process
+``nicsplit card run`` starts) and the **pipeline worker** it spawns
+(`nicsplit.card.worker`, the `CardProcess` of `nicsplit.card.process` on a
+`HandoffEndpoint`).
+
+Theory of operation
+===================
+The acker owns everything the host attaches to (hidden volume, doorbell,
+control socket; `RingAcker`) and the handoff queue (`nicsplit.card.handoff`).
+Its loop: take SQ entries, check, ack, copy into the handoff queue, ring the
+worker if it sleeps, heartbeat. Nothing else runs on its thread: no batch,
+no compression, no seal, no TLS, no collector (automatic gc is off and the
+loop makes no per-write objects), so an ack waits only for the scheduler.
+
+Spinning and sleeping on a shared core: the acker runs SCHED_FIFO
+(``priority``) on the card's CPUs (``cpus``) and spins ``ack_spin_us``
+after its last entry, then sleeps on the doorbell; it does not spin at all
+while the worker has entries it has not read (the worker is behind and
+needs the CPU more than the next ack needs a poll). A real-time spinner
+would starve anything of normal priority on its core, so the worker runs at
+normal priority on ``worker_cpus`` (default: every allowed core, so it
+runs where there is room) and the spin is short: a doorbell wake-up of a
+real-time task preempts whatever runs on its core at once. While the
+handoff queue or the CQ is full the acker cannot progress, and it yields
+its core (sleeps 100 µs) instead of spinning.
+
+The worker: spawned with the handoff memfd and its doorbell eventfd
+inherited; it dies with the acker (parent-death signal). If it dies, the
+acker reports every write it consumed and did not finish to the lost log
+(the host marks and resyncs those regions: acked writes are never silently
+lost), frees their payloads and starts a new worker, which goes on from the
+first entry the dead one did not read. More than ``worker_restarts_max``
+deaths within a minute end the card (the supervisor restarts it).
+
+SIGTERM / SIGINT: the worker is told to stop (it drains, see
+`CardProcess._drain`) while the acker keeps acking, so the outcomes the
+worker needs still arrive; then the acker closes the endpoint.
+
+stdout: one ready line, ``{"event": "ready", "pid", "worker_pid", "cpus",
+"priority", "control", "fast_path": "process"}``, once the worker is ready.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from nicsplit.card.handoff import H, Handoff
+from nicsplit.card.lostlog import LostLog
+from nicsplit.card.sched import pin_cpus, quiet_gc, set_priority
+from nicsplit.card.transports.ring_acker import RingAcker
+from nicsplit.card.transports.ring_shared import fence
+
+log = logging.getLogger("nicsplit.card")
+
+WORKER_ENV = "NICSPLIT_CARD_WORKER"
+_P, _C = H.PRODUCED // 8, H.CONSUMED // 8
+
+
+def config_mapping(cfg: Any) -> dict:
+    """A `CardConfig` as the ``[card]`` mapping `CardConfig.from_mapping` reads."""
+    m: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in ("data", "pipeline"):
+            continue
+        v = getattr(cfg, f.name)
+        m[f.name] = list(v) if isinstance(v, tuple) else v
+    m.update(dataclasses.asdict(cfg.pipeline))
+    return m
+
+
+class Acker:
+    def __init__(self, cfg: Any, allowed: tuple[int, ...] = ()) -> None:
+        self.cfg = cfg
+        self.allowed = allowed  # the CPUs this process could use before it pinned itself
+        self.handoff = Handoff.create(cfg.handoff_slots)
+        self.ep = RingAcker(cfg.run_dir, handoff=self.handoff, **cfg.transport_options)
+        self.lost = LostLog(cfg.layout.card_lost_log)
+        self.ep.on_refused = self._refused
+        self.proc: subprocess.Popen | None = None
+        self.pidfd = -1
+        self.stopping = False
+        self.deaths: list[float] = []
+        self.ready_info: dict | None = None
+
+    def _refused(self, io_id: int, vdisk_id: int, offset: int, length: int, reason: str) -> None:
+        self.lost.append(io_id, vdisk_id, offset, length, f"card refused it ({reason})")
+
+    # -- the worker -------------------------------------------------------------------
+
+    def spawn(self) -> None:
+        cfg = self.cfg
+        wcpus = self.allowed if cfg.worker_cpus == () else cfg.worker_cpus  # (): not the acker's inherited set
+        wcfg = dataclasses.replace(cfg, cpus=wcpus, priority=cfg.worker_priority, fast_path="inline")
+        spec = {"data": str(cfg.data), "card": config_mapping(wcfg), "handoff_fd": self.handoff.fd,
+                "wake_fd": self.ep.wake_fd, "volume": self.ep.volume_path, "uid": self.ep.fake_uid,
+                "parent": os.getpid()}
+        env = dict(os.environ)
+        env[WORKER_ENV] = json.dumps(spec)
+        self.handoff.set(H.WSTATE, 0)
+        self.handoff.set(H.FULL, 0)
+        self.proc = subprocess.Popen([sys.executable, "-m", "nicsplit.card.worker"], env=env,
+                                     pass_fds=(self.handoff.fd, self.ep.wake_fd), stdout=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL)
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        log.info("card: pipeline worker pid %d started", self.proc.pid)
+
+    def worker_exited(self) -> None:
+        """The worker is gone: reclaim what it held; restart it unless stopping."""
+        assert self.proc is not None
+        rc = self.proc.wait()
+        os.close(self.pidfd)
+        self.pidfd = -1
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        why = ("the card stopped before the appliance held it" if self.stopping
+               else "the card's pipeline worker died before shipping it")
+        n = self.handoff.reclaim(lambda d: self.lost.append(d[5], d[8], d[9], d[4], why), self.ep.set_data_head)
+        if self.stopping:
+            if n:
+                log.warning("card: %d writes the worker did not finish go to the lost log (host marks)", n)
+            return
+        log.error("card: pipeline worker pid %d died (status %s); %d writes it held go to the lost log, "
+                  "restarting it", self.proc.pid, rc, n)
+        now = time.monotonic()
+        self.deaths = [t for t in self.deaths if now - t < 60] + [now]
+        if len(self.deaths) > self.cfg.worker_restarts_max:
+            raise RuntimeError(f"the pipeline worker died {len(self.deaths)} times within a minute")
+        self.handoff.set(H.RESTARTS, self.handoff.get(H.RESTARTS) + 1)
+        self.spawn()
+        self.ready_info = None
+        self.wait_ready(30.0)
+
+    def wait_ready(self, timeout: float) -> dict:
+        """Ack while the worker starts; return its ready line."""
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        buf = b""
+        while b"\n" not in buf:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the pipeline worker was not ready within {timeout:.0f} s")
+            self.ep.pump(self.cfg.poll_entries)
+            self.ep.heartbeat()
+            r, _, _ = select.select([fd], [], [], 0.001)
+            if r:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    raise RuntimeError(f"the pipeline worker exited at start (status {self.proc.wait()})")
+                buf += chunk
+        self.ready_info = json.loads(buf.split(b"\n", 1)[0])
+        return self.ready_info
+
+    # -- the loop -----------------------------------------------------------------
+
+    def run(self) -> int:
+        ep, cfg = self.ep, self.cfg
+        spin_ns = int(cfg.ack_spin_us * 1000)
+        sleep_ms = max(1, int(cfg.sleep_max_ms))
+        n_poll = cfg.poll_entries
+        now = time.monotonic_ns
+        efd = ep.doorbell_fd()
+        poller = select.poll()
+        poller.register(efd, select.POLLIN)
+        poller.register(self.pidfd, select.POLLIN)
+        watched = self.pidfd
+        idle_since = now()
+        check_at = 0
+        stop_deadline = 0.0
+        hc = self.handoff.c
+        busy = empty = 0  # loop time that acked something / that found nothing (spinning)
+        t = now()
+        while True:
+            t0 = t
+            n = ep.pump(n_poll)
+            t = now()
+            ep.heartbeat()
+            if n:
+                busy += t - t0
+                idle_since = t
+                continue
+            empty += t - t0
+            if t >= check_at:  # the worker's health, every ms while busy
+                check_at = t + 1_000_000
+                hc[H.BUSY_NS // 8], hc[H.EMPTY_NS // 8] = busy, empty
+                if self.proc is not None and self.proc.poll() is not None:
+                    poller.unregister(watched)
+                    self.worker_exited()
+                    if self.stopping:
+                        return 0
+                    watched = self.pidfd
+                    poller.register(watched, select.POLLIN)
+                    continue
+                if self.stop_requested and not self.stopping:
+                    self._begin_stop()
+                    stop_deadline = time.monotonic() + cfg.drain_timeout_s + 5
+                elif self.stopping and time.monotonic() > stop_deadline:
+                    log.error("card: worker pid %d did not stop in time: killed", self.proc.pid)
+                    self.proc.kill()
+            if ep.blocked:  # entries wait but the handoff or the CQ is full: give the core away
+                time.sleep(0.0001)
+                t = now()
+                continue
+            if t - idle_since < spin_ns and hc[_P] == hc[_C]:
+                continue  # spin only while the worker keeps up: when it is behind, it needs this core
+
+            ep.set_sleeping(True)
+            fence()  # SLEEPING visible before we re-read the tail (Dekker; wire/ring.py)
+            if ep.pending():
+                ep.set_sleeping(False)
+                continue
+            self.handoff.c[H.ACK_SLEEPS // 8] += 1
+            ready = poller.poll(sleep_ms)
+            ep.set_sleeping(False)
+            woken = False
+            try:
+                os.eventfd_read(efd)
+                woken = True
+            except BlockingIOError:
+                pass
+            ep.count_sleep(woken)
+            if ready or self.stop_requested:
+                check_at = 0
+            t = now()
+            idle_since = t - spin_ns  # a timeout wake-up with nothing to do sleeps again at once
+
+    stop_requested = False
+
+    def request_stop(self, *_: object) -> None:
+        self.stop_requested = True
+
+    def _begin_stop(self) -> None:
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.ep.close()
+        self.lost.close()
+        self.handoff.close()
+        os.close(self.handoff.fd)
+
+
+def main(cfg: Any) -> int:
+    """``nicsplit card run`` with ``fast_path = "process"``."""
+    allowed = tuple(sorted(os.sched_getaffinity(0)))
+    cpus = pin_cpus(cfg.cpus)
+    priority = set_priority(cfg.priority)
+    acker = Acker(cfg, allowed)
+    signal.signal(signal.SIGTERM, acker.request_stop)
+    signal.signal(signal.SIGINT, acker.request_stop)
+    try:
+        acker.spawn()
+        info = acker.wait_ready(60.0)
+        quiet_gc()
+        sys.stdout.write(json.dumps({"event": "ready", "pid": os.getpid(), "worker_pid": info.get("pid"),
+                                     "control": info.get("control"), "cpus": list(cpus), "priority": priority,
+                                     "worker_cpus": info.get("cpus"), "fast_path": "process"}) + "\n")
+        sys.stdout.flush()
+        return acker.run()
+    finally:
+        acker.close()

@@ -1,0 +1,181 @@
+"""The card's fast path on the ring transport: `RingAcker` takes SQ entries,
+checks them, posts the ack on the CQ and copies each checked descriptor into
+the handoff queue (`nicsplit.card.handoff`) for the pipeline worker; the
+worker's side is `HandoffEndpoint`.
+
+It owns what the host attaches to (the hidden volume, the doorbell and the
+control socket, all from `RingEndpoint`) and keeps it across worker
+restarts. Per entry it does what the inline `RingEndpoint.poll` does up to
+the ack (field checks, payload range, checksum) and then one 64-byte copy;
+it builds no Python object per write.
+"""
+
+from __future__ import annotations
+
+import os
+
+from xxhash import xxh3_64_intdigest as xxh3
+
+from nicsplit.card.handoff import H, REFUSED, SLEEPING, Handoff
+from nicsplit.card.transports.ring_endpoint import RingEndpoint
+from nicsplit.card.transports.ring_shared import (
+    CQ_HEAD, DATA_HEAD, DATA_TAIL, DF_CSUM, FAILED, K_OUTCOME, K_WRITE, M32, OK, R_FULL, SQ_HEAD, SQ_TAIL,
+    cqe_pack, desc_unpack, fence, reason_name,
+)
+from nicsplit.wire import ring as R
+
+__all__ = ["RingAcker"]
+
+_P, _C, _F = H.PRODUCED // 8, H.CONSUMED // 8, H.FLOOR // 8
+_WSTATE, _FULL, _ACKED, _REF, _HFULL = H.WSTATE // 8, H.FULL // 8, H.ACKED // 8, H.REFUSED // 8, H.HANDOFF_FULL // 8
+_DX = H.DATA_EXPECT // 8
+
+
+class RingAcker(RingEndpoint):
+    """`RingEndpoint` whose consumer is the handoff queue (see module doc)."""
+
+    def __init__(self, run_dir, *, handoff: Handoff, **kw) -> None:
+        super().__init__(run_dir, **kw)
+        self.handoff = handoff
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK)  # inherited by the worker: its doorbell
+        self._n_rings = 0
+        self.blocked = False  # the last pump left entries in the SQ: no room in the handoff queue or the CQ
+
+    def pump(self, max_entries: int = 256) -> int:
+        """Ack up to ``max_entries`` SQ entries into the handoff queue;
+        returns how many SQ entries were consumed."""
+        c = self._ctr
+        head = self._sq_head
+        tail = c[SQ_TAIL]
+        self.blocked = False
+        if tail == head:
+            return 0
+        avail = tail - head
+        if avail > self._sq_n or avail < 0:
+            self._warn("ring: host published sq_tail %d with sq_head %d: ignored", tail, head)
+            return 0
+        ho = self.handoff
+        hc = ho.c
+        produced = hc[_P]
+        room = ho.n - (produced - hc[_F])
+        if room <= 0:
+            hc[_HFULL] += 1
+            self.blocked = True
+            return 0
+        full = self._full or hc[_FULL] == 1
+        data_tail = c[DATA_TAIL]
+        sq, cq, data = self._sq, self._cq, self._data
+        slots, ends, flags, hmask = ho.slots, ho.ends, ho.flags, ho.mask
+        sq_mask, cq_mask, size = self._sq_mask, self._cq_mask, self._dsize
+        cq_tail = self._cq_tail
+        n = min(avail, max_entries, room)
+        acked = refused = 0
+        for _ in range(n):
+            at = (head & sq_mask) << 6
+            (kind, wflags, dflags, status, length, io_id, cg_seq, cg_id, vdisk_id, voffset, ts, data_pos,
+             csum, seq) = desc_unpack(sq, at)
+            s = produced & hmask
+            if kind == K_OUTCOME:
+                reason = R.check_fields(kind, wflags, dflags, status, length, data_pos, csum, seq, head)
+                if reason:
+                    self._n_bad += 1
+                    self._warn("ring: bad outcome for io %d at %d: %s (dropped)", io_id, head, reason_name(reason))
+                else:
+                    self._n_outcomes += 1
+                    slots[s << 6: (s << 6) + 64] = sq[at: at + 64]
+                    ends[s] = 0
+                    flags[s] = 0
+                    produced += 1
+                head += 1
+                continue
+            if cq_tail - self._cq_head_c >= self._cq_n:
+                self._cq_head_c = c[CQ_HEAD]
+                if cq_tail - self._cq_head_c >= self._cq_n:
+                    self._n_cq_full += 1
+                    self.blocked = True
+                    break  # leave the rest in the SQ until the host drains the CQ
+            reason = R.check_fields(kind, wflags, dflags, status, length, data_pos, csum, seq, head)
+            if full and not reason:
+                reason = R_FULL
+            track = False
+            if (not reason or reason == R_FULL) and kind == K_WRITE:
+                off = data_pos % size
+                expect = self._data_expect
+                if not (expect <= data_pos and data_pos - expect < size and data_pos + length <= data_tail
+                        and off + length <= size):
+                    reason = R.AckReason.BAD_RANGE
+                else:
+                    track = True  # (if FULL we only free its space)
+                    if not reason and self._verify and dflags & DF_CSUM and xxh3(data[off: off + length]) & M32 != csum:
+                        reason = R.AckReason.BAD_CHECKSUM
+            cqe_pack(cq, (cq_tail & cq_mask) << 4, io_id, FAILED if reason else OK, reason, 0, cq_tail & M32)
+            cq_tail += 1
+            c[CQ_TAIL_I] = cq_tail  # the ack is out before we look at the next entry
+            if track or not reason:
+                slots[s << 6: (s << 6) + 64] = sq[at: at + 64]
+                ends[s] = data_pos + length if track else 0
+                flags[s] = REFUSED if reason else 0
+                produced += 1
+                if track:
+                    self._data_expect = data_pos + length
+            if reason:
+                refused += 1
+                if length and self.on_refused is not None:
+                    self.on_refused(io_id, vdisk_id, voffset, length, reason_name(reason))
+                if reason == R_FULL:
+                    self._n_refused_full += 1
+                else:
+                    self._n_bad += 1
+                    self._warn("ring: refused io %d at %d (kind %d, %d bytes at %d): %s", io_id, head, kind,
+                               length, data_pos, reason_name(reason))
+            else:
+                acked += 1
+                self._n_writes += 1
+                if kind == K_WRITE:
+                    self._n_bytes += length
+            head += 1
+        consumed = head - self._sq_head
+        self._sq_head = head
+        self._cq_tail = cq_tail
+        c[SQ_HEAD] = head
+        self._n_entries += consumed
+        if acked:
+            hc[_ACKED] += acked
+        if refused:
+            hc[_REF] += refused
+        if produced != hc[_P]:
+            hc[_DX] = self._data_expect
+            hc[_P] = produced
+            fence()  # PRODUCED visible before we read the worker's state (Dekker)
+            if hc[_WSTATE] == SLEEPING:
+                self._n_rings += 1
+                os.eventfd_write(self.wake_fd, 1)
+        return consumed
+
+    def count_sleep(self, woken: bool) -> None:
+        """The acker's loop slept on the doorbell (woken: by a ring)."""
+        self._n_sleeps += 1
+        self._n_wakeups += woken
+
+    def _store_counters(self) -> None:
+        super()._store_counters()
+        hc = self.handoff.c
+        hc[H.REFUSED_FULL // 8] = self._n_refused_full
+        hc[H.CQ_FULL // 8] = self._n_cq_full
+        hc[H.HOST_PID // 8] = self.host_pid
+        hc[H.BAD // 8] = self._n_bad
+
+    def set_data_head(self, end: int) -> None:
+        """The handoff floor moved: payload space up to ``end`` is free."""
+        if end > self._ctr[DATA_HEAD]:
+            self._ctr[DATA_HEAD] = end
+
+    def fill(self) -> float:
+        return (self._data_expect - self._ctr[DATA_HEAD]) / self._dsize
+
+    def close(self) -> None:
+        super().close()
+        os.close(self.wake_fd)
+
+
+CQ_TAIL_I = R.Counter.CQ_TAIL.value

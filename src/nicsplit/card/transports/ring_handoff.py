@@ -1,0 +1,139 @@
+"""The pipeline worker's endpoint on the ring transport: `HandoffEndpoint`
+reads what the acker (`nicsplit.card.transports.ring_acker`) checked and
+acked from the handoff queue (`nicsplit.card.handoff`), hands the pipeline
+`AugmentedWrite`s whose payloads are views of the hidden volume, and frees
+them (`release`) by finishing handoff positions; the handoff floor moves the
+ring's ``DATA_HEAD``. It offers the same calls as `RingEndpoint`, so
+`nicsplit.card.process.CardProcess` runs on either.
+"""
+
+from __future__ import annotations
+
+import logging
+from time import monotonic_ns
+
+from nicsplit.card.handoff import H, POLLING, REFUSED, RELEASED, SLEEPING, Handoff
+from nicsplit.card.hidden import HiddenVolume
+from nicsplit.card.transports.ring_shared import (
+    DATA_HEAD, K_OUTCOME, K_WRITE, OPS, STATUSES, WFLAGS, desc_unpack,
+)
+from nicsplit.core.records import AugmentedWrite, Outcome
+from nicsplit.wire import ring as R
+
+__all__ = ["HandoffEndpoint"]
+
+log = logging.getLogger("nicsplit.card.transports.ring")
+
+_P, _C, _F = H.PRODUCED // 8, H.CONSUMED // 8, H.FLOOR // 8
+_WSTATE, _FULL, _WHB, _DX = H.WSTATE // 8, H.FULL // 8, H.WHEARTBEAT // 8, H.DATA_EXPECT // 8
+
+
+class HandoffEndpoint:
+    def __init__(self, handoff: Handoff, volume_path: str, volume_uid: str, wake_fd: int) -> None:
+        self.handoff = handoff
+        self._hv = HiddenVolume.attach(volume_path, volume_uid)
+        self._data = self._hv.data
+        self._ctr = self._hv.counters
+        self._dsize = self._hv.geometry.data_size
+        self._wake_fd = wake_fd
+        self.card_pid = self._hv.identity.card_pid  # the acker, which created the volume
+        self._held: dict[int, int] = {}  # io_id -> handoff position of its payload
+        self._n_dup = 0
+        self.on_refused = None  # the acker reports refusals; kept for CardProcess's interface
+
+    def poll(self, max_entries: int = 256) -> list[AugmentedWrite | Outcome]:
+        ho = self.handoff
+        hc = ho.c
+        pos = hc[_C]
+        end = hc[_P]
+        if end == pos:
+            return []
+        if end - pos > max_entries:
+            end = pos + max_entries
+        slots, flags, mask = ho.slots, ho.flags, ho.mask
+        data, size, held = self._data, self._dsize, self._held
+        out: list[AugmentedWrite | Outcome] = []
+        append = out.append
+        while pos < end:
+            s = pos & mask
+            (kind, wflags, _dflags, status, length, io_id, cg_seq, cg_id, vdisk_id, voffset, ts, data_pos,
+             _csum, _seq) = desc_unpack(slots, s << 6)
+            if kind == K_OUTCOME:
+                flags[s] = RELEASED
+                append(Outcome(io_id, STATUSES[status]))
+            elif flags[s] & REFUSED:
+                flags[s] = REFUSED | RELEASED  # only its payload space to free, in order
+            elif kind == K_WRITE:
+                if io_id in held:
+                    self._n_dup += 1
+                    log.error("ring: io %d handed off twice while held: the second copy is ignored", io_id)
+                    flags[s] = RELEASED
+                else:
+                    held[io_id] = pos
+                    off = data_pos % size
+                    append(AugmentedWrite(io_id, cg_id, cg_seq, vdisk_id, OPS[kind], WFLAGS[wflags], voffset,
+                                          length, ts, data[off: off + length]))
+            else:  # ZERO / TRIM / BARRIER: no payload to hold
+                flags[s] = RELEASED
+                append(AugmentedWrite(io_id, cg_id, cg_seq, vdisk_id, OPS[kind], WFLAGS[wflags], voffset,
+                                      length, ts, None))
+            pos += 1
+        hc[_C] = pos
+        if hc[_F] < pos and flags[hc[_F] & mask] & RELEASED:
+            ho.advance_floor(pos, self._set_head)
+        return out
+
+    def release(self, io_id: int) -> None:
+        try:
+            pos = self._held.pop(io_id)
+        except KeyError:
+            raise KeyError(f"ring: io {io_id} is not held by the card (never received, or released twice)") from None
+        ho = self.handoff
+        ho.flags[pos & ho.mask] |= RELEASED
+        if pos == ho.c[_F]:
+            ho.advance_floor(ho.c[_C], self._set_head)
+
+    def _set_head(self, end: int) -> None:
+        self._ctr[DATA_HEAD] = end
+
+    def fill(self) -> float:
+        """Fraction of the ring's data area still held (acked, not freed)."""
+        return max(0, self.handoff.c[_DX] - self._ctr[DATA_HEAD]) / self._dsize
+
+    def set_full(self, full: bool) -> None:
+        """Ask the acker to refuse writes (FULL) while nothing can take them."""
+        self.handoff.c[_FULL] = 1 if full else 0
+
+    def heartbeat(self) -> None:
+        self.handoff.c[_WHB] = monotonic_ns()
+
+    def set_sleeping(self, sleeping: bool) -> None:
+        self.handoff.c[_WSTATE] = SLEEPING if sleeping else POLLING
+
+    def doorbell_fd(self) -> int:
+        return self._wake_fd
+
+    def pending(self) -> bool:
+        c = self.handoff.c
+        return c[_P] != c[_C]
+
+    def statistics(self) -> dict:
+        """The ring endpoint's statistics as the acker last stored them (the
+        same keys as `RingEndpoint.statistics`), plus the handoff queue."""
+        c, ho = self._ctr, self.handoff
+        g = ho.get
+        return {
+            "entries": c[R.CardCounter.ENTRIES], "writes": c[R.CardCounter.WRITES],
+            "outcomes": c[R.CardCounter.OUTCOMES], "bad": g(H.BAD), "bytes": c[R.CardCounter.BYTES],
+            "sleeps": c[R.CardCounter.SLEEPS], "wakeups": c[R.CardCounter.WAKEUPS],
+            "released": c[DATA_HEAD], "held": len(self._held),
+            "held_bytes": max(0, g(H.DATA_EXPECT) - c[DATA_HEAD]), "cq_full": g(H.CQ_FULL),
+            "refused_full": g(H.REFUSED_FULL), "host_pid": g(H.HOST_PID),
+            "handoff": dict(ho.statistics(), duplicates=self._n_dup),
+        }
+
+    def close(self) -> None:
+        self._held.clear()
+        self._data = None
+        self._ctr = None
+        self._hv.close()

@@ -1,0 +1,120 @@
+"""The card's fast path (nicsplit.card.fastpath): a real `nicsplit card run`
+(the acker process and its pipeline worker), driven through the real ring by
+the host's own `RingSplitter` from this test.
+
+- Acks keep flowing while the pipeline does not run at all (the worker is
+  SIGSTOPped: a stronger case than a seal in progress, which stops it for
+  ~0.5 ms).
+- A worker killed while it holds acked writes loses none of them silently:
+  each is in the lost log (the host marks and resyncs its region), its ring
+  space is freed, a new worker takes over and acks go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from time import monotonic_ns
+
+import pytest
+
+from nicsplit.card.transports.ring_splitter import RingSplitter
+from nicsplit.core.ctl import request
+from nicsplit.core.layout import Layout
+from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag
+from nicsplit.testing.datadir import init_data
+from nicsplit.testing.procs import ReadyProcess, nicsplit_cmd, run_cli, wait_for
+
+BS = 4096
+
+
+class CardProcess(ReadyProcess):
+    what = "card"
+
+    def argv(self) -> list[str]:
+        return nicsplit_cmd("--data", str(self.data), "card", "run", "--appliance", "127.0.0.1:9")
+
+
+@pytest.fixture
+def card(tmp_path):
+    data = init_data(tmp_path / "data", sections={"card": {"transport_options": {"data_size": "16M"},
+                                                           "backoff_min_s": 1.0}})
+    run_cli(data, "vdisk", "create", "a", "--size", str(64 << 20))
+    c = CardProcess(data).start()
+    yield data, c
+    c.stop()
+
+
+def stats(data) -> dict:
+    return request(Layout(data).card_ctl_sock, {"cmd": "stats"})["stats"]
+
+
+def write(io_id: int, seed: int) -> AugmentedWrite:
+    payload = (io_id * 2654435761 + seed).to_bytes(8, "little") * (BS // 8)
+    return AugmentedWrite(io_id, 1, io_id, 1, Op.WRITE, WFlag.NONE, (io_id % 1000) * BS, BS, monotonic_ns(), payload)
+
+
+def test_acks_flow_while_the_pipeline_worker_is_stopped(card, seed):
+    data, c = card
+    assert c.ready["fast_path"] == "process" and c.ready["worker_pid"] != c.pid
+    worker = c.ready["worker_pid"]
+    r = RingSplitter.connect(str(Layout(data).card_sock))
+    try:
+        for i in range(1, 101):  # the worker runs: it takes them
+            assert r.split(write(i, seed), 1_000_000_000)
+        wait_for(lambda: stats(data)["endpoint"]["handoff"]["consumed"] >= 100, 30, "the worker taking 100 writes")
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            waits = []
+            for i in range(101, 1101):  # 1000 x 4 KiB: fits the 16 MiB data area
+                t = monotonic_ns()
+                assert r.split(write(i, seed), 1_000_000_000), f"write {i} not acked while the worker is stopped"
+                waits.append(monotonic_ns() - t)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        waits.sort()
+        print(f"acks with the worker stopped: p50 {waits[500] / 1000:.1f} us, p99 {waits[990] / 1000:.1f} us, "
+              f"max {waits[-1] / 1000:.1f} us")
+        wait_for(lambda: stats(data)["endpoint"]["handoff"]["consumed"] >= 1100, 30, "the worker catching up")
+        st = stats(data)
+        assert st["worker_pid"] == worker and st["endpoint"]["handoff"]["worker_restarts"] == 0
+        assert st["writes_in"] == 1100, st
+    finally:
+        r.close()
+
+
+def test_a_killed_worker_reports_what_it_held_and_a_new_one_goes_on(card, seed):
+    data, c = card
+    worker = c.ready["worker_pid"]
+    r = RingSplitter.connect(str(Layout(data).card_sock))
+    try:
+        for i in range(1, 201):
+            assert r.split(write(i, seed), 1_000_000_000)
+            if i <= 150:  # 150 committed; 50 still wait for their outcome
+                assert r.post_outcome(i, Status.COMMITTED)
+        wait_for(lambda: stats(data)["endpoint"]["handoff"]["consumed"] >= 350, 30, "the worker taking them")
+        held_before = r.released_position()
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: (s := _stats_or_none(data)) is not None and s["worker_pid"] != worker, 60,
+                 "a new worker serving the control socket")
+        st = stats(data)
+        ho = st["endpoint"]["handoff"]
+        # Nothing was shipped (no appliance), so every one of the 200 was held.
+        assert ho["worker_restarts"] == 1 and ho["lost_on_worker_death"] == 200, ho
+        lines = [json.loads(x) for x in Layout(data).card_lost_log.read_text().splitlines()]
+        died = sorted(x["io_id"] for x in lines if "worker died" in x["reason"])
+        assert died == list(range(1, 201)), died[:10]
+        assert r.released_position() > held_before and r.released_position() == 200 * BS
+        for i in range(201, 301):  # the new worker takes writes again
+            assert r.split(write(i, seed), 1_000_000_000)
+        wait_for(lambda: stats(data)["writes_in"] == 100, 30, "the new worker taking 100 writes")
+    finally:
+        r.close()
+
+
+def _stats_or_none(data):
+    try:
+        return stats(data)
+    except (OSError, TypeError, KeyError):
+        return None
