@@ -59,5 +59,7 @@ def test_host_start_error_names_the_vdisk_and_its_file(tmp_path):
     cat_path.write_text(json.dumps(cat))
     uuid = cat["vdisks"][0]["uuid"]
     line = _one_line_error(data, "host", "serve", "--listen", "127.0.0.1:0")
+    # With the sparse bitmap the memory fits; the file cannot be that large (EFBIG).
     assert line.startswith(f"nicsplit: error: vdisk big ({9000000 << 40} bytes): "
-                           f"{data}/host/marking/{uuid}.bitmap: the dirty bitmap"), line
+                           f"{data}/host/marking/{uuid}.bitmap: "), line
+    assert "dirty bitmap" in line, line

@@ -90,3 +90,25 @@ def test_a_cg_the_appliance_refused_is_asked_for_again(tmp_path):
         await server.wait_closed()
 
     asyncio.run(main())
+
+
+def test_writes_of_a_refused_cg_are_reported_lost_not_batched():
+    """A refused CG's writes would sit in the ship window until it fills
+    and stalls every CG: the pipeline reports them lost (the host marks
+    them) and releases them at once; other CGs are batched as usual."""
+    from nicsplit.card.pipeline import CardPipeline, PipelineConfig
+    from nicsplit.testing.pipeline import FakeCatalog, committed, write
+
+    lost, released = [], []
+    p = CardPipeline(FakeCatalog({1: ("cgA", "a", 1 << 30), 2: ("cgB", "b", 1 << 30)}), release=released.append,
+                     on_lost=lost.append, key=None, config=PipelineConfig(batch_delay_us=0))
+    p.window.connected({"cgA": 0, "cgB": 0}, lambda wire: True, ("cgA",), refused={"cgB": "refused by the appliance"})
+    ents = []
+    for i in range(1, 11):
+        vd = 1 if i % 2 else 2
+        ents += [write(i, (i + 1) // 2, cg_id=vd, vdisk_id=vd, offset=i * 4096, data=bytes([i]) * 4096), committed(i)]
+    p.feed(ents, 0)
+    p.drain(0)
+    assert sorted(w.io_id for w in lost) == [2, 4, 6, 8, 10]
+    assert {2, 4, 6, 8, 10} <= set(released)
+    assert p.window.statistics().unacked >= 1 and p.statistics().hold.held == 0

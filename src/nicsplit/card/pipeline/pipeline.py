@@ -141,6 +141,8 @@ class CardPipeline:
                 self._payload_ios.add(e.io_id)
                 self._bytes_in += len(e.data)
             r = self.resolver.resolve(e)
+            if r is not None and self.window.refused(r.cg):
+                r = None  # the appliance refuses this CG: lost (its host marks) rather than filling the window
             if r is None:
                 self._lost(e)  # acked to the host, never shipped: its region must be resynced (P1)
                 self._release(e.io_id)
