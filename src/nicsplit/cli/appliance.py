@@ -7,6 +7,7 @@
     nicsplit journal dump CG [--json] [--from SEQ] [--upto SEQ]
     nicsplit journal replay CG --out DIR [--upto SEQ] [--force] [--json]
     nicsplit pki init [--appliance-name NAME ...]
+    nicsplit pki nbd-client DIR [--name CN]       a client certificate for NBD over TLS
 
 ``add_parsers(sub, common)`` registers them on an argparse subparsers object.
 The work is done by `nicsplit.appliance.server` (run), `nicsplit.recovery.keys`
@@ -27,7 +28,7 @@ from typing import Any
 from nicsplit.appliance.config import DEFAULT_LISTEN, at_rest_encryption, pki_dir, server_config
 from nicsplit.cli.common import CliError, seq
 from nicsplit.core import config as cfgmod
-from nicsplit.core.pki import init_pki
+from nicsplit.core.pki import init_pki, issue_nbd_client
 from nicsplit.recovery import keys, replay
 from nicsplit.storage import atrest
 
@@ -99,6 +100,13 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
     d = pki_dir(cfg)
     created = init_pki(d, appliance_names=tuple(args.appliance_name or ()))
     print(f"created {', '.join(created)} in {d}" if created else f"{d} is complete; nothing created")
+    return 0
+
+
+def cmd_pki_nbd_client(args: argparse.Namespace) -> int:
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    paths = issue_nbd_client(pki_dir(cfg), Path(args.dir), args.name)
+    print(f"issued NBD client certificate {args.name!r}: {', '.join(str(p) for p in paths)}")
     return 0
 
 
@@ -178,3 +186,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--appliance-name", action="append", metavar="NAME",
                    help="extra DNS name or IP for the appliance certificate (repeatable)")
     s.set_defaults(func=cmd_pki_init)
+    s = pp.add_parser("nbd-client", parents=[common],
+                      help="issue a client certificate for NBD over TLS into DIR (ca-cert.pem, client-cert.pem, client-key.pem)")
+    s.add_argument("dir", metavar="DIR", help="a new or empty directory (libnbd --tls-certificates, qemu tls-creds-x509 dir)")
+    s.add_argument("--name", default="nbd-client", help="the certificate's CN (see [host] tls_clients)")
+    s.set_defaults(func=cmd_pki_nbd_client)

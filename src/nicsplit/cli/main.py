@@ -163,13 +163,17 @@ def _serve(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
     listen = parse_listen(args.listen or cfg.host("listen", "127.0.0.1:10809"))
     sock = args.socket if args.socket is not None else (cfg.host("socket", "") or None)
 
+    stdio = bool(getattr(args, "stdio", False))
+
     def ready(info: dict) -> None:
-        # One JSON line on stdout tells a supervisor (or a test) we serve.
-        print(json.dumps(info), flush=True)
+        # One JSON line on stdout tells a supervisor (or a test) we serve;
+        # with --stdio stdout is the NBD stream, so it goes to stderr.
+        print(json.dumps(info), flush=True, file=sys.stderr if stdio else sys.stdout)
         for a in info["addresses"]:
             log.info("serving NBD on %s (export = vdisk name)", a)
 
-    run_async(serve(cfg, listen=listen, socket_path=sock, readonly=True if args.readonly else None, ready=ready))
+    run_async(serve(cfg, listen=listen, socket_path=sock, readonly=True if args.readonly else None, ready=ready,
+                    tls=getattr(args, "tls", None), stdio=stdio))
     return 0
 
 
@@ -207,7 +211,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     ds = Datastore.open(cfg.datastore_dir)
     listen = args.listen or cfg.host("listen", "127.0.0.1:10809")
     host, port = parse_listen(listen)
-    host_args = ["host", "serve", "--listen", listen] + (["--socket", args.socket] if args.socket else []) + (["--readonly"] if args.readonly else [])
+    host_args = ["host", "serve", "--listen", listen] + (["--socket", args.socket] if args.socket else []) + (["--readonly"] if args.readonly else []) \
+        + (["--tls", args.tls] if args.tls else [])
     children = [
         Child("appliance", child_argv(data, "appliance", "run", *(["--listen", args.appliance_listen] if args.appliance_listen else [])),
               sticky=lambda ready: ["--listen", ready["address"]]),
@@ -364,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--appliance-listen", metavar="HOST:PORT", help="address of the appliance (default [appliance] listen)")
     s.add_argument("--socket", metavar="PATH", default=None)
     s.add_argument("--readonly", action="store_true")
+    s.add_argument("--tls", choices=("auto", "off", "on", "require"), default=None, help="the host's NBD TLS (see host serve)")
     s.set_defaults(func=cmd_up)
 
     vd = sub.add_parser("vdisk", parents=[common], help="manage virtual disks").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
@@ -417,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:10809")
     s.add_argument("--socket", metavar="PATH", default=None, help="also serve on a Unix socket")
     s.add_argument("--readonly", action="store_true", help="serve every export read-only")
+    s.add_argument("--tls", choices=("auto", "off", "on", "require"), default=None,
+                   help="NBD over TLS (default [host] tls, auto: required beyond loopback, offered on it)")
+    s.add_argument("--stdio", action="store_true",
+                   help="serve one NBD session on stdin/stdout instead of listening (as nbdkit -s; for fuzzing)")
     s.set_defaults(func=cmd_host_serve)
     s = hs.add_parser("stats", parents=[common], help="per-vdisk IO statistics of the running host")
     s.add_argument("--json", action="store_true")

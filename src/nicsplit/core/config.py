@@ -59,6 +59,27 @@ readonly = false
 # Requests in flight per connection before the server stops reading from
 # it (backpressure): 128 covers any common client queue depth.
 max_inflight = 128
+# NBD connections (docs/operations.md, "NBD doors"): seconds a client has
+# to finish the handshake; seconds without a request before an idle
+# connection is closed (0 = never); seconds replies may make no progress
+# towards a client that stopped reading before it is closed (0 = never);
+# connections at once (0 = no cap); options per handshake.
+handshake_timeout = 10
+idle_timeout = 0
+send_timeout = 60
+max_connections = 256
+max_options = 32
+# MiB of request and reply data (reads included) one connection, and the
+# whole server, may hold before they stop taking requests until replies drain.
+conn_inflight_mib = 64
+server_inflight_mib = 256
+# NBD over TLS (--tls): auto = required beyond loopback, offered on it;
+# off, on (offered) or require. tls_names: extra DNS names / addresses for
+# the server certificate (DATA/pki/nbd-server.crt); tls_clients: the client
+# certificate CNs let in (empty: any certificate of this deployment's CA).
+tls = "auto"
+tls_names = []
+tls_clients = []
 
 [datastore]
 # Largest size of one datastore volume file (sparse); another volume is

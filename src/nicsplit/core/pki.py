@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 import os
+import socket
 import ssl
 from pathlib import Path
 
@@ -222,3 +223,100 @@ def peer_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
             if key == "commonName":
                 return value
     return None
+
+
+# -- NBD over TLS (nicsplit.host.nbdpolicy) --------------------------------------------
+#
+# The NBD server presents ``nbd-server.crt`` (SAN: loopback addresses,
+# localhost, this machine's name, the names it is given), issued by the CA
+# on first use; a client presents any certificate the CA issued, made with
+# `issue_nbd_client` in the file names gnutls tools expect (libnbd's
+# ``nbd_set_tls_certificates``, qemu's ``tls-creds-x509,dir=...,endpoint=client``).
+
+NBD_SERVER = "nbd-server"
+NBD_CLIENT_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
+
+
+def _load_ca(dir: Path):
+    from cryptography import x509  # issuing only, as in init_pki
+    from cryptography.hazmat.primitives import serialization  # issuing only
+
+    ca_crt, ca_key = Path(dir) / "ca.crt", Path(dir) / "ca.key"
+    try:
+        return (x509.load_pem_x509_certificate(ca_crt.read_bytes()),
+                serialization.load_pem_private_key(ca_key.read_bytes(), password=None))
+    except (ValueError, OSError) as e:
+        raise PkiError(f"cannot load the CA from {dir}: {e} (run 'nicsplit pki init')") from None
+
+
+def _issue(dir: Path, cn: str, sans: list[str], crt: Path, key: Path, *, server: bool) -> None:
+    """Issue a leaf for ``cn`` signed by the CA in ``dir`` into ``crt``/``key`` (never overwriting)."""
+    from cryptography import x509  # issuing only
+    from cryptography.hazmat.primitives import hashes, serialization  # issuing only
+    from cryptography.hazmat.primitives.asymmetric import ec  # issuing only
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # issuing only
+
+    ca_cert, ca_priv = _load_ca(dir)
+    now = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=5)
+    key_obj = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for n in dict.fromkeys(sans):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            names.append(x509.DNSName(n))
+    usage = [ExtendedKeyUsageOID.SERVER_AUTH] if server else [ExtendedKeyUsageOID.CLIENT_AUTH]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "nicsplit"),
+                                 x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(ca_cert.subject).public_key(key_obj.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + _dt.timedelta(days=LEAF_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_priv.public_key()), critical=False)
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(ca_priv, hashes.SHA256())
+    _write_private(key, key_obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+    _write_public(crt, cert.public_bytes(serialization.Encoding.PEM))
+
+
+def nbd_server_context(pki_dir: Path, names: tuple[str, ...] = ()) -> ssl.SSLContext:
+    """The NBD server's TLS context (rule 4: TLS 1.3, our CA only, a client
+    certificate required). Issues ``nbd-server.crt`` first if it is missing,
+    for 127.0.0.1, ::1, localhost, this machine's name and ``names``."""
+    d = Path(pki_dir)
+    crt, key = d / f"{NBD_SERVER}.crt", d / f"{NBD_SERVER}.key"
+    if crt.exists() != key.exists():
+        have, miss = (crt, key) if crt.exists() else (key, crt)
+        raise PkiError(f"{have} exists but {miss} does not; remove {have} to reissue it")
+    if not crt.exists():
+        _issue(d, NBD_SERVER, ["127.0.0.1", "::1", "localhost", socket.gethostname(), *names], crt, key, server=True)
+    return server_context(d, NBD_SERVER)
+
+
+def issue_nbd_client(pki_dir: Path, out: Path, cn: str = "nbd-client") -> list[Path]:
+    """A client certificate for NBD over TLS in ``out`` (created 0700):
+    ``ca-cert.pem``, ``client-cert.pem``, ``client-key.pem`` (0600). Existing
+    files are never overwritten."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths = [out / n for n in NBD_CLIENT_FILES]
+    existing = [str(p) for p in paths if p.exists()]
+    if existing:
+        raise PkiError(f"{', '.join(existing)} already exist; choose an empty directory")
+    ca = Path(pki_dir) / "ca.crt"
+    try:
+        ca_pem = ca.read_bytes()
+    except OSError as e:
+        raise PkiError(f"cannot read {ca}: {e.strerror or e} (run 'nicsplit pki init')") from None
+    _issue(Path(pki_dir), cn, [cn], paths[1], paths[2], server=False)
+    _write_public(paths[0], ca_pem)
+    return paths

@@ -14,6 +14,13 @@ Theory of operation
 - At most ``max_inflight`` Tasks per session; beyond that the session stops
   reading from its socket until half have finished (bounded, visible
   backpressure instead of unbounded buffering).
+- Bytes are bounded too (`nicsplit.host.nbdpolicy`): before each request the
+  session checks its own bytes (executing + batched + in the transport)
+  against ``conn_bytes`` and the server's `ByteBudget`; over either it keeps
+  the request in the codec (or in ``_pending``), pauses reading, and goes on
+  when replies drained (``resume_writing``), a task ended, or the budget
+  woke it. Handshake, idle and send timeouts and the connection cap live
+  there too.
 - Errors are raised where they happen as `IOFailure(errno)` and mapped to
   the NBD code in exactly one place, `_execute`, after logging the cause.
 - One chain per vdisk, shared by all its sessions (multi-conn safe: a flush
@@ -23,12 +30,11 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable
 
 from nicsplit.core import ctl
 from nicsplit.core.cgs import CGCatalog, CGError
@@ -36,41 +42,36 @@ from nicsplit.core.config import Config
 from nicsplit.core.dirtymap import DirtyMapError
 from nicsplit.host.chain import Chain, ChainError, VdiskView, build_chain
 from nicsplit.host.context import HostContext
-from nicsplit.host.datastore import Datastore, UnknownVdisk
-from nicsplit.host.eager import run_eager
+from nicsplit.host.datastore import Datastore
 from nicsplit.host.filters.split import BarrierFailed
-from nicsplit.host.io import EXTENT_DATA, Flag, IOFailure
+from nicsplit.host.io import EXTENT_DATA
+from nicsplit.host.nbdpolicy import ByteBudget, NbdLimits, NbdTls, RateLimitedLog, resolve_tls
+from nicsplit.host.session import NBDSession, close_exports
+from nicsplit.host.stdio import serve_stdio
 from nicsplit.host.plugin import DatastorePlugin, GroupSync
 from nicsplit.host.resync import Resyncer
 from nicsplit.wire import nbd
 
 log = logging.getLogger(__name__)
 
-# NBD command flags → chain flags, precomputed for every 16-bit combination
-# the codec lets through (it already refused unknown bits).
-_FLAG_MAP = [
-    int(
-        (Flag.FUA if f & nbd.NBD_CMD_FLAG_FUA else 0)
-        | (Flag.NO_HOLE if f & nbd.NBD_CMD_FLAG_NO_HOLE else 0)
-        | (Flag.FAST_ZERO if f & nbd.NBD_CMD_FLAG_FAST_ZERO else 0)
-        | (Flag.REQ_ONE if f & nbd.NBD_CMD_FLAG_REQ_ONE else 0)
-    )
-    for f in range(64)
-]
-
-# NBD lengths are 32-bit; keep each reported extent below that.
-_MAX_EXTENT = 0xFFFF_F000
-
-
 class HostCommandError(Exception):
     """A control-socket command that cannot be done: one clear line."""
 
 
 class ExportCatalog:
-    """The codec's view of exports: one per vdisk, named by the vdisk."""
+    """The codec's view of exports: one per vdisk, named by the vdisk.
+
+    Answers from a cache rebuilt only when the datastore catalog or the CG
+    roles (cgs.json) changed on disk (their stamps), so a handshake costs a
+    stat or two, not a parse: a flood of NBD_OPT_LIST must not cost the
+    event loop a catalog read each (issue 11 item 7)."""
 
     def __init__(self, host: "HostServer") -> None:
         self._host = host
+        self._key: Any = None
+        self._exports: dict[str, nbd.ExportInfo] = {}
+        self.rebuilds = 0   # cache rebuilds (host stats: "exports")
+        self.lookups = 0    # lookup + list calls
 
     def _info(self, v: Any) -> nbd.ExportInfo:
         owner = f" of {v.owner}" if v.owner else ""
@@ -81,18 +82,35 @@ class ExportCatalog:
             description=f"nicsplit vdisk {v.name}{owner}",
         )
 
+    def _current(self) -> dict[str, nbd.ExportInfo]:
+        self.lookups += 1
+        host = self._host
+        host.datastore.reload_catalog()
+        host.reload_fences()
+        key = (host.datastore.catalog_stamp, host.fenced, host.readonly)
+        if key != self._key:
+            self._exports = {v.name: self._info(v) for v in host.datastore.list_vdisks()}
+            self._key = key
+            self.rebuilds += 1
+        return self._exports
+
     def lookup(self, name: str) -> nbd.ExportInfo | None:
-        self._host.datastore.reload_catalog()
-        self._host.reload_fences()
-        try:
-            return self._info(self._host.datastore.get_vdisk(name))
-        except UnknownVdisk:
-            return None
+        return self._current().get(name)
 
     def list_exports(self) -> list[nbd.ExportInfo]:
-        self._host.datastore.reload_catalog()
-        self._host.reload_fences()
-        return [self._info(v) for v in self._host.datastore.list_vdisks()]
+        return list(self._current().values())
+
+    def statistics(self) -> dict[str, int]:
+        return {"lookups": self.lookups, "rebuilds": self.rebuilds, "fence_reads": self._host.fence_reads}
+
+
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime_ns, size) of ``path``; None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def allocated_ranges(vd: Any) -> list[tuple[int, int]]:
@@ -126,18 +144,30 @@ class HostServer:
         self.sessions: set[NBDSession] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self.addresses: list[str] = []  # NBD URIs we listen on (status, restore --in-place)
+        self.tls_modes: dict[str, str] = {}  # address -> TLS mode (off, on, require)
         self.fenced: frozenset[str] = frozenset()  # CGs failed over to the appliance: read-only here
+        self._fence_stamp: Any = False  # never equal to a stamp (None = no file)
+        self.fence_reads = 0
         self.reload_fences()
+        self.limits = NbdLimits.from_config(cfg)
+        self.refusals = RateLimitedLog()
+        self.budget = ByteBudget(self.limits.server_bytes)
 
     # -- consistency groups: fence and barrier ------------------------------
     def reload_fences(self) -> None:
         """The fenced CGs from DATA/cgs.json (their role is "failed-over"), so
-        a fence set while the host was down still holds."""
+        a fence set while the host was down still holds. Re-read only when
+        the file's stamp changed (it is replaced atomically on every change)."""
+        stamp = file_stamp(self.cfg.layout.cgs)
+        if stamp == self._fence_stamp:
+            return
         try:
             cgs = CGCatalog(self.cfg.data).list()
         except CGError as e:
             log.error("cannot read the consistency groups: %s", e)
             return
+        self.fence_reads += 1
+        self._fence_stamp = stamp
         self.fenced = frozenset(c.name for c in cgs if c.role == "failed-over")
 
     def _cg_vdisks(self, cg: str) -> list[str]:
@@ -225,7 +255,9 @@ class HostServer:
             self.chain(v.name)
 
     def statistics(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"vdisks": {}, "sessions": len(self.sessions)}
+        out: dict[str, Any] = {"vdisks": {}, "sessions": len(self.sessions), "exports": self.exports.statistics(),
+                               "refused": self.refusals.total, "nbd_bytes": self.budget.statistics(),
+                               "throttles": sum(x.throttles for x in self.sessions)}
         for name, ch in self._chains.items():
             out["vdisks"][name] = ctl.jsonable(ch.statistics())
         out["group_sync"] = {"requests": self.group_sync.requests, "syncs": self.group_sync.syncs}
@@ -248,6 +280,7 @@ class HostServer:
         return {
             "pid": os.getpid(),
             "addresses": self.addresses,
+            "tls": self.tls_modes,
             "fenced": sorted(self.fenced),
             "vdisks": vdisks,
             # The last CG sequence number handed out: the journal has caught
@@ -260,19 +293,36 @@ class HostServer:
                      "unconfirmed": link.unconfirmed, "late_refused": link.late_refused},
         }
 
-    async def start(self, listen: tuple[str, int] | None, socket_path: str | None) -> list[str]:
+    def tls_for(self, host: str | None, setting: str | None = None) -> NbdTls:
+        """The TLS of a listener on ``host`` (None = Unix socket): ``setting``
+        (--tls) or ``[host] tls``; see `nicsplit.host.nbdpolicy.resolve_tls`."""
+        pki_dir = Path(str(self.cfg.host("pki", "") or self.cfg.layout.pki))
+        if not pki_dir.is_absolute():
+            pki_dir = self.cfg.data / pki_dir
+        return resolve_tls(str(setting or self.cfg.host("tls", "auto")), host, pki_dir,
+                           names=tuple(self.cfg.host("tls_names", [])), clients=tuple(self.cfg.host("tls_clients", [])))
+
+    async def start(self, listen: tuple[str, int] | None, socket_path: str | None, tls: str | None = None) -> list[str]:
         loop = asyncio.get_running_loop()
         addrs = []
+        # Resolve TLS for every listener before any listens: a bad setting fails the start.
+        tcp_tls = self.tls_for(listen[0], tls) if listen is not None else None
+        unix_tls = self.tls_for(None, tls) if socket_path else None
+        self.tls_modes = {}
         if listen is not None:
-            srv = await loop.create_server(lambda: NBDSession(self), listen[0], listen[1], reuse_address=True)
+            srv = await loop.create_server(lambda: NBDSession(self, tcp_tls), listen[0], listen[1], reuse_address=True)
             self._servers.append(srv)
             host, port = srv.sockets[0].getsockname()[:2]
             addrs.append(f"nbd://{host}:{port}")
+            self.tls_modes[addrs[-1]] = tcp_tls.mode
         if socket_path:
             Path(socket_path).unlink(missing_ok=True)
-            srv = await loop.create_unix_server(lambda: NBDSession(self), socket_path)
+            srv = await loop.create_unix_server(lambda: NBDSession(self, unix_tls), socket_path)
             self._servers.append(srv)
             addrs.append(f"nbd+unix:///?socket={socket_path}")
+            self.tls_modes[addrs[-1]] = unix_tls.mode
+        for a, mode in self.tls_modes.items():
+            log.info("NBD on %s: TLS %s", a, mode)
         self.addresses = addrs
         return addrs
 
@@ -299,218 +349,6 @@ class HostServer:
         await close_exports(self._servers, self.sessions, self._chains.values())
         await asyncio.get_running_loop().run_in_executor(None, self.datastore.sync)
         self.context.close()
-
-
-async def close_exports(servers: list[asyncio.AbstractServer], sessions: set["NBDSession"],
-                        chains: Iterable[Chain]) -> None:
-    """Stop listening, let every session's in-flight requests reply, then
-    close the chains (the host's and an image server's shutdown)."""
-    for srv in servers:
-        srv.close()
-    for s in list(sessions):
-        s.shutdown()
-    await asyncio.gather(*(s.wait_idle() for s in list(sessions)), return_exceptions=True)
-    for ch in chains:
-        await ch.close()
-
-
-class NBDSession(asyncio.Protocol):
-    """One NBD connection."""
-
-    def __init__(self, host: HostServer) -> None:
-        self.host = host
-        self.codec = nbd.ServerConnection(host.exports)
-        self.transport: asyncio.Transport | None = None
-        self.top: Any = None
-        self.export = ""
-        self._ctx_id = 0
-        self._out: list[bytes] = []
-        self._tasks: set[asyncio.Task] = set()
-        self._paused = False
-        self._closing = False
-        self._idle: asyncio.Future | None = None
-        self.peer = "?"
-
-    # -- asyncio.Protocol ------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.peer = str(transport.get_extra_info("peername") or "unix")
-        self.host.sessions.add(self)
-        transport.write(self.codec.data_to_send())
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.host.sessions.discard(self)
-        self._closing = True
-        self._maybe_idle()
-
-    def data_received(self, data: bytes) -> None:
-        if self._closing:
-            return
-        codec = self.codec
-        codec.receive_data(data)
-        self._pump()
-
-    def eof_received(self) -> bool:
-        if not self._closing:
-            self.codec.receive_data(b"")
-            self._pump()
-        return False
-
-    # -- the loop around the codec ----------------------------------------
-    def _pump(self) -> None:
-        codec = self.codec
-        out = self._out
-        Request = nbd.Request
-        try:
-            while True:
-                ev = codec.next_event()
-                if ev is nbd.NEED_DATA:
-                    break
-                if type(ev) is Request:
-                    if ev.error:
-                        log.debug("%s %s: request %#x refused: NBD errno %d", self.peer, self.export, ev.handle, ev.error)
-                        out.append(codec.reply_error(ev.handle, ev.error))
-                        continue
-                    done, res = run_eager(self._execute(ev))
-                    if done:
-                        if type(res) is list:
-                            out.extend(res)
-                        else:
-                            out.append(res)
-                    else:
-                        self._track(res)
-                elif isinstance(ev, nbd.Negotiated):
-                    self._negotiated(ev)
-                elif isinstance(ev, nbd.Disconnect):
-                    self.shutdown()
-                    break
-                elif isinstance(ev, nbd.Closed):
-                    log.debug("%s: handshake ended: %s", self.peer, ev.reason)
-                    self._flush_out()
-                    self.shutdown()
-                    return
-        except nbd.RemoteProtocolError as e:
-            # One line per bad peer: a protocol error is expected input, no traceback
-            # (the codec's error is sticky, so ask it for no more handshake bytes).
-            log.warning("%s %s: closing connection: %s", self.peer, self.export, e)
-            self._flush_out(handshake=False)
-            self._closing = True
-            if self.transport is not None:
-                self.transport.close()
-            return
-        self._flush_out()
-
-    def _flush_out(self, handshake: bool = True) -> None:
-        # Handshake replies exist only before transmission starts.
-        hs = self.codec.data_to_send() if self.top is None and handshake else b""
-        t = self.transport
-        if t is None or t.is_closing():
-            self._out.clear()
-            return
-        if hs:
-            t.write(hs)
-        out = self._out
-        if out:
-            if len(out) == 1:
-                t.write(out[0])  # the QD1 case: one send, no list walk
-            else:
-                t.writelines(out)
-            out.clear()
-
-    def _negotiated(self, ev: Any) -> None:
-        self.export = ev.export.name
-        # Handshake replies must reach the client before any transmission reply.
-        hs = self.codec.data_to_send()
-        if hs and self.transport is not None:
-            self.transport.write(hs)
-        try:
-            self.top = self.host.chain(ev.export.name).top
-        except Exception as e:  # a chain that cannot build: refuse this session only
-            log.error("%s: export %s unusable: %s", self.peer, ev.export.name, e)
-            self.shutdown()
-            return
-        self._ctx_id = next((i for i, n in ev.meta_contexts.items() if n == "base:allocation"), 0)
-        log.info("%s: session on export %s (structured=%s)", self.peer, self.export, ev.structured)
-
-    def _track(self, task: asyncio.Task) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        if len(self._tasks) >= self.host.max_inflight and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled():
-            res = task.result()  # _execute never raises
-            t = self.transport
-            if t is not None and not t.is_closing():
-                if type(res) is list:
-                    t.writelines(res)
-                else:
-                    t.write(res)
-        if self._paused and len(self._tasks) <= self.host.max_inflight // 2 and self.transport is not None:
-            self._paused = False
-            if not self._closing:
-                self.transport.resume_reading()
-        self._maybe_idle()
-
-    async def _execute(self, req: Any) -> Any:
-        """Run one request down the chain; returns the reply. Never raises."""
-        codec = self.codec
-        top = self.top
-        cmd = req.cmd
-        try:
-            if cmd == nbd.NBD_CMD_WRITE:
-                await top.pwrite(req.offset, req.data, _FLAG_MAP[req.flags & 63])
-                return codec.reply_ok(req.handle)
-            if cmd == nbd.NBD_CMD_READ:
-                data = await top.pread(req.offset, req.length, 0)
-                return codec.reply_read(req.handle, req.offset, data)
-            if cmd == nbd.NBD_CMD_FLUSH:
-                await top.flush(0)
-                return codec.reply_ok(req.handle)
-            if cmd == nbd.NBD_CMD_WRITE_ZEROES:
-                await top.zero(req.offset, req.length, _FLAG_MAP[req.flags & 63])
-                return codec.reply_ok(req.handle)
-            if cmd == nbd.NBD_CMD_TRIM:
-                await top.trim(req.offset, req.length, _FLAG_MAP[req.flags & 63])
-                return codec.reply_ok(req.handle)
-            if cmd == nbd.NBD_CMD_BLOCK_STATUS:
-                ext = await top.extents(req.offset, req.length, _FLAG_MAP[req.flags & 63])
-                return codec.reply_block_status(req.handle, self._ctx_id, _clip_extents(ext))
-            raise IOFailure(errno.EINVAL, f"command {cmd} not supported")
-        except IOFailure as e:
-            log.info("%s %s: request %#x (cmd %d %d+%d) failed: %s", self.peer, self.export, req.handle, cmd, req.offset, req.length, e)
-            return codec.reply_error(req.handle, nbd.errno_to_nbd(e.errno), str(e))
-        except Exception:  # a bug below us: fail the IO, keep the session
-            log.exception("%s %s: request %#x (cmd %d) crashed", self.peer, self.export, req.handle, cmd)
-            return codec.reply_error(req.handle, nbd.NBD_EIO, "internal error")
-
-    # -- shutdown ----------------------------------------------------------
-    def shutdown(self) -> None:
-        """Stop reading; close once in-flight requests have replied."""
-        self._closing = True
-        self._maybe_idle()
-
-    def _maybe_idle(self) -> None:
-        if self._closing and not self._tasks:
-            if self.transport is not None and not self.transport.is_closing():
-                self._flush_out()
-                self.transport.close()
-            if self._idle is not None and not self._idle.done():
-                self._idle.set_result(None)
-
-    async def wait_idle(self) -> None:
-        if self._tasks:
-            self._idle = asyncio.get_running_loop().create_future()
-            await self._idle
-
-
-def _clip_extents(ext: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    if all(n <= _MAX_EXTENT for n, _ in ext):
-        return ext
-    return [(min(n, _MAX_EXTENT), t) for n, t in ext]
 
 
 def control_handler(host: HostServer) -> Callable[[dict], Awaitable[dict]]:
@@ -542,6 +380,8 @@ async def serve(
     socket_path: str | None,
     readonly: bool | None = None,
     ready: Callable[[dict], None] | None = None,
+    tls: str | None = None,
+    stdio: bool = False,
 ) -> None:
     """Run the host until SIGTERM/SIGINT; then finish in-flight IO and sync."""
     ds = Datastore.open(cfg.datastore_dir)
@@ -552,7 +392,7 @@ async def serve(
         # What the card could not make durable while no host ran (e.g. it
         # stopped after this host, with the appliance down) marks now.
         host.context.card.read_lost()
-        addrs = await host.start(listen, socket_path)
+        addrs = await host.start(listen, socket_path, tls) if not stdio else ["stdio"]
         layout = cfg.layout
         layout.run.mkdir(parents=True, exist_ok=True)
         control = await ctl.serve(layout.host_sock, control_handler(host), errors=(HostCommandError, CGError))
@@ -564,8 +404,16 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         keeper = loop.create_task(host.housekeeping())
         if ready is not None:
-            ready({"event": "ready", "pid": os.getpid(), "addresses": addrs})
-        await stop.wait()
+            ready({"event": "ready", "pid": os.getpid(), "addresses": addrs, "tls": host.tls_modes})
+        if stdio:   # one session on fds 0/1: the host ends with it (or with a signal)
+            session = loop.create_task(serve_stdio(host))
+            stopped = loop.create_task(stop.wait())
+            await asyncio.wait({session, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if session.done():
+                session.result()
+        else:
+            await stop.wait()
         log.info("stopping: finishing in-flight IO")
         keeper.cancel()
         control.close()

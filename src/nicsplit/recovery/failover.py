@@ -479,6 +479,7 @@ def prepare_server(cfg: Config, cg: str, listen: str | None) -> tuple[ReplicaSer
                             dirty_dir=dirty_dir(cfg.data, cg), cg=cg, validate=bool(cfg.host("validate", False)))
     except (PitError, OSError) as e:
         raise RecoveryError(f"failover of {cg}: {e}") from None
+    srv.pki_dir = Layout(cfg.data).pki   # NBD over TLS: required beyond loopback
     return srv, addr, st
 
 

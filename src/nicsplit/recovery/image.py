@@ -2,7 +2,7 @@
 
 An *image* is one CG at one PIT: one NBD export per vdisk of the CG (export
 name = vdisk name), served by the host's own NBD codec and session loop
-(`nicsplit.wire.nbd`, `nicsplit.host.server.NBDSession`), each export backed
+(`nicsplit.wire.nbd`, `nicsplit.host.session.NBDSession`), each export backed
 by a filter chain (`nicsplit.host.chain.build_chain`) whose bottom is
 `PitPlugin`, the vdisk's image at the PIT read from the journal by
 `nicsplit.recovery.replica.PitReader`.
@@ -79,7 +79,8 @@ from nicsplit.storage.rekey import REKEY_SUFFIX
 from nicsplit.storage.sealing import TAGS_SUFFIX, SealedError
 from nicsplit.host.chain import Chain, ChainError, Filter, VdiskView, build_chain
 from nicsplit.host.plugin import GroupSync
-from nicsplit.host.server import NBDSession, close_exports
+from nicsplit.host.nbdpolicy import NO_TLS, ByteBudget, NbdLimits, NbdTls, PolicyError, RateLimitedLog, is_loopback, resolve_tls
+from nicsplit.host.session import NBDSession, close_exports
 from nicsplit.host.io import EXTENT_DATA, EXTENT_HOLE_ZERO, EXTENT_ZERO, FUA, REQ_ONE, IOFailure
 from nicsplit.wire import nbd
 from nicsplit.core.records import BLOCK_SIZE
@@ -305,8 +306,8 @@ class OverlayFilter(Filter):
 class _Exports:
     """One NBD export per vdisk, each over its own chain, on one address.
     Duck-types what `NBDSession` needs of a host: ``exports`` (an
-    `nbd.ExportProvider`), ``chain(name).top``, ``max_inflight`` and
-    ``sessions``.  Subclasses fill ``_chains`` and say what `_info` describes."""
+    `nbd.ExportProvider`), ``chain(name).top``, ``max_inflight``,
+    ``sessions``, ``limits`` (`NbdLimits`, the defaults), ``refusals`` and ``budget``.  Subclasses fill ``_chains`` and say what `_info` describes."""
 
     writable = False
     id = ""
@@ -316,6 +317,11 @@ class _Exports:
     def __init__(self, vdisks: Iterable[VdiskLike], max_inflight: int) -> None:
         self.vdisks = {v.name: v for v in vdisks}
         self.max_inflight = max_inflight
+        self.limits = NbdLimits()
+        self.refusals = RateLimitedLog()
+        self.budget = ByteBudget(self.limits.server_bytes)
+        self.pki_dir: Path | None = None   # certificates for NBD over TLS (see start)
+        self.tls: NbdTls = NO_TLS
         self.sessions: set[Any] = set()
         self.exports = self
         self._chains: dict[str, Chain] = {}
@@ -349,12 +355,19 @@ class _Exports:
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on host:port. TLS as the host's ``auto``: required beyond
+        loopback, offered on loopback, with the certificates of ``pki_dir``
+        (set by the caller; without it only loopback is allowed)."""
+        if self.pki_dir is not None:
+            self.tls = resolve_tls("auto", host, self.pki_dir)
+        elif not is_loopback(host):
+            raise PolicyError(f"{self._what()} on {host}: TLS is required beyond loopback and no PKI is set")
         loop = asyncio.get_running_loop()
-        srv = await loop.create_server(lambda: NBDSession(self), host, port, reuse_address=True)
+        srv = await loop.create_server(lambda: NBDSession(self, self.tls), host, port, reuse_address=True)
         self._servers.append(srv)
         h, p = srv.sockets[0].getsockname()[:2]
-        log.info("%s: %s at seq %d (%s) on %s:%d", self._what(), self.cg, self.seq,
-                 "writable" if self.writable else "read-only", h, p)
+        log.info("%s: %s at seq %d (%s) on %s:%d, TLS %s", self._what(), self.cg, self.seq,
+                 "writable" if self.writable else "read-only", h, p, self.tls.mode)
         return h, p
 
     def _what(self) -> str:
@@ -362,7 +375,8 @@ class _Exports:
 
     def urls(self, host: str, port: int) -> dict[str, str]:
         h = f"[{host}]" if ":" in host else host
-        return {name: f"nbd://{h}:{port}/{name}" for name in self.vdisks}
+        scheme = "nbds" if self.tls.mode == nbd.TLS_REQUIRE else "nbd"
+        return {name: f"{scheme}://{h}:{port}/{name}" for name in self.vdisks}
 
     async def stop(self) -> None:
         await close_exports(self._servers, self.sessions, self._chains.values())

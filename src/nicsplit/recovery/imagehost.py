@@ -66,8 +66,12 @@ class ApplianceImages:
         srv = ImageServer(self.journal_root / cg, vds, pit.seq, writable=writable, index=index, image_id=image_id,
                           cg=cg, overlay_dir=overlay_path(self.data, image_id) if writable else None,
                           validate=bool(cfg.host("validate", False)))
+        srv.pki_dir = Layout(self.data).pki   # NBD over TLS: required beyond loopback
         try:
             host, port = await srv.start(*listen)
+        except cfgmod.ConfigError as e:   # TLS setup (nbdpolicy.PolicyError): the caller's one line
+            await srv.stop()
+            raise ImageRequestError(str(e)) from None
         except BaseException:
             await srv.stop()
             raise

@@ -162,6 +162,7 @@ async def serve(p: Prepared, image_id: str, writable: bool, t0: float, on_ready:
     srv = ImageServer(p.journal_dir, p.vdisks, p.pit.seq, writable=writable, index=p.index, image_id=image_id,
                       cg=p.cg, overlay_dir=overlay_path(data, image_id) if writable else None,
                       validate=bool(p.cfg.host("validate", False)))
+    srv.pki_dir = Layout(data).pki   # NBD over TLS: required beyond loopback
     try:
         host, port = await srv.start(*p.listen)
         exports = srv.urls(url_host(host), port)

@@ -10,16 +10,17 @@ from typing import Any
 
 class Served:
     """A server with ``async start(host, port) -> (host, port)`` and ``async
-    stop()`` on 127.0.0.1:0 in its own event-loop thread."""
+    stop()`` on ``host`` (127.0.0.1), port 0, in its own event-loop thread."""
 
-    def __init__(self, srv: Any) -> None:
+    def __init__(self, srv: Any, host: str = "127.0.0.1") -> None:
         self.srv = srv
+        self.listen_host = host
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def __enter__(self) -> "Served":
         self.thread.start()
-        self.host, self.port = asyncio.run_coroutine_threadsafe(self.srv.start("127.0.0.1", 0), self.loop).result(10)
+        self.host, self.port = asyncio.run_coroutine_threadsafe(self.srv.start(self.listen_host, 0), self.loop).result(10)
         return self
 
     def uri(self, name: str) -> str:

@@ -50,7 +50,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 __all__ = [
-    "MAX_PAYLOAD", "ExportInfo", "ExportProvider", "Negotiated", "Request",
+    "MAX_PAYLOAD", "ExportInfo", "ExportProvider", "Negotiated", "Request", "StartTLS",
+    "TLS_OFF", "TLS_ON", "TLS_REQUIRE",
     "Disconnect", "Closed", "NEED_DATA", "RemoteProtocolError",
     "LocalProtocolError", "ServerConnection", "ConnectionStatistics",
     "errno_to_nbd", "transmission_flags", "ClientConnection", "ExportReady", "Reply",
@@ -61,6 +62,10 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 MAX_PAYLOAD = 32 * 1024 * 1024  # 32 MiB: the spec's recommended max for clients that don't ask
+
+# TLS modes of ServerConnection (spec "TLS support"): NOTLS, SELECTIVETLS with
+# no TLS-only export (STARTTLS offered), FORCEDTLS.
+TLS_OFF, TLS_ON, TLS_REQUIRE = "off", "on", "require"
 
 NBDMAGIC = 0x4E42444D41474943                # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054                # "IHAVEOPT"
@@ -359,6 +364,13 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTLS:
+    """NBD_OPT_STARTTLS was acknowledged: send ``data_to_send()`` in the clear,
+    run the TLS handshake as the server, then call ``tls_started()``; until
+    then ``next_event()`` returns NEED_DATA (any input is a protocol error)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Disconnect:
     """NBD_CMD_DISC: finish in-flight requests, then close."""
 
@@ -454,12 +466,20 @@ class ServerConnection:
     """Server side of one NBD connection.  See the module docstring."""
 
     def __init__(self, provider: ExportProvider, *, max_payload: int = MAX_PAYLOAD,
-                 max_option_length: int = 65536) -> None:
+                 max_option_length: int = 65536, max_options: int = 0, tls: str = TLS_OFF) -> None:
         if not 1 <= max_payload < 1 << 32:
             raise ValueError("max_payload must fit the 32-bit request length")
+        if tls not in (TLS_OFF, TLS_ON, TLS_REQUIRE):
+            raise ValueError(f"tls must be {TLS_OFF!r}, {TLS_ON!r} or {TLS_REQUIRE!r}, not {tls!r}")
         self._provider = provider
         self._max_payload = max_payload
         self._max_option_length = max_option_length
+        self._max_options = max_options   # 0 = no limit
+        self._n_options = 0
+        self._tls = tls                   # off: NOTLS; on: STARTTLS offered; require: FORCEDTLS
+        self._tls_active = False
+        self._tls_pending = False         # STARTTLS acked, waiting for tls_started()
+        self._fixed_newstyle = False
         self.phase = "handshake"
 
         self._buf = bytearray()
@@ -569,6 +589,10 @@ class ServerConnection:
                     return ev
             if self._export is not None:
                 return self._next_request()
+            if self._tls_pending:
+                if len(self._buf) - self._pos:
+                    raise RemoteProtocolError("data after NBD_OPT_STARTTLS before the TLS handshake")
+                return NEED_DATA
             return self._next_handshake()
         except RemoteProtocolError as exc:
             self._fail(exc)
@@ -709,12 +733,20 @@ class ServerConnection:
                     raise RemoteProtocolError(f"unknown client flags 0x{cflags:08x}")
                 self._got_client_flags = True
                 self._no_zeroes = bool(cflags & NBD_FLAG_C_NO_ZEROES)
+                self._fixed_newstyle = bool(cflags & NBD_FLAG_C_FIXED_NEWSTYLE)
+                if self._tls == TLS_REQUIRE and not self._fixed_newstyle:
+                    # TLS needs fixed newstyle (spec); without it no option could be refused.
+                    raise RemoteProtocolError("TLS is required but the client is not fixed newstyle")
                 continue
             if avail < 16:
                 return self._at_eof("option header")
             magic, opt, length = _OPTION.unpack_from(buf, pos)
             if magic != IHAVEOPT:
                 raise RemoteProtocolError(f"bad option magic 0x{magic:016x}")
+            self._n_options += 1
+            if self._max_options and self._n_options > self._max_options:
+                # nbdkit's rule too: the handshake is bounded work for the server.
+                raise RemoteProtocolError(f"more than {self._max_options} options in the handshake")
             if length > self._max_option_length:
                 if opt == NBD_OPT_EXPORT_NAME:
                     raise RemoteProtocolError("NBD_OPT_EXPORT_NAME name too long")
@@ -744,6 +776,13 @@ class ServerConnection:
             self._out.append(data)
 
     def _handle_option(self, opt: int, data: bytes):
+        if opt == NBD_OPT_STARTTLS:
+            return self._opt_starttls(data)
+        if self._tls == TLS_REQUIRE and not self._tls_active and opt != NBD_OPT_ABORT:
+            if opt == NBD_OPT_EXPORT_NAME:   # it has no error reply: the spec says terminate
+                raise RemoteProtocolError("NBD_OPT_EXPORT_NAME without TLS, and TLS is required")
+            self._reply(opt, NBD_REP_ERR_TLS_REQD, b"TLS is required: send NBD_OPT_STARTTLS first")
+            return None
         if opt == NBD_OPT_EXPORT_NAME:
             try:
                 name = data.decode()
@@ -785,11 +824,36 @@ class ServerConnection:
         if opt == NBD_OPT_LIST_META_CONTEXT or opt == NBD_OPT_SET_META_CONTEXT:
             self._opt_meta(opt, data)
             return None
-        if opt == NBD_OPT_STARTTLS:
-            self._reply(opt, NBD_REP_ERR_UNSUP, b"TLS is not supported")
-            return None
         self._reply(opt, NBD_REP_ERR_UNSUP, b"unknown option")
         return None
+
+    def _opt_starttls(self, data: bytes):
+        opt = NBD_OPT_STARTTLS
+        if self._tls == TLS_OFF:
+            self._reply(opt, NBD_REP_ERR_UNSUP, b"TLS is not supported")
+        elif data:
+            self._reply(opt, NBD_REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+        elif self._tls_active:
+            self._reply(opt, NBD_REP_ERR_INVALID, b"TLS is already negotiated")
+        else:
+            self._reply(opt, NBD_REP_ACK)
+            self._tls_pending = True
+            if len(self._buf) - self._pos:
+                raise RemoteProtocolError("data after NBD_OPT_STARTTLS before the TLS handshake")
+            return StartTLS()
+        return None
+
+    def tls_started(self) -> None:
+        """The IO layer finished the TLS handshake after `StartTLS`: what
+        arrives from now on is the decrypted stream. Option state negotiated
+        before STARTTLS is forgotten (spec)."""
+        if not self._tls_pending:
+            raise LocalProtocolError("tls_started() without a StartTLS event")
+        self._tls_pending = False
+        self._tls_active = True
+        self._structured = False
+        self._meta = {}
+        self._meta_export = None
 
     def _opt_info_go(self, opt: int, data: bytes):
         # u32 name length, name, u16 n, n * u16 info requests -- exactly.
@@ -939,6 +1003,10 @@ class ServerConnection:
     @property
     def structured(self) -> bool:
         return self._structured
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls_active
 
     def statistics(self) -> ConnectionStatistics:
         return ConnectionStatistics(

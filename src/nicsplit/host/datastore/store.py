@@ -311,6 +311,12 @@ class Datastore:
 
     # ---- catalog ---------------------------------------------------------
 
+    @property
+    def catalog_stamp(self) -> Any:
+        """The stamp of the catalog this datastore answers from; changes
+        whenever that catalog does (a cache key for views of it)."""
+        return self._stamp
+
     def reload_catalog(self) -> bool:
         """Re-read catalog.json if it changed on disk; True if it did."""
         if self._cf.stamp() == self._stamp:
