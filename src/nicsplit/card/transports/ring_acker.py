@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import os
 
-from xxhash import xxh3_64_intdigest as xxh3
-
 from nicsplit.card.handoff import H, REFUSED, SLEEPING, Handoff
 from nicsplit.card.transports.ring_endpoint import RingEndpoint
 from nicsplit.card.transports.ring_shared import (
-    CQ_HEAD, DATA_HEAD, DATA_TAIL, DF_CSUM, FAILED, K_OUTCOME, K_WRITE, M32, OK, R_FULL, SQ_HEAD, SQ_TAIL,
+    CQ_HEAD, DATA_HEAD, DATA_TAIL, FAILED, K_OUTCOME, K_WRITE, M32, OK, R_FULL, SQ_HEAD, SQ_TAIL,
     cqe_pack, desc_unpack, fence, reason_name,
 )
 from nicsplit.wire import ring as R
@@ -64,9 +62,9 @@ class RingAcker(RingEndpoint):
             return 0
         full = self._full or hc[_FULL] == 1
         data_tail = c[DATA_TAIL]
-        sq, cq, data = self._sq, self._cq, self._data
+        sq, cq = self._sq, self._cq
         slots, ends, flags, hmask = ho.slots, ho.ends, ho.flags, ho.mask
-        sq_mask, cq_mask, size = self._sq_mask, self._cq_mask, self._dsize
+        sq_mask, cq_mask = self._sq_mask, self._cq_mask
         cq_tail = self._cq_tail
         n = min(avail, max_entries, room)
         acked = refused = 0
@@ -99,15 +97,7 @@ class RingAcker(RingEndpoint):
                 reason = R_FULL
             track = False
             if (not reason or reason == R_FULL) and kind == K_WRITE:
-                off = data_pos % size
-                expect = self._data_expect
-                if not (expect <= data_pos and data_pos - expect < size and data_pos + length <= data_tail
-                        and off + length <= size):
-                    reason = R.AckReason.BAD_RANGE
-                else:
-                    track = True  # (if FULL we only free its space)
-                    if not reason and self._verify and dflags & DF_CSUM and xxh3(data[off: off + length]) & M32 != csum:
-                        reason = R.AckReason.BAD_CHECKSUM
+                reason, track = self._check_payload(reason, data_pos, length, data_tail, dflags, csum)
             cqe_pack(cq, (cq_tail & cq_mask) << 4, io_id, FAILED if reason else OK, reason, 0, cq_tail & M32)
             cq_tail += 1
             c[CQ_TAIL_I] = cq_tail  # the ack is out before we look at the next entry

@@ -170,19 +170,13 @@ class RingEndpoint:
             view = None
             track = False
             if (not reason or reason == R_FULL) and kind == K_WRITE:
-                off = data_pos % size
-                expect = self._data_expect
-                if not (expect <= data_pos and data_pos - expect < size and data_pos + length <= data_tail
-                        and off + length <= size):
-                    reason = R.AckReason.BAD_RANGE
-                else:
-                    track = True  # (if FULL we only free its space)
-                    if not reason:
+                reason, track = self._check_payload(reason, data_pos, length, data_tail, dflags, csum)
+                if not reason:
+                    if io_id in held:
+                        reason = R.AckReason.DUPLICATE
+                    else:
+                        off = data_pos % size
                         view = data[off: off + length]
-                        if self._verify and dflags & DF_CSUM and xxh3(view) & M32 != csum:
-                            reason = R.AckReason.BAD_CHECKSUM
-                        elif io_id in held:
-                            reason = R.AckReason.DUPLICATE
             cqe_pack(cq, (cq_tail & cq_mask) << 4, io_id, FAILED if reason else OK, reason, 0, cq_tail & M32)
             cq_tail += 1
             c[CQ_TAIL] = cq_tail  # the ack is out before we look at the next entry
@@ -214,6 +208,22 @@ class RingEndpoint:
         if self._order and self._order[0][_H_RELEASED]:  # refused payloads at the front
             self._advance()
         return out
+
+    def _check_payload(self, reason: int, data_pos: int, length: int, data_tail: int, dflags: int,
+                       csum: int) -> tuple[int, bool]:
+        """A WRITE's payload: inside what the host published, right after the
+        last accepted one, not across the wrap; then its checksum. Returns
+        (reason, track): track = its space is the card's to free, good or bad
+        (a FULL refusal keeps ``reason`` and only frees it)."""
+        size = self._dsize
+        off = data_pos % size
+        expect = self._data_expect
+        if not (expect <= data_pos and data_pos - expect < size and data_pos + length <= data_tail
+                and off + length <= size):
+            return R.AckReason.BAD_RANGE, False
+        if not reason and self._verify and dflags & DF_CSUM and xxh3(self._data[off: off + length]) & M32 != csum:
+            return R.AckReason.BAD_CHECKSUM, True
+        return reason, True
 
     def release(self, io_id: int) -> None:
         try:
