@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from nicsplit import __version__
-from nicsplit.cli import appliance, failover, image, pit
+from nicsplit.cli import appliance, failover, image, pit, verify
 from nicsplit.cli.common import USER_ERRORS, CliError
 from nicsplit.core import config as cfgmod
 from nicsplit.core.cgs import CGCatalog
@@ -405,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     pit.add_parsers(sub, common)
     image.add_parsers(sub, common)
     failover.add_parsers(sub, common)
+    verify.add_parsers(sub, common)
 
     cp = sub.add_parser("card", parents=[common], help="the (emulated) offload card").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
     s = cp.add_parser("run", parents=[common], help="run the card: hidden volume, ring, pipeline, shipping (foreground)")

@@ -222,6 +222,24 @@ class HostServer:
             raise HostCommandError(str(e)) from None
         return {"cg": cg, "seq": seq}
 
+    def mark(self, name: str, ranges: Any) -> dict[str, Any]:
+        """Mark ``ranges`` ([[offset, length], ...]) of vdisk ``name`` dirty
+        so the automatic resync copies them (``nicsplit verify --repair``)."""
+        if not isinstance(ranges, list) or not ranges or not all(
+                isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r) for r in ranges):
+            raise HostCommandError("mark needs \"ranges\": [[offset, length], ...] (integers)")
+        self.datastore.reload_catalog()
+        if name not in {v.name for v in self.datastore.list_vdisks()}:
+            raise HostCommandError(f"no vdisk {name!r} on this host")
+        sp = self.chain(name).filter("split")
+        if sp is None:
+            raise HostCommandError(f"vdisk {name} has no splitter in its chain: it is not protected")
+        if self.readonly or sp.cg in self.fenced:
+            raise HostCommandError(f"vdisk {name} is read-only here (failed over, or a read-only host): "
+                                   "no resync runs")
+        sp.mark_for_resync([(int(o), int(n)) for o, n in ranges], "verify --repair: blocks differ from the journal")
+        return {"vdisk": name, "state": sp.state, "dirty_bytes": sp.dmap.dirty_bytes()}
+
     def chain(self, name: str) -> Chain:
         ch = self._chains.get(name)
         if ch is None:
@@ -353,8 +371,8 @@ class HostServer:
 
 def control_handler(host: HostServer) -> Callable[[dict], Awaitable[dict]]:
     """The host's control socket (`nicsplit.core.ctl`): ``{"cmd": "stats"}``,
-    ``status``, ``ping``; also ``fence`` (failover) and ``barrier``
-    (bookmarks), see HostServer."""
+    ``status``, ``ping``; also ``fence`` (failover), ``barrier``
+    (bookmarks) and ``mark`` (verify --repair), see HostServer."""
 
     async def handle(req: dict) -> dict:
         cmd = req.get("cmd")
@@ -368,6 +386,8 @@ def control_handler(host: HostServer) -> Callable[[dict], Awaitable[dict]]:
             return {"ok": True, **host.fence(str(req.get("cg")), bool(req.get("on", True)))}
         if cmd == "barrier":
             return {"ok": True, **(await host.barrier(str(req.get("cg"))))}
+        if cmd == "mark":
+            return {"ok": True, **host.mark(str(req.get("vdisk")), req.get("ranges"))}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
     return handle
@@ -395,7 +415,7 @@ async def serve(
         addrs = await host.start(listen, socket_path, tls) if not stdio else ["stdio"]
         layout = cfg.layout
         layout.run.mkdir(parents=True, exist_ok=True)
-        control = await ctl.serve(layout.host_sock, control_handler(host), errors=(HostCommandError, CGError))
+        control = await ctl.serve(layout.host_sock, control_handler(host), errors=(HostCommandError, CGError, ChainError))
         pid_file = layout.pid("host")
         pid_file.write_text(str(os.getpid()))
         stop = asyncio.Event()

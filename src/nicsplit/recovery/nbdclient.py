@@ -1,10 +1,12 @@
-"""A blocking NBD client for writing one export: the IO loop around the
-sans-IO client codec (`nicsplit.wire.nbd.ClientConnection`).
+"""A blocking NBD client for one export: the IO loop around the sans-IO
+client codec (`nicsplit.wire.nbd.ClientConnection`).
 
 Failback copies the failover site's changes to production through it:
 WRITE / WRITE_ZEROES / FLUSH, up to ``depth`` requests in flight, simple
-replies only (structured replies are never asked for). ``nbd://HOST:PORT/
-EXPORT`` and ``nbd+unix:///EXPORT?socket=PATH`` URIs.
+replies only (structured replies are never asked for). Verify reads
+production with it (``read_many``: READs pipelined the same way; opened
+with ``readonly_ok``). ``nbd://HOST:PORT/EXPORT`` and
+``nbd+unix:///EXPORT?socket=PATH`` URIs.
 
 Example::
 
@@ -33,7 +35,7 @@ class NbdError(Exception):
 
 
 class NbdClient:
-    def __init__(self, uri: str, *, depth: int = COPY_DEPTH, timeout: float = 60.0) -> None:
+    def __init__(self, uri: str, *, depth: int = COPY_DEPTH, timeout: float = 60.0, readonly_ok: bool = False) -> None:
         self.uri = uri
         self.depth = depth
         u = urllib.parse.urlsplit(uri)
@@ -55,6 +57,7 @@ class NbdClient:
         self.conn = N.ClientConnection(export)
         self._cookie = 0
         self._inflight: dict[int, tuple[str, int, int]] = {}
+        self._data: dict[int, bytes] = {}  # cookie -> a READ's data, until read_many takes it
         try:
             ready = self._next()
             assert isinstance(ready, N.ExportReady)
@@ -62,7 +65,7 @@ class NbdClient:
             self.sock.close()
             raise
         self.size, self.flags = ready.size, ready.flags
-        if self.flags & N.NBD_FLAG_READ_ONLY:
+        if self.flags & N.NBD_FLAG_READ_ONLY and not readonly_ok:
             self.sock.close()
             raise NbdError(f"{uri}: the export is read-only (is the consistency group still fenced?)")
         self.can_zero = bool(self.flags & N.NBD_FLAG_SEND_WRITE_ZEROES)
@@ -81,7 +84,7 @@ class NbdClient:
         except N.RemoteProtocolError as e:
             raise NbdError(f"{self.uri}: {e}") from None
 
-    def _send(self, cmd: int, what: str, offset: int, length: int, data: bytes | memoryview = b"") -> None:
+    def _send(self, cmd: int, what: str, offset: int, length: int, data: bytes | memoryview = b"") -> int:
         while len(self._inflight) >= self.depth:
             self._reply()
         self._cookie += 1
@@ -93,6 +96,7 @@ class NbdClient:
             self.sock.sendall(head)
             if data:
                 self.sock.sendall(data)
+        return self._cookie
 
     def _reply(self) -> None:
         r = self._next()
@@ -104,6 +108,22 @@ class NbdClient:
             name = errno.errorcode.get(r.error, str(r.error))
             hint = " (is the consistency group still fenced?)" if r.error == N.NBD_EPERM else ""
             raise NbdError(f"{self.uri}: {what} of {n} bytes at offset {off} failed: {name}{hint}")
+        if what == "read":
+            self._data[r.handle] = r.data
+
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """The data of each (offset, length), in order: up to ``depth`` READs
+        in flight (the caller bounds the total by the ranges it asks for)."""
+        cookies = [self._send(N.NBD_CMD_READ, "read", off, n) for off, n in ranges]
+        out = []
+        for c in cookies:
+            while c not in self._data:
+                self._reply()
+            out.append(self._data.pop(c))
+        return out
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.read_many([(offset, length)])[0]
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         self._send(N.NBD_CMD_WRITE, "write", offset, len(data), data)

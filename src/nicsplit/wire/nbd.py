@@ -1066,6 +1066,10 @@ def _parse_meta_request(data: bytes) -> tuple[str, list[bytes]] | None:
 #    raises RemoteProtocolError (sticky, as on the server side).
 # 4. ``request()`` returns the request header; the caller sends a WRITE's
 #    payload after it (no copy of large payloads into the codec).
+# 5. A successful READ's simple reply is followed by exactly the requested
+#    length of data: the codec remembers each READ's length by handle and
+#    returns the `Reply` (with ``data``) only once all of it arrived; a
+#    failed READ carries no data (as the server side sends it).
 
 @dataclass(frozen=True, slots=True)
 class ExportReady:
@@ -1076,9 +1080,11 @@ class ExportReady:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A simple reply to the request with ``handle`` (error = NBD errno, 0 = ok)."""
+    """A simple reply to the request with ``handle`` (error = NBD errno, 0 = ok);
+    ``data``: a successful READ's payload."""
     handle: int
     error: int
+    data: bytes = b""
 
 
 class ClientConnection:
@@ -1092,6 +1098,7 @@ class ClientConnection:
         self._size: int | None = None
         self._flags: int | None = None
         self._error: RemoteProtocolError | None = None
+        self._reads: dict[int, int] = {}  # handle -> length of a READ awaiting its reply
 
     def receive_data(self, data: bytes) -> None:
         if not data:
@@ -1146,13 +1153,22 @@ class ClientConnection:
         if len(self._in) < _SIMPLE_REPLY.size:
             return NEED_DATA
         magic, err, handle = _SIMPLE_REPLY.unpack_from(self._in)
-        del self._in[:_SIMPLE_REPLY.size]
         if magic != NBD_SIMPLE_REPLY_MAGIC:
             self._fail(f"unexpected reply (magic {magic:#x}, cookie {handle})")
-        return Reply(handle, err)
+        n = self._reads.get(handle, 0) if not err else 0
+        if len(self._in) < _SIMPLE_REPLY.size + n:
+            return NEED_DATA  # a READ's data is still on its way
+        data = bytes(self._in[_SIMPLE_REPLY.size:_SIMPLE_REPLY.size + n])
+        del self._in[:_SIMPLE_REPLY.size + n]
+        self._reads.pop(handle, None)
+        return Reply(handle, err, data)
 
     def request(self, cmd: int, handle: int, offset: int = 0, length: int = 0, flags: int = 0) -> bytes:
         """The header of a transmission request (a WRITE's payload follows it)."""
         if self.phase != "transmission":
             raise LocalProtocolError(f"request in phase {self.phase}")
+        if cmd == NBD_CMD_READ:
+            if handle in self._reads:
+                raise LocalProtocolError(f"READ with cookie {handle} already in flight")
+            self._reads[handle] = length
         return _REQUEST.pack(NBD_REQUEST_MAGIC, flags, cmd, handle, offset, length)

@@ -126,6 +126,20 @@ class SplitFilter(Filter):
         self._dmap_dirty = True
         self.marked_count += 1
 
+    def mark_for_resync(self, ranges: list[tuple[int, int]], reason: str) -> None:
+        """Mark ``ranges`` dirty and enter marking (``nicsplit verify
+        --repair``): the automatic resync then copies them from production
+        to the card like any marked region, and the vdisk returns to
+        protected by itself. The bits are durable before this returns."""
+        if self.seq is None:
+            raise ChainError(f"vdisk {self.vdisk.name} is in no consistency group: nothing to resync")
+        for off, n in ranges:
+            if off < 0 or n <= 0 or off + n > self.vdisk.size:
+                raise ChainError(f"range {off}+{n} is outside vdisk {self.vdisk.name} ({self.vdisk.size} bytes)")
+        for off, n in ranges:
+            self._mark_range(off, n, reason)
+        self.dmap.sync()
+
     # -- the split ---------------------------------------------------------
     def _submit(self, op: Op, offset: int, length: int, flags: int, data, park: bool = False):
         """Steps D–E: build the augmented write and publish it to the card.
