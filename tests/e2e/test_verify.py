@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from nicsplit.core.ctl import request
 from nicsplit.core.layout import Layout
 from nicsplit.testing.procs import UpProcess, nbd_connect, run_cli
 from nicsplit.testing.stack import cg_data, latest_pit_equals_production, one_line_error, wait_caught_up
@@ -102,11 +103,20 @@ def test_verify_reports_exactly_the_changed_blocks_and_repair_resyncs_them(tmp_p
         finally:
             stop.set()
             t.join(30)
-        assert writes[0] > 0
+        print(f"racing writes: {writes[0]}, blocks re-checked: {out['rechecked']}")
+        assert writes[0] > 0 and out["rechecked"] >= 3, out  # at least the changed blocks
         assert (rc, out["differing"], out["unsettled"]) == (1, expected, []), out
         assert p.returncode == 1 and "2 differing" in p.stdout, p.stdout
         assert [ln.split()[:3] for ln in p.stdout.splitlines()[2:]] == [
             ["a", str(a_off + BS), str(2 * BS)], ["b", str(b_off), str(BS)]], p.stdout
+
+        # The host's mark command refuses bad input with one clear line.
+        sock = Layout(data).host_sock
+        for req, why in (({"ranges": "x"}, "mark needs"), ({"ranges": [[SIZE - BS, 2 * BS]]}, "outside vdisk a"),
+                         ({"ranges": [[0, 0]]}, "outside vdisk a"), ({"vdisk": "zz", "ranges": [[0, BS]]}, "no vdisk 'zz'")):
+            reply = request(sock, {"cmd": "mark", "vdisk": "a", **req})
+            assert reply is not None and not reply["ok"] and why in reply["error"], (req, reply)
+        assert json.loads(run_cli(data, "status", "--json").stdout)["cgs"][0]["state"] == "protected"
 
         # (c) --repair: the resync copies production's blocks into the stream.
         rc, out = _verify(data, "--repair")

@@ -97,6 +97,7 @@ class VerifyReport:
     differing: list[Difference]
     unsettled: list[Difference]  # written during every re-check round
     seconds: float
+    rechecked: int           # blocks the pass found different, then re-checked
     repaired: list[Difference] | None = field(default=None)  # with --repair: what the first run found
 
     @property
@@ -106,7 +107,8 @@ class VerifyReport:
     def to_json(self) -> dict[str, Any]:
         out = {"cg": self.cg, "seq": self.seq, "vdisks": self.vdisks, "bytes_compared": self.bytes_compared,
                "differing": [d.to_json() for d in self.differing],
-               "unsettled": [d.to_json() for d in self.unsettled], "seconds": round(self.seconds, 3)}
+               "unsettled": [d.to_json() for d in self.unsettled], "rechecked": self.rechecked,
+               "seconds": round(self.seconds, 3)}
         if self.repaired is not None:
             out["repaired"] = [d.to_json() for d in self.repaired]
         return out
@@ -214,6 +216,7 @@ def verify_cg(cfg: Config, cg: str, *, chunk: int = CHUNK, rounds: int = ROUNDS,
                     cand.setdefault(v.name, []).extend(
                         o for (o, fa), (_, fb) in zip(_blocks(off, a), _blocks(off, b)) if fa != fb)
         # 2. Re-check rounds: candidates only.
+        rechecked = sum(len(bl) for bl in cand.values())
         size = {v.name: v.size for v in vds}
         vid = {v.name: v.id for v in vds}
         differing: dict[str, list[int]] = {}
@@ -241,7 +244,7 @@ def verify_cg(cfg: Config, cg: str, *, chunk: int = CHUNK, rounds: int = ROUNDS,
         return [Difference(k, o, n) for k in order for o, n in _runs(blocks.get(k, []), size[k])]
 
     return VerifyReport(cg, first_seq, order, compared, report(differing), report(cand),
-                        time.monotonic() - t0)
+                        time.monotonic() - t0, rechecked)
 
 
 def repair_cg(cfg: Config, cg: str, differing: list[Difference], *, timeout: float = 120.0) -> None:
