@@ -130,3 +130,23 @@ def test_verify_reports_exactly_the_changed_blocks_and_repair_resyncs_them(tmp_p
     err = one_line_error(data, "verify", "cg1")
     assert "the host is not running" in err, err
     assert "unknown consistency group 'nope'" in one_line_error(data, "verify", "nope")
+
+
+def test_verify_refuses_a_cg_in_its_protection_gap(tmp_path: Path, rng: random.Random):
+    """A marking vdisk leaves its CG without a consistent PIT: verify (and
+    --repair) must say so in one line, not compare with a PIT that lacks
+    writes. (The host's automatic resync is off, so the vdisk stays marking.)"""
+    data = cg_data(tmp_path, SIZE, ("a", "b"), resync=False)
+    with UpProcess(data) as up:
+        h = nbd_connect(up.uri("a"))
+        h.pwrite(rng.randbytes(4 * BS), 8 * BS)
+        h.flush()
+        wait_caught_up(data)
+        rc, out = _verify(data)
+        assert (rc, out["differing"]) == (0, []), out
+        reply = request(Layout(data).host_sock, {"cmd": "mark", "vdisk": "b", "ranges": [[0, BS]]})
+        assert reply is not None and reply["ok"] and reply["state"] == "marking", reply
+        for args in ((), ("--repair",)):
+            err = one_line_error(data, "verify", "cg1", *args)
+            assert "cannot verify cg1: b of cg1 is marking" in err, err
+        h.shutdown()

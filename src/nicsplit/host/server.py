@@ -231,13 +231,19 @@ class HostServer:
         self.datastore.reload_catalog()
         if name not in {v.name for v in self.datastore.list_vdisks()}:
             raise HostCommandError(f"no vdisk {name!r} on this host")
-        sp = self.chain(name).filter("split")
+        try:
+            sp = self.chain(name).filter("split")
+        except ChainError as e:
+            raise HostCommandError(str(e)) from None
         if sp is None:
             raise HostCommandError(f"vdisk {name} has no splitter in its chain: it is not protected")
         if self.readonly or sp.cg in self.fenced:
             raise HostCommandError(f"vdisk {name} is read-only here (failed over, or a read-only host): "
                                    "no resync runs")
-        sp.mark_for_resync([(int(o), int(n)) for o, n in ranges], "verify --repair: blocks differ from the journal")
+        try:
+            sp.mark_for_resync([(int(o), int(n)) for o, n in ranges], "verify --repair: blocks differ from the journal")
+        except ChainError as e:
+            raise HostCommandError(str(e)) from None
         return {"vdisk": name, "state": sp.state, "dirty_bytes": sp.dmap.dirty_bytes()}
 
     def chain(self, name: str) -> Chain:
@@ -415,7 +421,7 @@ async def serve(
         addrs = await host.start(listen, socket_path, tls) if not stdio else ["stdio"]
         layout = cfg.layout
         layout.run.mkdir(parents=True, exist_ok=True)
-        control = await ctl.serve(layout.host_sock, control_handler(host), errors=(HostCommandError, CGError, ChainError))
+        control = await ctl.serve(layout.host_sock, control_handler(host), errors=(HostCommandError, CGError))
         pid_file = layout.pid("host")
         pid_file.write_text(str(os.getpid()))
         stop = asyncio.Event()

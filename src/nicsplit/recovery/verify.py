@@ -75,6 +75,9 @@ CHUNK = 1 << 20
 # A candidate block is re-checked this many times before it is called
 # unsettled (each round costs one barrier and a journal round trip).
 ROUNDS = 3
+# Ranges per `mark` request: 1,000 of at most ~45 bytes of JSON each stay
+# well under the 64 KiB line a control socket reads (asyncio's default limit).
+MARK_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +257,8 @@ def repair_cg(cfg: Config, cg: str, differing: list[Difference], *, timeout: flo
     for d in differing:
         by.setdefault(d.vdisk, []).append([d.offset, d.length])
     for name, ranges in by.items():
-        _host(cfg, {"cmd": "mark", "vdisk": name, "ranges": ranges}, f"cannot repair {name}")
+        for i in range(0, len(ranges), MARK_BATCH):
+            _host(cfg, {"cmd": "mark", "vdisk": name, "ranges": ranges[i:i + MARK_BATCH]}, f"cannot repair {name}")
     names = set(by)
     deadline = time.monotonic() + timeout
     while True:
