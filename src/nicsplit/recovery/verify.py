@@ -123,7 +123,8 @@ class VerifyReport:
 def _host(cfg: Config, cmd: dict, what: str, timeout: float = 10.0) -> dict:
     reply = ctl.request(Layout(cfg.data).host_sock, cmd, timeout=timeout)
     if reply is None:
-        raise RecoveryError(f"{what}: the host is not running (verify reads production through it: nicsplit up)")
+        raise RecoveryError(f"{what}: the host did not answer on {Layout(cfg.data).host_sock} (is it running? "
+                            "verify reads production through it: nicsplit up)")
     if not reply.get("ok"):
         raise RecoveryError(f"{what}: {reply.get('error')}")
     return reply
