@@ -417,7 +417,7 @@ def plot(doc: dict, path: Path) -> None:
         axes[1][col].plot(t, rpo, label="RPO s")
         bad = [s["t"] for s in ph["samples"] if s["states"] != ["protected"]]
         if bad:
-            axes[1][col].scatter(bad, [0] * len(bad), color="red", marker="|", label="not protected")
+            axes[1][col].scatter(bad, [0] * len(bad), color="red", marker="|", label="not protected (lagging or worse)")
         axes[1][col].set_title(f"{name}: RPO (s) and state")
         axes[1][col].set_xlabel("seconds")
         axes[1][col].legend()
