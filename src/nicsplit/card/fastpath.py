@@ -15,8 +15,8 @@ loop makes no per-write objects), so an ack waits only for the scheduler.
 Spinning and sleeping on a shared core: the acker runs SCHED_FIFO
 (``priority``) on the card's CPUs (``cpus``) and spins ``ack_spin_us``
 after its last entry, then sleeps on the doorbell; it does not spin at all
-while the worker has entries it has not read (the worker is behind and
-needs the CPU more than the next ack needs a poll). A real-time spinner
+while the worker has more than a poll's worth of entries it has not read
+(the worker is behind and needs the CPU more than the next ack needs a poll). A real-time spinner
 would starve anything of normal priority on its core, so the worker runs at
 normal priority on ``worker_cpus`` (default: every allowed core, so it
 runs where there is room) and the spin is short: a doorbell wake-up of a
@@ -62,6 +62,11 @@ from nicsplit.card.transports.ring_shared import fence
 log = logging.getLogger("nicsplit.card")
 
 WORKER_ENV = "NICSPLIT_CARD_WORKER"
+# The worker is "behind" with more than this many entries unread: one of its
+# polls' worth. Not "any": right after each publish the worker has not read
+# yet (it wakes in tens of µs), and yielding then made every QD1 write wait
+# for a doorbell wake-up of the acker.
+YIELD_BACKLOG = 256
 _P, _C = H.PRODUCED // 8, H.CONSUMED // 8
 
 
@@ -209,7 +214,7 @@ class Acker:
                 time.sleep(0.0001)
                 t = now()
                 continue
-            if t - idle_since < spin_ns and hc[_P] == hc[_C]:
+            if t - idle_since < spin_ns and hc[_P] - hc[_C] < YIELD_BACKLOG:
                 continue  # spin only while the worker keeps up: when it is behind, it needs this core
 
             ep.set_sleeping(True)
