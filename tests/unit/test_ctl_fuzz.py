@@ -51,7 +51,7 @@ lines = st.one_of(
 
 async def exchange(path: Path, batch: list[bytes]) -> list:
     """Send the lines one by one; the reply to each, or None once closed."""
-    r, w = await asyncio.open_unix_connection(str(path))
+    r, w = await asyncio.open_unix_connection(str(path), limit=1 << 20)  # a reply may echo a 64 KiB line
     out = []
     try:
         for line in batch:

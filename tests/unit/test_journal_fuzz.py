@@ -143,7 +143,9 @@ def test_entry_altered_with_a_matching_crc_is_refused_by_name(seg_index, entry_i
         b[pos:pos + ENTRY.size + size] = encode_entry(tag, bytes(payload))
         p.write_bytes(bytes(b))
         seqs = read_everything(d)
-        assert seqs == committed[:len(seqs)]
+        # A clear COMMIT altered under a recomputed CRC is undetectable (its
+        # seqs may jump): only order is promised, not the prefix.
+        assert seqs == sorted(set(seqs))
         for kw in ({}, {"stop_at_damage": True}):
             try:
                 with Journal.open(d, readonly=True, keyring=None, **kw):
