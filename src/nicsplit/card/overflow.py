@@ -106,6 +106,10 @@ def decode(buf: Any, pos: int, *, verify: bool = True) -> tuple[AugmentedWrite |
      crc) = REC.unpack_from(buf, pos)
     if magic != REC_MAGIC or kind not in (K_WRITE, K_OUTCOME):
         raise TornRecord(f"bad record head at {pos}")
+    if kind == K_OUTCOME and (wflags or has_data or length or dlen):
+        # encode() writes none of these for an outcome; a payload length here
+        # would make the record's end depend on how much of the file is read.
+        raise TornRecord(f"bad outcome record at {pos}")
     if end + dlen > len(buf):
         return None
     mv = memoryview(buf)
