@@ -23,25 +23,30 @@ from nicsplit.journal.format import ENTRY, SEGMENT_HEAD, JournalError, encode_en
 from nicsplit.journal.reader import SegmentReader
 from nicsplit.journal.scan import JournalScanner
 from nicsplit.journal.writer import Journal
+from nicsplit.storage import atrest
 from nicsplit.testing.fuzz import fuzz_settings
 from nicsplit.testing.workload import Workload
 
-_PRISTINE: dict[str, object] = {}
+_PRISTINE: dict[bool, tuple[Path, list[str], list[int]]] = {}
 
 
-def pristine() -> tuple[Path, list[str], list[int]]:
-    """A small valid journal (built once per session): its directory, its
-    segment names and the last seq of every commit."""
-    if not _PRISTINE:
+def pristine(sealed: bool = False) -> tuple[Path, list[str], list[int]]:
+    """A small valid journal, clear or sealed with the at-rest key (built once
+    per session, in DATA/appliance/journal/cg1 so the keyring is found):
+    its directory, its segment names and the last seq of every commit."""
+    if sealed not in _PRISTINE:
         top = tempfile.mkdtemp(prefix="nicsplit-jfuzz-")
         atexit.register(shutil.rmtree, top, True)
-        d = Path(top) / "journal"
+        data = Path(top) / "data"
+        d = data / "appliance" / "journal" / "cg1"
+        if sealed:
+            atrest.ensure(atrest.keyring_path(data), True)
         w = Workload.generate(7, nbatches=10)
         w.write_journal(d, segment_size=8 << 10)
         segs = sorted(p.name for p in d.glob("*.seg"))
-        _PRISTINE.update(dir=d, segs=segs, seqs=[c.last_seq for c, _ in JournalScanner(d).scan()])
-        assert len(segs) >= 3 and len(_PRISTINE["seqs"]) == 10
-    return _PRISTINE["dir"], _PRISTINE["segs"], _PRISTINE["seqs"]
+        _PRISTINE[sealed] = (d, segs, [c.last_seq for c, _ in JournalScanner(d).scan()])
+        assert len(segs) >= 3 and len(_PRISTINE[sealed][2]) == 10
+    return _PRISTINE[sealed]
 
 
 damage_ops = st.lists(st.tuples(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]),
@@ -49,9 +54,13 @@ damage_ops = st.lists(st.tuples(st.sampled_from(["flip", "set", "insert", "delet
                       min_size=1, max_size=4)
 
 
-def damaged_copy(dst: Path, seg_index: int, ops) -> None:
-    src, segs, _ = pristine()
-    shutil.copytree(src, dst)
+def damaged_copy(top: Path, seg_index: int, ops, sealed: bool = False) -> Path:
+    """Copy the pristine data directory under ``top``, damage one segment;
+    returns the copy's journal directory."""
+    src, segs, _ = pristine(sealed)
+    data = src.parent.parent.parent
+    shutil.copytree(data, top / "data")
+    dst = top / "data" / src.relative_to(data)
     p = dst / segs[seg_index % len(segs)]
     b = bytearray(p.read_bytes())
     for op, at, blob in ops:
@@ -67,6 +76,7 @@ def damaged_copy(dst: Path, seg_index: int, ops) -> None:
         else:
             del b[at:]
     p.write_bytes(bytes(b))
+    return dst
 
 
 def read_everything(d: Path) -> list[int]:
@@ -79,7 +89,7 @@ def read_everything(d: Path) -> list[int]:
         if commit.damage is not None:
             break
         seqs.append(commit.last_seq)
-    r = SegmentReader(d, keyring=None)
+    r = SegmentReader(d)  # the data directory's keyring, if any
     try:
         for commit, heads in got:
             for h in heads:
@@ -93,18 +103,17 @@ def read_everything(d: Path) -> list[int]:
     return seqs
 
 
-@fuzz_settings(60)
-@given(st.integers(0, 100), damage_ops)
-def test_damaged_segment_reads_as_a_prefix_or_a_journal_error(seg_index, ops):
-    _, _, committed = pristine()
+@fuzz_settings(40)
+@given(st.integers(0, 100), damage_ops, st.booleans())
+def test_damaged_segment_reads_as_a_prefix_or_a_journal_error(seg_index, ops, sealed):
+    _, _, committed = pristine(sealed)
     with tempfile.TemporaryDirectory() as t:
-        d = Path(t) / "journal"
-        damaged_copy(d, seg_index, ops)
+        d = damaged_copy(Path(t), seg_index, ops, sealed)
         seqs = read_everything(d)
         assert seqs == committed[:len(seqs)], "the scanner must hand out a prefix of what was committed"
         for kw in ({}, {"stop_at_damage": True}):
             try:
-                with Journal.open(d, readonly=True, keyring=None, **kw) as j:
+                with Journal.open(d, readonly=True, **kw) as j:
                     assert j.last_seq in [0, *committed] or kw
             except JournalError:
                 pass
@@ -120,18 +129,17 @@ def _entries(b: bytes) -> list[tuple[int, int, int]]:
     return out
 
 
-@fuzz_settings(80)
+@fuzz_settings(60)
 @given(st.integers(0, 100), st.integers(0, 1000),
        st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=4),
-       st.integers(0, 60))
-def test_entry_altered_with_a_matching_crc_is_refused_by_name(seg_index, entry_index, flips, chop):
+       st.integers(0, 60), st.booleans())
+def test_entry_altered_with_a_matching_crc_is_refused_by_name(seg_index, entry_index, flips, chop, sealed):
     """Damage the CRC cannot see (content altered and the CRC recomputed,
     the payload possibly shortened): the record decoders behind the CRC must
     still answer with JournalCorrupt, never a raw decoding error."""
-    _, segs, committed = pristine()
+    _, segs, committed = pristine(sealed)
     with tempfile.TemporaryDirectory() as t:
-        d = Path(t) / "journal"
-        damaged_copy(d, seg_index, [])
+        d = damaged_copy(Path(t), seg_index, [], sealed)
         p = d / segs[seg_index % len(segs)]
         b = bytearray(p.read_bytes())
         pos, tag, size = _entries(bytes(b))[entry_index % len(_entries(bytes(b)))]
@@ -148,7 +156,7 @@ def test_entry_altered_with_a_matching_crc_is_refused_by_name(seg_index, entry_i
         assert seqs == sorted(set(seqs))
         for kw in ({}, {"stop_at_damage": True}):
             try:
-                with Journal.open(d, readonly=True, keyring=None, **kw):
+                with Journal.open(d, readonly=True, **kw):
                     pass
             except JournalError:
                 pass
