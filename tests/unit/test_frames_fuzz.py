@@ -5,14 +5,15 @@ Hypothesis runs derandomized so CI is reproducible."""
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
+
+from nicsplit.testing.fuzz import fuzz_settings
 
 from nicsplit.core.records import Op
 from nicsplit.wire import frames as F
 
 MAX_BODY = 4096
-FUZZ = settings(max_examples=400, deadline=None, derandomize=True, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = fuzz_settings(400)  # NICSPLIT_FUZZ_SCALE runs it longer
 
 SEEDS = [
     F.encode(F.Hello("card", 1, ("a", "b"))),

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import struct
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
+
+from nicsplit.testing.fuzz import fuzz_settings
 
 from nicsplit.wire import nbd as N
 from nicsplit.wire.nbd import (
@@ -24,8 +26,7 @@ MAX_OPTION = 512
 # After NEED_DATA the unconsumed input is shorter than the awaited frame.
 BOUND = max(16 + MAX_OPTION, 28 + MAX_PAYLOAD)
 
-FUZZ = settings(max_examples=400, deadline=None, derandomize=True, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = fuzz_settings(400)  # NICSPLIT_FUZZ_SCALE runs it longer
 
 
 class Provider:

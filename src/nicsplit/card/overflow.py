@@ -74,6 +74,7 @@ K_WRITE, K_OUTCOME = 1, 2
 R_FED = 1  # rflags: the entry was already in the pipeline when logged (a spill): skipped by this run's reader
 _OPS = {int(o): o for o in Op}
 _STATUSES = {int(s): s for s in Status}
+_WFLAGS = int(WFlag.FUA | WFlag.GAP)
 _READ_CHUNK = 1 << 20
 DEFAULT_MAX = 4 << 30
 
@@ -105,6 +106,10 @@ def decode(buf: Any, pos: int, *, verify: bool = True) -> tuple[AugmentedWrite |
      crc) = REC.unpack_from(buf, pos)
     if magic != REC_MAGIC or kind not in (K_WRITE, K_OUTCOME):
         raise TornRecord(f"bad record head at {pos}")
+    if kind == K_OUTCOME and (wflags or has_data or length or dlen):
+        # encode() writes none of these for an outcome; a payload length here
+        # would make the record's end depend on how much of the file is read.
+        raise TornRecord(f"bad outcome record at {pos}")
     if end + dlen > len(buf):
         return None
     mv = memoryview(buf)
@@ -122,6 +127,11 @@ def decode(buf: Any, pos: int, *, verify: bool = True) -> tuple[AugmentedWrite |
     o = _OPS.get(op)
     if o is None:
         raise TornRecord(f"bad op {op} at {pos}")
+    if wflags & ~_WFLAGS or has_data > 1 or dlen != (length if has_data else 0):
+        # encode() writes has_data 0/1 and a payload exactly as long as the
+        # write: anything else is not a record this code wrote.
+        raise TornRecord(f"bad write record at {pos} (flags {wflags:#x}, has_data {has_data}, "
+                         f"length {length}, payload {dlen})")
     data = mv[end: end + dlen] if has_data else None
     return AugmentedWrite(io_id, cg_id, cg_seq, vdisk_id, o, WFlag(wflags), voffset, length, ts, data), end + dlen, rflags
 

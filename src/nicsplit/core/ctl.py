@@ -54,7 +54,7 @@ def ready_message(line: str | bytes) -> dict[str, Any] | None:
     None for any other line."""
     try:
         msg = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return msg if isinstance(msg, dict) and msg.get("event") == "ready" else None
 
@@ -63,7 +63,7 @@ def decode_request(line: bytes) -> dict[str, Any]:
     """One request line → its object; ``{}`` for anything that is not a JSON object."""
     try:
         req = json.loads(line or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep for json (e.g. "[" * 2000)
         return {}
     return req if isinstance(req, dict) else {}
 

@@ -339,6 +339,8 @@ def _encode_body(frame: Frame) -> tuple[int, bytes]:
     if isinstance(frame, Heartbeat):
         return FrameType.HEARTBEAT, _HEARTBEAT.pack(_s64(frame.time_ns, "time_ns"))
     if isinstance(frame, Hello):
+        if len(set(frame.cgs)) != len(frame.cgs):  # the decoder refuses it: never send it
+            raise ValueError(f"hello: a CG is named twice in {list(frame.cgs)[:8]}")
         parts = [_handshake_head_bytes("hello", "card_id", frame.card_id, frame.version, len(frame.cgs))]
         parts += [_str(cg, "cg") for cg in frame.cgs]
         return FrameType.HELLO, b"".join(parts)

@@ -391,7 +391,11 @@ def pack_descriptor(buf, offset: int, d: Descriptor) -> None:
 
 
 def unpack_descriptor(buf, offset: int) -> Descriptor:
-    return Descriptor(*DESC.unpack_from(buf, offset))
+    """The descriptor at ``offset``; RingFormatError if ``buf`` has no 64 bytes there."""
+    try:
+        return Descriptor(*DESC.unpack_from(buf, offset))
+    except struct.error as e:
+        raise RingFormatError(f"no descriptor at offset {offset} of {len(buf)} bytes: {e}") from None
 
 
 _R_NONE, _R_KIND, _R_FIELD, _R_SEQ = 0, 1, 6, 4  # AckReason values as plain ints (hot path)
@@ -445,7 +449,11 @@ def pack_completion(buf, offset: int, c: Completion) -> None:
 
 
 def unpack_completion(buf, offset: int) -> Completion:
-    io_id, status, reason, _reserved, seq = CQE.unpack_from(buf, offset)
+    """The completion at ``offset``; RingFormatError if ``buf`` has no 16 bytes there."""
+    try:
+        io_id, status, reason, _reserved, seq = CQE.unpack_from(buf, offset)
+    except struct.error as e:
+        raise RingFormatError(f"no completion at offset {offset} of {len(buf)} bytes: {e}") from None
     return Completion(io_id, status, reason, seq)
 
 
