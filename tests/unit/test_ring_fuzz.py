@@ -20,7 +20,6 @@ import struct
 import tempfile
 import zlib
 
-import pytest
 from hypothesis import example, given, strategies as st
 
 from nicsplit.card import overflow as O
@@ -409,8 +408,6 @@ def test_acker_and_worker_ack_whatever_the_host_writes(plan):
             os.close(ho.fd)
 
 
-@pytest.mark.xfail(strict=True, reason="lead: the acker acks a duplicate io_id OK and the worker drops it "
-                                       "(ring_acker.py/ring_handoff.py); the inline endpoint refuses it DUPLICATE")
 def test_acker_refuses_a_duplicate_io_id_of_a_held_write():
     dup = [("fields", dict(kind=1, wflags=0, dflags=1, status=0, length=100, io_id=7, data_pos="next",
                            csum="good", seq="ok", payload=True, vdisk=1, voffset=0))] * 2

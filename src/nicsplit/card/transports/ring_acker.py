@@ -12,6 +12,7 @@ it builds no Python object per write.
 
 from __future__ import annotations
 
+import collections
 import os
 
 from nicsplit.card.handoff import H, REFUSED, SLEEPING, Handoff
@@ -38,6 +39,11 @@ class RingAcker(RingEndpoint):
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK)  # inherited by the worker: its doorbell
         self._n_rings = 0
         self.blocked = False  # the last pump left entries in the SQ: no room in the handoff queue or the CQ
+        # io_ids of payload writes handed off and not yet below the floor: a
+        # second write with one of them is refused DUPLICATE (as the inline
+        # endpoint does), never acked OK and then dropped by the worker.
+        self._live: dict[int, int] = {}
+        self._live_order: collections.deque[tuple[int, int]] = collections.deque()  # (position, io_id)
 
     def pump(self, max_entries: int = 256) -> int:
         """Ack up to ``max_entries`` SQ entries into the handoff queue;
@@ -60,6 +66,12 @@ class RingAcker(RingEndpoint):
             hc[_HFULL] += 1
             self.blocked = True
             return 0
+        live, order = self._live, self._live_order
+        floor = hc[_F]
+        while order and order[0][0] < floor:
+            pos0, io0 = order.popleft()
+            if live.get(io0) == pos0:
+                del live[io0]
         full = self._full or hc[_FULL] == 1
         data_tail = c[DATA_TAIL]
         sq, cq = self._sq, self._cq
@@ -98,6 +110,8 @@ class RingAcker(RingEndpoint):
             track = False
             if (not reason or reason == R_FULL) and kind == K_WRITE:
                 reason, track = self._check_payload(reason, data_pos, length, data_tail, dflags, csum)
+                if not reason and io_id in live:
+                    reason = R.AckReason.DUPLICATE
             cqe_pack(cq, (cq_tail & cq_mask) << 4, io_id, FAILED if reason else OK, reason, 0, cq_tail & M32)
             cq_tail += 1
             c[CQ_TAIL_I] = cq_tail  # the ack is out before we look at the next entry
@@ -108,6 +122,9 @@ class RingAcker(RingEndpoint):
                 produced += 1
                 if track:
                     self._data_expect = data_pos + length
+                    if not reason:
+                        live[io_id] = produced - 1
+                        order.append((produced - 1, io_id))
             if reason:
                 refused += 1
                 if length and self.on_refused is not None:
