@@ -137,8 +137,17 @@ def cmd_cg_add(args: argparse.Namespace) -> int:
     if v.extra.get("cg") not in (None, args.cg):
         raise CliError(f"vdisk {v.name} is already in consistency group {v.extra['cg']}")
     ds.update_vdisk(v.name, extra={**v.extra, "cg": args.cg})
-    print(f"vdisk {v.name} joins consistency group {args.cg} (a running host applies it after restart; "
-          "data it already holds is then copied in full: initializing)")
+    sock = Layout(cfg.data).host_sock
+    reply = ctl_request(sock, {"cmd": "join", "vdisk": v.name, "cg": args.cg}) if sock.exists() else None
+    if reply is None:
+        print(f"vdisk {v.name} joins consistency group {args.cg} (no host is running: when one starts, "
+              "the data the vdisk holds is copied in full: initializing)")
+    elif not reply.get("ok"):
+        raise CliError(f"vdisk {v.name} is in consistency group {args.cg} in the catalog, but the running host "
+                       f"refused it: {reply.get('error')} (it applies it at its next start)")
+    else:
+        print(f"vdisk {v.name} joins consistency group {args.cg}: {reply['state']}"
+              + (f", copying {reply['dirty_bytes'] / 2**20:.1f} MiB it already holds" if reply["dirty_bytes"] else ""))
     return 0
 
 

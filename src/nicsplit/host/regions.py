@@ -78,6 +78,10 @@ class RegionLock:
                 if fut is not None and not fut.done():
                     fut.set_result(None)
 
+    def busy_ranges(self) -> list[tuple[int, int]]:
+        """(offset, length) of every region with a write in flight now."""
+        return [(r * self.region, self.region) for r in self._inflight]
+
     def inflight(self, offset: int, length: int) -> int:
         return sum(self._inflight.get(r, 0) for r in self._span(offset, length))
 

@@ -246,6 +246,30 @@ class HostServer:
             raise HostCommandError(str(e)) from None
         return {"vdisk": name, "state": sp.state, "dirty_bytes": sp.dmap.dirty_bytes()}
 
+    def join(self, name: str, cg: str) -> dict[str, Any]:
+        """Vdisk ``name`` joined ``cg`` in the catalog (``nicsplit cg add``):
+        protect it from now on, and copy what it holds (initial sync)."""
+        self.datastore.reload_catalog()
+        info = next((v for v in self.datastore.list_vdisks() if v.name == name), None)
+        if info is None:
+            raise HostCommandError(f"no vdisk {name!r} on this host")
+        if info.extra.get("cg") != cg:
+            raise HostCommandError(f"the catalog does not put vdisk {name} in consistency group {cg}")
+        try:
+            sp = self.chain(name).filter("split")
+        except ChainError as e:
+            raise HostCommandError(str(e)) from None
+        if sp is None:
+            raise HostCommandError(f"vdisk {name} has no splitter in its chain: it cannot join a CG "
+                                   "(add \"split\" to its filters)")
+        if self.readonly or cg in self.fenced:
+            raise HostCommandError(f"consistency group {cg} is read-only here (failed over, or a read-only host)")
+        try:
+            sp.join(cg, lambda: allocated_ranges(self.datastore.vdisk(name)))
+        except (ChainError, CGError) as e:
+            raise HostCommandError(str(e)) from None
+        return {"vdisk": name, "cg": cg, "state": sp.state, "dirty_bytes": sp.dmap.dirty_bytes()}
+
     def chain(self, name: str) -> Chain:
         ch = self._chains.get(name)
         if ch is None:
@@ -392,6 +416,8 @@ def control_handler(host: HostServer) -> Callable[[dict], Awaitable[dict]]:
             return {"ok": True, **host.fence(str(req.get("cg")), bool(req.get("on", True)))}
         if cmd == "barrier":
             return {"ok": True, **(await host.barrier(str(req.get("cg"))))}
+        if cmd == "join":
+            return {"ok": True, **host.join(str(req.get("vdisk")), str(req.get("cg")))}
         if cmd == "mark":
             return {"ok": True, **host.mark(str(req.get("vdisk")), req.get("ranges"))}
         return {"ok": False, "error": f"unknown command {cmd!r}"}

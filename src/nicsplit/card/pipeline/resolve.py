@@ -58,8 +58,14 @@ class Resolver:
     def __init__(self, catalog: CardCatalog) -> None:
         self.catalog = catalog
         self._ok = self._unknown = self._range = self._payload = 0
+        self._cg_ids: dict[int, int] = {}  # vdisk id -> the CG id its last write carried
 
     def resolve(self, w: AugmentedWrite) -> Resolved | None:
+        if self._cg_ids.get(w.vdisk_id) != w.cg_id and callable(getattr(self.catalog, "refresh", None)):
+            # First write of this vdisk this run, or another CG than its last
+            # one: it may have joined a CG since the snapshot (`nicsplit cg add`).
+            self.catalog.refresh()
+        self._cg_ids[w.vdisk_id] = w.cg_id
         r = self._check(w, quiet=True)
         if r is None and callable(getattr(self.catalog, "refresh", None)):
             self.catalog.refresh()  # a vdisk created or resized since the snapshot

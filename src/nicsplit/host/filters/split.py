@@ -117,6 +117,22 @@ class SplitFilter(Filter):
         if self.dmap.cg != self.cg:  # (an initial sync under way for it resumes from the bitmap)
             self.dmap.begin_initial(self.cg, allocated())
 
+    def join(self, cg: str, allocated: Callable[[], list[tuple[int, int]]]) -> None:
+        """The vdisk joins ``cg`` while the host runs (``nicsplit cg add``):
+        its writes are split from this call on, and what it already holds —
+        the allocated ranges, and the regions of writes still on their way
+        down unsplit (the initial sync's region lock waits for them) — is
+        marked and copied by the initial sync (*initializing*)."""
+        if self.seq is not None:
+            if self.cg == cg:
+                return
+            raise ChainError(f"vdisk {self.vdisk.name} is already in consistency group {self.cg}")
+        cg_id = self.ctx.cg_id(cg)  # CGError (one line) for an unknown CG
+        self.cg, self.cg_id = cg, cg_id
+        self.gap = self.ctx.join_gap(cg, self.dmap)
+        self.seq = self.ctx.sequencer(cg)  # nothing awaits between here and the marks below
+        self.dmap.begin_initial(cg, list(allocated()) + self.regions.busy_ranges())
+
     def _mark(self, w: AugmentedWrite, reason: str) -> None:
         self._mark_range(w.voffset, w.length, reason)
 
