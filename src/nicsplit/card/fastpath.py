@@ -15,8 +15,8 @@ loop makes no per-write objects), so an ack waits only for the scheduler.
 Spinning and sleeping on a shared core: the acker runs SCHED_FIFO
 (``priority``) on the card's CPUs (``cpus``) and spins ``ack_spin_us``
 after its last entry, then sleeps on the doorbell; it does not spin at all
-while the worker has more than a poll's worth of entries it has not read
-(the worker is behind and needs the CPU more than the next ack needs a poll). A real-time spinner
+while the worker has left entries unread for more than 100 µs (the worker is
+behind and needs the CPU more than the next ack needs a poll). A real-time spinner
 would starve anything of normal priority on its core, so the worker runs at
 normal priority on ``worker_cpus`` (default: every allowed core, so it
 runs where there is room) and the spin is short: a doorbell wake-up of a
@@ -62,11 +62,12 @@ from nicsplit.card.transports.ring_shared import fence
 log = logging.getLogger("nicsplit.card")
 
 WORKER_ENV = "NICSPLIT_CARD_WORKER"
-# The worker is "behind" with more than this many entries unread: one of its
-# polls' worth. Not "any": right after each publish the worker has not read
-# yet (it wakes in tens of µs), and yielding then made every QD1 write wait
-# for a doorbell wake-up of the acker.
-YIELD_BACKLOG = 256
+# The worker is "behind" when entries stay unread this long. Not at once:
+# right after each publish the worker has not read yet (it wakes in tens of
+# µs), and yielding then made every QD1 write wait for a doorbell wake-up of
+# the acker; not by a count either: a backlog of 256 entries let the acker
+# spin through an unpaced QD16 load, which then got a third of the IOPS.
+BEHIND_NS = 100_000
 _P, _C = H.PRODUCED // 8, H.CONSUMED // 8
 
 
@@ -182,6 +183,7 @@ class Acker:
         stop_deadline = 0.0
         hc = self.handoff.c
         busy = empty = 0  # loop time that acked something / that found nothing (spinning)
+        behind_since = 0  # when the worker last had unread entries with none before (0: it keeps up)
         t = now()
         while True:
             t0 = t
@@ -214,7 +216,11 @@ class Acker:
                 time.sleep(0.0001)
                 t = now()
                 continue
-            if t - idle_since < spin_ns and hc[_P] - hc[_C] < YIELD_BACKLOG:
+            if hc[_P] == hc[_C]:
+                behind_since = 0
+            elif not behind_since:
+                behind_since = t
+            if t - idle_since < spin_ns and (not behind_since or t - behind_since < BEHIND_NS):
                 continue  # spin only while the worker keeps up: when it is behind, it needs this core
 
             ep.set_sleeping(True)

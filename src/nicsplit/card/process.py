@@ -107,7 +107,7 @@ class CardConfig(InDataDir):
     # The fast path (nicsplit.card.fastpath): "process" acks in a process of
     # its own and runs the pipeline in a worker; "inline" does both on one loop.
     fast_path: str = "process"
-    ack_spin_us: float = 200  # the acker polls this long after its last entry before sleeping
+    ack_spin_us: float = 50  # the acker polls this long after its last entry before sleeping
     worker_cpus: tuple[int, ...] | None = ()  # (): every allowed core; None: the last one
     worker_priority: str = "normal"  # realtime | high | normal (a real-time worker starves the host)
     worker_restarts_max: int = 5  # worker deaths within a minute before the card gives up
