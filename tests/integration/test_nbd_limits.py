@@ -15,7 +15,7 @@ import time
 import pytest
 
 from nicsplit.testing.datadir import init_data, vdisk
-from nicsplit.testing.procs import import_libnbd, nbd_connect, run_cli, wait_for
+from nicsplit.testing.procs import import_libnbd, nbd_connect, run_cli, wait_for, recv_exact
 
 IHAVEOPT = 0x49484156454F5054
 NBD_OPT_LIST = 3
@@ -34,14 +34,6 @@ def raw_connect(port: int, timeout: float = 10) -> socket.socket:
     return s
 
 
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
 
 
 def option(opt: int, data: bytes = b"") -> bytes:

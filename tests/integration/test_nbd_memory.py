@@ -16,7 +16,7 @@ import struct
 import pytest
 
 from nicsplit.testing.datadir import init_data, vdisk
-from nicsplit.testing.procs import call_within, nbd_connect, run_cli, wait_for
+from nicsplit.testing.procs import call_within, nbd_connect, run_cli, wait_for, recv_exact
 
 MIB = 1 << 20
 IHAVEOPT = 0x49484156454F5054
@@ -27,14 +27,6 @@ NBD_CMD_READ = 0
 RSS_LIMIT = 600 * MIB
 
 
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
 
 
 def stuck_reader(port: int, export: str, reads: int, length: int = 32 * MIB) -> socket.socket:

@@ -19,7 +19,7 @@ from nicsplit.core import pki
 from nicsplit.host.nbdpolicy import PolicyError
 from nicsplit.recovery.image import ImageServer
 from nicsplit.testing.datadir import init_data, vdisk
-from nicsplit.testing.procs import HostProcess, env_with_libnbd, import_libnbd, nbd_connect, run_cli, wait_for
+from nicsplit.testing.procs import HostProcess, env_with_libnbd, import_libnbd, nbd_connect, run_cli, wait_for, recv_exact
 from nicsplit.testing.served import Served
 from nicsplit.testing.workload import journaled
 
@@ -31,14 +31,6 @@ NBD_REP_ACK = 1
 NBD_REP_ERR_TLS_REQD = (1 << 31) + 5
 
 
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
 
 
 def option_reply(s: socket.socket, opt: int, data: bytes = b"") -> int:

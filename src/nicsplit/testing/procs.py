@@ -13,6 +13,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -322,6 +323,17 @@ class UpProcess(ReadyProcess):
             except OSError:
                 pass
         return "\n".join(parts)
+
+
+def recv_exact(s: "socket.socket", n: int) -> bytes:
+    """Exactly ``n`` bytes from a raw socket (tests that speak NBD by hand)."""
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
 
 
 def nbd_connect(uri: str):
