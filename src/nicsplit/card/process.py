@@ -11,8 +11,8 @@ set (``cpus``; default the last core the process may use). The loop runs:
   polling) so the shipper and the control socket run in between. After
   ``idle_spin_us`` without entries it publishes SLEEPING, fences, re-checks
   (no lost wake-up, see wire/ring.py) and waits on the doorbell fd with
-  ``loop.add_reader`` — at most ``sleep_max_ms`` (10 ms, well below the
-  host's 100 ms staleness bound) or until the next batch/merge deadline;
+  ``loop.add_reader`` — at most ``sleep_max_ms`` (50 ms, well below the
+  host's 2 s staleness bound) or until the next batch/merge deadline;
   it heartbeats the endpoint every round and every wake-up;
 - the **shipper** (`nicsplit.card.pipeline.ship.Shipper`): TLS to the
   appliance, Hello/resume, batches out, acks in;
@@ -92,7 +92,7 @@ class CardConfig(InDataDir):
     transport_options: dict = field(default_factory=dict)  # e.g. {data_size = "64M", sq_entries = 4096}
     cpus: tuple[int, ...] | None = None  # None: the last allowed core; (): no pinning
     idle_spin_us: float = 200  # busy-poll this long after the last entry before sleeping
-    sleep_max_ms: float = 10  # longest doorbell sleep (heartbeat cadence while idle)
+    sleep_max_ms: float = 50  # longest doorbell sleep (heartbeat cadence while idle; the host waits 2 s)
     poll_entries: int = 256  # entries per poll
     tls: bool = True  # False: plain TCP (tests only)
     encrypt: bool = True  # False: cipher "none" (an appliance with a key refuses it)
