@@ -67,20 +67,10 @@ class _PipePair(asyncio.Transport):
         return "stdio" if name == "peername" else default
 
 
-class _Side(asyncio.Protocol):
-    """One pipe's protocol, forwarding to the session; ``done`` resolves when
-    stdout is closed (after its buffer drained) or broken."""
+class _Forward(asyncio.Protocol):
+    """Data, EOF and flow control go to the NBD session as they come."""
 
-    def __init__(self, session: NBDSession, done: asyncio.Future, writer: bool,
-                 stdout: asyncio.WriteTransport | None = None) -> None:
-        self.session = session
-        self.done = done
-        self.writer = writer
-        self.stdout = stdout
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self.writer and self.stdout is not None:
-            self.session.connection_made(_PipePair(transport, self.stdout))  # type: ignore[arg-type, abstract]
+    session: NBDSession
 
     def data_received(self, data: bytes) -> None:
         self.session.data_received(data)
@@ -94,6 +84,22 @@ class _Side(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.session.resume_writing()
+
+
+class _Side(_Forward):
+    """One pipe's protocol, forwarding to the session; ``done`` resolves when
+    stdout is closed (after its buffer drained) or broken."""
+
+    def __init__(self, session: NBDSession, done: asyncio.Future, writer: bool,
+                 stdout: asyncio.WriteTransport | None = None) -> None:
+        self.session = session
+        self.done = done
+        self.writer = writer
+        self.stdout = stdout
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.writer and self.stdout is not None:
+            self.session.connection_made(_PipePair(transport, self.stdout))  # type: ignore[arg-type, abstract]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.writer and not self.done.done():
@@ -121,7 +127,7 @@ async def serve_stdio(host: Any) -> None:
     await done
 
 
-class _SocketSession(asyncio.Protocol):
+class _SocketSession(_Forward):
     """The session on stdin's socket, resolving ``done`` when it ends."""
 
     def __init__(self, session: NBDSession, done: asyncio.Future) -> None:
@@ -130,19 +136,6 @@ class _SocketSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.session.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.session.data_received(data)
-
-    def eof_received(self) -> bool:
-        self.session.eof_received()
-        return False
-
-    def pause_writing(self) -> None:
-        self.session.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.session.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.connection_lost(exc)
