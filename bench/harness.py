@@ -323,3 +323,23 @@ def measure(server: Server, workdir: Path, *, qd: int, runtime: float, size: str
 
 def have_tools(*names: str) -> list[str]:
     return [n for n in names if shutil.which(n) is None]
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None without matplotlib."""
+    try:
+        import matplotlib  # optional: a bench without it writes no plot
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def percentile(xs: list[float], p: float) -> float | None:
+    """The p-th percentile (nearest rank at or above) of ``xs``; None if empty."""
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]

@@ -50,7 +50,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import cpu_seconds, fio_cmd, loadavg  # noqa: E402
+from harness import cpu_seconds, fio_cmd, loadavg, percentile as pct, pyplot  # noqa: E402
 from nicsplit.card.transports.ring_splitter import RingSplitter  # noqa: E402
 from nicsplit.core.ctl import request  # noqa: E402
 from nicsplit.core.layout import Layout  # noqa: E402
@@ -60,13 +60,6 @@ from nicsplit.testing.procs import ReadyProcess, UpProcess, nicsplit_cmd, run_cl
 
 ROOT = Path(__file__).resolve().parent.parent
 BS = 4096
-
-
-def pct(xs: list[float], p: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
 def med(xs: list[Any]) -> float | None:
@@ -400,12 +393,8 @@ def markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex="col")
     for col, name in enumerate(("paced", "unpaced")):

@@ -39,19 +39,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import percentile as pct, pyplot  # noqa: E402
 from nicsplit.core.ctl import request  # noqa: E402
 from nicsplit.core.layout import Layout  # noqa: E402
 from nicsplit.testing.datadir import init_data  # noqa: E402
 from nicsplit.testing.procs import UpProcess, run_cli, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def pct(xs: list[float], p: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
 def host_vdisk(data: Path, name: str) -> dict:
@@ -199,12 +193,8 @@ def markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
     o = doc["outage"]
