@@ -6,6 +6,7 @@
 # would pull in a desktop's worth of display and audio libraries.
 set -euo pipefail
 need=()
+need_norec=()
 command -v nbdkit   >/dev/null || need+=(nbdkit)
 command -v nbdinfo  >/dev/null || need+=(libnbd-bin)
 command -v nbdcopy  >/dev/null || need+=(libnbd-bin)
@@ -13,7 +14,9 @@ command -v nbdcopy  >/dev/null || need+=(libnbd-bin)
 command -v qemu-io  >/dev/null || need+=(qemu-utils)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v fio      >/dev/null || need+=(fio)
-need_norec=()
+# The dashboard test drives a real headless browser through its WebDriver.
+command -v chromium >/dev/null || need_norec+=(chromium)
+command -v chromedriver >/dev/null || need_norec+=(chromium-driver)
 command -v qemu-system-x86_64 >/dev/null || need_norec+=(qemu-system-x86)
 if [ ${#need[@]} -gt 0 ] || [ ${#need_norec[@]} -gt 0 ]; then
     SUDO=""

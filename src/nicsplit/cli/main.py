@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from nicsplit import __version__
-from nicsplit.cli import appliance, failover, image, pit, verify
+from nicsplit.cli import appliance, console, failover, image, pit, verify
 from nicsplit.cli.common import USER_ERRORS, CliError
 from nicsplit.core import config as cfgmod
 from nicsplit.core.cgs import CGCatalog
@@ -26,6 +26,7 @@ from nicsplit.core.ctl import request as ctl_request
 from nicsplit.core.layout import Layout
 from nicsplit.core.logfile import KEEP, MAX_BYTES, RotatingLog
 from nicsplit.core.pki import init_pki
+from nicsplit.console.token import ensure_token
 from nicsplit.control.demo import ensure_demo
 from nicsplit.control.status import system_status
 from nicsplit.host import marking
@@ -47,6 +48,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     cfg_file = cfgmod.write_default(data)
     cfg = cfgmod.load(data)
     init_pki(Layout(cfg.data).pki)
+    ensure_token(Layout(cfg.data).api_token)
     if Layout(cfg.data).catalog.exists():
         print(f"{data} is already initialised")
         return 0
@@ -228,6 +230,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         # The card ships to wherever the appliance says it listens.
         Child("card", child_argv(data, "card", "run"), args_from=lambda ready: ["--appliance", ready["appliance"]["address"]]),
         Child("host", child_argv(data, *host_args)),
+        Child("console", child_argv(data, "console", "run")),
     ]
 
     def ready(info: dict) -> None:
@@ -415,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_parsers(sub, common)
     failover.add_parsers(sub, common)
     verify.add_parsers(sub, common)
+    console.add_parsers(sub, common)
 
     cp = sub.add_parser("card", parents=[common], help="the (emulated) offload card").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
     s = cp.add_parser("run", parents=[common], help="run the card: hidden volume, ring, pipeline, shipping (foreground)")
@@ -451,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.data = getattr(args, "data", None)
     verbose = getattr(args, "verbose", 0) or 0
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose or args.command in ("up", "host", "appliance", "card") else logging.WARNING
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose or args.command in ("up", "host", "appliance", "card", "console") else logging.WARNING
     # The one error mapper: a domain error is one line on stderr and exit 1.
     try:
         handler = _log_handler(args)

@@ -22,6 +22,7 @@ writes only a resync will protect were acknowledged since it began).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -100,6 +101,7 @@ def system_status(cfg: Config) -> dict[str, Any]:
         "host": {"pid": (host or {}).get("status", {}).get("pid") or pid_alive(lay.pid("host"))},
         "card": {"pid": ((card or {}).get("stats") or {}).get("pid") or pid_alive(lay.pid("card"))},
         "appliance": {"pid": pid_alive(lay.pid("appliance"))},
+        "console": {"pid": pid_alive(lay.pid("console"))},
     }
     vstate = {v["name"]: v for v in (host or {}).get("status", {}).get("vdisks", [])}
     card_cgs = ((card or {}).get("stats") or {}).get("cgs", {})
@@ -133,4 +135,15 @@ def system_status(cfg: Config) -> dict[str, Any]:
                     "retention": None if appl_cgs is None else (appl_cgs.get(cg.name) or {}).get("retention"),
                     **({"refused": refused[cg.name]} if cg.name in refused else {}),
                     **status_fields(cfg.data, cg.name, None if appl_cgs is None else appl_cgs.get(cg.name, {}))})
-    return {"cgs": out, "processes": processes}
+    return {"cgs": out, "processes": processes, "endpoints": console_endpoints(lay, processes["console"]["pid"])}
+
+
+def console_endpoints(lay: Layout, pid: int | None) -> dict[str, str | None]:
+    """Where the console serves (its ``run/console.json``), or None each
+    while it is not running."""
+    try:
+        info = json.loads(lay.console_info.read_text()) if pid else {}
+    except (OSError, ValueError):
+        info = {}
+    ep = info.get("endpoints") or {}
+    return {k: ep.get(k) for k in ("api", "metrics", "dashboard")}

@@ -179,6 +179,12 @@ keep_hourly = "7d"
 max_journal_size = 0
 interval = "60s"
 
+[console]
+# The operator console (`nicsplit console run`; `nicsplit up` starts it):
+# REST API under /api/v1 (bearer token: DATA/pki/api.token), Prometheus
+# metrics at /metrics and the web dashboard at /. Loopback by default.
+listen = "127.0.0.1:10811"
+
 [logs]
 # `nicsplit up` has each process log to DATA/run/NAME.log, rotated when it
 # would pass max_size, keeping `keep` older files (NAME.log.1 is the newest):
@@ -234,6 +240,9 @@ class Config(InDataDir):
     def datastore(self, key: str, default: Any) -> Any:
         return self.raw.get("datastore", {}).get(key, default)
 
+    def console(self, key: str, default: Any) -> Any:
+        return self.raw.get("console", {}).get(key, default)
+
     def vdisk_filters(self, name: str) -> list[Any]:
         per = self.raw.get("vdisks", {}).get(name, {})
         return list(per.get("filters", self.host("filters", ["stats", "split"])))
@@ -251,7 +260,7 @@ def load(data: Path) -> Config:
         raw = tomllib.loads(cfg_file.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{cfg_file}: {e}") from None
-    for section in ("host", "datastore", "vdisks", "appliance", "card", "retention", "logs"):
+    for section in ("host", "datastore", "vdisks", "appliance", "card", "retention", "logs", "console"):
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"{cfg_file}: [{section}] must be a table")
     for name in raw.get("vdisks", {}):

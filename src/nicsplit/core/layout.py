@@ -8,6 +8,7 @@ The tree, with who writes what:
       nicsplit.toml                 configuration (nicsplit init)
       cgs.json, cgs.lock            consistency groups (the CLI, under the lock)
       pki/                          CA, certificates, batch key (nicsplit init)
+      pki/api.token                 the console API's bearer token (nicsplit init)
       datastore/                    vdisk volumes and catalog.json (the host)
       host/cg-seq/CG.json           next cg_seq per CG (the host)
       host/marking/UUID.bitmap      dirty regions of a vdisk in marking (the host)
@@ -16,6 +17,7 @@ The tree, with who writes what:
       run/card-lost.jsonl           writes the card could not ship (the card)
       run/card-overflow.log         ring entries the card took while behind (the card)
       run/images/ID.json            image-access registry (the appliance)
+      run/console.json              the console's address and endpoints (the console)
       appliance/id                  appliance identity
       appliance/at-rest.key         at-rest keyring
       appliance/journal/CG/         journal segments of a CG
@@ -80,6 +82,7 @@ class Layout:
     cgs = _Under("data", "cgs.json")
     cgs_lock = _Under("data", "cgs.lock")
     pki = _Under("data", "pki")
+    api_token = _Under("pki", "api.token")
     datastore = _Under("data", "datastore")
     catalog = _Under("datastore", CATALOG_NAME)
     catalog_lock = _Under("datastore", CATALOG_LOCK_NAME)
@@ -101,6 +104,7 @@ class Layout:
     card_overflow = _Under("run", "card-overflow.log",
                            "The card's ordered overflow log (nicsplit.card.overflow).")
     images_run = _Under("run", "images")
+    console_info = _Under("run", "console.json", "The console's address and endpoints (nicsplit.console.server).")
 
     def sock(self, name: str) -> Path:
         """Control socket of a process: host, card-ctl, appliance."""
