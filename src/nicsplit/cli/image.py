@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from nicsplit.cli.common import USER_ERRORS, add_when, ready_printer, selector
+from nicsplit.control import ops
 from nicsplit.core import config as cfgmod
 from nicsplit.recovery import images
 from nicsplit.recovery.select import format_time
@@ -52,20 +53,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    t0 = time.monotonic()
-    ready = images.export(cfgmod.data_dir(args.data), args.cg, selector(args), writable=args.writable,
-                          listen=args.listen)
-    total = time.monotonic() - t0
-    out = {k: ready[k] for k in ("id", "cg", "seq", "time", "writable", "pid", "exports")}
-    out["ready_seconds"] = round(total, 4)
-    out["server_ready_seconds"] = ready.get("ready_seconds")
-    out["in_appliance"] = bool(ready.get("in_appliance"))
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    out = ops.export_doc(cfg, args.cg, selector(args), writable=args.writable, listen=args.listen)
     if args.json:
         print(json.dumps(out))
         return 0
     mode = "writable (throw-away overlay)" if out["writable"] else "read-only"
     print(f"image {out['id']}: {out['cg']} at seq {out['seq']} ({format_time(out['time'])}), {mode}, "
-          f"pid {out['pid']}, ready in {total:.2f} s")
+          f"pid {out['pid']}, ready in {out['ready_seconds']:.2f} s")
     width = max(len(n) for n in out["exports"])
     for name, url in out["exports"].items():
         print(f"  {name:<{width}}  {url}")
@@ -74,11 +69,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    data = cfgmod.load(cfgmod.data_dir(args.data)).data
-    found = images.list_images(data)
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    found = ops.images_doc(cfg)["images"]
     if args.json:
-        print(json.dumps({"images": [{k: i.get(k) for k in ("id", "cg", "seq", "time", "writable", "pid", "alive",
-                                                            "exports", "started")} for i in found]}))
+        print(json.dumps({"images": found}))
         return 0
     if not found:
         print("no images (open one with: nicsplit image export CG --latest)")
@@ -93,12 +87,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_close(args: argparse.Namespace) -> int:
-    data = cfgmod.load(cfgmod.data_dir(args.data)).data
-    killed = images.close(data, args.id)
+    out = ops.close_doc(cfgmod.load(cfgmod.data_dir(args.data)), args.id)
     if args.json:
-        print(json.dumps({"id": args.id, "closed": True, "killed": killed}))
+        print(json.dumps(out))
     else:
-        print(f"closed image {args.id}{' (killed after ' + str(int(images.CLOSE_TIMEOUT)) + ' s)' if killed else ''}")
+        print(f"closed image {args.id}{' (killed after ' + str(int(images.CLOSE_TIMEOUT)) + ' s)' if out['killed'] else ''}")
     return 0
 
 

@@ -27,31 +27,27 @@ from typing import Any
 from nicsplit.cli.common import CliError, add_when, selector, seq
 from nicsplit.core import config as cfgmod
 from nicsplit.recovery import restore as rst
-from nicsplit.recovery.select import bookmark, format_time, list_pits, set_bookmark_lock
+from nicsplit.control import ops
+from nicsplit.recovery.select import format_time, set_bookmark_lock
 
 
 def cmd_pits(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
-    listing = list_pits(cfg, args.cg, every=args.all)
-    pits, marks, damage = listing.pits, listing.bookmarks, listing.damage
-    rows = [{"seq": p.seq, "time": p.time_ns / 1e9, "consistent": p.consistent, "usable": p.usable, "gap": p.gap,
-             "bookmarks": marks.get(p.seq, [])} for p in pits]
-    for row in rows:
-        if not row["usable"]:
-            row["reason"] = f"needs seqs {damage[0].first_seq}..{damage[0].last_seq}, lost to damage: {damage[0].describe()}"
+    doc = ops.pits_doc(cfg, args.cg, every=args.all)
     if args.json:
-        print(json.dumps({"pits": rows, "damage": [d.to_json() for d in damage]}))
+        print(json.dumps(doc))
         return 0
+    rows = doc["pits"]
     if not rows:
         print(f"consistency group {args.cg} has no point in time yet")
-    for p, row in zip(pits, rows):
-        flag = "" if p.consistent else "  (inside a protection gap)" if p.gap else "  (inside a merge window)"
-        if not p.usable:
+    for row in rows:
+        flag = "" if row["consistent"] else "  (inside a protection gap)" if row["gap"] else "  (inside a merge window)"
+        if not row["usable"]:
             flag += "  UNUSABLE (journal damaged)"
         names = f"  [{', '.join(row['bookmarks'])}]" if row["bookmarks"] else ""
-        print(f"{p.seq:>12}  {format_time(p.time_ns / 1e9)}{names}{flag}")
-    for d in damage:
-        print(f"damaged: {d.describe()}", file=sys.stderr)
+        print(f"{row['seq']:>12}  {format_time(row['time'])}{names}{flag}")
+    for d in doc["damage"]:
+        print(f"damaged: {d['message']}", file=sys.stderr)
     return 0
 
 
@@ -59,18 +55,18 @@ def cmd_bookmark(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     if args.unlock or (args.lock and args.existing):
         b = set_bookmark_lock(cfg.data, args.cg, args.name, not args.unlock)
+        out = {"name": b.name, "seq": b.seq, "time": b.time_ns / 1e9, "locked": b.locked}
     else:
-        done = bookmark(cfg.data, args.cg, args.name, lock=args.lock, seq=args.seq, quiesce=args.quiesce,
-                        thaw=args.thaw, hook_timeout=args.hook_timeout, timeout=args.timeout)
-        if done.host_down:
+        out = ops.bookmark_doc(cfg, args.cg, args.name, lock=args.lock, seq=args.seq, quiesce=args.quiesce,
+                               thaw=args.thaw, hook_timeout=args.hook_timeout, timeout=args.timeout)
+        if out.pop("host_down"):
             print(f"note: the host is not running; bookmarking the latest consistent journaled point in time of {args.cg}",
                   file=sys.stderr)
-        b = done.bookmark
     if args.json:
-        print(json.dumps({"name": b.name, "seq": b.seq, "time": b.time_ns / 1e9, "locked": b.locked}))
+        print(json.dumps(out))
     else:
-        print(f"bookmark {b.name} of {args.cg} at seq {b.seq} ({format_time(b.time_ns / 1e9)})"
-              f"{' locked' if b.locked else ''}")
+        print(f"bookmark {out['name']} of {args.cg} at seq {out['seq']} ({format_time(out['time'])})"
+              f"{' locked' if out['locked'] else ''}")
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from nicsplit.console import api
+from nicsplit.console.api import CFG
 from nicsplit.console.token import ensure_token, token_matches
 from nicsplit.core.config import Config, parse_listen
 from nicsplit.core.fsutil import atomic_write
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["make_app", "serve", "CFG", "endpoints"]
 
-CFG = web.AppKey("cfg", Config)
 DEFAULT_LISTEN = "127.0.0.1:10811"
 
 
