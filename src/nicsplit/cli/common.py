@@ -9,17 +9,8 @@ import json
 import os
 from typing import Any, Callable
 
-from nicsplit.core.cgs import CGError
-from nicsplit.core.config import ConfigError
-from nicsplit.core.pki import PkiError
-from nicsplit.host.chain import ChainError
-from nicsplit.host.datastore import DatastoreError
-from nicsplit.journal.writer import JournalError
-from nicsplit.recovery.errors import RecoveryError
-from nicsplit.recovery.pits import PitError
-from nicsplit.recovery.retention import RetentionError
+from nicsplit.control.ops import DOMAIN_ERRORS
 from nicsplit.recovery.select import Selector
-from nicsplit.storage.atrest import AtRestError
 
 
 class CliError(Exception):
@@ -29,10 +20,7 @@ class CliError(Exception):
 
 # The errors whose message is one complete line for the user: main() prints
 # them as ``nicsplit: error: MESSAGE`` and exits 1 (never a traceback).
-USER_ERRORS: tuple[type[Exception], ...] = (
-    CliError, RecoveryError, ConfigError, CGError, ChainError, DatastoreError, PkiError, JournalError, PitError,
-    AtRestError, RetentionError,
-)
+USER_ERRORS: tuple[type[Exception], ...] = (CliError, *DOMAIN_ERRORS)
 
 
 def seq(value: str) -> int:

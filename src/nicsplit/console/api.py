@@ -2,7 +2,7 @@
 
 Each handler calls the same `nicsplit.control.ops` function as the CLI
 command, in a worker thread (they do blocking IO), and returns its JSON
-document. A domain error (`nicsplit.cli.common.USER_ERRORS`) is a 400 with
+document. A domain error (`nicsplit.control.ops.DOMAIN_ERRORS`) is a 400 with
 ``{"error": MESSAGE}``; a malformed body is a 400 too.
 """
 
@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from nicsplit.cli.common import USER_ERRORS
 from nicsplit.control import ops
 from nicsplit.control.status import system_status
 from nicsplit.core.config import Config
@@ -31,7 +30,7 @@ def _error(status: type[web.HTTPException], message: str) -> web.HTTPException:
 async def _call(fn: Callable[..., dict], *args: Any, **kw: Any) -> web.Response:
     try:
         return web.json_response(await asyncio.to_thread(fn, *args, **kw))
-    except USER_ERRORS as e:
+    except ops.DOMAIN_ERRORS as e:
         raise _error(web.HTTPBadRequest, str(e)) from None
 
 

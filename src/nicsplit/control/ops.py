@@ -12,11 +12,27 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from nicsplit.core.config import Config
+from nicsplit.core.cgs import CGError
+from nicsplit.core.config import Config, ConfigError
+from nicsplit.core.pki import PkiError
+from nicsplit.host.chain import ChainError
+from nicsplit.host.datastore import DatastoreError
+from nicsplit.journal.writer import JournalError
 from nicsplit.recovery import images
+from nicsplit.recovery.errors import RecoveryError
+from nicsplit.recovery.pits import PitError
+from nicsplit.recovery.retention import RetentionError
 from nicsplit.recovery.select import Selector, bookmark, list_pits
+from nicsplit.storage.atrest import AtRestError
 
-__all__ = ["pits_doc", "bookmark_doc", "export_doc", "images_doc", "close_doc"]
+__all__ = ["DOMAIN_ERRORS", "pits_doc", "bookmark_doc", "export_doc", "images_doc", "close_doc"]
+
+# The errors whose message is one complete line for the user: the CLI prints
+# it (exit 1), the API returns it as a 400 ``{"error": MESSAGE}``.
+DOMAIN_ERRORS: tuple[type[Exception], ...] = (
+    RecoveryError, ConfigError, CGError, ChainError, DatastoreError, PkiError, JournalError, PitError,
+    AtRestError, RetentionError,
+)
 
 
 def pits_doc(cfg: Config, cg: str, every: bool = False) -> dict[str, Any]:
