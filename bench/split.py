@@ -124,7 +124,8 @@ class SplitSystem(Server):
         if not (self.data / "nicsplit.toml").exists():
             self._prepare(fio_size or f"{self.size // MiB}m")
         self._log = open(self.data / "up.log", "ab")
-        cmd = nicsplit_cmd("--data", str(self.data), "up", "--listen", "127.0.0.1:0", "--appliance-listen", "127.0.0.1:0")
+        cmd = nicsplit_cmd("--data", str(self.data), "up", "--listen", "127.0.0.1:0", "--appliance-listen", "127.0.0.1:0",
+                           "--console-listen", "127.0.0.1:0")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, text=True)
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.monotonic() + 120

@@ -70,7 +70,7 @@ def test_up_names_a_live_process_and_removes_stale_pid_files(tmp_path: Path):
         (run / "appliance.pid").write_text(str(stand_in.pid))
         (run / "card.pid").write_text(str(gone.pid))  # its process is gone
         (run / "up.pid").write_text("not a pid")
-        p = run_cli(data, "up", "--listen", "127.0.0.1:0", "--appliance-listen", "127.0.0.1:0", check=False,
+        p = run_cli(data, "up", "--listen", "127.0.0.1:0", "--appliance-listen", "127.0.0.1:0", "--console-listen", "127.0.0.1:0", check=False,
                     timeout=60)
         assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
         err = p.stderr.strip().splitlines()[-1]  # one error line (after the log line about stale files)

@@ -230,12 +230,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         # The card ships to wherever the appliance says it listens.
         Child("card", child_argv(data, "card", "run"), args_from=lambda ready: ["--appliance", ready["appliance"]["address"]]),
         Child("host", child_argv(data, *host_args)),
-        Child("console", child_argv(data, "console", "run")),
+        Child("console", child_argv(data, "console", "run", *(["--listen", args.console_listen] if args.console_listen else [])),
+              sticky=lambda ready: ["--listen", ready["address"]]),
     ]
 
     def ready(info: dict) -> None:
         print(json.dumps({"event": "ready", "pid": os.getpid(), "processes": {k: {"pid": v.get("pid")} for k, v in info.items()},
-                          "addresses": info["host"].get("addresses", [])}), flush=True)
+                          "addresses": info["host"].get("addresses", []),
+                          "endpoints": info.get("console", {}).get("endpoints", {})}), flush=True)
         # The address the host really listens on (port 0 asks for a free one).
         base = next((a for a in info["host"].get("addresses", []) if a.startswith("nbd://")), f"nbd://{host}:{port}")
         for v in ds.list_vdisks():
@@ -243,6 +245,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         first = ds.list_vdisks()[0].name
         print(f"try:  qemu-io -f raw -c 'write -P 0xab 0 64k' {base}/{first}", flush=True)
         print(f"then: nicsplit --data {data} status; nicsplit --data {data} journal dump demo-vm   (Ctrl-C stops)", flush=True)
+        dash = info.get("console", {}).get("endpoints", {}).get("dashboard")
+        if dash:
+            print(f"dashboard: {dash}#token=$(cat {Layout(data).api_token})   API: see docs/operations.md", flush=True)
 
     logs = cfg.raw.get("logs", {})
     if not isinstance(logs, dict):
@@ -379,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("up", parents=[common], help="run everything with the embedded default configuration")
     s.add_argument("--listen", metavar="HOST:PORT", help="NBD address of the host (default [host] listen)")
     s.add_argument("--appliance-listen", metavar="HOST:PORT", help="address of the appliance (default [appliance] listen)")
+    s.add_argument("--console-listen", metavar="HOST:PORT", help="address of the console: API, metrics, dashboard (default [console] listen)")
     s.add_argument("--socket", metavar="PATH", default=None)
     s.add_argument("--readonly", action="store_true")
     s.add_argument("--tls", choices=("auto", "off", "on", "require"), default=None, help="the host's NBD TLS (see host serve)")

@@ -302,7 +302,7 @@ class UpProcess(ReadyProcess):
 
     def argv(self) -> list[str]:
         return nicsplit_cmd("--data", str(self.data), "up", "--listen", "127.0.0.1:0",
-                            "--appliance-listen", "127.0.0.1:0", *self.args)
+                            "--appliance-listen", "127.0.0.1:0", "--console-listen", "127.0.0.1:0", *self.args)
 
     def pid_of(self, name: str) -> int:
         """Current pid of a child (it may have been restarted)."""
