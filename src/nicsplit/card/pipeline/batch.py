@@ -120,6 +120,11 @@ class Batcher:
     def full(self) -> bool:
         return len(self._ready) >= self.max_ready
 
+    @property
+    def ready_count(self) -> int:
+        """Closed batches waiting to be popped."""
+        return len(self._ready)
+
     def add(self, cg: str, record: Record, io_ids: tuple[int, ...], now_ns: int) -> None:
         size = record_size(record)
         ob = self._open.get(cg)

@@ -94,13 +94,19 @@ class Dedup:
                 self._evicted += 1
 
     def apply(self, item: Item) -> tuple[Record, tuple[int, ...]]:
+        return self.record(item.cg, item.seq, item.io_ids[-1], item.vdisk_id, int(item.op), item.flags,
+                           item.offset, item.length, item.time_ns, item.data), item.io_ids
+
+    def record(self, cg: str, seq: int, io_id: int, vdisk_id: int, op: int, flags: int, offset: int, length: int,
+               time_ns: int, data: bytes | bytearray | memoryview) -> Record:
+        """The record of one write (or merged item): full blocks the appliance
+        already holds become references. Takes fields, not an `Item`, so the
+        merge-off path builds no item per write."""
         self._records += 1
-        data = item.data
         refs: list[tuple[int, bytes]] = []
-        if self.enabled and item.op == Op.WRITE and len(data) >= BLOCK:
+        if self.enabled and op == Op.WRITE and len(data) >= BLOCK:
             mv = memoryview(data)
             known = self._known
-            cg = item.cg
             kept: list[memoryview] = []
             nfull = len(data) // BLOCK
             self._blocks += nfull
@@ -121,12 +127,8 @@ class Dedup:
                 self._refs += len(refs)
                 kept.append(mv[nfull * BLOCK :])
                 data = b"".join(kept)
-        rec = Record(
-            seq=item.seq, io_id=item.io_ids[-1], vdisk_id=item.vdisk_id, op=int(item.op), flags=item.flags,
-            offset=item.offset, length=item.length, time_ns=item.time_ns,
-            data=bytes(data), refs=tuple(refs),
-        )
-        return rec, item.io_ids
+        return Record(seq=seq, io_id=io_id, vdisk_id=vdisk_id, op=op, flags=flags, offset=offset, length=length,
+                      time_ns=time_ns, data=bytes(data), refs=tuple(refs))
 
     def statistics(self) -> DedupStats:
         return DedupStats(

@@ -115,6 +115,14 @@ class Merger:
         if item.op == Op.BARRIER or item.flags & WFlag.FUA:
             self._close(item.cg)
 
+    def count_passthrough(self, nbytes: int, data_len: int) -> None:
+        """Merging is off and the pipeline moved one write past this stage
+        without an `Item`: count it as `push` + `pop` would have."""
+        self._in += 1
+        self._out_n += 1
+        self._bytes_in += nbytes
+        self._bytes_out += data_len
+
     def tick(self, now_ns: int) -> None:
         """Close every window older than the window length."""
         if self._open:

@@ -171,12 +171,35 @@ class CardPipeline:
 
     def pump(self, now_ns: int) -> None:
         hold, merger, batcher = self.hold, self.merger, self.batcher
+        if not merger.enabled:
+            return self._pump_direct(now_ns)
         while True:
             self._ship(now_ns)
             if batcher.full or not hold.has_ready():
                 return
             merger.push(hold.pop_ready(), now_ns)
             self._drain_merge(now_ns)
+
+    def _pump_direct(self, now_ns: int) -> None:
+        """`pump` with merging off (the default): each committed write goes
+        from hold to dedup and the batcher with no `Item` in between (a
+        third of the pipeline's per-write calls, measured)."""
+        hold, merger, dedup, batcher = self.hold, self.merger, self.dedup, self.batcher
+        write_op = Op.WRITE
+        while True:
+            self._ship(now_ns)
+            while not batcher.full and (r := hold.pop_ready()) is not None:
+                w = r.write
+                data = w.data if (w.op == write_op and w.data is not None) else b""
+                merger.count_passthrough(r.nbytes, len(data))
+                rec = dedup.record(r.cg, w.cg_seq, w.io_id, w.vdisk_id, int(w.op), int(w.flags), w.voffset,
+                                   w.length, w.timestamp_ns, data)
+                batcher.add(r.cg, rec, (w.io_id,), now_ns)
+                if batcher.ready_count:
+                    break  # ship a closed batch before building the next
+            if batcher.full or not hold.has_ready():
+                self._ship(now_ns)
+                return
 
     # -- state -------------------------------------------------------------------
 
