@@ -74,7 +74,8 @@ from nicsplit.core.catalog import CatalogReader
 from nicsplit.core.config import ConfigError, parse_size
 from nicsplit.core.layout import InDataDir
 from nicsplit.core.pki import client_context, load_batch_key
-from nicsplit.core.records import AugmentedWrite
+from nicsplit.core.rates import RateWindow
+from nicsplit.core.records import AugmentedWrite, Outcome
 from nicsplit.wire.ring import full_fence
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,8 @@ class CardProcess:
         self._stop = asyncio.Event()
         self._full = False
         self._polls = self._entries = self._sleeps = self._doorbells = 0
+        self._in_by_vdisk: dict[int, int] = {}  # WRITE payload bytes polled (acked), per vdisk id
+        self._rates = RateWindow(span_s=10.0, every_s=1.0)  # throughput for status, sampled by the poller
 
     def _hello_cgs(self) -> tuple[str, ...]:
         if callable(getattr(self.catalog, "refresh", None)):
@@ -292,6 +295,10 @@ class CardProcess:
             self._polls += 1
             if entries:
                 self._entries += len(entries)
+                by = self._in_by_vdisk
+                for e in entries:
+                    if type(e) is not Outcome and e.data is not None:
+                        by[e.vdisk_id] = by.get(e.vdisk_id, 0) + len(e.data)
                 if ovf is not None and ovf.behind(p, entries, fill()):
                     ovf.divert(entries, p, t)  # in ring order, behind what the log holds
                     self._start_sync()
@@ -307,6 +314,8 @@ class CardProcess:
             p.tick(t)
             ep.heartbeat()
             self._report_full()
+            if self._rates.due(t / 1e9):
+                self._rates.sample(t / 1e9, self._totals())
             if not entries and t - idle_since >= spin_ns:
                 woken = await self._sleep(t)
                 # A wake-up by timeout with nothing to do sleeps again at
@@ -374,6 +383,16 @@ class CardProcess:
 
     # -- control socket ------------------------------------------------------------
 
+    def _totals(self) -> dict[str, int]:
+        """Throughput counters by ``in:CG`` / ``out:CG`` (`RateWindow` keys)."""
+        out: dict[str, int] = {}
+        for vdisk_id, n in self._in_by_vdisk.items():
+            k = f"in:{self._cg_of(vdisk_id) or '?'}"
+            out[k] = out.get(k, 0) + n
+        for cg, n in self.pipeline.window.durable_bytes.items():
+            out[f"out:{cg}"] = n
+        return out
+
     def stats(self) -> dict[str, Any]:
         st = self.pipeline.statistics()
         ep_stats = self.endpoint.statistics() if callable(getattr(self.endpoint, "statistics", None)) else None
@@ -384,9 +403,23 @@ class CardProcess:
             for cg, t in ovf.oldest_by_cg().items():  # writes still unread in the overflow log are not protected
                 c = cgs.setdefault(cg, {"last_durable_seq": 0, "unacked_batches": 0, "rpo_seconds": 0.0})
                 c["rpo_seconds"] = max(c.get("rpo_seconds", 0.0), (wall - t) / 1e9)
+            for cg, n in ovf.unread_bytes_by_cg().items():  # acked, logged, not yet in the pipeline
+                c = cgs.setdefault(cg, {"last_durable_seq": 0, "unacked_batches": 0, "rpo_seconds": 0.0})
+                c["rpo_bytes"] = c.get("rpo_bytes", 0) + n
             for c in cgs.values():
                 c["lagging"] = c.get("rpo_seconds", 0.0) > 0
+        totals = self._totals()
+        rates = self._rates.rates(time.monotonic_ns() / 1e9, totals)
+        for cg, c in cgs.items():
+            c.setdefault("rpo_bytes", 0)
+            c.setdefault("out_bytes_total", 0)
+            c.setdefault("compression_ratio", None)
+            c.setdefault("dedup_ratio", None)
+            c.update(in_bytes_total=totals.get(f"in:{cg}", 0), in_bytes_per_s=rates.get(f"in:{cg}", 0.0),
+                     out_bytes_per_s=rates.get(f"out:{cg}", 0.0))
+        fill = getattr(self.endpoint, "fill", None)
         return {
+            "hidden_volume_fill": round(fill(), 6) if callable(fill) else None,
             "pid": getattr(self.endpoint, "card_pid", os.getpid()),  # the acker's, with a fast path process
             "worker_pid": os.getpid(),
             "full": st.full if ovf is None else ovf.full,

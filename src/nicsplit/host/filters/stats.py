@@ -63,6 +63,20 @@ class Histogram:
         if ns > self.max_ns:
             self.max_ns = ns
 
+    @classmethod
+    def merged(cls, hists: "list[Histogram]") -> "Histogram":
+        """One histogram holding every sample of ``hists`` (a CG's vdisks)."""
+        out = cls()
+        counts = out.counts
+        for h in hists:
+            for i, c in enumerate(h.counts):
+                if c:
+                    counts[i] += c
+            out.total += h.total
+            out.sum_ns += h.sum_ns
+            out.max_ns = max(out.max_ns, h.max_ns)
+        return out
+
     def percentile(self, p: float) -> int:
         """Upper bound (ns) of the bucket holding the p-th percentile."""
         if not self.total:
