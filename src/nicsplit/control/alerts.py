@@ -20,8 +20,8 @@ identified by (name, cg). docs/operations.md "Alerts" lists them:
   (critical: its writes are not protected) or resyncing / initializing
   (warning); value is the dirty bytes still to copy;
 - ``journal_forecast`` (warning, only with ``[retention]
-  max_journal_size``): at the CG's current ingest rate (its out throughput)
-  the size limit cannot hold the history, and the journal reaches the limit
+  max_journal_size``): at the CG's current ingest rate (its in throughput:
+  the journal keeps what clients wrote, uncompressed) the size limit cannot hold the history, and the journal reaches the limit
   (where retention starts cutting into the history) within
   ``forecast_horizon``; value is the seconds left (0: cutting already).
 
@@ -139,7 +139,7 @@ def _cg_alerts(c: dict[str, Any], st: AlertSettings) -> list[dict[str, Any]]:
         out.append(_alert("marking", sev, name, f"CG {name} is in a protection gap ({which}): "
                           f"{dirty / 2**20:.1f} MiB acknowledged but not journaled", dirty, 0))
     if st.max_journal_bytes > 0:
-        rate = (c.get("throughput") or {}).get("out_bytes_per_s")
+        rate = (c.get("throughput") or {}).get("in_bytes_per_s")
         jb = c.get("journal_bytes")
         if rate and jb is not None and st.max_journal_bytes / rate < st.history_s:
             left = max(0.0, (st.max_journal_bytes - jb) / rate)
