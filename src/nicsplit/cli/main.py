@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from nicsplit import __version__
-from nicsplit.cli import appliance, console, failover, image, pit, statusview, verify
+from nicsplit.cli import appliance, console, failover, image, pit, verify
 from nicsplit.cli.common import USER_ERRORS, CliError
 from nicsplit.core import config as cfgmod
 from nicsplit.core.cgs import CGCatalog
@@ -292,6 +292,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    from nicsplit.cli import statusview  # lazy: rich is loaded for the human status only
+
     statusview.render(result)
     return 0
 

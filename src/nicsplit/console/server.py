@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from nicsplit.console import alerting, api
+from nicsplit.console import alerting
+from nicsplit.console import api
 from nicsplit.console.api import CFG
 from nicsplit.console.token import ensure_token, token_matches
 from nicsplit.core.config import Config, parse_listen

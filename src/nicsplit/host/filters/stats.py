@@ -63,6 +63,18 @@ class Histogram:
         if ns > self.max_ns:
             self.max_ns = ns
 
+    def percentile(self, p: float) -> int:
+        """Upper bound (ns) of the bucket holding the p-th percentile."""
+        if not self.total:
+            return 0
+        want = p / 100.0 * self.total
+        seen = 0
+        for k, c in enumerate(self.counts):
+            seen += c
+            if c and seen >= want:
+                return min(self._upper(k), self.max_ns)
+        return self.max_ns
+
     @classmethod
     def merged(cls, hists: "list[Histogram]") -> "Histogram":
         """One histogram holding every sample of ``hists`` (a CG's vdisks)."""
@@ -76,18 +88,6 @@ class Histogram:
             out.sum_ns += h.sum_ns
             out.max_ns = max(out.max_ns, h.max_ns)
         return out
-
-    def percentile(self, p: float) -> int:
-        """Upper bound (ns) of the bucket holding the p-th percentile."""
-        if not self.total:
-            return 0
-        want = p / 100.0 * self.total
-        seen = 0
-        for k, c in enumerate(self.counts):
-            seen += c
-            if c and seen >= want:
-                return min(self._upper(k), self.max_ns)
-        return self.max_ns
 
 
 @dataclass(frozen=True)
