@@ -17,12 +17,18 @@ set (``cpus``; default the last core the process may use). The loop runs:
 - the **shipper** (`nicsplit.card.pipeline.ship.Shipper`): TLS to the
   appliance, Hello/resume, batches out, acks in;
 - the **control socket** ``RUN_DIR/card-ctl.sock``: JSON lines;
-  ``{"cmd": "stats"}`` → ``{"ok": true, "stats": {"pid", "full", "cgs":
-  {name: {"last_durable_seq", "unacked_batches", "rpo_seconds"}}, "stages":
+  ``{"cmd": "stats"}`` → ``{"ok": true, "stats": {"pid", "full",
+  "hidden_volume_fill", "cgs": {name: {"last_durable_seq", "unacked_batches",
+  "rpo_seconds", "rpo_bytes", "in_bytes_total", "out_bytes_total",
+  "in_bytes_per_s", "out_bytes_per_s", "compression_ratio", "dedup_ratio"}},
+  "stages":
   {...per-stage statistics...}, "wire": {"bytes_in", "bytes_out"},
   "endpoint": {...}, "appliance": {...}, "overflow": {"bytes", "entries",
   "unread", "fill", "lagging", ...} | null}}``; a CG with writes in the
-  overflow log also has ``"lagging": true`` and its RPO counts them.
+  overflow log also has ``"lagging": true`` and its RPO counts them. The
+  rates are over the last ~10 s (`nicsplit.core.rates`: the poller samples
+  the totals every second), so a single request sees a real rate
+  (docs/operations.md "Status").
 
 When the pipeline falls behind (hold has no room for what was polled, or the
 ring's data area is more than ``overflow_ring_fill`` full) the poller appends
