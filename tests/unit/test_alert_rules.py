@@ -3,11 +3,14 @@ the console's fire/clear diff, the status schema checker and the rate window."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
+from nicsplit.console import alerting
 from nicsplit.console.alerting import AlertState
 from nicsplit.control.alerts import AlertSettings, evaluate
 from nicsplit.control.schema import STATUS, check
@@ -223,3 +226,38 @@ def test_rate_window_rates_over_the_last_span():
     for t in range(0, 15):
         rw2.sample(float(t), {"a": 1000 * t, "b": 7})
     assert rw2.rates(14.0, {"a": 14000, "b": 7, "new": 500}) == {"a": 1000.0, "b": 0.0, "new": 50.0}
+
+
+def test_webhook_sender_retries_then_delivers_in_order_and_gives_up_after_its_attempts():
+    async def main() -> tuple[list, AlertState]:
+        got: list = []
+        answers = iter([500, 503, 204, 204] + [500] * alerting.ATTEMPTS)  # 1st: 3 tries; 2nd: 1; 3rd: never
+
+        async def hook(request: web.Request) -> web.Response:
+            got.append(await request.json())
+            return web.Response(status=next(answers))
+
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        state = AlertState()
+        queue: asyncio.Queue = asyncio.Queue()
+        for i, ev in enumerate(("fire", "clear", "fire")):
+            queue.put_nowait({"event": ev, "alert": {"name": f"a{i}"}, "time": float(i)})
+        sender = asyncio.create_task(alerting._send_forever(state, f"http://127.0.0.1:{port}/hook", queue))
+        deadline = asyncio.get_running_loop().time() + 20
+        while state.webhook_failed < 1 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)  # ok-sleep: polling the sender's counters with a deadline
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        await runner.cleanup()
+        return got, state
+
+    got, state = asyncio.run(main())
+    assert [(e["event"], e["alert"]["name"]) for e in got] == \
+        [("fire", "a0")] * 3 + [("clear", "a1")] + [("fire", "a2")] * 3
+    assert (state.webhook_sent, state.webhook_failed) == (2, 1)
