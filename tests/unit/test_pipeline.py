@@ -585,5 +585,6 @@ def test_cg_report_rpo_counts_writes_batched_or_shipped_but_not_durable():
     rep = r.p.cg_report(wall_ns=w.timestamp_ns + 3_000_000_000)
     ratios = {k: rep["cgA"].pop(k) for k in ("compression_ratio", "dedup_ratio")}
     assert rep["cgA"].pop("out_bytes_total") > 4096 // ratios["compression_ratio"]
+    assert rep["cgA"].pop("in_bytes_total") == 4096
     assert rep["cgA"] == {"last_durable_seq": 1, "unacked_batches": 0, "rpo_seconds": 0.0, "rpo_bytes": 0}
     assert ratios["compression_ratio"] > 1 and ratios["dedup_ratio"] == 1.0, ratios  # blk() compresses; nothing known yet

@@ -342,6 +342,7 @@ class Overflow:
         self._oldest: dict[int, tuple[int, int]] = {cg: (v, t) for cg, v, t in olog.scanned_writes}
         # cg_id -> [a vdisk_id of it, WRITE payload bytes unread in the log]: the CG's RPO in bytes
         self._unread_bytes: dict[int, list[int]] = {k: list(v) for k, v in olog.scanned_bytes.items()}
+        self._in_bytes: dict[int, list[int]] = {}  # cg_id -> [a vdisk_id, WRITE payload diverted this run]
         self.diverted = self.fed = self.refused = self.early_outcomes = self.spilled = 0
 
     # -- decisions ---------------------------------------------------------------
@@ -447,10 +448,15 @@ class Overflow:
                 self._oldest[e.cg_id] = (e.vdisk_id, e.timestamp_ns)
             if e.op == Op.WRITE and e.data is not None:
                 self._unsynced.append(e.io_id)
+                n = len(e.data)
                 ub = self._unread_bytes.get(e.cg_id)
                 if ub is None:
                     ub = self._unread_bytes[e.cg_id] = [e.vdisk_id, 0]
-                ub[1] += len(e.data)
+                ub[1] += n
+                ib = self._in_bytes.get(e.cg_id)
+                if ib is None:
+                    ib = self._in_bytes[e.cg_id] = [e.vdisk_id, 0]
+                ib[1] += n
         try:
             olog.flush()
         except OSError as err:
@@ -516,7 +522,7 @@ class Overflow:
                 if ub is not None:
                     ub[1] -= len(e.data)
             self._oldest[e.cg_id] = (e.vdisk_id, e.timestamp_ns)
-            pipeline.feed((e,), now_ns)
+            pipeline.feed((e,), now_ns, from_log=True)  # its bytes in were counted when it was diverted
             self.fed += 1
             n += 1
             o = index.pop(e.io_id, None)
@@ -531,8 +537,15 @@ class Overflow:
 
     def unread_bytes_by_cg(self) -> dict[str, int]:
         """CG name → WRITE payload bytes still unread in the log (acked, not yet in the pipeline)."""
+        return self._by_name(self._unread_bytes)
+
+    def in_bytes_by_cg(self) -> dict[str, int]:
+        """CG name → WRITE payload bytes diverted from the ring into the log since the card started."""
+        return self._by_name(self._in_bytes)
+
+    def _by_name(self, counts: dict[int, list[int]]) -> dict[str, int]:
         out: dict[str, int] = {}
-        for vdisk_id, n in self._unread_bytes.values():
+        for vdisk_id, n in counts.values():
             name = self._cg_name(vdisk_id)
             if name is not None and n > 0:
                 out[name] = out.get(name, 0) + n

@@ -81,7 +81,7 @@ from nicsplit.core.config import ConfigError, parse_size
 from nicsplit.core.layout import InDataDir
 from nicsplit.core.pki import client_context, load_batch_key
 from nicsplit.core.rates import RateWindow
-from nicsplit.core.records import AugmentedWrite, Outcome
+from nicsplit.core.records import AugmentedWrite
 from nicsplit.wire.ring import full_fence
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,6 @@ class CardProcess:
         self._stop = asyncio.Event()
         self._full = False
         self._polls = self._entries = self._sleeps = self._doorbells = 0
-        self._in_by_vdisk: dict[int, int] = {}  # WRITE payload bytes polled (acked), per vdisk id
         self._rates = RateWindow(span_s=10.0, every_s=1.0)  # throughput for status, sampled by the poller
 
     def _hello_cgs(self) -> tuple[str, ...]:
@@ -301,10 +300,6 @@ class CardProcess:
             self._polls += 1
             if entries:
                 self._entries += len(entries)
-                by = self._in_by_vdisk
-                for e in entries:
-                    if type(e) is not Outcome and e.data is not None:
-                        by[e.vdisk_id] = by.get(e.vdisk_id, 0) + len(e.data)
                 if ovf is not None and ovf.behind(p, entries, fill()):
                     ovf.divert(entries, p, t)  # in ring order, behind what the log holds
                     self._start_sync()
@@ -390,11 +385,13 @@ class CardProcess:
     # -- control socket ------------------------------------------------------------
 
     def _totals(self) -> dict[str, int]:
-        """Throughput counters by ``in:CG`` / ``out:CG`` (`RateWindow` keys)."""
-        out: dict[str, int] = {}
-        for vdisk_id, n in self._in_by_vdisk.items():
-            k = f"in:{self._cg_of(vdisk_id) or '?'}"
-            out[k] = out.get(k, 0) + n
+        """Throughput counters by ``in:CG`` / ``out:CG`` (`RateWindow` keys):
+        WRITE payload the card took from the ring (fed straight to the
+        pipeline or diverted to the overflow log), batch bytes durable."""
+        out: dict[str, int] = {f"in:{cg}": n for cg, n in self.pipeline.in_bytes().items()}
+        if self.overflow is not None:
+            for cg, n in self.overflow.in_bytes_by_cg().items():
+                out[f"in:{cg}"] = out.get(f"in:{cg}", 0) + n
         for cg, n in self.pipeline.window.durable_bytes.items():
             out[f"out:{cg}"] = n
         return out

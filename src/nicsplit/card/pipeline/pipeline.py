@@ -130,8 +130,10 @@ class CardPipeline:
 
     # -- input -------------------------------------------------------------------
 
-    def feed(self, entries: Iterable[AugmentedWrite | Outcome], now_ns: int) -> None:
-        """Take what the transport polled (in its order) and push it along."""
+    def feed(self, entries: Iterable[AugmentedWrite | Outcome], now_ns: int, from_log: bool = False) -> None:
+        """Take what the transport polled (in its order) and push it along.
+        ``from_log``: read back from the card's overflow log, which counted
+        the bytes in (`CGBytes.in_bytes`) when it took them from the ring."""
         hold = self.hold
         for e in entries:
             if type(e) is Outcome:
@@ -149,7 +151,10 @@ class CardPipeline:
                 r = None  # the appliance refuses this CG: lost (its host marks) rather than filling the window
             if n and r is not None:  # acknowledged and not yet durable: the CG's RPO in bytes
                 self._payload_ios[e.io_id] = (r.cg, n)
-                self._cg_bytes(r.cg).pending += n
+                a = self._cg_bytes(r.cg)
+                a.pending += n
+                if not from_log:
+                    a.in_bytes += n
             if r is None:
                 self._lost(e)  # acked to the host, never shipped: its region must be resynced (P1)
                 self._release(e.io_id)
@@ -255,9 +260,13 @@ class CardPipeline:
         durable = self.window.durable_bytes
         for cg, c in out.items():
             a = self._acct.get(cg) or CGBytes()
-            c.update(rpo_bytes=a.pending, out_bytes_total=durable.get(cg, 0),
+            c.update(rpo_bytes=a.pending, in_bytes_total=a.in_bytes, out_bytes_total=durable.get(cg, 0),
                      compression_ratio=_ratio(a.plain, a.packed), dedup_ratio=_ratio(a.dedup_in, a.dedup_out))
         return out
+
+    def in_bytes(self) -> dict[str, int]:
+        """CG → WRITE payload fed from the ring (not from the overflow log) since the start."""
+        return {cg: a.in_bytes for cg, a in self._acct.items()}
 
     def snapshot(self) -> dict[str, Any]:
         """statistics() as plain JSON-able dicts."""
@@ -314,10 +323,11 @@ class CardPipeline:
 class CGBytes:
     """Byte counts of one CG since the card started (`CardPipeline.cg_report`)."""
 
-    __slots__ = ("pending", "dedup_in", "dedup_out", "plain", "packed")
+    __slots__ = ("pending", "in_bytes", "dedup_in", "dedup_out", "plain", "packed")
 
     def __init__(self) -> None:
         self.pending = 0  # WRITE payload fed and not yet released (durable, or dropped and marked by its host)
+        self.in_bytes = 0  # WRITE payload fed from the ring (the overflow log counts what it diverts)
         self.dedup_in = self.dedup_out = 0  # WRITE payload before / after dedup took known blocks out
         self.plain = self.packed = 0  # encoded batch bytes before / after compression
 
