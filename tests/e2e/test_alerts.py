@@ -111,7 +111,7 @@ def test_rpo_alert_fires_while_the_appliance_is_stopped_and_clears_when_it_retur
                 os.kill(appliance, signal.SIGSTOP)
                 stopped = time.monotonic()
                 try:
-                    doc = wait_for(lambda: _status_when(data, lambda a: "rpo_above_target" in a), 40,
+                    doc = wait_for(lambda: _status_when(data, lambda a: "rpo_above_target" in a), 60,
                                    "status to show rpo_above_target", interval=0.5)
                     cg = doc["cgs"][0]
                     print(f"\nappliance stopped {time.monotonic() - stopped:.1f}s: rpo {cg['rpo_seconds']:.1f}s / "
