@@ -91,9 +91,12 @@ def _vdisk_detail(v: dict) -> str:
     if v["state"] == "marking":
         extra = f"{v['reason']}; {size(v['dirty_bytes'])} dirty"
     r = v.get("resync")
-    if v["state"] in ("resyncing", "initializing") and r:
-        eta = "" if r.get("eta_s") is None else f", eta {r['eta_s']:.0f}s"
-        extra = f"{r['percent']:.0f}% of {size(r['total_bytes'])}, {r['rate_mib_s']:.1f} MiB/s{eta}"
+    if v["state"] in ("resyncing", "initializing"):
+        if r:
+            eta = "" if r.get("eta_s") is None else f", eta {r['eta_s']:.0f}s"
+            extra = f"{r['percent']:.0f}% of {size(r['total_bytes'])}, {r['rate_mib_s']:.1f} MiB/s{eta}"
+        else:
+            extra = f"{size(v['dirty_bytes'])} to copy"
     return extra
 
 
@@ -120,11 +123,11 @@ def render(doc: dict[str, Any], file: IO[str] | None = None) -> None:
         notes += _cg_notes(c)
     con.print(t)
     for line in notes:
-        con.print(line, markup=False)
+        con.print(line, markup=False, soft_wrap=True)  # a line, never cut: scripts grep it
 
     t = Table(title="Vdisks", title_justify="left")
     for h in ("vdisk", "CG", "state", "detail", "since", "split p50/p99"):
-        t.add_column(h, no_wrap=True)
+        t.add_column(h, no_wrap=h != "detail", overflow="fold")
     for c in doc["cgs"]:
         for v in c["vdisks"]:
             since = time.strftime("%H:%M:%S", time.localtime(v["since"])) if v.get("since") and v["state"] != "protected" else ""
@@ -146,7 +149,7 @@ def render(doc: dict[str, Any], file: IO[str] | None = None) -> None:
     con.print(t)
     eps = {k: v for k, v in (doc.get("endpoints") or {}).items() if v}
     if eps:
-        con.print("endpoints: " + ", ".join(f"{k} {v}" for k, v in eps.items()), markup=False)
+        con.print("endpoints: " + ", ".join(f"{k} {v}" for k, v in eps.items()), markup=False, soft_wrap=True)
 
     alerts = doc.get("alerts") or []
     if not alerts:
@@ -154,7 +157,7 @@ def render(doc: dict[str, Any], file: IO[str] | None = None) -> None:
         return
     t = Table(title="Alerts", title_justify="left")
     for h in ("severity", "alert", "CG", "message"):
-        t.add_column(h, no_wrap=True)
+        t.add_column(h, no_wrap=h != "message", overflow="fold")
     for a in alerts:
         sev = "[red]critical[/red]" if a["severity"] == "critical" else "[yellow]warning[/yellow]"
         t.add_row(sev, a["name"], a["cg"] or "-", escape(a["message"]))
