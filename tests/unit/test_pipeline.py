@@ -297,6 +297,8 @@ def test_dedup_turns_confirmed_blocks_into_refs_and_expand_restores_them():
     assert expand(sent[0], r.app.blocks["cgA"].__getitem__) == second.data
     assert r.app.records("cgA")[-1].data == second.data
     assert r.p.dedup.statistics().ref_blocks == 2
+    before = len(first.data) + len(second.data)  # 6 blocks and a tail; 2 blocks went as refs
+    assert r.p.cg_report()["cgA"]["dedup_ratio"] == round(before / (before - 2 * 4096), 4)
 
 
 def test_dedup_only_trusts_acked_fingerprints_and_its_lru_is_bounded():

@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Iterable, Mapping
 
-from nicsplit.core.records import AugmentedWrite, Op, Outcome
+from nicsplit.core.records import BLOCK_SIZE, AugmentedWrite, Op, Outcome
 from nicsplit.wire.frames import Batch, batch_aad, encode_records
 
 from .batch import Batcher, BatchStats, Pending
@@ -278,10 +278,6 @@ class CardPipeline:
         merger, dedup, batcher = self.merger, self.dedup, self.batcher
         while (item := merger.pop()) is not None:
             rec, io_ids = dedup.apply(item)
-            if item.op == Op.WRITE:
-                a = self._cg_bytes(item.cg)
-                a.dedup_in += len(item.data)
-                a.dedup_out += len(rec.data)
             batcher.add(item.cg, rec, io_ids, now_ns)
 
     def _ship(self, now_ns: int) -> None:
@@ -297,6 +293,12 @@ class CardPipeline:
         a = self._cg_bytes(p.cg)
         a.plain += len(plain)
         a.packed += len(payload)
+        kept = refs = 0
+        for r in p.records:  # a referenced block is a full 4 KiB block dedup took out of the data
+            kept += len(r.data)
+            refs += len(r.refs)
+        a.dedup_in += kept + refs * BLOCK_SIZE
+        a.dedup_out += kept
         return replace(head, body=self.encryptor.seal(tag, payload, batch_aad(head)))
 
     def _cg_bytes(self, cg: str) -> "CGBytes":
