@@ -20,3 +20,19 @@ def test_percentile_bounds(values, p):
     got = h.percentile(p)
     assert exact <= got <= max(exact * 17 // 16 + 1, exact)
     assert h.total == len(values) and h.max_ns == max(values)
+
+
+@settings(max_examples=50, derandomize=True)
+@given(st.lists(st.lists(st.integers(min_value=0, max_value=1 << 30), max_size=50), max_size=4))
+def test_merged_holds_every_sample_of_its_parts(parts):
+    """A CG's split latency: its vdisks' histograms together equal one fed every sample."""
+    hs, whole = [], Histogram()
+    for values in parts:
+        h = Histogram()
+        for v in values:
+            h.record(v)
+            whole.record(v)
+        hs.append(h)
+    m = Histogram.merged(hs)
+    assert (m.counts, m.total, m.sum_ns, m.max_ns) == (whole.counts, whole.total, whole.sum_ns, whole.max_ns)
+    assert m.percentile(99) == whole.percentile(99)

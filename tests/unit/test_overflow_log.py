@@ -195,6 +195,9 @@ def test_card_keeps_accepting_through_a_stalled_appliance_and_ships_everything_i
         st = card.stats()
         assert st["overflow"]["lagging"] and st["overflow"]["entries"] > 300 and not st["full"]
         assert st["cgs"]["cgA"]["lagging"] and st["cgs"]["cgA"]["rpo_seconds"] > 0
+        total = sum(len(w.data) for w in ws)
+        assert 0 < st["cgs"]["cgA"]["rpo_bytes"] <= total and st["cgs"]["cgA"]["in_bytes_total"] == total
+        assert st["cgs"]["cgA"]["out_bytes_total"] == 0 and st["cgs"]["cgB"]["rpo_bytes"] == 0
         assert not ep.full_flag and not card.lost
         await until(lambda: card.overflow.statistics()["unsynced"] == 0)
         logged = set(ep.released)
@@ -205,7 +208,10 @@ def test_card_keeps_accepting_through_a_stalled_appliance_and_ships_everything_i
         assert [bytes(r.data) for r in app.records("cgA")] == [w.data for w in ws if w.cg_seq % 17]
         await until(lambda: not ep.held and card.overflow.log.entries == 0)  # drained and cut back
         assert not ep.full_flag and not card.lost and app.duplicates == 0
-        assert card.stats()["overflow"]["lagging"] is False
+        st = card.stats()
+        assert st["overflow"]["lagging"] is False
+        assert st["cgs"]["cgA"]["rpo_bytes"] == 0 and st["cgs"]["cgA"]["out_bytes_total"] > 0, st["cgs"]
+        assert st["cgs"]["cgA"]["compression_ratio"] > 1 and st["cgs"]["cgA"]["dedup_ratio"] >= 1
         card.stop()
         assert await run == 0
         server.close()
@@ -269,6 +275,12 @@ def test_the_log_survives_a_card_restart_and_is_replayed_in_order(tmp_path, rng)
         ep2 = FakeEndpoint()  # the restarted card's new ring
         card2 = CardProcess(_card_cfg(tmp_path), ep2, CAT, key=KEY, connect=unix_connector(sock))
         assert card2.overflow.log.unread > 0
+        # every logged write is acked and not durable: the restarted card counts all of it
+        buf, pos, in_log = card2.cfg.layout.card_overflow.read_bytes(), len(FILE_MAGIC), 0
+        while pos < len(buf):
+            e, pos, _ = decode(buf, pos)
+            in_log += len(e.data) if type(e) is not Outcome and e.data is not None else 0
+        assert in_log > 0 and card2.stats()["cgs"]["cgA"]["rpo_bytes"] == in_log
         run2 = asyncio.create_task(card2.run())
         more = [write(5000 + i, 201 + i, data=blk(i)) for i in range(5)]
         ep2.push(*more, *(committed(w.io_id) for w in more))  # new writes go behind the replay
@@ -277,6 +289,7 @@ def test_the_log_survives_a_card_restart_and_is_replayed_in_order(tmp_path, rng)
         assert [r.seq for r in app.records("cgA")] == [w.cg_seq for w in want]
         assert [bytes(r.data) for r in app.records("cgA")] == [bytes(w.data) for w in want]
         await until(lambda: card2.overflow.log.entries == 0 and not ep2.held)
+        assert card2.stats()["cgs"]["cgA"]["rpo_bytes"] == 0
         assert sorted(ep2.released) == [w.io_id for w in more]  # replayed writes never touch the new ring
         card2.stop()
         assert await run2 == 0

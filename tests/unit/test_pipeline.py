@@ -297,6 +297,8 @@ def test_dedup_turns_confirmed_blocks_into_refs_and_expand_restores_them():
     assert expand(sent[0], r.app.blocks["cgA"].__getitem__) == second.data
     assert r.app.records("cgA")[-1].data == second.data
     assert r.p.dedup.statistics().ref_blocks == 2
+    before = len(first.data) + len(second.data)  # 6 blocks and a tail; 2 blocks went as refs
+    assert r.p.cg_report()["cgA"]["dedup_ratio"] == round(before / (before - 2 * 4096), 4)
 
 
 def test_dedup_only_trusts_acked_fingerprints_and_its_lru_is_bounded():
@@ -577,8 +579,14 @@ def test_cg_report_rpo_counts_writes_batched_or_shipped_but_not_durable():
     r.step(w, committed(w.io_id))
     rep = r.p.cg_report(wall_ns=w.timestamp_ns + 2_000_000_000)
     assert rep["cgA"]["rpo_seconds"] == pytest.approx(2.0) and rep["cgB"]["rpo_seconds"] == 0.0
+    assert rep["cgA"]["rpo_bytes"] == 4096 and rep["cgB"]["rpo_bytes"] == 0  # acked, not durable
+    assert rep["cgA"]["out_bytes_total"] == 0 and rep["cgB"]["compression_ratio"] is None
     r.connect()
     r.p.drain(r.t)
     r.deliver()
     rep = r.p.cg_report(wall_ns=w.timestamp_ns + 3_000_000_000)
-    assert rep["cgA"] == {"last_durable_seq": 1, "unacked_batches": 0, "rpo_seconds": 0.0}
+    ratios = {k: rep["cgA"].pop(k) for k in ("compression_ratio", "dedup_ratio")}
+    assert rep["cgA"].pop("out_bytes_total") > 4096 // ratios["compression_ratio"]
+    assert rep["cgA"].pop("in_bytes_total") == 4096
+    assert rep["cgA"] == {"last_durable_seq": 1, "unacked_batches": 0, "rpo_seconds": 0.0, "rpo_bytes": 0}
+    assert ratios["compression_ratio"] > 1 and ratios["dedup_ratio"] == 1.0, ratios  # blk() compresses; nothing known yet

@@ -154,6 +154,7 @@ class OverflowLog:
         self.appended = self.read_entries = self.syncs = self.resets = 0
         self.scanned_outcomes: dict[int, Outcome] = {}
         self.scanned_writes: list[tuple[int, int, int]] = []  # (cg_id, vdisk_id, timestamp_ns) of the first per CG
+        self.scanned_bytes: dict[int, list[int]] = {}  # cg_id -> [a vdisk_id of it, WRITE payload bytes]
         self._open()
         self._rbuf: bytes = b""
         self._rbuf_off = self._rpos = len(FILE_MAGIC)
@@ -197,9 +198,12 @@ class OverflowLog:
             self.entries += 1
             if type(e) is Outcome:
                 self.scanned_outcomes[e.io_id] = e
-            elif e.cg_id not in seen_cgs:
-                seen_cgs.add(e.cg_id)
-                self.scanned_writes.append((e.cg_id, e.vdisk_id, e.timestamp_ns))
+            else:
+                if e.cg_id not in seen_cgs:
+                    seen_cgs.add(e.cg_id)
+                    self.scanned_writes.append((e.cg_id, e.vdisk_id, e.timestamp_ns))
+                if e.op == Op.WRITE and e.data is not None:
+                    self.scanned_bytes.setdefault(e.cg_id, [e.vdisk_id, 0])[1] += len(e.data)
         good = pos
         if good < size:
             self.cut_bytes = size - good
@@ -336,6 +340,9 @@ class Overflow:
         self._syncing: list[int] | None = None
         self.failed = ""
         self._oldest: dict[int, tuple[int, int]] = {cg: (v, t) for cg, v, t in olog.scanned_writes}
+        # cg_id -> [a vdisk_id of it, WRITE payload bytes unread in the log]: the CG's RPO in bytes
+        self._unread_bytes: dict[int, list[int]] = {k: list(v) for k, v in olog.scanned_bytes.items()}
+        self._in_bytes: dict[int, list[int]] = {}  # cg_id -> [a vdisk_id, WRITE payload diverted this run]
         self.diverted = self.fed = self.refused = self.early_outcomes = self.spilled = 0
 
     # -- decisions ---------------------------------------------------------------
@@ -441,6 +448,15 @@ class Overflow:
                 self._oldest[e.cg_id] = (e.vdisk_id, e.timestamp_ns)
             if e.op == Op.WRITE and e.data is not None:
                 self._unsynced.append(e.io_id)
+                n = len(e.data)
+                ub = self._unread_bytes.get(e.cg_id)
+                if ub is None:
+                    ub = self._unread_bytes[e.cg_id] = [e.vdisk_id, 0]
+                ub[1] += n
+                ib = self._in_bytes.get(e.cg_id)
+                if ib is None:
+                    ib = self._in_bytes[e.cg_id] = [e.vdisk_id, 0]
+                ib[1] += n
         try:
             olog.flush()
         except OSError as err:
@@ -502,8 +518,11 @@ class Overflow:
             olog.advance()
             if e.op == Op.WRITE and e.data is not None:
                 self.from_log.add(e.io_id)
+                ub = self._unread_bytes.get(e.cg_id)
+                if ub is not None:
+                    ub[1] -= len(e.data)
             self._oldest[e.cg_id] = (e.vdisk_id, e.timestamp_ns)
-            pipeline.feed((e,), now_ns)
+            pipeline.feed((e,), now_ns, from_log=True)  # its bytes in were counted when it was diverted
             self.fed += 1
             n += 1
             o = index.pop(e.io_id, None)
@@ -512,8 +531,25 @@ class Overflow:
                 skip.add(e.io_id)
         if not olog.unread:
             self._oldest.clear()
+            self._unread_bytes.clear()
             self._maybe_reset()
         return n
+
+    def unread_bytes_by_cg(self) -> dict[str, int]:
+        """CG name → WRITE payload bytes still unread in the log (acked, not yet in the pipeline)."""
+        return self._by_name(self._unread_bytes)
+
+    def in_bytes_by_cg(self) -> dict[str, int]:
+        """CG name → WRITE payload bytes diverted from the ring into the log since the card started."""
+        return self._by_name(self._in_bytes)
+
+    def _by_name(self, counts: dict[int, list[int]]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for vdisk_id, n in counts.values():
+            name = self._cg_name(vdisk_id)
+            if name is not None and n > 0:
+                out[name] = out.get(name, 0) + n
+        return out
 
     def release(self, io_id: int) -> bool:
         """The pipeline released ``io_id``: True if it was fed from the log

@@ -17,12 +17,18 @@ set (``cpus``; default the last core the process may use). The loop runs:
 - the **shipper** (`nicsplit.card.pipeline.ship.Shipper`): TLS to the
   appliance, Hello/resume, batches out, acks in;
 - the **control socket** ``RUN_DIR/card-ctl.sock``: JSON lines;
-  ``{"cmd": "stats"}`` → ``{"ok": true, "stats": {"pid", "full", "cgs":
-  {name: {"last_durable_seq", "unacked_batches", "rpo_seconds"}}, "stages":
+  ``{"cmd": "stats"}`` → ``{"ok": true, "stats": {"pid", "full",
+  "hidden_volume_fill", "cgs": {name: {"last_durable_seq", "unacked_batches",
+  "rpo_seconds", "rpo_bytes", "in_bytes_total", "out_bytes_total",
+  "in_bytes_per_s", "out_bytes_per_s", "compression_ratio", "dedup_ratio"}},
+  "stages":
   {...per-stage statistics...}, "wire": {"bytes_in", "bytes_out"},
   "endpoint": {...}, "appliance": {...}, "overflow": {"bytes", "entries",
   "unread", "fill", "lagging", ...} | null}}``; a CG with writes in the
-  overflow log also has ``"lagging": true`` and its RPO counts them.
+  overflow log also has ``"lagging": true`` and its RPO counts them. The
+  rates are over the last ~10 s (`nicsplit.core.rates`: the poller samples
+  the totals every second), so a single request sees a real rate
+  (docs/operations.md "Status").
 
 When the pipeline falls behind (hold has no room for what was polled, or the
 ring's data area is more than ``overflow_ring_fill`` full) the poller appends
@@ -74,6 +80,7 @@ from nicsplit.core.catalog import CatalogReader
 from nicsplit.core.config import ConfigError, parse_size
 from nicsplit.core.layout import InDataDir
 from nicsplit.core.pki import client_context, load_batch_key
+from nicsplit.core.rates import RateWindow
 from nicsplit.core.records import AugmentedWrite
 from nicsplit.wire.ring import full_fence
 
@@ -222,6 +229,7 @@ class CardProcess:
         self._stop = asyncio.Event()
         self._full = False
         self._polls = self._entries = self._sleeps = self._doorbells = 0
+        self._rates = RateWindow(span_s=10.0, every_s=1.0)  # throughput for status, sampled by the poller
 
     def _hello_cgs(self) -> tuple[str, ...]:
         if callable(getattr(self.catalog, "refresh", None)):
@@ -307,6 +315,8 @@ class CardProcess:
             p.tick(t)
             ep.heartbeat()
             self._report_full()
+            if self._rates.due(t / 1e9):
+                self._rates.sample(t / 1e9, self._totals())
             if not entries and t - idle_since >= spin_ns:
                 woken = await self._sleep(t)
                 # A wake-up by timeout with nothing to do sleeps again at
@@ -374,6 +384,18 @@ class CardProcess:
 
     # -- control socket ------------------------------------------------------------
 
+    def _totals(self) -> dict[str, int]:
+        """Throughput counters by ``in:CG`` / ``out:CG`` (`RateWindow` keys):
+        WRITE payload the card took from the ring (fed straight to the
+        pipeline or diverted to the overflow log), batch bytes durable."""
+        out: dict[str, int] = {f"in:{cg}": n for cg, n in self.pipeline.in_bytes().items()}
+        if self.overflow is not None:
+            for cg, n in self.overflow.in_bytes_by_cg().items():
+                out[f"in:{cg}"] = out.get(f"in:{cg}", 0) + n
+        for cg, n in self.pipeline.window.durable_bytes.items():
+            out[f"out:{cg}"] = n
+        return out
+
     def stats(self) -> dict[str, Any]:
         st = self.pipeline.statistics()
         ep_stats = self.endpoint.statistics() if callable(getattr(self.endpoint, "statistics", None)) else None
@@ -384,9 +406,23 @@ class CardProcess:
             for cg, t in ovf.oldest_by_cg().items():  # writes still unread in the overflow log are not protected
                 c = cgs.setdefault(cg, {"last_durable_seq": 0, "unacked_batches": 0, "rpo_seconds": 0.0})
                 c["rpo_seconds"] = max(c.get("rpo_seconds", 0.0), (wall - t) / 1e9)
+            for cg, n in ovf.unread_bytes_by_cg().items():  # acked, logged, not yet in the pipeline
+                c = cgs.setdefault(cg, {"last_durable_seq": 0, "unacked_batches": 0, "rpo_seconds": 0.0})
+                c["rpo_bytes"] = c.get("rpo_bytes", 0) + n
             for c in cgs.values():
                 c["lagging"] = c.get("rpo_seconds", 0.0) > 0
+        totals = self._totals()
+        rates = self._rates.rates(time.monotonic_ns() / 1e9, totals)
+        for cg, c in cgs.items():
+            c.setdefault("rpo_bytes", 0)
+            c.setdefault("out_bytes_total", 0)
+            c.setdefault("compression_ratio", None)
+            c.setdefault("dedup_ratio", None)
+            c.update(in_bytes_total=totals.get(f"in:{cg}", 0), in_bytes_per_s=rates.get(f"in:{cg}", 0.0),
+                     out_bytes_per_s=rates.get(f"out:{cg}", 0.0))
+        fill = getattr(self.endpoint, "fill", None)
         return {
+            "hidden_volume_fill": round(fill(), 6) if callable(fill) else None,
             "pid": getattr(self.endpoint, "card_pid", os.getpid()),  # the acker's, with a fast path process
             "worker_pid": os.getpid(),
             "full": st.full if ovf is None else ovf.full,

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import sys
-import time
 from typing import Any
 
 from nicsplit import __version__
@@ -290,53 +289,16 @@ def cmd_card_stats(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     result = system_status(cfg)
-    out, processes = result["cgs"], result["processes"]
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    for name, p in processes.items():
-        print(f"{name:<10} {'pid ' + str(p['pid']) if p['pid'] else 'not running'}")
-    for c in out:
-        rpo = "-" if c["rpo_seconds"] is None else f"{c['rpo_seconds']:.2f}s"
-        w = c["protection_window"]
-        if not w:
-            since = "  no point in time yet"
-        elif "error" in w:
-            since = f"  window unknown: {w['error']}"
-        else:
-            since = f"  window {_human_span(w['seconds'])} (since seq {w['oldest_seq']})"
-        print(f"cg {c['name']:<16} {c['state']:<10} rpo {rpo}{since}")
-        d, f = c["distribution"], c["failover"]
-        if d["applied_seq"] is not None:
-            lag = "" if d["lag_records"] is None else f", lag {d['lag_records']} records / {d['lag_seconds']:.2f}s"
-            print(f"   replica at seq {d['applied_seq']} ({d['state']}{lag})")
-        for n, u in ((f or {}).get("exports") or {}).items():
-            print(f"   failover {n:<20} {u}{'' if f['alive'] else ' (server not running)'}")
-        r = c.get("retention")
-        if r and (r["base_seq"] or r["blocked_by"]):
-            why = f"; over its size limit: {r['blocked_by']}" if r["blocked_by"] else ""
-            print(f"   journal {_human(r['journal_bytes'])}, older points in time folded into the base at seq "
-                  f"{r['base_seq']}{why}")
-        for v in c["vdisks"]:
-            extra = f" ({v['reason']}; {_human(v['dirty_bytes'])} dirty)" if v["state"] == "marking" else ""
-            if v["state"] in ("resyncing", "initializing") and v.get("resync"):
-                r = v["resync"]
-                eta = "" if r.get("eta_s") is None else f", eta {r['eta_s']:.0f}s"
-                extra = f" ({r['percent']:.0f}% of {_human(r['total_bytes'])}, {r['rate_mib_s']:.1f} MiB/s{eta})"
-            if v.get("since") and v["state"] != "protected":
-                extra += f" since {time.strftime('%H:%M:%S', time.localtime(v['since']))}"
-            print(f"   {v['name']:<20} {v['state']}{extra}")
+    from nicsplit.cli import statusview  # lazy: rich is loaded for the human status only
+
+    statusview.render(result)
     return 0
 
 
 # -- plumbing ---------------------------------------------------------------
-
-
-def _human_span(seconds: float) -> str:
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= n:
-            return f"{seconds / n:.1f}{unit}"
-    return f"{seconds:.0f}s"
 
 
 def _human(n: int) -> str:

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from nicsplit.console import alerting
 from nicsplit.console import api
 from nicsplit.console.api import CFG
 from nicsplit.console.token import ensure_token, token_matches
@@ -56,6 +57,7 @@ def make_app(cfg: Config, token: str) -> web.Application:
     app = web.Application(middlewares=[_auth(token)])
     app[CFG] = cfg
     api.setup(app)
+    alerting.setup(app)
     return app
 
 

@@ -17,7 +17,15 @@ overflow log holds writes of the CG: protected, in order, RPO growing),
 ``protected``; a vdisk shows ``lagging`` the same way; a resyncing or
 initializing vdisk carries ``resync`` (percent, rate, ETA). While marking,
 resyncing or initializing the CG's ``rpo_seconds`` is at least the age of the gap (the
-writes only a resync will protect were acknowledged since it began).
+writes only a resync will protect were acknowledged since it began), and its
+``rpo_bytes`` counts its vdisks' dirty bytes on top of what the card holds.
+
+Cheap by rule (status must never stall a process): every process answers
+from counters it keeps (the card its byte counts and ~10 s rates, the host
+its split histograms); status itself reads a journal's first commit, stats
+the journal's segment files and reads two small JSON files per CG (the
+bookmarks, the base's state). Every key is documented in operations.md
+("Status"); ``alerts`` comes from `nicsplit.control.alerts.evaluate`.
 """
 
 from __future__ import annotations
@@ -30,13 +38,20 @@ from typing import Any
 
 from nicsplit.core.catalog import open_catalog
 from nicsplit.core.cgs import CGCatalog
+from nicsplit.control.alerts import evaluate as evaluate_alerts
 from nicsplit.core.config import Config
 from nicsplit.core.ctl import request
 from nicsplit.core.layout import Layout
 from nicsplit.journal.scan import JournalScanner
+from nicsplit.recovery.bookmarks import BookmarkError, list_bookmarks
 from nicsplit.recovery.failover import status_fields
 
-__all__ = ["system_status", "protection_window", "pid_alive"]
+__all__ = ["system_status", "protection_window", "pid_alive", "journal_bytes", "last_bookmark"]
+
+# A control socket that accepts but does not answer (a stopped process) is
+# down after this long: status answers within seconds whatever happens, and
+# a loaded host still has the time to answer.
+CTL_TIMEOUT_S = 5.0
 
 
 def pid_alive(path: Path) -> int | None:
@@ -62,7 +77,52 @@ def protection_window(data: Path, cg: str) -> dict | None:
     except Exception as e:  # a damaged journal must not break status; say so
         return {"error": str(e)}
     return {"oldest_seq": commit.last_seq, "oldest_time": commit.t_last_ns / 1e9,
-            "seconds": max(0.0, time.time() - commit.t_last_ns / 1e9)}
+            "seconds": max(0.0, time.time() - commit.t_last_ns / 1e9), "base_seq": _base_seq(data, cg)}
+
+
+def _base_seq(data: Path, cg: str) -> int:
+    """The seq retention folded the journal into base images up to (0: it never trimmed)."""
+    try:
+        seq = json.loads((Layout(data).base(cg) / "state.json").read_text()).get("seq", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return seq if isinstance(seq, int) else 0
+
+
+def journal_bytes(data: Path, cg: str) -> int | None:
+    """Bytes of the CG's journal segments on disk (a stat per segment), None without a journal."""
+    try:
+        with os.scandir(Layout(data).journal(cg)) as it:
+            return sum(e.stat().st_size for e in it if e.name.endswith(".seg") and e.is_file())
+    except OSError:
+        return None
+
+
+def last_bookmark(data: Path, cg: str) -> dict | None:
+    """The bookmark of the newest PIT (``{"name", "seq", "time"}``), None without one."""
+    try:
+        marks = list_bookmarks(data, cg)
+    except (BookmarkError, OSError):
+        return None
+    if not marks:
+        return None
+    b = max(marks, key=lambda m: (m.seq, m.created))
+    return {"name": b.name, "seq": b.seq, "time": b.time_ns / 1e9}
+
+
+def _pcts(p50: float | None, p99: float | None) -> dict[str, float | None]:
+    return {"p50": p50, "p99": p99}
+
+
+def _resync(st: dict, state: str) -> dict | None:
+    """The vdisk's copy progress while resyncing or initializing (also
+    before its copy started: 0 % of its dirty bytes), else None."""
+    if "resync" in st:
+        return st["resync"]
+    if state not in ("resyncing", "initializing"):
+        return None
+    total = st.get("dirty_bytes", 0)
+    return {"done_bytes": 0, "total_bytes": total, "percent": 0.0 if total else 100.0, "rate_mib_s": 0.0, "eta_s": None}
 
 
 _GAP_STATES = ("marking", "resyncing", "initializing")  # the journal lacks acknowledged writes
@@ -95,19 +155,23 @@ def system_status(cfg: Config) -> dict[str, Any]:
     ``nicsplit status --json`` (its keys are documented in operations.md)."""
     catalog = open_catalog(cfg.datastore_dir)
     lay = Layout(cfg.data)
-    host = request(lay.host_sock, {"cmd": "status"})
-    card = request(lay.card_ctl_sock, {"cmd": "stats"})
+    host = request(lay.host_sock, {"cmd": "status"}, timeout=CTL_TIMEOUT_S)
+    card = request(lay.card_ctl_sock, {"cmd": "stats"}, timeout=CTL_TIMEOUT_S)
+    appl = request(lay.appliance_sock, {"cmd": "status"}, timeout=CTL_TIMEOUT_S)
+    # answering: its control socket answered (a process can exist and not answer: stopped, hung)
     processes = {
-        "host": {"pid": (host or {}).get("status", {}).get("pid") or pid_alive(lay.pid("host"))},
-        "card": {"pid": ((card or {}).get("stats") or {}).get("pid") or pid_alive(lay.pid("card"))},
-        "appliance": {"pid": pid_alive(lay.pid("appliance"))},
+        "host": {"pid": (host or {}).get("status", {}).get("pid") or pid_alive(lay.pid("host")), "answering": host is not None},
+        "card": {"pid": ((card or {}).get("stats") or {}).get("pid") or pid_alive(lay.pid("card")), "answering": card is not None},
+        "appliance": {"pid": pid_alive(lay.pid("appliance")), "answering": appl is not None},
         "console": {"pid": pid_alive(lay.pid("console"))},
     }
+    processes["console"]["answering"] = console_endpoints(lay, processes["console"]["pid"])["api"] is not None
     vstate = {v["name"]: v for v in (host or {}).get("status", {}).get("vdisks", [])}
     card_cgs = ((card or {}).get("stats") or {}).get("cgs", {})
     refused = ((((card or {}).get("stats") or {}).get("stages") or {}).get("ship") or {}).get("refused_cgs") or {}
-    appl = request(lay.appliance_sock, {"cmd": "status"})
     appl_cgs = None if appl is None else (appl.get("status") or {}).get("cgs", {})
+    card_up = card is not None and processes["card"]["pid"] is not None
+    host_cgs = (host or {}).get("status", {}).get("cgs", {})
     out = []
     for cg in CGCatalog(cfg.data).list():
         vds = []
@@ -117,25 +181,45 @@ def system_status(cfg: Config) -> dict[str, Any]:
             vstate_ = st.get("state", "unknown" if host is None else "protected")
             if vstate_ == "protected" and lagging:
                 vstate_ = "lagging"
+            split = bool(st.get("split"))  # its histogram holds a sample
             vds.append({"name": v.name, "state": vstate_,
                         "dirty_bytes": st.get("dirty_bytes", 0), "reason": st.get("reason", ""),
-                        "since": st.get("since"),
-                        **({"resync": st["resync"]} if "resync" in st else {})})
-        state = _cg_state(cg.role, vds, host is not None, card is not None and processes["card"]["pid"] is not None,
-                          lagging, cg.name in refused)
+                        "since": st.get("since"), "resync": _resync(st, vstate_),
+                        "split_latency_us": _pcts(st.get("split_p50_us") if split else None,
+                                                  st.get("split_p99_us") if split else None)})
+        state = _cg_state(cg.role, vds, host is not None, card_up, lagging, cg.name in refused)
         c = dict(card_cgs.get(cg.name, {}))
+        rpo_bytes = c.get("rpo_bytes", 0 if card_up else None)
         if state in _GAP_STATES:
             gap_since = min((v["since"] for v in vds if v["state"] in _GAP_STATES and v["since"]), default=None)
             if gap_since is not None:
                 c["rpo_seconds"] = max(c.get("rpo_seconds") or 0.0, time.time() - gap_since)
-        host_seq = (host or {}).get("status", {}).get("cgs", {}).get(cg.name, {}).get("last_seq")
+            rpo_bytes = (rpo_bytes or 0) + sum(v["dirty_bytes"] or 0 for v in vds)  # acknowledged, only in production
+        hc = host_cgs.get(cg.name, {})
         out.append({"name": cg.name, "state": state, "rpo_seconds": c.get("rpo_seconds", 0.0 if state == "protected" else None),
-                    "last_durable_seq": c.get("last_durable_seq"), "host_last_seq": host_seq, "role": cg.role,
-                    "protection_window": protection_window(cfg.data, cg.name), "vdisks": vds,
+                    "rpo_bytes": rpo_bytes,
+                    "last_durable_seq": c.get("last_durable_seq"), "host_last_seq": hc.get("last_seq"), "role": cg.role,
+                    "protection_window": protection_window(cfg.data, cg.name),
+                    "journal_bytes": journal_bytes(cfg.data, cg.name),
+                    "last_bookmark": last_bookmark(cfg.data, cg.name),
+                    "throughput": {k: c.get(k, 0 if k.endswith("total") else 0.0) if card_up else None
+                                   for k in ("in_bytes_per_s", "out_bytes_per_s", "in_bytes_total", "out_bytes_total")},
+                    "compression_ratio": c.get("compression_ratio"), "dedup_ratio": c.get("dedup_ratio"),
+                    "split_latency_us": _pcts(hc.get("split_p50_us"), hc.get("split_p99_us")),
+                    "vdisks": vds,
                     "retention": None if appl_cgs is None else (appl_cgs.get(cg.name) or {}).get("retention"),
                     **({"refused": refused[cg.name]} if cg.name in refused else {}),
                     **status_fields(cfg.data, cg.name, None if appl_cgs is None else appl_cgs.get(cg.name, {}))})
-    return {"cgs": out, "processes": processes, "endpoints": console_endpoints(lay, processes["console"]["pid"])}
+    cs = (card or {}).get("stats") or {}
+    ovf = cs.get("overflow") or {}
+    doc: dict[str, Any] = {
+        "cgs": out, "processes": processes, "endpoints": console_endpoints(lay, processes["console"]["pid"]),
+        "card": {"hidden_volume_fill": cs.get("hidden_volume_fill") if card_up else None,
+                 "overflow_fill": ovf.get("fill", 0.0 if card_up else None) if card_up else None,
+                 "overflow_bytes": ovf.get("bytes", 0) if card_up else None},
+    }
+    doc["alerts"] = evaluate_alerts(doc, cfg)
+    return doc
 
 
 def console_endpoints(lay: Layout, pid: int | None) -> dict[str, str | None]:

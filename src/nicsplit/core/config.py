@@ -185,6 +185,23 @@ interval = "60s"
 # metrics at /metrics and the web dashboard at /. Loopback by default.
 listen = "127.0.0.1:10811"
 
+[alerts]
+# Alerts (docs/operations.md "Alerts"), shown by `nicsplit status` and
+# POSTed by the console to `webhook` when they fire and clear.
+# RPO above this is a warning, above twice this critical.
+rpo_target = "60s"
+# The protection window the journal should hold; "" = [retention] keep_all.
+# Once retention has cut the journal, a window below 85% of it is a
+# warning, below 75% critical.
+history = ""
+# With [retention] max_journal_size set: warn when, at the current ingest
+# rate, retention will start cutting into the history within this long.
+forecast_horizon = "24h"
+# URL the console POSTs {"event": "fire" | "clear", "alert", "time"} to
+# ("" = none); it checks the alerts every `interval`.
+webhook = ""
+interval = "2s"
+
 [logs]
 # `nicsplit up` has each process log to DATA/run/NAME.log, rotated when it
 # would pass max_size, keeping `keep` older files (NAME.log.1 is the newest):
@@ -260,7 +277,7 @@ def load(data: Path) -> Config:
         raw = tomllib.loads(cfg_file.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{cfg_file}: {e}") from None
-    for section in ("host", "datastore", "vdisks", "appliance", "card", "retention", "logs", "console"):
+    for section in ("host", "datastore", "vdisks", "appliance", "card", "retention", "logs", "console", "alerts"):
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"{cfg_file}: [{section}] must be a table")
     for name in raw.get("vdisks", {}):

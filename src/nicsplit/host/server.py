@@ -44,6 +44,7 @@ from nicsplit.host.chain import Chain, ChainError, VdiskView, build_chain
 from nicsplit.host.context import HostContext
 from nicsplit.host.datastore import Datastore
 from nicsplit.host.filters.split import BarrierFailed
+from nicsplit.host.filters.stats import Histogram
 from nicsplit.host.io import EXTENT_DATA
 from nicsplit.host.nbdpolicy import ByteBudget, NbdLimits, NbdTls, RateLimitedLog, resolve_tls
 from nicsplit.host.session import NBDSession, close_exports
@@ -111,6 +112,14 @@ def file_stamp(path: Path) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _split_pcts(hists: list[Histogram]) -> dict[str, float | None]:
+    """p50 / p99 of the time writes took to reach the card (µs), over ``hists``."""
+    h = Histogram.merged(hists)
+    if not h.total:
+        return {"split_p50_us": None, "split_p99_us": None}
+    return {"split_p50_us": h.percentile(50) / 1000, "split_p99_us": h.percentile(99) / 1000}
 
 
 def allocated_ranges(vd: Any) -> list[tuple[int, int]]:
@@ -315,6 +324,7 @@ class HostServer:
         """Protection state per vdisk (from its splitter) for `nicsplit status`."""
         self.datastore.reload_catalog()
         vdisks = []
+        hists: dict[str, list[Histogram]] = {}  # CG -> its vdisks' split histograms
         for v in self.datastore.list_vdisks():
             try:
                 ch = self.chain(v.name)
@@ -323,6 +333,8 @@ class HostServer:
                 continue
             sp = ch.filter("split")
             st = sp.statistics() if sp is not None else {"state": "unprotected"}
+            if sp is not None and sp.cg:
+                hists.setdefault(sp.cg, []).append(sp.hist)
             vdisks.append({"name": v.name, "cg": v.extra.get("cg"), **st})
         link = self.context.card
         return {
@@ -334,7 +346,8 @@ class HostServer:
             # The last CG sequence number handed out: the journal has caught
             # up with production once its latest PIT reaches it.
             # gap: vdisks of the CG marking or resyncing (its records carry WFlag.GAP).
-            "cgs": {name: {"last_seq": seq, "gap": sorted(self.context.gap(name).vdisks)}
+            # split_p50_us / split_p99_us: the CG's vdisks' split histograms together (None before a write).
+            "cgs": {name: {"last_seq": seq, "gap": sorted(self.context.gap(name).vdisks), **_split_pcts(hists.get(name, []))}
                     for name, seq in self.context.cg_last_seqs().items()},
             "card": {"attached": link.attached, "losses": link.losses, "last_error": link.last_error, "tracked": link.tracked,
                      # late writes still in flight without a verdict, and late ones the card refused

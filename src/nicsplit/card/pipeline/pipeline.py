@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Iterable, Mapping
 
-from nicsplit.core.records import AugmentedWrite, Op, Outcome
+from nicsplit.core.records import BLOCK_SIZE, AugmentedWrite, Op, Outcome
 from nicsplit.wire.frames import Batch, batch_aad, encode_records
 
 from .batch import Batcher, BatchStats, Pending
@@ -110,7 +110,9 @@ class CardPipeline:
         self.config = c = config
         self._release_cb = release
         self._on_lost_cb = on_lost
-        self._payload_ios: set[int] = set()  # io ids whose payload the transport holds for us
+        # io id -> (CG or None, payload bytes) of the writes whose payload the transport holds for us
+        self._payload_ios: dict[int, tuple[str | None, int]] = {}
+        self._acct: dict[str, CGBytes] = {}  # per-CG byte counts for status (cg_report)
         self.resolver = Resolver(catalog)
         self.hold = Hold(on_lost=self._lost, release=self._release, max_writes=c.hold_max_writes,
                          max_bytes=c.hold_max_bytes, outcome_timeout_ms=c.outcome_timeout_ms)
@@ -128,8 +130,10 @@ class CardPipeline:
 
     # -- input -------------------------------------------------------------------
 
-    def feed(self, entries: Iterable[AugmentedWrite | Outcome], now_ns: int) -> None:
-        """Take what the transport polled (in its order) and push it along."""
+    def feed(self, entries: Iterable[AugmentedWrite | Outcome], now_ns: int, from_log: bool = False) -> None:
+        """Take what the transport polled (in its order) and push it along.
+        ``from_log``: read back from the card's overflow log, which counted
+        the bytes in (`CGBytes.in_bytes`) when it took them from the ring."""
         hold = self.hold
         for e in entries:
             if type(e) is Outcome:
@@ -137,12 +141,20 @@ class CardPipeline:
                 hold.outcome(e, now_ns)
                 continue
             self._writes += 1
+            n = 0
             if e.op == Op.WRITE and e.data is not None:
-                self._payload_ios.add(e.io_id)
-                self._bytes_in += len(e.data)
+                n = len(e.data)
+                self._payload_ios[e.io_id] = (None, n)
+                self._bytes_in += n
             r = self.resolver.resolve(e)
             if r is not None and self.window.refused(r.cg):
                 r = None  # the appliance refuses this CG: lost (its host marks) rather than filling the window
+            if n and r is not None:  # acknowledged and not yet durable: the CG's RPO in bytes
+                self._payload_ios[e.io_id] = (r.cg, n)
+                a = self._cg_bytes(r.cg)
+                a.pending += n
+                if not from_log:
+                    a.in_bytes += n
             if r is None:
                 self._lost(e)  # acked to the host, never shipped: its region must be resynced (P1)
                 self._release(e.io_id)
@@ -253,18 +265,31 @@ class CardPipeline:
     def cg_report(self, wall_ns: int | None = None) -> dict[str, dict[str, Any]]:
         """Per CG: last durable seq, unacked batches, RPO (age of the oldest
         write that left hold but is not durable yet, 0 when none; writes
-        still waiting in hold for their outcome are not counted)."""
+        still waiting in hold for their outcome are not counted), and the
+        byte counts of `CGBytes` (``rpo_bytes``: payload fed and not yet
+        released; ``out_bytes_total``: batch bytes the appliance confirmed
+        durable; the ratios, None before anything was sealed)."""
         wall_ns = time.time_ns() if wall_ns is None else wall_ns
         out: dict[str, dict[str, Any]] = {cg: {"last_durable_seq": 0, "unacked_batches": 0, "rpo_seconds": 0.0}
                                           for cg in self._cgs}
         oldest = self.batcher.oldest_by_cg()
         for cg, s in self.window.cg_statistics().items():
-            out[cg].update(last_durable_seq=s.last_durable_seq, unacked_batches=s.unacked_batches)
+            out.setdefault(cg, {"rpo_seconds": 0.0}).update(last_durable_seq=s.last_durable_seq,
+                                                            unacked_batches=s.unacked_batches)  # (a CG named by resume only)
             if s.oldest_unacked_ns:
                 oldest[cg] = s.oldest_unacked_ns  # shipped batches are older than batched ones
         for cg, t in oldest.items():
             out.setdefault(cg, {"last_durable_seq": 0, "unacked_batches": 0})["rpo_seconds"] = max(0.0, (wall_ns - t) / 1e9)
+        durable = self.window.durable_bytes
+        for cg, c in out.items():
+            a = self._acct.get(cg) or CGBytes()
+            c.update(rpo_bytes=a.pending, in_bytes_total=a.in_bytes, out_bytes_total=durable.get(cg, 0),
+                     compression_ratio=_ratio(a.plain, a.packed), dedup_ratio=_ratio(a.dedup_in, a.dedup_out))
         return out
+
+    def in_bytes(self) -> dict[str, int]:
+        """CG → WRITE payload fed from the ring (not from the overflow log) since the start."""
+        return {cg: a.in_bytes for cg, a in self._acct.items()}
 
     def snapshot(self) -> dict[str, Any]:
         """statistics() as plain JSON-able dicts."""
@@ -286,15 +311,54 @@ class CardPipeline:
     def seal(self, p: Pending) -> Batch:
         """encode_records → compress → encrypt with the header as AAD."""
         head = p.header()
-        tag, payload = self.compressor.compress(encode_records(p.records))
+        plain = encode_records(p.records)
+        tag, payload = self.compressor.compress(plain)
+        a = self._cg_bytes(p.cg)
+        a.plain += len(plain)
+        a.packed += len(payload)
+        kept = refs = 0
+        for r in p.records:  # a referenced block is a full 4 KiB block dedup took out of the data
+            kept += len(r.data)
+            refs += len(r.refs)
+        a.dedup_in += kept + refs * BLOCK_SIZE
+        a.dedup_out += kept
         return replace(head, body=self.encryptor.seal(tag, payload, batch_aad(head)))
 
+    def _cg_bytes(self, cg: str) -> "CGBytes":
+        a = self._acct.get(cg)
+        if a is None:
+            a = self._acct[cg] = CGBytes()
+        return a
+
     def _release(self, io_id: int) -> None:
-        if io_id in self._payload_ios:
-            self._payload_ios.discard(io_id)
+        got = self._payload_ios.pop(io_id, None)
+        if got is not None:
+            cg, n = got
+            if cg is not None:
+                self._acct[cg].pending -= n
             self._released += 1
             self._release_cb(io_id)
+
 
     def _lost(self, w: AugmentedWrite) -> None:
         self._lost_n += 1
         self._on_lost_cb(w)
+
+
+class CGBytes:
+    """Byte counts of one CG since the card started (`CardPipeline.cg_report`)."""
+
+    __slots__ = ("pending", "in_bytes", "dedup_in", "dedup_out", "plain", "packed")
+
+    def __init__(self) -> None:
+        self.pending = 0  # WRITE payload fed and not yet released (durable, or dropped and marked by its host)
+        self.in_bytes = 0  # WRITE payload fed from the ring (the overflow log counts what it diverts)
+        self.dedup_in = self.dedup_out = 0  # WRITE payload before / after dedup took known blocks out
+        self.plain = self.packed = 0  # encoded batch bytes before / after compression
+
+
+def _ratio(before: int, after: int) -> float | None:
+    """before / after; None before anything was counted."""
+    if not before:
+        return None
+    return round(before / max(after, 1), 4)

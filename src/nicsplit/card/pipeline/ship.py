@@ -136,6 +136,7 @@ class ShipWindow:
         self._durable: dict[str, int] = {}
         self._connects = self._submitted = self._sends = self._retx = self._durable_n = 0
         self._released = self._skipped = self._acks_unknown = self._bytes_out = 0
+        self.durable_bytes: dict[str, int] = {}  # CG -> batch frame bytes the appliance confirmed durable
 
     # -- pipeline side ---------------------------------------------------------
 
@@ -270,6 +271,8 @@ class ShipWindow:
     def _finish(self, bid: int) -> None:
         u = self._unacked.pop(bid)
         self._bytes -= len(u.wire)
+        cg = u.head.cg
+        self.durable_bytes[cg] = self.durable_bytes.get(cg, 0) + len(u.wire)
         self._durable_n += 1
         for io_id in u.io_ids:
             self._release(io_id)

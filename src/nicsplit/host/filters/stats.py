@@ -75,6 +75,20 @@ class Histogram:
                 return min(self._upper(k), self.max_ns)
         return self.max_ns
 
+    @classmethod
+    def merged(cls, hists: "list[Histogram]") -> "Histogram":
+        """One histogram holding every sample of ``hists`` (a CG's vdisks)."""
+        out = cls()
+        counts = out.counts
+        for h in hists:
+            for i, c in enumerate(h.counts):
+                if c:
+                    counts[i] += c
+            out.total += h.total
+            out.sum_ns += h.sum_ns
+            out.max_ns = max(out.max_ns, h.max_ns)
+        return out
+
 
 @dataclass(frozen=True)
 class OpStats:
