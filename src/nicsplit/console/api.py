@@ -30,7 +30,7 @@ from nicsplit.control import ops
 from nicsplit.control.status import system_status
 from nicsplit.core.config import Config
 from nicsplit.core.errors import Conflict, NotFound
-from nicsplit.recovery.select import Selector
+from nicsplit.recovery.select import Selector, parse_time
 
 __all__ = ["setup", "CFG", "selector"]
 
@@ -116,6 +116,11 @@ def selector(body: dict) -> Selector:
     if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1):
         raise _error(web.HTTPBadRequest, f"bad sequence number {json.dumps(seq)}: a journal seq is an integer >= 1")
     at = _typed(body, "at", (str, int, float), "TIME: seconds since the epoch, ISO 8601, 'now' or -N[smhd]")
+    if at is not None:
+        try:
+            parse_time(str(at))  # a bad TIME is bad input, whatever else the CG lacks
+        except ops.DOMAIN_ERRORS as e:
+            raise _error(web.HTTPBadRequest, str(e)) from None
     if body.get("latest") not in (None, True):
         raise _error(web.HTTPBadRequest, "'latest' must be true")
     return Selector(at=None if at is None else str(at), seq=seq, bookmark=_str(body, "bookmark"),

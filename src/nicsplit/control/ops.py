@@ -31,7 +31,7 @@ from nicsplit.recovery.errors import RecoveryError
 from nicsplit.recovery.pits import PitError
 from nicsplit.recovery.retention import RetentionError
 from nicsplit.recovery.select import Selector, bookmark, list_pits, set_bookmark_lock
-from nicsplit.recovery.bookmarks import list_bookmarks
+from nicsplit.recovery.bookmarks import get_bookmark, list_bookmarks
 from nicsplit.recovery.verify import verify_and_repair, verify_cg
 from nicsplit.storage.atrest import AtRestError
 
@@ -89,6 +89,11 @@ def export_doc(cfg: Config, cg: str, sel: Selector, *, writable: bool = False, l
     """``{"id", "cg", "seq", "time", "writable", "pid", "exports": {VDISK: URI}, "ready_seconds",
     "server_ready_seconds", "in_appliance"}``"""
     t0 = time.monotonic()
+    # Said here, typed (unknown: NotFound), before the appliance or a server
+    # process answers with a message only.
+    CGCatalog(cfg.data).get(cg)
+    if sel.bookmark is not None:
+        get_bookmark(cfg.data, cg, sel.bookmark)
     ready = images.export(cfg.data, cg, sel, writable=writable, listen=listen)
     out = {k: ready[k] for k in ("id", "cg", "seq", "time", "writable", "pid", "exports")}
     out["ready_seconds"] = round(time.monotonic() - t0, 4)
