@@ -10,7 +10,8 @@ it, restore to a file and compare, restore in place after production
 changed, verify clean, fail over to the bookmark, write at the failover
 site, fail back (production holds the failover site's writes), and the
 usual bad inputs on the live system: unknown CG 404, malformed JSON 400,
-bad seq 400, a bookmark name taken 409.
+bad seq 400, a bookmark name taken 409, deleting a vdisk the running host
+holds 409.
 """
 
 from __future__ import annotations
@@ -151,5 +152,6 @@ def test_a_deployment_driven_through_the_api_only(tmp_path: Path, seed: int) -> 
         assert api.error("POST", "/api/v1/cgs/web/bookmarks", raw=b'{"name": ', status=400) == "the body is not JSON"
         assert api.error("POST", "/api/v1/images", {"cg": "web", "seq": 0}, status=400).startswith("bad sequence")
         assert api.error("POST", "/api/v1/images", {"cg": "web", "seq": "12"}, status=400).startswith("bad sequence")
+        assert "in use by pid" in api.error("DELETE", "/api/v1/vdisks/a", status=409)  # the host holds the datastore
         print("no PIT at that seq:", api.error("POST", "/api/v1/images", {"cg": "web", "seq": 10**9}, status=400))
         print(f"\nthe API workflow took {time.monotonic() - t0:.1f} s")

@@ -56,7 +56,8 @@ async def _call(fn: Callable[..., dict], *args: Any, status: int = 200, **kw: An
         if e.filename is None:
             log.exception("%s failed", fn.__name__)
             raise _error(web.HTTPInternalServerError, f"{fn.__name__}: {e.strerror or e}") from None
-        # a path the request named (restore's "to"), as the CLI says it
+        # most likely a path the request named (restore's "to"): said as the CLI says it, and logged
+        log.warning("%s: %s", fn.__name__, e)
         raise _error(web.HTTPBadRequest, f"{e.strerror or e}: {e.filename}") from None
     except Exception:
         log.exception("%s failed", fn.__name__)
