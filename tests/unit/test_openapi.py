@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 
 import pytest
+from openapi_spec_validator import validate
+from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 
 from nicsplit.console.openapi import document
 from nicsplit.console.server import make_app
@@ -64,6 +66,16 @@ def test_the_document_is_openapi_3_1_and_json() -> None:
     assert doc["security"] == [{"bearer": []}]
     assert doc["components"]["securitySchemes"]["bearer"] == {**doc["components"]["securitySchemes"]["bearer"],
                                                               "type": "http", "scheme": "bearer"}
+
+
+def test_a_real_validator_accepts_the_document_and_refuses_a_broken_one() -> None:
+    """openapi-spec-validator (OpenAPI 3.1 schema, JSON Schema 2020-12 for the schemas)."""
+    doc = document()
+    validate(doc)
+    broken = document()
+    broken["paths"]["/api/v1/cgs"]["get"]["responses"]["200"] = {"content": {}}  # a response needs a description
+    with pytest.raises(OpenAPIValidationError):
+        validate(broken)
 
 
 def test_every_ref_resolves() -> None:
