@@ -41,6 +41,8 @@ def test_cgs_and_vdisks_through_the_api_are_what_the_cli_sees(api, data):
     assert vdisks == json.loads(run_cli(data, "vdisk", "list", "--json").stdout)
 
     assert api.ok("GET", "/api/v1/cgs/cg1/pits") == {"pits": [], "damage": []}
+    assert api.ok("GET", "/api/v1/cgs/cg1/pits?all=1") == {"pits": [], "damage": []}
+    assert "all=1" in api.error("GET", "/api/v1/cgs/cg1/pits?all=yes", status=400)
     assert api.ok("GET", "/api/v1/cgs/cg1/bookmarks") == {"bookmarks": []}
     assert api.ok("DELETE", "/api/v1/vdisks/b") == {"name": "b", "deleted": True}
     assert [v["name"] for v in api.ok("GET", "/api/v1/vdisks")["vdisks"]] == ["a"]

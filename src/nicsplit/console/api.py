@@ -180,8 +180,10 @@ async def delete_vdisk(request: web.Request) -> web.Response:
 
 
 async def get_pits(request: web.Request) -> web.Response:
-    return await _call(ops.pits_doc, _cfg(request), request.match_info["cg"],
-                       every=request.query.get("all", "") in ("1", "true"))
+    every = request.query.get("all", "0")
+    if every not in ("1", "true", "0", "false"):
+        raise _error(web.HTTPBadRequest, f"all={every!r}: use all=1 or all=true (or 0, false)")
+    return await _call(ops.pits_doc, _cfg(request), request.match_info["cg"], every=every in ("1", "true"))
 
 
 async def get_bookmarks(request: web.Request) -> web.Response:
