@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 from nicsplit.cli.common import USER_ERRORS, add_when, emit, ready_printer, selector
+from nicsplit.control import ops
 from nicsplit.core import config as cfgmod
 from nicsplit.recovery import failover as fo
 from nicsplit.recovery.images import run_async
@@ -38,11 +39,11 @@ def cmd_failover(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     cg = args.cg
     if args.resume:
-        out = fo.resume(cfg, cg, listen=args.listen)
+        out = ops.failover_doc(cfg, cg, None, resume=True, listen=args.listen)
         emit(args, out, f"failover of {cg} at seq {out['seq']} serving again:\n"
              + "\n".join(f"  {n:<20} {u}" for n, u in out["exports"].items()))
         return 0
-    out = fo.failover(cfg, cg, selector(args), listen=args.listen, warn=_warn)
+    out = ops.failover_doc(cfg, cg, selector(args), listen=args.listen, warn=_warn)
     lines = [f"failed over {cg} to seq {out['seq']} ({format_time(out['time'])}); production fenced "
              f"({out['fenced_by']}); ready in {out['ready_seconds']:.2f} s"]
     lines += [f"  {n:<20} {u}" for n, u in out["exports"].items()]
@@ -68,7 +69,7 @@ def cmd_failover_serve(args: argparse.Namespace) -> int:
 def cmd_failback(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     cg = args.cg
-    out = fo.failback(cfg, cg, production_uri=args.production_uri, warn=_warn)
+    out = ops.failback_doc(cfg, cg, production_uri=args.production_uri, warn=_warn)
     if out.get("aborted"):
         emit(args, out, f"the failover of {cg} had not finished; production unfenced, nothing to copy")
     else:

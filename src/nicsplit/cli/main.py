@@ -11,33 +11,27 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
-from typing import Any
 
 from nicsplit import __version__
 from nicsplit.cli import appliance, console, failover, image, pit, verify
 from nicsplit.cli.common import USER_ERRORS, CliError
 from nicsplit.core import config as cfgmod
-from nicsplit.core.cgs import CGCatalog
 from nicsplit.core.config import parse_listen, parse_size
 from nicsplit.core.ctl import request as ctl_request
 from nicsplit.core.layout import Layout
 from nicsplit.core.logfile import KEEP, MAX_BYTES, RotatingLog
 from nicsplit.core.pki import init_pki
 from nicsplit.console.token import ensure_token
+from nicsplit.control import ops
 from nicsplit.control.demo import ensure_demo
 from nicsplit.control.status import system_status
-from nicsplit.host import marking
 from nicsplit.host.datastore import Datastore
 from nicsplit.recovery.images import run_async
 
 __all__ = ["main", "build_parser", "CliError"]
 
 log = logging.getLogger("nicsplit")
-
-_OWNER = re.compile(r"^(vm|container):[A-Za-z0-9._-]{1,64}$")
-
 
 # -- commands ---------------------------------------------------------------
 
@@ -60,109 +54,59 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_catalog(args: argparse.Namespace) -> tuple[cfgmod.Config, Datastore]:
-    cfg = cfgmod.load(cfgmod.data_dir(args.data))
-    return cfg, Datastore.open(cfg.datastore_dir)
-
-
-def _vdisk_json(v: Any) -> dict[str, Any]:
-    return {
-        "name": v.name,
-        "size": v.size,
-        "owner": v.owner,
-        "uuid": v.uuid,
-        "id": v.id,
-        "block_size": v.block_size,
-        "readonly": v.readonly,
-        "created": v.created,
-        "cg": v.extra.get("cg"),
-    }
-
-
 def cmd_vdisk_create(args: argparse.Namespace) -> int:
-    if args.owner is not None and not _OWNER.match(args.owner):
-        raise CliError(f"bad owner {args.owner!r}: use vm:NAME or container:NAME")
-    size = parse_size(args.size, "size")
-    cfg, ds = _open_catalog(args)
-    extra = None
-    if args.cg:
-        CGCatalog(cfg.data).get(args.cg)  # must exist
-        extra = {"cg": args.cg}
-    v = ds.create_vdisk(args.name, size, owner=args.owner, readonly=args.readonly, extra=extra)
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    v = ops.vdisk_create_doc(cfg, args.name, args.size, owner=args.owner, readonly=args.readonly, cg=args.cg)
     if args.json:
-        print(json.dumps(_vdisk_json(v)))
+        print(json.dumps(v))
     else:
-        print(f"created vdisk {v.name} ({_human(v.size)}{', owner ' + v.owner if v.owner else ''})")
+        print(f"created vdisk {v['name']} ({_human(v['size'])}{', owner ' + v['owner'] if v['owner'] else ''})")
     return 0
 
 
 def cmd_vdisk_list(args: argparse.Namespace) -> int:
-    _, ds = _open_catalog(args)
-    vdisks = ds.list_vdisks()
+    doc = ops.vdisks_doc(cfgmod.load(cfgmod.data_dir(args.data)))
     if args.json:
-        print(json.dumps({"vdisks": [_vdisk_json(v) for v in vdisks]}, indent=2))
+        print(json.dumps(doc, indent=2))
         return 0
-    if not vdisks:
+    if not doc["vdisks"]:
         print("no vdisks (create one with: nicsplit vdisk create NAME --size 1G)")
         return 0
     print(f"{'NAME':<24} {'SIZE':>10} {'OWNER':<24} {'MODE':<4}")
-    for v in vdisks:
-        print(f"{v.name:<24} {_human(v.size):>10} {v.owner or '-':<24} {'ro' if v.readonly else 'rw':<4}")
+    for v in doc["vdisks"]:
+        print(f"{v['name']:<24} {_human(v['size']):>10} {v['owner'] or '-':<24} {'ro' if v['readonly'] else 'rw':<4}")
     return 0
 
 
 def cmd_vdisk_delete(args: argparse.Namespace) -> int:
-    cfg, ds = _open_catalog(args)
-    ds.open_io()
-    try:
-        uuid = ds.get_vdisk(args.name).uuid
-        ds.delete_vdisk(args.name)
-    finally:
-        ds.close()
-    marking.forget(Layout(cfg.data).marking, uuid)  # its dirty bitmap and state: after the catalog
+    ops.vdisk_delete_doc(cfgmod.load(cfgmod.data_dir(args.data)), args.name)
     print(f"deleted vdisk {args.name}")
     return 0
 
 
 def cmd_cg_create(args: argparse.Namespace) -> int:
-    cfg = cfgmod.load(cfgmod.data_dir(args.data))
-    cg = CGCatalog(cfg.data).create(args.name)
-    print(json.dumps({"name": cg.name, "id": cg.id, "uuid": cg.uuid}) if args.json else f"created consistency group {cg.name}")
+    cg = ops.cg_create_doc(cfgmod.load(cfgmod.data_dir(args.data)), args.name)
+    print(json.dumps(cg) if args.json else f"created consistency group {cg['name']}")
     return 0
 
 
 def cmd_cg_add(args: argparse.Namespace) -> int:
-    cfg, ds = _open_catalog(args)
-    CGCatalog(cfg.data).get(args.cg)
-    v = ds.get_vdisk(args.vdisk)
-    if v.extra.get("cg") not in (None, args.cg):
-        raise CliError(f"vdisk {v.name} is already in consistency group {v.extra['cg']}")
-    ds.update_vdisk(v.name, extra={**v.extra, "cg": args.cg})
-    sock = Layout(cfg.data).host_sock
-    reply = ctl_request(sock, {"cmd": "join", "vdisk": v.name, "cg": args.cg}) if sock.exists() else None
-    if reply is None:
-        print(f"vdisk {v.name} joins consistency group {args.cg} (no host is running: when one starts, "
+    out = ops.cg_add_doc(cfgmod.load(cfgmod.data_dir(args.data)), args.cg, args.vdisk)
+    if not out["live"]:
+        print(f"vdisk {out['vdisk']} joins consistency group {args.cg} (no host is running: when one starts, "
               "the data the vdisk holds is copied in full: initializing)")
-    elif not reply.get("ok"):
-        raise CliError(f"vdisk {v.name} is in consistency group {args.cg} in the catalog, but the running host "
-                       f"refused it: {reply.get('error')} (it applies it at its next start)")
     else:
-        print(f"vdisk {v.name} joins consistency group {args.cg}: {reply['state']}"
-              + (f", copying {reply['dirty_bytes'] / 2**20:.1f} MiB it already holds" if reply["dirty_bytes"] else ""))
+        print(f"vdisk {out['vdisk']} joins consistency group {args.cg}: {out['state']}"
+              + (f", copying {out['dirty_bytes'] / 2**20:.1f} MiB it already holds" if out["dirty_bytes"] else ""))
     return 0
 
 
 def cmd_cg_list(args: argparse.Namespace) -> int:
-    cfg, ds = _open_catalog(args)
-    members: dict[str, list[str]] = {}
-    for v in ds.list_vdisks():
-        if v.extra.get("cg"):
-            members.setdefault(v.extra["cg"], []).append(v.name)
-    cgs = [{"name": c.name, "id": c.id, "uuid": c.uuid, "vdisks": members.get(c.name, [])} for c in CGCatalog(cfg.data).list()]
+    doc = ops.cgs_doc(cfgmod.load(cfgmod.data_dir(args.data)))
     if args.json:
-        print(json.dumps({"cgs": cgs}, indent=2))
+        print(json.dumps(doc, indent=2))
     else:
-        for c in cgs:
+        for c in doc["cgs"]:
             print(f"{c['name']:<20} id={c['id']:<4} vdisks: {', '.join(c['vdisks']) or '-'}")
     return 0
 

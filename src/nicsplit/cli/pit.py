@@ -21,14 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from nicsplit.cli.common import CliError, add_when, selector, seq
+from nicsplit.cli.common import add_when, selector, seq
 from nicsplit.core import config as cfgmod
-from nicsplit.recovery import restore as rst
 from nicsplit.control import ops
-from nicsplit.recovery.select import format_time, set_bookmark_lock
+from nicsplit.recovery.select import format_time
 
 
 def cmd_pits(args: argparse.Namespace) -> int:
@@ -54,8 +52,7 @@ def cmd_pits(args: argparse.Namespace) -> int:
 def cmd_bookmark(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     if args.unlock or (args.lock and args.existing):
-        b = set_bookmark_lock(cfg.data, args.cg, args.name, not args.unlock)
-        out = {"name": b.name, "seq": b.seq, "time": b.time_ns / 1e9, "locked": b.locked}
+        out = ops.bookmark_lock_doc(cfg, args.cg, args.name, not args.unlock)
     else:
         out = ops.bookmark_doc(cfg, args.cg, args.name, lock=args.lock, seq=args.seq, quiesce=args.quiesce,
                                thaw=args.thaw, hook_timeout=args.hook_timeout, timeout=args.timeout)
@@ -72,20 +69,13 @@ def cmd_bookmark(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
-    src = rst.restore_source(cfg, args.vdisk)
+    out = ops.restore_doc(cfg, args.vdisk, selector(args), to=args.to, fmt=args.format, force=args.force,
+                          to_device=args.to_device, in_place=args.in_place)
     if args.in_place:
-        if args.to is not None or args.format != "raw" or args.force or args.to_device:
-            raise CliError("--in-place writes onto the production vdisk: it takes no --to, --format, --force "
-                           "or --to-device")
-        out = rst.restore_in_place(cfg, src, selector(args))
         text = (f"restored {out['vdisk']} in place to seq {out['seq']} ({format_time(out['time'])}) in "
                 f"{out['seconds']:.2f} s; still protected: the journal holds the restored data from seq "
                 f"{out['covered_by_seq']}")
     else:
-        if args.to is None:
-            raise CliError("say where to: --to FILE, or --in-place onto the production vdisk")
-        out = rst.restore_to_file(cfg, src, selector(args), Path(args.to), args.format,
-                                  force=args.force, device_ok=args.to_device)
         text = (f"restored {out['vdisk']} at seq {out['seq']} ({format_time(out['time'])}) to {out['file']} "
                 f"({out['format']}, {out['size']} bytes)")
     print(json.dumps(out) if args.json else text)

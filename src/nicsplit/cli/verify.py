@@ -21,34 +21,29 @@ import argparse
 import json
 from typing import Any
 
-from nicsplit.cli.common import CliError
+from nicsplit.control import ops
 from nicsplit.core import config as cfgmod
-from nicsplit.recovery.verify import verify_and_repair, verify_cg
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
-    if args.rounds < 1:
-        raise CliError("--rounds must be at least 1")
-    if args.repair:
-        r = verify_and_repair(cfg, args.cg, rounds=args.rounds, timeout=args.timeout)
-    else:
-        r = verify_cg(cfg, args.cg, rounds=args.rounds, timeout=args.timeout)
+    r = ops.verify_doc(cfg, args.cg, repair=args.repair, rounds=args.rounds, timeout=args.timeout)
     if args.json:
-        print(json.dumps(r.to_json()))
-        return 0 if r.clean else 1
-    mib = r.bytes_compared / 2**20
-    if r.repaired:
-        print(f"repaired {len(r.repaired)} differing run(s) ({sum(d.length for d in r.repaired)} bytes) "
+        print(json.dumps(r))
+        return 0 if r["clean"] else 1
+    mib = r["bytes_compared"] / 2**20
+    if r.get("repaired"):
+        print(f"repaired {len(r['repaired'])} differing run(s) ({sum(d['length'] for d in r['repaired'])} bytes) "
               "by resyncing them from production")
-    verdict = "clean" if r.clean else f"{len(r.differing)} differing, {len(r.unsettled)} unsettled run(s)"
-    print(f"{r.cg}: {len(r.vdisks)} vdisk(s), {mib:.1f} MiB compared with seq {r.seq} in {r.seconds:.2f} s: {verdict}")
-    rows = [("differs", d) for d in r.differing] + [("unsettled", d) for d in r.unsettled]
+    verdict = "clean" if r["clean"] else f"{len(r['differing'])} differing, {len(r['unsettled'])} unsettled run(s)"
+    print(f"{r['cg']}: {len(r['vdisks'])} vdisk(s), {mib:.1f} MiB compared with seq {r['seq']} in {r['seconds']:.2f} s: "
+          f"{verdict}")
+    rows = [("differs", d) for d in r["differing"]] + [("unsettled", d) for d in r["unsettled"]]
     if rows:
         print(f"{'vdisk':<20} {'offset':>14} {'length':>10}  what")
         for what, d in rows:
-            print(f"{d.vdisk:<20} {d.offset:>14} {d.length:>10}  {what}")
-    return 0 if r.clean else 1
+            print(f"{d['vdisk']:<20} {d['offset']:>14} {d['length']:>10}  {what}")
+    return 0 if r["clean"] else 1
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:

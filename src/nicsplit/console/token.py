@@ -41,6 +41,7 @@ def read_token(path: Path) -> str:
 
 def token_matches(header: str | None, token: str) -> bool:
     """Whether an ``Authorization`` header carries ``token`` (constant time)."""
-    if not header or not header.startswith("Bearer "):
+    scheme, _, given = (header or "").strip().partition(" ")
+    if scheme.lower() != "bearer":  # auth schemes are case-insensitive (RFC 9110)
         return False
-    return hmac.compare_digest(header[len("Bearer "):].strip().encode(), token.encode())
+    return hmac.compare_digest(given.strip().encode(), token.encode())

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from nicsplit.core.errors import Conflict, NotFound
 from nicsplit.core.fsutil import atomic_write
 from nicsplit.core.layout import Layout
 from nicsplit.core.names import BadName, check_name
@@ -28,6 +29,14 @@ from nicsplit.core.names import BadName, check_name
 
 class CGError(Exception):
     """One clear line."""
+
+
+class UnknownCG(CGError, NotFound):
+    """No consistency group of this name."""
+
+
+class CGConflict(CGError, Conflict):
+    """A CG name already taken, or a vdisk already in another CG."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,7 @@ class CGCatalog:
         with self._locked():
             raw = self._read()
             if name in raw["cgs"]:
-                raise CGError(f"consistency group {name!r} already exists")
+                raise CGConflict(f"consistency group {name!r} already exists")
             cg = {"id": raw["next_id"], "uuid": str(uuid.uuid4()), "created": time.time()}
             raw["next_id"] += 1
             raw["cgs"][name] = cg
@@ -91,7 +100,7 @@ class CGCatalog:
         raw = self._read()
         if name not in raw["cgs"]:
             known = ", ".join(sorted(raw["cgs"])) or "none"
-            raise CGError(f"unknown consistency group {name!r} (known: {known})")
+            raise UnknownCG(f"unknown consistency group {name!r} (known: {known})")
         return CGInfo(name=name, **raw["cgs"][name])
 
     def set_role(self, name: str, role: str) -> CGInfo:
@@ -100,7 +109,7 @@ class CGCatalog:
         with self._locked():
             raw = self._read()
             if name not in raw["cgs"]:
-                raise CGError(f"unknown consistency group {name!r}")
+                raise UnknownCG(f"unknown consistency group {name!r}")
             raw["cgs"][name]["role"] = role
             self._write(raw)
             return CGInfo(name=name, **raw["cgs"][name])

@@ -29,18 +29,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from nicsplit.core.errors import Conflict, NotFound
 from nicsplit.core.fsutil import atomic_write
 from nicsplit.core.layout import Layout
 from nicsplit.recovery.pits import PitError, PitIndex
 
 __all__ = [
-    "Bookmark", "BookmarkError", "BOOKMARKS_VERSION", "bookmarks_path", "add_bookmark", "lock_bookmark",
+    "Bookmark", "BookmarkError", "UnknownBookmark", "BookmarkExists", "BOOKMARKS_VERSION", "bookmarks_path", "add_bookmark", "lock_bookmark",
     "remove_bookmarks", "list_bookmarks", "get_bookmark",
 ]
 
 
 class BookmarkError(PitError):
     """Unknown, duplicate or badly named bookmark; unreadable bookmark file."""
+
+
+class UnknownBookmark(BookmarkError, NotFound):
+    """No bookmark of this name in the CG."""
+
+
+class BookmarkExists(BookmarkError, Conflict):
+    """The CG has a bookmark of this name already."""
 
 
 _NAME = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
@@ -111,7 +120,7 @@ def add_bookmark(data: str | Path, cg: str, name: str, seq: int, *, locked: bool
         marks = _read_bookmarks(path)
         for b in marks:
             if b.name == name:
-                raise BookmarkError(f"bookmark {name!r} already exists in CG {cg} (seq {b.seq})")
+                raise BookmarkExists(f"bookmark {name!r} already exists in CG {cg} (seq {b.seq})")
         mark = Bookmark(name, seq, time_ns, locked, time.time())
         marks.append(mark)
         _write_bookmarks(path, cg, marks)
@@ -129,7 +138,7 @@ def lock_bookmark(data: str | Path, cg: str, name: str, locked: bool) -> Bookmar
                 _write_bookmarks(path, cg, marks)
                 return marks[i]
     known = ", ".join(b.name for b in marks) or "none"
-    raise BookmarkError(f"unknown bookmark {name!r} in CG {cg} (known: {known})")
+    raise UnknownBookmark(f"unknown bookmark {name!r} in CG {cg} (known: {known})")
 
 
 def remove_bookmarks(data: str | Path, cg: str, which: Callable[[Bookmark], bool]) -> list[Bookmark]:
@@ -156,4 +165,4 @@ def get_bookmark(data: str | Path, cg: str, name: str) -> Bookmark:
         if b.name == name:
             return b
     known = ", ".join(b.name for b in marks) or "none"
-    raise BookmarkError(f"unknown bookmark {name!r} in CG {cg} (known: {known})")
+    raise UnknownBookmark(f"unknown bookmark {name!r} in CG {cg} (known: {known})")

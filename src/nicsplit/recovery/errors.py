@@ -11,6 +11,16 @@ they are one line too.
 
 from __future__ import annotations
 
+from nicsplit.core.errors import Conflict, NotFound
+
 
 class RecoveryError(Exception):
     """A recovery request that cannot be done as asked (one clear line)."""
+
+
+class RecoveryNotFound(RecoveryError, NotFound):
+    """The request names an image or vdisk that does not exist."""
+
+
+class RecoveryConflict(RecoveryError, Conflict):
+    """The CG's state refuses the request (already failed over, not failed over)."""

@@ -101,7 +101,7 @@ from nicsplit.core.fsutil import atomic_write, fsync_dir
 from nicsplit.core.layout import Layout, vdisk_file
 from nicsplit.core.procutil import runs
 from nicsplit.recovery.distribution import CatalogMembers, ReplicaLock
-from nicsplit.recovery.errors import RecoveryError
+from nicsplit.recovery.errors import RecoveryConflict, RecoveryError
 from nicsplit.recovery.image import ReplicaServer
 from nicsplit.recovery.images import spawn_detached, terminate, url_host
 from nicsplit.recovery.nbdclient import NbdClient, NbdError
@@ -388,12 +388,12 @@ def failover(cfg: Config, cg: str, sel: Selector, *, listen: str | None = None,
     st = read_state(cfg.data, cg)
     if st is not None and st.get("phase") == "serving":
         alive = server_alive(int(st.get("pid") or 0), cg)
-        raise RecoveryError(f"consistency group {cg} is already failed over at seq {st.get('seq')}"
+        raise RecoveryConflict(f"consistency group {cg} is already failed over at seq {st.get('seq')}"
                             + (f" ({' '.join(st.get('exports', {}).values())})" if alive else
                                f"; its server is not running: restart it with 'nicsplit failover {cg} --resume'")
                             + f"; fail back first: nicsplit failback {cg}")
     if st is not None and st.get("phase") in ("syncing", "synced"):
-        raise RecoveryError(f"a failback of {cg} is in progress; finish it with: nicsplit failback {cg}")
+        raise RecoveryConflict(f"a failback of {cg} is in progress; finish it with: nicsplit failback {cg}")
     require_journal(jd, cg)
     index = BlockIndex(jd)
     pit = resolve_pit(index.pits, cfg.data, cg, sel)
@@ -449,10 +449,10 @@ def resume(cfg: Config, cg: str, *, listen: str | None = None) -> dict[str, Any]
     check_cg(cfg.data, cg)
     st = read_state(cfg.data, cg)
     if st is None or st.get("phase") != "serving":
-        raise RecoveryError(f"consistency group {cg} is not failed over (nothing to resume)"
-                            if st is None else f"the failover of {cg} is in phase {st.get('phase')!r}, not serving")
+        raise RecoveryConflict(f"consistency group {cg} is not failed over (nothing to resume)"
+                               if st is None else f"the failover of {cg} is in phase {st.get('phase')!r}, not serving")
     if server_alive(int(st.get("pid") or 0), cg):
-        raise RecoveryError(f"the failover server of {cg} is running (pid {st.get('pid')})")
+        raise RecoveryConflict(f"the failover server of {cg} is running (pid {st.get('pid')})")
     lock = lock_replica(cfg, cg)
     try:
         ready = _spawn_server(cfg, cg, lock, listen or st.get("address") or st.get("listen"))
@@ -639,7 +639,7 @@ def failback(cfg: Config, cg: str, *, production_uri: str | None = None,
     CGCatalog(cfg.data).get(cg)  # unknown CG: one line
     st = read_state(cfg.data, cg)
     if st is None:
-        raise RecoveryError(f"consistency group {cg} is not failed over (nothing to fail back)")
+        raise RecoveryConflict(f"consistency group {cg} is not failed over (nothing to fail back)")
     vds = [StateVdisk(r) for r in st["vdisks"]]
     if st.get("phase") == "preparing" or st.get("seq") is None:
         # The failover never served: production holds everything; lift the fence.

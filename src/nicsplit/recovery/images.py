@@ -50,7 +50,7 @@ from nicsplit.core import config as cfgmod
 from nicsplit.core import ctl
 from nicsplit.core.layout import Layout
 from nicsplit.core.procutil import runs
-from nicsplit.recovery.errors import RecoveryError
+from nicsplit.recovery.errors import RecoveryError, RecoveryNotFound
 from nicsplit.recovery.image import ImageServer
 from nicsplit.recovery.pits import Pit
 from nicsplit.recovery.blockindex import BlockIndex
@@ -326,7 +326,7 @@ def close(data: Path, image_id: str) -> bool:
         info = {"id": image_id, "pid": 0}  # a torn info file: still clean up
     if info is None:
         known = ", ".join(i["id"] for i in list_images(data)) or "none"
-        raise RecoveryError(f"unknown image id {image_id!r} (open images: {known})")
+        raise RecoveryNotFound(f"unknown image id {image_id!r} (open images: {known})")
     pid = int(info.get("pid", 0))
     killed = False
     if info.get("in_appliance"):

@@ -38,7 +38,7 @@ from nicsplit.core.config import Config
 from nicsplit.core.fsutil import zero_keep_allocated
 from nicsplit.core.layout import Layout
 from nicsplit.core.catalog import open_catalog
-from nicsplit.recovery.errors import RecoveryError
+from nicsplit.recovery.errors import RecoveryError, RecoveryNotFound
 from nicsplit.recovery.image import ImageServer
 from nicsplit.recovery.blockindex import BlockIndex
 from nicsplit.recovery.reader import PitReader
@@ -65,7 +65,7 @@ def restore_source(cfg: Config, vdisk: str) -> RestoreSource:
         raise RecoveryError(f"no datastore catalog in {cfg.datastore_dir}: restore needs the vdisk's id and size")
     v = open_catalog(cfg.datastore_dir).get(vdisk)
     if v is None:
-        raise RecoveryError(f"no vdisk {vdisk!r} in {cfg.datastore_dir}")
+        raise RecoveryNotFound(f"no vdisk {vdisk!r} in {cfg.datastore_dir}")
     cg = v.extra.get("cg")
     if not cg:
         raise RecoveryError(f"vdisk {v.name} is in no consistency group: it has no journal to restore from")
