@@ -28,6 +28,9 @@ from typing import Any, Callable
 from aiohttp import web
 
 from nicsplit.console import api
+from nicsplit.console import dashboard
+from nicsplit.console import history
+from nicsplit.console import metrics
 from nicsplit.console.api import CFG
 from nicsplit.console.token import ensure_token, token_matches
 from nicsplit.core.config import Config, parse_listen
@@ -56,6 +59,9 @@ def make_app(cfg: Config, token: str) -> web.Application:
     app = web.Application(middlewares=[_auth(token)])
     app[CFG] = cfg
     api.setup(app)
+    metrics.setup(app)
+    history.setup(app)
+    dashboard.setup(app)
     return app
 
 
