@@ -89,6 +89,7 @@
   let status = null;
   let windowSeconds = 3600;
   let running = false;
+  let generation = 0;  // a sign-in starts a new polling loop; an older one stops at its next step
   let timer = null;
   let ticks = 0;
 
@@ -108,11 +109,11 @@
     running = true;
     ticks = 0;
     clearTimeout(timer);
-    loop();
+    loop(++generation);
   }
 
-  async function loop() {
-    if (!running) return;
+  async function loop(gen) {
+    if (!running || gen !== generation) return;
     try {
       await refreshStatus();
       const work = [];
@@ -127,8 +128,9 @@
       if (e instanceof AuthError) return;
       $("#error").textContent = `${e.message}`;
     }
+    if (!running || gen !== generation) return;
     ticks++;
-    if (running) timer = setTimeout(loop, POLL_MS);
+    timer = setTimeout(() => loop(gen), POLL_MS);
   }
 
   // ---- status: processes, alerts, CG heads and vdisks
