@@ -6,6 +6,7 @@
   const KEY = "nicsplit.token";
   const SVGNS = "http://www.w3.org/2000/svg";
   const POLL_MS = 2000;
+  const PITS_EVERY = 15;  // polls: listing PITs reads the journal, so every 30 s (and on demand)
   const $ = (sel, root = document) => root.querySelector(sel);
 
   // ---- DOM helpers (textContent only: nothing from the API becomes markup)
@@ -119,7 +120,8 @@
       const work = [];
       if (ticks % 2 === 0) work.push(refreshHistory());
       for (const name of views.keys()) {
-        if (ticks % 5 === 0 || !(pits.get(name)?.pits?.length)) work.push(refreshPits(name));
+        const none = !(pits.get(name)?.pits?.length);
+        if (!document.hidden && (ticks % PITS_EVERY === 0 || none)) work.push(refreshPits(name));
       }
       if (ticks % 3 === 0) work.push(refreshImages());
       await Promise.all(work);
@@ -178,6 +180,12 @@
     v.tpLegend = h("span", { class: "legend" });
     v.timeline = s("svg", { viewBox: "0 0 900 96", class: "timeline-svg", role: "img", "aria-label": `points in time of ${name}` });
     v.timeline.addEventListener("click", (e) => pickAt(v, e));
+    v.span = h("select", { class: "span", "aria-label": "timeline span", onchange: () => drawTimeline(v) },
+      ...[["0", "everything"], ["604800", "7 days"], ["86400", "24 hours"], ["3600", "1 hour"], ["300", "5 minutes"]]
+        .map(([val, label]) => h("option", { value: val }, label)));
+    v.refreshBtn = h("button", { type: "button", class: "refresh-pits", onclick: () => refreshPits(name).catch((e) => {
+      if (!(e instanceof AuthError)) v.msg.textContent = `listing PITs failed: ${e.message}`;
+    }) }, "Refresh");
     v.pitSelect = h("select", { class: "pit-select", "aria-label": "point in time", onchange: () => {
       if (v.pitSelect.value) select(v, Number(v.pitSelect.value));
     } });
@@ -199,7 +207,9 @@
         h("figure", { class: "chart rpo" }, h("figcaption", {}, "RPO ", v.rpoLegend), v.rpo),
         h("figure", { class: "chart throughput" }, h("figcaption", {}, "Throughput ", v.tpLegend), v.tp)),
       h("div", { class: "timeline" },
-        h("h3", {}, "Points in time"), v.timeline,
+        h("div", { class: "timeline-head" }, h("h3", {}, "Points in time"), h("span", { class: "spacer" }),
+          h("label", {}, "show ", v.span), v.refreshBtn),
+        v.timeline,
         h("div", { class: "pit-controls" }, v.pitSelect, v.pitInfo),
         h("div", { class: "pit-actions" },
           v.exportBtn, h("label", {}, v.writable, " writable"), v.restoreBtn,
@@ -341,15 +351,20 @@
 
   const TL = { W: 900, H: 96, L: 12, R: 12, AXIS: 62 };
 
-  function timelineRange(list) {
+  // [t0, t1] of the timeline: from the oldest PIT (or `span` seconds back) to now.
+  function timelineRange(v, list) {
     const now = Date.now() / 1000;
-    const t0 = list.length ? Math.min(list[0].time, now - 60) : now - 60;
+    const span = Number(v.span.value) || Infinity;
+    const oldest = list.length ? list[0].time : now;
+    const t0 = Math.min(Math.max(oldest, now - span), now - 60);
     return [t0, Math.max(now, list.length ? list[list.length - 1].time : now)];
   }
+  const inView = (v, list) => { const [t0] = timelineRange(v, list); return list.filter((p) => p.time >= t0); };
 
   function drawTimeline(v) {
-    const list = pits.get(v.name)?.pits || [];
-    const [t0, t1] = timelineRange(list);
+    const all = pits.get(v.name)?.pits || [];
+    const list = inView(v, all);
+    const [t0, t1] = timelineRange(v, all);
     const x = (t) => TL.L + ((t - t0) / (t1 - t0 || 1)) * (TL.W - TL.L - TL.R);
     const kids = [s("line", { x1: TL.L, x2: TL.W - TL.R, y1: TL.AXIS, y2: TL.AXIS, class: "axis-line" })];
     for (let i = 0; i <= 4; i++) {
@@ -357,7 +372,7 @@
       kids.push(s("text", { x: x(t), y: TL.H - 4, class: "axis", "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle" }, fmtClock(t)));
     }
     // One dot per pixel column (the newest there): thousands of PITs stay drawable;
-    // a click still picks the nearest PIT of the whole list.
+    // a click still picks the nearest PIT of the span shown.
     const cols = new Map();
     for (const p of list) cols.set(Math.round(x(p.time)), p);
     for (const [cx, p] of cols) {
@@ -376,22 +391,25 @@
       }
     }
     const sel = selected.get(v.name);
-    const sp = list.find((p) => p.seq === sel);
-    if (sp) kids.push(s("circle", { cx: x(sp.time), cy: TL.AXIS, r: 8, class: "selected-marker" }));
-    if (!list.length) kids.push(s("text", { x: TL.W / 2, y: 30, class: "axis", "text-anchor": "middle" }, "no point in time yet"));
+    const sp = all.find((p) => p.seq === sel);
+    if (sp && sp.time >= t0) kids.push(s("circle", { cx: x(sp.time), cy: TL.AXIS, r: 8, class: "selected-marker" }));
+    if (!list.length) {
+      kids.push(s("text", { x: TL.W / 2, y: 30, class: "axis", "text-anchor": "middle" },
+                  all.length ? "no point in time in this span" : "no point in time yet"));
+    }
     v.timeline.replaceChildren(...kids);
-    v.timeline.dataset.pits = String(list.length);
+    v.timeline.dataset.pits = String(all.length);
     // The picker: the latest, every bookmark and the newest few.
-    const opts = [h("option", { value: "" }, list.length ? "— pick a point in time —" : "— none yet —")];
+    const opts = [h("option", { value: "" }, all.length ? "— pick a point in time —" : "— none yet —")];
     const seen = new Set();
     const add = (p, label) => {
       if (seen.has(p.seq)) return;
       seen.add(p.seq);
       opts.push(h("option", { value: String(p.seq) }, label));
     };
-    if (list.length) add(list[list.length - 1], `latest: seq ${list[list.length - 1].seq} ${fmtTime(list[list.length - 1].time)}`);
-    for (const p of list) for (const b of p.bookmarks || []) add(p, `★ ${b}: seq ${p.seq} ${fmtTime(p.time)}`);
-    for (const p of list.slice(-20).reverse()) add(p, `seq ${p.seq} ${fmtTime(p.time)}`);
+    if (all.length) add(all[all.length - 1], `latest: seq ${all[all.length - 1].seq} ${fmtTime(all[all.length - 1].time)}`);
+    for (const p of all) for (const b of p.bookmarks || []) add(p, `★ ${b}: seq ${p.seq} ${fmtTime(p.time)}`);
+    for (const p of all.slice(-20).reverse()) add(p, `seq ${p.seq} ${fmtTime(p.time)}`);
     if (sp) add(sp, `seq ${sp.seq} ${fmtTime(sp.time)}`);
     v.pitSelect.replaceChildren(...opts);
     v.pitSelect.value = sp ? String(sp.seq) : "";
@@ -399,14 +417,15 @@
   }
 
   function pickAt(v, e) {
-    const list = pits.get(v.name)?.pits || [];
+    const all = pits.get(v.name)?.pits || [];
+    const list = inView(v, all);
     if (!list.length) return;
     const tagged = e.target.closest("[data-seq]");
     if (tagged) return select(v, Number(tagged.dataset.seq));
     const pt = v.timeline.createSVGPoint();
     pt.x = e.clientX; pt.y = e.clientY;
     const px = pt.matrixTransform(v.timeline.getScreenCTM().inverse()).x;
-    const [t0, t1] = timelineRange(list);
+    const [t0, t1] = timelineRange(v, all);
     const t = t0 + ((px - TL.L) / (TL.W - TL.L - TL.R)) * (t1 - t0);
     let best = list[0];
     for (const p of list) if (Math.abs(p.time - t) < Math.abs(best.time - t)) best = p;
