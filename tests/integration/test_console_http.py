@@ -6,6 +6,7 @@ and fills every interval; / and its static files are served with a CSP."""
 
 from __future__ import annotations
 
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from nicsplit.testing.console import ConsoleProcess, api_token, curl, curl_json
@@ -39,6 +40,11 @@ def test_metrics_history_and_dashboard_over_http(tmp_path):
         assert _sample(fams, "nicsplit_cg_state", cg="cg1", state="host-down") == 1
         assert _sample(fams, "nicsplit_cg_state", cg="cg1", state="protected") == 0
         assert "nicsplit_split_latency_seconds" not in fams  # no host, no histogram
+        # What Prometheus itself asks for: OpenMetrics, which its own parser reads.
+        status, body, headers = curl(f"{base}/metrics", "-H", "Accept: application/openmetrics-text; version=1.0.0")
+        assert status == 200 and headers["content-type"].startswith("application/openmetrics-text"), headers
+        om = {f.name: f for f in openmetrics_families(body)}
+        assert body.endswith("# EOF\n") and set(om) == set(fams)
 
         with HostProcess(data):
             def host_seen():

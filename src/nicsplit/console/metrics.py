@@ -31,7 +31,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -221,8 +221,10 @@ def make_registry(fetch_fn: Callable[[], tuple[dict, dict]], max_age: float = MA
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    body = await asyncio.to_thread(generate_latest, request.app[REGISTRY])
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    # Prometheus asks for OpenMetrics in Accept; curl and older scrapers get the text format.
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = await asyncio.to_thread(encoder, request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def setup(app: web.Application) -> None:
