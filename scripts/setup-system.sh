@@ -14,6 +14,7 @@ command -v nbdcopy  >/dev/null || need+=(libnbd-bin)
 command -v qemu-io  >/dev/null || need+=(qemu-utils)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v fio      >/dev/null || need+=(fio)
+command -v curl     >/dev/null || need+=(curl)  # the console tests speak HTTP through it
 # The dashboard test drives a real headless browser through its WebDriver.
 command -v chromium >/dev/null || need_norec+=(chromium)
 command -v chromedriver >/dev/null || need_norec+=(chromium-driver)

@@ -29,6 +29,9 @@ from aiohttp import web
 
 from nicsplit.console import alerting
 from nicsplit.console import api
+from nicsplit.console import dashboard
+from nicsplit.console import history
+from nicsplit.console import metrics
 from nicsplit.console.api import CFG
 from nicsplit.console.token import ensure_token, token_matches
 from nicsplit.core.config import Config, parse_listen
@@ -58,6 +61,9 @@ def make_app(cfg: Config, token: str) -> web.Application:
     app[CFG] = cfg
     api.setup(app)
     alerting.setup(app)
+    metrics.setup(app)
+    history.setup(app)
+    dashboard.setup(app)
     return app
 
 

@@ -12,6 +12,7 @@ real processes started and stopped with deadlines, never sleeps.
 * `served`, `nbdclient` — an NBD server in a loop thread; libnbd clients.
 * `pipeline` — fakes for the card pipeline in-process.
 * `appliance` — the power-cut filesystem, the appliance process, a card client.
+* `console` — ``nicsplit console run``, the console's address and token, curl.
 
 Tests import from here, never from another test module.
 """

@@ -350,6 +350,7 @@ class SplitFilter(Filter):
             "split_p99_us": self.hist.percentile(99) / 1000,
             "split_p999_us": self.hist.percentile(99.9) / 1000,
             "split_max_us": self.hist.max_ns / 1000,
+            "split_hist": self.hist.sparse(),
         }
         if self.resync is not None:
             if self.dmap.copying:

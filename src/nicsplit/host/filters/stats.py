@@ -63,6 +63,14 @@ class Histogram:
         if ns > self.max_ns:
             self.max_ns = ns
 
+    def sparse(self) -> dict[str, Any]:
+        """The histogram itself, compact for a control-socket reply: the
+        non-empty buckets as ``[upper_ns, count]`` (ascending; a bucket holds
+        the samples up to its upper bound, 1/16 wide), with count and sum
+        (the console's ``nicsplit_split_latency_seconds`` is built from it)."""
+        return {"buckets": [[self._upper(i), c] for i, c in enumerate(self.counts) if c],
+                "count": self.total, "sum_ns": self.sum_ns}
+
     def percentile(self, p: float) -> int:
         """Upper bound (ns) of the bucket holding the p-th percentile."""
         if not self.total:
