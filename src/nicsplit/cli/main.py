@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from nicsplit import __version__
-from nicsplit.cli import appliance, console, failover, image, pit, verify
+from nicsplit.cli import appliance, console, doctor, failover, image, pit, verify, wait
 from nicsplit.cli.common import USER_ERRORS, CliError
 from nicsplit.core import config as cfgmod
 from nicsplit.core.cgs import CGCatalog
@@ -150,6 +150,10 @@ def cmd_cg_add(args: argparse.Namespace) -> int:
     else:
         print(f"vdisk {v.name} joins consistency group {args.cg}: {reply['state']}"
               + (f", copying {reply['dirty_bytes'] / 2**20:.1f} MiB it already holds" if reply["dirty_bytes"] else ""))
+    if args.wait:
+        if reply is None:
+            raise CliError("--wait follows the initial sync in the running host: no host is running")
+        wait.follow(args, cfg, args.cg, [v.name])
     return 0
 
 
@@ -373,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rotate --log-file when it would pass SIZE (default 16M)")
     common.add_argument("--log-keep", metavar="N", type=int, default=argparse.SUPPRESS,
                         help="rotated files of --log-file to keep (default 4)")
+    common.add_argument("--progress", action="store_true", default=argparse.SUPPRESS,
+                        help="draw progress bars on stderr even when it is not a terminal")
 
     p = argparse.ArgumentParser(prog="nicsplit", description="Continuous data protection for virtual disks.", parents=[common])
     p.add_argument("--version", action="version", version=f"nicsplit {__version__}")
@@ -414,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = cgp.add_parser("add", parents=[common], help="put a vdisk into a consistency group")
     s.add_argument("cg")
     s.add_argument("vdisk")
+    s.add_argument("--wait", action="store_true", help="follow its initial sync until it is protected")
+    wait.add_timeout(s)
     s.set_defaults(func=cmd_cg_add)
     s = cgp.add_parser("list", parents=[common], help="list consistency groups and their vdisks")
     s.add_argument("--json", action="store_true")
@@ -425,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     failover.add_parsers(sub, common)
     verify.add_parsers(sub, common)
     console.add_parsers(sub, common)
+    wait.add_parsers(sub, common)
+    doctor.add_parsers(sub, common)
 
     cp = sub.add_parser("card", parents=[common], help="the (emulated) offload card").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
     s = cp.add_parser("run", parents=[common], help="run the card: hidden volume, ring, pipeline, shipping (foreground)")

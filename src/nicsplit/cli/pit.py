@@ -1,7 +1,7 @@
 """Point-in-time commands: ``pits``, ``bookmark``, ``restore``.
 
     nicsplit pits CG [--all] [--json]
-    nicsplit bookmark CG NAME [--lock] [--seq N] [--json]
+    nicsplit bookmark CG NAME [--lock] [--seq N] [--quiesce [CMD]] [--thaw CMD] [--hook-timeout S] [--json]
     nicsplit restore VDISK (--at TIME | --seq N | --bookmark NAME | --latest) --to FILE
                      [--format raw|qcow2] [--force] [--to-device] [--json]
     nicsplit restore VDISK (--at ... | --latest) --in-place [--json]
@@ -25,9 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from nicsplit.cli.common import CliError, add_when, selector, seq
+from nicsplit.cli.progress import Bar
 from nicsplit.core import config as cfgmod
 from nicsplit.recovery import restore as rst
 from nicsplit.control import ops
+from nicsplit.recovery.bookmarks import get_bookmark
+from nicsplit.recovery.hooks import DEFAULT_TIMEOUT, resolve_hooks
 from nicsplit.recovery.select import format_time, set_bookmark_lock
 
 
@@ -57,16 +60,23 @@ def cmd_bookmark(args: argparse.Namespace) -> int:
         b = set_bookmark_lock(cfg.data, args.cg, args.name, not args.unlock)
         out = {"name": b.name, "seq": b.seq, "time": b.time_ns / 1e9, "locked": b.locked}
     else:
-        out = ops.bookmark_doc(cfg, args.cg, args.name, lock=args.lock, seq=args.seq, quiesce=args.quiesce,
-                               thaw=args.thaw, hook_timeout=args.hook_timeout, timeout=args.timeout)
+        configured = args.quiesce is True  # --quiesce without a command: [hooks.CG]
+        hooks = resolve_hooks(cfg.raw, args.cg, pre=None if configured else args.quiesce, post=args.thaw,
+                              timeout=args.hook_timeout, configured=configured)
+        out = ops.bookmark_doc(cfg, args.cg, args.name, lock=args.lock, seq=args.seq,
+                               quiesce=hooks.pre if hooks else None, thaw=hooks.post if hooks else None,
+                               hook_timeout=hooks.timeout if hooks else DEFAULT_TIMEOUT, timeout=args.timeout)
         if out.pop("host_down"):
             print(f"note: the host is not running; bookmarking the latest consistent journaled point in time of {args.cg}",
                   file=sys.stderr)
+    b = get_bookmark(cfg.data, args.cg, args.name)  # what the bookmark records: consistency, hooks
+    out.update(b.to_json_extra())
     if args.json:
         print(json.dumps(out))
     else:
+        how = f"{b.consistency}-consistent" + (f": {b.note}" if b.note else "")
         print(f"bookmark {out['name']} of {args.cg} at seq {out['seq']} ({format_time(out['time'])})"
-              f"{' locked' if out['locked'] else ''}")
+              f"{' locked' if out['locked'] else ''}, {how}")
     return 0
 
 
@@ -77,15 +87,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if args.to is not None or args.format != "raw" or args.force or args.to_device:
             raise CliError("--in-place writes onto the production vdisk: it takes no --to, --format, --force "
                            "or --to-device")
-        out = rst.restore_in_place(cfg, src, selector(args))
+        with Bar(args, f"restore {src.vdisk.name} in place") as bar:
+            out = rst.restore_in_place(cfg, src, selector(args), progress=bar.update)
         text = (f"restored {out['vdisk']} in place to seq {out['seq']} ({format_time(out['time'])}) in "
                 f"{out['seconds']:.2f} s; still protected: the journal holds the restored data from seq "
                 f"{out['covered_by_seq']}")
     else:
         if args.to is None:
             raise CliError("say where to: --to FILE, or --in-place onto the production vdisk")
-        out = rst.restore_to_file(cfg, src, selector(args), Path(args.to), args.format,
-                                  force=args.force, device_ok=args.to_device)
+        with Bar(args, f"restore {src.vdisk.name}") as bar:
+            out = rst.restore_to_file(cfg, src, selector(args), Path(args.to), args.format,
+                                      force=args.force, device_ok=args.to_device, progress=bar.update)
         text = (f"restored {out['vdisk']} at seq {out['seq']} ({format_time(out['time'])}) to {out['file']} "
                 f"({out['format']}, {out['size']} bytes)")
     print(json.dumps(out) if args.json else text)
@@ -110,9 +122,12 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--existing", action="store_true", help="with --lock: lock an existing bookmark")
     s.add_argument("--seq", type=seq, metavar="N",
                    help="the point in time at seq N (default: a barrier through the running host and card)")
-    s.add_argument("--quiesce", metavar="CMD", help="shell command run before the barrier (e.g. fsfreeze -f)")
-    s.add_argument("--thaw", metavar="CMD", help="shell command run after the barrier, also when it failed")
-    s.add_argument("--hook-timeout", type=float, default=60.0, metavar="S")
+    s.add_argument("--quiesce", metavar="CMD", nargs="?", const=True,
+                   help="run a pre hook before the barrier: CMD, or without CMD the [hooks.CG] pre/post of nicsplit.toml "
+                        "(e.g. virsh domfsfreeze VM); if it fails or times out the bookmark is crash-consistent")
+    s.add_argument("--thaw", metavar="CMD", help="post hook run after the barrier, always (also when anything failed)")
+    s.add_argument("--hook-timeout", type=float, default=None, metavar="S",
+                   help="hard timeout of each hook (default [hooks.CG] timeout, else 60 s)")
     s.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="how long to wait for the barrier to be journaled")
     s.add_argument("--json", action="store_true")

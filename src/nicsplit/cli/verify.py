@@ -22,6 +22,7 @@ import json
 from typing import Any
 
 from nicsplit.cli.common import CliError
+from nicsplit.cli.progress import Bar
 from nicsplit.core import config as cfgmod
 from nicsplit.recovery.verify import verify_and_repair, verify_cg
 
@@ -30,10 +31,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     if args.rounds < 1:
         raise CliError("--rounds must be at least 1")
-    if args.repair:
-        r = verify_and_repair(cfg, args.cg, rounds=args.rounds, timeout=args.timeout)
-    else:
-        r = verify_cg(cfg, args.cg, rounds=args.rounds, timeout=args.timeout)
+    with Bar(args, f"verify {args.cg}") as bar:
+        if args.repair:
+            r = verify_and_repair(cfg, args.cg, rounds=args.rounds, timeout=args.timeout, progress=bar.update)
+        else:
+            r = verify_cg(cfg, args.cg, rounds=args.rounds, timeout=args.timeout, progress=bar.update)
+        bar.extra = "clean" if r.clean else f"{len(r.differing)} differing, {len(r.unsettled)} unsettled run(s)"
     if args.json:
         print(json.dumps(r.to_json()))
         return 0 if r.clean else 1
