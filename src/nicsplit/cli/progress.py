@@ -23,8 +23,9 @@ from types import TracebackType
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TaskID, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
 
 __all__ = ["Bar", "human_bytes", "summary_line", "enabled"]
 
@@ -48,6 +49,14 @@ def summary_line(what: str, nbytes: int, seconds: float) -> str:
     return f"{what}: {human_bytes(nbytes)} in {seconds:.2f} s ({rate:.1f} MiB/s)"
 
 
+class _Rate(ProgressColumn):
+    """MiB/s, as the summary line says it (rich's own column shows MB/s)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{speed / 2**20:.1f} MiB/s", style="progress.data.speed")
+
+
 class Bar:
     """One progress bar for one operation; a context manager. ``update`` is
     the library's ``progress(done, total)`` callback."""
@@ -69,7 +78,7 @@ class Bar:
         if self.on:
             console = Console(stderr=True, force_terminal=True if not sys.stderr.isatty() else None)
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-                                      DownloadColumn(binary_units=True), TransferSpeedColumn(), TimeElapsedColumn(),
+                                      DownloadColumn(binary_units=True), _Rate(), TimeElapsedColumn(),
                                       TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
             self._progress.start()
             self._task = self._progress.add_task(self.what, total=None)
