@@ -5,7 +5,8 @@ results ``{"check", "ok", "level", "message", "fix"}``: ``level`` is ``ok``,
 ``warn`` (works, but look at it) or ``fail`` (something will not work);
 ``fix`` says what to do, naming the file or setting, when the check is not
 ok. A check never raises: a check that cannot run is itself a failure.
-Checks are cheap (no journal payload is read, no process is disturbed):
+Checks are cheap and disturb no running process (a journal is checked by
+the read-only scan ``pits`` does: entry heads and CRCs, nothing decoded):
 
 * ``cpu``: cores, the card's CPU pinning (``[card] cpus``) and whether its
   ``priority = "realtime"`` is permitted (else the card falls back to nice);
@@ -14,7 +15,7 @@ Checks are cheap (no journal payload is read, no process is disturbed):
 * ``ports``: the host, appliance and console listen addresses are free, or
   held by our own running process (pid files in ``DATA/run``);
 * ``datastore``: the catalog reads and every volume file is there;
-* ``journal``: each CG's journal scans (heads only) without damage;
+* ``journal``: each CG's journal scans without damage;
 * ``pidfiles``: no pid file of a process that is gone;
 * ``token``: the API token exists with mode 0600;
 * ``tools``: the Debian tools recovery uses (optional: warn only).
