@@ -68,7 +68,7 @@ def test_cli_pits_bookmark_restore(cli_data, capsys, tmp_path: Path):
     mid = good[len(good) // 2]
     assert _run(data, "bookmark", "cg1", "mid", "--seq", str(mid.seq), "--json", "--lock") == 0
     assert json.loads(capsys.readouterr().out) == {"name": "mid", "seq": mid.seq, "time": mid.time_ns / 1e9,
-                                                   "locked": True}
+                                                   "locked": True, "consistency": "crash"}
     assert _run(data, "bookmark", "cg1", "last", "--json") == 0
     assert json.loads(capsys.readouterr().out)["seq"] == good[-1].seq
     _run(data, "pits", "cg1", "--json")

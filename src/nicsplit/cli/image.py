@@ -27,9 +27,10 @@ import json
 import logging
 import secrets
 import time
-from typing import Any
+from typing import Any, Callable
 
 from nicsplit.cli.common import USER_ERRORS, add_when, ready_printer, selector
+from nicsplit.cli.progress import Bar
 from nicsplit.control import ops
 from nicsplit.core import config as cfgmod
 from nicsplit.recovery import images
@@ -42,7 +43,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("nicsplit").setLevel(logging.INFO)  # a server logs its life (to DATA/run/image-ID.log)
     image_id = images.check_id(args.id or secrets.token_hex(4))
     try:
-        prep = images.prepare(cfgmod.data_dir(args.data), args.cg, selector(args), args.listen)
+        prep = images.prepare(cfgmod.data_dir(args.data), args.cg, selector(args), args.listen,
+                              progress=progress_events() if args.progress_events else None)
     except USER_ERRORS as e:  # said on stdout too: the exporter reads it there
         print(json.dumps({"event": "error", "error": str(e)}), flush=True)
         raise
@@ -52,9 +54,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def progress_events(interval: float = 0.1) -> Callable[[int, int], None]:
+    """``progress(done, total)`` as JSON lines on stdout for the exporter
+    (`images.spawn_detached`), at most one per ``interval`` s and the last."""
+    last = [0.0]
+
+    def emit(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - last[0] >= interval:
+            last[0] = now
+            print(json.dumps({"event": "progress", "done": done, "total": total}), flush=True)
+
+    return emit
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
-    out = ops.export_doc(cfg, args.cg, selector(args), writable=args.writable, listen=args.listen)
+    with Bar(args, f"image export {args.cg}") as bar:
+        out = ops.export_doc(cfg, args.cg, selector(args), writable=args.writable, listen=args.listen)
+        bar.extra = f"ready in {out['ready_seconds']:.2f} s"
     if args.json:
         print(json.dumps(out))
         return 0
@@ -125,4 +143,5 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--writable", action="store_true")
     s.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:0 (a free port)")
     s.add_argument("--detach-stdout", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--progress-events", action="store_true", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)

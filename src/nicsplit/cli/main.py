@@ -14,7 +14,7 @@ import os
 import sys
 
 from nicsplit import __version__
-from nicsplit.cli import appliance, console, failover, image, pit, verify
+from nicsplit.cli import appliance, console, doctor, failover, image, pit, verify, wait
 from nicsplit.cli.common import USER_ERRORS, CliError
 from nicsplit.core import config as cfgmod
 from nicsplit.core.config import parse_listen, parse_size
@@ -91,13 +91,18 @@ def cmd_cg_create(args: argparse.Namespace) -> int:
 
 
 def cmd_cg_add(args: argparse.Namespace) -> int:
-    out = ops.cg_add_doc(cfgmod.load(cfgmod.data_dir(args.data)), args.cg, args.vdisk)
+    cfg = cfgmod.load(cfgmod.data_dir(args.data))
+    out = ops.cg_add_doc(cfg, args.cg, args.vdisk)
     if not out["live"]:
         print(f"vdisk {out['vdisk']} joins consistency group {args.cg} (no host is running: when one starts, "
               "the data the vdisk holds is copied in full: initializing)")
     else:
         print(f"vdisk {out['vdisk']} joins consistency group {args.cg}: {out['state']}"
               + (f", copying {out['dirty_bytes'] / 2**20:.1f} MiB it already holds" if out["dirty_bytes"] else ""))
+    if args.wait:
+        if not out["live"]:
+            raise CliError("--wait follows the initial sync in the running host: no host is running")
+        wait.follow(args, cfg, args.cg, [out["vdisk"]])
     return 0
 
 
@@ -279,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rotate --log-file when it would pass SIZE (default 16M)")
     common.add_argument("--log-keep", metavar="N", type=int, default=argparse.SUPPRESS,
                         help="rotated files of --log-file to keep (default 4)")
+    common.add_argument("--progress", action="store_true", default=argparse.SUPPRESS,
+                        help="draw progress bars on stderr even when it is not a terminal")
 
     p = argparse.ArgumentParser(prog="nicsplit", description="Continuous data protection for virtual disks.", parents=[common])
     p.add_argument("--version", action="version", version=f"nicsplit {__version__}")
@@ -320,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = cgp.add_parser("add", parents=[common], help="put a vdisk into a consistency group")
     s.add_argument("cg")
     s.add_argument("vdisk")
+    s.add_argument("--wait", action="store_true", help="follow its initial sync until it is protected")
+    wait.add_timeout(s)
     s.set_defaults(func=cmd_cg_add)
     s = cgp.add_parser("list", parents=[common], help="list consistency groups and their vdisks")
     s.add_argument("--json", action="store_true")
@@ -331,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     failover.add_parsers(sub, common)
     verify.add_parsers(sub, common)
     console.add_parsers(sub, common)
+    wait.add_parsers(sub, common)
+    doctor.add_parsers(sub, common)
 
     cp = sub.add_parser("card", parents=[common], help="the (emulated) offload card").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
     s = cp.add_parser("run", parents=[common], help="run the card: hidden volume, ring, pipeline, shipping (foreground)")

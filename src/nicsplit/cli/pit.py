@@ -1,7 +1,7 @@
 """Point-in-time commands: ``pits``, ``bookmark``, ``restore``.
 
     nicsplit pits CG [--all] [--json]
-    nicsplit bookmark CG NAME [--lock] [--seq N] [--json]
+    nicsplit bookmark CG NAME [--lock] [--seq N] [--quiesce [CMD]] [--thaw CMD] [--hook-timeout S] [--json]
     nicsplit restore VDISK (--at TIME | --seq N | --bookmark NAME | --latest) --to FILE
                      [--format raw|qcow2] [--force] [--to-device] [--json]
     nicsplit restore VDISK (--at ... | --latest) --in-place [--json]
@@ -24,8 +24,10 @@ import sys
 from typing import Any
 
 from nicsplit.cli.common import add_when, selector, seq
-from nicsplit.core import config as cfgmod
+from nicsplit.cli.progress import Bar
 from nicsplit.control import ops
+from nicsplit.core import config as cfgmod
+from nicsplit.recovery.bookmarks import get_bookmark
 from nicsplit.recovery.select import format_time
 
 
@@ -53,6 +55,7 @@ def cmd_bookmark(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     if args.unlock or (args.lock and args.existing):
         out = ops.bookmark_lock_doc(cfg, args.cg, args.name, not args.unlock)
+        out.update(get_bookmark(cfg.data, args.cg, args.name).to_json_extra())
     else:
         out = ops.bookmark_doc(cfg, args.cg, args.name, lock=args.lock, seq=args.seq, quiesce=args.quiesce,
                                thaw=args.thaw, hook_timeout=args.hook_timeout, timeout=args.timeout)
@@ -62,15 +65,18 @@ def cmd_bookmark(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out))
     else:
+        how = f"{out['consistency']}-consistent" + (f": {out['note']}" if out.get("note") else "")
         print(f"bookmark {out['name']} of {args.cg} at seq {out['seq']} ({format_time(out['time'])})"
-              f"{' locked' if out['locked'] else ''}")
+              f"{' locked' if out['locked'] else ''}, {how}")
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
-    out = ops.restore_doc(cfg, args.vdisk, selector(args), to=args.to, fmt=args.format, force=args.force,
-                          to_device=args.to_device, in_place=args.in_place)
+    what = f"restore {args.vdisk}" + (" in place" if args.in_place else "")
+    with Bar(args, what) as bar:
+        out = ops.restore_doc(cfg, args.vdisk, selector(args), to=args.to, fmt=args.format, force=args.force,
+                              to_device=args.to_device, in_place=args.in_place, progress=bar.update)
     if args.in_place:
         text = (f"restored {out['vdisk']} in place to seq {out['seq']} ({format_time(out['time'])}) in "
                 f"{out['seconds']:.2f} s; still protected: the journal holds the restored data from seq "
@@ -100,9 +106,12 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--existing", action="store_true", help="with --lock: lock an existing bookmark")
     s.add_argument("--seq", type=seq, metavar="N",
                    help="the point in time at seq N (default: a barrier through the running host and card)")
-    s.add_argument("--quiesce", metavar="CMD", help="shell command run before the barrier (e.g. fsfreeze -f)")
-    s.add_argument("--thaw", metavar="CMD", help="shell command run after the barrier, also when it failed")
-    s.add_argument("--hook-timeout", type=float, default=60.0, metavar="S")
+    s.add_argument("--quiesce", metavar="CMD", nargs="?", const=True,
+                   help="run a pre hook before the barrier: CMD, or without CMD the [hooks.CG] pre/post of nicsplit.toml "
+                        "(e.g. virsh domfsfreeze VM); if it fails or times out the bookmark is crash-consistent")
+    s.add_argument("--thaw", metavar="CMD", help="post hook run after the barrier, always (also when anything failed)")
+    s.add_argument("--hook-timeout", type=float, default=None, metavar="S",
+                   help="hard timeout of each hook (default [hooks.CG] timeout, else 60 s)")
     s.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="how long to wait for the barrier to be journaled")
     s.add_argument("--json", action="store_true")

@@ -21,13 +21,17 @@ import argparse
 import json
 from typing import Any
 
+from nicsplit.cli.progress import Bar
 from nicsplit.control import ops
 from nicsplit.core import config as cfgmod
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
-    r = ops.verify_doc(cfg, args.cg, repair=args.repair, rounds=args.rounds, timeout=args.timeout)
+    with Bar(args, f"verify {args.cg}") as bar:
+        r = ops.verify_doc(cfg, args.cg, repair=args.repair, rounds=args.rounds, timeout=args.timeout,
+                           progress=bar.update)
+        bar.extra = "clean" if r["clean"] else f"{len(r['differing'])} differing, {len(r['unsettled'])} unsettled run(s)"
     if args.json:
         print(json.dumps(r))
         return 0 if r["clean"] else 1

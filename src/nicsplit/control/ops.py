@@ -30,6 +30,7 @@ from nicsplit.recovery import restore as rst
 from nicsplit.recovery.errors import RecoveryError
 from nicsplit.recovery.pits import PitError
 from nicsplit.recovery.retention import RetentionError
+from nicsplit.recovery.hooks import DEFAULT_TIMEOUT as DEFAULT_HOOK_TIMEOUT, resolve_hooks
 from nicsplit.recovery.select import Selector, bookmark, list_pits, set_bookmark_lock
 from nicsplit.recovery.bookmarks import get_bookmark, list_bookmarks
 from nicsplit.recovery.verify import verify_and_repair, verify_cg
@@ -76,13 +77,19 @@ def pits_doc(cfg: Config, cg: str, every: bool = False) -> dict[str, Any]:
 
 
 def bookmark_doc(cfg: Config, cg: str, name: str, *, lock: bool = False, seq: int | None = None,
-                 quiesce: str | None = None, thaw: str | None = None, hook_timeout: float = 60.0,
+                 quiesce: str | bool | None = None, thaw: str | None = None, hook_timeout: float | None = None,
                  timeout: float = 30.0) -> dict[str, Any]:
-    """``{"name", "seq", "time", "locked", "host_down"}``"""
-    done = bookmark(cfg.data, cg, name, lock=lock, seq=seq, quiesce=quiesce, thaw=thaw,
-                    hook_timeout=hook_timeout, timeout=timeout)
-    b = done.bookmark
-    return {"name": b.name, "seq": b.seq, "time": b.time_ns / 1e9, "locked": b.locked, "host_down": done.host_down}
+    """``{"name", "seq", "time", "locked", "host_down", "consistency"[, "note", "hooks"]}``.
+    ``quiesce``: a pre hook command, or True for the ``[hooks.CG]`` pair of
+    nicsplit.toml (`nicsplit.recovery.hooks`); ``thaw`` the post command."""
+    configured = quiesce is True
+    hooks = resolve_hooks(cfg.raw, cg, pre=None if configured else (quiesce or None), post=thaw,
+                          timeout=hook_timeout, configured=configured)
+    done = bookmark(cfg.data, cg, name, lock=lock, seq=seq, quiesce=hooks.pre if hooks else None,
+                    thaw=hooks.post if hooks else None,
+                    hook_timeout=hooks.timeout if hooks else DEFAULT_HOOK_TIMEOUT, timeout=timeout)
+    b = get_bookmark(cfg.data, cg, name)  # what the bookmark records: consistency, hooks
+    return {**_bookmark_row(done.bookmark), "host_down": done.host_down, **b.to_json_extra()}
 
 
 def export_doc(cfg: Config, cg: str, sel: Selector, *, writable: bool = False, listen: str | None = None) -> dict[str, Any]:

@@ -209,6 +209,15 @@ interval = "2s"
 max_size = "16M"
 keep = 4
 
+# Bookmark hooks per CG for application-consistent bookmarks (`nicsplit
+# bookmark CG NAME --quiesce`): pre runs before the barrier, post after it,
+# always; each is killed at timeout seconds. A failed or timed-out pre hook
+# still gives a bookmark, marked crash-consistent (docs/operations.md), e.g.
+# [hooks.web]
+# pre = "virsh domfsfreeze web1"
+# post = "virsh domfsthaw web1"
+# timeout = 60
+
 # Per-vdisk settings override [host] ones, e.g.
 # [vdisks.web1-root]
 # filters = ["stats", {name = "delay", write_ms = 1}]

@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import bisect
+import os
 import sys
 import threading
 from array import array
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nicsplit.core.records import BLOCK_SIZE, Op
+from nicsplit.journal.format import seg_name, seg_number
 from nicsplit.journal.scan import Commit, RecordHead
 from nicsplit.recovery.pits import PitError, PitIndex
 
@@ -65,6 +67,24 @@ class IndexStatistics:
     memory_bytes: int  # arrays + per-block containers (estimate, sys.getsizeof)
 
 
+def _segment_offsets(path: Path) -> dict[int, int]:
+    """Segment number -> bytes of the segments before it; key 0 holds the
+    total (a scan's progress: segment start + offset in it)."""
+    out, at = {}, 0
+    try:
+        nums = sorted(n for n in map(seg_number, os.listdir(path)) if n is not None)
+    except FileNotFoundError:
+        return {0: 0}
+    for n in nums:
+        out[n] = at
+        try:
+            at += os.stat(path / seg_name(n)).st_size
+        except FileNotFoundError:  # trimmed by retention meanwhile
+            pass
+    out[0] = at
+    return out
+
+
 class _Vdisk:
     __slots__ = ("single", "multi", "blocks", "versions")
 
@@ -80,8 +100,12 @@ class BlockIndex:
     `refresh()` may run in one thread while readers read in others: columns
     only grow, and a block's ``multi`` array exists before ``single`` says so."""
 
-    def __init__(self, journal_dir: str | Path) -> None:
+    def __init__(self, journal_dir: str | Path, *, progress: Callable[[int, int], None] | None = None) -> None:
+        """``progress(done, total)`` follows the first scan in bytes of the
+        segment files (image export preparation shows it)."""
         self.path = Path(journal_dir)
+        self._progress = progress
+        self._offsets = _segment_offsets(self.path) if progress else {}
         self.rec_seq = array("Q")
         self.rec_seg = array("I")
         self.rec_pos = array("Q")
@@ -91,12 +115,19 @@ class BlockIndex:
         self.rec_op = array("B")
         self._vd: dict[int, _Vdisk] = {}
         self.pits = PitIndex(self.path, on_batch=self._add)  # scans and fills us through _add
+        if progress:
+            total = self._offsets.get(0, 0)
+            progress(total, total)
+            self._progress = None  # refreshes are not followed
 
     def refresh(self) -> int:
         """Index what was committed since; returns the number of new PITs."""
         return self.pits.refresh()
 
     def _add(self, commit: Commit, recs: list[RecordHead]) -> None:
+        if self._progress is not None:
+            total = self._offsets.get(0, 0)
+            self._progress(min(total, self._offsets.get(commit.segment, total) + commit.pos), total)
         for r in recs:
             if r.op == Op.BARRIER or r.length == 0:
                 continue

@@ -11,6 +11,12 @@ Rules
 2. Names are unique per CG and match ``[A-Za-z0-9._:@+-]{1,128}``.
 3. A new bookmark names a PIT the journal holds (checked through a
    `PitIndex` unless the caller resolved the PIT already).
+4. ``consistency`` says what the PIT guarantees: ``"application"`` when a
+   pre (quiesce) hook succeeded before its barrier (`nicsplit.recovery.hooks`),
+   else ``"crash"``; ``note`` says why it is only crash-consistent (a hook
+   that failed or timed out) and ``hooks`` what each hook did. A file
+   written before these fields existed reads as crash-consistent (version 1
+   still: readers ignore keys they do not know).
 
 Example::
 
@@ -63,10 +69,23 @@ class Bookmark:
     time_ns: int
     locked: bool  # retention never trims a locked bookmark's PIT
     created: float  # wall clock when it was added
+    consistency: str = "crash"  # or "application" (rule 4)
+    note: str | None = None  # why only crash-consistent; a thaw that failed
+    hooks: dict | None = None  # {"pre": {...}, "post": {...}} as `HookRun.to_json`
 
     def to_json(self) -> dict:
-        return {"name": self.name, "seq": self.seq, "time_ns": self.time_ns, "locked": self.locked,
-                "created": self.created}
+        out = {"name": self.name, "seq": self.seq, "time_ns": self.time_ns, "locked": self.locked,
+               "created": self.created, "consistency": self.consistency}
+        if self.note:
+            out["note"] = self.note
+        if self.hooks:
+            out["hooks"] = self.hooks
+        return out
+
+    def to_json_extra(self) -> dict:
+        """What a bookmark command adds to its output: ``consistency``, and
+        ``note`` / ``hooks`` when there are any."""
+        return {k: v for k, v in self.to_json().items() if k in ("consistency", "note", "hooks")}
 
 
 def bookmarks_path(data: str | Path, cg: str) -> Path:
@@ -84,10 +103,17 @@ def _read_bookmarks(path: Path) -> list[Bookmark]:
     try:
         if raw.get("version") != BOOKMARKS_VERSION:
             raise BookmarkError(f"{path}: bookmark file version {raw.get('version')!r} not supported")
-        return [Bookmark(b["name"], int(b["seq"]), int(b["time_ns"]), bool(b["locked"]), float(b["created"]))
+        return [Bookmark(b["name"], int(b["seq"]), int(b["time_ns"]), bool(b["locked"]), float(b["created"]),
+                         _consistency(b.get("consistency", "crash")), b.get("note"), b.get("hooks"))
                 for b in raw["bookmarks"]]
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise BookmarkError(f"{path}: malformed bookmark file ({type(e).__name__}: {e})") from None
+
+
+def _consistency(value: object) -> str:
+    if value not in ("crash", "application"):
+        raise ValueError(f"consistency {value!r} is neither 'crash' nor 'application'")
+    return str(value)
 
 
 def _write_bookmarks(path: Path, cg: str, marks: list[Bookmark]) -> None:
@@ -104,7 +130,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def add_bookmark(data: str | Path, cg: str, name: str, seq: int, *, locked: bool = False,
-                 time_ns: int | None = None) -> Bookmark:
+                 time_ns: int | None = None, consistency: str = "crash", note: str | None = None,
+                 hooks: dict | None = None) -> Bookmark:
     """Name the PIT ``seq`` of ``cg``.  ``seq`` must be a PIT of the CG's
     journal (checked there unless ``time_ns`` is given by a caller that
     resolved the PIT already)."""
@@ -121,7 +148,7 @@ def add_bookmark(data: str | Path, cg: str, name: str, seq: int, *, locked: bool
         for b in marks:
             if b.name == name:
                 raise BookmarkExists(f"bookmark {name!r} already exists in CG {cg} (seq {b.seq})")
-        mark = Bookmark(name, seq, time_ns, locked, time.time())
+        mark = Bookmark(name, seq, time_ns, locked, time.time(), _consistency(consistency), note, hooks)
         marks.append(mark)
         _write_bookmarks(path, cg, marks)
     return mark
@@ -134,7 +161,7 @@ def lock_bookmark(data: str | Path, cg: str, name: str, locked: bool) -> Bookmar
         marks = _read_bookmarks(path)
         for i, b in enumerate(marks):
             if b.name == name:
-                marks[i] = Bookmark(b.name, b.seq, b.time_ns, locked, b.created)
+                marks[i] = Bookmark(b.name, b.seq, b.time_ns, locked, b.created, b.consistency, b.note, b.hooks)
                 _write_bookmarks(path, cg, marks)
                 return marks[i]
     known = ", ".join(b.name for b in marks) or "none"

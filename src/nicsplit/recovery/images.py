@@ -140,15 +140,17 @@ class Prepared:
     index_seconds: float
 
 
-def prepare(data: Path, cg: str, sel: Selector, listen: str | None) -> Prepared:
-    """Check the request and resolve its PIT (one-line errors)."""
+def prepare(data: Path, cg: str, sel: Selector, listen: str | None, *,
+            progress: Callable[[int, int], None] | None = None) -> Prepared:
+    """Check the request and resolve its PIT (one-line errors);
+    ``progress(done, total)`` follows the journal scan (bytes)."""
     cfg = cfgmod.load(data)
     addr = cfgmod.parse_listen(listen or "127.0.0.1:0")
     vds = cg_vdisks(cfg, cg)
     jd = check_cg(cfg.data, cg)
     require_journal(jd, cg)
     t_scan = time.monotonic()
-    idx = BlockIndex(jd)  # one scan: the PIT list and the block index
+    idx = BlockIndex(jd, progress=progress)  # one scan: the PIT list and the block index
     t_index = time.monotonic() - t_scan
     pit = resolve_pit(idx.pits, cfg.data, cg, sel)
     return Prepared(cfg, cg, addr, vds, jd, idx, pit, t_index)
@@ -225,10 +227,11 @@ def _last_error(logp: Path) -> str | None:
 
 
 def spawn_detached(argv: list[str], logp: Path, what: str, timeout: float, *, pass_fds: tuple[int, ...] = (),
-                   drop_log_on_error: bool = False) -> dict:
+                   drop_log_on_error: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
     """Start a server detached (own session, stdin closed, stderr to
     ``logp``), read its stdout until the JSON ready line and return it; its
-    ``{"event": "error"}`` line, an exit or a timeout is a RecoveryError."""
+    ``{"event": "error"}`` line, an exit or a timeout is a RecoveryError.
+    ``{"event": "progress", "done", "total"}`` lines before it go to ``progress``."""
     with open(logp, "ab") as logf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf,
                                 start_new_session=True, close_fds=True, pass_fds=pass_fds)
@@ -252,6 +255,9 @@ def spawn_detached(argv: list[str], logp: Path, what: str, timeout: float, *, pa
                 if drop_log_on_error:
                     logp.unlink(missing_ok=True)  # a user error, said in full here: no log to keep
                 raise RecoveryError(str(msg.get("error")))
+            if isinstance(msg, dict) and msg.get("event") == "progress" and progress is not None:
+                progress(int(msg.get("done", 0)), int(msg.get("total", 0)))
+                continue
             if isinstance(msg, dict) and msg.get("event") == "ready":
                 proc.returncode = 0  # detached: it lives on after we exit (no "still running" warning)
                 return msg
@@ -274,9 +280,12 @@ def _export_in_appliance(data: Path, cg: str, sel: Selector, writable: bool, lis
     return reply["image"]
 
 
-def export(data: Path, cg: str, sel: Selector, *, writable: bool = False, listen: str | None = None) -> dict:
+def export(data: Path, cg: str, sel: Selector, *, writable: bool = False, listen: str | None = None,
+           progress: Callable[[int, int], None] | None = None) -> dict:
     """Export every vdisk of ``cg`` at the PIT ``sel`` names; the server's
-    ready info (id, cg, seq, time, writable, pid, exports, ...)."""
+    ready info (id, cg, seq, time, writable, pid, exports, ...).
+    ``progress(done, total)`` follows a standalone server's journal scan
+    (bytes; the appliance serves from the index it keeps, at once)."""
     cfgmod.load(data)  # not a data directory: one line, before any process starts
     if listen:
         cfgmod.parse_listen(listen)
@@ -293,7 +302,10 @@ def export(data: Path, cg: str, sel: Selector, *, writable: bool = False, listen
         argv.append("--writable")
     if listen:
         argv += ["--listen", listen]
-    return spawn_detached(argv, lay.image_log(image_id), "image server", READY_TIMEOUT, drop_log_on_error=True)
+    if progress is not None:
+        argv.append("--progress-events")
+    return spawn_detached(argv, lay.image_log(image_id), "image server", READY_TIMEOUT, drop_log_on_error=True,
+                          progress=progress)
 
 
 def terminate(pid: int, alive: Callable[[], bool], timeout: float) -> bool:

@@ -27,7 +27,6 @@ import concurrent.futures
 import os
 import stat
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,9 @@ from nicsplit.recovery.target import DEVICE, check_target, new_temp, open_device
 # 4 MiB per read/write of a restore: large enough to amortise a system call,
 # small enough that the progress line moves every few ms.
 CHUNK = 4 << 20
+
+# ``progress(done, total)``: bytes of the operation done so far, of total.
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,33 +74,8 @@ def restore_source(cfg: Config, vdisk: str) -> RestoreSource:
     return RestoreSource(v, cg, check_cg(cfg.data, cg))
 
 
-class Progress:
-    """A progress line on stderr when it is a terminal; silent otherwise."""
-
-    def __init__(self, what: str, total: int) -> None:
-        self.what, self.total = what, total
-        self.on = sys.stderr.isatty()
-        self._last = 0.0
-        self._t0 = time.monotonic()
-
-    def update(self, done: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.on or (not force and now - self._last < 0.1):
-            return
-        self._last = now
-        pct = 100 * done / self.total if self.total else 100
-        rate = done / max(now - self._t0, 1e-9) / (1 << 20)
-        sys.stderr.write(f"\r{self.what}: {pct:5.1f}% ({done >> 20}/{self.total >> 20} MiB, {rate:.0f} MiB/s)")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.on:
-            self.update(self.total, force=True)
-            sys.stderr.write("\n")
-
-
 def write_image(reader: Any, vdisk_id: int, size: int, fd: int, *,
-                progress: Callable[[int], None] | None = None, threads: int = 2) -> int:
+                progress: Progress | None = None, threads: int = 2) -> int:
     """Write the reader's image of one vdisk into ``fd``, which must read as
     zeros over [0, size) already (a new sparse file, or a zeroed device):
     data extents only, so holes and zeroed ranges stay holes; returns the
@@ -116,16 +93,17 @@ def write_image(reader: Any, vdisk_id: int, size: int, fd: int, *,
         for i, n in enumerate(pool.map(chunk, range(0, size, CHUNK))):
             written += n
             if progress:
-                progress(min(size, (i + 1) * CHUNK))
+                progress(min(size, (i + 1) * CHUNK), size)
     return written
 
 
 def restore_to_file(cfg: Config, src: RestoreSource, sel: Selector, to: Path, fmt: str = "raw", *,
-                    force: bool = False, device_ok: bool = False) -> dict[str, Any]:
+                    force: bool = False, device_ok: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Write ``src``'s vdisk at the PIT ``sel`` names to ``to`` (raw or qcow2);
     the result as `nicsplit restore --json` prints it. An existing ``to`` is
     replaced only with ``force``; a device is written only with
-    ``device_ok``; a symbolic link is refused."""
+    ``device_ok``; a symbolic link is refused. ``progress(done, total)``
+    follows the image being written (bytes of the vdisk)."""
     v, cg = src.vdisk, src.cg
     idx = open_index(src.journal_dir, cg)
     pit = resolve_pit(idx, cfg.data, cg, sel)
@@ -133,7 +111,6 @@ def restore_to_file(cfg: Config, src: RestoreSource, sel: Selector, to: Path, fm
     kind = check_target(out, force=force, device_ok=device_ok)
     if kind == DEVICE and fmt != "raw":
         raise RecoveryError(f"{out} is a device: --to-device writes the raw image; --format {fmt} writes a file")
-    progress = Progress(f"restore {v.name} @ seq {pit.seq}", v.size)
     result = {"vdisk": v.name, "cg": cg, "seq": pit.seq, "time": pit.time_ns / 1e9, "file": str(out),
               "format": fmt, "size": v.size}
     if kind == DEVICE:
@@ -142,11 +119,10 @@ def restore_to_file(cfg: Config, src: RestoreSource, sel: Selector, to: Path, fm
             if stat.S_ISBLK(os.fstat(fd).st_mode):
                 zero_keep_allocated(fd, 0, v.size)  # copy_to skips holes: they must read as zeros
             with PitReader(src.journal_dir, [v], pit.seq) as r:
-                written = write_image(r, v.id, v.size, fd, progress=progress.update)
+                written = write_image(r, v.id, v.size, fd, progress=progress)
             sync_device(fd)
         finally:
             os.close(fd)
-        progress.done()
         return {**result, "device": True, "data_bytes": written}
     temps: list[Path] = []
     try:
@@ -155,11 +131,10 @@ def restore_to_file(cfg: Config, src: RestoreSource, sel: Selector, to: Path, fm
         try:
             os.ftruncate(fd, v.size)
             with PitReader(src.journal_dir, [v], pit.seq) as r:
-                written = write_image(r, v.id, v.size, fd, progress=progress.update)
+                written = write_image(r, v.id, v.size, fd, progress=progress)
             os.fsync(fd)
         finally:
             os.close(fd)
-        progress.done()
         final = raw
         if fmt == "qcow2":
             qfd, final = new_temp(out)
@@ -200,10 +175,13 @@ def host_uri(addresses: list[str], export: str) -> str:
     raise RecoveryError("the host listens nowhere")
 
 
-def restore_in_place(cfg: Config, src: RestoreSource, sel: Selector) -> dict[str, Any]:
+def restore_in_place(cfg: Config, src: RestoreSource, sel: Selector, *,
+                     progress: Progress | None = None) -> dict[str, Any]:
     """Copy ``src``'s vdisk at the PIT ``sel`` names onto the production
     vdisk through the running host; the result as `--json` prints it
-    (``covered_by_seq``: the journal holds the restored data from there)."""
+    (``covered_by_seq``: the journal holds the restored data from there).
+    ``progress(done, total)`` follows nbdcopy's own percentage (its
+    ``--progress=FD`` lines) in bytes of the vdisk."""
     v, cg = src.vdisk, src.cg
     reply = ctl.request(Layout(cfg.data).host_sock, {"cmd": "status"})
     if reply is None or not reply.get("ok"):
@@ -219,15 +197,44 @@ def restore_in_place(cfg: Config, src: RestoreSource, sel: Selector) -> dict[str
 
     async def copy() -> tuple[int, str]:
         srv = ImageServer(src.journal_dir, [v], pit.seq, index=idx, cg=cg)
+        rfd, wfd = os.pipe()
+        loop = asyncio.get_running_loop()
+        pending = bytearray()
+
+        def readable() -> None:  # nbdcopy writes "N/100\n" lines to wfd
+            try:
+                chunk = os.read(rfd, 4096)
+            except BlockingIOError:
+                return
+            if not chunk:
+                loop.remove_reader(rfd)
+                return
+            pending.extend(chunk)
+            *lines, rest = bytes(pending).split(b"\n")
+            pending[:] = rest
+            for line in lines:
+                num = line.split(b"/")[0]
+                if progress and num.isdigit():
+                    progress(min(v.size, v.size * int(num) // 100), v.size)
+
+        os.set_blocking(rfd, False)
+        loop.add_reader(rfd, readable)
         try:
             host, port = await srv.start("127.0.0.1", 0)
             url = srv.urls("127.0.0.1", port)[v.name]
-            argv = ["nbdcopy", "--flush", *(["--progress"] if sys.stderr.isatty() else []), url, dest]
+            argv = ["nbdcopy", "--flush", f"--progress={wfd}", url, dest]
             proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
-                                                        stderr=None if sys.stderr.isatty() else asyncio.subprocess.PIPE)
+                                                        stderr=asyncio.subprocess.PIPE, pass_fds=(wfd,))
+            os.close(wfd)
+            wfd = -1
             _, err = await proc.communicate()
+            readable()  # the last line, if the loop has not seen it yet
             return proc.returncode or 0, (err or b"").decode(errors="replace").strip()
         finally:
+            loop.remove_reader(rfd)
+            os.close(rfd)
+            if wfd >= 0:
+                os.close(wfd)
             await srv.stop()
 
     try:

@@ -20,9 +20,7 @@ Example::
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from nicsplit.core.cgs import CGCatalog
 from nicsplit.core.config import Config
 from nicsplit.core.layout import Layout
 from nicsplit.recovery.errors import RecoveryError
+from nicsplit.recovery.hooks import CRASH, DEFAULT_TIMEOUT, Hooks, quiesced
 from nicsplit.journal.scan import Damage
 from nicsplit.recovery.bookmarks import Bookmark, add_bookmark, get_bookmark, list_bookmarks, lock_bookmark
 from nicsplit.recovery.pits import Pit, PitIndex
@@ -172,18 +171,6 @@ def list_pits(cfg: Config, cg: str, *, every: bool = False, now_ns: int | None =
 # -- bookmarks ---------------------------------------------------------------------------
 
 
-def run_hook(what: str, command: str, cg: str, timeout: float) -> None:
-    """Run a quiesce / thaw hook through the shell; RecoveryError unless it exits 0."""
-    env = {**os.environ, "NICSPLIT_CG": cg, "NICSPLIT_HOOK": what}
-    try:
-        p = subprocess.run(command, shell=True, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise RecoveryError(f"{what} hook did not finish within {timeout:g} s: {command}") from None
-    if p.returncode != 0:
-        tail = (p.stderr or p.stdout).strip().splitlines()
-        raise RecoveryError(f"{what} hook failed (exit {p.returncode}): {command}" + (f": {tail[-1]}" if tail else ""))
-
-
 def barrier(data: Path, cg: str) -> int | None:
     """Ask the running host for a barrier in the CG's stream, acknowledged by
     the card; its seq, or None when no host runs."""
@@ -224,36 +211,44 @@ def index_when_ready(jd: Path, cg: str, timeout: float) -> PitIndex:
 class Bookmarked:
     bookmark: Bookmark
     host_down: bool  # no host ran: the latest journaled PIT was bookmarked
+    notes: tuple[str, ...] = ()  # why only crash-consistent; a thaw that failed (`nicsplit.recovery.hooks`)
 
 
 def bookmark(data: Path, cg: str, name: str, *, lock: bool = False, seq: int | None = None,
-             quiesce: str | None = None, thaw: str | None = None, hook_timeout: float = 60.0,
-             timeout: float = 30.0) -> Bookmarked:
+             quiesce: str | None = None, thaw: str | None = None, hook_timeout: float = DEFAULT_TIMEOUT,
+             timeout: float = 30.0, hooks: Hooks | None = None) -> Bookmarked:
     """Bookmark the first PIT after a barrier the card acknowledged: it covers
-    every write acknowledged to a client before the call; with ``quiesce`` /
-    ``thaw`` hooks the application flushed and paused around it. ``seq``
-    names the PIT instead; without a host, the latest journaled PIT."""
+    every write acknowledged to a client before the call. With hooks
+    (``hooks``, or the ``quiesce`` / ``thaw`` commands) the application is
+    quiesced around the barrier: application-consistent when the pre hook
+    succeeded, else still bookmarked, crash-consistent, saying why; the post
+    hook always runs (`nicsplit.recovery.hooks`). ``seq`` names the PIT
+    instead; without a host, the latest journaled PIT."""
     jd = check_cg(data, cg)
+    if hooks is None and (quiesce or thaw):
+        hooks = Hooks(quiesce, thaw, hook_timeout)
     host_down = False
+    consistency, notes, ran = CRASH, [], None
     if seq is not None:
+        if hooks is not None:
+            raise RecoveryError("--seq names an existing point in time: hooks cannot quiesce the past")
         pit = open_index(jd, cg).pit_for_seq(seq)
     else:
-        if quiesce:
-            run_hook("quiesce", quiesce, cg, hook_timeout)
-        try:
+        if hooks is not None:
+            q = quiesced(hooks, cg, lambda: barrier(data, cg))
+            at, consistency, notes, ran = q.value, q.consistency, q.notes, q.hooks_json()
+        else:
             at = barrier(data, cg)
-        finally:
-            if quiesce and thaw:
-                run_hook("thaw", thaw, cg, hook_timeout)
         if at is None:
-            if quiesce:
+            if hooks is not None:
                 raise RecoveryError("the host is not running: a quiesced bookmark needs it (for the barrier)")
             host_down = True
             pit = open_index(jd, cg).latest()
         else:
             pit = wait_for_pit(index_when_ready(jd, cg, timeout), at, timeout)
-    b = add_bookmark(data, cg, name, pit.seq, locked=lock, time_ns=pit.time_ns)
-    return Bookmarked(b, host_down)
+    b = add_bookmark(data, cg, name, pit.seq, locked=lock, time_ns=pit.time_ns, consistency=consistency,
+                     note="; ".join(notes) or None, hooks=ran)
+    return Bookmarked(b, host_down, tuple(notes))
 
 
 def set_bookmark_lock(data: Path, cg: str, name: str, locked: bool) -> Bookmark:

@@ -184,9 +184,11 @@ def _fps(read: Callable[[int, int], bytes], runs: list[tuple[int, int]], chunk: 
 # -- verify ------------------------------------------------------------------------------
 
 
-def verify_cg(cfg: Config, cg: str, *, chunk: int = CHUNK, rounds: int = ROUNDS, timeout: float = 60.0) -> VerifyReport:
+def verify_cg(cfg: Config, cg: str, *, chunk: int = CHUNK, rounds: int = ROUNDS, timeout: float = 60.0,
+              progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """Compare every vdisk of ``cg`` in production with the journal's image
-    at a PIT taken now (module docstring); the differing runs of blocks."""
+    at a PIT taken now (module docstring); the differing runs of blocks.
+    ``progress(done, total)`` follows the pass (bytes of all the vdisks)."""
     if chunk <= 0 or chunk % BLOCK_SIZE:
         raise RecoveryError(f"verify chunk {chunk} is not a positive multiple of {BLOCK_SIZE}")
     t0 = time.monotonic()
@@ -210,12 +212,15 @@ def verify_cg(cfg: Config, cg: str, *, chunk: int = CHUNK, rounds: int = ROUNDS,
                 raise RecoveryError(f"cannot read vdisk {v.name} from the host: {e}") from None
         # 1. The pass: everything, at PIT seq.
         reader = stack.enter_context(PitReader(jd, vds, seq, index=idx))
+        total = sum(v.size for v in vds)
         for v in vds:
             c = prod[v.name]
             for off in range(0, v.size, chunk):
                 n = min(chunk, v.size - off)
                 a, b = c.read(off, n), reader.pread(v.id, off, n)
                 compared += n
+                if progress:
+                    progress(compared, total)
                 if a != b:
                     cand.setdefault(v.name, []).extend(
                         o for (o, fa), (_, fb) in zip(_blocks(off, a), _blocks(off, b)) if fa != fb)
