@@ -11,6 +11,7 @@ step go to $NICSPLIT_ARTIFACTS (default tests/artifacts/).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -116,8 +117,7 @@ def test_dashboard_shows_the_protected_cg_and_exports_an_image_from_its_timeline
         qemu_io(up.uri(n), f"write -P {pat:#x} {off} {length}")
         golden[n][off:off + length] = bytes([pat]) * length
     wait_caught_up(data)
-    mark = curl_json(f"{base}/api/v1/cgs/cg1/bookmarks", "-X", "POST", "-H", "Content-Type: application/json",
-                     "-d", '{"name": "before"}', token=token)
+    mark = json.loads(run_cli(data, "bookmark", "cg1", "before", "--json").stdout)
     for n in ("a", "b"):
         (tmp_path / f"{n}-A.raw").write_bytes(golden[n])
     qemu_io(up.uri("a"), "write -P 0xc3 0 32k")
