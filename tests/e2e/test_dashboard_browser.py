@@ -11,6 +11,7 @@ step go to $NICSPLIT_ARTIFACTS (default tests/artifacts/).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -116,8 +117,7 @@ def test_dashboard_shows_the_protected_cg_and_exports_an_image_from_its_timeline
         qemu_io(up.uri(n), f"write -P {pat:#x} {off} {length}")
         golden[n][off:off + length] = bytes([pat]) * length
     wait_caught_up(data)
-    mark = curl_json(f"{base}/api/v1/cgs/cg1/bookmarks", "-X", "POST", "-H", "Content-Type: application/json",
-                     "-d", '{"name": "before"}', token=token)
+    mark = json.loads(run_cli(data, "bookmark", "cg1", "before", "--json").stdout)
     for n in ("a", "b"):
         (tmp_path / f"{n}-A.raw").write_bytes(golden[n])
     qemu_io(up.uri("a"), "write -P 0xc3 0 32k")
@@ -134,6 +134,9 @@ def test_dashboard_shows_the_protected_cg_and_exports_an_image_from_its_timeline
     wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, flag), "the bookmark on the timeline")
     rows = driver.find_elements(By.CSS_SELECTOR, 'section.cg[data-cg="cg1"] table.vdisks tbody tr')
     assert {r.get_attribute("data-vdisk") for r in rows} == {"a", "b"}
+    # The charts draw the console's history: an RPO line and the state strip under it.
+    wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, 'section.cg[data-cg="cg1"] .chart.rpo polyline.rpo_seconds')
+         and d.find_elements(By.CSS_SELECTOR, 'section.cg[data-cg="cg1"] .chart.rpo rect.state-strip'), "the RPO chart")
     shots.take("protected-with-timeline")
 
     # Pick the bookmark on the timeline, then export.
@@ -145,6 +148,9 @@ def test_dashboard_shows_the_protected_cg_and_exports_an_image_from_its_timeline
 
     wait(driver, pick, f"seq {mark['seq']} selected")
     assert "before" in driver.find_element(By.CSS_SELECTOR, f"{section} .pit-info").text
+    driver.find_element(By.CSS_SELECTOR, f"{section} button.restore").click()
+    help_text = driver.find_element(By.CSS_SELECTOR, f"{section} .restore-help").text
+    assert f"nicsplit restore a --seq {mark['seq']} --to " in help_text and f"restore b --seq {mark['seq']} --in-place" in help_text
     driver.find_element(By.CSS_SELECTOR, f"{section} button.export").click()
     uris_css = f"{section} .images .image code.nbd-uri"
     wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, uris_css)) == 2, "the image's two nbd:// URIs")

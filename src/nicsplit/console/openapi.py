@@ -61,6 +61,7 @@ SELECTOR_NOTE = "Name the point in time with exactly one of at, seq, bookmark, l
 
 SCHEMAS: dict[str, S] = {
     "Error": _obj({"error": {"type": "string", "description": "one line saying what is wrong"}}),
+    "History": {"type": "object", "description": "{interval, cg, samples: [point]} or {interval, cgs: {CG: [point]}}"},
     "Status": _obj({"cgs": {"type": "array", "items": _obj({"name": STR, "state": STR, "rpo_seconds": {"type": ["number", "null"]},
                                                             "vdisks": {"type": "array", "items": {"type": "object"}}})},
                     "processes": {"type": "object", "additionalProperties": _obj({"pid": NULLABLE_INT})},
@@ -139,6 +140,13 @@ PATHS: dict[str, S] = {
     "/api/v1/openapi.json": {"get": _op("This document", "OpenAPI", errors=())},
     "/api/v1/status": {"get": _op("Protection state of every CG, the processes, the endpoints", "Status",
                                   errors=(), cli="status")},
+    "/api/v1/history": {"get": _op(
+        "The console's samples of each CG (state, RPO, throughput) every [console] history_interval, oldest first "
+        "(what the dashboard charts)", "History", errors=(400, 404),
+        query=[{"name": "cg", "in": "query", "required": False, "schema": STR,
+                "description": "one CG's samples (else every CG's)"},
+               {"name": "since", "in": "query", "required": False, "schema": {"type": "number"},
+                "description": "only samples after this Unix time"}])},
     "/api/v1/cgs": {
         "get": _op("List consistency groups and their vdisks", "CGList", errors=(), cli="cg list"),
         "post": _op("Create a consistency group", "CGCreated", status=201, errors=(400, 409), cli="cg create NAME",

@@ -282,11 +282,18 @@
     const tp = bytes
       ? [{ key: "in_bytes_per_s", label: "in", colour: "#2e9d4e" }, { key: "out_bytes_per_s", label: "out", colour: "#8250c4" }]
       : [{ key: "writes_per_s", label: "writes split", colour: "#2e9d4e" }, { key: "durable_per_s", label: "journaled", colour: "#8250c4" }];
-    drawChart(v.tp, v.tpLegend, samples, tp, bytes ? (x) => `${fmtBytes(x)}/s` : (x) => `${x.toFixed(x < 10 ? 1 : 0)}/s`, false);
+    drawChart(v.tp, v.tpLegend, samples, tp, bytes ? (x) => `${fmtBytes(x)}/s` : (x) => `${x.toFixed(x < 10 ? 1 : 0)}/s`, false,
+              bytes ? 1024 : 1);
   }
 
-  function niceMax(x) {
+  // The axis top: 1, 2, 2.5, 5 or 10 times a power of ten, in units of `unit`
+  // (1024 for bytes: a byte axis reads 10 KiB, not 9.8 KiB).
+  function niceMax(x, unit = 1) {
     if (!(x > 0)) return 1;
+    if (unit > 1 && x >= unit) {
+      const k = Math.floor(Math.log(x) / Math.log(unit));
+      return niceMax(x / Math.pow(unit, k)) * Math.pow(unit, k);
+    }
     const e = Math.pow(10, Math.floor(Math.log10(x)));
     for (const m of [1, 2, 2.5, 5, 10]) if (m * e >= x) return m * e;
     return 10 * e;
@@ -295,14 +302,14 @@
   // A line chart: time on x (the samples' span, at least a minute), one
   // polyline per series broken where a value is missing; with `states`, a
   // strip under the plot coloured by the CG's state at each sample.
-  function drawChart(svg, legend, samples, lines, fmt, states) {
+  function drawChart(svg, legend, samples, lines, fmt, states, unit = 1) {
     const W = 600, H = 160, L = 62, R = 8, T = 8, B = states ? 34 : 24;
     const now = samples.length ? samples[samples.length - 1].t : Date.now() / 1000;
     const t0 = Math.min(samples.length ? samples[0].t : now, now - 60);
     const t1 = now;
     let vmax = 0;
     for (const p of samples) for (const l of lines) vmax = Math.max(vmax, num(p[l.key]) ?? 0);
-    vmax = niceMax(vmax);
+    vmax = niceMax(vmax, unit);
     const x = (t) => L + ((t - t0) / (t1 - t0 || 1)) * (W - L - R);
     const y = (val) => H - B - (val / vmax) * (H - B - T);
     const kids = [];
