@@ -191,13 +191,20 @@ async def get_bookmarks(request: web.Request) -> web.Response:
 
 
 async def post_bookmark(request: web.Request) -> web.Response:
-    body = await _body(request, ("name", "lock", "seq"))
+    body = await _body(request, ("name", "lock", "seq", "quiesce", "thaw", "hook_timeout"))
     name = _str(body, "name", required=True)
     seq = body.get("seq")
     if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1):
         raise _error(web.HTTPBadRequest, f"bad sequence number {json.dumps(seq)}: a journal seq is an integer >= 1")
+    quiesce = body.get("quiesce")  # true: the CG's configured [hooks.CG]; a string: that pre command
+    if quiesce is not None and not isinstance(quiesce, (bool, str)):
+        raise _error(web.HTTPBadRequest, "quiesce is true (the configured [hooks.CG]) or a shell command")
+    hook_timeout = body.get("hook_timeout")
+    if hook_timeout is not None and (isinstance(hook_timeout, bool) or not isinstance(hook_timeout, (int, float))):
+        raise _error(web.HTTPBadRequest, "hook_timeout is a number of seconds")
     return await _call(ops.bookmark_doc, _cfg(request), request.match_info["cg"], name,
-                       lock=_flag(body, "lock"), seq=seq, status=201)
+                       lock=_flag(body, "lock"), seq=seq, quiesce=quiesce or None, thaw=_str(body, "thaw"),
+                       hook_timeout=hook_timeout, status=201)
 
 
 async def patch_bookmark(request: web.Request) -> web.Response:

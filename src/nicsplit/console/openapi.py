@@ -164,7 +164,10 @@ PATHS: dict[str, S] = {
                    params=("cg",)),
         "post": _op("Bookmark the CG: a barrier through the running host (or the PIT at seq)", "BookmarkCreated",
                     status=201, errors=(400, 404, 409), params=("cg",), cli="bookmark CG NAME",
-                    body=_body({"name": STR, "lock": BOOL, "seq": SEQ}, ("name",))),
+                    body=_body({"name": STR, "lock": BOOL, "seq": SEQ,
+                                "quiesce": {"type": ["boolean", "string"],
+                                            "description": "true: the CG's [hooks.CG] pre/post; a string: that pre command"},
+                                "thaw": STR, "hook_timeout": {"type": "number"}}, ("name",))),
     },
     "/api/v1/cgs/{cg}/bookmarks/{name}": {"patch": _op(
         "Lock (kept whatever retention says) or unlock a bookmark", "Bookmark", errors=(400, 404),
