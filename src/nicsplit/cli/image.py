@@ -71,7 +71,8 @@ def progress_events(interval: float = 0.1) -> Callable[[int, int], None]:
 def cmd_export(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     with Bar(args, f"image export {args.cg}") as bar:
-        out = ops.export_doc(cfg, args.cg, selector(args), writable=args.writable, listen=args.listen)
+        out = ops.export_doc(cfg, args.cg, selector(args), writable=args.writable, listen=args.listen,
+                             progress=bar.update)
         bar.extra = f"ready in {out['ready_seconds']:.2f} s"
     if args.json:
         print(json.dumps(out))

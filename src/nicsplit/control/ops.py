@@ -92,7 +92,8 @@ def bookmark_doc(cfg: Config, cg: str, name: str, *, lock: bool = False, seq: in
     return {**_bookmark_row(done.bookmark), "host_down": done.host_down, **b.to_json_extra()}
 
 
-def export_doc(cfg: Config, cg: str, sel: Selector, *, writable: bool = False, listen: str | None = None) -> dict[str, Any]:
+def export_doc(cfg: Config, cg: str, sel: Selector, *, writable: bool = False, listen: str | None = None,
+               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """``{"id", "cg", "seq", "time", "writable", "pid", "exports": {VDISK: URI}, "ready_seconds",
     "server_ready_seconds", "in_appliance"}``"""
     t0 = time.monotonic()
@@ -101,7 +102,7 @@ def export_doc(cfg: Config, cg: str, sel: Selector, *, writable: bool = False, l
     CGCatalog(cfg.data).get(cg)
     if sel.bookmark is not None:
         get_bookmark(cfg.data, cg, sel.bookmark)
-    ready = images.export(cfg.data, cg, sel, writable=writable, listen=listen)
+    ready = images.export(cfg.data, cg, sel, writable=writable, listen=listen, progress=progress)
     out = {k: ready[k] for k in ("id", "cg", "seq", "time", "writable", "pid", "exports")}
     out["ready_seconds"] = round(time.monotonic() - t0, 4)
     out["server_ready_seconds"] = ready.get("ready_seconds")
