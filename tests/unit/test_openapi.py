@@ -109,7 +109,7 @@ def test_every_operation_declares_its_parameters_and_replies(method: str, path: 
 def test_the_schema_checker_finds_what_is_wrong() -> None:
     """The checker the API tests use can fail: a missing key, a wrong type, an unexpected key."""
     doc = document()
-    good = {"name": "a", "seq": 3, "time": 1.5, "locked": False}
+    good = {"name": "a", "seq": 3, "time": 1.5, "locked": False, "consistency": "crash"}
     assert schema_errors(doc, {"$ref": "#/components/schemas/Bookmark"}, good) == []
     assert schema_errors(doc, {"$ref": "#/components/schemas/Bookmark"}, {**good, "seq": "3"})
     assert schema_errors(doc, {"$ref": "#/components/schemas/Bookmark"}, {k: v for k, v in good.items() if k != "seq"})

@@ -27,7 +27,6 @@ from nicsplit.cli.common import add_when, selector, seq
 from nicsplit.cli.progress import Bar
 from nicsplit.control import ops
 from nicsplit.core import config as cfgmod
-from nicsplit.recovery.bookmarks import get_bookmark
 from nicsplit.recovery.select import format_time
 
 
@@ -55,7 +54,6 @@ def cmd_bookmark(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     if args.unlock or (args.lock and args.existing):
         out = ops.bookmark_lock_doc(cfg, args.cg, args.name, not args.unlock)
-        out.update(get_bookmark(cfg.data, args.cg, args.name).to_json_extra())
     else:
         out = ops.bookmark_doc(cfg, args.cg, args.name, lock=args.lock, seq=args.seq, quiesce=args.quiesce,
                                thaw=args.thaw, hook_timeout=args.hook_timeout, timeout=args.timeout)

@@ -59,6 +59,11 @@ SELECTOR: dict[str, S] = {
 }
 SELECTOR_NOTE = "Name the point in time with exactly one of at, seq, bookmark, latest."
 
+# A bookmark says whether its quiesce hooks ran (application) or not (crash),
+# and why not (note) and which hooks (hooks) when there were any.
+_CONSISTENCY: S = {"enum": ["application", "crash"]}
+_BOOKMARK_EXTRA: S = {"note": STR, "hooks": {"type": "object"}}
+
 SCHEMAS: dict[str, S] = {
     "Error": _obj({"error": {"type": "string", "description": "one line saying what is wrong"}}),
     "History": {"type": "object", "description": "{interval, cg, samples: [point]} or {interval, cgs: {CG: [point]}}"},
@@ -83,8 +88,10 @@ SCHEMAS: dict[str, S] = {
                 {"reason": {"type": "string", "description": "why an unusable PIT is unusable"}}),
     "PitList": _obj({"pits": {"type": "array", "items": _ref("Pit")},
                      "damage": {"type": "array", "items": _obj({"message": STR})}}),
-    "Bookmark": _obj({"name": STR, "seq": INT, "time": TIME, "locked": BOOL}),
-    "BookmarkCreated": _obj({"name": STR, "seq": INT, "time": TIME, "locked": BOOL, "host_down": BOOL},
+    "Bookmark": _obj({"name": STR, "seq": INT, "time": TIME, "locked": BOOL, "consistency": _CONSISTENCY},
+                     _BOOKMARK_EXTRA),
+    "BookmarkCreated": _obj({"name": STR, "seq": INT, "time": TIME, "locked": BOOL, "host_down": BOOL,
+                             "consistency": _CONSISTENCY}, _BOOKMARK_EXTRA,
                             description="host_down: no host ran, so the latest journaled PIT was bookmarked"),
     "BookmarkList": _obj({"bookmarks": {"type": "array", "items": _ref("Bookmark")}}),
     "ImageExported": _obj({"id": STR, "cg": STR, "seq": INT, "time": TIME, "writable": BOOL, "pid": NULLABLE_INT,

@@ -88,8 +88,7 @@ def bookmark_doc(cfg: Config, cg: str, name: str, *, lock: bool = False, seq: in
     done = bookmark(cfg.data, cg, name, lock=lock, seq=seq, quiesce=hooks.pre if hooks else None,
                     thaw=hooks.post if hooks else None,
                     hook_timeout=hooks.timeout if hooks else DEFAULT_HOOK_TIMEOUT, timeout=timeout)
-    b = get_bookmark(cfg.data, cg, name)  # what the bookmark records: consistency, hooks
-    return {**_bookmark_row(done.bookmark), "host_down": done.host_down, **b.to_json_extra()}
+    return {**_bookmark_row(get_bookmark(cfg.data, cg, name)), "host_down": done.host_down}
 
 
 def export_doc(cfg: Config, cg: str, sel: Selector, *, writable: bool = False, listen: str | None = None,
@@ -133,7 +132,8 @@ def bookmark_lock_doc(cfg: Config, cg: str, name: str, locked: bool) -> dict[str
 
 
 def _bookmark_row(b: Any) -> dict[str, Any]:
-    return {"name": b.name, "seq": b.seq, "time": b.time_ns / 1e9, "locked": b.locked}
+    """``{name, seq, time, locked, consistency[, note, hooks]}``"""
+    return {"name": b.name, "seq": b.seq, "time": b.time_ns / 1e9, "locked": b.locked, **b.to_json_extra()}
 
 
 # -- consistency groups and vdisks ---------------------------------------------------------
