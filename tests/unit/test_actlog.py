@@ -16,7 +16,6 @@ import pytest
 
 from nicsplit.core.cgs import CGCatalog
 from nicsplit.core.config import Config
-from nicsplit.core.dirtymap import REGION
 from nicsplit.host.actlog import (
     CHECKPOINT, CLEAN, ENTRY, RECORD_HEAD, UPDATE, ActivityLog, decode_log, encode_record, key,
 )
