@@ -16,6 +16,7 @@ import pytest
 
 from nicsplit.core.cgs import CGCatalog
 from nicsplit.core.config import Config
+from nicsplit.host import actlog
 from nicsplit.host.actlog import (
     CHECKPOINT, CLEAN, ENTRY, RECORD_HEAD, UPDATE, ActivityLog, decode_log, encode_record, key,
 )
@@ -279,5 +280,24 @@ def test_unclean_stop_marks_the_hot_extents_and_a_clean_stop_nothing(tmp_path):
         assert host3.chain("a").filter("split").dmap.dirty_bytes() == 5 * EXT  # still to resync, from the bitmap
         await host3.stop()
         ds3.close()
+
+    asyncio.run(main())
+
+
+def test_a_large_activation_is_split_into_bounded_records(tmp_path, monkeypatch):
+    monkeypatch.setattr(actlog, "BATCH", 4)
+
+    async def main():
+        disk = FakeDisk(tmp_path / "al")
+        al = ActivityLog(tmp_path / "al", extents=100, sync=disk)
+        al.begin()
+        assert not al.enter(3, 0, 10 * EXT)  # a 40 MiB TRIM: 10 extents
+        await al.activate(3, 0, 10 * EXT)
+        al.leave(3, 0, 10 * EXT)
+        assert disk.calls == 3 and [len(s) for s in disk.seen] == [4, 8, 10]
+        assert decode_log((tmp_path / "al").read_bytes()).keys == {key(3, e) for e in range(10)}
+        with pytest.raises(ValueError):
+            encode_record(UPDATE, 1, 22, range(actlog.MAX_ENTRIES + 1))
+        await al.close(clean=True)
 
     asyncio.run(main())

@@ -78,6 +78,7 @@ KINDS = (CHECKPOINT, UPDATE, CLEAN)
 SHIFT = 22  # 4 MiB extents
 DEFAULT_EXTENTS = 1237  # DRBD's default al-extents
 MAX_ENTRIES = 1 << 20  # per record: a garbage count is refused before it is read
+BATCH = 1 << 16  # extents added per UPDATE at most (a 4 GiB TRIM touches 1025; many at once share records)
 
 RECORD_HEAD = struct.Struct(
     ">"
@@ -122,7 +123,7 @@ def split_key(k: int) -> tuple[int, int]:
 def encode_record(kind: int, seq: int, shift: int, add: Iterable[int] = (), delete: Iterable[int] = ()) -> bytes:
     """One record; ``add``/``delete`` are keys (`key`)."""
     add, delete = list(add), list(delete)
-    if kind not in KINDS or (kind != UPDATE and delete) or (kind == CLEAN and add):
+    if kind not in KINDS or (kind != UPDATE and delete) or (kind == CLEAN and add) or len(add) + len(delete) > MAX_ENTRIES:
         raise ValueError(f"bad activity log record: kind {kind}, {len(add)} added, {len(delete)} removed")
     body = b"".join(ENTRY.pack(*split_key(k)) for k in (*delete, *add))
     head = RECORD_HEAD.pack(MAGIC, VERSION, kind, shift, 0, seq, len(add), len(delete), 0)[:24]
@@ -341,7 +342,8 @@ class ActivityLog:
         loop = asyncio.get_running_loop()
         while self._queue:
             adds = [k for k in self._queue if k not in self._hot]
-            self._queue = set()
+            self._queue = set(adds[BATCH:])  # the rest goes in the next record (`activate` waits for it)
+            adds = adds[:BATCH]
             fut, self._next = self._next, None
             try:
                 if adds:
@@ -364,7 +366,7 @@ class ActivityLog:
                     self.evicted += len(dels)
                     for k in adds:
                         self._hot[k] = None
-            except (OSError, ActivityLogError) as e:
+            except (OSError, ValueError, ActivityLogError) as e:
                 self._broken = f"activity log {self.path}: {getattr(e, 'strerror', None) or e}"
                 log.error("%s: writes to cold extents are marked for resync instead", self._broken)
             if fut is not None and not fut.done():
