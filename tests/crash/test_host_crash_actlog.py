@@ -124,7 +124,7 @@ def crash_and_recover(tmp_path: Path, seed: int, *, with_card: bool, al_extents:
         assert pits and pits[-1]["consistent"], pits[-3:]
         v = subprocess.run(fio(uri, seed, "--verify_only", "--verify_state_load=1"),
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert v.returncode == 0, v.stdout + v.stderr
+        assert v.returncode == 0, "first run:\n" + out[-3000:] + "\nverify:\n" + v.stdout + v.stderr
         m = re.search(r"READ: bw=.*io=([0-9.]+)([KMG])iB", v.stdout)  # it did read back what was acked
         assert m and float(m.group(1)) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)] >= 1 << 20, v.stdout
         print("measured:", {k: v for k, v in measured.items() if k != "compare"})

@@ -366,11 +366,12 @@ class ActivityLog:
                     self.evicted += len(dels)
                     for k in adds:
                         self._hot[k] = None
-            except (OSError, ValueError, ActivityLogError) as e:
+            except Exception as e:  # ENOSPC, EIO, a record too large: never leave a write waiting
                 self._broken = f"activity log {self.path}: {getattr(e, 'strerror', None) or e}"
                 log.error("%s: writes to cold extents are marked for resync instead", self._broken)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+            finally:
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
 
     def _victims(self, adding: int) -> list[int]:
         """LRU unpinned extents to drop so the set stays within `extents`."""
