@@ -11,11 +11,10 @@
   wall time each: median, p90, max.
 * **group**: ``--concurrent`` writes to cold extents at once: how many
   fdatasyncs they shared.
-* **split**: the splitter's pwrite through a real chain with and without the
-  log (in-process datastore, a stand-in card), CPU ns per 4 KiB write, hot
-  extents: the log's share of a whole write.
+* **dict**: the same loop doing one dict get and set per write, to read the
+  numbers above against this machine's speed.
 
-    .venv/bin/python bench/actlog.py [--writes 200000] [--repeat 5] [--activations 200] [--dir .]
+    .venv/bin/python bench/actlog.py [--writes 200000] [--repeat 5] [--activations 200] [--concurrent 64] [--dir .]
 
 Prints one JSON document. Nothing here asserts on speed.
 """
@@ -30,12 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nicsplit.core.cgs import CGCatalog
-from nicsplit.core.config import Config
 from nicsplit.host.actlog import ActivityLog
-from nicsplit.host.datastore import Datastore
-from nicsplit.host.server import HostServer
-from nicsplit.testing.inproc import RingCard, until
 
 EXT = 4 << 20
 
@@ -58,14 +52,20 @@ def hot(d: Path, writes: int, working_set: int, repeat: int) -> dict:
             al.enter(1, off, 4096)
             al.leave(1, off, 4096)
         runs.append((time.process_time_ns() - t0) / writes)
-    base = []
+    base, dic = [], []
     for _ in range(repeat):  # the loop alone
         t0 = time.process_time_ns()
         for off in offs:
             pass
         base.append((time.process_time_ns() - t0) / writes)
+    table: dict[int, int] = {}
+    for _ in range(repeat):  # one dict get + set per write
+        t0 = time.process_time_ns()
+        for off in offs:
+            table[off] = table.get(off, 0) + 1
+        dic.append((time.process_time_ns() - t0) / writes)
     return {"ns_per_write_median": round(statistics.median(runs), 1), "runs_ns": [round(x, 1) for x in runs],
-            "loop_overhead_ns": round(statistics.median(base), 1), "working_set_extents": working_set,
+            "loop_overhead_ns": round(statistics.median(base), 1), "dict_get_set_ns": round(statistics.median(dic), 1), "working_set_extents": working_set,
             "disk_commits_during_hot_writes": al.commits - working_set}
 
 
@@ -94,40 +94,6 @@ def activations(d: Path, n: int, concurrent: int) -> dict:
     return asyncio.run(main())
 
 
-def split(d: Path, writes: int, repeat: int) -> dict:
-    out = {}
-    for label, al_extents in (("without_log", 0), ("with_log", 1237)):
-        async def main(al_extents=al_extents, label=label):
-            root = d / label
-            cfg = Config(data=root, raw={"host": {"al_extents": al_extents, "card": {"retry_s": 0.01}}})
-            CGCatalog(root).create("cg1")
-            ds = Datastore.create(cfg.datastore_dir, volume_size=256 << 20)
-            ds.open_io()
-            ds.create_vdisk("a", 64 << 20, extra={"cg": "cg1"})
-            host = HostServer(cfg, ds)
-            host.check_chains()
-            host.recover_activity_log()
-            card = RingCard(cfg.layout.run, data_size=64 << 20, sq_entries=4096).start()
-            await until(lambda: host.context.card.get() is not None)
-            top = host.chain("a").top
-            buf = b"\x5a" * 4096
-            for i in range(256):  # warm: every extent hot, the datastore allocated
-                await top.pwrite(i * 4096 * 64, buf, 0)
-            runs = []
-            for _ in range(repeat):
-                t0 = time.process_time_ns()
-                for i in range(writes):
-                    await top.pwrite((i * 7919 % 16384) * 4096, buf, 0)
-                runs.append((time.process_time_ns() - t0) / writes)
-            await card.kill()
-            await host.stop()
-            ds.close()
-            out[label] = {"cpu_ns_per_write_median": round(statistics.median(runs), 0),
-                          "runs": [round(x) for x in runs]}
-        asyncio.run(main())
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--writes", type=int, default=200000)
@@ -135,14 +101,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--activations", type=int, default=200)
     ap.add_argument("--concurrent", type=int, default=64)
-    ap.add_argument("--split-writes", type=int, default=5000)
     ap.add_argument("--dir", default=".")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="actlog-bench-", dir=a.dir) as t:
         d = Path(t)
         print(json.dumps({"hot": hot(d, a.writes, a.working_set, a.repeat),
-                          "activation": activations(d, a.activations, a.concurrent),
-                          "split": split(d, a.split_writes, a.repeat)}, indent=1))
+                          "activation": activations(d, a.activations, a.concurrent)}, indent=1))
 
 
 if __name__ == "__main__":

@@ -218,7 +218,7 @@ class ActivityLog:
         self._fd = -1
         self._size = 0
         self._hot: collections.OrderedDict[int, None] = collections.OrderedDict()  # LRU first
-        self._pins: dict[int, int] = {}  # key -> writes in flight to it
+        self._pins: dict[int, int] = {}  # key -> writes in flight to it (0: none; dropped on eviction)
         self._queue: set[int] = set()  # keys waiting for the next commit
         self._next: asyncio.Future | None = None  # done when the queued keys are hot
         self._task: asyncio.Task | None = None
@@ -287,15 +287,17 @@ class ActivityLog:
         """Pin the extents of a write; True when all of them are hot (no IO)."""
         s = self.shift
         e0 = offset >> s
-        e1 = (offset + max(length, 1) - 1) >> s
-        hot, pins = self._hot, self._pins
-        if e0 == e1:
+        e1 = (offset + length - 1) >> s if length > 0 else e0
+        pins = self._pins
+        if e0 == e1:  # the common case: one extent, two dict operations and an LRU touch
             k = (vdisk_id << _KEY_BITS) | e0
             pins[k] = pins.get(k, 0) + 1
+            hot = self._hot
             if k in hot:
                 hot.move_to_end(k)
                 return True
             return False
+        hot = self._hot
         ok = True
         for e in range(e0, e1 + 1):
             k = (vdisk_id << _KEY_BITS) | e
@@ -307,16 +309,17 @@ class ActivityLog:
         return ok
 
     def leave(self, vdisk_id: int, offset: int, length: int) -> None:
-        """Unpin what `enter` pinned (the write is done on the host)."""
+        """Unpin what `enter` pinned (the write is done on the host). A count
+        of 0 stays in the table until the extent is evicted (no churn)."""
         s = self.shift
+        e0 = offset >> s
+        e1 = (offset + length - 1) >> s if length > 0 else e0
         pins = self._pins
-        for e in range(offset >> s, ((offset + max(length, 1) - 1) >> s) + 1):
-            k = (vdisk_id << _KEY_BITS) | e
-            n = pins[k] - 1
-            if n:
-                pins[k] = n
-            else:
-                del pins[k]
+        if e0 == e1:
+            pins[(vdisk_id << _KEY_BITS) | e0] -= 1
+            return
+        for e in range(e0, e1 + 1):
+            pins[(vdisk_id << _KEY_BITS) | e] -= 1
 
     async def activate(self, vdisk_id: int, offset: int, length: int) -> None:
         """Until every extent of the (pinned) write is hot on disk."""
@@ -352,6 +355,7 @@ class ActivityLog:
                     dels = self._victims(len(adds))
                     for k in dels:
                         del self._hot[k]
+                        self._pins.pop(k, None)
                     self._seq += 1
                     rec = encode_record(UPDATE, self._seq, self.shift, adds, dels)
                     ckpt = None
@@ -381,7 +385,7 @@ class ActivityLog:
         pins = self._pins
         out = []
         for k in self._hot:
-            if k not in pins:
+            if not pins.get(k):
                 out.append(k)
                 if len(out) == need:
                     break
@@ -417,7 +421,7 @@ class ActivityLog:
         ns = sorted(self.commit_ns)
         return {
             "path": str(self.path), "extents": self.extents, "extent_bytes": 1 << self.shift,
-            "hot": len(self._hot), "pinned": len(self._pins), "commits": self.commits,
+            "hot": len(self._hot), "pinned": sum(1 for n in self._pins.values() if n > 0), "commits": self.commits,
             "activated": self.activated, "evicted": self.evicted, "over": self.over, "waits": self.waits,
             "compactions": self.compactions, "bytes": self._size, "broken": self._broken,
             "commit_p50_us": ns[len(ns) // 2] / 1000 if ns else 0.0,
