@@ -157,6 +157,14 @@ def cmd_host_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sticky_listen(ready: dict, listen: str) -> list[str]:
+    """``--listen`` with the port the host really bound, when it was asked for port 0."""
+    if not listen.endswith(":0"):
+        return []
+    nbd = next((a for a in ready.get("addresses", []) if a.startswith("nbd://")), None)
+    return ["--listen", nbd[len("nbd://"):]] if nbd else []
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Appliance, card and host on one machine with the embedded defaults."""
     from nicsplit.control.supervisor import Child, Supervisor, SupervisorError, child_argv  # lazy: see main()
@@ -177,7 +185,8 @@ def cmd_up(args: argparse.Namespace) -> int:
               sticky=lambda ready: ["--listen", ready["address"]]),
         # The card ships to wherever the appliance says it listens.
         Child("card", child_argv(data, "card", "run"), args_from=lambda ready: ["--appliance", ready["appliance"]["address"]]),
-        Child("host", child_argv(data, *host_args)),
+        # A restarted host keeps the NBD address it first got (port 0 asks for a free one).
+        Child("host", child_argv(data, *host_args), sticky=lambda ready: _sticky_listen(ready, listen)),
         Child("console", child_argv(data, "console", "run", *(["--listen", args.console_listen] if args.console_listen else [])),
               sticky=lambda ready: ["--listen", ready["address"]]),
     ]

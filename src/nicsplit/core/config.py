@@ -51,6 +51,11 @@ resync_parallel = 2
 resync_latency_us = 2000
 # false: marking vdisks wait (for an operator, or a test) instead of resyncing.
 resync = true
+# Activity log (docs/operations.md, "Host crash and the activity log"): at
+# most this many 4 MiB extents are hot (DRBD's al-extents); after a host
+# crash only the hot extents are resynced. A write to a cold extent waits for
+# one fdatasync of DATA/host/activity.log; 0 turns the log off.
+al_extents = 1237
 # Check the contract between every pair of chain layers (ranges, flags,
 # read lengths). Costs some CPU per IO; the test suite turns it on.
 validate = false

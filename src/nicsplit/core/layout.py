@@ -13,6 +13,7 @@ The tree, with who writes what:
       host/cg-seq/CG.json           next cg_seq per CG (the host)
       host/marking/UUID.bitmap      dirty regions of a vdisk in marking (the host)
       host/marking/UUID.state.json  protected or marking, since, reason (the host)
+      host/activity.log             extents with writes in flight: the activity log (the host)
       run/                          sockets, pid files, logs of running processes
       run/card-lost.jsonl           writes the card could not ship (the card)
       run/card-overflow.log         ring entries the card took while behind (the card)
@@ -90,6 +91,7 @@ class Layout:
     # --- host state
     host = _Under("data", "host")
     marking = _Under("host", "marking")
+    activity_log = _Under("host", "activity.log")
 
     def cg_seq(self, cg: str) -> Path:
         return self.host / "cg-seq" / f"{cg}.json"

@@ -13,6 +13,7 @@ from typing import Any
 
 from nicsplit.core.cgs import CGCatalog
 from nicsplit.core.layout import Layout
+from nicsplit.host.actlog import ActivityLog
 from nicsplit.host.cardlink import CardLink
 from nicsplit.host.marking import MarkingMap
 from nicsplit.host.sequencer import Sequencer
@@ -48,7 +49,7 @@ class CGGap:
 
 
 class HostContext:
-    def __init__(self, data: Path, card: dict[str, Any] | None = None) -> None:
+    def __init__(self, data: Path, card: dict[str, Any] | None = None, al_extents: int = 0) -> None:
         self.data = Path(data)
         self.layout = Layout(self.data)
         self.cgs = CGCatalog(self.data)
@@ -56,6 +57,8 @@ class HostContext:
         self._dmaps: dict[str, MarkingMap] = {}
         self._gaps: dict[str, CGGap] = {}
         self.card = CardLink(self.layout.card_sock, self.layout.card_lost_log, **(card or {}))
+        # The activity log (None: off, e.g. a read-only host, which writes nothing).
+        self.activity_log = ActivityLog(self.layout.activity_log, extents=al_extents) if al_extents > 0 else None
         # io ids are unique across restarts: time-based high bits, counter below.
         self._io_ids = itertools.count((time.time_ns() // 1000) << 16)
 

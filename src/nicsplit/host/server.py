@@ -41,6 +41,7 @@ from nicsplit.core.cgs import CGCatalog, CGError
 from nicsplit.core.config import Config
 from nicsplit.core.dirtymap import DirtyMapError
 from nicsplit.host.chain import Chain, ChainError, VdiskView, build_chain
+from nicsplit.host.actlog import DEFAULT_EXTENTS as DEFAULT_AL_EXTENTS
 from nicsplit.host.context import HostContext
 from nicsplit.host.datastore import Datastore
 from nicsplit.host.filters.split import BarrierFailed
@@ -144,7 +145,11 @@ class HostServer:
         self.max_inflight = int(cfg.host("max_inflight", 128))
         self.exports = ExportCatalog(self)
         self.group_sync = GroupSync(datastore.sync)
-        self.context = HostContext(cfg.data, card=cfg.raw.get("host", {}).get("card"))
+        # A read-only host writes nothing: it keeps no activity log and leaves
+        # an earlier host's for the next writable start.
+        al_extents = 0 if self.readonly else int(cfg.host("al_extents", DEFAULT_AL_EXTENTS))
+        self.context = HostContext(cfg.data, card=cfg.raw.get("host", {}).get("card"), al_extents=al_extents)
+        self.al_recovered: dict[str, Any] = {}  # what the start after an unclean stop marked (status)
         self.resyncer = Resyncer(self.context.card, mib_s=float(cfg.host("resync_mib_s", 64)),
                                  parallel=int(cfg.host("resync_parallel", 2)),
                                  latency_us=float(cfg.host("resync_latency_us", 2000)))
@@ -279,6 +284,45 @@ class HostServer:
             raise HostCommandError(str(e)) from None
         return {"vdisk": name, "cg": cg, "state": sp.state, "dirty_bytes": sp.dmap.dirty_bytes()}
 
+    def recover_activity_log(self) -> dict[str, Any]:
+        """At start, before any IO: after an unclean stop (the activity log
+        has no CLEAN record), mark every extent it names in its vdisk's dirty
+        bitmap (durable, the vdisk goes to marking: the CG is in its gap) so
+        the automatic resync copies them; then start a fresh log. Chains
+        must be built (`check_chains`)."""
+        al = self.context.activity_log
+        if al is None:
+            return {}
+        rec = al.recovered
+        out: dict[str, Any] = {"clean": rec.clean, "extents": len(rec.keys), "marked_bytes": 0, "vdisks": {}}
+        if not rec.clean:
+            by_id = {v.id: v for v in self.datastore.list_vdisks()}
+            per: dict[str, list[tuple[int, int]]] = {}
+            if rec.unknown:  # nothing readable: every allocated range of every protected vdisk
+                log.error("activity log %s is unreadable (%d bytes): resyncing every protected vdisk in full",
+                          al.path, rec.tail)
+                for v in by_id.values():
+                    per[v.name] = allocated_ranges(self.datastore.vdisk(v.name))
+            for vid, off, n in rec.ranges():
+                v = by_id.get(vid)
+                if v is None or off >= v.size:
+                    continue  # a vdisk deleted since (ids are never reused)
+                per.setdefault(v.name, []).append((off, min(n, v.size - off)))
+            for name, ranges in per.items():
+                sp = self.chain(name).filter("split")
+                if sp is None or sp.seq is None or not ranges:
+                    continue  # not protected: nothing of it is journaled
+                why = (f"host stopped uncleanly: {len(ranges)} extent(s) of the activity log "
+                       f"({sum(n for _, n in ranges) / 2**20:.1f} MiB) resync")
+                sp.mark_for_resync(ranges, why)  # durable before the log is reset below
+                out["vdisks"][name] = sum(n for _, n in ranges)
+                out["marked_bytes"] += out["vdisks"][name]
+            log.warning("activity log %s: unclean stop: %d extent(s), %.1f MiB marked for resync in %d vdisk(s)",
+                        al.path, len(rec.keys), out["marked_bytes"] / 2**20, len(out["vdisks"]))
+        al.begin()
+        self.al_recovered = out
+        return out
+
     def chain(self, name: str) -> Chain:
         ch = self._chains.get(name)
         if ch is None:
@@ -318,6 +362,9 @@ class HostServer:
         for name, ch in self._chains.items():
             out["vdisks"][name] = ctl.jsonable(ch.statistics())
         out["group_sync"] = {"requests": self.group_sync.requests, "syncs": self.group_sync.syncs}
+        al = self.context.activity_log
+        if al is not None:
+            out["activity_log"] = {**al.statistics(), "recovered": self.al_recovered}
         return out
 
     def status(self) -> dict[str, Any]:
@@ -349,6 +396,8 @@ class HostServer:
             # split_p50_us / split_p99_us: the CG's vdisks' split histograms together (None before a write).
             "cgs": {name: {"last_seq": seq, "gap": sorted(self.context.gap(name).vdisks), **_split_pcts(hists.get(name, []))}
                     for name, seq in self.context.cg_last_seqs().items()},
+            # after an unclean stop: the activity log's extents marked at start
+            "activity_log": self.al_recovered,
             "card": {"attached": link.attached, "losses": link.losses, "last_error": link.last_error, "tracked": link.tracked,
                      # late writes still in flight without a verdict, and late ones the card refused
                      "unconfirmed": link.unconfirmed, "late_refused": link.late_refused},
@@ -409,6 +458,9 @@ class HostServer:
         await self.resyncer.stop()
         await close_exports(self._servers, self.sessions, self._chains.values())
         await asyncio.get_running_loop().run_in_executor(None, self.datastore.sync)
+        if self.context.activity_log is not None:
+            # Every write is done and synced: the next start resyncs nothing.
+            await self.context.activity_log.close(clean=True)
         self.context.close()
 
 
@@ -454,6 +506,7 @@ async def serve(
     try:
         host = HostServer(cfg, ds, readonly=readonly)
         host.check_chains()
+        host.recover_activity_log()
         # What the card could not make durable while no host ran (e.g. it
         # stopped after this host, with the appliance down) marks now.
         host.context.card.read_lost()
