@@ -19,21 +19,18 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from nicsplit.control.ops import pits_doc
-from nicsplit.control.status import system_status
-from nicsplit.core import config
 from nicsplit.core.ctl import request
 from nicsplit.core.layout import Layout
 from nicsplit.testing.datadir import init_data
-from nicsplit.testing.ledger import Ledger, check_prefix
+from nicsplit.testing.ledger import Ledger
 from nicsplit.testing.linkemu import LinkEmulator
 from nicsplit.testing.procs import UpProcess, run_cli, wait_for
+from nicsplit.testing.recovered import cg_state, check_recovered
 
 pytestmark = pytest.mark.usefixtures("peers")
 
@@ -62,13 +59,6 @@ def deployment(tmp_path: Path, seed: int):
     return data, link, up
 
 
-def status(data: Path) -> dict:
-    """What `nicsplit status --json` says of cg1, computed here: on a loaded
-    box each CLI start costs seconds, and the waits below poll."""
-    (cg,) = system_status(config.load(data))["cgs"]
-    return cg
-
-
 def card_link(data: Path) -> dict:
     r = request(Layout(data).card_ctl_sock, {"cmd": "stats"}) or {}
     return r.get("stats", {}).get("appliance", {})
@@ -82,12 +72,12 @@ def run_fault(tmp_path: Path, seed: int, fault) -> dict:
             ledger = Ledger(up.uri("a"), seed, SIZE, rate=RATE)
             ledger.start()
             try:
-                wait_for(lambda: (status(data)["last_durable_seq"] or 0) >= 50, 60,
+                wait_for(lambda: (cg_state(data)["last_durable_seq"] or 0) >= 50, 60,
                          "writes journaled through the relay", interval=0.2)
                 assert link.stats()["accepted"] >= 1  # the card ships through the relay
-                n0, s0 = len(ledger.done), status(data)["host_last_seq"]
+                n0, s0 = len(ledger.done), cg_state(data)["host_last_seq"]
                 fault(link, data)
-                n1, s1 = len(ledger.done), status(data)["host_last_seq"]
+                n1, s1 = len(ledger.done), cg_state(data)["host_last_seq"]
                 # Recovered by itself: the link is up again and the writes made since reach the journal.
                 wait_for(lambda: card_link(data).get("connected"), 60, "the card reconnected", interval=0.2)
                 wait_for(lambda: len(ledger.done) >= n1 + 50, 60, "ledger writes after the fault", interval=0.1)
@@ -97,7 +87,7 @@ def run_fault(tmp_path: Path, seed: int, fault) -> dict:
             assert ledger.error is None, ledger.error
             assert n1 > n0, "the host kept acknowledging writes through the fault"
             t_check = time.monotonic()
-            st = check_everything(data, up, ledger, tmp_path, (s0, s1))
+            st = check_recovered(data, up.uri("a"), ledger, tmp_path, (s0, s1))
             print(f"checks took {time.monotonic() - t_check:.1f}s, the case {time.monotonic() - t_case:.1f}s")
             stats = link.stats()
             print(f"seed={seed}: {len(ledger.done)} ledger writes ({n1 - n0} during the fault); relay: "
@@ -107,38 +97,6 @@ def run_fault(tmp_path: Path, seed: int, fault) -> dict:
             return stats
     finally:
         link.close()
-
-
-def check_everything(data: Path, up: UpProcess, ledger: Ledger, tmp_path: Path, fault: tuple[int, int]) -> dict:
-    last = status(data)["host_last_seq"]
-    wait_for(lambda: (status(data)["last_durable_seq"] or 0) >= last, 120, f"the journal reaching seq {last}",
-             interval=0.2)
-    st = wait_for(lambda: (s := status(data))["state"] == "protected" and s, 120, "the CG protected", interval=0.2)
-    latest = tmp_path / "latest.raw"
-    run_cli(data, "restore", "a", "--latest", "--to", str(latest), "--force", timeout=120)
-    subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(latest), up.uri("a")],
-                   check=True, capture_output=True, timeout=120)
-    # Every acknowledged write, and nothing else: the whole ledger, as a prefix.
-    assert check_prefix(latest.read_bytes(), ledger) == len(ledger.done)
-    pits = pits_doc(config.load(data), "cg1", every=True)["pits"]
-    consistent = [p for p in pits if p["consistent"]]
-    assert consistent, pits
-    # The consistent PITs around the fault: the last before it, one inside, the first after.
-    before = [p for p in consistent if p["seq"] <= fault[0]][-1:]
-    inside = [p for p in consistent if fault[0] < p["seq"] < fault[1]]
-    after = [p for p in consistent if p["seq"] >= fault[1]][:1]
-    sample = before + inside[len(inside) // 2:][:1] + after
-    assert before and after, (fault, [p["seq"] for p in consistent])
-    lengths = []
-    for p in sample:
-        out = tmp_path / f"pit-{p['seq']}.raw"
-        run_cli(data, "restore", "a", "--seq", str(p["seq"]), "--to", str(out), "--force", timeout=120)
-        lengths.append(check_prefix(out.read_bytes(), ledger))
-        out.unlink()
-    print(f"PITs {[p['seq'] for p in sample]} (fault between seq {fault[0]} and {fault[1]}) restore "
-          f"ledger prefixes {lengths}")
-    assert lengths == sorted(lengths), lengths  # later PITs hold longer prefixes
-    return st
 
 
 def test_cut_for_a_few_seconds(tmp_path, seed):
