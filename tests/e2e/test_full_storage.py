@@ -5,7 +5,8 @@ running on a real deployment (`nicsplit up`):
   card refuses, the host marks, and once the appliance is back the vdisk
   resyncs by itself;
 * ENOSPC on the journal's filesystem (a small tmpfs mounted on the journal
-  directory, filled up): the appliance refuses to ack what it cannot make
+  directory, room for the whole test's journal, then filled up by a filler
+  file, which is removed to give the space back): the appliance refuses to ack what it cannot make
   durable and says why ("No space left on device"), the card holds the
   batches (overflow log), and once space returns everything is journaled.
 
@@ -108,7 +109,7 @@ def test_enospc_on_the_journal_filesystem_holds_then_recovers(tmp_path, seed):
     jdir.mkdir(parents=True, exist_ok=True)
     assert not any(jdir.iterdir()), list(jdir.iterdir())
     # The CI machine runs the suite as root (scripts/setup-system.sh), which may mount a tmpfs.
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(jdir)], check=True,
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m,mode=0700", "tmpfs", str(jdir)], check=True,
                    capture_output=True, timeout=30)
     try:
         with UpProcess(data) as up:
