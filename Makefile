@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 DATA   ?= ./nicsplit-data
 
-.PHONY: run test test-fast bench venv system-deps clean
+.PHONY: run test test-fast bench fuzz venv system-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,19 @@ bench: system-deps venv
 	$(PY) bench/recovery.py
 	$(PY) bench/distribution.py
 	$(PY) bench/distribution.py --rate-iops 6000 --card-idle-spin-us 50 --out bench/out/distribution-paced
+
+# Coverage-guided fuzzing (atheris) of the NBD codec, the wire codec, ring and
+# overflow entries, the journal readers and the control protocol, each for
+# FUZZ_SECONDS; a failing input is saved under fuzz/out/ (docs/operations.md).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS  = nbd frames ring journal ctl
+fuzz: venv
+	$(PY) -m pip install -q -e '.[fuzz]'
+	mkdir -p fuzz/out
+	for t in $(FUZZ_TARGETS); do \
+		$(CURDIR)/$(PY) fuzz/fuzz_$$t.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
+			-artifact_prefix=fuzz/out/$$t- || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

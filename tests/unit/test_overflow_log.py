@@ -130,6 +130,19 @@ def test_a_full_log_refuses_writes_but_takes_outcomes(tmp_path):
     lg.close()
 
 
+def test_a_small_log_is_not_full_while_empty(tmp_path):
+    """overflow_max = "1M" made the card full (refusing every write) from its
+    start: the reserve kept for the last append was 1 MiB, all of the log."""
+    lg = OverflowLog(tmp_path / "o.log", 1 << 20)
+    assert not lg.full
+    n = 0
+    while lg.append(write(n + 1, n + 1, data=blk(n, 65536))):
+        n += 1
+    assert lg.full and 8 <= n < 16 and lg.size <= 1 << 20
+    assert lg.append(committed(1))
+    lg.close()
+
+
 # -- the policy, sans-IO ----------------------------------------------------------------
 
 

@@ -145,7 +145,9 @@ class OverflowLog:
     def __init__(self, path: Path | str, max_bytes: int = DEFAULT_MAX) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
-        self.reserve = min(max(max_bytes // 16, 1 << 20), 64 << 20)  # refuse before the last append fails
+        # Refuse before the last append fails; at most a quarter of a small log
+        # (a 1 MiB reserve made a log of overflow_max <= 1M full while empty).
+        self.reserve = min(max(max_bytes // 16, 1 << 20), 64 << 20, max_bytes // 4)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._buf = bytearray()
         self.unread = 0  # entries appended (or found at open) not yet read

@@ -183,8 +183,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     children = [
         Child("appliance", child_argv(data, "appliance", "run", *(["--listen", args.appliance_listen] if args.appliance_listen else [])),
               sticky=lambda ready: ["--listen", ready["address"]]),
-        # The card ships to wherever the appliance says it listens.
-        Child("card", child_argv(data, "card", "run"), args_from=lambda ready: ["--appliance", ready["appliance"]["address"]]),
+        # The card ships to wherever the appliance says it listens, unless [card] appliance
+        # names another address (e.g. a relay or link emulator in front of the appliance).
+        Child("card", child_argv(data, "card", "run"),
+              args_from=None if cfg.raw.get("card", {}).get("appliance")
+              else lambda ready: ["--appliance", ready["appliance"]["address"]]),
         # A restarted host keeps the NBD address it first got (port 0 asks for a free one).
         Child("host", child_argv(data, *host_args), sticky=lambda ready: _sticky_listen(ready, listen)),
         Child("console", child_argv(data, "console", "run", *(["--listen", args.console_listen] if args.console_listen else [])),

@@ -129,7 +129,8 @@ max_unknown_cgs = 64
 [card]
 # The emulated offload card (`nicsplit card run`). Every pipeline option is
 # documented in docs/pipeline.md; the main ones:
-# Where to ship; default: the [appliance] listen address.
+# Where to ship; default: the [appliance] listen address (under `nicsplit up`:
+# the address the appliance reports). Set it to put a relay in between.
 # appliance = "127.0.0.1:10810"
 # The card runs as two processes (docs/pipeline.md "Fast path"): the acker
 # takes each write from the ring, checks it and acks it, and does nothing

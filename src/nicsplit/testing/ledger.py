@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import struct
 import threading
+import time
 
 from nicsplit.testing.procs import nbd_connect
 
@@ -20,7 +21,7 @@ def block(i: int) -> bytes:
 
 
 class Ledger(threading.Thread):
-    def __init__(self, uri: str, seed: int, size: int) -> None:
+    def __init__(self, uri: str, seed: int, size: int, *, rate: float | None = None) -> None:
         super().__init__(daemon=True, name="ledger")
         self.h = nbd_connect(uri)
         self.size = size
@@ -28,11 +29,16 @@ class Ledger(threading.Thread):
         self.done: list[int] = []  # block numbers, in write order
         self.seed = seed
         self.error: BaseException | None = None
+        self.rate = rate  # writes per second at most (None: as fast as acks come)
 
     def run(self) -> None:
         rng = random.Random(self.seed)
+        t = time.monotonic()
         try:
             while not self.stop.is_set():
+                if self.rate:
+                    t += 1 / self.rate
+                    self.stop.wait(max(0.0, t - time.monotonic()))  # pacing the client, not synchronising
                 b = rng.randrange(self.size // BS)
                 self.h.pwrite(block(len(self.done)), b * BS)
                 self.done.append(b)
