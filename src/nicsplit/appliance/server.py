@@ -286,6 +286,15 @@ class Appliance:
         except Exception:  # a bug in the index: the same, with its traceback
             log.exception("journal %s: block index refresh failed", cg)
 
+    def _feed_index(self, cg: str, idx: BlockIndex, res: AppendResult) -> bool:
+        """Worker thread, CG lock held: index an appended batch from the
+        writer's heads; False when the index wants a scan instead."""
+        try:
+            return idx.feed(res.batch)
+        except (PitError, OSError) as e:
+            log.error("journal %s: block index update failed: %s", cg, e)
+            return False
+
     def _distribute(self, cg: str, j: Journal) -> None:
         if not self.cfg.distribution or cg in self.distribution:
             return
@@ -440,15 +449,20 @@ class Appliance:
         fdatasync for all of them (an fsync costs more than appending a
         256 KiB batch). Nothing is acked before the sync returns."""
         results = []
+        cg = batches[0].cg
+        idx = self.indexes.get(cg)
+        fed = idx is not None
         try:
             for b in batches:
-                results.append(self._ingest(j, b, sync=False))
+                res = self._ingest(j, b, sync=False)
+                results.append(res)
+                if fed and res.batch is not None:
+                    fed = self._feed_index(cg, idx, res)  # the writer's own heads: nothing read back
         finally:
-            # The block index reads what was appended while fdatasync waits on the
-            # disk; both end before the CG's lock is released, so no append runs
-            # while the index reads (rule 8).  Distribution caps at durable_seq.
-            cg = batches[0].cg
-            refresh = self._index_pool.submit(self._refresh_index, cg) if cg in self.indexes else None
+            # Else the block index reads what was appended while fdatasync waits
+            # on the disk; both end before the CG's lock is released, so no append
+            # runs while the index reads (rule 8).  Distribution caps at durable_seq.
+            refresh = self._index_pool.submit(self._refresh_index, cg) if idx is not None and not fed else None
             try:
                 j.sync()  # also for the batches before one that failed: they are acked or resent
             finally:

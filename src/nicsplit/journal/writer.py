@@ -96,7 +96,9 @@ from nicsplit.journal.format import (
     encode_entry, open_record_payload, seal_record_entry, seg_name, seg_number, segment_head,
 )
 from nicsplit.journal.reader import AUTO, JournalFiles
-from nicsplit.journal.scan import BadSpot, CommitEntry, EntryWalk, RecordEntry, SegmentHeader, resync
+from nicsplit.journal.scan import (
+    BadSpot, Commit, CommitEntry, EntryWalk, RecordEntry, RecordHead, SegmentHeader, resync,
+)
 from nicsplit.journal.trim import RetentionMixin, SegmentInfo
 from nicsplit.storage import atrest
 from nicsplit.storage.durable import DurableFile, Filesystem
@@ -138,6 +140,10 @@ class AppendResult:
     applied: bool  # False: a duplicate, nothing written
     last_seq: int  # the journal's last durable seq after the call
     known: tuple[bytes, ...]  # fingerprints of the data blocks of this batch (unique, in order)
+    # What the keyless scanner would read back of this batch: (Commit, [RecordHead],
+    # (segment, offset) of its first entry, (segment, offset) after its COMMIT),
+    # for `PitIndex.feed`; None for a duplicate.
+    batch: tuple[Commit, list[RecordHead], tuple[int, int], tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +171,8 @@ class _Pending:
     recs: list[tuple[int, int, int]]  # (seq, segment, entry offset)
     blocks: dict[bytes, tuple[int, ...]]  # fp -> location (see Journal._blocks)
     refs: dict[bytes, int] = field(default_factory=dict)  # block held by an earlier batch -> newest seq referencing it
+    start: tuple[int, int] = (0, 0)  # (segment, offset) of the batch's first entry (appends only)
+    commit: tuple[int, int] = (0, 0)  # (segment, offset) of its COMMIT entry (appends only)
 
 
 class Journal(RetentionMixin):
@@ -495,7 +503,12 @@ class Journal(RetentionMixin):
             self._apply(pending, m.batch_id, first, m.last_seq, m.t_first_ns, m.t_last_ns, self._segments[-1])
             if sync:
                 self._durable_seq = self._last_seq
-            return AppendResult(True, self._last_seq, tuple(known))
+            cseg, cpos = pending.commit
+            heads = [RecordHead(r.seq, r.vdisk_id, r.op, r.flags, r.offset, r.length, r.time_ns, seg, pos)
+                     for r, (_, seg, pos) in zip(new, pending.recs)]
+            batch = (Commit(m.batch_id, first, m.last_seq, m.t_first_ns, m.t_last_ns, len(new), cseg, cpos), heads,
+                     pending.start, (cseg, cpos + len(commit)))
+            return AppendResult(True, self._last_seq, tuple(known), batch)
 
     def sync(self) -> None:
         """Make every batch appended so far durable (the group commit's one
@@ -576,6 +589,7 @@ class Journal(RetentionMixin):
             seg, f = self._new_segment(seg + 1)
             size = f.size()
         cipher = self._io.ciphers.for_segment(seg, self._io.keys.get(seg, 0))
+        pending.start = (seg, size)
         nonces = b""
         buf = bytearray()
         for i, (r, fps, enc) in enumerate(zip(recs, blocks, encoded, strict=True)):
@@ -601,6 +615,7 @@ class Journal(RetentionMixin):
             pending.recs.append((r.seq, seg, pos))
             for fp, loc in locs:
                 pending.blocks[fp] = loc  # the newest copy is the home (rule 10)
+        pending.commit = (seg, size + len(buf))
         buf += commit  # the COMMIT may overhang segment_size by its 56 bytes
         f.append(bytes(buf))
         if sync:
