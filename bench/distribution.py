@@ -48,7 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import cpu_seconds, fio_cmd, git_state, loadavg, run_fio  # noqa: E402
 from nicsplit.storage import atrest  # noqa: E402
 from nicsplit.storage.image import open_image  # noqa: E402
+from nicsplit.core.catalog import CatalogReader  # noqa: E402
 from nicsplit.core.ctl import request  # noqa: E402
+from nicsplit.core.layout import Layout, vdisk_file  # noqa: E402
 from nicsplit.testing.datadir import init_data  # noqa: E402
 from nicsplit.testing.procs import UpProcess, run_cli, wait_for  # noqa: E402
 
@@ -219,12 +221,13 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(r)
             log_run(r)
         same = {}
+        ids = {v.name: v.id for v in CatalogReader(Layout(data).datastore).vdisks()}
         marking = {r["vdisk"] for r in runs if r["vdisk_state_end"] != "protected"}
         for v in names:
             if v in marking:
                 continue  # its writes after the switch to marking never reached the journal: nothing to compare
             # Replicas are sealed at rest by default: compare their plaintext.
-            replica = data / "appliance" / "replicas" / CG / f"{v}.img"
+            replica = vdisk_file(data / "appliance" / "replicas" / CG, ids[v], ".img")  # keyed by vdisk id
             clear = work / f"replica-{v}.raw"
             with open_image(replica, replica.stat().st_size, atrest.keyring_in(data / "appliance"),
                             writable=False) as img, open(clear, "wb") as f:

@@ -15,6 +15,7 @@ import ssl
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -348,3 +349,35 @@ def test_corrupt_journal_stops_the_start_with_a_clear_error(adata: Path, applian
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "corrupt entry in segment 00000001.seg at offset 24 (entry CRC mismatch)" in p.stderr
     assert seg.read_bytes() == raw
+
+
+def test_group_commit_window_holds_acks_for_later_batches(adata: Path, appliance, rng):
+    """[appliance] commit_window_us: a batch's durable ack waits up to the
+    window for more batches of its CG (one fdatasync for all); batches that
+    arrive in it are acked with it, in order, and are all journaled."""
+    cfg = adata / "nicsplit.toml"
+    cfg.write_text(cfg.read_text().replace("commit_window_us = 2000\n", "commit_window_us = 1000000\n"))
+    app = appliance()
+    ids = vdisk_ids(adata)
+    k = key(adata)
+    recs = writes(ids, 1, 6, rng)
+    b1, b2, b3 = (make_batch(i + 1, "db", recs[i * 2 : i * 2 + 2], k) for i in range(3))
+    with card(adata, app) as c:
+        c.hello(("db",))
+        t0 = time.monotonic()
+        c.send(b1)
+        c.send(b2)
+        acks = [c.recv(), c.recv()]
+        held = time.monotonic() - t0
+        c.send(b3)
+        acks.append(c.recv())
+    assert [(a.batch_id, a.last_seq, a.durable) for a in acks] == [(1, 2, True), (2, 4, True), (3, 6, True)]
+    assert held >= 0.9, f"acked after {held:.3f} s: the 1 s commit window was not waited for"
+    assert [r["seq"] for r in dump(adata, "db")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_commit_window_must_be_a_sane_integer(adata: Path):
+    cfg = adata / "nicsplit.toml"
+    cfg.write_text(cfg.read_text().replace("commit_window_us = 2000\n", "commit_window_us = -1\n"))
+    p = appliance_cli(adata, "appliance", "run", "--listen", "127.0.0.1:0", check=False)
+    assert p.returncode != 0 and "commit_window_us = -1: must be an integer 0..1000000" in p.stderr

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nicsplit.appliance.server import ServerConfig
+from nicsplit.appliance.server import COMMIT_WINDOW_US, ServerConfig
 from nicsplit.core import config as cfgmod
 from nicsplit.core.config import parse_listen, parse_size
 from nicsplit.recovery.retention import Policy, RetentionError
@@ -36,7 +36,7 @@ def server_config(cfg: cfgmod.Config, listen: str | None = None) -> ServerConfig
     """The ServerConfig for a data directory (``[appliance]`` + overrides)."""
     sec = _section(cfg)
     known = {"listen", "pki", "peers", "encryption", "segment_size", "heartbeat_interval", "idle_timeout", "queue_depth",
-             "at_rest_encryption", "max_unknown_cgs"}
+             "at_rest_encryption", "max_unknown_cgs", "commit_window_us"}
     unknown = set(sec) - known
     if unknown:
         raise cfgmod.ConfigError(f"[appliance]: unknown key(s) {', '.join(sorted(unknown))}")
@@ -47,6 +47,9 @@ def server_config(cfg: cfgmod.Config, listen: str | None = None) -> ServerConfig
             raise cfgmod.ConfigError(f"[appliance] {key} = {v!r}: must be a positive number")
         return v
 
+    window = sec.get("commit_window_us", COMMIT_WINDOW_US)
+    if not isinstance(window, int) or isinstance(window, bool) or not 0 <= window <= 1_000_000:
+        raise cfgmod.ConfigError(f"[appliance] commit_window_us = {window!r}: must be an integer 0..1000000")
     max_unknown = sec.get("max_unknown_cgs", 64)
     if not isinstance(max_unknown, int) or isinstance(max_unknown, bool) or max_unknown < 0:
         raise cfgmod.ConfigError(f"[appliance] max_unknown_cgs = {max_unknown!r}: must be an integer >= 0")
@@ -63,6 +66,7 @@ def server_config(cfg: cfgmod.Config, listen: str | None = None) -> ServerConfig
         heartbeat_interval=positive("heartbeat_interval", 5),
         idle_timeout=positive("idle_timeout", 30),
         queue_depth=int(positive("queue_depth", 16)),
+        commit_window_us=window,
         max_unknown_cgs=max_unknown,
         retention=_retention(cfg),
         dedup_min_age_s=_dedup_min_age(cfg),

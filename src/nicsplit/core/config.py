@@ -121,6 +121,11 @@ idle_timeout = 30
 # Batches buffered per connection before the appliance stops reading it;
 # the batches queued for one CG are journaled with a single fdatasync.
 queue_depth = 16
+# Group commit: after a CG's batch, wait up to this long for more of its
+# batches before the one fdatasync that makes them all durable (an fdatasync
+# costs more CPU than a small batch; the card acks writes without waiting
+# for it, so only the RPO grows, by at most this). 0: only what is queued.
+commit_window_us = 2000
 # A card's Hello may create a journal for a CG in cgs.json or the catalog;
 # for any other (unknown) CG only while fewer than this many journals of
 # unknown CGs exist (0: known CGs only). Bounds what a Hello can create.

@@ -314,7 +314,9 @@ class _Segment:
         valid until the next call: the window is one buffer, reused, because
         a fresh allocation per read costs more (page faults) than the copy."""
         if not (self._base <= at and at + n <= self._base + len(self._buf)):
-            want = max(n, READ_AHEAD)
+            # No more than the file holds: a refresh after a small batch reads
+            # a few KiB, not a fresh READ_AHEAD buffer (page faults per scan).
+            want = max(n, min(READ_AHEAD, self.size - at))
             if len(self._mem) < want:
                 self._mem = bytearray(want)
             self._base = at

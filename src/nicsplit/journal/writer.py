@@ -92,11 +92,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nicsplit.journal.format import (
     CARRIED_NAME, CARRY_SEGMENT, COMMIT, ENTRY, SEALED_OVERHEAD, SEGMENT_HEAD, SEGMENT_SUFFIX, TAG_RECORD,
-    JournalCorrupt, JournalError, carried_entries, data_blocks, data_offset, encode_carried, encode_commit,
+    JournalCorrupt, JournalError, carried_entries, data_blocks, data_offset, encode_commit,
     encode_entry, open_record_payload, seal_record_entry, seg_name, seg_number, segment_head,
 )
 from nicsplit.journal.reader import AUTO, JournalFiles
-from nicsplit.journal.scan import BadSpot, CommitEntry, EntryWalk, RecordEntry, SegmentHeader, resync
+from nicsplit.journal.scan import (
+    BadSpot, Commit, CommitEntry, EntryWalk, RecordEntry, RecordHead, SegmentHeader, resync,
+)
+from nicsplit.journal.trim import RetentionMixin, SegmentInfo
 from nicsplit.storage import atrest
 from nicsplit.storage.durable import DurableFile, Filesystem
 from nicsplit.storage.segments import LocalSegmentStore, SegmentStore
@@ -137,6 +140,10 @@ class AppendResult:
     applied: bool  # False: a duplicate, nothing written
     last_seq: int  # the journal's last durable seq after the call
     known: tuple[bytes, ...]  # fingerprints of the data blocks of this batch (unique, in order)
+    # What the keyless scanner would read back of this batch: (Commit, [RecordHead],
+    # (segment, offset) of its first entry, (segment, offset) after its COMMIT),
+    # for `PitIndex.feed`; None for a duplicate.
+    batch: tuple[Commit, list[RecordHead], tuple[int, int], tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,19 +164,6 @@ class JournalStatistics:
     failed: bool
 
 
-@dataclass(frozen=True, slots=True)
-class SegmentInfo:
-    """What retention (`nicsplit.recovery.retention.plan_trim`) needs of a segment."""
-
-    number: int
-    last_seq: int  # of its last COMMIT (0: no commit in it)
-    t_last_ns: int  # time of its last COMMIT
-    size: int  # bytes on disk
-    ref_last: int = 0  # newest seq of a record (of a later batch) referencing a block homed here
-    ends_batch: bool = True  # no record after its last COMMIT (a batch may span segments)
-    appended_ns: int = 0  # appliance clock of its last append (the journal's open time after a restart)
-
-
 @dataclass(slots=True)
 class _Pending:
     """Index updates of a batch, applied only once its COMMIT is durable."""
@@ -177,9 +171,11 @@ class _Pending:
     recs: list[tuple[int, int, int]]  # (seq, segment, entry offset)
     blocks: dict[bytes, tuple[int, ...]]  # fp -> location (see Journal._blocks)
     refs: dict[bytes, int] = field(default_factory=dict)  # block held by an earlier batch -> newest seq referencing it
+    start: tuple[int, int] = (0, 0)  # (segment, offset) of the batch's first entry (appends only)
+    commit: tuple[int, int] = (0, 0)  # (segment, offset) of its COMMIT entry (appends only)
 
 
-class Journal:
+class Journal(RetentionMixin):
     """One CG's journal.  Thread-safe: `append_batch` and readers may run in
     different threads (the server appends from a worker thread)."""
 
@@ -507,7 +503,12 @@ class Journal:
             self._apply(pending, m.batch_id, first, m.last_seq, m.t_first_ns, m.t_last_ns, self._segments[-1])
             if sync:
                 self._durable_seq = self._last_seq
-            return AppendResult(True, self._last_seq, tuple(known))
+            cseg, cpos = pending.commit
+            heads = [RecordHead(r.seq, r.vdisk_id, r.op, r.flags, r.offset, r.length, r.time_ns, seg, pos)
+                     for r, (_, seg, pos) in zip(new, pending.recs)]
+            batch = (Commit(m.batch_id, first, m.last_seq, m.t_first_ns, m.t_last_ns, len(new), cseg, cpos), heads,
+                     pending.start, (cseg, cpos + len(commit)))
+            return AppendResult(True, self._last_seq, tuple(known), batch)
 
     def sync(self) -> None:
         """Make every batch appended so far durable (the group commit's one
@@ -588,6 +589,7 @@ class Journal:
             seg, f = self._new_segment(seg + 1)
             size = f.size()
         cipher = self._io.ciphers.for_segment(seg, self._io.keys.get(seg, 0))
+        pending.start = (seg, size)
         nonces = b""
         buf = bytearray()
         for i, (r, fps, enc) in enumerate(zip(recs, blocks, encoded, strict=True)):
@@ -613,65 +615,13 @@ class Journal:
             pending.recs.append((r.seq, seg, pos))
             for fp, loc in locs:
                 pending.blocks[fp] = loc  # the newest copy is the home (rule 10)
+        pending.commit = (seg, size + len(buf))
         buf += commit  # the COMMIT may overhang segment_size by its 56 bytes
         f.append(bytes(buf))
         if sync:
             f.sync()
         self._seg_sizes[seg] = f.size()
         return pending
-
-    # -- retention (rule 10) --------------------------------------------------------
-
-    def segment_facts(self) -> list[SegmentInfo]:
-        """What retention needs of every segment, oldest first."""
-        with self._lock:
-            out = []
-            for seg in self._segments:
-                last, t_last = self._seg_commit.get(seg, (0, 0))
-                out.append(SegmentInfo(seg, last, t_last, self._seg_sizes.get(seg, 0), 0,
-                                       self._seg_maxrec.get(seg, 0) <= last, self._seg_appended.get(seg, 0)))
-            return out
-
-    def trim(self, upto_segment: int) -> int:
-        """Delete every segment <= ``upto_segment`` (never the last one) and
-        forget what the index holds of them; returns how many went. The
-        caller applied their records to the base images first (retention)."""
-        with self._lock:
-            self._check_usable()
-            if not self._segments or upto_segment >= self._segments[-1]:
-                raise JournalError(f"journal {self.path}: the segment being written cannot be trimmed")
-            gone = [s for s in self._segments if s <= upto_segment]
-            if not gone:
-                return 0
-            base_seq = max(self._seg_commit.get(s, (0, 0))[0] for s in gone)
-            dead = set(gone)
-            # Blocks a kept record references (a later batch's record past the
-            # base) move to carried.blk before their segment goes.
-            # A kept record (seq > base) may reference a block whose only copy
-            # before it is in a trimmed segment (a block's home moves to its
-            # newest copy, which may come after that record): carry every block
-            # referenced after the base that is not carried yet.
-            carry = [fp for fp, seq in self._ref_last.items()
-                     if seq > base_seq and fp in self._blocks and len(self._blocks[fp]) != 2]
-            self._carry(carry)
-            self._ref_last = {fp: seq for fp, seq in self._ref_last.items() if seq > base_seq}
-            self._io.forget(dead)
-            for s in gone:  # oldest first: a crash leaves a contiguous journal
-                self._store.delete(seg_name(s))
-            self._store.sync_names()
-            self._segments = [s for s in self._segments if s not in dead]
-            for d in (self._seg_sizes, self._seg_commit, self._seg_maxrec,
-                      self._seg_appended):
-                for s in gone:
-                    d.pop(s, None)
-            i = bisect.bisect_right(self._seqs, base_seq)
-            del self._recs[:i], self._seqs[:i]
-            self._commits = [c for c in self._commits if c[1] > base_seq]
-            self._first_time = self._commits[0][0] if self._commits else 0
-            self._blocks = {fp: loc for fp, loc in self._blocks.items() if loc[0] not in dead or len(loc) == 2}
-            log.info("journal %s: trimmed %d segment(s) through %s (base seq %d, %d referenced blocks carried)",
-                     self.path, len(gone), seg_name(gone[-1]), base_seq, len(carry))
-            return len(gone)
 
     # -- reading ------------------------------------------------------------------
 
@@ -692,29 +642,6 @@ class Journal:
         if len(data) != n or fingerprint(data) != fp:
             raise JournalCorrupt(f"journal {self.path}: block {fp.hex()} at {seg_name(seg)} offset {off} is damaged")
         return data
-
-    def _carry(self, fps: list[bytes]) -> None:
-        """Append these blocks to carried.blk (sealed under the active key),
-        fsync, and make it their home (rule 10). Lock held."""
-        key_id = self._wanted_key()
-        cipher = self._io.ciphers.for_segment(CARRY_SEGMENT, key_id) if key_id else None
-        buf = bytearray()
-        locs = {}
-        for fp in fps:
-            nonce = os.urandom(atrest.NONCE_SIZE) if cipher is not None else b""
-            locs[fp] = (CARRY_SEGMENT, self._carried_end + len(buf))
-            buf += encode_carried(cipher, key_id, fp, self._read_block(fp), nonce)
-        if not buf:
-            return
-        new = self._io.carried_is_new()
-        f = self._io.carried()
-        f.append(bytes(buf))
-        f.sync()
-        if new:
-            self._store.sync_names()
-        self._carried_end += len(buf)
-        self._carried_keys[key_id] = self._carried_keys.get(key_id, 0) + len(locs)
-        self._blocks.update(locs)
 
     def read_block(self, fp: bytes) -> bytes:
         """The 4 KiB block with fingerprint ``fp`` (a dedup reference target)."""

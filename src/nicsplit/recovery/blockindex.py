@@ -124,6 +124,12 @@ class BlockIndex:
         """Index what was committed since; returns the number of new PITs."""
         return self.pits.refresh()
 
+    def feed(self, batch: tuple[Commit, list[RecordHead], tuple[int, int], tuple[int, int]]) -> bool:
+        """Index a batch the writer of this process just appended
+        (`AppendResult.batch`) without reading it back; False: not taken
+        (`PitIndex.feed`), `refresh` reads it."""
+        return self.pits.feed(*batch)
+
     def _add(self, commit: Commit, recs: list[RecordHead]) -> None:
         if self._progress is not None:
             total = self._offsets.get(0, 0)

@@ -12,7 +12,9 @@ applies what is durable in bounded steps (`STEP_RECORDS` records and
 `STEP_BYTES` bytes each, one undo fsync + one image fsync + one state.json
 replacement per step) until it has caught up, and waits again.  It also wakes
 every `WAKE_INTERVAL` seconds on its own, which is how it notices a failover
-(below) or a catalog change when no writes arrive.
+(below) or a catalog change when no writes arrive.  While less than a full
+step waits, a cycle starts at most every `STEP_INTERVAL` after the previous
+one: a step's fsyncs cost the same for 5 records as for 1024.
 
 Rules
 -----
@@ -89,7 +91,7 @@ log = logging.getLogger("nicsplit.recovery.distribution")
 
 __all__ = [
     "CGDistribution", "CatalogMembers", "DistributionStatistics", "ReplicaLock", "replica_dir", "failover_state_path",
-    "paused", "STEP_RECORDS", "STEP_BYTES", "WAKE_INTERVAL",
+    "paused", "STEP_RECORDS", "STEP_BYTES", "WAKE_INTERVAL", "STEP_INTERVAL",
 ]
 
 # A step costs three fsyncs (undo log, images, state.json), ~1-3 ms here; at
@@ -101,6 +103,14 @@ STEP_BYTES = 8 << 20
 # How often an idle thread looks for a failover request or a catalog change:
 # a failover waits at most this long (plus one step) for the lock.
 WAKE_INTERVAL = 0.25
+# A step costs five fsyncs whatever its size (undo log, image data and tags,
+# state.json and its directory), ~0.3 ms of CPU each here. Woken by every group
+# commit (every ~2 ms under a paced load), steps of a few records would cost
+# ~100 us of CPU per record in fsyncs alone; so while the backlog is below a
+# full step, a step starts at most this often after the previous one (the
+# replica trails the journal by up to this much more; a failover, which
+# applies up to its PIT itself, never waits for it).
+STEP_INTERVAL = 0.05
 UNDO_TRIM_INTERVAL = 10.0  # seconds between checks of the base's seq (retention runs every minute)
 # lag_seconds keeps (durable seq, time) per group commit; beyond this many
 # pending entries the newest is extended instead (overstating, never hiding, lag).
@@ -257,7 +267,7 @@ class CGDistribution:
                  durable: Callable[[], int], journal: Any | None = None, index: Any | None = None,
                  step_records: int = STEP_RECORDS,
                  step_bytes: int = STEP_BYTES, wake_interval: float = WAKE_INTERVAL, nice: int = NICE,
-                 failpoint: Callable[[str], None] | None = None) -> None:
+                 failpoint: Callable[[str], None] | None = None, step_interval: float = STEP_INTERVAL) -> None:
         self.data = Path(data)
         self.cg = cg
         self.journal_dir = Path(journal_dir)
@@ -268,6 +278,8 @@ class CGDistribution:
         self.step_records = step_records
         self.step_bytes = step_bytes
         self.wake_interval = wake_interval
+        self.step_interval = step_interval
+        self._cycled_at = float("-inf")  # monotonic time the last cycle ended
         self.nice = nice
         self.failpoint = failpoint if failpoint is not None else crash_failpoint()
         self._lock = ReplicaLock(self.data, cg)
@@ -371,6 +383,10 @@ class CGDistribution:
             while not self._stop.is_set():
                 self._wake.wait(self.wake_interval)
                 self._wake.clear()
+                # STEP_INTERVAL: a small backlog waits to become a larger step.
+                early = self._cycled_at + self.step_interval - time.monotonic()
+                if early > 0 and self._durable() - self._applied < self.step_records:
+                    self._stop.wait(early)
                 if self._stop.is_set():
                     break
                 self._tt = time.thread_time()
@@ -389,6 +405,7 @@ class CGDistribution:
                     backoff = min(backoff * 2, _BACKOFF[1])
                 finally:
                     self._account()
+                    self._cycled_at = time.monotonic()
         finally:
             self._close()
             self._set_state("stopped")

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from nicsplit.core.records import RFLAG_IN_WINDOW, WFlag
+from nicsplit.journal.format import SEGMENT_HEAD
 from nicsplit.journal.scan import Commit, Damage, JournalScanner, RecordHead
 
 __all__ = [
@@ -157,24 +158,45 @@ class PitIndex:
         with self._lock:
             n = 0
             for commit, recs in self._scanner.scan():
-                if commit.damage is not None:
-                    # Its records are unknown, so is whether it ends inside a merge
-                    # window: not claimed consistent (it is unusable anyway).
-                    self._last_in_window = True
-                    self._damage.append(commit.damage)
-                    self._unusable_from = min(self._unusable_from, commit.damage.first_seq)
-                    _publish(self.path, commit.damage)
-                if recs:
-                    self._last_in_window = bool(recs[-1].flags & RFLAG_IN_WINDOW)
-                    self._last_in_gap = bool(recs[-1].flags & _GAP)
-                self._seq.append(commit.last_seq)
-                self._time.append(commit.t_last_ns)
-                self._batch.append(commit.batch_id)
-                self._consistent.append(_IN_WINDOW if self._last_in_window else _IN_GAP if self._last_in_gap else _OK)
-                if self._on_batch is not None:
-                    self._on_batch(commit, recs)
+                self._index(commit, recs)
                 n += 1
             return n
+
+    def feed(self, commit: Commit, recs: list[RecordHead], start: tuple[int, int], end: tuple[int, int]) -> bool:
+        """Index a batch that the journal writer of this process has just
+        appended, from the writer's own record heads instead of reading the
+        segment back (the appliance, after each append, under the CG's lock).
+        Taken only when the scanner stands exactly where the batch's first
+        entry starts (``start``, a (segment, offset)); ``end`` is the offset
+        after its COMMIT.  False: nothing done, `refresh` reads it."""
+        with self._lock:
+            sc = self._scanner
+            at = (sc.segment, sc.offset)
+            if sc.stalled is not None or commit.first_seq <= sc.last_seq or not (
+                    at == start or (start[1] == SEGMENT_HEAD.size and at == (start[0], 0))):
+                return False
+            sc.segment, sc.offset, sc.last_seq = end[0], end[1], commit.last_seq
+            self._index(commit, recs)
+            return True
+
+    def _index(self, commit: Commit, recs: list[RecordHead]) -> None:
+        """One committed batch into the PIT arrays (and ``on_batch``). Lock held."""
+        if commit.damage is not None:
+            # Its records are unknown, so is whether it ends inside a merge
+            # window: not claimed consistent (it is unusable anyway).
+            self._last_in_window = True
+            self._damage.append(commit.damage)
+            self._unusable_from = min(self._unusable_from, commit.damage.first_seq)
+            _publish(self.path, commit.damage)
+        if recs:
+            self._last_in_window = bool(recs[-1].flags & RFLAG_IN_WINDOW)
+            self._last_in_gap = bool(recs[-1].flags & _GAP)
+        self._seq.append(commit.last_seq)
+        self._time.append(commit.t_last_ns)
+        self._batch.append(commit.batch_id)
+        self._consistent.append(_IN_WINDOW if self._last_in_window else _IN_GAP if self._last_in_gap else _OK)
+        if self._on_batch is not None:
+            self._on_batch(commit, recs)
 
     def __len__(self) -> int:
         return len(self._seq)

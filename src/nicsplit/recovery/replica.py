@@ -142,6 +142,51 @@ class DistributorStatistics:
 IMAGE_SIDECARS = (TAGS_SUFFIX, REKEY_SUFFIX)  # files beside a sealed image that move with it
 
 
+# A run of writes to coalesce is cut at this many bytes (a step is at most
+# STEP_BYTES anyway): the joined copy stays small.
+RUN_BYTES = 4 << 20
+
+
+def _read_runs(imgs: dict[int, Image], spans: list[tuple[int, int, int]]) -> list[memoryview]:
+    """The current bytes of each (vdisk id, start, end) in ``spans``, read
+    with one pread per run of consecutive spans of one image that touch or
+    overlap the run so far (a sequential stream: one read for the step)."""
+    out: list[memoryview] = []
+    i = 0
+    while i < len(spans):
+        vid, r0, r1 = spans[i]
+        j = i + 1
+        while j < len(spans) and spans[j][0] == vid and r0 <= spans[j][1] <= r1 and \
+                max(r1, spans[j][2]) - r0 <= RUN_BYTES:
+            r1 = max(r1, spans[j][2])
+            j += 1
+        buf = memoryview(imgs[vid].pread(r0, r1 - r0))
+        out.extend(buf[a0 - r0 : a1 - r0] for _, a0, a1 in spans[i:j])
+        i = j
+    return out
+
+
+def _runs(changes: Iterable[tuple[int, int, int, bytes | None]]) -> Iterator[tuple[int, int, int, bytes | None]]:
+    """``changes`` in order, consecutive data writes that continue each other
+    on one image joined into one (zeroing stays as it is: it punches holes)."""
+    run: list[bytes] = []
+    rvid = rstart = rend = -1
+    for vid, off, length, data in changes:
+        if data is not None and run and vid == rvid and off == rend and rend - rstart + length <= RUN_BYTES:
+            run.append(data)
+            rend += length
+            continue
+        if run:
+            yield rvid, rstart, rend - rstart, run[0] if len(run) == 1 else b"".join(run)
+            run = []
+        if data is None:
+            yield vid, off, length, None
+            continue
+        run, rvid, rstart, rend = [data], vid, off, off + length
+    if run:
+        yield rvid, rstart, rend - rstart, run[0] if len(run) == 1 else b"".join(run)
+
+
 class Distributor:
     """Applies a CG's journal to replica images, keeping undo data.  One
     instance per replica directory; not thread-safe (one distribution task)."""
@@ -334,9 +379,11 @@ class Distributor:
     def _write_images(self, changes: Iterable[tuple[int, int, int, bytes | None]], point: str) -> None:
         """Write each (vdisk id, offset, length, data; None: zeros) to its
         image in order, passing fault point ``point`` after each; then fsync
-        the images written."""
+        the images written.  Consecutive writes that continue each other
+        (same image, the next starts where the previous ended) go as one
+        write (`_runs`): one pwrite of the data and one of the tags."""
         touched: dict[int, Image] = {}
-        for vid, off, length, data in changes:
+        for vid, off, length, data in _runs(changes):
             img = self._imgs[vid]
             if data is None:
                 img.zero(off, length)
@@ -471,18 +518,20 @@ class Distributor:
         mine = [o for o in range(first, last) if ix.rec_vdisk[o] in self._imgs]
         self._skipped += (last - first) - len(mine)
         payloads = self._src.read_many([(ix.rec_seg[o], ix.rec_pos[o], ix.rec_seq[o], ix.rec_len[o]) for o in mine])
-        for o, payload in zip(mine, payloads):
+        spans = []  # per record: its whole 4 KiB blocks [a0, a1)
+        for o in mine:
             seq, vid, off, length = ix.rec_seq[o], ix.rec_vdisk[o], ix.rec_off[o], ix.rec_len[o]
-            img = self._imgs[vid]
             v = self.vdisks[vid]
             if off + length > v.size:
                 raise ReplicaError(f"record seq {seq}: {off}+{length} is past the end of vdisk {v.name} ({v.size} bytes)")
             # The pre-image covers whole 4 KiB blocks: laying it back rewrites
             # them whole, which also repairs a sealed block that a crash tore
             # mid-step (data and tag entry out of step: it cannot be read).
-            a0 = off - off % BLOCK_SIZE
-            a1 = min(v.size, -(-(off + length) // BLOCK_SIZE) * BLOCK_SIZE)
-            pre = bytearray(img.pread(a0, a1 - a0))
+            spans.append((vid, off - off % BLOCK_SIZE, min(v.size, -(-(off + length) // BLOCK_SIZE) * BLOCK_SIZE)))
+        olds = _read_runs(self._imgs, spans)  # one read per run of touching records, before anything is written
+        for o, payload, (vid, a0, a1), old in zip(mine, payloads, spans, olds):
+            seq, off, length = ix.rec_seq[o], ix.rec_off[o], ix.rec_len[o]
+            pre = bytearray(old)
             blocks = range(off // BLOCK_SIZE, (off + length - 1) // BLOCK_SIZE + 1)
             earlier: set[int] = set()
             for b in blocks:
