@@ -169,7 +169,11 @@ def test_card_lost_during_the_initial_sync_resumes_it(tmp_path: Path, rng: rando
         await asyncio.wait_for(host.resyncer.tasks["a"], 10)
         assert sa.state == "marking"
         left = sa.dmap.dirty_regions()
-        assert 0 < left < 64, left
+        # Usually part of the copy was durable before the kill (left < 64);
+        # on a loaded machine the card's durability can trail the copy by all
+        # of it, and then everything is left: either way what is left is
+        # exactly what the resumed copy must move (below).
+        assert 0 < left <= 64, left
         st = state_file(tmp_path, ds, "a")
         assert st["initial"] and st["cg"] == "cg1"
         await host.stop()

@@ -169,7 +169,11 @@ def test_card_killed_mid_resync_resumes_with_what_is_left(tmp_path: Path):
         await asyncio.wait_for(task, 10)
         assert sa.state == "marking"
         left = sa.dmap.dirty_regions()
-        assert 0 < left < 64, left
+        # Usually part of the copy was durable before the kill (left < 64);
+        # on a loaded machine the card's durability can trail the copy by all
+        # of it, and then everything is left: either way what is left is
+        # exactly what the resumed copy must move (below).
+        assert 0 < left <= 64, left
         shipped_before = sa.resync.shipped_total
         card = Card(host.cfg.layout.run)
         card.start()
