@@ -131,6 +131,7 @@ class ShipWindow:
         self._transmit: Transmit | None = None
         self._session_cgs: frozenset[str] | None = None  # CGs named in this link's Hello (None: any)
         self._refused: dict[str, str] = {}  # CGs this link will not ship, and why (held, no re-Hello)
+        self.refused_cgs = self._refused  # read-only view for the pipeline's per-write check (`refused`)
         self.new_cg = False  # a batch waits for a CG this link's Hello did not name: re-Hello needed
         self.on_new_cg: Callable[[], None] | None = None  # set by the Shipper: drop the link, re-Hello
         self._durable: dict[str, int] = {}
@@ -185,7 +186,7 @@ class ShipWindow:
         its CG is in ``refused`` (CG -> why): that one is only held."""
         self._connects += 1
         self._session_cgs = None if cgs is None else frozenset(cgs)
-        self._refused = dict(refused or {})
+        self._refused = self.refused_cgs = dict(refused or {})
         self.new_cg = False
         for cg, seq in resume.items():
             if seq > self._durable.get(cg, 0):
