@@ -25,7 +25,8 @@ an unknown io id).
 
 Example::
 
-    p = CardPipeline(catalog, release=ep.release, on_lost=mark_dirty, key=batch_key)
+    p = CardPipeline(catalog, release=ep.release, on_lost=mark_dirty, key=batch_key,
+                     release_many=ep.release_many)  # release_many: optional
     p.feed(ep.poll(), monotonic_ns())
     p.tick(monotonic_ns())
     shipper = Shipper(p.window, connect=..., card_id=..., cgs=p.cgs)
@@ -106,9 +107,11 @@ class CardPipeline:
         on_lost: Callable[[AugmentedWrite], None],
         key: bytes | None,
         config: PipelineConfig = PipelineConfig(),
+        release_many: Callable[[list[int]], None] | None = None,
     ) -> None:
         self.config = c = config
         self._release_cb = release
+        self._release_many_cb = release_many  # optional: a durable batch's releases in one call
         self._on_lost_cb = on_lost
         # io id -> (CG or None, payload bytes) of the writes whose payload the transport holds for us
         self._payload_ios: dict[int, tuple[str | None, int]] = {}
@@ -123,7 +126,7 @@ class CardPipeline:
         self.batcher = Batcher(batch_bytes=c.batch_bytes, batch_records=c.batch_records,
                                batch_delay_us=c.batch_delay_us, max_ready=c.batch_max_ready,
                                first_batch_id=c.first_batch_id)
-        self.window = ShipWindow(release=self._release, learn=self.dedup.learn,
+        self.window = ShipWindow(release=self._release, learn=self.dedup.learn, release_many=self._release_many,
                                  max_batches=c.ship_window, max_bytes=c.ship_window_bytes)
         self._cgs: dict[str, None] = {}
         self._writes = self._outcomes = self._bytes_in = self._released = self._lost_n = 0
@@ -368,6 +371,26 @@ class CardPipeline:
                 self._acct[cg].pending -= n
             self._released += 1
             self._release_cb(io_id)
+
+    def _release_many(self, io_ids: list[int]) -> None:
+        """`_release` for every write of a durable batch, in order, with one
+        call into the transport when it offers ``release_many``."""
+        pop, acct = self._payload_ios.pop, self._acct
+        out = []
+        for io_id in io_ids:
+            got = pop(io_id, None)
+            if got is not None:
+                cg, n = got
+                if cg is not None:
+                    acct[cg].pending -= n
+                out.append(io_id)
+        self._released += len(out)
+        if self._release_many_cb is not None:
+            self._release_many_cb(out)
+        else:
+            cb = self._release_cb
+            for io_id in out:
+                cb(io_id)
 
 
     def _lost(self, w: AugmentedWrite) -> None:

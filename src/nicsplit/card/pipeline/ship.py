@@ -119,10 +119,12 @@ class ShipWindow:
         learn: Callable[[str, Iterable[bytes]], None] = lambda cg, fps: None,
         max_batches: int = 64,
         max_bytes: int = 64 << 20,
+        release_many: Callable[[list[int]], None] | None = None,
     ) -> None:
         if max_batches < 1 or max_bytes < 1:
             raise ValueError("ship_window and ship_window_bytes must be positive")
         self._release = release
+        self._release_many = release_many  # a durable batch's io ids in one call (else `release` each)
         self._learn = learn
         self.max_batches = max_batches
         self.max_bytes = max_bytes
@@ -275,8 +277,11 @@ class ShipWindow:
         cg = u.head.cg
         self.durable_bytes[cg] = self.durable_bytes.get(cg, 0) + len(u.wire)
         self._durable_n += 1
-        for io_id in u.io_ids:
-            self._release(io_id)
+        if self._release_many is not None:
+            self._release_many(u.io_ids)
+        else:
+            for io_id in u.io_ids:
+                self._release(io_id)
         self._released += len(u.io_ids)
 
 
