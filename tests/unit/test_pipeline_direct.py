@@ -105,7 +105,8 @@ def workload(rng: random.Random, rounds: int):
             if data:
                 if rng.random() < 0.02:
                     off = (1 << 22) - 512  # runs past the vdisk: resolve drops it
-                w = write(io, seq[cg_id], cg_id=cg_id, vdisk_id=vdisk, offset=off, data=data, ts=rng.randrange(1, 10**6))
+                w = write(io, seq[cg_id], cg_id=cg_id, vdisk_id=vdisk, offset=off, data=data,
+                          ts=rng.randrange(1, 10**6))
             else:
                 op = rng.choice([Op.ZERO, Op.TRIM, Op.BARRIER])
                 w = write(io, seq[cg_id], cg_id=cg_id, vdisk_id=vdisk, offset=off, op=op,

@@ -60,9 +60,9 @@ __all__ = [
     "Hello", "HelloAck", "Batch", "Ack", "Error", "Heartbeat", "Frame", "FrameType",
     "ErrorCode", "FrameError", "FrameDecoder", "NEED_DATA", "DecoderStatistics",
     "encode", "batch_aad", "Record", "encode_records", "decode_records", "encode_record",
-    "decode_record", "decode_record_split", "encode_record_fields",
-    "join_records", "RECORD_HEAD", "RECORD_HEAD_SIZE", "REF_SIZE", "fingerprint", "expand", "block_spans", "seal", "unseal",
+    "decode_record", "decode_record_split", "RECORD_HEAD", "RECORD_HEAD_SIZE", "REF_SIZE", "fingerprint", "expand", "block_spans", "seal", "unseal",
     "COMPRESS_NONE", "COMPRESS_ZSTD", "CIPHER_NONE", "CIPHER_AES256GCM",
+    "encode_record_fields", "join_records",
 ]
 
 PROTOCOL_VERSION = 1
