@@ -102,7 +102,7 @@ def workload(rng: random.Random, rounds: int):
                 data = rng.randbytes(rng.choice([512, 4096, 6000]))
             else:
                 data = b""
-            if data:
+            if data or kind > 0.98:  # (an empty WRITE, too: the transport holds it all the same)
                 if rng.random() < 0.02:
                     off = (1 << 22) - 512  # runs past the vdisk: resolve drops it
                 w = write(io, seq[cg_id], cg_id=cg_id, vdisk_id=vdisk, offset=off, data=data,

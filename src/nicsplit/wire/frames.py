@@ -650,10 +650,11 @@ def encode_record_fields(seq: int, io_id: int, vdisk_id: int, op: int, flags: in
     try:
         if not refs:
             return RECORD_HEAD.pack(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, 0, len(data)) + data
-        head = RECORD_HEAD.pack(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, len(refs), len(data))
+        nrefs = len(refs)
+        head = RECORD_HEAD.pack(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, nrefs, len(data))
     except struct.error:
         return encode_record(Record(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, bytes(data), refs))
-    if len(refs) == 1:  # one 4 KiB block by reference: the common dedup hit
+    if nrefs == 1:  # one 4 KiB block by reference: the common dedup hit
         ((b, fp),) = refs
         return b"".join((head, _REF.pack(b, fp), data))
     return b"".join([head, *(_REF.pack(b, fp) for b, fp in refs), data])

@@ -163,7 +163,7 @@ class Batcher:
         waiting if this call closed one, else 0."""
         size = len(encoded)
         closed = False
-        ob = self._open.get(cg)
+        ob = self._open[cg] if cg in self._open else None
         if ob is not None:  # an open batch holds at least one record
             if seq <= ob.last_seq:
                 raise PipelineError(f"cg {cg}: record seq {seq} after {ob.last_seq}")

@@ -141,9 +141,11 @@ class Hold:
     def add(self, r: Resolved, now_ns: int) -> None:
         w = r.write
         seq = w.cg_seq
-        lane = self._lanes.get(w.cg_id)
-        if lane is None:
-            lane = self._lanes[w.cg_id] = _Lane(seq)
+        lanes = self._lanes
+        if w.cg_id in lanes:
+            lane = lanes[w.cg_id]
+        else:
+            lane = lanes[w.cg_id] = _Lane(seq)
         slots = lane.slots
         if self._count >= self.max_writes or self._bytes >= self.max_bytes:  # full
             self._refused += 1
@@ -288,12 +290,12 @@ class Hold:
     def _advance(self, lane: _Lane, now_ns: int) -> None:
         slots = lane.slots
         moved = False
-        while True:
-            s = slots.get(lane.next)
-            if s is None or s[_STATE] == _PENDING:
+        while (nxt := lane.next) in slots:  # (`in` and a subscript: no call per step)
+            s = slots[nxt]
+            if s[_STATE] == _PENDING:
                 break
-            del slots[lane.next]
-            lane.next += 1
+            del slots[nxt]
+            lane.next = nxt + 1
             moved = True
             if s[_STATE] == _COMMITTED:
                 self._ready.append(s[_R])

@@ -144,36 +144,38 @@ class CardPipeline:
         refused = self.window.refused_cgs
         payload_ios, acct, cgs = self._payload_ios, self._acct, self._cgs
         write_op = Op.WRITE
+        a_cg = a = None  # the last write's CG and its byte counts (polls come in runs of one CG)
         for e in entries:
             if e.__class__ is Outcome:  # (not type(e): an attribute costs no call)
                 self._outcomes += 1
                 outcome(e, now_ns)
                 continue
             self._writes += 1
-            n = 0
-            data = e.data
-            if data is not None and e.op == write_op:
-                n = len(data)
-                self._bytes_in += n
             r = resolve(e)
             if r is None or (refused and r.cg in refused):
                 # resolve dropped it, or the appliance refuses this CG: lost
                 # (its host marks) rather than filling the window
-                if n:
+                data = e.data
+                if data is not None and e.op == write_op:  # (even empty: the transport holds it)
+                    n = len(data)
+                    self._bytes_in += n
                     payload_ios[e.io_id] = (None, n)
                 self._lost(e)  # acked to the host, never shipped: its region must be resynced (P1)
                 self._release(e.io_id)
                 hold.reject(e.cg_id, e.cg_seq, now_ns)
                 continue
             cg = r.cg
+            n = r.nbytes  # a WRITE's payload length (resolve checked it), else 0
             if n:  # acknowledged and not yet durable: the CG's RPO in bytes
+                self._bytes_in += n
                 payload_ios[e.io_id] = (cg, n)
-                a = acct.get(cg)
-                if a is None:
-                    a = self._cg_bytes(cg)
+                if cg is not a_cg:
+                    a_cg, a = cg, self._cg_bytes(cg)
                 a.pending += n
                 if not from_log:
                     a.in_bytes += n
+            elif e.op == write_op and e.data is not None:  # an empty WRITE: the transport holds it too
+                payload_ios[e.io_id] = (None, 0)
             if cg not in cgs:
                 cgs[cg] = None
             add(r, now_ns)

@@ -63,13 +63,13 @@ class Resolver:
         self._cg_ids: dict[int, int] = {}  # vdisk id -> the CG id its last write carried
 
     def resolve(self, w: AugmentedWrite) -> Resolved | None:
-        vdisk_id = w.vdisk_id
-        if self._cg_ids.get(vdisk_id) != w.cg_id:
+        vdisk_id, cg_ids = w.vdisk_id, self._cg_ids
+        if vdisk_id not in cg_ids or cg_ids[vdisk_id] != w.cg_id:
             if callable(getattr(self.catalog, "refresh", None)):
                 # First write of this vdisk this run, or another CG than its last
                 # one: it may have joined a CG since the snapshot (`nicsplit cg add`).
                 self.catalog.refresh()
-            self._cg_ids[vdisk_id] = w.cg_id
+            cg_ids[vdisk_id] = w.cg_id
         # `_check(w, quiet=True)` inline for a write that passes (one per write
         # on the card's steady path); anything else takes the full path below.
         found = self.catalog.lookup(vdisk_id)
