@@ -142,7 +142,7 @@ class CardPipeline:
         hold = self.hold
         outcome, add, resolve = hold.outcome, hold.add, self.resolver.resolve
         refused = self.window.refused_cgs
-        payload_ios, acct, cgs = self._payload_ios, self._acct, self._cgs
+        payload_ios, cgs = self._payload_ios, self._cgs
         write_op = Op.WRITE
         a_cg = a = None  # the last write's CG and its byte counts (polls come in runs of one CG)
         for e in entries:
