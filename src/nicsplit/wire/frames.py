@@ -62,7 +62,6 @@ __all__ = [
     "encode", "batch_aad", "Record", "encode_records", "decode_records", "encode_record",
     "decode_record", "decode_record_split", "RECORD_HEAD", "RECORD_HEAD_SIZE", "REF_SIZE", "fingerprint", "expand", "block_spans", "seal", "unseal",
     "COMPRESS_NONE", "COMPRESS_ZSTD", "CIPHER_NONE", "CIPHER_AES256GCM",
-    "encode_record_fields", "join_records",
 ]
 
 PROTOCOL_VERSION = 1
@@ -178,6 +177,7 @@ REF_SIZE = _REF.size
 
 _RECORDS_COUNT = struct.Struct(">I")  # number of records in the plaintext
 assert _RECORDS_COUNT.size == 4
+REF, RECORDS_COUNT = _REF, _RECORDS_COUNT  # for the card's own record encoder (card/pipeline/encode.py)
 
 # -- envelope -------------------------------------------------------------------
 
@@ -639,27 +639,6 @@ def encode_record(r: Record) -> bytes:
     return b"".join([head, *(_REF.pack(b, fp) for b, fp in r.refs), r.data])
 
 
-def encode_record_fields(seq: int, io_id: int, vdisk_id: int, op: int, flags: int, offset: int, length: int,
-                         time_ns: int, data: bytes | bytearray | memoryview,
-                         refs: tuple[tuple[int, bytes], ...] = ()) -> bytes:
-    """`encode_record` of the record these fields make, byte for byte, with
-    no `Record` and no per-record checks: for records the card builds itself
-    from writes resolve already checked (one per write on its steady path;
-    the appliance checks every record it decodes). A field out of range
-    still raises the ValueError `encode_record` gives."""
-    try:
-        if not refs:
-            return RECORD_HEAD.pack(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, 0, len(data)) + data
-        nrefs = len(refs)
-        head = RECORD_HEAD.pack(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, nrefs, len(data))
-    except struct.error:
-        return encode_record(Record(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, bytes(data), refs))
-    if nrefs == 1:  # one 4 KiB block by reference: the common dedup hit
-        ((b, fp),) = refs
-        return b"".join((head, _REF.pack(b, fp), data))
-    return b"".join([head, *(_REF.pack(b, fp) for b, fp in refs), data])
-
-
 def decode_record(buf: bytes | memoryview, pos: int = 0) -> tuple[Record, int]:
     """Decode one record at ``buf[pos:]``; returns it and the offset after it."""
     mv = memoryview(buf)
@@ -702,12 +681,6 @@ def encode_records(records: Iterable[Record]) -> bytes:
     """The plaintext of a batch: a u32 count, then the records in order."""
     parts = [encode_record(r) for r in records]
     return _RECORDS_COUNT.pack(len(parts)) + b"".join(parts)
-
-
-def join_records(encoded: list[bytes]) -> bytes:
-    """The plaintext of a batch from records already encoded (`encode_record`,
-    `encode_record_fields`): the same bytes `encode_records` gives."""
-    return b"".join([_RECORDS_COUNT.pack(len(encoded)), *encoded])
 
 
 def decode_records(b: bytes | memoryview) -> list[Record]:

@@ -17,8 +17,8 @@ previous batch's end + 1.
 A batch holds its records already encoded (the wire layout, one bytes
 object per record): `add` encodes a `Record` with the checked
 ``frames.encode_record``; `add_encoded` takes the bytes the card's steady
-path built with ``frames.encode_record_fields`` and no `Record` at all.
-Sealing then joins the bytes once per batch (``frames.join_records``).
+path built with ``encode.encode_record_fields`` and no `Record` at all.
+Sealing then joins the bytes once per batch (``encode.join_records``).
 
 Bounds: ``full`` is true when ``max_ready`` batches are waiting for the
 shipper; the pipeline then stops taking writes out of hold (backpressure
@@ -44,8 +44,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from nicsplit.wire.frames import Batch, Record, decode_records, encode_record, join_records
+from nicsplit.wire.frames import Batch, Record, decode_records, encode_record
 
+from .encode import join_records
 from .items import PipelineError
 
 MAX_BATCH_BYTES = 8 << 20

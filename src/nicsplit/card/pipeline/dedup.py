@@ -48,8 +48,9 @@ import xxhash
 
 from nicsplit.core.records import BLOCK_SIZE as BLOCK
 from nicsplit.core.records import Op
-from nicsplit.wire.frames import Record, encode_record_fields, fingerprint
+from nicsplit.wire.frames import Record, fingerprint
 
+from .encode import encode_record_fields
 from .items import Item
 
 _WRITE = Op.WRITE
@@ -137,7 +138,7 @@ class Dedup:
 
     def encode(self, cg: str, seq: int, io_id: int, vdisk_id: int, op: int, flags: int, offset: int, length: int,
                time_ns: int, data: bytes | bytearray | memoryview) -> tuple[bytes, int, int]:
-        """`record` encoded at once (``frames.encode_record_fields``), for the
+        """`record` encoded at once (``encode.encode_record_fields``), for the
         pipeline's steady path: (encoded record, data bytes kept, blocks by
         reference). The same bytes ``encode_record(record(...))`` gives."""
         self._records += 1
