@@ -7,8 +7,14 @@ and the asyncio `Shipper` drives its `window`. Nothing in here blocks.
 
 Data order of one batch (the borg/restic order, STYLE.md)::
 
-    fingerprint plain 4 KiB blocks (dedup) → frames.Record → encode_records
-    → zstd (compress) → AES-256-GCM, AAD = batch_aad(header) (encrypt)
+    fingerprint plain 4 KiB blocks (dedup) → encoded record (encode.py, as it
+    joins its batch) → the batch's records joined → zstd (compress)
+    → AES-256-GCM, AAD = batch_aad(header) (encrypt)
+
+Per write, the steady path (merge off) does only what must be per write —
+one loop over the poll, resolve, a hold slot, a fingerprint, one encoded
+record; per batch it joins, compresses, seals and releases (one call into
+the transport for all of a durable batch's writes, ``release_many``).
 
 Backpressure: `pump` moves writes out of hold only while the batcher is not
 full, and moves sealed batches into the ship window only while it has room.
