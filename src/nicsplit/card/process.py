@@ -208,7 +208,7 @@ class CardProcess:
                                      cg_name=self._cg_of)
         self._sync_fut: asyncio.Future | None = None
         self.pipeline = CardPipeline(catalog, release=self._release, on_lost=on_lost or self._default_lost,
-                                     key=key, config=cfg.pipeline)
+                                     key=key, config=cfg.pipeline, release_many=self._release_many)
         if callable(getattr(catalog, "cg_names", None)):
             self.pipeline.add_cgs(catalog.cg_names())
         if connect is None:
@@ -244,6 +244,18 @@ class CardProcess:
         ovf = self.overflow
         if ovf is None or not ovf.release(io_id):
             self.endpoint.release(io_id)
+
+    def _release_many(self, io_ids: list[int]) -> None:
+        """`_release` for a durable batch's writes: the ring's in one call."""
+        ovf = self.overflow
+        if ovf is not None:
+            io_ids = [i for i in io_ids if not ovf.release(i)]
+        many = getattr(self.endpoint, "release_many", None)
+        if many is not None:
+            many(io_ids)
+        else:
+            for io_id in io_ids:
+                self.endpoint.release(io_id)
 
     def _cg_of(self, vdisk_id: int) -> str | None:
         r = self.catalog.lookup(vdisk_id)

@@ -177,6 +177,7 @@ REF_SIZE = _REF.size
 
 _RECORDS_COUNT = struct.Struct(">I")  # number of records in the plaintext
 assert _RECORDS_COUNT.size == 4
+REF, RECORDS_COUNT = _REF, _RECORDS_COUNT  # for the card's own record encoder (card/pipeline/encode.py)
 
 # -- envelope -------------------------------------------------------------------
 

@@ -14,6 +14,12 @@ seqs between records (failed writes, writes folded by merge, rejected ones)
 are simply absent. ``first_seq`` is the seq of the first record, not the
 previous batch's end + 1.
 
+A batch holds its records already encoded (the wire layout, one bytes
+object per record): `add` encodes a `Record` with the checked
+``frames.encode_record``; `add_encoded` takes the bytes the card's steady
+path built with ``encode.encode_record_fields`` and no `Record` at all.
+Sealing then joins the bytes once per batch (``encode.join_records``).
+
 Bounds: ``full`` is true when ``max_ready`` batches are waiting for the
 shipper; the pipeline then stops taking writes out of hold (backpressure
 goes up the chain to hold, whose bound makes the card report itself full).
@@ -27,18 +33,20 @@ Options: ``batch_bytes`` (default 1 MiB), ``batch_records`` (default 4096),
 Example::
 
     b = Batcher(batch_bytes=1 << 20, batch_delay_us=500)
-    b.add(record, io_ids, now_ns)
+    b.add(cg, record, io_ids, now_ns)
+    b.add_encoded(cg, seq, time_ns, encoded, io_ids, kept_bytes, ref_blocks, now_ns)
     b.tick(now_ns)
-    while (p := b.pop()) is not None: ...    # Pending: id, cg, records, io_ids
+    while (p := b.pop()) is not None: ...    # Pending: id, cg, encoded, io_ids
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from nicsplit.wire.frames import Batch, Record
+from nicsplit.wire.frames import Batch, Record, decode_records, encode_record
 
+from .encode import join_records
 from .items import PipelineError
 
 MAX_BATCH_BYTES = 8 << 20
@@ -53,29 +61,50 @@ def record_size(r: Record) -> int:
 
 @dataclass(slots=True)
 class Pending:
-    """A closed batch, not yet sealed."""
+    """A closed batch, not yet sealed: its records encoded, in seq order."""
 
     batch_id: int
     cg: str
-    records: list[Record]
+    encoded: list[bytes]  # one encoded record each (frames layout)
     io_ids: list[int]
-    nbytes: int  # encoded plaintext estimate
+    nbytes: int  # encoded plaintext size
     t_open_ns: int  # card clock when the first record joined
-    closed_ns: int = 0
+    closed_ns: int
+    first_seq: int
+    last_seq: int
+    t_min: int  # smallest / largest record time_ns
+    t_max: int
+    first_time_ns: int  # time_ns of the first record
+    data_bytes: int  # record data bytes (after dedup)
+    ref_blocks: int  # blocks sent by reference
+
+    @property
+    def records(self) -> list[Record]:
+        """The records decoded again (tests and diagnostics; sealing uses `plain`)."""
+        return decode_records(self.plain())
+
+    def plain(self) -> bytes:
+        """The batch plaintext (``frames.encode_records`` layout)."""
+        return join_records(self.encoded)
 
     def header(self) -> Batch:
         """The Batch header (empty body): what ``frames.batch_aad`` binds."""
-        times = [r.time_ns for r in self.records]
-        return Batch(self.batch_id, self.cg, self.records[0].seq, self.records[-1].seq,
-                     max(0, min(times)), max(0, max(times)), b"")
+        return Batch(self.batch_id, self.cg, self.first_seq, self.last_seq, max(0, self.t_min), max(0, self.t_max), b"")
 
 
-@dataclass(slots=True)
 class _Open:
-    records: list[Record] = field(default_factory=list)
-    io_ids: list[int] = field(default_factory=list)
-    nbytes: int = 4  # the record count
-    t_open_ns: int = 0
+    __slots__ = ("encoded", "io_ids", "nbytes", "t_open_ns", "first_seq", "last_seq", "t_min", "t_max",
+                 "first_time_ns", "data_bytes", "ref_blocks", "n")
+
+    def __init__(self, t_open_ns: int, seq: int, time_ns: int) -> None:
+        self.encoded: list[bytes] = []
+        self.io_ids: list[int] = []
+        self.nbytes = 4  # the record count
+        self.t_open_ns = t_open_ns
+        self.first_seq = self.last_seq = seq
+        self.t_min = self.t_max = self.first_time_ns = time_ns
+        self.data_bytes = self.ref_blocks = 0
+        self.n = 0  # records (len(encoded), kept as a number for the per-record check)
 
 
 @dataclass(frozen=True)
@@ -126,30 +155,51 @@ class Batcher:
         return len(self._ready)
 
     def add(self, cg: str, record: Record, io_ids: tuple[int, ...], now_ns: int) -> None:
-        size = record_size(record)
-        ob = self._open.get(cg)
-        if ob is not None and ob.records:
-            if record.seq <= ob.records[-1].seq:
-                raise PipelineError(f"cg {cg}: record seq {record.seq} after {ob.records[-1].seq}")
+        self.add_encoded(cg, record.seq, record.time_ns, encode_record(record), io_ids, len(record.data),
+                         len(record.refs), now_ns)
+
+    def add_encoded(self, cg: str, seq: int, time_ns: int, encoded: bytes, io_ids: tuple[int, ...] | list[int],
+                    data_bytes: int, ref_blocks: int, now_ns: int) -> int:
+        """Add one encoded record. Returns the number of closed batches
+        waiting if this call closed one, else 0."""
+        size = len(encoded)
+        closed = False
+        ob = self._open[cg] if cg in self._open else None
+        if ob is not None:  # an open batch holds at least one record
+            if seq <= ob.last_seq:
+                raise PipelineError(f"cg {cg}: record seq {seq} after {ob.last_seq}")
             if ob.nbytes + size > self.batch_bytes:
                 self._by_size += 1
                 self._close(cg, now_ns)
+                closed = True
                 ob = None
         if ob is None:
-            ob = self._open[cg] = _Open(t_open_ns=now_ns)
-        ob.records.append(record)
+            ob = self._open[cg] = _Open(now_ns, seq, time_ns)
+        else:
+            ob.last_seq = seq
+            if time_ns < ob.t_min:
+                ob.t_min = time_ns
+            elif time_ns > ob.t_max:
+                ob.t_max = time_ns
+        ob.encoded.append(encoded)
         ob.io_ids.extend(io_ids)
         ob.nbytes += size
+        ob.data_bytes += data_bytes
+        ob.ref_blocks += ref_blocks
+        ob.n += 1
         self._records += 1
         if ob.nbytes >= self.batch_bytes:
             self._by_size += 1
-            self._close(cg, now_ns)
-        elif len(ob.records) >= self.batch_records:
+        elif ob.n >= self.batch_records:
             self._by_count += 1
-            self._close(cg, now_ns)
         elif not self.delay_ns:
             self._by_delay += 1
-            self._close(cg, now_ns)
+        elif not closed:
+            return 0
+        else:
+            return len(self._ready)
+        self._close(cg, now_ns)
+        return len(self._ready)
 
     def tick(self, now_ns: int) -> None:
         if self._open:
@@ -171,10 +221,9 @@ class Batcher:
         """Per CG, the write timestamp of the first record not yet handed to ship."""
         out: dict[str, int] = {}
         for p in self._ready:
-            out.setdefault(p.cg, p.records[0].time_ns)
+            out.setdefault(p.cg, p.first_time_ns)
         for cg, ob in self._open.items():
-            if ob.records:
-                out.setdefault(cg, ob.records[0].time_ns)
+            out.setdefault(cg, ob.first_time_ns)
         return out
 
     def pop(self) -> Pending | None:
@@ -190,6 +239,8 @@ class Batcher:
 
     def _close(self, cg: str, now_ns: int) -> None:
         ob = self._open.pop(cg)
-        self._ready.append(Pending(self._next_id, cg, ob.records, ob.io_ids, ob.nbytes, ob.t_open_ns, now_ns))
+        self._ready.append(Pending(self._next_id, cg, ob.encoded, ob.io_ids, ob.nbytes, ob.t_open_ns, now_ns,
+                                   ob.first_seq, ob.last_seq, ob.t_min, ob.t_max, ob.first_time_ns,
+                                   ob.data_bytes, ob.ref_blocks))
         self._next_id += 1
         self._batches += 1

@@ -40,15 +40,21 @@ No queue: a synchronous one-item-in, one-record-out transform.
 from __future__ import annotations
 
 from collections import OrderedDict
-from time import monotonic_ns
 from dataclasses import dataclass
+from time import monotonic_ns
 from typing import Iterable
+
+import xxhash
 
 from nicsplit.core.records import BLOCK_SIZE as BLOCK
 from nicsplit.core.records import Op
 from nicsplit.wire.frames import Record, fingerprint
 
+from .encode import encode_record_fields
 from .items import Item
+
+_WRITE = Op.WRITE
+_xxh3_128 = xxhash.xxh3_128_digest
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,35 @@ class Dedup:
                 data = b"".join(kept)
         return Record(seq=seq, io_id=io_id, vdisk_id=vdisk_id, op=op, flags=flags, offset=offset, length=length,
                       time_ns=time_ns, data=bytes(data), refs=tuple(refs))
+
+    def encode(self, cg: str, seq: int, io_id: int, vdisk_id: int, op: int, flags: int, offset: int, length: int,
+               time_ns: int, data: bytes | bytearray | memoryview) -> tuple[bytes, int, int]:
+        """`record` encoded at once (``encode.encode_record_fields``), for the
+        pipeline's steady path: (encoded record, data bytes kept, blocks by
+        reference). The same bytes ``encode_record(record(...))`` gives."""
+        self._records += 1
+        n = len(data)
+        if not self.enabled or op != _WRITE or n < BLOCK:
+            return encode_record_fields(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, data), n, 0
+        known = self._known
+        if n == BLOCK:  # one block, the common write: no slicing
+            self._blocks += 1
+            fp = _xxh3_128(data)  # = frames.fingerprint, without its wrapper call
+            t = known.get((cg, fp))
+            if t is None:
+                return encode_record_fields(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, data), n, 0
+            if t >= monotonic_ns() - self.horizon_ns:
+                known.move_to_end((cg, fp))
+                self._refs += 1
+                return encode_record_fields(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, b"",
+                                            ((0, fp),)), 0, 1
+            del known[(cg, fp)]  # past the horizon: send it again (the appliance re-homes it)
+            self._expired += 1
+            return encode_record_fields(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, data), n, 0
+        r = self.record(cg, seq, io_id, vdisk_id, op, flags, offset, length, time_ns, data)
+        self._records -= 1  # counted above
+        return (encode_record_fields(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, r.data, r.refs),
+                len(r.data), len(r.refs))
 
     def statistics(self) -> DedupStats:
         return DedupStats(

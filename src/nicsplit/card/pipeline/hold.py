@@ -58,15 +58,12 @@ from .items import Resolved
 log = logging.getLogger(__name__)
 
 _PENDING, _COMMITTED, _DROPPED = 0, 1, 2
+_OK = Status.COMMITTED
 
-
-class _Slot:
-    __slots__ = ("r", "state", "t_ns")
-
-    def __init__(self, r: Resolved | None, state: int, t_ns: int) -> None:
-        self.r = r  # None: a placeholder for a seq resolve rejected
-        self.state = state
-        self.t_ns = t_ns
+# A slot is a list, not an object: one is made per write on the card's steady
+# path, and a list costs no Python call. [_R, _STATE, _T, _LANE]:
+_R, _STATE, _T, _LANE = 0, 1, 2, 3  # Resolved (None: a placeholder for a seq resolve rejected), state,
+#                                     when it arrived, its _Lane
 
 
 class _Lane:
@@ -74,7 +71,7 @@ class _Lane:
 
     def __init__(self, first: int) -> None:
         self.next = first
-        self.slots: dict[int, _Slot] = {}
+        self.slots: dict[int, list] = {}
         self.blocked_ns: int | None = None  # since when `next` is missing while later seqs wait
 
 
@@ -112,7 +109,7 @@ class Hold:
         self.max_bytes = max_bytes
         self.timeout_ns = int(outcome_timeout_ms * 1_000_000)
         self._lanes: dict[int, _Lane] = {}
-        self._by_io: dict[int, tuple[int, int]] = {}  # io_id → (cg_id, seq) of a pending slot
+        self._by_io: dict[int, list] = {}  # io_id → its pending slot
         self._early: OrderedDict[int, tuple[Status, int]] = OrderedDict()  # io_id → (status, t_ns)
         self._ready: deque[Resolved] = deque()
         self._count = self._bytes = 0
@@ -143,39 +140,58 @@ class Hold:
 
     def add(self, r: Resolved, now_ns: int) -> None:
         w = r.write
-        lane = self._lane(w.cg_id, w.cg_seq)
-        if self.full:
+        seq = w.cg_seq
+        lanes = self._lanes
+        if w.cg_id in lanes:
+            lane = lanes[w.cg_id]
+        else:
+            lane = lanes[w.cg_id] = _Lane(seq)
+        slots = lane.slots
+        if self._count >= self.max_writes or self._bytes >= self.max_bytes:  # full
             self._refused += 1
             self._lose(r, "card full")
-            if w.cg_seq >= lane.next and w.cg_seq not in lane.slots:  # its seq is spoken for: later ones go on
-                lane.slots[w.cg_seq] = _Slot(None, _DROPPED, now_ns)
+            if seq >= lane.next and seq not in slots:  # its seq is spoken for: later ones go on
+                slots[seq] = [None, _DROPPED, now_ns, lane]
                 self._advance(lane, now_ns)
             return
-        if w.cg_seq < lane.next or w.cg_seq in lane.slots:
+        if seq < lane.next or seq in slots:
             self._lost_late += 1
-            self._lose(r, f"seq {w.cg_seq} cannot be placed (next is {lane.next})")
+            self._lose(r, f"seq {seq} cannot be placed (next is {lane.next})")
             return
-        lane.slots[w.cg_seq] = _Slot(r, _PENDING, now_ns)
-        self._by_io[w.io_id] = (w.cg_id, w.cg_seq)
+        slot = slots[seq] = [r, _PENDING, now_ns, lane]
+        self._by_io[w.io_id] = slot
         self._count += 1
         self._bytes += r.nbytes
-        early = self._early.pop(w.io_id, None)
-        if early is not None:
-            self._resolve(w.io_id, early[0])
-        self._advance(lane, now_ns)
+        if self._early:
+            early = self._early.pop(w.io_id, None)
+            if early is not None:
+                del self._by_io[w.io_id]
+                self._resolve(slot, w.io_id, early[0])
+                self._advance(lane, now_ns)
+                return
+        if seq == lane.next or lane.next in slots:  # the head is pending: nothing moves, nothing is missing
+            lane.blocked_ns = None
+        else:
+            self._advance(lane, now_ns)
 
     def reject(self, cg_id: int, seq: int, now_ns: int) -> None:
         """Resolve dropped this seq: it is resolved without being shipped."""
         lane = self._lane(cg_id, seq)
         if seq >= lane.next and seq not in lane.slots:
-            lane.slots[seq] = _Slot(None, _DROPPED, now_ns)
+            lane.slots[seq] = [None, _DROPPED, now_ns, lane]
             self._advance(lane, now_ns)
 
     def outcome(self, o: Outcome, now_ns: int) -> None:
-        if o.io_id in self._by_io:
-            cg_id, _ = self._by_io[o.io_id]
-            self._resolve(o.io_id, o.status)
-            self._advance(self._lanes[cg_id], now_ns)
+        slot = self._by_io.pop(o.io_id, None)
+        if slot is not None:
+            if o.status == _OK:  # (`_resolve` inline for the common outcome)
+                slot[_STATE] = _COMMITTED
+                self._committed += 1
+            else:
+                self._resolve(slot, o.io_id, o.status)
+            lane = slot[_LANE]
+            if slot[_R].write.cg_seq == lane.next:  # below the head nothing can move
+                self._advance(lane, now_ns)
         else:
             self._early[o.io_id] = (o.status, now_ns)
             if len(self._early) > self.max_writes:
@@ -188,14 +204,15 @@ class Hold:
             while lane.slots:
                 s = lane.slots.get(lane.next)
                 if s is not None:
-                    if s.state != _PENDING or s.t_ns + self.timeout_ns > now_ns:
+                    if s[_STATE] != _PENDING or s[_T] + self.timeout_ns > now_ns:
                         break
-                    self._by_io.pop(s.r.write.io_id, None)
-                    s.state = _DROPPED
+                    r = s[_R]
+                    self._by_io.pop(r.write.io_id, None)
+                    s[_STATE] = _DROPPED
                     self._lost_timeout += 1
                     self._count -= 1
-                    self._bytes -= s.r.nbytes
-                    self._lose(s.r, f"no outcome within {self.timeout_ns // 1_000_000} ms")
+                    self._bytes -= r.nbytes
+                    self._lose(r, f"no outcome within {self.timeout_ns // 1_000_000} ms")
                 elif lane.blocked_ns is not None and lane.blocked_ns + self.timeout_ns <= now_ns:
                     first = min(lane.slots)
                     log.warning("cg %d: seqs %d..%d never arrived: skipped", cg_id, lane.next, first - 1)
@@ -212,6 +229,17 @@ class Hold:
             self._stray += 1
 
     # -- output --------------------------------------------------------------
+
+    @property
+    def ready(self) -> deque[Resolved]:
+        """The ready queue itself, for a consumer that takes many at once:
+        it pops from the left and then calls `took` with what it popped."""
+        return self._ready
+
+    def took(self, writes: int, nbytes: int) -> None:
+        """``writes`` writes of ``nbytes`` payload were popped from `ready`."""
+        self._count -= writes
+        self._bytes -= nbytes
 
     def pop_ready(self) -> Resolved | None:
         if not self._ready:
@@ -240,17 +268,16 @@ class Hold:
             lane = self._lanes[cg_id] = _Lane(seq)
         return lane
 
-    def _resolve(self, io_id: int, status: Status) -> None:
-        cg_id, seq = self._by_io.pop(io_id)
-        s = self._lanes[cg_id].slots[seq]
-        if status == Status.COMMITTED:
-            s.state = _COMMITTED
+    def _resolve(self, s: list, io_id: int, status: Status) -> None:
+        """Settle a pending slot (already taken out of ``_by_io``)."""
+        if status == _OK:
+            s[_STATE] = _COMMITTED
             self._committed += 1
         else:
-            s.state = _DROPPED
+            s[_STATE] = _DROPPED
             self._failed += 1
             self._count -= 1
-            self._bytes -= s.r.nbytes
+            self._bytes -= s[_R].nbytes
             log.info("io %d: failed in the datastore: dropped, never shipped", io_id)
             self._release(io_id)
 
@@ -263,15 +290,15 @@ class Hold:
     def _advance(self, lane: _Lane, now_ns: int) -> None:
         slots = lane.slots
         moved = False
-        while True:
-            s = slots.get(lane.next)
-            if s is None or s.state == _PENDING:
+        while (nxt := lane.next) in slots:  # (`in` and a subscript: no call per step)
+            s = slots[nxt]
+            if s[_STATE] == _PENDING:
                 break
-            del slots[lane.next]
-            lane.next += 1
+            del slots[nxt]
+            lane.next = nxt + 1
             moved = True
-            if s.state == _COMMITTED:
-                self._ready.append(s.r)
+            if s[_STATE] == _COMMITTED:
+                self._ready.append(s[_R])
         if slots and lane.next not in slots:
             if moved or lane.blocked_ns is None:
                 lane.blocked_ns = now_ns  # the gap clock starts when this seq became the one missing

@@ -115,11 +115,11 @@ class Merger:
         if item.op == Op.BARRIER or item.flags & WFlag.FUA:
             self._close(item.cg)
 
-    def count_passthrough(self, nbytes: int, data_len: int) -> None:
-        """Merging is off and the pipeline moved one write past this stage
-        without an `Item`: count it as `push` + `pop` would have."""
-        self._in += 1
-        self._out_n += 1
+    def count_passthrough(self, nbytes: int, data_len: int, writes: int = 1) -> None:
+        """Merging is off and the pipeline moved ``writes`` writes past this
+        stage without an `Item`: count them as `push` + `pop` would have."""
+        self._in += writes
+        self._out_n += writes
         self._bytes_in += nbytes
         self._bytes_out += data_len
 

@@ -7,8 +7,14 @@ and the asyncio `Shipper` drives its `window`. Nothing in here blocks.
 
 Data order of one batch (the borg/restic order, STYLE.md)::
 
-    fingerprint plain 4 KiB blocks (dedup) → frames.Record → encode_records
-    → zstd (compress) → AES-256-GCM, AAD = batch_aad(header) (encrypt)
+    fingerprint plain 4 KiB blocks (dedup) → encoded record (encode.py, as it
+    joins its batch) → the batch's records joined → zstd (compress)
+    → AES-256-GCM, AAD = batch_aad(header) (encrypt)
+
+Per write, the steady path (merge off) does only what must be per write —
+one loop over the poll, resolve, a hold slot, a fingerprint, one encoded
+record; per batch it joins, compresses, seals and releases (one call into
+the transport for all of a durable batch's writes, ``release_many``).
 
 Backpressure: `pump` moves writes out of hold only while the batcher is not
 full, and moves sealed batches into the ship window only while it has room.
@@ -25,7 +31,8 @@ an unknown io id).
 
 Example::
 
-    p = CardPipeline(catalog, release=ep.release, on_lost=mark_dirty, key=batch_key)
+    p = CardPipeline(catalog, release=ep.release, on_lost=mark_dirty, key=batch_key,
+                     release_many=ep.release_many)  # release_many: optional
     p.feed(ep.poll(), monotonic_ns())
     p.tick(monotonic_ns())
     shipper = Shipper(p.window, connect=..., card_id=..., cgs=p.cgs)
@@ -38,7 +45,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from nicsplit.core.records import BLOCK_SIZE, AugmentedWrite, Op, Outcome
-from nicsplit.wire.frames import Batch, batch_aad, encode_records
+from nicsplit.wire.frames import Batch, batch_aad
 
 from .batch import Batcher, BatchStats, Pending
 from .compress import Compressor, CompressStats
@@ -106,9 +113,11 @@ class CardPipeline:
         on_lost: Callable[[AugmentedWrite], None],
         key: bytes | None,
         config: PipelineConfig = PipelineConfig(),
+        release_many: Callable[[list[int]], None] | None = None,
     ) -> None:
         self.config = c = config
         self._release_cb = release
+        self._release_many_cb = release_many  # optional: a durable batch's releases in one call
         self._on_lost_cb = on_lost
         # io id -> (CG or None, payload bytes) of the writes whose payload the transport holds for us
         self._payload_ios: dict[int, tuple[str | None, int]] = {}
@@ -123,7 +132,7 @@ class CardPipeline:
         self.batcher = Batcher(batch_bytes=c.batch_bytes, batch_records=c.batch_records,
                                batch_delay_us=c.batch_delay_us, max_ready=c.batch_max_ready,
                                first_batch_id=c.first_batch_id)
-        self.window = ShipWindow(release=self._release, learn=self.dedup.learn,
+        self.window = ShipWindow(release=self._release, learn=self.dedup.learn, release_many=self._release_many,
                                  max_batches=c.ship_window, max_bytes=c.ship_window_bytes)
         self._cgs: dict[str, None] = {}
         self._writes = self._outcomes = self._bytes_in = self._released = self._lost_n = 0
@@ -134,34 +143,48 @@ class CardPipeline:
         """Take what the transport polled (in its order) and push it along.
         ``from_log``: read back from the card's overflow log, which counted
         the bytes in (`CGBytes.in_bytes`) when it took them from the ring."""
+        # One loop over the whole poll with everything bound locally: this is
+        # the card's per-write steady path (calls per write are its cost).
         hold = self.hold
+        outcome, add, resolve = hold.outcome, hold.add, self.resolver.resolve
+        refused = self.window.refused_cgs
+        payload_ios, cgs = self._payload_ios, self._cgs
+        write_op = Op.WRITE
+        a_cg = a = None  # the last write's CG and its byte counts (polls come in runs of one CG)
         for e in entries:
-            if type(e) is Outcome:
+            if e.__class__ is Outcome:  # (not type(e): an attribute costs no call)
                 self._outcomes += 1
-                hold.outcome(e, now_ns)
+                outcome(e, now_ns)
                 continue
             self._writes += 1
-            n = 0
-            if e.op == Op.WRITE and e.data is not None:
-                n = len(e.data)
-                self._payload_ios[e.io_id] = (None, n)
-                self._bytes_in += n
-            r = self.resolver.resolve(e)
-            if r is not None and self.window.refused(r.cg):
-                r = None  # the appliance refuses this CG: lost (its host marks) rather than filling the window
-            if n and r is not None:  # acknowledged and not yet durable: the CG's RPO in bytes
-                self._payload_ios[e.io_id] = (r.cg, n)
-                a = self._cg_bytes(r.cg)
-                a.pending += n
-                if not from_log:
-                    a.in_bytes += n
-            if r is None:
+            r = resolve(e)
+            if r is None or (refused and r.cg in refused):
+                # resolve dropped it, or the appliance refuses this CG: lost
+                # (its host marks) rather than filling the window
+                data = e.data
+                if data is not None and e.op == write_op:  # (even empty: the transport holds it)
+                    n = len(data)
+                    self._bytes_in += n
+                    payload_ios[e.io_id] = (None, n)
                 self._lost(e)  # acked to the host, never shipped: its region must be resynced (P1)
                 self._release(e.io_id)
                 hold.reject(e.cg_id, e.cg_seq, now_ns)
-            else:
-                self._cgs.setdefault(r.cg)
-                hold.add(r, now_ns)
+                continue
+            cg = r.cg
+            n = r.nbytes  # a WRITE's payload length (resolve checked it), else 0
+            if n:  # acknowledged and not yet durable: the CG's RPO in bytes
+                self._bytes_in += n
+                payload_ios[e.io_id] = (cg, n)
+                if cg is not a_cg:
+                    a_cg, a = cg, self._cg_bytes(cg)
+                a.pending += n
+                if not from_log:
+                    a.in_bytes += n
+            elif e.op == write_op and e.data is not None:  # an empty WRITE: the transport holds it too
+                payload_ios[e.io_id] = (None, 0)
+            if cg not in cgs:
+                cgs[cg] = None
+            add(r, now_ns)
         self.pump(now_ns)
 
     def tick(self, now_ns: int) -> None:
@@ -181,9 +204,15 @@ class CardPipeline:
         self.batcher.flush(now_ns)
         self.pump(now_ns)
 
+    # Merging off: writes go from hold straight to dedup and the batcher as
+    # encoded records (`_pump_direct`). False sends them through the staged
+    # path (Item, Record, checked encode) instead: the reference the tests
+    # compare the direct path with.
+    direct = True
+
     def pump(self, now_ns: int) -> None:
         hold, merger, batcher = self.hold, self.merger, self.batcher
-        if not merger.enabled:
+        if not merger.enabled and self.direct:
             return self._pump_direct(now_ns)
         while True:
             self._ship(now_ns)
@@ -194,24 +223,37 @@ class CardPipeline:
 
     def _pump_direct(self, now_ns: int) -> None:
         """`pump` with merging off (the default): each committed write goes
-        from hold to dedup and the batcher with no `Item` in between (a
-        third of the pipeline's per-write calls, measured)."""
-        hold, merger, dedup, batcher = self.hold, self.merger, self.dedup, self.batcher
+        from hold to dedup and into the batcher as an encoded record, with no
+        `Item` or `Record` in between (``Dedup.encode``,
+        ``Batcher.add_encoded``): the same batch bytes, a fraction of the
+        per-write calls."""
+        hold, dedup, batcher = self.hold, self.dedup, self.batcher
+        ready = hold.ready
+        popleft, encode, add = ready.popleft, dedup.encode, batcher.add_encoded
         write_op = Op.WRITE
-        while True:
-            self._ship(now_ns)
-            while not batcher.full and (r := hold.pop_ready()) is not None:
-                w = r.write
-                data = w.data if (w.op == write_op and w.data is not None) else b""
-                merger.count_passthrough(r.nbytes, len(data))
-                rec = dedup.record(r.cg, w.cg_seq, w.io_id, w.vdisk_id, int(w.op), int(w.flags), w.voffset,
-                                   w.length, w.timestamp_ns, data)
-                batcher.add(r.cg, rec, (w.io_id,), now_ns)
-                if batcher.ready_count:
-                    break  # ship a closed batch before building the next
-            if batcher.full or not hold.has_ready():
+        n = nbytes = 0
+        try:
+            while True:
                 self._ship(now_ns)
-                return
+                if batcher.full:
+                    return
+                while ready:
+                    r = popleft()
+                    w = r.write
+                    data = w.data if (w.op == write_op and w.data is not None) else b""
+                    n += 1
+                    nbytes += r.nbytes  # = len(data): resolve checked a WRITE's payload, the rest carry none
+                    cg = r.cg
+                    enc, kept, refs = encode(cg, w.cg_seq, w.io_id, w.vdisk_id, w.op, w.flags, w.voffset, w.length,
+                                             w.timestamp_ns, data)
+                    if add(cg, w.cg_seq, w.timestamp_ns, enc, (w.io_id,), kept, refs, now_ns):
+                        break  # ship a closed batch before building the next
+                else:
+                    return  # hold has nothing ready
+        finally:
+            if n:  # what `Hold.pop_ready` and `Merger.push` would have counted one by one
+                hold.took(n, nbytes)
+                self.merger.count_passthrough(nbytes, nbytes, n)
 
     # -- state -------------------------------------------------------------------
 
@@ -305,23 +347,22 @@ class CardPipeline:
 
     def _ship(self, now_ns: int) -> None:
         window, batcher = self.window, self.batcher
+        if not batcher.ready_count:
+            return  # nothing closed (most calls)
         while window.room and (p := batcher.pop()) is not None:
             window.submit(self.seal(p), p.io_ids, now_ns)
 
     def seal(self, p: Pending) -> Batch:
-        """encode_records → compress → encrypt with the header as AAD."""
+        """The batch's encoded records joined → compress → encrypt with the header as AAD."""
         head = p.header()
-        plain = encode_records(p.records)
+        plain = p.plain()
         tag, payload = self.compressor.compress(plain)
         a = self._cg_bytes(p.cg)
         a.plain += len(plain)
         a.packed += len(payload)
-        kept = refs = 0
-        for r in p.records:  # a referenced block is a full 4 KiB block dedup took out of the data
-            kept += len(r.data)
-            refs += len(r.refs)
-        a.dedup_in += kept + refs * BLOCK_SIZE
-        a.dedup_out += kept
+        # a referenced block is a full 4 KiB block dedup took out of the data
+        a.dedup_in += p.data_bytes + p.ref_blocks * BLOCK_SIZE
+        a.dedup_out += p.data_bytes
         return replace(head, body=self.encryptor.seal(tag, payload, batch_aad(head)))
 
     def _cg_bytes(self, cg: str) -> "CGBytes":
@@ -338,6 +379,26 @@ class CardPipeline:
                 self._acct[cg].pending -= n
             self._released += 1
             self._release_cb(io_id)
+
+    def _release_many(self, io_ids: list[int]) -> None:
+        """`_release` for every write of a durable batch, in order, with one
+        call into the transport when it offers ``release_many``."""
+        pop, acct = self._payload_ios.pop, self._acct
+        out = []
+        for io_id in io_ids:
+            got = pop(io_id, None)
+            if got is not None:
+                cg, n = got
+                if cg is not None:
+                    acct[cg].pending -= n
+                out.append(io_id)
+        self._released += len(out)
+        if self._release_many_cb is not None:
+            self._release_many_cb(out)
+        else:
+            cb = self._release_cb
+            for io_id in out:
+                cb(io_id)
 
 
     def _lost(self, w: AugmentedWrite) -> None:

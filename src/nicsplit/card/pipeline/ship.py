@@ -119,10 +119,12 @@ class ShipWindow:
         learn: Callable[[str, Iterable[bytes]], None] = lambda cg, fps: None,
         max_batches: int = 64,
         max_bytes: int = 64 << 20,
+        release_many: Callable[[list[int]], None] | None = None,
     ) -> None:
         if max_batches < 1 or max_bytes < 1:
             raise ValueError("ship_window and ship_window_bytes must be positive")
         self._release = release
+        self._release_many = release_many  # a durable batch's io ids in one call (else `release` each)
         self._learn = learn
         self.max_batches = max_batches
         self.max_bytes = max_bytes
@@ -131,6 +133,7 @@ class ShipWindow:
         self._transmit: Transmit | None = None
         self._session_cgs: frozenset[str] | None = None  # CGs named in this link's Hello (None: any)
         self._refused: dict[str, str] = {}  # CGs this link will not ship, and why (held, no re-Hello)
+        self.refused_cgs = self._refused  # read-only view for the pipeline's per-write check (`refused`)
         self.new_cg = False  # a batch waits for a CG this link's Hello did not name: re-Hello needed
         self.on_new_cg: Callable[[], None] | None = None  # set by the Shipper: drop the link, re-Hello
         self._durable: dict[str, int] = {}
@@ -185,7 +188,7 @@ class ShipWindow:
         its CG is in ``refused`` (CG -> why): that one is only held."""
         self._connects += 1
         self._session_cgs = None if cgs is None else frozenset(cgs)
-        self._refused = dict(refused or {})
+        self._refused = self.refused_cgs = dict(refused or {})
         self.new_cg = False
         for cg, seq in resume.items():
             if seq > self._durable.get(cg, 0):
@@ -274,8 +277,11 @@ class ShipWindow:
         cg = u.head.cg
         self.durable_bytes[cg] = self.durable_bytes.get(cg, 0) + len(u.wire)
         self._durable_n += 1
-        for io_id in u.io_ids:
-            self._release(io_id)
+        if self._release_many is not None:
+            self._release_many(u.io_ids)
+        else:
+            for io_id in u.io_ids:
+                self._release(io_id)
         self._released += len(u.io_ids)
 
 

@@ -14,15 +14,16 @@ from time import monotonic_ns
 
 from nicsplit.card.handoff import H, POLLING, REFUSED, RELEASED, SLEEPING, Handoff
 from nicsplit.card.hidden import HiddenVolume
-from nicsplit.card.transports.ring_shared import (
-    DATA_HEAD, K_OUTCOME, K_WRITE, OPS, STATUSES, WFLAGS, desc_unpack,
-)
+from nicsplit.card.transports.ring_shared import DATA_HEAD, K_OUTCOME, K_WRITE, OPS, STATUSES, WFLAGS
 from nicsplit.core.records import AugmentedWrite, Outcome
 from nicsplit.wire import ring as R
 
 __all__ = ["HandoffEndpoint"]
 
 log = logging.getLogger("nicsplit.card.transports.ring")
+
+desc_iter = R.DESC.iter_unpack  # handoff slots are DESC.size (64) bytes apart
+assert R.DESC.size == 64
 
 _P, _C, _F = H.PRODUCED // 8, H.CONSUMED // 8, H.FLOOR // 8
 _WSTATE, _FULL, _WHB, _DX = H.WSTATE // 8, H.FULL // 8, H.WHEARTBEAT // 8, H.DATA_EXPECT // 8
@@ -54,30 +55,34 @@ class HandoffEndpoint:
         data, size, held = self._data, self._dsize, self._held
         out: list[AugmentedWrite | Outcome] = []
         append = out.append
-        while pos < end:
-            s = pos & mask
-            (kind, wflags, _dflags, status, length, io_id, cg_seq, cg_id, vdisk_id, voffset, ts, data_pos,
-             _csum, _seq) = desc_unpack(slots, s << 6)
-            if kind == K_OUTCOME:
-                flags[s] = RELEASED
-                append(Outcome(io_id, STATUSES[status]))
-            elif flags[s] & REFUSED:
-                flags[s] = REFUSED | RELEASED  # only its payload space to free, in order
-            elif kind == K_WRITE:
-                if io_id in held:
-                    self._n_dup += 1
-                    log.error("ring: io %d handed off twice while held: the second copy is ignored", io_id)
+        first = pos & mask
+        last = first + (end - pos)  # slots first..last-1, in at most two runs (the queue wraps)
+        runs = (slots[first << 6: last << 6],) if last <= ho.n else (
+            slots[first << 6:], slots[: (last - ho.n) << 6])
+        for run in runs:  # descriptors read in bulk: no call per slot
+            for (kind, wflags, _dflags, status, length, io_id, cg_seq, cg_id, vdisk_id, voffset, ts, data_pos,
+                 _csum, _seq) in desc_iter(run):
+                s = pos & mask
+                if kind == K_OUTCOME:
                     flags[s] = RELEASED
-                else:
-                    held[io_id] = pos
-                    off = data_pos % size
+                    append(Outcome(io_id, STATUSES[status]))
+                elif flags[s] & REFUSED:
+                    flags[s] = REFUSED | RELEASED  # only its payload space to free, in order
+                elif kind == K_WRITE:
+                    if io_id in held:
+                        self._n_dup += 1
+                        log.error("ring: io %d handed off twice while held: the second copy is ignored", io_id)
+                        flags[s] = RELEASED
+                    else:
+                        held[io_id] = pos
+                        off = data_pos % size
+                        append(AugmentedWrite(io_id, cg_id, cg_seq, vdisk_id, OPS[kind], WFLAGS[wflags], voffset,
+                                              length, ts, data[off: off + length]))
+                else:  # ZERO / TRIM / BARRIER: no payload to hold
+                    flags[s] = RELEASED
                     append(AugmentedWrite(io_id, cg_id, cg_seq, vdisk_id, OPS[kind], WFLAGS[wflags], voffset,
-                                          length, ts, data[off: off + length]))
-            else:  # ZERO / TRIM / BARRIER: no payload to hold
-                flags[s] = RELEASED
-                append(AugmentedWrite(io_id, cg_id, cg_seq, vdisk_id, OPS[kind], WFLAGS[wflags], voffset,
-                                      length, ts, None))
-            pos += 1
+                                          length, ts, None))
+                pos += 1
         hc[_C] = pos
         if hc[_F] < pos and flags[hc[_F] & mask] & RELEASED:
             ho.advance_floor(pos, self._set_head)
@@ -92,6 +97,21 @@ class HandoffEndpoint:
         ho.flags[pos & ho.mask] |= RELEASED
         if pos == ho.c[_F]:
             ho.advance_floor(ho.c[_C], self._set_head)
+
+    def release_many(self, io_ids: list[int]) -> None:
+        """`release` for many (a durable batch's writes): the floor moves once."""
+        held, ho = self._held, self.handoff
+        flags, mask = ho.flags, ho.mask
+        pop = held.pop
+        try:
+            for io_id in io_ids:
+                flags[pop(io_id) & mask] |= RELEASED
+        except KeyError:
+            raise KeyError(f"ring: io {io_id} is not held by the card (never received, or released twice)") from None
+        finally:
+            c = ho.c
+            if c[_F] < c[_C] and flags[c[_F] & mask] & RELEASED:
+                ho.advance_floor(c[_C], self._set_head)
 
     def _set_head(self, end: int) -> None:
         self._ctr[DATA_HEAD] = end
