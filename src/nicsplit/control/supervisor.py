@@ -43,10 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from nicsplit.core import failpoints as _fp
 from nicsplit.core import ctl
 from nicsplit.core.layout import Layout
 from nicsplit.core.procutil import runs
 from nicsplit.core.logfile import KEEP, MAX_BYTES
+
+_FP = _fp.ACTIVE  # armed failpoints (nicsplit.core.failpoints): empty unless a test arms some
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +178,9 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            for c in self.children:
+            for i, c in enumerate(self.children):
+                if i and _FP:
+                    _fp.hit("supervisor.between-starts")  # some children started, not all
                 await self._start(c)
             if self.on_ready:
                 self.on_ready({c.name: c.ready for c in self.children})

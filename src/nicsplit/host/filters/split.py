@@ -45,11 +45,14 @@ import asyncio
 from time import monotonic_ns, perf_counter_ns, time_ns
 from typing import Callable
 
+from nicsplit.core import failpoints as _fp
 from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag
 from nicsplit.host.chain import ChainError, Filter
 from nicsplit.host.filters.stats import Histogram
 from nicsplit.host.io import FUA
 from nicsplit.host.regions import RegionLock
+
+_FP = _fp.ACTIVE  # armed failpoints (nicsplit.core.failpoints): empty unless a test arms some
 
 _WFUA = int(WFlag.FUA)
 _WGAP = int(WFlag.GAP)
@@ -296,6 +299,8 @@ class SplitFilter(Filter):
         sub = self._split_now(Op.WRITE, offset, n, flags, data)
         if sub is _NO_ROOM:
             sub = await self._split_in(Op.WRITE, offset, n, flags, data)
+        if _FP:
+            _fp.hit("host.split.after-submit")  # handed to the card, not yet in the datastore
         await self._through(sub, next.pwrite(offset, data, flags), offset, n)
 
     async def zero(self, next, offset, length, flags):
