@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 DATA   ?= ./nicsplit-data
 
-.PHONY: run test test-fast bench venv system-deps clean
+.PHONY: run test test-fast bench soak venv system-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ bench: system-deps venv
 	$(PY) bench/recovery.py
 	$(PY) bench/distribution.py
 	$(PY) bench/distribution.py --rate-iops 6000 --card-idle-spin-us 50 --out bench/out/distribution-paced
+
+# The fault soak (docs/faults.md): SOAK_CASES randomized fault cases on one
+# `nicsplit up`; SEED=S reproduces a run, CASE=K reruns one case of it.
+# The summary goes to $(SOAK_OUT) and its .md twin.
+SOAK_CASES ?= 200
+SOAK_OUT   ?= bench/out/soak.json
+soak: system-deps venv
+	$(PY) -m nicsplit.testing.soak --cases $(SOAK_CASES) --out $(SOAK_OUT) $(if $(SEED),--seed $(SEED)) $(if $(CASE),--case $(CASE))
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

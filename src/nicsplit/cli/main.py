@@ -209,6 +209,12 @@ def cmd_host_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _host_listen(ready: dict) -> list[str]:
+    """``--listen`` for a restarted host: the TCP address its first start got."""
+    tcp = next((a for a in ready.get("addresses", []) if a.startswith("nbd://")), None)
+    return [] if tcp is None else ["--listen", tcp.removeprefix("nbd://")]
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Appliance, card and host on one machine with the embedded defaults."""
     from nicsplit.control.supervisor import Child, Supervisor, SupervisorError, child_argv  # lazy: see main()
@@ -229,7 +235,9 @@ def cmd_up(args: argparse.Namespace) -> int:
               sticky=lambda ready: ["--listen", ready["address"]]),
         # The card ships to wherever the appliance says it listens.
         Child("card", child_argv(data, "card", "run"), args_from=lambda ready: ["--appliance", ready["appliance"]["address"]]),
-        Child("host", child_argv(data, *host_args)),
+        # A restarted host keeps the port it got (port 0 picks a new one each
+        # start, and clients reconnecting to the old address would find nothing).
+        Child("host", child_argv(data, *host_args), sticky=_host_listen),
         Child("console", child_argv(data, "console", "run", *(["--listen", args.console_listen] if args.console_listen else [])),
               sticky=lambda ready: ["--listen", ready["address"]]),
     ]

@@ -97,9 +97,26 @@ def pick_fault(rng: random.Random) -> Fault:
                   stop_s=round(rng.uniform(0.3, 3.0), 2))
     else:
         f = Fault(kind, rng.choice(TARGETS), at_s=at, stop_s=round(rng.uniform(0.3, 3.0), 2) if kind == "stop" else 0)
+    return _with_fio(f, rng)
+
+
+def _with_fio(f: Fault, rng: random.Random) -> Fault:
     # fio's connection must survive the fault: not with the host or `up` killed
     f.fio = rng.random() < 0.35 and not (f.kind == "kill" and f.target in ("host", "up")) and f.kind != "failpoint"
     return f
+
+
+def parse_fault(label: str, rng: random.Random) -> Fault:
+    """A fault from its label (``kill:host``, ``stop:appliance``,
+    ``failpoint:appliance.after-fsync=kill``); timings from ``rng``."""
+    kind, _, rest = label.partition(":")
+    target, _, action = rest.partition("=")
+    if kind not in dict(FAULTS) or (kind != "failpoint" and target not in TARGETS) or \
+            (kind == "failpoint" and (target not in FAILPOINTS or action not in ("kill", "stop"))):
+        raise ValueError(f"not a soak fault: {label!r}")
+    pick_fault(rng)  # the same draws as a random case, then this fault's own
+    return _with_fio(Fault(kind, target, action, at_s=round(rng.uniform(0.2, 1.5), 2),
+                           stop_s=round(rng.uniform(0.3, 3.0), 2)), rng)
 
 
 @dataclass
@@ -143,7 +160,7 @@ class Deployment:
 
     def children(self) -> dict[str, int]:
         out = {}
-        for n in ("appliance", "card", "host"):
+        for n in ("appliance", "card", "host", "console"):
             try:
                 out[n] = int(Layout(self.data).pid(n).read_text())
             except (OSError, ValueError):
@@ -246,7 +263,17 @@ def fired(dep: Deployment, name: str) -> list[int]:
             out.append(int(p.read_text().strip() or 0))
         except (OSError, ValueError):
             out.append(0)
-    return out
+    return [p for p in out if p]
+
+
+def spend(dep: Deployment, name: str) -> None:
+    """Use up an armed point that has not fired, so it cannot fire in a
+    later case (its count files exist: `nicsplit.core.failpoints`)."""
+    try:
+        fd = os.open(dep.fpdir / f"{name}.0", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.close(fd)  # empty: no process fired it
+    except FileExistsError:
+        pass
 
 
 def run_failpoint(dep: Deployment, f: Fault, res: CaseResult, writer_started: callable) -> None:
@@ -276,22 +303,25 @@ def run_failpoint(dep: Deployment, f: Fault, res: CaseResult, writer_started: ca
     dep.restart(env)
     writer_started()
     if f.target == "host.resync.after-submit":
-        w = dep.worker_pid()
-        _signal(w, signal.SIGKILL)  # marking, then a resync that reaches the point
+        time.sleep(f.at_s)  # a random point in the writes
+        _signal(dep.pid("card"), signal.SIGKILL)  # writes in flight are marked, then resynced: the point
     try:
         wait_for(lambda: fired(dep, f.target), 10, f"failpoint {f.target} firing", interval=0.05)
     except TimeoutError:
-        res.fired = False
-        return
+        spend(dep, f.target)
+        res.fired = bool(fired(dep, f.target))
+        if not res.fired:
+            return
     if f.action == "stop":
         time.sleep(f.stop_s)  # the fault's length
         for pid in fired(dep, f.target):
             _signal(pid, signal.SIGCONT)
 
 
-def run_case(dep: Deployment, ledger: SoakLedger, case: int, seed: int, state: dict) -> CaseResult:
+def run_case(dep: Deployment, ledger: SoakLedger, case: int, seed: int, state: dict,
+             label: str | None = None) -> CaseResult:
     rng = random.Random(seed)
-    f = pick_fault(rng)
+    f = pick_fault(rng) if label is None else parse_fault(label, rng)
     res = CaseResult(case, seed, f.label)
     t0 = time.monotonic()
     writer = LedgerWriter(ledger, lambda: dep.uri("ledger"), pace=rng.choice((100.0, 200.0, 400.0)))
@@ -366,14 +396,16 @@ def markdown(s: dict) -> str:
 
 
 def run_soak(cases: int, seed: int, out: Path, only: int | None = None, workdir: Path | None = None,
-             log=print) -> dict:
+             log=print, plan: list[str] | None = None) -> dict:
+    """``cases`` cases of ``seed`` (or case ``only``); ``plan`` names the
+    fault of each case instead of drawing it (the quick subset in make test)."""
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="nicsplit-soak-", dir=workdir))
     dep = Deployment(root)
     ledger = SoakLedger(LEDGER_SIZE, seed)
     state: dict = {"checked_seq": 0, "last_latest": 0}
     results: list[CaseResult] = []
-    todo = [only] if only is not None else list(range(cases))
+    todo = [only] if only is not None else list(range(len(plan) if plan else cases))
     log(f"soak: seed {seed}, {len(todo)} case(s), data {dep.data}")
     try:
         dep.start()
@@ -381,14 +413,14 @@ def run_soak(cases: int, seed: int, out: Path, only: int | None = None, workdir:
             cs = case_seed(seed, k)
             t0 = time.monotonic()
             try:
-                r = run_case(dep, ledger, k, cs, state)
+                r = run_case(dep, ledger, k, cs, state, plan[k] if plan else None)
             except Exception as e:
-                r = CaseResult(k, cs, pick_fault(random.Random(cs)).label, False,
+                r = CaseResult(k, cs, plan[k] if plan else pick_fault(random.Random(cs)).label, False,
                                round(time.monotonic() - t0, 2), error=f"{e}\n{traceback.format_exc()[-3000:]}")
                 r.notes["log"] = dep.up.log()[-6000:] if dep.up else ""
             results.append(r)
             status = "ok" if r.ok else "FAILED"
-            log(f"case {k} seed {cs} {r.fault}: {status} in {r.seconds}s {json.dumps(r.notes, default=str)[:300]}"
+            log(f"case {k} seed {cs} {r.fault}: {status} in {r.seconds}s {json.dumps({k: v for k, v in r.notes.items() if k != 'log'}, default=str)[:300]}"
                 + ("" if r.ok else f"\n  rerun: make soak SEED={seed} CASE={k}\n  {r.error[:1500]}"))
             if not r.ok and not dep.alive():
                 try:  # the deployment itself is down: start it again and go on
@@ -422,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("soak-results.json"))
     ap.add_argument("--workdir", type=Path, default=None, help="where the temp data directory goes")
     a = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the deployment on the way out
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 32)
     s = run_soak(a.cases, seed, a.out, a.case, a.workdir, log=lambda m: print(m, flush=True))
     return 0 if s["failed"] == 0 and s["cases"] == (1 if a.case is not None else a.cases) else 1
