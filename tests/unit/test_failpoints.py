@@ -85,3 +85,22 @@ def test_a_shared_directory_spends_the_count_across_processes(tmp_path):
     fp.configure(env)  # as a restarted process would: a fresh point, the same directory
     fp.hit("x")  # spent by the first one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.0"]
+
+
+def test_the_armed_file_arms_points_in_a_running_process(tmp_path):
+    from nicsplit.testing.procs import wait_for  # a deadline helper; no process is started
+
+    env = {fp.DIR_ENV: str(tmp_path)}
+    fp.configure(env)
+    assert fp.ACTIVE == {}
+    (tmp_path / fp.ARMED_FILE).write_text("x=1*error(EIO)\n")
+    fp.configure(env, keep_same=True)
+    assert fp.ACTIVE["x"].count == 1
+    with pytest.raises(OSError):
+        fp.hit("x")
+    fp.configure(env, keep_same=True)  # the same file: the point keeps its state (spent)
+    fp.hit("x")
+    fp.configure(env, watch=True)  # the watcher re-reads the file when it changes
+    (tmp_path / "new").write_text("y=delay(1)")
+    (tmp_path / "new").rename(tmp_path / fp.ARMED_FILE)
+    wait_for(lambda: "y" in fp.ACTIVE and "x" not in fp.ACTIVE, 10, "the watcher arming y")

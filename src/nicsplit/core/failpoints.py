@@ -31,7 +31,10 @@ from a random generator per point seeded from ``NICSPLIT_FAILPOINT_SEED``
 inherits the environment (a supervisor's restarted child would otherwise
 fire again, forever): each firing first creates ``DIR/NAME.K`` (K = 0 ..
 COUNT-1) exclusively, and a point whose files all exist is spent.  The files
-also tell a test which points fired.
+also tell a test which points fired.  With a directory, points can also be
+armed while processes run: a thread (started only then) re-reads
+``DIR/armed`` (the same NAME=SPEC list, added to the environment's) when
+its modification time changes, ten times a second.
 
 Every firing is logged (WARNING, logger ``nicsplit.failpoints``) before it
 acts.  The points are listed in docs/faults.md.
@@ -171,7 +174,40 @@ def parse(text: str, seed: int = 0, shared: Path | None = None) -> dict[str, Fai
     return points
 
 
-def configure(env: dict[str, str] | None = None) -> dict[str, Failpoint]:
+ARMED_FILE = "armed"
+
+
+def _armed_file(shared: Path | None) -> str:
+    if shared is None:
+        return ""
+    try:
+        return (shared / ARMED_FILE).read_text()
+    except OSError:
+        return ""
+
+
+def _watch(env: dict[str, str], shared: Path) -> None:
+    """Re-arm when ``DIR/armed`` changes (a daemon thread)."""
+    seen = None
+    while True:
+        try:
+            st = (shared / ARMED_FILE).stat()
+            now = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            now = None
+        if now != seen:
+            seen = now
+            try:
+                configure(env, keep_same=True)
+            except FailpointError as e:
+                log.error("%s", e)
+        time.sleep(0.1)  # a poll period
+
+
+_armed_with: tuple = ()  # the configuration ACTIVE was built from
+
+
+def configure(env: dict[str, str] | None = None, *, watch: bool = False, keep_same: bool = False) -> dict[str, Failpoint]:
     """(Re)arm ``ACTIVE`` from the environment; returns it. A bad
     specification raises `FailpointError` (a test's mistake must not pass
     silently as "no fault")."""
@@ -182,13 +218,19 @@ def configure(env: dict[str, str] | None = None) -> dict[str, Failpoint]:
     except ValueError:
         raise FailpointError(f"{SEED_ENV}={raw_seed!r} is not an integer") from None
     shared = Path(e[DIR_ENV]) if e.get(DIR_ENV) else None
-    points = parse(e.get(ENV, ""), seed, shared)
-    ACTIVE.clear()  # in place: call sites hold the dict itself
-    ACTIVE.update(points)
-    if points:
-        log.warning("failpoints armed: %s", ", ".join(f"{p.name}={p.action}" for p in points.values()))
+    text = ",".join(filter(None, (e.get(ENV, ""), _armed_file(shared).replace("\n", ","))))
+    global _armed_with
+    points = parse(text, seed, shared)
+    if not keep_same or _armed_with != (text, seed, shared):  # an unchanged file keeps the points' state
+        _armed_with = (text, seed, shared)
+        ACTIVE.clear()  # in place: call sites hold the dict itself
+        ACTIVE.update(points)
+        if points:
+            log.warning("failpoints armed: %s", ", ".join(f"{p.name}={p.action}" for p in points.values()))
+    if watch and shared is not None:
+        threading.Thread(target=_watch, args=(dict(e), shared), name="failpoints", daemon=True).start()
     return ACTIVE
 
 
-if os.environ.get(ENV):
-    configure()
+if os.environ.get(ENV) or os.environ.get(DIR_ENV):
+    configure(watch=bool(os.environ.get(DIR_ENV)))

@@ -83,6 +83,7 @@ class Fault:
     at_s: float = 0.0  # seconds into the writes
     stop_s: float = 0.0  # SIGSTOP: how long
     fio: bool = False
+    restart: bool = False  # failpoint: armed in the environment of a restarted `up` (else live, DIR/armed)
 
     @property
     def label(self) -> str:
@@ -95,6 +96,7 @@ def pick_fault(rng: random.Random) -> Fault:
     if kind == "failpoint":
         f = Fault(kind, rng.choice(FAILPOINTS), rng.choice(("kill", "kill", "stop")), at_s=at,
                   stop_s=round(rng.uniform(0.3, 3.0), 2))
+        f.restart = f.target == "supervisor.between-starts" or rng.random() < 0.25
     else:
         f = Fault(kind, rng.choice(TARGETS), at_s=at, stop_s=round(rng.uniform(0.3, 3.0), 2) if kind == "stop" else 0)
     return _with_fio(f, rng)
@@ -115,8 +117,9 @@ def parse_fault(label: str, rng: random.Random) -> Fault:
             (kind == "failpoint" and (target not in FAILPOINTS or action not in ("kill", "stop"))):
         raise ValueError(f"not a soak fault: {label!r}")
     pick_fault(rng)  # the same draws as a random case, then this fault's own
-    return _with_fio(Fault(kind, target, action, at_s=round(rng.uniform(0.2, 1.5), 2),
-                           stop_s=round(rng.uniform(0.3, 3.0), 2)), rng)
+    f = Fault(kind, target, action, at_s=round(rng.uniform(0.2, 1.5), 2), stop_s=round(rng.uniform(0.3, 3.0), 2))
+    f.restart = target == "supervisor.between-starts" or rng.random() < 0.25
+    return _with_fio(f, rng)
 
 
 @dataclass
@@ -146,6 +149,7 @@ class Deployment:
     # -- processes ------------------------------------------------------------------
 
     def start(self, env: dict[str, str] | None = None) -> None:
+        env = {failpoints.DIR_ENV: str(self.fpdir), **(env or {})}  # points can be armed live (DIR/armed)
         saved = {k: os.environ.get(k) for k in (env or {})}
         os.environ.update(env or {})
         try:
@@ -277,7 +281,8 @@ def spend(dep: Deployment, name: str) -> None:
 
 
 def run_failpoint(dep: Deployment, f: Fault, res: CaseResult, writer_started: callable) -> None:
-    """Restart ``up`` with the point armed; for ``stop``, SIGCONT the
+    """Arm the point (live through DIR/armed, or in the environment of a
+    restarted ``up``) while the writers run; for ``stop``, SIGCONT the
     stopped process after ``stop_s``; a kill is recovered by the supervisor
     (or, at ``supervisor.between-starts``, by a new ``up``)."""
     for p in dep.fpdir.glob(f"{f.target}.*"):
@@ -300,8 +305,27 @@ def run_failpoint(dep: Deployment, f: Fault, res: CaseResult, writer_started: ca
             dep.start()
         writer_started()
         return
-    dep.restart(env)
-    writer_started()
+    if f.restart:
+        dep.restart(env)
+        writer_started()
+    else:
+        writer_started()
+        time.sleep(f.at_s)  # a random point in the writes
+        arm_live(dep, f"{f.target}=1*{f.action}")
+    try:
+        _wait_fired(dep, f, res)
+    finally:
+        arm_live(dep, "")
+
+
+def arm_live(dep: Deployment, spec: str) -> None:
+    """Arm ``spec`` in every running process (they re-read DIR/armed)."""
+    tmp = dep.fpdir / "armed.new"
+    tmp.write_text(spec)
+    tmp.rename(dep.fpdir / failpoints.ARMED_FILE)
+
+
+def _wait_fired(dep: Deployment, f: Fault, res: CaseResult) -> None:
     if f.target == "host.resync.after-submit":
         time.sleep(f.at_s)  # a random point in the writes
         _signal(dep.pid("card"), signal.SIGKILL)  # writes in flight are marked, then resynced: the point
