@@ -5,11 +5,15 @@ directory, and that an unarmed point does nothing."""
 from __future__ import annotations
 
 import errno
+import re
 import time
+from pathlib import Path
 
 import pytest
 
 from nicsplit.core import failpoints as fp
+from nicsplit.testing.procs import wait_for
+from nicsplit.testing.soak import FAILPOINTS
 
 
 @pytest.fixture(autouse=True)
@@ -88,8 +92,6 @@ def test_a_shared_directory_spends_the_count_across_processes(tmp_path):
 
 
 def test_the_armed_file_arms_points_in_a_running_process(tmp_path):
-    from nicsplit.testing.procs import wait_for  # a deadline helper; no process is started
-
     env = {fp.DIR_ENV: str(tmp_path)}
     fp.configure(env)
     assert fp.ACTIVE == {}
@@ -104,3 +106,17 @@ def test_the_armed_file_arms_points_in_a_running_process(tmp_path):
     (tmp_path / "new").write_text("y=delay(1)")
     (tmp_path / "new").rename(tmp_path / fp.ARMED_FILE)
     wait_for(lambda: "y" in fp.ACTIVE and "x" not in fp.ACTIVE, 10, "the watcher arming y")
+
+
+def test_every_documented_point_is_in_the_code_and_every_point_is_documented():
+    root = Path(__file__).resolve().parents[2]
+    src = "\n".join(p.read_text() for p in (root / "src" / "nicsplit").rglob("*.py"))
+    in_code = set(re.findall(r'_fp\.hit\("([a-z0-9._-]+)"\)', src))
+    in_code |= {"replica." + n for n in re.findall(r'self\._fp\("([a-z-]+)"\)', (root / "src/nicsplit/recovery/replica.py").read_text())}
+    in_code |= {"replica.image-written"}  # passed as the point of _write_images
+    doc = (root / "docs" / "faults.md").read_text()
+    table = doc[doc.index("### The points"):doc.index("## The fault soak")]
+    documented = {n for row in table.splitlines() if row.startswith("| `")
+                  for n in re.findall(r"`([a-z0-9._-]+)`", row.split("|")[1])}
+    assert documented == in_code, (documented ^ in_code)
+    assert set(FAILPOINTS) <= in_code
