@@ -430,7 +430,7 @@ def run_soak(cases: int, seed: int, out: Path, only: int | None = None, workdir:
     state: dict = {"checked_seq": 0, "last_latest": 0}
     results: list[CaseResult] = []
     todo = [only] if only is not None else list(range(len(plan) if plan else cases))
-    log(f"soak: seed {seed}, {len(todo)} case(s), data {dep.data}")
+    log(f"soak: seed {seed}, {len(todo)} case(s), data {dep.data}; rerun one case: make soak SEED={seed} CASE=K")
     try:
         dep.start()
         for k in todo:
