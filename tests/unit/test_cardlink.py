@@ -71,3 +71,25 @@ def test_card_lost_with_late_writes_marks_them(rig):
     link.lost("card gone")
     assert link.unconfirmed == 0
     assert mm.marking and mm.is_marked(2 << 20, 4096) and mm.is_marked(3 << 20, 4096)
+
+
+def test_a_write_whose_card_was_lost_meanwhile_is_refused_not_left_unconfirmed(rig):
+    """Found by the fault soak (seed 20261202 case 15, kill -9 of the card):
+    a write submitted to a card that was then lost (while the write went
+    down to the datastore) was waited for on the dead transport; past its
+    deadline it became *late*, registered after the loss had marked the
+    late list, so no card would ever settle it: the vdisk's resync waited
+    for its verdict forever (resyncing, never protected). Its verdict is
+    now a refusal, so the splitter marks its region at once, and a loss
+    reported for the dead transport leaves the new card attached."""
+    ep, link, t, mm = rig
+    w = AugmentedWrite(next(_ids), 1, next(_ids), 7, Op.WRITE, WFlag.NONE, 0, 4096, time.time_ns(), b"x" * 4096)
+    assert t.submit(w)
+    link.lost("card stopped responding")  # the housekeeping saw the heartbeat stale
+    link._last_try = 0.0  # the retry interval passed: a card is there again
+    t2 = link.get()
+    assert t2 is not None and t2 is not t
+    assert link.wait_ack(t, w.io_id, time.monotonic_ns() - 1) is False
+    assert link.unconfirmed == 0 and link.unconfirmed_for(mm) == 0
+    link.lost("card stopped responding", t)  # the splitter reports the dead transport again
+    assert link.get() is t2 and link.losses == 1

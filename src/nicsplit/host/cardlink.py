@@ -119,7 +119,12 @@ class CardLink:
         """The verdict for a submitted io: a bool now (acked within the spin,
         or refused), None when the deadline passed without one (the write is
         late: still in flight, see `late`), else a future the ack poller
-        completes with one of those."""
+        completes with one of those. A write submitted to a card that was
+        lost since gets False (refused: the caller marks its region): that
+        card's verdicts will never come, and its loss marked only what it
+        had acked (a late write registered now would wait forever)."""
+        if t is not self._t:
+            return False
         spin_until = min(deadline_ns, monotonic_ns() + self.spin_ns)
         while True:
             t.reap()
@@ -211,8 +216,12 @@ class CardLink:
         while tr and tr[0][0] <= released:
             tr.popleft()
 
-    def lost(self, reason: str) -> None:
-        """The card is gone or unusable: mark everything not known durable."""
+    def lost(self, reason: str, transport: Any = None) -> None:
+        """The card is gone or unusable: mark everything not known durable.
+        With ``transport``: only if it is still the link's (a caller holding
+        the transport of a card lost earlier must not drop its successor)."""
+        if transport is not None and transport is not self._t:
+            return
         if self._t is not None:
             self.trim()  # the hidden volume stays mapped: its counters are readable
             try:

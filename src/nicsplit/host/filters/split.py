@@ -209,7 +209,7 @@ class SplitFilter(Filter):
             return w
         if not v:
             if not t.healthy():
-                self.link.lost("card stopped responding")
+                self.link.lost("card stopped responding", t)
             self._mark(w, "card refused the write (full, or a bad record)")
             # Tell the card to drop it if it ever takes it: the region is dirty.
             t.post_outcome(w.io_id, _FAILED)
