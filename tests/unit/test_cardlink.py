@@ -93,3 +93,17 @@ def test_a_write_whose_card_was_lost_meanwhile_is_refused_not_left_unconfirmed(r
     assert link.unconfirmed == 0 and link.unconfirmed_for(mm) == 0
     link.lost("card stopped responding", t)  # the splitter reports the dead transport again
     assert link.get() is t2 and link.losses == 1
+
+
+def test_a_verdict_taken_after_its_card_was_lost_marks_the_region(rig):
+    """The same race one await later: the ack poller settled a write's wait
+    (late, or acked) while its card was still attached, and the splitter
+    resumed only after the card's loss: kept as unconfirmed it would wait
+    forever, kept as tracked its old position would be compared with the
+    next card's release counter (and dropped unmarked). Both mark now."""
+    ep, link, t, mm = rig
+    link.lost("card stopped responding")
+    link.late(next(_ids), 4096, mm, 5 << 20, 4096, t)
+    link.track(8192, mm, 6 << 20, 4096, t)
+    assert link.unconfirmed == 0 and link.tracked == 0
+    assert mm.marking and mm.is_marked(5 << 20, 4096) and mm.is_marked(6 << 20, 4096)

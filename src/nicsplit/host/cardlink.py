@@ -173,10 +173,24 @@ class CardLink:
             self._poller_scheduled = True
             asyncio.get_running_loop().call_soon(self._poll_acks)
 
-    def late(self, io_id: int, position: int, dmap: Any, offset: int, length: int) -> None:
+    def late(self, io_id: int, position: int, dmap: Any, offset: int, length: int, transport: Any = None) -> None:
         """Keep a write whose ack missed its deadline as unconfirmed until
-        the card's verdict arrives (`settle`) or the card is lost."""
+        the card's verdict arrives (`settle`) or the card is lost. With the
+        ``transport`` it went to: if that card was lost meanwhile (the caller
+        awaited between), its region is marked now."""
+        if self._gone(transport, dmap, offset, length):
+            return
         self._late[io_id] = (position, dmap, offset, length)
+
+    def _gone(self, transport: Any, dmap: Any, offset: int, length: int) -> bool:
+        """A write of a card lost since (``transport`` is not the link's):
+        `lost` marked what that card held and its verdicts and positions
+        mean nothing to the next one, so mark the region at once."""
+        if transport is None or transport is self._t:
+            return False
+        dmap.enter_marking("card lost before the write was durable")
+        dmap.mark(offset, length)
+        return True
 
     def settle(self) -> None:
         """Apply the verdicts of late writes: an ack makes the write kept like
@@ -196,7 +210,11 @@ class CardLink:
             d.enter_marking("card refused a write after its deadline (full, or a bad record)")
             d.mark(o, n)
 
-    def track(self, position: int, dmap: Any, offset: int, length: int) -> None:
+    def track(self, position: int, dmap: Any, offset: int, length: int, transport: Any = None) -> None:
+        """Keep an acked write until the card releases its position (with
+        ``transport``: marked at once if that card was lost meanwhile)."""
+        if self._gone(transport, dmap, offset, length):
+            return
         tr = self._tracked
         tr.append((position, dmap, offset, length))
         if len(tr) > self.max_tracked:

@@ -294,10 +294,10 @@ class Resync:
             if isinstance(v, asyncio.Future):
                 v = await v
             if v is None:  # late: still in flight, the card's verdict settles it
-                link.late(w.io_id, position, d, w.voffset, w.length)
+                link.late(w.io_id, position, d, w.voffset, w.length, t)
                 copied = t.post_outcome(w.io_id, Status.COMMITTED)
             elif v:
-                link.track(position, d, w.voffset, w.length)
+                link.track(position, d, w.voffset, w.length, t)
                 copied = t.post_outcome(w.io_id, Status.COMMITTED)
             else:
                 self.refused += 1

@@ -386,7 +386,9 @@ def run_case(dep: Deployment, ledger: SoakLedger, case: int, seed: int, state: d
         rec_t = time.monotonic()
         wait_recovered(dep.cfg, "cg1", 180)
         res.notes["recovery_s"] = round(time.monotonic() - rec_t, 2)
+        chk_t = time.monotonic()
         res.notes.update(check_case(dep.cfg, "cg1", dep, ledger, state, rng))
+        res.notes["check_s"] = round(time.monotonic() - chk_t, 2)
         res.ok = True
     res.seconds = round(time.monotonic() - t0, 2)
     return res

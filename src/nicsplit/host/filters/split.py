@@ -205,7 +205,7 @@ class SplitFilter(Filter):
             # Late: the write waits in the ring in order and the card will take
             # it; until its verdict it is unconfirmed (marked if the card dies).
             self.late_count += 1
-            self.link.late(w.io_id, position, self.dmap, w.voffset, w.length)
+            self.link.late(w.io_id, position, self.dmap, w.voffset, w.length, t)
             return w
         if not v:
             if not t.healthy():
@@ -216,7 +216,7 @@ class SplitFilter(Filter):
             return None
         self.split_count += 1
         if w.op is not Op.BARRIER:
-            self.link.track(position, self.dmap, w.voffset, w.length)
+            self.link.track(position, self.dmap, w.voffset, w.length, t)
             if self.split_count & 1023 == 0:
                 self.link.trim()
         return w
