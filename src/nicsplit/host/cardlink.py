@@ -14,6 +14,10 @@ Rules:
   client's reply goes on (P4) and the write is *unconfirmed* until the card's
   verdict settles it: acked, it joins the kept list like any other; refused,
   its region is marked. If the card dies first, it is marked with the rest.
+- A write is bound to the card it went to: a wait, a late verdict or an ack
+  taken after that card was lost marks its region at once (the lost card's
+  verdicts never come, and its payload positions mean nothing to the next
+  card's release counter).
 - Waiting for acks is pipelined: a write is published to the card, goes on
   to the datastore, and only its *reply* waits for the ack. A short spin
   catches the common case (the ack is there within microseconds); beyond it
