@@ -45,6 +45,7 @@ from typing import Callable
 
 from nicsplit.core import failpoints as _fp
 from nicsplit.core import ctl
+from nicsplit.core.fsutil import atomic_write
 from nicsplit.core.layout import Layout
 from nicsplit.core.procutil import runs
 from nicsplit.core.logfile import KEEP, MAX_BYTES
@@ -142,7 +143,7 @@ class Supervisor:
         )
         logf.close()
         c.started_at = time.monotonic()
-        self.layout.pid(c.name).write_text(str(c.proc.pid))
+        atomic_write(self.layout.pid(c.name), str(c.proc.pid).encode())  # readers never see it empty
         try:
             c.ready = await asyncio.wait_for(self._wait_ready(c), READY_TIMEOUT_S)
         except (asyncio.TimeoutError, EOFError) as e:
@@ -172,7 +173,7 @@ class Supervisor:
     async def run(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         check_stale(self.layout, ["up", *(c.name for c in self.children)])
-        self.layout.pid("up").write_text(str(os.getpid()))
+        atomic_write(self.layout.pid("up"), str(os.getpid()).encode())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
