@@ -107,3 +107,31 @@ def test_a_verdict_taken_after_its_card_was_lost_marks_the_region(rig):
     link.track(8192, mm, 6 << 20, 4096, t)
     assert link.unconfirmed == 0 and link.tracked == 0
     assert mm.marking and mm.is_marked(5 << 20, 4096) and mm.is_marked(6 << 20, 4096)
+
+
+def test_a_late_verdict_that_arrives_before_the_write_is_registered_late_is_kept(rig):
+    """The ack poller ends a wait (late) and the waiting coroutine resumes a
+    loop turn later; a settle in between (the resync loop, a trim) took the
+    card's verdict and, finding no late entry yet, dropped it: the entry
+    registered next waited forever, so the vdisk never left resyncing
+    (test_card_worker_death under load; the soak's worker kills)."""
+    ep, link, t, mm = rig
+    late_write(link, t, mm, 0)  # another late write, registered: settling has work
+    w = AugmentedWrite(next(_ids), 1, next(_ids), 7, Op.WRITE, WFlag.NONE, 7 << 20, 4096, time.time_ns(), b"x" * 4096)
+    assert t.submit(w)
+    assert link.wait_ack(t, w.io_id, time.monotonic_ns() - 1) is None  # late
+    ep.poll()  # the card acks both
+    link.settle()  # before the splitter registered the second
+    link.late(w.io_id, t.last_position, mm, w.voffset, w.length, t)
+    assert link.unconfirmed == 0 and link.unconfirmed_for(mm) == 0
+    assert link.tracked == 2 and not mm.marking
+    late_write(link, t, mm, 1 << 20)  # again: settling has work
+    # refused the same way: marked
+    w2 = AugmentedWrite(next(_ids), 1, next(_ids), 7, Op.WRITE, WFlag.NONE, 8 << 20, 4096, time.time_ns(), b"y" * 4096)
+    assert t.submit(w2)
+    assert link.wait_ack(t, w2.io_id, time.monotonic_ns() - 1) is None
+    ep.set_full(True)
+    ep.poll()
+    link.settle()
+    link.late(w2.io_id, t.last_position, mm, w2.voffset, w2.length, t)
+    assert link.unconfirmed == 0 and mm.is_marked(8 << 20, 4096)

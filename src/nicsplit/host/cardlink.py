@@ -68,6 +68,9 @@ class CardLink:
         self.async_waits = 0
         self._dmaps: dict[int, Any] = {}  # vdisk id -> DirtyMap, for the card's lost-writes log
         self._late: dict[int, tuple[int, Any, int, int]] = {}  # io_id -> (position, dmap, offset, length)
+        # Verdicts of late writes that came before the write was registered
+        # late (its waiter resumes a loop turn after the poller ended its wait).
+        self._early: collections.OrderedDict[int, bool] = collections.OrderedDict()
         self.late_refused = 0
 
     def register(self, vdisk_id: int, dmap: Any) -> None:
@@ -184,7 +187,12 @@ class CardLink:
         awaited between), its region is marked now."""
         if self._gone(transport, dmap, offset, length):
             return
-        self._late[io_id] = (position, dmap, offset, length)
+        e = (position, dmap, offset, length)
+        ok = self._early.pop(io_id, None) if self._early else None
+        if ok is None:
+            self._late[io_id] = e
+        else:
+            self._verdict(e, ok)
 
     def _gone(self, transport: Any, dmap: Any, offset: int, length: int) -> bool:
         """A write of a card lost since (``transport`` is not the link's):
@@ -204,15 +212,21 @@ class CardLink:
             return
         for io_id, ok in t.take_late():
             e = self._late.pop(io_id, None)
-            if e is None:
+            if e is None:  # its waiter has not registered it yet: `late` applies it
+                self._early[io_id] = ok
+                if len(self._early) > self.max_tracked:
+                    self._early.popitem(last=False)  # a waiter that never came (cancelled)
                 continue
-            if ok:
-                self._tracked.append(e)
-                continue
-            _, d, o, n = e
-            self.late_refused += 1
-            d.enter_marking("card refused a write after its deadline (full, or a bad record)")
-            d.mark(o, n)
+            self._verdict(e, ok)
+
+    def _verdict(self, e: tuple[int, Any, int, int], ok: bool) -> None:
+        if ok:
+            self._tracked.append(e)
+            return
+        _, d, o, n = e
+        self.late_refused += 1
+        d.enter_marking("card refused a write after its deadline (full, or a bad record)")
+        d.mark(o, n)
 
     def track(self, position: int, dmap: Any, offset: int, length: int, transport: Any = None) -> None:
         """Keep an acked write until the card releases its position (with
@@ -261,6 +275,7 @@ class CardLink:
             d.mark(o, ln)
         self._tracked.clear()
         self._late.clear()
+        self._early.clear()
         if n:
             log.warning("card lost (%s): %d unconfirmed writes marked dirty", reason, n)
 
