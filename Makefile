@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 DATA   ?= ./nicsplit-data
 
-.PHONY: run test test-fast bench fuzz venv system-deps clean
+.PHONY: run test test-fast bench fuzz soak venv system-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,14 @@ fuzz: venv
 		$(CURDIR)/$(PY) fuzz/fuzz_$$t.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
 			-artifact_prefix=fuzz/out/$$t- || exit 1; \
 	done
+
+# The fault soak (docs/faults.md): SOAK_CASES randomized fault cases on one
+# `nicsplit up`; SEED=S reproduces a run, CASE=K reruns one case of it.
+# The summary goes to $(SOAK_OUT) and its .md twin.
+SOAK_CASES ?= 200
+SOAK_OUT   ?= bench/out/soak.json
+soak: system-deps venv
+	$(PY) -m nicsplit.testing.soak --cases $(SOAK_CASES) --out $(SOAK_OUT) $(if $(SEED),--seed $(SEED)) $(if $(CASE),--case $(CASE))
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

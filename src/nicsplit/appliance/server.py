@@ -94,6 +94,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from nicsplit.core import failpoints as _fp
 from nicsplit.recovery.distribution import NICE, CatalogMembers, CGDistribution
 from nicsplit.journal.writer import AppendResult, BatchRejected, Journal, JournalError, JournalStatistics
 from nicsplit.recovery.pits import PitError
@@ -107,6 +108,8 @@ from nicsplit.core.cgs import CGCatalog, CGError
 from nicsplit.core.names import check_name, is_name, BadName
 from nicsplit.core.layout import InDataDir, Layout
 from nicsplit.wire import frames as F
+
+_FP = _fp.ACTIVE  # armed failpoints (nicsplit.core.failpoints): empty unless a test arms some
 
 log = logging.getLogger("nicsplit.appliance")
 
@@ -482,6 +485,8 @@ class Appliance:
             # runs while the index reads (rule 8).  Distribution caps at durable_seq.
             refresh = self._index_pool.submit(self._refresh_index, cg) if idx is not None and not fed else None
             try:
+                if _FP:
+                    _fp.hit("appliance.after-append")  # appended, not yet fdatasync'ed
                 j.sync()  # also for the batches before one that failed: they are acked or resent
             finally:
                 if refresh is not None:
@@ -741,6 +746,8 @@ class _Connection:
         for b in group:
             self.app._counts["bytes_in"] += len(b.body)
         results = await self.app.ingest_group(group)
+        if _FP:
+            _fp.hit("appliance.after-fsync")  # durable, not yet acked
         self.app._counts["group_commits"] += 1
         for b, result in zip(group, results, strict=True):
             self.app._counts["batches"] += 1

@@ -157,12 +157,10 @@ def cmd_host_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sticky_listen(ready: dict, listen: str) -> list[str]:
-    """``--listen`` with the port the host really bound, when it was asked for port 0."""
-    if not listen.endswith(":0"):
-        return []
-    nbd = next((a for a in ready.get("addresses", []) if a.startswith("nbd://")), None)
-    return ["--listen", nbd[len("nbd://"):]] if nbd else []
+def _host_listen(ready: dict) -> list[str]:
+    """``--listen`` for a restarted host: the TCP address its first start got."""
+    tcp = next((a for a in ready.get("addresses", []) if a.startswith("nbd://")), None)
+    return [] if tcp is None else ["--listen", tcp.removeprefix("nbd://")]
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -188,8 +186,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         Child("card", child_argv(data, "card", "run"),
               args_from=None if cfg.raw.get("card", {}).get("appliance")
               else lambda ready: ["--appliance", ready["appliance"]["address"]]),
-        # A restarted host keeps the NBD address it first got (port 0 asks for a free one).
-        Child("host", child_argv(data, *host_args), sticky=lambda ready: _sticky_listen(ready, listen)),
+        # A restarted host keeps the port it got (port 0 picks a new one each
+        # start, and clients reconnecting to the old address would find nothing).
+        Child("host", child_argv(data, *host_args), sticky=_host_listen),
         Child("console", child_argv(data, "console", "run", *(["--listen", args.console_listen] if args.console_listen else [])),
               sticky=lambda ready: ["--listen", ready["address"]]),
     ]

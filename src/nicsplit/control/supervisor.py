@@ -43,10 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from nicsplit.core import failpoints as _fp
 from nicsplit.core import ctl
+from nicsplit.core.fsutil import atomic_write
 from nicsplit.core.layout import Layout
 from nicsplit.core.procutil import runs
 from nicsplit.core.logfile import KEEP, MAX_BYTES
+
+_FP = _fp.ACTIVE  # armed failpoints (nicsplit.core.failpoints): empty unless a test arms some
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +143,7 @@ class Supervisor:
         )
         logf.close()
         c.started_at = time.monotonic()
-        self.layout.pid(c.name).write_text(str(c.proc.pid))
+        atomic_write(self.layout.pid(c.name), str(c.proc.pid).encode())  # readers never see it empty
         try:
             c.ready = await asyncio.wait_for(self._wait_ready(c), READY_TIMEOUT_S)
         except (asyncio.TimeoutError, EOFError) as e:
@@ -169,13 +173,15 @@ class Supervisor:
     async def run(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         check_stale(self.layout, ["up", *(c.name for c in self.children)])
-        self.layout.pid("up").write_text(str(os.getpid()))
+        atomic_write(self.layout.pid("up"), str(os.getpid()).encode())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            for c in self.children:
+            for i, c in enumerate(self.children):
+                if i and _FP:
+                    _fp.hit("supervisor.between-starts")  # some children started, not all
                 await self._start(c)
             if self.on_ready:
                 self.on_ready({c.name: c.ready for c in self.children})

@@ -14,6 +14,10 @@ Rules:
   client's reply goes on (P4) and the write is *unconfirmed* until the card's
   verdict settles it: acked, it joins the kept list like any other; refused,
   its region is marked. If the card dies first, it is marked with the rest.
+- A write is bound to the card it went to: a wait, a late verdict or an ack
+  taken after that card was lost marks its region at once (the lost card's
+  verdicts never come, and its payload positions mean nothing to the next
+  card's release counter).
 - Waiting for acks is pipelined: a write is published to the card, goes on
   to the datastore, and only its *reply* waits for the ack. A short spin
   catches the common case (the ack is there within microseconds); beyond it
@@ -64,6 +68,9 @@ class CardLink:
         self.async_waits = 0
         self._dmaps: dict[int, Any] = {}  # vdisk id -> DirtyMap, for the card's lost-writes log
         self._late: dict[int, tuple[int, Any, int, int]] = {}  # io_id -> (position, dmap, offset, length)
+        # Verdicts of late writes that came before the write was registered
+        # late (its waiter resumes a loop turn after the poller ended its wait).
+        self._early: collections.OrderedDict[int, bool] = collections.OrderedDict()
         self.late_refused = 0
 
     def register(self, vdisk_id: int, dmap: Any) -> None:
@@ -119,7 +126,12 @@ class CardLink:
         """The verdict for a submitted io: a bool now (acked within the spin,
         or refused), None when the deadline passed without one (the write is
         late: still in flight, see `late`), else a future the ack poller
-        completes with one of those."""
+        completes with one of those. A write submitted to a card that was
+        lost since gets False (refused: the caller marks its region): that
+        card's verdicts will never come, and its loss marked only what it
+        had acked (a late write registered now would wait forever)."""
+        if t is not self._t:
+            return False
         spin_until = min(deadline_ns, monotonic_ns() + self.spin_ns)
         while True:
             t.reap()
@@ -168,10 +180,29 @@ class CardLink:
             self._poller_scheduled = True
             asyncio.get_running_loop().call_soon(self._poll_acks)
 
-    def late(self, io_id: int, position: int, dmap: Any, offset: int, length: int) -> None:
+    def late(self, io_id: int, position: int, dmap: Any, offset: int, length: int, transport: Any = None) -> None:
         """Keep a write whose ack missed its deadline as unconfirmed until
-        the card's verdict arrives (`settle`) or the card is lost."""
-        self._late[io_id] = (position, dmap, offset, length)
+        the card's verdict arrives (`settle`) or the card is lost. With the
+        ``transport`` it went to: if that card was lost meanwhile (the caller
+        awaited between), its region is marked now."""
+        if self._gone(transport, dmap, offset, length):
+            return
+        e = (position, dmap, offset, length)
+        ok = self._early.pop(io_id, None) if self._early else None
+        if ok is None:
+            self._late[io_id] = e
+        else:
+            self._verdict(e, ok)
+
+    def _gone(self, transport: Any, dmap: Any, offset: int, length: int) -> bool:
+        """A write of a card lost since (``transport`` is not the link's):
+        `lost` marked what that card held and its verdicts and positions
+        mean nothing to the next one, so mark the region at once."""
+        if transport is None or transport is self._t:
+            return False
+        dmap.enter_marking("card lost before the write was durable")
+        dmap.mark(offset, length)
+        return True
 
     def settle(self) -> None:
         """Apply the verdicts of late writes: an ack makes the write kept like
@@ -181,17 +212,27 @@ class CardLink:
             return
         for io_id, ok in t.take_late():
             e = self._late.pop(io_id, None)
-            if e is None:
+            if e is None:  # its waiter has not registered it yet: `late` applies it
+                self._early[io_id] = ok
+                if len(self._early) > self.max_tracked:
+                    self._early.popitem(last=False)  # a waiter that never came (cancelled)
                 continue
-            if ok:
-                self._tracked.append(e)
-                continue
-            _, d, o, n = e
-            self.late_refused += 1
-            d.enter_marking("card refused a write after its deadline (full, or a bad record)")
-            d.mark(o, n)
+            self._verdict(e, ok)
 
-    def track(self, position: int, dmap: Any, offset: int, length: int) -> None:
+    def _verdict(self, e: tuple[int, Any, int, int], ok: bool) -> None:
+        if ok:
+            self._tracked.append(e)
+            return
+        _, d, o, n = e
+        self.late_refused += 1
+        d.enter_marking("card refused a write after its deadline (full, or a bad record)")
+        d.mark(o, n)
+
+    def track(self, position: int, dmap: Any, offset: int, length: int, transport: Any = None) -> None:
+        """Keep an acked write until the card releases its position (with
+        ``transport``: marked at once if that card was lost meanwhile)."""
+        if self._gone(transport, dmap, offset, length):
+            return
         tr = self._tracked
         tr.append((position, dmap, offset, length))
         if len(tr) > self.max_tracked:
@@ -211,8 +252,12 @@ class CardLink:
         while tr and tr[0][0] <= released:
             tr.popleft()
 
-    def lost(self, reason: str) -> None:
-        """The card is gone or unusable: mark everything not known durable."""
+    def lost(self, reason: str, transport: Any = None) -> None:
+        """The card is gone or unusable: mark everything not known durable.
+        With ``transport``: only if it is still the link's (a caller holding
+        the transport of a card lost earlier must not drop its successor)."""
+        if transport is not None and transport is not self._t:
+            return
         if self._t is not None:
             self.trim()  # the hidden volume stays mapped: its counters are readable
             try:
@@ -230,6 +275,7 @@ class CardLink:
             d.mark(o, ln)
         self._tracked.clear()
         self._late.clear()
+        self._early.clear()
         if n:
             log.warning("card lost (%s): %d unconfirmed writes marked dirty", reason, n)
 

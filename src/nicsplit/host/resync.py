@@ -61,7 +61,10 @@ import logging
 import time
 from typing import Any, Iterable
 
+from nicsplit.core import failpoints as _fp
 from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag
+
+_FP = _fp.ACTIVE  # armed failpoints (nicsplit.core.failpoints): empty unless a test arms some
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +241,8 @@ class Resync:
                     w = AugmentedWrite(sp.ctx.next_io_id(), sp.cg_id, sp.seq.next(), sp.vdisk.id, Op.WRITE, _GAP,
                                        off, n, time.time_ns(), data)
                     ok = t.submit(w)  # the same step as the seq: ring order is CG order
+                    if _FP:
+                        _fp.hit("host.resync.after-submit")  # a copy in the ring, its dirty bits claimed
                     position = t.last_position
                 finally:
                     sp.regions.unlock(off, n)
@@ -289,10 +294,10 @@ class Resync:
             if isinstance(v, asyncio.Future):
                 v = await v
             if v is None:  # late: still in flight, the card's verdict settles it
-                link.late(w.io_id, position, d, w.voffset, w.length)
+                link.late(w.io_id, position, d, w.voffset, w.length, t)
                 copied = t.post_outcome(w.io_id, Status.COMMITTED)
             elif v:
-                link.track(position, d, w.voffset, w.length)
+                link.track(position, d, w.voffset, w.length, t)
                 copied = t.post_outcome(w.io_id, Status.COMMITTED)
             else:
                 self.refused += 1

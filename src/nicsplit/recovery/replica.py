@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from nicsplit.core import failpoints as _failpoints
 from nicsplit.core.fsutil import fsync_dir, punch_hole
 from nicsplit.core.layout import VDISK_FILE_PREFIX, migrate_name_keyed, vdisk_file
 from nicsplit.core.records import BLOCK_SIZE, Op
@@ -68,6 +69,8 @@ from nicsplit.storage.image import Image, open_image
 from nicsplit.storage.rekey import REKEY_SUFFIX
 from nicsplit.storage.sealing import TAGS_SUFFIX
 from nicsplit.storage.sealing import SealedError
+
+_FP = _failpoints.ACTIVE  # armed failpoints (nicsplit.core.failpoints)
 
 log = logging.getLogger("nicsplit.recovery.replica")
 
@@ -305,6 +308,8 @@ class Distributor:
     def _fp(self, name: str) -> None:
         if self.failpoint is not None:
             self.failpoint(name)
+        if _FP:
+            _failpoints.hit("replica." + name)
 
     def images(self) -> dict[int, Image]:
         """The replica images by vdisk id (for key usage and rekeying)."""

@@ -13,6 +13,9 @@ real processes started and stopped with deadlines, never sleeps.
 * `pipeline` — fakes for the card pipeline in-process.
 * `appliance` — the power-cut filesystem, the appliance process, a card client.
 * `console` — ``nicsplit console run``, the console's address and token, curl.
+* `soak`, `soakledger`, `soakcheck` — the fault soak (`make soak`, docs/faults.md):
+  randomized process faults on one `nicsplit up`, a ledger writer that
+  survives them, and the checks after each case.
 
 Tests import from here, never from another test module.
 """

@@ -63,10 +63,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Awaitable, Callable, Iterable
 
+from nicsplit.core import failpoints as _fp
 from nicsplit.core.names import RULE, is_name
 from nicsplit.wire.frames import (
     NEED_DATA, PROTOCOL_VERSION, Ack, Batch, Error, FrameDecoder, FrameError, Heartbeat, Hello, HelloAck, encode,
 )
+
+_FP = _fp.ACTIVE  # armed failpoints (nicsplit.core.failpoints): empty unless a test arms some
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +397,12 @@ class Shipper:
         for cg, why in refused.items():
             log.error("CG %s is not shipped on this link: %s; its batches are held, the other CGs ship", cg, why)
         self.window.on_new_cg = lambda: asyncio.get_running_loop().call_soon(writer.close)
-        self.window.connected(first.resume, writer.write, accepted, refused)
+        transmit = writer.write
+        if _FP:
+            def transmit(wire: bytes) -> None:  # a failpoint after each batch shipped, before its ack
+                writer.write(wire)
+                _fp.hit("card.worker.after-ship")
+        self.window.connected(first.resume, transmit, accepted, refused)
         self._hello_ok = True
         hb = asyncio.create_task(self._heartbeats(writer))
         try:
@@ -407,6 +415,8 @@ class Shipper:
                     raise LinkDown(f"no frame for {self.dead_after_s}s with "
                                    f"{self.window.statistics().unacked} batches unacked") from None
                 if isinstance(frame, Ack):
+                    if _FP:
+                        _fp.hit("card.worker.before-release")  # durable at the appliance, not yet released
                     self.window.on_ack(frame)
                 elif isinstance(frame, Error):
                     raise LinkDown(f"appliance error {frame.code}: {frame.message}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import os
 
+from nicsplit.core import failpoints as _fp
 from nicsplit.card.handoff import H, REFUSED, SLEEPING, Handoff
 from nicsplit.card.transports.ring_endpoint import RingEndpoint
 from nicsplit.card.transports.ring_shared import (
@@ -22,6 +23,8 @@ from nicsplit.card.transports.ring_shared import (
     cqe_pack, desc_unpack, fence, reason_name,
 )
 from nicsplit.wire import ring as R
+
+_FP = _fp.ACTIVE  # armed failpoints (nicsplit.core.failpoints): empty unless a test arms some
 
 __all__ = ["RingAcker"]
 
@@ -115,6 +118,8 @@ class RingAcker(RingEndpoint):
             cqe_pack(cq, (cq_tail & cq_mask) << 4, io_id, FAILED if reason else OK, reason, 0, cq_tail & M32)
             cq_tail += 1
             c[CQ_TAIL_I] = cq_tail  # the ack is out before we look at the next entry
+            if _FP:
+                _fp.hit("card.acker.after-ack")  # acked, not yet in the handoff queue
             if track or not reason:
                 slots[s << 6: (s << 6) + 64] = sq[at: at + 64]
                 ends[s] = data_pos + length if track else 0

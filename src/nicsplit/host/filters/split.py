@@ -51,12 +51,15 @@ import asyncio
 from time import monotonic_ns, perf_counter_ns, time_ns
 from typing import Callable
 
+from nicsplit.core import failpoints as _fp
 from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag
 from nicsplit.host.actlog import ActivityLogError
 from nicsplit.host.chain import ChainError, Filter
 from nicsplit.host.filters.stats import Histogram
 from nicsplit.host.io import FUA
 from nicsplit.host.regions import RegionLock
+
+_FP = _fp.ACTIVE  # armed failpoints (nicsplit.core.failpoints): empty unless a test arms some
 
 _WFUA = int(WFlag.FUA)
 _WGAP = int(WFlag.GAP)
@@ -210,18 +213,18 @@ class SplitFilter(Filter):
             # Late: the write waits in the ring in order and the card will take
             # it; until its verdict it is unconfirmed (marked if the card dies).
             self.late_count += 1
-            self.link.late(w.io_id, position, self.dmap, w.voffset, w.length)
+            self.link.late(w.io_id, position, self.dmap, w.voffset, w.length, t)
             return w
         if not v:
             if not t.healthy():
-                self.link.lost("card stopped responding")
+                self.link.lost("card stopped responding", t)
             self._mark(w, "card refused the write (full, or a bad record)")
             # Tell the card to drop it if it ever takes it: the region is dirty.
             t.post_outcome(w.io_id, _FAILED)
             return None
         self.split_count += 1
         if w.op is not Op.BARRIER:
-            self.link.track(position, self.dmap, w.voffset, w.length)
+            self.link.track(position, self.dmap, w.voffset, w.length, t)
             if self.split_count & 1023 == 0:
                 self.link.trim()
         return w
@@ -317,6 +320,8 @@ class SplitFilter(Filter):
             sub = self._split_now(Op.WRITE, offset, n, flags, data)
             if sub is _NO_ROOM:
                 sub = await self._split_in(Op.WRITE, offset, n, flags, data)
+            if _FP:
+                _fp.hit("host.split.after-submit")  # handed to the card, not yet in the datastore
             await self._through(sub, next.pwrite(offset, data, flags), offset, n)
         finally:
             if al is not None:
