@@ -37,7 +37,7 @@ def test_a_hung_hook_is_killed_with_its_children_at_the_timeout(tmp_path):
     child = int(pidf.read_text())
     deadline = time.monotonic() + 5
     while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.02)  # the kernel reaps the killed sleep asynchronously (init adopts it)
+        time.sleep(0.02)  # ok-sleep: polling with a deadline; the kernel reaps the killed sleep asynchronously
     assert not _alive(child), "the hook's background sleep survived the timeout"
 
 

@@ -17,30 +17,14 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
-from nicsplit.core.layout import Layout
-from nicsplit.testing.procs import ReadyProcess
+from nicsplit.testing.console import ConsoleProcess, api_token
 
 __all__ = ["ConsoleProcess", "ApiClient", "read_token", "schema_errors"]
 
 
-def read_token(data: Path) -> str:
-    return Layout(data).api_token.read_text().strip()
-
-
-class ConsoleProcess(ReadyProcess):
-    """``nicsplit console run`` on a free port; `base` is ``http://HOST:PORT``."""
-
-    what = "console"
-
-    def argv(self) -> list[str]:
-        return self.listening_cmd("console", "run")
-
-    @property
-    def base(self) -> str:
-        return f"http://{self.ready['address']}"
+read_token = api_token  # the token `nicsplit init` wrote (DATA/pki/api.token)
 
 
 class ApiClient:
