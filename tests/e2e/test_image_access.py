@@ -18,7 +18,7 @@ from nicsplit.testing.procs import UpProcess, journal, nbd_connect, run_cli, wai
 pytestmark = pytest.mark.usefixtures("peers")
 
 SIZE = 32 << 20
-FIO_SECONDS = 10
+FIO_SECONDS = 30  # fio must outlast two image reads on a loaded 2-core machine (10 s did not, once)
 
 
 def _writes(data: Path) -> int:
