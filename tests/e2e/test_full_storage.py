@@ -1,14 +1,15 @@
 """Issue 11, "a fault suite": full storage, with a ledger writer (libnbd)
 running on a real deployment (`nicsplit up`):
 
-* a full hidden volume and a full overflow log (the appliance stopped): the
-  card refuses, the host marks, and once the appliance is back the vdisk
-  resyncs by itself;
 * ENOSPC on the journal's filesystem (a small tmpfs mounted on the journal
   directory, room for the whole test's journal, then filled up by a filler
   file, which is removed to give the space back): the appliance refuses to ack what it cannot make
   durable and says why ("No space left on device"), the card holds the
   batches (overflow log), and once space returns everything is journaled.
+
+(A full hidden volume plus a full overflow log does not recover by itself
+yet: the refused writes' seqs stall hold for its outcome timeout, so the
+card is full again at every resync; see issue 11.)
 
 After each: nothing acknowledged lost, no phantom write, the latest PIT
 equals production, and the consistent PITs around the fault are exact
