@@ -42,7 +42,7 @@ from nicsplit.core.catalog import open_catalog
 from nicsplit.core.cgs import CGCatalog
 from nicsplit.core.config import Config, parse_listen, parse_size
 from nicsplit.core.layout import Layout
-from nicsplit.core.procutil import runs
+from nicsplit.core.procutil import listening_sockets, runs
 from nicsplit.journal.format import seg_name
 from nicsplit.journal.scan import JournalScanner
 from nicsplit.wire.ring import Geometry
@@ -204,18 +204,8 @@ def _live_pid(lay: Layout, name: str) -> int | None:
 
 
 def _listening_inodes(port: int) -> set[str]:
-    """Socket inodes listening on TCP ``port`` (any address), from /proc/net."""
-    out = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                out.add(f[9])
-    return out
+    """Socket inodes listening on TCP ``port`` (any address)."""
+    return {ino for p, ino in listening_sockets() if p == port}
 
 
 def _holds(pid: int, inodes: set[str]) -> bool:

@@ -23,3 +23,19 @@ def runs(pid: int, *words: str) -> bool:
             pass
         return False
     return all(w.encode() in cmdline for w in words)
+
+
+def listening_sockets() -> list[tuple[int, str]]:
+    """``(port, socket inode)`` of every TCP socket listening on this machine
+    (any address, v4 and v6), from /proc/net."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A":  # 0A = LISTEN
+                out.append((int(f[1].rsplit(":", 1)[1], 16), f[9]))
+    return out

@@ -99,7 +99,7 @@ from nicsplit.core.config import Config, parse_listen
 from nicsplit.core.dirtymap import REGION, RegionBitmap
 from nicsplit.core.fsutil import atomic_write, fsync_dir
 from nicsplit.core.layout import Layout, vdisk_file
-from nicsplit.core.procutil import runs
+from nicsplit.core.procutil import listening_sockets, runs
 from nicsplit.recovery.distribution import CatalogMembers, ReplicaLock
 from nicsplit.recovery.errors import RecoveryConflict, RecoveryError
 from nicsplit.recovery.image import ReplicaServer
@@ -553,18 +553,9 @@ def _listening_port(pid: int) -> int | None:
                 continue
             if t.startswith("socket:["):
                 inodes.add(t[8:-1])
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            try:
-                lines = Path(table).read_text().splitlines()[1:]
-            except OSError:
-                continue
-            for line in lines:
-                f = line.split()
-                if len(f) > 9 and f[3] == "0A" and f[9] in inodes:  # 0A = LISTEN
-                    return int(f[1].rsplit(":", 1)[1], 16)
+        return next((p for p, ino in listening_sockets() if ino in inodes), None)
     except OSError:
         return None
-    return None
 
 
 def _sync(cfg: Config, cg: str, st: dict, vds: list[StateVdisk], seq: int, index: BlockIndex,
