@@ -1,15 +1,14 @@
 """Issue 11, "a fault suite": full storage, with a ledger writer (libnbd)
 running on a real deployment (`nicsplit up`):
 
+* a full hidden volume and a full overflow log (the appliance stopped): the
+  card refuses, the host marks, and once the appliance is back the vdisk
+  resyncs by itself;
 * ENOSPC on the journal's filesystem (a small tmpfs mounted on the journal
   directory, room for the whole test's journal, then filled up by a filler
   file, which is removed to give the space back): the appliance refuses to ack what it cannot make
   durable and says why ("No space left on device"), the card holds the
   batches (overflow log), and once space returns everything is journaled.
-
-(A full hidden volume plus a full overflow log does not recover by itself
-yet: the refused writes' seqs stall hold for its outcome timeout, so the
-card is full again at every resync; see issue 11.)
 
 After each: nothing acknowledged lost, no phantom write, the latest PIT
 equals production, and the consistent PITs around the fault are exact
@@ -18,6 +17,8 @@ prefixes of the ledger (`nicsplit.testing.recovered`)."""
 from __future__ import annotations
 
 import errno
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -52,6 +53,38 @@ def card_stats(data: Path) -> dict:
 def vdisk_state(data: Path) -> str:
     (v,) = cg_state(data)["vdisks"]
     return v["state"]
+
+
+def test_full_hidden_volume_and_overflow_log_mark_then_resync(tmp_path, seed):
+    data = deployment(tmp_path, {"transport_options": {"data_size": "4M"}, "overflow_max": "1M"})
+    with UpProcess(data) as up:
+        ledger = Ledger(up.uri("a"), seed, SIZE, rate=RATE)
+        ledger.start()
+        try:
+            wait_for(lambda: (cg_state(data)["last_durable_seq"] or 0) >= 50, 60, "writes journaled", interval=0.2)
+            appliance = up.pid_of("appliance")
+            s0 = cg_state(data)["host_last_seq"]
+            os.kill(appliance, signal.SIGSTOP)
+            try:
+                wait_for(lambda: card_stats(data).get("full"), 120, "the ring and the overflow log full", interval=0.2)
+                wait_for(lambda: vdisk_state(data) == "marking", 60, "the host marking", interval=0.2)
+                full = card_stats(data)
+            finally:
+                os.kill(appliance, signal.SIGCONT)
+            wait_for(lambda: vdisk_state(data) == "protected", 180, "the resync to end by itself", interval=0.2)
+            s1 = cg_state(data)["host_last_seq"]
+            n1 = len(ledger.done)
+            wait_for(lambda: len(ledger.done) >= n1 + 50, 60, "ledger writes after the resync", interval=0.1)
+        finally:
+            ledger.stop.set()
+            ledger.join(30)
+        assert ledger.error is None, ledger.error
+        ovf = full["overflow"]
+        print(f"seed={seed}: card full with overflow {ovf}; {len(ledger.done)} ledger writes")
+        assert full["endpoint"]["refused_full"] > 0, full["endpoint"]
+        check_recovered(data, up.uri("a"), ledger, tmp_path, (s0, s1))
+        host = request(Layout(data).host_sock, {"cmd": "status"})["status"]
+        assert host["vdisks"][0]["marked"] > 0, host  # it did go through marking
 
 
 def fill(path: Path) -> int:

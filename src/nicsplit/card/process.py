@@ -306,6 +306,9 @@ class CardProcess:
         now = time.monotonic_ns
         idle_since = now()
         sleep = asyncio.sleep
+        skipped = getattr(ep, "skipped", None)  # seqs of writes the transport refused
+        if skipped is None:
+            skipped = []
         while not self._stop.is_set():
             entries = ep.poll(n)
             t = now()
@@ -322,6 +325,8 @@ class CardProcess:
                 idle_since = t
             else:
                 collect_when_idle(False)
+            if skipped:
+                p.skip(skipped, t)
             if ovf is not None and ovf.active and ovf.feed(p, t):
                 idle_since = t
             p.tick(t)
@@ -515,6 +520,9 @@ class CardProcess:
                 if ovf is not None:
                     ovf.fed_direct(entries)
                 p.feed(entries, time.monotonic_ns())
+            skipped = getattr(ep, "skipped", None)
+            if skipped:
+                p.skip(skipped, time.monotonic_ns())
         if ovf is not None:
             while self._sync_fut is not None:
                 await asyncio.wait([self._sync_fut])

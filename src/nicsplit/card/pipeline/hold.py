@@ -23,7 +23,11 @@ with a slot per seq and a ``next`` pointer:
 - the lane's first ``next`` is the first seq seen for the CG, unless the lead
   called ``expect(cg_id, seq)``;
 - an outcome seen before its write (possible on unordered transports) waits
-  up to the timeout for it.
+  up to the timeout for it;
+- a seq the transport refused (the card acked its write FAILED, e.g. while
+  full; the host marks it) is given to ``skip`` and is resolved at once:
+  waiting out the timeout for it stalled every later seq of its CG, so a
+  full card stayed full (and every resync filled it again).
 
 Every write that enters hold is released (``release(io_id)``) exactly once
 by the pipeline: here when it is dropped, after a durable ack otherwise.
@@ -115,6 +119,9 @@ class Hold:
         self._count = self._bytes = 0
         self._committed = self._failed = self._lost_timeout = self._lost_late = 0
         self._refused = self._gaps = self._stray = 0
+        # cg_id -> {seq: t_ns}: refused seqs of a CG hold has no lane for yet
+        # (placed when its lane starts; bounded, expired like early outcomes)
+        self._early_skips: dict[int, dict[int, int]] = {}
 
     # -- input ---------------------------------------------------------------
 
@@ -134,7 +141,7 @@ class Hold:
         """Declare the next seq of a CG (before any of its writes arrive)."""
         lane = self._lanes.get(cg_id)
         if lane is None:
-            self._lanes[cg_id] = _Lane(next_seq)
+            self._new_lane(cg_id, next_seq, 0)
         elif not lane.slots:
             lane.next = next_seq
 
@@ -145,7 +152,7 @@ class Hold:
         if w.cg_id in lanes:
             lane = lanes[w.cg_id]
         else:
-            lane = lanes[w.cg_id] = _Lane(seq)
+            lane = self._new_lane(w.cg_id, seq, now_ns)
         slots = lane.slots
         if self._count >= self.max_writes or self._bytes >= self.max_bytes:  # full
             self._refused += 1
@@ -176,8 +183,22 @@ class Hold:
 
     def reject(self, cg_id: int, seq: int, now_ns: int) -> None:
         """Resolve dropped this seq: it is resolved without being shipped."""
-        lane = self._lane(cg_id, seq)
+        lane = self._lane(cg_id, seq, now_ns)
         if seq >= lane.next and seq not in lane.slots:
+            lane.slots[seq] = [None, _DROPPED, now_ns, lane]
+            self._advance(lane, now_ns)
+
+    def skip(self, cg_id: int, seq: int, now_ns: int) -> None:
+        """The transport refused this seq's write (its host marks it): it
+        will never arrive, so later seqs need not wait for it."""
+        lane = self._lanes.get(cg_id)
+        if lane is None:  # before the CG's first write: placed when its lane starts
+            early = self._early_skips.setdefault(cg_id, {})
+            if len(early) < self.max_writes:
+                early[seq] = now_ns
+            return
+        if seq >= lane.next and seq not in lane.slots:
+            self._gaps += 1
             lane.slots[seq] = [None, _DROPPED, now_ns, lane]
             self._advance(lane, now_ns)
 
@@ -221,6 +242,9 @@ class Hold:
                 else:
                     break
                 self._advance(lane, now_ns)
+        if self._early_skips:
+            for cg_id in [c for c, e in self._early_skips.items() if max(e.values()) + self.timeout_ns <= now_ns]:
+                del self._early_skips[cg_id]
         while self._early:
             io_id, (_, t) = next(iter(self._early.items()))
             if t + self.timeout_ns > now_ns:
@@ -262,10 +286,22 @@ class Hold:
 
     # -- internals -----------------------------------------------------------
 
-    def _lane(self, cg_id: int, seq: int) -> _Lane:
+    def _lane(self, cg_id: int, seq: int, now_ns: int) -> _Lane:
         lane = self._lanes.get(cg_id)
         if lane is None:
-            lane = self._lanes[cg_id] = _Lane(seq)
+            lane = self._new_lane(cg_id, seq, now_ns)
+        return lane
+
+    def _new_lane(self, cg_id: int, first: int, now_ns: int) -> _Lane:
+        lane = self._lanes[cg_id] = _Lane(first)
+        early = self._early_skips.pop(cg_id, None)
+        if early:
+            for seq, t in early.items():
+                if seq >= first:
+                    self._gaps += 1
+                    lane.slots[seq] = [None, _DROPPED, t, lane]
+            if first in lane.slots:
+                self._advance(lane, now_ns)
         return lane
 
     def _resolve(self, s: list, io_id: int, status: Status) -> None:

@@ -187,6 +187,15 @@ class CardPipeline:
             add(r, now_ns)
         self.pump(now_ns)
 
+    def skip(self, refused: list[tuple[int, int]], now_ns: int) -> None:
+        """(cg_id, cg_seq) of writes the transport refused (its host marks
+        them): hold stops waiting for those seqs; ``refused`` is emptied."""
+        skip = self.hold.skip
+        for cg_id, seq in refused:
+            skip(cg_id, seq, now_ns)
+        refused.clear()
+        self.pump(now_ns)
+
     def tick(self, now_ns: int) -> None:
         """Time-driven work: overdue outcomes, merge windows, batch delays."""
         self.hold.expire(now_ns)

@@ -120,7 +120,9 @@ class RingAcker(RingEndpoint):
             c[CQ_TAIL_I] = cq_tail  # the ack is out before we look at the next entry
             if _FP:
                 _fp.hit("card.acker.after-ack")  # acked, not yet in the handoff queue
-            if track or not reason:
+            # A refused entry goes on too when its seq is real (its payload
+            # space to free, or refused FULL): the worker's hold skips the seq.
+            if track or not reason or reason == R_FULL:
                 slots[s << 6: (s << 6) + 64] = sq[at: at + 64]
                 ends[s] = data_pos + length if track else 0
                 flags[s] = REFUSED if reason else 0

@@ -109,6 +109,9 @@ class RingEndpoint:
         # late write) and may die before it hears the refusal, so the card
         # records it where the host reads it at its next start (the lost log).
         self.on_refused: Callable[[int, int, int, int, str], None] | None = None
+        # (cg_id, cg_seq) of writes refused since the card last took them: the
+        # pipeline's hold skips those seqs at once (`Hold.skip`)
+        self.skipped: list[tuple[int, int]] = []
         self._counters_ns = 0
         self._sq_head = self._cq_tail = self._cq_head_c = 0
         self._data_expect = 0  # logical end of the last accepted payload allocation
@@ -189,6 +192,8 @@ class RingEndpoint:
                     self._n_bytes += length
             if reason and length and self.on_refused is not None:
                 self.on_refused(io_id, vdisk_id, voffset, length, reason_name(reason))
+            if reason and (track or reason == R_FULL):  # its seq is real: hold skips it
+                self.skipped.append((cg_id, cg_seq))
             if reason == R_FULL:
                 self._n_refused_full += 1
             elif reason:

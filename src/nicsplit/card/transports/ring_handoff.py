@@ -41,6 +41,9 @@ class HandoffEndpoint:
         self._held: dict[int, int] = {}  # io_id -> handoff position of its payload
         self._n_dup = 0
         self.on_refused = None  # the acker reports refusals; kept for CardProcess's interface
+        # (cg_id, cg_seq) of writes the acker refused since the last take: hold
+        # skips those seqs at once (`Hold.skip`) instead of waiting them out
+        self.skipped: list[tuple[int, int]] = []
 
     def poll(self, max_entries: int = 256) -> list[AugmentedWrite | Outcome]:
         ho = self.handoff
@@ -68,6 +71,7 @@ class HandoffEndpoint:
                     append(Outcome(io_id, STATUSES[status]))
                 elif flags[s] & REFUSED:
                     flags[s] = REFUSED | RELEASED  # only its payload space to free, in order
+                    self.skipped.append((cg_id, cg_seq))
                 elif kind == K_WRITE:
                     if io_id in held:
                         self._n_dup += 1
