@@ -69,6 +69,14 @@ FAILPOINTS = (
 )
 # (kind, weight): signals are cheap; a failpoint case restarts `up`.
 FAULTS = (("kill", 4), ("stop", 3), ("failpoint", 3))
+# A bounded journal, as every real deployment has: a case's checks read PITs
+# back from the journal, which cost in proportion to its size (unbounded, a
+# case's checks grew from 0.5 s to 8 s in ten cases). Retention then trims
+# (into base images) under the faults too. A case writes far less than the
+# limit, so its own PITs and records are still there when it is checked.
+# Retention keeps segments younger than twice the card's dedup horizon.
+SECTIONS = {"appliance": {"segment_size": "8M"}, "card": {"dedup_horizon_s": 15},
+            "retention": {"max_journal_size": "48M", "interval": "2s"}}
 
 
 def case_seed(seed: int, case: int) -> int:
@@ -139,7 +147,7 @@ class Deployment:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.data = cg_data(root, LEDGER_SIZE, ("ledger", "fio"), timeout_us=1000)
+        self.data = cg_data(root, LEDGER_SIZE, ("ledger", "fio"), timeout_us=1000, sections=SECTIONS)
         self.cfg = load(self.data)
         self.fpdir = root / "failpoints"
         self.fpdir.mkdir()
@@ -189,6 +197,8 @@ class Deployment:
     def stop(self) -> None:
         if self.up is not None:
             kids = list(self.children().values())
+            for pid in [self.pid("up"), *kids]:  # a case interrupted mid-SIGSTOP must not hang the stop
+                _signal(pid, signal.SIGCONT)
             self.up.stop(90)
             self.wait_children_gone(kids)
             self.up = None
@@ -249,8 +259,10 @@ def inject(dep: Deployment, f: Fault, res: CaseResult) -> None:
     else:
         if not _signal(pid, signal.SIGSTOP):
             raise AssertionError(f"no {f.target} process to stop")
-        time.sleep(f.stop_s)  # the fault's length, not synchronisation
-        _signal(pid, signal.SIGCONT)
+        try:
+            time.sleep(f.stop_s)  # the fault's length, not synchronisation
+        finally:  # also when the soak itself is stopped meanwhile
+            _signal(pid, signal.SIGCONT)
 
 
 def arm(dep: Deployment, f: Fault) -> dict[str, str]:

@@ -29,12 +29,16 @@ SIZE = 8 << 20
 
 
 def cg_data(tmp_path: Path, size: int = SIZE, names: tuple[str, ...] = ("a", "b"), *,
-            timeout_us: int = 1_000_000, vdisks: dict | None = None, **host: object) -> Path:
+            timeout_us: int = 1_000_000, vdisks: dict | None = None, sections: dict | None = None,
+            **host: object) -> Path:
     """A data directory with vdisks ``names`` in CG cg1. The hidden volume
     holds more than a test writes, so a slow appliance cannot fill it (a full
-    card rightly marks, which is not what most tests check)."""
+    card rightly marks, which is not what most tests check). ``sections``:
+    more nicsplit.toml sections."""
+    more = dict(sections or {})
+    card = {"transport_options": {"data_size": "256M"}, **more.pop("card", {})}
     data = init_data(tmp_path / "data", filters=["stats", {"name": "split", "split_timeout_us": timeout_us}],
-                     vdisks=vdisks, sections={"card": {"transport_options": {"data_size": "256M"}}}, **host)
+                     vdisks=vdisks, sections={"card": card, **more}, **host)
     run_cli(data, "cg", "create", "cg1")
     for n in names:
         run_cli(data, "vdisk", "create", n, "--size", str(size), "--cg", "cg1")
