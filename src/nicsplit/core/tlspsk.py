@@ -30,8 +30,9 @@ certificate and sets OpenSSL's PSK server callback on that context's own
   rather than guess.
 
 OpenSSL 3 calls the same callback for TLS 1.3 (the key is then used with a
-SHA-256 suite: TLS_AES_128_GCM_SHA256 or TLS_CHACHA20_POLY1305_SHA256) and
-for TLS 1.2 (the PSK suites in `TLS12_PSK_CIPHERS`). A client whose
+SHA-256 suite: `TLS13_PSK_SUITES`, set with ``SSL_CTX_set_ciphersuites``
+as `ssl` has no call for it) and for TLS 1.2 (the PSK suites in
+`TLS12_PSK_CIPHERS`). A client whose
 identity is not in the table gets no key, and as the context has no
 certificate to fall back on, its handshake fails.
 
@@ -65,6 +66,10 @@ NEW_KEY = 32            # bytes of a key `add_key` makes
 # (OpenSSL ignores a rule that matches nothing: these are key-exchange names, kX.)
 TLS12_PSK_CIPHERS = ("kECDHEPSK+CHACHA20:kECDHEPSK+AES:kDHEPSK+AESGCM:kDHEPSK+CHACHA20:"
                      "kPSK+AESGCM:kPSK+CHACHA20:!SHA1:!eNULL")
+
+# TLS 1.3: this callback's keys go with SHA-256 suites only; AES-GCM first
+# (OpenSSL's default order puts ChaCha20 first, slower where AES is in hardware).
+TLS13_PSK_SUITES = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256"
 
 _NAME = re.compile(rb"[^\x00-\x20:\x7f]+")   # printable, no blanks, no ':'
 _HEX = re.compile(rb"(?:[0-9a-fA-F]{2})+")
@@ -196,6 +201,11 @@ def libssl() -> Any:
         except AttributeError:
             raise unavailable(f"OpenSSL ({ssl.OPENSSL_VERSION}) exports no {name}") from None
         fn.restype, fn.argtypes = res, args
+    try:   # optional: without it TLS 1.3 keeps OpenSSL's default suite order
+        lib.SSL_CTX_set_ciphersuites.restype, lib.SSL_CTX_set_ciphersuites.argtypes = ctypes.c_int, [
+            ctypes.c_void_p, ctypes.c_char_p]
+    except AttributeError:
+        pass
     _lib = lib
     return lib
 
@@ -259,6 +269,9 @@ def psk_server_context(keys: Mapping[bytes, bytes]) -> ssl.SSLContext:
             log.exception("TLS-PSK: key lookup failed")
             return 0
 
+    set_suites = getattr(lib, "SSL_CTX_set_ciphersuites", None)
+    if set_suites is not None and set_suites(ptr, TLS13_PSK_SUITES.encode()) != 1:
+        raise unavailable(f"OpenSSL ({ssl.OPENSSL_VERSION}) refused the TLS 1.3 suites {TLS13_PSK_SUITES}")
     callback = PSK_CALLBACK(find)
     lib.SSL_CTX_set_psk_server_callback(ptr, callback)
     # OpenSSL keeps only the function pointer: the ctypes thunk must live as long as the context.
