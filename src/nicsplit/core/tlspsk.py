@@ -230,7 +230,7 @@ def validate(lib: Any, ptr: int, ctx: ssl.SSLContext) -> None:
         raise unavailable(f"the SSL_CTX found has options {got:#x}, ssl.SSLContext says {int(ctx.options):#x}")
     before = ctx.verify_mode
     try:
-        for mode in (ssl.CERT_OPTIONAL, ssl.CERT_NONE):
+        for mode in (ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED):   # both allowed whatever check_hostname is
             ctx.verify_mode = mode
             got = lib.SSL_CTX_get_verify_mode(ptr)
             if got != SSL_VERIFY[mode]:
