@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from nicsplit.cli.main import build_parser, up_host_args
 from nicsplit.core import tlspsk
 from nicsplit.core.tlspsk import PskError, add_key, load_keys, parse_keys
 from nicsplit.host.nbdpolicy import PolicyError, resolve_tls
@@ -166,3 +167,12 @@ def test_a_key_file_makes_the_listener_s_tls(tmp_path):
         resolve_tls("require", "0.0.0.0", no_ca, psk=keys)
     with pytest.raises(PolicyError, match="needs the deployment's certificates"):
         resolve_tls("require", "0.0.0.0", no_ca)   # without a key file, certificates as before
+
+
+def test_up_hands_the_key_file_to_the_host(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["up", "--tls", "require", "--tls-psk", "keys.psk"])
+    assert up_host_args(args, "0.0.0.0:10900") == ["host", "serve", "--listen", "0.0.0.0:10900", "--tls", "require",
+                                                    "--tls-psk", str(tmp_path / "keys.psk")]
+    args = build_parser().parse_args(["host", "serve", "--tls-psk", "/etc/k.psk"])
+    assert args.tls_psk == "/etc/k.psk"

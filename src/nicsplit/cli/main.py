@@ -169,6 +169,13 @@ def _host_listen(ready: dict) -> list[str]:
     return [] if tcp is None else ["--listen", tcp.removeprefix("nbd://")]
 
 
+def up_host_args(args: argparse.Namespace, listen: str) -> list[str]:
+    """The host's command line under `nicsplit up`: its options passed on."""
+    return (["host", "serve", "--listen", listen] + (["--socket", args.socket] if args.socket else [])
+            + (["--readonly"] if args.readonly else []) + (["--tls", args.tls] if args.tls else [])
+            + (["--tls-psk", str(_abs(args.tls_psk))] if args.tls_psk else []))
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Appliance, card and host on one machine with the embedded defaults."""
     from nicsplit.control.supervisor import Child, Supervisor, SupervisorError, child_argv  # lazy: see main()
@@ -182,8 +189,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     ds = Datastore.open(cfg.datastore_dir)
     listen = args.listen or cfg.host("listen", "127.0.0.1:10809")
     host, port = parse_listen(listen)
-    host_args = ["host", "serve", "--listen", listen] + (["--socket", args.socket] if args.socket else []) + (["--readonly"] if args.readonly else []) \
-        + (["--tls", args.tls] if args.tls else []) + (["--tls-psk", _abs(args.tls_psk)] if args.tls_psk else [])
+    host_args = up_host_args(args, listen)
     children = [
         Child("appliance", child_argv(data, "appliance", "run", *(["--listen", args.appliance_listen] if args.appliance_listen else [])),
               sticky=lambda ready: ["--listen", ready["address"]]),
