@@ -176,3 +176,19 @@ def test_up_hands_the_key_file_to_the_host(tmp_path, monkeypatch):
                                                     "--tls-psk", str(tmp_path / "keys.psk")]
     args = build_parser().parse_args(["host", "serve", "--tls-psk", "/etc/k.psk"])
     assert args.tls_psk == "/etc/k.psk"
+
+
+def test_without_openssl_s_functions_psk_is_refused_cleanly(monkeypatch):
+    # The lookup goes through the loaded _ssl module's handle; pointed at one
+    # that is not loaded, or at a loaded library without OpenSSL (libc), it
+    # must refuse with a clear line instead of guessing.
+    monkeypatch.setattr(tlspsk, "_lib", None)
+    monkeypatch.setattr(tlspsk._ssl, "__file__", "/nonexistent/_ssl.so")
+    with pytest.raises(PskError, match="not available with this Python build: cannot reach the loaded _ssl module"):
+        tlspsk.psk_server_context({b"alice": KEY})
+    libc = next(ln.split()[5] for ln in open("/proc/self/maps") if len(ln.split()) >= 6 and "/libc.so" in ln.split()[5])
+    monkeypatch.setattr(tlspsk._ssl, "__file__", libc)
+    with pytest.raises(PskError, match="not available with this Python build: OpenSSL .* exports no SSL_CTX_get_options"):
+        tlspsk.psk_server_context({b"alice": KEY})
+    monkeypatch.undo()
+    assert tlspsk.psk_server_context({b"alice": KEY}).num_tickets == 0

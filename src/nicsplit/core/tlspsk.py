@@ -247,7 +247,9 @@ def psk_server_context(keys: Mapping[bytes, bytes]) -> ssl.SSLContext:
     table = dict(keys)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_TICKET   # no resumption: every connection proves its key
+    # No resumption tickets (TLS 1.2 nor 1.3): every connection proves its key.
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
     try:
         ctx.set_ciphers(TLS12_PSK_CIPHERS)
     except ssl.SSLError as e:
@@ -260,7 +262,7 @@ def psk_server_context(keys: Mapping[bytes, bytes]) -> ssl.SSLContext:
         try:
             key = table.get(identity or b"")
             if key is None or len(key) > room:
-                log.info("TLS-PSK: no key for identity %r", (identity or b"").decode(errors="replace"))
+                log.info("TLS-PSK: no key for identity %r", (identity or b"")[:64].decode(errors="replace"))
                 return 0
             ctypes.memmove(out, key, len(key))
             log.debug("TLS-PSK: identity %r", identity.decode(errors="replace") if identity else "")
