@@ -15,6 +15,7 @@ command -v qemu-io  >/dev/null || need+=(qemu-utils)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v fio      >/dev/null || need+=(fio)
 command -v curl     >/dev/null || need+=(curl)  # the console tests speak HTTP through it
+command -v psktool  >/dev/null || need+=(gnutls-bin)  # the TLS-PSK test's key file, as its users make one
 # The dashboard test drives a real headless browser through its WebDriver.
 command -v chromium >/dev/null || need_norec+=(chromium)
 command -v chromedriver >/dev/null || need_norec+=(chromium-driver)

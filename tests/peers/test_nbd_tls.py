@@ -19,7 +19,7 @@ from nicsplit.core import pki
 from nicsplit.host.nbdpolicy import PolicyError
 from nicsplit.recovery.image import ImageServer
 from nicsplit.testing.datadir import init_data, vdisk
-from nicsplit.testing.procs import HostProcess, env_with_libnbd, import_libnbd, nbd_connect, run_cli, wait_for, recv_exact
+from nicsplit.testing.procs import HostProcess, env_with_libnbd, import_libnbd, nbd_connect, outside_address, run_cli, wait_for, recv_exact
 from nicsplit.testing.served import Served
 from nicsplit.testing.workload import journaled
 
@@ -185,23 +185,6 @@ def test_tls_is_required_beyond_loopback(data, tmp_path):
         c.shutdown()
         p = run("nbdinfo", tls_uri(h.port, "a", certs(data, tmp_path / "c")))
         assert p.returncode == 0, p.stderr
-
-
-def outside_address() -> str:
-    """An address of this machine that is not loopback (the route to a
-    documentation address; nothing is sent)."""
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        u.connect(("203.0.113.1", 9))
-        addr = u.getsockname()[0]
-    except OSError:
-        addr = ""
-    finally:
-        u.close()
-    # These machines always have one (the package registries are reached
-    # through it); without it the beyond-loopback rules go untested: a failure.
-    assert addr and not addr.startswith("127."), "this machine has no IPv4 address beyond loopback"
-    return addr
 
 
 def test_starttls_with_data(tls_host):

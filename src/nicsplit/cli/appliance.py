@@ -8,6 +8,7 @@
     nicsplit journal replay CG --out DIR [--upto SEQ] [--force] [--json]
     nicsplit pki init [--appliance-name NAME ...]
     nicsplit pki nbd-client DIR [--name CN]       a client certificate for NBD over TLS
+    nicsplit pki nbd-psk FILE --name NAME         a pre-shared key for NBD over TLS-PSK
 
 ``add_parsers(sub, common)`` registers them on an argparse subparsers object.
 The work is done by `nicsplit.appliance.server` (run), `nicsplit.recovery.keys`
@@ -29,6 +30,7 @@ from nicsplit.appliance.config import DEFAULT_LISTEN, at_rest_encryption, pki_di
 from nicsplit.cli.common import CliError, seq
 from nicsplit.core import config as cfgmod
 from nicsplit.core.pki import init_pki, issue_nbd_client
+from nicsplit.core.tlspsk import PskError, add_key
 from nicsplit.recovery import keys, replay
 from nicsplit.storage import atrest
 
@@ -107,6 +109,16 @@ def cmd_pki_nbd_client(args: argparse.Namespace) -> int:
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     paths = issue_nbd_client(pki_dir(cfg), Path(args.dir), args.name)
     print(f"issued NBD client certificate {args.name!r}: {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def cmd_pki_nbd_psk(args: argparse.Namespace) -> int:
+    try:
+        add_key(Path(args.file), args.name)
+    except PskError as e:
+        raise CliError(str(e)) from None
+    print(f"added a TLS-PSK key for {args.name!r} to {args.file} (mode 0600; give it to the client, "
+          f"e.g. as qemu's DIR/keys.psk or libnbd's tls-psk-file)")
     return 0
 
 
@@ -191,3 +203,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("dir", metavar="DIR", help="a new or empty directory (libnbd --tls-certificates, qemu tls-creds-x509 dir)")
     s.add_argument("--name", default="nbd-client", help="the certificate's CN (see [host] tls_clients)")
     s.set_defaults(func=cmd_pki_nbd_client)
+    s = pp.add_parser("nbd-psk", parents=[common],
+                      help="add a random pre-shared key for NBD over TLS-PSK to FILE (psktool format, mode 0600)")
+    s.add_argument("file", metavar="FILE", help="the key file ([host] tls_psk; created if missing)")
+    s.add_argument("--name", required=True, help="the client's PSK identity (user name)")
+    s.set_defaults(func=cmd_pki_nbd_psk)

@@ -132,8 +132,14 @@ def _serve(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
             log.info("serving NBD on %s (export = vdisk name)", a)
 
     run_async(serve(cfg, listen=listen, socket_path=sock, readonly=True if args.readonly else None, ready=ready,
-                    tls=getattr(args, "tls", None), stdio=stdio))
+                    tls=getattr(args, "tls", None), stdio=stdio, tls_psk=_abs(getattr(args, "tls_psk", None))))
     return 0
+
+
+def _abs(path: str | None) -> str | None:
+    """A path given on the command line, absolute (the host resolves relative
+    configuration paths under the data directory, not where the command ran)."""
+    return None if not path else os.path.abspath(path)
 
 
 def cmd_host_serve(args: argparse.Namespace) -> int:
@@ -163,6 +169,13 @@ def _host_listen(ready: dict) -> list[str]:
     return [] if tcp is None else ["--listen", tcp.removeprefix("nbd://")]
 
 
+def up_host_args(args: argparse.Namespace, listen: str) -> list[str]:
+    """The host's command line under `nicsplit up`: its options passed on."""
+    return (["host", "serve", "--listen", listen] + (["--socket", args.socket] if args.socket else [])
+            + (["--readonly"] if args.readonly else []) + (["--tls", args.tls] if args.tls else [])
+            + (["--tls-psk", str(_abs(args.tls_psk))] if args.tls_psk else []))
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Appliance, card and host on one machine with the embedded defaults."""
     from nicsplit.control.supervisor import Child, Supervisor, SupervisorError, child_argv  # lazy: see main()
@@ -176,8 +189,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     ds = Datastore.open(cfg.datastore_dir)
     listen = args.listen or cfg.host("listen", "127.0.0.1:10809")
     host, port = parse_listen(listen)
-    host_args = ["host", "serve", "--listen", listen] + (["--socket", args.socket] if args.socket else []) + (["--readonly"] if args.readonly else []) \
-        + (["--tls", args.tls] if args.tls else [])
+    host_args = up_host_args(args, listen)
     children = [
         Child("appliance", child_argv(data, "appliance", "run", *(["--listen", args.appliance_listen] if args.appliance_listen else [])),
               sticky=lambda ready: ["--listen", ready["address"]]),
@@ -312,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--socket", metavar="PATH", default=None)
     s.add_argument("--readonly", action="store_true")
     s.add_argument("--tls", choices=("auto", "off", "on", "require"), default=None, help="the host's NBD TLS (see host serve)")
+    s.add_argument("--tls-psk", metavar="FILE", default=None, help="the host's NBD TLS-PSK key file (see host serve)")
     s.set_defaults(func=cmd_up)
 
     vd = sub.add_parser("vdisk", parents=[common], help="manage virtual disks").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
@@ -373,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--readonly", action="store_true", help="serve every export read-only")
     s.add_argument("--tls", choices=("auto", "off", "on", "require"), default=None,
                    help="NBD over TLS (default [host] tls, auto: required beyond loopback, offered on it)")
+    s.add_argument("--tls-psk", metavar="FILE", default=None,
+                   help="TLS with pre-shared keys from this psktool file (username:hexkey lines, mode 0600) "
+                        "instead of certificates (default [host] tls_psk)")
     s.add_argument("--stdio", action="store_true",
                    help="serve one NBD session on stdin/stdout instead of listening (as nbdkit -s; for fuzzing)")
     s.set_defaults(func=cmd_host_serve)

@@ -82,9 +82,13 @@ server_inflight_mib = 256
 # off, on (offered) or require. tls_names: extra DNS names / addresses for
 # the server certificate (DATA/pki/nbd-server.crt); tls_clients: the client
 # certificate CNs let in (empty: any certificate of this deployment's CA).
+# tls_psk: a psktool key file (username:hexkey lines, mode 0600; relative to
+# the data directory): clients prove a pre-shared key instead of presenting
+# a certificate (nicsplit pki nbd-psk FILE --name NAME adds one).
 tls = "auto"
 tls_names = []
 tls_clients = []
+tls_psk = ""
 
 [datastore]
 # Largest size of one datastore volume file (sparse); another volume is

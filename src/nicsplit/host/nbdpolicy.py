@@ -39,7 +39,9 @@ of what two cores serve), below nbdkit's 516 MiB RSS under the same flood.
 - **TLS.** `resolve_tls` gives each listener its mode (`NbdTls`): ``auto``
   requires TLS beyond loopback and offers it on loopback; ``off``/``on``
   beyond loopback refuse to start. Certificates come from the deployment's
-  CA (`nicsplit.core.pki.nbd_server_context`), and clients must present one.
+  CA (`nicsplit.core.pki.nbd_server_context`), and clients must present one;
+  or, with a key file (``[host] tls_psk``), clients prove a pre-shared key
+  instead (`nicsplit.core.tlspsk`, no certificate on either side).
 
 Example::
 
@@ -58,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from nicsplit.core import pki
+from nicsplit.core import pki, tlspsk
 from nicsplit.core.config import ConfigError
 from nicsplit.wire import nbd
 
@@ -217,12 +219,14 @@ class NbdTls:
     ``mode``: `nbd.TLS_OFF` (STARTTLS refused), `nbd.TLS_ON` (offered; plain
     clients still served), `nbd.TLS_REQUIRE` (every option but STARTTLS and
     ABORT gets NBD_REP_ERR_TLS_REQD). ``clients``: the certificate CNs let in
-    (empty = any certificate our CA issued)."""
+    (empty = any certificate our CA issued). ``psk``: clients authenticate
+    with a pre-shared key, not a certificate (the key file says who gets in)."""
 
     mode: str = nbd.TLS_OFF
     context: ssl.SSLContext | None = None
     clients: frozenset[str] = frozenset()
     local_mode: str | None = None   # the mode for peers on loopback, if not ``mode``
+    psk: bool = False
 
     def admits(self, cn: str | None) -> bool:
         return not self.clients or cn in self.clients
@@ -249,7 +253,7 @@ def is_loopback(host: str | None) -> bool:
 
 
 def resolve_tls(setting: str, host: str | None, pki_dir: Path, *, names: tuple[str, ...] = (),
-                clients: tuple[str, ...] = ()) -> NbdTls:
+                clients: tuple[str, ...] = (), psk: Path | None = None) -> NbdTls:
     """The TLS of a listener on ``host`` (None = a Unix socket).
 
     ``auto``: required beyond loopback (but only offered to peers that
@@ -258,12 +262,13 @@ def resolve_tls(setting: str, host: str | None, pki_dir: Path, *, names: tuple[s
     on loopback when the deployment has a CA; else off. Beyond loopback
     anything but ``require`` (or ``auto``) is refused: the exports would be
     readable and writable by anyone who can reach the port. An explicit
-    ``require`` requires TLS of every peer."""
+    ``require`` requires TLS of every peer. With ``psk`` (a key file) TLS
+    authenticates by pre-shared key and needs no CA."""
     if setting not in TLS_SETTINGS:
         raise PolicyError(f"tls = {setting!r}: one of {', '.join(TLS_SETTINGS)}")
     local = is_loopback(host)
     if setting == "auto":
-        have_ca = (Path(pki_dir) / "ca.crt").exists() and (Path(pki_dir) / "ca.key").exists()
+        have_ca = psk is not None or ((Path(pki_dir) / "ca.crt").exists() and (Path(pki_dir) / "ca.key").exists())
         mode = nbd.TLS_REQUIRE if not local else (nbd.TLS_ON if have_ca else nbd.TLS_OFF)
     elif not local and setting != nbd.TLS_REQUIRE:
         raise PolicyError(f"--tls {setting} on {host}: TLS is required when listening beyond loopback "
@@ -277,9 +282,18 @@ def resolve_tls(setting: str, host: str | None, pki_dir: Path, *, names: tuple[s
         mode = setting
     if mode == nbd.TLS_OFF:
         return NbdTls()
+    local = nbd.TLS_ON if setting == "auto" and mode == nbd.TLS_REQUIRE else None
+    if psk is not None:
+        if clients:
+            raise PolicyError("[host] tls_clients names certificate CNs; with tls_psk the key file "
+                              "says who gets in (leave tls_clients empty)")
+        try:
+            ctx = tlspsk.psk_server_context(tlspsk.load_keys(Path(psk)))
+        except tlspsk.PskError as e:
+            raise PolicyError(f"NBD over TLS-PSK ({mode}): {e}") from None
+        return NbdTls(mode, ctx, frozenset(), local, psk=True)
     try:
         ctx = pki.nbd_server_context(Path(pki_dir), names)
     except pki.PkiError as e:
         raise PolicyError(f"NBD over TLS ({mode}) needs the deployment's certificates: {e}") from None
-    local = nbd.TLS_ON if setting == "auto" and mode == nbd.TLS_REQUIRE else None
     return NbdTls(mode, ctx, frozenset(clients), local)

@@ -159,6 +159,7 @@ class HostServer:
         self._servers: list[asyncio.AbstractServer] = []
         self.addresses: list[str] = []  # NBD URIs we listen on (status, restore --in-place)
         self.tls_modes: dict[str, str] = {}  # address -> TLS mode (off, on, require)
+        self.tls_psk = False  # TLS authenticates by pre-shared key ([host] tls_psk), not certificates
         self.fenced: frozenset[str] = frozenset()  # CGs failed over to the appliance: read-only here
         self._fence_stamp: Any = False  # never equal to a stamp (None = no file)
         self.fence_reads = 0
@@ -388,6 +389,7 @@ class HostServer:
             "pid": os.getpid(),
             "addresses": self.addresses,
             "tls": self.tls_modes,
+            "tls_psk": self.tls_psk,
             "fenced": sorted(self.fenced),
             "vdisks": vdisks,
             # The last CG sequence number handed out: the journal has caught
@@ -403,21 +405,27 @@ class HostServer:
                      "unconfirmed": link.unconfirmed, "late_refused": link.late_refused},
         }
 
-    def tls_for(self, host: str | None, setting: str | None = None) -> NbdTls:
+    def tls_for(self, host: str | None, setting: str | None = None, psk: str | None = None) -> NbdTls:
         """The TLS of a listener on ``host`` (None = Unix socket): ``setting``
-        (--tls) or ``[host] tls``; see `nicsplit.host.nbdpolicy.resolve_tls`."""
+        (--tls) or ``[host] tls``, with the key file ``psk`` (--tls-psk) or
+        ``[host] tls_psk`` if any; see `nicsplit.host.nbdpolicy.resolve_tls`.
+        Relative paths are under the data directory."""
         pki_dir = Path(str(self.cfg.host("pki", "") or self.cfg.layout.pki))
         if not pki_dir.is_absolute():
             pki_dir = self.cfg.data / pki_dir
+        psk = psk or str(self.cfg.host("tls_psk", "") or "") or None
         return resolve_tls(str(setting or self.cfg.host("tls", "auto")), host, pki_dir,
-                           names=tuple(self.cfg.host("tls_names", [])), clients=tuple(self.cfg.host("tls_clients", [])))
+                           names=tuple(self.cfg.host("tls_names", [])), clients=tuple(self.cfg.host("tls_clients", [])),
+                           psk=None if psk is None else self.cfg.data / psk)
 
-    async def start(self, listen: tuple[str, int] | None, socket_path: str | None, tls: str | None = None) -> list[str]:
+    async def start(self, listen: tuple[str, int] | None, socket_path: str | None, tls: str | None = None,
+                    tls_psk: str | None = None) -> list[str]:
         loop = asyncio.get_running_loop()
         addrs = []
         # Resolve TLS for every listener before any listens: a bad setting fails the start.
-        tcp_tls = self.tls_for(listen[0], tls) if listen is not None else None
-        unix_tls = self.tls_for(None, tls) if socket_path else None
+        tcp_tls = self.tls_for(listen[0], tls, tls_psk) if listen is not None else None
+        unix_tls = self.tls_for(None, tls, tls_psk) if socket_path else None
+        self.tls_psk = any(t is not None and t.psk and t.mode != "off" for t in (tcp_tls, unix_tls))
         self.tls_modes = {}
         if listen is not None:
             srv = await loop.create_server(lambda: NBDSession(self, tcp_tls), listen[0], listen[1], reuse_address=True)
@@ -432,7 +440,7 @@ class HostServer:
             addrs.append(f"nbd+unix:///?socket={socket_path}")
             self.tls_modes[addrs[-1]] = unix_tls.mode
         for a, mode in self.tls_modes.items():
-            log.info("NBD on %s: TLS %s", a, mode)
+            log.info("NBD on %s: TLS %s%s", a, mode, " (pre-shared keys)" if self.tls_psk and mode != "off" else "")
         self.addresses = addrs
         return addrs
 
@@ -499,6 +507,7 @@ async def serve(
     ready: Callable[[dict], None] | None = None,
     tls: str | None = None,
     stdio: bool = False,
+    tls_psk: str | None = None,
 ) -> None:
     """Run the host until SIGTERM/SIGINT; then finish in-flight IO and sync."""
     ds = Datastore.open(cfg.datastore_dir)
@@ -510,7 +519,7 @@ async def serve(
         # What the card could not make durable while no host ran (e.g. it
         # stopped after this host, with the appliance down) marks now.
         host.context.card.read_lost()
-        addrs = await host.start(listen, socket_path, tls) if not stdio else ["stdio"]
+        addrs = await host.start(listen, socket_path, tls, tls_psk) if not stdio else ["stdio"]
         layout = cfg.layout
         layout.run.mkdir(parents=True, exist_ok=True)
         control = await ctl.serve(layout.host_sock, control_handler(host), errors=(HostCommandError, CGError))
@@ -522,7 +531,7 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         keeper = loop.create_task(host.housekeeping())
         if ready is not None:
-            ready({"event": "ready", "pid": os.getpid(), "addresses": addrs, "tls": host.tls_modes})
+            ready({"event": "ready", "pid": os.getpid(), "addresses": addrs, "tls": host.tls_modes, "tls_psk": host.tls_psk})
         if stdio:   # one session on fds 0/1: the host ends with it (or with a signal)
             session = loop.create_task(serve_stdio(host))
             stopped = loop.create_task(stop.wait())

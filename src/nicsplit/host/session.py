@@ -323,7 +323,7 @@ class NBDSession(asyncio.Protocol):
         try:
             t = await asyncio.get_running_loop().start_tls(raw, self, self.tls.context, server_side=True)
         except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError) as e:
-            log.warning("%s: TLS handshake failed: %s", self.peer, e or type(e).__name__)
+            log.warning("%s: TLS handshake failed: %s", self.peer, str(e) or type(e).__name__)
             self._closing = True
             raw.abort()
             return b""
@@ -338,7 +338,11 @@ class NBDSession(asyncio.Protocol):
             self._closing = True
             t.abort()
             return b""
-        log.info("%s: TLS up (client certificate %r)", self.peer, self.peer_cn)
+        if self.tls.psk:
+            version, cipher = (t.get_extra_info("cipher") or ("?", "?"))[1::-1]
+            log.info("%s: TLS up (pre-shared key, %s %s)", self.peer, version, cipher)
+        else:
+            log.info("%s: TLS up (client certificate %r)", self.peer, self.peer_cn)
         self.codec.tls_started()
         return b""
 

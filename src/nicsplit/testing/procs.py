@@ -68,7 +68,7 @@ def call_within(timeout: float, what: str, fn: Callable[..., T], *args: object) 
 
 
 # The real NBD peers the suite drives; a missing one is a failure, never a skip.
-PEER_TOOLS = ("nbdkit", "nbdinfo", "nbdcopy", "qemu-io", "qemu-img", "fio", "qemu-system-x86_64")
+PEER_TOOLS = ("nbdkit", "nbdinfo", "nbdcopy", "qemu-io", "qemu-img", "fio", "qemu-system-x86_64", "psktool")
 
 
 def missing_peer_tools() -> list[str]:
@@ -108,6 +108,23 @@ def run_cli(data: Path, *args: str, check: bool = True, timeout: float = 60) -> 
     if check and p.returncode != 0:
         raise AssertionError(f"nicsplit {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()}")
     return p
+
+
+def outside_address() -> str:
+    """An address of this machine that is not loopback (the route to a
+    documentation address; nothing is sent)."""
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.connect(("203.0.113.1", 9))
+        addr = u.getsockname()[0]
+    except OSError:
+        addr = ""
+    finally:
+        u.close()
+    # These machines always have one (the package registries are reached
+    # through it); without it the beyond-loopback rules go untested: a failure.
+    assert addr and not addr.startswith("127."), "this machine has no IPv4 address beyond loopback"
+    return addr
 
 
 class ReadyProcess:
