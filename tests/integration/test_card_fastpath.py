@@ -8,6 +8,9 @@ the host's own `RingSplitter` from this test.
 - A worker killed while it holds acked writes loses none of them silently:
   each is in the lost log (the host marks and resyncs its region), its ring
   space is freed, a new worker takes over and acks go on.
+- A card stopping while acked writes wait in the handoff queue, never read
+  by the worker, puts them in the lost log too (the soak found them lost
+  without a trace after a kill -9 of `nicsplit up`).
 """
 
 from __future__ import annotations
@@ -118,3 +121,30 @@ def _stats_or_none(data):
         return stats(data)
     except (OSError, TypeError, KeyError):
         return None
+
+
+def test_a_stopping_card_reports_acked_writes_its_worker_never_read(tmp_path, seed):
+    data = init_data(tmp_path / "data", sections={"card": {"transport_options": {"data_size": "16M"},
+                                                           "backoff_min_s": 1.0, "drain_timeout_s": 0.5}})
+    run_cli(data, "vdisk", "create", "a", "--size", str(64 << 20))
+    c = CardProcess(data).start()
+    r = RingSplitter.connect(str(Layout(data).card_sock))
+    try:
+        for i in range(1, 51):  # read by the worker; held (no appliance)
+            assert r.split(write(i, seed), 1_000_000_000)
+        wait_for(lambda: stats(data)["endpoint"]["handoff"]["consumed"] >= 50, 30, "the worker taking 50 writes")
+        os.kill(c.ready["worker_pid"], signal.SIGSTOP)  # it reads nothing more
+        for i in range(51, 131):  # acked by the acker, never read by the worker
+            assert r.split(write(i, seed), 1_000_000_000)
+        # (the worker serves the control socket: no stats while it is stopped)
+        # SIGTERM: the acker asks the (stopped) worker to drain, kills it at
+        # the drain deadline and reclaims everything it acked
+        assert c.stop(60) == 0, c.log()
+    finally:
+        r.close()
+    lines = [json.loads(x) for x in Layout(data).card_lost_log.read_text().splitlines()]
+    lost = sorted(x["io_id"] for x in lines)
+    print(f"seed {seed}: {len(lost)} writes in the lost log")
+    assert lost == list(range(1, 131)), lost[:10]
+    assert all(x["reason"] == "the card stopped before the appliance held it" for x in lines)
+    assert {(x["offset"], x["length"]) for x in lines} == {((i % 1000) * BS, BS) for i in range(1, 131)}

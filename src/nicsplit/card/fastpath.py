@@ -129,7 +129,10 @@ class Acker:
             self.proc.stdout.close()
         why = ("the card stopped before the appliance held it" if self.stopping
                else "the card's pipeline worker died before shipping it")
-        n = self.handoff.reclaim(lambda d: self.lost.append(d[5], d[8], d[9], d[4], why), self.ep.set_data_head)
+        # Stopping: no worker reads on, so what was acked and never read is
+        # reported too (the host, stopped already, marks it at its next start).
+        n = self.handoff.reclaim(lambda d: self.lost.append(d[5], d[8], d[9], d[4], why), self.ep.set_data_head,
+                                 unread=self.stopping)
         if self.stopping:
             if n:
                 log.warning("card: %d writes the worker did not finish go to the lost log (host marks)", n)

@@ -184,15 +184,21 @@ class Handoff:
                 continue
             yield pos, d
 
-    def reclaim(self, lost: Callable[[tuple], None], data_head: Callable[[int], None]) -> int:
+    def reclaim(self, lost: Callable[[tuple], None], data_head: Callable[[int], None], *,
+                unread: bool = False) -> int:
         """After a worker died: report what it consumed and did not finish
         (``lost(descriptor)``, before its payload is freed), finish it, and
-        move the floor to ``CONSUMED``. Returns how many were reported."""
+        move the floor to ``CONSUMED``. ``unread``: the card is stopping and
+        no worker comes after this one, so what was handed off and never
+        read is reported too (it was acked to the host: forgetting it lost
+        acknowledged writes without a trace). Returns how many were reported."""
+        c, mask = self.c, self.mask
+        if unread:
+            c[H.CONSUMED // 8] = c[H.PRODUCED // 8]  # nobody reads them now: finish them here
         n = 0
         for pos, d in list(self.unfinished()):
             lost(d)
             n += 1
-        c, mask = self.c, self.mask
         for pos in range(c[H.FLOOR // 8], c[H.CONSUMED // 8]):
             self.flags[pos & mask] |= RELEASED
         self.advance_floor(c[H.CONSUMED // 8], data_head)
