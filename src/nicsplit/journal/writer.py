@@ -103,7 +103,8 @@ from nicsplit.journal.trim import RetentionMixin, SegmentInfo
 from nicsplit.storage import atrest
 from nicsplit.storage.durable import DurableFile, Filesystem
 from nicsplit.storage.segments import LocalSegmentStore, SegmentStore
-from nicsplit.wire.frames import Record, encode_record, expand, fingerprint
+from nicsplit.wire.frames import Record, expand, fingerprint
+from nicsplit.wire.wirerecords import WireRecord, wire_records
 
 __all__ = [
     "DEFAULT_SEGMENT_SIZE", "Journal", "JournalError", "JournalCorrupt", "BatchRejected", "BatchMeta",
@@ -440,11 +441,15 @@ class Journal(RetentionMixin):
         if self.readonly:
             raise JournalError(f"journal {self.path} is open read-only")
 
-    def append_batch(self, batch_meta: BatchMeta, records: Sequence[Record], *, sync: bool = True) -> AppendResult:
+    def append_batch(self, batch_meta: BatchMeta, records: Sequence[Record] | Sequence[WireRecord], *,
+                     sync: bool = True) -> AppendResult:
         """Append one batch and make it durable before returning (rule 1).
         Duplicates are acknowledged without writing (rule 5). With
         ``sync=False`` the batch is written but durable only after the next
-        `sync()` (group commit: the caller acks nothing before that)."""
+        `sync()` (group commit: the caller acks nothing before that).
+        ``records``: `Record`s, or the `WireRecord`s of a batch plaintext
+        (the appliance's ingest: their wire bytes are stored as they are,
+        nothing is decoded and encoded again)."""
         with self._lock:
             self._check_usable()
             m = batch_meta
@@ -473,9 +478,10 @@ class Journal(RetentionMixin):
                 log.warning("journal %s: batch %d starts at seq %d after last seq %d: gap",
                             self.path, m.batch_id, first, self._last_seq)
             new = [r for r in records if r.seq >= first]
+            if new and not isinstance(new[0], WireRecord):
+                new = wire_records(new)  # encoded once (ValueError for a bad record, as before)
 
             # Validate refs and collect data blocks before writing anything (rule 6).
-            encoded: list[bytes] = []
             blocks: list[list[tuple[int, int, bytes]]] = []  # per record: (offset in data, length, fp)
             known: dict[bytes, None] = {}
             cross: dict[bytes, int] = {}  # block an earlier batch holds -> newest seq referencing it
@@ -488,13 +494,14 @@ class Journal(RetentionMixin):
                         raise BatchRejected(f"batch {m.batch_id}: record seq {r.seq} references block {fp.hex()} "
                                             f"that this journal does not hold")
                     cross[fp] = r.seq
-                fps = [(doff, n, fingerprint(r.data[doff : doff + n])) for _, doff, n in data_blocks(r)]
-                known.update((fp, None) for _, _, fp in fps)
+                data = r.data
+                fps = [(doff, n, fingerprint(data[doff : doff + n])) for doff, n in r.blocks()]
+                for fpt in fps:
+                    known[fpt[2]] = None
                 blocks.append(fps)
-                encoded.append(encode_record(r))  # framed (and sealed) in _write, where its offset is known
             commit = encode_commit(m.batch_id, first, m.last_seq, m.t_first_ns, m.t_last_ns, len(new))
             try:
-                pending = self._write(new, blocks, encoded, commit, sync)
+                pending = self._write(new, blocks, commit, sync)  # framed (and sealed) where offsets are known
             except OSError as e:
                 self._failed = f"{type(e).__name__}: {e}"
                 log.error("journal %s: write failed, journal is now failed: %s", self.path, self._failed)
@@ -575,15 +582,15 @@ class Journal(RetentionMixin):
         self._seg_sizes[seg] = SEGMENT_HEAD.size
         return seg, f
 
-    def _write(self, recs: list[Record], blocks: list[list[tuple[int, int, bytes]]], encoded: list[bytes],
-               commit: bytes, sync: bool = True) -> _Pending:
+    def _write(self, recs: list[WireRecord], blocks: list[list[tuple[int, int, bytes]]], commit: bytes,
+               sync: bool = True) -> _Pending:
         pending = _Pending([], {})
         seg, f = self._current()
         size = f.size()
         # A batch that fits in a segment starts a new one rather than span two,
         # so segments end at batch boundaries and retention can trim them one
         # by one (rule 10); only a batch larger than a segment spans segments.
-        total = sum(ENTRY.size + len(e) + SEALED_OVERHEAD for e in encoded) + len(commit)
+        total = sum(ENTRY.size + len(r.wire) + SEALED_OVERHEAD for r in recs) + len(commit)
         if size > SEGMENT_HEAD.size and size + total > self._segment_size and SEGMENT_HEAD.size + total <= self._segment_size:
             f.sync()  # rule 1: the old segment is complete before a new one exists
             seg, f = self._new_segment(seg + 1)
@@ -592,7 +599,8 @@ class Journal(RetentionMixin):
         pending.start = (seg, size)
         nonces = b""
         buf = bytearray()
-        for i, (r, fps, enc) in enumerate(zip(recs, blocks, encoded, strict=True)):
+        for i, (r, fps) in enumerate(zip(recs, blocks, strict=True)):
+            enc = r.wire
             esize = ENTRY.size + len(enc) + (SEALED_OVERHEAD if cipher is not None else 0)
             if size + len(buf) > SEGMENT_HEAD.size and size + len(buf) + esize > self._segment_size:
                 f.append(bytes(buf))
@@ -605,7 +613,7 @@ class Journal(RetentionMixin):
             pos = size + len(buf)
             if cipher is None:
                 buf += encode_entry(TAG_RECORD, enc)
-                base = pos + ENTRY.size + data_offset(r)
+                base = pos + ENTRY.size + r.data_offset
                 locs = [(fp, (seg, base + doff, n)) for doff, n, fp in fps]
             else:
                 if not nonces:  # one system call per batch, not per record
