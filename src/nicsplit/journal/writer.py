@@ -598,34 +598,40 @@ class Journal(RetentionMixin):
         cipher = self._io.ciphers.for_segment(seg, self._io.keys.get(seg, 0))
         pending.start = (seg, size)
         nonces = b""
-        buf = bytearray()
+        # The entries are collected in a list and joined once: growing a
+        # bytearray entry by entry cost ~9 us per 4 KiB record (reallocations).
+        parts: list[bytes] = []
+        pos = size  # where the next entry starts
+        seg_recs, seg_blocks = pending.recs, pending.blocks
+        limit = self._segment_size
         for i, (r, fps) in enumerate(zip(recs, blocks, strict=True)):
             enc = r.wire
             esize = ENTRY.size + len(enc) + (SEALED_OVERHEAD if cipher is not None else 0)
-            if size + len(buf) > SEGMENT_HEAD.size and size + len(buf) + esize > self._segment_size:
-                f.append(bytes(buf))
+            if pos > SEGMENT_HEAD.size and pos + esize > limit:
+                f.append(b"".join(parts))
                 f.sync()  # rule 1: the old segment is complete before a new one exists
                 self._seg_sizes[seg] = f.size()
-                buf.clear()
+                parts.clear()
                 seg, f = self._new_segment(seg + 1)
                 cipher = self._io.ciphers.for_segment(seg, self._io.keys[seg])
-                size = f.size()
-            pos = size + len(buf)
+                pos = f.size()
             if cipher is None:
-                buf += encode_entry(TAG_RECORD, enc)
+                parts.append(encode_entry(TAG_RECORD, enc))
                 base = pos + ENTRY.size + r.data_offset
-                locs = [(fp, (seg, base + doff, n)) for doff, n, fp in fps]
+                for doff, n, fp in fps:
+                    seg_blocks[fp] = (seg, base + doff, n)  # the newest copy is the home (rule 10)
             else:
                 if not nonces:  # one system call per batch, not per record
                     nonces = os.urandom(atrest.NONCE_SIZE * len(recs))
-                buf += seal_record_entry(cipher, pos, enc, nonces[i * atrest.NONCE_SIZE : (i + 1) * atrest.NONCE_SIZE])
-                locs = [(fp, (seg, pos, doff, n)) for doff, n, fp in fps]
-            pending.recs.append((r.seq, seg, pos))
-            for fp, loc in locs:
-                pending.blocks[fp] = loc  # the newest copy is the home (rule 10)
-        pending.commit = (seg, size + len(buf))
-        buf += commit  # the COMMIT may overhang segment_size by its 56 bytes
-        f.append(bytes(buf))
+                k = i * atrest.NONCE_SIZE
+                parts.append(seal_record_entry(cipher, pos, enc, nonces[k : k + atrest.NONCE_SIZE]))
+                for doff, n, fp in fps:
+                    seg_blocks[fp] = (seg, pos, doff, n)
+            seg_recs.append((r.seq, seg, pos))
+            pos += esize
+        pending.commit = (seg, pos)
+        parts.append(commit)  # the COMMIT may overhang segment_size by its 56 bytes
+        f.append(b"".join(parts))
         if sync:
             f.sync()
         self._seg_sizes[seg] = f.size()
