@@ -134,22 +134,26 @@ class BlockIndex:
         if self._progress is not None:
             total = self._offsets.get(0, 0)
             self._progress(min(total, self._offsets.get(commit.segment, total) + commit.pos), total)
+        # Attribute look-ups hoisted: this runs once per ingested record.
+        seqs, segs, poss, offs, lens, vdisks, ops, vds = (self.rec_seq, self.rec_seg, self.rec_pos, self.rec_off,
+                                                          self.rec_len, self.rec_vdisk, self.rec_op, self._vd)
+        barrier = int(Op.BARRIER)
         for r in recs:
-            if r.op == Op.BARRIER or r.length == 0:
+            if r.op == barrier or r.length == 0:
                 continue
-            o = len(self.rec_seq)
+            o = len(seqs)
             if o + 1 >= MULTI:
                 raise ReplicaError(f"journal {self.path}: more than {MULTI - 2} records; the block index is full")
-            self.rec_seq.append(r.seq)
-            self.rec_seg.append(r.segment)
-            self.rec_pos.append(r.pos)
-            self.rec_off.append(r.offset)
-            self.rec_len.append(r.length)
-            self.rec_vdisk.append(r.vdisk_id)
-            self.rec_op.append(r.op)
-            vd = self._vd.get(r.vdisk_id)
+            seqs.append(r.seq)
+            segs.append(r.segment)
+            poss.append(r.pos)
+            offs.append(r.offset)
+            lens.append(r.length)
+            vdisks.append(r.vdisk_id)
+            ops.append(r.op)
+            vd = vds.get(r.vdisk_id)
             if vd is None:
-                vd = self._vd[r.vdisk_id] = _Vdisk()
+                vd = vds[r.vdisk_id] = _Vdisk()
             b0 = r.offset // BLOCK_SIZE
             b1 = (r.offset + r.length - 1) // BLOCK_SIZE
             single, multi = vd.single, vd.multi
