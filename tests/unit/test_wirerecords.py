@@ -132,3 +132,48 @@ def test_wire_batch_checks_still_apply(tmp_path: Path):
         with pytest.raises(BatchRejected, match="does not hold"):
             j.append_batch(Meta(1, 1, 1, 5, 5), ref)
         assert j.last_seq == 0 and j.statistics().records == 0
+
+
+def test_seal_record_entries_equal_seal_record_entry():
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # a throwaway key for the comparison
+    from nicsplit.journal.format import ENTRY, seal_record_entries, seal_record_entry
+    rng = random.Random(SEED + 4)
+    print(f"seed {SEED + 4}")
+    cipher = AESGCM(rng.randbytes(32))
+    recs = [_rand_record(rng, s) for s in range(1, 40)]
+    wires = [w.wire for w in decode_wire_records(F.encode_records(recs))]
+    nonces = rng.randbytes(12 * len(wires))
+    parts: list = []
+    ats = seal_record_entries(cipher, 24, wires, nonces, parts)
+    want, pos = [], 24
+    for i, w in enumerate(wires):
+        e = seal_record_entry(cipher, pos, bytes(w), nonces[12 * i : 12 * i + 12])
+        want.append(e)
+        assert ats[i] == pos
+        pos += len(e)
+        assert len(e) == ENTRY.size + len(w) + 28
+    assert b"".join(parts) == b"".join(want)
+
+
+def test_sealed_batches_larger_than_a_segment(tmp_path: Path):
+    """A batch spanning segments (sealed, from WireRecords) reads back, also
+    after reopening (the records are where the index says)."""
+    rng = random.Random(SEED + 5)
+    print(f"seed {SEED + 5}")
+    from nicsplit.core.layout import Layout  # the data directory's keyring seals the journal
+    lay = Layout(tmp_path / "data")
+    lay.journals.mkdir(parents=True)
+    atrest.ensure(lay.keyring, True)
+    batches = rand_batches(rng, 12, per=9)
+    with Journal.open(lay.journal("k"), segment_size=20000) as j:
+        for meta, recs in batches:
+            assert j.append_batch(meta, decode_wire_records(F.encode_records(recs))).applied
+        assert j.statistics().segments > 3
+    want = [r for _, recs in batches for r in recs]
+    for _ in range(2):
+        with Journal.open(lay.journal("k"), segment_size=20000) as j:
+            got = list(j.records())
+            assert [r for r, _ in got] == want
+            for r in want:
+                if r.op == Op.WRITE:
+                    assert j.read_block(F.fingerprint(r.data[:4096])) == r.data[:4096]

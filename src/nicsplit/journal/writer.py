@@ -93,7 +93,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nicsplit.journal.format import (
     CARRIED_NAME, CARRY_SEGMENT, COMMIT, ENTRY, SEALED_OVERHEAD, SEGMENT_HEAD, SEGMENT_SUFFIX, TAG_RECORD,
     JournalCorrupt, JournalError, carried_entries, data_blocks, data_offset, encode_commit,
-    encode_entry, open_record_payload, seal_record_entry, seg_name, seg_number, segment_head,
+    encode_entry, open_record_payload, seal_record_entries, seg_name, seg_number, segment_head,
 )
 from nicsplit.journal.reader import AUTO, JournalFiles
 from nicsplit.journal.scan import (
@@ -103,6 +103,7 @@ from nicsplit.journal.trim import RetentionMixin, SegmentInfo
 from nicsplit.storage import atrest
 from nicsplit.storage.durable import DurableFile, Filesystem
 from nicsplit.storage.segments import LocalSegmentStore, SegmentStore
+from nicsplit.core.records import BLOCK_SIZE
 from nicsplit.wire.frames import Record, expand, fingerprint
 from nicsplit.wire.wirerecords import WireRecord, wire_records
 
@@ -486,6 +487,13 @@ class Journal(RetentionMixin):
             known: dict[bytes, None] = {}
             cross: dict[bytes, int] = {}  # block an earlier batch holds -> newest seq referencing it
             for r in new:
+                if not r.refs:
+                    n = len(r.data)
+                    if 0 < n <= BLOCK_SIZE:  # the common record: one 4 KiB block, inline
+                        fp = fingerprint(r.data)
+                        known[fp] = None
+                        blocks.append([(0, n, fp)])
+                        continue
                 for _, fp in r.refs:
                     if fp in known:
                         continue  # an earlier record of this batch holds it
@@ -600,35 +608,47 @@ class Journal(RetentionMixin):
         nonces = b""
         # The entries are collected in a list and joined once: growing a
         # bytearray entry by entry cost ~9 us per 4 KiB record (reallocations).
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         pos = size  # where the next entry starts
         seg_recs, seg_blocks = pending.recs, pending.blocks
-        limit = self._segment_size
-        for i, (r, fps) in enumerate(zip(recs, blocks, strict=True)):
-            enc = r.wire
-            esize = ENTRY.size + len(enc) + (SEALED_OVERHEAD if cipher is not None else 0)
-            if pos > SEGMENT_HEAD.size and pos + esize > limit:
-                f.append(b"".join(parts))
-                f.sync()  # rule 1: the old segment is complete before a new one exists
-                self._seg_sizes[seg] = f.size()
-                parts.clear()
-                seg, f = self._new_segment(seg + 1)
-                cipher = self._io.ciphers.for_segment(seg, self._io.keys[seg])
-                pos = f.size()
+        limit, i = self._segment_size, 0
+        while True:
+            # The run of records [i, j) that goes into this segment.
+            over = SEALED_OVERHEAD if cipher is not None else 0
+            j, end = i, pos
+            while j < len(recs):
+                esize = ENTRY.size + len(recs[j].wire) + over
+                if end > SEGMENT_HEAD.size and end + esize > limit:
+                    break
+                end += esize
+                j += 1
             if cipher is None:
-                parts.append(encode_entry(TAG_RECORD, enc))
-                base = pos + ENTRY.size + r.data_offset
-                for doff, n, fp in fps:
-                    seg_blocks[fp] = (seg, base + doff, n)  # the newest copy is the home (rule 10)
-            else:
+                for r, fps in zip(recs[i:j], blocks[i:j]):
+                    parts.append(encode_entry(TAG_RECORD, r.wire))
+                    base = pos + ENTRY.size + r.data_offset
+                    for doff, n, fp in fps:
+                        seg_blocks[fp] = (seg, base + doff, n)  # the newest copy is the home (rule 10)
+                    seg_recs.append((r.seq, seg, pos))
+                    pos += ENTRY.size + len(r.wire)
+            elif j > i:
                 if not nonces:  # one system call per batch, not per record
                     nonces = os.urandom(atrest.NONCE_SIZE * len(recs))
-                k = i * atrest.NONCE_SIZE
-                parts.append(seal_record_entry(cipher, pos, enc, nonces[k : k + atrest.NONCE_SIZE]))
-                for doff, n, fp in fps:
-                    seg_blocks[fp] = (seg, pos, doff, n)
-            seg_recs.append((r.seq, seg, pos))
-            pos += esize
+                ats = seal_record_entries(cipher, pos, [r.wire for r in recs[i:j]],
+                                          nonces[i * atrest.NONCE_SIZE : j * atrest.NONCE_SIZE], parts)
+                for r, fps, at in zip(recs[i:j], blocks[i:j], ats):
+                    for doff, n, fp in fps:
+                        seg_blocks[fp] = (seg, at, doff, n)
+                    seg_recs.append((r.seq, seg, at))
+            pos, i = end, j
+            if i == len(recs):
+                break
+            f.append(b"".join(parts))
+            f.sync()  # rule 1: the old segment is complete before a new one exists
+            self._seg_sizes[seg] = f.size()
+            parts.clear()
+            seg, f = self._new_segment(seg + 1)
+            cipher = self._io.ciphers.for_segment(seg, self._io.keys[seg])
+            pos = f.size()
         pending.commit = (seg, pos)
         parts.append(commit)  # the COMMIT may overhang segment_size by its 56 bytes
         f.append(b"".join(parts))

@@ -134,23 +134,22 @@ class BlockIndex:
         if self._progress is not None:
             total = self._offsets.get(0, 0)
             self._progress(min(total, self._offsets.get(commit.segment, total) + commit.pos), total)
-        # Attribute look-ups hoisted: this runs once per ingested record.
-        seqs, segs, poss, offs, lens, vdisks, ops, vds = (self.rec_seq, self.rec_seg, self.rec_pos, self.rec_off,
-                                                          self.rec_len, self.rec_vdisk, self.rec_op, self._vd)
         barrier = int(Op.BARRIER)
-        for r in recs:
-            if r.op == barrier or r.length == 0:
-                continue
-            o = len(seqs)
-            if o + 1 >= MULTI:
-                raise ReplicaError(f"journal {self.path}: more than {MULTI - 2} records; the block index is full")
-            seqs.append(r.seq)
-            segs.append(r.segment)
-            poss.append(r.pos)
-            offs.append(r.offset)
-            lens.append(r.length)
-            vdisks.append(r.vdisk_id)
-            ops.append(r.op)
+        recs = [r for r in recs if r.op != barrier and r.length]
+        o0 = len(self.rec_seq)
+        if o0 + len(recs) >= MULTI:
+            raise ReplicaError(f"journal {self.path}: more than {MULTI - 2} records; the block index is full")
+        # The columns grow per batch, not per record (this runs for every ingested
+        # batch); a reader only looks up to the ordinals a published PIT covers.
+        self.rec_seq.extend([r.seq for r in recs])
+        self.rec_seg.extend([r.segment for r in recs])
+        self.rec_pos.extend([r.pos for r in recs])
+        self.rec_off.extend([r.offset for r in recs])
+        self.rec_len.extend([r.length for r in recs])
+        self.rec_vdisk.extend([r.vdisk_id for r in recs])
+        self.rec_op.extend([r.op for r in recs])
+        vds = self._vd
+        for o, r in enumerate(recs, o0):
             vd = vds.get(r.vdisk_id)
             if vd is None:
                 vd = vds[r.vdisk_id] = _Vdisk()
