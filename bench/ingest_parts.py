@@ -22,7 +22,7 @@ import xxhash
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nicsplit.core.records import Op
-from nicsplit.journal.format import seal_record_entry
+from nicsplit.journal.format import seal_record_entries, seal_record_entry
 from nicsplit.journal.scan import RecordHead
 from nicsplit.wire import frames as F
 from nicsplit.wire.wirerecords import decode_wire_records
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode_wire_records": lambda: decode_wire_records(plain),
         "fingerprint (xxh3-128)": lambda: [F.fingerprint(w.data) for w in wires],
         "seal_record_entry (all of it)": lambda: [seal_record_entry(cipher, 24, w.wire, nonces[:12]) for w in wires],
+        "seal_record_entries (per batch)": lambda: seal_record_entries(cipher, 24, [w.wire for w in wires], nonces, []),
         "  of which AESGCM.encrypt": lambda: [cipher.encrypt(nonces[:12], w.wire[58:], aad) for w in wires],
         "  of which entry CRC-32": lambda: [zlib.crc32(s) for s in sealed],
         "join entries (one write)": lambda: b"".join(sealed),
