@@ -112,6 +112,7 @@ def decode_wire_records(plain: bytes | memoryview) -> list[WireRecord]:
     pos = _COUNT.size
     out = []
     append = out.append
+    new = tuple.__new__  # a NamedTuple without its Python-level __new__: ~0.3 us less per record
     for _ in range(n):
         if total - pos < _HEAD:
             raise FrameError(f"record at offset {pos}: truncated header")
@@ -123,7 +124,8 @@ def decode_wire_records(plain: bytes | memoryview) -> list[WireRecord]:
         refs = tuple((b, bytes(fp)) for b, fp in _REF.iter_unpack(mv[pos + _HEAD : dpos])) if nrefs else ()
         if seq < 1 or op != _WRITE or refs or data_len != length:
             _check(seq, op, length, refs, data_len)  # the common case (a WRITE all inline) passes as is
-        append(WireRecord(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, refs, mv[pos:end], mv[dpos:end]))
+        append(new(WireRecord, (seq, io_id, vdisk_id, op, flags, offset, length, time_ns, refs, mv[pos:end],
+                                mv[dpos:end])))
         pos = end
     if pos != total:
         raise FrameError(f"records: {total - pos} trailing bytes after {n} records")
