@@ -9,7 +9,7 @@ One asyncio (uvloop) server; per connection three tasks in a TaskGroup::
     heartbeat: a Heartbeat frame every heartbeat_interval seconds
 
 A batch is handled off the event loop, in the journal worker pool:
-unseal (AES-256-GCM with ``batch_aad``, then zstd) → ``decode_records`` →
+unseal (AES-256-GCM with ``batch_aad``, then zstd) → ``decode_wire_records`` →
 ``Journal.append_batch`` (write + fdatasync) → the processor sends
 ``Ack(durable=True, known=<fingerprints of the data blocks stored>)``.
 Moving the whole step to a thread keeps the loop free for heartbeats and
@@ -108,6 +108,7 @@ from nicsplit.core.cgs import CGCatalog, CGError
 from nicsplit.core.names import check_name, is_name, BadName
 from nicsplit.core.layout import InDataDir, Layout
 from nicsplit.wire import frames as F
+from nicsplit.wire.wirerecords import decode_wire_records
 
 _FP = _fp.ACTIVE  # armed failpoints (nicsplit.core.failpoints): empty unless a test arms some
 
@@ -457,7 +458,7 @@ class Appliance:
         except F.FrameError as e:
             raise _Drop(f"batch {b.batch_id} of {b.cg}: {e}", F.ErrorCode.UNAUTHENTICATED) from None
         try:
-            records = F.decode_records(plain)
+            records = decode_wire_records(plain)  # views of plain: stored as they are (wirerecords.py)
         except F.FrameError as e:
             raise _Drop(f"batch {b.batch_id} of {b.cg}: bad records: {e}", F.ErrorCode.BAD_BATCH) from None
         try:

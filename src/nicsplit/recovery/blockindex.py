@@ -134,22 +134,25 @@ class BlockIndex:
         if self._progress is not None:
             total = self._offsets.get(0, 0)
             self._progress(min(total, self._offsets.get(commit.segment, total) + commit.pos), total)
-        for r in recs:
-            if r.op == Op.BARRIER or r.length == 0:
-                continue
-            o = len(self.rec_seq)
-            if o + 1 >= MULTI:
-                raise ReplicaError(f"journal {self.path}: more than {MULTI - 2} records; the block index is full")
-            self.rec_seq.append(r.seq)
-            self.rec_seg.append(r.segment)
-            self.rec_pos.append(r.pos)
-            self.rec_off.append(r.offset)
-            self.rec_len.append(r.length)
-            self.rec_vdisk.append(r.vdisk_id)
-            self.rec_op.append(r.op)
-            vd = self._vd.get(r.vdisk_id)
+        barrier = int(Op.BARRIER)
+        recs = [r for r in recs if r.op != barrier and r.length]
+        o0 = len(self.rec_seq)
+        if o0 + len(recs) >= MULTI:
+            raise ReplicaError(f"journal {self.path}: more than {MULTI - 2} records; the block index is full")
+        # The columns grow per batch, not per record (this runs for every ingested
+        # batch); a reader only looks up to the ordinals a published PIT covers.
+        self.rec_seq.extend([r.seq for r in recs])
+        self.rec_seg.extend([r.segment for r in recs])
+        self.rec_pos.extend([r.pos for r in recs])
+        self.rec_off.extend([r.offset for r in recs])
+        self.rec_len.extend([r.length for r in recs])
+        self.rec_vdisk.extend([r.vdisk_id for r in recs])
+        self.rec_op.extend([r.op for r in recs])
+        vds = self._vd
+        for o, r in enumerate(recs, o0):
+            vd = vds.get(r.vdisk_id)
             if vd is None:
-                vd = self._vd[r.vdisk_id] = _Vdisk()
+                vd = vds[r.vdisk_id] = _Vdisk()
             b0 = r.offset // BLOCK_SIZE
             b1 = (r.offset + r.length - 1) // BLOCK_SIZE
             single, multi = vd.single, vd.multi
