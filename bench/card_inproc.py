@@ -37,8 +37,8 @@ from nicsplit.card.transports.ring_handoff import HandoffEndpoint
 from nicsplit.card.transports.ring_splitter import RingSplitter
 from nicsplit.core.records import BLOCK_SIZE, AugmentedWrite, Op, Status, WFlag
 from nicsplit.testing.pipeline import FakeCatalog
-from nicsplit.wire.frames import (NEED_DATA, PROTOCOL_VERSION, Ack, Batch, FrameDecoder, Hello, batch_aad,
-                                  decode_records, fingerprint, unseal)
+from nicsplit.wire.frames import (NEED_DATA, Ack, Batch, FrameDecoder, batch_aad,
+                                  decode_records, encode, fingerprint, unseal)
 
 KEY = bytes(range(32))
 BS = 4096
@@ -83,6 +83,7 @@ def one_round(tmp: Path, n: int, prof: cProfile.Profile | None) -> float:
     window.connected({"k": 0}, wire.append, ["k"])
     half = [os.urandom(BS // 2) + bytes(BS // 2) for _ in range(256)]
     cpu = [0.0]
+    dec = FrameDecoder()
     pt = time.process_time
 
     def work() -> None:
@@ -101,11 +102,12 @@ def one_round(tmp: Path, n: int, prof: cProfile.Profile | None) -> float:
                 return
             frames = b"".join(wire)
             wire.clear()
-            acks = app.receive(frames)
+            acks = b"".join(encode(a) for a in app.receive(frames))
             t0 = pt()
             if prof:
                 prof.enable()
-            for a in acks:
+            dec.receive_data(acks)  # the worker decodes the acks off the wire (as `Shipper` does)
+            while (a := dec.next_event()) is not NEED_DATA:
                 window.on_ack(a)
             card.pipeline.pump(time.monotonic_ns())
             if prof:
