@@ -547,10 +547,6 @@ class CardProcess:
                         st.ship.unacked, st.hold.held)
 
 
-def _no_fill() -> float:
-    return 0.0
-
-
 async def run_card(
     cfg: CardConfig | Mapping[str, Any] | Any,
     *,
