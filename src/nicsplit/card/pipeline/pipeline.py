@@ -12,8 +12,8 @@ Data order of one batch (the borg/restic order, STYLE.md)::
     → AES-256-GCM, AAD = batch_aad(header) (encrypt)
 
 Per write, the steady path (merge off) does only what must be per write —
-one loop over the poll, resolve, a hold slot, a fingerprint, one encoded
-record; per batch it joins, compresses, seals and releases (one call into
+one loop over the poll, resolve's checks (inline for a run of one vdisk),
+a hold slot, a fingerprint, one encoded record; per batch it joins, compresses, seals and releases (one call into
 the transport for all of a durable batch's writes, ``release_many``).
 
 Backpressure: `pump` moves writes out of hold only while the batcher is not
