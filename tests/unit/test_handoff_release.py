@@ -115,3 +115,29 @@ def test_release_many_of_an_io_not_held_raises_and_keeps_the_others(tmp_path):
         assert p.state()[1:] == (0, 3, 0)
     finally:
         p.close()
+
+
+def test_poll_hands_over_outcomes_equal_to_outcome_objects(tmp_path):
+    """`poll` builds each Outcome without its dataclass __init__: the same
+    frozen, hashable object, with the status the host posted."""
+    p = Pair(str(tmp_path / "run"))
+    try:
+        ws = [AugmentedWrite(i, 1, i, 1, Op.WRITE, WFlag.NONE, 0, 4096, time.time_ns(), bytes(4096)) for i in (1, 2)]
+        for w in ws:
+            assert p.sp.submit(w)
+            p.acker.pump()
+            assert p.sp.wait_ack(w.io_id, time.monotonic_ns() + FAR)
+        assert p.sp.post_outcome(1, Status.COMMITTED) and p.sp.post_outcome(2, Status.FAILED)
+        p.acker.pump()
+        got = p.worker.poll()
+        outs = [e for e in got if isinstance(e, Outcome)]
+        assert outs == [Outcome(1, Status.COMMITTED), Outcome(2, Status.FAILED)]
+        assert all(type(o) is Outcome and type(o.status) is Status for o in outs)
+        assert hash(outs[0]) == hash(Outcome(1, Status.COMMITTED))
+        with pytest.raises(AttributeError):
+            outs[0].io_id = 7  # still frozen
+        for e in got:
+            if isinstance(e, AugmentedWrite):
+                e.data = None  # the views must go before the mapping closes
+    finally:
+        p.close()

@@ -390,3 +390,37 @@ def test_real_ring_rides_out_a_stalled_appliance_many_times_its_size(tmp_path, r
     finally:
         sp.close()
         ep.close()
+
+
+@pytest.mark.parametrize("seed", [31, 32, 33])
+def test_release_many_matches_release_one_by_one(tmp_path, seed):
+    """`Overflow.release_many` (a durable batch's releases, CardProcess)
+    returns the writes whose payload is still in the ring, in order, and
+    leaves the same state as `release` one by one: with nothing fed from the
+    log (the steady case), and with some writes fed from it."""
+    print(f"seed {seed}")
+    import random  # (this file's other tests take the rng fixture; this one needs its own seeds)
+
+    rng = random.Random(seed)
+    sides = []
+    for name in ("one", "many"):
+        ep = FakeEndpoint()
+        sides.append(Overflow(OverflowLog(tmp_path / f"{name}.log"), release_ring=ep.release))
+    one, many = sides
+    ws = [write(i, i, data=blk(i)) for i in range(1, 41)]
+    for o in sides:
+        o.fed_direct(ws)
+    logged = {w.io_id for w in ws if rng.random() < 0.3}
+    order = [w.io_id for w in ws]
+    rng.shuffle(order)
+    for step, k in enumerate((10, 10, 20)):
+        batch, order = order[:k], order[k:]
+        if step == 1:
+            for o in sides:
+                o.from_log.update(logged)  # from now on some were fed from the log
+        want = [i for i in batch if not one.release(i)]
+        assert many.release_many(list(batch)) == want
+        assert many.ring_backed.keys() == one.ring_backed.keys() and many.from_log == one.from_log
+    assert set(one.ring_backed) <= logged  # only writes the log took over keep a ring entry here
+    for o in sides:
+        o.log.close()

@@ -3,7 +3,9 @@
 With merging off, `CardPipeline` moves committed writes from hold into the
 batcher as encoded records (`Dedup.encode`, `Batcher.add_encoded`); with
 ``direct = False`` the same pipeline goes through the staged stages (`Item`,
-`Record`, the checked ``frames.encode_record``). On seeded random workloads —
+`Record`, the checked ``frames.encode_record``) and ``resolve_runs = False``
+calls `Resolver.resolve` for every write (the direct side checks a run of one
+vdisk's writes in `feed`). On seeded random workloads —
 several CGs, dedup hits, multi-block and partial-block writes, ZERO / TRIM /
 BARRIER, failed and out-of-order outcomes, outcomes before their writes,
 missing outcomes (timeouts), resolve rejects, a full hold, a full ship window
@@ -36,12 +38,13 @@ CG_ID = {1: 1, 2: 1, 3: 2, 4: 3, 9: 1}  # vdisk -> cg id (9: unknown to the cata
 class Side:
     """One pipeline with its own endpoint, appliance and wire."""
 
-    def __init__(self, cfg: PipelineConfig, direct: bool) -> None:
+    def __init__(self, cfg: PipelineConfig, direct: bool, catalog=None) -> None:
         self.ep = FakeEndpoint()
         self.lost: list[int] = []
-        self.p = CardPipeline(FakeCatalog(VDISKS), release=self.ep.release, on_lost=lambda w: self.lost.append(w.io_id),
-                              key=KEY, config=cfg)
+        self.p = CardPipeline(catalog or FakeCatalog(VDISKS), release=self.ep.release,
+                              on_lost=lambda w: self.lost.append(w.io_id), key=KEY, config=cfg)
         self.p.direct = direct
+        self.p.resolve_runs = direct
         self.p.add_cgs(["cgA", "cgB", "cgC"])
         self.app = FakeAppliance(KEY)
         self.app.connect()
@@ -160,3 +163,58 @@ def test_direct_path_matches_staged_path(seed):
     st = a["stats"]
     assert st["dedup"]["ref_blocks"] and st["hold"]["failed"] and st["lost"] and a["sent"]
     assert a["held"] == [], "every payload released exactly once (FakeEndpoint refuses a second release)"
+
+
+class ChangingCatalog(FakeCatalog):
+    """A catalog that changes under the card: every few refreshes vdisk 1
+    shrinks or grows and vdisk 2 moves between CGs (as ``nicsplit cg add``
+    and a resize do); refresh is what `Resolver.resolve` calls on a vdisk's
+    first write, a CG id change, or a write that fails its checks."""
+
+    def __init__(self) -> None:
+        super().__init__(VDISKS)
+        self.refreshes = 0
+
+    def refresh(self) -> None:
+        self.refreshes += 1
+        k = self.refreshes // 3
+        self.vdisks[1] = ("cgA", "a1", (1 << 22) if k % 2 else (1 << 21))
+        self.vdisks[2] = ("cgA", "a2", 1 << 22) if k % 3 else ("cgB", "a2", 1 << 22)
+
+
+@pytest.mark.parametrize("seed", [21, 22, 23, 24])
+def test_runs_of_one_vdisk_resolve_as_resolve_does(seed):
+    """Long runs of one vdisk (the steady path's shape), with writes past
+    the vdisk's end, wrong payload sizes, a CG id that changes within a run
+    and a catalog that changes between and within polls: the run check in
+    `feed` passes and drops exactly the writes `Resolver.resolve` would."""
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    cfg = PipelineConfig(batch_records=rng.choice([4, 64]), batch_delay_us=0, hold_max_writes=10_000,
+                         outcome_timeout_ms=5, dedup=False)
+    cats = ChangingCatalog(), ChangingCatalog()
+    fast, ref = Side(cfg, True, cats[0]), Side(cfg, False, cats[1])
+    seqs = {1: 0, 2: 0, 3: 0}
+    io = t = 0
+    for _ in range(80):
+        entries: list = []
+        for _ in range(rng.randrange(1, 5)):  # runs of one vdisk
+            vdisk = rng.choice([1, 1, 2, 3])
+            cg_id = CG_ID[vdisk] if rng.random() < 0.9 else rng.choice([1, 2])
+            for _ in range(rng.randrange(1, 40)):
+                io += 1
+                seqs[cg_id] += 1
+                off = rng.randrange(0, 1024) * 4096  # past a shrunk vdisk 1 at times
+                data = rng.randbytes(4096)
+                w = write(io, seqs[cg_id], cg_id=cg_id, vdisk_id=vdisk, offset=off, data=data, ts=io)
+                if rng.random() < 0.03:
+                    w.length = 512  # the payload does not match the length
+                entries += [w, Outcome(io, Status.COMMITTED)]
+        t += rng.randrange(0, 2 * MS)
+        for side in (fast, ref):
+            side.step(entries, t, True)
+        assert fast.observed() == ref.observed(), f"seed {seed}: diverged at t={t}"
+    st = fast.observed()["stats"]
+    r = st["resolve"]
+    assert r["resolved"] and r["dropped_out_of_range"] and r["dropped_bad_payload"] and fast.lost
+    assert cats[0].refreshes == cats[1].refreshes > 3

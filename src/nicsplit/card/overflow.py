@@ -567,6 +567,21 @@ class Overflow:
             rb.pop(io_id, None)
         return False
 
+    def release_many(self, io_ids: list[int]) -> list[int]:
+        """`release` for a durable batch's writes: those whose payload is
+        still in the ring (the rest gave it back when they were logged), in
+        order. With nothing fed from the log (the steady case) that is all
+        of them, and no call is made per write."""
+        if self.from_log:
+            release = self.release
+            return [i for i in io_ids if not release(i)]
+        rb = self.ring_backed
+        if rb:
+            pop = rb.pop
+            for io_id in io_ids:
+                pop(io_id, None)
+        return io_ids
+
     def _maybe_reset(self) -> None:
         if (not self.log.unread and not self.from_log and not self._unsynced and self._syncing is None
                 and self.log.entries):

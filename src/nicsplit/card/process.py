@@ -249,7 +249,7 @@ class CardProcess:
         """`_release` for a durable batch's writes: the ring's in one call."""
         ovf = self.overflow
         if ovf is not None:
-            io_ids = [i for i in io_ids if not ovf.release(i)]
+            io_ids = ovf.release_many(io_ids)
         many = getattr(self.endpoint, "release_many", None)
         if many is not None:
             many(io_ids)
@@ -297,50 +297,56 @@ class CardProcess:
     # -- the poller --------------------------------------------------------------
 
     async def poll_loop(self) -> None:
-        ep, p, ovf = self.endpoint, self.pipeline, self.overflow
-        fill = getattr(ep, "fill", None)
-        if not callable(fill):
-            fill = _no_fill
         spin_ns = int(self.cfg.idle_spin_us * 1000)
-        n = self.cfg.poll_entries
         now = time.monotonic_ns
         idle_since = now()
         sleep = asyncio.sleep
-        skipped = getattr(ep, "skipped", None)  # seqs of writes the transport refused
-        if skipped is None:
-            skipped = []
+        poll_once = self.poll_once
         while not self._stop.is_set():
-            entries = ep.poll(n)
-            t = now()
-            self._polls += 1
-            if entries:
-                self._entries += len(entries)
-                if ovf is not None and ovf.behind(p, entries, fill()):
-                    ovf.divert(entries, p, t)  # in ring order, behind what the log holds
-                    self._start_sync()
-                else:
-                    if ovf is not None:
-                        ovf.fed_direct(entries)  # before feeding: a write dropped at once is released in it
-                    p.feed(entries, t)
+            busy, t = poll_once()
+            if busy:
                 idle_since = t
-            else:
-                collect_when_idle(False)
-            if skipped:
-                p.skip(skipped, t)
-            if ovf is not None and ovf.active and ovf.feed(p, t):
-                idle_since = t
-            p.tick(t)
-            ep.heartbeat()
-            self._report_full()
-            if self._rates.due(t / 1e9):
-                self._rates.sample(t / 1e9, self._totals())
-            if not entries and t - idle_since >= spin_ns:
+            elif t - idle_since >= spin_ns:
                 woken = await self._sleep(t)
                 # A wake-up by timeout with nothing to do sleeps again at
                 # once: spinning after each one cost an idle card 19% of a core.
                 idle_since = now() if woken else now() - spin_ns
+                continue
+            await sleep(0)
+
+    def poll_once(self) -> tuple[bool, int]:
+        """One round of the poller (no waiting): poll the transport, feed or
+        divert what came, tick the pipeline. Returns (whether anything came
+        in, from the ring or the overflow log; the card clock it used)."""
+        ep, p, ovf = self.endpoint, self.pipeline, self.overflow
+        entries = ep.poll(self.cfg.poll_entries)
+        t = time.monotonic_ns()
+        self._polls += 1
+        busy = False
+        if entries:
+            self._entries += len(entries)
+            fill = getattr(ep, "fill", None)
+            if ovf is not None and ovf.behind(p, entries, fill() if callable(fill) else 0.0):
+                ovf.divert(entries, p, t)  # in ring order, behind what the log holds
+                self._start_sync()
             else:
-                await sleep(0)
+                if ovf is not None:
+                    ovf.fed_direct(entries)  # before feeding: a write dropped at once is released in it
+                p.feed(entries, t)
+            busy = True
+        else:
+            collect_when_idle(False)
+        skipped = getattr(ep, "skipped", None)  # seqs of writes the transport refused
+        if skipped:
+            p.skip(skipped, t)
+        if ovf is not None and ovf.active and ovf.feed(p, t):
+            busy = True
+        p.tick(t)
+        ep.heartbeat()
+        self._report_full()
+        if self._rates.due(t / 1e9):
+            self._rates.sample(t / 1e9, self._totals())
+        return busy, t
 
     def _report_full(self) -> None:
         """Refuse writes only when nothing can take them: the pipeline is
@@ -539,10 +545,6 @@ class CardProcess:
         else:
             log.warning("card stopping with %d unacked batches and %d writes in hold; the host marks them",
                         st.ship.unacked, st.hold.held)
-
-
-def _no_fill() -> float:
-    return 0.0
 
 
 async def run_card(

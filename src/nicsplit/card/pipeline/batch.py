@@ -158,9 +158,10 @@ class Batcher:
         self.add_encoded(cg, record.seq, record.time_ns, encode_record(record), io_ids, len(record.data),
                          len(record.refs), now_ns)
 
-    def add_encoded(self, cg: str, seq: int, time_ns: int, encoded: bytes, io_ids: tuple[int, ...] | list[int],
+    def add_encoded(self, cg: str, seq: int, time_ns: int, encoded: bytes, io_ids: int | tuple[int, ...] | list[int],
                     data_bytes: int, ref_blocks: int, now_ns: int) -> int:
-        """Add one encoded record. Returns the number of closed batches
+        """Add one encoded record (``io_ids``: the io ids it frees, or the
+        one io id of a single write). Returns the number of closed batches
         waiting if this call closed one, else 0."""
         size = len(encoded)
         closed = False
@@ -182,7 +183,10 @@ class Batcher:
             elif time_ns > ob.t_max:
                 ob.t_max = time_ns
         ob.encoded.append(encoded)
-        ob.io_ids.extend(io_ids)
+        if io_ids.__class__ is int:  # the steady path's one write: no tuple made per write
+            ob.io_ids.append(io_ids)
+        else:
+            ob.io_ids.extend(io_ids)
         ob.nbytes += size
         ob.data_bytes += data_bytes
         ob.ref_blocks += ref_blocks

@@ -39,6 +39,7 @@ No queue: a synchronous one-item-in, one-record-out transform.
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from time import monotonic_ns
@@ -48,13 +49,14 @@ import xxhash
 
 from nicsplit.core.records import BLOCK_SIZE as BLOCK
 from nicsplit.core.records import Op
-from nicsplit.wire.frames import Record, fingerprint
+from nicsplit.wire.frames import RECORD_HEAD, Record, fingerprint
 
 from .encode import encode_record_fields
 from .items import Item
 
 _WRITE = Op.WRITE
 _xxh3_128 = xxhash.xxh3_128_digest
+_head = RECORD_HEAD.pack
 
 
 @dataclass(frozen=True)
@@ -150,8 +152,11 @@ class Dedup:
             self._blocks += 1
             fp = _xxh3_128(data)  # = frames.fingerprint, without its wrapper call
             t = known.get((cg, fp))
-            if t is None:
-                return encode_record_fields(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, data), n, 0
+            if t is None:  # a new block (the steady case): `encode_record_fields` inline, no call
+                try:
+                    return _head(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, 0, n) + data, n, 0
+                except struct.error:  # a field out of range: encode_record names it
+                    return encode_record_fields(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, data), n, 0
             if t >= monotonic_ns() - self.horizon_ns:
                 known.move_to_end((cg, fp))
                 self._refs += 1

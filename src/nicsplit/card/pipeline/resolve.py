@@ -90,6 +90,11 @@ class Resolver:
             self.catalog.refresh()  # a vdisk created or resized since the snapshot
         return r if r is not None else self._check(w, quiet=False)
 
+    def passed(self, n: int) -> None:
+        """``n`` writes passed resolve's checks outside `resolve` (the
+        pipeline's run of one vdisk, `CardPipeline.feed`)."""
+        self._ok += n
+
     def _check(self, w: AugmentedWrite, *, quiet: bool) -> Resolved | None:
         found = self.catalog.lookup(w.vdisk_id)
         if found is None:
