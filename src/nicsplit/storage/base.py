@@ -90,6 +90,11 @@ class Image:
         """Set each (block, content) of ``items`` (ascending, distinct blocks;
         content `block_len` bytes, or None: zeros, deallocated), one write
         per run of adjacent blocks, calling ``after`` after each run."""
+        for blk, c in items:
+            n = self.block_len(blk)
+            if not n or (c is not None and len(c) != n):
+                raise ValueError(f"{self.path}: block {blk} given {len(c) if c is not None else 'zeros'} bytes, "
+                                 f"not the block's {n}")
         i = 0
         while i < len(items):
             j = i + 1

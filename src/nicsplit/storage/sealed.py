@@ -510,8 +510,8 @@ class SealedImage(Rekeying, Image):
             if blk * BS >= stored or (c is not None and len(c) != min(BS, stored - blk * BS)):
                 raise ValueError(f"{self.path}: block {blk} given {len(c) if c is not None else 'zeros'} bytes, "
                                  f"not the block's {max(0, min(BS, stored - blk * BS))}")
-        data = [(b, c) for b, c in items if c is not None]
-        nonces = os.urandom(NONCE_SIZE * len(data))
+        nonces = os.urandom(NONCE_SIZE * sum(c is not None for _, c in items))
+        kid, aes = self._sealing()
         aad, uid, pack_entry = AAD.pack, self.uid, ENTRY.pack_into
         i = q = 0
         while i < len(items):
@@ -525,7 +525,6 @@ class SealedImage(Rekeying, Image):
                 self.zero(c0 * BS, min(stored, items[j - 1][0] * BS + BS) - c0 * BS)
             else:
                 with self._lock:
-                    kid, aes = self._sealing()
                     iov = []
                     tags = bytearray((j - i) * ENTRY_SIZE)
                     for k in range(i, j):
