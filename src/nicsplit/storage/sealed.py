@@ -523,6 +523,14 @@ class SealedImage(Rekeying, Image):
             c0 = items[i][0]
             if zero:
                 self.zero(c0 * BS, min(stored, items[j - 1][0] * BS + BS) - c0 * BS)
+            elif j == i + 1:  # one block (random writes): no iovec, no entry buffer
+                nonce = nonces[q * NONCE_SIZE : (q + 1) * NONCE_SIZE]
+                q += 1
+                with self._lock:
+                    sealed = aes.encrypt(nonce, items[i][1], aad(uid, c0))
+                    m = len(sealed) - TAG_SIZE
+                    pwrite_all(self._fd, memoryview(sealed)[:m], c0 * BS)
+                    pwrite_all(self._tfd, ENTRY.pack(kid, nonce, sealed[m:]), HEADER_SIZE + c0 * ENTRY_SIZE)
             else:
                 with self._lock:
                     iov = []
