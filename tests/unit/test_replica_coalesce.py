@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from nicsplit.core.records import Op
+from nicsplit.journal.format import ENTRY, JournalCorrupt
 from nicsplit.recovery.blockindex import BlockIndex
 from nicsplit.recovery.coalesce import aligned
 from nicsplit.recovery.replica import Distributor
@@ -27,7 +28,7 @@ from nicsplit.storage import atrest
 from nicsplit.storage.image import open_image
 from nicsplit.storage.sealing import ENTRY_SIZE, HEADER_SIZE, SealedError
 from nicsplit.testing.workload import BS, T0, Meta, V, Workload, golden_at
-from nicsplit.wire.frames import Record
+from nicsplit.wire.frames import RECORD_HEAD_SIZE, Record
 
 
 class Crash(Exception):
@@ -180,3 +181,21 @@ def test_bulk_block_calls_match_pread_and_pwrite(tmp_path: Path, rng: random.Ran
         with open_image(tmp_path / "a.img", size, kr, writable=True) as img:
             with pytest.raises(SealedError, match="fails authentication"):
                 img.read_blocks([b])
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "sealed"])
+def test_a_record_altered_after_indexing_stops_the_step(tmp_path: Path, seed: int, sealed: bool):
+    """The lean payload read (`format.read_payload_at`) checks what the
+    Record path checked: the entry CRC in clear, GCM authentication sealed."""
+    w, jd, rd = _setup(tmp_path, seed, sealed, unaligned=0.0)
+    ix = BlockIndex(jd)
+    o = next(o for o in range(len(ix.rec_seq)) if ix.rec_op[o] == Op.WRITE)
+    seg = jd / f"{ix.rec_seg[o]:08d}.seg"
+    raw = bytearray(seg.read_bytes())
+    raw[ix.rec_pos[o] + ENTRY.size + RECORD_HEAD_SIZE + 40] ^= 0x10  # inside the payload
+    seg.write_bytes(raw)
+    with Distributor(jd, rd, w.vdisks, index=ix) as d:
+        with pytest.raises(JournalCorrupt, match="fails authentication" if sealed else "fails its check"):
+            d.catch_up(64)
+        assert d.applied_seq < ix.rec_seq[o]
+        assert_at(d, w, d.applied_seq)
