@@ -11,7 +11,7 @@ with a batch key, ``--group`` batches per group commit.  The journal and the
 replica are sealed at rest (a keyring with an active key), as by default.
 
     .venv/bin/python bench/appliance_path.py [--batches 200] [--records 256] [--group 4]
-        [--rounds 3] [--profile ingest|distribution] [--part both|ingest] [--json OUT]
+        [--rounds 3] [--span BLOCKS] [--profile ingest|distribution] [--part both|ingest] [--json OUT]
 
 Prints records per CPU-second (one core's worth) for ingest and for
 distribution, medians of ``--rounds`` (spread min–max), and with
@@ -52,7 +52,7 @@ class Vd:
     size: int
 
 
-def make_batches(n: int, per: int, key: bytes, cg: str, seed: int) -> list[bytes]:
+def make_batches(n: int, per: int, key: bytes, cg: str, seed: int, span: int = 1 << 18) -> list[bytes]:
     """``n`` Batch frames (encoded, as read off the wire) of ``per`` records."""
     rnd = os.urandom(BS // 2 * 64)
     out = []
@@ -64,7 +64,7 @@ def make_batches(n: int, per: int, key: bytes, cg: str, seed: int) -> list[bytes
             seq += 1
             r = (seq * 2654435761 + seed) % 64
             data = seq.to_bytes(8, "little") + rnd[r * (BS // 2) + 8 : (r + 1) * (BS // 2)] + bytes(BS // 2)
-            off = ((seq * 7919) % (1 << 18)) * BS  # random-ish 4 KiB offsets in 1 GiB
+            off = ((seq * 7919) % span) * BS  # random-ish 4 KiB offsets in the first ``span`` blocks
             recs.append(F.Record(seq, seq, 1, Op.WRITE, 0, off, BS, t, data))
         meta = F.Batch(b + 1, cg, seq - per + 1, seq, t, t, b"")
         body = F.seal(F.encode_records(recs), key, F.batch_aad(meta))
@@ -134,7 +134,7 @@ def one_round(work: Path, a: argparse.Namespace, seed: int) -> dict:
     lay.journals.mkdir(parents=True)
     atrest.ensure(lay.keyring, True)
     key = os.urandom(32)
-    frames = make_batches(a.batches, a.records, key, "k", seed)
+    frames = make_batches(a.batches, a.records, key, "k", seed, a.span)
     jdir = lay.journal("k")
     n, cpu, prof_i = timed(lambda: ingest(jdir, frames, key, a.group), a.profile == "ingest")
     out = {"records": n, "ingest_cpu_s": cpu, "ingest_per_core_per_s": n / cpu,
@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--records", type=int, default=256, help="records per batch (the card's 1 MiB batch: 256)")
     ap.add_argument("--group", type=int, default=4, help="batches per group commit")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--span", type=int, default=1 << 18,
+                    help="4 KiB blocks the writes land in (default 1 GiB: mostly fresh blocks; a small span "
+                         "overwrites: the steady state, where every record's pre-image is read and kept)")
     ap.add_argument("--profile", choices=("ingest", "distribution"))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--part", choices=("both", "ingest"), default="both", help="ingest: skip distribution")
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(a.rounds):
         with tempfile.TemporaryDirectory(prefix="nicsplit-apath-") as tmp:
             rounds.append(one_round(Path(tmp), a, seed + i))
-    res: dict = {"batches": a.batches, "records_per_batch": a.records, "group": a.group, "rounds": a.rounds}
+    res: dict = {"batches": a.batches, "records_per_batch": a.records, "group": a.group, "rounds": a.rounds,
+                 "span_blocks": a.span}
     for k in ("ingest_per_core_per_s", "ingest_us_per_record", "distribution_per_core_per_s",
               "distribution_us_per_record"):
         if k not in rounds[0]:

@@ -45,7 +45,8 @@ __all__ = [
     "FLAG_SEALED", "SEGMENT_HEAD", "ENTRY", "TAG_RECORD", "TAG_COMMIT", "COMMIT", "COMMIT_PREFIX", "RECORD_HEAD",
     "SEALED_OVERHEAD", "CARRIED_NAME", "CARRY", "CARRY_MAGIC", "CARRY_SEGMENT", "OPS",
     "seg_name", "seg_number", "segment_head", "parse_segment_head", "encode_entry", "encode_commit",
-    "seal_record_entry", "seal_record_entries", "open_record_payload", "read_record_at", "data_blocks", "data_offset",
+    "seal_record_entry", "seal_record_entries", "open_record_payload", "read_record_at", "read_payload_at",
+    "data_blocks", "data_offset",
     "encode_carried", "carried_entries", "open_carried",
 ]
 
@@ -289,6 +290,59 @@ def read_record_at(pread: Callable[[int, int], bytes | memoryview], cipher: AESG
             cipher is None and zlib.crc32(payload, zlib.crc32(head[:8])) != crc):
         raise JournalCorrupt(f"{where}: record entry fails its check")
     return open_record_payload(cipher, pos, head[:8], payload, where)
+
+
+def read_payload_at(buf: memoryview, base: int, cipher: AESGCM | None, pos: int, where: str
+                    ) -> tuple[int, bytes] | None:
+    """(seq, payload: a WRITE's data, b"" for other ops) of the record whose
+    entry starts at segment offset ``pos``, from ``buf`` (the segment's bytes
+    from offset ``base``); None when the entry is not wholly in ``buf`` or
+    the record carries references (read those with `read_record_at`).  The
+    checks are `read_record_at`'s and `decode_record_split`'s, without
+    building a `Record`: what a distribution step reads per record."""
+    at = pos - base
+    if at < 0 or at + ENTRY.size > len(buf):
+        return None
+    size, tag, _pad, crc = ENTRY.unpack_from(buf, at)
+    if at + ENTRY.size + size > len(buf):
+        return None
+    payload = buf[at + ENTRY.size : at + ENTRY.size + size]
+    if tag != TAG_RECORD:
+        raise JournalCorrupt(f"{where}: record entry fails its check")
+    if cipher is not None:
+        if size < RECORD_HEAD_SIZE + SEALED_OVERHEAD:
+            raise JournalCorrupt(f"{where}: sealed record entry of {size} bytes is too short")
+        rec_head = payload[:RECORD_HEAD_SIZE]
+        n0 = RECORD_HEAD_SIZE + atrest.NONCE_SIZE
+        try:
+            body = cipher.decrypt(payload[RECORD_HEAD_SIZE:n0], payload[n0:],
+                                  _aad(buf[at : at + 8], pos, rec_head))
+        except InvalidTag:
+            raise JournalCorrupt(f"{where}: record fails authentication (altered on disk, "
+                                 f"or sealed under another key)") from None
+    else:
+        if zlib.crc32(payload, zlib.crc32(buf[at : at + 8])) != crc:
+            raise JournalCorrupt(f"{where}: record entry fails its check")
+        rec_head, body = payload[:RECORD_HEAD_SIZE], payload[RECORD_HEAD_SIZE:]
+    if len(rec_head) != RECORD_HEAD_SIZE:
+        raise JournalCorrupt(f"{where}: record does not decode: record head of {len(rec_head)} bytes")
+    seq, _, _, op, _, _, length, _, nrefs, data_len = RECORD_HEAD.unpack(rec_head)
+    if nrefs:
+        return None
+    bad = None
+    if data_len != len(body):
+        bad = f"record seq {seq}: {nrefs} refs and {data_len} data bytes do not fill {len(body)} bytes"
+    elif op not in OPS:
+        bad = f"record seq {seq}: unknown op {op}"
+    elif seq < 1:
+        bad = f"record seq {seq}: sequence numbers start at 1"
+    elif op != Op.WRITE and data_len:
+        bad = f"record seq {seq}: op {Op(op).name} carries no data or refs"
+    elif op == Op.WRITE and data_len != length:
+        bad = f"record seq {seq}: {data_len} data bytes, expected {length} (length {length} minus 0 blocks by reference)"
+    if bad:
+        raise JournalCorrupt(f"{where}: record does not decode: {bad}")
+    return seq, (body if isinstance(body, bytes) else bytes(body)) if op == Op.WRITE else b""
 
 
 # -- carried blocks ---------------------------------------------------------------------

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nicsplit.journal.format import (
     CARRIED_NAME, CARRY, CARRY_SEGMENT, SEGMENT_HEAD, JournalCorrupt, JournalError, open_carried, parse_segment_head,
-    read_record_at, seg_name, seg_number,
+    read_payload_at, read_record_at, seg_name, seg_number,
 )
 from nicsplit.storage import atrest
 from nicsplit.storage.durable import DurableFile
@@ -255,6 +255,18 @@ class SegmentReader:
             return buf[off - base : off - base + n] if off + n <= top else os.pread(fd, n, off)
 
         return [read_record_at(pread, cipher, pos, f"journal {self.path}: {seg_name(seg)} offset {pos}")
+                for pos in positions]
+
+    def read_payloads(self, seg: int, positions: list[int], end: int) -> list[tuple[int, bytes] | None]:
+        """(seq, payload) of the records at ``positions`` like `read_records`
+        (one pread up to ``end``), without building records
+        (`format.read_payload_at`); None for a record with references or one
+        that reaches past ``end`` (read those with `read_record`)."""
+        fd, cipher = self._segment(seg)
+        base = positions[0]
+        buf = memoryview(os.pread(fd, max(0, end - base), base))
+        name = seg_name(seg)
+        return [read_payload_at(buf, base, cipher, pos, f"journal {self.path}: {name} offset {pos}")
                 for pos in positions]
 
     def close(self) -> None:

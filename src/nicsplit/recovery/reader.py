@@ -123,17 +123,17 @@ class RecordSource:
             # The last entry ends before: entry head, record head, nonce + tag, refs (at most one per block), data.
             end = pos + _MAX_ENTRY_OVERHEAD + length + (length // BLOCK_SIZE + 1) * REF_SIZE
             try:
-                recs = self._files.read_records(seg, [p for _, p, _, _ in items[i:j]], end)
+                got = self._files.read_payloads(seg, [p for _, p, _, _ in items[i:j]], end)
             except JournalCorrupt as e:
                 raise JournalCorrupt(f"{e} (needed for seqs {items[i][2]}..{items[j - 1][2]})") from None
-            for (_, p, seq, _), rec in zip(items[i:j], recs):
-                if rec.seq != seq:
-                    raise _corrupt(f"journal {self.path}: {seg:08d}.seg offset {p}: holds seq {rec.seq}, "
+            for (_, p, seq, _), g in zip(items[i:j], got):
+                if g is None:  # references (or past the read): resolved the one-record way
+                    out.append(self.read(seg, p, seq)[1])
+                    continue
+                if g[0] != seq:
+                    raise _corrupt(f"journal {self.path}: {seg:08d}.seg offset {p}: holds seq {g[0]}, "
                                    f"the index says {seq}")
-                if not rec.refs:
-                    out.append(rec.data if rec.op == Op.WRITE else b"")
-                else:
-                    out.append(self.read(seg, p, seq)[1])  # references: resolved the one-record way
+                out.append(g[1])
             i = j
         return out
 

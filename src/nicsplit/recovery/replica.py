@@ -62,6 +62,7 @@ from nicsplit.core.layout import VDISK_FILE_PREFIX, migrate_name_keyed, vdisk_fi
 from nicsplit.core.records import BLOCK_SIZE, Op
 from nicsplit.recovery.base import BaseImages, base_of_journal
 from nicsplit.recovery.blockindex import BlockIndex, ReplicaError, shared_index
+from nicsplit.recovery.coalesce import aligned, plan
 from nicsplit.recovery.reader import RecordSource, VdiskLike
 from nicsplit.storage import atrest
 from nicsplit.storage.blob import BlobSealer
@@ -93,6 +94,7 @@ UNDO_MAGIC = b"NSUN"
 UNDO_DATA = 1
 UNDO_ZEROS = 2
 UNDO_SEALED = 3  # the replaced bytes follow sealed (`storage.blob.BlobSealer`, the 36 head bytes as AAD)
+_U32 = struct.Struct(">I")  # an undo entry's crc
 _UNDO_PAYLOAD = {UNDO_DATA: 0, UNDO_ZEROS: None, UNDO_SEALED: BlobSealer.SEALED_OVERHEAD}  # bytes beyond length
 STATE_VERSION = 1
 
@@ -514,21 +516,94 @@ class Distributor:
                 self._write_state(pit_seq, self._undo_end)
                 self.applied_seq = pit_seq
             return 0
+        mine = [o for o in range(first, last) if ix.rec_vdisk[o] in self._imgs]
+        self._skipped += (last - first) - len(mine)
+        payloads = self._src.read_many([(ix.rec_seg[o], ix.rec_pos[o], ix.rec_seq[o], ix.rec_len[o]) for o in mine])
+        whole = True  # every record covers whole blocks: the coalesced path (`coalesce`)
+        for o in mine:
+            seq, vid, off, length = ix.rec_seq[o], ix.rec_vdisk[o], ix.rec_off[o], ix.rec_len[o]
+            size = self.vdisks[vid].size
+            if off + length > size:
+                raise ReplicaError(f"record seq {seq}: {off}+{length} is past the end of vdisk "
+                                   f"{self.vdisks[vid].name} ({size} bytes)")
+            if whole and not aligned(off, length, size):
+                whole = False
+        final: dict[int, dict[int, Any]] | None = None
+        if whole:
+            undo, final = self._plan_whole(mine, payloads)
+        else:
+            undo, todo = self._plan_records(mine, payloads)
+        end = self._undo_end + len(undo)
+        if undo:
+            os.pwrite(self._undo, undo, self._undo_end)
+            self._fp("undo-written")
+            os.fsync(self._undo)
+            self._fp("undo-synced")
+            if final is None:
+                self._write_images(todo, "image-written")
+            else:
+                for vid, blocks in final.items():
+                    self._imgs[vid].write_blocks(sorted(blocks.items()), self._image_written)
+                for vid in final:
+                    self._imgs[vid].fsync()
+            self._fp("images-synced")
+        # Through the end of the index, the replica is at the newest PIT, even
+        # when that batch ended with barriers (which the index does not hold).
+        seq = pit_seq if last == nrec else ix.rec_seq[last - 1]
+        self._write_state(seq, end)
+        self._fp("state-persisted")
+        self.applied_seq = seq
+        self._undo_end = end
+        self._applied += len(mine)
+        return last - first
+
+    def _image_written(self) -> None:
+        self._fp("image-written")
+
+    def _plan_whole(self, mine: list[int], payloads: list[bytes]) -> tuple[bytearray, dict]:
+        """Undo entries and the final block contents of a step whose records
+        all cover whole blocks (`coalesce.plan`)."""
+        ix = self.index
+        recs = [(ix.rec_seq[o], ix.rec_vdisk[o], ix.rec_off[o], ix.rec_len[o],
+                 p if ix.rec_op[o] == Op.WRITE else None) for o, p in zip(mine, payloads)]
+        pres, final = plan(recs, self._imgs)
+        undo = bytearray()
+        sealing = self._sealer.sealing
+        base = self._undo_end
+        for (seq, vid, off, length, _), pre in zip(recs, pres):
+            if pre is not None and not isinstance(pre, bytes):
+                pre = bytes(pre)
+            if pre is None or pre.count(0) == len(pre):
+                head = _UNDO.pack(UNDO_MAGIC, UNDO_ZEROS, seq, vid, off, length, 0)[:36]
+                body = b""
+            elif sealing:
+                head = _UNDO.pack(UNDO_MAGIC, UNDO_SEALED, seq, vid, off, length, 0)[:36]
+                body = self._sealer.seal(pre, head)
+            else:
+                head = _UNDO.pack(UNDO_MAGIC, UNDO_DATA, seq, vid, off, length, 0)[:36]
+                body = pre
+            self._undo_seq.append(seq)
+            self._undo_off.append(base + len(undo))
+            undo += head
+            undo += _U32.pack(zlib.crc32(body, zlib.crc32(head)))
+            undo += body
+        return undo, final
+
+    def _plan_records(self, mine: list[int], payloads: list[bytes]
+                      ) -> tuple[bytearray, list[tuple[int, int, int, bytes | None]]]:
+        """Undo entries of a step record by record (any alignment), and the
+        writes to make after them: (vdisk, offset, length, payload|None)."""
+        ix = self.index
         # Pre-images, seen through the earlier records of this step (not applied yet).
         todo: list[tuple[int, int, int, bytes | None, int]] = []  # (seq, vdisk, offset, payload|None, length)
         # (vdisk, 4 KiB block) -> indexes in todo of this step's records touching it, so a
         # record's pre-image sees only the earlier ones that overlap it (not all of them: O(n²)).
         touch: dict[tuple[int, int], list[int]] = {}
         undo = bytearray()
-        mine = [o for o in range(first, last) if ix.rec_vdisk[o] in self._imgs]
-        self._skipped += (last - first) - len(mine)
-        payloads = self._src.read_many([(ix.rec_seg[o], ix.rec_pos[o], ix.rec_seq[o], ix.rec_len[o]) for o in mine])
         spans = []  # per record: its whole 4 KiB blocks [a0, a1)
         for o in mine:
-            seq, vid, off, length = ix.rec_seq[o], ix.rec_vdisk[o], ix.rec_off[o], ix.rec_len[o]
+            vid, off, length = ix.rec_vdisk[o], ix.rec_off[o], ix.rec_len[o]
             v = self.vdisks[vid]
-            if off + length > v.size:
-                raise ReplicaError(f"record seq {seq}: {off}+{length} is past the end of vdisk {v.name} ({v.size} bytes)")
             # The pre-image covers whole 4 KiB blocks: laying it back rewrites
             # them whole, which also repairs a sealed block that a crash tore
             # mid-step (data and tag entry out of step: it cannot be read).
@@ -559,23 +634,7 @@ class Distributor:
             for b in blocks:
                 touch.setdefault((vid, b), []).append(len(todo))
             todo.append((seq, vid, off, payload if ix.rec_op[o] == Op.WRITE else None, length))
-        end = self._undo_end + len(undo)
-        if undo:
-            os.pwrite(self._undo, undo, self._undo_end)
-            self._fp("undo-written")
-            os.fsync(self._undo)
-            self._fp("undo-synced")
-            self._write_images(((vid, off, length, payload) for _, vid, off, payload, length in todo), "image-written")
-            self._fp("images-synced")
-        # Through the end of the index, the replica is at the newest PIT, even
-        # when that batch ended with barriers (which the index does not hold).
-        seq = pit_seq if last == nrec else ix.rec_seq[last - 1]
-        self._write_state(seq, end)
-        self._fp("state-persisted")
-        self.applied_seq = seq
-        self._undo_end = end
-        self._applied += len(todo)
-        return last - first
+        return undo, [(vid, off, length, payload) for _, vid, off, payload, length in todo]
 
     def catch_up(self, max_records: int = 256, upto_seq: int | None = None) -> int:
         n = 0

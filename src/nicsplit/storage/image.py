@@ -24,7 +24,7 @@ from nicsplit.core.fsutil import data_extents, fsync_dir, pwrite_all, punch_hole
 from nicsplit.storage.atrest import Keyring
 from nicsplit.storage.base import Image
 from nicsplit.storage.sealed import SealedImage
-from nicsplit.storage.sealing import tags_path
+from nicsplit.storage.sealing import pwritev_all, tags_path
 
 __all__ = ["Image", "PlainImage", "open_image"]
 
@@ -107,6 +107,11 @@ class PlainImage(Image):
         self._check_writable("write")
         self._check(offset, len(data))
         pwrite_all(self._fd, data, offset)
+
+    def _write_run(self, offset: int, parts: list[bytes | memoryview]) -> None:
+        self._check_writable("write")
+        self._check(offset, sum(len(p) for p in parts))
+        pwritev_all(self._fd, parts, offset)  # no joined copy of the run
 
     def zero(self, offset: int, length: int) -> None:
         self._check_writable("zero")

@@ -138,7 +138,7 @@ import threading
 import zlib
 from array import array
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -149,12 +149,15 @@ from nicsplit.storage.base import Image
 from nicsplit.storage.rekey import RekeyLog, Rekeying, rekey_path
 from nicsplit.storage.sealing import (
     AAD, BS, ENTRY, ENTRY_SIZE, HEADER, HEADER_SIZE, MAGIC, RUN_BLOCKS, U32, VERSION, ZERO_RUN, ZEROS, Ciphers,
-    SealedError, nblocks, pread_into, scratch, tags_path,
+    SealedError, nblocks, pread_into, pwritev_all, scratch, tags_path,
 )
 
 __all__ = ["SealedImage", "SealedError"]
 
 _IMAGE_INFO = b"nicsplit image block"
+# `read_blocks` reads the entries of two blocks this close in one pread (the
+# gap's entries ride along): 128 entries = one 4 KiB page of the sidecar.
+_ENTRY_GAP = 128
 
 
 class _Retry(Exception):
@@ -444,6 +447,107 @@ class SealedImage(Rekeying, Image):
                 stage[at:] = self._decrypt_run(c1 - 1, c1, strict=True)[: run_end - base - at]
             stage[lo - base : hi - base] = src[lo - offset : hi - offset]
             self._seal_run(c0, stage, kid, aes)
+
+    # -- whole blocks in bulk (a distribution step) ---------------------------------------------
+
+    def read_blocks(self, blocks: list[int]) -> list[bytes | memoryview | None]:
+        """`Image.read_blocks`: the entries of nearby blocks in one sidecar
+        read, unwritten blocks (key id 0) as None without touching the data
+        file, the ciphertext of each run of adjacent written blocks in one
+        read, one AEAD call per written block.  A block that does not open
+        (torn, mid-rekey, unknown key) is read the careful way (`pread`)."""
+        nb = nblocks(self._stored)
+        out: list[bytes | memoryview | None] = [None] * len(blocks)
+        written: list[tuple[int, int, bytes]] = []  # (index in blocks, block, its entry)
+        i = 0
+        while i < len(blocks):
+            b0 = blocks[i]
+            if b0 >= nb:
+                break  # past the stored size: zeros
+            j = i + 1  # entries within a page of each other come in one read
+            while j < len(blocks) and blocks[j] < nb and blocks[j] - blocks[j - 1] <= _ENTRY_GAP and \
+                    blocks[j] - b0 < RUN_BLOCKS:
+                j += 1
+            raw = os.pread(self._tfd, (blocks[j - 1] + 1 - b0) * ENTRY_SIZE, HEADER_SIZE + b0 * ENTRY_SIZE)
+            for k in range(i, j):
+                e = (blocks[k] - b0) * ENTRY_SIZE
+                ent = raw[e : e + ENTRY_SIZE]
+                if len(ent) == ENTRY_SIZE and ent[:4] != b"\0\0\0\0":  # key id 0 (or a sidecar cut short): unwritten
+                    written.append((k, blocks[k], ent))
+            i = j
+        aad, uid, unpack = AAD.pack, self.uid, ENTRY.unpack
+        i = 0
+        while i < len(written):
+            j = i + 1
+            while j < len(written) and written[j][1] == written[j - 1][1] + 1 and j - i < RUN_BLOCKS:
+                j += 1
+            c0 = written[i][1]
+            lo = c0 * BS
+            ct = memoryview(os.pread(self._fd, min(self._stored, (written[j - 1][1] + 1) * BS) - lo, lo))
+            for k, blk, ent in written[i:j]:
+                kid, nonce, tag = unpack(ent)
+                o = (blk - c0) * BS
+                n = min(BS, self._stored - blk * BS)
+                aes = self._ciphers.get(kid)
+                try:
+                    if aes is None or len(ct) < o + n:
+                        raise InvalidTag
+                    out[k] = aes.decrypt(nonce, bytes(ct[o : o + n]) + tag, aad(uid, blk))
+                except InvalidTag:
+                    out[k] = self.pread(blk * BS, n)  # retried under the lock; raises what it cannot read
+            i = j
+        return out
+
+    def write_blocks(self, items: list[tuple[int, bytes | memoryview | None]],
+                     after: Callable[[], None] | None = None) -> None:
+        """`Image.write_blocks`: each run of adjacent blocks is sealed block
+        by block (nonces from one ``os.urandom`` per call) and written with
+        one ``pwritev`` of the ciphertexts, then one ``pwrite`` of their
+        entries (rule 1); runs of None are zeroed (`zero`)."""
+        self._check_writable("write")
+        stored = self._stored
+        for blk, c in items:
+            if blk * BS >= stored or (c is not None and len(c) != min(BS, stored - blk * BS)):
+                raise ValueError(f"{self.path}: block {blk} given {len(c) if c is not None else 'zeros'} bytes, "
+                                 f"not the block's {max(0, min(BS, stored - blk * BS))}")
+        nonces = os.urandom(NONCE_SIZE * sum(c is not None for _, c in items))
+        kid, aes = self._sealing()
+        aad, uid, pack_entry = AAD.pack, self.uid, ENTRY.pack_into
+        i = q = 0
+        while i < len(items):
+            j = i + 1
+            zero = items[i][1] is None
+            while j < len(items) and items[j][0] == items[j - 1][0] + 1 and (items[j][1] is None) == zero and \
+                    j - i < RUN_BLOCKS:
+                j += 1
+            c0 = items[i][0]
+            if zero:
+                self.zero(c0 * BS, min(stored, items[j - 1][0] * BS + BS) - c0 * BS)
+            elif j == i + 1:  # one block (random writes): no iovec, no entry buffer
+                nonce = nonces[q * NONCE_SIZE : (q + 1) * NONCE_SIZE]
+                q += 1
+                with self._lock:
+                    sealed = aes.encrypt(nonce, items[i][1], aad(uid, c0))
+                    m = len(sealed) - TAG_SIZE
+                    pwrite_all(self._fd, memoryview(sealed)[:m], c0 * BS)
+                    pwrite_all(self._tfd, ENTRY.pack(kid, nonce, sealed[m:]), HEADER_SIZE + c0 * ENTRY_SIZE)
+            else:
+                with self._lock:
+                    iov = []
+                    tags = bytearray((j - i) * ENTRY_SIZE)
+                    for k in range(i, j):
+                        blk, plain = items[k]
+                        nonce = nonces[q * NONCE_SIZE : (q + 1) * NONCE_SIZE]
+                        q += 1
+                        sealed = aes.encrypt(nonce, plain, aad(uid, blk))
+                        m = len(sealed) - TAG_SIZE
+                        iov.append(memoryview(sealed)[:m])
+                        pack_entry(tags, (k - i) * ENTRY_SIZE, kid, nonce, sealed[m:])
+                    pwritev_all(self._fd, iov, c0 * BS)
+                    pwrite_all(self._tfd, tags, HEADER_SIZE + c0 * ENTRY_SIZE)
+            if after is not None:
+                after()
+            i = j
 
     def zero(self, offset: int, length: int) -> None:
         self._check_writable("zero")

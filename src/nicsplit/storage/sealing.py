@@ -25,7 +25,7 @@ from nicsplit.storage.atrest import KEY_SIZE, NONCE_SIZE, TAG_SIZE, AtRestError,
 __all__ = [
     "BS", "TAGS_SUFFIX", "MAGIC", "VERSION", "HEADER_SIZE", "RUN_BLOCKS", "HEADER", "U32", "ENTRY", "ENTRY_SIZE",
     "AAD", "ZEROS", "ZERO_RUN", "SealedError", "Ciphers", "Scratch", "scratch", "pread_into", "tags_path",
-    "nblocks", "describe_blocks",
+    "nblocks", "describe_blocks", "pwritev_all",
 ]
 
 BS = BLOCK_SIZE  # the sealing unit (`core.records.BLOCK_SIZE`): one GCM message per block
@@ -156,3 +156,15 @@ def pread_into(fd: int, view: memoryview, offset: int) -> None:
             return
         got += n
 
+
+
+def pwritev_all(fd: int, bufs: list, offset: int) -> None:
+    """``os.pwritev`` of ``bufs`` (contiguous at ``offset``) until every byte
+    is written (it may write fewer)."""
+    total = sum(len(b) for b in bufs)
+    n = os.pwritev(fd, bufs, offset)
+    if n == total:
+        return
+    joined = memoryview(b"".join(bufs))  # a short write (rare): finish the rest one pwrite at a time
+    while n < total:
+        n += os.pwrite(fd, joined[n:], offset + n)
