@@ -129,6 +129,11 @@ class Hold:
     def full(self) -> bool:
         return self._count >= self.max_writes or self._bytes >= self.max_bytes
 
+    @property
+    def held(self) -> int:
+        """Writes inside hold (pending + ready)."""
+        return self._count
+
     def fits(self, writes: int, nbytes: int) -> bool:
         """Would ``writes`` more writes of ``nbytes`` payload stay within the bounds?"""
         return self._count + writes <= self.max_writes and self._bytes + nbytes <= self.max_bytes
