@@ -397,10 +397,11 @@ class Shipper:
         for cg, why in refused.items():
             log.error("CG %s is not shipped on this link: %s; its batches are held, the other CGs ship", cg, why)
         self.window.on_new_cg = lambda: asyncio.get_running_loop().call_soon(writer.close)
-        transmit = writer.write
-        if _FP:
-            def transmit(wire: bytes) -> None:  # a failpoint after each batch shipped, before its ack
-                writer.write(wire)
+        write = writer.write
+
+        def transmit(wire: bytes) -> None:
+            write(wire)
+            if _FP:  # a failpoint after each batch shipped, before its ack (armable while connected)
                 _fp.hit("card.worker.after-ship")
         self.window.connected(first.resume, transmit, accepted, refused)
         self._hello_ok = True
