@@ -17,67 +17,19 @@ import errno
 import random
 import socket
 import ssl
-from dataclasses import dataclass, field
-from pathlib import Path
 
+from nicsplit.testing.memfs import MemFile, MemFilesystem
 from nicsplit.testing.procs import ReadyProcess
 from nicsplit.wire import frames as F
 
 # -- D5: power-cut filesystem ----------------------------------------------------
 
 
-@dataclass
-class _MemFile:
-    data: bytearray = field(default_factory=bytearray)
-    durable: bytes = b""  # content as of the last successful sync
-
-
-class _MemHandle:
-    def __init__(self, fs: "CrashFilesystem", path: str, readonly: bool) -> None:
-        self._fs, self.name, self._readonly = fs, path, readonly
-
-    def _file(self) -> _MemFile:
-        f = self._fs._files.get(self.name)
-        if f is None:
-            raise FileNotFoundError(errno.ENOENT, "file removed", self.name)
-        return f
-
-    def size(self) -> int:
-        return len(self._file().data)
-
-    def append(self, data: bytes) -> None:
-        if self._readonly:
-            raise OSError(errno.EBADF, "read-only handle", self.name)
-        self._fs._maybe_fail("write", self.name)
-        self._file().data += data
-
-    def pread(self, offset: int, length: int) -> bytes:
-        return bytes(self._file().data[offset : offset + length])
-
-    def sync(self) -> None:
-        self._fs._maybe_fail("sync", self.name)
-        f = self._file()
-        f.durable = bytes(f.data)
-
-    def truncate(self, size: int) -> None:
-        f = self._file()
-        del f.data[size:]
-
-    def close(self) -> None:
-        pass
-
-
-class _NoLock:
-    def close(self) -> None:
-        pass
-
-
-class CrashFilesystem:
+class CrashFilesystem(MemFilesystem):
     """In-memory `Filesystem` that can lose what was not synced."""
 
     def __init__(self, *, fail_sync_at: int | None = None, fail_write_at: int | None = None) -> None:
-        self._files: dict[str, _MemFile] = {}
-        self._dirs: set[str] = set()
+        super().__init__()
         self._durable_names: set[str] = set()  # file names made durable by sync_dir
         self.fail_sync_at = fail_sync_at
         self.fail_write_at = fail_write_at
@@ -94,42 +46,21 @@ class CrashFilesystem:
             if self.fail_write_at is not None and self.writes >= self.fail_write_at:
                 raise OSError(errno.ENOSPC, "injected write failure", name)
 
-    def makedirs(self, path: Path) -> None:
-        p = Path(path)
-        for d in [p, *p.parents]:
-            self._dirs.add(str(d))
+    def _write(self, name: str, data: bytes) -> None:
+        self._maybe_fail("write", name)
 
-    def listdir(self, path: Path) -> list[str]:
-        prefix = str(path) + "/"
-        return sorted(k[len(prefix) :] for k in self._files if k.startswith(prefix) and "/" not in k[len(prefix) :])
+    def _sync(self, name: str, f: MemFile) -> None:
+        self._maybe_fail("sync", name)
+        f.durable = bytes(f.data)
 
-    def exists(self, path: Path) -> bool:
-        return str(path) in self._files or str(path) in self._dirs
-
-    def open(self, path: Path, *, create: bool = False, readonly: bool = False) -> _MemHandle:
-        key = str(path)
-        if create:
-            if key in self._files:
-                raise FileExistsError(errno.EEXIST, "exists", key)
-            self._files[key] = _MemFile()
-        elif key not in self._files:
-            raise FileNotFoundError(errno.ENOENT, "no such file", key)
-        return _MemHandle(self, key, readonly)
-
-    def remove(self, path: Path) -> None:
-        del self._files[str(path)]
-
-    def sync_dir(self, path: Path) -> None:
-        self._maybe_fail("sync", str(path))
-        prefix = str(path) + "/"
-        self._durable_names = {n for n in self._durable_names if not n.startswith(prefix) or n in self._files}
-        self._durable_names |= {n for n in self._files if n.startswith(prefix)}
-
-    def lock(self, path: Path) -> _NoLock:
-        return _NoLock()
+    def _sync_dir(self, path: str) -> None:
+        self._maybe_fail("sync", path)
+        prefix = path + "/"
+        self._durable_names = {n for n in self._durable_names if not n.startswith(prefix) or n in self.files}
+        self._durable_names |= {n for n in self.files if n.startswith(prefix)}
 
     def unsynced_bytes(self) -> int:
-        return sum(max(0, len(f.data) - len(f.durable)) for f in self._files.values())
+        return sum(max(0, len(f.data) - len(f.durable)) for f in self.files.values())
 
     def power_cut(self, mode: str, rng: random.Random) -> "CrashFilesystem":
         """The disk after a power cut.  ``mode``: "drop" (only synced bytes
@@ -139,8 +70,8 @@ class CrashFilesystem:
         if mode not in ("drop", "tear", "keep"):
             raise ValueError(f"unknown power-cut mode {mode!r}")
         after = CrashFilesystem()
-        after._dirs = set(self._dirs)
-        for name, f in self._files.items():
+        after.dirs = set(self.dirs)
+        for name, f in self.files.items():
             if name not in self._durable_names and mode != "keep" and (mode == "drop" or rng.random() < 0.5):
                 continue  # its directory entry never reached the disk
             data = bytearray(f.durable)
@@ -153,7 +84,7 @@ class CrashFilesystem:
                 if kept and rng.random() < 0.5:
                     n = rng.randint(1, min(512, kept))
                     data[len(data) - n :] = rng.randbytes(n)
-            after._files[name] = _MemFile(data, bytes(data))
+            after.files[name] = MemFile(data, bytes(data))
             after._durable_names.add(name)
         return after
 

@@ -26,104 +26,37 @@ reopen the journal on.
 
 from __future__ import annotations
 
-import errno
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from nicsplit.testing.memfs import MemFile, MemFilesystem
+
 SECTOR = 512
 
 
-@dataclass
-class _File:
-    data: bytearray = field(default_factory=bytearray)
-
-
-class _Handle:
-    def __init__(self, fs: "TraceFilesystem", name: str, readonly: bool) -> None:
-        self._fs, self.name, self._readonly = fs, name, readonly
-
-    def _file(self) -> _File:
-        f = self._fs.files.get(self.name)
-        if f is None:
-            raise FileNotFoundError(errno.ENOENT, "file removed", self.name)
-        return f
-
-    def size(self) -> int:
-        return len(self._file().data)
-
-    def append(self, data: bytes) -> None:
-        if self._readonly:
-            raise OSError(errno.EBADF, "read-only handle", self.name)
-        self._fs.ops.append(("append", self.name, bytes(data)))
-        self._file().data += data
-
-    def pread(self, offset: int, length: int) -> bytes:
-        return bytes(self._file().data[offset:offset + length])
-
-    def sync(self) -> None:
-        self._fs.ops.append(("sync", self.name))
-
-    def truncate(self, size: int) -> None:
-        self._fs.ops.append(("truncate", self.name, size))
-        del self._file().data[size:]
-
-    def close(self) -> None:
-        pass
-
-
-class _NoLock:
-    def close(self) -> None:
-        pass
-
-
-class TraceFilesystem:
+class TraceFilesystem(MemFilesystem):
     """In-memory filesystem recording the journal's mutations in ``ops``."""
 
     def __init__(self, files: dict[str, bytes] | None = None, dirs: set[str] | None = None) -> None:
-        self.files = {k: _File(bytearray(v)) for k, v in (files or {}).items()}
-        self.dirs = set(dirs or ())
+        super().__init__(files, dirs)
         self.ops: list[tuple] = []
 
     def mark(self, label: object) -> None:
         self.ops.append(("mark", label))
 
-    def makedirs(self, path: Path) -> None:
-        p = Path(path)
-        for d in [p, *p.parents]:
-            self.dirs.add(str(d))
+    def _event(self, op: str, *args: object) -> None:
+        self.ops.append((op, *args))
 
-    def listdir(self, path: Path) -> list[str]:
-        prefix = str(path) + "/"
-        return sorted(k[len(prefix):] for k in self.files if k.startswith(prefix) and "/" not in k[len(prefix):])
+    def _write(self, name: str, data: bytes) -> None:
+        self.ops.append(("append", name, bytes(data)))
 
-    def exists(self, path: Path) -> bool:
-        return str(path) in self.files or str(path) in self.dirs
+    def _sync(self, name: str, f: MemFile) -> None:
+        self.ops.append(("sync", name))
 
-    def open(self, path: Path, *, create: bool = False, readonly: bool = False) -> _Handle:
-        key = str(path)
-        if create:
-            if key in self.files:
-                raise FileExistsError(errno.EEXIST, "exists", key)
-            self.files[key] = _File()
-            self.ops.append(("create", key))
-        elif key not in self.files:
-            raise FileNotFoundError(errno.ENOENT, "no such file", key)
-        return _Handle(self, key, readonly)
-
-    def remove(self, path: Path) -> None:
-        self.ops.append(("remove", str(path)))
-        del self.files[str(path)]
-
-    def sync_dir(self, path: Path) -> None:
-        self.ops.append(("sync_dir", str(path)))
-
-    def lock(self, path: Path) -> _NoLock:
-        return _NoLock()
-
-    def content(self) -> dict[str, bytes]:
-        return {k: bytes(f.data) for k, f in self.files.items()}
+    def _sync_dir(self, path: str) -> None:
+        self.ops.append(("sync_dir", path))
 
 
 @dataclass
