@@ -202,6 +202,12 @@ class CardProcess:
     ) -> None:
         self.cfg = cfg
         self.endpoint = endpoint
+        fill = getattr(endpoint, "fill", None)
+        self._fill: Callable[[], float] = fill if callable(fill) else (lambda: 0.0)
+        # (cg_id, cg_seq) of writes the transport refused: filled by its poll, emptied by `CardPipeline.skip`
+        self._skipped: list[tuple[int, int]] = getattr(endpoint, "skipped", None)
+        if self._skipped is None:
+            self._skipped = []
         self.catalog = catalog
         self._lost_log = LostLog(cfg.layout.card_lost_log) if on_lost is None and cfg.run_dir.is_dir() else None
         self.overflow: Overflow | None = None
@@ -329,20 +335,10 @@ class CardProcess:
         busy = False
         if entries:
             self._entries += len(entries)
-            fill = getattr(ep, "fill", None)
-            if ovf is not None and ovf.behind(p, entries, fill() if callable(fill) else 0.0):
-                ovf.divert(entries, p, t)  # in ring order, behind what the log holds
-                self._start_sync()
-            else:
-                if ovf is not None:
-                    ovf.fed_direct(entries)  # before feeding: a write dropped at once is released in it
-                p.feed(entries, t)
             busy = True
         else:
             collect_when_idle(False)
-        skipped = getattr(ep, "skipped", None)  # seqs of writes the transport refused
-        if skipped:
-            p.skip(skipped, t)
+        self._take(entries, t)
         if ovf is not None and ovf.active and ovf.feed(p, t):
             busy = True
         p.tick(t)
@@ -351,6 +347,22 @@ class CardProcess:
         if self._rates.due(t / 1e9):
             self._rates.sample(t / 1e9, self._totals())
         return busy, t
+
+    def _take(self, entries: list, t: int) -> None:
+        """Feed what the transport polled to the pipeline, or divert it into
+        the overflow log (in ring order, behind what the log holds) while the
+        pipeline is behind; then skip the seqs the transport refused."""
+        p, ovf = self.pipeline, self.overflow
+        if entries:
+            if ovf is not None and ovf.behind(p, entries, self._fill()):
+                ovf.divert(entries, p, t)
+                self._start_sync()
+            else:
+                if ovf is not None:
+                    ovf.fed_direct(entries)  # before feeding: a write dropped at once is released in it
+                p.feed(entries, t)
+        if self._skipped:
+            p.skip(self._skipped, t)
 
     def _report_full(self) -> None:
         """Refuse writes only when nothing can take them: the pipeline is
@@ -525,20 +537,11 @@ class CardProcess:
         # Outcomes already in the transport decide what is committed (the
         # supervisor stops the host first, so nothing new arrives).
         ovf = self.overflow
-        fill = getattr(ep, "fill", None)
         for _ in range(10_000):
             entries = ep.poll(self.cfg.poll_entries)
             if not entries:
                 break
-            if ovf is not None and ovf.behind(p, entries, fill() if callable(fill) else 0.0):
-                ovf.divert(entries, p, time.monotonic_ns())
-            else:
-                if ovf is not None:
-                    ovf.fed_direct(entries)
-                p.feed(entries, time.monotonic_ns())
-            skipped = getattr(ep, "skipped", None)
-            if skipped:
-                p.skip(skipped, time.monotonic_ns())
+            self._take(entries, time.monotonic_ns())
         if ovf is not None:
             while self._sync_fut is not None:
                 await asyncio.wait([self._sync_fut])
