@@ -87,6 +87,37 @@ def test_acks_flow_while_the_pipeline_worker_is_stopped(card, seed):
         r.close()
 
 
+def test_idle_time_is_counted_apart_and_in_cpu_not_wall_time(card, seed):
+    """The benchmarks report the card's work per write apart from what it
+    spends waiting for writes (a DPU core's spin): the acker's empty polls
+    and doorbell sleeps, the worker's empty rounds. A sleep is counted in CPU
+    time: 250 ms asleep on the doorbell costs microseconds, not 250 ms."""
+    data, c = card
+    r = RingSplitter.connect(str(Layout(data).card_sock))
+    try:
+        for i in range(1, 51):
+            assert r.split(write(i, seed), 1_000_000_000)
+            r.post_outcome(i, Status.COMMITTED)
+        wait_for(lambda: stats(data)["endpoint"]["handoff"]["consumed"] >= 100, 30, "the worker taking them")
+        h0 = stats(data)["endpoint"]["handoff"]
+        t0 = monotonic_ns()
+        # Idle: the acker sleeps on the doorbell (up to 250 ms at a time) and wakes to heartbeat.
+        wait_for(lambda: stats(data)["endpoint"]["handoff"]["acker_sleeps"] >= h0["acker_sleeps"] + 3, 30,
+                 "three doorbell sleeps of the acker")
+        wall = (monotonic_ns() - t0) / 1e9
+        st = stats(data)
+        h1 = st["endpoint"]["handoff"]
+        slept = h1["acker_sleep_cpu_s"] - h0["acker_sleep_cpu_s"]
+        print(f"idle {wall:.3f} s: acker sleep CPU {slept * 1e6:.1f} us over {h1['acker_sleeps'] - h0['acker_sleeps']} "
+              f"sleeps; acker busy {h1['acker_busy_s'] * 1e3:.2f} ms; worker empty polls "
+              f"{st['poller']['empty_poll_s'] * 1e3:.2f} ms")
+        assert 0 < slept < 0.2 * wall, (slept, wall)  # CPU time, not the wall time asleep
+        assert h1["acker_busy_s"] > 0  # the 100 entries were acked in busy rounds
+        assert st["poller"]["empty_poll_s"] > 0  # the worker spun idle_spin_us after its last entry
+    finally:
+        r.close()
+
+
 def test_a_killed_worker_reports_what_it_held_and_a_new_one_goes_on(card, seed):
     data, c = card
     worker = c.ready["worker_pid"]

@@ -186,6 +186,10 @@ class Acker:
         stop_deadline = 0.0
         hc = self.handoff.c
         busy = empty = 0  # loop time that acked something / that found nothing (spinning)
+        # CPU (not wall) time of the doorbell sleeps: what waiting costs on a
+        # shared core where a DPU's core would spin (docs/pipeline.md).
+        slept = 0
+        cpu = time.thread_time_ns
         behind_since = 0  # when the worker last had unread entries with none before (0: it keeps up)
         t = now()
         while True:
@@ -200,7 +204,7 @@ class Acker:
             empty += t - t0
             if t >= check_at:  # the worker's health, every ms while busy
                 check_at = t + 1_000_000
-                hc[H.BUSY_NS // 8], hc[H.EMPTY_NS // 8] = busy, empty
+                hc[H.BUSY_NS // 8], hc[H.EMPTY_NS // 8], hc[H.SLEEP_NS // 8] = busy, empty, slept
                 if self.proc is not None and self.proc.poll() is not None:
                     poller.unregister(watched)
                     self.worker_exited()
@@ -232,6 +236,7 @@ class Acker:
                 ep.set_sleeping(False)
                 continue
             self.handoff.c[H.ACK_SLEEPS // 8] += 1
+            c0 = cpu()
             ready = poller.poll(sleep_ms)
             ep.set_sleeping(False)
             woken = False
@@ -241,6 +246,7 @@ class Acker:
             except BlockingIOError:
                 pass
             ep.count_sleep(woken)
+            slept += cpu() - c0
             if ready or self.stop_requested:
                 check_at = 0
             t = now()

@@ -85,6 +85,7 @@ class H:
     BAD = 144  # descriptors refused as malformed                      acker writes, each ms
     BUSY_NS = 152  # acker loop time in rounds that acked something      acker writes, each ms
     EMPTY_NS = 160  # acker loop time in empty polls (spinning)          acker writes, each ms
+    SLEEP_NS = 168  # acker CPU in doorbell sleeps (syscalls, wake-up)   acker writes, each ms
 
 
 _MAGIC = int.from_bytes(b"NSHANDOF", "little")
@@ -213,6 +214,7 @@ class Handoff:
             "worker_restarts": g(H.RESTARTS), "lost_on_worker_death": g(H.LOST), "acked": g(H.ACKED),
             "refused": g(H.REFUSED), "acker_sleeps": g(H.ACK_SLEEPS), "handoff_full": g(H.HANDOFF_FULL),
             "acker_busy_s": g(H.BUSY_NS) / 1e9, "acker_empty_poll_s": g(H.EMPTY_NS) / 1e9,
+            "acker_sleep_cpu_s": g(H.SLEEP_NS) / 1e9,
         }
 
     def close(self) -> None:

@@ -238,7 +238,7 @@ class CardProcess:
             endpoint.on_refused = self._refused
         self._stop = asyncio.Event()
         self._full = False
-        self._polls = self._entries = self._sleeps = self._doorbells = 0
+        self._polls = self._entries = self._sleeps = self._doorbells = self._empty_ns = 0
         self._rates = RateWindow(span_s=10.0, every_s=1.0)  # throughput for status, sampled by the poller
 
     def _hello_cgs(self) -> tuple[str, ...]:
@@ -312,16 +312,24 @@ class CardProcess:
         idle_since = now()
         sleep = asyncio.sleep
         poll_once = self.poll_once
+        batcher = self.pipeline.batcher
         while not self._stop.is_set():
+            t0, closed = now(), batcher.next_id
             busy, t = poll_once()
             if busy:
                 idle_since = t
-            elif t - idle_since >= spin_ns:
-                woken = await self._sleep(t)
-                # A wake-up by timeout with nothing to do sleeps again at
-                # once: spinning after each one cost an idle card 19% of a core.
-                idle_since = now() if woken else now() - spin_ns
-                continue
+            else:
+                if closed == batcher.next_id:
+                    # Nothing came and no batch closed (by delay): what a
+                    # spinning DPU core spends anyway, reported apart from
+                    # the card's work per write.
+                    self._empty_ns += now() - t0
+                if t - idle_since >= spin_ns:
+                    woken = await self._sleep(t)
+                    # A wake-up by timeout with nothing to do sleeps again at
+                    # once: spinning after each one cost an idle card 19% of a core.
+                    idle_since = now() if woken else now() - spin_ns
+                    continue
             await sleep(0)
 
     def poll_once(self) -> tuple[bool, int]:
@@ -482,7 +490,7 @@ class CardProcess:
                           "last_error": self.shipper.last_error},
             "endpoint": ctl.jsonable(ep_stats),
             "poller": {"polls": self._polls, "entries": self._entries, "sleeps": self._sleeps,
-                       "doorbell_wakeups": self._doorbells},
+                       "doorbell_wakeups": self._doorbells, "empty_poll_s": self._empty_ns / 1e9},
         }
 
     async def _ctl_request(self, req: dict) -> dict:

@@ -233,6 +233,11 @@ class Batcher:
     def pop(self) -> Pending | None:
         return self._ready.popleft() if self._ready else None
 
+    @property
+    def next_id(self) -> int:
+        """The id the next batch to close gets: it moves when one closes."""
+        return self._next_id
+
     def statistics(self) -> BatchStats:
         return BatchStats(
             batches=self._batches, records=self._records, open_batches=len(self._open),
