@@ -11,6 +11,9 @@ the host's own `RingSplitter` from this test.
 - A card stopping while acked writes wait in the handoff queue, never read
   by the worker, puts them in the lost log too (the soak found them lost
   without a trace after a kill -9 of `nicsplit up`).
+- The card's idle time (empty polls, doorbell sleeps in CPU time) is
+  counted apart from its work, and a worker napping between paced writes
+  is not rung per write.
 """
 
 from __future__ import annotations
@@ -114,6 +117,32 @@ def test_idle_time_is_counted_apart_and_in_cpu_not_wall_time(card, seed):
         assert 0 < slept < 0.2 * wall, (slept, wall)  # CPU time, not the wall time asleep
         assert h1["acker_busy_s"] > 0  # the 100 entries were acked in busy rounds
         assert st["poller"]["empty_poll_s"] > 0  # the worker spun idle_spin_us after its last entry
+    finally:
+        r.close()
+
+
+def test_a_napping_worker_is_not_rung_per_write(card, seed):
+    """Paced writes (one every 300 us, longer than any spin): the worker naps
+    on a timer between them (handoff state NAPPING), so the acker does not
+    ring its doorbell per write, and every write still reaches the worker."""
+    data, c = card
+    r = RingSplitter.connect(str(Layout(data).card_sock))
+    try:
+        h0 = stats(data)["endpoint"]["handoff"]
+        n = 300
+        for i in range(1, n + 1):
+            assert r.split(write(i, seed), 1_000_000_000)
+            r.post_outcome(i, Status.COMMITTED)
+            until = monotonic_ns() + 300_000
+            while monotonic_ns() < until:  # pacing, not synchronisation
+                pass
+        wait_for(lambda: stats(data)["writes_in"] == n, 30, "the worker taking every write")
+        st = stats(data)
+        rings = st["endpoint"]["handoff"]["worker_rings"] - h0["worker_rings"]
+        print(f"{n} paced writes: {rings} doorbell rings, {st['poller']['naps']} naps, "
+              f"{st['poller']['sleeps']} doorbell sleeps")
+        assert st["poller"]["naps"] > 0
+        assert rings <= n // 10, rings  # spinning 200 us and then sleeping on the doorbell rang for nearly each
     finally:
         r.close()
 

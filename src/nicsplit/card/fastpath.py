@@ -53,7 +53,7 @@ import sys
 import time
 from typing import Any
 
-from nicsplit.card.handoff import H, Handoff
+from nicsplit.card.handoff import NAPPING, H, Handoff
 from nicsplit.card.lostlog import LostLog
 from nicsplit.card.sched import pin_cpus, quiet_gc, set_priority
 from nicsplit.card.transports.ring_acker import RingAcker
@@ -68,7 +68,7 @@ WORKER_ENV = "NICSPLIT_CARD_WORKER"
 # the acker; not by a count either: a backlog of 256 entries let the acker
 # spin through an unpaced QD16 load, which then got a third of the IOPS.
 BEHIND_NS = 100_000
-_P, _C = H.PRODUCED // 8, H.CONSUMED // 8
+_P, _C, _WSTATE = H.PRODUCED // 8, H.CONSUMED // 8, H.WSTATE // 8
 
 
 def config_mapping(cfg: Any) -> dict:
@@ -223,7 +223,7 @@ class Acker:
                 time.sleep(0.0001)
                 t = now()
                 continue
-            if hc[_P] == hc[_C]:
+            if hc[_P] == hc[_C] or hc[_WSTATE] == NAPPING:  # a napping worker comes back within worker_nap_us
                 behind_since = 0
             elif not behind_since:
                 behind_since = t

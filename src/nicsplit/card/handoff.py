@@ -58,7 +58,9 @@ __all__ = ["Handoff", "H", "REFUSED", "RELEASED", "DEFAULT_SLOTS", "POLLING", "S
 PAGE = 4096
 DEFAULT_SLOTS = 1 << 18  # 16 MiB of slots: twice the entries the default 256 MiB data area holds at 4 KiB
 REFUSED, RELEASED = 1, 2
-POLLING, SLEEPING = 0, 1
+# NAPPING: the worker sleeps on a short timer, not the doorbell: the acker
+# need not ring it, and entries it leaves unread meanwhile are not "behind".
+POLLING, SLEEPING, NAPPING = 0, 1, 2
 
 
 class H:
@@ -86,6 +88,7 @@ class H:
     BUSY_NS = 152  # acker loop time in rounds that acked something      acker writes, each ms
     EMPTY_NS = 160  # acker loop time in empty polls (spinning)          acker writes, each ms
     SLEEP_NS = 168  # acker CPU in doorbell sleeps (syscalls, wake-up)   acker writes, each ms
+    RINGS = 176  # doorbell rings of a sleeping worker                  acker writes, each ms
 
 
 _MAGIC = int.from_bytes(b"NSHANDOF", "little")
@@ -214,7 +217,7 @@ class Handoff:
             "worker_restarts": g(H.RESTARTS), "lost_on_worker_death": g(H.LOST), "acked": g(H.ACKED),
             "refused": g(H.REFUSED), "acker_sleeps": g(H.ACK_SLEEPS), "handoff_full": g(H.HANDOFF_FULL),
             "acker_busy_s": g(H.BUSY_NS) / 1e9, "acker_empty_poll_s": g(H.EMPTY_NS) / 1e9,
-            "acker_sleep_cpu_s": g(H.SLEEP_NS) / 1e9,
+            "acker_sleep_cpu_s": g(H.SLEEP_NS) / 1e9, "worker_rings": g(H.RINGS),
         }
 
     def close(self) -> None:

@@ -178,6 +178,7 @@ class RingAcker(RingEndpoint):
         hc[H.CQ_FULL // 8] = self._n_cq_full
         hc[H.HOST_PID // 8] = self.host_pid
         hc[H.BAD // 8] = self._n_bad
+        hc[H.RINGS // 8] = self._n_rings
 
     def set_data_head(self, end: int) -> None:
         """The handoff floor moved: payload space up to ``end`` is free."""

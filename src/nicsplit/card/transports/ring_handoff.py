@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from time import monotonic_ns
 
-from nicsplit.card.handoff import H, POLLING, REFUSED, RELEASED, SLEEPING, Handoff
+from nicsplit.card.handoff import H, NAPPING, POLLING, REFUSED, RELEASED, SLEEPING, Handoff
 from nicsplit.card.hidden import HiddenVolume
 from nicsplit.card.transports.ring_shared import DATA_HEAD, K_OUTCOME, K_WRITE, OPS, STATUSES, WFLAGS
 from nicsplit.core.records import AugmentedWrite, Outcome
@@ -145,6 +145,10 @@ class HandoffEndpoint:
 
     def set_sleeping(self, sleeping: bool) -> None:
         self.handoff.c[_WSTATE] = SLEEPING if sleeping else POLLING
+
+    def set_napping(self, napping: bool) -> None:
+        """A timer sleep of the worker: no ring needed, and not "behind"."""
+        self.handoff.c[_WSTATE] = NAPPING if napping else POLLING
 
     def doorbell_fd(self) -> int:
         return self._wake_fd
