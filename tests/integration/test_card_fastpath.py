@@ -208,3 +208,36 @@ def test_a_stopping_card_reports_acked_writes_its_worker_never_read(tmp_path, se
     assert lost == list(range(1, 131)), lost[:10]
     assert all(x["reason"] == "the card stopped before the appliance held it" for x in lines)
     assert {(x["offset"], x["length"]) for x in lines} == {((i % 1000) * BS, BS) for i in range(1, 131)}
+
+
+def test_a_payload_corrupted_after_its_ack_is_caught_by_the_worker_and_reported_lost(card, seed):
+    """The acker acks on the descriptor alone (issue 9: no 1 MiB hash on
+    the ack path); the worker verifies the payload before the pipeline gets
+    it. A payload changed in the ring after it was published is acked, then
+    caught: never shipped, in the lost log (the host marks and resyncs its
+    region), its space freed; a 1 MiB write after it reaches the worker."""
+    data, c = card
+    worker = c.ready["worker_pid"]
+    mib = 1 << 20
+    payload = bytes((seed + i) & 0xFF for i in range(256)) * (mib // 256)
+    r = RingSplitter.connect(str(Layout(data).card_sock))
+    try:
+        os.kill(worker, signal.SIGSTOP)  # it must not read the payload before we change it
+        try:
+            bad = AugmentedWrite(1, 1, 1, 1, Op.WRITE, WFlag.NONE, 0, mib, monotonic_ns(), payload)
+            assert r.split(bad, 1_000_000_000), "the acker checks the descriptor, not the payload"
+            r._data[(r.last_position - mib) % len(r._data) + seed % mib] ^= 0x01  # one bit, after the ack
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        good = AugmentedWrite(2, 1, 2, 1, Op.WRITE, WFlag.NONE, mib, mib, monotonic_ns(), payload)
+        assert r.split(good, 1_000_000_000)
+        wait_for(lambda: stats(data)["endpoint"]["handoff"]["consumed"] >= 2, 30, "the worker taking both")
+        st = stats(data)
+        assert st["endpoint"]["handoff"]["bad_checksum"] == 1
+        assert st["writes_in"] == 1, st  # only the intact one reached the pipeline
+        lines = [json.loads(x) for x in Layout(data).card_lost_log.read_text().splitlines()]
+        assert [(x["io_id"], x["offset"], x["length"]) for x in lines] == [(1, 0, mib)]
+        assert "BAD_CHECKSUM" in lines[0]["reason"]
+        assert r.released_position() >= mib  # its space is free again (the lost log has it first)
+    finally:
+        r.close()

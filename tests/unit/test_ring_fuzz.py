@@ -8,7 +8,9 @@ straight into the shared memory.
 Rules checked: a codec returns a value or raises its format error
 (RingFormatError, TornRecord); a consumer never raises, acks every
 write-like entry it consumes exactly once (OK, or FAILED with a reason),
-hands on exactly the entries it acked OK, and writes nothing the host owns
+hands on exactly the entries it acked OK (the acker + worker pair: less
+those whose payload fails its checksum, which the worker reports lost
+instead, as the acker no longer hashes payloads), and writes nothing the host owns
 (the SQ, the data area, the host's counters). Derandomized; budgets in
 `nicsplit.testing.fuzz` (NICSPLIT_FUZZ_SCALE runs them longer).
 """
@@ -311,8 +313,20 @@ class Host:
         self.hv.close()
 
 
-def _check_round(host, before, published, consumed, got):
-    """What one poll/pump must have done with the round's entries."""
+def _bad_payload(host, raw) -> bool:
+    """A WRITE whose payload in the data area does not match its checksum."""
+    d = R.unpack_descriptor(raw, 0)
+    if d.kind != R.Kind.WRITE or not d.dflags & 1:
+        return False
+    off = d.data_pos % DATA
+    return R.payload_checksum(host.hv.data[off:off + d.length]) != d.csum
+
+
+def _check_round(host, before, published, consumed, got, lost=None):
+    """What one poll/pump must have done with the round's entries. ``lost``
+    (acker + worker): the io ids the worker reported lost this round; the
+    acker acks without hashing payloads, so an entry acked OK whose payload
+    fails its checksum must be reported lost instead of handed on."""
     assert host.snapshot() == before, "the card wrote into memory the host owns"
     comps = host.completions()
     taken = published[:consumed]
@@ -323,6 +337,11 @@ def _check_round(host, before, published, consumed, got):
         assert c.status in (R.AckStatus.OK, R.AckStatus.FAILED)
         assert (c.status == R.AckStatus.FAILED) == (c.reason != 0) and c.reason in set(R.AckReason)
     ok_writes = [raw for (_, _, raw), c in zip(acked, comps) if c.status == R.AckStatus.OK]
+    if lost is not None:
+        caught = [raw for raw in ok_writes if _bad_payload(host, raw)]
+        assert lost == [struct.unpack_from("<Q", r, 8)[0] for r in caught], \
+            "an acked write whose payload fails its checksum goes to the lost log, and nothing else does"
+        ok_writes = [raw for raw in ok_writes if not _bad_payload(host, raw)]
     got_writes = [e for e in got if isinstance(e, AugmentedWrite)]
     assert [e.io_id for e in got_writes] == [struct.unpack_from("<Q", r, 8)[0] for r in ok_writes], \
         "exactly the entries acked OK are handed on"
@@ -336,7 +355,7 @@ def _check_round(host, before, published, consumed, got):
     return comps
 
 
-def _drive(set_full, poll, release, host, plan):
+def _drive(set_full, poll, release, host, plan, lost=None):
     held: list[int] = []
     pending: list[tuple[int, int, bytes]] = []  # published, not yet consumed
     c = host.c
@@ -355,7 +374,9 @@ def _drive(set_full, poll, release, host, plan):
         got = poll()
         consumed = c[R.Counter.SQ_HEAD] - head
         assert 0 <= consumed <= len(pending)
-        _check_round(host, before, pending, consumed, got)
+        _check_round(host, before, pending, consumed, got, lost)
+        if lost is not None:
+            lost.clear()
         del pending[:consumed]
         held += [e.io_id for e in got if isinstance(e, AugmentedWrite) and e.data is not None]
         for e in got:
@@ -387,6 +408,8 @@ def test_acker_and_worker_ack_whatever_the_host_writes(plan):
         acker = RingAcker(os.path.join(d, "run"), handoff=ho, data_size=DATA, sq_entries=SQN, cq_entries=CQN)
         worker_ho = Handoff(os.dup(ho.fd))
         worker = HandoffEndpoint(worker_ho, acker.volume_path, acker.fake_uid, acker.wake_fd)
+        lost: list[int] = []
+        worker.on_refused = lambda io_id, *_: lost.append(io_id)
         host = Host(acker)
 
         def poll():
@@ -397,7 +420,7 @@ def test_acker_and_worker_ack_whatever_the_host_writes(plan):
             return out
 
         try:  # full: the worker asks the acker to refuse (handoff FULL)
-            _drive(worker.set_full, poll, worker.release, host, plan)
+            _drive(worker.set_full, poll, worker.release, host, plan, lost)
         finally:
             host.close()
             worker.close()

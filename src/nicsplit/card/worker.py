@@ -40,7 +40,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s card-worker %(levelname)s %(name)s: %(message)s")
     cfg = CardConfig.from_mapping(Path(spec["data"]), spec["card"])
-    ep = HandoffEndpoint(Handoff(int(spec["handoff_fd"])), spec["volume"], spec["uid"], int(spec["wake_fd"]))
+    ep = HandoffEndpoint(Handoff(int(spec["handoff_fd"])), spec["volume"], spec["uid"], int(spec["wake_fd"]),
+                         verify_checksums=bool(cfg.transport_options.get("verify_checksums", True)))
     try:
         import uvloop  # optional, as in nicsplit.card.process.main
 

@@ -5,6 +5,15 @@ acked from the handoff queue (`nicsplit.card.handoff`), hands the pipeline
 them (`release`) by finishing handoff positions; the handoff floor moves the
 ring's ``DATA_HEAD``. It offers the same calls as `RingEndpoint`, so
 `nicsplit.card.process.CardProcess` runs on either.
+
+Payload checksums are verified here, not by the acker (keeping a hash of the
+whole payload off the ack path, see `nicsplit.card.transports.ring_acker`):
+a write whose payload does not match its descriptor's checksum was acked
+but is never handed to the pipeline. It goes to the lost log through
+``on_refused`` (set by `CardProcess`) *before* its payload space is freed,
+so the host, which reads the released watermark first and the log after,
+marks and resyncs its region from production; its seq is skipped in hold
+like a refused write's. Counted as ``bad_checksum`` in `statistics`.
 """
 
 from __future__ import annotations
@@ -12,9 +21,13 @@ from __future__ import annotations
 import logging
 from time import monotonic_ns
 
+from xxhash import xxh3_64_intdigest as xxh3
+
 from nicsplit.card.handoff import H, NAPPING, POLLING, REFUSED, RELEASED, SLEEPING, Handoff
 from nicsplit.card.hidden import HiddenVolume
-from nicsplit.card.transports.ring_shared import DATA_HEAD, K_OUTCOME, K_WRITE, OPS, STATUSES, WFLAGS
+from nicsplit.card.transports.ring_shared import (
+    DATA_HEAD, DF_CSUM, K_OUTCOME, K_WRITE, M32, OPS, STATUSES, WFLAGS, reason_name,
+)
 from nicsplit.core.records import AugmentedWrite, Outcome
 from nicsplit.wire import ring as R
 
@@ -36,9 +49,12 @@ _WSTATE, _FULL, _WHB, _DX = H.WSTATE // 8, H.FULL // 8, H.WHEARTBEAT // 8, H.DAT
 
 
 class HandoffEndpoint:
-    def __init__(self, handoff: Handoff, volume_path: str, volume_uid: str, wake_fd: int) -> None:
+    def __init__(self, handoff: Handoff, volume_path: str, volume_uid: str, wake_fd: int, *,
+                 verify_checksums: bool = True) -> None:
         self.handoff = handoff
         self._hv = HiddenVolume.attach(volume_path, volume_uid)
+        self._verify = verify_checksums and self._hv.identity.csum_alg == R.CsumAlg.XXH3_LOW32
+        self._n_bad_csum = 0
         self._data = self._hv.data
         self._ctr = self._hv.counters
         self._dsize = self._hv.geometry.data_size
@@ -46,7 +62,8 @@ class HandoffEndpoint:
         self.card_pid = self._hv.identity.card_pid  # the acker, which created the volume
         self._held: dict[int, int] = {}  # io_id -> handoff position of its payload
         self._n_dup = 0
-        self.on_refused = None  # the acker reports refusals; kept for CardProcess's interface
+        # The acker reports its refusals; this one reports payloads that fail their checksum (lost log)
+        self.on_refused = None
         # (cg_id, cg_seq) of writes the acker refused since the last take: hold
         # skips those seqs at once (`Hold.skip`) instead of waiting them out
         self.skipped: list[tuple[int, int]] = []
@@ -69,8 +86,8 @@ class HandoffEndpoint:
         runs = (slots[first << 6: last << 6],) if last <= ho.n else (
             slots[first << 6:], slots[: (last - ho.n) << 6])
         for run in runs:  # descriptors read in bulk: no call per slot
-            for (kind, wflags, _dflags, status, length, io_id, cg_seq, cg_id, vdisk_id, voffset, ts, data_pos,
-                 _csum, _seq) in desc_iter(run):
+            for (kind, wflags, dflags, status, length, io_id, cg_seq, cg_id, vdisk_id, voffset, ts, data_pos,
+                 csum, _seq) in desc_iter(run):
                 s = pos & mask
                 if kind == K_OUTCOME:
                     flags[s] = RELEASED
@@ -86,6 +103,11 @@ class HandoffEndpoint:
                         self._n_dup += 1
                         log.error("ring: io %d handed off twice while held: the second copy is ignored", io_id)
                         flags[s] = RELEASED
+                    elif self._verify and dflags & DF_CSUM and xxh3(
+                            data[data_pos % size: data_pos % size + length]) & M32 != csum:
+                        self._bad_payload(io_id, vdisk_id, voffset, length, data_pos)
+                        flags[s] = REFUSED | RELEASED  # freed in order, after the lost log has it
+                        self.skipped.append((cg_id, cg_seq))
                     else:
                         held[io_id] = pos
                         off = data_pos % size
@@ -100,6 +122,16 @@ class HandoffEndpoint:
         if hc[_F] < pos and flags[hc[_F] & mask] & RELEASED:
             ho.advance_floor(pos, self._set_head)
         return out
+
+    def _bad_payload(self, io_id: int, vdisk_id: int, voffset: int, length: int, data_pos: int) -> None:
+        """An acked write whose payload does not match its checksum: never
+        shipped; the host learns it from the lost log and resyncs the region."""
+        self._n_bad_csum += 1
+        log.error("ring: io %d (vdisk %d, %d bytes at %d, payload at %d) was acked but its payload does not "
+                  "match its checksum: not shipped, its region goes to the lost log", io_id, vdisk_id, length,
+                  voffset, data_pos)
+        if self.on_refused is not None:
+            self.on_refused(io_id, vdisk_id, voffset, length, reason_name(R.AckReason.BAD_CHECKSUM))
 
     def release(self, io_id: int) -> None:
         try:
@@ -169,7 +201,7 @@ class HandoffEndpoint:
             "released": c[DATA_HEAD], "held": len(self._held),
             "held_bytes": max(0, g(H.DATA_EXPECT) - c[DATA_HEAD]), "cq_full": g(H.CQ_FULL),
             "refused_full": g(H.REFUSED_FULL), "host_pid": g(H.HOST_PID),
-            "handoff": dict(ho.statistics(), duplicates=self._n_dup),
+            "handoff": dict(ho.statistics(), duplicates=self._n_dup, bad_checksum=self._n_bad_csum),
         }
 
     def close(self) -> None:
