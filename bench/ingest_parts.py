@@ -23,7 +23,7 @@ import xxhash
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nicsplit.core.records import Op
-from nicsplit.journal.format import seal_record_entries, seal_record_entry
+from nicsplit.journal.format import seal_record_entries_into, seal_record_entry, sealed_entries_size
 from nicsplit.journal.scan import RecordHead
 from nicsplit.wire import frames as F
 from nicsplit.wire.wirerecords import decode_wire_records
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     nonces = os.urandom(12 * n)
     sealed = [seal_record_entry(cipher, 24 + i * 4200, w.wire, nonces[12 * i : 12 * i + 12]) for i, w in enumerate(wires)]
     whole = memoryview(plain)[4:]
+    batch_buf = bytearray(sealed_entries_size([w.wire for w in wires]))  # reused, as the journal writer does
     aad = bytes(74)
 
     steps = {
@@ -70,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         "decode_wire_records": lambda: decode_wire_records(plains[next(turn) % 16]),
         "fingerprint (xxh3-128)": lambda: [F.fingerprint(w.data) for w in wires],
         "seal_record_entry (all of it)": lambda: [seal_record_entry(cipher, 24, w.wire, nonces[:12]) for w in wires],
-        "seal_record_entries (per batch)": lambda: seal_record_entries(cipher, 24, [w.wire for w in wires], nonces, []),
+        "seal_record_entries_into (batch buffer)": lambda: seal_record_entries_into(cipher, 24, [w.wire for w in wires],
+                                                                                    nonces, batch_buf),
+        "  the same into a fresh buffer": lambda: seal_record_entries_into(
+            cipher, 24, [w.wire for w in wires], nonces, bytearray(sealed_entries_size([w.wire for w in wires]))),
         "  of which AESGCM.encrypt": lambda: [cipher.encrypt(nonces[:12], w.wire[58:], aad) for w in wires],
         "  of which entry CRC-32": lambda: [zlib.crc32(s) for s in sealed],
         "join entries (one write)": lambda: b"".join(sealed),
