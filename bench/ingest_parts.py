@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from itertools import repeat
 import os
 import statistics
 import sys
@@ -29,6 +30,7 @@ from nicsplit.wire import frames as F
 from nicsplit.wire.wirerecords import decode_wire_records
 
 BS = 4096
+HEAD_COLS = {0, 2, 3, 4, 5, 6, 7}  # a WireRecord's seq, vdisk_id, op, flags, offset, length, time_ns
 
 
 def per_record(fn, n: int, reps: int) -> float:
@@ -77,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             cipher, 24, [w.wire for w in wires], nonces, bytearray(sealed_entries_size([w.wire for w in wires]))),
         "  of which AESGCM.encrypt": lambda: [cipher.encrypt(nonces[:12], w.wire[58:], aad) for w in wires],
         "  of which entry CRC-32": lambda: [zlib.crc32(s) for s in sealed],
-        "join entries (one write)": lambda: b"".join(sealed),
-        "RecordHead (index feed)": lambda: [RecordHead(w.seq, w.vdisk_id, w.op, w.flags, w.offset, w.length,
-                                                       w.time_ns, 1, 24) for w in wires],
+        "(before) join entries (one write)": lambda: b"".join(sealed),
+        "RecordHeads (index feed, as the writer)": lambda: list(map(
+            tuple.__new__, repeat(RecordHead), zip(*(c for i, c in enumerate(zip(*wires)) if i in HEAD_COLS),
+                                                   repeat(1), range(24, 24 + 4200 * n, 4200)))),
         "v3: one AESGCM.encrypt per batch": lambda: cipher.encrypt(nonces[:12], whole, aad),
         "v3: one CRC-32 per batch": lambda: zlib.crc32(whole),
         "v3: one xxh3-64 per batch": lambda: xxhash.xxh3_64_intdigest(whole),

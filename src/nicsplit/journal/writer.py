@@ -116,7 +116,8 @@ __all__ = [
 
 log = logging.getLogger("nicsplit.journal.writer")
 
-_head_fields = itemgetter(*(WireRecord._fields.index(f) for f in RecordHead._fields[:7]))  # + segment, pos
+_HEAD_COLS = [WireRecord._fields.index(f) for f in RecordHead._fields[:7]]  # then segment, pos
+_REFS, _WIRE, _DATA = (WireRecord._fields.index(f) for f in ("refs", "wire", "data"))
 
 # Rule 5's bounds. Host seqs come in reservations of 2^16 (host/sequencer.py)
 # and a restart skips at most one: 2^32 allows 65536 restarts in a row, while
@@ -500,15 +501,14 @@ class Journal(RetentionMixin):
             # Validate refs and collect data blocks before writing anything (rule 6).
             blocks: list[list[tuple[int, int, bytes]]] = []  # per record: (offset in data, length, fp)
             cross: dict[bytes, int] = {}  # block an earlier batch holds -> newest seq referencing it
-            datas = [r.data for r in new]
+            cols = list(zip(*new)) or [()] * len(WireRecord._fields)  # the batch's columns, one C loop
+            datas = cols[_DATA]
             lens = list(map(len, datas))
             single = None  # (fps, lens) when every record is one block inline, the common batch
-            if new and min(lens) > 0 and max(lens) <= BLOCK_SIZE and not any(r.refs for r in new):
-                fps = list(map(fingerprint, datas))
-                single = (fps, lens)
-                known = dict.fromkeys(fps)
-            else:
-                known = {}
+            known: dict[bytes, None] = {}
+            if new and min(lens) > 0 and max(lens) <= BLOCK_SIZE and not any(cols[_REFS]):
+                single = (list(map(fingerprint, datas)), lens)
+                known = dict.fromkeys(single[0])
             for r in new if single is None else ():
                 for _, fp in r.refs:
                     if fp in known:
@@ -518,14 +518,13 @@ class Journal(RetentionMixin):
                         raise BatchRejected(f"batch {m.batch_id}: record seq {r.seq} references block {fp.hex()} "
                                             f"that this journal does not hold")
                     cross[fp] = r.seq
-                data = r.data
-                fpl = [(doff, n, fingerprint(data[doff : doff + n])) for doff, n in r.blocks()]
+                fpl = [(doff, n, fingerprint(r.data[doff : doff + n])) for doff, n in r.blocks()]
                 for fpt in fpl:
                     known[fpt[2]] = None
                 blocks.append(fpl)
             commit = encode_commit(m.batch_id, first, m.last_seq, m.t_first_ns, m.t_last_ns, len(new))
             try:
-                pending = self._write(new, seqs, blocks, single, commit, sync)  # framed (and sealed) where offsets are known
+                pending = self._write(new, cols[_WIRE], seqs, blocks, single, commit, sync)  # offsets known there
             except OSError as e:
                 self._failed = f"{type(e).__name__}: {e}"
                 log.error("journal %s: write failed, journal is now failed: %s", self.path, self._failed)
@@ -535,7 +534,8 @@ class Journal(RetentionMixin):
             if sync:
                 self._durable_seq = self._last_seq
             cseg, cpos = pending.commit
-            heads = [tuple.__new__(RecordHead, _head_fields(r) + at[1:]) for r, at in zip(new, pending.recs)]
+            _, segs, ats = zip(*pending.recs) if new else ((), (), ())
+            heads = list(map(tuple.__new__, repeat(RecordHead), zip(*[cols[c] for c in _HEAD_COLS], segs, ats)))
             batch = (Commit(m.batch_id, first, m.last_seq, m.t_first_ns, m.t_last_ns, len(new), cseg, cpos), heads,
                      pending.start, (cseg, cpos + len(commit)))
             return AppendResult(True, self._last_seq, tuple(known), batch)
@@ -605,14 +605,13 @@ class Journal(RetentionMixin):
         self._seg_sizes[seg] = SEGMENT_HEAD.size
         return seg, f
 
-    def _write(self, recs: list[WireRecord], seqs: list[int], blocks: list[list[tuple[int, int, bytes]]],
+    def _write(self, recs: list[WireRecord], wires: Sequence[memoryview], seqs: list[int], blocks: list[list[tuple[int, int, bytes]]],
                single: tuple[list[bytes], list[int]] | None, commit: bytes, sync: bool = True) -> _Pending:
         """Frame (and seal) ``recs`` and ``commit``; data blocks: ``blocks`` per record, or
         ``single`` = (fingerprints, lengths) when each record is one block inline."""
         pending = _Pending([], {})
         seg, f = self._current()
         size = f.size()
-        wires = [r.wire for r in recs]
         # A batch that fits in a segment starts a new one rather than span two,
         # so segments end at batch boundaries and retention can trim them one
         # by one (rule 10); only a batch larger than a segment spans segments.
