@@ -134,25 +134,33 @@ def test_wire_batch_checks_still_apply(tmp_path: Path):
         assert j.last_seq == 0 and j.statistics().records == 0
 
 
-def test_seal_record_entries_equal_seal_record_entry():
+def test_seal_record_entries_into_equal_seal_record_entry():
+    """The batch-buffer seal writes exactly the bytes of the per-record
+    `seal_record_entry`, at the offset given, and nothing outside them
+    (random batches: sizes, refs, ops; random segment offsets and starts)."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # a throwaway key for the comparison
-    from nicsplit.journal.format import ENTRY, seal_record_entries, seal_record_entry
+    from nicsplit.journal.format import ENTRY, seal_record_entries_into, seal_record_entry, sealed_entries_size
     rng = random.Random(SEED + 4)
     print(f"seed {SEED + 4}")
-    cipher = AESGCM(rng.randbytes(32))
-    recs = [_rand_record(rng, s) for s in range(1, 40)]
-    wires = [w.wire for w in decode_wire_records(F.encode_records(recs))]
-    nonces = rng.randbytes(12 * len(wires))
-    parts: list = []
-    ats = seal_record_entries(cipher, 24, wires, nonces, parts)
-    want, pos = [], 24
-    for i, w in enumerate(wires):
-        e = seal_record_entry(cipher, pos, bytes(w), nonces[12 * i : 12 * i + 12])
-        want.append(e)
-        assert ats[i] == pos
-        pos += len(e)
-        assert len(e) == ENTRY.size + len(w) + 28
-    assert b"".join(parts) == b"".join(want)
+    for trial in range(20):
+        cipher = AESGCM(rng.randbytes(32))
+        recs = [_rand_record(rng, s) for s in range(1, rng.randint(1, 40))]
+        wires = [w.wire for w in decode_wire_records(F.encode_records(recs))]
+        nonces = rng.randbytes(12 * len(wires))
+        seg_pos = rng.randrange(24, 1 << 40)
+        start, tail = rng.randrange(0, 100), rng.randrange(0, 100)
+        fill = rng.randrange(256)
+        buf = bytearray([fill]) * (start + sealed_entries_size(wires) + tail)
+        ats = seal_record_entries_into(cipher, seg_pos, wires, nonces, buf, start)
+        want, pos = [], seg_pos
+        for i, w in enumerate(wires):
+            e = seal_record_entry(cipher, pos, bytes(w), nonces[12 * i : 12 * i + 12])
+            want.append(e)
+            assert ats[i] == pos, trial
+            pos += len(e)
+            assert len(e) == ENTRY.size + len(w) + 28
+        assert bytes(buf[start : len(buf) - tail]) == b"".join(want), trial
+        assert buf[:start] == bytearray([fill]) * start and buf[len(buf) - tail :] == bytearray([fill]) * tail, trial
 
 
 def test_sealed_batches_larger_than_a_segment(tmp_path: Path):

@@ -45,7 +45,7 @@ __all__ = [
     "FLAG_SEALED", "SEGMENT_HEAD", "ENTRY", "TAG_RECORD", "TAG_COMMIT", "COMMIT", "COMMIT_PREFIX", "RECORD_HEAD",
     "SEALED_OVERHEAD", "CARRIED_NAME", "CARRY", "CARRY_MAGIC", "CARRY_SEGMENT", "OPS",
     "seg_name", "seg_number", "segment_head", "parse_segment_head", "encode_entry", "encode_commit",
-    "seal_record_entry", "seal_record_entries", "open_record_payload", "read_record_at", "read_payload_at",
+    "seal_record_entry", "seal_record_entries_into", "sealed_entries_size", "open_record_payload", "read_record_at", "read_payload_at",
     "data_blocks", "data_offset",
     "encode_carried", "carried_entries", "open_carried",
 ]
@@ -217,31 +217,59 @@ def seal_record_entry(cipher: AESGCM, pos: int, encoded: bytes, nonce: bytes) ->
     return b"".join((head8, struct.pack(">I", crc), rec_head, nonce, sealed))
 
 
-def seal_record_entries(cipher: AESGCM, pos: int, records: list[bytes | memoryview], nonces: bytes,
-                        out: list[bytes | memoryview]) -> list[int]:
+def sealed_entries_size(records: list[bytes | memoryview]) -> int:
+    """Bytes the sealed RECORD entries of ``records`` (wire records) take."""
+    return len(records) * (ENTRY.size + SEALED_OVERHEAD) + sum(map(len, records))
+
+
+# A sealed RECORD entry up to its ciphertext, as `seal_record_entry` lays it
+# out, and the associated data it seals with (`_aad`'s bytes), as one pack each.
+_SEALED_HEAD = struct.Struct(
+    ">"
+    "8s"  # entry head: size, tag, padding
+    "I"  # entry CRC: 0 here, written once the entry is complete
+    f"{RECORD_HEAD_SIZE}s"  # the wire record head (in clear)
+    f"{atrest.NONCE_SIZE}s"  # the record's nonce
+)
+assert _SEALED_HEAD.size == ENTRY.size + RECORD_HEAD_SIZE + atrest.NONCE_SIZE == 82
+_AAD = struct.Struct(f">8sQ{RECORD_HEAD_SIZE}s")  # entry head8, entry offset, record head
+assert _AAD.size == 74
+
+
+def seal_record_entries_into(cipher: AESGCM, pos: int, records: list[bytes | memoryview], nonces: bytes,
+                             buf: bytearray | memoryview, start: int = 0) -> list[int]:
     """`seal_record_entry` for consecutive entries from segment offset
-    ``pos`` on (``nonces``: 12 fresh bytes per record), byte for byte the
-    same, with the per-call work hoisted: the entry parts are appended to
-    ``out`` (joined once by the caller, no copy per entry); returns each
-    entry's offset."""
+    ``pos`` on (``nonces``: 12 fresh bytes per record), written into
+    ``buf`` from index ``start`` on: ``buf[start:start + sealed_entries_size(records)]``
+    is then byte for byte the concatenation of the `seal_record_entry` results.
+    Each record is sealed straight into its place (``encrypt_into``: no
+    ciphertext object per record, no join), the part before its ciphertext is
+    one ``pack_into``, and its entry CRC is one call over the contiguous
+    record head ‖ nonce ‖ ciphertext.  Returns each entry's segment offset."""
     at: list[int] = []
     heads: dict[int, tuple[bytes, int]] = {}  # entry size -> (head8, crc of head8): records share sizes
-    encrypt, crc32, pack, n = cipher.encrypt, zlib.crc32, _CRC.pack, atrest.NONCE_SIZE
-    add = out.extend
-    for i, enc in enumerate(records):
+    encrypt, crc32, put_crc = cipher.encrypt_into, zlib.crc32, _CRC.pack_into
+    put_head, aad = _SEALED_HEAD.pack_into, _AAD.pack
+    mv = memoryview(buf)
+    ns, h, e, c = atrest.NONCE_SIZE, RECORD_HEAD_SIZE, ENTRY.size, _SEALED_HEAD.size
+    p, k = start, 0
+    for enc in records:
         size = len(enc) + SEALED_OVERHEAD
-        h = heads.get(size)
-        if h is None:
+        hc = heads.get(size)
+        if hc is None:
             head8 = ENTRY.pack(size, TAG_RECORD, b"", 0)[:8]
-            h = heads[size] = (head8, crc32(head8))
-        head8, crc = h
-        view = memoryview(enc)
-        rec_head = view[:RECORD_HEAD_SIZE]
-        nonce = nonces[i * n : (i + 1) * n]
-        sealed = encrypt(nonce, view[RECORD_HEAD_SIZE:], b"".join((head8, pos.to_bytes(8, "big"), rec_head)))
-        add((head8, pack(crc32(sealed, crc32(nonce, crc32(rec_head, crc)))), rec_head, nonce, sealed))
+            hc = heads[size] = (head8, crc32(head8))
+        head8, crc = hc
+        rec_head = bytes(enc[:h])
+        nonce = nonces[k : k + ns]
+        k += ns
+        end = p + e + size
+        put_head(buf, p, head8, 0, rec_head, nonce)
+        encrypt(nonce, enc[h:], aad(head8, pos, rec_head), mv[p + c : end])
+        put_crc(buf, p + 8, crc32(mv[p + e : end], crc))
         at.append(pos)
-        pos += ENTRY.size + size
+        pos += e + size
+        p = end
     return at
 
 

@@ -85,6 +85,8 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
@@ -93,7 +95,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nicsplit.journal.format import (
     CARRIED_NAME, CARRY_SEGMENT, COMMIT, ENTRY, SEALED_OVERHEAD, SEGMENT_HEAD, SEGMENT_SUFFIX, TAG_RECORD,
     JournalCorrupt, JournalError, carried_entries, data_blocks, data_offset, encode_commit,
-    encode_entry, open_record_payload, seal_record_entries, seg_name, seg_number, segment_head,
+    encode_entry, open_record_payload, seal_record_entries_into, sealed_entries_size, seg_name, seg_number, segment_head,
 )
 from nicsplit.journal.reader import AUTO, JournalFiles
 from nicsplit.journal.scan import (
@@ -114,6 +116,9 @@ __all__ = [
 
 log = logging.getLogger("nicsplit.journal.writer")
 
+_HEAD_COLS = [WireRecord._fields.index(f) for f in RecordHead._fields[:7]]  # then segment, pos
+_REFS, _WIRE, _DATA = (WireRecord._fields.index(f) for f in ("refs", "wire", "data"))
+
 # Rule 5's bounds. Host seqs come in reservations of 2^16 (host/sequencer.py)
 # and a restart skips at most one: 2^32 allows 65536 restarts in a row, while
 # a wild seq (2^62) is refused. 2^48 seqs: 8.9 years at 10^6 writes/s.
@@ -123,6 +128,9 @@ MAX_SEQ = 1 << 48
 # 64 MiB: 4 full 16 MiB batches; small enough to read whole at open, large
 # enough that a busy CG creates a new file (and a directory fsync) rarely.
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
+
+# The write buffer a journal keeps (`Journal._buffer`): a card's 1 MiB batch fits.
+_REUSE_BUFFER = 2 * 1024 * 1024
 
 
 class BatchRejected(ValueError):
@@ -217,6 +225,7 @@ class Journal(RetentionMixin):
         self._failed: str | None = None
         self._lockfile: object | None = None
         self._stop_at_damage = stop_at_damage
+        self._wbuf = bytearray()  # _write's buffer, kept between batches (see _buffer)
         self.damage: str | None = None  # rule 9: where a stop_at_damage open stopped
 
     # -- open / recovery --------------------------------------------------------
@@ -410,9 +419,12 @@ class Journal(RetentionMixin):
         if first > self._last_seq + 1 and self._last_seq:
             self._gaps += 1
         self._recs.extend(p.recs)
-        self._seqs.extend(s for s, _, _ in p.recs)
-        for seq, seg, _ in p.recs:
-            self._seg_maxrec[seg] = seq
+        self._seqs.extend(map(itemgetter(0), p.recs))
+        if p.recs and p.recs[0][1] == p.recs[-1][1]:  # the batch is in one segment (the common case)
+            self._seg_maxrec[p.recs[-1][1]] = p.recs[-1][0]
+        else:
+            for seq, seg, _ in p.recs:
+                self._seg_maxrec[seg] = seq
         self._blocks.update(p.blocks)  # the newest copy of a block is its home (rule 10)
         for fp, seq in p.refs.items():
             if seq > self._ref_last.get(fp, 0):
@@ -462,13 +474,16 @@ class Journal(RetentionMixin):
             if self._last_seq and m.last_seq - self._last_seq > MAX_SEQ_GAP:
                 raise BatchRejected(f"batch {m.batch_id}: seqs {m.first_seq}..{m.last_seq} are more than {MAX_SEQ_GAP} "
                                     f"past the journal's last seq {self._last_seq}")
-            prev = 0
-            for r in records:
-                if not m.first_seq <= r.seq <= m.last_seq or r.seq <= prev:
-                    raise BatchRejected(
-                        f"batch {m.batch_id}: record seq {r.seq} out of order or outside {m.first_seq}..{m.last_seq}"
-                    )
-                prev = r.seq
+            # Batch-level checks (C loops); the per-record loop only names the culprit.
+            seqs = [r.seq for r in records]
+            if seqs and (seqs[0] < m.first_seq or seqs[-1] > m.last_seq or len(set(seqs)) != len(seqs)
+                         or seqs != sorted(seqs)):
+                prev = 0
+                for seq in seqs:
+                    if not m.first_seq <= seq <= m.last_seq or seq <= prev:
+                        raise BatchRejected(f"batch {m.batch_id}: record seq {seq} out of order or outside "
+                                            f"{m.first_seq}..{m.last_seq}")
+                    prev = seq
             if m.last_seq <= self._last_seq:
                 self._duplicates += 1
                 log.info("journal %s: batch %d (seqs %d..%d) is a duplicate; acknowledged, not applied",
@@ -478,22 +493,23 @@ class Journal(RetentionMixin):
             if first > self._last_seq + 1 and self._last_seq:
                 log.warning("journal %s: batch %d starts at seq %d after last seq %d: gap",
                             self.path, m.batch_id, first, self._last_seq)
-            new = [r for r in records if r.seq >= first]
+            k = bisect.bisect_left(seqs, first)
+            new, seqs = list(records[k:]), seqs[k:]
             if new and not isinstance(new[0], WireRecord):
                 new = wire_records(new)  # encoded once (ValueError for a bad record, as before)
 
             # Validate refs and collect data blocks before writing anything (rule 6).
             blocks: list[list[tuple[int, int, bytes]]] = []  # per record: (offset in data, length, fp)
-            known: dict[bytes, None] = {}
             cross: dict[bytes, int] = {}  # block an earlier batch holds -> newest seq referencing it
-            for r in new:
-                if not r.refs:
-                    n = len(r.data)
-                    if 0 < n <= BLOCK_SIZE:  # the common record: one 4 KiB block, inline
-                        fp = fingerprint(r.data)
-                        known[fp] = None
-                        blocks.append([(0, n, fp)])
-                        continue
+            cols = list(zip(*new)) or [()] * len(WireRecord._fields)  # the batch's columns, one C loop
+            datas = cols[_DATA]
+            lens = list(map(len, datas))
+            single = None  # (fps, lens) when every record is one block inline, the common batch
+            known: dict[bytes, None] = {}
+            if new and min(lens) > 0 and max(lens) <= BLOCK_SIZE and not any(cols[_REFS]):
+                single = (list(map(fingerprint, datas)), lens)
+                known = dict.fromkeys(single[0])
+            for r in new if single is None else ():
                 for _, fp in r.refs:
                     if fp in known:
                         continue  # an earlier record of this batch holds it
@@ -502,14 +518,13 @@ class Journal(RetentionMixin):
                         raise BatchRejected(f"batch {m.batch_id}: record seq {r.seq} references block {fp.hex()} "
                                             f"that this journal does not hold")
                     cross[fp] = r.seq
-                data = r.data
-                fps = [(doff, n, fingerprint(data[doff : doff + n])) for doff, n in r.blocks()]
-                for fpt in fps:
+                fpl = [(doff, n, fingerprint(r.data[doff : doff + n])) for doff, n in r.blocks()]
+                for fpt in fpl:
                     known[fpt[2]] = None
-                blocks.append(fps)
+                blocks.append(fpl)
             commit = encode_commit(m.batch_id, first, m.last_seq, m.t_first_ns, m.t_last_ns, len(new))
             try:
-                pending = self._write(new, blocks, commit, sync)  # framed (and sealed) where offsets are known
+                pending = self._write(new, cols[_WIRE], seqs, blocks, single, commit, sync)  # offsets known there
             except OSError as e:
                 self._failed = f"{type(e).__name__}: {e}"
                 log.error("journal %s: write failed, journal is now failed: %s", self.path, self._failed)
@@ -519,8 +534,8 @@ class Journal(RetentionMixin):
             if sync:
                 self._durable_seq = self._last_seq
             cseg, cpos = pending.commit
-            heads = [RecordHead(r.seq, r.vdisk_id, r.op, r.flags, r.offset, r.length, r.time_ns, seg, pos)
-                     for r, (_, seg, pos) in zip(new, pending.recs)]
+            _, segs, ats = zip(*pending.recs) if new else ((), (), ())
+            heads = list(map(tuple.__new__, repeat(RecordHead), zip(*[cols[c] for c in _HEAD_COLS], segs, ats)))
             batch = (Commit(m.batch_id, first, m.last_seq, m.t_first_ns, m.t_last_ns, len(new), cseg, cpos), heads,
                      pending.start, (cseg, cpos + len(commit)))
             return AppendResult(True, self._last_seq, tuple(known), batch)
@@ -590,15 +605,17 @@ class Journal(RetentionMixin):
         self._seg_sizes[seg] = SEGMENT_HEAD.size
         return seg, f
 
-    def _write(self, recs: list[WireRecord], blocks: list[list[tuple[int, int, bytes]]], commit: bytes,
-               sync: bool = True) -> _Pending:
+    def _write(self, recs: list[WireRecord], wires: Sequence[memoryview], seqs: list[int], blocks: list[list[tuple[int, int, bytes]]],
+               single: tuple[list[bytes], list[int]] | None, commit: bytes, sync: bool = True) -> _Pending:
+        """Frame (and seal) ``recs`` and ``commit``; data blocks: ``blocks`` per record, or
+        ``single`` = (fingerprints, lengths) when each record is one block inline."""
         pending = _Pending([], {})
         seg, f = self._current()
         size = f.size()
         # A batch that fits in a segment starts a new one rather than span two,
         # so segments end at batch boundaries and retention can trim them one
         # by one (rule 10); only a batch larger than a segment spans segments.
-        total = sum(ENTRY.size + len(r.wire) + SEALED_OVERHEAD for r in recs) + len(commit)
+        total = sealed_entries_size(wires) + len(commit)
         if size > SEGMENT_HEAD.size and size + total > self._segment_size and SEGMENT_HEAD.size + total <= self._segment_size:
             f.sync()  # rule 1: the old segment is complete before a new one exists
             seg, f = self._new_segment(seg + 1)
@@ -606,56 +623,77 @@ class Journal(RetentionMixin):
         cipher = self._io.ciphers.for_segment(seg, self._io.keys.get(seg, 0))
         pending.start = (seg, size)
         nonces = b""
-        # The entries are collected in a list and joined once: growing a
-        # bytearray entry by entry cost ~9 us per 4 KiB record (reallocations).
-        parts: list[bytes | memoryview] = []
         pos = size  # where the next entry starts
         seg_recs, seg_blocks = pending.recs, pending.blocks
-        limit, i = self._segment_size, 0
+        limit, i, count = self._segment_size, 0, len(recs)
         while True:
-            # The run of records [i, j) that goes into this segment.
-            over = SEALED_OVERHEAD if cipher is not None else 0
-            j, end = i, pos
-            while j < len(recs):
-                esize = ENTRY.size + len(recs[j].wire) + over
-                if end > SEGMENT_HEAD.size and end + esize > limit:
-                    break
-                end += esize
-                j += 1
+            # The run of records [i, j) that goes into this segment (all when they fit).
+            over = ENTRY.size + (SEALED_OVERHEAD if cipher is not None else 0)
+            rest = over * (count - i) + sum(map(len, wires[i:]))
+            if pos + rest <= limit:
+                j, end = count, pos + rest
+            else:
+                j, end = i, pos
+                while j < count:
+                    esize = over + len(wires[j])
+                    if end > SEGMENT_HEAD.size and end + esize > limit:
+                        break
+                    end += esize
+                    j += 1
+            last = j == count
+            # The run's entries (and the COMMIT after the last) framed into one buffer, one write.
+            buf = self._buffer(end - pos + (len(commit) if last else 0))
             if cipher is None:
+                o = 0
+                if single is not None:
+                    blocks = [[(0, n, fp)] for fp, n in zip(*single)]
+                    single = None
                 for r, fps in zip(recs[i:j], blocks[i:j]):
-                    parts.append(encode_entry(TAG_RECORD, r.wire))
+                    entry = encode_entry(TAG_RECORD, r.wire)
+                    buf[o : o + len(entry)] = entry
+                    o += len(entry)
                     base = pos + ENTRY.size + r.data_offset
                     for doff, n, fp in fps:
                         seg_blocks[fp] = (seg, base + doff, n)  # the newest copy is the home (rule 10)
                     seg_recs.append((r.seq, seg, pos))
-                    pos += ENTRY.size + len(r.wire)
+                    pos += len(entry)
             elif j > i:
                 if not nonces:  # one system call per batch, not per record
-                    nonces = os.urandom(atrest.NONCE_SIZE * len(recs))
-                ats = seal_record_entries(cipher, pos, [r.wire for r in recs[i:j]],
-                                          nonces[i * atrest.NONCE_SIZE : j * atrest.NONCE_SIZE], parts)
-                for r, fps, at in zip(recs[i:j], blocks[i:j], ats):
-                    for doff, n, fp in fps:
-                        seg_blocks[fp] = (seg, at, doff, n)
-                    seg_recs.append((r.seq, seg, at))
+                    nonces = os.urandom(atrest.NONCE_SIZE * count)
+                ats = seal_record_entries_into(cipher, pos, wires[i:j],
+                                               nonces[i * atrest.NONCE_SIZE : j * atrest.NONCE_SIZE], buf)
+                seg_recs.extend(zip(seqs[i:j], repeat(seg), ats))
+                if single is not None:  # batch-level: no Python loop per record
+                    seg_blocks.update(zip(single[0][i:j], zip(repeat(seg), ats, repeat(0), single[1][i:j])))
+                else:
+                    for fps, at in zip(blocks[i:j], ats):
+                        for doff, n, fp in fps:
+                            seg_blocks[fp] = (seg, at, doff, n)
             pos, i = end, j
-            if i == len(recs):
+            if last:
                 break
-            f.append(b"".join(parts))
+            f.append(buf)
             f.sync()  # rule 1: the old segment is complete before a new one exists
             self._seg_sizes[seg] = f.size()
-            parts.clear()
             seg, f = self._new_segment(seg + 1)
             cipher = self._io.ciphers.for_segment(seg, self._io.keys[seg])
             pos = f.size()
         pending.commit = (seg, pos)
-        parts.append(commit)  # the COMMIT may overhang segment_size by its 56 bytes
-        f.append(b"".join(parts))
+        buf[len(buf) - len(commit) :] = commit  # the COMMIT may overhang segment_size by its 56 bytes
+        f.append(buf)
         if sync:
             f.sync()
         self._seg_sizes[seg] = f.size()
         return pending
+
+    def _buffer(self, n: int) -> memoryview:
+        """An ``n``-byte buffer for one write, up to `_REUSE_BUFFER` the same memory
+        each batch (a fresh one costs a page fault per 4 KiB; `DurableFile.append` copies)."""
+        if n > _REUSE_BUFFER:
+            return memoryview(bytearray(n))
+        if len(self._wbuf) < n:
+            self._wbuf = bytearray(max(n, min(2 * len(self._wbuf), _REUSE_BUFFER)))
+        return memoryview(self._wbuf)[:n]
 
     # -- reading ------------------------------------------------------------------
 

@@ -134,36 +134,46 @@ class BlockIndex:
         if self._progress is not None:
             total = self._offsets.get(0, 0)
             self._progress(min(total, self._offsets.get(commit.segment, total) + commit.pos), total)
+        if not recs:
+            return
+        # Columns of the batch in one transposition (RecordHead is a NamedTuple);
+        # the barrier / zero-length filter only runs when there is one.
+        seqs, vids, ops, _, offs, lens, _, segs, poss = zip(*recs)
         barrier = int(Op.BARRIER)
-        recs = [r for r in recs if r.op != barrier and r.length]
+        if barrier in ops or 0 in lens:
+            recs = [r for r in recs if r.op != barrier and r.length]
+            if not recs:
+                return
+            seqs, vids, ops, _, offs, lens, _, segs, poss = zip(*recs)
         o0 = len(self.rec_seq)
         if o0 + len(recs) >= MULTI:
             raise ReplicaError(f"journal {self.path}: more than {MULTI - 2} records; the block index is full")
         # The columns grow per batch, not per record (this runs for every ingested
         # batch); a reader only looks up to the ordinals a published PIT covers.
-        self.rec_seq.extend([r.seq for r in recs])
-        self.rec_seg.extend([r.segment for r in recs])
-        self.rec_pos.extend([r.pos for r in recs])
-        self.rec_off.extend([r.offset for r in recs])
-        self.rec_len.extend([r.length for r in recs])
-        self.rec_vdisk.extend([r.vdisk_id for r in recs])
-        self.rec_op.extend([r.op for r in recs])
+        self.rec_seq.extend(seqs)
+        self.rec_seg.extend(segs)
+        self.rec_pos.extend(poss)
+        self.rec_off.extend(offs)
+        self.rec_len.extend(lens)
+        self.rec_vdisk.extend(vids)
+        self.rec_op.extend(ops)
         vds = self._vd
-        for o, r in enumerate(recs, o0):
-            vd = vds.get(r.vdisk_id)
-            if vd is None:
-                vd = vds[r.vdisk_id] = _Vdisk()
-            b0 = r.offset // BLOCK_SIZE
-            b1 = (r.offset + r.length - 1) // BLOCK_SIZE
-            single, multi = vd.single, vd.multi
+        vd_id = -1  # the vdisk of the record before: its arrays stay bound across a batch's run of it
+        for o, vid, off, length in zip(range(o0, o0 + len(recs)), vids, offs, lens):
+            if vid != vd_id:
+                vd_id, vd = vid, vds.get(vid)
+                if vd is None:
+                    vd = vds[vid] = _Vdisk()
+                single, multi = vd.single, vd.multi
+            b0 = off // BLOCK_SIZE
+            b1 = (off + length - 1) // BLOCK_SIZE
             if b1 >= len(single):
                 single.frombytes(bytes(4 * (b1 + 1 - len(single) + (b1 >> 3))))  # grow by 1/8 ahead
-            v1 = o + 1
             new = 0
             for b in range(b0, b1 + 1):
                 v = single[b]
                 if v == 0:
-                    single[b] = v1
+                    single[b] = o + 1
                     new += 1
                 elif v == MULTI:
                     multi[b].append(o)
