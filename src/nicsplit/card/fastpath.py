@@ -68,7 +68,7 @@ WORKER_ENV = "NICSPLIT_CARD_WORKER"
 # the acker; not by a count either: a backlog of 256 entries let the acker
 # spin through an unpaced QD16 load, which then got a third of the IOPS.
 BEHIND_NS = 100_000
-_P, _C, _WSTATE = H.PRODUCED // 8, H.CONSUMED // 8, H.WSTATE // 8
+_P, _C, _WSTATE, _NAPU = H.PRODUCED // 8, H.CONSUMED // 8, H.WSTATE // 8, H.NAP_UNTIL // 8
 
 
 def config_mapping(cfg: Any) -> dict:
@@ -223,8 +223,8 @@ class Acker:
                 time.sleep(0.0001)
                 t = now()
                 continue
-            if hc[_P] == hc[_C] or hc[_WSTATE] == NAPPING:  # a napping worker comes back within worker_nap_us
-                behind_since = 0
+            if hc[_P] == hc[_C] or (hc[_WSTATE] == NAPPING and t < hc[_NAPU] + BEHIND_NS):
+                behind_since = 0  # a napping worker is back by NAP_UNTIL; past it, it is behind as any other
             elif not behind_since:
                 behind_since = t
             if t - idle_since < spin_ns and (not behind_since or t - behind_since < BEHIND_NS):

@@ -71,7 +71,7 @@ class H:
     PRODUCED = 16  # next position the acker fills             acker writes
     CONSUMED = 24  # next position the worker reads            worker writes
     FLOOR = 32  # first position not finished                  worker writes (acker while no worker runs)
-    WSTATE = 40  # POLLING / SLEEPING                          worker writes
+    WSTATE = 40  # POLLING / SLEEPING / NAPPING                worker writes
     FULL = 48  # 1: the worker asks the acker to refuse writes worker writes
     WHEARTBEAT = 56  # monotonic_ns of the worker's last round  worker writes
     RESTARTS = 64  # worker starts after the first              acker writes
@@ -89,6 +89,7 @@ class H:
     EMPTY_NS = 160  # acker loop time in empty polls (spinning)          acker writes, each ms
     SLEEP_NS = 168  # acker CPU in doorbell sleeps (syscalls, wake-up)   acker writes, each ms
     RINGS = 176  # doorbell rings of a sleeping worker                  acker writes, each ms
+    NAP_UNTIL = 184  # monotonic_ns a NAPPING worker is back by           worker writes
 
 
 _MAGIC = int.from_bytes(b"NSHANDOF", "little")

@@ -88,7 +88,11 @@ log = logging.getLogger(__name__)
 
 _SIZE_KEYS = {"hold_max_bytes", "merge_max_bytes", "batch_bytes", "ship_window_bytes", "overflow_max"}
 BUSY_SLEEP_S = 0.05  # the longest doorbell sleep while anything is in flight
-NAP_WINDOW_NS = 50_000_000  # the worker naps (worker_nap_us) this long after its last entry, then sleeps on the doorbell
+# After an entry the worker naps worker_nap_us, then twice, four and eight
+# times that (15 ms in all at 1 ms) while nothing comes, then sleeps on the
+# doorbell: a paced load is taken in rounds of a nap's worth, and a trickle
+# of writes costs a few wake-ups each, not a nap per ms.
+NAPS_MAX = 4
 
 
 @dataclass(frozen=True)
@@ -102,11 +106,11 @@ class CardConfig(InDataDir):
     cpus: tuple[int, ...] | None = None  # None: the last allowed core; (): no pinning
     idle_spin_us: float = 200  # busy-poll this long after the last entry before sleeping
     # With the fast path in a process of its own (the acker acks; nothing
-    # waits for the worker but the RPO), the worker does not spin: within
-    # NAP_WINDOW_NS of its last entry it naps this long on a timer instead,
-    # and then takes everything that came meanwhile in one round. Spinning
-    # and a doorbell ring per write cost more CPU per write than the pipeline
-    # at a paced 3,000 IOPS here. 0: spin idle_spin_us, then the doorbell.
+    # waits for the worker but the RPO), the worker does not spin: after its
+    # last entry it naps this long on a timer (then longer, NAPS_MAX), and
+    # takes everything that came meanwhile in one round. Spinning and a
+    # doorbell ring per write cost more CPU per write than the pipeline at a
+    # paced 3,000 IOPS here. 0: spin idle_spin_us, then the doorbell.
     worker_nap_us: float = 1000
     # Longest doorbell sleep: the heartbeat cadence while idle (the host calls
     # a card stale after 2 s). At 50 ms the idle acker + worker used 1.4% of a
@@ -321,32 +325,37 @@ class CardProcess:
         sleep = asyncio.sleep
         poll_once = self.poll_once
         batcher = self.pipeline.batcher
-        nap_s = self.cfg.worker_nap_us / 1e6
-        set_napping = getattr(self.endpoint, "set_napping", None) if nap_s > 0 else None
+        nap_ns = int(self.cfg.worker_nap_us * 1000)
+        set_napping = getattr(self.endpoint, "set_napping", None) if nap_ns > 0 else None
         if set_napping is not None:
             spin_ns = 0  # nap at once: the acker acks, nothing here waits for us
+        naps = NAPS_MAX  # consecutive empty naps
         while not self._stop.is_set():
             t0, closed = now(), batcher.next_id
             busy, t = poll_once()
             if busy:
                 idle_since = t
+                naps = 0
             else:
                 if closed == batcher.next_id:
                     # Nothing came and no batch closed (by delay): what a
                     # spinning DPU core spends anyway, reported apart from
                     # the card's work per write.
                     self._empty_ns += now() - t0
-                if set_napping is not None and t - idle_since < NAP_WINDOW_NS:
-                    set_napping(True)
-                    await sleep(nap_s)
-                    set_napping(False)
+                if set_napping is not None and naps < NAPS_MAX:
+                    nap = nap_ns << naps
+                    naps += 1
+                    collect_when_idle(True)  # the middle generation too: a busy worker may never reach _sleep
+                    set_napping(t + nap)
+                    await sleep(nap / 1e9)
+                    set_napping(0)
                     self._naps += 1
                     continue
                 if t - idle_since >= spin_ns:
                     woken = await self._sleep(t)
                     # A wake-up by timeout with nothing to do sleeps again at
                     # once: spinning after each one cost an idle card 19% of a core.
-                    idle_since = now() if woken else now() - max(spin_ns, NAP_WINDOW_NS * (set_napping is not None))
+                    idle_since = now() if woken else now() - spin_ns
                     continue
             await sleep(0)
 

@@ -162,9 +162,9 @@ priority = "realtime"
 # ack_spin_us = 50
 # The worker runs at normal priority (worker_priority) on every core
 # (worker_cpus = []). It does not spin: the acker acks, so nothing waits for
-# it but the RPO. For 50 ms after its last entry it naps worker_nap_us on a
-# timer (the acker need not ring it), taking what came meanwhile in one
-# round; then it sleeps on the doorbell. worker_nap_us = 0: it polls the
+# it but the RPO. After its last entry it naps worker_nap_us on a timer, then
+# 2, 4 and 8 times that (the acker need not ring it), taking what came
+# meanwhile in one round; then it sleeps on the doorbell. worker_nap_us = 0: it polls the
 # acker's queue idle_spin_us before sleeping on the doorbell (also the
 # inline fast path's spin).
 # worker_nap_us = 1000

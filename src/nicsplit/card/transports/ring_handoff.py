@@ -46,6 +46,7 @@ set_io, set_status = Outcome.io_id.__set__, Outcome.status.__set__  # type: igno
 
 _P, _C, _F = H.PRODUCED // 8, H.CONSUMED // 8, H.FLOOR // 8
 _WSTATE, _FULL, _WHB, _DX = H.WSTATE // 8, H.FULL // 8, H.WHEARTBEAT // 8, H.DATA_EXPECT // 8
+_NAPU = H.NAP_UNTIL // 8
 
 
 class HandoffEndpoint:
@@ -178,9 +179,15 @@ class HandoffEndpoint:
     def set_sleeping(self, sleeping: bool) -> None:
         self.handoff.c[_WSTATE] = SLEEPING if sleeping else POLLING
 
-    def set_napping(self, napping: bool) -> None:
-        """A timer sleep of the worker: no ring needed, and not "behind"."""
-        self.handoff.c[_WSTATE] = NAPPING if napping else POLLING
+    def set_napping(self, until_ns: int) -> None:
+        """A timer sleep of the worker until ``until_ns`` (0: over): no ring
+        needed, and its unread entries are not "behind" until then."""
+        c = self.handoff.c
+        if until_ns:
+            c[_NAPU] = until_ns
+            c[_WSTATE] = NAPPING
+        else:
+            c[_WSTATE] = POLLING
 
     def doorbell_fd(self) -> int:
         return self._wake_fd
