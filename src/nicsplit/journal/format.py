@@ -45,7 +45,8 @@ __all__ = [
     "FLAG_SEALED", "SEGMENT_HEAD", "ENTRY", "TAG_RECORD", "TAG_COMMIT", "COMMIT", "COMMIT_PREFIX", "RECORD_HEAD",
     "SEALED_OVERHEAD", "CARRIED_NAME", "CARRY", "CARRY_MAGIC", "CARRY_SEGMENT", "OPS",
     "seg_name", "seg_number", "segment_head", "parse_segment_head", "encode_entry", "encode_commit",
-    "seal_record_entry", "seal_record_entries_into", "sealed_entries_size", "open_record_payload", "read_record_at", "read_payload_at",
+    "seal_record_entry", "seal_record_entries_into", "sealed_entries_size", "open_record_payload", "read_record_at",
+    "read_payload_at", "read_payloads_at",
     "data_blocks", "data_offset",
     "encode_carried", "carried_entries", "open_carried",
 ]
@@ -165,6 +166,7 @@ assert SEALED_OVERHEAD == 28
 
 
 _CRC = struct.Struct(">I")
+_POS = struct.Struct(">Q")  # a sealed record's segment offset in its AAD (`_aad`)
 
 
 def encode_entry(tag: int, payload: bytes) -> bytes:
@@ -371,6 +373,58 @@ def read_payload_at(buf: memoryview, base: int, cipher: AESGCM | None, pos: int,
     if bad:
         raise JournalCorrupt(f"{where}: record does not decode: {bad}")
     return seq, (body if isinstance(body, bytes) else bytes(body)) if op == Op.WRITE else b""
+
+
+def read_payloads_at(buf: memoryview, base: int, cipher: AESGCM | None, positions: list[int], where: str
+                     ) -> list[tuple[int, bytes | memoryview] | None]:
+    """`read_payload_at` of each record at ``positions`` (entries in ``buf``,
+    the segment's bytes from ``base``), with its checks and answers; the
+    error text is ``where`` + " offset N", built only for an error, and the
+    associated data is packed into one reused buffer.  (``decrypt_into``
+    into one buffer for the whole read measured slower here: 5.3 against
+    4.4 us per 4 KiB record, the buffer has to be zeroed or faulted in
+    first.)  Clear payloads are views of ``buf``."""
+    if cipher is None:
+        return [read_payload_at(buf, base, None, pos, f"{where} offset {pos}") for pos in positions]
+    unpack_entry, n = ENTRY.unpack_from, len(buf)
+    aad = bytearray(8 + 8 + RECORD_HEAD_SIZE)  # entry size and tag, pos, record head (`_aad`), refilled per record
+    pack_pos, unpack_head, decrypt = _POS.pack_into, RECORD_HEAD.unpack_from, cipher.decrypt
+    write, ops = int(Op.WRITE), OPS
+    out: list[tuple[int, bytes | memoryview] | None] = []
+    h0, n0, c0 = ENTRY.size, ENTRY.size + RECORD_HEAD_SIZE, ENTRY.size + RECORD_HEAD_SIZE + atrest.NONCE_SIZE
+    for pos in positions:
+        at = pos - base
+        if at < 0 or at + ENTRY.size > n:
+            out.append(None)
+            continue
+        size, tag, _pad, _crc = unpack_entry(buf, at)
+        end = at + ENTRY.size + size
+        if end > n:
+            out.append(None)
+            continue
+        if tag != TAG_RECORD:
+            raise JournalCorrupt(f"{where} offset {pos}: record entry fails its check")
+        if size < RECORD_HEAD_SIZE + SEALED_OVERHEAD:
+            raise JournalCorrupt(f"{where} offset {pos}: sealed record entry of {size} bytes is too short")
+        blen = size - RECORD_HEAD_SIZE - SEALED_OVERHEAD
+        aad[0:8] = buf[at : at + 8]
+        pack_pos(aad, 8, pos)
+        aad[16:] = buf[at + h0 : at + n0]
+        try:
+            body = decrypt(buf[at + n0 : at + c0], buf[at + c0 : end], aad)
+        except InvalidTag:
+            raise JournalCorrupt(f"{where} offset {pos}: record fails authentication (altered on disk, "
+                                 f"or sealed under another key)") from None
+        seq, _, _, op, _, _, length, _, nrefs, data_len = unpack_head(buf, at + h0)
+        if nrefs:
+            out.append(None)
+            continue
+        if data_len != blen or op not in ops or seq < 1 or (op != write and data_len) or \
+                (op == write and data_len != length):
+            read_payload_at(buf, base, cipher, pos, f"{where} offset {pos}")  # raises the precise error
+            raise JournalCorrupt(f"{where} offset {pos}: record does not decode")  # (not reached)
+        out.append((seq, body if op == write else b""))
+    return out
 
 
 # -- carried blocks ---------------------------------------------------------------------

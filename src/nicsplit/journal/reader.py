@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nicsplit.journal.format import (
     CARRIED_NAME, CARRY, CARRY_SEGMENT, SEGMENT_HEAD, JournalCorrupt, JournalError, open_carried, parse_segment_head,
-    read_payload_at, read_record_at, seg_name, seg_number,
+    read_payloads_at, read_record_at, seg_name, seg_number,
 )
 from nicsplit.storage import atrest
 from nicsplit.storage.durable import DurableFile
@@ -265,9 +265,7 @@ class SegmentReader:
         fd, cipher = self._segment(seg)
         base = positions[0]
         buf = memoryview(os.pread(fd, max(0, end - base), base))
-        name = seg_name(seg)
-        return [read_payload_at(buf, base, cipher, pos, f"journal {self.path}: {name} offset {pos}")
-                for pos in positions]
+        return read_payloads_at(buf, base, cipher, positions, f"journal {self.path}: {seg_name(seg)}")
 
     def close(self) -> None:
         with self._lock:

@@ -34,7 +34,7 @@ from typing import Any
 
 from nicsplit.core.records import BLOCK_SIZE
 
-__all__ = ["aligned", "plan"]
+__all__ = ["IMAGE", "aligned", "plan"]
 
 BS = BLOCK_SIZE
 
@@ -46,12 +46,28 @@ def aligned(off: int, length: int, size: int) -> bool:
     return length > 0 and not off % BS and (not length % BS or off + length == size)
 
 
-def plan(records: list[tuple[int, int, int, int, Content]], imgs: dict[int, Any]
+class _Stored:
+    """The marker of `IMAGE`."""
+
+    def __repr__(self) -> str:
+        return "IMAGE"
+
+
+IMAGE: Any = _Stored()  # a pre-image that is the image's blocks as they are (`plan`'s ``stored``)
+
+
+def plan(records: list[tuple[int, int, int, int, Content]], imgs: dict[int, Any], stored: frozenset[int] = frozenset()
          ) -> tuple[list[Content], dict[int, dict[int, Content]]]:
     """``records``: (seq, vdisk id, offset, length, payload; None = zeros)
     of one step, all `aligned`, in seq order.  Returns (the pre-image of
     each record: bytes, or None when it was all zeros as far as the images
-    tell; {vdisk id: {block: its content after the step}})."""
+    tell; {vdisk id: {block: its content after the step}}).
+
+    For the vdisks in ``stored`` the images are not read: a record whose
+    blocks are all first touched in this step gets `IMAGE` as its pre-image
+    (the caller keeps those blocks as stored: `SealedImage.read_stored_blocks`);
+    only blocks that a record covers together with blocks an earlier record
+    of the step wrote are read and opened."""
     touched: dict[int, set[int]] = {}
     for _, vid, off, ln, _ in records:
         s = touched.get(vid)
@@ -64,8 +80,9 @@ def plan(records: list[tuple[int, int, int, int, Content]], imgs: dict[int, Any]
     state: dict[int, dict[int, Content]] = {}
     for vid, bs in touched.items():
         blocks = sorted(bs)
-        state[vid] = dict(zip(blocks, imgs[vid].read_blocks(blocks)))
+        state[vid] = dict.fromkeys(blocks, IMAGE) if vid in stored else dict(zip(blocks, imgs[vid].read_blocks(blocks)))
     pres: list[Content] = []
+    mixed: list[tuple[int, int, list[Content], int, int]] = []  # (index in pres, vdisk, parts, first block, length)
     for _, vid, off, ln, data in records:
         st = state[vid]
         b0 = off // BS
@@ -77,6 +94,11 @@ def plan(records: list[tuple[int, int, int, int, Content]], imgs: dict[int, Any]
         parts = [st[b] for b in range(b0, b0 + nb)]
         if all(p is None for p in parts):
             pres.append(None)
+        elif all(p is IMAGE for p in parts):
+            pres.append(IMAGE)
+        elif any(p is IMAGE for p in parts):
+            mixed.append((len(pres), vid, parts, b0, ln))
+            pres.append(None)  # filled in below
         else:
             pres.append(b"".join(p if p is not None else bytes(min(BS, ln - i * BS)) for i, p in enumerate(parts)))
         if data is None:
@@ -86,4 +108,10 @@ def plan(records: list[tuple[int, int, int, int, Content]], imgs: dict[int, Any]
             mv = memoryview(data)
             for i in range(nb):
                 st[b0 + i] = mv[i * BS : (i + 1) * BS]
+    for at, vid, parts, b0, ln in mixed:  # the images are unchanged until the step's writes
+        need = [b0 + i for i, p in enumerate(parts) if p is IMAGE]
+        got = dict(zip(need, imgs[vid].read_blocks(need)))
+        parts = [got[b0 + i] if p is IMAGE else p for i, p in enumerate(parts)]
+        pres[at] = None if all(p is None for p in parts) else \
+            b"".join(p if p is not None else bytes(min(BS, ln - i * BS)) for i, p in enumerate(parts))
     return pres, state

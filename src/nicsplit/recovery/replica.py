@@ -62,76 +62,26 @@ from nicsplit.core.layout import VDISK_FILE_PREFIX, migrate_name_keyed, vdisk_fi
 from nicsplit.core.records import BLOCK_SIZE, Op
 from nicsplit.recovery.base import BaseImages, base_of_journal
 from nicsplit.recovery.blockindex import BlockIndex, ReplicaError, shared_index
-from nicsplit.recovery.coalesce import aligned, plan
+from nicsplit.recovery.coalesce import IMAGE, aligned, plan
 from nicsplit.recovery.reader import RecordSource, VdiskLike
+from nicsplit.recovery.undolog import (
+    STATE_VERSIONS, UNDO_CRC, UNDO_HEAD, STATE_VERSION, UID_SIZE, UNDO_DATA, UNDO_IMAGE, UNDO_MAGIC, UNDO_SEALED, UNDO_ZEROS,
+    body_len, crc_len, Kept, undo_key_usage,
+)
 from nicsplit.storage import atrest
 from nicsplit.storage.blob import BlobSealer
 from nicsplit.storage.image import Image, open_image
 from nicsplit.storage.rekey import REKEY_SUFFIX
 from nicsplit.storage.sealing import TAGS_SUFFIX
-from nicsplit.storage.sealing import SealedError
+from nicsplit.storage.sealing import ENTRY_SIZE, SealedError, ZEROS
+from nicsplit.storage.atrest import NONCE_SIZE
 
 _FP = _failpoints.ACTIVE  # armed failpoints (nicsplit.core.failpoints)
 
 log = logging.getLogger("nicsplit.recovery.replica")
 
 __all__ = ["Distributor", "DistributorStatistics", "undo_key_usage", "UNDO_MAGIC", "UNDO_DATA", "UNDO_ZEROS",
-           "UNDO_SEALED", "STATE_VERSION"]
-
-_UNDO = struct.Struct(
-    ">"
-    "4s"  # magic: b"NSUN"
-    "B"  # kind: UNDO_DATA (the replaced bytes follow) or UNDO_ZEROS (they were all zero; nothing follows)
-    "3x"  # padding: zero
-    "Q"  # seq: the record whose application replaced these bytes
-    "Q"  # vdisk_id
-    "Q"  # offset: virtual byte offset in the vdisk (= in its image)
-    "I"  # length: bytes replaced
-    "I"  # crc: zlib.crc32 of the 36 bytes before it followed by the payload
-)
-assert _UNDO.size == 40
-UNDO_MAGIC = b"NSUN"
-UNDO_DATA = 1
-UNDO_ZEROS = 2
-UNDO_SEALED = 3  # the replaced bytes follow sealed (`storage.blob.BlobSealer`, the 36 head bytes as AAD)
-_U32 = struct.Struct(">I")  # an undo entry's crc
-_UNDO_PAYLOAD = {UNDO_DATA: 0, UNDO_ZEROS: None, UNDO_SEALED: BlobSealer.SEALED_OVERHEAD}  # bytes beyond length
-STATE_VERSION = 1
-
-
-def undo_key_usage(path: str | Path, end: int | None = None, start: int | None = None) -> dict[int, int]:
-    """{key id: sealed entries} of an undo log (from ``start`` up to
-    ``end``; by default what the replica's state.json says), from the
-    entries' heads and key ids alone (nothing is decrypted)."""
-    out: dict[int, int] = {}
-    if start is None or end is None:
-        try:
-            st = json.loads((Path(path).parent / "state.json").read_text())
-        except (OSError, ValueError):
-            st = {}
-        start = st.get("undo_start", 0) if start is None else start
-        end = st.get("undo_end") if end is None else end
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return out
-    try:
-        stop = os.fstat(fd).st_size if end is None else end
-        pos = start
-        while pos + _UNDO.size <= stop:
-            magic, kind, _, _, _, length, _ = _UNDO.unpack(os.pread(fd, _UNDO.size, pos))
-            if magic != UNDO_MAGIC or kind not in _UNDO_PAYLOAD:
-                break
-            extra = _UNDO_PAYLOAD[kind]
-            if kind == UNDO_SEALED:
-                (k,) = struct.unpack(">I", os.pread(fd, 4, pos + _UNDO.size))
-                if k:
-                    out[k] = out.get(k, 0) + 1
-            pos += _UNDO.size + (0 if extra is None else length + extra)
-    finally:
-        os.close(fd)
-    return out
-
+           "UNDO_SEALED", "UNDO_IMAGE", "STATE_VERSION"]
 
 @dataclass(frozen=True, slots=True)
 class DistributorStatistics:
@@ -288,7 +238,7 @@ class Distributor:
             return {"applied_seq": 0, "undo_end": 0, "undo_floor": 0, "rollback_to": None, "undo_start": 0}
         except ValueError as e:
             raise ReplicaError(f"{p}: unreadable ({e})") from None
-        if st.get("version") != STATE_VERSION:
+        if st.get("version") not in STATE_VERSIONS:
             raise ReplicaError(f"{p}: version {st.get('version')!r} not supported")
         return st
 
@@ -341,30 +291,34 @@ class Distributor:
         stop = size if end is None else end
         out = []
         pos = start
-        while pos + _UNDO.size <= stop:
-            head = os.pread(self._undo, _UNDO.size, pos)
-            magic, kind, seq, vid, off, length, crc = _UNDO.unpack(head)
-            extra = _UNDO_PAYLOAD.get(kind, 0)
-            n = 0 if extra is None else length + extra
-            if magic != UNDO_MAGIC or kind not in _UNDO_PAYLOAD or pos + _UNDO.size + n > stop:
+        while pos + UNDO_HEAD.size <= stop:
+            head = os.pread(self._undo, UNDO_HEAD.size, pos)
+            magic, kind, seq, vid, off, length, crc = UNDO_HEAD.unpack(head)
+            n = body_len(kind, length)
+            if magic != UNDO_MAGIC or n is None or pos + UNDO_HEAD.size + n > stop:
                 if end is not None:
                     raise ReplicaError(f"{self._undo_path}: bad undo entry at offset {pos} (before undo_end {end})")
                 break
             out.append((seq, pos))
-            pos += _UNDO.size + n
+            pos += UNDO_HEAD.size + n
         return out, pos
 
-    def _read_undo(self, pos: int) -> tuple[int, int, int, int, bytes | None]:
-        head = os.pread(self._undo, _UNDO.size, pos)
-        magic, kind, seq, vid, off, length, crc = _UNDO.unpack(head)
-        extra = _UNDO_PAYLOAD.get(kind, 0)
-        n = 0 if extra is None else length + extra
-        data = os.pread(self._undo, n, pos + _UNDO.size) if n else b""
-        if magic != UNDO_MAGIC or kind not in _UNDO_PAYLOAD or len(data) != n or \
-                zlib.crc32(data, zlib.crc32(head[:36])) != crc:
+    def _read_undo(self, pos: int) -> tuple[int, int, int, int, Any]:
+        """(seq, vdisk, offset, length, the replaced bytes: bytes, None for
+        zeros, a `Kept` for an UNDO_IMAGE entry) of the entry at ``pos``."""
+        head = os.pread(self._undo, UNDO_HEAD.size, pos)
+        magic, kind, seq, vid, off, length, crc = UNDO_HEAD.unpack(head)
+        n = body_len(kind, length)
+        data = os.pread(self._undo, n, pos + UNDO_HEAD.size) if n else b""
+        if magic != UNDO_MAGIC or n is None or len(data) != n or \
+                zlib.crc32(memoryview(data)[: crc_len(kind, n, length)], zlib.crc32(head[:36])) != crc:
             raise ReplicaError(f"{self._undo_path}: undo entry at offset {pos} fails its check")
         if kind == UNDO_ZEROS:
             return seq, vid, off, length, None
+        if kind == UNDO_IMAGE:
+            v = memoryview(data)
+            e = n - length
+            return seq, vid, off, length, Kept(bytes(v[:UID_SIZE]), v[UID_SIZE:e], v[e:])
         if kind == UNDO_SEALED:
             try:
                 data = self._sealer.open(data, head[:36])
@@ -373,23 +327,51 @@ class Distributor:
         return seq, vid, off, length, data
 
     def _lay_back(self, offsets: list[int]) -> None:
-        """Apply the undo entries at ``offsets`` newest first, fsync images."""
-        def entries() -> Iterator[tuple[int, int, int, bytes | None]]:
-            for pos in reversed(offsets):
-                _, vid, off, length, data = self._read_undo(pos)
-                if vid not in self._imgs:
-                    raise ReplicaError(f"{self._undo_path}: undo entry for vdisk id {vid}, which this replica lacks")
-                yield vid, off, length, data
-
-        self._write_images(entries(), "undo-entry-applied")
+        """Apply the undo entries at ``offsets`` newest first, fsync images.
+        Replaced bytes go through `_apply` (runs joined); an UNDO_IMAGE
+        entry's blocks are put back as stored, after the newer changes before
+        it were written (order matters where entries overlap)."""
+        point = "undo-entry-applied"
+        touched: dict[int, Image] = {}
+        changes: list[tuple[int, int, int, bytes | None]] = []
+        for pos in reversed(offsets):
+            _, vid, off, length, data = self._read_undo(pos)
+            img = self._imgs.get(vid)
+            if img is None:
+                raise ReplicaError(f"{self._undo_path}: undo entry for vdisk id {vid}, which this replica lacks")
+            if not isinstance(data, Kept):
+                changes.append((vid, off, length, data))
+                continue
+            self._apply(changes, point, touched)
+            changes = []
+            if getattr(img, "uid", None) != data.uid:
+                raise ReplicaError(f"{self._undo_path}: undo entry at offset {pos} keeps blocks of another "
+                                   f"image than {img.path} (it was created again)")
+            try:
+                for i, entry, ct in data.blocks():
+                    img.write_stored_block(off // BLOCK_SIZE + i, entry, ct)
+            except SealedError as e:
+                raise ReplicaError(f"{self._undo_path}: undo entry at offset {pos}: {e}") from None
+            touched[vid] = img
+            self._fp(point)
+        self._apply(changes, point, touched)
+        for img in touched.values():
+            img.fsync()
 
     def _write_images(self, changes: Iterable[tuple[int, int, int, bytes | None]], point: str) -> None:
-        """Write each (vdisk id, offset, length, data; None: zeros) to its
-        image in order, passing fault point ``point`` after each; then fsync
-        the images written.  Consecutive writes that continue each other
-        (same image, the next starts where the previous ended) go as one
-        write (`_runs`): one pwrite of the data and one of the tags."""
+        """`_apply` the changes, then fsync the images written."""
         touched: dict[int, Image] = {}
+        self._apply(changes, point, touched)
+        for img in touched.values():
+            img.fsync()
+
+    def _apply(self, changes: Iterable[tuple[int, int, int, bytes | None]], point: str,
+               touched: dict[int, Image]) -> None:
+        """Write each (vdisk id, offset, length, data; None: zeros) to its
+        image in order, passing fault point ``point`` after each, adding the
+        images written to ``touched``.  Consecutive writes that continue each
+        other (same image, the next starts where the previous ended) go as
+        one write (`_runs`): one pwrite of the data and one of the tags."""
         for vid, off, length, data in _runs(changes):
             img = self._imgs[vid]
             if data is None:
@@ -398,8 +380,6 @@ class Distributor:
                 img.pwrite(data, off)
             touched[vid] = img
             self._fp(point)
-        for img in touched.values():
-            img.fsync()
 
     def _recover(self, rollback_to: int | None) -> None:
         if self._undo_start:
@@ -456,18 +436,34 @@ class Distributor:
         try:
             pos = self._undo_start  # a trimmed prefix stays a hole in the copy too
             while pos < self._undo_end:
-                head = os.pread(self._undo, _UNDO.size, pos)
-                _, kind, _, _, _, length, _ = _UNDO.unpack(head)
-                extra = _UNDO_PAYLOAD.get(kind)
-                size = 0 if extra is None else length + extra
-                body = os.pread(self._undo, size, pos + _UNDO.size) if size else b""
+                head = os.pread(self._undo, UNDO_HEAD.size, pos)
+                _, kind, _, vid, off, length, _ = UNDO_HEAD.unpack(head)
+                size = body_len(kind, length) or 0
+                body = os.pread(self._undo, size, pos + UNDO_HEAD.size) if size else b""
                 if kind == UNDO_SEALED and struct.unpack_from(">I", body)[0] != active:
                     data = self._read_undo(pos)[4]
                     body = self._sealer.seal(data, head[:36])
                     head = head[:36] + struct.pack(">I", zlib.crc32(body, zlib.crc32(head[:36])))
                     n += 1
+                elif kind == UNDO_IMAGE and vid in self._imgs:
+                    kept = self._read_undo(pos)[4]
+                    if kept.key_ids() - {active}:
+                        img = self._imgs[vid]
+                        ents, cts = [], []
+                        for i, entry, ct in kept.blocks():
+                            if entry[:4] == b"\0\0\0\0":
+                                ents.append(bytes(entry))
+                                cts.append(bytes(ct))
+                                continue
+                            e2, c2 = img.reseal_stored_block(off // BLOCK_SIZE + i, entry, ct)
+                            ents.append(e2)
+                            cts.append(c2)
+                        body = b"".join([kept.uid, *ents, *cts])
+                        crc = zlib.crc32(body[: crc_len(kind, size, length)], zlib.crc32(head[:36]))
+                        head = head[:36] + struct.pack(">I", crc)
+                        n += 1
                 os.pwrite(out, head + body, pos)
-                pos += _UNDO.size + size
+                pos += UNDO_HEAD.size + size
             os.fsync(out)
         finally:
             os.close(out)
@@ -562,31 +558,86 @@ class Distributor:
 
     def _plan_whole(self, mine: list[int], payloads: list[bytes]) -> tuple[bytearray, dict]:
         """Undo entries and the final block contents of a step whose records
-        all cover whole blocks (`coalesce.plan`)."""
+        all cover whole blocks (`coalesce.plan`).  A record whose blocks of a
+        sealed image were not written earlier in the step keeps them as the
+        image stores them (UNDO_IMAGE: no block opened, nothing sealed);
+        other pre-images are sealed like before (UNDO_SEALED)."""
         ix = self.index
         recs = [(ix.rec_seq[o], ix.rec_vdisk[o], ix.rec_off[o], ix.rec_len[o],
                  p if ix.rec_op[o] == Op.WRITE else None) for o, p in zip(mine, payloads)]
-        pres, final = plan(recs, self._imgs)
-        undo = bytearray()
-        sealing = self._sealer.sealing
-        base = self._undo_end
-        for (seq, vid, off, length, _), pre in zip(recs, pres):
-            if pre is not None and not isinstance(pre, bytes):
-                pre = bytes(pre)
-            if pre is None or pre.count(0) == len(pre):
-                head = _UNDO.pack(UNDO_MAGIC, UNDO_ZEROS, seq, vid, off, length, 0)[:36]
-                body = b""
-            elif sealing:
-                head = _UNDO.pack(UNDO_MAGIC, UNDO_SEALED, seq, vid, off, length, 0)[:36]
-                body = self._sealer.seal(pre, head)
+        stored = frozenset(vid for vid, img in self._imgs.items() if img.sealed)
+        pres, final = plan(recs, self._imgs, stored)
+        kept: dict[tuple[int, int], Any] = {}  # (vdisk, block) -> (entry, ciphertext) | None (unwritten)
+        if stored:
+            want: dict[int, list[int]] = {}
+            for (_, vid, off, length, _), pre in zip(recs, pres):
+                if pre is IMAGE:
+                    want.setdefault(vid, []).extend(range(off // BLOCK_SIZE, -(-(off + length) // BLOCK_SIZE)))
+            for vid, blocks in want.items():
+                blocks.sort()
+                kept.update(zip([(vid, b) for b in blocks], self._imgs[vid].read_stored_blocks(blocks)))
+        # Sizes first, so the step's undo entries are built in one buffer:
+        # heads packed in place, sealed bodies encrypted into it (seal_into).
+        cipher = self._sealer.sealing_cipher()
+        zeros = ZEROS
+        kinds = []
+        total = 0
+        head_size, sealed_kind = UNDO_HEAD.size, UNDO_SEALED if cipher is not None else UNDO_DATA
+        for (_, vid, off, length, _), pre in zip(recs, pres):
+            if pre is IMAGE:
+                if length <= BLOCK_SIZE:
+                    unwritten = kept[vid, off // BLOCK_SIZE] is None
+                else:
+                    b0 = off // BLOCK_SIZE
+                    unwritten = all(kept[vid, b] is None for b in range(b0, -(-(off + length) // BLOCK_SIZE)))
+                kind = UNDO_ZEROS if unwritten else UNDO_IMAGE
+            elif pre is None or (pre == zeros if len(pre) == BLOCK_SIZE else not bytes(pre).strip(b"\0")):
+                kind = UNDO_ZEROS
             else:
-                head = _UNDO.pack(UNDO_MAGIC, UNDO_DATA, seq, vid, off, length, 0)[:36]
-                body = pre
-            self._undo_seq.append(seq)
-            self._undo_off.append(base + len(undo))
-            undo += head
-            undo += _U32.pack(zlib.crc32(body, zlib.crc32(head)))
-            undo += body
+                kind = sealed_kind
+            kinds.append(kind)
+            total += head_size if kind == UNDO_ZEROS else head_size + body_len(kind, length)  # type: ignore[operator]
+        undo = bytearray(total)
+        mv = memoryview(undo)
+        nonces = os.urandom(NONCE_SIZE * kinds.count(UNDO_SEALED)) if cipher is not None else b""
+        seal_into, pack_into, crc32, crc_into = BlobSealer.seal_into, UNDO_HEAD.pack_into, zlib.crc32, UNDO_CRC.pack_into
+        base = self._undo_end
+        offs = array("Q")
+        p = q = 0
+        offs_append = offs.append
+        for (seq, vid, off, length, _), pre, kind in zip(recs, pres, kinds):
+            offs_append(base + p)
+            pack_into(undo, p, UNDO_MAGIC, kind, seq, vid, off, length, 0)
+            head = mv[p : p + 36]
+            if kind == UNDO_ZEROS:  # nothing follows the head (the most common entry on a fresh replica)
+                crc_into(undo, p + 36, crc32(head))
+                p += head_size
+                continue
+            b0 = p + head_size
+            if kind == UNDO_IMAGE:
+                # uid || entries || ciphertext; an unwritten block: a zero entry, zero bytes
+                nb = -(-length // BLOCK_SIZE)
+                mv[b0 : b0 + UID_SIZE] = self._imgs[vid].uid  # type: ignore[attr-defined]
+                c = b0 + UID_SIZE + nb * ENTRY_SIZE
+                e = c + length
+                blk = off // BLOCK_SIZE
+                for i in range(nb):
+                    got = kept[vid, blk + i]
+                    if got is not None:
+                        x = b0 + UID_SIZE + i * ENTRY_SIZE
+                        mv[x : x + ENTRY_SIZE] = got[0]
+                        mv[c + i * BLOCK_SIZE : c + i * BLOCK_SIZE + len(got[1])] = got[1]
+            elif kind == UNDO_SEALED:
+                e = b0 + length + BlobSealer.SEALED_OVERHEAD
+                seal_into(cipher[0], cipher[1], nonces[q : q + NONCE_SIZE], pre, head, mv[b0:e])  # type: ignore[index]
+                q += NONCE_SIZE
+            else:
+                e = b0 + length
+                mv[b0:e] = pre
+            crc_into(undo, p + 36, crc32(mv[b0 : c if kind == UNDO_IMAGE else e], crc32(head)))
+            p = e
+        self._undo_seq.extend(r[0] for r in recs)
+        self._undo_off.extend(offs)
         return undo, final
 
     def _plan_records(self, mine: list[int], payloads: list[bytes]
@@ -625,7 +676,7 @@ class Distributor:
                     pre[s - a0 : e - a0] = pdata[s - poff : e - poff] if pdata is not None else bytes(e - s)
             zeros = pre.count(0) == len(pre)
             kind = UNDO_ZEROS if zeros else (UNDO_SEALED if self._sealer.sealing else UNDO_DATA)
-            head = _UNDO.pack(UNDO_MAGIC, kind, seq, vid, a0, a1 - a0, 0)[:36]
+            head = UNDO_HEAD.pack(UNDO_MAGIC, kind, seq, vid, a0, a1 - a0, 0)[:36]
             body = b"" if zeros else (self._sealer.seal(pre, head) if kind == UNDO_SEALED else bytes(pre))
             assert kind != UNDO_SEALED or len(body) == len(pre) + BlobSealer.SEALED_OVERHEAD
             self._undo_seq.append(seq)

@@ -46,7 +46,14 @@ Speed: a run of blocks costs one ``pread``/``pwrite`` for the ciphertext and
 one for its entries, whatever its length (up to `RUN_BLOCKS` per syscall),
 and per block only the AEAD call and a few slice copies into per-thread
 scratch buffers that are reused (fresh megabyte buffers cost page faults
-that would halve the throughput).  AES-GCM holds the GIL, so threads add no
+that would halve the throughput).  The bulk calls of a distribution step
+(`read_blocks`, `write_blocks`) seal and open in place with
+``encrypt_into``/``decrypt_into``: a run's ciphertext is sealed straight
+into one buffer (each block's tag lands where the next block goes and is
+moved to the entries first) and written with one ``pwrite``; read, each
+block's ciphertext is read into a slot with room for its tag and opened
+there.  `read_stored_blocks` / `write_stored_block` move blocks as stored
+(entry and ciphertext, nothing opened) for a replica's undo log.  AES-GCM holds the GIL, so threads add no
 crypto throughput; they do overlap the IO.
 `rekey`'s speed is in `nicsplit.storage.rekey`.
 
@@ -133,6 +140,7 @@ from __future__ import annotations
 import collections
 import io
 import os
+import struct
 import sys
 import threading
 import zlib
@@ -149,7 +157,7 @@ from nicsplit.storage.base import Image
 from nicsplit.storage.rekey import RekeyLog, Rekeying, rekey_path
 from nicsplit.storage.sealing import (
     AAD, BS, ENTRY, ENTRY_SIZE, HEADER, HEADER_SIZE, MAGIC, RUN_BLOCKS, U32, VERSION, ZERO_RUN, ZEROS, Ciphers,
-    SealedError, nblocks, pread_into, pwritev_all, scratch, tags_path,
+    SealedError, nblocks, pread_into, scratch, tags_path,
 )
 
 __all__ = ["SealedImage", "SealedError"]
@@ -158,6 +166,8 @@ _IMAGE_INFO = b"nicsplit image block"
 # `read_blocks` reads the entries of two blocks this close in one pread (the
 # gap's entries ride along): 128 entries = one 4 KiB page of the sidecar.
 _ENTRY_GAP = 128
+_SLOT = BS + TAG_SIZE  # a block's ciphertext and its tag, as AES-GCM opens them in one buffer
+ENTRY_KID = struct.Struct(">I")  # the key id that opens a sidecar entry
 
 
 class _Retry(Exception):
@@ -475,26 +485,44 @@ class SealedImage(Rekeying, Image):
                 if len(ent) == ENTRY_SIZE and ent[:4] != b"\0\0\0\0":  # key id 0 (or a sidecar cut short): unwritten
                     written.append((k, blocks[k], ent))
             i = j
-        aad, uid, unpack = AAD.pack, self.uid, ENTRY.unpack
-        i = 0
+        if not written:
+            return out
+        # The ciphertext of each run of adjacent written blocks is read with one
+        # preadv into slots of BS + TAG_SIZE bytes, the tag from the sidecar
+        # entry goes after it, and the block is opened in place (decrypt_into):
+        # one buffer per call, no copy per block.
+        buf = memoryview(bytearray(len(written) * _SLOT))
+        aad, uid, stored = AAD.pack, self.uid, self._stored
+        i = w = 0
         while i < len(written):
             j = i + 1
             while j < len(written) and written[j][1] == written[j - 1][1] + 1 and j - i < RUN_BLOCKS:
                 j += 1
             c0 = written[i][1]
-            lo = c0 * BS
-            ct = memoryview(os.pread(self._fd, min(self._stored, (written[j - 1][1] + 1) * BS) - lo, lo))
-            for k, blk, ent in written[i:j]:
-                kid, nonce, tag = unpack(ent)
-                o = (blk - c0) * BS
-                n = min(BS, self._stored - blk * BS)
+            if (written[j - 1][1] + 1) * BS > stored:  # the short last block: the careful way
+                j -= 1
+                if j == i:
+                    k, blk, _ = written[i]
+                    out[k] = self.pread(blk * BS, stored - blk * BS)
+                    i += 1
+                    continue
+            n = j - i
+            slots = [buf[(w + t) * _SLOT : (w + t) * _SLOT + BS] for t in range(n)]
+            got = os.preadv(self._fd, slots, c0 * BS)
+            for t in range(n):
+                k, blk, ent = written[i + t]
+                s0 = (w + t) * _SLOT
+                kid = ENTRY_KID.unpack_from(ent)[0]
                 aes = self._ciphers.get(kid)
                 try:
-                    if aes is None or len(ct) < o + n:
+                    if aes is None or got < (t + 1) * BS:
                         raise InvalidTag
-                    out[k] = aes.decrypt(nonce, bytes(ct[o : o + n]) + tag, aad(uid, blk))
+                    buf[s0 + BS : s0 + _SLOT] = ent[16:32]
+                    aes.decrypt_into(ent[4:16], buf[s0 : s0 + _SLOT], aad(uid, blk), buf[s0 : s0 + BS])
+                    out[k] = buf[s0 : s0 + BS]
                 except InvalidTag:
-                    out[k] = self.pread(blk * BS, n)  # retried under the lock; raises what it cannot read
+                    out[k] = self.pread(blk * BS, BS)  # retried under the lock; raises what it cannot read
+            w += n
             i = j
         return out
 
@@ -512,7 +540,8 @@ class SealedImage(Rekeying, Image):
                                  f"not the block's {max(0, min(BS, stored - blk * BS))}")
         nonces = os.urandom(NONCE_SIZE * sum(c is not None for _, c in items))
         kid, aes = self._sealing()
-        aad, uid, pack_entry = AAD.pack, self.uid, ENTRY.pack_into
+        aad, uid, encrypt_into = AAD.pack, self.uid, aes.encrypt_into
+        kid_bytes = ENTRY_KID.pack(kid)
         i = q = 0
         while i < len(items):
             j = i + 1
@@ -523,31 +552,129 @@ class SealedImage(Rekeying, Image):
             c0 = items[i][0]
             if zero:
                 self.zero(c0 * BS, min(stored, items[j - 1][0] * BS + BS) - c0 * BS)
-            elif j == i + 1:  # one block (random writes): no iovec, no entry buffer
-                nonce = nonces[q * NONCE_SIZE : (q + 1) * NONCE_SIZE]
-                q += 1
+            elif j == i + 1:  # one block (random writes): no buffer to fill, no entry buffer
+                nonce = nonces[q : q + NONCE_SIZE]
+                q += NONCE_SIZE
                 with self._lock:
                     sealed = aes.encrypt(nonce, items[i][1], aad(uid, c0))
                     m = len(sealed) - TAG_SIZE
                     pwrite_all(self._fd, memoryview(sealed)[:m], c0 * BS)
                     pwrite_all(self._tfd, ENTRY.pack(kid, nonce, sealed[m:]), HEADER_SIZE + c0 * ENTRY_SIZE)
             else:
+                # Block k is sealed into ct[o : o + len + TAG_SIZE]: its tag lands
+                # where block k + 1 goes and is copied into the entries before
+                # block k + 1 overwrites it; the run's ciphertext is then contiguous.
+                ct = scratch.get("seal", (j - i) * BS + TAG_SIZE)
+                tags = bytearray((j - i) * ENTRY_SIZE)
+                o = e = 0
                 with self._lock:
-                    iov = []
-                    tags = bytearray((j - i) * ENTRY_SIZE)
                     for k in range(i, j):
                         blk, plain = items[k]
-                        nonce = nonces[q * NONCE_SIZE : (q + 1) * NONCE_SIZE]
-                        q += 1
-                        sealed = aes.encrypt(nonce, plain, aad(uid, blk))
-                        m = len(sealed) - TAG_SIZE
-                        iov.append(memoryview(sealed)[:m])
-                        pack_entry(tags, (k - i) * ENTRY_SIZE, kid, nonce, sealed[m:])
-                    pwritev_all(self._fd, iov, c0 * BS)
+                        nonce = nonces[q : q + NONCE_SIZE]
+                        q += NONCE_SIZE
+                        m = len(plain)
+                        encrypt_into(nonce, plain, aad(uid, blk), ct[o : o + m + TAG_SIZE])
+                        tags[e : e + 4] = kid_bytes
+                        tags[e + 4 : e + 16] = nonce
+                        tags[e + 16 : e + 32] = ct[o + m : o + m + TAG_SIZE]
+                        o += m
+                        e += ENTRY_SIZE
+                    pwrite_all(self._fd, ct[:o], c0 * BS)
                     pwrite_all(self._tfd, tags, HEADER_SIZE + c0 * ENTRY_SIZE)
             if after is not None:
                 after()
             i = j
+
+    # -- blocks as stored (a replica's undo entries of kind UNDO_IMAGE) -----------------------
+
+    def read_stored_blocks(self, blocks: list[int]) -> list[tuple[bytes, memoryview] | None]:
+        """(tag entry, ciphertext) of each of ``blocks`` (ascending,
+        distinct) as stored, nothing opened: None for an unwritten block (key
+        id 0).  Entries of nearby blocks come in one sidecar read, the
+        ciphertext of each run of adjacent written blocks in one read.  What
+        is returned authenticates only at this image's uid and block number
+        (`write_stored_block` checks it)."""
+        nb, stored = nblocks(self._stored), self._stored
+        out: list[tuple[bytes, memoryview] | None] = [None] * len(blocks)
+        written: list[tuple[int, int, bytes]] = []
+        i = 0
+        while i < len(blocks):
+            b0 = blocks[i]
+            if b0 >= nb:
+                break
+            j = i + 1
+            while j < len(blocks) and blocks[j] < nb and blocks[j] - blocks[j - 1] <= _ENTRY_GAP and \
+                    blocks[j] - b0 < RUN_BLOCKS:
+                j += 1
+            raw = os.pread(self._tfd, (blocks[j - 1] + 1 - b0) * ENTRY_SIZE, HEADER_SIZE + b0 * ENTRY_SIZE)
+            for k in range(i, j):
+                e = (blocks[k] - b0) * ENTRY_SIZE
+                ent = raw[e : e + ENTRY_SIZE]
+                if len(ent) == ENTRY_SIZE and ent[:4] != b"\0\0\0\0":
+                    written.append((k, blocks[k], ent))
+            i = j
+        i = 0
+        while i < len(written):
+            j = i + 1
+            while j < len(written) and written[j][1] == written[j - 1][1] + 1 and j - i < RUN_BLOCKS:
+                j += 1
+            lo = written[i][1] * BS
+            hi = min(stored, (written[j - 1][1] + 1) * BS)
+            ct = memoryview(os.pread(self._fd, hi - lo, lo))
+            if len(ct) < hi - lo:  # a data file cut short: the careful read says what is wrong
+                ct = memoryview(bytes(ct) + bytes(hi - lo - len(ct)))
+            for k, blk, ent in written[i:j]:
+                o = blk * BS - lo
+                out[k] = (ent, ct[o : o + min(BS, stored - blk * BS)])
+            i = j
+        return out
+
+    def write_stored_block(self, blk: int, entry: bytes | memoryview, ct: bytes | memoryview) -> None:
+        """Put back block ``blk`` as `read_stored_blocks` gave it (an entry of
+        key id 0: zeroed), after checking that it opens here: a pair from
+        another image, block or key raises `SealedError` and changes nothing.
+        Data before entry (rule 1)."""
+        self._check_writable("write")
+        if len(entry) != ENTRY_SIZE or len(ct) > BS:
+            raise SealedError(f"block {blk} of {self.path}: a stored block of {len(ct)} bytes does not fit here")
+        n = min(BS, self._stored - blk * BS)
+        kid, nonce, tag = ENTRY.unpack(bytes(entry))
+        if not kid:
+            self.zero(blk * BS, len(ct))  # ValueError past the end, like any write there
+            return
+        aes = self._ciphers.get(kid)
+        if aes is None:
+            raise SealedError(f"block {blk} of {self.path} was sealed under {self._ciphers.describe_missing(kid)}")
+        try:
+            plain = aes.decrypt(nonce, bytes(ct) + tag, AAD.pack(self.uid, blk))
+        except InvalidTag:
+            raise SealedError(f"block {blk} of {self.path}: the stored block to put back does not authenticate "
+                              f"here (altered, or from another image or block)") from None
+        if len(ct) != n:  # the image's short last block, resized since: its bytes, sealed at the new length
+            self.pwrite(plain, blk * BS)
+            return
+        with self._lock:
+            pwrite_all(self._fd, ct, blk * BS)
+            pwrite_all(self._tfd, entry, HEADER_SIZE + blk * ENTRY_SIZE)
+
+    def reseal_stored_block(self, blk: int, entry: bytes | memoryview, ct: bytes | memoryview
+                            ) -> tuple[bytes, bytes]:
+        """A stored block (`read_stored_blocks`) sealed again under the key new
+        writes use, for the same place: (entry, ciphertext); the image itself
+        is not changed (a replica's undo log re-keys its kept blocks with it)."""
+        kid, nonce, tag = ENTRY.unpack(bytes(entry))
+        aes = self._ciphers.get(kid)
+        if aes is None:
+            raise SealedError(f"block {blk} of {self.path} was sealed under {self._ciphers.describe_missing(kid)}")
+        aad = AAD.pack(self.uid, blk)
+        try:
+            plain = aes.decrypt(nonce, bytes(ct) + tag, aad)
+        except InvalidTag:
+            raise SealedError(f"block {blk} of {self.path}: a kept stored block fails authentication") from None
+        kid2, aes2 = self._sealing()
+        nonce2 = os.urandom(NONCE_SIZE)
+        sealed = aes2.encrypt(nonce2, plain, aad)
+        return ENTRY.pack(kid2, nonce2, sealed[len(plain):]), sealed[: len(plain)]
 
     def zero(self, offset: int, length: int) -> None:
         self._check_writable("zero")
