@@ -27,6 +27,7 @@ from nicsplit.recovery.replica import Distributor, undo_key_usage
 from nicsplit.recovery.undolog import UNDO_IMAGE, UNDO_SEALED, UNDO_ZEROS, body_len
 from nicsplit.storage import atrest
 from nicsplit.storage.blob import BlobSealer
+from nicsplit.storage.sealing import ENTRY_SIZE
 from nicsplit.storage.sealing import SealedError
 from nicsplit.testing.workload import BS, T0, Meta, V, Workload, golden_at
 from nicsplit.wire.frames import Record
@@ -162,8 +163,14 @@ def test_a_kept_block_that_does_not_authenticate_stops_the_rollback(tmp_path: Pa
         crc = zlib.crc32(raw[pos + 40 : pos + 40 + n - length], zlib.crc32(raw[pos : pos + 36]))
         struct.pack_into(">I", raw, pos + 36, crc)
         match = "another image"
-    else:  # the ciphertext is covered by the GCM tag, not by the CRC
-        raw[pos + n + 40 - 1 - rng.randrange(BS // 2)] ^= 0x20
+    else:  # the ciphertext (the entry's last `length` bytes) is covered by the GCM tags, not by the CRC
+        _, kind, _, _, _, length, _ = _HEAD.unpack_from(raw, pos)
+        ct0 = pos + 40 + n - length
+        # a block of the run that was stored (a hole's tag entry is zeros and its ciphertext is not checked)
+        stored = [i for i in range(-(-length // BS))
+                  if raw[pos + 56 + i * ENTRY_SIZE : pos + 60 + i * ENTRY_SIZE] != bytes(4)]
+        i = rng.choice(stored)
+        raw[ct0 + i * BS + rng.randrange(min(BS, length - i * BS))] ^= 0x20
         match = "does not authenticate"
     (rd / "undo.log").write_bytes(bytes(raw))
     with Distributor(jd, rd, w.vdisks) as d:
