@@ -460,6 +460,30 @@ class SealedImage(Rekeying, Image):
 
     # -- whole blocks in bulk (a distribution step) ---------------------------------------------
 
+    def _written_entries(self, blocks: list[int], nb: int) -> list[tuple[int, int, bytes]]:
+        """(index in ``blocks``, block, its tag entry) of each written block
+        of ``blocks`` (ascending, distinct) below ``nb``: the entries of
+        blocks within a page of each other come in one sidecar read; key id
+        0 (or a sidecar cut short) is unwritten."""
+        written: list[tuple[int, int, bytes]] = []
+        i = 0
+        while i < len(blocks):
+            b0 = blocks[i]
+            if b0 >= nb:
+                break  # past the stored size: zeros
+            j = i + 1
+            while j < len(blocks) and blocks[j] < nb and blocks[j] - blocks[j - 1] <= _ENTRY_GAP and \
+                    blocks[j] - b0 < RUN_BLOCKS:
+                j += 1
+            raw = os.pread(self._tfd, (blocks[j - 1] + 1 - b0) * ENTRY_SIZE, HEADER_SIZE + b0 * ENTRY_SIZE)
+            for k in range(i, j):
+                e = (blocks[k] - b0) * ENTRY_SIZE
+                ent = raw[e : e + ENTRY_SIZE]
+                if len(ent) == ENTRY_SIZE and ent[:4] != b"\0\0\0\0":
+                    written.append((k, blocks[k], ent))
+            i = j
+        return written
+
     def read_blocks(self, blocks: list[int]) -> list[bytes | memoryview | None]:
         """`Image.read_blocks`: the entries of nearby blocks in one sidecar
         read, unwritten blocks (key id 0) as None without touching the data
@@ -468,23 +492,7 @@ class SealedImage(Rekeying, Image):
         (torn, mid-rekey, unknown key) is read the careful way (`pread`)."""
         nb = nblocks(self._stored)
         out: list[bytes | memoryview | None] = [None] * len(blocks)
-        written: list[tuple[int, int, bytes]] = []  # (index in blocks, block, its entry)
-        i = 0
-        while i < len(blocks):
-            b0 = blocks[i]
-            if b0 >= nb:
-                break  # past the stored size: zeros
-            j = i + 1  # entries within a page of each other come in one read
-            while j < len(blocks) and blocks[j] < nb and blocks[j] - blocks[j - 1] <= _ENTRY_GAP and \
-                    blocks[j] - b0 < RUN_BLOCKS:
-                j += 1
-            raw = os.pread(self._tfd, (blocks[j - 1] + 1 - b0) * ENTRY_SIZE, HEADER_SIZE + b0 * ENTRY_SIZE)
-            for k in range(i, j):
-                e = (blocks[k] - b0) * ENTRY_SIZE
-                ent = raw[e : e + ENTRY_SIZE]
-                if len(ent) == ENTRY_SIZE and ent[:4] != b"\0\0\0\0":  # key id 0 (or a sidecar cut short): unwritten
-                    written.append((k, blocks[k], ent))
-            i = j
+        written = self._written_entries(blocks, nb)
         if not written:
             return out
         # The ciphertext of each run of adjacent written blocks is read with one
@@ -596,23 +604,7 @@ class SealedImage(Rekeying, Image):
         (`write_stored_block` checks it)."""
         nb, stored = nblocks(self._stored), self._stored
         out: list[tuple[bytes, memoryview] | None] = [None] * len(blocks)
-        written: list[tuple[int, int, bytes]] = []
-        i = 0
-        while i < len(blocks):
-            b0 = blocks[i]
-            if b0 >= nb:
-                break
-            j = i + 1
-            while j < len(blocks) and blocks[j] < nb and blocks[j] - blocks[j - 1] <= _ENTRY_GAP and \
-                    blocks[j] - b0 < RUN_BLOCKS:
-                j += 1
-            raw = os.pread(self._tfd, (blocks[j - 1] + 1 - b0) * ENTRY_SIZE, HEADER_SIZE + b0 * ENTRY_SIZE)
-            for k in range(i, j):
-                e = (blocks[k] - b0) * ENTRY_SIZE
-                ent = raw[e : e + ENTRY_SIZE]
-                if len(ent) == ENTRY_SIZE and ent[:4] != b"\0\0\0\0":
-                    written.append((k, blocks[k], ent))
-            i = j
+        written = self._written_entries(blocks, nb)
         i = 0
         while i < len(written):
             j = i + 1
