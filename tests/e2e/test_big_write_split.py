@@ -3,7 +3,8 @@ and appliance (`nicsplit up`), written by a real client (qemu-io) at QD1 with
 the default split timeout (1 ms). Each is acked by the card (split, not
 marked, not late-refused), none fails the payload checksum the pipeline
 worker now verifies off the ack path, and the data reaches the replica
-intact: the latest PIT equals production."""
+intact: the latest PIT equals production. Each payload was received in
+place in the card's ring (a reservation, checksummed as it streamed in)."""
 
 from __future__ import annotations
 
@@ -40,4 +41,8 @@ def test_1mib_writes_are_acked_and_reach_the_replica_intact(tmp_path, seed):
         card = request(Layout(data).card_ctl_sock, {"cmd": "stats"})["stats"]
         assert card["endpoint"]["handoff"]["bad_checksum"] == 0
         assert card["endpoint"]["bytes"] == N << 20  # every payload acked OK by the card, nothing else
+        ring = request(Layout(data).host_sock, {"cmd": "stats"})["stats"]["card_transport"]
+        print(f"ring: {ring}")
+        # received into the ring in place (or moved), never left held; none dropped
+        assert ring["in_place"] + ring["moved"] == N and ring["held"] == 0 and ring["dropped"] == 0, ring
         latest_pit_equals_production(data, "cg1", "a", up.uri("a"), tmp_path)
