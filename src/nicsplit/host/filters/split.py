@@ -80,9 +80,9 @@ _NO_ROOM = object()  # `_submit`'s verdict for a write a live card has no room f
 
 # Lend ring space for payloads of at least this many bytes. The NBD codec
 # streams only payloads of 64 KiB and more into a buffer of their own
-# (smaller ones arrive with their header and are sliced out of its input);
-# from there on a reservation (~3 us: the object, two views, a hasher) is
-# cheaper than the copy into the ring it saves (~6 us per 64 KiB cold).
+# (smaller ones arrive with their header and are sliced out of its input),
+# and at 64 KiB in place already wins: socket to ring 37 us of CPU against
+# 54 us copied (bench/big_split.py --only recv --size 65536, docs/benchmarks.md).
 RESERVE_MIN = 64 * 1024
 
 
