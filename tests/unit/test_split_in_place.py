@@ -248,3 +248,34 @@ def test_only_a_chain_that_passes_the_payload_through_lends(above, lends):
 
     ch = build_chain(view, above + ["lender"], Plugin(), resolve=lambda n: classes.get(n) or load_filter_class(n))
     assert (ch.reserve is not None and ch.reserve(0, MIB, 0) == "lent") == lends
+
+
+def test_a_card_lost_mid_payload_still_lands_the_write_and_marks_it(tmp_path, rng):
+    """The card goes away while a payload is being received into its ring:
+    the host's mapping stays valid under the lent view, the write reaches
+    the datastore intact, its region is marked, the lease is released."""
+    async def main():
+        host, ds, card, port = await served(tmp_path)
+        try:
+            c = await Client.open(port, "a")
+            assert await c.write(0, rng.randbytes(MIB)) == 0
+            t = ring_of(host)
+            payload = rng.randbytes(MIB)
+            c.w.write(c.c.request(nbd.NBD_CMD_WRITE, 7, 3 * MIB, MIB) + payload[:400 * 1024])
+            await c.w.drain()
+            await until(lambda: t.statistics().reserved == 2, what="the payload being received in place")
+            await card.kill()  # the card closes and unlinks its hidden volume
+            c.w.write(payload[400 * 1024:])
+            rep = await c._reply()
+            assert rep.handle == 7 and rep.error == 0  # production first (P4)
+            assert await c.read(3 * MIB, MIB) == payload
+            split = host.chain("a").filter("split")
+            assert split.state == "marking" and split.dmap.dirty_bytes() >= MIB
+            st = t.statistics()
+            assert st.held == 0 and st.in_place == 1, st
+            await c.close()
+        finally:
+            await host.stop()
+            ds.close()
+
+    asyncio.run(main())
