@@ -604,6 +604,8 @@ class ServerConnection:
 
     def sink_received(self, n: int) -> None:
         """``n`` bytes from the peer were written into ``sink_buffer()``."""
+        if self._error is not None:
+            raise self._error
         if not 0 <= n <= self._sink_left or self._sink is None:
             raise LocalProtocolError(f"sink_received({n}) with {self._sink_left} bytes of payload expected")
         self._sink_fill += n
