@@ -14,7 +14,18 @@
   host's publish (copy + checksum), the acker's pump up to the ack, and the
   worker's poll, per 1 MiB write. This splits the component figure by side.
 
-Each round runs all three; ``--rounds`` rounds, medians and spread. Meant for a
+- *recv*: the host's side of a 1 MiB write from the socket to the ring, in
+  this process: a thread sends the payloads over a TCP loopback connection
+  and the bench receives each one the way the host's NBD session does, then
+  publishes it, on the receiving thread's CPU time. A tree whose
+  `RingSplitter` can ``reserve`` receives straight into the reservation in
+  256 KiB ``recv_into`` chunks, checksumming each as it lands, and publishes
+  the descriptor; an older tree receives 256 KiB ``recv`` chunks (asyncio's
+  read size), copies them into an exact-size buffer (the codec's sink) and
+  publishes that (copy into the ring + checksum). ``--size`` sets the write
+  size of this phase (the crossover of the in-place path).
+
+Each round runs all four; ``--rounds`` rounds, medians and spread. Meant for a
 before/after against another tree: run it with ``PYTHONPATH=<tree>/src``,
 alternating trees.
 
@@ -31,7 +42,9 @@ import os
 import statistics
 import subprocess
 import sys
+import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -118,6 +131,70 @@ def inproc(work: Path, n: int) -> dict[str, Any]:
     return {"n": n, "host_publish_cpu_us": us(host), "acker_ack_cpu_us": us(ack), "worker_take_cpu_us": us(take)}
 
 
+def recv(work: Path, n: int, size: int = MIB) -> dict[str, Any]:
+    ho = Handoff.create(slots=4096)
+    acker = RingAcker(str(work / "run"), handoff=ho, data_size=256 * MIB, sq_entries=4096, cq_entries=4096)
+    sp = RingSplitter.connect(str(acker.socket_path))
+    in_place = hasattr(sp, "reserve")
+    lst = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(lst.getsockname())
+    srv, _ = lst.accept()
+    big = payloads(4, max(size, 8))
+    chunk = 256 * 1024
+
+    def send() -> None:
+        for s in range(1, n + 1):
+            cli.sendall(s.to_bytes(8, "little") + big[s % 4][8:size])
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    cpu = time.thread_time_ns
+    host, hashing = [], []
+    res = w = None
+    try:
+        for s in range(1, n + 1):
+            t0 = cpu()
+            if in_place:
+                res = sp.reserve(size)
+                got = 0
+                while got < size:
+                    k = srv.recv_into(res.buf[got: got + chunk])
+                    got += k
+                    res.filled(got)
+                data = res.data
+            else:
+                sink = bytearray(size)
+                got = 0
+                while got < size:
+                    b = srv.recv(min(chunk, size - got))
+                    sink[got: got + len(b)] = b
+                    got += len(b)
+                data = memoryview(sink)
+            w = AugmentedWrite(s, 1, s, 1, Op.WRITE, WFlag.NONE, (s % 64) * MIB, size, time.time_ns(), data)
+            assert sp.submit(w)
+            host.append(cpu() - t0)
+            acker.pump()
+            assert sp.wait_ack(w.io_id, time.monotonic_ns() + 10**9)
+            if in_place:
+                hashing.append(res.hash_ns)
+                res.release()
+            sp.post_outcome(w.io_id, Status.COMMITTED)
+            acker.pump()
+    finally:
+        res = data = w = None  # the views go before the mapping closes
+        sender.join(10)
+        for x in (cli, srv, lst):
+            x.close()
+        sp.close()
+        acker.close()
+        ho.close()
+        os.close(ho.fd)
+    out = {"n": n, "size": size, "in_place": in_place, "host_recv_publish_cpu_us": statistics.median(host) / 1000}
+    if hashing:  # of which the checksum as the chunks landed (wall time: the bench thread does nothing else)
+        out["checksum_us"] = statistics.median(hashing) / 1000
+    return out
+
+
 def e2e(work: Path, n: int) -> dict[str, Any]:
     """keepup's ``big_writes``, plus fio's own latency: the client's view,
     which does not depend on what the host's histogram counts."""
@@ -141,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--writes", type=int, default=200, help="1 MiB writes per phase (e2e: at most 1000)")
-    ap.add_argument("--only", choices=("component", "e2e", "inproc"))
+    ap.add_argument("--only", choices=("component", "e2e", "inproc", "recv"))
+    ap.add_argument("--size", type=int, default=MIB, help="write size of the recv phase (bytes)")
     a = ap.parse_args(argv)
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="nicsplit-bigsplit-") as tmp:
@@ -149,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             r: dict[str, Any] = {}
             if a.only in (None, "inproc"):
                 r["inproc"] = inproc(Path(tmp) / f"i{i}", a.writes)
+            if a.only in (None, "recv"):
+                r["recv"] = recv(Path(tmp) / f"r{i}", a.writes, a.size)
             if a.only in (None, "component"):
                 r["component"] = component(Path(tmp) / f"c{i}", a.writes)
             if a.only in (None, "e2e"):
@@ -157,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append(r)
     summary = {}
     for phase, key in (("inproc", "host_publish_cpu_us"), ("inproc", "acker_ack_cpu_us"),
-                       ("inproc", "worker_take_cpu_us"), ("component", "p50_us"), ("e2e", "split_p50_us"),
+                       ("inproc", "worker_take_cpu_us"), ("recv", "host_recv_publish_cpu_us"),
+                       ("component", "p50_us"), ("e2e", "split_p50_us"),
                        ("e2e", "fio_p50_us")):
         xs = [r[phase][key] for r in rounds if phase in r]
         if xs:

@@ -20,6 +20,15 @@ Rules:
    bug in the layer above and fails the IO with EIO and a logged reason.
 3. Filters come from the entry-point group ``nicsplit.filters`` so third
    parties install them as ordinary Python packages.
+4. A write's ``data`` may be a read-only view of memory lent for that one
+   request (a payload received in place, `Chain.reserve`): valid until the
+   verb returns, so a layer that keeps bytes longer copies them. A filter
+   may *lend* such buffers by defining ``reserve(offset, length, flags)``
+   (synchronous; returns an object with ``buf``, ``data``, ``filled(n)`` and
+   ``release()``, or None); the chain offers the topmost lender's, and only
+   when every filter above it declares ``passes_payload = True`` (its
+   ``pwrite`` hands ``data`` down unchanged, the same object) or does not
+   define ``pwrite`` at all. Otherwise writes take the codec's own buffer.
 
 Verb signatures (all coroutines, offsets and lengths virtual):
 ``pread(offset, length, flags) -> bytes``, ``pwrite(offset, data, flags)``,
@@ -83,6 +92,7 @@ class Filter:
     name: ClassVar[str] = "?"
     observes_data: ClassVar[bool] = False
     handles_fua: ClassVar[bool] = False
+    passes_payload: ClassVar[bool] = False  # pwrite hands `data` down as it got it (rule 4)
     options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, vdisk: VdiskView, options: dict[str, Any]) -> None:
@@ -213,6 +223,14 @@ class Chain:
                  belows: dict[str, Backend] | None = None) -> None:
         self.vdisk, self.filters, self.plugin, self.top = vdisk, filters, plugin, top
         self._belows = belows or {}
+        # reserve(offset, length, flags) -> a lent payload buffer or None (rule 4); None: nobody lends
+        self.reserve: Callable[[int, int, int], Any] | None = None
+        for f in filters:
+            if getattr(type(f), "reserve", None) is not None:
+                self.reserve = f.reserve
+                break
+            if getattr(type(f), "pwrite", None) is not None and not f.passes_payload:
+                break  # this filter may hand something else down: nothing lent above it
 
     def filter(self, name: str) -> Filter | None:
         return next((f for f in self.filters if f.name == name), None)

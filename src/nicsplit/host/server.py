@@ -363,6 +363,9 @@ class HostServer:
         for name, ch in self._chains.items():
             out["vdisks"][name] = ctl.jsonable(ch.statistics())
         out["group_sync"] = {"requests": self.group_sync.requests, "syncs": self.group_sync.syncs}
+        t = self.context.card.get() if self.context.card.attached else None
+        if t is not None:  # the transport's counters (ring: reservations, copies, full, ...)
+            out["card_transport"] = ctl.jsonable(t.statistics())
         al = self.context.activity_log
         if al is not None:
             out["activity_log"] = {**al.statistics(), "recovered": self.al_recovered}

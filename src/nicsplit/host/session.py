@@ -6,6 +6,17 @@ backpressure) and `nicsplit.host.nbdpolicy` for the limits and TLS it obeys.
 The server object it is given (``host``) provides ``exports`` (an
 `nbd.ExportProvider`), ``chain(name)``, ``max_inflight``, ``sessions``,
 ``limits``, ``refusals`` and ``budget``.
+
+Receiving (a `asyncio.BufferedProtocol`): bytes are read into a scratch
+buffer shared by the loop's sessions and fed to the codec, except the
+payload of a large write, which is received straight into its destination
+(``recv_into`` / SSL ``read_into``, `nbd.ServerConnection.sink_buffer`):
+the codec's own exact-size buffer, or a buffer the chain lends for it
+(``Chain.reserve``: the splitter's reservation in the card's ring, so the
+payload is published where it landed, checksummed chunk by chunk as it
+arrives). A lent buffer goes back (``release``) when its request has
+replied, or when the payload never completes (the client went away or
+broke framing) or its request never runs.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import asyncio
 import errno
 import logging
 import ssl
+import threading
 import time
 from typing import Any, Iterable
 
@@ -41,6 +53,24 @@ _FLAG_MAP = [
 # NBD lengths are 32-bit; keep each reported extent below that.
 _MAX_EXTENT = 0xFFFF_F000
 
+# One socket read: asyncio's own read size for a plain Protocol (256 KiB).
+_READ_SIZE = 256 * 1024
+# A large write's payload is received into its destination at most this much
+# per read, so the chunk is still in cache when it is checksummed (half of
+# this machine's 1 MiB L2; docs/benchmarks.md, issue 9).
+_DIRECT_CHUNK = 256 * 1024
+# The scratch buffer of the loop's sessions: get_buffer and buffer_updated
+# run back to back in one loop callback and the codec copies what it keeps,
+# so one buffer per thread serves every session of that thread's loop.
+_scratch = threading.local()
+
+
+def _scratch_buffer() -> memoryview:
+    mv = getattr(_scratch, "mv", None)
+    if mv is None:
+        mv = _scratch.mv = memoryview(bytearray(_READ_SIZE))
+    return mv
+
 
 async def close_exports(servers: list[asyncio.AbstractServer], sessions: set["NBDSession"],
                         chains: Iterable[Chain]) -> None:
@@ -55,8 +85,9 @@ async def close_exports(servers: list[asyncio.AbstractServer], sessions: set["NB
         await ch.close()
 
 
-class NBDSession(asyncio.Protocol):
-    """One NBD connection."""
+class NBDSession(asyncio.BufferedProtocol):
+    """One NBD connection. Transports that cannot fill a buffer (pipes)
+    call ``data_received``, as for a plain Protocol."""
 
     def __init__(self, host: Any, tls: NbdTls | None = None) -> None:
         self.host = host
@@ -86,6 +117,8 @@ class NBDSession(asyncio.Protocol):
         self._idle: asyncio.Future | None = None
         self._timer: asyncio.TimerHandle | None = None  # handshake, then idle timeout
         self._last = 0.0   # time.monotonic() of the last bytes received
+        self._direct = False  # the buffer handed out by get_buffer is a write payload's destination
+        self._reserve: Any = None  # the chain's Chain.reserve (lends payload buffers), if any
         self.peer = "?"
 
     # -- asyncio.Protocol ------------------------------------------------
@@ -113,6 +146,7 @@ class NBDSession(asyncio.Protocol):
         self.host.sessions.discard(self)
         self._closing = True
         self._lost = True
+        self._drop_leases()
         for timer in (self._timer, self._send_timer):
             if timer is not None:
                 timer.cancel()
@@ -147,11 +181,31 @@ class NBDSession(asyncio.Protocol):
         log.info("%s %s: no request for %gs (idle_timeout): closing", self.peer, self.export, limit)
         self.shutdown()
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if not self._closing and self._upgrading is None:
+            mv = self.codec.sink_buffer(_DIRECT_CHUNK)
+            if mv is not None:
+                self._direct = True
+                return mv
+        self._direct = False
+        return _scratch_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self._direct:
+            self.data_received(_scratch_buffer()[:nbytes])
+            return
+        self._direct = False
+        if self._closing:
+            return
+        self._last = time.monotonic()
+        self.codec.sink_received(nbytes)
+        self._pump()
+
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
         if self._upgrading is not None:   # decrypted bytes before start_tls() returned
-            self._upgrading.append(data)
+            self._upgrading.append(bytes(data))  # (data may be the shared scratch buffer)
             return
         self._last = time.monotonic()
         codec = self.codec
@@ -302,6 +356,7 @@ class NBDSession(asyncio.Protocol):
                     return
         except nbd.RemoteProtocolError as e:
             log.warning("%s %s: closing connection: %s", self.peer, self.export, e)
+            self._drop_leases()
             self._flush_out(handshake=False)   # the codec's queued output is gone with its error
             self._closing = True
             if self.transport is not None:
@@ -393,13 +448,38 @@ class NBDSession(asyncio.Protocol):
         if hs and self.transport is not None:
             self.transport.write(hs)
         try:
-            self.top = self.host.chain(ev.export.name).top
+            chain = self.host.chain(ev.export.name)
+            self.top = chain.top
         except Exception as e:  # a chain that cannot build: refuse this session only
             log.error("%s: export %s unusable: %s", self.peer, ev.export.name, e)
             self.shutdown()
             return
+        self._reserve = getattr(chain, "reserve", None)  # an image server's chain lends nothing
+        if self._reserve is not None:
+            self.codec.lend = self._lend
         self._ctx_id = next((i for i, n in ev.meta_contexts.items() if n == "base:allocation"), 0)
         log.info("%s: session on export %s (structured=%s)", self.peer, self.export, ev.structured)
+
+    def _lend(self, handle: int, offset: int, length: int, flags: int) -> Any:
+        """The codec's ``lend``: a buffer from the chain for a valid write's
+        payload (None: the codec's own). Never raises: a failure only costs
+        the copy."""
+        try:
+            return self._reserve(offset, length, _FLAG_MAP[flags & 63])
+        except Exception:  # a bug in a lender must not break the session
+            log.exception("%s %s: lending a buffer for write %#x failed", self.peer, self.export, handle)
+            return None
+
+    def _drop_leases(self) -> None:
+        """Give back what was lent for payloads that will not be executed:
+        the one being received, and a request held back by the budget."""
+        lent = self.codec.abandon_sink()
+        if lent is not None:
+            lent.release()
+        ev = self._pending
+        if ev is not None and ev.lease is not None:
+            self._pending = None
+            ev.lease.release()
 
     def _track(self, task: asyncio.Task, cost: int) -> None:
         self._tasks[task] = cost
@@ -457,6 +537,9 @@ class NBDSession(asyncio.Protocol):
         except Exception:  # a bug below us: fail the IO, keep the session
             log.exception("%s %s: request %#x (cmd %d) crashed", self.peer, self.export, req.handle, cmd)
             return codec.reply_error(req.handle, nbd.NBD_EIO, "internal error")
+        finally:
+            if req.lease is not None:  # the chain is done with the payload's buffer
+                req.lease.release()
 
     # -- shutdown ----------------------------------------------------------
     def shutdown(self) -> None:

@@ -34,7 +34,14 @@ Rules
    ``max(16 + max_option_length, 28 + _SINK_THRESHOLD)`` bytes.  Payloads
    that are large (writes >= _SINK_THRESHOLD) are copied once into their own
    exactly sized buffer ("sink"); payloads we reject (bad writes, oversize
-   options) go to a discarding sink and are never stored.
+   options) go to a discarding sink and are never stored.  The IO layer may
+   lend the sink (``lend``: e.g. space in the splitter's ring, so the payload
+   is received where it is published) and may receive the peer's bytes
+   straight into it (``sink_buffer`` / ``sink_received``: recv_into, no copy
+   through the input buffer).  A lent sink is told as bytes land
+   (``filled``), travels on the Request (``lease``) and is handed back by
+   ``abandon_sink`` when the payload never completes; releasing it is the
+   IO layer's job.
 6. The input buffer is a ``bytearray`` plus a read offset; it is compacted in
    ``receive_data()`` (at most once per receive), never per request, so
    pipelined requests in one segment cost no memmove.
@@ -50,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 __all__ = [
-    "MAX_PAYLOAD", "ExportInfo", "ExportProvider", "Negotiated", "Request", "StartTLS",
+    "MAX_PAYLOAD", "ExportInfo", "ExportProvider", "Negotiated", "Request", "PayloadSink", "StartTLS",
     "TLS_OFF", "TLS_ON", "TLS_REQUIRE",
     "Disconnect", "Closed", "NEED_DATA", "RemoteProtocolError",
     "LocalProtocolError", "ServerConnection", "ConnectionStatistics",
@@ -361,6 +368,15 @@ class Request:
     length: int
     data: bytes | memoryview | None
     error: int = 0
+    lease: object = None  # the lent sink ``data`` lives in (`PayloadSink`); the IO layer releases it
+
+
+class PayloadSink(Protocol):
+    """A destination for one write's payload, lent by the IO layer (``lend``)."""
+    buf: memoryview   # writable, exactly the payload's length: the codec writes the payload here
+    data: memoryview  # what the Request carries (the same bytes; may be read-only)
+
+    def filled(self, n: int) -> None: ...  # the first n bytes of buf hold the payload (called as they land)
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,7 +507,11 @@ class ServerConnection:
         self._terminal: Disconnect | Closed | None = None
 
         # sink: a payload streamed past the input buffer (None = discard)
-        self._sink: bytearray | None = None
+        self._sink: bytearray | memoryview | None = None
+        self._lent: PayloadSink | None = None  # the sink, when the IO layer lent it
+        # lend(handle, offset, length, flags) -> PayloadSink | None: a buffer
+        # for a valid write's payload of at least _SINK_THRESHOLD bytes.
+        self.lend: Callable[[int, int, int, int], PayloadSink | None] | None = None
         self._sink_fill = 0
         self._sink_left = 0
         self._after_sink: Callable[[], object] | None = None
@@ -553,13 +573,53 @@ class ServerConnection:
         else:
             self._sink[self._sink_fill:self._sink_fill + n] = chunk
             self._sink_fill += n
+            if self._lent is not None:
+                self._lent.filled(self._sink_fill)
         self._sink_left -= n
 
-    def _start_sink(self, size: int, keep: bool, after: Callable[[], object]) -> None:
-        self._sink = bytearray(size) if keep else None
+    def _start_sink(self, size: int, keep: bool, after: Callable[[], object],
+                    lent: PayloadSink | None = None) -> None:
+        if lent is not None:
+            if len(lent.buf) != size:
+                raise LocalProtocolError(f"lent sink of {len(lent.buf)} bytes for a {size}-byte payload")
+            self._sink = lent.buf
+        else:
+            self._sink = bytearray(size) if keep else None
+        self._lent = lent
         self._sink_fill = 0
         self._sink_left = size
         self._after_sink = after
+
+    def sink_buffer(self, limit: int) -> memoryview | None:
+        """Where the peer's next bytes may be received directly (at most
+        ``limit``): the unfilled part of the payload being streamed, when
+        nothing is buffered before it; else None (use ``receive_data``).
+        Report what landed there with ``sink_received``."""
+        if not self._sink_left or self._sink is None or self._pos != len(self._buf) or self._error is not None:
+            return None
+        f = self._sink_fill
+        sink = self._sink
+        mv = sink if type(sink) is memoryview else memoryview(sink)
+        return mv[f:f + min(self._sink_left, limit)]
+
+    def sink_received(self, n: int) -> None:
+        """``n`` bytes from the peer were written into ``sink_buffer()``."""
+        if self._error is not None:
+            raise self._error
+        if not 0 <= n <= self._sink_left or self._sink is None:
+            raise LocalProtocolError(f"sink_received({n}) with {self._sink_left} bytes of payload expected")
+        self._sink_fill += n
+        self._sink_left -= n
+        if self._lent is not None:
+            self._lent.filled(self._sink_fill)
+
+    def abandon_sink(self) -> PayloadSink | None:
+        """The lent sink of a payload that will not complete (the peer is
+        gone, or broke framing): the codec forgets it; the caller releases it."""
+        lent, self._lent = self._lent, None
+        if lent is not None:
+            self._sink = None
+        return lent
 
     # -- events ------------------------------------------------------------
 
@@ -647,7 +707,9 @@ class ServerConnection:
             if err:   # consume and drop the payload, never store it
                 self._start_sink(length, False, self._rejected_write_done(req))
             else:
-                self._start_sink(length, True, self._big_write_done(req))
+                lend = self.lend
+                self._start_sink(length, True, self._big_write_done(req),
+                                 lend(handle, offset, length, flags) if lend is not None else None)
             return self.next_event()
         end = pos + 28 + length
         if len(buf) < end:
@@ -671,6 +733,9 @@ class ServerConnection:
         def done():
             data, self._sink = self._sink, None
             self._n_requests += 1
+            lent, self._lent = self._lent, None
+            if lent is not None:
+                return Request(req.handle, req.cmd, req.flags, req.offset, req.length, lent.data, 0, lent)
             return Request(req.handle, req.cmd, req.flags, req.offset, req.length,
                            memoryview(data), 0)
         return done

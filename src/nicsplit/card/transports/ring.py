@@ -23,7 +23,9 @@ Write (host, synchronous, one producer):
 2. room: a SQ slot and, for WRITE, ``length`` contiguous bytes in the data
    area (re-reading the card's heads only when the cached ones say full);
 3. copy the payload once (memoryview slice assignment), checksum it, pack the
-   descriptor with a pre-built ``struct.Struct.pack_into``;
+   descriptor with a pre-built ``struct.Struct.pack_into``; a payload that was
+   received into a reservation (``reserve``, see `ring_splitter`) and is still
+   next in ring order is neither copied nor hashed again: its descriptor only;
 4. publish ``data_tail`` then ``sq_tail``; full fence; ring the eventfd only
    if the card state is SLEEPING (notification suppression);
 5. spin on ``cq_tail`` until a completion for this io_id arrives (True if OK)

@@ -1,6 +1,33 @@
 """Host half of the ring transport: `RingSplitter`, used by the splitter
 filter to hand each write to the card and wait for its ack.  The protocol
-(set-up, the write steps, rules) is in `nicsplit.card.transports.ring`."""
+(set-up, the write steps, rules) is in `nicsplit.card.transports.ring`.
+
+Reservations (issue 9: a large write's payload received in place)
+-----------------------------------------------------------------
+`reserve(length)` lends the NBD front end a `Reservation`: ``length`` bytes
+of the data area past everything published or lent, so the payload is
+received straight into the ring and checksummed chunk by chunk as it lands
+(`Reservation.filled`), while it is hot in cache. A write whose ``data`` is
+that reservation's view is then published in place by `submit`: only the
+descriptor is written. Rules:
+
+1. Space is handed out in position order from ``_rtail`` (>= ``data_tail``);
+   a plain (copied) write goes there too, after every reservation.
+2. A reservation is published in place only while nothing after it has
+   been published (``pos >= data_tail``): the card requires payloads in
+   ring order. Otherwise it is *moved*: copied to the tail like any write
+   (its checksum is already known); its bytes left behind are padding.
+3. Nothing of a reservation is visible to the card until its descriptor is
+   published (the card reads only up to ``data_tail``); one released
+   unpublished (client gone mid-payload, a bad request, an error above the
+   splitter) is abandoned: the tail rolls back over it, or it becomes
+   padding in front of the next payload. The card never sees it.
+4. The host reads a reservation's bytes until the request ends (the
+   datastore write reads them there), so it is *pinned* from `reserve` to
+   `Reservation.release`: no payload is placed where it would overwrite a
+   pinned one, even after the card freed it (room is counted from the
+   oldest pinned position when that is before the card's ``data_head``).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +36,11 @@ import logging
 import os
 import socket
 import struct
+from collections import deque
 from dataclasses import dataclass
-from time import monotonic_ns
+from time import monotonic_ns, perf_counter_ns
 
+from xxhash import xxh3_64 as xxh3_stream
 from xxhash import xxh3_64_intdigest as xxh3
 
 from nicsplit.card.hidden import HiddenVolume, HiddenVolumeError
@@ -24,7 +53,7 @@ from nicsplit.card.transports.ring_shared import (
 from nicsplit.core.records import AugmentedWrite, Status
 from nicsplit.wire import ring as R
 
-__all__ = ["RingSplitter", "RingStats"]
+__all__ = ["RingSplitter", "RingStats", "Reservation"]
 
 log = logging.getLogger("nicsplit.card.transports.ring")  # one logger for both halves
 
@@ -51,6 +80,61 @@ class RingStats:
     bytes: int  # payload bytes copied into the data area
     abandoned: int  # timed-out io_ids still waiting for their late ack
     late: int  # detached io_ids whose verdict has not arrived yet
+    reserved: int = 0  # reservations lent (payloads received into the ring)
+    in_place: int = 0  # ... published in place (no copy)
+    moved: int = 0  # ... published by a copy (a later payload was published first)
+    dropped: int = 0  # ... released unpublished (never seen by the card)
+    no_room: int = 0  # reservations refused: no room (the write takes the copy path)
+    held: int = 0  # reservations not yet released (their space is pinned)
+
+
+# Reservation states.
+_HELD, _IN_PLACE, _MOVED, _RELEASED = 0, 1, 2, 3
+
+
+class Reservation:
+    """Space in the data area lent for one write's payload (see the module
+    docstring). ``buf`` is where the payload is received (writable, exactly
+    ``length`` bytes); ``data`` the read-only view the request carries down
+    the chain. `filled` after bytes landed; `release` once the request is
+    over (published or not). Not thread-safe, like the splitter."""
+
+    __slots__ = ("_owner", "pos", "end", "length", "buf", "data", "_hasher", "hashed", "hash_ns", "state")
+
+    def __init__(self, owner: "RingSplitter", pos: int, end: int, buf: memoryview, checksum: bool) -> None:
+        self._owner = owner
+        self.pos = pos  # logical start in the data area
+        self.end = end
+        self.length = end - pos
+        self.buf = buf
+        self.data = buf.toreadonly()
+        self._hasher = xxh3_stream() if checksum else None
+        self.hashed = 0  # bytes of buf already fed to the checksum
+        self.hash_ns = 0  # time spent checksumming (the splitter's cost, counted in its histogram)
+        self.state = _HELD
+
+    def filled(self, n: int) -> None:
+        """The first ``n`` bytes of ``buf`` hold the payload: checksum the
+        new ones now, while they are hot in cache."""
+        h = self._hasher
+        if h is not None and n > self.hashed:
+            t0 = perf_counter_ns()
+            h.update(self.buf[self.hashed: n])
+            self.hash_ns += perf_counter_ns() - t0
+        self.hashed = max(self.hashed, min(n, self.length))
+
+    def checksum(self) -> int:
+        """The payload's checksum (every byte of it: the rest is hashed now if
+        `filled` did not see it all)."""
+        if self.hashed < self.length:
+            self.filled(self.length)
+        return self._hasher.intdigest() & M32 if self._hasher is not None else 0
+
+    def release(self) -> None:
+        """The request is over: the host reads ``buf`` no more. Unpublished,
+        the space is given back (the card never saw it). Idempotent."""
+        if self.state != _RELEASED:
+            self._owner._release(self)
 
 
 class RingSplitter:
@@ -80,6 +164,13 @@ class RingSplitter:
         self._data_tail = c[DATA_TAIL]
         self.last_position = self._data_tail  # position of the last split (see released_position)
         self._data_head_c = c[DATA_HEAD]
+        # Reservations (module docstring): the next payload goes at _rtail;
+        # _held are the ones not released yet, in position order (pinned).
+        self._rtail = self._data_tail
+        self._held: deque[Reservation] = deque()
+        self._lent: dict[int, Reservation] = {}  # id(reservation.data) -> reservation, while held
+        self.last_prepaid_ns = 0  # checksum time the last submit's payload cost before it (in-place writes)
+        self._n_reserved = self._n_in_place = self._n_moved = self._n_dropped = self._n_no_room = 0
         c[R.Counter.HOST_PID] = os.getpid()
         c[R.Counter.HOST_ATTACH_NS] = monotonic_ns()
         # Tracker table (SPDK style): io_id -> _WAITING / _ABANDONED (timed
@@ -191,26 +282,43 @@ class RingSplitter:
         op = w.op
         length = w.length
         data_pos = csum = dflags = end = 0
+        res = None
+        self.last_prepaid_ns = 0
         if op == K_WRITE:
             payload = w.data
             if payload is None or len(payload) != length or not length:
                 return self._invalid_record(w, "WRITE payload missing or not `length` bytes")
-            size = self._dsize
-            pos = self._data_tail
-            off = pos % size
-            if off + length > size:  # does not fit before the end: pad to the next lap
-                pos += size - off
-                off = 0
-            end = pos + length
-            if end - self._data_head_c > size:
-                self._data_head_c = c[DATA_HEAD]
-                if end - self._data_head_c > size:
+            if self._lent:
+                res = self._lent.get(id(payload))
+                if res is not None and (res.data is not payload or res.state != _HELD):
+                    res = None
+            if res is not None and res.pos >= self._data_tail:
+                pos = res.pos  # in place: the payload is there already (rule 2)
+                end = res.end
+                if self._csum:
+                    csum = res.checksum()
+                    dflags = DF_CSUM
+            else:
+                size = self._dsize
+                pos = self._rtail
+                off = pos % size
+                if off + length > size:  # does not fit before the end: pad to the next lap
+                    pos += size - off
+                    off = 0
+                end = pos + length
+                if not self._room(end):
                     self._full_data += 1
                     return False
-            self._data[off: off + length] = payload  # the one copy
-            if self._csum:
-                csum = xxh3(payload) & M32
-                dflags = DF_CSUM
+                if res is not None:  # moved (rule 2): its checksum is known, its bytes copied
+                    if self._csum:
+                        csum = res.checksum()
+                        dflags = DF_CSUM
+                    self._data[off: off + length] = res.buf
+                else:
+                    self._data[off: off + length] = payload  # the one copy
+                    if self._csum:
+                        csum = xxh3(payload) & M32
+                        dflags = DF_CSUM
             data_pos = pos
         io_id = w.io_id
         if io_id in self._inflight:
@@ -224,9 +332,21 @@ class RingSplitter:
             return self._invalid_record(w, str(e))
         if end:
             self._data_tail = end
-            self._bytes += length
+            if end > self._rtail:
+                self._rtail = end
             c[DATA_TAIL] = end
             self.last_position = end
+            if res is not None:
+                self.last_prepaid_ns = res.hash_ns
+                if res.pos == data_pos:
+                    res.state = _IN_PLACE
+                    self._n_in_place += 1
+                else:
+                    res.state = _MOVED
+                    self._n_moved += 1
+                    self._bytes += length
+            else:
+                self._bytes += length
         else:
             # No payload: count it durable only once a *later* write's payload
             # is released (conservative: the card holds no space for it).
@@ -235,6 +355,63 @@ class RingSplitter:
         self._submitted += 1
         self._publish(tail + 1)
         return True
+
+    # -- reservations (module docstring) ----------------------------------------
+
+    def reserve(self, length: int) -> Reservation | None:
+        """Lend ``length`` bytes of the data area for a payload about to be
+        received; None (the write takes the copy path) when the card is
+        gone or there is no room now. Every reservation must be released."""
+        size = self._dsize
+        if self._dead or not 0 < length <= size or self._ctr[STATE] == CLOSED:
+            return None
+        pos = self._rtail
+        off = pos % size
+        if off + length > size:  # contiguous, as a copied payload (padding to the next lap)
+            pos += size - off
+            off = 0
+        end = pos + length
+        if not self._room(end):
+            self._n_no_room += 1
+            return None
+        self._rtail = end
+        r = Reservation(self, pos, end, self._data[off: off + length], self._csum)
+        self._held.append(r)
+        self._lent[id(r.data)] = r
+        self._n_reserved += 1
+        return r
+
+    def _room(self, end: int) -> bool:
+        """A payload may end at ``end``: within one lap of the card's head
+        and of the oldest pinned reservation (rule 4). The card's head is
+        re-read only when the cached one says full."""
+        size = self._dsize
+        held = self._held
+        if held and end - held[0].pos > size:
+            return False
+        if end - self._data_head_c > size:
+            self._data_head_c = self._ctr[DATA_HEAD]
+            if end - self._data_head_c > size:
+                return False
+        return True
+
+    def _release(self, r: Reservation) -> None:
+        if r.state == _HELD:
+            self._n_dropped += 1
+        r.state = _RELEASED
+        self._lent.pop(id(r.data), None)
+        held = self._held
+        while held and held[0].state == _RELEASED:
+            held.popleft()
+        # Roll the tail back over trailing space nobody holds (rule 3): to the
+        # end of the last reservation still held, or of the last payload published.
+        rt = self._data_tail
+        for h in reversed(held):
+            if h.state != _RELEASED:
+                if h.end > rt:
+                    rt = h.end
+                break
+        self._rtail = rt
 
     def _sq_full(self, tail: int) -> bool:
         """True (and counted) if the SQ has no free slot at ``tail``; the
@@ -451,6 +628,8 @@ class RingSplitter:
             full_sq=self._full_sq, full_data=self._full_data, unhealthy=self._unhealthy, invalid=self._invalid,
             doorbells=self._doorbells, spins=self._spins, outcomes=self._outcomes, late_acks=self._late,
             unknown_acks=self._unknown, bytes=self._bytes, abandoned=self._n_abandoned, late=self._n_late,
+            reserved=self._n_reserved, in_place=self._n_in_place, moved=self._n_moved, dropped=self._n_dropped,
+            no_room=self._n_no_room, held=sum(1 for r in self._held if r.state != _RELEASED),
         )
 
     def close(self) -> None:

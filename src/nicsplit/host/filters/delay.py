@@ -27,6 +27,7 @@ _VERB_OPT = {
 
 class DelayFilter(Filter):
     name = "delay"
+    passes_payload = True  # pwrite hands `data` down unchanged (chain rule 4)
     options = ("ms", "jitter_ms", "seed", *_VERB_OPT.values())
 
     def __init__(self, vdisk, options) -> None:

@@ -28,6 +28,7 @@ from nicsplit.host.io import IOFailure
 
 class ErrorFilter(Filter):
     name = "error"
+    passes_payload = True  # pwrite hands `data` down unchanged (chain rule 4)
     options = ("errno", "rate", "verbs", "seed", "trigger")
 
     def __init__(self, vdisk, options) -> None:

@@ -111,6 +111,7 @@ class OpStats:
 
 class StatsFilter(Filter):
     name = "stats"
+    passes_payload = True  # pwrite hands `data` down unchanged (chain rule 4)
 
     def __init__(self, vdisk, options: dict[str, Any]) -> None:
         super().__init__(vdisk, options)
