@@ -107,6 +107,7 @@ from nicsplit.core.catalog import CatalogReader, DatastoreError
 from nicsplit.core.cgs import CGCatalog, CGError
 from nicsplit.core.names import check_name, is_name, BadName
 from nicsplit.core.layout import InDataDir, Layout
+from nicsplit.core.records import Op
 from nicsplit.wire import frames as F
 from nicsplit.wire.wirerecords import decode_wire_records
 
@@ -451,8 +452,10 @@ class Appliance:
                         f"CGs exist already ([appliance] max_unknown_cgs = {self.cfg.max_unknown_cgs})",
                         F.ErrorCode.UNKNOWN_CG)
 
-    def _ingest(self, j: Journal, b: F.Batch, *, sync: bool = True) -> AppendResult:
-        """Worker thread: unseal, decode, append (durable on return)."""
+    def _ingest(self, j: Journal, b: F.Batch, *, sync: bool = True, keep: list | None = None) -> AppendResult:
+        """Worker thread: unseal, decode, append (durable on return; with
+        ``sync=False`` after `Journal.sync`).  ``keep``: the decoded records
+        are appended to it (the distribution handoff, rule 8)."""
         try:
             plain = F.unseal(b.body, self.key, F.batch_aad(b))
         except F.FrameError as e:
@@ -461,6 +464,8 @@ class Appliance:
             records = decode_wire_records(plain)  # views of plain: stored as they are (wirerecords.py)
         except F.FrameError as e:
             raise _Drop(f"batch {b.batch_id} of {b.cg}: bad records: {e}", F.ErrorCode.BAD_BATCH) from None
+        if keep is not None:
+            keep.append(records)
         try:
             return j.append_batch(b, records, sync=sync)
         except BatchRejected as e:
@@ -474,9 +479,11 @@ class Appliance:
         cg = batches[0].cg
         idx = self.indexes.get(cg)
         fed = idx is not None
+        dist = self.distribution.get(cg)
+        decoded: list | None = [] if dist is not None else None
         try:
             for b in batches:
-                res = self._ingest(j, b, sync=False)
+                res = self._ingest(j, b, sync=False, keep=decoded)
                 results.append(res)
                 if fed and res.batch is not None:
                     fed = self._feed_index(cg, idx, res)  # the writer's own heads: nothing read back
@@ -492,6 +499,8 @@ class Appliance:
             finally:
                 if refresh is not None:
                     refresh.result()
+        if dist is not None:  # durable now: the thread takes these instead of reading them back
+            dist.handoff.offer(_handoff_items(results, decoded))
         return results
 
     async def ingest(self, b: F.Batch) -> AppendResult:
@@ -757,6 +766,20 @@ class _Connection:
             log.debug("batch %d of %s seqs %d..%d %s", b.batch_id, b.cg, b.first_seq, b.last_seq,
                       "journaled" if result.applied else "duplicate")
             await self.send(F.Ack(b.batch_id, b.cg, b.last_seq, True, result.known))
+
+
+def _handoff_items(results: list[AppendResult], decoded: list) -> Any:
+    """(seq, data) of the journaled inline WRITEs of a group (rule 8's
+    handoff): a duplicate batch offers nothing, an overlapping one only what
+    it appended (seq > the journal's last seq before it)."""
+    write = Op.WRITE
+    for res, records in zip(results, decoded):
+        if res.batch is None or not res.batch[1]:
+            continue
+        first = res.batch[1][0].seq
+        for r in records:
+            if r.seq >= first and r.op == write and not r.refs:
+                yield r.seq, r.data
 
 
 def run(cfg: ServerConfig) -> int:
