@@ -15,11 +15,10 @@ import threading
 import time
 from pathlib import Path
 
-from nicsplit.appliance.server import _handoff_items
 from nicsplit.core.records import Op
 from nicsplit.journal.writer import Journal
 from nicsplit.recovery.blockindex import BlockIndex
-from nicsplit.recovery.distribution import CGDistribution, PayloadHandoff, replica_dir
+from nicsplit.recovery.distribution import CGDistribution, PayloadHandoff, journaled_payloads, replica_dir
 from nicsplit.recovery.replica import Distributor
 from nicsplit.core.layout import vdisk_file
 from nicsplit.testing.workload import Meta, Workload, golden_at
@@ -52,7 +51,7 @@ class Ingest:
 
 def offer_batch(h: PayloadHandoff, res, recs) -> None:
     """What the appliance's ingest worker offers after a group's fdatasync."""
-    h.offer(_handoff_items([res], [wire_records(recs)]))
+    h.offer(journaled_payloads([res], [wire_records(recs)]))
 
 
 def test_handoff_gives_what_was_offered_in_seq_order_and_drops_older():
@@ -86,13 +85,13 @@ def test_only_journaled_inline_writes_are_offered(tmp_path: Path):
 
     a = [rec(1), rec(2), rec(3, Op.ZERO), rec(4)]
     res_a = j.append_batch(Meta(1, 1, 4), a)
-    assert [s for s, _ in _handoff_items([res_a], [wire_records(a)])] == [1, 2, 4]
+    assert [s for s, _ in journaled_payloads([res_a], [wire_records(a)])] == [1, 2, 4]
     dup = [rec(3, Op.ZERO), rec(4, fill=9)]
     res_dup = j.append_batch(Meta(2, 3, 4), dup)
-    assert list(_handoff_items([res_dup], [wire_records(dup)])) == []
+    assert list(journaled_payloads([res_dup], [wire_records(dup)])) == []
     over = [rec(4, fill=9), rec(5, fill=5), rec(6, fill=6)]
     res_over = j.append_batch(Meta(3, 4, 6), over)
-    got = list(_handoff_items([res_over], [wire_records(over)]))
+    got = list(journaled_payloads([res_over], [wire_records(over)]))
     assert [(s, bytes(d)) for s, d in got] == [(5, b"\5" * 4096), (6, b"\6" * 4096)]
     j.close()
 

@@ -95,7 +95,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nicsplit.core import failpoints as _fp
-from nicsplit.recovery.distribution import NICE, CatalogMembers, CGDistribution
+from nicsplit.recovery.distribution import NICE, CatalogMembers, CGDistribution, journaled_payloads
 from nicsplit.journal.writer import AppendResult, BatchRejected, Journal, JournalError, JournalStatistics
 from nicsplit.recovery.pits import PitError
 from nicsplit.recovery.blockindex import BlockIndex
@@ -107,7 +107,6 @@ from nicsplit.core.catalog import CatalogReader, DatastoreError
 from nicsplit.core.cgs import CGCatalog, CGError
 from nicsplit.core.names import check_name, is_name, BadName
 from nicsplit.core.layout import InDataDir, Layout
-from nicsplit.core.records import Op
 from nicsplit.wire import frames as F
 from nicsplit.wire.wirerecords import decode_wire_records
 
@@ -372,7 +371,8 @@ class Appliance:
             cgs[cg] = {"durable_seq": j.durable_seq, "last_seq": j.last_seq,
                        "distribution": d.statistics().to_json() if d is not None else None,
                        "retention": t.last.to_json() if t is not None and t.last is not None else None}
-        return {"pid": os.getpid(), "id": self.id, "cgs": cgs}
+        return {"pid": os.getpid(), "id": self.id, "cgs": cgs,
+                "counts": {k: self._counts[k] for k in ("batches", "group_commits", "duplicates")}}
 
     async def _control_request(self, req: dict) -> dict:
         """A control-socket request (rule 9), decoded by `nicsplit.core.ctl`."""
@@ -500,7 +500,7 @@ class Appliance:
                 if refresh is not None:
                     refresh.result()
         if dist is not None:  # durable now: the thread takes these instead of reading them back
-            dist.handoff.offer(_handoff_items(results, decoded))
+            dist.handoff.offer(journaled_payloads(results, decoded))
         return results
 
     async def ingest(self, b: F.Batch) -> AppendResult:
@@ -587,9 +587,10 @@ class _Connection:
         self._tasks: list[asyncio.Task] = []
         self._wlock = asyncio.Lock()
 
-    async def send(self, frame: F.Frame) -> None:
+    async def send(self, *frames: F.Frame) -> None:
+        """Frames in order, with one write (a group's acks: one TLS record and syscall)."""
         async with self._wlock:
-            self.writer.write(F.encode(frame))
+            self.writer.write(b"".join(map(F.encode, frames)) if len(frames) > 1 else F.encode(frames[0]))
             await self.writer.drain()
 
     async def close_with(self, frame: F.Frame | None) -> None:
@@ -758,28 +759,17 @@ class _Connection:
         results = await self.app.ingest_group(group)
         if _FP:
             _fp.hit("appliance.after-fsync")  # durable, not yet acked
-        self.app._counts["group_commits"] += 1
+        counts = self.app._counts
+        counts["group_commits"] += 1
+        counts["batches"] += len(group)
+        debug = log.isEnabledFor(logging.DEBUG)
         for b, result in zip(group, results, strict=True):
-            self.app._counts["batches"] += 1
             if not result.applied:
-                self.app._counts["duplicates"] += 1
-            log.debug("batch %d of %s seqs %d..%d %s", b.batch_id, b.cg, b.first_seq, b.last_seq,
-                      "journaled" if result.applied else "duplicate")
-            await self.send(F.Ack(b.batch_id, b.cg, b.last_seq, True, result.known))
-
-
-def _handoff_items(results: list[AppendResult], decoded: list) -> Any:
-    """(seq, data) of the journaled inline WRITEs of a group (rule 8's
-    handoff): a duplicate batch offers nothing, an overlapping one only what
-    it appended (seq > the journal's last seq before it)."""
-    write = Op.WRITE
-    for res, records in zip(results, decoded):
-        if res.batch is None or not res.batch[1]:
-            continue
-        first = res.batch[1][0].seq
-        for r in records:
-            if r.seq >= first and r.op == write and not r.refs:
-                yield r.seq, r.data
+                counts["duplicates"] += 1
+            if debug:
+                log.debug("batch %d of %s seqs %d..%d %s", b.batch_id, b.cg, b.first_seq, b.last_seq,
+                          "journaled" if result.applied else "duplicate")
+        await self.send(*(F.Ack(b.batch_id, b.cg, b.last_seq, True, r.known) for b, r in zip(group, results)))
 
 
 def run(cfg: ServerConfig) -> int:

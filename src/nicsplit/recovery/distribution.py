@@ -78,7 +78,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from nicsplit.journal.writer import JournalError
 from nicsplit.recovery.pits import PitError
@@ -90,12 +90,13 @@ from nicsplit.recovery.replica import Distributor
 from nicsplit.core.fsutil import atomic_write
 from nicsplit.core.catalog import CatalogReader
 from nicsplit.core.layout import Layout
+from nicsplit.core.records import Op
 
 log = logging.getLogger("nicsplit.recovery.distribution")
 
 __all__ = [
     "CGDistribution", "CatalogMembers", "DistributionStatistics", "ReplicaLock", "replica_dir", "failover_state_path",
-    "paused", "PayloadHandoff", "STEP_RECORDS", "STEP_BYTES", "WAKE_INTERVAL", "STEP_INTERVAL",
+    "paused", "PayloadHandoff", "journaled_payloads", "STEP_RECORDS", "STEP_BYTES", "WAKE_INTERVAL", "STEP_INTERVAL",
 ]
 
 # A step costs three fsyncs (undo log, images, state.json), ~1-3 ms here; at
@@ -307,6 +308,21 @@ class PayloadHandoff:
 
     def __len__(self) -> int:
         return len(self._q)
+
+
+def journaled_payloads(results: list[Any], decoded: list[list[Any]]) -> Iterator[tuple[int, Any]]:
+    """(seq, data) of the inline WRITEs a group commit journaled, for
+    `PayloadHandoff.offer`: per batch its `AppendResult` and its decoded
+    `WireRecord`s; a duplicate batch gives nothing, an overlapping one only
+    what it appended (seq >= its first appended record's)."""
+    write = Op.WRITE
+    for res, records in zip(results, decoded):
+        if res.batch is None or not res.batch[1]:
+            continue
+        first = res.batch[1][0].seq
+        for r in records:
+            if r.seq >= first and r.op == write and not r.refs:
+                yield r.seq, r.data
 
 
 def crash_failpoint(env: dict[str, str] | None = None) -> Callable[[str], None] | None:
