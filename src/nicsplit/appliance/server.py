@@ -56,7 +56,9 @@ Rules
    index (what distribution, and later image access, work from) is built
    when the journal opens and refreshed by the ingest worker after each group
    commit, under the CG's lock: then no append extends or rolls a segment
-   while the scan reads it.
+   while the scan reads it.  After the fdatasync ingest also offers the
+   group's journaled payloads (`PayloadHandoff`), so a step need not read
+   them back (distribution.py rule 7).
 9. Control socket ``DATA/run/appliance.sock`` (JSON lines, like the host's):
    ``{"cmd": "status"}`` → per CG ``durable_seq`` and ``distribution`` (applied
    seq, lag in records and seconds, state); ``{"cmd": "wake", "cg": CG}``
