@@ -56,9 +56,8 @@ Rules
    index (what distribution, and later image access, work from) is built
    when the journal opens and refreshed by the ingest worker after each group
    commit, under the CG's lock: then no append extends or rolls a segment
-   while the scan reads it.  After the fdatasync ingest also offers the
-   group's journaled payloads (`PayloadHandoff`), so a step need not read
-   them back (distribution.py rule 7).
+   while the scan reads it.  After the fdatasync ingest offers the group's
+   payloads to it (`PayloadHandoff`, distribution.py rule 7).
 9. Control socket ``DATA/run/appliance.sock`` (JSON lines, like the host's):
    ``{"cmd": "status"}`` → per CG ``durable_seq`` and ``distribution`` (applied
    seq, lag in records and seconds, state); ``{"cmd": "wake", "cg": CG}``
@@ -96,6 +95,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from nicsplit.appliance.idlewatch import IdleWatch
 from nicsplit.core import failpoints as _fp
 from nicsplit.recovery.distribution import NICE, CatalogMembers, CGDistribution, journaled_payloads
 from nicsplit.journal.writer import AppendResult, BatchRejected, Journal, JournalError, JournalStatistics
@@ -640,25 +640,35 @@ class _Connection:
         await self.close_with(F.Error(drop.code, drop.reason[: F.MAX_STRING]) if drop.code is not None else None)
 
     async def _read_loop(self) -> None:
-        idle = self.app.cfg.idle_timeout
-        while True:
-            try:
-                data = await asyncio.wait_for(self.reader.read(256 * 1024), idle)
-            except asyncio.TimeoutError:
-                raise _Drop(f"peer silent for {idle:g}s (no frames or heartbeats)", F.ErrorCode.PROTOCOL) from None
-            except (ConnectionError, ssl.SSLError, OSError) as e:
-                raise _Drop(f"read failed: {e}", None) from None
-            try:
-                self.dec.receive_data(data)
-                while (frame := self.dec.next_event()) is not F.NEED_DATA:
-                    if isinstance(frame, F.Heartbeat):
-                        continue  # liveness only; reading it reset the idle timer
-                    await self.queue.put(frame)
-            except F.FrameError as e:
-                raise _Drop(f"protocol error: {e}", F.ErrorCode.PROTOCOL) from None
-            if not data:
-                await self.queue.put(_EOF)
-                return
+        idle, task = self.app.cfg.idle_timeout, asyncio.current_task()
+        assert task is not None
+        watch = IdleWatch(asyncio.get_running_loop(), task, idle)  # a silent peer: one read pending idle s
+        try:
+            while True:
+                watch.reading()
+                try:
+                    data = await self.reader.read(256 * 1024)
+                except (ConnectionError, ssl.SSLError, OSError) as e:
+                    raise _Drop(f"read failed: {e}", None) from None
+                watch.read_done()
+                try:
+                    self.dec.receive_data(data)
+                    while (frame := self.dec.next_event()) is not F.NEED_DATA:
+                        if isinstance(frame, F.Heartbeat):
+                            continue  # liveness only; reading it reset the idle timer
+                        await self.queue.put(frame)
+                except F.FrameError as e:
+                    raise _Drop(f"protocol error: {e}", F.ErrorCode.PROTOCOL) from None
+                if not data:
+                    await self.queue.put(_EOF)
+                    return
+        except asyncio.CancelledError:
+            if not watch.fired:
+                raise
+            task.uncancel()
+            raise _Drop(f"peer silent for {idle:g}s (no frames or heartbeats)", F.ErrorCode.PROTOCOL) from None
+        finally:
+            watch.close()
 
     async def _heartbeat_loop(self) -> None:
         while True:
