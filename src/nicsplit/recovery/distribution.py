@@ -14,7 +14,8 @@ replacement per step) until it has caught up, and waits again.  It also wakes
 every `WAKE_INTERVAL` seconds on its own, which is how it notices a failover
 (below) or a catalog change when no writes arrive.  While less than a full
 step waits, a cycle starts at most every `STEP_INTERVAL` after the previous
-one: a step's fsyncs cost the same for 5 records as for 1024.
+one, and inside a cycle a step follows another only while a full step
+waits: a step's fsyncs cost the same for 5 records as for 1024.
 
 Rules
 -----
