@@ -123,7 +123,7 @@ def timed(fn, profile: bool):
     text = None
     if prof:
         s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+        pstats.Stats(prof, stream=s).sort_stats(os.environ.get("APP_SORT", "tottime")).print_stats(int(os.environ.get("APP_N", "25")))
         text = s.getvalue()
     return n, cpu, text
 

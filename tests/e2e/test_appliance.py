@@ -381,3 +381,37 @@ def test_commit_window_must_be_a_sane_integer(adata: Path):
     cfg.write_text(cfg.read_text().replace("commit_window_us = 2000\n", "commit_window_us = -1\n"))
     p = appliance_cli(adata, "appliance", "run", "--listen", "127.0.0.1:0", check=False)
     assert p.returncode != 0 and "commit_window_us = -1: must be an integer 0..1000000" in p.stderr
+
+
+def test_a_silent_card_is_dropped_and_a_talking_one_is_not(adata: Path, appliance, rng):
+    """[appliance] idle_timeout: a card that sends nothing (no frame, no
+    heartbeat) for that long gets Error(PROTOCOL) "peer silent"; one that
+    keeps sending batches and heartbeats stays connected longer than that."""
+    cfg = adata / "nicsplit.toml"
+    text = cfg.read_text()
+    assert "idle_timeout = 30\n" in text
+    cfg.write_text(text.replace("idle_timeout = 30\n", "idle_timeout = 0.6\n"))
+    app = appliance()
+    ids = vdisk_ids(adata)
+    k = key(adata)
+    with card(adata, app) as c:  # talking: a batch or a heartbeat every 0.2 s for 1.8 s
+        c.hello(("db",))
+        recs = writes(ids, 1, 4, rng)
+        for i in range(9):
+            if i < 4:
+                c.send(make_batch(i + 1, "db", [recs[i]], k))
+                ack = c.recv()
+                assert isinstance(ack, F.Ack) and ack.last_seq == i + 1, ack
+            else:
+                c.send(F.Heartbeat(i))
+            time.sleep(0.2)  # ok-sleep: the card's pace is what is tested
+        c.send(make_batch(5, "db", writes(ids, 5, 1, rng), k))
+        ack = c.recv()
+        assert isinstance(ack, F.Ack) and ack.last_seq == 5, ack
+    with card(adata, app) as c:  # silent after its Hello
+        c.hello(("db",))
+        t0 = time.monotonic()
+        err = c.recv()
+        took = time.monotonic() - t0
+        assert isinstance(err, F.Error) and err.code == F.ErrorCode.PROTOCOL and "peer silent" in err.message, err
+        assert 0.5 <= took < 5, took

@@ -56,7 +56,8 @@ Rules
    index (what distribution, and later image access, work from) is built
    when the journal opens and refreshed by the ingest worker after each group
    commit, under the CG's lock: then no append extends or rolls a segment
-   while the scan reads it.
+   while the scan reads it.  After the fdatasync ingest offers the group's
+   payloads to it (`PayloadHandoff`, distribution.py rule 7).
 9. Control socket ``DATA/run/appliance.sock`` (JSON lines, like the host's):
    ``{"cmd": "status"}`` → per CG ``durable_seq`` and ``distribution`` (applied
    seq, lag in records and seconds, state); ``{"cmd": "wake", "cg": CG}``
@@ -94,8 +95,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from nicsplit.appliance.idlewatch import IdleWatch
 from nicsplit.core import failpoints as _fp
-from nicsplit.recovery.distribution import NICE, CatalogMembers, CGDistribution
+from nicsplit.recovery.distribution import NICE, CatalogMembers, CGDistribution, journaled_payloads
 from nicsplit.journal.writer import AppendResult, BatchRejected, Journal, JournalError, JournalStatistics
 from nicsplit.recovery.pits import PitError
 from nicsplit.recovery.blockindex import BlockIndex
@@ -371,7 +373,8 @@ class Appliance:
             cgs[cg] = {"durable_seq": j.durable_seq, "last_seq": j.last_seq,
                        "distribution": d.statistics().to_json() if d is not None else None,
                        "retention": t.last.to_json() if t is not None and t.last is not None else None}
-        return {"pid": os.getpid(), "id": self.id, "cgs": cgs}
+        return {"pid": os.getpid(), "id": self.id, "cgs": cgs,
+                "counts": {k: self._counts[k] for k in ("batches", "group_commits", "duplicates")}}
 
     async def _control_request(self, req: dict) -> dict:
         """A control-socket request (rule 9), decoded by `nicsplit.core.ctl`."""
@@ -451,8 +454,10 @@ class Appliance:
                         f"CGs exist already ([appliance] max_unknown_cgs = {self.cfg.max_unknown_cgs})",
                         F.ErrorCode.UNKNOWN_CG)
 
-    def _ingest(self, j: Journal, b: F.Batch, *, sync: bool = True) -> AppendResult:
-        """Worker thread: unseal, decode, append (durable on return)."""
+    def _ingest(self, j: Journal, b: F.Batch, *, sync: bool = True, keep: list | None = None) -> AppendResult:
+        """Worker thread: unseal, decode, append (durable on return; with
+        ``sync=False`` after `Journal.sync`).  ``keep``: the decoded records
+        are appended to it (the distribution handoff, rule 8)."""
         try:
             plain = F.unseal(b.body, self.key, F.batch_aad(b))
         except F.FrameError as e:
@@ -461,6 +466,8 @@ class Appliance:
             records = decode_wire_records(plain)  # views of plain: stored as they are (wirerecords.py)
         except F.FrameError as e:
             raise _Drop(f"batch {b.batch_id} of {b.cg}: bad records: {e}", F.ErrorCode.BAD_BATCH) from None
+        if keep is not None:
+            keep.append(records)
         try:
             return j.append_batch(b, records, sync=sync)
         except BatchRejected as e:
@@ -474,9 +481,11 @@ class Appliance:
         cg = batches[0].cg
         idx = self.indexes.get(cg)
         fed = idx is not None
+        dist = self.distribution.get(cg)
+        decoded: list | None = [] if dist is not None else None
         try:
             for b in batches:
-                res = self._ingest(j, b, sync=False)
+                res = self._ingest(j, b, sync=False, keep=decoded)
                 results.append(res)
                 if fed and res.batch is not None:
                     fed = self._feed_index(cg, idx, res)  # the writer's own heads: nothing read back
@@ -492,6 +501,8 @@ class Appliance:
             finally:
                 if refresh is not None:
                     refresh.result()
+        if dist is not None:  # durable now: the thread takes these instead of reading them back
+            dist.handoff.offer(journaled_payloads(results, decoded))
         return results
 
     async def ingest(self, b: F.Batch) -> AppendResult:
@@ -578,9 +589,10 @@ class _Connection:
         self._tasks: list[asyncio.Task] = []
         self._wlock = asyncio.Lock()
 
-    async def send(self, frame: F.Frame) -> None:
+    async def send(self, *frames: F.Frame) -> None:
+        """Frames in order, with one write (a group's acks: one TLS record and syscall)."""
         async with self._wlock:
-            self.writer.write(F.encode(frame))
+            self.writer.write(b"".join(map(F.encode, frames)) if len(frames) > 1 else F.encode(frames[0]))
             await self.writer.drain()
 
     async def close_with(self, frame: F.Frame | None) -> None:
@@ -628,25 +640,35 @@ class _Connection:
         await self.close_with(F.Error(drop.code, drop.reason[: F.MAX_STRING]) if drop.code is not None else None)
 
     async def _read_loop(self) -> None:
-        idle = self.app.cfg.idle_timeout
-        while True:
-            try:
-                data = await asyncio.wait_for(self.reader.read(256 * 1024), idle)
-            except asyncio.TimeoutError:
-                raise _Drop(f"peer silent for {idle:g}s (no frames or heartbeats)", F.ErrorCode.PROTOCOL) from None
-            except (ConnectionError, ssl.SSLError, OSError) as e:
-                raise _Drop(f"read failed: {e}", None) from None
-            try:
-                self.dec.receive_data(data)
-                while (frame := self.dec.next_event()) is not F.NEED_DATA:
-                    if isinstance(frame, F.Heartbeat):
-                        continue  # liveness only; reading it reset the idle timer
-                    await self.queue.put(frame)
-            except F.FrameError as e:
-                raise _Drop(f"protocol error: {e}", F.ErrorCode.PROTOCOL) from None
-            if not data:
-                await self.queue.put(_EOF)
-                return
+        idle, task = self.app.cfg.idle_timeout, asyncio.current_task()
+        assert task is not None
+        watch = IdleWatch(asyncio.get_running_loop(), task, idle)  # a silent peer: one read pending idle s
+        try:
+            while True:
+                watch.reading()
+                try:
+                    data = await self.reader.read(256 * 1024)
+                except (ConnectionError, ssl.SSLError, OSError) as e:
+                    raise _Drop(f"read failed: {e}", None) from None
+                watch.read_done()
+                try:
+                    self.dec.receive_data(data)
+                    while (frame := self.dec.next_event()) is not F.NEED_DATA:
+                        if isinstance(frame, F.Heartbeat):
+                            continue  # liveness only; reading it reset the idle timer
+                        await self.queue.put(frame)
+                except F.FrameError as e:
+                    raise _Drop(f"protocol error: {e}", F.ErrorCode.PROTOCOL) from None
+                if not data:
+                    await self.queue.put(_EOF)
+                    return
+        except asyncio.CancelledError:
+            if not watch.fired:
+                raise
+            task.uncancel()
+            raise _Drop(f"peer silent for {idle:g}s (no frames or heartbeats)", F.ErrorCode.PROTOCOL) from None
+        finally:
+            watch.close()
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -749,14 +771,17 @@ class _Connection:
         results = await self.app.ingest_group(group)
         if _FP:
             _fp.hit("appliance.after-fsync")  # durable, not yet acked
-        self.app._counts["group_commits"] += 1
+        counts = self.app._counts
+        counts["group_commits"] += 1
+        counts["batches"] += len(group)
+        debug = log.isEnabledFor(logging.DEBUG)
         for b, result in zip(group, results, strict=True):
-            self.app._counts["batches"] += 1
             if not result.applied:
-                self.app._counts["duplicates"] += 1
-            log.debug("batch %d of %s seqs %d..%d %s", b.batch_id, b.cg, b.first_seq, b.last_seq,
-                      "journaled" if result.applied else "duplicate")
-            await self.send(F.Ack(b.batch_id, b.cg, b.last_seq, True, result.known))
+                counts["duplicates"] += 1
+            if debug:
+                log.debug("batch %d of %s seqs %d..%d %s", b.batch_id, b.cg, b.first_seq, b.last_seq,
+                          "journaled" if result.applied else "duplicate")
+        await self.send(*(F.Ack(b.batch_id, b.cg, b.last_seq, True, r.known) for b, r in zip(group, results)))
 
 
 def run(cfg: ServerConfig) -> int:

@@ -149,11 +149,12 @@ class Distributor:
     def __init__(self, journal_dir: str | Path, replica_dir: str | Path, vdisks: Iterable[VdiskLike], *,
                  index: BlockIndex | None = None, journal: Any | None = None,
                  failpoint: Callable[[str], None] | None = None, refresh: bool = True,
-                 keyring: Any = "auto") -> None:
+                 keyring: Any = "auto", handoff: Any | None = None) -> None:
         """``refresh=False``: the index's owner refreshes it (the appliance,
         after each group commit, while no append runs); steps never do.
         ``keyring``: seals new images and undo entries (at-rest encryption);
-        "auto" = the data directory's keyring."""
+        "auto" = the data directory's keyring.  ``handoff``: payloads ingest
+        just journaled (`distribution.PayloadHandoff`), taken before reading."""
         self.journal_dir = Path(journal_dir)
         self.dir = Path(replica_dir)
         self._refresh = refresh
@@ -161,6 +162,7 @@ class Distributor:
         self.index = index if index is not None else shared_index(self.journal_dir)
         self.failpoint = failpoint
         self._src = RecordSource(self.journal_dir, journal)
+        self._handoff = handoff
         created = not self.dir.exists()
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if created:
@@ -514,7 +516,7 @@ class Distributor:
             return 0
         mine = [o for o in range(first, last) if ix.rec_vdisk[o] in self._imgs]
         self._skipped += (last - first) - len(mine)
-        payloads = self._src.read_many([(ix.rec_seg[o], ix.rec_pos[o], ix.rec_seq[o], ix.rec_len[o]) for o in mine])
+        payloads = self._payloads(mine)
         whole = True  # every record covers whole blocks: the coalesced path (`coalesce`)
         for o in mine:
             seq, vid, off, length = ix.rec_seq[o], ix.rec_vdisk[o], ix.rec_off[o], ix.rec_len[o]
@@ -552,6 +554,21 @@ class Distributor:
         self._undo_end = end
         self._applied += len(mine)
         return last - first
+
+    def _payloads(self, mine: list[int]) -> list[Any]:
+        """The payloads of records ``mine`` (ordinals): what the handoff
+        holds, the rest read from the journal."""
+        ix = self.index
+        if self._handoff is None:
+            return self._src.read_many([(ix.rec_seg[o], ix.rec_pos[o], ix.rec_seq[o], ix.rec_len[o]) for o in mine])
+        got = self._handoff.take([ix.rec_seq[o] for o in mine])
+        miss = [i for i, p in enumerate(got) if p is None]
+        if miss:
+            read = self._src.read_many([(ix.rec_seg[o], ix.rec_pos[o], ix.rec_seq[o], ix.rec_len[o])
+                                        for o in (mine[i] for i in miss)])
+            for i, p in zip(miss, read):
+                got[i] = p
+        return got
 
     def _image_written(self) -> None:
         self._fp("image-written")

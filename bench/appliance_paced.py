@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""One paced end-to-end run with the appliance's CPU taken apart (issue 9):
+`keepup.e2e_phase` (``nicsplit up``, fio 4 KiB randwrite QD16 on two 1 GiB
+vdisks of one CG, paced), plus per write the appliance's event-loop thread
+and its other threads (user and system CPU from ``/proc/PID/task``), the
+distribution thread's CPU, its steps and records per step, the payloads it
+took from ingest's handoff or read back, and the batches and group commits
+(the appliance's ``status``; zero on a tree without ``counts``).
+
+Not part of ``make bench``: run it against two trees alternately for a
+before/after (``PYTHONPATH=OTHER/src``; only paired runs count on a shared
+box).  One JSON line per run:
+
+    PYTHONPATH=src .venv/bin/python bench/appliance_paced.py [--seconds 20] [--rate 4000] [--tag NAME]
+        [--sections '{"appliance": {"commit_window_us": 8000}}']
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import keepup  # noqa: E402
+import nicsplit  # noqa: E402
+from nicsplit.core.ctl import request  # noqa: E402
+from nicsplit.core.layout import Layout  # noqa: E402
+from nicsplit.testing.datadir import init_data  # noqa: E402
+from nicsplit.testing.procs import UpProcess, run_cli, wait_for  # noqa: E402
+
+
+def appliance_status(data: Path, cg: str) -> dict:
+    st = (request(Layout(data).appliance_sock, {"cmd": "status"}) or {}).get("status") or {}
+    out = dict(((st.get("cgs") or {}).get(cg) or {}).get("distribution") or {})
+    out.update({"c_" + k: v for k, v in (st.get("counts") or {}).items()})
+    return out
+
+
+def threads(pid: int) -> dict[int, tuple[int, int]]:
+    """(utime, stime) in clock ticks per thread id."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            f = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        out[int(tid)] = (int(f[11]), int(f[12]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--rate", type=int, default=4000)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--sections", type=json.loads, default=None)
+    a = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as t:
+        work = Path(t)
+        data = init_data(work / "data", validate=False, sections=a.sections)
+        run_cli(data, "cg", "create", "paced")
+        for v in ("p1", "p2"):
+            run_cli(data, "vdisk", "create", v, "--size", "1G", "--cg", "paced")
+        with UpProcess(data) as up:
+            wait_for(lambda: keepup.cg_state(data, "paced").get("state") == "protected", 60, "protected")
+            pid = up.pid_of("appliance")
+            t0, d0, la0 = threads(pid), appliance_status(data, "paced"), os.getloadavg()[0]
+            r = keepup.e2e_phase(data, up, "paced", ["p1", "p2"], seconds=a.seconds, rate=a.rate, work=work)
+            d1, t1, la1 = appliance_status(data, "paced"), threads(pid), os.getloadavg()[0]
+    w = max(1, r["writes"])
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def per_write(ticks: int) -> float:
+        return round(1e6 * ticks / hz / w, 1)
+
+    loop = [b - a for a, b in zip(t0.get(pid, (0, 0)), t1.get(pid, (0, 0)))]
+    rest = [sum(v[i] - t0.get(tid, (0, 0))[i] for tid, v in t1.items() if tid != pid) for i in (0, 1)]
+    c = r["cpu_us_per_write"]
+    steps = d1.get("steps", 0) - d0.get("steps", 0)
+
+    def delta(k: str) -> int:
+        return d1.get(k, 0) - d0.get(k, 0)
+
+    print(json.dumps({
+        "tag": a.tag, "src": os.path.dirname(nicsplit.__file__), "iops": round(r["iops"]),
+        "host": round(c["host"], 1), "card_work": round(c["card_work"], 1), "appliance": round(c["appliance"], 1),
+        "loop_user": per_write(loop[0]), "loop_sys": per_write(loop[1]),
+        "threads_user": per_write(rest[0]), "threads_sys": per_write(rest[1]),
+        "distribution": round(1e6 * (d1.get("cpu_seconds", 0) - d0.get("cpu_seconds", 0)) / w, 1),
+        "steps": steps, "records_per_step": round(delta("records_applied") / max(1, steps), 1),
+        "payloads_handed": delta("payloads_handed"), "payloads_read": delta("payloads_read"),
+        "batches": delta("c_batches"), "group_commits": delta("c_group_commits"),
+        "ratio": round(r["card_plus_appliance_over_host"], 2), "rpo_p99_s": r["rpo_p99_s"],
+        "states": r["states_seen"], "load": [round(la0, 1), round(la1, 1)],
+    }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
