@@ -170,6 +170,19 @@ class Dedup:
         return (encode_record_fields(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, r.data, r.refs),
                 len(r.data), len(r.refs))
 
+    @property
+    def known(self) -> "OrderedDict[tuple[str, bytes], int] | None":
+        """The known set ((CG, fingerprint) → when learned), for a caller
+        that checks a run of 4 KiB blocks itself (`counted` then counts
+        them); None when dedup is off."""
+        return self._known if self.enabled else None
+
+    def counted(self, records: int, blocks: int) -> None:
+        """``records`` records (``blocks`` full blocks fingerprinted, none
+        known) that the caller encoded as `encode` would have."""
+        self._records += records
+        self._blocks += blocks
+
     def statistics(self) -> DedupStats:
         return DedupStats(
             enabled=self.enabled, records=self._records, blocks=self._blocks, ref_blocks=self._refs,

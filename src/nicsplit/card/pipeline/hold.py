@@ -210,14 +210,34 @@ class Hold:
     def outcome(self, o: Outcome, now_ns: int) -> None:
         slot = self._by_io.pop(o.io_id, None)
         if slot is not None:
-            if o.status == _OK:  # (`_resolve` inline for the common outcome)
-                slot[_STATE] = _COMMITTED
-                self._committed += 1
-            else:
-                self._resolve(slot, o.io_id, o.status)
             lane = slot[_LANE]
-            if slot[_R].write.cg_seq == lane.next:  # below the head nothing can move
-                self._advance(lane, now_ns)
+            r = slot[_R]
+            seq = r.write.cg_seq
+            if o.status != _OK:
+                self._resolve(slot, o.io_id, o.status)
+                if seq == lane.next:
+                    self._advance(lane, now_ns)
+                return
+            # `_resolve` and `_advance` inline for the common outcome: the
+            # head of its lane committed (outcomes come in seq order)
+            slot[_STATE] = _COMMITTED
+            self._committed += 1
+            if seq != lane.next:  # below the head nothing can move
+                return
+            slots = lane.slots
+            del slots[seq]
+            seq += 1
+            lane.next = seq
+            self._ready.append(r)
+            if seq in slots:
+                if slots[seq][_STATE] != _PENDING:
+                    self._advance(lane, now_ns)  # it moves at least one more: its gap clock as before
+                else:
+                    lane.blocked_ns = None  # the new head is pending: nothing is missing
+            elif slots:
+                lane.blocked_ns = now_ns  # the gap clock starts when this seq became the one missing
+            else:
+                lane.blocked_ns = None
         else:
             self._early[o.io_id] = (o.status, now_ns)
             if len(self._early) > self.max_writes:

@@ -40,12 +40,15 @@ Example::
 
 from __future__ import annotations
 
+import struct
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from nicsplit.core.records import BLOCK_SIZE, AugmentedWrite, Op, Outcome
-from nicsplit.wire.frames import Batch, batch_aad
+from xxhash import xxh3_128_digest as _fp128  # = frames.fingerprint, without its wrapper call
+
+from nicsplit.wire.frames import RECORD_HEAD, Batch, batch_aad
 
 from .batch import Batcher, BatchStats, Pending
 from .compress import Compressor, CompressStats
@@ -103,6 +106,10 @@ class PipelineStats:
     released: int  # payloads released to the transport
     lost: int  # writes reported via on_lost (resolve reject, timeout, late, full)
     full: bool
+
+
+_head = RECORD_HEAD.pack
+_RH = RECORD_HEAD.size  # an encoded record's head: its size is at most this plus its payload
 
 
 class CardPipeline:
@@ -264,32 +271,99 @@ class CardPipeline:
     def _pump_direct(self, now_ns: int) -> None:
         """`pump` with merging off (the default): each committed write goes
         from hold to dedup and into the batcher as an encoded record, with no
-        `Item` or `Record` in between (``Dedup.encode``,
-        ``Batcher.add_encoded``): the same batch bytes, a fraction of the
-        per-write calls."""
+        `Item` or `Record` in between: the same batch bytes, a fraction of
+        the per-write calls.
+
+        Runs: while the head of hold's ready queue belongs to a CG with an
+        open batch, its writes are encoded here and appended straight to
+        that batch (`Batcher.open_run`), one `Batcher.run_added` per run,
+        as long as each record surely leaves the batch open (its size is
+        at most ``RECORD_HEAD.size`` + its payload). A new 4 KiB block is
+        fingerprinted and encoded inline; anything else (a known block,
+        several blocks, a field out of range) takes ``Dedup.encode``. The
+        record that opens or closes a batch goes through
+        ``Batcher.add_encoded``, so batches close where they always did."""
         hold, dedup, batcher = self.hold, self.dedup, self.batcher
         ready = hold.ready
         popleft, encode, add = ready.popleft, dedup.encode, batcher.add_encoded
+        open_run, run_room, run_added = batcher.open_run, batcher.run_room, batcher.run_added
+        known = dedup.known
+        get = known.get if known is not None else None
         write_op = Op.WRITE
         n = nbytes = 0
         try:
             while True:
                 self._ship(now_ns)
-                if batcher.full:
+                if batcher.full or not ready:
                     return
-                while ready:
-                    r = popleft()
-                    w = r.write
-                    data = w.data if (w.op == write_op and w.data is not None) else b""
-                    n += 1
-                    nbytes += r.nbytes  # = len(data): resolve checked a WRITE's payload, the rest carry none
-                    cg = r.cg
-                    enc, kept, refs = encode(cg, w.cg_seq, w.io_id, w.vdisk_id, w.op, w.flags, w.voffset, w.length,
+                r = ready[0]
+                cg = r.cg
+                ob = open_run(cg)
+                if ob is not None and r.write.cg_seq > ob.last_seq:
+                    room_b, room_n = run_room(ob)
+                    enc_append, io_append = ob.encoded.append, ob.io_ids.append
+                    k = inline = used = kept = refs = 0
+                    last, t_min, t_max = ob.last_seq, ob.t_min, ob.t_max
+                    while k < room_n and ready:
+                        r = ready[0]
+                        length = r.nbytes  # = len(data): resolve checked a WRITE's payload, the rest carry none
+                        if r.cg != cg or used + _RH + length >= room_b:
+                            break
+                        w = r.write
+                        seq = w.cg_seq
+                        if seq <= last:
+                            break  # `add_encoded` says why
+                        popleft()
+                        if length == BLOCK_SIZE and get is not None:
+                            data = w.data
+                            fp = _fp128(data)
+                            if get((cg, fp)) is None:  # a new block (the steady case): `Dedup.encode` inline
+                                try:
+                                    enc = _head(seq, w.io_id, w.vdisk_id, w.op, w.flags, w.voffset, length,
+                                                w.timestamp_ns, 0, length) + data
+                                    size, d_kept, d_refs = _RH + length, length, 0
+                                    inline += 1
+                                except struct.error:  # a field out of range: `encode` names it
+                                    enc, d_kept, d_refs = encode(cg, seq, w.io_id, w.vdisk_id, w.op, w.flags,
+                                                                 w.voffset, w.length, w.timestamp_ns, data)
+                                    size = len(enc)
+                            else:
+                                enc, d_kept, d_refs = encode(cg, seq, w.io_id, w.vdisk_id, w.op, w.flags, w.voffset,
+                                                             w.length, w.timestamp_ns, data)
+                                size = len(enc)
+                        else:
+                            data = w.data if (w.op == write_op and w.data is not None) else b""
+                            enc, d_kept, d_refs = encode(cg, seq, w.io_id, w.vdisk_id, w.op, w.flags, w.voffset,
+                                                         w.length, w.timestamp_ns, data)
+                            size = len(enc)
+                        enc_append(enc)
+                        io_append(w.io_id)
+                        k += 1
+                        n += 1
+                        nbytes += length
+                        used += size
+                        kept += d_kept
+                        refs += d_refs
+                        last = seq
+                        t = w.timestamp_ns
+                        if t < t_min:
+                            t_min = t
+                        elif t > t_max:
+                            t_max = t
+                    if k:
+                        run_added(ob, k, last, t_min, t_max, used, kept, refs)
+                        if inline:
+                            dedup.counted(inline, inline)  # new 4 KiB blocks encoded here (`encode` counts its own)
+                        continue
+                # one record the general way: it opens or closes a batch (or breaks a run's rule)
+                r = popleft()
+                w = r.write
+                data = w.data if (w.op == write_op and w.data is not None) else b""
+                n += 1
+                nbytes += r.nbytes
+                enc, d_kept, d_refs = encode(cg, w.cg_seq, w.io_id, w.vdisk_id, w.op, w.flags, w.voffset, w.length,
                                              w.timestamp_ns, data)
-                    if add(cg, w.cg_seq, w.timestamp_ns, enc, w.io_id, kept, refs, now_ns):
-                        break  # ship a closed batch before building the next
-                else:
-                    return  # hold has nothing ready
+                add(cg, w.cg_seq, w.timestamp_ns, enc, w.io_id, d_kept, d_refs, now_ns)
         finally:
             if n:  # what `Hold.pop_ready` and `Merger.push` would have counted one by one
                 hold.took(n, nbytes)
