@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import collections
 import os
+from itertools import chain
 
 from nicsplit.core import failpoints as _fp
 from nicsplit.card.handoff import H, REFUSED, SLEEPING, Handoff
 from nicsplit.card.transports.ring_endpoint import RingEndpoint
 from nicsplit.card.transports.ring_shared import (
     CQ_HEAD, DATA_HEAD, DATA_TAIL, FAILED, K_OUTCOME, K_WRITE, M32, OK, R_FULL, SQ_HEAD, SQ_TAIL,
-    cqe_pack, fence, reason_name,
+    cqe_pack, desc_unpack, fence, reason_name,
 )
 from nicsplit.wire import ring as R
 
@@ -99,115 +100,114 @@ class RingAcker(RingEndpoint):
         cq_n, cq_room = self._cq_n, self._cq_n - (cq_tail - self._cq_head_c)
         size, expect = self._dsize, self._data_expect
         n = min(avail, max_entries, room)
-        acked = refused = 0
+        acked = refused = nbytes = 0
         # The descriptors are read in bulk (iter_unpack over at most two runs
         # of SQ slots: the SQ wraps) and copied into the handoff queue a run
         # at a time (`copy`: a run breaks at a dropped entry, at either
         # queue's wrap and at the end); the acks of the round are published
         # with one CQ_TAIL store before any of its entries is handed off.
-        first = head & self._sq_mask
+        sq_mask = self._sq_mask
+        first = head & sq_mask
         last = first + n
-        sq_runs = ((first, last),) if last <= self._sq_n else ((first, self._sq_n), (0, last - self._sq_n))
+        descs = (desc_unpack(sq, first << 6),) if n == 1 else desc_iter(sq[first << 6: last << 6]) \
+            if last <= self._sq_n else chain(
+            desc_iter(sq[first << 6:]), desc_iter(sq[: (last - self._sq_n) << 6]))
         run_sq = run_s = run_k = 0  # the pending copy: SQ slot, handoff slot, entries
-        for lo, hi in sq_runs:
-            i = lo
-            for (kind, wflags, dflags, status, length, io_id, cg_seq, cg_id, vdisk_id, voffset, ts, data_pos,
-                 csum, seq) in desc_iter(sq[lo << 6: hi << 6]):
-                s = produced & hmask
-                if kind == K_WRITE and seq == head & M32 and not (wflags & _BAD_WF or dflags & _BAD_DF or status) \
-                        and length:  # `check_fields` inline for the common entry
-                    reason = 0
-                elif kind == K_OUTCOME:
-                    reason = R.check_fields(kind, wflags, dflags, status, length, data_pos, csum, seq, head)
-                    if reason:
-                        self._n_bad += 1
-                        self._warn("ring: bad outcome for io %d at %d: %s (dropped)", io_id, head,
-                                   reason_name(reason))
-                        if run_k:
-                            slots[run_s << 6: (run_s + run_k) << 6] = sq[run_sq << 6: (run_sq + run_k) << 6]
-                            run_k = 0
-                    else:
-                        self._n_outcomes += 1
-                        if run_k and s == 0:  # the handoff queue wraps: copy what is pending first
-                            slots[run_s << 6: (run_s + run_k) << 6] = sq[run_sq << 6: (run_sq + run_k) << 6]
-                            run_k = 0
-                        if not run_k:
-                            run_sq, run_s = i, s
-                        run_k += 1
-                        ends[s] = 0
-                        flags[s] = 0
-                        produced += 1
-                    head += 1
-                    i += 1
-                    continue
+        for (kind, wflags, dflags, status, length, io_id, cg_seq, cg_id, vdisk_id, voffset, ts, data_pos,
+             csum, seq) in descs:
+            i = head & sq_mask
+            if run_k and not i:  # the SQ wraps: copy what is pending first
+                slots[run_s << 6: (run_s + run_k) << 6] = sq[run_sq << 6: (run_sq + run_k) << 6]
+                run_k = 0
+            s = produced & hmask
+            if kind == K_WRITE and seq == head & M32 and not (wflags & _BAD_WF or dflags & _BAD_DF or status) \
+                    and length:  # `check_fields` inline for the common entry
+                reason = 0
+            elif kind == K_OUTCOME:
+                reason = R.check_fields(kind, wflags, dflags, status, length, data_pos, csum, seq, head)
+                if reason:
+                    self._n_bad += 1
+                    self._warn("ring: bad outcome for io %d at %d: %s (dropped)", io_id, head,
+                               reason_name(reason))
+                    if run_k:
+                        slots[run_s << 6: (run_s + run_k) << 6] = sq[run_sq << 6: (run_sq + run_k) << 6]
+                        run_k = 0
                 else:
-                    reason = R.check_fields(kind, wflags, dflags, status, length, data_pos, csum, seq, head)
-                if not cq_room:
-                    self._cq_head_c = c[CQ_HEAD]
-                    cq_room = cq_n - (cq_tail - self._cq_head_c)
-                    if not cq_room:
-                        self._n_cq_full += 1
-                        self.blocked = True
-                        break  # leave the rest in the SQ until the host drains the CQ
-                if full and not reason:
-                    reason = R_FULL
-                track = False
-                if (not reason or reason == R_FULL) and kind == K_WRITE:
-                    # the payload: inside what the host published, right after the last accepted one,
-                    # not across the wrap (`RingEndpoint._check_payload`; its checksum is the worker's)
-                    if (expect <= data_pos and data_pos - expect < size and data_pos + length <= data_tail
-                            and data_pos % size + length <= size):
-                        track = True
-                        if not reason and io_id in live:
-                            reason = R_DUPLICATE
-                    else:
-                        reason = R_BAD_RANGE
-                cqe_pack(cq, (cq_tail & cq_mask) << 4, io_id, FAILED if reason else OK, reason, 0, cq_tail & M32)
-                cq_tail += 1
-                cq_room -= 1
-                # A refused entry goes on too when its seq is real (its payload
-                # space to free, or refused FULL): the worker's hold skips the seq.
-                if track or not reason or reason == R_FULL:
-                    if run_k and s == 0:
+                    self._n_outcomes += 1
+                    if run_k and s == 0:  # the handoff queue wraps: copy what is pending first
                         slots[run_s << 6: (run_s + run_k) << 6] = sq[run_sq << 6: (run_sq + run_k) << 6]
                         run_k = 0
                     if not run_k:
                         run_sq, run_s = i, s
                     run_k += 1
-                    if track:
-                        expect = ends[s] = data_pos + length
-                        if not reason:
-                            live[io_id] = produced
-                            order.append((produced, io_id))
-                    else:
-                        ends[s] = 0
-                    flags[s] = REFUSED if reason else 0
+                    ends[s] = 0
+                    flags[s] = 0
                     produced += 1
-                elif run_k:  # dropped: the copy run ends here
+                head += 1
+                continue
+            else:
+                reason = R.check_fields(kind, wflags, dflags, status, length, data_pos, csum, seq, head)
+            if not cq_room:
+                self._cq_head_c = c[CQ_HEAD]
+                cq_room = cq_n - (cq_tail - self._cq_head_c)
+                if not cq_room:
+                    self._n_cq_full += 1
+                    self.blocked = True
+                    break  # leave the rest in the SQ until the host drains the CQ
+            if full and not reason:
+                reason = R_FULL
+            track = False
+            if (not reason or reason == R_FULL) and kind == K_WRITE:
+                # the payload: inside what the host published, right after the last accepted one,
+                # not across the wrap (`RingEndpoint._check_payload`; its checksum is the worker's)
+                if (expect <= data_pos and data_pos - expect < size and data_pos + length <= data_tail
+                        and data_pos % size + length <= size):
+                    track = True
+                    if not reason and io_id in live:
+                        reason = R_DUPLICATE
+                else:
+                    reason = R_BAD_RANGE
+            cqe_pack(cq, (cq_tail & cq_mask) << 4, io_id, FAILED if reason else OK, reason, 0, cq_tail & M32)
+            cq_tail += 1
+            cq_room -= 1
+            # A refused entry goes on too when its seq is real (its payload
+            # space to free, or refused FULL): the worker's hold skips the seq.
+            if track or not reason or reason == R_FULL:
+                if run_k and s == 0:
                     slots[run_s << 6: (run_s + run_k) << 6] = sq[run_sq << 6: (run_sq + run_k) << 6]
                     run_k = 0
-                if reason:
-                    refused += 1
-                    if length and self.on_refused is not None:
-                        self.on_refused(io_id, vdisk_id, voffset, length, reason_name(reason))
-                    if reason == R_FULL:
-                        self._n_refused_full += 1
-                    else:
-                        self._n_bad += 1
-                        self._warn("ring: refused io %d at %d (kind %d, %d bytes at %d): %s", io_id, head, kind,
-                                   length, data_pos, reason_name(reason))
+                if not run_k:
+                    run_sq, run_s = i, s
+                run_k += 1
+                if track:
+                    expect = ends[s] = data_pos + length
+                    if not reason:
+                        live[io_id] = produced
+                        order.append((produced, io_id))
                 else:
-                    acked += 1
-                    self._n_writes += 1
-                    if kind == K_WRITE:
-                        self._n_bytes += length
-                head += 1
-                i += 1
-            if run_k:  # the end of an SQ run
+                    ends[s] = 0
+                flags[s] = REFUSED if reason else 0
+                produced += 1
+            elif run_k:  # dropped: the copy run ends here
                 slots[run_s << 6: (run_s + run_k) << 6] = sq[run_sq << 6: (run_sq + run_k) << 6]
                 run_k = 0
-            if self.blocked:
-                break
+            if reason:
+                refused += 1
+                if length and self.on_refused is not None:
+                    self.on_refused(io_id, vdisk_id, voffset, length, reason_name(reason))
+                if reason == R_FULL:
+                    self._n_refused_full += 1
+                else:
+                    self._n_bad += 1
+                    self._warn("ring: refused io %d at %d (kind %d, %d bytes at %d): %s", io_id, head, kind,
+                               length, data_pos, reason_name(reason))
+            else:
+                acked += 1
+                if kind == K_WRITE:
+                    nbytes += length
+            head += 1
+        if run_k:
+            slots[run_s << 6: (run_s + run_k) << 6] = sq[run_sq << 6: (run_sq + run_k) << 6]
         if cq_tail != cq_tail0:
             self._cq_tail = cq_tail
             c[CQ_TAIL_I] = cq_tail  # the round's acks are out before any of its entries is handed off
@@ -220,6 +220,8 @@ class RingAcker(RingEndpoint):
         self._n_entries += consumed
         if acked:
             hc[_ACKED] += acked
+            self._n_writes += acked
+            self._n_bytes += nbytes
         if refused:
             hc[_REF] += refused
         if produced != hc[_P]:
