@@ -186,6 +186,43 @@ class Hold:
         else:
             self._advance(lane, now_ns)
 
+    def add_many(self, rs: list[Resolved], now_ns: int) -> None:
+        """`add` for each of ``rs``, in order: one call for a poll's writes.
+        The common write (its lane started, hold not full, its seq free and
+        not below ``next``, no early outcome waiting) is placed here inline;
+        any other takes `add`."""
+        if self._early:  # an outcome may wait for one of them: `add` looks
+            for r in rs:
+                self.add(r, now_ns)
+            return
+        lanes, by_io = self._lanes, self._by_io
+        max_w, max_b = self.max_writes, self.max_bytes
+        count, nbytes = self._count, self._bytes
+        lane_id = lane = slots = None
+        for r in rs:
+            w = r.write
+            if w.cg_id != lane_id:
+                lane_id = w.cg_id
+                lane = lanes.get(lane_id)
+                slots = None if lane is None else lane.slots
+            seq = w.cg_seq
+            if lane is None or count >= max_w or nbytes >= max_b or seq < lane.next or seq in slots:
+                self._count, self._bytes = count, nbytes
+                self.add(r, now_ns)  # a new lane, full, late or repeated: `add` says what happens
+                count, nbytes = self._count, self._bytes
+                lane_id = None  # (`add` may have started the lane)
+                continue
+            slot = slots[seq] = [r, _PENDING, now_ns, lane]
+            by_io[w.io_id] = slot
+            count += 1
+            nbytes += r.nbytes
+            nxt = lane.next
+            if seq == nxt or nxt in slots:  # the head is pending: nothing moves, nothing is missing
+                lane.blocked_ns = None
+            else:
+                self._advance(lane, now_ns)
+        self._count, self._bytes = count, nbytes
+
     def reject(self, cg_id: int, seq: int, now_ns: int) -> None:
         """Resolve dropped this seq: it is resolved without being shipped."""
         lane = self._lane(cg_id, seq, now_ns)

@@ -154,7 +154,7 @@ class CardPipeline:
         # One loop over the whole poll with everything bound locally: this is
         # the card's per-write steady path (calls per write are its cost).
         hold, resolver = self.hold, self.resolver
-        outcome, add, resolve = hold.outcome, hold.add, resolver.resolve
+        outcome, add_many, resolve = hold.outcome, hold.add_many, resolver.resolve
         lookup = resolver.catalog.lookup
         refused = self.window.refused_cgs
         payload_ios, cgs = self._payload_ios, self._cgs
@@ -168,54 +168,71 @@ class CardPipeline:
         # two calls per write.
         r_vd = r_cgid = r_cg = r_vdisk = None
         r_size = -1
-        n_fast = 0
+        n_fast = n_writes = n_outcomes = bytes_in = 0
         runs = self.resolve_runs
-        for e in entries:
-            if e.__class__ is Outcome:  # (not type(e): an attribute costs no call)
-                self._outcomes += 1
-                outcome(e, now_ns)
-                continue
-            self._writes += 1
-            r = None
-            if e.vdisk_id == r_vd and e.cg_id == r_cgid and e.op == write_op:
-                data, off, length = e.data, e.voffset, e.length
-                if data is not None and len(data) == length and off >= 0 and off + length <= r_size:
-                    n_fast += 1
-                    r = Resolved(e, r_cg, r_vdisk, length)
-            if r is None:  # resolve itself (it may refresh the catalog: the run starts again)
-                r = resolve(e)
-                r_vd = None
-                if r is not None and runs:
-                    found = lookup(e.vdisk_id)
-                    if found is not None and found[0] == r.cg:
-                        r_vd, r_cgid, r_cg, r_vdisk, r_size = e.vdisk_id, e.cg_id, r.cg, r.vdisk, found[2]
-            if r is None or (refused and r.cg in refused):
-                # resolve dropped it, or the appliance refuses this CG: lost
-                # (its host marks) rather than filling the window
-                data = e.data
-                if data is not None and e.op == write_op:  # (even empty: the transport holds it)
-                    n = len(data)
-                    self._bytes_in += n
-                    payload_ios[e.io_id] = (None, n)
-                self._lost(e)  # acked to the host, never shipped: its region must be resynced (P1)
-                self._release(e.io_id)
-                hold.reject(e.cg_id, e.cg_seq, now_ns)
-                continue
-            cg = r.cg
-            n = r.nbytes  # a WRITE's payload length (resolve checked it), else 0
-            if n:  # acknowledged and not yet durable: the CG's RPO in bytes
-                self._bytes_in += n
-                payload_ios[e.io_id] = (cg, n)
-                if cg is not a_cg:
-                    a_cg, a = cg, self._cg_bytes(cg)
-                a.pending += n
-                if not from_log:
-                    a.in_bytes += n
-            elif e.op == write_op and e.data is not None:  # an empty WRITE: the transport holds it too
-                payload_ios[e.io_id] = (None, 0)
-            if cg not in cgs:
-                cgs[cg] = None
-            add(r, now_ns)
+        # Writes for hold, given to it in one call (`Hold.add_many`) before
+        # anything that must see them there: an outcome, a dropped write's
+        # seq, the end of the poll.
+        adds: list[Resolved] = []
+        try:
+            for e in entries:
+                if e.__class__ is Outcome:  # (not type(e): an attribute costs no call)
+                    n_outcomes += 1
+                    if adds:
+                        add_many(adds, now_ns)
+                        adds.clear()
+                    outcome(e, now_ns)
+                    continue
+                n_writes += 1
+                r = None
+                if e.vdisk_id == r_vd and e.cg_id == r_cgid and e.op == write_op:
+                    data, off, length = e.data, e.voffset, e.length
+                    if data is not None and len(data) == length and off >= 0 and off + length <= r_size:
+                        n_fast += 1
+                        r = Resolved(e, r_cg, r_vdisk, length)
+                if r is None:  # resolve itself (it may refresh the catalog: the run starts again)
+                    r = resolve(e)
+                    r_vd = None
+                    if r is not None and runs:
+                        found = lookup(e.vdisk_id)
+                        if found is not None and found[0] == r.cg:
+                            r_vd, r_cgid, r_cg, r_vdisk, r_size = e.vdisk_id, e.cg_id, r.cg, r.vdisk, found[2]
+                if r is None or (refused and r.cg in refused):
+                    # resolve dropped it, or the appliance refuses this CG: lost
+                    # (its host marks) rather than filling the window
+                    if adds:
+                        add_many(adds, now_ns)
+                        adds.clear()
+                    data = e.data
+                    if data is not None and e.op == write_op:  # (even empty: the transport holds it)
+                        n = len(data)
+                        bytes_in += n
+                        payload_ios[e.io_id] = (None, n)
+                    self._lost(e)  # acked to the host, never shipped: its region must be resynced (P1)
+                    self._release(e.io_id)
+                    hold.reject(e.cg_id, e.cg_seq, now_ns)
+                    continue
+                cg = r.cg
+                n = r.nbytes  # a WRITE's payload length (resolve checked it), else 0
+                if n:  # acknowledged and not yet durable: the CG's RPO in bytes
+                    bytes_in += n
+                    payload_ios[e.io_id] = (cg, n)
+                    if cg is not a_cg:
+                        a_cg, a = cg, self._cg_bytes(cg)
+                    a.pending += n
+                    if not from_log:
+                        a.in_bytes += n
+                elif e.op == write_op and e.data is not None:  # an empty WRITE: the transport holds it too
+                    payload_ios[e.io_id] = (None, 0)
+                if cg not in cgs:
+                    cgs[cg] = None
+                adds.append(r)
+            if adds:
+                add_many(adds, now_ns)
+        finally:
+            self._writes += n_writes
+            self._outcomes += n_outcomes
+            self._bytes_in += bytes_in
         if n_fast:
             resolver.passed(n_fast)
         self.pump(now_ns)
