@@ -89,8 +89,20 @@ class Dedup:
             return
         known = self._known
         now = monotonic_ns()
-        for fp in fps:
-            key = (cg, fp)
+        keys = [(cg, fp) for fp in fps]
+        if len(set(keys)) == len(keys) and not known.keys() & keys:
+            # All new and distinct (a durable batch of new blocks, the steady
+            # case): inserted in order in one C call, the oldest forgotten.
+            known.update(dict.fromkeys(keys, now))
+            self._learned += len(keys)
+            over = len(known) - self.known_max
+            if over > 0:
+                pop = known.popitem
+                for _ in range(over):
+                    pop(last=False)
+                self._evicted += over
+            return
+        for key in keys:
             if key in known:
                 known[key] = now  # a newer copy: the horizon starts again
                 known.move_to_end(key)
