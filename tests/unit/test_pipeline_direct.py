@@ -218,3 +218,65 @@ def test_runs_of_one_vdisk_resolve_as_resolve_does(seed):
     r = st["resolve"]
     assert r["resolved"] and r["dropped_out_of_range"] and r["dropped_bad_payload"] and fast.lost
     assert cats[0].refreshes == cats[1].refreshes > 3
+
+
+@pytest.mark.parametrize("seed", [31, 32, 33])
+def test_runs_into_an_open_batch_match_record_by_record(seed, monkeypatch):
+    """The steady shape (4 KiB writes of a few CGs, outcomes in order, some
+    dedup hits, a ZERO now and then, batches that close by size, count and
+    delay): the direct path appends runs of records straight to a CG's open
+    batch (`Batcher.open_run`) and must send what the staged path sends
+    record by record. Most records must take the run (else this tests
+    nothing): `Batcher.add_encoded` is counted on the direct side."""
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    cfg = PipelineConfig(batch_records=rng.choice([16, 64, 4096]), batch_bytes=rng.choice([60_000, 256 << 10]),
+                         batch_delay_us=rng.choice([300, 2000]), batch_max_ready=rng.choice([1, 4]),
+                         ship_window=rng.choice([2, 64]), hold_max_writes=10_000, outcome_timeout_ms=50)
+    print(cfg)
+    direct, staged = Side(cfg, True), Side(cfg, False)
+    from nicsplit.card.pipeline.batch import Batcher  # the class whose per-record call is counted here
+    calls = {"add_encoded": 0}
+    real = Batcher.add_encoded
+
+    def counted(self, *a, **k):
+        if self is direct.p.batcher:
+            calls["add_encoded"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Batcher, "add_encoded", counted)
+    blocks = [rng.randbytes(4096) for _ in range(4)]
+    seqs = {1: 0, 2: 0, 3: 0}
+    io = t = 0
+    for _ in range(60):
+        entries: list = []
+        for _ in range(rng.randrange(1, 4)):
+            vdisk = rng.choice([1, 3, 4])
+            cg_id = CG_ID[vdisk]
+            for _ in range(rng.randrange(1, 50)):
+                io += 1
+                seqs[cg_id] += 1
+                if rng.random() < 0.03:
+                    w = write(io, seqs[cg_id], cg_id=cg_id, vdisk_id=vdisk, offset=0, op=Op.ZERO, length=8192,
+                              ts=rng.randrange(1, 10**6))
+                else:
+                    data = rng.choice(blocks) if rng.random() < 0.1 else rng.randbytes(4096)
+                    w = write(io, seqs[cg_id], cg_id=cg_id, vdisk_id=vdisk, offset=rng.randrange(0, 256) * 4096,
+                              data=data, ts=rng.randrange(1, 10**6))
+                entries += [w, Outcome(io, Status.COMMITTED)]
+        t += rng.randrange(0, 3 * MS)
+        deliver = rng.random() < 0.7
+        for side in (direct, staged):
+            side.step(entries, t, deliver)
+        assert direct.observed() == staged.observed(), f"seed {seed}: diverged at t={t}"
+    t += 100 * MS
+    for side in (direct, staged):
+        side.p.tick(t)
+        side.p.drain(t)
+        side.deliver(t)
+    a = direct.observed()
+    assert a == staged.observed()
+    st = a["stats"]
+    assert st["dedup"]["ref_blocks"] and a["held"] == []
+    print(f"{calls['add_encoded']} of {st['batch']['records']} records by add_encoded")
+    assert calls["add_encoded"] < st["batch"]["records"] / 3, "the runs were not taken"

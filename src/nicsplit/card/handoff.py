@@ -93,6 +93,11 @@ class H:
 
 
 _MAGIC = int.from_bytes(b"NSHANDOF", "little")
+# advance_floor: flag byte -> 1 where RELEASED is clear (the first unfinished
+# position), 0 where set; scanned _SCAN bytes at a time (4 KiB: a copy that
+# costs less than one Python step, and the common run is a batch of ~60).
+_UNRELEASED = bytes(0 if f & RELEASED else 1 for f in range(256))
+_SCAN = 4096
 
 
 @dataclass(frozen=True)
@@ -161,18 +166,32 @@ class Handoff:
 
     def advance_floor(self, consumed: int, data_head: Callable[[int], None]) -> int:
         """Move the floor over finished positions below ``consumed``; tell
-        ``data_head`` the end of the last finished payload, if any moved."""
-        c, flags, ends, mask = self.c, self.flags, self.ends, self.mask
-        floor = c[H.FLOOR // 8]
-        end = 0
-        while floor < consumed and flags[floor & mask] & RELEASED:
-            e = ends[floor & mask]
-            if e:
-                end = e
-            floor += 1
+        ``data_head`` the end of the last finished payload, if any moved.
+
+        The finished run is found a chunk of flag bytes at a time in C
+        (``bytes.translate`` + ``find``), not by a Python step per position:
+        a durable batch finishes ~60 positions at once."""
+        c, flags, ends, mask, n = self.c, self.flags, self.ends, self.mask, self.n
+        start = floor = c[H.FLOOR // 8]
+        while floor < consumed:
+            s = floor & mask
+            k = min(consumed - floor, n - s, _SCAN)  # one run of slots, not across the wrap
+            i = flags[s: s + k].tobytes().translate(_UNRELEASED).find(1)
+            if i < 0:
+                floor += k
+                continue
+            floor += i
+            break
+        if floor == start:
+            return floor
         c[H.FLOOR // 8] = floor
-        if end:
-            data_head(end)
+        pos = floor - 1  # the end of the last finished payload: the newest position below the floor with one
+        while pos >= start:
+            e = ends[pos & mask]
+            if e:
+                data_head(e)
+                break
+            pos -= 1
         return floor
 
     def unfinished(self) -> Iterator[tuple[int, tuple]]:

@@ -205,6 +205,35 @@ class Batcher:
         self._close(cg, now_ns)
         return len(self._ready)
 
+    def open_run(self, cg: str) -> "_Open | None":
+        """The CG's open batch, for a caller that appends a run of encoded
+        records straight to its ``encoded`` and ``io_ids`` lists (no call
+        per record) and then calls `run_added`; None when there is none or
+        batches close after every record (``batch_delay_us = 0``): use
+        `add_encoded`. The caller keeps the run inside what `add_encoded`
+        would take without closing: ``nbytes + size < batch_bytes`` and
+        ``n + 1 < batch_records`` after each record (see `run_room`), seqs
+        ascending after ``last_seq``."""
+        return self._open.get(cg) if self.delay_ns else None
+
+    def run_room(self, ob: "_Open") -> tuple[int, int]:
+        """(bytes, records) a run may add to ``ob`` and leave it open: every
+        record's size must stay below what is left of the bytes, and the
+        run's count at most the records."""
+        return self.batch_bytes - ob.nbytes, self.batch_records - ob.n - 1
+
+    def run_added(self, ob: "_Open", k: int, last_seq: int, t_min: int, t_max: int, nbytes: int,
+                  data_bytes: int, ref_blocks: int) -> None:
+        """Count a run of ``k`` records appended to ``ob`` (`open_run`)."""
+        ob.last_seq = last_seq
+        ob.t_min = t_min
+        ob.t_max = t_max
+        ob.nbytes += nbytes
+        ob.data_bytes += data_bytes
+        ob.ref_blocks += ref_blocks
+        ob.n += k
+        self._records += k
+
     def tick(self, now_ns: int) -> None:
         if self._open:
             for cg in [cg for cg, ob in self._open.items() if now_ns - ob.t_open_ns >= self.delay_ns]:

@@ -89,8 +89,20 @@ class Dedup:
             return
         known = self._known
         now = monotonic_ns()
-        for fp in fps:
-            key = (cg, fp)
+        keys = [(cg, fp) for fp in fps]
+        if len(set(keys)) == len(keys) and not known.keys() & keys:
+            # All new and distinct (a durable batch of new blocks, the steady
+            # case): inserted in order in one C call, the oldest forgotten.
+            known.update(dict.fromkeys(keys, now))
+            self._learned += len(keys)
+            over = len(known) - self.known_max
+            if over > 0:
+                pop = known.popitem
+                for _ in range(over):
+                    pop(last=False)
+                self._evicted += over
+            return
+        for key in keys:
             if key in known:
                 known[key] = now  # a newer copy: the horizon starts again
                 known.move_to_end(key)
@@ -169,6 +181,19 @@ class Dedup:
         self._records -= 1  # counted above
         return (encode_record_fields(seq, io_id, vdisk_id, op, flags, offset, length, time_ns, r.data, r.refs),
                 len(r.data), len(r.refs))
+
+    @property
+    def known(self) -> "OrderedDict[tuple[str, bytes], int] | None":
+        """The known set ((CG, fingerprint) → when learned), for a caller
+        that checks a run of 4 KiB blocks itself (`counted` then counts
+        them); None when dedup is off."""
+        return self._known if self.enabled else None
+
+    def counted(self, records: int, blocks: int) -> None:
+        """``records`` records (``blocks`` full blocks fingerprinted, none
+        known) that the caller encoded as `encode` would have."""
+        self._records += records
+        self._blocks += blocks
 
     def statistics(self) -> DedupStats:
         return DedupStats(

@@ -186,6 +186,43 @@ class Hold:
         else:
             self._advance(lane, now_ns)
 
+    def add_many(self, rs: list[Resolved], now_ns: int) -> None:
+        """`add` for each of ``rs``, in order: one call for a poll's writes.
+        The common write (its lane started, hold not full, its seq free and
+        not below ``next``, no early outcome waiting) is placed here inline;
+        any other takes `add`."""
+        if self._early:  # an outcome may wait for one of them: `add` looks
+            for r in rs:
+                self.add(r, now_ns)
+            return
+        lanes, by_io = self._lanes, self._by_io
+        max_w, max_b = self.max_writes, self.max_bytes
+        count, nbytes = self._count, self._bytes
+        lane_id = lane = slots = None
+        for r in rs:
+            w = r.write
+            if w.cg_id != lane_id:
+                lane_id = w.cg_id
+                lane = lanes.get(lane_id)
+                slots = None if lane is None else lane.slots
+            seq = w.cg_seq
+            if lane is None or count >= max_w or nbytes >= max_b or seq < lane.next or seq in slots:
+                self._count, self._bytes = count, nbytes
+                self.add(r, now_ns)  # a new lane, full, late or repeated: `add` says what happens
+                count, nbytes = self._count, self._bytes
+                lane_id = None  # (`add` may have started the lane)
+                continue
+            slot = slots[seq] = [r, _PENDING, now_ns, lane]
+            by_io[w.io_id] = slot
+            count += 1
+            nbytes += r.nbytes
+            nxt = lane.next
+            if seq == nxt or nxt in slots:  # the head is pending: nothing moves, nothing is missing
+                lane.blocked_ns = None
+            else:
+                self._advance(lane, now_ns)
+        self._count, self._bytes = count, nbytes
+
     def reject(self, cg_id: int, seq: int, now_ns: int) -> None:
         """Resolve dropped this seq: it is resolved without being shipped."""
         lane = self._lane(cg_id, seq, now_ns)
@@ -210,14 +247,34 @@ class Hold:
     def outcome(self, o: Outcome, now_ns: int) -> None:
         slot = self._by_io.pop(o.io_id, None)
         if slot is not None:
-            if o.status == _OK:  # (`_resolve` inline for the common outcome)
-                slot[_STATE] = _COMMITTED
-                self._committed += 1
-            else:
-                self._resolve(slot, o.io_id, o.status)
             lane = slot[_LANE]
-            if slot[_R].write.cg_seq == lane.next:  # below the head nothing can move
-                self._advance(lane, now_ns)
+            r = slot[_R]
+            seq = r.write.cg_seq
+            if o.status != _OK:
+                self._resolve(slot, o.io_id, o.status)
+                if seq == lane.next:
+                    self._advance(lane, now_ns)
+                return
+            # `_resolve` and `_advance` inline for the common outcome: the
+            # head of its lane committed (outcomes come in seq order)
+            slot[_STATE] = _COMMITTED
+            self._committed += 1
+            if seq != lane.next:  # below the head nothing can move
+                return
+            slots = lane.slots
+            del slots[seq]
+            seq += 1
+            lane.next = seq
+            self._ready.append(r)
+            if seq in slots:
+                if slots[seq][_STATE] != _PENDING:
+                    self._advance(lane, now_ns)  # it moves at least one more: its gap clock as before
+                else:
+                    lane.blocked_ns = None  # the new head is pending: nothing is missing
+            elif slots:
+                lane.blocked_ns = now_ns  # the gap clock starts when this seq became the one missing
+            else:
+                lane.blocked_ns = None
         else:
             self._early[o.io_id] = (o.status, now_ns)
             if len(self._early) > self.max_writes:

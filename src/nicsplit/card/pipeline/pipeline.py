@@ -40,12 +40,15 @@ Example::
 
 from __future__ import annotations
 
+import struct
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from nicsplit.core.records import BLOCK_SIZE, AugmentedWrite, Op, Outcome
-from nicsplit.wire.frames import Batch, batch_aad
+from xxhash import xxh3_128_digest as _fp128  # = frames.fingerprint, without its wrapper call
+
+from nicsplit.wire.frames import RECORD_HEAD, Batch, batch_aad
 
 from .batch import Batcher, BatchStats, Pending
 from .compress import Compressor, CompressStats
@@ -105,6 +108,10 @@ class PipelineStats:
     full: bool
 
 
+_head = RECORD_HEAD.pack
+_RH = RECORD_HEAD.size  # an encoded record's head: its size is at most this plus its payload
+
+
 class CardPipeline:
     def __init__(
         self,
@@ -147,7 +154,7 @@ class CardPipeline:
         # One loop over the whole poll with everything bound locally: this is
         # the card's per-write steady path (calls per write are its cost).
         hold, resolver = self.hold, self.resolver
-        outcome, add, resolve = hold.outcome, hold.add, resolver.resolve
+        outcome, add_many, resolve = hold.outcome, hold.add_many, resolver.resolve
         lookup = resolver.catalog.lookup
         refused = self.window.refused_cgs
         payload_ios, cgs = self._payload_ios, self._cgs
@@ -161,54 +168,71 @@ class CardPipeline:
         # two calls per write.
         r_vd = r_cgid = r_cg = r_vdisk = None
         r_size = -1
-        n_fast = 0
+        n_fast = n_writes = n_outcomes = bytes_in = 0
         runs = self.resolve_runs
-        for e in entries:
-            if e.__class__ is Outcome:  # (not type(e): an attribute costs no call)
-                self._outcomes += 1
-                outcome(e, now_ns)
-                continue
-            self._writes += 1
-            r = None
-            if e.vdisk_id == r_vd and e.cg_id == r_cgid and e.op == write_op:
-                data, off, length = e.data, e.voffset, e.length
-                if data is not None and len(data) == length and off >= 0 and off + length <= r_size:
-                    n_fast += 1
-                    r = Resolved(e, r_cg, r_vdisk, length)
-            if r is None:  # resolve itself (it may refresh the catalog: the run starts again)
-                r = resolve(e)
-                r_vd = None
-                if r is not None and runs:
-                    found = lookup(e.vdisk_id)
-                    if found is not None and found[0] == r.cg:
-                        r_vd, r_cgid, r_cg, r_vdisk, r_size = e.vdisk_id, e.cg_id, r.cg, r.vdisk, found[2]
-            if r is None or (refused and r.cg in refused):
-                # resolve dropped it, or the appliance refuses this CG: lost
-                # (its host marks) rather than filling the window
-                data = e.data
-                if data is not None and e.op == write_op:  # (even empty: the transport holds it)
-                    n = len(data)
-                    self._bytes_in += n
-                    payload_ios[e.io_id] = (None, n)
-                self._lost(e)  # acked to the host, never shipped: its region must be resynced (P1)
-                self._release(e.io_id)
-                hold.reject(e.cg_id, e.cg_seq, now_ns)
-                continue
-            cg = r.cg
-            n = r.nbytes  # a WRITE's payload length (resolve checked it), else 0
-            if n:  # acknowledged and not yet durable: the CG's RPO in bytes
-                self._bytes_in += n
-                payload_ios[e.io_id] = (cg, n)
-                if cg is not a_cg:
-                    a_cg, a = cg, self._cg_bytes(cg)
-                a.pending += n
-                if not from_log:
-                    a.in_bytes += n
-            elif e.op == write_op and e.data is not None:  # an empty WRITE: the transport holds it too
-                payload_ios[e.io_id] = (None, 0)
-            if cg not in cgs:
-                cgs[cg] = None
-            add(r, now_ns)
+        # Writes for hold, given to it in one call (`Hold.add_many`) before
+        # anything that must see them there: an outcome, a dropped write's
+        # seq, the end of the poll.
+        adds: list[Resolved] = []
+        try:
+            for e in entries:
+                if e.__class__ is Outcome:  # (not type(e): an attribute costs no call)
+                    n_outcomes += 1
+                    if adds:
+                        add_many(adds, now_ns)
+                        adds.clear()
+                    outcome(e, now_ns)
+                    continue
+                n_writes += 1
+                r = None
+                if e.vdisk_id == r_vd and e.cg_id == r_cgid and e.op == write_op:
+                    data, off, length = e.data, e.voffset, e.length
+                    if data is not None and len(data) == length and off >= 0 and off + length <= r_size:
+                        n_fast += 1
+                        r = Resolved(e, r_cg, r_vdisk, length)
+                if r is None:  # resolve itself (it may refresh the catalog: the run starts again)
+                    r = resolve(e)
+                    r_vd = None
+                    if r is not None and runs:
+                        found = lookup(e.vdisk_id)
+                        if found is not None and found[0] == r.cg:
+                            r_vd, r_cgid, r_cg, r_vdisk, r_size = e.vdisk_id, e.cg_id, r.cg, r.vdisk, found[2]
+                if r is None or (refused and r.cg in refused):
+                    # resolve dropped it, or the appliance refuses this CG: lost
+                    # (its host marks) rather than filling the window
+                    if adds:
+                        add_many(adds, now_ns)
+                        adds.clear()
+                    data = e.data
+                    if data is not None and e.op == write_op:  # (even empty: the transport holds it)
+                        n = len(data)
+                        bytes_in += n
+                        payload_ios[e.io_id] = (None, n)
+                    self._lost(e)  # acked to the host, never shipped: its region must be resynced (P1)
+                    self._release(e.io_id)
+                    hold.reject(e.cg_id, e.cg_seq, now_ns)
+                    continue
+                cg = r.cg
+                n = r.nbytes  # a WRITE's payload length (resolve checked it), else 0
+                if n:  # acknowledged and not yet durable: the CG's RPO in bytes
+                    bytes_in += n
+                    payload_ios[e.io_id] = (cg, n)
+                    if cg is not a_cg:
+                        a_cg, a = cg, self._cg_bytes(cg)
+                    a.pending += n
+                    if not from_log:
+                        a.in_bytes += n
+                elif e.op == write_op and e.data is not None:  # an empty WRITE: the transport holds it too
+                    payload_ios[e.io_id] = (None, 0)
+                if cg not in cgs:
+                    cgs[cg] = None
+                adds.append(r)
+            if adds:
+                add_many(adds, now_ns)
+        finally:
+            self._writes += n_writes
+            self._outcomes += n_outcomes
+            self._bytes_in += bytes_in
         if n_fast:
             resolver.passed(n_fast)
         self.pump(now_ns)
@@ -264,32 +288,99 @@ class CardPipeline:
     def _pump_direct(self, now_ns: int) -> None:
         """`pump` with merging off (the default): each committed write goes
         from hold to dedup and into the batcher as an encoded record, with no
-        `Item` or `Record` in between (``Dedup.encode``,
-        ``Batcher.add_encoded``): the same batch bytes, a fraction of the
-        per-write calls."""
+        `Item` or `Record` in between: the same batch bytes, a fraction of
+        the per-write calls.
+
+        Runs: while the head of hold's ready queue belongs to a CG with an
+        open batch, its writes are encoded here and appended straight to
+        that batch (`Batcher.open_run`), one `Batcher.run_added` per run,
+        as long as each record surely leaves the batch open (its size is
+        at most ``RECORD_HEAD.size`` + its payload). A new 4 KiB block is
+        fingerprinted and encoded inline; anything else (a known block,
+        several blocks, a field out of range) takes ``Dedup.encode``. The
+        record that opens or closes a batch goes through
+        ``Batcher.add_encoded``, so batches close where they always did."""
         hold, dedup, batcher = self.hold, self.dedup, self.batcher
         ready = hold.ready
         popleft, encode, add = ready.popleft, dedup.encode, batcher.add_encoded
+        open_run, run_room, run_added = batcher.open_run, batcher.run_room, batcher.run_added
+        known = dedup.known
+        get = known.get if known is not None else None
         write_op = Op.WRITE
         n = nbytes = 0
         try:
             while True:
                 self._ship(now_ns)
-                if batcher.full:
+                if batcher.full or not ready:
                     return
-                while ready:
-                    r = popleft()
-                    w = r.write
-                    data = w.data if (w.op == write_op and w.data is not None) else b""
-                    n += 1
-                    nbytes += r.nbytes  # = len(data): resolve checked a WRITE's payload, the rest carry none
-                    cg = r.cg
-                    enc, kept, refs = encode(cg, w.cg_seq, w.io_id, w.vdisk_id, w.op, w.flags, w.voffset, w.length,
+                r = ready[0]
+                cg = r.cg
+                ob = open_run(cg)
+                if ob is not None and r.write.cg_seq > ob.last_seq:
+                    room_b, room_n = run_room(ob)
+                    enc_append, io_append = ob.encoded.append, ob.io_ids.append
+                    k = inline = used = kept = refs = 0
+                    last, t_min, t_max = ob.last_seq, ob.t_min, ob.t_max
+                    while k < room_n and ready:
+                        r = ready[0]
+                        length = r.nbytes  # = len(data): resolve checked a WRITE's payload, the rest carry none
+                        if r.cg != cg or used + _RH + length >= room_b:
+                            break
+                        w = r.write
+                        seq = w.cg_seq
+                        if seq <= last:
+                            break  # `add_encoded` says why
+                        popleft()
+                        if length == BLOCK_SIZE and get is not None:
+                            data = w.data
+                            fp = _fp128(data)
+                            if get((cg, fp)) is None:  # a new block (the steady case): `Dedup.encode` inline
+                                try:
+                                    enc = _head(seq, w.io_id, w.vdisk_id, w.op, w.flags, w.voffset, length,
+                                                w.timestamp_ns, 0, length) + data
+                                    size, d_kept, d_refs = _RH + length, length, 0
+                                    inline += 1
+                                except struct.error:  # a field out of range: `encode` names it
+                                    enc, d_kept, d_refs = encode(cg, seq, w.io_id, w.vdisk_id, w.op, w.flags,
+                                                                 w.voffset, w.length, w.timestamp_ns, data)
+                                    size = len(enc)
+                            else:
+                                enc, d_kept, d_refs = encode(cg, seq, w.io_id, w.vdisk_id, w.op, w.flags, w.voffset,
+                                                             w.length, w.timestamp_ns, data)
+                                size = len(enc)
+                        else:
+                            data = w.data if (w.op == write_op and w.data is not None) else b""
+                            enc, d_kept, d_refs = encode(cg, seq, w.io_id, w.vdisk_id, w.op, w.flags, w.voffset,
+                                                         w.length, w.timestamp_ns, data)
+                            size = len(enc)
+                        enc_append(enc)
+                        io_append(w.io_id)
+                        k += 1
+                        n += 1
+                        nbytes += length
+                        used += size
+                        kept += d_kept
+                        refs += d_refs
+                        last = seq
+                        t = w.timestamp_ns
+                        if t < t_min:
+                            t_min = t
+                        elif t > t_max:
+                            t_max = t
+                    if k:
+                        run_added(ob, k, last, t_min, t_max, used, kept, refs)
+                        if inline:
+                            dedup.counted(inline, inline)  # new 4 KiB blocks encoded here (`encode` counts its own)
+                        continue
+                # one record the general way: it opens or closes a batch (or breaks a run's rule)
+                r = popleft()
+                w = r.write
+                data = w.data if (w.op == write_op and w.data is not None) else b""
+                n += 1
+                nbytes += r.nbytes
+                enc, d_kept, d_refs = encode(cg, w.cg_seq, w.io_id, w.vdisk_id, w.op, w.flags, w.voffset, w.length,
                                              w.timestamp_ns, data)
-                    if add(cg, w.cg_seq, w.timestamp_ns, enc, w.io_id, kept, refs, now_ns):
-                        break  # ship a closed batch before building the next
-                else:
-                    return  # hold has nothing ready
+                add(cg, w.cg_seq, w.timestamp_ns, enc, w.io_id, d_kept, d_refs, now_ns)
         finally:
             if n:  # what `Hold.pop_ready` and `Merger.push` would have counted one by one
                 hold.took(n, nbytes)

@@ -6,8 +6,13 @@ worker's side is `HandoffEndpoint`.
 It owns what the host attaches to (the hidden volume, the doorbell and the
 control socket, all from `RingEndpoint`) and keeps it across worker
 restarts. Per entry it does what the inline `RingEndpoint.poll` does up to
-the ack (field checks, payload range) and then one 64-byte copy; it builds
-no Python object per write.
+the ack (field checks, payload range; the common WRITE's checks inline);
+it builds no Python object per write. It works a *round* at a time (what
+the SQ holds, up to ``max_entries``): the descriptors are read in bulk
+(``iter_unpack``), the round's acks are published with one CQ_TAIL store,
+and only then is the round handed to the worker (its descriptors copied a
+run at a time, one PRODUCED store). At QD1 a round is one entry, as before;
+in a burst the first ack waits for the round's checks (~1 µs an entry).
 
 The payload checksum is not on the ack path: hashing a 1 MiB payload here
 cost ~70 µs of every 1 MiB ack (issue 9, docs/benchmarks.md). The acker
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import os
+from itertools import chain
 
 from nicsplit.core import failpoints as _fp
 from nicsplit.card.handoff import H, REFUSED, SLEEPING, Handoff
@@ -89,59 +95,105 @@ class RingAcker(RingEndpoint):
         data_tail = c[DATA_TAIL]
         sq, cq = self._sq, self._cq
         slots, ends, flags, hmask = ho.slots, ho.ends, ho.flags, ho.mask
-        sq_mask, cq_mask = self._sq_mask, self._cq_mask
-        cq_tail = self._cq_tail
+        cq_mask = self._cq_mask
+        cq_tail = cq_tail0 = self._cq_tail
+        cq_n, cq_room = self._cq_n, self._cq_n - (cq_tail - self._cq_head_c)
+        size, expect = self._dsize, self._data_expect
         n = min(avail, max_entries, room)
-        acked = refused = 0
-        for _ in range(n):
-            at = (head & sq_mask) << 6
-            (kind, wflags, dflags, status, length, io_id, cg_seq, cg_id, vdisk_id, voffset, ts, data_pos,
-             csum, seq) = desc_unpack(sq, at)
+        acked = refused = nbytes = 0
+        # The descriptors are read in bulk (iter_unpack over at most two runs
+        # of SQ slots: the SQ wraps) and copied into the handoff queue a run
+        # at a time (`copy`: a run breaks at a dropped entry, at either
+        # queue's wrap and at the end); the acks of the round are published
+        # with one CQ_TAIL store before any of its entries is handed off.
+        sq_mask = self._sq_mask
+        first = head & sq_mask
+        last = first + n
+        descs = (desc_unpack(sq, first << 6),) if n == 1 else desc_iter(sq[first << 6: last << 6]) \
+            if last <= self._sq_n else chain(
+            desc_iter(sq[first << 6:]), desc_iter(sq[: (last - self._sq_n) << 6]))
+        run_sq = run_s = run_k = 0  # the pending copy: SQ slot, handoff slot, entries
+        for (kind, wflags, dflags, status, length, io_id, cg_seq, cg_id, vdisk_id, voffset, ts, data_pos,
+             csum, seq) in descs:
+            i = head & sq_mask
+            if run_k and not i:  # the SQ wraps: copy what is pending first
+                slots[run_s << 6: (run_s + run_k) << 6] = sq[run_sq << 6: (run_sq + run_k) << 6]
+                run_k = 0
             s = produced & hmask
-            if kind == K_OUTCOME:
-                reason = R.check_fields(kind, wflags, dflags, status, length, data_pos, csum, seq, head)
+            if kind == K_WRITE and seq == head & M32 and not (wflags & _BAD_WF or dflags & _BAD_DF or status) \
+                    and length:  # `check_fields` inline for the common entry
+                reason = 0
+            elif kind == K_OUTCOME:
+                if seq == head & M32 and status <= 1 and not (wflags or dflags or length or data_pos or csum):
+                    reason = 0  # `check_fields` inline for a well-formed outcome
+                else:
+                    reason = R.check_fields(kind, wflags, dflags, status, length, data_pos, csum, seq, head)
                 if reason:
                     self._n_bad += 1
-                    self._warn("ring: bad outcome for io %d at %d: %s (dropped)", io_id, head, reason_name(reason))
+                    self._warn("ring: bad outcome for io %d at %d: %s (dropped)", io_id, head,
+                               reason_name(reason))
+                    if run_k:
+                        slots[run_s << 6: (run_s + run_k) << 6] = sq[run_sq << 6: (run_sq + run_k) << 6]
+                        run_k = 0
                 else:
                     self._n_outcomes += 1
-                    slots[s << 6: (s << 6) + 64] = sq[at: at + 64]
+                    if run_k and s == 0:  # the handoff queue wraps: copy what is pending first
+                        slots[run_s << 6: (run_s + run_k) << 6] = sq[run_sq << 6: (run_sq + run_k) << 6]
+                        run_k = 0
+                    if not run_k:
+                        run_sq, run_s = i, s
+                    run_k += 1
                     ends[s] = 0
                     flags[s] = 0
                     produced += 1
                 head += 1
                 continue
-            if cq_tail - self._cq_head_c >= self._cq_n:
+            else:
+                reason = R.check_fields(kind, wflags, dflags, status, length, data_pos, csum, seq, head)
+            if not cq_room:
                 self._cq_head_c = c[CQ_HEAD]
-                if cq_tail - self._cq_head_c >= self._cq_n:
+                cq_room = cq_n - (cq_tail - self._cq_head_c)
+                if not cq_room:
                     self._n_cq_full += 1
                     self.blocked = True
                     break  # leave the rest in the SQ until the host drains the CQ
-            reason = R.check_fields(kind, wflags, dflags, status, length, data_pos, csum, seq, head)
             if full and not reason:
                 reason = R_FULL
             track = False
             if (not reason or reason == R_FULL) and kind == K_WRITE:
-                reason, track = self._check_payload(reason, data_pos, length, data_tail, dflags, csum)
-                if not reason and io_id in live:
-                    reason = R.AckReason.DUPLICATE
+                # the payload: inside what the host published, right after the last accepted one,
+                # not across the wrap (`RingEndpoint._check_payload`; its checksum is the worker's)
+                if (expect <= data_pos and data_pos - expect < size and data_pos + length <= data_tail
+                        and data_pos % size + length <= size):
+                    track = True
+                    if not reason and io_id in live:
+                        reason = R_DUPLICATE
+                else:
+                    reason = R_BAD_RANGE
             cqe_pack(cq, (cq_tail & cq_mask) << 4, io_id, FAILED if reason else OK, reason, 0, cq_tail & M32)
             cq_tail += 1
-            c[CQ_TAIL_I] = cq_tail  # the ack is out before we look at the next entry
-            if _FP:
-                _fp.hit("card.acker.after-ack")  # acked, not yet in the handoff queue
+            cq_room -= 1
             # A refused entry goes on too when its seq is real (its payload
             # space to free, or refused FULL): the worker's hold skips the seq.
             if track or not reason or reason == R_FULL:
-                slots[s << 6: (s << 6) + 64] = sq[at: at + 64]
-                ends[s] = data_pos + length if track else 0
+                if run_k and s == 0:
+                    slots[run_s << 6: (run_s + run_k) << 6] = sq[run_sq << 6: (run_sq + run_k) << 6]
+                    run_k = 0
+                if not run_k:
+                    run_sq, run_s = i, s
+                run_k += 1
+                if track:
+                    expect = ends[s] = data_pos + length
+                    if not reason:
+                        live[io_id] = produced
+                        order.append((produced, io_id))
+                else:
+                    ends[s] = 0
                 flags[s] = REFUSED if reason else 0
                 produced += 1
-                if track:
-                    self._data_expect = data_pos + length
-                    if not reason:
-                        live[io_id] = produced - 1
-                        order.append((produced - 1, io_id))
+            elif run_k:  # dropped: the copy run ends here
+                slots[run_s << 6: (run_s + run_k) << 6] = sq[run_sq << 6: (run_sq + run_k) << 6]
+                run_k = 0
             if reason:
                 refused += 1
                 if length and self.on_refused is not None:
@@ -154,21 +206,29 @@ class RingAcker(RingEndpoint):
                                length, data_pos, reason_name(reason))
             else:
                 acked += 1
-                self._n_writes += 1
                 if kind == K_WRITE:
-                    self._n_bytes += length
+                    nbytes += length
             head += 1
+        if run_k:
+            slots[run_s << 6: (run_s + run_k) << 6] = sq[run_sq << 6: (run_sq + run_k) << 6]
+        if cq_tail != cq_tail0:
+            self._cq_tail = cq_tail
+            c[CQ_TAIL_I] = cq_tail  # the round's acks are out before any of its entries is handed off
+            if _FP:
+                _fp.hit("card.acker.after-ack")  # acked, not yet in the handoff queue
         consumed = head - self._sq_head
         self._sq_head = head
-        self._cq_tail = cq_tail
+        self._data_expect = expect
         c[SQ_HEAD] = head
         self._n_entries += consumed
         if acked:
             hc[_ACKED] += acked
+            self._n_writes += acked
+            self._n_bytes += nbytes
         if refused:
             hc[_REF] += refused
         if produced != hc[_P]:
-            hc[_DX] = self._data_expect
+            hc[_DX] = expect
             hc[_P] = produced
             fence()  # PRODUCED visible before we read the worker's state (Dekker)
             if hc[_WSTATE] == SLEEPING:
@@ -204,3 +264,9 @@ class RingAcker(RingEndpoint):
 
 
 CQ_TAIL_I = R.Counter.CQ_TAIL.value
+desc_iter = R.DESC.iter_unpack  # SQ slots are DESC.size (64) bytes apart
+assert R.DESC.size == 64
+# `check_fields`' common case inline: flag bits a WRITE may carry
+_BAD_WF = ~0x03 & 0xFF  # records.WFlag.FUA | GAP (wire/ring.py _KNOWN_WFLAGS)
+_BAD_DF = ~int(R.DescFlag.CSUM) & 0xFF
+R_DUPLICATE, R_BAD_RANGE = int(R.AckReason.DUPLICATE), int(R.AckReason.BAD_RANGE)

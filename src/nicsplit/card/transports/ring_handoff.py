@@ -82,6 +82,7 @@ class HandoffEndpoint:
         data, size, held = self._data, self._dsize, self._held
         out: list[AugmentedWrite | Outcome] = []
         append = out.append
+        verify, skipped = self._verify, self.skipped
         first = pos & mask
         last = first + (end - pos)  # slots first..last-1, in at most two runs (the queue wraps)
         runs = (slots[first << 6: last << 6],) if last <= ho.n else (
@@ -98,22 +99,22 @@ class HandoffEndpoint:
                     append(o)
                 elif flags[s] & REFUSED:
                     flags[s] = REFUSED | RELEASED  # only its payload space to free, in order
-                    self.skipped.append((cg_id, cg_seq))
+                    skipped.append((cg_id, cg_seq))
                 elif kind == K_WRITE:
+                    off = data_pos % size
+                    payload = data[off: off + length]  # one view: hashed here, handed on
                     if io_id in held:
                         self._n_dup += 1
                         log.error("ring: io %d handed off twice while held: the second copy is ignored", io_id)
                         flags[s] = RELEASED
-                    elif self._verify and dflags & DF_CSUM and xxh3(
-                            data[data_pos % size: data_pos % size + length]) & M32 != csum:
+                    elif verify and dflags & DF_CSUM and xxh3(payload) & M32 != csum:
                         self._bad_payload(io_id, vdisk_id, voffset, length, data_pos)
                         flags[s] = REFUSED | RELEASED  # freed in order, after the lost log has it
-                        self.skipped.append((cg_id, cg_seq))
+                        skipped.append((cg_id, cg_seq))
                     else:
                         held[io_id] = pos
-                        off = data_pos % size
                         append(AugmentedWrite(io_id, cg_id, cg_seq, vdisk_id, OPS[kind], WFLAGS[wflags], voffset,
-                                              length, ts, data[off: off + length]))
+                                              length, ts, payload))
                 else:  # ZERO / TRIM / BARRIER: no payload to hold
                     flags[s] = RELEASED
                     append(AugmentedWrite(io_id, cg_id, cg_seq, vdisk_id, OPS[kind], WFLAGS[wflags], voffset,
