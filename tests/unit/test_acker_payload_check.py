@@ -40,10 +40,10 @@ class Pair:
         self.ho = Handoff.create(slots=256)
         self.acker = RingAcker(run, handoff=self.ho, data_size=8 * MIB, sq_entries=64, cq_entries=64)
         self.worker_ho = Handoff(os.dup(self.ho.fd))
-        self.worker = HandoffEndpoint(self.worker_ho, self.acker.volume_path, self.acker.fake_uid,
-                                      self.acker.wake_fd, verify_checksums=verify)
         self.lost: list[tuple] = []
-        self.worker.on_refused = lambda *a: self.lost.append(a)
+        self.worker = HandoffEndpoint(self.worker_ho, self.acker.volume_path, self.acker.fake_uid,
+                                      self.acker.wake_fd, on_refused=lambda *a: self.lost.append(a),
+                                      verify_checksums=verify)
         self.sp = RingSplitter.connect(str(self.acker.socket_path))
 
     def submit(self, w: AugmentedWrite, corrupt_at: int | None = None) -> bool:
@@ -116,3 +116,31 @@ def test_a_bad_descriptor_is_still_refused_on_the_ack_path(tmp_path, caplog):
         got.data = None
     finally:
         p.close()
+
+
+def test_a_verifying_worker_endpoint_without_a_lost_log_refuses_to_exist(tmp_path):
+    """A payload found bad after its ack must be reported (P1): an endpoint
+    that verifies checksums and has nowhere to report one fails at once,
+    and its lost log cannot be taken away later; without verification it
+    needs none."""
+    ho = Handoff.create(slots=256)
+    acker = RingAcker(str(tmp_path), handoff=ho, data_size=8 * MIB, sq_entries=64, cq_entries=64)
+    worker_ho = Handoff(os.dup(ho.fd))
+    try:
+        with pytest.raises(ValueError, match="no on_refused"):
+            HandoffEndpoint(worker_ho, acker.volume_path, acker.fake_uid, acker.wake_fd)
+        lost: list[tuple] = []
+        ep = HandoffEndpoint(worker_ho, acker.volume_path, acker.fake_uid, acker.wake_fd, on_refused=lost.append)
+        with pytest.raises(ValueError, match="no on_refused"):
+            ep.on_refused = None
+        assert ep.on_refused == lost.append  # still reporting
+        ep.close()
+        ep = HandoffEndpoint(worker_ho, acker.volume_path, acker.fake_uid, acker.wake_fd, verify_checksums=False)
+        ep.on_refused = None  # nothing is found bad without verification
+        ep.close()
+    finally:
+        worker_ho.close()
+        os.close(worker_ho.fd)
+        acker.close()
+        ho.close()
+        os.close(ho.fd)
