@@ -144,3 +144,21 @@ def test_a_verifying_worker_endpoint_without_a_lost_log_refuses_to_exist(tmp_pat
         acker.close()
         ho.close()
         os.close(ho.fd)
+
+
+def test_the_bad_checksum_count_outlives_the_worker_endpoint_that_found_it(tmp_path):
+    """A restarted worker builds a new endpoint on the same handoff queue:
+    the count is the card's, kept in the queue's shared header."""
+    p = Pair(str(tmp_path))
+    try:
+        assert p.submit(write(1, pattern(1)), corrupt_at=5) is True
+        assert p.worker.poll() == [] and p.worker.statistics()["handoff"]["bad_checksum"] == 1
+        p.worker.close()  # the worker is gone; a new one maps the same queue
+        p.worker = HandoffEndpoint(p.worker_ho, p.acker.volume_path, p.acker.fake_uid, p.acker.wake_fd,
+                                   on_refused=lambda *a: p.lost.append(a))
+        assert p.worker.statistics()["handoff"]["bad_checksum"] == 1
+        assert p.submit(write(2, pattern(2)), corrupt_at=MIB // 2) is True
+        assert p.worker.poll() == [] and p.worker.statistics()["handoff"]["bad_checksum"] == 2
+        assert [x[0] for x in p.lost] == [1, 2]
+    finally:
+        p.close()

@@ -13,7 +13,8 @@ but is never handed to the pipeline. It goes to the lost log through
 ``on_refused`` (set by `CardProcess`) *before* its payload space is freed,
 so the host, which reads the released watermark first and the log after,
 marks and resyncs its region from production; its seq is skipped in hold
-like a refused write's. Counted as ``bad_checksum`` in `statistics`.
+like a refused write's. Counted as ``bad_checksum`` in `statistics`, in the
+handoff queue's header (`H.BAD_CSUM`), so the count survives worker restarts.
 
 An endpoint that verifies checksums must have somewhere to report such a
 write (P1: an acked write is never dropped silently): ``on_refused`` is
@@ -54,7 +55,7 @@ set_io, set_status = Outcome.io_id.__set__, Outcome.status.__set__  # type: igno
 
 _P, _C, _F = H.PRODUCED // 8, H.CONSUMED // 8, H.FLOOR // 8
 _WSTATE, _FULL, _WHB, _DX = H.WSTATE // 8, H.FULL // 8, H.WHEARTBEAT // 8, H.DATA_EXPECT // 8
-_NAPU = H.NAP_UNTIL // 8
+_NAPU, _BADC = H.NAP_UNTIL // 8, H.BAD_CSUM // 8
 
 Refused = Callable[[int, int, int, int, str], None]  # (io_id, vdisk_id, offset, length, reason)
 
@@ -65,7 +66,6 @@ class HandoffEndpoint:
         self.handoff = handoff
         self._hv = HiddenVolume.attach(volume_path, volume_uid)
         self._verify = verify_checksums and self._hv.identity.csum_alg == R.CsumAlg.XXH3_LOW32
-        self._n_bad_csum = 0
         # The acker reports its refusals; this one reports payloads that fail their checksum (lost log).
         # Required while verifying: checked by the setter, here and on every later assignment.
         self._on_refused: Refused | None = None
@@ -158,7 +158,7 @@ class HandoffEndpoint:
     def _bad_payload(self, io_id: int, vdisk_id: int, voffset: int, length: int, data_pos: int) -> None:
         """An acked write whose payload does not match its checksum: never
         shipped; the host learns it from the lost log and resyncs the region."""
-        self._n_bad_csum += 1
+        self.handoff.c[_BADC] += 1  # in the shared header: the card's total across worker restarts
         log.error("ring: io %d (vdisk %d, %d bytes at %d, payload at %d) was acked but its payload does not "
                   "match its checksum: not shipped, its region goes to the lost log", io_id, vdisk_id, length,
                   voffset, data_pos)
@@ -238,7 +238,7 @@ class HandoffEndpoint:
             "released": c[DATA_HEAD], "held": len(self._held),
             "held_bytes": max(0, g(H.DATA_EXPECT) - c[DATA_HEAD]), "cq_full": g(H.CQ_FULL),
             "refused_full": g(H.REFUSED_FULL), "host_pid": g(H.HOST_PID),
-            "handoff": dict(ho.statistics(), duplicates=self._n_dup, bad_checksum=self._n_bad_csum),
+            "handoff": dict(ho.statistics(), duplicates=self._n_dup),
         }
 
     def close(self) -> None:
