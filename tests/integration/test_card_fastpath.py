@@ -294,5 +294,15 @@ def test_a_payload_corrupted_after_its_ack_is_caught_by_the_worker_and_reported_
         assert [(x["io_id"], x["offset"], x["length"]) for x in lines] == [(1, 0, mib)]
         assert "BAD_CHECKSUM" in lines[0]["reason"]
         assert r.released_position() >= mib  # its space is free again (the lost log has it first)
+        # Until its region is covered again, later writes of its CG carry GAP:
+        # no PIT after it is offered as consistent before the host's resync.
+        for i in (1, 2):  # (the host posts the bad one's outcome too: a stray)
+            assert r.post_outcome(i, Status.COMMITTED)
+        wait_for(lambda: stats(data)["stages"]["hold"]["gap_flagged"] == 1, 30, "write 2 leaving hold flagged")
+        assert stats(data)["stages"]["hold"]["gaps_open"] == 1
+        cover = AugmentedWrite(3, 1, 3, 1, Op.WRITE, WFlag.NONE, 0, mib, monotonic_ns(), payload)
+        assert r.split(cover, 1_000_000_000) and r.post_outcome(3, Status.COMMITTED)
+        wait_for(lambda: stats(data)["stages"]["hold"]["gaps_open"] == 0, 30, "write 3 covering the region")
+        assert stats(data)["stages"]["hold"]["gap_flagged"] == 1  # the covering write is a consistent PIT
     finally:
         r.close()

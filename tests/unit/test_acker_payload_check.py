@@ -73,6 +73,7 @@ def test_a_corrupted_1mib_payload_is_acked_then_caught_by_the_worker_and_reporte
         assert p.worker.poll() == []  # never reaches the pipeline
         assert p.lost == [(1, 7, MIB, MIB, "BAD_CHECKSUM")]  # the host marks and resyncs this region
         assert p.worker.skipped == [(CG, 1)]  # hold does not wait for its seq
+        assert p.worker.gaps == [(CG, 1, 7, MIB, MIB)]  # later writes of its CG carry GAP until it is covered
         s = p.worker.statistics()
         assert s["handoff"]["bad_checksum"] == 1
         assert s["held"] == 0 and s["handoff"]["unfinished"] == 0

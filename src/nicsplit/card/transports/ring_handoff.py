@@ -13,7 +13,10 @@ but is never handed to the pipeline. It goes to the lost log through
 ``on_refused`` (set by `CardProcess`) *before* its payload space is freed,
 so the host, which reads the released watermark first and the log after,
 marks and resyncs its region from production; its seq is skipped in hold
-like a refused write's. Counted as ``bad_checksum`` in `statistics`, in the
+like a refused write's, after it is given to the pipeline in ``gaps`` so
+that later writes of its CG carry ``WFlag.GAP`` until its region is
+covered again (`nicsplit.card.pipeline.hold`: PITs after it are not
+offered as consistent before the resync). Counted as ``bad_checksum`` in `statistics`, in the
 handoff queue's header (`H.BAD_CSUM`), so the count survives worker restarts.
 
 An endpoint that verifies checksums must have somewhere to report such a
@@ -84,6 +87,9 @@ class HandoffEndpoint:
         # (cg_id, cg_seq) of writes the acker refused since the last take: hold
         # skips those seqs at once (`Hold.skip`) instead of waiting them out
         self.skipped: list[tuple[int, int]] = []
+        # (cg_id, cg_seq, vdisk_id, offset, length) of acked writes found bad since the last take: the
+        # pipeline flags its CG's later writes GAP until their region is covered (`Hold.open_gap`)
+        self.gaps: list[tuple[int, int, int, int, int]] = []
 
     @property
     def on_refused(self) -> Refused | None:
@@ -140,6 +146,7 @@ class HandoffEndpoint:
                     elif verify and dflags & DF_CSUM and xxh3(payload) & M32 != csum:
                         self._bad_payload(io_id, vdisk_id, voffset, length, data_pos)
                         flags[s] = REFUSED | RELEASED  # freed in order, after the lost log has it
+                        self.gaps.append((cg_id, cg_seq, vdisk_id, voffset, length))  # before its skip
                         skipped.append((cg_id, cg_seq))
                     else:
                         held[io_id] = pos
