@@ -229,6 +229,42 @@ def test_a_stopping_card_reports_acked_writes_its_worker_never_read(tmp_path, se
     assert {(x["offset"], x["length"]) for x in lines} == {((i % 1000) * BS, BS) for i in range(1, 131)}
 
 
+def _ack_then_corrupt(r: RingSplitter, worker: int, io_id: int, offset: int, payload: bytes, seed: int) -> None:
+    """Split one write while the worker is stopped, then flip one bit of its
+    payload in the ring after the ack (the worker must not read it first)."""
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        bad = AugmentedWrite(io_id, 1, io_id, 1, Op.WRITE, WFlag.NONE, offset, len(payload), monotonic_ns(), payload)
+        assert r.split(bad, 1_000_000_000), "the acker checks the descriptor, not the payload"
+        r._data[(r.last_position - len(payload)) % len(r._data) + seed % len(payload)] ^= 0x01
+    finally:
+        os.kill(worker, signal.SIGCONT)
+
+
+def test_the_bad_checksum_count_survives_a_worker_restart(card, seed):
+    """`bad_checksum` is the card's total: a worker killed after it caught a
+    bad payload does not take the count with it."""
+    data, c = card
+    worker = c.ready["worker_pid"]
+    mib = 1 << 20
+    payload = bytes((seed + i) & 0xFF for i in range(256)) * (mib // 256)
+    r = RingSplitter.connect(str(Layout(data).card_sock))
+    try:
+        _ack_then_corrupt(r, worker, 1, 0, payload, seed)
+        wait_for(lambda: stats(data)["endpoint"]["handoff"]["bad_checksum"] == 1, 30, "the worker catching it")
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: (s := _stats_or_none(data)) is not None and s["worker_pid"] != worker, 60,
+                 "a new worker serving the control socket")
+        ho = stats(data)["endpoint"]["handoff"]
+        assert ho["worker_restarts"] == 1 and ho["bad_checksum"] == 1, ho
+        _ack_then_corrupt(r, stats(data)["worker_pid"], 2, mib, payload, seed + 1)
+        wait_for(lambda: stats(data)["endpoint"]["handoff"]["bad_checksum"] == 2, 30, "the new worker catching it")
+        lines = [json.loads(x) for x in Layout(data).card_lost_log.read_text().splitlines()]
+        assert [(x["io_id"], x["offset"]) for x in lines if "BAD_CHECKSUM" in x["reason"]] == [(1, 0), (2, mib)]
+    finally:
+        r.close()
+
+
 def test_a_payload_corrupted_after_its_ack_is_caught_by_the_worker_and_reported_lost(card, seed):
     """The acker acks on the descriptor alone (issue 9: no 1 MiB hash on
     the ack path); the worker verifies the payload before the pipeline gets
@@ -258,5 +294,15 @@ def test_a_payload_corrupted_after_its_ack_is_caught_by_the_worker_and_reported_
         assert [(x["io_id"], x["offset"], x["length"]) for x in lines] == [(1, 0, mib)]
         assert "BAD_CHECKSUM" in lines[0]["reason"]
         assert r.released_position() >= mib  # its space is free again (the lost log has it first)
+        # Until its region is covered again, later writes of its CG carry GAP:
+        # no PIT after it is offered as consistent before the host's resync.
+        for i in (1, 2):  # (the host posts the bad one's outcome too: a stray)
+            assert r.post_outcome(i, Status.COMMITTED)
+        wait_for(lambda: stats(data)["stages"]["hold"]["gap_flagged"] == 1, 30, "write 2 leaving hold flagged")
+        assert stats(data)["stages"]["hold"]["gaps_open"] == 1
+        cover = AugmentedWrite(3, 1, 3, 1, Op.WRITE, WFlag.NONE, 0, mib, monotonic_ns(), payload)
+        assert r.split(cover, 1_000_000_000) and r.post_outcome(3, Status.COMMITTED)
+        wait_for(lambda: stats(data)["stages"]["hold"]["gaps_open"] == 0, 30, "write 3 covering the region")
+        assert stats(data)["stages"]["hold"]["gap_flagged"] == 1  # the covering write is a consistent PIT
     finally:
         r.close()

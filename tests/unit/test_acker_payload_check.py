@@ -40,10 +40,10 @@ class Pair:
         self.ho = Handoff.create(slots=256)
         self.acker = RingAcker(run, handoff=self.ho, data_size=8 * MIB, sq_entries=64, cq_entries=64)
         self.worker_ho = Handoff(os.dup(self.ho.fd))
-        self.worker = HandoffEndpoint(self.worker_ho, self.acker.volume_path, self.acker.fake_uid,
-                                      self.acker.wake_fd, verify_checksums=verify)
         self.lost: list[tuple] = []
-        self.worker.on_refused = lambda *a: self.lost.append(a)
+        self.worker = HandoffEndpoint(self.worker_ho, self.acker.volume_path, self.acker.fake_uid,
+                                      self.acker.wake_fd, on_refused=lambda *a: self.lost.append(a),
+                                      verify_checksums=verify)
         self.sp = RingSplitter.connect(str(self.acker.socket_path))
 
     def submit(self, w: AugmentedWrite, corrupt_at: int | None = None) -> bool:
@@ -73,6 +73,7 @@ def test_a_corrupted_1mib_payload_is_acked_then_caught_by_the_worker_and_reporte
         assert p.worker.poll() == []  # never reaches the pipeline
         assert p.lost == [(1, 7, MIB, MIB, "BAD_CHECKSUM")]  # the host marks and resyncs this region
         assert p.worker.skipped == [(CG, 1)]  # hold does not wait for its seq
+        assert p.worker.gaps == [(CG, 1, 7, MIB, MIB)]  # later writes of its CG carry GAP until it is covered
         s = p.worker.statistics()
         assert s["handoff"]["bad_checksum"] == 1
         assert s["held"] == 0 and s["handoff"]["unfinished"] == 0
@@ -114,5 +115,51 @@ def test_a_bad_descriptor_is_still_refused_on_the_ack_path(tmp_path, caplog):
         (got,) = p.worker.poll()
         assert got.io_id == 1 and bytes(got.data) == pattern(1)
         got.data = None
+    finally:
+        p.close()
+
+
+def test_a_verifying_worker_endpoint_without_a_lost_log_refuses_to_exist(tmp_path):
+    """A payload found bad after its ack must be reported (P1): an endpoint
+    that verifies checksums and has nowhere to report one fails at once,
+    and its lost log cannot be taken away later; without verification it
+    needs none."""
+    ho = Handoff.create(slots=256)
+    acker = RingAcker(str(tmp_path), handoff=ho, data_size=8 * MIB, sq_entries=64, cq_entries=64)
+    worker_ho = Handoff(os.dup(ho.fd))
+    try:
+        with pytest.raises(ValueError, match="no on_refused"):
+            HandoffEndpoint(worker_ho, acker.volume_path, acker.fake_uid, acker.wake_fd)
+        lost: list[tuple] = []
+        ep = HandoffEndpoint(worker_ho, acker.volume_path, acker.fake_uid, acker.wake_fd, on_refused=lost.append)
+        with pytest.raises(ValueError, match="no on_refused"):
+            ep.on_refused = None
+        assert ep.on_refused == lost.append  # still reporting
+        ep.close()
+        ep = HandoffEndpoint(worker_ho, acker.volume_path, acker.fake_uid, acker.wake_fd, verify_checksums=False)
+        ep.on_refused = None  # nothing is found bad without verification
+        ep.close()
+    finally:
+        worker_ho.close()
+        os.close(worker_ho.fd)
+        acker.close()
+        ho.close()
+        os.close(ho.fd)
+
+
+def test_the_bad_checksum_count_outlives_the_worker_endpoint_that_found_it(tmp_path):
+    """A restarted worker builds a new endpoint on the same handoff queue:
+    the count is the card's, kept in the queue's shared header."""
+    p = Pair(str(tmp_path))
+    try:
+        assert p.submit(write(1, pattern(1)), corrupt_at=5) is True
+        assert p.worker.poll() == [] and p.worker.statistics()["handoff"]["bad_checksum"] == 1
+        p.worker.close()  # the worker is gone; a new one maps the same queue
+        p.worker = HandoffEndpoint(p.worker_ho, p.acker.volume_path, p.acker.fake_uid, p.acker.wake_fd,
+                                   on_refused=lambda *a: p.lost.append(a))
+        assert p.worker.statistics()["handoff"]["bad_checksum"] == 1
+        assert p.submit(write(2, pattern(2)), corrupt_at=MIB // 2) is True
+        assert p.worker.poll() == [] and p.worker.statistics()["handoff"]["bad_checksum"] == 2
+        assert [x[0] for x in p.lost] == [1, 2]
     finally:
         p.close()

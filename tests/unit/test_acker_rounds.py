@@ -26,13 +26,18 @@ pytestmark = pytest.mark.unit
 FAR = 10 * 1_000_000_000
 
 
+def _no_refusal(*refused) -> None:
+    """The worker's lost log here: every payload is intact, so nothing may reach it."""
+    raise AssertionError(f"an intact payload was reported bad: {refused}")
+
+
 class Pair:
     def __init__(self, run: str, slots: int = 1024, sq: int = 64) -> None:
         self.ho = Handoff.create(slots=slots)
         self.acker = RingAcker(run, handoff=self.ho, data_size=4 << 20, sq_entries=sq, cq_entries=sq)
         self.worker_ho = Handoff(os.dup(self.ho.fd))
         self.worker = HandoffEndpoint(self.worker_ho, self.acker.volume_path, self.acker.fake_uid,
-                                      self.acker.wake_fd)
+                                      self.acker.wake_fd, on_refused=_no_refusal)
         self.sp = RingSplitter.connect(str(self.acker.socket_path))
 
     def close(self) -> None:

@@ -22,6 +22,11 @@ pytestmark = pytest.mark.unit
 FAR = 10 * 1_000_000_000
 
 
+def _no_refusal(*refused) -> None:
+    """The worker's lost log here: every payload is intact, so nothing may reach it."""
+    raise AssertionError(f"an intact payload was reported bad: {refused}")
+
+
 class Pair:
     """An acker and a pipeline-worker endpoint on one ring, with a splitter."""
 
@@ -29,7 +34,8 @@ class Pair:
         self.ho = Handoff.create(slots=1024)
         self.acker = RingAcker(run, handoff=self.ho, data_size=4 << 20, sq_entries=64, cq_entries=64)
         self.worker_ho = Handoff(os.dup(self.ho.fd))
-        self.worker = HandoffEndpoint(self.worker_ho, self.acker.volume_path, self.acker.fake_uid, self.acker.wake_fd)
+        self.worker = HandoffEndpoint(self.worker_ho, self.acker.volume_path, self.acker.fake_uid, self.acker.wake_fd,
+                                      on_refused=_no_refusal)
         self.sp = RingSplitter.connect(str(self.acker.socket_path))
 
     def send(self, writes: list[AugmentedWrite]) -> list[int]:

@@ -30,6 +30,11 @@ T0 = 1_000_000_000
 FAR = 10 * 1_000_000_000
 
 
+def _no_refusal(*refused) -> None:
+    """The worker's lost log here: every payload is intact, so nothing may reach it."""
+    raise AssertionError(f"an intact payload was reported bad: {refused}")
+
+
 def write(io: int, seq: int, op: Op = Op.WRITE) -> AugmentedWrite:
     data = bytes(4096) if op == Op.WRITE else None
     return AugmentedWrite(io, CG, seq, 1, op, WFlag.NONE, 0, 4096, time.time_ns(), data)
@@ -113,7 +118,7 @@ def test_the_acker_hands_refused_seqs_to_the_worker(tmp_path):
     ho = Handoff.create(slots=256)
     acker = RingAcker(str(tmp_path), handoff=ho, data_size=1 << 20, sq_entries=64, cq_entries=64)
     worker_ho = Handoff(os.dup(ho.fd))
-    worker = HandoffEndpoint(worker_ho, acker.volume_path, acker.fake_uid, acker.wake_fd)
+    worker = HandoffEndpoint(worker_ho, acker.volume_path, acker.fake_uid, acker.wake_fd, on_refused=_no_refusal)
     sp = RingSplitter.connect(str(acker.socket_path))
     try:
         worker.set_full(True)  # the worker asks the acker to refuse

@@ -407,9 +407,9 @@ def test_acker_and_worker_ack_whatever_the_host_writes(plan):
         ho = Handoff.create(slots=8)
         acker = RingAcker(os.path.join(d, "run"), handoff=ho, data_size=DATA, sq_entries=SQN, cq_entries=CQN)
         worker_ho = Handoff(os.dup(ho.fd))
-        worker = HandoffEndpoint(worker_ho, acker.volume_path, acker.fake_uid, acker.wake_fd)
         lost: list[int] = []
-        worker.on_refused = lambda io_id, *_: lost.append(io_id)
+        worker = HandoffEndpoint(worker_ho, acker.volume_path, acker.fake_uid, acker.wake_fd,
+                                 on_refused=lambda io_id, *_: lost.append(io_id))
         host = Host(acker)
 
         def poll():

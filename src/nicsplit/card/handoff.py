@@ -39,6 +39,9 @@ before freeing its payload, so the host marks and resyncs its region: acked,
 never silently lost) and the floor jumps to ``CONSUMED``; entries not yet
 consumed wait for the next worker.
 
+Counters a worker keeps (``BAD_CSUM``) live here, not in its memory, so
+they are the card's totals across worker restarts.
+
 Wake-ups: the worker publishes ``WSTATE = SLEEPING`` before it blocks on the
 handoff eventfd; the acker writes the eventfd after publishing entries only
 while it sleeps (the same Dekker pattern as the ring, wire/ring.py).
@@ -90,6 +93,7 @@ class H:
     SLEEP_NS = 168  # acker CPU in doorbell sleeps (syscalls, wake-up)   acker writes, each ms
     RINGS = 176  # doorbell rings of a sleeping worker                  acker writes, each ms
     NAP_UNTIL = 184  # monotonic_ns a NAPPING worker is back by           worker writes
+    BAD_CSUM = 192  # payloads found not matching their checksum (all workers) worker writes
 
 
 _MAGIC = int.from_bytes(b"NSHANDOF", "little")
@@ -237,7 +241,7 @@ class Handoff:
             "worker_restarts": g(H.RESTARTS), "lost_on_worker_death": g(H.LOST), "acked": g(H.ACKED),
             "refused": g(H.REFUSED), "acker_sleeps": g(H.ACK_SLEEPS), "handoff_full": g(H.HANDOFF_FULL),
             "acker_busy_s": g(H.BUSY_NS) / 1e9, "acker_empty_poll_s": g(H.EMPTY_NS) / 1e9,
-            "acker_sleep_cpu_s": g(H.SLEEP_NS) / 1e9, "worker_rings": g(H.RINGS),
+            "acker_sleep_cpu_s": g(H.SLEEP_NS) / 1e9, "worker_rings": g(H.RINGS), "bad_checksum": g(H.BAD_CSUM),
         }
 
     def close(self) -> None:

@@ -220,6 +220,10 @@ class CardProcess:
         self._skipped: list[tuple[int, int]] = getattr(endpoint, "skipped", None)
         if self._skipped is None:
             self._skipped = []
+        # (cg_id, cg_seq, vdisk_id, offset, length) of acked writes it found unshippable: `CardPipeline.open_gaps`
+        self._gaps: list[tuple[int, int, int, int, int]] = getattr(endpoint, "gaps", None)
+        if self._gaps is None:
+            self._gaps = []
         self.catalog = catalog
         self._lost_log = LostLog(cfg.layout.card_lost_log) if on_lost is None and cfg.run_dir.is_dir() else None
         self.overflow: Overflow | None = None
@@ -396,6 +400,8 @@ class CardProcess:
                 if ovf is not None:
                     ovf.fed_direct(entries)  # before feeding: a write dropped at once is released in it
                 p.feed(entries, t)
+        if self._gaps:  # before their seqs are skipped: nothing after them leaves hold unflagged
+            p.open_gaps(self._gaps)
         if self._skipped:
             p.skip(self._skipped, t)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from nicsplit.card.fastpath import WORKER_ENV
 from nicsplit.card.handoff import Handoff
+from nicsplit.card.lostlog import LostLog
 from nicsplit.card.process import CardConfig, run_card
 from nicsplit.card.transports.ring_handoff import HandoffEndpoint
 
@@ -40,7 +41,16 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s card-worker %(levelname)s %(name)s: %(message)s")
     cfg = CardConfig.from_mapping(Path(spec["data"]), spec["card"])
+    # The card's lost log, from the endpoint's first poll on: a payload found
+    # bad after its ack goes there (the endpoint refuses to run without one).
+    # `CardProcess` puts its own writer of the same log in its place.
+    lost = LostLog(cfg.layout.card_lost_log)
+
+    def refused(io_id: int, vdisk_id: int, offset: int, length: int, reason: str) -> None:
+        lost.append(io_id, vdisk_id, offset, length, f"card refused it ({reason})")
+
     ep = HandoffEndpoint(Handoff(int(spec["handoff_fd"])), spec["volume"], spec["uid"], int(spec["wake_fd"]),
+                         on_refused=refused,
                          verify_checksums=bool(cfg.transport_options.get("verify_checksums", True)))
     try:
         import uvloop  # optional, as in nicsplit.card.process.main
@@ -52,6 +62,7 @@ def main() -> int:
         return asyncio.run(run_card(cfg, endpoint=ep))
     finally:
         ep.close()
+        lost.close()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,20 @@ with a slot per seq and a ``next`` pointer:
 - a seq the transport refused (the card acked its write FAILED, e.g. while
   full; the host marks it) is given to ``skip`` and is resolved at once:
   waiting out the timeout for it stalled every later seq of its CG, so a
-  full card stayed full (and every resync filled it again).
+  full card stayed full (and every resync filled it again);
+- a seq acked and then found unshippable (its payload failed its checksum
+  after the ack: `nicsplit.card.transports.ring_handoff`) is given to
+  ``open_gap(cg_id, seq, vdisk_id, offset, length)`` before it is skipped:
+  the journal lacks that write until the host, which learns it from the
+  lost log, resyncs its region, so every later write of the CG leaves hold
+  with ``WFlag.GAP`` set (no consistent PIT ends at its record, P5; the
+  appliance already lists such PITs ``consistent=False, gap=True``) until
+  committed WRITEs or ZEROs after that seq have covered the whole region
+  again (the host's resync copies, which carry GAP themselves while the
+  host's own gap lasts, or the client's writes). The write that completes
+  the cover carries no GAP of the card's: the region is whole at its PIT.
+  The card's gap lives in this process: a worker restart forgets it (the
+  host's marking, once it reads the lost log, still flags the resync).
 
 Every write that enters hold is released (``release(io_id)``) exactly once
 by the pipeline: here when it is dropped, after a durable ack otherwise.
@@ -55,7 +68,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
 
-from nicsplit.core.records import AugmentedWrite, Outcome, Status
+from nicsplit.core.records import AugmentedWrite, Op, Outcome, Status, WFlag
 
 from .items import Resolved
 
@@ -92,6 +105,8 @@ class HoldStats:
     refused_full: int  # arrived while full
     gaps_skipped: int  # seqs that never arrived
     stray_outcomes: int  # outcome for no held write (expired unmatched)
+    gap_flagged: int  # writes given WFlag.GAP after a write the card acked and could not ship (`open_gap`)
+    gaps_open: int  # CGs with such a write whose region is not yet covered again
     full: bool
 
 
@@ -122,6 +137,11 @@ class Hold:
         # cg_id -> {seq: t_ns}: refused seqs of a CG hold has no lane for yet
         # (placed when its lane starts; bounded, expired like early outcomes)
         self._early_skips: dict[int, dict[int, int]] = {}
+        # cg_id -> [[seq, vdisk_id, start, end), ...]: regions of acked writes
+        # the card will never ship, not yet covered by a later committed write
+        # (`open_gap`); empty in the steady state: one truth test per write
+        self._open_gaps: dict[int, list[list[int]]] = {}
+        self._gap_flagged = 0
 
     # -- input ---------------------------------------------------------------
 
@@ -244,6 +264,37 @@ class Hold:
             lane.slots[seq] = [None, _DROPPED, now_ns, lane]
             self._advance(lane, now_ns)
 
+    def open_gap(self, cg_id: int, seq: int, vdisk_id: int, offset: int, length: int) -> None:
+        """The acked write ``seq`` of this CG will never be shipped (its
+        payload failed its checksum): flag every later write of the CG GAP
+        until committed writes after it cover its region (theory above).
+        Call it before the seq is skipped, so nothing after it leaves first."""
+        if length > 0:
+            self._open_gaps.setdefault(cg_id, []).append([seq, vdisk_id, offset, offset + length])
+
+    def _gap(self, w: AugmentedWrite) -> None:
+        """``w`` leaves hold while its CG has open gaps: its cover is taken
+        off them, and it carries GAP if any opened before it stays open."""
+        gaps = self._open_gaps[w.cg_id]
+        seq = w.cg_seq
+        if w.op is Op.WRITE or w.op is Op.ZERO:
+            a, b, vd = w.voffset, w.voffset + w.length, w.vdisk_id
+            left = []
+            for g in gaps:
+                if g[0] < seq and g[1] == vd and a < g[3] and b > g[2]:
+                    if g[2] < a:
+                        left.append([g[0], vd, g[2], a])
+                    if b < g[3]:
+                        left.append([g[0], vd, b, g[3]])
+                else:
+                    left.append(g)
+            gaps[:] = left
+        if any(g[0] < seq for g in gaps):
+            w.flags = w.flags | WFlag.GAP
+            self._gap_flagged += 1
+        if not gaps:
+            del self._open_gaps[w.cg_id]
+
     def outcome(self, o: Outcome, now_ns: int) -> None:
         slot = self._by_io.pop(o.io_id, None)
         if slot is not None:
@@ -265,6 +316,8 @@ class Hold:
             del slots[seq]
             seq += 1
             lane.next = seq
+            if self._open_gaps and r.write.cg_id in self._open_gaps:
+                self._gap(r.write)
             self._ready.append(r)
             if seq in slots:
                 if slots[seq][_STATE] != _PENDING:
@@ -343,7 +396,8 @@ class Hold:
             held=self._count, held_bytes=self._bytes, ready=len(self._ready), lanes=len(self._lanes),
             committed=self._committed, failed=self._failed, lost_timeout=self._lost_timeout,
             lost_late=self._lost_late, refused_full=self._refused, gaps_skipped=self._gaps,
-            stray_outcomes=self._stray, full=self.full,
+            stray_outcomes=self._stray, gap_flagged=self._gap_flagged, gaps_open=len(self._open_gaps),
+            full=self.full,
         )
 
     # -- internals -----------------------------------------------------------
@@ -396,6 +450,8 @@ class Hold:
             lane.next = nxt + 1
             moved = True
             if s[_STATE] == _COMMITTED:
+                if self._open_gaps and s[_R].write.cg_id in self._open_gaps:
+                    self._gap(s[_R].write)
                 self._ready.append(s[_R])
         if slots and lane.next not in slots:
             if moved or lane.blocked_ns is None:

@@ -237,6 +237,16 @@ class CardPipeline:
             resolver.passed(n_fast)
         self.pump(now_ns)
 
+    def open_gaps(self, gaps: list[tuple[int, int, int, int, int]]) -> None:
+        """(cg_id, cg_seq, vdisk_id, offset, length) of acked writes the
+        transport found unshippable (a payload bad after its ack): later
+        writes of the CG carry GAP until the region is covered again
+        (`Hold.open_gap`). Before their seqs are skipped; emptied."""
+        open_gap = self.hold.open_gap
+        for g in gaps:
+            open_gap(*g)
+        gaps.clear()
+
     def skip(self, refused: list[tuple[int, int]], now_ns: int) -> None:
         """(cg_id, cg_seq) of writes the transport refused (its host marks
         them): hold stops waiting for those seqs; ``refused`` is emptied."""

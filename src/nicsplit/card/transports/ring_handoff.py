@@ -13,13 +13,25 @@ but is never handed to the pipeline. It goes to the lost log through
 ``on_refused`` (set by `CardProcess`) *before* its payload space is freed,
 so the host, which reads the released watermark first and the log after,
 marks and resyncs its region from production; its seq is skipped in hold
-like a refused write's. Counted as ``bad_checksum`` in `statistics`.
+like a refused write's, after it is given to the pipeline in ``gaps`` so
+that later writes of its CG carry ``WFlag.GAP`` until its region is
+covered again (`nicsplit.card.pipeline.hold`: PITs after it are not
+offered as consistent before the resync). Counted as ``bad_checksum`` in `statistics`, in the
+handoff queue's header (`H.BAD_CSUM`), so the count survives worker restarts.
+
+An endpoint that verifies checksums must have somewhere to report such a
+write (P1: an acked write is never dropped silently): ``on_refused`` is
+given at construction (the worker passes the card's lost log; `CardProcess`
+may put its own lost-log writer in its place) and can never be None while
+verifying. Without it the endpoint refuses to exist (``ValueError``) rather
+than free a bad payload with only a log line.
 """
 
 from __future__ import annotations
 
 import logging
 from time import monotonic_ns
+from typing import Callable
 
 from xxhash import xxh3_64_intdigest as xxh3
 
@@ -46,16 +58,25 @@ set_io, set_status = Outcome.io_id.__set__, Outcome.status.__set__  # type: igno
 
 _P, _C, _F = H.PRODUCED // 8, H.CONSUMED // 8, H.FLOOR // 8
 _WSTATE, _FULL, _WHB, _DX = H.WSTATE // 8, H.FULL // 8, H.WHEARTBEAT // 8, H.DATA_EXPECT // 8
-_NAPU = H.NAP_UNTIL // 8
+_NAPU, _BADC = H.NAP_UNTIL // 8, H.BAD_CSUM // 8
+
+Refused = Callable[[int, int, int, int, str], None]  # (io_id, vdisk_id, offset, length, reason)
 
 
 class HandoffEndpoint:
     def __init__(self, handoff: Handoff, volume_path: str, volume_uid: str, wake_fd: int, *,
-                 verify_checksums: bool = True) -> None:
+                 on_refused: Refused | None = None, verify_checksums: bool = True) -> None:
         self.handoff = handoff
         self._hv = HiddenVolume.attach(volume_path, volume_uid)
         self._verify = verify_checksums and self._hv.identity.csum_alg == R.CsumAlg.XXH3_LOW32
-        self._n_bad_csum = 0
+        # The acker reports its refusals; this one reports payloads that fail their checksum (lost log).
+        # Required while verifying: checked by the setter, here and on every later assignment.
+        self._on_refused: Refused | None = None
+        try:
+            self.on_refused = on_refused
+        except ValueError:
+            self._hv.close()
+            raise
         self._data = self._hv.data
         self._ctr = self._hv.counters
         self._dsize = self._hv.geometry.data_size
@@ -63,11 +84,26 @@ class HandoffEndpoint:
         self.card_pid = self._hv.identity.card_pid  # the acker, which created the volume
         self._held: dict[int, int] = {}  # io_id -> handoff position of its payload
         self._n_dup = 0
-        # The acker reports its refusals; this one reports payloads that fail their checksum (lost log)
-        self.on_refused = None
         # (cg_id, cg_seq) of writes the acker refused since the last take: hold
         # skips those seqs at once (`Hold.skip`) instead of waiting them out
         self.skipped: list[tuple[int, int]] = []
+        # (cg_id, cg_seq, vdisk_id, offset, length) of acked writes found bad since the last take: the
+        # pipeline flags its CG's later writes GAP until their region is covered (`Hold.open_gap`)
+        self.gaps: list[tuple[int, int, int, int, int]] = []
+
+    @property
+    def on_refused(self) -> Refused | None:
+        """``(io_id, vdisk_id, offset, length, reason)``: where a payload
+        found bad after its ack is reported (the card's lost log)."""
+        return self._on_refused
+
+    @on_refused.setter
+    def on_refused(self, fn: Refused | None) -> None:
+        if fn is None and self._verify:
+            raise ValueError("HandoffEndpoint verifies payload checksums but has no on_refused (the card's lost "
+                             "log): a payload found bad after its ack would be dropped without a trace (P1); pass "
+                             "on_refused, or verify_checksums=False")
+        self._on_refused = fn
 
     def poll(self, max_entries: int = 256) -> list[AugmentedWrite | Outcome]:
         ho = self.handoff
@@ -110,6 +146,7 @@ class HandoffEndpoint:
                     elif verify and dflags & DF_CSUM and xxh3(payload) & M32 != csum:
                         self._bad_payload(io_id, vdisk_id, voffset, length, data_pos)
                         flags[s] = REFUSED | RELEASED  # freed in order, after the lost log has it
+                        self.gaps.append((cg_id, cg_seq, vdisk_id, voffset, length))  # before its skip
                         skipped.append((cg_id, cg_seq))
                     else:
                         held[io_id] = pos
@@ -128,12 +165,11 @@ class HandoffEndpoint:
     def _bad_payload(self, io_id: int, vdisk_id: int, voffset: int, length: int, data_pos: int) -> None:
         """An acked write whose payload does not match its checksum: never
         shipped; the host learns it from the lost log and resyncs the region."""
-        self._n_bad_csum += 1
+        self.handoff.c[_BADC] += 1  # in the shared header: the card's total across worker restarts
         log.error("ring: io %d (vdisk %d, %d bytes at %d, payload at %d) was acked but its payload does not "
                   "match its checksum: not shipped, its region goes to the lost log", io_id, vdisk_id, length,
                   voffset, data_pos)
-        if self.on_refused is not None:
-            self.on_refused(io_id, vdisk_id, voffset, length, reason_name(R.AckReason.BAD_CHECKSUM))
+        self._on_refused(io_id, vdisk_id, voffset, length, reason_name(R.AckReason.BAD_CHECKSUM))  # type: ignore[misc]
 
     def release(self, io_id: int) -> None:
         try:
@@ -209,7 +245,7 @@ class HandoffEndpoint:
             "released": c[DATA_HEAD], "held": len(self._held),
             "held_bytes": max(0, g(H.DATA_EXPECT) - c[DATA_HEAD]), "cq_full": g(H.CQ_FULL),
             "refused_full": g(H.REFUSED_FULL), "host_pid": g(H.HOST_PID),
-            "handoff": dict(ho.statistics(), duplicates=self._n_dup, bad_checksum=self._n_bad_csum),
+            "handoff": dict(ho.statistics(), duplicates=self._n_dup),
         }
 
     def close(self) -> None:
