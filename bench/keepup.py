@@ -125,7 +125,7 @@ def diff(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
 
 
 def component_round(work: Path, *, n_qd1: int, n_big: int, n_stream: int, idle_s: float,
-                    qd1_only: bool = False) -> dict[str, Any]:
+                    qd1_only: bool = False, host_off_card: bool = False) -> dict[str, Any]:
     data = init_data(work / "data", sections={"card": {"transport_options": {"data_size": "256M"}}})
     run_cli(data, "cg", "create", "k")
     run_cli(data, "vdisk", "create", "v", "--size", "64G", "--cg", "k")
@@ -137,6 +137,10 @@ def component_round(work: Path, *, n_qd1: int, n_big: int, n_stream: int, idle_s
         try:
             pids = {"acker": card.pid, "worker": card.ready["worker_pid"], "appliance": app.pid}
             r = RingSplitter.connect(str(Layout(data).card_sock))
+            allowed = os.sched_getaffinity(0)
+            if host_off_card and allowed - os.sched_getaffinity(card.pid):
+                os.sched_setaffinity(0, allowed - os.sched_getaffinity(card.pid))
+            out["host_cpus"] = sorted(os.sched_getaffinity(0))
             try:
                 if not qd1_only:
                     out["idle"] = idle(pids, idle_s)
@@ -161,6 +165,7 @@ def component_round(work: Path, *, n_qd1: int, n_big: int, n_stream: int, idle_s
                 out["stream"] = stream(r, data, pids, lambda: w(BS, small[seq[0] % 256]), n_stream, seq)
             finally:
                 r.close()
+                os.sched_setaffinity(0, allowed)
         finally:
             card.stop()
     return out
@@ -481,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-seconds", type=float, default=20)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     ap.add_argument("--components-only", action="store_true", help="part 1 alone (no end-to-end runs)")
+    ap.add_argument("--host-off-card", action="store_true",
+                    help="keep this process (the synthetic host) off the acker's CPUs, as on a DPU")
     ap.add_argument("--qd1-only", action="store_true",
                     help="the components' 4 KiB QD1 phase alone (no idle, 1 MiB, stream nor end-to-end runs)")
     a = ap.parse_args(argv)
@@ -496,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(a.rounds):
             print(f"components round {i + 1}/{a.rounds}", flush=True)
             rounds.append(component_round(work / f"c{i}", n_qd1=n_qd1, n_big=n_big, n_stream=n_stream,
-                                          idle_s=a.idle_seconds, qd1_only=a.qd1_only))
+                                          idle_s=a.idle_seconds, qd1_only=a.qd1_only,
+                                          host_off_card=a.host_off_card))
         doc["component_rounds"] = rounds
         doc["components"] = summarise(rounds)
         if a.components_only or a.qd1_only:
