@@ -29,6 +29,7 @@ numbers, are the point; docs/benchmarks.md):
    / host; plus the 1 MiB QD1 split latency through the host.
 
     .venv/bin/python bench/keepup.py [--quick] [--rounds 3] [--seconds 60] [--rate-iops 10000] [--out bench/out]
+    .venv/bin/python bench/keepup.py --qd1-only [--host-off-card] [--rounds 3]   # the 4 KiB QD1 phase alone
 
 Writes ``keepup.json``, ``keepup.md`` and ``keepup.png`` into ``--out``.
 Nothing here asserts on speed.

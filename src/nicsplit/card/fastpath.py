@@ -68,14 +68,6 @@ WORKER_ENV = "NICSPLIT_CARD_WORKER"
 # the acker; not by a count either: a backlog of 256 entries let the acker
 # spin through an unpaced QD16 load, which then got a third of the IOPS.
 BEHIND_NS = 100_000
-# After a doorbell wake-up the acker spins only this long for the host's next
-# entry, not `ack_spin_us`: a host on another core posts it within a few µs
-# (a QD1 host drains the ack and posts the outcome in ~2 µs, its next write
-# ~4 µs later), and then the full spin goes on. A host on the acker's own
-# core cannot post anything while the real-time acker spins there: each
-# wake-up then stalled it for the whole spin (the slow mode of the QD1
-# bench, every entry rang the doorbell; docs/pipeline.md).
-WOKEN_SPIN_NS = 10_000
 # The spin polls SQ_TAIL alone (`RingAcker.wait_entries`) for at most this
 # long between two loop rounds (heartbeat, the worker's health, behind).
 SPIN_SLICE_NS = 20_000
@@ -202,8 +194,6 @@ class Acker:
         slept = 0
         cpu = time.thread_time_ns
         behind_since = 0  # when the worker last had unread entries with none before (0: it keeps up)
-        spin_for = spin_ns  # WOKEN_SPIN_NS after a doorbell wake-up until the host shows it runs elsewhere
-        probing = False  # the first round after a doorbell wake-up is not yet done
         t = now()
         while True:
             t0 = t
@@ -213,10 +203,6 @@ class Acker:
             if n:
                 busy += t - t0
                 idle_since = t
-                if probing:
-                    probing = False
-                elif spin_for != spin_ns:
-                    spin_for = spin_ns  # an entry came while we spun: the host runs on another core
                 continue
             empty += t - t0
             if t >= check_at:  # the worker's health, every ms while busy
@@ -244,9 +230,9 @@ class Acker:
                 behind_since = 0  # a napping worker is back by NAP_UNTIL; past it, it is behind as any other
             elif not behind_since:
                 behind_since = t
-            if t - idle_since < spin_for and (not behind_since or t - behind_since < BEHIND_NS):
+            if t - idle_since < spin_ns and (not behind_since or t - behind_since < BEHIND_NS):
                 # spin only while the worker keeps up: when it is behind, it needs this core
-                ep.wait_entries(min(idle_since + spin_for, t + SPIN_SLICE_NS))
+                ep.wait_entries(min(idle_since + spin_ns, t + SPIN_SLICE_NS))
                 t1 = now()
                 empty += t1 - t
                 t = t1
@@ -268,8 +254,6 @@ class Acker:
             except BlockingIOError:
                 pass
             ep.count_sleep(woken)
-            if woken:
-                spin_for, probing = min(spin_ns, WOKEN_SPIN_NS), True
             slept += cpu() - c0
             if ready or self.stop_requested:
                 check_at = 0
