@@ -29,6 +29,7 @@ numbers, are the point; docs/benchmarks.md):
    / host; plus the 1 MiB QD1 split latency through the host.
 
     .venv/bin/python bench/keepup.py [--quick] [--rounds 3] [--seconds 60] [--rate-iops 10000] [--out bench/out]
+    .venv/bin/python bench/keepup.py --qd1-only [--host-off-card] [--rounds 3]   # the 4 KiB QD1 phase alone
 
 Writes ``keepup.json``, ``keepup.md`` and ``keepup.png`` into ``--out``.
 Nothing here asserts on speed.
@@ -124,7 +125,8 @@ def diff(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
 # -- part 1: components --------------------------------------------------------------
 
 
-def component_round(work: Path, *, n_qd1: int, n_big: int, n_stream: int, idle_s: float) -> dict[str, Any]:
+def component_round(work: Path, *, n_qd1: int, n_big: int, n_stream: int, idle_s: float,
+                    qd1_only: bool = False, host_off_card: bool = False) -> dict[str, Any]:
     data = init_data(work / "data", sections={"card": {"transport_options": {"data_size": "256M"}}})
     run_cli(data, "cg", "create", "k")
     run_cli(data, "vdisk", "create", "v", "--size", "64G", "--cg", "k")
@@ -136,8 +138,13 @@ def component_round(work: Path, *, n_qd1: int, n_big: int, n_stream: int, idle_s
         try:
             pids = {"acker": card.pid, "worker": card.ready["worker_pid"], "appliance": app.pid}
             r = RingSplitter.connect(str(Layout(data).card_sock))
+            allowed = os.sched_getaffinity(0)
+            if host_off_card and allowed - os.sched_getaffinity(card.pid):
+                os.sched_setaffinity(0, allowed - os.sched_getaffinity(card.pid))
+            out["host_cpus"] = sorted(os.sched_getaffinity(0))
             try:
-                out["idle"] = idle(pids, idle_s)
+                if not qd1_only:
+                    out["idle"] = idle(pids, idle_s)
                 seq = [0]
 
                 def w(size: int, data_: bytes) -> AugmentedWrite:
@@ -147,13 +154,19 @@ def component_round(work: Path, *, n_qd1: int, n_big: int, n_stream: int, idle_s
                                           s.to_bytes(8, "little") + data_[8:])
 
                 small = payloads(256, BS)
+                st0 = card_stats(data)
                 out["qd1"] = qd1(r, [w(BS, small[i % 256]) for i in range(n_qd1)])
+                st1 = card_stats(data)
+                out["qd1"]["acker_sleeps"] = _hget(st1, "acker_sleeps") - _hget(st0, "acker_sleeps")
+                if qd1_only:
+                    return out
                 big = payloads(4, 1 << 20)
                 out["qd1_1m"] = qd1(r, [w(1 << 20, big[i % 4]) for i in range(n_big)])
                 wait_for(lambda: durable_seq(data, "k") >= seq[0], 120, "the appliance holding the QD1 writes")
                 out["stream"] = stream(r, data, pids, lambda: w(BS, small[seq[0] % 256]), n_stream, seq)
             finally:
                 r.close()
+                os.sched_setaffinity(0, allowed)
         finally:
             card.stop()
     return out
@@ -169,17 +182,32 @@ def idle(pids: dict[str, int], seconds: float) -> dict[str, Any]:
             "card_pct": 100 * (d["acker"] + d["worker"]) / el}
 
 
+def _hget(st: dict, key: str) -> int:
+    """A handoff counter from the card's stats (0 where a tree has none)."""
+    return int(((st.get("endpoint") or {}).get("handoff") or {}).get(key) or 0)
+
+
 def qd1(r: RingSplitter, writes: list[AugmentedWrite]) -> dict[str, Any]:
-    waits = []
+    """Submit -> ack of each write alone, as `split` does it, with the
+    submit (copy, checksum, descriptor, tail, doorbell) timed apart from the
+    wait for the completion, and the doorbells the host rang."""
+    waits, subs = [], []
     refused = 0
+    s0 = r.statistics()
     for w in writes:
         t = monotonic_ns()
-        ok = r.split(w, 1_000_000_000)
-        waits.append((monotonic_ns() - t) / 1000)
+        ok = r.submit(w)
+        t1 = monotonic_ns()
+        ok = ok and r.wait_ack(w.io_id, t1 + 1_000_000_000)
+        t2 = monotonic_ns()
+        waits.append((t2 - t) / 1000)
+        subs.append((t1 - t) / 1000)
         refused += not ok
         r.post_outcome(w.io_id, Status.COMMITTED)
+    s1 = r.statistics()
     return {"n": len(writes), "refused": refused, "p50_us": pct(waits, 50), "p99_us": pct(waits, 99),
-            "p999_us": pct(waits, 99.9), "max_us": max(waits)}
+            "p999_us": pct(waits, 99.9), "max_us": max(waits), "submit_p50_us": pct(subs, 50),
+            "submit_p99_us": pct(subs, 99), "doorbells": s1.doorbells - s0.doorbells}
 
 
 def card_cpu(st0: dict, st1: dict, d: dict[str, float], writes: int) -> dict[str, float]:
@@ -351,7 +379,7 @@ def summarise(rounds: list[dict]) -> dict[str, Any]:
             vals.append(x)
         return vals
 
-    keys = ["idle.card_pct", "idle.acker_pct", "idle.worker_pct", "qd1.p50_us", "qd1.p99_us", "qd1.p999_us",
+    keys = ["qd1.submit_p50_us", "qd1.submit_p99_us", "qd1.doorbells", "qd1.acker_sleeps", "idle.card_pct", "idle.acker_pct", "idle.worker_pct", "qd1.p50_us", "qd1.p99_us", "qd1.p999_us",
             "qd1_1m.p50_us", "qd1_1m.p99_us", "stream.acked_per_s", "stream.durable_per_s",
             "stream.cpu_us_per_write.acker_busy", "stream.cpu_us_per_write.acker_empty_poll",
             "stream.cpu_us_per_write.acker_sleep", "stream.cpu_us_per_write.worker_empty_poll",
@@ -459,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-seconds", type=float, default=20)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     ap.add_argument("--components-only", action="store_true", help="part 1 alone (no end-to-end runs)")
+    ap.add_argument("--host-off-card", action="store_true",
+                    help="keep this process (the synthetic host) off the acker's CPUs, as on a DPU")
+    ap.add_argument("--qd1-only", action="store_true",
+                    help="the components' 4 KiB QD1 phase alone (no idle, 1 MiB, stream nor end-to-end runs)")
     a = ap.parse_args(argv)
     if a.quick:
         a.rounds, a.seconds, a.idle_seconds = 1, 10, 5
@@ -472,12 +504,14 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(a.rounds):
             print(f"components round {i + 1}/{a.rounds}", flush=True)
             rounds.append(component_round(work / f"c{i}", n_qd1=n_qd1, n_big=n_big, n_stream=n_stream,
-                                          idle_s=a.idle_seconds))
+                                          idle_s=a.idle_seconds, qd1_only=a.qd1_only,
+                                          host_off_card=a.host_off_card))
         doc["component_rounds"] = rounds
         doc["components"] = summarise(rounds)
-        if a.components_only:
+        if a.components_only or a.qd1_only:
             (a.out / "keepup.json").write_text(json.dumps(doc, indent=1))
-            print(json.dumps(doc["components"], indent=1))
+            comp = doc["components"]
+            print(json.dumps({k: v for k, v in comp.items() if k.startswith("qd1.") or not a.qd1_only}, indent=1))
             return 0
         print("end to end", flush=True)
         doc["e2e"] = e2e(work / "e2e", seconds=a.seconds, rate=a.rate_iops)

@@ -68,6 +68,9 @@ WORKER_ENV = "NICSPLIT_CARD_WORKER"
 # the acker; not by a count either: a backlog of 256 entries let the acker
 # spin through an unpaced QD16 load, which then got a third of the IOPS.
 BEHIND_NS = 100_000
+# The spin polls SQ_TAIL alone (`RingAcker.wait_entries`) for at most this
+# long between two loop rounds (heartbeat, the worker's health, behind).
+SPIN_SLICE_NS = 20_000
 _P, _C, _WSTATE, _NAPU = H.PRODUCED // 8, H.CONSUMED // 8, H.WSTATE // 8, H.NAP_UNTIL // 8
 
 
@@ -228,7 +231,12 @@ class Acker:
             elif not behind_since:
                 behind_since = t
             if t - idle_since < spin_ns and (not behind_since or t - behind_since < BEHIND_NS):
-                continue  # spin only while the worker keeps up: when it is behind, it needs this core
+                # spin only while the worker keeps up: when it is behind, it needs this core
+                ep.wait_entries(min(idle_since + spin_ns, t + SPIN_SLICE_NS))
+                t1 = now()
+                empty += t1 - t
+                t = t1
+                continue
 
             ep.set_sleeping(True)
             fence()  # SLEEPING visible before we re-read the tail (Dekker; wire/ring.py)
