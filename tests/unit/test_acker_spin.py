@@ -24,6 +24,11 @@ def w(io: int) -> AugmentedWrite:
     return AugmentedWrite(io, 1, io, 1, Op.WRITE, WFlag.NONE, io * 4096, 4096, time.time_ns(), bytes(4096))
 
 
+
+def _no_refusal(*refused) -> None:
+    """The worker's lost log here: every payload is intact, so nothing may reach it."""
+    raise AssertionError(f"an intact payload was reported bad: {refused}")
+
 class Pair:
     """Acker, pipeline worker's endpoint and splitter in one process."""
 
@@ -32,7 +37,7 @@ class Pair:
         self.acker = RingAcker(run, handoff=self.ho, data_size=1 << 20, sq_entries=64, cq_entries=64)
         self.worker_ho = Handoff(os.dup(self.ho.fd))
         self.worker = HandoffEndpoint(self.worker_ho, self.acker.volume_path, self.acker.fake_uid,
-                                      self.acker.wake_fd)
+                                      self.acker.wake_fd, on_refused=_no_refusal)
         self.sp = RingSplitter.connect(str(self.acker.socket_path))
 
     def close(self) -> None:
