@@ -16,8 +16,8 @@ import pytest
 from nicsplit.card.handoff import Handoff
 from nicsplit.card.transports.ring_acker import RingAcker
 from nicsplit.card.transports.ring_handoff import HandoffEndpoint
-from nicsplit.card.transports.ring_splitter import RingSplitter
 from nicsplit.core.records import AugmentedWrite, Op, WFlag
+from nicsplit.testing.cardrig import CardRig
 from nicsplit.wire import ring as R
 
 pytestmark = pytest.mark.unit
@@ -35,16 +35,10 @@ def pattern(io: int) -> bytes:
     return bytes((io + i) & 0xFF for i in range(256)) * (MIB // 256)
 
 
-class Pair:
+class Pair(CardRig):
     def __init__(self, run: str, verify: bool = True) -> None:
-        self.ho = Handoff.create(slots=256)
-        self.acker = RingAcker(run, handoff=self.ho, data_size=8 * MIB, sq_entries=64, cq_entries=64)
-        self.worker_ho = Handoff(os.dup(self.ho.fd))
         self.lost: list[tuple] = []
-        self.worker = HandoffEndpoint(self.worker_ho, self.acker.volume_path, self.acker.fake_uid,
-                                      self.acker.wake_fd, on_refused=lambda *a: self.lost.append(a),
-                                      verify_checksums=verify)
-        self.sp = RingSplitter.connect(str(self.acker.socket_path))
+        super().__init__(run, slots=256, data_size=8 * MIB, on_refused=lambda *a: self.lost.append(a), verify=verify)
 
     def submit(self, w: AugmentedWrite, corrupt_at: int | None = None) -> bool:
         """Publish, corrupt one payload byte in the ring before the card looks, ack."""
@@ -56,14 +50,6 @@ class Pair:
         self.acker.pump()
         return self.sp.wait_ack(w.io_id, time.monotonic_ns() + FAR)
 
-    def close(self) -> None:
-        self.sp.close()
-        self.worker.close()
-        self.worker_ho.close()
-        os.close(self.worker_ho.fd)
-        self.acker.close()
-        self.ho.close()
-        os.close(self.ho.fd)
 
 
 def test_a_corrupted_1mib_payload_is_acked_then_caught_by_the_worker_and_reported_lost(tmp_path):

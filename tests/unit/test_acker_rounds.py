@@ -8,17 +8,14 @@ outcome and a bad entry (dropped, never handed off) inside a round."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
-from nicsplit.card.handoff import H, Handoff
+from nicsplit.card.handoff import H
 from nicsplit.card.transports import ring_acker
-from nicsplit.card.transports.ring_acker import RingAcker
-from nicsplit.card.transports.ring_handoff import HandoffEndpoint
-from nicsplit.card.transports.ring_splitter import RingSplitter
 from nicsplit.core.records import AugmentedWrite, Op, Outcome, Status, WFlag
+from nicsplit.testing.cardrig import CardRig
 from nicsplit.wire import ring as R
 
 pytestmark = pytest.mark.unit
@@ -26,28 +23,9 @@ pytestmark = pytest.mark.unit
 FAR = 10 * 1_000_000_000
 
 
-def _no_refusal(*refused) -> None:
-    """The worker's lost log here: every payload is intact, so nothing may reach it."""
-    raise AssertionError(f"an intact payload was reported bad: {refused}")
-
-
-class Pair:
+class Pair(CardRig):
     def __init__(self, run: str, slots: int = 1024, sq: int = 64) -> None:
-        self.ho = Handoff.create(slots=slots)
-        self.acker = RingAcker(run, handoff=self.ho, data_size=4 << 20, sq_entries=sq, cq_entries=sq)
-        self.worker_ho = Handoff(os.dup(self.ho.fd))
-        self.worker = HandoffEndpoint(self.worker_ho, self.acker.volume_path, self.acker.fake_uid,
-                                      self.acker.wake_fd, on_refused=_no_refusal)
-        self.sp = RingSplitter.connect(str(self.acker.socket_path))
-
-    def close(self) -> None:
-        self.sp.close()
-        self.worker.close()
-        self.worker_ho.close()
-        os.close(self.worker_ho.fd)
-        self.acker.close()
-        self.ho.close()
-        os.close(self.ho.fd)
+        super().__init__(run, slots=slots, sq=sq)
 
 
 def w(io: int) -> AugmentedWrite:

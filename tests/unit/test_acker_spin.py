@@ -13,9 +13,9 @@ import pytest
 
 from nicsplit.card.handoff import Handoff
 from nicsplit.card.transports.ring_acker import RingAcker
-from nicsplit.card.transports.ring_handoff import HandoffEndpoint
 from nicsplit.card.transports.ring_splitter import RingSplitter
 from nicsplit.core.records import AugmentedWrite, Op, WFlag
+from nicsplit.testing.cardrig import CardRig
 
 pytestmark = pytest.mark.unit
 
@@ -25,29 +25,11 @@ def w(io: int) -> AugmentedWrite:
 
 
 
-def _no_refusal(*refused) -> None:
-    """The worker's lost log here: every payload is intact, so nothing may reach it."""
-    raise AssertionError(f"an intact payload was reported bad: {refused}")
-
-class Pair:
+class Pair(CardRig):
     """Acker, pipeline worker's endpoint and splitter in one process."""
 
     def __init__(self, run: str) -> None:
-        self.ho = Handoff.create(slots=64)
-        self.acker = RingAcker(run, handoff=self.ho, data_size=1 << 20, sq_entries=64, cq_entries=64)
-        self.worker_ho = Handoff(os.dup(self.ho.fd))
-        self.worker = HandoffEndpoint(self.worker_ho, self.acker.volume_path, self.acker.fake_uid,
-                                      self.acker.wake_fd, on_refused=_no_refusal)
-        self.sp = RingSplitter.connect(str(self.acker.socket_path))
-
-    def close(self) -> None:
-        self.sp.close()
-        self.worker.close()
-        self.worker_ho.close()
-        os.close(self.worker_ho.fd)
-        self.acker.close()
-        self.ho.close()
-        os.close(self.ho.fd)
+        super().__init__(run, slots=64, data_size=1 << 20)
 
 
 @pytest.fixture

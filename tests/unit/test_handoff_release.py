@@ -5,38 +5,21 @@ orders; an io id not held raises like `release` and leaves the rest done."""
 
 from __future__ import annotations
 
-import os
 import random
 import time
 
 import pytest
 
-from nicsplit.card.handoff import Handoff
-from nicsplit.card.transports.ring_acker import RingAcker
-from nicsplit.card.transports.ring_handoff import HandoffEndpoint
-from nicsplit.card.transports.ring_splitter import RingSplitter
 from nicsplit.core.records import AugmentedWrite, Op, Outcome, Status, WFlag
+from nicsplit.testing.cardrig import CardRig
 
 pytestmark = pytest.mark.unit
 
 FAR = 10 * 1_000_000_000
 
 
-def _no_refusal(*refused) -> None:
-    """The worker's lost log here: every payload is intact, so nothing may reach it."""
-    raise AssertionError(f"an intact payload was reported bad: {refused}")
-
-
-class Pair:
+class Pair(CardRig):
     """An acker and a pipeline-worker endpoint on one ring, with a splitter."""
-
-    def __init__(self, run: str) -> None:
-        self.ho = Handoff.create(slots=1024)
-        self.acker = RingAcker(run, handoff=self.ho, data_size=4 << 20, sq_entries=64, cq_entries=64)
-        self.worker_ho = Handoff(os.dup(self.ho.fd))
-        self.worker = HandoffEndpoint(self.worker_ho, self.acker.volume_path, self.acker.fake_uid, self.acker.wake_fd,
-                                      on_refused=_no_refusal)
-        self.sp = RingSplitter.connect(str(self.acker.socket_path))
 
     def send(self, writes: list[AugmentedWrite]) -> list[int]:
         for w in writes:
@@ -57,14 +40,6 @@ class Pair:
         s = self.worker.statistics()
         return s["released"], s["held"], s["handoff"]["floor"], s["handoff"]["unfinished"]
 
-    def close(self) -> None:
-        self.sp.close()
-        self.worker.close()
-        self.worker_ho.close()
-        os.close(self.worker_ho.fd)
-        self.acker.close()
-        self.ho.close()
-        os.close(self.ho.fd)
 
 
 @pytest.mark.parametrize("seed", [11, 12, 13])

@@ -1,0 +1,40 @@
+"""The card's two ends of a ring in one process, for tests: an acker
+(`RingAcker`), the pipeline worker's endpoint (`HandoffEndpoint`) on the
+same handoff queue, and the host's `RingSplitter`, stepped by hand."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from nicsplit.card.handoff import Handoff
+from nicsplit.card.transports.ring_acker import RingAcker
+from nicsplit.card.transports.ring_handoff import HandoffEndpoint
+from nicsplit.card.transports.ring_splitter import RingSplitter
+
+
+def no_refusal(*refused) -> None:
+    """A lost log for rigs whose payloads are all intact: any report fails the test."""
+    raise AssertionError(f"an intact payload was reported bad: {refused}")
+
+
+class CardRig:
+    """Acker, worker endpoint and splitter on one ring; `close` undoes all three."""
+
+    def __init__(self, run: str, *, slots: int = 1024, data_size: int = 4 << 20, sq: int = 64,
+                 on_refused: Callable[..., None] = no_refusal, verify: bool = True) -> None:
+        self.ho = Handoff.create(slots=slots)
+        self.acker = RingAcker(run, handoff=self.ho, data_size=data_size, sq_entries=sq, cq_entries=sq)
+        self.worker_ho = Handoff(os.dup(self.ho.fd))
+        self.worker = HandoffEndpoint(self.worker_ho, self.acker.volume_path, self.acker.fake_uid,
+                                      self.acker.wake_fd, on_refused=on_refused, verify_checksums=verify)
+        self.sp = RingSplitter.connect(str(self.acker.socket_path))
+
+    def close(self) -> None:
+        self.sp.close()
+        self.worker.close()
+        self.worker_ho.close()
+        os.close(self.worker_ho.fd)
+        self.acker.close()
+        self.ho.close()
+        os.close(self.ho.fd)
