@@ -82,6 +82,22 @@ class Side:
                 "held": sorted(self.ep.held)}
 
 
+def lockstep(sides: tuple[Side, Side], entries: list, t: int, deliver: bool, seed: int) -> None:
+    """Feed both paths the same entries; they must agree after every step."""
+    for side in sides:
+        side.step(entries, t, deliver)
+    assert sides[0].observed() == sides[1].observed(), f"seed {seed}: diverged at t={t}"
+
+
+def settle(sides: tuple[Side, Side], t: int, rounds: int) -> None:
+    """Past every timer: tick, then drain and deliver `rounds` times."""
+    for side in sides:
+        side.p.tick(t)
+        for _ in range(rounds):
+            side.p.drain(t)
+            side.deliver(t)
+
+
 def workload(rng: random.Random, rounds: int):
     """Rounds of entries: writes and outcomes, with the quirks listed above."""
     seq = {1: 0, 2: 0, 3: 0}
@@ -147,16 +163,8 @@ def test_direct_path_matches_staged_path(seed):
     t = 0
     for entries, deliver in workload(rng, 120):
         t += rng.randrange(0, 3 * MS)
-        for side in (direct, staged):
-            side.step(entries, t, deliver)
-        assert direct.observed() == staged.observed(), f"seed {seed}: diverged at t={t}"
-    t += 100 * MS
-    for side in (direct, staged):
-        side.p.tick(t)
-        side.p.drain(t)
-        side.deliver(t)
-        side.p.drain(t)
-        side.deliver(t)
+        lockstep((direct, staged), entries, t, deliver, seed)
+    settle((direct, staged), t + 100 * MS, rounds=2)
     a, b = direct.observed(), staged.observed()
     assert a == b
     # the workload did exercise what it claims
@@ -211,9 +219,7 @@ def test_runs_of_one_vdisk_resolve_as_resolve_does(seed):
                     w.length = 512  # the payload does not match the length
                 entries += [w, Outcome(io, Status.COMMITTED)]
         t += rng.randrange(0, 2 * MS)
-        for side in (fast, ref):
-            side.step(entries, t, True)
-        assert fast.observed() == ref.observed(), f"seed {seed}: diverged at t={t}"
+        lockstep((fast, ref), entries, t, True, seed)
     st = fast.observed()["stats"]
     r = st["resolve"]
     assert r["resolved"] and r["dropped_out_of_range"] and r["dropped_bad_payload"] and fast.lost
@@ -265,15 +271,8 @@ def test_runs_into_an_open_batch_match_record_by_record(seed, monkeypatch):
                               data=data, ts=rng.randrange(1, 10**6))
                 entries += [w, Outcome(io, Status.COMMITTED)]
         t += rng.randrange(0, 3 * MS)
-        deliver = rng.random() < 0.7
-        for side in (direct, staged):
-            side.step(entries, t, deliver)
-        assert direct.observed() == staged.observed(), f"seed {seed}: diverged at t={t}"
-    t += 100 * MS
-    for side in (direct, staged):
-        side.p.tick(t)
-        side.p.drain(t)
-        side.deliver(t)
+        lockstep((direct, staged), entries, t, rng.random() < 0.7, seed)
+    settle((direct, staged), t + 100 * MS, rounds=1)
     a = direct.observed()
     assert a == staged.observed()
     st = a["stats"]
