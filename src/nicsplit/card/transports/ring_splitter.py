@@ -299,16 +299,11 @@ class RingSplitter:
                     csum = res.checksum()
                     dflags = DF_CSUM
             else:
-                size = self._dsize
-                pos = self._rtail
-                off = pos % size
-                if off + length > size:  # does not fit before the end: pad to the next lap
-                    pos += size - off
-                    off = 0
-                end = pos + length
-                if not self._room(end):
+                place = self._place(length)
+                if place is None:
                     self._full_data += 1
                     return False
+                pos, off, end = place
                 if res is not None:  # moved (rule 2): its checksum is known, its bytes copied
                     if self._csum:
                         csum = res.checksum()
@@ -362,24 +357,33 @@ class RingSplitter:
         """Lend ``length`` bytes of the data area for a payload about to be
         received; None (the write takes the copy path) when the card is
         gone or there is no room now. Every reservation must be released."""
-        size = self._dsize
-        if self._dead or not 0 < length <= size or self._ctr[STATE] == CLOSED:
+        if self._dead or not 0 < length <= self._dsize or self._ctr[STATE] == CLOSED:
             return None
-        pos = self._rtail
-        off = pos % size
-        if off + length > size:  # contiguous, as a copied payload (padding to the next lap)
-            pos += size - off
-            off = 0
-        end = pos + length
-        if not self._room(end):
+        place = self._place(length)
+        if place is None:
             self._n_no_room += 1
             return None
+        pos, off, end = place
         self._rtail = end
         r = Reservation(self, pos, end, self._data[off: off + length], self._csum)
         self._held.append(r)
         self._lent[id(r.data)] = r
         self._n_reserved += 1
         return r
+
+    def _place(self, length: int) -> tuple[int, int, int] | None:
+        """Where a payload of ``length`` goes next, past everything published
+        or reserved: (position, offset in the area, end), contiguous (a
+        payload that does not fit before the area's end pads to the next
+        lap); None when the card's head leaves no room for it."""
+        size = self._dsize
+        pos = self._rtail
+        off = pos % size
+        if off + length > size:
+            pos += size - off
+            off = 0
+        end = pos + length
+        return (pos, off, end) if self._room(end) else None
 
     def _room(self, end: int) -> bool:
         """A payload may end at ``end``: within one lap of the card's head
