@@ -36,7 +36,10 @@ from nicsplit.card.transports.base import TransportUnavailable
 from nicsplit.card.transports.ring_shared import (
     CLOSED, CQ_HEAD, CQ_TAIL, DATA_TAIL, HEARTBEAT, K_WRITE, M32, SLEEPING, SQ_HEAD, SQ_TAIL, STATE, fence,
 )
-from nicsplit.card.transports.ring_splitter import _ABANDONED, _LATE, _WAITING, RingSplitter, RingStats
+from nicsplit.card.transports.ring_splitter import RingSplitter, RingStats
+from nicsplit.card.transports.ring_splitter import TRACK_ABANDONED as _ABANDONED
+from nicsplit.card.transports.ring_splitter import TRACK_LATE as _LATE
+from nicsplit.card.transports.ring_splitter import TRACK_WAITING as _WAITING
 from nicsplit.core.records import AugmentedWrite, Status
 from nicsplit.wire import nvme as N
 from nicsplit.wire.crc16 import crc16_t10dif

@@ -60,6 +60,7 @@ log = logging.getLogger("nicsplit.card.transports.ring")  # one logger for both 
 # Tracker states: waited for; abandoned (a late ack is dropped); late (the
 # caller went on without the ack, its verdict is kept for `take_late`).
 _WAITING, _ABANDONED, _LATE = 0, 1, 2
+TRACK_WAITING, TRACK_ABANDONED, TRACK_LATE = _WAITING, _ABANDONED, _LATE  # for subclasses (nvme_splitter)
 
 
 @dataclass(frozen=True, slots=True)
