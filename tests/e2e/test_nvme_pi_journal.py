@@ -15,7 +15,7 @@ import pytest
 from nicsplit.core.ctl import request
 from nicsplit.core.layout import Layout
 from nicsplit.testing.procs import UpProcess, run_cli, wait_for
-from nicsplit.testing.stack import cg_data, cg_status, wait_caught_up
+from nicsplit.testing.stack import cg_data, cg_status, latest_pit_equals_production, wait_caught_up
 
 pytestmark = pytest.mark.usefixtures("peers")
 
@@ -62,3 +62,26 @@ def test_journal_on_nvme_pi_equals_the_rings(tmp_path, seed):
     assert len(nvme_rows) >= 17  # every write of the workload (qemu-io may add a flush)
     assert nvme_rows == ring_rows
     assert nvme_images and nvme_images == ring_images
+
+
+def test_a_guard_error_marks_the_vdisk_and_the_resync_makes_it_whole(tmp_path, seed, monkeypatch):
+    """One payload corrupted after its guard was computed (the failpoint
+    host.nvme-pi.after-pi): the card completes it 282h, the host marks the
+    region and resyncs it; the CG is protected again and its latest PIT
+    equals production."""
+    monkeypatch.setenv("NICSPLIT_FAILPOINTS", "host.nvme-pi.after-pi=1*error(EIO)")
+    data = cg_data(tmp_path, SIZE, ("a",), card={"transport": "nvme-pi"}, sections={"card": {"transport": "nvme-pi"}})
+    with UpProcess(data) as up:
+        wait_for(lambda: cg_status(data)["state"] == "protected", 60, "the CG protected")
+        subprocess.run(["qemu-io", "-f", "raw", "-t", "writeback", *qemu_commands(seed), up.uri("a")], check=True,
+                       capture_output=True, timeout=120)
+
+        def transport() -> dict:
+            return request(Layout(data).host_sock, {"cmd": "stats"})["stats"]["card_transport"]
+
+        wait_for(lambda: transport()["guard_errors"] == 1, 30, "the card's 282h completion")
+        split = request(Layout(data).host_sock, {"cmd": "stats"})["stats"]["vdisks"]["a"]["split"]
+        print(f"seed {seed}: transport {transport()}, split {split}")
+        wait_for(lambda: cg_status(data)["state"] == "protected", 120, "the resync to end")
+        latest_pit_equals_production(data, "cg1", "a", up.uri("a"), tmp_path)
+        assert transport()["guard_errors"] == 1 and transport()["rejected"] >= 1

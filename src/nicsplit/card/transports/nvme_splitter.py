@@ -22,7 +22,9 @@ would need its PI written around it block by block; the copy path is used.
 ``fault_after_pi`` (tests only, fault injection production opts into): when
 set, it is called with (data area, byte offset of the first block, blocks)
 after the PI is written and before the command is published, so a test can
-corrupt a data byte the guard already covers.
+corrupt a data byte the guard already covers. Across processes the
+failpoint ``host.nvme-pi.after-pi`` does the same: its ``error`` action
+flips the write's first payload byte (docs/faults.md).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from time import monotonic_ns
 from typing import Callable
 
 from nicsplit.card.transports.base import TransportUnavailable
+from nicsplit.core import failpoints as _fp
 from nicsplit.card.transports.ring_shared import (
     CLOSED, CQ_HEAD, CQ_TAIL, DATA_TAIL, HEARTBEAT, K_WRITE, M32, SLEEPING, SQ_HEAD, SQ_TAIL, STATE, fence,
 )
@@ -51,6 +54,7 @@ _OPC = {1: N.Opc.WRITE, 2: N.Opc.WRITE_ZEROES, 3: N.Opc.DSM, 4: N.Opc.FLUSH}  # 
 _O_OUTCOME = int(N.Opc.OUTCOME)
 _GUARD = int(N.Status.GUARD_CHECK)
 _PI_ERRORS = frozenset(int(s) for s in (N.Status.APP_TAG_CHECK, N.Status.REF_TAG_CHECK, N.Status.INVALID_PI))
+_FP = _fp.ACTIVE  # armed failpoints (nicsplit.core.failpoints): empty unless a test arms some
 _OUTCOME_CID = -1  # a CID table entry for an outcome command: its completion is consumed silently
 sqe_pack = N.SQE.pack_into
 cqe14_unpack = N.CQE14.unpack_from
@@ -135,6 +139,8 @@ class NvmePiSplitter(RingSplitter):
             self._fill_blocks(payload, off, head, length, nb, vdisk, vlba)
             if self.fault_after_pi is not None:
                 self.fault_after_pi(self._data, off, nb)
+            elif _FP:
+                self._failpoint_corrupt(off, head)
             try:
                 sqe_pack(self._sq, slot << 6, 1, 0, slot, NSID, w.cg_id, length, io_id, off, w.cg_seq,
                          off // EXT, (nb - 1) | N.PRCHK_GUARD | (N.FUA if w.flags & 1 else 0),
@@ -161,6 +167,16 @@ class NvmePiSplitter(RingSplitter):
         self._submitted += 1
         self._publish(tail + 1)
         return True
+
+    def _failpoint_corrupt(self, off: int, head: int) -> None:
+        """The failpoint ``host.nvme-pi.after-pi``: its ``error`` action here
+        means "corrupt one payload byte the guard already covers" (the card
+        must complete the Write 282h and the filter mark); kill / stop / delay
+        act as anywhere else."""
+        try:
+            _fp.hit("host.nvme-pi.after-pi")
+        except OSError:
+            self._data[off + head] ^= 0x01
 
     def _fill_blocks(self, payload, off: int, head: int, length: int, nb: int, vdisk: int, vlba: int) -> None:
         """Copy the payload into ``nb`` extended blocks at ``off`` and write each block's PI."""
