@@ -120,6 +120,7 @@ class NvmePiSplitter(RingSplitter):
         if io_id in self._inflight:
             return self._invalid_record(w, "io_id already in flight")
         op, length, slot = w.op, w.length, tail & self._sq_mask
+        flags = int(w.flags)  # one conversion: & on an IntFlag builds a new enum member each time
         end = 0
         if op == K_WRITE:
             payload = w.data
@@ -143,14 +144,14 @@ class NvmePiSplitter(RingSplitter):
                 self._failpoint_corrupt(off, head)
             try:
                 sqe_pack(self._sq, slot << 6, 1, 0, slot, NSID, w.cg_id, length, io_id, off, w.cg_seq,
-                         off // EXT, (nb - 1) | N.PRCHK_GUARD | (N.FUA if w.flags & 1 else 0),
-                         head | (int(w.flags) << 16), w.timestamp_ns)
+                         off // EXT, (nb - 1) | N.PRCHK_GUARD | (N.FUA if flags & 1 else 0),
+                         head | (flags << 16), w.timestamp_ns)
             except Exception as e:  # struct.error: a field out of range (caller bug)
                 return self._invalid_record(w, str(e))
         else:
             try:
                 sqe_pack(self._sq, slot << 6, _OPC[op], 0, slot, NSID, w.cg_id, length, io_id, w.voffset,
-                         w.cg_seq, w.vdisk_id, N.FUA if w.flags & 1 else 0, int(w.flags) << 16, w.timestamp_ns)
+                         w.cg_seq, w.vdisk_id, N.FUA if flags & 1 else 0, flags << 16, w.timestamp_ns)
             except Exception as e:  # struct.error or KeyError: not encodable (caller bug)
                 return self._invalid_record(w, str(e))
         self._cid_io[slot] = io_id
