@@ -59,6 +59,9 @@ _OK, _FIELD, _OPCODE, _CID = 0, int(S.INVALID_FIELD), int(S.INVALID_OPCODE), int
 _RANGE, _NOT_READY, _GUARD = int(S.LBA_OUT_OF_RANGE), int(S.NS_NOT_READY), int(S.GUARD_CHECK)
 _APP, _REF, _BAD_PI = int(S.APP_TAG_CHECK), int(S.REF_TAG_CHECK), int(S.INVALID_PI)
 _PI_STATUSES = frozenset((_APP, _REF, _BAD_PI))
+_CDW12_BAD = ~(0xFFFF | N.PRCHK_GUARD | N.PRCHK_APP | N.PRCHK_REF | N.FUA) & 0xFFFFFFFF  # incl. PRACT, LR, DTYPE
+assert all(N.check_cdw12(v) == (not v & _CDW12_BAD and bool(v & N.PRCHK_GUARD))
+           for v in (N.PRCHK_GUARD, N.PRCHK_GUARD | N.PRACT, N.PRCHK_GUARD | 1 << 31, 7, N.PRCHK_GUARD | N.FUA | 5))
 _NODATA = {int(N.Opc.WRITE_ZEROES): Op.ZERO, int(N.Opc.DSM): Op.TRIM, int(N.Opc.FLUSH): Op.BARRIER}
 _O_WRITE, _O_OUTCOME = int(N.Opc.WRITE), int(N.Opc.OUTCOME)
 sqe_unpack = N.SQE.unpack_from
@@ -204,8 +207,8 @@ class NvmePiEndpoint(RingEndpoint):
         free, in order, good or bad."""
         nb = (cdw12 & 0xFFFF) + 1
         hd = cdw13 & 0xFFFF
-        if (nsid != NSID or not N.check_cdw12(cdw12) or cdw13 & ~0x3FFFF or hd >= BLOCK or not length
-                or (hd + length + BLOCK - 1) >> N.LBADS != nb):
+        if (nsid != NSID or cdw12 & _CDW12_BAD or not cdw12 & N.PRCHK_GUARD or cdw13 & ~0x3FFFF or hd >= BLOCK
+                or not length or (hd + length + BLOCK - 1) >> 12 != nb):  # `N.check_cdw12` inline
             return _FIELD, False, 0, 0, None
         nsze, size = self._nsze, self._dsize
         if slba + nb > nsze or prp1 != slba * EXT:
@@ -223,6 +226,9 @@ class NvmePiEndpoint(RingEndpoint):
             status = _NOT_READY
         elif app == N.APP_TAG_ESCAPE:
             status = _BAD_PI
+        elif nb == 1:  # the common case: no loop
+            if self._verify_guard and crc16_t10dif(data[prp1: prp1 + BLOCK]) != g0:
+                status = _GUARD
         else:
             verify = self._verify_guard
             o = prp1
