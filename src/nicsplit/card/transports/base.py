@@ -129,6 +129,7 @@ class CardEndpoint(Protocol):
 # name -> ("module:HostClass", "module:CardClass")
 TRANSPORTS: dict[str, tuple[str, str]] = {
     "ring": ("nicsplit.card.transports.ring:RingSplitter", "nicsplit.card.transports.ring:RingEndpoint"),
+    "nvme-pi": ("nicsplit.card.transports.nvme_pi:NvmePiSplitter", "nicsplit.card.transports.nvme_pi:NvmePiEndpoint"),
 }
 
 

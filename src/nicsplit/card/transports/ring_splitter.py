@@ -60,6 +60,7 @@ log = logging.getLogger("nicsplit.card.transports.ring")  # one logger for both 
 # Tracker states: waited for; abandoned (a late ack is dropped); late (the
 # caller went on without the ack, its verdict is kept for `take_late`).
 _WAITING, _ABANDONED, _LATE = 0, 1, 2
+TRACK_WAITING, TRACK_ABANDONED, TRACK_LATE = _WAITING, _ABANDONED, _LATE  # for subclasses (nvme_splitter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,8 @@ class Reservation:
 
 class RingSplitter:
     """Host half of the ring transport (see module docstring)."""
+
+    TRANSPORT = "ring"  # the card's hello must name it (a subclass speaking another layout names its own)
 
     def __init__(
         self, sock: socket.socket, hv: HiddenVolume, doorbell: int, card_pid: int,
@@ -224,9 +227,10 @@ class RingSplitter:
             if len(fds) != 1:
                 raise TransportUnavailable(f"card at {control_socket} sent {len(fds)} descriptors, expected 1")
             try:
-                if info.get("transport") != "ring" or info.get("version") != R.VERSION:
+                if info.get("transport") != cls.TRANSPORT or info.get("version") != R.VERSION:
                     raise TransportUnavailable(
-                        f"card speaks {info.get('transport')!r} v{info.get('version')}, we speak 'ring' v{R.VERSION}"
+                        f"card speaks {info.get('transport')!r} v{info.get('version')}, "
+                        f"we speak {cls.TRANSPORT!r} v{R.VERSION}"
                     )
                 want = R.Geometry(int(info["sq_entries"]), int(info["cq_entries"]), int(info["data_size"]))
                 path, uid, card_pid = str(info["path"]), str(info["uid"]), int(info["pid"])
