@@ -55,7 +55,7 @@ def offer_batch(h: PayloadHandoff, res, recs) -> None:
 
 
 def test_handoff_gives_what_was_offered_in_seq_order_and_drops_older():
-    h = PayloadHandoff(max_bytes=100)
+    h = PayloadHandoff(max_bytes=100, min_room=1)
     h.offer([(3, b"c" * 10), (5, b"e" * 10), (7, b"g" * 10), (9, b"i" * 10)])
     assert h.take([5, 6, 7]) == [b"e" * 10, None, b"g" * 10]  # 3 dropped on the way: older than asked
     assert (h.hits, h.misses, len(h)) == (2, 1, 1)
@@ -64,13 +64,32 @@ def test_handoff_gives_what_was_offered_in_seq_order_and_drops_older():
 
 
 def test_handoff_is_bounded_and_refuses_out_of_order_offers():
-    h = PayloadHandoff(max_bytes=25)
-    h.offer([(1, b"a" * 10), (2, b"b" * 10), (3, b"c" * 10)])  # the third does not fit
-    h.offer([(2, b"x" * 1)])  # not after the newest held: refused (a seq is journaled once)
+    h = PayloadHandoff(max_bytes=25, min_room=1)
+    h.offer([(1, b"a" * 10), (2, b"b" * 10), (3, b"c" * 10), (4, b"d" * 1)])  # the third does not fit: cut there
+    h.offer([(2, b"x" * 1), (5, b"e" * 1)])  # not after the newest held: refused (a seq is journaled once)
     assert h.dropped == 2 and len(h) == 2
-    assert h.take([1, 2, 3]) == [b"a" * 10, b"b" * 10, None]
-    h.offer([(4, b"d" * 25)])  # taking freed the room
-    assert h.take([4]) == [b"d" * 25]
+    assert h.take([1, 2, 3, 4, 5]) == [b"a" * 10, b"b" * 10, None, None, None]
+    h.offer([(6, b"f" * 25)])  # taking freed the room
+    assert h.take([6]) == [b"f" * 25]
+
+
+def test_a_full_handoff_refuses_an_offer_without_walking_it():
+    """Less room than `min_room` left (a paused replica): the offer is not
+    iterated at all, so ingest pays nothing per record for it."""
+    h = PayloadHandoff(max_bytes=8192, min_room=4096)
+    h.offer([(1, bytes(4096)), (2, bytes(2048))])
+    walked = []
+
+    def items():
+        for seq in (3, 4):
+            walked.append(seq)
+            yield seq, b"x"
+
+    h.offer(items())  # 2048 bytes of room left < min_room
+    assert walked == [] and h.dropped == 1 and len(h) == 2
+    assert h.take([1, 2]) == [bytes(4096), bytes(2048)]
+    h.offer(items())  # room again: walked and held
+    assert walked == [3, 4] and h.take([3, 4]) == [b"x", b"x"]
 
 
 def test_only_journaled_inline_writes_are_offered(tmp_path: Path):
@@ -191,12 +210,15 @@ def test_handoff_fills_only_to_its_bound_while_distribution_lags(tmp_path: Path)
     h = PayloadHandoff(max_bytes=64 * 1024)
     rng = random.Random(5)
     print("seed 5")
-    seq = 0
+    seq = held = offers_held = 0  # the model: 16 payloads fit; an offer is held up to the first that does not
     for _ in range(100):
         items = []
         for _ in range(rng.randint(1, 8)):
             seq += 1
             items.append((seq, bytes(4096)))
         h.offer(items)
-    assert len(h) == 16 and h.dropped == seq - 16
+        offers_held += held + len(items) <= 16
+        held = min(16, held + len(items))
+    assert offers_held < 100 and held == 16
+    assert len(h) == 16 and h.dropped == 100 - offers_held  # one per offer cut short or refused
     assert sum(p is not None for p in h.take(list(range(1, seq + 1)))) == 16 and len(h) == 0
