@@ -53,7 +53,10 @@ Rules
 7. Ingest hands the payloads it has just journaled to the thread
    (`PayloadHandoff`, after the fdatasync, bounded): a step takes what it
    needs from there and reads only the rest from the journal (entry CRC,
-   AEAD open).  At a paced load nearly every record is handed over.
+   AEAD open).  At a paced load nearly every record is handed over.  While
+   no Distributor is open (paused for a failover, an error's back-off) the
+   handoff holds nothing and refuses offers; a full one refuses an offer
+   without walking it.
 
 Lag (what `nicsplit status` shows per CG under ``distribution``):
 ``lag_records`` = journal records with seq in (applied_seq, durable_seq];
@@ -275,6 +278,19 @@ class PayloadHandoff:
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = self.dropped = 0
+        self._paused = False
+
+    def pause(self) -> None:
+        """No replica open (a failover, an error's back-off, a stop): let go
+        of what is held and refuse offers until `resume`."""
+        with self._lock:
+            self._paused = True
+            self._q.clear()
+            self._bytes = 0
+
+    def resume(self) -> None:
+        """A replica is open again: offers are held."""
+        self._paused = False
 
     def offer(self, items: Iterable[tuple[int, Any]]) -> None:
         """Ingest, after the fdatasync: (seq, payload) of journaled records, in
@@ -282,7 +298,7 @@ class PayloadHandoff:
         newest held; the rest of the offer is not looked at (``dropped`` counts
         such offers).  A full handoff (a paused or lagging replica) returns at
         once: ~0.5 us a record of walking and refusing the offer otherwise."""
-        if self.max_bytes - self._bytes < self.min_room:  # unlocked read: at worst one offer refused early
+        if self.max_bytes - self._bytes < self.min_room or self._paused:  # unlocked reads: a hint (rule 7)
             self.dropped += 1
             return
         with self._lock:
@@ -517,6 +533,7 @@ class CGDistribution:
         self._tt = now
 
     def _close(self) -> None:
+        self.handoff.pause()  # nothing takes from it until a Distributor opens again
         if self._dist is not None:
             self._dist.close()
             self._dist = None
@@ -554,6 +571,7 @@ class CGDistribution:
             log.info("distribution of %s: vdisks changed, reopening the replica", self.cg)
         self._dist = Distributor(self.journal_dir, self.dir, vds, index=self._index, journal=self._journal,
                                  refresh=self._own_index, failpoint=self.failpoint, handoff=self.handoff)
+        self.handoff.resume()
         self._vds = vds
         self._reopened += 1
         self._applied = self._dist.applied_seq
