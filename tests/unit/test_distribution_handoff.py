@@ -18,7 +18,8 @@ from pathlib import Path
 from nicsplit.core.records import Op
 from nicsplit.journal.writer import Journal
 from nicsplit.recovery.blockindex import BlockIndex
-from nicsplit.recovery.distribution import CGDistribution, PayloadHandoff, journaled_payloads, replica_dir
+from nicsplit.recovery.distribution import (CGDistribution, PayloadHandoff, failover_state_path, journaled_payloads,
+                                             replica_dir)
 from nicsplit.recovery.replica import Distributor
 from nicsplit.core.layout import vdisk_file
 from nicsplit.testing.workload import Meta, Workload, golden_at
@@ -55,7 +56,7 @@ def offer_batch(h: PayloadHandoff, res, recs) -> None:
 
 
 def test_handoff_gives_what_was_offered_in_seq_order_and_drops_older():
-    h = PayloadHandoff(max_bytes=100)
+    h = PayloadHandoff(max_bytes=100, min_room=1)
     h.offer([(3, b"c" * 10), (5, b"e" * 10), (7, b"g" * 10), (9, b"i" * 10)])
     assert h.take([5, 6, 7]) == [b"e" * 10, None, b"g" * 10]  # 3 dropped on the way: older than asked
     assert (h.hits, h.misses, len(h)) == (2, 1, 1)
@@ -64,13 +65,32 @@ def test_handoff_gives_what_was_offered_in_seq_order_and_drops_older():
 
 
 def test_handoff_is_bounded_and_refuses_out_of_order_offers():
-    h = PayloadHandoff(max_bytes=25)
-    h.offer([(1, b"a" * 10), (2, b"b" * 10), (3, b"c" * 10)])  # the third does not fit
-    h.offer([(2, b"x" * 1)])  # not after the newest held: refused (a seq is journaled once)
+    h = PayloadHandoff(max_bytes=25, min_room=1)
+    h.offer([(1, b"a" * 10), (2, b"b" * 10), (3, b"c" * 10), (4, b"d" * 1)])  # the third does not fit: cut there
+    h.offer([(2, b"x" * 1), (5, b"e" * 1)])  # not after the newest held: refused (a seq is journaled once)
     assert h.dropped == 2 and len(h) == 2
-    assert h.take([1, 2, 3]) == [b"a" * 10, b"b" * 10, None]
-    h.offer([(4, b"d" * 25)])  # taking freed the room
-    assert h.take([4]) == [b"d" * 25]
+    assert h.take([1, 2, 3, 4, 5]) == [b"a" * 10, b"b" * 10, None, None, None]
+    h.offer([(6, b"f" * 25)])  # taking freed the room
+    assert h.take([6]) == [b"f" * 25]
+
+
+def test_a_full_handoff_refuses_an_offer_without_walking_it():
+    """Less room than `min_room` left (a paused replica): the offer is not
+    iterated at all, so ingest pays nothing per record for it."""
+    h = PayloadHandoff(max_bytes=8192, min_room=4096)
+    h.offer([(1, bytes(4096)), (2, bytes(2048))])
+    walked = []
+
+    def items():
+        for seq in (3, 4):
+            walked.append(seq)
+            yield seq, b"x"
+
+    h.offer(items())  # 2048 bytes of room left < min_room
+    assert walked == [] and h.dropped == 1 and len(h) == 2
+    assert h.take([1, 2]) == [bytes(4096), bytes(2048)]
+    h.offer(items())  # room again: walked and held
+    assert walked == [3, 4] and h.take([3, 4]) == [b"x", b"x"]
 
 
 def test_only_journaled_inline_writes_are_offered(tmp_path: Path):
@@ -191,12 +211,66 @@ def test_handoff_fills_only_to_its_bound_while_distribution_lags(tmp_path: Path)
     h = PayloadHandoff(max_bytes=64 * 1024)
     rng = random.Random(5)
     print("seed 5")
-    seq = 0
+    seq = held = offers_held = 0  # the model: 16 payloads fit; an offer is held up to the first that does not
     for _ in range(100):
         items = []
         for _ in range(rng.randint(1, 8)):
             seq += 1
             items.append((seq, bytes(4096)))
         h.offer(items)
-    assert len(h) == 16 and h.dropped == seq - 16
+        offers_held += held + len(items) <= 16
+        held = min(16, held + len(items))
+    assert offers_held < 100 and held == 16
+    assert len(h) == 16 and h.dropped == 100 - offers_held  # one per offer cut short or refused
     assert sum(p is not None for p in h.take(list(range(1, seq + 1)))) == 16 and len(h) == 0
+
+
+def test_a_paused_handoff_lets_go_and_refuses_until_resumed():
+    h = PayloadHandoff(max_bytes=1 << 20)
+    h.offer([(1, b"a" * 4096), (2, b"b" * 4096)])
+    h.pause()
+    assert len(h) == 0 and h.take([1, 2]) == [None, None]
+    h.offer([(3, b"c" * 4096)])
+    assert len(h) == 0 and h.dropped == 1
+    h.resume()
+    h.offer([(4, b"d" * 4096)])
+    assert h.take([3, 4]) == [None, b"d" * 4096]
+
+
+def test_distribution_paused_for_a_failover_holds_no_payloads(tmp_path: Path):
+    """A paused CG (its failover file exists) has no Distributor to take
+    payloads: the handoff lets go of what it held and refuses offers (no
+    16 MiB of batch plaintext pinned, no walk of every offer); once the
+    failover file is gone and the replica reopens, offers are held again
+    and the replica catches up to the ledger."""
+    w = Workload.generate(3, nbatches=6)
+    data = tmp_path / "data"
+    jd = data / "appliance" / "journal" / "cg1"
+    j = Journal.open(jd, segment_size=64 * 1024)
+    ing = Ingest(j, BlockIndex(jd))
+    dist = CGDistribution(data, "cg1", jd, members=lambda: tuple(w.vdisks), durable=lambda: j.durable_seq,
+                          journal=j, index=ing.idx, wake_interval=0.02, step_interval=0.0)
+    ing.dist = dist
+    dist.handoff.offer([(10_000, bytes(4096))])  # held before the thread looked at the replica
+    fo = failover_state_path(data, "cg1")
+    fo.parent.mkdir(parents=True, exist_ok=True)
+    fo.write_text("{}")
+    ing.commit(w.batches[:3])
+    dist.start()
+    try:
+        assert dist.wait_idle(30), dist.statistics()
+        assert dist.statistics().state == "paused" and len(dist.handoff) == 0
+        dist.handoff.offer([(10_001, bytes(4096))])
+        assert len(dist.handoff) == 0
+        fo.unlink()
+        ing.commit(w.batches[3:])
+        assert dist.wait_idle(30), dist.statistics()
+        st = dist.statistics()
+        assert st.state == "caught-up" and st.applied_seq == j.durable_seq, st
+        assert_replica(data, w, st.applied_seq)
+        dist.handoff.offer([(j.durable_seq + 1, bytes(4096))])  # open again: held
+        assert len(dist.handoff) == 1
+    finally:
+        dist.stop()
+        dist.join(10)
+        j.close()
