@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from nicsplit.control.schema import check
 from nicsplit.testing.procs import UpProcess, journal, run_cli, wait_for
 from nicsplit.testing.stack import cg_data
 
@@ -70,6 +71,8 @@ def test_up_transport_net_journals_every_write_without_a_card(tmp_path, seed):
         st = status(data)
         (v,) = [v for c in st["cgs"] for v in c["vdisks"]]
         assert v["state"] == "protected" and v.get("transport") == "net", json.dumps(st, indent=1)
+        assert check(st) == [] and st["processes"]["card"]["needed"] is False, check(st)
+        assert not [a for a in st["alerts"] if a["name"] == "card_down"], st["alerts"]  # no card is needed
         recs = journal(data, "cg1")
         writes = [r for r in recs if r["op"] == "write"]
         assert len(writes) >= 1024 + 2, len(writes)
@@ -86,6 +89,7 @@ def test_up_transport_net_journals_every_write_without_a_card(tmp_path, seed):
         host_stats = json.loads(run_cli(data, "host", "stats", "--json").stdout)
         net = host_stats.get("net_transport", {})
         assert net.get("acked", 0) >= 1024 and net.get("batches", 0) >= 1, host_stats.keys()
+        assert net["batches"] < net["acked"], net  # writes in flight together at QD16 shared batches
         print(f"seed={seed}: {len(writes)} writes journaled over net in {net['batches']} batches")
 
 

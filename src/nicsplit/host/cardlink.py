@@ -55,7 +55,10 @@ class CardLink:
         self.options = dict(options or {})  # the transport's own (net: appliance address, data directory, ...)
         # A transport that connects on the event loop (net: TLS to the
         # appliance) is opened by a task, never in `get`'s caller.
-        self._async_open = getattr(splitter_class(transport), "open_async", None)
+        cls = splitter_class(transport)
+        self._async_open = getattr(cls, "open_async", None)
+        # A transport that completes its own ack futures (net) is not spun on.
+        self._notifies = hasattr(cls, "ack_future")
         self._opening: asyncio.Task | None = None
         self.retry_s = retry_s
         self.connect_timeout_s = connect_timeout_s
@@ -168,9 +171,8 @@ class CardLink:
         had acked (a late write registered now would wait forever)."""
         if t is not self._t:
             return False
-        notify = getattr(t, "ack_future", None)
-        if notify is not None:  # the transport completes its own futures (net: no spinning for a round trip)
-            return notify(io_id, deadline_ns)
+        if self._notifies:  # the transport completes its own futures (net: no spinning for a round trip)
+            return t.ack_future(io_id, deadline_ns)
         spin_until = min(deadline_ns, monotonic_ns() + self.spin_ns)
         while True:
             t.reap()

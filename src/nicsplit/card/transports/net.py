@@ -331,7 +331,7 @@ class NetSplitter:
         if self._dead:
             return
         self._dead = why
-        log.warning("net: appliance link %s down: %s", self.peer, why)
+        log.log(logging.INFO if why == "closed" else logging.WARNING, "net: appliance link %s down: %s", self.peer, why)
         self._st.fail_all(why)
         for io_id in list(self._positions):
             self._settle(io_id, False)

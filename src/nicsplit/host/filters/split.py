@@ -112,6 +112,8 @@ class SplitFilter(Filter):
         except ValueError as e:  # unknown transport name: one clear line
             raise ChainError(f"filter 'split' of vdisk {vdisk.name}: {e}") from None
         self.timeout_ns = int(float(options.get("split_timeout_us", default_us)) * 1000)
+        # net: the ack before the write goes down (`_ack_then_down`)
+        self.ack_first = bool(getattr(splitter_class(self.transport), "ack_first", False))
         if self.timeout_ns <= 0:
             raise ChainError("filter 'split': split_timeout_us must be > 0")
         self.cg = vdisk.extra.get("cg")
@@ -284,7 +286,7 @@ class SplitFilter(Filter):
         card's round trip; the client's reply waits for the ack (or marking).
         A write-like IO with a range is in flight for the region lock until
         the layer below has it."""
-        if sub is not None and getattr(sub[1], "ack_first", False):
+        if self.ack_first and sub is not None:
             return await self._ack_then_down(sub, down, offset, length)
         try:
             await down
