@@ -88,8 +88,10 @@ class NetSplitter:
     default_timeout_us = DEFAULT_TIMEOUT_US
 
     def __init__(self, state: NetState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 heartbeat_s: float = 1.0, dead_after_s: float = 5.0, peer: str = "") -> None:
+                 heartbeat_s: float = 1.0, dead_after_s: float = 5.0, peer: str = "",
+                 decoder: FrameDecoder | None = None) -> None:
         self._st = state
+        self._dec = decoder if decoder is not None else FrameDecoder()  # may hold frames that came with HelloAck
         self._reader = reader
         self._writer = writer
         self.peer = peer
@@ -111,6 +113,7 @@ class NetSplitter:
         self._timeouts = self._unhealthy = 0
         self._tasks = [self._loop.create_task(self._read_loop(), name="net splitter reader"),
                        self._loop.create_task(self._heartbeats(), name="net splitter heartbeats")]
+        self._feed()
 
     # -- set-up ------------------------------------------------------------
     @classmethod
@@ -155,10 +158,8 @@ class NetSplitter:
         if refused:
             log.error("net: the appliance did not accept CG(s) %s: their writes are marked", ", ".join(refused))
         log.info("net: connected to appliance %s at %s; resume %s", state.appliance_id, appliance, state.resume)
-        t = cls(state, reader, writer, heartbeat_s=heartbeat_s, dead_after_s=dead_after_s, peer=str(appliance))
-        # frames that came with the HelloAck (none expected) are fed first
-        t._feed(dec)
-        return t
+        return cls(state, reader, writer, heartbeat_s=heartbeat_s, dead_after_s=dead_after_s, peer=str(appliance),
+                   decoder=dec)
 
     @classmethod
     def connect(cls, control_socket: str, timeout: float = 1.0, **options: Any) -> "NetSplitter":
@@ -282,8 +283,8 @@ class NetSplitter:
         return None
 
     # -- the link ----------------------------------------------------------
-    def _feed(self, dec: FrameDecoder) -> None:
-        self._dec = dec
+    def _feed(self) -> None:
+        dec = self._dec
         while True:
             try:
                 frame = dec.next_event()
@@ -310,7 +311,7 @@ class NetSplitter:
                     return
                 self.bytes_in += len(chunk)
                 self._dec.receive_data(chunk)
-                self._feed(self._dec)
+                self._feed()
         except (OSError, ssl.SSLError) as e:
             self._die(f"link error: {type(e).__name__}: {e}")
 
