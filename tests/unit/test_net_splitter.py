@@ -139,3 +139,26 @@ def test_an_error_frame_kills_the_link():
         assert await fut is False
         assert not t.healthy() and "error 6" in t.dead_reason
     run(main())
+
+
+def test_a_write_of_a_cg_created_after_the_hello_makes_the_link_say_hello_again():
+    async def main() -> None:
+        t, _reader, wire = await splitter()
+        new_cg = AugmentedWrite(1, 2, 1, 3, Op.WRITE, WFlag(0), 0, 4096, 1, b"d" * 4096)
+        assert not t.submit(new_cg)
+        assert not t.healthy() and "not in this link's Hello" in t.dead_reason and wire.closed
+    run(main())
+
+
+def test_writes_waiting_without_any_frame_for_dead_after_s_kill_the_link():
+    async def main() -> None:
+        st = NetState({1: "cg1"}, key=None)
+        st.connected(HelloAck("app", PROTOCOL_VERSION, {"cg1": 0}))
+        t = NetSplitter(st, asyncio.StreamReader(), Wire(), heartbeat_s=0.01, dead_after_s=0.05)  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)  # ok-sleep: idle with nothing waiting is not dead
+        assert t.healthy()
+        t.submit(w(1, 1))
+        fut = t.ack_future(1, monotonic_ns() + 10 * 10**9)
+        assert await fut is False  # the link died long before the write's own deadline
+        assert "no frame from the appliance" in t.dead_reason
+    run(main())

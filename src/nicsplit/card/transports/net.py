@@ -107,6 +107,7 @@ class NetSplitter:
         self._position = 0  # a counter per submitted write (`last_position`)
         self._positions: dict[int, int] = {}  # io_id -> its position, while in flight
         self._last_frame = monotonic()
+        self._busy_since = 0.0  # when the writes waiting now began to wait (no waiting write: stale)
         self.last_position = 0
         self.last_prepaid_ns = 0
         self.bytes_in = 0
@@ -174,8 +175,13 @@ class NetSplitter:
         if self._dead or self._closed:
             self._unhealthy += 1
             return False
+        if w.cg_id not in self._st.cg_names:  # a CG created since the Hello: say Hello again (CardLink reconnects)
+            self._die(f"consistency group id {w.cg_id} is not in this link's Hello")
+            return False
         if not self._st.add(w):
             return False
+        if not self._positions:
+            self._busy_since = monotonic()
         self._position += 1
         self._positions[w.io_id] = self._position
         self.last_position = self._position
@@ -318,7 +324,8 @@ class NetSplitter:
     async def _heartbeats(self) -> None:
         while not self._dead:
             await asyncio.sleep(self.heartbeat_s)
-            if self._positions and monotonic() - self._last_frame > self.dead_after_s:
+            # dead: writes have waited dead_after_s and no frame came meanwhile
+            if self._positions and monotonic() - max(self._last_frame, self._busy_since) > self.dead_after_s:
                 self._die(f"no frame from the appliance for {self.dead_after_s:g} s with writes waiting")
                 return
             try:
