@@ -39,7 +39,7 @@ VDISK_STATES = OneOf("protected", "lagging", "marking", "resyncing", "initializi
 LATENCY = {"p50": (NUM, None), "p99": (NUM, None)}
 RESYNC = {"done_bytes": int, "total_bytes": int, "percent": NUM, "rate_mib_s": NUM, "eta_s": (NUM, None)}
 VDISK = {"name": str, "state": VDISK_STATES, "dirty_bytes": int, "reason": str, "since": (NUM, None),
-         "resync": (None, RESYNC), "split_latency_us": LATENCY, "transport": (str, None)}
+         "resync": (None, RESYNC), "split_latency_us": LATENCY, "transport": Opt((str, None))}
 WINDOW = (None, {"oldest_seq": int, "oldest_time": NUM, "seconds": NUM, "base_seq": int}, {"error": str})
 DISTRIBUTION = {"state": str, "applied_seq": (int, None), "durable_seq": (int, None), "lag_records": (int, None),
                 "lag_seconds": (NUM, None), "last_error": (str, None)}
