@@ -3,7 +3,8 @@ splitter) with our TCP relay (`nicsplit.testing.linkemu`) between the host
 and the appliance (``[splitter] appliance`` names the relay), real processes
 (`nicsplit up`, no card) and a real client (libnbd):
 
-* QD1: every write waits for the appliance's durable ack, so an emulated
+* QD1 (blocks alternating between no delay and D, so load hits both alike):
+  every write waits for the appliance's durable ack, so an emulated
   one-way delay D makes each write slower by at least the round trip 2D
   (what the card saves: with the ring the host never waits for the link);
 * cut: the connection is reset and new ones refused for a few seconds; the
@@ -31,8 +32,9 @@ from nicsplit.testing.recovered import cg_state, check_recovered
 pytestmark = pytest.mark.usefixtures("peers")
 
 SIZE = 8 << 20
-DELAY_MS = 5.0  # one way: a round trip of 10 ms, far above this box's commit and scheduling noise
+DELAY_MS = 10.0  # one way: a round trip of 20 ms, far above this box's commit and scheduling noise
 WRITES = 40
+BLOCK = 5  # writes per block; blocks alternate direct / delayed
 RATE = 200  # ledger writes/s during the cut test
 
 
@@ -73,9 +75,14 @@ def test_qd1_latency_grows_by_at_least_the_round_trip(tmp_path, seed):
             h = nbd_connect(up.uri("a"))
             qd1_latencies(h, 5, 0)  # the link is attached (the first write may find it connecting)
             wait_for(lambda: cg_state(data)["state"] == "protected", 60, "cg1 protected over the relay", interval=0.2)
-            direct = qd1_latencies(h, WRITES, 100)
-            link.set(delay_ms=DELAY_MS)
-            delayed = qd1_latencies(h, WRITES, 200)
+            # paired: blocks of writes alternate between the direct and the delayed link,
+            # so the box's load (an fdatasync slowed by another job) hits both alike
+            direct, delayed = [], []
+            for b in range(WRITES // BLOCK):
+                link.set(delay_ms=0.0)
+                direct += qd1_latencies(h, BLOCK, 100 + b * BLOCK)
+                link.set(delay_ms=DELAY_MS)
+                delayed += qd1_latencies(h, BLOCK, 200 + b * BLOCK)
             link.set(delay_ms=0.0)
             h.shutdown()
             st = cg_state(data)
