@@ -7,9 +7,9 @@ and the appliance (``[splitter] appliance`` names the relay), real processes
   every write waits for the appliance's durable ack, so an emulated
   one-way delay D makes each write slower by at least the round trip 2D
   (what the card saves: with the ring the host never waits for the link);
-* cut: the connection is reset and new ones refused for a few seconds; the
-  waiting writes and every write meanwhile mark the vdisk (the client goes
-  on, P4); after the heal the host reconnects by itself, the resync copies
+* cut (the connection is reset and new ones refused for a few seconds) and
+  blackhole (TCP stays up, nothing arrives): the waiting writes and every
+  write meanwhile mark the vdisk (the client goes on, P4); after the heal the host reconnects by itself, the resync copies
   the marked regions and the CG is protected again, with no acknowledged
   write lost and no phantom write (the ledger oracle, `check_recovered`).
 """
@@ -98,7 +98,23 @@ def test_qd1_latency_grows_by_at_least_the_round_trip(tmp_path, seed):
         link.close()
 
 
-def test_cut_marks_then_resyncs_with_nothing_acknowledged_lost(tmp_path, seed):
+def cut(link: LinkEmulator) -> None:
+    link.cut()
+
+
+def blackhole(link: LinkEmulator) -> None:
+    link.blackhole()
+
+
+def heal(link: LinkEmulator) -> None:
+    link.heal()
+    link.blackhole(False)
+
+
+@pytest.mark.parametrize("fault", [cut, blackhole])
+def test_link_fault_marks_then_resyncs_with_nothing_acknowledged_lost(tmp_path, seed, fault):
+    """cut: resets, refused reconnects; blackhole: TCP stays up, nothing
+    arrives, so only the writes' deadline and ``dead_after_s`` notice."""
     data, link, up = deployment(tmp_path, seed)
     try:
         with up:
@@ -109,14 +125,14 @@ def test_cut_marks_then_resyncs_with_nothing_acknowledged_lost(tmp_path, seed):
                          "writes journaled through the relay", interval=0.2)
                 assert link.stats()["accepted"] >= 1  # the host ships through the relay
                 n0, s0 = len(ledger.done), cg_state(data)["host_last_seq"]
-                link.cut()
+                fault(link)
                 wait_for(lambda: cg_state(data)["state"] in ("marking", "link-down"), 30,
-                         "the vdisk marking after the cut", interval=0.1)
+                         f"the vdisk marking after the {fault.__name__}", interval=0.1)
                 t = time.monotonic()
-                wait_for(lambda: time.monotonic() - t > 3 and link.stats()["refused"] > 0, 30,
-                         "3 s of cut link and a refused reconnect", interval=0.1)
+                wait_for(lambda: time.monotonic() - t > 3 and (fault is blackhole or link.stats()["refused"] > 0), 30,
+                         f"3 s of {fault.__name__} (and a refused reconnect if cut)", interval=0.1)
                 marked = run_cli(data, "status", "--json").stdout
-                link.heal()
+                heal(link)
                 n1, s1 = len(ledger.done), cg_state(data)["host_last_seq"]
                 wait_for(lambda: len(ledger.done) >= n1 + 50, 60, "ledger writes after the heal", interval=0.1)
             finally:
@@ -128,7 +144,7 @@ def test_cut_marks_then_resyncs_with_nothing_acknowledged_lost(tmp_path, seed):
             st = check_recovered(data, up.uri("a"), ledger, tmp_path, (s0, s1))
             stats = link.stats()
             print(f"seed={seed}: {len(ledger.done)} ledger writes ({n1 - n0} while cut); relay: "
-                  f"{stats['accepted']} connections, refused {stats['refused']}; state {st['state']}")
-            assert stats["accepted"] >= 2 and stats["refused"] > 0
+                  f"{stats['accepted']} connections, refused {stats['refused']}; state {st['state']}; {fault.__name__}")
+            assert stats["accepted"] >= 2 and (fault is blackhole or stats["refused"] > 0)
     finally:
         link.close()

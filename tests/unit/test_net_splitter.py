@@ -162,3 +162,19 @@ def test_writes_waiting_without_any_frame_for_dead_after_s_kill_the_link():
         assert await fut is False  # the link died long before the write's own deadline
         assert "no frame from the appliance" in t.dead_reason
     run(main())
+
+
+def test_writes_that_each_time_out_on_a_silent_link_still_kill_it():
+    """A blackhole: every write gives up at its own (short) deadline, so
+    none waits long, but nothing at all comes back: the link is dead after
+    dead_after_s and the host reconnects instead of marking forever."""
+    async def main() -> None:
+        st = NetState({1: "cg1"}, key=None)
+        st.connected(HelloAck("app", PROTOCOL_VERSION, {"cg1": 0}))
+        t = NetSplitter(st, asyncio.StreamReader(), Wire(), heartbeat_s=0.01, dead_after_s=0.1)  # type: ignore[arg-type]
+        for i in range(1, 30):
+            if not t.submit(w(i, i)):
+                break
+            assert await t.ack_future(i, monotonic_ns() + 5_000_000) is False  # 5 ms deadline each
+        assert not t.healthy() and "no frame from the appliance" in t.dead_reason
+    run(main())

@@ -21,8 +21,8 @@ runs on the host's event loop thread:
   writes: their `ack_future` resolves True;
 - a write whose deadline passes resolves False and is forgotten (its late
   ack is dropped): the splitter marks its region (P4);
-- a link error, EOF, an Error frame or no frame for ``dead_after_s`` while
-  writes wait makes the transport dead: every waiting write resolves False
+- a link error, EOF, an Error frame, or no frame at all (ack or heartbeat)
+  for ``dead_after_s`` after a write went out, makes the transport dead: every waiting write resolves False
   (the splitter marks) and `healthy` says False; `CardLink` then connects
   anew after ``retry_s``, and the resync (`nicsplit.host.resync`) copies the
   marked regions through the new link as ordinary writes.
@@ -107,7 +107,10 @@ class NetSplitter:
         self._position = 0  # a counter per submitted write (`last_position`)
         self._positions: dict[int, int] = {}  # io_id -> its position, while in flight
         self._last_frame = monotonic()
-        self._busy_since = 0.0  # when the writes waiting now began to wait (no waiting write: stale)
+        # The first submit since the last frame from the appliance (0: none):
+        # nothing at all back for dead_after_s after it means a dead link,
+        # even when each write gave up at its own deadline meanwhile (a blackhole).
+        self._waiting_since = 0.0
         self.last_position = 0
         self.last_prepaid_ns = 0
         self.bytes_in = 0
@@ -180,8 +183,8 @@ class NetSplitter:
             return False
         if not self._st.add(w):
             return False
-        if not self._positions:
-            self._busy_since = monotonic()
+        if not self._waiting_since:
+            self._waiting_since = monotonic()
         self._position += 1
         self._positions[w.io_id] = self._position
         self.last_position = self._position
@@ -300,6 +303,7 @@ class NetSplitter:
             if frame is NEED_DATA:
                 return
             self._last_frame = monotonic()
+            self._waiting_since = 0.0
             try:
                 verdicts = self._st.on_frame(frame)
             except NetProtocolError as e:
@@ -324,9 +328,9 @@ class NetSplitter:
     async def _heartbeats(self) -> None:
         while not self._dead:
             await asyncio.sleep(self.heartbeat_s)
-            # dead: writes have waited dead_after_s and no frame came meanwhile
-            if self._positions and monotonic() - max(self._last_frame, self._busy_since) > self.dead_after_s:
-                self._die(f"no frame from the appliance for {self.dead_after_s:g} s with writes waiting")
+            # dead: a write went out dead_after_s ago and no frame (ack, heartbeat) came since
+            if self._waiting_since and monotonic() - self._waiting_since > self.dead_after_s:
+                self._die(f"no frame from the appliance for {self.dead_after_s:g} s after a write went out")
                 return
             try:
                 self._writer.write(encode(Heartbeat(time_ns())))
