@@ -53,7 +53,11 @@ def server_config(cfg: cfgmod.Config, listen: str | None = None) -> ServerConfig
     max_unknown = sec.get("max_unknown_cgs", 64)
     if not isinstance(max_unknown, int) or isinstance(max_unknown, bool) or max_unknown < 0:
         raise cfgmod.ConfigError(f"[appliance] max_unknown_cgs = {max_unknown!r}: must be an integer >= 0")
-    peers = sec.get("peers", ["card"])
+    # The classic splitter (transport "net") ships from the host: its
+    # certificate is a peer too, unless [appliance] peers says otherwise.
+    uses_net = cfg.splitter("transport", "ring") == "net" or any(
+        isinstance(v, dict) and v.get("transport") == "net" for v in cfg.raw.get("vdisks", {}).values())
+    peers = sec.get("peers", ["card", "host"] if uses_net else ["card"])
     if not isinstance(peers, list) or not all(isinstance(p, str) and p for p in peers):
         raise cfgmod.ConfigError("[appliance] peers must be a list of certificate names")
     return ServerConfig(

@@ -42,6 +42,8 @@ def cmd_appliance_run(args: argparse.Namespace) -> int:
 
     cfg = cfgmod.load(cfgmod.data_dir(args.data))
     scfg = server_config(cfg, args.listen)
+    if args.peer:  # `nicsplit up --transport net`: the host ships too
+        scfg.peers = tuple(dict.fromkeys((*scfg.peers, *args.peer)))
     # The keyring says what the journals do (they read it themselves, also
     # while running): make it match the configuration before any opens.
     atrest.ensure(atrest.keyring_path(cfg.data), at_rest_encryption(cfg))
@@ -164,6 +166,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         dest="sub", metavar="SUBCOMMAND", required=True)
     s = ap.add_parser("run", parents=[common], help="receive batches from cards and journal them (foreground)")
     s.add_argument("--listen", metavar="HOST:PORT", help=f"default {DEFAULT_LISTEN}")
+    s.add_argument("--peer", metavar="CN", action="append", default=[],
+                   help="also accept batches from this certificate name (besides [appliance] peers), "
+                        "e.g. host for the net transport")
     s.set_defaults(func=cmd_appliance_run)
     s = ap.add_parser("keys", parents=[common], help="at-rest keys and the journal segments and image blocks that use each")
     s.add_argument("--json", action="store_true")

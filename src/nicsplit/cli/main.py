@@ -15,6 +15,7 @@ import sys
 
 from nicsplit import __version__
 from nicsplit.cli import appliance, console, doctor, failover, image, pit, verify, wait
+from nicsplit.card.transports.base import TRANSPORTS
 from nicsplit.cli.common import USER_ERRORS, CliError
 from nicsplit.core import config as cfgmod
 from nicsplit.core.config import parse_listen, parse_size
@@ -131,8 +132,12 @@ def _serve(args: argparse.Namespace, cfg: cfgmod.Config) -> int:
         for a in info["addresses"]:
             log.info("serving NBD on %s (export = vdisk name)", a)
 
+    transport = getattr(args, "transport", None)
+    if transport:
+        cfgmod.check_transport(transport, "--transport", TRANSPORTS)
     run_async(serve(cfg, listen=listen, socket_path=sock, readonly=True if args.readonly else None, ready=ready,
-                    tls=getattr(args, "tls", None), stdio=stdio, tls_psk=_abs(getattr(args, "tls_psk", None))))
+                    tls=getattr(args, "tls", None), stdio=stdio, tls_psk=_abs(getattr(args, "tls_psk", None)),
+                    transport=transport, appliance=getattr(args, "appliance", None)))
     return 0
 
 
@@ -172,6 +177,7 @@ def _host_listen(ready: dict) -> list[str]:
 def up_host_args(args: argparse.Namespace, listen: str) -> list[str]:
     """The host's command line under `nicsplit up`: its options passed on."""
     return (["host", "serve", "--listen", listen] + (["--socket", args.socket] if args.socket else [])
+            + (["--transport", args.transport] if args.transport else [])
             + (["--readonly"] if args.readonly else []) + (["--tls", args.tls] if args.tls else [])
             + (["--tls-psk", str(_abs(args.tls_psk))] if args.tls_psk else []))
 
@@ -190,17 +196,27 @@ def cmd_up(args: argparse.Namespace) -> int:
     listen = args.listen or cfg.host("listen", "127.0.0.1:10809")
     host, port = parse_listen(listen)
     host_args = up_host_args(args, listen)
+    # Transports (docs/operations.md "Choosing a transport"): the card runs
+    # only if a vdisk uses a transport with a card half; with "net" the host
+    # ships to the appliance itself (its certificate is then a peer there).
+    used = cfg.transports_in_use([v.name for v in ds.list_vdisks()], args.transport, TRANSPORTS)
+    card = any(TRANSPORTS[t][1] for t in used) or not used
+    net = "net" in used
+    relay = cfg.raw.get("splitter", {}).get("appliance") or cfg.raw.get("card", {}).get("appliance")
     children = [
-        Child("appliance", child_argv(data, "appliance", "run", *(["--listen", args.appliance_listen] if args.appliance_listen else [])),
+        Child("appliance", child_argv(data, "appliance", "run", *(["--listen", args.appliance_listen] if args.appliance_listen else []),
+                                      *(["--peer", "host"] if net else [])),
               sticky=lambda ready: ["--listen", ready["address"]]),
         # The card ships to wherever the appliance says it listens, unless [card] appliance
         # names another address (e.g. a relay or link emulator in front of the appliance).
-        Child("card", child_argv(data, "card", "run"),
-              args_from=None if cfg.raw.get("card", {}).get("appliance")
-              else lambda ready: ["--appliance", ready["appliance"]["address"]]),
+        *([Child("card", child_argv(data, "card", "run"),
+                 args_from=None if cfg.raw.get("card", {}).get("appliance")
+                 else lambda ready: ["--appliance", ready["appliance"]["address"]])] if card else []),
         # A restarted host keeps the port it got (port 0 picks a new one each
         # start, and clients reconnecting to the old address would find nothing).
-        Child("host", child_argv(data, *host_args), sticky=_host_listen),
+        # With net it ships where the appliance listens (or to [splitter] / [card] appliance).
+        Child("host", child_argv(data, *host_args), sticky=_host_listen,
+              args_from=None if not net or relay else lambda ready: ["--appliance", ready["appliance"]["address"]]),
         Child("console", child_argv(data, "console", "run", *(["--listen", args.console_listen] if args.console_listen else [])),
               sticky=lambda ready: ["--listen", ready["address"]]),
     ]
@@ -325,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--readonly", action="store_true")
     s.add_argument("--tls", choices=("auto", "off", "on", "require"), default=None, help="the host's NBD TLS (see host serve)")
     s.add_argument("--tls-psk", metavar="FILE", default=None, help="the host's NBD TLS-PSK key file (see host serve)")
+    s.add_argument("--transport", metavar="NAME", default=None,
+                   help="how the splitter protects writes: ring (the card) or net (the host ships to the appliance, "
+                        "no card); replaces [splitter] transport for this run ([vdisks.NAME] transport still wins)")
     s.set_defaults(func=cmd_up)
 
     vd = sub.add_parser("vdisk", parents=[common], help="manage virtual disks").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
@@ -391,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of certificates (default [host] tls_psk)")
     s.add_argument("--stdio", action="store_true",
                    help="serve one NBD session on stdin/stdout instead of listening (as nbdkit -s; for fuzzing)")
+    s.add_argument("--transport", metavar="NAME", default=None,
+                   help="the splitter's transport for this run: ring or net (default [splitter] transport)")
+    s.add_argument("--appliance", metavar="HOST:PORT", default=None,
+                   help="net transport: the appliance to ship to (default [splitter] appliance)")
     s.set_defaults(func=cmd_host_serve)
     s = hs.add_parser("stats", parents=[common], help="per-vdisk IO statistics of the running host")
     s.add_argument("--json", action="store_true")

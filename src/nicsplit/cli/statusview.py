@@ -20,7 +20,7 @@ from rich.table import Table
 __all__ = ["render"]
 
 _STATE_STYLE = {"protected": "green", "lagging": "yellow", "resyncing": "yellow", "initializing": "yellow",
-                "marking": "red", "card-down": "red", "host-down": "red", "refused": "red", "failed-over": "magenta"}
+                "marking": "red", "card-down": "red", "link-down": "red", "host-down": "red", "refused": "red", "failed-over": "magenta"}
 
 
 def span(seconds: float) -> str:

@@ -46,7 +46,7 @@ __all__ = ["setup", "families", "StatusCollector", "CG_STATES", "VDISK_STATES", 
 log = logging.getLogger(__name__)
 
 MAX_AGE = 1.0  # seconds a fetched status serves scrapes
-CG_STATES = ("protected", "lagging", "refused", "card-down", "initializing", "resyncing", "marking", "host-down",
+CG_STATES = ("protected", "lagging", "refused", "card-down", "link-down", "initializing", "resyncing", "marking", "host-down",
              "failed-over")
 VDISK_STATES = ("protected", "lagging", "marking", "resyncing", "initializing", "unprotected", "unknown", "error")
 SPLIT_BOUNDS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25,

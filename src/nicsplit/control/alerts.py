@@ -103,7 +103,7 @@ def evaluate(status: dict[str, Any], cfg: Config | AlertSettings) -> list[dict[s
     procs = status.get("processes", {})
     for name in ("card", "appliance"):
         p = procs.get(name) or {}
-        if not p.get("answering"):
+        if not p.get("answering") and p.get("needed", True):  # no card is needed when every vdisk uses net
             why = "not running" if not p.get("pid") else f"pid {p['pid']} does not answer its control socket"
             out.append(_alert(f"{name}_down", "critical", None, f"the {name} is down: {why}", None, None))
     for c in status.get("cgs", []):

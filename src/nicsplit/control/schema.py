@@ -33,13 +33,13 @@ class OneOf:
 FREE = object()  # any JSON object (a report documented elsewhere)
 
 NUM = (int, float)
-CG_STATES = OneOf("protected", "lagging", "marking", "resyncing", "initializing", "card-down", "host-down",
-                  "refused", "failed-over")
+CG_STATES = OneOf("protected", "lagging", "marking", "resyncing", "initializing", "card-down", "link-down",
+                  "host-down", "refused", "failed-over")
 VDISK_STATES = OneOf("protected", "lagging", "marking", "resyncing", "initializing", "unprotected", "unknown", "error")
 LATENCY = {"p50": (NUM, None), "p99": (NUM, None)}
 RESYNC = {"done_bytes": int, "total_bytes": int, "percent": NUM, "rate_mib_s": NUM, "eta_s": (NUM, None)}
 VDISK = {"name": str, "state": VDISK_STATES, "dirty_bytes": int, "reason": str, "since": (NUM, None),
-         "resync": (None, RESYNC), "split_latency_us": LATENCY}
+         "resync": (None, RESYNC), "split_latency_us": LATENCY, "transport": Opt((str, None))}
 WINDOW = (None, {"oldest_seq": int, "oldest_time": NUM, "seconds": NUM, "base_seq": int}, {"error": str})
 DISTRIBUTION = {"state": str, "applied_seq": (int, None), "durable_seq": (int, None), "lag_records": (int, None),
                 "lag_seconds": (NUM, None), "last_error": (str, None)}
@@ -59,7 +59,7 @@ CG = {
     "distribution": DISTRIBUTION,
     "failover": (None, FREE),
 }
-PROCESS = {"pid": (int, None), "answering": bool}
+PROCESS = {"pid": (int, None), "answering": bool, "needed": Opt(bool)}  # needed: false when no vdisk uses a card
 ALERT = {"name": OneOf("card_down", "appliance_down", "rpo_above_target", "window_below_history", "marking",
                        "journal_forecast"),
          "severity": OneOf("warning", "critical"), "cg": (str, None), "message": str,

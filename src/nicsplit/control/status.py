@@ -10,7 +10,8 @@ status must work best exactly when something is broken.
 CG state, first match wins: ``failed-over`` (the CG's role), ``host-down``,
 ``marking`` (a vdisk of the CG lost its card), ``resyncing`` (a vdisk copies
 its dirty regions to the card), ``initializing`` (a vdisk that joined the CG
-holding data is copied in full: its initial sync), ``card-down``, ``refused`` (the card
+holding data is copied in full: its initial sync), ``card-down`` (``link-down`` for a
+CG on the net transport: the host's link to the appliance is not up), ``refused`` (the card
 holds the CG's batches: its name breaks `nicsplit.core.names` or the appliance
 refused it in Hello; ``refused`` says why), ``lagging`` (the card's
 overflow log holds writes of the CG: protected, in order, RPO growing),
@@ -172,23 +173,39 @@ def system_status(cfg: Config) -> dict[str, Any]:
     appl_cgs = None if appl is None else (appl.get("status") or {}).get("cgs", {})
     card_up = card is not None and processes["card"]["pid"] is not None
     host_cgs = (host or {}).get("status", {}).get("cgs", {})
+    # The net transport (docs/operations.md "Choosing a transport"): the host
+    # ships to the appliance itself; its link stands in for the card, and
+    # what the appliance holds durably is the journal's durable seq.
+    links = (host or {}).get("status", {}).get("transports", {})
+    if host is not None and vstate and all(v.get("transport") == "net" for v in vstate.values() if v.get("cg")):
+        processes["card"]["needed"] = False
     out = []
     for cg in CGCatalog(cfg.data).list():
         vds = []
         lagging = bool(card_cgs.get(cg.name, {}).get("lagging"))  # the card's overflow log holds writes of it
-        for v in catalog.cg_members(cg.name):
+        members = catalog.cg_members(cg.name)
+        net = bool(members) and all(vstate.get(v.name, {}).get("transport") == "net" for v in members)
+        for v in members:
             st = vstate.get(v.name, {})
             vstate_ = st.get("state", "unknown" if host is None else "protected")
             if vstate_ == "protected" and lagging:
                 vstate_ = "lagging"
             split = bool(st.get("split"))  # its histogram holds a sample
-            vds.append({"name": v.name, "state": vstate_,
+            vds.append({"name": v.name, "state": vstate_, "transport": st.get("transport"),
                         "dirty_bytes": st.get("dirty_bytes", 0), "reason": st.get("reason", ""),
                         "since": st.get("since"), "resync": _resync(st, vstate_),
                         "split_latency_us": _pcts(st.get("split_p50_us") if split else None,
                                                   st.get("split_p99_us") if split else None)})
-        state = _cg_state(cg.role, vds, host is not None, card_up, lagging, cg.name in refused)
-        c = dict(card_cgs.get(cg.name, {}))
+        if net:  # no card: the appliance link is the host's own, acked means durable (RPO 0)
+            link_up = bool(links.get("net", {}).get("attached"))
+            state = _cg_state(cg.role, vds, host is not None, link_up)
+            durable = (appl_cgs or {}).get(cg.name, {}).get("durable_seq") if appl_cgs is not None else None
+            c = {"last_durable_seq": durable, "rpo_bytes": 0, "rpo_seconds": 0.0} if link_up else {}
+            if state == "card-down":
+                state = "link-down"
+        else:
+            state = _cg_state(cg.role, vds, host is not None, card_up, lagging, cg.name in refused)
+            c = dict(card_cgs.get(cg.name, {}))
         rpo_bytes = c.get("rpo_bytes", 0 if card_up else None)
         if state in _GAP_STATES:
             gap_since = min((v["since"] for v in vds if v["state"] in _GAP_STATES and v["since"]), default=None)

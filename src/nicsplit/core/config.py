@@ -90,6 +90,30 @@ tls_names = []
 tls_clients = []
 tls_psk = ""
 
+[splitter]
+# How the splitter filter hands each write to protection (docs/operations.md
+# "Choosing a transport"): "ring" (shared memory to the offload card: the
+# card acks in microseconds and ships to the appliance itself) or "net" (the
+# classic splitter: no card; the host ships every write to the appliance
+# over TLS and waits for its durable ack before the write goes down). One
+# vdisk may differ: [vdisks.NAME] transport = "net". `nicsplit up
+# --transport NAME` (and `host serve --transport NAME`) replaces this value
+# for that run. All the vdisks of one consistency group must use the same
+# transport. `nicsplit up` starts the card only if a vdisk uses "ring".
+transport = "ring"
+# net only: the appliance to ship to; default [card] appliance if set, else
+# [appliance] listen (under `nicsplit up`: the address the appliance reports).
+# appliance = "127.0.0.1:10810"
+# net only: heartbeat every heartbeat_s; the link is dead after dead_after_s
+# without a frame while writes wait (they are marked, the resync copies them
+# after the reconnect); connect_timeout_s bounds TLS + Hello. A write waits at
+# most the split filter's split_timeout_us for its ack (default 1 s with net).
+# compress: zstd the batches (costs latency on every write).
+# heartbeat_s = 1.0
+# dead_after_s = 5.0
+# connect_timeout_s = 5.0
+# compress = false
+
 [datastore]
 # Largest size of one datastore volume file (sparse); another volume is
 # added when all are full.
@@ -239,9 +263,10 @@ keep = 4
 # post = "virsh domfsthaw web1"
 # timeout = 60
 
-# Per-vdisk settings override [host] ones, e.g.
+# Per-vdisk settings override [host] and [splitter] ones, e.g.
 # [vdisks.web1-root]
 # filters = ["stats", {name = "delay", write_ms = 1}]
+# transport = "net"
 '''
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
@@ -249,6 +274,22 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
 class ConfigError(Exception):
     """Bad configuration or data directory (one clear line)."""
+
+
+DEFAULT_TRANSPORT = "ring"
+# [splitter] keys besides transport and appliance: options of the net transport
+NET_KEYS = ("tls", "encrypt", "heartbeat_s", "dead_after_s", "connect_timeout_s", "compress", "server_hostname")
+SPLITTER_KEYS = ("transport", "appliance") + NET_KEYS
+
+
+def check_transport(name: Any, where: str, known: Any = None) -> str:
+    """``name`` if it is a transport name (and one of ``known``, the registry
+    `nicsplit.card.transports.base.TRANSPORTS`, when the caller passes it:
+    this layer does not import the card's)."""
+    if not isinstance(name, str) or not name or (known is not None and name not in known):
+        listed = f" (known: {', '.join(sorted(known))})" if known is not None else ""
+        raise ConfigError(f"{where} = {name!r}: unknown transport{listed}")
+    return name
 
 
 def parse_size(value: Any, what: str = "size") -> int:
@@ -290,6 +331,38 @@ class Config(InDataDir):
     def console(self, key: str, default: Any) -> Any:
         return self.raw.get("console", {}).get(key, default)
 
+    def splitter(self, key: str, default: Any) -> Any:
+        return self.raw.get("splitter", {}).get(key, default)
+
+    def vdisk_transport(self, name: str, override: str | None = None, known: Any = None) -> str:
+        """The transport of vdisk ``name``: ``[vdisks.NAME] transport``, else
+        ``override`` (``--transport``), else ``[splitter] transport``, else
+        "ring". ConfigError naming the setting for an unknown one (one not
+        in ``known``, the transport registry, when given)."""
+        per = self.raw.get("vdisks", {}).get(name, {}).get("transport")
+        if per is not None:
+            return check_transport(per, f"[vdisks.{name}] transport", known)
+        if override:
+            return check_transport(override, "--transport", known)
+        return check_transport(self.splitter("transport", DEFAULT_TRANSPORT), "[splitter] transport", known)
+
+    def transports_in_use(self, vdisks: list[str], override: str | None = None, known: Any = None) -> set[str]:
+        return {self.vdisk_transport(v, override, known) for v in vdisks}
+
+    def net_options(self, appliance: str | None = None) -> dict[str, Any]:
+        """The net transport's options (`nicsplit.card.transports.net`):
+        ``[splitter]`` keys, the appliance address (``appliance`` given,
+        else [splitter] appliance, [card] appliance, [appliance] listen)."""
+        sec = self.raw.get("splitter", {})
+        addr = (appliance or sec.get("appliance") or self.raw.get("card", {}).get("appliance")
+                or self.raw.get("appliance", {}).get("listen", "127.0.0.1:10810"))
+        parse_listen(str(addr))
+        out: dict[str, Any] = {"data": self.data, "appliance": str(addr)}
+        for key in NET_KEYS:
+            if key in sec:
+                out[key] = sec[key]
+        return out
+
     def vdisk_filters(self, name: str) -> list[Any]:
         per = self.raw.get("vdisks", {}).get(name, {})
         return list(per.get("filters", self.host("filters", ["stats", "split"])))
@@ -307,7 +380,8 @@ def load(data: Path) -> Config:
         raw = tomllib.loads(cfg_file.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{cfg_file}: {e}") from None
-    for section in ("host", "datastore", "vdisks", "appliance", "card", "retention", "logs", "console", "alerts"):
+    for section in ("host", "splitter", "datastore", "vdisks", "appliance", "card", "retention", "logs", "console",
+                    "alerts"):
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"{cfg_file}: [{section}] must be a table")
     for name in raw.get("vdisks", {}):
@@ -315,7 +389,17 @@ def load(data: Path) -> Config:
             check_name(name, "vdisk")  # the rule the datastore, the card and the appliance apply
         except BadName as e:
             raise ConfigError(f"{cfg_file}: [vdisks.{name}]: {e}") from None
-    return Config(data=data, raw=raw)
+    unknown = set(raw.get("splitter", {})) - set(SPLITTER_KEYS)
+    if unknown:
+        raise ConfigError(f"{cfg_file}: [splitter]: unknown key(s) {', '.join(sorted(unknown))}")
+    cfg = Config(data=data, raw=raw)
+    try:
+        check_transport(cfg.splitter("transport", DEFAULT_TRANSPORT), "[splitter] transport")
+        for name in raw.get("vdisks", {}):
+            cfg.vdisk_transport(name)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_file}: {e}") from None
+    return cfg
 
 
 def write_default(data: Path) -> Path:

@@ -41,16 +41,25 @@ from pathlib import Path
 from typing import Any
 
 from nicsplit.card.lostlog import LostLogReader
-from nicsplit.card.transports.base import open_splitter
+from nicsplit.card.transports.base import open_splitter, splitter_class
 
 log = logging.getLogger(__name__)
 
 
 class CardLink:
     def __init__(self, card_sock: Path, lost_log: Path, *, transport: str = "ring", retry_s: float = 0.5,
-                 connect_timeout_s: float = 0.05, max_tracked: int = 1 << 20, spin_us: float = 20) -> None:
+                 connect_timeout_s: float = 0.05, max_tracked: int = 1 << 20, spin_us: float = 20,
+                 options: dict[str, Any] | None = None, dmaps: dict[int, Any] | None = None) -> None:
         self.card_sock = Path(card_sock)  # the transport's rendezvous (Layout.card_sock)
         self.kind = transport
+        self.options = dict(options or {})  # the transport's own (net: appliance address, data directory, ...)
+        # A transport that connects on the event loop (net: TLS to the
+        # appliance) is opened by a task, never in `get`'s caller.
+        cls = splitter_class(transport)
+        self._async_open = getattr(cls, "open_async", None)
+        # A transport that completes its own ack futures (net) is not spun on.
+        self._notifies = hasattr(cls, "ack_future")
+        self._opening: asyncio.Task | None = None
         self.retry_s = retry_s
         self.connect_timeout_s = connect_timeout_s
         self.max_tracked = max_tracked
@@ -66,7 +75,9 @@ class CardLink:
         self._waiting: dict[int, tuple[asyncio.Future, int]] = {}  # io_id -> (future, deadline)
         self._poller_scheduled = False
         self.async_waits = 0
-        self._dmaps: dict[int, Any] = {}  # vdisk id -> DirtyMap, for the card's lost-writes log
+        # vdisk id -> DirtyMap, for the card's lost-writes log; shared by every
+        # link of a host, so a vdisk now on another transport is still marked
+        self._dmaps: dict[int, Any] = {} if dmaps is None else dmaps
         self._late: dict[int, tuple[int, Any, int, int]] = {}  # io_id -> (position, dmap, offset, length)
         # Verdicts of late writes that came before the write was registered
         # late (its waiter resumes a loop turn after the poller ended its wait).
@@ -105,10 +116,21 @@ class CardLink:
         t = self._t
         if t is not None:
             return t
+        if self._opening is not None:
+            return self._opened()
         now = time.monotonic()
         if now - self._last_try < self.retry_s:
             return None
         self._last_try = now
+        if self._async_open is not None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.last_error = f"the {self.kind} transport connects only on the host's event loop"
+                return None
+            self._opening = loop.create_task(self._async_open(str(self.card_sock), **self.options),
+                                             name=f"open {self.kind} transport")
+            return None
         try:
             self._t = self._connect()
             log.info("attached to the card through the %s transport", self.kind)
@@ -118,8 +140,25 @@ class CardLink:
             self._t = None
         return self._t
 
+    def _opened(self) -> Any:
+        """The transport an `open_async` task made, once it is done (else None)."""
+        task = self._opening
+        if not task.done():
+            return None
+        self._opening = None
+        self._last_try = time.monotonic()
+        try:
+            self._t = task.result()
+            log.info("attached through the %s transport", self.kind)
+        except asyncio.CancelledError:
+            self.last_error = "connection attempt cancelled"
+        except Exception as e:  # any failure to attach means "no transport now"
+            self.last_error = str(e)
+            log.debug("%s transport not reachable: %s", self.kind, e)
+        return self._t
+
     def _connect(self) -> Any:
-        return open_splitter(self.kind, str(self.card_sock), timeout=self.connect_timeout_s)
+        return open_splitter(self.kind, str(self.card_sock), timeout=self.connect_timeout_s, **self.options)
 
     # -- acks ------------------------------------------------------------
     def wait_ack(self, t: Any, io_id: int, deadline_ns: int) -> "bool | None | asyncio.Future":
@@ -132,6 +171,8 @@ class CardLink:
         had acked (a late write registered now would wait forever)."""
         if t is not self._t:
             return False
+        if self._notifies:  # the transport completes its own futures (net: no spinning for a round trip)
+            return t.ack_future(io_id, deadline_ns)
         spin_until = min(deadline_ns, monotonic_ns() + self.spin_ns)
         while True:
             t.reap()
@@ -297,6 +338,9 @@ class CardLink:
         return sum(1 for e in self._late.values() if e[1] is dmap) if self._late else 0
 
     def close(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
+            self._opening = None
         if self._t is not None:
             try:
                 self._t.close()

@@ -49,18 +49,38 @@ class CGGap:
 
 
 class HostContext:
-    def __init__(self, data: Path, card: dict[str, Any] | None = None, al_extents: int = 0) -> None:
+    def __init__(self, data: Path, card: dict[str, Any] | None = None, al_extents: int = 0,
+                 transports: dict[str, dict[str, Any]] | None = None) -> None:
         self.data = Path(data)
         self.layout = Layout(self.data)
         self.cgs = CGCatalog(self.data)
         self._seq: dict[str, Sequencer] = {}
         self._dmaps: dict[str, MarkingMap] = {}
         self._gaps: dict[str, CGGap] = {}
-        self.card = CardLink(self.layout.card_sock, self.layout.card_lost_log, **(card or {}))
+        self._link_dmaps: dict[int, Any] = {}  # vdisk id -> dirty map, shared by every link
+        card = dict(card or {})
+        self.card = CardLink(self.layout.card_sock, self.layout.card_lost_log, dmaps=self._link_dmaps, **card)
+        # One link per transport the vdisks use (``[splitter]``, docs/operations.md
+        # "Choosing a transport"); the card's always exists: its lost-writes log
+        # is read at every start, whatever the vdisks use now.
+        self.links: dict[str, CardLink] = {self.card.kind: self.card}
+        self._transport_options = dict(transports or {})
+        self._card_options = card
         # The activity log (None: off, e.g. a read-only host, which writes nothing).
         self.activity_log = ActivityLog(self.layout.activity_log, extents=al_extents) if al_extents > 0 else None
         # io ids are unique across restarts: time-based high bits, counter below.
         self._io_ids = itertools.count((time.time_ns() // 1000) << 16)
+
+    def link_for(self, transport: str) -> CardLink:
+        """The link of transport ``transport`` (created at the first use;
+        ValueError for an unknown name)."""
+        link = self.links.get(transport)
+        if link is None:
+            opts = {k: v for k, v in self._card_options.items() if k in ("retry_s", "max_tracked")}
+            link = CardLink(self.layout.card_sock, self.layout.run / f"{transport}-lost.log", transport=transport,
+                            options=self._transport_options.get(transport, {}), dmaps=self._link_dmaps, **opts)
+            self.links[transport] = link
+        return link
 
     def next_io_id(self) -> int:
         return next(self._io_ids) & 0xFFFF_FFFF_FFFF_FFFF
@@ -100,7 +120,8 @@ class HostContext:
         return d
 
     def close(self) -> None:
-        self.card.close()
+        for link in self.links.values():
+            link.close()
         for d in self._dmaps.values():
             d.sync()
             d.close()

@@ -9,7 +9,7 @@ writes, so its CG is *in the gap*: every record the CG ships carries
 ``WFlag.GAP`` and no PIT ending there is offered as consistent.
 
 `Resyncer.poll` runs on the host's housekeeping tick. When a marking vdisk's
-card is attached and healthy, the vdisk becomes *resyncing* (persisted):
+card (its transport: the card, or the appliance link with ``net``) is attached and healthy, the vdisk becomes *resyncing* (persisted):
 new client writes are split to the card again (with GAP), and one task per
 vdisk (`Resync`, at most ``parallel`` at a time) walks the dirty regions.
 For each chunk (up to ``chunk`` bytes of consecutive dirty regions):
@@ -336,15 +336,16 @@ class Resyncer:
                 log.error("vdisk %s: resync failed: %s", name, t.exception())
         chains = list(chains)
         if self.tasks:
-            self.rate.slow = self.link.unconfirmed > 0 or self._suffering(chains)
-        t = self.link.get()
-        if t is None or not t.healthy():
-            return
+            links = {id(sp.link): sp.link for sp in (ch.filter("split") for ch in chains) if sp is not None}
+            self.rate.slow = any(lk.unconfirmed > 0 for lk in links.values()) or self._suffering(chains)
         for ch in chains:
             if len(self.tasks) >= self.parallel:
                 return
             sp = ch.filter("split")
             if sp is None or sp.seq is None or not sp.dmap.in_gap or ch.vdisk.name in self.tasks:
+                continue
+            t = sp.link.get()  # the vdisk's own transport (ring: the card; net: the appliance link)
+            if t is None or not t.healthy():
                 continue
             below = ch.below("split")
             if below is None:

@@ -38,7 +38,8 @@ from typing import Any, Awaitable, Callable
 
 from nicsplit.core import ctl
 from nicsplit.core.cgs import CGCatalog, CGError
-from nicsplit.core.config import Config
+from nicsplit.card.transports.base import TRANSPORTS
+from nicsplit.core.config import Config, ConfigError
 from nicsplit.core.dirtymap import DirtyMapError
 from nicsplit.host.chain import Chain, ChainError, VdiskView, build_chain
 from nicsplit.host.actlog import DEFAULT_EXTENTS as DEFAULT_AL_EXTENTS
@@ -137,8 +138,16 @@ def allocated_ranges(vd: Any) -> list[tuple[int, int]]:
 class HostServer:
     """Owns the datastore (it holds the datastore's IO lock) and the chains."""
 
-    def __init__(self, cfg: Config, datastore: Datastore, *, readonly: bool | None = None) -> None:
+    def __init__(self, cfg: Config, datastore: Datastore, *, readonly: bool | None = None,
+                 transport: str | None = None, appliance: str | None = None) -> None:
         self.cfg = cfg
+        # --transport replaces [splitter] transport for this run ([vdisks.NAME] still wins);
+        # --appliance (under `nicsplit up`: where the appliance listens) for the net transport.
+        self.transport = transport
+        try:
+            net = cfg.net_options(appliance)
+        except ConfigError as e:
+            raise ChainError(f"[splitter] appliance: {e}") from None
         self.datastore = datastore
         self.readonly = bool(cfg.host("readonly", False) if readonly is None else readonly)
         self.validate = bool(cfg.host("validate", False))
@@ -148,7 +157,8 @@ class HostServer:
         # A read-only host writes nothing: it keeps no activity log and leaves
         # an earlier host's for the next writable start.
         al_extents = 0 if self.readonly else int(cfg.host("al_extents", DEFAULT_AL_EXTENTS))
-        self.context = HostContext(cfg.data, card=cfg.raw.get("host", {}).get("card"), al_extents=al_extents)
+        self.context = HostContext(cfg.data, card=cfg.raw.get("host", {}).get("card"), al_extents=al_extents,
+                                   transports={"net": net})
         self.al_recovered: dict[str, Any] = {}  # what the start after an unclean stop marked (status)
         self.resyncer = Resyncer(self.context.card, mib_s=float(cfg.host("resync_mib_s", 64)),
                                  parallel=int(cfg.host("resync_parallel", 2)),
@@ -280,6 +290,10 @@ class HostServer:
         if self.readonly or cg in self.fenced:
             raise HostCommandError(f"consistency group {cg} is read-only here (failed over, or a read-only host)")
         try:
+            self.check_transports(self.datastore.list_vdisks())
+        except ChainError as e:
+            raise HostCommandError(str(e)) from None
+        try:
             sp.join(cg, lambda: allocated_ranges(self.datastore.vdisk(name)))
         except (ChainError, CGError) as e:
             raise HostCommandError(str(e)) from None
@@ -335,7 +349,7 @@ class HostServer:
                 size=info.size,
                 owner=info.owner,
                 readonly=info.readonly or self.readonly,
-                extra=dict(info.extra),
+                extra={**info.extra, "transport": self.transport_of(info.name)},
                 context=self.context,
             )
             plugin = DatastorePlugin(self.datastore.vdisk(name), self.group_sync)
@@ -351,9 +365,34 @@ class HostServer:
             self._chains[name] = ch
         return ch
 
+    def transport_of(self, name: str) -> str:
+        """Vdisk ``name``'s transport (docs/operations.md "Choosing a
+        transport"); ChainError (one line) for an unknown one."""
+        try:
+            return self.cfg.vdisk_transport(name, self.transport, TRANSPORTS)
+        except ConfigError as e:
+            raise ChainError(f"vdisk {name}: {e}") from None
+
+    def check_transports(self, vdisks: list[Any]) -> None:
+        """Every vdisk of a CG uses one transport: two shippers of one CG
+        (the card and the host) would interleave its sequence at the
+        appliance, which keeps only increasing seqs per CG."""
+        per: dict[str, dict[str, list[str]]] = {}
+        for v in vdisks:
+            cg = v.extra.get("cg")
+            if cg:
+                per.setdefault(cg, {}).setdefault(self.transport_of(v.name), []).append(v.name)
+        for cg, by in per.items():
+            if len(by) > 1:
+                raise ChainError(f"consistency group {cg} mixes transports ("
+                                 + "; ".join(f"{t}: {', '.join(sorted(n))}" for t, n in sorted(by.items()))
+                                 + "): all vdisks of a CG must use the same one")
+
     def check_chains(self) -> None:
         """Build every vdisk's chain now so a bad configuration fails at start."""
-        for v in self.datastore.list_vdisks():
+        vdisks = self.datastore.list_vdisks()
+        self.check_transports(vdisks)
+        for v in vdisks:
             self.chain(v.name)
 
     def statistics(self) -> dict[str, Any]:
@@ -363,9 +402,10 @@ class HostServer:
         for name, ch in self._chains.items():
             out["vdisks"][name] = ctl.jsonable(ch.statistics())
         out["group_sync"] = {"requests": self.group_sync.requests, "syncs": self.group_sync.syncs}
-        t = self.context.card.get() if self.context.card.attached else None
-        if t is not None:  # the transport's counters (ring: reservations, copies, full, ...)
-            out["card_transport"] = ctl.jsonable(t.statistics())
+        for kind, link in self.context.links.items():
+            t = link.get() if link.attached else None
+            if t is not None:  # the transport's counters (ring: reservations, copies, full, ...; net: batches, acks)
+                out["card_transport" if link is self.context.card else f"{kind}_transport"] = ctl.jsonable(t.statistics())
         al = self.context.activity_log
         if al is not None:
             out["activity_log"] = {**al.statistics(), "recovered": self.al_recovered}
@@ -406,6 +446,10 @@ class HostServer:
             "card": {"attached": link.attached, "losses": link.losses, "last_error": link.last_error, "tracked": link.tracked,
                      # late writes still in flight without a verdict, and late ones the card refused
                      "unconfirmed": link.unconfirmed, "late_refused": link.late_refused},
+            # every transport in use: vdisks on it, and its link (net: the appliance link)
+            "transports": {kind: {"vdisks": sorted(v["name"] for v in vdisks if v.get("transport") == kind),
+                                  "attached": lk.attached, "losses": lk.losses, "last_error": lk.last_error}
+                           for kind, lk in self.context.links.items()},
         }
 
     def tls_for(self, host: str | None, setting: str | None = None, psk: str | None = None) -> NbdTls:
@@ -451,17 +495,17 @@ class HostServer:
         """Notice a dead card and the card's lost-writes log even when no
         writes arrive (the splitter notices on its own while writes flow);
         start the resync of marking vdisks once the card is back."""
-        link = self.context.card
         while True:
             await asyncio.sleep(interval)
-            link.read_lost()  # a stat and a short read: cheap at this cadence
-            t = link.get()
-            if t is None:
-                continue
-            if not t.healthy():
-                link.lost("card stopped responding (heartbeat stale or connection closed)")
-                continue
-            link.trim()
+            self.context.card.read_lost()  # a stat and a short read: cheap at this cadence
+            for link in list(self.context.links.values()):
+                t = link.get()
+                if t is None:
+                    continue
+                if not t.healthy():
+                    link.lost(f"{link.kind} transport stopped responding (heartbeat stale or connection closed)")
+                    continue
+                link.trim()
             if self.auto_resync:
                 self.resyncer.poll(self._chains.values())
 
@@ -511,12 +555,14 @@ async def serve(
     tls: str | None = None,
     stdio: bool = False,
     tls_psk: str | None = None,
+    transport: str | None = None,
+    appliance: str | None = None,
 ) -> None:
     """Run the host until SIGTERM/SIGINT; then finish in-flight IO and sync."""
     ds = Datastore.open(cfg.datastore_dir)
     ds.open_io()
     try:
-        host = HostServer(cfg, ds, readonly=readonly)
+        host = HostServer(cfg, ds, readonly=readonly, transport=transport, appliance=appliance)
         host.check_chains()
         host.recover_activity_log()
         # What the card could not make durable while no host ran (e.g. it

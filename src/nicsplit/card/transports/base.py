@@ -16,9 +16,9 @@ ARCHITECTURE.md §4 plug in side by side without touching either of them:
 name        host half / card half                          status
 ==========  ===========================================  ====================
 ring        ring.RingSplitter / ring.RingEndpoint          implemented
-nvme-pi     NVMe queue pair + protection information       planned
+nvme-pi     nvme_pi.NvmePiSplitter / nvme_pi.NvmePiEndpoint  implemented
 shadow      fake write to the hidden volume + inline match planned
-net         classic splitter: ship to the appliance        planned
+net         net.NetSplitter / (none: no card)              implemented
 ==========  ===========================================  ====================
 
 A new transport adds a module here, a line to `TRANSPORTS`, and tests; the
@@ -130,10 +130,13 @@ class CardEndpoint(Protocol):
 TRANSPORTS: dict[str, tuple[str, str]] = {
     "ring": ("nicsplit.card.transports.ring:RingSplitter", "nicsplit.card.transports.ring:RingEndpoint"),
     "nvme-pi": ("nicsplit.card.transports.nvme_pi:NvmePiSplitter", "nicsplit.card.transports.nvme_pi:NvmePiEndpoint"),
+    "net": ("nicsplit.card.transports.net:NetSplitter", ""),  # no card half: the host ships to the appliance
 }
 
 
 def _load(spec: str) -> Any:
+    if not spec:
+        raise ValueError("this transport has no card half (the host ships to the appliance itself)")
     mod, _, attr = spec.partition(":")
     return getattr(importlib.import_module(mod), attr)
 
@@ -145,9 +148,16 @@ def _lookup(name: str) -> tuple[str, str]:
         raise ValueError(f"unknown transport {name!r} (known: {', '.join(sorted(TRANSPORTS))})") from None
 
 
-def open_splitter(name: str, control_socket: str, timeout: float = 1.0) -> SplitterTransport:
-    """Connect the host half of transport ``name``; raises TransportUnavailable."""
-    return _load(_lookup(name)[0]).connect(control_socket, timeout=timeout)
+def splitter_class(name: str) -> Any:
+    """The host half's class of transport ``name`` (ValueError: unknown)."""
+    return _load(_lookup(name)[0])
+
+
+def open_splitter(name: str, control_socket: str, timeout: float = 1.0, **options: Any) -> SplitterTransport:
+    """Connect the host half of transport ``name``; raises TransportUnavailable.
+    A host half whose class has ``open_async`` connects on the host's event
+    loop instead (`nicsplit.host.cardlink`): ``connect`` refuses."""
+    return splitter_class(name).connect(control_socket, timeout=timeout, **options)
 
 
 def open_endpoint(name: str, run_dir: str, **options: Any) -> CardEndpoint:

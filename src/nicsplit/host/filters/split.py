@@ -59,6 +59,7 @@ import asyncio
 from time import monotonic_ns, perf_counter_ns, time_ns
 from typing import Callable
 
+from nicsplit.card.transports.base import splitter_class
 from nicsplit.core import failpoints as _fp
 from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag
 from nicsplit.host.actlog import ActivityLogError
@@ -102,7 +103,17 @@ class SplitFilter(Filter):
         if ctx is None:
             raise ChainError("filter 'split' needs the host context (run it inside nicsplit host serve)")
         self.ctx = ctx
-        self.timeout_ns = int(float(options.get("split_timeout_us", 1000)) * 1000)
+        # The transport (docs/operations.md "Choosing a transport"): the host
+        # server puts the vdisk's in its view; its class may set the default
+        # deadline (net: a round trip to the appliance and a journal commit).
+        self.transport = str(vdisk.extra.get("transport") or ctx.card.kind)
+        try:
+            default_us = getattr(splitter_class(self.transport), "default_timeout_us", 1000)
+        except ValueError as e:  # unknown transport name: one clear line
+            raise ChainError(f"filter 'split' of vdisk {vdisk.name}: {e}") from None
+        self.timeout_ns = int(float(options.get("split_timeout_us", default_us)) * 1000)
+        # net: the ack before the write goes down (`_ack_then_down`)
+        self.ack_first = bool(getattr(splitter_class(self.transport), "ack_first", False))
         if self.timeout_ns <= 0:
             raise ChainError("filter 'split': split_timeout_us must be > 0")
         self.cg = vdisk.extra.get("cg")
@@ -113,7 +124,7 @@ class SplitFilter(Filter):
         self.gap = ctx.join_gap(self.cg, self.dmap) if self.cg else None
         self.regions = RegionLock()  # shared with the resync of this vdisk
         self.resync = None  # the resync's progress (nicsplit.host.resync.Progress) while one runs
-        self.link = ctx.card
+        self.link = ctx.link_for(self.transport)
         self.al = ctx.activity_log  # None: no activity log (a read-only host)
         self.link.register(vdisk.id, self.dmap)
         # The latency the splitter adds to a write: publishing it (building the
@@ -275,6 +286,8 @@ class SplitFilter(Filter):
         card's round trip; the client's reply waits for the ack (or marking).
         A write-like IO with a range is in flight for the region lock until
         the layer below has it."""
+        if self.ack_first and sub is not None:
+            return await self._ack_then_down(sub, down, offset, length)
         try:
             await down
         except BaseException:
@@ -287,6 +300,29 @@ class SplitFilter(Filter):
         if sub is not None:
             w = await self._acked(sub)
             await self._outcome(w, _COMMITTED)
+
+    async def _ack_then_down(self, sub, down, offset: int, length: int) -> None:
+        """The classic splitter's order (the net transport, ``ack_first``):
+        the write passes down only once the appliance holds it durably (or
+        its region is marked). The appliance journaled it before production
+        has it, so a write failed below is marked: the resync journals
+        production's content over it."""
+        w = None
+        try:
+            try:
+                w = await self._acked(sub)
+            except BaseException:
+                down.close()  # never started: no "coroutine was never awaited"
+                raise
+            try:
+                await down
+            except BaseException:
+                if w is not None and w.length:
+                    self._mark(w, "a write the appliance journaled failed below the splitter")
+                raise
+        finally:
+            if length:
+                self.regions.leave(offset, length)
 
     def _split_now(self, op: Op, offset: int, length: int, flags: int, data):
         """The common case of `_split_in` without a coroutine on the per-write
@@ -411,6 +447,7 @@ class SplitFilter(Filter):
         gap = self.seq is not None and self.dmap.in_gap
         st = {
             "state": self.state,
+            "transport": self.transport,
             "since": self.dmap.since,
             "cg": self.cg,
             "split": self.split_count,
