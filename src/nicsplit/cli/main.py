@@ -22,6 +22,7 @@ from nicsplit.core.ctl import request as ctl_request
 from nicsplit.core.layout import Layout
 from nicsplit.core.logfile import KEEP, MAX_BYTES, RotatingLog
 from nicsplit.core.pki import init_pki
+from nicsplit.core.placement import Placement, PlacementError, plan
 from nicsplit.console.token import ensure_token
 from nicsplit.control import ops
 from nicsplit.control.demo import ensure_demo
@@ -176,6 +177,17 @@ def up_host_args(args: argparse.Namespace, listen: str) -> list[str]:
             + (["--tls-psk", str(_abs(args.tls_psk))] if args.tls_psk else []))
 
 
+def up_placement(cfg: cfgmod.Config) -> Placement:
+    """The CPUs of ``up``'s children (docs/operations.md, "CPU placement")."""
+    allowed = tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else ()
+    try:
+        place = plan(allowed, cfg.raw.get("card", {}), cfg.raw.get("host", {}), cfg.raw.get("appliance", {}))
+    except PlacementError as e:
+        raise cfgmod.ConfigError(f"{cfg.layout.config}: {e}") from None
+    logging.getLogger("nicsplit.up").info("CPU placement: %s", place.describe())
+    return place
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Appliance, card and host on one machine with the embedded defaults."""
     from nicsplit.control.supervisor import Child, Supervisor, SupervisorError, child_argv  # lazy: see main()
@@ -190,9 +202,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     listen = args.listen or cfg.host("listen", "127.0.0.1:10809")
     host, port = parse_listen(listen)
     host_args = up_host_args(args, listen)
+    place = up_placement(cfg)
     children = [
         Child("appliance", child_argv(data, "appliance", "run", *(["--listen", args.appliance_listen] if args.appliance_listen else [])),
-              sticky=lambda ready: ["--listen", ready["address"]]),
+              sticky=lambda ready: ["--listen", ready["address"]], cpus=place.appliance),
         # The card ships to wherever the appliance says it listens, unless [card] appliance
         # names another address (e.g. a relay or link emulator in front of the appliance).
         Child("card", child_argv(data, "card", "run"),
@@ -200,7 +213,8 @@ def cmd_up(args: argparse.Namespace) -> int:
               else lambda ready: ["--appliance", ready["appliance"]["address"]]),
         # A restarted host keeps the port it got (port 0 picks a new one each
         # start, and clients reconnecting to the old address would find nothing).
-        Child("host", child_argv(data, *host_args), sticky=_host_listen),
+        # Off the card acker's CPU(s) by default, as on a DPU (nicsplit.core.placement).
+        Child("host", child_argv(data, *host_args), sticky=_host_listen, cpus=place.host),
         Child("console", child_argv(data, "console", "run", *(["--listen", args.console_listen] if args.console_listen else [])),
               sticky=lambda ready: ["--listen", ready["address"]]),
     ]
