@@ -49,3 +49,15 @@ def test_host_threads_keep_off_the_acker_cpu(tmp_path, rng):
         else:  # one CPU: nothing to keep apart, nobody pinned away from it
             assert cpus_allowed(host) == allowed
         h.shutdown()
+
+
+def test_placement_keys_host_everywhere_appliance_off_the_acker(tmp_path):
+    """`[host] cpus = []` leaves the host unpinned; `[appliance] cpus = "auto"`
+    keeps the appliance off the acker's CPU (and the appliance starts with it)."""
+    data = cg_data(tmp_path, 8 << 20, ("a",), sections={"appliance": {"cpus": "auto"}}, cpus=[])
+    allowed = os.sched_getaffinity(0)
+    with UpProcess(data) as up:
+        acker = cpus_allowed(up.pid_of("card"))
+        assert cpus_allowed(up.pid_of("host")) == allowed
+        want = allowed - acker if len(allowed) > 1 else allowed
+        assert cpus_allowed(up.pid_of("appliance")) == want

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from nicsplit.appliance.config import server_config
+from nicsplit.core.config import Config, ConfigError
 from nicsplit.core.placement import PlacementError, acker_cpus, choose, plan
 
 
@@ -57,3 +59,10 @@ def test_acker_cpus_mirrors_pin_cpus_default():
     assert acker_cpus((0, 1, 2), []) is None
     assert acker_cpus((0, 1, 2), [0]) == (0,)
     assert choose((0, 1), (1,), "auto", "k") == (0,)
+
+
+def test_the_appliance_accepts_its_cpus_key(tmp_path):
+    """`[appliance] cpus` is `up`'s key: the appliance's own strict key check lets it through."""
+    server_config(Config(data=tmp_path, raw={"appliance": {"cpus": "auto"}}))
+    with pytest.raises(ConfigError, match="unknown key"):
+        server_config(Config(data=tmp_path, raw={"appliance": {"cpu": "auto"}}))
