@@ -29,7 +29,8 @@ numbers, are the point; docs/benchmarks.md):
    / host; plus the 1 MiB QD1 split latency through the host.
 
     .venv/bin/python bench/keepup.py [--quick] [--rounds 3] [--seconds 60] [--rate-iops 10000] [--out bench/out]
-    .venv/bin/python bench/keepup.py --qd1-only [--host-off-card] [--rounds 3]   # the 4 KiB QD1 phase alone
+    .venv/bin/python bench/keepup.py --qd1-only [--host-anywhere] [--rounds 3]   # the 4 KiB QD1 phase alone
+    # (the synthetic host keeps off the acker's CPUs, as `nicsplit up` places the host, unless --host-anywhere)
 
 Writes ``keepup.json``, ``keepup.md`` and ``keepup.png`` into ``--out``.
 Nothing here asserts on speed.
@@ -139,9 +140,14 @@ def component_round(work: Path, *, n_qd1: int, n_big: int, n_stream: int, idle_s
             pids = {"acker": card.pid, "worker": card.ready["worker_pid"], "appliance": app.pid}
             r = RingSplitter.connect(str(Layout(data).card_sock))
             allowed = os.sched_getaffinity(0)
-            if host_off_card and allowed - os.sched_getaffinity(card.pid):
-                os.sched_setaffinity(0, allowed - os.sched_getaffinity(card.pid))
+            acker = tuple(sorted(os.sched_getaffinity(card.pid)))
+            # The rule `nicsplit up` applies ([host] cpus = "auto", nicsplit.core.placement; not
+            # imported, so the bench runs on trees without it): every allowed CPU but the acker's.
+            if host_off_card and allowed - set(acker):
+                os.sched_setaffinity(0, allowed - set(acker))
             out["host_cpus"] = sorted(os.sched_getaffinity(0))
+            out["acker_cpus"] = list(acker)
+            out["worker_cpus"] = sorted(os.sched_getaffinity(pids["worker"]))
             try:
                 if not qd1_only:
                     out["idle"] = idle(pids, idle_s)
@@ -487,8 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-seconds", type=float, default=20)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     ap.add_argument("--components-only", action="store_true", help="part 1 alone (no end-to-end runs)")
-    ap.add_argument("--host-off-card", action="store_true",
-                    help="keep this process (the synthetic host) off the acker's CPUs, as on a DPU")
+    ap.add_argument("--host-off-card", action="store_true", default=True,
+                    help="keep this process (the synthetic host) off the acker's CPUs, as on a DPU and as "
+                         "`nicsplit up` does ([host] cpus = \"auto\"); the default")
+    ap.add_argument("--host-anywhere", dest="host_off_card", action="store_false",
+                    help="leave the synthetic host on every CPU (the scheduler may put it on the acker's)")
     ap.add_argument("--qd1-only", action="store_true",
                     help="the components' 4 KiB QD1 phase alone (no idle, 1 MiB, stream nor end-to-end runs)")
     a = ap.parse_args(argv)
@@ -512,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
             (a.out / "keepup.json").write_text(json.dumps(doc, indent=1))
             comp = doc["components"]
             print(json.dumps({k: v for k, v in comp.items() if k.startswith("qd1.") or not a.qd1_only}, indent=1))
+            print(json.dumps({"cpus": [{k: r.get(k) for k in ("host_cpus", "acker_cpus", "worker_cpus")} for r in rounds],
+                              "loadavg": loadavg()}))
             return 0
         print("end to end", flush=True)
         doc["e2e"] = e2e(work / "e2e", seconds=a.seconds, rate=a.rate_iops)

@@ -36,7 +36,8 @@ def server_config(cfg: cfgmod.Config, listen: str | None = None) -> ServerConfig
     """The ServerConfig for a data directory (``[appliance]`` + overrides)."""
     sec = _section(cfg)
     known = {"listen", "pki", "peers", "encryption", "segment_size", "heartbeat_interval", "idle_timeout", "queue_depth",
-             "at_rest_encryption", "max_unknown_cgs", "commit_window_us"}
+             "at_rest_encryption", "max_unknown_cgs", "commit_window_us",
+             "cpus"}  # read by `nicsplit up` (nicsplit.core.placement), not by the appliance
     unknown = set(sec) - known
     if unknown:
         raise cfgmod.ConfigError(f"[appliance]: unknown key(s) {', '.join(sorted(unknown))}")

@@ -23,6 +23,7 @@ from nicsplit.core.ctl import request as ctl_request
 from nicsplit.core.layout import Layout
 from nicsplit.core.logfile import KEEP, MAX_BYTES, RotatingLog
 from nicsplit.core.pki import init_pki
+from nicsplit.core.placement import Placement, PlacementError, plan
 from nicsplit.console.token import ensure_token
 from nicsplit.control import ops
 from nicsplit.control.demo import ensure_demo
@@ -182,6 +183,17 @@ def up_host_args(args: argparse.Namespace, listen: str) -> list[str]:
             + (["--tls-psk", str(_abs(args.tls_psk))] if args.tls_psk else []))
 
 
+def up_placement(cfg: cfgmod.Config) -> Placement:
+    """The CPUs of ``up``'s children (docs/operations.md, "CPU placement")."""
+    allowed = tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else ()
+    try:
+        place = plan(allowed, cfg.raw.get("card", {}), cfg.raw.get("host", {}), cfg.raw.get("appliance", {}))
+    except PlacementError as e:
+        raise cfgmod.ConfigError(f"{cfg.layout.config}: {e}") from None
+    logging.getLogger("nicsplit.up").info("CPU placement: %s", place.describe())
+    return place
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Appliance, card and host on one machine with the embedded defaults."""
     from nicsplit.control.supervisor import Child, Supervisor, SupervisorError, child_argv  # lazy: see main()
@@ -203,10 +215,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     card = any(TRANSPORTS[t][1] for t in used) or not used
     net = "net" in used
     relay = cfg.raw.get("splitter", {}).get("appliance") or cfg.raw.get("card", {}).get("appliance")
+    place = up_placement(cfg)
+    # No card, no acker to keep off: nothing is pinned then.
+    host_cpus, app_cpus = (place.host, place.appliance) if card else (None, None)
     children = [
         Child("appliance", child_argv(data, "appliance", "run", *(["--listen", args.appliance_listen] if args.appliance_listen else []),
                                       *(["--peer", "host"] if net else [])),
-              sticky=lambda ready: ["--listen", ready["address"]]),
+              sticky=lambda ready: ["--listen", ready["address"]], cpus=app_cpus),
         # The card ships to wherever the appliance says it listens, unless [card] appliance
         # names another address (e.g. a relay or link emulator in front of the appliance).
         *([Child("card", child_argv(data, "card", "run"),
@@ -215,7 +230,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         # A restarted host keeps the port it got (port 0 picks a new one each
         # start, and clients reconnecting to the old address would find nothing).
         # With net it ships where the appliance listens (or to [splitter] / [card] appliance).
-        Child("host", child_argv(data, *host_args), sticky=_host_listen,
+        # Off the card acker's CPU(s) by default, as on a DPU (nicsplit.core.placement).
+        Child("host", child_argv(data, *host_args), sticky=_host_listen, cpus=host_cpus,
               args_from=None if not net or relay else lambda ready: ["--appliance", ready["appliance"]["address"]]),
         Child("console", child_argv(data, "console", "run", *(["--listen", args.console_listen] if args.console_listen else [])),
               sticky=lambda ready: ["--listen", ready["address"]]),

@@ -24,6 +24,9 @@ Rules:
   process: pids are reused) is removed; one whose nicsplit process still
   runs stops the start with an error naming the pid, before anything is
   started or any pid file is overwritten.
+- A child may be pinned to CPUs (``Child.cpus``, from
+  `nicsplit.core.placement`): its affinity is set between fork and exec, so
+  all its threads inherit it, restarts included.
 - Each child logs to ``DATA/run/<name>.log`` (``--log-file``), rotated by
   the child itself at ``log_max`` bytes keeping ``log_keep`` old files
   (`nicsplit.core.logfile`): logs never grow without bound, and no child
@@ -66,14 +69,17 @@ class SupervisorError(RuntimeError):
     """``up`` cannot start: processes of an earlier one still run."""
 
 
-def die_with_parent(parent: int) -> Callable[[], None]:
+def die_with_parent(parent: int, cpus: tuple[int, ...] | None = None) -> Callable[[], None]:
     """A ``preexec_fn`` for a child of process ``parent``: the child gets
     SIGTERM when the thread that forked it exits, and exits at once if
-    ``parent`` is gone already (it died between fork and prctl)."""
+    ``parent`` is gone already (it died between fork and prctl). ``cpus``:
+    the CPUs it may run on (None: those it inherits)."""
     def preexec() -> None:
         _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
         if os.getppid() != parent:
             os._exit(1)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
     return preexec
 
 
@@ -117,6 +123,8 @@ class Child:
     # Arguments fixed after the first start from its own ready line (e.g. the
     # port picked for --listen 127.0.0.1:0, so a restart keeps the address).
     sticky: Callable[[dict], list[str]] | None = None
+    # The CPUs it may run on (nicsplit.core.placement); None: not pinned.
+    cpus: tuple[int, ...] | None = None
 
 
 class Supervisor:
@@ -139,7 +147,7 @@ class Supervisor:
         argv += ["--log-file", str(log_path), "--log-max", str(self.log_max), "--log-keep", str(self.log_keep)]
         c.proc = await asyncio.create_subprocess_exec(
             *argv, stdout=asyncio.subprocess.PIPE, stderr=logf, stdin=asyncio.subprocess.DEVNULL,
-            preexec_fn=die_with_parent(os.getpid()),
+            preexec_fn=die_with_parent(os.getpid(), c.cpus),
         )
         logf.close()
         c.started_at = time.monotonic()
@@ -151,7 +159,7 @@ class Supervisor:
             raise RuntimeError(f"{c.name} did not start ({e or 'timeout'}); its log ({log_path}) ends:\n{tail}") from None
         if c.sticky is not None and c.restarts == 0:
             c.argv = c.argv + c.sticky(c.ready)
-        log.info("%s ready (pid %d)", c.name, c.proc.pid)
+        log.info("%s ready (pid %d%s)", c.name, c.proc.pid, f", CPUs {list(c.cpus)}" if c.cpus else "")
 
     async def _wait_ready(self, c: Child) -> dict:
         assert c.proc and c.proc.stdout

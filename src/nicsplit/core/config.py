@@ -61,6 +61,10 @@ al_extents = 1237
 validate = false
 # Serve every export read-only.
 readonly = false
+# CPUs `nicsplit up` lets the host run on (docs/operations.md, "CPU
+# placement"): "auto" = every CPU but the card acker's ([card] cpus), as on
+# a DPU, when there are two or more; [] = no pinning; or a list, e.g. [0].
+# cpus = "auto"
 # Requests in flight per connection before the server stops reading from
 # it (backpressure): 128 covers any common client queue depth.
 max_inflight = 128
@@ -125,6 +129,9 @@ extent_size = "1M"
 [appliance]
 # TCP address `nicsplit appliance run` listens on for cards (--listen).
 listen = "127.0.0.1:10810"
+# CPUs `nicsplit up` lets the appliance run on: [] = every CPU (default),
+# "auto" = every CPU but the card acker's, or a list.
+# cpus = []
 # Directory of the deployment's CA, certificates and batch key
 # (`nicsplit pki init`); relative paths are inside the data directory.
 pki = "pki"
@@ -171,7 +178,8 @@ max_unknown_cgs = 64
 # An ack never waits behind a batch being sealed (fast_path = "inline" runs
 # both on one thread, as before).
 # fast_path = "process"
-# CPUs the acker is pinned to; default: the last core.
+# CPUs the acker is pinned to; default: the last core. Under `nicsplit up`
+# the host keeps off them ([host] cpus).
 # cpus = [1]
 # Scheduling of the acker on its (shared) core: realtime (SCHED_FIFO 1;
 # falls back to high where not permitted), high (nice -10) or normal. A

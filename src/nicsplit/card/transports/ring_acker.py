@@ -74,6 +74,10 @@ class RingAcker(RingEndpoint):
         self.blocked = False
         if tail == head:
             return 0
+        if tail - head == 1:  # QD1: one entry, the common case without the round's machinery
+            n = self._pump_one(c, head)
+            if n:
+                return n
         avail = tail - head
         if avail > self._sq_n or avail < 0:
             self._warn("ring: host published sq_tail %d with sq_head %d: ignored", tail, head)
@@ -236,6 +240,82 @@ class RingAcker(RingEndpoint):
                 self._n_rings += 1
                 os.eventfd_write(self.wake_fd, 1)
         return consumed
+
+    def _pump_one(self, c, head: int) -> int:
+        """`pump` of a lone well-formed WRITE or OUTCOME at ``head`` that the
+        round would accept (room in the handoff queue and the CQ, the card
+        not full, the payload where expected, no live duplicate): the same
+        stores in the same order as `pump`'s round of one (ack, CQ_TAIL, the
+        slot's copy, pruning, SQ_HEAD, counters, PRODUCED, the worker's
+        doorbell), with none of the round's set-up. Returns 1, or 0 having
+        changed nothing (anything else: `pump` handles it)."""
+        ho = self.handoff
+        hc = ho.c
+        produced = hc[_P]
+        floor = hc[_F]
+        if produced - floor >= ho.n:
+            return 0
+        off = (head & self._sq_mask) << 6
+        sq = self._sq
+        (kind, wflags, dflags, status, length, io_id, _cg_seq, _cg_id, _vd, _vo, _ts, data_pos, csum,
+         seq) = desc_unpack(sq, off)
+        if seq != head & M32:
+            return 0
+        if kind == K_WRITE:
+            if wflags & _BAD_WF or dflags & _BAD_DF or status or not length or self._full or hc[_FULL] == 1:
+                return 0
+            cq_tail = self._cq_tail
+            if cq_tail - self._cq_head_c >= self._cq_n:
+                return 0
+            expect, size = self._data_expect, self._dsize
+            if not (expect <= data_pos and data_pos - expect < size and data_pos + length <= c[DATA_TAIL]
+                    and data_pos % size + length <= size):
+                return 0
+            live = self._live
+            if live and live.get(io_id, -1) >= floor:
+                return 0
+            cqe_pack(self._cq, (cq_tail & self._cq_mask) << 4, io_id, OK, 0, 0, cq_tail & M32)
+            cq_tail += 1
+            self._cq_tail = cq_tail
+            c[CQ_TAIL_I] = cq_tail  # the ack is out before the entry is handed off
+            if _FP:
+                _fp.hit("card.acker.after-ack")
+            s = produced & ho.mask
+            ho.slots[s << 6: (s + 1) << 6] = sq[off: off + 64]
+            expect = ho.ends[s] = data_pos + length
+            ho.flags[s] = 0
+            live[io_id] = produced
+            self._live_order.append((produced, io_id))
+            self._data_expect = expect
+            hc[_ACKED] += 1
+            self._n_writes += 1
+            self._n_bytes += length
+        elif kind == K_OUTCOME:
+            if status > 1 or wflags or dflags or length or data_pos or csum:
+                return 0
+            self._n_outcomes += 1
+            s = produced & ho.mask
+            ho.slots[s << 6: (s + 1) << 6] = sq[off: off + 64]
+            ho.ends[s] = 0
+            ho.flags[s] = 0
+        else:
+            return 0
+        order = self._live_order
+        while order and order[0][0] < floor:  # io_ids below the floor are no longer live
+            pos0, io0 = order.popleft()
+            if self._live.get(io0) == pos0:
+                del self._live[io0]
+        head += 1
+        self._sq_head = head
+        c[SQ_HEAD] = head
+        self._n_entries += 1
+        hc[_DX] = self._data_expect
+        hc[_P] = produced + 1
+        fence()  # PRODUCED visible before we read the worker's state (Dekker)
+        if hc[_WSTATE] == SLEEPING:
+            self._n_rings += 1
+            os.eventfd_write(self.wake_fd, 1)
+        return 1
 
     def wait_entries(self, deadline_ns: int) -> bool:
         """The acker's spin: poll SQ_TAIL alone until the host publishes or
