@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from nicsplit.card.transports.base import TRANSPORTS
 from nicsplit.control.schema import check
 from nicsplit.testing.procs import UpProcess, journal, run_cli, wait_for
 from nicsplit.testing.stack import cg_data
@@ -120,4 +121,4 @@ def test_mixed_cg_and_unknown_transport_are_refused(tmp_path):
     p = run_cli(data, "host", "serve", "--listen", "127.0.0.1:0", check=False, timeout=60)
     assert p.returncode != 0 and "cg1 mixes transports" in p.stderr and "net: b" in p.stderr, p.stderr
     p = run_cli(data, "up", "--transport", "bogus", check=False, timeout=60)
-    assert p.returncode != 0 and "unknown transport" in p.stderr and "net, ring" in p.stderr, p.stderr
+    assert p.returncode != 0 and "unknown transport" in p.stderr and ", ".join(sorted(TRANSPORTS)) in p.stderr, p.stderr
