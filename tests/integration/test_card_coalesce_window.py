@@ -67,12 +67,13 @@ def write(io_id: int, seed: int) -> AugmentedWrite:
 
 def _one_then_napping(data, r: RingSplitter, seed: int) -> dict:
     """Split write 1 and wait until the worker has taken it: the round that
-    took it found nothing else queued, so the worker now naps NAP_US."""
-    st0 = stats(data)
-    assert r.split(write(1, seed), 1_000_000_000)
+    took it found nothing else queued, so the worker now naps NAP_US.
+    Returns the card's stats from just after it took write 1."""
+    assert r.split(write(1, seed), 1_000_000_000)  # rings the worker, asleep on the doorbell since start
     r.post_outcome(1, Status.COMMITTED)
-    wait_for(lambda: stats(data)["writes_in"] == 1, 30, "the worker taking write 1")
-    return st0
+    got: list[dict] = []
+    wait_for(lambda: got.append(stats(data)) or got[-1]["writes_in"] == 1, 30, "the worker taking write 1")
+    return got[-1]  # (the rings for write 1 are before it)
 
 
 def test_writes_acked_during_a_nap_reach_the_worker_at_its_next_round(card, seed):
