@@ -37,7 +37,7 @@ from typing import Callable
 from nicsplit.card.transports.base import TransportUnavailable
 from nicsplit.core import failpoints as _fp
 from nicsplit.card.transports.ring_shared import (
-    CLOSED, CQ_HEAD, CQ_TAIL, DATA_TAIL, HEARTBEAT, K_WRITE, M32, SLEEPING, SQ_HEAD, SQ_TAIL, STATE, fence,
+    CQ_HEAD, CQ_TAIL, DATA_TAIL, K_WRITE, M32, SLEEPING, SQ_HEAD, SQ_TAIL, STATE, fence,
 )
 from nicsplit.card.transports.ring_splitter import RingSplitter, RingStats
 from nicsplit.card.transports.ring_splitter import TRACK_ABANDONED as _ABANDONED
@@ -104,14 +104,7 @@ class NvmePiSplitter(RingSplitter):
     # -- the hot path ------------------------------------------------------------
 
     def _submit(self, w: AugmentedWrite, now: int) -> bool:
-        if self._dead:
-            self._unhealthy += 1
-            return False
-        c = self._ctr
-        if now - c[HEARTBEAT] > self._stale_ns or c[STATE] == CLOSED:
-            self._unhealthy += 1
-            if c[STATE] == CLOSED:
-                self._set_dead("card closed the queue pair")
+        if not self._live(now):
             return False
         tail = self._sq_tail
         if self._sq_full(tail):
@@ -159,7 +152,7 @@ class NvmePiSplitter(RingSplitter):
             self._data_tail = end
             if end > self._rtail:
                 self._rtail = end
-            c[DATA_TAIL] = end
+            self._ctr[DATA_TAIL] = end
             self.last_position = end
             self._bytes += length
         else:

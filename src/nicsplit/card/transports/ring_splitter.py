@@ -270,7 +270,9 @@ class RingSplitter:
         published.  Every True must be followed by ``wait_ack(w.io_id, ...)``."""
         return self._submit(w, monotonic_ns())
 
-    def _submit(self, w: AugmentedWrite, now: int) -> bool:
+    def _live(self, now: int) -> bool:
+        """The card can take a submission now (not dead, closed or silent);
+        counts the refusals.  Shared by this transport's subclasses."""
         if self._dead:
             self._unhealthy += 1
             return False
@@ -278,7 +280,12 @@ class RingSplitter:
         if now - c[HEARTBEAT] > self._stale_ns or c[STATE] == CLOSED:
             self._unhealthy += 1
             if c[STATE] == CLOSED:
-                self._set_dead("card closed the ring")
+                self._set_dead(f"card closed the {self.TRANSPORT} transport")
+            return False
+        return True
+
+    def _submit(self, w: AugmentedWrite, now: int) -> bool:
+        if not self._live(now):
             return False
         tail = self._sq_tail
         if self._sq_full(tail):
@@ -333,7 +340,7 @@ class RingSplitter:
             self._data_tail = end
             if end > self._rtail:
                 self._rtail = end
-            c[DATA_TAIL] = end
+            self._ctr[DATA_TAIL] = end
             self.last_position = end
             if res is not None:
                 self.last_prepaid_ns = res.hash_ns
