@@ -1,6 +1,6 @@
-"""nvme-pi end to end: the card process serves the nvme-pi transport
-(``[card] transport``), the host's splitter attaches with it (``[host]
-card.transport``), a real client (qemu-io) writes a deterministic workload
+"""nvme-pi end to end: ``nicsplit up --transport nvme-pi`` (the first run
+also sets ``[card] transport``, which must then agree) starts the card
+serving the nvme-pi transport and the host's splitter attaches with it; a real client (qemu-io) writes a deterministic workload
 at QD1; the journal (every record's seq, vdisk, op, offset and length) and
 the images it replays to are the same as with the ring transport."""
 
@@ -35,9 +35,10 @@ def qemu_commands(seed: int) -> list[str]:
 
 
 def run_once(tmp_path, transport: str, seed: int) -> tuple[list, dict]:
-    data = cg_data(tmp_path / transport, SIZE, ("a",), card={"transport": transport},
-                   sections={"card": {"transport": transport}})
-    with UpProcess(data) as up:
+    # nvme-pi: [card] transport set explicitly and agreeing; ring: selection alone
+    data = cg_data(tmp_path / transport, SIZE, ("a",),
+                   sections={"card": {"transport": transport}} if transport == "nvme-pi" else None)
+    with UpProcess(data, "--transport", transport) as up:
         wait_for(lambda: cg_status(data)["state"] == "protected", 60, "the CG protected")
         subprocess.run(["qemu-io", "-f", "raw", "-t", "writeback", *qemu_commands(seed), up.uri("a")], check=True,
                        capture_output=True, timeout=120)
@@ -70,7 +71,7 @@ def test_a_guard_error_marks_the_vdisk_and_the_resync_makes_it_whole(tmp_path, s
     region and resyncs it; the CG is protected again and its latest PIT
     equals production."""
     monkeypatch.setenv("NICSPLIT_FAILPOINTS", "host.nvme-pi.after-pi=1*error(EIO)")
-    data = cg_data(tmp_path, SIZE, ("a",), card={"transport": "nvme-pi"}, sections={"card": {"transport": "nvme-pi"}})
+    data = cg_data(tmp_path, SIZE, ("a",), sections={"splitter": {"transport": "nvme-pi"}})
     with UpProcess(data) as up:
         wait_for(lambda: cg_status(data)["state"] == "protected", 60, "the CG protected")
         subprocess.run(["qemu-io", "-f", "raw", "-t", "writeback", *qemu_commands(seed), up.uri("a")], check=True,

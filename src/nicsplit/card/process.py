@@ -213,6 +213,7 @@ class CardProcess:
         key: bytes | None,
         connect: Callable | None = None,
         on_lost: Callable[[AugmentedWrite], None] | None = None,
+        track_unshipped: bool = False,
     ) -> None:
         self.cfg = cfg
         self.endpoint = endpoint
@@ -228,6 +229,14 @@ class CardProcess:
             self._gaps = []
         self.catalog = catalog
         self._lost_log = LostLog(cfg.layout.card_lost_log) if on_lost is None and cfg.run_dir.is_dir() else None
+        # io id -> (vdisk id, offset, length) of writes fed from the transport
+        # and not released yet, when this process owns the transport (inline:
+        # nvme-pi, or ring with fast_path = "inline"): a stop that cannot
+        # drain logs them to the lost log, as the ring acker does for its
+        # worker's (`nicsplit.card.fastpath`); else the host, stopped first,
+        # would never mark writes it was told were safe (P1).
+        self._unshipped: dict[int, tuple[int, int, int]] | None = (
+            {} if track_unshipped and self._lost_log is not None else None)
         self.overflow: Overflow | None = None
         if cfg.overflow_max > 0:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -270,12 +279,18 @@ class CardProcess:
         """The pipeline is done with a write: a write fed from the overflow
         log gave its ring payload back when it was logged."""
         ovf = self.overflow
+        if self._unshipped is not None:
+            self._unshipped.pop(io_id, None)
         if ovf is None or not ovf.release(io_id):
             self.endpoint.release(io_id)
 
     def _release_many(self, io_ids: list[int]) -> None:
         """`_release` for a durable batch's writes: the ring's in one call."""
         ovf = self.overflow
+        un = self._unshipped
+        if un is not None:
+            for io_id in io_ids:
+                un.pop(io_id, None)
         if ovf is not None:
             io_ids = ovf.release_many(io_ids)
         many = getattr(self.endpoint, "release_many", None)
@@ -420,6 +435,11 @@ class CardProcess:
             else:
                 if ovf is not None:
                     ovf.fed_direct(entries)  # before feeding: a write dropped at once is released in it
+                un = self._unshipped
+                if un is not None:
+                    for e in entries:
+                        if type(e) is AugmentedWrite:
+                            un[e.io_id] = (e.vdisk_id, e.voffset, e.length)
                 p.feed(entries, t)
         if self._gaps:  # before their seqs are skipped: nothing after them leaves hold unflagged
             p.open_gaps(self._gaps)
@@ -619,8 +639,16 @@ class CardProcess:
         if p.drained():
             log.info("card drained: everything committed is durable at the appliance")
         else:
-            log.warning("card stopping with %d unacked batches and %d writes in hold; the host marks them",
-                        st.ship.unacked, st.hold.held)
+            un = self._unshipped
+            log.warning("card stopping with %d unacked batches and %d writes in hold; %s",
+                        st.ship.unacked, st.hold.held,
+                        f"{len(un)} unshipped writes go to the lost log (the host marks them at its next start)"
+                        if un is not None else "the host marks them")
+            if un is not None:
+                assert self._lost_log is not None
+                for io_id, (vdisk_id, offset, length) in un.items():
+                    self._lost_log.append(io_id, vdisk_id, offset, length, "the card stopped before the appliance held it")
+                un.clear()
 
 
 async def run_card(
@@ -654,7 +682,7 @@ async def run_card(
     own_endpoint = endpoint is None
     if own_endpoint:
         endpoint = open_endpoint(cfg.transport, str(cfg.run_dir), **cfg.transport_options)
-    card = CardProcess(cfg, endpoint, catalog, key=key, connect=connect, on_lost=on_lost)
+    card = CardProcess(cfg, endpoint, catalog, key=key, connect=connect, on_lost=on_lost, track_unshipped=own_endpoint)
     loop = asyncio.get_running_loop()
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -211,8 +211,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     # Transports (docs/operations.md "Choosing a transport"): the card runs
     # only if a vdisk uses a transport with a card half; with "net" the host
     # ships to the appliance itself (its certificate is then a peer there).
-    used = cfg.transports_in_use([v.name for v in ds.list_vdisks()], args.transport, TRANSPORTS)
-    card = any(TRANSPORTS[t][1] for t in used) or not used
+    # One card serves one transport: the one the vdisks use is passed to the
+    # card (two of them, or an explicit [card] transport that disagrees, is a
+    # start error here, before anything runs).
+    names = [v.name for v in ds.list_vdisks()]
+    used = cfg.transports_in_use(names, args.transport, TRANSPORTS)
+    card_transport = cfg.card_transport(names, args.transport, TRANSPORTS)
+    card = card_transport is not None or not used
     net = "net" in used
     relay = cfg.raw.get("splitter", {}).get("appliance") or cfg.raw.get("card", {}).get("appliance")
     place = up_placement(cfg)
@@ -224,7 +229,7 @@ def cmd_up(args: argparse.Namespace) -> int:
               sticky=lambda ready: ["--listen", ready["address"]], cpus=app_cpus),
         # The card ships to wherever the appliance says it listens, unless [card] appliance
         # names another address (e.g. a relay or link emulator in front of the appliance).
-        *([Child("card", child_argv(data, "card", "run"),
+        *([Child("card", child_argv(data, "card", "run", *(["--transport", card_transport] if card_transport else [])),
                  args_from=None if cfg.raw.get("card", {}).get("appliance")
                  else lambda ready: ["--appliance", ready["appliance"]["address"]])] if card else []),
         # A restarted host keeps the port it got (port 0 picks a new one each
@@ -276,6 +281,9 @@ def cmd_card_run(args: argparse.Namespace) -> int:
         table["appliance"] = args.appliance
     elif "appliance" not in table:
         table["appliance"] = cfg.raw.get("appliance", {}).get("listen", "127.0.0.1:10810")
+    if args.transport:
+        cfgmod.check_transport(args.transport, "--transport", [t for t, (_, card) in TRANSPORTS.items() if card])
+        table["transport"] = args.transport
     if args.cpus is not None:
         table["cpus"] = [int(c) for c in args.cpus.split(",") if c.strip()]
     return card_main(CardConfig.from_mapping(cfg.data, table))
@@ -406,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = cp.add_parser("run", parents=[common], help="run the card: hidden volume, ring, pipeline, shipping (foreground)")
     s.add_argument("--appliance", metavar="HOST:PORT", help="where to ship (default: [card] appliance, else [appliance] listen)")
     s.add_argument("--cpus", metavar="LIST", help="CPUs to pin to, e.g. 1 or 2,3 (default: the last core; empty: no pinning)")
+    s.add_argument("--transport", metavar="NAME", default=None,
+                   help="the transport to serve: ring or nvme-pi (default [card] transport, else ring; "
+                        "nicsplit up passes the one the vdisks use)")
     s.set_defaults(func=cmd_card_run)
     s = cp.add_parser("stats", parents=[common], help="statistics of the running card (JSON)")
     s.set_defaults(func=cmd_card_stats)
@@ -427,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stdio", action="store_true",
                    help="serve one NBD session on stdin/stdout instead of listening (as nbdkit -s; for fuzzing)")
     s.add_argument("--transport", metavar="NAME", default=None,
-                   help="the splitter's transport for this run: ring or net (default [splitter] transport)")
+                   help="the splitter's transport for this run: ring, nvme-pi or net (default [splitter] transport)")
     s.add_argument("--appliance", metavar="HOST:PORT", default=None,
                    help="net transport: the appliance to ship to (default [splitter] appliance)")
     s.set_defaults(func=cmd_host_serve)

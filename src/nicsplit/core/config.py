@@ -97,13 +97,17 @@ tls_psk = ""
 [splitter]
 # How the splitter filter hands each write to protection (docs/operations.md
 # "Choosing a transport"): "ring" (shared memory to the offload card: the
-# card acks in microseconds and ships to the appliance itself) or "net" (the
+# card acks in microseconds and ships to the appliance itself), "nvme-pi"
+# (to the card as NVMe writes with protection information) or "net" (the
 # classic splitter: no card; the host ships every write to the appliance
 # over TLS and waits for its durable ack before the write goes down). One
 # vdisk may differ: [vdisks.NAME] transport = "net". `nicsplit up
 # --transport NAME` (and `host serve --transport NAME`) replaces this value
 # for that run. All the vdisks of one consistency group must use the same
-# transport. `nicsplit up` starts the card only if a vdisk uses "ring".
+# transport, and one card serves one transport: the vdisks using the card
+# use the same one (ring or nvme-pi). `nicsplit up` starts the card only if
+# a vdisk uses one, and passes it that transport ([card] transport, if
+# set, must agree).
 transport = "ring"
 # net only: the appliance to ship to; default [card] appliance if set, else
 # [appliance] listen (under `nicsplit up`: the address the appliance reports).
@@ -356,6 +360,45 @@ class Config(InDataDir):
 
     def transports_in_use(self, vdisks: list[str], override: str | None = None, known: Any = None) -> set[str]:
         return {self.vdisk_transport(v, override, known) for v in vdisks}
+
+    def card_transport(self, vdisks: list[str], override: str | None, known: Any) -> str | None:
+        """The one card transport vdisks ``vdisks`` use (a transport whose
+        entry in ``known``, the registry `TRANSPORTS`, has a card half), or
+        None when none does (net only, or no vdisk). One card serves one
+        transport: ConfigError when they use two (ring and nvme-pi), or
+        when ``[card] transport`` or ``[host] card.transport``, set
+        explicitly, names another than the one they use (docs/operations.md
+        "Choosing a transport")."""
+        by: dict[str, list[str]] = {}
+        for v in vdisks:
+            t = self.vdisk_transport(v, override, known)
+            if known[t][1]:
+                by.setdefault(t, []).append(v)
+        if len(by) > 1:
+            raise ConfigError("vdisks use two card transports (" + "; ".join(
+                f"{t}: {', '.join(sorted(n))}" for t, n in sorted(by.items()))
+                + "): one card serves one transport; give them the same one")
+        used = next(iter(by), None)
+        host_card = self.raw.get("host", {}).get("card") or {}
+        for where, set_to in (("[card] transport", self.raw.get("card", {}).get("transport")),
+                              ("[host] card.transport", host_card.get("transport") if isinstance(host_card, dict) else None)):
+            if set_to is None:
+                continue
+            check_transport(set_to, where, known)
+            if not known[set_to][1]:
+                raise ConfigError(f"{where} = {set_to!r}: that transport has no card half")
+            if used is not None and set_to != used:
+                raise ConfigError(f"{where} = {set_to!r}, but the vdisks use {used!r} ("
+                                  + ", ".join(sorted(by[used])) + "): one card serves one transport; "
+                                  f"remove {where} (selection picks the card's) or make them agree")
+        return used
+
+    def default_card_transport(self, known: Any) -> str:
+        """The card's transport when no vdisk picks one: ``[card]
+        transport``, else ``[host] card.transport``, else "ring"."""
+        host_card = self.raw.get("host", {}).get("card") or {}
+        t = self.raw.get("card", {}).get("transport") or (host_card.get("transport") if isinstance(host_card, dict) else None)
+        return check_transport(t or DEFAULT_TRANSPORT, "[card] transport", known)
 
     def net_options(self, appliance: str | None = None) -> dict[str, Any]:
         """The net transport's options (`nicsplit.card.transports.net`):

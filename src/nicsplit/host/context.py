@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nicsplit.card.transports.base import has_card_half
 from nicsplit.core.cgs import CGCatalog
 from nicsplit.core.layout import Layout
 from nicsplit.host.actlog import ActivityLog
@@ -50,7 +51,7 @@ class CGGap:
 
 class HostContext:
     def __init__(self, data: Path, card: dict[str, Any] | None = None, al_extents: int = 0,
-                 transports: dict[str, dict[str, Any]] | None = None) -> None:
+                 transports: dict[str, dict[str, Any]] | None = None, card_transport: str | None = None) -> None:
         self.data = Path(data)
         self.layout = Layout(self.data)
         self.cgs = CGCatalog(self.data)
@@ -59,10 +60,14 @@ class HostContext:
         self._gaps: dict[str, CGGap] = {}
         self._link_dmaps: dict[int, Any] = {}  # vdisk id -> dirty map, shared by every link
         card = dict(card or {})
+        if card_transport is not None:  # the card transport the vdisks use (HostServer)
+            card["transport"] = card_transport
         self.card = CardLink(self.layout.card_sock, self.layout.card_lost_log, dmaps=self._link_dmaps, **card)
         # One link per transport the vdisks use (``[splitter]``, docs/operations.md
-        # "Choosing a transport"); the card's always exists: its lost-writes log
-        # is read at every start, whatever the vdisks use now.
+        # "Choosing a transport"); the card's always exists and is the one link
+        # of a transport with a card half (one card serves one transport): it
+        # alone reads the card's lost-writes log, at every start, whatever the
+        # vdisks use now.
         self.links: dict[str, CardLink] = {self.card.kind: self.card}
         self._transport_options = dict(transports or {})
         self._card_options = card
@@ -75,6 +80,9 @@ class HostContext:
         """The link of transport ``transport`` (created at the first use;
         ValueError for an unknown name)."""
         link = self.links.get(transport)
+        if link is None and has_card_half(transport):
+            raise ValueError(f"transport {transport!r}: the card serves {self.card.kind!r} "
+                             "(one card serves one transport; restart with the vdisks on one)")
         if link is None:
             opts = {k: v for k, v in self._card_options.items() if k in ("retry_s", "max_tracked")}
             link = CardLink(self.layout.card_sock, self.layout.run / f"{transport}-lost.log", transport=transport,

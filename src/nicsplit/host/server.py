@@ -157,8 +157,17 @@ class HostServer:
         # A read-only host writes nothing: it keeps no activity log and leaves
         # an earlier host's for the next writable start.
         al_extents = 0 if self.readonly else int(cfg.host("al_extents", DEFAULT_AL_EXTENTS))
+        # The card link's transport is the one card transport the vdisks use
+        # (docs/operations.md "Choosing a transport"): it alone reads the
+        # card's lost-writes log. Two of them, or an explicit [card] transport
+        # that disagrees, is a start error.
+        try:
+            names = [v.name for v in datastore.list_vdisks()]
+            card_transport = cfg.card_transport(names, transport, TRANSPORTS) or cfg.default_card_transport(TRANSPORTS)
+        except ConfigError as e:
+            raise ChainError(str(e)) from None
         self.context = HostContext(cfg.data, card=cfg.raw.get("host", {}).get("card"), al_extents=al_extents,
-                                   transports={"net": net})
+                                   transports={"net": net}, card_transport=card_transport)
         self.al_recovered: dict[str, Any] = {}  # what the start after an unclean stop marked (status)
         self.resyncer = Resyncer(self.context.card, mib_s=float(cfg.host("resync_mib_s", 64)),
                                  parallel=int(cfg.host("resync_parallel", 2)),

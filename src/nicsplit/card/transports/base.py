@@ -69,7 +69,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from nicsplit.core.records import AugmentedWrite, Outcome, Status
 
-__all__ = ["TransportUnavailable", "SplitterTransport", "CardEndpoint", "TRANSPORTS", "open_splitter", "open_endpoint"]
+__all__ = ["TransportUnavailable", "SplitterTransport", "CardEndpoint", "TRANSPORTS", "has_card_half", "open_splitter", "open_endpoint"]
 
 
 class TransportUnavailable(Exception):
@@ -146,6 +146,12 @@ def _lookup(name: str) -> tuple[str, str]:
         return TRANSPORTS[name]
     except KeyError:
         raise ValueError(f"unknown transport {name!r} (known: {', '.join(sorted(TRANSPORTS))})") from None
+
+
+def has_card_half(name: str) -> bool:
+    """Whether transport ``name`` runs through the card (ValueError: unknown).
+    One card serves one such transport at a time (docs/operations.md)."""
+    return bool(_lookup(name)[1])
 
 
 def splitter_class(name: str) -> Any:

@@ -124,7 +124,10 @@ class SplitFilter(Filter):
         self.gap = ctx.join_gap(self.cg, self.dmap) if self.cg else None
         self.regions = RegionLock()  # shared with the resync of this vdisk
         self.resync = None  # the resync's progress (nicsplit.host.resync.Progress) while one runs
-        self.link = ctx.link_for(self.transport)
+        try:
+            self.link = ctx.link_for(self.transport)
+        except ValueError as e:  # a second card transport: one clear line
+            raise ChainError(f"filter 'split' of vdisk {vdisk.name}: {e}") from None
         self.al = ctx.activity_log  # None: no activity log (a read-only host)
         self.link.register(vdisk.id, self.dmap)
         # The latency the splitter adds to a write: publishing it (building the
