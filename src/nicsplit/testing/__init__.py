@@ -14,6 +14,7 @@ real processes started and stopped with deadlines, never sleeps.
 * `echocard` — the demo echo card as a subprocess (two-process transport tests).
 * `splitpair` — a transport's splitter and card endpoint in one process; `WriteMaker`.
 * `cardproc` — a real `nicsplit card run` for ring tests: its data dir, stats, writes.
+* `relayed` — a deployment whose appliance link runs through the fault relay.
 * `appliance` — the power-cut filesystem, the appliance process, a card client.
 * `console` — ``nicsplit console run``, the console's address and token, curl.
 * `soak`, `soakledger`, `soakcheck` — the fault soak (`make soak`, docs/faults.md):
