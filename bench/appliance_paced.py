@@ -17,11 +17,9 @@ box).  One JSON line per run:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,8 +28,6 @@ import keepup  # noqa: E402
 import nicsplit  # noqa: E402
 from nicsplit.core.ctl import request  # noqa: E402
 from nicsplit.core.layout import Layout  # noqa: E402
-from nicsplit.testing.datadir import init_data  # noqa: E402
-from nicsplit.testing.procs import UpProcess, run_cli, wait_for  # noqa: E402
 
 
 def appliance_status(data: Path, cg: str) -> dict:
@@ -54,24 +50,13 @@ def threads(pid: int) -> dict[int, tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=20)
-    ap.add_argument("--rate", type=int, default=4000)
-    ap.add_argument("--tag", default="")
-    ap.add_argument("--sections", type=json.loads, default=None)
+    ap = keepup.paced_args(__doc__)
     a = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as t:
-        work = Path(t)
-        data = init_data(work / "data", validate=False, sections=a.sections)
-        run_cli(data, "cg", "create", "paced")
-        for v in ("p1", "p2"):
-            run_cli(data, "vdisk", "create", v, "--size", "1G", "--cg", "paced")
-        with UpProcess(data) as up:
-            wait_for(lambda: keepup.cg_state(data, "paced").get("state") == "protected", 60, "protected")
-            pid = up.pid_of("appliance")
-            t0, d0, la0 = threads(pid), appliance_status(data, "paced"), os.getloadavg()[0]
-            r = keepup.e2e_phase(data, up, "paced", ["p1", "p2"], seconds=a.seconds, rate=a.rate, work=work)
-            d1, t1, la1 = appliance_status(data, "paced"), threads(pid), os.getloadavg()[0]
+    with keepup.paced_up(a.sections) as (data, up, work):
+        pid = up.pid_of("appliance")
+        t0, d0, la0 = threads(pid), appliance_status(data, "paced"), os.getloadavg()[0]
+        r = keepup.e2e_phase(data, up, "paced", ["p1", "p2"], seconds=a.seconds, rate=a.rate, work=work)
+        d1, t1, la1 = appliance_status(data, "paced"), threads(pid), os.getloadavg()[0]
     w = max(1, r["writes"])
     hz = os.sysconf("SC_CLK_TCK")
 

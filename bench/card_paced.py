@@ -18,13 +18,11 @@ for the run (speedscope JSON). One JSON line per run:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,40 +30,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import keepup  # noqa: E402
 import nicsplit  # noqa: E402
 from appliance_paced import appliance_status, threads  # noqa: E402
-from nicsplit.testing.datadir import init_data  # noqa: E402
-from nicsplit.testing.procs import UpProcess, run_cli, wait_for  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=20)
-    ap.add_argument("--rate", type=int, default=4000)
-    ap.add_argument("--tag", default="")
-    ap.add_argument("--sections", type=json.loads, default=None)
+    ap = keepup.paced_args(__doc__)
     ap.add_argument("--pyspy", default="", help="record the worker with py-spy into this file")
     a = ap.parse_args(argv)
     spy = None
-    with tempfile.TemporaryDirectory() as t:
-        work = Path(t)
-        data = init_data(work / "data", validate=False, sections=a.sections)
-        run_cli(data, "cg", "create", "paced")
-        for v in ("p1", "p2"):
-            run_cli(data, "vdisk", "create", v, "--size", "1G", "--cg", "paced")
-        with UpProcess(data) as up:
-            wait_for(lambda: keepup.cg_state(data, "paced").get("state") == "protected", 60, "protected")
-            st0 = keepup.card_stats(data)
-            acker, worker = up.pid_of("card"), st0["worker_pid"]
-            if a.pyspy:
-                exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-                spy = subprocess.Popen([exe, "record", "--gil", "--nonblocking", "-r", "100", "-f", "speedscope",
-                                        "-o", a.pyspy, "-d", str(int(a.seconds) + 2), "-p", str(worker)],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            ta0, tw0, d0, la0 = threads(acker), threads(worker), appliance_status(data, "paced"), os.getloadavg()[0]
-            r = keepup.e2e_phase(data, up, "paced", ["p1", "p2"], seconds=a.seconds, rate=a.rate, work=work)
-            st1 = keepup.card_stats(data)
-            ta1, tw1, d1, la1 = threads(acker), threads(worker), appliance_status(data, "paced"), os.getloadavg()[0]
-            if spy is not None:
-                spy.wait(timeout=60)
+    with keepup.paced_up(a.sections) as (data, up, work):
+        st0 = keepup.card_stats(data)
+        acker, worker = up.pid_of("card"), st0["worker_pid"]
+        if a.pyspy:
+            exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            spy = subprocess.Popen([exe, "record", "--gil", "--nonblocking", "-r", "100", "-f", "speedscope",
+                                    "-o", a.pyspy, "-d", str(int(a.seconds) + 2), "-p", str(worker)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ta0, tw0, d0, la0 = threads(acker), threads(worker), appliance_status(data, "paced"), os.getloadavg()[0]
+        r = keepup.e2e_phase(data, up, "paced", ["p1", "p2"], seconds=a.seconds, rate=a.rate, work=work)
+        st1 = keepup.card_stats(data)
+        ta1, tw1, d1, la1 = threads(acker), threads(worker), appliance_status(data, "paced"), os.getloadavg()[0]
+        if spy is not None:
+            spy.wait(timeout=60)
     w = max(1, r["writes"])
     hz = os.sysconf("SC_CLK_TCK")
     el = r["seconds"]

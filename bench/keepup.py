@@ -39,6 +39,7 @@ Nothing here asserts on speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -48,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 from time import monotonic_ns
-from typing import Any
+from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -281,6 +282,32 @@ def host_split(data: Path, vdisks: list[str]) -> dict[str, dict]:
 def cg_state(data: Path, cg: str) -> dict:
     st = json.loads(run_cli(data, "status", "--json").stdout)
     return next((c for c in st["cgs"] if c["name"] == cg), {})
+
+
+def paced_args(doc: str) -> argparse.ArgumentParser:
+    """The options every paced run takes (bench/card_paced.py, bench/appliance_paced.py)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--rate", type=int, default=4000)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--sections", type=json.loads, default=None)
+    return ap
+
+
+@contextlib.contextmanager
+def paced_up(sections: dict | None) -> Iterator[tuple[Path, UpProcess, Path]]:
+    """A fresh data directory (CG "paced" with 1G vdisks p1 and p2, the
+    configuration ``sections`` applied) and `nicsplit up` on it, the CG
+    protected: yields (data, up, work folder); all is removed at exit."""
+    with tempfile.TemporaryDirectory() as t:
+        work = Path(t)
+        data = init_data(work / "data", validate=False, sections=sections)
+        run_cli(data, "cg", "create", "paced")
+        for v in ("p1", "p2"):
+            run_cli(data, "vdisk", "create", v, "--size", "1G", "--cg", "paced")
+        with UpProcess(data) as up:
+            wait_for(lambda: cg_state(data, "paced").get("state") == "protected", 60, "protected")
+            yield data, up, work
 
 
 def e2e_phase(data: Path, up: UpProcess, cg: str, vdisks: list[str], *, seconds: float, rate: int,

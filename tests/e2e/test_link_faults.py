@@ -18,7 +18,6 @@ prefixes of the ledger (the oracle)."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -26,11 +25,11 @@ import pytest
 
 from nicsplit.core.ctl import request
 from nicsplit.core.layout import Layout
-from nicsplit.testing.datadir import init_data
 from nicsplit.testing.ledger import Ledger
 from nicsplit.testing.linkemu import LinkEmulator
-from nicsplit.testing.procs import UpProcess, run_cli, wait_for
+from nicsplit.testing.procs import wait_for
 from nicsplit.testing.recovered import cg_state, check_recovered
+from nicsplit.testing.relayed import relayed_deployment
 
 pytestmark = pytest.mark.usefixtures("peers")
 
@@ -40,23 +39,13 @@ DEAD_S = 3
 RATE = 400  # ledger writes/s: the journals to replay stay small on a loaded box  # the card drops a silent appliance (with batches unacked) after this
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def deployment(tmp_path: Path, seed: int):
-    appliance = ("127.0.0.1", free_port())
-    link = LinkEmulator(("127.0.0.1", 0), appliance, seed=seed).start()
-    data = init_data(tmp_path / "data", filters=["stats", {"name": "split", "split_timeout_us": 1_000_000}],
-                     sections={"card": {"transport_options": {"data_size": "256M"}, "dead_after_s": DEAD_S,
-                                        "appliance": f"{link.address[0]}:{link.address[1]}"},
-                               "appliance": {"idle_timeout": IDLE_S, "heartbeat_interval": 1}})
-    run_cli(data, "cg", "create", "cg1")
-    run_cli(data, "vdisk", "create", "a", "--size", str(SIZE), "--cg", "cg1")
-    up = UpProcess(data, "--appliance-listen", f"{appliance[0]}:{appliance[1]}")
-    return data, link, up
+    return relayed_deployment(
+        tmp_path, seed, SIZE,
+        lambda relay: {"card": {"transport_options": {"data_size": "256M"}, "dead_after_s": DEAD_S,
+                                "appliance": relay},
+                       "appliance": {"idle_timeout": IDLE_S, "heartbeat_interval": 1}},
+        filters=["stats", {"name": "split", "split_timeout_us": 1_000_000}])
 
 
 def card_link(data: Path) -> dict:

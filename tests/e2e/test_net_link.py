@@ -16,18 +16,17 @@ and the appliance (``[splitter] appliance`` names the relay), real processes
 
 from __future__ import annotations
 
-import socket
 import statistics
 import time
 from pathlib import Path
 
 import pytest
 
-from nicsplit.testing.datadir import init_data
 from nicsplit.testing.ledger import Ledger
 from nicsplit.testing.linkemu import LinkEmulator
-from nicsplit.testing.procs import UpProcess, nbd_connect, run_cli, wait_for
+from nicsplit.testing.procs import nbd_connect, run_cli, wait_for
 from nicsplit.testing.recovered import cg_state, check_recovered
+from nicsplit.testing.relayed import relayed_deployment
 
 pytestmark = pytest.mark.usefixtures("peers")
 
@@ -38,23 +37,11 @@ BLOCK = 5  # writes per block; blocks alternate direct / delayed
 RATE = 200  # ledger writes/s during the cut test
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def deployment(tmp_path: Path, seed: int):
-    appliance = ("127.0.0.1", free_port())
-    link = LinkEmulator(("127.0.0.1", 0), appliance, seed=seed).start()
-    data = init_data(tmp_path / "data",
-                     sections={"splitter": {"transport": "net", "appliance": f"{link.address[0]}:{link.address[1]}",
-                                            "dead_after_s": 3},
-                               "appliance": {"idle_timeout": 4, "heartbeat_interval": 1}})
-    run_cli(data, "cg", "create", "cg1")
-    run_cli(data, "vdisk", "create", "a", "--size", str(SIZE), "--cg", "cg1")
-    up = UpProcess(data, "--appliance-listen", f"{appliance[0]}:{appliance[1]}")
-    return data, link, up
+    return relayed_deployment(
+        tmp_path, seed, SIZE,
+        lambda relay: {"splitter": {"transport": "net", "appliance": relay, "dead_after_s": 3},
+                       "appliance": {"idle_timeout": 4, "heartbeat_interval": 1}})
 
 
 def qd1_latencies(h, n: int, base: int) -> list[float]:

@@ -26,39 +26,22 @@ from time import monotonic_ns
 import pytest
 
 from nicsplit.card.transports.ring_splitter import RingSplitter
-from nicsplit.core.ctl import request
 from nicsplit.core.layout import Layout
 from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag
-from nicsplit.testing.datadir import init_data
-from nicsplit.testing.procs import ReadyProcess, nicsplit_cmd, run_cli, wait_for
+from nicsplit.testing.cardproc import BS, CardProcess, card_data
+from nicsplit.testing.cardproc import card_stats as stats
+from nicsplit.testing.cardproc import card_stats_or_none as _stats_or_none
+from nicsplit.testing.cardproc import pattern_write as write
+from nicsplit.testing.procs import wait_for
 
-BS = 4096
-
-
-class CardProcess(ReadyProcess):
-    what = "card"
-
-    def argv(self) -> list[str]:
-        return nicsplit_cmd("--data", str(self.data), "card", "run", "--appliance", "127.0.0.1:9")
 
 
 @pytest.fixture
 def card(tmp_path):
-    data = init_data(tmp_path / "data", sections={"card": {"transport_options": {"data_size": "16M"},
-                                                           "backoff_min_s": 1.0}})
-    run_cli(data, "vdisk", "create", "a", "--size", str(64 << 20))
+    data = card_data(tmp_path)
     c = CardProcess(data).start()
     yield data, c
     c.stop()
-
-
-def stats(data) -> dict:
-    return request(Layout(data).card_ctl_sock, {"cmd": "stats"})["stats"]
-
-
-def write(io_id: int, seed: int) -> AugmentedWrite:
-    payload = (io_id * 2654435761 + seed).to_bytes(8, "little") * (BS // 8)
-    return AugmentedWrite(io_id, 1, io_id, 1, Op.WRITE, WFlag.NONE, (io_id % 1000) * BS, BS, monotonic_ns(), payload)
 
 
 def test_acks_flow_while_the_pipeline_worker_is_stopped(card, seed):
@@ -195,17 +178,8 @@ def test_a_killed_worker_reports_what_it_held_and_a_new_one_goes_on(card, seed):
         r.close()
 
 
-def _stats_or_none(data):
-    try:
-        return stats(data)
-    except (OSError, TypeError, KeyError):
-        return None
-
-
 def test_a_stopping_card_reports_acked_writes_its_worker_never_read(tmp_path, seed):
-    data = init_data(tmp_path / "data", sections={"card": {"transport_options": {"data_size": "16M"},
-                                                           "backoff_min_s": 1.0, "drain_timeout_s": 0.5}})
-    run_cli(data, "vdisk", "create", "a", "--size", str(64 << 20))
+    data = card_data(tmp_path, drain_timeout_s=0.5)
     c = CardProcess(data).start()
     r = RingSplitter.connect(str(Layout(data).card_sock))
     try:

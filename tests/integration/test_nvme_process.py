@@ -4,73 +4,25 @@ over real shared memory."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import xxhash
 
 from nicsplit.card.transports.base import open_splitter
 from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag
+from nicsplit.testing.echocard import EchoCard, echo_cards
 
 MS = 1_000_000
 
 
-class EchoCard:
-    def __init__(self, run_dir: Path, transport: str, *args: str) -> None:
-        self.run_dir = run_dir
-        self.log_path = run_dir.parent / f"card-{run_dir.name}.log"
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nicsplit.card.transports.ring_echo", "--run-dir", str(run_dir),
-             "--transport", transport, *args],
-            stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, text=True,
-        )
-        line = self.proc.stdout.readline()  # the card prints its ready line before serving
-        if not line:
-            raise RuntimeError(f"echo card exited {self.proc.wait()} before ready:\n{self.log()}")
-        self.ready = json.loads(line)
-        self.socket = str(run_dir / "card.sock")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> dict:
-        self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=30)
-        assert self.proc.returncode == 0, self.log()
-        for line in out.splitlines():
-            ev = json.loads(line)
-            if ev["event"] == "stats":
-                return ev
-        raise AssertionError(f"no stats line from the card:\n{out}\n{self.log()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-
 @pytest.fixture
 def card_factory(tmp_path):
-    cards: list[EchoCard] = []
-
-    def start(transport: str = "nvme-pi", *args: str) -> EchoCard:
-        c = EchoCard(tmp_path / f"run{len(cards)}", transport, *args)
-        cards.append(c)
-        return c
-
-    yield start
-    for c in cards:
-        c.kill()
+    with echo_cards(tmp_path) as start:
+        yield lambda transport="nvme-pi", *args: start("--transport", transport, *args)
 
 
 def workload(seed: int, n: int):

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,59 +13,21 @@ import xxhash
 
 from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag
 from nicsplit.card.transports.ring_splitter import RingSplitter
+from nicsplit.testing.echocard import EchoCard, echo_cards
 from nicsplit.testing.procs import wait_for
 
 MS = 1_000_000
 
 
-class EchoCard:
-    def __init__(self, run_dir: Path, *args: str) -> None:
-        self.run_dir = run_dir
-        self.log_path = run_dir.parent / "card.log"
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nicsplit.card.transports.ring_echo", "--run-dir", str(run_dir), *args],
-            stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, text=True,
-        )
-        line = self.proc.stdout.readline()  # the card prints its ready line before serving
-        if not line:
-            raise RuntimeError(f"echo card exited {self.proc.wait()} before ready:\n{self.log()}")
-        self.ready = json.loads(line)
-        assert self.ready["event"] == "ready" and self.ready["pid"] == self.proc.pid
-        self.socket = str(run_dir / "card.sock")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> dict:
-        self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=30)
-        assert self.proc.returncode == 0, self.log()
-        for line in out.splitlines():
-            ev = json.loads(line)
-            if ev["event"] == "stats":
-                return ev
-        raise AssertionError(f"no stats line from the card:\n{out}\n{self.log()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
+def assert_ready(card: EchoCard) -> EchoCard:
+    assert card.ready["event"] == "ready" and card.ready["pid"] == card.proc.pid
+    return card
 
 
 @pytest.fixture
 def card_factory(tmp_path):
-    cards: list[EchoCard] = []
-
-    def start(*args: str) -> EchoCard:
-        c = EchoCard(tmp_path / f"run{len(cards)}", *args)
-        cards.append(c)
-        return c
-
-    yield start
-    for c in cards:
-        c.kill()
+    with echo_cards(tmp_path) as start:
+        yield lambda *args: assert_ready(start(*args))
 
 
 def test_ten_thousand_splits_acked_with_intact_payloads(card_factory, rng):
@@ -175,7 +134,7 @@ def test_card_restart_gets_a_new_volume(card_factory, tmp_path):
     sp.close()
     a.stop()
     assert not os.path.exists(first)
-    b = EchoCard(a.run_dir, "--data-size", str(1 << 20), "--sq-entries", "8")
+    b = assert_ready(EchoCard(a.run_dir, "--data-size", str(1 << 20), "--sq-entries", "8"))
     try:
         sp = RingSplitter.connect(b.socket)
         assert sp.volume_path != first

@@ -15,39 +15,32 @@ from nicsplit.card.transports.nvme_pi import NvmePiEndpoint, NvmePiSplitter
 from nicsplit.card.transports.ring_endpoint import RingEndpoint
 from nicsplit.card.transports.ring_splitter import RingSplitter
 from nicsplit.core.records import AugmentedWrite, Op, Outcome, Status, WFlag
+from nicsplit.testing.splitpair import WriteMaker, split_pairs
 from nicsplit.wire import nvme as N
 from nicsplit.wire import ring as R
 
 FAR = 10 * 1_000_000_000  # a deadline we never mean to reach
 
 
+def _check_gone(ep: NvmePiEndpoint) -> None:
+    assert not os.path.exists(ep.volume_path)
+
+
 @pytest.fixture
 def make(tmp_path):
     """make(**endpoint options) -> (endpoint, splitter); both closed after the test."""
-    made: list = []
 
     def _make(**opts):
         opts.setdefault("data_size", 1 << 20)
         opts.setdefault("sq_entries", 8)
-        ep = NvmePiEndpoint(tmp_path / f"run{len(made)}", **opts)
-        made.append(ep)
-        sp = NvmePiSplitter.connect(str(ep.socket_path), stale_after_ns=60 * 1_000_000_000)
-        made.append(sp)
-        return ep, sp
+        return pair(opts, {"stale_after_ns": 60 * 1_000_000_000})
 
-    yield _make
-    for x in reversed(made):
-        x.close()
-    for x in made:
-        if isinstance(x, NvmePiEndpoint):
-            assert not os.path.exists(x.volume_path)
+    with split_pairs(tmp_path, NvmePiEndpoint, NvmePiSplitter, _check_gone) as pair:
+        yield _make
 
 
-_ids = iter(range(1, 1 << 62))
-
-
-def write(data: bytes, *, vdisk=1, voffset=0, cg=1, seq=0, flags=WFlag.NONE) -> AugmentedWrite:
-    return AugmentedWrite(next(_ids), cg, seq, vdisk, Op.WRITE, flags, voffset, len(data), time.time_ns(), data)
+_records = WriteMaker()
+write = _records.write
 
 
 def roundtrip(ep, sp, w, release=True) -> list:
@@ -116,9 +109,9 @@ def test_identity_order_and_payload_through_many_queue_and_namespace_laps(make, 
 def test_pipelined_writes_outcomes_and_non_data_ops_in_order(make, rng):
     ep, sp = make(sq_entries=16)
     ws = [write(rng.randbytes(4096), voffset=4096 * k, seq=k + 1) for k in range(4)]
-    z = AugmentedWrite(next(_ids), 1, 5, 9, Op.ZERO, WFlag.FUA, 12345, 1 << 30, 11, None)
-    t = AugmentedWrite(next(_ids), 1, 6, 9, Op.TRIM, WFlag.NONE, 1 << 40, 4096, 12, None)
-    b = AugmentedWrite(next(_ids), 1, 7, 9, Op.BARRIER, WFlag.NONE, 0, 0, 13, None)
+    z = AugmentedWrite(_records.next_id(), 1, 5, 9, Op.ZERO, WFlag.FUA, 12345, 1 << 30, 11, None)
+    t = AugmentedWrite(_records.next_id(), 1, 6, 9, Op.TRIM, WFlag.NONE, 1 << 40, 4096, 12, None)
+    b = AugmentedWrite(_records.next_id(), 1, 7, 9, Op.BARRIER, WFlag.NONE, 0, 0, 13, None)
     for w in ws[:2]:
         assert sp.submit(w)
     assert sp.post_outcome(ws[0].io_id, Status.FAILED)

@@ -18,6 +18,7 @@ from nicsplit.card.transports.base import CardEndpoint, SplitterTransport, Trans
 from nicsplit.card.transports.ring_endpoint import RingEndpoint
 from nicsplit.card.transports.ring_splitter import RingSplitter
 from nicsplit.testing.procs import call_within, wait_for
+from nicsplit.testing.splitpair import WriteMaker, split_pairs
 from nicsplit.wire import ring as R
 
 MS = 1_000_000
@@ -25,37 +26,21 @@ FAR = 10 * 1_000_000_000  # a deadline we never mean to reach
 AT_ONCE = FAR / 2e9  # s: a call that waited for FAR would miss it
 
 
+def _check_gone(ep: RingEndpoint) -> None:
+    assert not os.path.exists(ep.volume_path), "card close must unlink the hidden volume"
+    assert not ep.socket_path.exists()
+
+
 @pytest.fixture
 def make(tmp_path):
     """make(**endpoint options) -> (endpoint, splitter); both closed after the test."""
-    made: list = []
-
-    def _make(stale_after_ns=60 * 1_000_000_000, checksum=True, **opts):
-        ep = RingEndpoint(tmp_path / f"run{len(made)}", **opts)
-        made.append(ep)
-        sp = RingSplitter.connect(str(ep.socket_path), stale_after_ns=stale_after_ns, checksum=checksum)
-        made.append(sp)
-        return ep, sp
-
-    yield _make
-    for x in reversed(made):
-        x.close()
-    for x in made:
-        if isinstance(x, RingEndpoint):
-            assert not os.path.exists(x.volume_path), "card close must unlink the hidden volume"
-            assert not x.socket_path.exists()
+    with split_pairs(tmp_path, RingEndpoint, RingSplitter, _check_gone) as pair:
+        yield lambda stale_after_ns=60 * 1_000_000_000, checksum=True, **opts: pair(
+            opts, {"stale_after_ns": stale_after_ns, "checksum": checksum})
 
 
-_ids = iter(range(1, 1 << 62))
-
-
-def write(data: bytes, *, vdisk=1, voffset=0, cg=1, seq=0, flags=WFlag.NONE) -> AugmentedWrite:
-    return AugmentedWrite(next(_ids), cg, seq, vdisk, Op.WRITE, flags, voffset, len(data), time.time_ns(), data)
-
-
-def other(op: Op, length=0, **kw) -> AugmentedWrite:
-    return AugmentedWrite(next(_ids), kw.get("cg", 1), kw.get("seq", 0), kw.get("vdisk", 1), op,
-                          kw.get("flags", WFlag.NONE), kw.get("voffset", 0), length, time.time_ns(), None)
+_records = WriteMaker()
+write, other = _records.write, _records.other
 
 
 def roundtrip(ep: RingEndpoint, sp: RingSplitter, w: AugmentedWrite, release=True) -> list:

@@ -11,6 +11,10 @@ real processes started and stopped with deadlines, never sleeps.
 * `damage` — a journal damaged on purpose and what the scanner must report.
 * `served`, `nbdclient` — an NBD server in a loop thread; libnbd clients.
 * `pipeline` — fakes for the card pipeline in-process.
+* `echocard` — the demo echo card as a subprocess (two-process transport tests).
+* `splitpair` — a transport's splitter and card endpoint in one process; `WriteMaker`.
+* `cardproc` — a real `nicsplit card run` for ring tests: its data dir, stats, writes.
+* `relayed` — a deployment whose appliance link runs through the fault relay.
 * `appliance` — the power-cut filesystem, the appliance process, a card client.
 * `console` — ``nicsplit console run``, the console's address and token, curl.
 * `soak`, `soakledger`, `soakcheck` — the fault soak (`make soak`, docs/faults.md):
