@@ -93,3 +93,14 @@ def test_seq_zero_is_a_usage_error(tmp_path):
         p = run_cli(data, *argv, check=False)
         assert p.returncode == 2 and "Traceback" not in p.stderr
         assert p.stderr.strip().splitlines()[-1].endswith("bad sequence number '0'")
+
+
+def test_card_run_refuses_a_transport_without_a_card_half(tmp_path):
+    """`card run --transport net` says net has no card half (not "unknown");
+    a name that is no transport at all is unknown, with the known ones."""
+    data = tmp_path / "data"
+    run_cli(data, "init")
+    p = run_cli(data, "card", "run", "--transport", "net", check=False)
+    assert p.returncode != 0 and "has no card half" in p.stderr and "unknown" not in p.stderr, p.stderr
+    p = run_cli(data, "card", "run", "--transport", "bogus", check=False)
+    assert p.returncode != 0 and "unknown transport" in p.stderr and "nvme-pi" in p.stderr, p.stderr

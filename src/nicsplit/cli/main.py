@@ -282,7 +282,10 @@ def cmd_card_run(args: argparse.Namespace) -> int:
     elif "appliance" not in table:
         table["appliance"] = cfg.raw.get("appliance", {}).get("listen", "127.0.0.1:10810")
     if args.transport:
-        cfgmod.check_transport(args.transport, "--transport", [t for t, (_, card) in TRANSPORTS.items() if card])
+        cfgmod.check_transport(args.transport, "--transport", TRANSPORTS)
+        if not TRANSPORTS[args.transport][1]:
+            raise CliError(f"--transport {args.transport}: that transport has no card half (the host ships to "
+                           "the appliance itself): no card runs for it")
         table["transport"] = args.transport
     if args.cpus is not None:
         table["cpus"] = [int(c) for c in args.cpus.split(",") if c.strip()]
