@@ -23,31 +23,12 @@ import pytest
 
 from nicsplit.card.transports.base import TRANSPORTS
 from nicsplit.control.schema import check
-from nicsplit.testing.procs import UpProcess, journal, run_cli, wait_for
-from nicsplit.testing.stack import cg_data
+from nicsplit.testing.procs import UpProcess, journal, run_cli
+from nicsplit.testing.stack import cg_data, qemu_io, status, wait_durable
 
 pytestmark = pytest.mark.usefixtures("peers")
 
 SIZE = 8 << 20
-
-
-def status(data: Path) -> dict:
-    return json.loads(run_cli(data, "status", "--json").stdout)
-
-
-def qemu_io(uri: str, *cmds: str) -> None:
-    argv = ["qemu-io", "-f", "raw", "-t", "writeback"]
-    for c in cmds:
-        argv += ["-c", c]
-    subprocess.run(argv + [uri], check=True, capture_output=True, timeout=120)
-
-
-def wait_durable(data: Path, timeout: float = 120) -> dict:
-    """Until the journal holds every seq the host handed out and cg1 is protected."""
-    def done() -> dict | None:
-        (cg,) = status(data)["cgs"]
-        return cg if cg["state"] == "protected" and (cg.get("last_durable_seq") or 0) >= (cg.get("host_last_seq") or 0) > 0 else None
-    return wait_for(done, timeout, "cg1 protected with the journal at the host's last seq", interval=0.5)
 
 
 def restore(data: Path, tmp_path: Path, vdisk: str, *how: str) -> bytes:

@@ -55,7 +55,7 @@ async def splitter() -> tuple[NetSplitter, asyncio.StreamReader, Wire]:
 
 async def turn() -> None:
     for _ in range(3):
-        await asyncio.sleep(0)  # let the loop run the flush and the reader task
+        await asyncio.sleep(0)  # ok-sleep: a zero sleep is one scheduler turn (no time passes): the loop runs the flush and the reader task, in order
 
 
 def run(coro) -> None:

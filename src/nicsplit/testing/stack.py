@@ -8,6 +8,9 @@ running stack (`nicsplit up`): status, PITs, the replica, one-line errors.
 * `replica_in_clear` — a replica image decrypted to a raw file.
 * `one_line_error` — a command that must fail with one ``nicsplit: error:``
   line and no traceback.
+* `status`, `qemu_io`, `wait_durable` — ``nicsplit status --json``; a
+  qemu-io run of commands on an NBD URI; wait until cg1 is protected with
+  the journal at the host's last seq.
 """
 
 from __future__ import annotations
@@ -113,3 +116,22 @@ def latest_pit_equals_production(data: Path, cg: str, vdisk: str, production_uri
     run_cli(data, "restore", vdisk, "--latest", "--to", str(out_img), "--force", timeout=120)  # may run again
     subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(out_img), production_uri],
                    check=True, capture_output=True, timeout=120)
+
+
+def status(data: Path) -> dict:
+    return json.loads(run_cli(data, "status", "--json").stdout)
+
+
+def qemu_io(uri: str, *cmds: str) -> None:
+    argv = ["qemu-io", "-f", "raw", "-t", "writeback"]
+    for c in cmds:
+        argv += ["-c", c]
+    subprocess.run(argv + [uri], check=True, capture_output=True, timeout=120)
+
+
+def wait_durable(data: Path, timeout: float = 120) -> dict:
+    """Until the journal holds every seq the host handed out and cg1 is protected."""
+    def done() -> dict | None:
+        (cg,) = status(data)["cgs"]
+        return cg if cg["state"] == "protected" and (cg.get("last_durable_seq") or 0) >= (cg.get("host_last_seq") or 0) > 0 else None
+    return wait_for(done, timeout, "cg1 protected with the journal at the host's last seq", interval=0.5)
