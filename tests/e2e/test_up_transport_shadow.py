@@ -21,12 +21,18 @@ with real processes (`nicsplit up --transport shadow`) and real clients
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from nicsplit.testing.procs import UpProcess, journal, nbd_connect, run_cli
+from nicsplit.core import failpoints as fp
+from nicsplit.core.layout import Layout
+from nicsplit.testing.ledger import BS, block
+from nicsplit.testing.procs import UpProcess, journal, nbd_connect, run_cli, wait_for
+from nicsplit.testing.recovered import cg_state
 from nicsplit.testing.stack import cg_data, latest_pit_equals_production, qemu_io, status, wait_durable
 
 pytestmark = pytest.mark.usefixtures("peers")
@@ -79,3 +85,118 @@ def test_up_transport_shadow_writes_pass_through_the_card(tmp_path, seed):
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and seqs[-1] == cg["host_last_seq"], seqs
         latest_pit_equals_production(data, "cg1", "a", uri, tmp_path)
         print(f"seed={seed}: {len(recs)} records over shadow, card {ep}")
+
+
+def card_stats(data: Path) -> dict:
+    return json.loads(run_cli(data, "card", "stats").stdout)
+
+
+@pytest.mark.timeout(600)
+def test_fio_qd32_with_reversed_interleaved_halves_is_matched(tmp_path, seed, monkeypatch):
+    fpdir = tmp_path / "fp"
+    fpdir.mkdir()
+    monkeypatch.setenv(fp.DIR_ENV, str(fpdir))  # the host arms points written to fpdir/armed while it runs
+    monkeypatch.setenv(fp.SEED_ENV, str(seed))  # which writes are reversed: seeded
+    data = cg_data(tmp_path, SIZE, ("a",))
+    with UpProcess(data, "--transport", "shadow") as up:
+        uri = up.uri("a")
+        h = nbd_connect(uri)
+        # warm-up: the card's hold has a lane for cg1 before any fake half comes late
+        # (a lane starts at the first seq it sees)
+        for i in range(4):
+            h.pwrite(block(i), i * BS)
+        (fpdir / "armed").write_text("host.shadow.real-first=25%300*error(EIO)\n")
+        i = 4
+
+        def fired() -> bool:
+            nonlocal i
+            h.pwrite(block(i), i * BS)
+            i += 1
+            return (fpdir / "host.shadow.real-first.0").exists()
+
+        wait_for(fired, 30, "the failpoint armed in the host", interval=0.01)
+        h.shutdown()
+        f = subprocess.run(
+            ["fio", "--name=a", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k", f"--size={SIZE}",
+             "--iodepth=32", "--verify=crc32c", "--verify_fatal=1", f"--randseed={seed}"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=400)
+        assert f.returncode == 0, f.stdout + f.stderr  # production first: fio verified every block
+        (fpdir / "armed").write_text("")
+        reversed_ = len(list(fpdir.glob("host.shadow.real-first.*")))
+        latest_pit_equals_production(data, "cg1", "a", uri, tmp_path)
+        cg = cg_state(data)
+        assert cg["state"] == "protected", cg
+        st = card_stats(data)
+        ep, hold = st["endpoint"], st["stages"]["hold"]
+        # every fake half whose real half the card completed before it existed is a reversed pair
+        # (more may be: the card reads its ring, then its device queue, and a pair published between
+        # the two reads is seen real half first)
+        assert ep["reversed"] >= reversed_ > 50, (reversed_, ep)
+        assert ep["matched"] == ep["fake_halves"] == ep["real_halves"], ep
+        assert ep["orphan_fake"] == ep["orphan_real"] == ep["unmatched_fake"] == ep["unmatched_real"] == 0, ep
+        assert hold["lost_timeout"] == hold["lost_late"] == hold["stray_outcomes"] == 0, hold
+        split = json.loads(run_cli(data, "host", "stats", "--json").stdout)["vdisks"]["a"]["split"]
+        assert split["marked"] == 0, split
+        recs = journal(data, "cg1")
+        seqs = [r["seq"] for r in recs]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "a seq missing or repeated in the journal"
+        assert not [r for r in recs if r["gap"]], "protected all along: no GAP record"
+        print(f"seed={seed}: {ep['matched']} pairs matched, {reversed_} reversed, {len(recs)} records")
+
+
+@pytest.mark.timeout(300)
+def test_orphaned_fake_halves_are_marked_and_resynced(tmp_path, seed, monkeypatch):
+    monkeypatch.setenv(fp.ENV, "host.shadow.drop-real=3*error(EIO)")  # the first 3 real halves bypass the card
+    data = cg_data(tmp_path, SIZE, ("a",), sections={"card": {"outcome_timeout_ms": 1000}})
+    with UpProcess(data, "--transport", "shadow") as up:
+        uri = up.uri("a")
+        h = nbd_connect(uri)
+        for i in range(20):
+            h.pwrite(block(i), i * BS)  # production first: every write succeeds
+        wait_for(lambda: card_stats(data)["stages"]["hold"]["lost_timeout"] >= 3, 60,
+                 "the card losing the 3 orphaned fake halves at its timeout", interval=0.2)
+        lost = [json.loads(x) for x in Layout(data).card_lost_log.read_text().splitlines()]
+        assert sorted(x["offset"] for x in lost) == [0, BS, 2 * BS], lost
+        wait_for(lambda: cg_state(data)["state"] == "protected", 120, "cg1 resynced and protected", interval=0.2)
+        for i in range(20, 24):
+            h.pwrite(block(i), i * BS)
+        latest_pit_equals_production(data, "cg1", "a", uri, tmp_path)
+        st = card_stats(data)
+        assert st["stages"]["hold"]["lost_timeout"] == 3, st["stages"]["hold"]
+        wait_for(lambda: card_stats(data)["endpoint"]["orphan_fake"] == 3, 10, "the card counting 3 orphans",
+                 interval=0.1)
+        # the resync journaled the orphaned blocks again, flagged GAP
+        recs = journal(data, "cg1")
+        for i in range(3):
+            assert any(r["gap"] and r["offset"] <= i * BS < r["offset"] + r["length"] for r in recs), (i, recs)
+        h.shutdown()
+        print(f"seed={seed}: 3 orphans marked and resynced; {len(recs)} records")
+
+
+def restore(data: Path, tmp_path: Path, vdisk: str, *how: str) -> bytes:
+    out = tmp_path / f"restore-{vdisk}.raw"
+    run_cli(data, "restore", vdisk, *how, "--to", str(out), "--force", timeout=120)
+    b = out.read_bytes()
+    out.unlink()
+    return b
+
+
+def test_switching_ring_shadow_ring_keeps_every_pit(tmp_path, seed):
+    data = cg_data(tmp_path, SIZE, ("a",))
+    rounds = (("ring", 0x11), ("shadow", 0x22), ("ring", 0x33))
+    digests: dict[int, str] = {}  # PIT seq -> sha256 of vdisk a restored there
+    for round_, (transport, pattern) in enumerate(rounds):
+        with UpProcess(data, "--transport", transport) as up:
+            assert host_card_link(data) == transport
+            for seq, digest in digests.items():  # every PIT of the earlier runs restores as it did
+                assert hashlib.sha256(restore(data, tmp_path, "a", "--seq", str(seq))).hexdigest() == digest, seq
+            qemu_io(up.uri("a"), f"write -P {pattern:#x} {round_ << 20} 256k", "flush")
+            seq = wait_durable(data)["host_last_seq"]
+            assert seq > max(digests, default=0)  # the CG's sequence goes on across the switch
+            img = restore(data, tmp_path, "a", "--latest")
+            for r, (_, p) in enumerate(rounds[: round_ + 1]):
+                assert img[r << 20: (r << 20) + (256 << 10)] == bytes([p]) * (256 << 10), (transport, r)
+            digests[seq] = hashlib.sha256(img).hexdigest()
+            (v,) = [v for c in status(data)["cgs"] for v in c["vdisks"]]
+            assert v.get("transport") == transport and v["state"] == "protected", v
+    print(f"seed={seed}: PITs {sorted(digests)} kept across ring -> shadow -> ring")

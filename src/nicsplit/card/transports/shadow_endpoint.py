@@ -34,7 +34,7 @@ _MATCH_CAP = 1 << 18  # unmatched io_ids remembered for the statistics (hold's m
 
 @dataclass(frozen=True, slots=True)
 class ShadowEndpointStats(EndpointStats):
-    fake_halves: int = 0  # data writes taken from the ring (the fake halves)
+    fake_halves: int = 0  # data writes taken from the ring (fake halves; also resync copies, whose outcome is on the ring)
     real_halves: int = 0  # physical writes completed OK on the device queue (the real halves)
     matched: int = 0  # pairs that met (either order)
     reversed: int = 0  # ... whose real half came first
@@ -85,8 +85,9 @@ class ShadowEndpoint(RingEndpoint):
                             self._n_reversed += 1
                         else:
                             fake[r.io_id] = now
-                elif r.status is not Status.COMMITTED and fake.pop(r.io_id, None) is not None:
+                elif fake.pop(r.io_id, None) is not None and r.status is not Status.COMMITTED:
                     self._n_failed += 1  # commit-only: the hold drops it
+                # (a COMMITTED outcome on the ring: a resync copy, whose outcome the filter posts)
         done = self._dev.poll(max_entries) if self._dev.pending() else None
         if done:
             now = now or monotonic_ns()
