@@ -71,11 +71,24 @@ class ShadowEndpoint(RingEndpoint):
 
     # -- the hot path --------------------------------------------------------------
     def poll(self, max_entries: int = 256) -> list[AugmentedWrite | Outcome]:
+        # The device queue first: a host writer waits for each real half's
+        # completion, nobody waits for a fake half (its ack is collected late).
+        done = self._dev.poll(max_entries) if self._dev.pending() else None
         out = super().poll(max_entries) if self._ctr_pending() else []
         now = 0
-        if out:
+        fake, real = self._fake, self._real
+        if done:
             now = monotonic_ns()
-            fake, real = self._fake, self._real
+            for io_id, status in done:
+                if status:
+                    continue  # the host writes it itself and posts FAILED for the fake half
+                self._n_real += 1
+                if fake.pop(io_id, None) is not None:
+                    self._n_matched += 1
+                else:
+                    real[io_id] = now
+        if out:
+            now = now or monotonic_ns()
             for r in out:
                 if type(r) is AugmentedWrite:
                     if r.op is Op.WRITE:
@@ -88,19 +101,9 @@ class ShadowEndpoint(RingEndpoint):
                 elif fake.pop(r.io_id, None) is not None and r.status is not Status.COMMITTED:
                     self._n_failed += 1  # commit-only: the hold drops it
                 # (a COMMITTED outcome on the ring: a resync copy, whose outcome the filter posts)
-        done = self._dev.poll(max_entries) if self._dev.pending() else None
         if done:
-            now = now or monotonic_ns()
-            fake, real = self._fake, self._real
-            for io_id, status in done:
-                if status:
-                    continue  # the host writes it itself and posts FAILED for the fake half
-                self._n_real += 1
-                out.append(Outcome(io_id, Status.COMMITTED))
-                if fake.pop(io_id, None) is not None:
-                    self._n_matched += 1
-                else:
-                    real[io_id] = now
+            # after this poll's fake halves: the hold takes an outcome before its write as well
+            out.extend(Outcome(io_id, Status.COMMITTED) for io_id, status in done if not status)
         if now and now >= self._expire_at:
             self._expire(now)
         return out
