@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 
 import pytest
@@ -22,7 +23,7 @@ import pytest
 from nicsplit.card.pipeline.hold import Hold
 from nicsplit.card.pipeline.items import Resolved
 from nicsplit.card.transports.shadow import ShadowEndpoint, ShadowSplitter
-from nicsplit.card.transports.shadow_device import DeviceGone
+from nicsplit.card.transports.shadow_device import DeviceGone, DeviceMemory, HostDevice
 from nicsplit.core.records import AugmentedWrite, Outcome, Status
 from nicsplit.testing.splitpair import WriteMaker, split_pairs
 from nicsplit.wire import shadow as S
@@ -56,7 +57,7 @@ def run_card_until(ep, coro):
         task = asyncio.ensure_future(coro)
         while not task.done():
             got.extend(ep.poll())
-            await asyncio.sleep(0)  # one loop turn: the writer's spin or wait goes on
+            await asyncio.sleep(0)  # ok-sleep: one loop turn, no time passes: the writer spins or waits
         got.extend(ep.poll())
         return task.result()
 
@@ -238,3 +239,23 @@ def test_hold_orphans_on_each_side_and_commit_only():
     assert st.lost_timeout == 1 and st.stray_outcomes == 1 and st.failed == 1, st
     assert h.pop_ready() is None  # nothing of the three is shipped
     assert sorted(s.released) == [1, 3]
+
+
+def test_a_second_host_goes_on_from_the_first_ones_positions(pair):
+    """The card outlives a host: the next host's payloads go after what the
+    first one queued (an entry the card has not run yet keeps its bytes)."""
+    ep, sp, vols = pair
+    dev = sp.device
+    p1 = dev.write(0, 4096, b"1" * 40000, 41)  # queued, not yet run by the card
+    mem2 = DeviceMemory.attach(os.dup(dev.mem.fd))
+    dev2 = HostDevice(mem2, os.dup(dev._done_fd), wake_card=lambda: None, healthy=lambda: True)
+    try:
+        p2 = dev2.write(0, 65536, b"2" * 20000, 42)  # after it: the first payload's bytes are kept
+        assert p2 == p1 + 1
+        done = ep._dev.poll()
+        assert done == [(41, 0), (42, 0)]
+        vol = (vols / S.volume_file(0)).read_bytes()
+        assert vol[4096: 4096 + 40000] == b"1" * 40000 and vol[65536: 65536 + 20000] == b"2" * 20000
+        assert dev2.take(p2) == 0
+    finally:
+        dev2.close()

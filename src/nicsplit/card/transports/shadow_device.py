@@ -125,6 +125,7 @@ class HostDevice:
         self._cq_head = c[C.CQ_HEAD]
         self._ends: list[int] = [0] * g.entries  # slot -> end of its payload (in-order freeing, rule 3)
         self._data_tail = self._data_head = 0
+        self._resume()
         self._done: dict[int, int] = {}  # position -> status, completions taken for nobody yet
         self._waiters: dict[int, asyncio.Future] = {}
         self._reader: asyncio.AbstractEventLoop | None = None
@@ -132,6 +133,22 @@ class HostDevice:
         self.dead = False
         self.submitted = self.completed = self.errors = self.full = self.async_waits = self.wakeups = 0
         self.bytes = 0
+
+    def _resume(self) -> None:
+        """A host attaching to a card that served an earlier host: go on from
+        the shared positions. Entries the earlier host queued and the card has
+        not completed yet keep their payloads: the data tail follows the last
+        entry, the head is the oldest outstanding entry's start."""
+        mem, mask = self.mem, self._mask
+        if self._sq_tail == 0:
+            return
+        last = S.unpack_entry(mem.sq, ((self._sq_tail - 1) & mask) << 6)
+        self._data_tail = self._data_head = last.data_pos + last.length
+        for pos in range(self._cq_head, self._sq_tail):
+            e = S.unpack_entry(mem.sq, (pos & mask) << 6)
+            if pos == self._cq_head:
+                self._data_head = e.data_pos
+            self._ends[pos & mask] = e.data_pos + e.length
 
     # -- submit -------------------------------------------------------------------
     def write(self, volume: int, physical: int, data, io_id: int, more: bool = False) -> int | None:
