@@ -25,6 +25,8 @@ from nicsplit.card.pipeline.items import Resolved
 from nicsplit.card.transports.shadow import ShadowEndpoint, ShadowSplitter
 from nicsplit.card.transports.shadow_device import DeviceGone, DeviceMemory, HostDevice
 from nicsplit.core.records import AugmentedWrite, Outcome, Status
+from nicsplit.host.datastore.store import Datastore
+from nicsplit.host.shadowio import ShadowIO, write_through
 from nicsplit.testing.splitpair import WriteMaker, split_pairs
 from nicsplit.wire import shadow as S
 
@@ -259,3 +261,52 @@ def test_a_second_host_goes_on_from_the_first_ones_positions(pair):
         assert dev2.take(p2) == 0
     finally:
         dev2.close()
+
+
+# -- the host's real half (nicsplit.host.shadowio) ----------------------------------
+
+@pytest.fixture
+def store_pair(tmp_path):
+    ds = Datastore.create(tmp_path / "ds", volume_size=64 << 20, extent_size=1 << 20)
+    ds.open_io()
+    ds.create_vdisk("a", 8 << 20)
+    with split_pairs(tmp_path, ShadowEndpoint, ShadowSplitter, _closed) as make:
+        ep, sp = make({"volume_dir": str(tmp_path / "ds"), "data_size": 1 << 20, "device_entries": 8,
+                       "device_data_size": 1 << 20}, {})
+        yield ds.vdisk("a"), ep, sp
+    ds.close()
+
+
+def test_write_through_the_card_across_extents(store_pair, seed):
+    store, ep, sp = store_pair
+    data = random.Random(seed).randbytes(300_000)
+    io = ShadowIO(7, sp, (1 << 20) - 100_000)
+    _, recs = run_card_until(ep, write_through(store, io.offset, data, io))
+    assert io.routed and recs == [Outcome(7, Status.COMMITTED)]  # two pieces, one outcome
+    assert sp.device.submitted == 2 and ep.statistics().device_bytes == len(data)
+    assert store.pread(io.offset, len(data)) == data  # what the card wrote, read back by the host
+
+
+def test_write_through_a_gone_card_writes_directly_unrouted(store_pair, seed):
+    store, ep, sp = store_pair
+    data = random.Random(seed).randbytes(8192)
+    ep.close()
+    io = ShadowIO(8, sp, 4096)
+    asyncio.run(write_through(store, 4096, data, io))
+    assert not io.routed  # the filter marks the region and posts FAILED
+    assert store.pread(4096, len(data)) == data  # production first
+
+
+def test_write_through_a_piece_larger_than_the_device_goes_direct(tmp_path):
+    ds = Datastore.create(tmp_path / "ds", volume_size=64 << 20, extent_size=4 << 20)
+    ds.open_io()
+    ds.create_vdisk("a", 8 << 20)
+    with split_pairs(tmp_path, ShadowEndpoint, ShadowSplitter, _closed) as make:
+        ep, sp = make({"volume_dir": str(tmp_path / "ds"), "data_size": 1 << 20, "device_entries": 8,
+                       "device_data_size": 1 << 20}, {})
+        data = b"L" * (2 << 20)
+        io = ShadowIO(9, sp, 0)
+        asyncio.run(write_through(ds.vdisk("a"), 0, data, io))
+        assert not io.routed and sp.device.submitted == 0
+        assert ds.vdisk("a").pread(0, len(data)) == data
+    ds.close()

@@ -23,7 +23,12 @@ resumed in the copied context. The registry has neither problem.
 Production first (P4): when the card is gone, or its queue stays full for
 ``FULL_WAIT_NS``, the rest of the write goes to the file directly and the
 filter marks the region (the vdisk goes marking, then resyncing, then
-protected once the card is back).
+protected once the card is back). A card that is alive but stuck holds a
+writer until its heartbeat goes stale (the ring's ``stale_after_ns``, 2 s):
+the device's health check then fails the wait (every 50 ms while writers
+wait). A write larger than the device's data area in flight at once (16
+MiB by default: a write's pieces are queued together) parks for room and,
+past ``FULL_WAIT_NS``, is written directly and marked.
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ async def write_through(store, offset: int, data, io: ShadowIO) -> None:
     try:
         if dev is None or dev.dead:
             raise DeviceGone("no device")
+        if max(len(p) for _, _, p in pieces) > dev.mem.geometry.data_size:
+            raise DeviceGone("a piece larger than the device's data area")  # (an extent size above it)
         last = len(pieces) - 1
         for i, (vol, phys, piece) in enumerate(pieces):
             pos = dev.write(vol, phys, piece, io.io_id, i < last)
