@@ -48,6 +48,12 @@ splitter a descriptor (`nicsplit.card.transports.ring_splitter`). An
 unprotected or marking vdisk, no card, or no room in the ring: nothing is
 lent and the write is copied into the ring as before.
 
+Shadow transport (`nicsplit.card.transports.shadow`): a data write's
+augmented copy is the *fake half*, published and not waited for; the real
+half is the datastore's own write, which the plugin passes through the
+card's emulated device (`nicsplit.host.shadowio`) and which is the write's
+outcome in the card; see `_shadow_pwrite`.
+
 Options: ``split_timeout_us`` (default 1000).
 Example: ``filters = ["stats", "split"]`` with the vdisk in a CG
 (``nicsplit vdisk create NAME --size 1G --cg CG``).
