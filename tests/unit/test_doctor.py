@@ -187,3 +187,42 @@ def test_a_check_that_raises_is_a_failure_not_a_crash(tmp_path):
 
     r = _one(doctor.run_checks(cfg, [check_broken]), "fail")
     assert r["check"] == "broken" and "KeyError" in r["message"]
+
+
+def _with_vdisks(cfg: cfgmod.Config, tail: str, *names: str) -> cfgmod.Config:
+    ds = Datastore.open(cfg.datastore_dir)
+    try:
+        for n in names:
+            ds.create_vdisk(n, 1 << 20)
+    finally:
+        ds.close()
+    with open(cfg.layout.config, "a") as f:
+        f.write(tail)
+    return cfgmod.load(cfg.data)
+
+
+def test_a_net_only_deployment_skips_the_card_checks(tmp_path):
+    # The card's settings here would fail (no such CPU, a 1 TiB hidden volume),
+    # but with every vdisk on net no card runs: they do not apply.
+    cfg = _data(tmp_path, 'cpus = [9999]\ntransport_options = {shm_dir = "%s", data_size = "1T"}\n' % tmp_path)
+    cfg = _with_vdisks(cfg, '\n[vdisks.a]\ntransport = "net"\n[vdisks.b]\ntransport = "net"\n', "a", "b")
+    r = _one(doctor.check_transport(cfg), "ok")
+    assert r["message"] == "net: a, b; no card runs (the host ships itself)"
+    assert "no card runs" in _one(doctor.check_shm(cfg), "ok")["message"]
+    res = doctor.check_cpu(cfg, rt_permitted=lambda: (False, "not permitted (test)"))
+    assert {r["check"] for r in res} == {"cpu", "cpu.pinning"} and all(r["level"] != "fail" for r in res), res
+    # One vdisk back on the ring: a card runs, and its broken settings fail again.
+    cfg = _with_vdisks(cfg, '[vdisks.c]\ntransport = "ring"\n', "c")
+    assert _one(doctor.check_transport(cfg), "ok")["message"] == "net: a, b; ring: c; the card runs ring"
+    assert _one(doctor.check_shm(cfg), "fail")
+    assert _levels(doctor.check_cpu(cfg, rt_permitted=lambda: (True, "ok")))["cpu.pinning"] == "fail"
+
+
+def test_a_transport_choice_up_would_refuse_fails(tmp_path):
+    cfg = _with_vdisks(_data(tmp_path), '\n[vdisks.a]\ntransport = "nvme-pi"\n[vdisks.b]\ntransport = "ring"\n', "a", "b")
+    r = _one(doctor.check_transport(cfg), "fail")
+    assert "two card transports" in r["message"] and "nvme-pi: a" in r["message"] and "ring: b" in r["message"]
+    assert str(cfg.layout.config) in r["fix"]
+    cfg = _with_vdisks(_data(tmp_path / "x"), '\n[vdisks.a]\ntransport = "carrier-pigeon"\n', "a")
+    r = _one(doctor.check_transport(cfg), "fail")
+    assert "unknown transport" in r["message"] and "carrier-pigeon" in r["message"]

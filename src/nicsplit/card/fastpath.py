@@ -56,6 +56,7 @@ from typing import Any
 from nicsplit.card.handoff import NAPPING, H, Handoff
 from nicsplit.card.lostlog import LostLog
 from nicsplit.card.sched import pin_cpus, quiet_gc, set_priority
+from nicsplit.card.transports.nvme_acker import NvmeAcker
 from nicsplit.card.transports.ring_acker import RingAcker
 from nicsplit.card.transports.ring_shared import fence
 
@@ -91,7 +92,9 @@ class Acker:
         self.cfg = cfg
         self.allowed = allowed  # the CPUs this process could use before it pinned itself
         self.handoff = Handoff.create(cfg.handoff_slots)
-        self.ep = RingAcker(cfg.run_dir, handoff=self.handoff, **cfg.transport_options)
+        # nvme-pi's acker takes NVMe commands and hands off ring descriptors: the same worker
+        acker = NvmeAcker if cfg.transport == "nvme-pi" else RingAcker
+        self.ep = acker(cfg.run_dir, handoff=self.handoff, **cfg.transport_options)
         self.lost = LostLog(cfg.layout.card_lost_log)
         self.ep.on_refused = self._refused
         self.proc: subprocess.Popen | None = None

@@ -94,6 +94,8 @@ class H:
     RINGS = 176  # doorbell rings of a sleeping worker                  acker writes, each ms
     NAP_UNTIL = 184  # monotonic_ns a NAPPING worker is back by           worker writes
     BAD_CSUM = 192  # payloads found not matching their checksum (all workers) worker writes
+    GUARD_ERRORS = 200  # nvme-pi: Writes completed 282h (End-to-end Guard Check)  acker writes
+    PI_ERRORS = 208  # nvme-pi: Writes completed with another PI error              acker writes
 
 
 _MAGIC = int.from_bytes(b"NSHANDOF", "little")

@@ -230,8 +230,8 @@ class CardProcess:
         self.catalog = catalog
         self._lost_log = LostLog(cfg.layout.card_lost_log) if on_lost is None and cfg.run_dir.is_dir() else None
         # io id -> (vdisk id, offset, length) of writes fed from the transport
-        # and not released yet, when this process owns the transport (inline:
-        # nvme-pi, or ring with fast_path = "inline"): a stop that cannot
+        # and not released yet, when this process owns the transport
+        # (fast_path = "inline", ring or nvme-pi): a stop that cannot
         # drain logs them to the lost log, as the ring acker does for its
         # worker's (`nicsplit.card.fastpath`); else the host, stopped first,
         # would never mark writes it was told were safe (P1).
@@ -710,7 +710,7 @@ async def run_card(
 
 def main(cfg: Any) -> int:
     """Synchronous entry for the CLI (``nicsplit card run``)."""
-    if isinstance(cfg, CardConfig) and cfg.fast_path == "process" and cfg.transport == "ring":
+    if isinstance(cfg, CardConfig) and cfg.fast_path == "process" and cfg.transport in ("ring", "nvme-pi"):
         return fastpath.main(cfg)
     try:
         # The entry point alone picks the loop: CardProcess and run_card run

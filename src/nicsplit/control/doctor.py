@@ -8,9 +8,14 @@ ok. A check never raises: a check that cannot run is itself a failure.
 Checks are cheap and disturb no running process (a journal is checked by
 the read-only scan ``pits`` does: entry heads and CRCs, nothing decoded):
 
+* ``transport``: the transport each vdisk uses (as ``nicsplit up`` would
+  choose it, without ``--transport``) and whether a card runs; a choice
+  ``up`` would refuse (an unknown name, two card transports) fails here;
 * ``cpu``: cores, the card's CPU pinning (``[card] cpus``) and whether its
   ``priority = "realtime"`` is permitted (else the card falls back to nice);
-* ``shm``: free space for the card's hidden volume (ring + data area);
+  the card's settings only when a card runs;
+* ``shm``: free space for the card's hidden volume (ring + data area), only
+  when a card runs;
 * ``pki``: the deployment's certificates and their expiry (warn < 30 days);
 * ``ports``: the host, appliance and console listen addresses are free, or
   held by our own running process (pid files in ``DATA/run``);
@@ -40,7 +45,8 @@ from typing import Any, Callable, Iterable
 from nicsplit.card.hidden import DEFAULT_DATA_SIZE, DEFAULT_ENTRIES, NAME_PREFIX
 from nicsplit.core.catalog import open_catalog
 from nicsplit.core.cgs import CGCatalog
-from nicsplit.core.config import Config, parse_listen, parse_size
+from nicsplit.card.transports.base import TRANSPORTS
+from nicsplit.core.config import Config, ConfigError, parse_listen, parse_size
 from nicsplit.core.layout import Layout
 from nicsplit.core.procutil import listening_sockets, runs
 from nicsplit.journal.format import seg_name
@@ -63,6 +69,45 @@ TOOLS = {"qemu-img": "qemu-utils", "nbdcopy": "libnbd-bin", "nbdinfo": "libnbd-b
 
 def result(check: str, level: str, message: str, fix: str = "") -> Result:
     return {"check": check, "ok": level != "fail", "level": level, "message": message, "fix": fix}
+
+
+# -- transport ---------------------------------------------------------------------------
+
+
+def _by_transport(cfg: Config) -> tuple[dict[str, list[str]], str | None]:
+    """({transport: vdisk names}, the card's transport or None), chosen as
+    ``nicsplit up`` chooses them (docs/operations.md "Choosing a
+    transport"); ConfigError for a choice it would refuse. No vdisk at all
+    still runs a card (as ``up`` does), of the default transport."""
+    names = [v.name for v in open_catalog(cfg.datastore_dir).vdisks()] if cfg.layout.catalog.exists() else []
+    by: dict[str, list[str]] = {}
+    for n in names:
+        by.setdefault(cfg.vdisk_transport(n, None, TRANSPORTS), []).append(n)
+    card = cfg.card_transport(names, None, TRANSPORTS)
+    if card is None and not names:
+        card = cfg.default_card_transport(TRANSPORTS)
+    return by, card
+
+
+def _no_card(cfg: Config) -> str | None:
+    """Why no card runs in this deployment, or None when one does (or the
+    choice is broken: `check_transport` reports that, the card checks run)."""
+    try:
+        by, card = _by_transport(cfg)
+    except Exception:  # ConfigError, an unreadable catalog: reported by their own checks
+        return None
+    return None if card is not None else f"no card runs: every vdisk uses {', '.join(sorted(by))}"
+
+
+def check_transport(cfg: Config) -> list[Result]:
+    try:
+        by, card = _by_transport(cfg)
+    except ConfigError as e:
+        return [result("transport", "fail", f"nicsplit up would refuse to start: {e}",
+                       f"fix [splitter] transport or the [vdisks.NAME] transport tables in {cfg.layout.config}")]
+    parts = [f"{t}: {', '.join(sorted(n))}" for t, n in sorted(by.items())] or ["no vdisk yet"]
+    runs_card = f"the card runs {card}" if card is not None else "no card runs (the host ships itself)"
+    return [result("transport", "ok", f"{'; '.join(parts)}; {runs_card}")]
 
 
 # -- cpu ---------------------------------------------------------------------------------
@@ -96,6 +141,9 @@ def check_cpu(cfg: Config, rt_permitted: Callable[[], tuple[bool, str]] = _rt_pe
                           "give the machine (or this cgroup) at least 2 CPUs"))
     else:
         out.append(result("cpu", "ok", f"{len(allowed)} CPUs available ({', '.join(map(str, allowed))})"))
+    why = _no_card(cfg)
+    if why is not None:  # the card's pinning and priority would not apply
+        return out + [result("cpu.pinning", "ok", f"{why}: no card to pin")]
     if cpus is None:
         out.append(result("cpu.pinning", "ok", f"the card's acker pins to the last core ({allowed[-1]})"))
     elif not isinstance(cpus, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in cpus):
@@ -130,6 +178,9 @@ def check_cpu(cfg: Config, rt_permitted: Callable[[], tuple[bool, str]] = _rt_pe
 
 
 def check_shm(cfg: Config) -> list[Result]:
+    why = _no_card(cfg)
+    if why is not None:
+        return [result("shm", "ok", f"{why}: no hidden volume needed")]
     card = cfg.raw.get("card", {}) if isinstance(cfg.raw.get("card", {}), dict) else {}
     opts = card.get("transport_options", {}) or {}
     shm = Path(opts.get("shm_dir", "/dev/shm"))
@@ -360,7 +411,7 @@ def check_tools(cfg: Config, which: Callable[[str], str | None] = shutil.which) 
 
 
 CHECKS: tuple[Callable[[Config], list[Result]], ...] = (
-    check_cpu, check_shm, check_pki, check_ports, check_datastore, check_journals, check_pidfiles, check_token,
+    check_transport, check_cpu, check_shm, check_pki, check_ports, check_datastore, check_journals, check_pidfiles, check_token,
     check_tools,
 )
 

@@ -32,9 +32,11 @@ its seq is skipped by hold (``skipped``), and it is reported through
 descriptor. The CQ full (entries-1 completions unread) stops the poll: the
 rest waits in the SQ until the host moves the CQ Head doorbell.
 
-The fast path in a process of its own (`nicsplit.card.fastpath`) serves
-the ring only; a card with ``transport = "nvme-pi"`` runs the inline
-`CardProcess` loop on this endpoint.
+With ``fast_path = "process"`` (the default) the card's acker runs
+`nicsplit.card.transports.nvme_acker.NvmeAcker`, which does the checks
+above, completes the command and hands the write to the pipeline worker
+as the ring's acker does; with ``fast_path = "inline"`` the `CardProcess`
+loop polls this endpoint itself.
 """
 
 from __future__ import annotations
@@ -205,24 +207,47 @@ class NvmePiEndpoint(RingEndpoint):
         """Check a Write and take its payload: (status, track, vdisk id,
         virtual offset, payload view). ``track``: its blocks are the card's to
         free, in order, good or bad."""
+        status, vdisk, voffset, end = self._check_write(nsid, length, prp1, slba, cdw12, cdw13, self._data_head,
+                                                         self._full)
+        if end < 0:
+            return status, False, 0, 0, None
+        if not status and io_id in self._held:
+            status = _CID
+        h = [io_id, end, status != 0]
+        self._order.append(h)
+        self._data_expect = end
+        if status:
+            return status, True, vdisk, voffset, None
+        self._held[io_id] = h
+        self._n_bytes += length
+        hd = cdw13 & 0xFFFF
+        return _OK, True, vdisk, voffset, self._drop_pi(prp1, (cdw12 & 0xFFFF) + 1)[hd: hd + length]
+
+    def _check_write(self, nsid: int, length: int, prp1: int, slba: int, cdw12: int, cdw13: int,
+                     data_head: int, full: bool) -> tuple[int, int, int, int]:
+        """The checks of a Write, with no bookkeeping: (status, vdisk id,
+        virtual offset, end) where ``end`` is the free-running position after
+        its blocks, or -1 when its blocks are not the card's to free (a bad
+        field or range: nothing to track). ``data_head``: the first position
+        not yet free (the card's own, or the handoff floor's)."""
         nb = (cdw12 & 0xFFFF) + 1
         hd = cdw13 & 0xFFFF
         if (nsid != NSID or cdw12 & _CDW12_BAD or not cdw12 & N.PRCHK_GUARD or cdw13 & ~0x3FFFF or hd >= BLOCK
                 or not length or (hd + length + BLOCK - 1) >> 12 != nb):  # `N.check_cdw12` inline
-            return _FIELD, False, 0, 0, None
+            return _FIELD, 0, 0, -1
         nsze, size = self._nsze, self._dsize
         if slba + nb > nsze or prp1 != slba * EXT:
-            return _RANGE, False, 0, 0, None
+            return _RANGE, 0, 0, -1
         expect = self._data_expect
         pos = expect + ((slba - (expect // EXT) % nsze) % nsze) * EXT  # first position >= expect at that slot
         end = pos + nb * EXT
-        if end - self._data_head > size:
-            return _RANGE, False, 0, 0, None
+        if end - data_head > size:
+            return _RANGE, 0, 0, -1
         data = self._data
         g0, app, ref0 = pi_unpack(data, prp1 + BLOCK)
         vdisk, voffset = app, ref0 * BLOCK + hd
         status = _OK
-        if self._full:
+        if full:
             status = _NOT_READY
         elif app == N.APP_TAG_ESCAPE:
             status = _BAD_PI
@@ -244,18 +269,16 @@ class NvmePiEndpoint(RingEndpoint):
                     status = _REF
                     break
                 o += EXT
-        if not status and io_id in self._held:
-            status = _CID
-        h = [io_id, end, status != 0]
-        self._order.append(h)
-        self._data_expect = end
-        if status:
-            return status, True, vdisk, voffset, None
-        self._held[io_id] = h
-        self._n_bytes += length
-        for i in range(1, nb):  # drop the PI: the data moves down over it (memmove, overlapping)
+        return status, vdisk, voffset, end
+
+    def _drop_pi(self, prp1: int, nb: int) -> memoryview:
+        """Drop an accepted Write's PI: the data of blocks 1.. moves down over
+        the PI before it (memmove, overlapping; a one-block write moves
+        nothing), so its payload is one contiguous view from ``prp1``."""
+        data = self._data
+        for i in range(1, nb):
             data[prp1 + i * BLOCK: prp1 + (i + 1) * BLOCK] = data[prp1 + i * EXT: prp1 + i * EXT + BLOCK]
-        return _OK, True, vdisk, voffset, data[prp1 + hd: prp1 + hd + length]
+        return data[prp1: prp1 + nb * BLOCK]
 
     # -- stats ---------------------------------------------------------------------------
 

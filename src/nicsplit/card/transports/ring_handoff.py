@@ -41,6 +41,7 @@ from nicsplit.card.transports.ring_shared import (
     DATA_HEAD, DF_CSUM, K_OUTCOME, K_WRITE, M32, OPS, STATUSES, WFLAGS, reason_name,
 )
 from nicsplit.core.records import AugmentedWrite, Outcome
+from nicsplit.wire import nvme as N
 from nicsplit.wire import ring as R
 
 __all__ = ["HandoffEndpoint"]
@@ -65,9 +66,13 @@ Refused = Callable[[int, int, int, int, str], None]  # (io_id, vdisk_id, offset,
 
 class HandoffEndpoint:
     def __init__(self, handoff: Handoff, volume_path: str, volume_uid: str, wake_fd: int, *,
-                 on_refused: Refused | None = None, verify_checksums: bool = True) -> None:
+                 on_refused: Refused | None = None, verify_checksums: bool = True, transport: str = "ring") -> None:
         self.handoff = handoff
         self._hv = HiddenVolume.attach(volume_path, volume_uid)
+        # nvme-pi's acker (`nvme_acker.NvmeAcker`) hands off ring descriptors
+        # too; its payload positions wrap at the namespace's end, and it counts
+        # PI errors, which this endpoint reports.
+        self._nvme = transport == "nvme-pi"
         self._verify = verify_checksums and self._hv.identity.csum_alg == R.CsumAlg.XXH3_LOW32
         # The acker reports its refusals; this one reports payloads that fail their checksum (lost log).
         # Required while verifying: checked by the setter, here and on every later assignment.
@@ -80,6 +85,8 @@ class HandoffEndpoint:
         self._data = self._hv.data
         self._ctr = self._hv.counters
         self._dsize = self._hv.geometry.data_size
+        if self._nvme:
+            self._dsize = N.namespace_blocks(self._dsize) * N.EXT
         self._wake_fd = wake_fd
         self.card_pid = self._hv.identity.card_pid  # the acker, which created the volume
         self._held: dict[int, int] = {}  # io_id -> handoff position of its payload
@@ -246,7 +253,7 @@ class HandoffEndpoint:
             "held_bytes": max(0, g(H.DATA_EXPECT) - c[DATA_HEAD]), "cq_full": g(H.CQ_FULL),
             "refused_full": g(H.REFUSED_FULL), "host_pid": g(H.HOST_PID),
             "handoff": dict(ho.statistics(), duplicates=self._n_dup),
-        }
+        } | ({"guard_errors": g(H.GUARD_ERRORS), "pi_errors": g(H.PI_ERRORS)} if self._nvme else {})
 
     def close(self) -> None:
         self._held.clear()
