@@ -1,7 +1,5 @@
 """Issue 12, build item 5: one conformance module run against every
-transport that exists — ``ring``, ``nvme-pi`` and ``net``. (``shadow``, the
-fourth of the issue, is not built yet: it joins ``TRANSPORTS_UNDER_TEST``
-when it is.) Real processes (`nicsplit up --transport NAME`), real clients
+transport of the issue — ``ring``, ``nvme-pi``, ``shadow`` and ``net``. Real processes (`nicsplit up --transport NAME`), real clients
 (qemu-io for the workload, libnbd for the fault cases), qemu-img to compare.
 
 * **Ordering and identity.** A seeded deterministic workload (writes of
@@ -20,7 +18,7 @@ when it is.) Real processes (`nicsplit up --transport NAME`), real clients
   shipped one by one) and the resync journals production's content over
   every failed block, flagged GAP. Either way the latest PIT equals
   production.
-* **Marking and resync on loss.** The card killed (ring, nvme-pi; the
+* **Marking and resync on loss.** The card killed (ring, nvme-pi, shadow; the
   supervisor restarts it) or the link to the appliance cut
   (`nicsplit.testing.linkemu`, net): the host counts a loss, later writes
   carry the GAP flag while the vdisk is marked, the resync brings the CG
@@ -57,7 +55,7 @@ from nicsplit.testing.stack import cg_data, latest_pit_equals_production
 
 pytestmark = pytest.mark.usefixtures("peers")
 
-TRANSPORTS_UNDER_TEST = ("ring", "nvme-pi", "net")  # shadow: not built yet
+TRANSPORTS_UNDER_TEST = ("ring", "nvme-pi", "shadow", "net")
 SIZE = 8 << 20
 WRITES = 24
 

@@ -34,6 +34,12 @@ def test_the_card_transport_is_the_one_the_vdisks_use(tmp_path):
     assert c.default_card_transport(TRANSPORTS) == "nvme-pi"
     assert cfg(tmp_path).default_card_transport(TRANSPORTS) == "ring"
     assert has_card_half("ring") and has_card_half("nvme-pi") and not has_card_half("net")
+    # shadow is a card transport like the others: selected the same ways
+    assert has_card_half("shadow")
+    assert cfg(tmp_path).card_transport(["a"], "shadow", TRANSPORTS) == "shadow"
+    assert cfg(tmp_path, "ring", vdisks={"a": {"transport": "shadow"}}).card_transport(["a"], None, TRANSPORTS) == "shadow"
+    with pytest.raises(ConfigError, match="two card transports"):
+        cfg(tmp_path, "ring", vdisks={"b": {"transport": "shadow"}}).card_transport(["a", "b"], None, TRANSPORTS)
 
 
 def test_two_card_transports_are_refused(tmp_path):

@@ -681,7 +681,11 @@ async def run_card(
         catalog = DatastoreCatalog(cfg.layout.datastore)
     own_endpoint = endpoint is None
     if own_endpoint:
-        endpoint = open_endpoint(cfg.transport, str(cfg.run_dir), **cfg.transport_options)
+        opts = dict(cfg.transport_options)
+        if cfg.transport == "shadow":  # the emulated device writes the datastore's volumes; orphans at hold's timeout
+            opts.setdefault("volume_dir", str(cfg.layout.datastore))
+            opts.setdefault("match_timeout_ms", cfg.pipeline.outcome_timeout_ms)
+        endpoint = open_endpoint(cfg.transport, str(cfg.run_dir), **opts)
     card = CardProcess(cfg, endpoint, catalog, key=key, connect=connect, on_lost=on_lost, track_unshipped=own_endpoint)
     loop = asyncio.get_running_loop()
     if install_signals:

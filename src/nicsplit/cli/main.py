@@ -369,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls", choices=("auto", "off", "on", "require"), default=None, help="the host's NBD TLS (see host serve)")
     s.add_argument("--tls-psk", metavar="FILE", default=None, help="the host's NBD TLS-PSK key file (see host serve)")
     s.add_argument("--transport", metavar="NAME", default=None,
-                   help="how the splitter protects writes: ring (the card) or net (the host ships to the appliance, "
-                        "no card); replaces [splitter] transport for this run ([vdisks.NAME] transport still wins)")
+                   help="how the splitter protects writes: ring, nvme-pi or shadow (the card) or net (the host ships "
+                        "to the appliance, no card); replaces [splitter] transport for this run ([vdisks.NAME] transport still wins)")
     s.set_defaults(func=cmd_up)
 
     vd = sub.add_parser("vdisk", parents=[common], help="manage virtual disks").add_subparsers(dest="sub", metavar="SUBCOMMAND", required=True)
@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--appliance", metavar="HOST:PORT", help="where to ship (default: [card] appliance, else [appliance] listen)")
     s.add_argument("--cpus", metavar="LIST", help="CPUs to pin to, e.g. 1 or 2,3 (default: the last core; empty: no pinning)")
     s.add_argument("--transport", metavar="NAME", default=None,
-                   help="the transport to serve: ring or nvme-pi (default [card] transport, else ring; "
+                   help="the transport to serve: ring, nvme-pi or shadow (default [card] transport, else ring; "
                         "nicsplit up passes the one the vdisks use)")
     s.set_defaults(func=cmd_card_run)
     s = cp.add_parser("stats", parents=[common], help="statistics of the running card (JSON)")
@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stdio", action="store_true",
                    help="serve one NBD session on stdin/stdout instead of listening (as nbdkit -s; for fuzzing)")
     s.add_argument("--transport", metavar="NAME", default=None,
-                   help="the splitter's transport for this run: ring, nvme-pi or net (default [splitter] transport)")
+                   help="the splitter's transport for this run: ring, nvme-pi, shadow or net (default [splitter] transport)")
     s.add_argument("--appliance", metavar="HOST:PORT", default=None,
                    help="net transport: the appliance to ship to (default [splitter] appliance)")
     s.set_defaults(func=cmd_host_serve)

@@ -98,14 +98,16 @@ tls_psk = ""
 # How the splitter filter hands each write to protection (docs/operations.md
 # "Choosing a transport"): "ring" (shared memory to the offload card: the
 # card acks in microseconds and ships to the appliance itself), "nvme-pi"
-# (to the card as NVMe writes with protection information) or "net" (the
+# (to the card as NVMe writes with protection information), "shadow" (a
+# fake write to the card, matched there with the real write, which the
+# datastore passes through the card's emulated device) or "net" (the
 # classic splitter: no card; the host ships every write to the appliance
 # over TLS and waits for its durable ack before the write goes down). One
 # vdisk may differ: [vdisks.NAME] transport = "net". `nicsplit up
 # --transport NAME` (and `host serve --transport NAME`) replaces this value
 # for that run. All the vdisks of one consistency group must use the same
 # transport, and one card serves one transport: the vdisks using the card
-# use the same one (ring or nvme-pi). `nicsplit up` starts the card only if
+# use the same one (ring, nvme-pi or shadow). `nicsplit up` starts the card only if
 # a vdisk uses one, and passes it that transport ([card] transport, if
 # set, must agree).
 transport = "ring"

@@ -17,7 +17,7 @@ name        host half / card half                          status
 ==========  ===========================================  ====================
 ring        ring.RingSplitter / ring.RingEndpoint          implemented
 nvme-pi     nvme_pi.NvmePiSplitter / nvme_pi.NvmePiEndpoint  implemented
-shadow      fake write to the hidden volume + inline match planned
+shadow      shadow.ShadowSplitter / shadow.ShadowEndpoint  implemented
 net         net.NetSplitter / (none: no card)              implemented
 ==========  ===========================================  ====================
 
@@ -130,6 +130,7 @@ class CardEndpoint(Protocol):
 TRANSPORTS: dict[str, tuple[str, str]] = {
     "ring": ("nicsplit.card.transports.ring:RingSplitter", "nicsplit.card.transports.ring:RingEndpoint"),
     "nvme-pi": ("nicsplit.card.transports.nvme_pi:NvmePiSplitter", "nicsplit.card.transports.nvme_pi:NvmePiEndpoint"),
+    "shadow": ("nicsplit.card.transports.shadow:ShadowSplitter", "nicsplit.card.transports.shadow:ShadowEndpoint"),
     "net": ("nicsplit.card.transports.net:NetSplitter", ""),  # no card half: the host ships to the appliance
 }
 

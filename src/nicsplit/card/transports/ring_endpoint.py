@@ -358,6 +358,10 @@ class RingEndpoint:
             "data_size": g.data_size,
         }).encode()
 
+    def _hello_fds(self) -> list[int]:
+        """Descriptors sent with the hello (SCM_RIGHTS): the doorbell."""
+        return [self._efd]
+
     def _serve_control(self) -> None:
         host: socket.socket | None = None
         p = select.poll()
@@ -409,7 +413,7 @@ class RingEndpoint:
                 conn.send(json.dumps({"error": f"another host (pid {self.host_pid}) is attached"}).encode())
                 conn.close()
                 return host
-            socket.send_fds(conn, [self._hello()], [self._efd])
+            socket.send_fds(conn, [self._hello()], self._hello_fds())
         except OSError as e:
             log.warning("card: hello to a host failed: %s", e)
             conn.close()

@@ -142,6 +142,7 @@ class RingSplitter:
     """Host half of the ring transport (see module docstring)."""
 
     TRANSPORT = "ring"  # the card's hello must name it (a subclass speaking another layout names its own)
+    HELLO_FDS = 1  # descriptors the hello carries: the doorbell eventfd
 
     def __init__(
         self, sock: socket.socket, hv: HiddenVolume, doorbell: int, card_pid: int,
@@ -209,7 +210,7 @@ class RingSplitter:
             s.settimeout(timeout)
             try:
                 s.connect(str(control_socket))
-                msg, fds, flags, _ = socket.recv_fds(s, MAX_CONTROL_MSG, 1)
+                msg, fds, flags, _ = socket.recv_fds(s, MAX_CONTROL_MSG, cls.HELLO_FDS)
             except (OSError, ValueError) as e:  # ValueError: socket path too long
                 raise TransportUnavailable(f"card control socket {control_socket}: {e}") from None
             if not msg:
@@ -224,8 +225,9 @@ class RingSplitter:
                 raise TransportUnavailable(f"card at {control_socket}: hello is not a JSON object")
             if "error" in info:
                 raise TransportUnavailable(f"card at {control_socket} refused: {info['error']}")
-            if len(fds) != 1:
-                raise TransportUnavailable(f"card at {control_socket} sent {len(fds)} descriptors, expected 1")
+            if len(fds) != cls.HELLO_FDS:
+                raise TransportUnavailable(f"card at {control_socket} sent {len(fds)} descriptors, "
+                                           f"expected {cls.HELLO_FDS}")
             try:
                 if info.get("transport") != cls.TRANSPORT or info.get("version") != R.VERSION:
                     raise TransportUnavailable(
@@ -253,7 +255,14 @@ class RingSplitter:
                 os.close(fd)
             raise
         log.info("attached to card pid %d: hidden volume %s", card_pid, path)
-        return cls(s, hv, fds[0], card_pid, stale_after_ns=stale_after_ns, checksum=checksum)
+        return cls._from_hello(s, hv, fds, card_pid, info, stale_after_ns=stale_after_ns, checksum=checksum)
+
+    @classmethod
+    def _from_hello(cls, s: socket.socket, hv: HiddenVolume, fds: list[int], card_pid: int, info: dict,
+                    **kw) -> "RingSplitter":
+        """Build the host half from the card's hello (a subclass with more
+        descriptors, `HELLO_FDS`, takes the rest: shadow's device queue)."""
+        return cls(s, hv, fds[0], card_pid, **kw)
 
     # -- the hot path ------------------------------------------------------------
 

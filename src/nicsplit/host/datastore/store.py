@@ -698,6 +698,38 @@ class VdiskStore:
             self._vdirty[vol] = True
             pos += k
 
+    # ---- the shadow transport's real half (nicsplit.host.shadowio) ----------
+    def pieces_for_write(self, offset: int, data: bytes | memoryview) -> list[tuple[int, int, memoryview]]:
+        """Translate a write without doing it: (volume, physical offset,
+        bytes) per extent it touches, allocating (and logging) extents as
+        `pwrite` would. The caller writes them (`write_piece`, or the card)
+        and then calls `written(volume)` for each."""
+        mv = memoryview(data).cast("B")
+        n = mv.nbytes
+        if offset < 0 or offset + n > self._wsize:
+            self._refuse(offset, n, True)
+        es, out = self._es, []
+        pos = 0
+        while pos < n:
+            i, off = divmod(offset + pos, es)
+            k = min(es - off, n - pos)
+            vol, _fd, base = self._entry_for_write(i)
+            out.append((vol, base + off, mv[pos: pos + k]))
+            pos += k
+        return out
+
+    def write_piece(self, vol: int, physical: int, piece: memoryview) -> None:
+        """Write one piece of `pieces_for_write` here (the card is gone)."""
+        fd = self._ds._fds[vol]
+        done = 0
+        while done < len(piece):
+            done += os.pwrite(fd, piece[done:], physical + done)
+        self._vdirty[vol] = True
+
+    def written(self, vol: int) -> None:
+        """A piece of volume ``vol`` was written (by the card): the next sync covers it."""
+        self._vdirty[vol] = True
+
     def trim(self, offset: int, length: int) -> None:
         """Release whole extents; punch partial ranges. Trimmed bytes read zeros."""
         self._discard(offset, length, False)

@@ -48,6 +48,12 @@ splitter a descriptor (`nicsplit.card.transports.ring_splitter`). An
 unprotected or marking vdisk, no card, or no room in the ring: nothing is
 lent and the write is copied into the ring as before.
 
+Shadow transport (`nicsplit.card.transports.shadow`): a data write's
+augmented copy is the *fake half*, published and not waited for; the real
+half is the datastore's own write, which the plugin passes through the
+card's emulated device (`nicsplit.host.shadowio`) and which is the write's
+outcome in the card; see `_shadow_pwrite`.
+
 Options: ``split_timeout_us`` (default 1000).
 Example: ``filters = ["stats", "split"]`` with the vdisk in a CG
 (``nicsplit vdisk create NAME --size 1G --cg CG``).
@@ -67,6 +73,7 @@ from nicsplit.host.chain import ChainError, Filter
 from nicsplit.host.filters.stats import Histogram
 from nicsplit.host.io import FUA
 from nicsplit.host.regions import RegionLock
+from nicsplit.host.shadowio import INFLIGHT, ShadowIO
 
 _FP = _fp.ACTIVE  # armed failpoints (nicsplit.core.failpoints): empty unless a test arms some
 
@@ -114,6 +121,8 @@ class SplitFilter(Filter):
         self.timeout_ns = int(float(options.get("split_timeout_us", default_us)) * 1000)
         # net: the ack before the write goes down (`_ack_then_down`)
         self.ack_first = bool(getattr(splitter_class(self.transport), "ack_first", False))
+        # shadow: the real half is the outcome; the fake half is not waited for (`_shadow_pwrite`)
+        self.shadow = bool(getattr(splitter_class(self.transport), "shadow", False))
         if self.timeout_ns <= 0:
             raise ChainError("filter 'split': split_timeout_us must be > 0")
         self.cg = vdisk.extra.get("cg")
@@ -202,11 +211,14 @@ class SplitFilter(Filter):
         self.dmap.sync()
 
     # -- the split ---------------------------------------------------------
-    def _submit(self, op: Op, offset: int, length: int, flags: int, data, park: bool = False):
+    def _submit(self, op: Op, offset: int, length: int, flags: int, data, park: bool = False, publish: bool = True):
         """Steps D–E: build the augmented write and publish it to the card.
         Returns (write, transport) when the card must ack it, else None; with
         ``park``, `_NO_ROOM` when a healthy card has no room right now (the
-        write took no seq and marked nothing: the caller waits and retries)."""
+        write took no seq and marked nothing: the caller waits and retries).
+        ``publish=False`` (a shadow fake half sent after its real half, under
+        the failpoint ``host.shadow.real-first``): the write takes its seq and
+        io id, and the caller publishes it later."""
         seq = self.seq
         if seq is None:
             return None
@@ -225,6 +237,8 @@ class SplitFilter(Filter):
         w = AugmentedWrite(
             self.ctx.next_io_id(), self.cg_id, seq.next(), self.vdisk.id, op, wf, offset, length, time_ns(), data,
         )
+        if not publish:
+            return w, t, perf_counter_ns() - t0, 0
         if not t.submit(w):
             seq.unget(w.cg_seq)  # nothing ran since next(): it is the last number
             if not t.healthy():
@@ -327,18 +341,18 @@ class SplitFilter(Filter):
             if length:
                 self.regions.leave(offset, length)
 
-    def _split_now(self, op: Op, offset: int, length: int, flags: int, data):
+    def _split_now(self, op: Op, offset: int, length: int, flags: int, data, publish: bool = True):
         """The common case of `_split_in` without a coroutine on the per-write
         path: the region is free and the ring has room. `_NO_ROOM` sends the
         caller to `_split_in` (it took no seq and marked nothing)."""
         if length and self.regions.blocked(offset, length):
             return _NO_ROOM
-        sub = self._submit(op, offset, length, flags, data, park=True)
+        sub = self._submit(op, offset, length, flags, data, park=True, publish=publish)
         if sub is not _NO_ROOM and length:
             self.regions.enter(offset, length)
         return sub
 
-    async def _split_in(self, op: Op, offset: int, length: int, flags: int, data):
+    async def _split_in(self, op: Op, offset: int, length: int, flags: int, data, publish: bool = True):
         """Steps D–E with the region lock and backpressure. A write to a region
         the resync holds waits before it takes its seq; a full ring with a live
         card parks the write (SPDK's rule: a full queue parks the IO, it does
@@ -349,7 +363,8 @@ class SplitFilter(Filter):
         while True:
             if length and self.regions.blocked(offset, length):
                 await self.regions.wait(offset, length)
-            sub = self._submit(op, offset, length, flags, data, park=not deadline or monotonic_ns() < deadline)
+            sub = self._submit(op, offset, length, flags, data, park=not deadline or monotonic_ns() < deadline,
+                               publish=publish)
             if sub is not _NO_ROOM:
                 break
             if not deadline:
@@ -387,6 +402,8 @@ class SplitFilter(Filter):
         if al is not None and not al.enter(self.vdisk.id, offset, n):
             await self._activate(offset, n)
         try:
+            if self.shadow:
+                return await self._shadow_pwrite(next, offset, data, flags, n)
             sub = self._split_now(Op.WRITE, offset, n, flags, data)
             if sub is _NO_ROOM:
                 sub = await self._split_in(Op.WRITE, offset, n, flags, data)
@@ -396,6 +413,71 @@ class SplitFilter(Filter):
         finally:
             if al is not None:
                 al.leave(self.vdisk.id, offset, n)
+
+    async def _shadow_pwrite(self, next, offset: int, data, flags: int, n: int) -> None:
+        """A data write on the shadow transport (`nicsplit.card.transports.shadow`):
+        the fake half is published to the card's ring and not waited for;
+        the real half is the datastore's physical write, which the plugin
+        passes through the card's device (`nicsplit.host.shadowio`) and which
+        is the write's outcome there (no Outcome is posted for it). The
+        fake half is then unconfirmed like a late write: its ack, the card
+        holding it, arrives through the late-verdict path, and it is kept
+        until the card releases it. A write failed below posts FAILED (the
+        card drops the fake half: commit-only); a real half the card did
+        not write (gone, full) marks the region and posts FAILED too."""
+        real_first = False
+        if _FP:
+            try:
+                _fp.hit("host.shadow.real-first")
+            except OSError:  # test: this fake half goes after its real half (reversed pair)
+                real_first = True
+        sub = self._split_now(Op.WRITE, offset, n, flags, data, publish=not real_first)
+        if sub is _NO_ROOM:
+            sub = await self._split_in(Op.WRITE, offset, n, flags, data, publish=not real_first)
+        if _FP:
+            _fp.hit("host.split.after-submit")
+        if sub is None:
+            return await self._through(None, next.pwrite(offset, data, flags), offset, n)
+        w, t, cost, position = sub
+        io = ShadowIO(w.io_id, t, offset)
+        key = id(data)
+        INFLIGHT[key] = io
+        try:
+            await next.pwrite(offset, data, flags)
+        except BaseException:
+            if real_first and not t.submit(w):  # its seq is taken: the card drops it by the outcome below
+                real_first = False
+            t.post_outcome(w.io_id, _FAILED)
+            t.abandon(w.io_id)
+            raise
+        finally:
+            INFLIGHT.pop(key, None)
+            self.regions.leave(offset, n)
+        if real_first:
+            t0 = perf_counter_ns()
+            if not t.submit(w):  # its seq is a hole the card's hold skips after its timeout
+                self._mark(w, "card refused the write (full, or gone)")
+                return
+            cost += perf_counter_ns() - t0
+            position = t.last_position
+        self.hist.record(cost)
+        if not io.routed:
+            self._mark(w, "the write did not pass through the card's device (gone, or full)")
+            t.post_outcome(w.io_id, _FAILED)
+            t.abandon(w.io_id)
+            return
+        self.split_count += 1
+        v = t.detach(w.io_id)
+        if v is None:
+            self.link.late(w.io_id, position, self.dmap, offset, n, t)
+        elif v:
+            self.link.track(position, self.dmap, offset, n, t)
+            if self.split_count & 1023 == 0:
+                self.link.trim()
+        else:
+            if not t.healthy():
+                self.link.lost("card stopped responding", t)
+            self._mark(w, "card refused the write (full, or a bad record)")
 
     async def zero(self, next, offset, length, flags):
         al = self.al if self.seq is not None else None

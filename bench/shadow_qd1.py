@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""What the shadow transport costs a QD1 write (issue 12 target: within
+1.3x of no protection), paired against ``ring`` on the same box.
+
+One data directory with two vdisks: ``a`` in CG cg1 (protected through the
+transport under test) and ``n`` in no CG (no protection: the "none" column,
+the same chain without a split). Per round, ``nicsplit up --transport T``
+is started once for ring and once for shadow (the order alternates by
+round); in each run, blocks of ``--writes`` 4 KiB libnbd writes one at a
+time alternate between ``n`` and ``a`` (client-side latency), and the host's
+and the card's CPU time over each block (utime+stime from /proc) is divided
+by its writes. Reported: medians over the rounds of each round's p50 / p99
+and CPU per write, with the spread (min..max of the rounds). Nothing here
+asserts on speed.
+
+    .venv/bin/python bench/shadow_qd1.py [--rounds 3] [--writes 2000] [--blocks 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import percentile as pct  # noqa: E402
+from nicsplit.testing.datadir import init_data  # noqa: E402
+from nicsplit.testing.procs import UpProcess, nbd_connect, run_cli, wait_for  # noqa: E402
+from nicsplit.testing.recovered import cg_state  # noqa: E402
+
+SIZE = 64 << 20
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def qd1(h, n: int, base: int) -> list[float]:
+    out = []
+    for i in range(n):
+        buf = bytes([i & 0xFF]) * 4096
+        off = ((base + i * 7919) % (SIZE // 4096)) * 4096
+        t = time.perf_counter()
+        h.pwrite(buf, off)
+        out.append((time.perf_counter() - t) * 1e6)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--writes", type=int, default=2000)
+    ap.add_argument("--blocks", type=int, default=2, help="blocks per vdisk per run (alternating n / a)")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="shadow-qd1-"))
+    data = init_data(tmp / "data", filters=["stats", {"name": "split", "split_timeout_us": 1_000_000}],
+                     sections={"card": {"transport_options": {"data_size": "256M"}}})
+    run_cli(data, "cg", "create", "cg1")
+    run_cli(data, "vdisk", "create", "a", "--size", str(SIZE), "--cg", "cg1")
+    run_cli(data, "vdisk", "create", "n", "--size", str(SIZE))
+    res: dict[str, list[tuple[float, float, float, float]]] = {}  # mode -> [(p50, p99, host cpu, card cpu)]
+    base = 0
+    for r in range(args.rounds):
+        order = ("ring", "shadow") if r % 2 == 0 else ("shadow", "ring")
+        for transport in order:
+            with UpProcess(data, "--transport", transport) as up:
+                hs = {v: nbd_connect(up.uri(v)) for v in ("n", "a")}
+                for v in ("n", "a"):  # allocate every extent once: no first-write allocation in the blocks
+                    for off in range(0, SIZE, 1 << 20):
+                        hs[v].pwrite(b"\0" * 4096, off)
+                wait_for(lambda: cg_state(data)["state"] == "protected", 120, "cg1 protected", interval=0.2)
+                host, card = up.pid_of("host"), up.pid_of("card")
+                for _ in range(args.blocks):
+                    for v, mode in (("n", f"none@{transport}"), ("a", transport)):
+                        qd1(hs[v], 100, base)  # warm
+                        h0, c0 = cpu_s(host), cpu_s(card)
+                        lat = qd1(hs[v], args.writes, base)
+                        h1, c1 = cpu_s(host), cpu_s(card)
+                        base += args.writes
+                        row = (pct(lat, 50), pct(lat, 99), (h1 - h0) / args.writes * 1e6, (c1 - c0) / args.writes * 1e6)
+                        res.setdefault(mode, []).append(row)
+                        print(f"round {r} {mode:<12} p50 {row[0]:.1f} us  p99 {row[1]:.1f} us  "
+                              f"host {row[2]:.1f} us/w  card {row[3]:.1f} us/w", flush=True)
+                state = cg_state(data)["state"]
+                for h in hs.values():
+                    h.shutdown()
+                if state != "protected":
+                    print(f"  note: cg1 ended {state}", flush=True)
+    print("\n| mode | QD1 p50 (us) | p50 spread | QD1 p99 (us) | p99 spread | host CPU/write (us) | card CPU/write (us) |")
+    print("|---|---|---|---|---|---|---|")
+    out = {}
+    for mode, rows in sorted(res.items()):
+        col = list(zip(*rows))
+        med = [statistics.median(c) for c in col]
+        out[mode] = {"p50_us": med[0], "p99_us": med[1], "host_cpu_us": med[2], "card_cpu_us": med[3], "rounds": rows}
+        print(f"| {mode} | {med[0]:.1f} | {min(col[0]):.1f}..{max(col[0]):.1f} | {med[1]:.1f} | "
+              f"{min(col[1]):.1f}..{max(col[1]):.1f} | {med[2]:.1f} | {med[3]:.1f} |")
+    for t in ("ring", "shadow"):
+        if t in out and f"none@{t}" in out:
+            print(f"{t}: p50 {out[t]['p50_us'] / out[f'none@{t}']['p50_us']:.2f}x none (same run)")
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "rounds"} for k, v in out.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
