@@ -14,29 +14,19 @@ clients (fio, qemu-io, qemu-img):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from nicsplit.card.transports.base import TRANSPORTS
 from nicsplit.control.schema import check
 from nicsplit.testing.procs import UpProcess, journal, run_cli
-from nicsplit.testing.stack import cg_data, qemu_io, status, wait_durable
+from nicsplit.testing.stack import cg_data, qemu_io, status, switch_keeps_every_pit, wait_durable
 
 pytestmark = pytest.mark.usefixtures("peers")
 
 SIZE = 8 << 20
-
-
-def restore(data: Path, tmp_path: Path, vdisk: str, *how: str) -> bytes:
-    out = tmp_path / f"restore-{vdisk}.raw"
-    run_cli(data, "restore", vdisk, *how, "--to", str(out), "--force", timeout=120)
-    b = out.read_bytes()
-    out.unlink()
-    return b
 
 
 def test_up_transport_net_journals_every_write_without_a_card(tmp_path, seed):
@@ -77,24 +67,8 @@ def test_up_transport_net_journals_every_write_without_a_card(tmp_path, seed):
 
 def test_switching_transport_keeps_journal_and_pits(tmp_path, seed):
     data = cg_data(tmp_path, SIZE, ("a",))
-    digests: dict[int, str] = {}  # PIT seq -> sha256 of vdisk a restored there
-    for round_, (transport, pattern) in enumerate((("ring", 0x11), ("net", 0x22), ("ring", 0x33))):
-        with UpProcess(data, "--transport", transport) as up:
-            assert ("card" in up.ready["processes"]) == (transport == "ring"), up.ready
-            # every PIT of the earlier runs restores as it did
-            for seq, digest in digests.items():
-                assert hashlib.sha256(restore(data, tmp_path, "a", "--seq", str(seq))).hexdigest() == digest, seq
-            qemu_io(up.uri("a"), f"write -P {pattern:#x} {round_ << 20} 256k", "flush")
-            cg = wait_durable(data)
-            seq = cg["host_last_seq"]
-            assert seq > max(digests, default=0)  # the CG's sequence goes on across the switch
-            img = restore(data, tmp_path, "a", "--latest")
-            for r, (_, p) in enumerate((("ring", 0x11), ("net", 0x22), ("ring", 0x33))[: round_ + 1]):
-                assert img[r << 20: (r << 20) + (256 << 10)] == bytes([p]) * (256 << 10), (transport, r)
-            digests[seq] = hashlib.sha256(img).hexdigest()
-            (v,) = [v for c in status(data)["cgs"] for v in c["vdisks"]]
-            assert v.get("transport") == transport
-    print(f"seed={seed}: PITs {sorted(digests)} kept across ring -> net -> ring")
+    pits = switch_keeps_every_pit(data, tmp_path, (("ring", 0x11), ("net", 0x22), ("ring", 0x33)))
+    print(f"seed={seed}: PITs {pits} kept across ring -> net -> ring")
 
 
 def test_mixed_cg_and_unknown_transport_are_refused(tmp_path):

@@ -16,7 +16,6 @@ clients (qemu-io, libnbd, qemu-img):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -27,17 +26,13 @@ import pytest
 from nicsplit.core.layout import Layout
 from nicsplit.testing.ledger import BS, block
 from nicsplit.testing.procs import UpProcess, journal, nbd_connect, run_cli, wait_for
-from nicsplit.testing.stack import cg_data, latest_pit_equals_production, qemu_io, status, wait_durable
+from nicsplit.testing.stack import (
+    cg_data, host_card_link, latest_pit_equals_production, qemu_io, status, switch_keeps_every_pit, wait_durable,
+)
 
 pytestmark = pytest.mark.usefixtures("peers")
 
 SIZE = 8 << 20
-
-
-def host_card_link(data: Path) -> str:
-    """The kind of the host's link to the card: the one card transport in its status."""
-    reply = json.loads(run_cli(data, "host", "stats", "--json").stdout)
-    return "nvme-pi" if "guard_errors" in reply.get("card_transport", {}) else "ring"
 
 
 def test_up_transport_nvme_pi_journals_writes_with_their_identity(tmp_path, seed):
@@ -67,33 +62,10 @@ def test_up_transport_nvme_pi_journals_writes_with_their_identity(tmp_path, seed
         print(f"seed={seed}: {len(recs)} records over nvme-pi")
 
 
-def restore(data: Path, tmp_path: Path, vdisk: str, *how: str) -> bytes:
-    out = tmp_path / f"restore-{vdisk}.raw"
-    run_cli(data, "restore", vdisk, *how, "--to", str(out), "--force", timeout=120)
-    b = out.read_bytes()
-    out.unlink()
-    return b
-
-
 def test_switching_ring_nvme_pi_ring_keeps_every_pit(tmp_path, seed):
     data = cg_data(tmp_path, SIZE, ("a",))
-    rounds = (("ring", 0x11), ("nvme-pi", 0x22), ("ring", 0x33))
-    digests: dict[int, str] = {}  # PIT seq -> sha256 of vdisk a restored there
-    for round_, (transport, pattern) in enumerate(rounds):
-        with UpProcess(data, "--transport", transport) as up:
-            assert host_card_link(data) == transport
-            for seq, digest in digests.items():  # every PIT of the earlier runs restores as it did
-                assert hashlib.sha256(restore(data, tmp_path, "a", "--seq", str(seq))).hexdigest() == digest, seq
-            qemu_io(up.uri("a"), f"write -P {pattern:#x} {round_ << 20} 256k", "flush")
-            seq = wait_durable(data)["host_last_seq"]
-            assert seq > max(digests, default=0)  # the CG's sequence goes on across the switch
-            img = restore(data, tmp_path, "a", "--latest")
-            for r, (_, p) in enumerate(rounds[: round_ + 1]):
-                assert img[r << 20: (r << 20) + (256 << 10)] == bytes([p]) * (256 << 10), (transport, r)
-            digests[seq] = hashlib.sha256(img).hexdigest()
-            (v,) = [v for c in status(data)["cgs"] for v in c["vdisks"]]
-            assert v.get("transport") == transport and v["state"] == "protected", v
-    print(f"seed={seed}: PITs {sorted(digests)} kept across ring -> nvme-pi -> ring")
+    pits = switch_keeps_every_pit(data, tmp_path, (("ring", 0x11), ("nvme-pi", 0x22), ("ring", 0x33)))
+    print(f"seed={seed}: PITs {pits} kept across ring -> nvme-pi -> ring")
 
 
 def vdisk_states(data: Path) -> dict[str, str]:

@@ -21,7 +21,6 @@ with real processes (`nicsplit up --transport shadow`) and real clients
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -33,7 +32,9 @@ from nicsplit.core.layout import Layout
 from nicsplit.testing.ledger import BS, block
 from nicsplit.testing.procs import UpProcess, journal, nbd_connect, run_cli, wait_for
 from nicsplit.testing.recovered import cg_state
-from nicsplit.testing.stack import cg_data, latest_pit_equals_production, qemu_io, status, wait_durable
+from nicsplit.testing.stack import (
+    cg_data, latest_pit_equals_production, qemu_io, status, switch_keeps_every_pit, wait_durable,
+)
 
 pytestmark = pytest.mark.usefixtures("peers")
 
@@ -42,12 +43,6 @@ SIZE = 8 << 20
 
 def card_endpoint(data: Path) -> dict:
     return json.loads(run_cli(data, "card", "stats").stdout)["endpoint"]
-
-
-def host_card_link(data: Path) -> str:
-    """The kind of the host's card link, told by its counters."""
-    st = json.loads(run_cli(data, "host", "stats", "--json").stdout).get("card_transport", {})
-    return "shadow" if "device_submitted" in st else "nvme-pi" if "guard_errors" in st else "ring"
 
 
 def test_up_transport_shadow_writes_pass_through_the_card(tmp_path, seed):
@@ -173,30 +168,7 @@ def test_orphaned_fake_halves_are_marked_and_resynced(tmp_path, seed, monkeypatc
         print(f"seed={seed}: 3 orphans marked and resynced; {len(recs)} records")
 
 
-def restore(data: Path, tmp_path: Path, vdisk: str, *how: str) -> bytes:
-    out = tmp_path / f"restore-{vdisk}.raw"
-    run_cli(data, "restore", vdisk, *how, "--to", str(out), "--force", timeout=120)
-    b = out.read_bytes()
-    out.unlink()
-    return b
-
-
 def test_switching_ring_shadow_ring_keeps_every_pit(tmp_path, seed):
     data = cg_data(tmp_path, SIZE, ("a",))
-    rounds = (("ring", 0x11), ("shadow", 0x22), ("ring", 0x33))
-    digests: dict[int, str] = {}  # PIT seq -> sha256 of vdisk a restored there
-    for round_, (transport, pattern) in enumerate(rounds):
-        with UpProcess(data, "--transport", transport) as up:
-            assert host_card_link(data) == transport
-            for seq, digest in digests.items():  # every PIT of the earlier runs restores as it did
-                assert hashlib.sha256(restore(data, tmp_path, "a", "--seq", str(seq))).hexdigest() == digest, seq
-            qemu_io(up.uri("a"), f"write -P {pattern:#x} {round_ << 20} 256k", "flush")
-            seq = wait_durable(data)["host_last_seq"]
-            assert seq > max(digests, default=0)  # the CG's sequence goes on across the switch
-            img = restore(data, tmp_path, "a", "--latest")
-            for r, (_, p) in enumerate(rounds[: round_ + 1]):
-                assert img[r << 20: (r << 20) + (256 << 10)] == bytes([p]) * (256 << 10), (transport, r)
-            digests[seq] = hashlib.sha256(img).hexdigest()
-            (v,) = [v for c in status(data)["cgs"] for v in c["vdisks"]]
-            assert v.get("transport") == transport and v["state"] == "protected", v
-    print(f"seed={seed}: PITs {sorted(digests)} kept across ring -> shadow -> ring")
+    pits = switch_keeps_every_pit(data, tmp_path, (("ring", 0x11), ("shadow", 0x22), ("ring", 0x33)))
+    print(f"seed={seed}: PITs {pits} kept across ring -> shadow -> ring")

@@ -11,10 +11,15 @@ running stack (`nicsplit up`): status, PITs, the replica, one-line errors.
 * `status`, `qemu_io`, `wait_durable` — ``nicsplit status --json``; a
   qemu-io run of commands on an NBD URI; wait until cg1 is protected with
   the journal at the host's last seq.
+* `restore_bytes`, `host_card_link`, `switch_keeps_every_pit` — a vdisk
+  restored (``nicsplit restore``) as bytes; which card transport the
+  running host's link speaks; the transport switch check of issue 12 (each
+  start on the next transport restores every earlier PIT as before).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -26,7 +31,7 @@ from nicsplit.core.layout import Layout, vdisk_file
 from nicsplit.storage import atrest
 from nicsplit.storage.image import open_image
 from nicsplit.testing.datadir import init_data
-from nicsplit.testing.procs import run_cli, wait_for
+from nicsplit.testing.procs import UpProcess, run_cli, wait_for
 
 SIZE = 8 << 20
 
@@ -135,3 +140,44 @@ def wait_durable(data: Path, timeout: float = 120) -> dict:
         (cg,) = status(data)["cgs"]
         return cg if cg["state"] == "protected" and (cg.get("last_durable_seq") or 0) >= (cg.get("host_last_seq") or 0) > 0 else None
     return wait_for(done, timeout, "cg1 protected with the journal at the host's last seq", interval=0.5)
+
+
+def restore_bytes(data: Path, tmp_path: Path, vdisk: str, *how: str) -> bytes:
+    """``nicsplit restore VDISK *how`` to a scratch file, returned as bytes."""
+    out = tmp_path / f"restore-{vdisk}.raw"
+    run_cli(data, "restore", vdisk, *how, "--to", str(out), "--force", timeout=120)
+    b = out.read_bytes()
+    out.unlink()
+    return b
+
+
+def host_card_link(data: Path) -> str:
+    """The kind of the running host's card link, told by its counters."""
+    st = json.loads(run_cli(data, "host", "stats", "--json").stdout).get("card_transport", {})
+    return "shadow" if "device_submitted" in st else "nvme-pi" if "guard_errors" in st else "ring"
+
+
+def switch_keeps_every_pit(data: Path, tmp_path: Path, rounds: tuple[tuple[str, int], ...]) -> list[int]:
+    """Start ``nicsplit up --transport T`` for each (T, pattern) of
+    ``rounds`` in turn (vdisk ``a`` of cg1, `cg_data`): every PIT of the
+    earlier starts restores as it did, a 256 KiB write of the pattern at
+    MiB ``round`` is journaled after them in the same CG sequence, and the
+    latest PIT holds every round's write. Returns the PITs' seqs."""
+    digests: dict[int, str] = {}  # PIT seq -> sha256 of vdisk a restored there
+    for round_, (transport, pattern) in enumerate(rounds):
+        with UpProcess(data, "--transport", transport) as up:
+            assert ("card" in up.ready["processes"]) == (transport != "net"), up.ready  # net needs no card
+            if transport != "net":
+                assert host_card_link(data) == transport
+            for seq, digest in digests.items():  # every PIT of the earlier runs restores as it did
+                assert hashlib.sha256(restore_bytes(data, tmp_path, "a", "--seq", str(seq))).hexdigest() == digest, seq
+            qemu_io(up.uri("a"), f"write -P {pattern:#x} {round_ << 20} 256k", "flush")
+            seq = wait_durable(data)["host_last_seq"]
+            assert seq > max(digests, default=0)  # the CG's sequence goes on across the switch
+            img = restore_bytes(data, tmp_path, "a", "--latest")
+            for r, (_, p) in enumerate(rounds[: round_ + 1]):
+                assert img[r << 20: (r << 20) + (256 << 10)] == bytes([p]) * (256 << 10), (transport, r)
+            digests[seq] = hashlib.sha256(img).hexdigest()
+            (v,) = [v for c in status(data)["cgs"] for v in c["vdisks"]]
+            assert v.get("transport") == transport and v["state"] == "protected", v
+    return sorted(digests)
