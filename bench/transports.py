@@ -4,9 +4,11 @@ protecting a write side by side, none / ring / nvme-pi / shadow / net, each
 with a 0 ms and a ``--delay-ms`` (0.5) one-way emulated link to the
 appliance, one table and one plot from the same run.
 
-Set-up: one data directory; vdisk ``a`` in CG ``cg1`` (protected) and vdisk
-``n`` of the same size in no CG (the split filter passes its IOs through:
-state ``unprotected``), both pre-filled once. The link emulator
+Set-up, fresh for every start of every transport (so each starts from the
+same state: no journal left by the transport before it): a data directory
+with vdisk ``a`` in CG ``cg1`` (protected) and vdisk ``n`` of the same size
+in no CG (the split filter passes its IOs through: state ``unprotected``),
+both pre-filled with one sequential pass. The link emulator
 (``python -m nicsplit.testing.linkemu``, a process of its own so its CPU is
 counted apart) sits between whoever ships (the card; the host with ``net``)
 and the appliance (``[card] appliance`` and ``[splitter] appliance`` name
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -182,7 +185,7 @@ def pids_of(up: UpProcess, data: Path, link: Link) -> tuple[dict[str, int], bool
 
 
 def phase(data: Path, up: UpProcess, link: Link, vdisk: str, *, qd: int, seconds: float, work: Path,
-          tag: str) -> dict[str, Any]:
+          tag: str, size: int) -> dict[str, Any]:
     """One fio run with the CPU of every process and the split histogram around it."""
     t_wait = time.monotonic()
     try:
@@ -198,7 +201,7 @@ def phase(data: Path, up: UpProcess, link: Link, vdisk: str, *, qd: int, seconds
     h0 = host_split(data, [vdisk])[vdisk]
     c0 = {k: cpu_seconds(p) for k, p in pids.items()}
     out = work / f"fio-{tag}.json"
-    cmd = fio_cmd(up.uri(vdisk), rw="randwrite", bs="4k", size="256m", iodepth=qd, out=out, runtime=seconds)
+    cmd = fio_cmd(up.uri(vdisk), rw="randwrite", bs="4k", size=f"{size >> 20}m", iodepth=qd, out=out, runtime=seconds)
     t0 = time.monotonic()
     job = run_fio(cmd + ["--randseed=4242"], out, timeout=seconds + 120)
     wall = time.monotonic() - t0
@@ -226,7 +229,7 @@ def phase(data: Path, up: UpProcess, link: Link, vdisk: str, *, qd: int, seconds
 
 
 def transport_round(data: Path, appliance: str, link: Link, transport: str, delays: list[float], *,
-                    qd1_s: float, qd16_s: float, work: Path, r: int) -> dict[str, Any]:
+                    qd1_s: float, qd16_s: float, work: Path, r: int, size: int) -> dict[str, Any]:
     """Every (link, QD) phase of one transport in one `nicsplit up`; {"not_built": reason} when
     this tree does not know it."""
     args = ["--appliance-listen", appliance] + ([] if transport == NONE else ["--transport", transport])
@@ -243,13 +246,17 @@ def transport_round(data: Path, appliance: str, link: Link, transport: str, dela
     res: dict[str, Any] = {}
     try:
         wait_for(lambda: cg_state(data, CG)["state"] == "protected", 180, "cg1 protected", interval=0.2)
-        print(f"  {transport}: up and protected in {time.monotonic() - t0:.1f} s", flush=True)
+        up_s = time.monotonic() - t0
+        print(f"  {transport}: up and protected in {up_s:.1f} s", flush=True)
         out = work / "warm.json"  # connections made, the link attached, caches warm: not measured
-        run_fio(fio_cmd(up.uri(vdisk), rw="randwrite", bs="4k", size="256m", iodepth=1, out=out, runtime=1), out, 120)
+        run_fio(fio_cmd(up.uri(vdisk), rw="randwrite", bs="4k", size=f"{size >> 20}m", iodepth=1, out=out, runtime=1),
+                out, 120)
         for delay in delays:
             link.set_delay(delay)
             for qd, secs in ((1, qd1_s), (16, qd16_s)):
-                ph = phase(data, up, link, vdisk, qd=qd, seconds=secs, work=work, tag=f"{transport}-{delay}-{qd}-{r}")
+                ph = phase(data, up, link, vdisk, qd=qd, seconds=secs, work=work, tag=f"{transport}-{delay}-{qd}-{r}",
+                           size=size)
+                ph["up_s"] = round(up_s, 1)
                 res[f"{delay}/qd{qd}"] = ph
                 print(f"  round {r} {transport:<8} link {delay} ms QD{qd}: p50 {ph['p50_us']:.0f} us p99 "
                       f"{ph['p99_us']:.0f} us {ph['iops']:,.0f} IOPS split p50/p99 {fmt(ph['split_p50_us'], '.1f')}/"
@@ -277,17 +284,19 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         link = Link(work, appliance).start()
         try:
             relay = link.ready["address"]
-            data = setup(work, size, appliance, relay)
-            print("pre-fill", flush=True)
-            prefill(data, appliance, work, size)
             for r in range(a.rounds):
                 order = transports[r % len(transports):] + transports[:r % len(transports)]
                 print(f"round {r + 1}/{a.rounds}: {', '.join(order)}", flush=True)
                 for t in order:
                     if t in doc["not_built"]:
                         continue
+                    # A fresh, pre-filled data directory per start: every transport starts from the same
+                    # state (the appliance's start time grows with its journal; see docs/benchmarks.md).
+                    shutil.rmtree(work / "data", ignore_errors=True)
+                    data = setup(work, size, appliance, relay)
+                    prefill(data, appliance, work, size)
                     got = transport_round(data, appliance, link, t, delays, qd1_s=a.qd1_seconds,
-                                          qd16_s=a.qd16_seconds, work=work, r=r)
+                                          qd16_s=a.qd16_seconds, work=work, r=r, size=size)
                     if "not_built" in got:
                         doc["not_built"][t] = got["not_built"]
                         print(f"  {t}: not built in this tree ({got['not_built']})", flush=True)
@@ -326,14 +335,17 @@ def rows(doc: dict) -> list[dict[str, Any]]:
             base = col(doc, NONE, delay, 1, "p50_us")
             ratios = paired_ratios(p50, base) if t != NONE and base else []
             added = [v - b for v, b in zip(p50, base) if v is not None and b is not None] if base else []
+            zero = col(doc, t, doc["delays_ms"][0], 1, "p50_us")
+            link_cost = [v - z for v, z in zip(p50, zero) if v is not None and z is not None]
             out.append({
                 "transport": t, "delay": delay, "p50": p50, "p99": col(doc, t, delay, 1, "p99_us"),
-                "ratio": ratios, "added": added, "iops": col(doc, t, delay, 16, "iops"),
+                "ratio": ratios, "added": added, "link_cost": link_cost, "iops": col(doc, t, delay, 16, "iops"),
                 "split1": (col(doc, t, delay, 1, "split_p50_us"), col(doc, t, delay, 1, "split_p99_us")),
                 "split16_p99": col(doc, t, delay, 16, "split_p99_us"),
                 "cpu": {k: col(doc, t, delay, 16, f"cpu_us_per_write.{k}")
                         for k in ("host", "card", "card_work", "card_idle", "appliance", "relay")},
                 "marked": sum(x or 0 for q in (1, 16) for x in col(doc, t, delay, q, "marked")),
+                "late": sum(x or 0 for q in (1, 16) for x in col(doc, t, delay, q, "late")),
                 "states": sorted({x for q in (1, 16) for x in col(doc, t, delay, q, "cg_state") if x}),
                 "verdict": verdict(t, med(ratios), med(added), 2000 * delay),
             })
@@ -344,24 +356,28 @@ def markdown(doc: dict) -> str:
     lines = ["# Five transports side by side (bench/transports.py, issue 12)", "",
              f"{doc['when']}, commit {doc['commit']}, {doc['machine']}, load average {doc['loadavg_start']:.2f} at "
              f"start, {doc.get('loadavg_end', 0):.2f} at the end; median of {doc['rounds']} rounds (min..max). "
+             "+link = QD1 p50 at this link − at the 0 ms link, same transport, paired per round (a round trip "
+             f"is {2 * doc['delays_ms'][-1]:g} ms). "
              f"fio 4 KiB randwrite: QD1 {doc['qd1_s']:g} s, QD16 unpaced {doc['qd16_s']:g} s, {doc['size']} MiB "
              "vdisks. *none* = a vdisk in no CG under the same `nicsplit up` (default transport; its IOs pass "
              "the split filter untouched). Ratio = QD1 p50 / none's, paired per round. CPU µs per write at QD16 "
-             "from /proc/PID/stat; card = acker + worker, its idle (empty polls, doorbell sleeps) also apart.", "",
-             "| transport | link one-way | QD1 p50 µs | QD1 p99 µs | p50 × none | verdict | QD16 IOPS | "
+             "from /proc/PID/stat; card = acker + worker, its idle (empty polls, doorbell sleeps) also apart. "
+             "late = writes whose ack came after split_timeout_us (they went on unconfirmed; all rounds, QD1 + QD16).",
+             "",
+             "| transport | link one-way | QD1 p50 µs | +link µs | QD1 p99 µs | p50 × none | verdict | QD16 IOPS | "
              "split p50 / p99 µs (QD1) | split p99 µs (QD16) | host µs/w | card µs/w (of it idle) | "
              "appliance µs/w | relay µs/w | states |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows(doc):
         head = f"| {r['transport']} | {r['delay']:g} ms |"
         if r.get("not_built"):
-            lines.append(head + " not built | | | not built | | | | | | | | |")
+            lines.append(head + " not built | | | | not built | | | | | | | | |")
             continue
         c = r["cpu"]
         card = "–" if med(c["card"]) is None else f"{fmt_spread(c['card'], '.1f')} ({fmt(med(c['card_idle']), '.1f')})"
-        marked = f", {r['marked']} marked" if r["marked"] else ""
+        marked = (f", {r['marked']} marked" if r["marked"] else "") + (f", {r['late']} late" if r["late"] else "")
         lines.append(
-            f"{head} {fmt_spread(r['p50'])} | {fmt_spread(r['p99'])} | {fmt_spread(r['ratio'], '.2f')} | "
+            f"{head} {fmt_spread(r['p50'])} | {fmt_spread(r['link_cost']) if r['delay'] else '–'} | {fmt_spread(r['p99'])} | {fmt_spread(r['ratio'], '.2f')} | "
             f"{r['verdict']} | {fmt_spread(r['iops'], ',.0f')} | {fmt(med(r['split1'][0]), '.1f')} / "
             f"{fmt(med(r['split1'][1]), '.1f')} | {fmt(med(r['split16_p99']), '.0f')} | {fmt_spread(c['host'], '.1f')} | "
             f"{card} | {fmt(med(c['appliance']), '.1f')} | {fmt(med(c['relay']), '.1f')} | "
@@ -393,10 +409,11 @@ def plot(doc: dict, path: Path) -> None:
             axes[2].bar(xs, vals, width, bottom=bottom, label=f"{k} ({delay:g} ms)", color=colour,
                         alpha=1.0 if j == 0 else 0.55)
             bottom = [b + v for b, v in zip(bottom, vals)]
-    for ax, title in ((axes[0], "QD1 p50 µs (client, fio)"), (axes[1], "QD16 IOPS (unpaced)"),
+    for ax, title in ((axes[0], "QD1 p50 µs (client, fio; log scale)"), (axes[1], "QD16 IOPS (unpaced)"),
                       (axes[2], "CPU µs per write at QD16")):
         ax.set_xticks([i + width * (len(doc["delays_ms"]) - 1) / 2 for i in range(len(ts))], ts)
         ax.set_title(title)
+    axes[0].set_yscale("log")  # net's milliseconds next to the others' ~100 µs
     axes[0].legend()
     axes[1].legend()
     axes[2].legend(fontsize=6, ncol=2)
@@ -416,15 +433,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qd16-seconds", type=float, default=12)
     ap.add_argument("--size", type=int, default=256, help="vdisk size, MiB")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    ap.add_argument("--report", type=Path, metavar="JSON", help="no run: the table and plot again from a saved transports.json")
     a = ap.parse_args(argv)
     if a.quick:
         a.rounds, a.qd1_seconds, a.qd16_seconds = 1, 3, 4
     a.out.mkdir(parents=True, exist_ok=True)
-    try:
-        doc = run(a)
-    except FioError as e:
-        print(f"fio failed: {e}", file=sys.stderr)
-        return 2
+    if a.report:
+        doc = json.loads(a.report.read_text())
+    else:
+        try:
+            doc = run(a)
+        except FioError as e:
+            print(f"fio failed: {e}", file=sys.stderr)
+            return 2
     (a.out / "transports.json").write_text(json.dumps(doc, indent=1))
     md = markdown(doc)
     (a.out / "transports.md").write_text(md)

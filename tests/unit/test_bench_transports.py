@@ -64,7 +64,8 @@ def test_table_has_ratios_against_none_and_a_not_built_row():
            "results": {}}
     for d in (0.0, 0.5):
         doc["results"][f"none@{d}/qd1"] = [_phase(100, 0), _phase(200, 0)]
-        doc["results"][f"ring@{d}/qd1"] = [_phase(105, 0), _phase(260, 0)]
+        extra = (1000, 500) if d else (0, 0)  # the link's cost in the ring's QD1 p50, round by round
+        doc["results"][f"ring@{d}/qd1"] = [_phase(105 + extra[0], 0), _phase(260 + extra[1], 0)]
         for t in ("none", "ring"):
             doc["results"][f"{t}@{d}/qd16"] = [_phase(900, 5000), _phase(900, 7000)]
     md = tb.markdown(doc)
@@ -73,5 +74,8 @@ def test_table_has_ratios_against_none_and_a_not_built_row():
     assert "1.18 (1.05..1.30)" in ring[0]  # median of the paired ratios 1.05 and 1.30
     assert "**not met**" in ring[0]
     assert "6,000 (5,000..7,000)" in ring[0]
+    ring5 = [line for line in md.splitlines() if line.startswith("| ring | 0.5 ms")][0]
+    assert ring5.startswith("| ring | 0.5 ms | 932 (760..1105) | 750 (500..1000) |")  # p50, then +link
+    assert ring[0].startswith("| ring | 0 ms | 182 (105..260) | – |")
     assert any(line.startswith("| shadow | 0.5 ms | not built") for line in md.splitlines())
     assert "baseline" in [line for line in md.splitlines() if line.startswith("| none | 0 ms")][0]
