@@ -33,6 +33,7 @@ bench: system-deps venv
 	$(PY) bench/run.py
 	$(PY) bench/keepup.py
 	$(PY) bench/protection.py
+	$(PY) bench/transports.py
 	$(PY) bench/overflow.py
 	$(PY) bench/recovery.py
 	$(PY) bench/distribution.py

@@ -223,10 +223,11 @@ def card_cpu(st0: dict, st1: dict, d: dict[str, float], writes: int) -> dict[str
     polls and its doorbell sleeps (CPU in the syscalls and the wake-up, the
     cost of not spinning on a shared core), and the worker's rounds that
     found nothing and closed no batch. Everything else is work."""
-    h0, h1 = st0["endpoint"]["handoff"], st1["endpoint"]["handoff"]
+    # A card without the acker/worker handoff (nvme-pi: one process) has no acker counters: 0.
+    h0, h1 = ((s.get("endpoint") or {}).get("handoff") or {} for s in (st0, st1))
     g = lambda k: h1.get(k, 0) - h0.get(k, 0)  # noqa: E731
     us = lambda x: 1e6 * x / max(1, writes)  # noqa: E731
-    w_empty = st1["poller"].get("empty_poll_s", 0) - st0["poller"].get("empty_poll_s", 0)
+    w_empty = (st1.get("poller") or {}).get("empty_poll_s", 0) - (st0.get("poller") or {}).get("empty_poll_s", 0)
     out = {"acker": us(d["acker"]), "acker_busy": us(g("acker_busy_s")), "acker_empty_poll": us(g("acker_empty_poll_s")),
            "acker_sleep": us(g("acker_sleep_cpu_s")), "worker": us(d["worker"]), "worker_empty_poll": us(w_empty)}
     out["card_idle"] = out["acker_empty_poll"] + out["acker_sleep"] + out["worker_empty_poll"]
