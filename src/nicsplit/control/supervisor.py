@@ -156,7 +156,9 @@ class Supervisor:
             c.ready = await asyncio.wait_for(self._wait_ready(c), READY_TIMEOUT_S)
         except (asyncio.TimeoutError, EOFError) as e:
             tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{c.name} did not start ({e or 'timeout'}); its log ({log_path}) ends:\n{tail}") from None
+            # A timeout's str() is empty: say what the wait was.
+            why = str(e) or f"no ready line within {READY_TIMEOUT_S:g} s"
+            raise RuntimeError(f"{c.name} did not start ({why}); its log ({log_path}) ends:\n{tail}") from None
         if c.sticky is not None and c.restarts == 0:
             c.argv = c.argv + c.sticky(c.ready)
         log.info("%s ready (pid %d%s)", c.name, c.proc.pid, f", CPUs {list(c.cpus)}" if c.cpus else "")
