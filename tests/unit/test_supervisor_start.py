@@ -32,7 +32,7 @@ def _start(tmp_path, code: str) -> str:
 
 def test_a_child_without_a_ready_line_is_reported_as_a_timeout(tmp_path, monkeypatch):
     monkeypatch.setattr(sv, "READY_TIMEOUT_S", 0.5)
-    msg = _start(tmp_path, "import sys, time; print('warming up', file=sys.stderr, flush=True); time.sleep(30)")
+    msg = _start(tmp_path, "import signal, sys; print('warming up', file=sys.stderr, flush=True); signal.pause()")
     assert msg.startswith("slowpoke did not start (no ready line within 0.5 s); its log ("), msg
     assert msg.rstrip().endswith("warming up"), msg
 
