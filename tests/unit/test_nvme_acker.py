@@ -5,16 +5,13 @@ see exactly what the inline NvmePiEndpoint hands the pipeline."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
-from nicsplit.card.handoff import Handoff
-from nicsplit.card.transports.nvme_acker import NvmeAcker
 from nicsplit.card.transports.nvme_pi import NvmePiEndpoint, NvmePiSplitter
-from nicsplit.card.transports.ring_handoff import HandoffEndpoint
 from nicsplit.core.records import AugmentedWrite, Op, Outcome, Status, WFlag
+from nicsplit.testing.cardrig import CardRig
 from nicsplit.testing.splitpair import WriteMaker
 from nicsplit.wire import nvme as N
 
@@ -24,32 +21,19 @@ _records = WriteMaker()
 write = _records.write
 
 
-class Rig:
-    """Splitter → acker → handoff → worker endpoint; `card()` is one acker
-    pump then one worker poll."""
+class Rig(CardRig):
+    """`CardRig` on nvme-pi, the acker's refusals collected; `card()` is one
+    acker pump then one worker poll."""
 
     def __init__(self, run, *, data_size: int = 1 << 20, sq: int = 8, slots: int = 64) -> None:
-        self.ho = Handoff.create(slots=slots)
+        super().__init__(run, slots=slots, data_size=data_size, sq=sq, verify=False, transport="nvme-pi",
+                         stale_after_ns=STALE)
         self.refused: list[tuple] = []
-        self.acker = NvmeAcker(run, handoff=self.ho, data_size=data_size, sq_entries=sq, cq_entries=sq)
         self.acker.on_refused = lambda *a: self.refused.append(a)
-        self.worker_ho = Handoff(os.dup(self.ho.fd))
-        self.worker = HandoffEndpoint(self.worker_ho, self.acker.volume_path, self.acker.fake_uid,
-                                      self.acker.wake_fd, verify_checksums=False, transport="nvme-pi")
-        self.sp = NvmePiSplitter.connect(str(self.acker.socket_path), stale_after_ns=STALE)
 
     def card(self) -> list:
         self.acker.pump()
         return self.worker.poll()
-
-    def close(self) -> None:
-        self.sp.close()
-        self.worker.close()
-        self.worker_ho.close()
-        os.close(self.worker_ho.fd)
-        self.acker.close()
-        self.ho.close()
-        os.close(self.ho.fd)
 
 
 @pytest.fixture

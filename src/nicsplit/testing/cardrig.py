@@ -1,6 +1,7 @@
 """The card's two ends of a ring in one process, for tests: an acker
 (`RingAcker`), the pipeline worker's endpoint (`HandoffEndpoint`) on the
-same handoff queue, and the host's `RingSplitter`, stepped by hand."""
+same handoff queue, and the host's `RingSplitter`, stepped by hand.
+``transport="nvme-pi"`` makes it `NvmeAcker` and `NvmePiSplitter`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 from typing import Callable
 
 from nicsplit.card.handoff import Handoff
+from nicsplit.card.transports.nvme_acker import NvmeAcker
+from nicsplit.card.transports.nvme_splitter import NvmePiSplitter
 from nicsplit.card.transports.ring_acker import RingAcker
 from nicsplit.card.transports.ring_handoff import HandoffEndpoint
 from nicsplit.card.transports.ring_splitter import RingSplitter
@@ -22,13 +25,17 @@ class CardRig:
     """Acker, worker endpoint and splitter on one ring; `close` undoes all three."""
 
     def __init__(self, run: str, *, slots: int = 1024, data_size: int = 4 << 20, sq: int = 64,
-                 on_refused: Callable[..., None] = no_refusal, verify: bool = True) -> None:
+                 on_refused: Callable[..., None] = no_refusal, verify: bool = True, transport: str = "ring",
+                 **splitter_options) -> None:
+        nvme = transport == "nvme-pi"
         self.ho = Handoff.create(slots=slots)
-        self.acker = RingAcker(run, handoff=self.ho, data_size=data_size, sq_entries=sq, cq_entries=sq)
+        self.acker = (NvmeAcker if nvme else RingAcker)(run, handoff=self.ho, data_size=data_size, sq_entries=sq,
+                                                        cq_entries=sq)
         self.worker_ho = Handoff(os.dup(self.ho.fd))
         self.worker = HandoffEndpoint(self.worker_ho, self.acker.volume_path, self.acker.fake_uid,
-                                      self.acker.wake_fd, on_refused=on_refused, verify_checksums=verify)
-        self.sp = RingSplitter.connect(str(self.acker.socket_path))
+                                      self.acker.wake_fd, on_refused=on_refused, verify_checksums=verify,
+                                      transport=transport)
+        self.sp = (NvmePiSplitter if nvme else RingSplitter).connect(str(self.acker.socket_path), **splitter_options)
 
     def close(self) -> None:
         self.sp.close()
