@@ -49,10 +49,11 @@ def status(data: Path) -> dict:
     return json.loads(run_cli(data, "status", "--json").stdout)
 
 
-def fio(uri: str, seed: int, cwd: Path, rate_iops: int) -> subprocess.Popen:
+def fio(uri: str, seed: int, cwd: Path, rate_iops: int, loops: int = 1) -> subprocess.Popen:
     return subprocess.Popen(
         ["fio", "--name=a", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k", f"--size={SIZE}",
-         "--iodepth=16", "--verify=crc32c", "--verify_fatal=1", f"--randseed={seed}", f"--rate_iops={rate_iops}"],
+         "--iodepth=16", "--verify=crc32c", "--verify_fatal=1", f"--randseed={seed}", f"--rate_iops={rate_iops}",
+         f"--loops={loops}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
 
 
@@ -139,9 +140,13 @@ def test_card_killed_under_load_resyncs_by_itself(tmp_path, seed):
 def test_resync_interrupted_by_a_second_card_kill_resumes(tmp_path, seed):
     data = system(tmp_path, resync_mib_s=4)  # slow enough to kill the card half way
     with UpProcess(data) as up:
-        f = fio(up.uri("a"), seed, tmp_path, rate_iops=3000)
-        wait_for(lambda: len(journal(data, "cg1")) >= 300, 60, "some journaled writes", interval=0.1)
+        # Two passes (each verified), and the kill keyed on the host's own
+        # count, not on the journal (which lags on a loaded box): fio is
+        # still writing a when the card dies, so a is marked and resyncs.
+        f = fio(up.uri("a"), seed, tmp_path, rate_iops=3000, loops=2)
+        wait_for(lambda: host_vdisks(data)["a"]["split"] >= 300, 60, "some split writes on a", interval=0.02)
         kill_card(up)
+        wait_for(lambda: host_vdisks(data)["a"]["state"] != "protected", 60, "a out of protection", interval=0.02)
         out, _ = f.communicate(timeout=600)
         assert f.returncode == 0, out
         box: dict = {}
