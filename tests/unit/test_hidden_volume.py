@@ -106,8 +106,8 @@ def test_attach_refuses_bad_magic_version_size_mode(tmp_path, hv):
     with pytest.raises(HiddenVolumeError, match="magic"):
         HiddenVolume.attach(p, uid)
     p.unlink()
-    p, uid = _copy_with(tmp_path, hv, patch=lambda b: struct.pack_into("<I", b, 8, 2))
-    with pytest.raises(HiddenVolumeError, match="version 2"):
+    p, uid = _copy_with(tmp_path, hv, patch=lambda b: struct.pack_into("<I", b, 8, 1))
+    with pytest.raises(HiddenVolumeError, match="version 1"):
         HiddenVolume.attach(p, uid)
     p.unlink()
     p, uid = _copy_with(tmp_path, hv, size=hv.geometry.total_size - 4096)

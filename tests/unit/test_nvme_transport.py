@@ -289,3 +289,27 @@ def test_bad_commands_get_error_completions(make, caplog):
         assert ep.poll() == []
         got = N.unpack_completion(ep._cq, ((ep._cq_tail - 1) % 8) * 16)
         assert got.status == status, field
+
+
+def test_a_host_armed_for_acks_is_woken_by_the_completion_eventfd(make):
+    """The host sleeps for acks (HOST_WAITING, `arm_wake`): the card writes
+    the completion eventfd after posting; the host's look after arming sees a
+    completion by its phase tag, not only by CQ_TAIL."""
+    ep, sp = make()
+    w = write(b"a" * 4096)
+    assert sp.submit(w)
+    assert sp.arm_wake() is False  # nothing posted: the host may sleep
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(sp.wake_fd)
+    ep.poll()
+    assert os.eventfd_read(sp.wake_fd) == 1  # the card woke the sleeping host
+    assert sp.arm_wake() is True  # ... and the completion is there to reap
+    sp.disarm_wake()
+    sp.reap()
+    assert sp.take_ack(w.io_id) is True
+    w2 = write(b"b" * 4096)
+    assert sp.submit(w2)
+    ep.poll()  # nobody waits: no eventfd write
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(sp.wake_fd)
+    assert sp.arm_wake() is True  # posted before the flag was set: the look after arming finds it

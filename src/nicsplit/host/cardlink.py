@@ -21,10 +21,15 @@ Rules:
 - Waiting for acks is pipelined: a write is published to the card, goes on
   to the datastore, and only its *reply* waits for the ack. A short spin
   catches the common case (the ack is there within microseconds); beyond it
-  the wait becomes an asyncio future that a loop callback completes by polling
-  the completion ring, so the host keeps taking other requests meanwhile —
-  one spinning write must not serialize a queue depth of 16 behind the card's
-  round trip. Deadlines are enforced by the same poller (P4).
+  the wait becomes an asyncio future, so the host keeps taking other
+  requests meanwhile — one spinning write must not serialize a queue depth
+  of 16 behind the card's round trip. The loop does not spin for it either:
+  a transport with a completion eventfd (`wake_fd`: ring, nvme-pi, shadow)
+  is armed (`arm_wake`) and the loop sleeps until the card writes it after
+  posting completions, or until the earliest deadline's timer; the poller
+  then reaps. A spinning loop cost the host a core's share the card and the
+  appliance need on a shared box. Deadlines are enforced by the same
+  poller (P4).
 - The kept list is bounded by the card's own capacity (a write the card has
   not released occupies hidden-volume space), plus ``max_tracked`` as a hard
   stop: beyond it the oldest entries' regions are marked dirty at once.
@@ -74,6 +79,9 @@ class CardLink:
         self.spin_ns = int(spin_us * 1000)
         self._waiting: dict[int, tuple[asyncio.Future, int]] = {}  # io_id -> (future, deadline)
         self._poller_scheduled = False
+        self._watched: int | None = None  # the transport's wake_fd while the loop watches it
+        self._timer: asyncio.TimerHandle | None = None  # the earliest waiting deadline's
+        self._timer_ns = 0
         self.async_waits = 0
         # vdisk id -> DirtyMap, for the card's lost-writes log; shared by every
         # link of a host, so a vdisk now on another transport is still marked
@@ -183,27 +191,71 @@ class CardLink:
                 break
         if monotonic_ns() >= deadline_ns:
             return t.detach(io_id)
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._waiting[io_id] = (fut, deadline_ns)
         self.async_waits += 1
+        if self._timer is None or deadline_ns < self._timer_ns:
+            self._set_timer(loop, deadline_ns)
         if not self._poller_scheduled:
-            self._poller_scheduled = True
-            asyncio.get_running_loop().call_soon(self._poll_acks)
+            self._wait_for_card(loop, t)
         return fut
 
+    def _wait_for_card(self, loop: asyncio.AbstractEventLoop, t: Any) -> None:
+        """Have `_poll_acks` run when the card posts completions: sleep on
+        the transport's completion eventfd, or (a transport without one)
+        poll on the next loop round."""
+        fd = getattr(t, "wake_fd", None)
+        if fd is not None:
+            if self._watched != fd:
+                self._unwatch()
+                loop.add_reader(fd, self._on_wake, t)
+                self._watched = fd
+            if not t.arm_wake():
+                return  # asleep until the card writes the eventfd, or the deadline timer
+        self._poller_scheduled = True
+        loop.call_soon(self._poll_acks)
+
+    def _on_wake(self, t: Any) -> None:
+        t.clear_wake()
+        if not self._poller_scheduled:
+            self._poll_acks()
+
+    def _set_timer(self, loop: asyncio.AbstractEventLoop, deadline_ns: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_ns = deadline_ns
+        self._timer = loop.call_at(deadline_ns / 1e9, self._on_deadline)  # loop.time() is time.monotonic()
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        if not self._poller_scheduled:
+            self._poll_acks()
+
+    def _unwatch(self) -> None:
+        """Stop watching a transport's eventfd (before it is closed)."""
+        if self._watched is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._watched)
+            except RuntimeError:  # no loop runs (closing at exit): nothing watches it
+                pass
+            self._watched = None
+
     def _poll_acks(self) -> None:
-        """Loop callback: complete waiting acks; reschedules itself while any
-        remain (busy polling only while acks are outstanding)."""
+        """Complete waiting acks; then sleep again (`_wait_for_card`) while
+        any remain, with a timer for the earliest deadline."""
         self._poller_scheduled = False
         waiting = self._waiting
-        if not waiting:
-            return
         t = self._t
+        if not waiting:
+            self._idle(t)
+            return
         if t is None:  # the card was lost: nobody will ack
             for fut, _ in waiting.values():
                 if not fut.done():
                     fut.set_result(False)
             waiting.clear()
+            self._idle(t)
             return
         t.reap()
         now = monotonic_ns()
@@ -217,9 +269,21 @@ class CardLink:
             del waiting[io_id]
             if not fut.done():
                 fut.set_result(v)
-        if waiting:
-            self._poller_scheduled = True
-            asyncio.get_running_loop().call_soon(self._poll_acks)
+        if not waiting:
+            self._idle(t)
+            return
+        loop = asyncio.get_running_loop()
+        if self._timer is None or self._timer_ns <= now:
+            self._set_timer(loop, min(d for _, d in waiting.values()))
+        self._wait_for_card(loop, t)
+
+    def _idle(self, t: Any) -> None:
+        """No ack is awaited: the card need not wake us, no deadline runs."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if t is not None and self._watched is not None:
+            t.disarm_wake()
 
     def late(self, io_id: int, position: int, dmap: Any, offset: int, length: int, transport: Any = None) -> None:
         """Keep a write whose ack missed its deadline as unconfirmed until
@@ -301,6 +365,7 @@ class CardLink:
             return
         if self._t is not None:
             self.trim()  # the hidden volume stays mapped: its counters are readable
+            self._unwatch()
             try:
                 self._t.close()
             except OSError as e:
@@ -317,6 +382,9 @@ class CardLink:
         self._tracked.clear()
         self._late.clear()
         self._early.clear()
+        if self._waiting and not self._poller_scheduled:  # their card is gone: refused on the next round
+            self._poller_scheduled = True
+            asyncio.get_running_loop().call_soon(self._poll_acks)  # waits exist only on the loop
         if n:
             log.warning("card lost (%s): %d unconfirmed writes marked dirty", reason, n)
 
@@ -341,7 +409,11 @@ class CardLink:
         if self._opening is not None:
             self._opening.cancel()
             self._opening = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._t is not None:
+            self._unwatch()
             try:
                 self._t.close()
             except OSError as e:

@@ -65,6 +65,12 @@ notification suppression), which is Dekker's pattern::
     card:  state = SLEEPING ; FENCE ; if sq_tail != sq_head: don't sleep
     host:  sq_tail = t      ; FENCE ; if state == SLEEPING: ring eventfd
 
+The completions have the same handshake the other way (the host sleeps on
+the completion eventfd while it waits for acks, instead of spinning)::
+
+    host:  waiting = 1      ; FENCE ; if cq_tail != cq_head: don't sleep
+    card:  cq_tail = t      ; FENCE ; if waiting: write the completion eventfd
+
 Without the fences both could read the stale value and the wake-up is lost.
 `full_fence()` executes a locked instruction (uncontended lock
 acquire/release), a full barrier on x86.  On a weakly ordered CPU (arm64)
@@ -104,10 +110,10 @@ class RingFormatError(ValueError):
 # ---------------------------------------------------------------------------
 
 MAGIC = b"NSPLITHV"  # 8 bytes at offset 0 of the volume
-VERSION = 1
+VERSION = 2  # 2: HOST_WAITING and the completion eventfd (the hello carries two descriptors)
 PAGE = 4096  # every region starts on a page: mmap granularity, no false sharing between regions
 CACHE_LINE = 64  # x86-64 line size; each counter gets a line of its own
-HEADER_SIZE = PAGE  # identity (128 B) + card line + 6 counter lines + counters: 704 B used, rest reserved
+HEADER_SIZE = PAGE  # identity (128 B) + card line + 6 counter lines + counters + host lines: 768 B used, rest reserved
 
 MIN_ENTRIES = 2
 MAX_ENTRIES = 1 << 20  # 1 Mi x 64 B = 64 MiB of SQ: far beyond any useful queue depth
@@ -159,6 +165,7 @@ class Counter(enum.IntEnum):
     DATA_HEAD = 512 // 8  # 512: logical start of payload still held        card writes
     HOST_PID = 640 // 8  # 640: pid of the attached host (0 = none)         host writes
     HOST_ATTACH_NS = 648 // 8  # 648: time.monotonic_ns() of the attach      host writes
+    HOST_WAITING = 704 // 8  # 704: 1 while the host sleeps on the completion eventfd   host writes
 
 
 class CardCounter(enum.IntEnum):
@@ -175,7 +182,7 @@ class CardCounter(enum.IntEnum):
 
 
 assert len({c.value for c in Counter} | {c.value for c in CardCounter}) == len(Counter) + len(CardCounter)
-assert max(Counter) * 8 + 8 <= 704 <= HEADER_SIZE
+assert max(Counter) * 8 + 8 <= 768 <= HEADER_SIZE
 
 
 class CardState(enum.IntEnum):

@@ -202,6 +202,7 @@ class NvmeAcker(NvmePiEndpoint, RingAcker):
             self._cq_tail, self._cq_phase = cq_tail, phase
             c[SQ_HEAD] = head
             c[CQ_TAIL] = cq_tail  # free-running, for a host that attaches later (wire/nvme.py rule 1)
+            self._wake_host()
             self._n_entries += consumed
         if acked:
             hc[_ACKED] += acked

@@ -197,6 +197,7 @@ class NvmePiEndpoint(RingEndpoint):
             self._cq_tail, self._cq_phase = cq_tail, phase
             c[SQ_HEAD] = head
             c[CQ_TAIL] = cq_tail  # free-running, for a host that attaches later (wire/nvme.py rule 1)
+            self._wake_host()
             self._n_entries += consumed
             if self._order and self._order[0][2]:  # refused payloads at the front
                 self._advance()

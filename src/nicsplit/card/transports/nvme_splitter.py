@@ -210,6 +210,8 @@ class NvmePiSplitter(RingSplitter):
     def _new_completion(self) -> bool:
         return (self._cq16[((self._cq_head & self._cq_mask) << 3) + 7] & 1) == self._cq_phase
 
+    _completion_pending = _new_completion  # `arm_wake`'s look: by phase tag, not CQ_TAIL
+
     def wait_ack(self, io_id: int, deadline_ns: int) -> bool:
         """Spin until ``io_id``'s completion arrives or ``deadline_ns`` passes
         (then False, and a late completion is recognised and dropped)."""

@@ -9,10 +9,11 @@ docs/formats.md; the interface in `nicsplit.card.transports.base`.
 
 Theory of operation
 ===================
-Set-up.  The card creates the hidden volume and an eventfd (the doorbell) and
-listens on ``RUN_DIR/card.sock`` (AF_UNIX, SOCK_SEQPACKET, mode 0600).  A host
+Set-up.  The card creates the hidden volume and two eventfds (the doorbell,
+and the completion eventfd that wakes a host sleeping for acks) and listens
+on ``RUN_DIR/card.sock`` (AF_UNIX, SOCK_SEQPACKET, mode 0600).  A host
 connects; the card answers with one message: JSON (path, fake UID, geometry,
-card pid) plus the eventfd as SCM_RIGHTS.  The host attaches the volume and
+card pid) plus both eventfds as SCM_RIGHTS.  The host attaches the volume and
 checks it against the JSON.  One host at a time: a second one gets
 ``{"error": ...}`` and no descriptors.  The socket stays open for the life of
 the attachment; its EOF tells each side the other is gone.
@@ -29,7 +30,10 @@ Write (host, synchronous, one producer):
 4. publish ``data_tail`` then ``sq_tail``; full fence; ring the eventfd only
    if the card state is SLEEPING (notification suppression);
 5. spin on ``cq_tail`` until a completion for this io_id arrives (True if OK)
-   or ``timeout_ns`` passes (False).  Completions for other io_ids (late acks
+   or ``timeout_ns`` passes (False).  The pipelined host (`CardLink`) spins
+   briefly, then sleeps on the completion eventfd: ``arm_wake`` sets
+   HOST_WAITING, fences and looks again; the card writes the eventfd after a
+   round's CQ_TAIL store while the flag is set (rule 5's handshake, reversed).  Completions for other io_ids (late acks
    of timed-out splits) are matched against the tracker table and dropped.
 
 ``split`` = ``submit`` (steps 1-4, never waits) + ``wait_ack`` (step 5); the

@@ -213,6 +213,7 @@ class RingAcker(RingEndpoint):
         if cq_tail != cq_tail0:
             self._cq_tail = cq_tail
             c[CQ_TAIL_I] = cq_tail  # the round's acks are out before any of its entries is handed off
+            self._wake_host()
             if _FP:
                 _fp.hit("card.acker.after-ack")  # acked, not yet in the handoff queue
         if run_k:  # the last run's copy (not a publication: PRODUCED below is) after the acks
@@ -278,6 +279,7 @@ class RingAcker(RingEndpoint):
             cq_tail += 1
             self._cq_tail = cq_tail
             c[CQ_TAIL_I] = cq_tail  # the ack is out before the entry is handed off
+            self._wake_host()
             if _FP:
                 _fp.hit("card.acker.after-ack")
             s = produced & ho.mask

@@ -24,7 +24,7 @@ from xxhash import xxh3_64_intdigest as xxh3
 
 from nicsplit.card.hidden import DEFAULT_DATA_SIZE, DEFAULT_ENTRIES, HiddenVolume
 from nicsplit.card.transports.ring_shared import (
-    CLOSED, CQ_HEAD, CQ_TAIL, DATA_HEAD, DATA_TAIL, DF_CSUM, FAILED, HEARTBEAT, K_OUTCOME, K_WRITE, M32, OK, OPS,
+    CLOSED, CQ_HEAD, CQ_TAIL, DATA_HEAD, DATA_TAIL, DF_CSUM, FAILED, HEARTBEAT, HOST_WAITING, K_OUTCOME, K_WRITE, M32, OK, OPS,
     POLLING, R_FULL, SLEEPING, SOCKET_NAME, SQ_HEAD, SQ_TAIL, STATE, STATUSES, WFLAGS, RateLimitedLog, cqe_pack,
     desc_unpack, fence, peer_alive, reason_name,
 )
@@ -85,6 +85,10 @@ class RingEndpoint:
         self.fake_uid = self._hv.uid
         try:
             self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            # The host's "interrupt": written after a CQ publication only while
+            # the host sleeps on it (HOST_WAITING), so a host never spins its
+            # event loop for an ack (`_wake_host`).
+            self._cq_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             old = os.umask(0o177)
             try:
@@ -120,6 +124,7 @@ class RingEndpoint:
         self._order: collections.deque[list] = collections.deque()  # every tracked allocation, in order
         self._n_entries = self._n_writes = self._n_outcomes = self._n_bad = self._n_bytes = 0
         self._n_sleeps = self._n_wakeups = self._n_released = self._n_cq_full = self._n_refused_full = 0
+        self._n_host_wakes = 0
         self._warn = RateLimitedLog()
         self._poller = select.poll()
         self._poller.register(self._efd, select.POLLIN)
@@ -207,12 +212,23 @@ class RingEndpoint:
             head += 1
         consumed = head - self._sq_head
         self._sq_head = head
-        self._cq_tail = cq_tail
+        if cq_tail != self._cq_tail:
+            self._cq_tail = cq_tail
+            self._wake_host()
         c[SQ_HEAD] = head
         self._n_entries += consumed
         if self._order and self._order[0][_H_RELEASED]:  # refused payloads at the front
             self._advance()
         return out
+
+    def _wake_host(self) -> None:
+        """After a CQ_TAIL store: write the completion eventfd if the host
+        sleeps on it (the Dekker handshake of wire/ring.py: the fence makes
+        CQ_TAIL visible before HOST_WAITING is read)."""
+        fence()
+        if self._ctr[HOST_WAITING]:
+            self._n_host_wakes += 1
+            os.eventfd_write(self._cq_efd, 1)
 
     def _check_payload(self, reason: int, data_pos: int, length: int, data_tail: int, dflags: int,
                        csum: int) -> tuple[int, bool]:
@@ -330,7 +346,7 @@ class RingEndpoint:
         self._ctr[STATE] = CLOSED
         os.write(self._wake_w, b"x")
         self._control.join(timeout=5)
-        for fd in (self._wake_r, self._wake_w, self._efd):
+        for fd in (self._wake_r, self._wake_w, self._efd, self._cq_efd):
             os.close(fd)
         self._lsock.close()
         try:
@@ -359,8 +375,9 @@ class RingEndpoint:
         }).encode()
 
     def _hello_fds(self) -> list[int]:
-        """Descriptors sent with the hello (SCM_RIGHTS): the doorbell."""
-        return [self._efd]
+        """Descriptors sent with the hello (SCM_RIGHTS): the doorbell and the
+        completion eventfd."""
+        return [self._efd, self._cq_efd]
 
     def _serve_control(self) -> None:
         host: socket.socket | None = None

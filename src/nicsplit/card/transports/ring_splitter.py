@@ -46,7 +46,7 @@ from xxhash import xxh3_64_intdigest as xxh3
 from nicsplit.card.hidden import HiddenVolume, HiddenVolumeError
 from nicsplit.card.transports.base import TransportUnavailable
 from nicsplit.card.transports.ring_shared import (
-    CLOSED, CQ_HEAD, CQ_TAIL, DATA_HEAD, DATA_TAIL, DEFAULT_STALE_AFTER_NS, DF_CSUM, HEARTBEAT, K_OUTCOME, K_WRITE,
+    CLOSED, CQ_HEAD, CQ_TAIL, DATA_HEAD, DATA_TAIL, DEFAULT_STALE_AFTER_NS, DF_CSUM, HEARTBEAT, HOST_WAITING, K_OUTCOME, K_WRITE,
     M32, MAX_CONTROL_MSG, OK, SLEEPING, SQ_HEAD, SQ_TAIL, STATE, RateLimitedLog, brief, cqe_unpack, desc_pack,
     fence, reason_name,
 )
@@ -87,6 +87,7 @@ class RingStats:
     dropped: int = 0  # ... released unpublished (never seen by the card)
     no_room: int = 0  # reservations refused: no room (the write takes the copy path)
     held: int = 0  # reservations not yet released (their space is pinned)
+    ack_sleeps: int = 0  # times the host armed the completion eventfd to sleep for acks (`arm_wake`)
 
 
 # Reservation states.
@@ -142,15 +143,17 @@ class RingSplitter:
     """Host half of the ring transport (see module docstring)."""
 
     TRANSPORT = "ring"  # the card's hello must name it (a subclass speaking another layout names its own)
-    HELLO_FDS = 1  # descriptors the hello carries: the doorbell eventfd
+    HELLO_FDS = 2  # descriptors the hello carries: the doorbell and the completion eventfd
 
     def __init__(
         self, sock: socket.socket, hv: HiddenVolume, doorbell: int, card_pid: int,
-        stale_after_ns: int = DEFAULT_STALE_AFTER_NS, checksum: bool = True,
+        stale_after_ns: int = DEFAULT_STALE_AFTER_NS, checksum: bool = True, cq_wake: int | None = None,
     ) -> None:
         self._sock = sock
         self._hv = hv
         self._efd = doorbell
+        self.wake_fd = cq_wake  # readable when the card posted completions while we sleep (`arm_wake`)
+        self._ack_sleeps = 0
         self.card_pid = card_pid
         self.volume_path = str(hv.path)
         self._stale_ns = stale_after_ns
@@ -262,7 +265,7 @@ class RingSplitter:
                     **kw) -> "RingSplitter":
         """Build the host half from the card's hello (a subclass with more
         descriptors, `HELLO_FDS`, takes the rest: shadow's device queue)."""
-        return cls(s, hv, fds[0], card_pid, **kw)
+        return cls(s, hv, fds[0], card_pid, cq_wake=fds[1], **kw)
 
     # -- the hot path ------------------------------------------------------------
 
@@ -494,6 +497,32 @@ class RingSplitter:
         if ctail != self._cq_head:
             self._drain(ctail, -1)
 
+    def arm_wake(self) -> bool:
+        """Before sleeping on `wake_fd` for acks: set HOST_WAITING, fence, and
+        look again. True if completions came meanwhile (do not sleep: reap).
+        The card writes the eventfd after a CQ publication while the flag is
+        set (wire/ring.py MEMORY ORDERING), so no wake-up is lost."""
+        c = self._ctr
+        c[HOST_WAITING] = 1
+        fence()
+        self._ack_sleeps += 1
+        return self._completion_pending()
+
+    def disarm_wake(self) -> None:
+        """Nobody waits for acks: the card need not write the eventfd."""
+        if not self._closed:
+            self._ctr[HOST_WAITING] = 0
+
+    def clear_wake(self) -> None:
+        """Consume the eventfd's count (nonblocking) before reaping."""
+        try:
+            os.eventfd_read(self.wake_fd)
+        except BlockingIOError:
+            pass
+
+    def _completion_pending(self) -> bool:
+        return self._ctr[CQ_TAIL] != self._cq_head
+
     def take_ack(self, io_id: int) -> bool | None:
         """The verdict for ``io_id`` if its completion was reaped, else None."""
         return self._done.pop(io_id, None) if self._done else None
@@ -654,6 +683,7 @@ class RingSplitter:
             unknown_acks=self._unknown, bytes=self._bytes, abandoned=self._n_abandoned, late=self._n_late,
             reserved=self._n_reserved, in_place=self._n_in_place, moved=self._n_moved, dropped=self._n_dropped,
             no_room=self._n_no_room, held=sum(1 for r in self._held if r.state != _RELEASED),
+            ack_sleeps=self._ack_sleeps,
         )
 
     def close(self) -> None:
@@ -664,10 +694,13 @@ class RingSplitter:
         try:
             if not self._hv.closed:
                 self._ctr[R.Counter.HOST_PID] = 0
+                self._ctr[HOST_WAITING] = 0
         except ValueError:  # view already released
             pass
         self._sock.close()
         os.close(self._efd)
+        if self.wake_fd is not None:
+            os.close(self.wake_fd)
         self._hv.close()
 
     def __enter__(self) -> "RingSplitter":

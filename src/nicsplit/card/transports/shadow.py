@@ -14,9 +14,9 @@ Theory of operation
 ===================
 Set-up is the ring's (`nicsplit.card.transports.ring`): the card creates the
 hidden volume and serves ``RUN_DIR/card.sock``; its hello names the
-transport ``"shadow"`` and carries three descriptors (SCM_RIGHTS): the
-ring's doorbell eventfd, the device queue's memfd and the device's
-completion eventfd. The card opens the datastore's volume files itself, by
+transport ``"shadow"`` and carries four descriptors (SCM_RIGHTS): the
+ring's doorbell and completion eventfds, the device queue's memfd and the
+device's completion eventfd. The card opens the datastore's volume files itself, by
 index, in the data directory it shares with the host.
 
 Write (a data write of a vdisk on shadow):

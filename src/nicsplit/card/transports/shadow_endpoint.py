@@ -152,7 +152,7 @@ class ShadowEndpoint(RingEndpoint):
         return json.dumps(info).encode()
 
     def _hello_fds(self) -> list[int]:
-        """The doorbell, the device queue's memfd and its completion eventfd."""
+        """The ring's two (doorbell, completion eventfd), the device queue's memfd and its completion eventfd."""
         return [*super()._hello_fds(), self._dev.mem.fd, self._dev.done_fd]
 
     def statistics(self) -> ShadowEndpointStats:

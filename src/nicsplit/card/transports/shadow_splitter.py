@@ -39,7 +39,7 @@ class ShadowSplitter(RingSplitter):
     """Host half of the shadow transport (see module docstring)."""
 
     TRANSPORT = "shadow"
-    HELLO_FDS = 3  # the doorbell, the device queue's memfd, its completion eventfd
+    HELLO_FDS = 4  # the ring's doorbell and completion eventfd, the device queue's memfd, its completion eventfd
     shadow = True  # the splitter filter does not wait for the fake half's ack (`nicsplit.host.filters.split`)
 
     device: HostDevice
@@ -51,7 +51,7 @@ class ShadowSplitter(RingSplitter):
                 raise TransportUnavailable(f"card's device queue is v{info.get('device_version')}, "
                                            f"we speak v{S.VERSION}")
             try:
-                mem = DeviceMemory.attach(fds[1])
+                mem = DeviceMemory.attach(fds[2])
             except (OSError, ValueError) as e:  # ShadowFormatError is a ValueError
                 raise TransportUnavailable(f"card's device queue: {e}") from None
         except BaseException:
@@ -60,8 +60,8 @@ class ShadowSplitter(RingSplitter):
             for fd in fds:
                 os.close(fd)
             raise
-        t = cls(s, hv, fds[0], card_pid, **kw)
-        t.device = HostDevice(mem, fds[2], wake_card=t._wake_card, healthy=t.healthy)
+        t = cls(s, hv, fds[0], card_pid, cq_wake=fds[1], **kw)
+        t.device = HostDevice(mem, fds[3], wake_card=t._wake_card, healthy=t.healthy)
         return t
 
     def _wake_card(self) -> None:
