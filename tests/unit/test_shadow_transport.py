@@ -167,8 +167,8 @@ def test_unmatched_halves_are_counted_as_orphans_at_the_timeout(pair):
     ep.heartbeat()
     st = ep.statistics()
     assert (st.orphan_fake, st.orphan_real, st.unmatched_fake, st.unmatched_real) == (0, 0, 1, 1), st
-    ep._match_ns = 0  # now a timeout of 0: everything unmatched is overdue
-    ep._expire_at = 0  # the expiry runs at most every 100 ms; this test does not wait for it
+    ep.match.timeout_ns = 0  # now a timeout of 0: everything unmatched is overdue
+    ep.match._expire_at = 0  # the expiry runs at most every 100 ms; this test does not wait for it
     ep.heartbeat()
     st = ep.statistics()
     assert (st.orphan_fake, st.orphan_real, st.unmatched_fake, st.unmatched_real) == (1, 1, 0, 0), st

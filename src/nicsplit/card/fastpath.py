@@ -59,6 +59,7 @@ from nicsplit.card.sched import pin_cpus, quiet_gc, set_priority
 from nicsplit.card.transports.nvme_acker import NvmeAcker
 from nicsplit.card.transports.ring_acker import RingAcker
 from nicsplit.card.transports.ring_shared import fence
+from nicsplit.card.transports.shadow_acker import ShadowAcker
 
 log = logging.getLogger("nicsplit.card")
 
@@ -92,9 +93,14 @@ class Acker:
         self.cfg = cfg
         self.allowed = allowed  # the CPUs this process could use before it pinned itself
         self.handoff = Handoff.create(cfg.handoff_slots)
-        # nvme-pi's acker takes NVMe commands and hands off ring descriptors: the same worker
-        acker = NvmeAcker if cfg.transport == "nvme-pi" else RingAcker
-        self.ep = acker(cfg.run_dir, handoff=self.handoff, **cfg.transport_options)
+        # nvme-pi's acker takes NVMe commands and hands off ring descriptors: the same worker;
+        # shadow's also serves the device queue (the real halves: the datastore's volume files)
+        acker = {"nvme-pi": NvmeAcker, "shadow": ShadowAcker}.get(cfg.transport, RingAcker)
+        opts = dict(cfg.transport_options)
+        if cfg.transport == "shadow":
+            opts.setdefault("volume_dir", str(cfg.layout.datastore))
+            opts.setdefault("match_timeout_ms", cfg.pipeline.outcome_timeout_ms)
+        self.ep = acker(cfg.run_dir, handoff=self.handoff, **opts)
         self.lost = LostLog(cfg.layout.card_lost_log)
         self.ep.on_refused = self._refused
         self.proc: subprocess.Popen | None = None

@@ -56,11 +56,14 @@ from typing import Callable, Iterator
 
 from nicsplit.wire import ring as R
 
-__all__ = ["Handoff", "H", "REFUSED", "RELEASED", "DEFAULT_SLOTS", "POLLING", "SLEEPING"]
+__all__ = ["Handoff", "H", "REFUSED", "RELEASED", "REAL_HALF", "DEFAULT_SLOTS", "POLLING", "SLEEPING"]
 
 PAGE = 4096
 DEFAULT_SLOTS = 1 << 18  # 16 MiB of slots: twice the entries the default 256 MiB data area holds at 4 KiB
 REFUSED, RELEASED = 1, 2
+# The dflags byte of a handed-off OUTCOME made by the acker, not the host:
+# the real half of a shadow write, completed on the device queue.
+REAL_HALF = 0x80
 # NAPPING: the worker sleeps on a short timer, not the doorbell: the acker
 # need not ring it, and entries it leaves unread meanwhile are not "behind".
 POLLING, SLEEPING, NAPPING = 0, 1, 2
@@ -96,6 +99,8 @@ class H:
     BAD_CSUM = 192  # payloads found not matching their checksum (all workers) worker writes
     GUARD_ERRORS = 200  # nvme-pi: Writes completed 282h (End-to-end Guard Check)  acker writes
     PI_ERRORS = 208  # nvme-pi: Writes completed with another PI error              acker writes
+    DEV_ERRORS = 216  # shadow: device entries completed with an error              acker writes, each ms
+    DEV_BYTES = 224  # shadow: bytes the device wrote to volume files             acker writes, each ms
 
 
 _MAGIC = int.from_bytes(b"NSHANDOF", "little")

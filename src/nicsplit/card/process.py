@@ -710,7 +710,7 @@ async def run_card(
 
 def main(cfg: Any) -> int:
     """Synchronous entry for the CLI (``nicsplit card run``)."""
-    if isinstance(cfg, CardConfig) and cfg.fast_path == "process" and cfg.transport in ("ring", "nvme-pi"):
+    if isinstance(cfg, CardConfig) and cfg.fast_path == "process" and cfg.transport in ("ring", "nvme-pi", "shadow"):
         return fastpath.main(cfg)
     try:
         # The entry point alone picks the loop: CardProcess and run_card run

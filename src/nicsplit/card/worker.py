@@ -52,7 +52,7 @@ def main() -> int:
     ep = HandoffEndpoint(Handoff(int(spec["handoff_fd"])), spec["volume"], spec["uid"], int(spec["wake_fd"]),
                          on_refused=refused,
                          verify_checksums=bool(cfg.transport_options.get("verify_checksums", True)),
-                         transport=cfg.transport)
+                         transport=cfg.transport, match_timeout_ms=cfg.pipeline.outcome_timeout_ms)
     try:
         import uvloop  # optional, as in nicsplit.card.process.main
 

@@ -35,11 +35,12 @@ from typing import Callable
 
 from xxhash import xxh3_64_intdigest as xxh3
 
-from nicsplit.card.handoff import H, NAPPING, POLLING, REFUSED, RELEASED, SLEEPING, Handoff
+from nicsplit.card.handoff import H, NAPPING, POLLING, REAL_HALF, REFUSED, RELEASED, SLEEPING, Handoff
 from nicsplit.card.hidden import HiddenVolume
 from nicsplit.card.transports.ring_shared import (
     DATA_HEAD, DF_CSUM, K_OUTCOME, K_WRITE, M32, OPS, STATUSES, WFLAGS, reason_name,
 )
+from nicsplit.card.transports.shadow_match import HalfMatcher
 from nicsplit.core.records import AugmentedWrite, Outcome
 from nicsplit.wire import nvme as N
 from nicsplit.wire import ring as R
@@ -66,13 +67,17 @@ Refused = Callable[[int, int, int, int, str], None]  # (io_id, vdisk_id, offset,
 
 class HandoffEndpoint:
     def __init__(self, handoff: Handoff, volume_path: str, volume_uid: str, wake_fd: int, *,
-                 on_refused: Refused | None = None, verify_checksums: bool = True, transport: str = "ring") -> None:
+                 on_refused: Refused | None = None, verify_checksums: bool = True, transport: str = "ring",
+                 match_timeout_ms: float = 5000) -> None:
         self.handoff = handoff
         self._hv = HiddenVolume.attach(volume_path, volume_uid)
         # nvme-pi's acker (`nvme_acker.NvmeAcker`) hands off ring descriptors
         # too; its payload positions wrap at the namespace's end, and it counts
         # PI errors, which this endpoint reports.
         self._nvme = transport == "nvme-pi"
+        # shadow's acker (`shadow_acker.ShadowAcker`) hands off each real
+        # half's outcome (flagged REAL_HALF): the halves are counted here.
+        self.match = HalfMatcher(match_timeout_ms) if transport == "shadow" else None
         self._verify = verify_checksums and self._hv.identity.csum_alg == R.CsumAlg.XXH3_LOW32
         # The acker reports its refusals; this one reports payloads that fail their checksum (lost log).
         # Required while verifying: checked by the setter, here and on every later assignment.
@@ -126,6 +131,8 @@ class HandoffEndpoint:
         out: list[AugmentedWrite | Outcome] = []
         append = out.append
         verify, skipped = self._verify, self.skipped
+        match = self.match
+        now = monotonic_ns() if match is not None else 0
         first = pos & mask
         last = first + (end - pos)  # slots first..last-1, in at most two runs (the queue wraps)
         runs = (slots[first << 6: last << 6],) if last <= ho.n else (
@@ -140,6 +147,11 @@ class HandoffEndpoint:
                     set_io(o, io_id)
                     set_status(o, STATUSES[status])
                     append(o)
+                    if match is not None:
+                        if dflags & REAL_HALF:
+                            match.real(io_id, now)
+                        else:
+                            match.outcome(io_id, not status)
                 elif flags[s] & REFUSED:
                     flags[s] = REFUSED | RELEASED  # only its payload space to free, in order
                     skipped.append((cg_id, cg_seq))
@@ -159,6 +171,8 @@ class HandoffEndpoint:
                         held[io_id] = pos
                         append(AugmentedWrite(io_id, cg_id, cg_seq, vdisk_id, OPS[kind], WFLAGS[wflags], voffset,
                                               length, ts, payload))
+                        if match is not None:
+                            match.fake(io_id, now)
                 else:  # ZERO / TRIM / BARRIER: no payload to hold
                     flags[s] = RELEASED
                     append(AugmentedWrite(io_id, cg_id, cg_seq, vdisk_id, OPS[kind], WFLAGS[wflags], voffset,
@@ -218,7 +232,9 @@ class HandoffEndpoint:
         self.handoff.c[_FULL] = 1 if full else 0
 
     def heartbeat(self) -> None:
-        self.handoff.c[_WHB] = monotonic_ns()
+        now = self.handoff.c[_WHB] = monotonic_ns()
+        if self.match is not None:
+            self.match.expire(now)
 
     def set_sleeping(self, sleeping: bool) -> None:
         self.handoff.c[_WSTATE] = SLEEPING if sleeping else POLLING
@@ -253,7 +269,9 @@ class HandoffEndpoint:
             "held_bytes": max(0, g(H.DATA_EXPECT) - c[DATA_HEAD]), "cq_full": g(H.CQ_FULL),
             "refused_full": g(H.REFUSED_FULL), "host_pid": g(H.HOST_PID),
             "handoff": dict(ho.statistics(), duplicates=self._n_dup),
-        } | ({"guard_errors": g(H.GUARD_ERRORS), "pi_errors": g(H.PI_ERRORS)} if self._nvme else {})
+        } | ({"guard_errors": g(H.GUARD_ERRORS), "pi_errors": g(H.PI_ERRORS)} if self._nvme else {}) | (
+            dict(self.match.statistics(), device_errors=g(H.DEV_ERRORS), device_bytes=g(H.DEV_BYTES))
+            if self.match is not None else {})
 
     def close(self) -> None:
         self._held.clear()

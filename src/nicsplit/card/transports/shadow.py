@@ -39,7 +39,11 @@ Write (a data write of a vdisk on shadow):
 3. match: in the card, a completed real half is the write's
    ``Outcome(io_id, COMMITTED)``; the hold stage matches it with the fake
    half by io id whichever came first (an early outcome waits there), and
-   ships only matched writes, in CG order;
+   ships only matched writes, in CG order. On the card's fast path
+   (``fast_path = "process"``, the default) the acker serves the device
+   queue next to the ring (`shadow_acker.ShadowAcker`) and hands each real
+   half's outcome to the pipeline worker, so a real write waits for the
+   acker, never for a pipeline round;
 4. zero, trim, flush and barriers are not shadowed: they take the ring's
    acked path (ack, then the outcome the filter posts).
 

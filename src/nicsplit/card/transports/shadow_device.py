@@ -319,6 +319,11 @@ class CardDevice:
     def pending(self) -> bool:
         return self.mem.counters[C.SQ_TAIL] != self._head
 
+    @property
+    def head(self) -> int:
+        """The next SQ position to consume (entries consumed so far)."""
+        return self._head
+
     def _fd(self, volume: int) -> int:
         fd = self._fds.get(volume)
         if fd is None:
