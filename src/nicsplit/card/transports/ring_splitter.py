@@ -180,6 +180,7 @@ class RingSplitter:
         self._n_reserved = self._n_in_place = self._n_moved = self._n_dropped = self._n_no_room = 0
         c[R.Counter.HOST_PID] = os.getpid()
         c[R.Counter.HOST_ATTACH_NS] = monotonic_ns()
+        c[HOST_WAITING] = 0  # a host that died asleep left it set: the card would wake nobody each round
         # Tracker table (SPDK style): io_id -> _WAITING / _ABANDONED (timed
         # out, its late ack will be dropped).  Acks are matched by io_id, so
         # they may come in any order; verdicts for io_ids other than the one
