@@ -1,19 +1,25 @@
 #!/usr/bin/env python3
-"""What the shadow transport costs a QD1 write (issue 12 target: within
-1.3x of no protection), paired against ``ring`` on the same box.
+"""What each card transport costs a QD1 write against no protection, paired
+in the same ``nicsplit up`` (issue 12 targets: ring and nvme-pi within
+1.10x, shadow within 1.3x of none).
 
 One data directory with two vdisks: ``a`` in CG cg1 (protected through the
 transport under test) and ``n`` in no CG (no protection: the "none" column,
 the same chain without a split). Per round, ``nicsplit up --transport T``
-is started once for ring and once for shadow (the order alternates by
-round); in each run, blocks of ``--writes`` 4 KiB libnbd writes one at a
-time alternate between ``n`` and ``a`` (client-side latency), and the host's
-and the card's CPU time over each block (utime+stime from /proc) is divided
-by its writes. Reported: medians over the rounds of each round's p50 / p99
-and CPU per write, with the spread (min..max of the rounds). Nothing here
-asserts on speed.
+is started once per transport (the order rotates by round); in each run,
+blocks of ``--writes`` 4 KiB libnbd writes one at a time alternate between
+``n`` and ``a`` (client-side latency), and the host's and the card's CPU
+time over each block (utime+stime from /proc, the card's acker and worker
+together) is divided by its writes. Each round's ratio is a's p50 over n's
+in the same run. ``--before SRC`` runs every transport a second time per
+round with the ``nicsplit`` package of another tree (PYTHONPATH=SRC for the
+processes `nicsplit up` starts), labelled ``@before``: a change measured
+against its parent in the same run. Reported: medians over the rounds of
+p50 / p99, CPU per write and the ratio, with the spread (min..max). Nothing
+here asserts on speed.
 
-    .venv/bin/python bench/shadow_qd1.py [--rounds 3] [--writes 2000] [--blocks 2]
+    .venv/bin/python bench/qd1_paired.py [--transports ring,nvme-pi,shadow] [--rounds 3] [--writes 2000]
+        [--blocks 2] [--before /path/to/other/tree/src]
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import percentile as pct  # noqa: E402
+from keepup import card_stats  # noqa: E402
+from transports import caught_up  # noqa: E402
 from nicsplit.testing.datadir import init_data  # noqa: E402
 from nicsplit.testing.procs import UpProcess, nbd_connect, run_cli, wait_for  # noqa: E402
 from nicsplit.testing.recovered import cg_state  # noqa: E402
@@ -60,7 +68,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--writes", type=int, default=2000)
     ap.add_argument("--blocks", type=int, default=2, help="blocks per vdisk per run (alternating n / a)")
+    ap.add_argument("--transports", default="ring,nvme-pi,shadow")
+    ap.add_argument("--before", help="another tree's src directory: each transport again with its nicsplit")
     args = ap.parse_args()
+    runs = [(t, "") for t in args.transports.split(",")]
+    if args.before:
+        runs += [(t, "@before") for t in args.transports.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="shadow-qd1-"))
     data = init_data(tmp / "data", filters=["stats", {"name": "split", "split_timeout_us": 1_000_000}],
                      sections={"card": {"transport_options": {"data_size": "256M"}}})
@@ -68,28 +81,44 @@ def main() -> int:
     run_cli(data, "vdisk", "create", "a", "--size", str(SIZE), "--cg", "cg1")
     run_cli(data, "vdisk", "create", "n", "--size", str(SIZE))
     res: dict[str, list[tuple[float, float, float, float]]] = {}  # mode -> [(p50, p99, host cpu, card cpu)]
+    ratios: dict[str, list[float]] = {}
     base = 0
+    own = os.environ.get("PYTHONPATH")
+    filled = False
     for r in range(args.rounds):
-        order = ("ring", "shadow") if r % 2 == 0 else ("shadow", "ring")
-        for transport in order:
+        order = runs[r % len(runs):] + runs[: r % len(runs)]
+        for transport, tag in order:
+            env = f"{args.before}:{own}" if tag and own else args.before if tag else own
+            if env is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = env  # inherited by `nicsplit up` and what it starts
             with UpProcess(data, "--transport", transport) as up:
                 hs = {v: nbd_connect(up.uri(v)) for v in ("n", "a")}
-                for v in ("n", "a"):  # allocate every extent once: no first-write allocation in the blocks
-                    for off in range(0, SIZE, 1 << 20):
-                        hs[v].pwrite(b"\0" * 4096, off)
-                wait_for(lambda: cg_state(data)["state"] == "protected", 120, "cg1 protected", interval=0.2)
+                if not filled:  # every block written once: no allocation or file hole in the blocks
+                    for v in ("n", "a"):
+                        for off in range(0, SIZE, 1 << 20):
+                            hs[v].pwrite(b"\0" * (1 << 20), off)
+                    filled = True
+                wait_for(lambda: caught_up(data), 120, "cg1 protected and caught up", interval=0.2)
                 host, card = up.pid_of("host"), up.pid_of("card")
+                worker = card_stats(data).get("worker_pid")
+                cards = [card] + ([worker] if worker and worker != card else [])
+                p50s = {}
                 for _ in range(args.blocks):
-                    for v, mode in (("n", f"none@{transport}"), ("a", transport)):
+                    for v, mode in (("n", f"none@{transport}{tag}"), ("a", f"{transport}{tag}")):
                         qd1(hs[v], 100, base)  # warm
-                        h0, c0 = cpu_s(host), cpu_s(card)
+                        h0, c0 = cpu_s(host), sum(map(cpu_s, cards))
                         lat = qd1(hs[v], args.writes, base)
-                        h1, c1 = cpu_s(host), cpu_s(card)
+                        h1, c1 = cpu_s(host), sum(map(cpu_s, cards))
                         base += args.writes
                         row = (pct(lat, 50), pct(lat, 99), (h1 - h0) / args.writes * 1e6, (c1 - c0) / args.writes * 1e6)
                         res.setdefault(mode, []).append(row)
-                        print(f"round {r} {mode:<12} p50 {row[0]:.1f} us  p99 {row[1]:.1f} us  "
+                        p50s.setdefault(v, []).append(row[0])
+                        print(f"round {r} {mode:<20} p50 {row[0]:.1f} us  p99 {row[1]:.1f} us  "
                               f"host {row[2]:.1f} us/w  card {row[3]:.1f} us/w", flush=True)
+                ratios.setdefault(f"{transport}{tag}", []).append(
+                    statistics.median(p50s["a"]) / statistics.median(p50s["n"]))
                 state = cg_state(data)["state"]
                 for h in hs.values():
                     h.shutdown()
@@ -104,10 +133,12 @@ def main() -> int:
         out[mode] = {"p50_us": med[0], "p99_us": med[1], "host_cpu_us": med[2], "card_cpu_us": med[3], "rounds": rows}
         print(f"| {mode} | {med[0]:.1f} | {min(col[0]):.1f}..{max(col[0]):.1f} | {med[1]:.1f} | "
               f"{min(col[1]):.1f}..{max(col[1]):.1f} | {med[2]:.1f} | {med[3]:.1f} |")
-    for t in ("ring", "shadow"):
-        if t in out and f"none@{t}" in out:
-            print(f"{t}: p50 {out[t]['p50_us'] / out[f'none@{t}']['p50_us']:.2f}x none (same run)")
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "rounds"} for k, v in out.items()}))
+    print("\n| transport | QD1 p50 / none's, same run (median of rounds) | spread |")
+    print("|---|---|---|")
+    for t, rs in ratios.items():
+        print(f"| {t} | {statistics.median(rs):.2f} | {min(rs):.2f}..{max(rs):.2f} |")
+    print(json.dumps({"modes": {k: {kk: vv for kk, vv in v.items() if kk != "rounds"} for k, v in out.items()},
+                      "ratios": ratios}))
     return 0
 
 
