@@ -90,12 +90,12 @@ import signal
 import socket
 import ssl
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from nicsplit.appliance.idlewatch import IdleWatch
+from nicsplit.appliance.startup import StartProgress, appliance_id, recover_journal
 from nicsplit.core import failpoints as _fp
 from nicsplit.recovery.distribution import NICE, CatalogMembers, CGDistribution, journaled_payloads
 from nicsplit.journal.writer import AppendResult, BatchRejected, Journal, JournalError, JournalStatistics
@@ -108,7 +108,7 @@ from nicsplit.core import ctl, pki
 from nicsplit.core.catalog import CatalogReader, DatastoreError
 from nicsplit.core.cgs import CGCatalog, CGError
 from nicsplit.core.names import check_name, is_name, BadName
-from nicsplit.core.layout import InDataDir, Layout
+from nicsplit.core.layout import InDataDir
 from nicsplit.wire import frames as F
 from nicsplit.wire.wirerecords import decode_wire_records
 
@@ -181,18 +181,6 @@ class _Drop(Exception):
         self.reason, self.code, self.level = reason, code, level
 
 
-def appliance_id(data: Path) -> str:
-    """A stable id for this appliance (created once under data/appliance/id)."""
-    path = Layout(data).appliance_id
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ident = f"appliance-{uuid.uuid4()}"
-        path.write_text(ident + "\n")
-        return ident
-
-
 class Appliance:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
@@ -225,14 +213,17 @@ class Appliance:
         self.cfg.journal_root.mkdir(parents=True, exist_ok=True)
         # Recover every existing journal before accepting anyone: a torn tail
         # is cut now, a corrupt journal stops the start with a clear error.
-        for d in sorted(self.cfg.journal_root.iterdir()):
-            if d.is_dir() and is_name(d.name):  # the one name rule: also a safe directory name
-                j = await loop.run_in_executor(self._pool, lambda: Journal.open(d, segment_size=self.cfg.segment_size))
-                self.journals[d.name] = j
-                self._cg_locks[d.name] = asyncio.Lock()
-                log.info("journal %s recovered: last seq %d", d.name, j.last_seq)
-                await loop.run_in_executor(self._pool, self._build_index, d.name)
-                self._distribute(d.name, j)
+        async with StartProgress(ready) as progress:  # a long recovery says so (appliance.startup)
+            for d in sorted(self.cfg.journal_root.iterdir()):
+                if d.is_dir() and is_name(d.name):  # the one name rule: also a safe directory name
+                    progress.step = f"recovering journal {d.name}"
+                    j = await loop.run_in_executor(self._pool, recover_journal, d, self.cfg.segment_size)
+                    self.journals[d.name] = j
+                    self._cg_locks[d.name] = asyncio.Lock()
+                    log.info("journal %s recovered: last seq %d", d.name, j.last_seq)
+                    progress.step = f"indexing journal {d.name}"
+                    await loop.run_in_executor(self._pool, self._build_index, d.name)
+                    self._distribute(d.name, j)
         lsock = socket.create_server(self.cfg.listen, backlog=128)
         lsock.setblocking(False)
         acceptor = loop.create_task(self._accept_loop(lsock))

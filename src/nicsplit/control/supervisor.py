@@ -58,6 +58,9 @@ _FP = _fp.ACTIVE  # armed failpoints (nicsplit.core.failpoints): empty unless a 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 30.0
+# A child that reports progress ({"event": "starting"} lines: the appliance
+# recovering a big journal) gets READY_TIMEOUT_S more from each, up to this.
+STARTING_MAX_S = 1800.0
 STOP_TIMEOUT_S = 20.0
 
 # linux/prctl.h
@@ -153,7 +156,7 @@ class Supervisor:
         c.started_at = time.monotonic()
         atomic_write(self.layout.pid(c.name), str(c.proc.pid).encode())  # readers never see it empty
         try:
-            c.ready = await asyncio.wait_for(self._wait_ready(c), READY_TIMEOUT_S)
+            c.ready = await self._wait_ready(c)
         except (asyncio.TimeoutError, EOFError) as e:
             tail = log_path.read_text(errors="replace")[-2000:]
             # A timeout's str() is empty: say what the wait was.
@@ -164,11 +167,21 @@ class Supervisor:
         log.info("%s ready (pid %d%s)", c.name, c.proc.pid, f", CPUs {list(c.cpus)}" if c.cpus else "")
 
     async def _wait_ready(self, c: Child) -> dict:
+        """The child's ready line, within READY_TIMEOUT_S of its start or of
+        its last progress line (at most STARTING_MAX_S in all)."""
         assert c.proc and c.proc.stdout
+        start = time.monotonic()
+        deadline = start + READY_TIMEOUT_S
         while True:
-            line = await c.proc.stdout.readline()
+            line = await asyncio.wait_for(c.proc.stdout.readline(), max(0.0, deadline - time.monotonic()))
             if not line:
                 raise EOFError(f"{c.name} exited with {await c.proc.wait()}")
+            progress = ctl.starting_message(line)
+            if progress is not None:
+                now = time.monotonic()
+                deadline = min(now + READY_TIMEOUT_S, start + STARTING_MAX_S)
+                log.info("%s still starting (%.0f s): %s", c.name, now - start, progress.get("step", "working"))
+                continue
             msg = ctl.ready_message(line)
             if msg is not None:
                 # Keep draining stdout so the child never blocks on a full pipe.

@@ -59,6 +59,17 @@ def ready_message(line: str | bytes) -> dict[str, Any] | None:
     return msg if isinstance(msg, dict) and msg.get("event") == "ready" else None
 
 
+def starting_message(line: str | bytes) -> dict[str, Any] | None:
+    """The ``{"event": "starting", ...}`` object a child prints while a long
+    start is under way (the appliance recovering a big journal): alive and
+    working, not ready yet. None for any other line."""
+    try:
+        msg = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return msg if isinstance(msg, dict) and msg.get("event") == "starting" else None
+
+
 def decode_request(line: bytes) -> dict[str, Any]:
     """One request line → its object; ``{}`` for anything that is not a JSON object."""
     try:

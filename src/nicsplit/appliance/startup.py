@@ -1,0 +1,69 @@
+"""What the appliance does at start: its stable id (`appliance_id`), and
+the start made visible: recovering a journal is linear in
+its size (every entry walked, every CRC checked, at-rest records opened),
+so a big one takes longer than the supervisor's ready timeout. While
+`Appliance.serve` recovers, `StartProgress` prints ``{"event": "starting",
+"step": ..., "elapsed_s": ...}`` every `STARTING_EVERY_S` through the same
+callback as the ready line, and the supervisor gives a start that reports
+progress the timeout again from each line (`nicsplit.control.supervisor`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from nicsplit.core import failpoints as _fp
+from nicsplit.core.layout import Layout
+from nicsplit.journal.writer import Journal
+
+__all__ = ["STARTING_EVERY_S", "StartProgress", "appliance_id", "recover_journal"]
+
+STARTING_EVERY_S = 5.0
+
+
+class StartProgress:
+    """``async with StartProgress(ready) as p: p.step = "..."``: a progress
+    line every `STARTING_EVERY_S` until the block ends (none with no
+    ``ready`` callback)."""
+
+    def __init__(self, ready: Callable[[dict], None] | None) -> None:
+        self.ready = ready
+        self.step = "recovering journals"
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "StartProgress":
+        if self.ready is not None:
+            self._task = asyncio.get_running_loop().create_task(self._report())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _report(self) -> None:
+        t0 = time.monotonic()
+        while True:
+            await asyncio.sleep(STARTING_EVERY_S)
+            self.ready({"event": "starting", "step": self.step, "elapsed_s": round(time.monotonic() - t0)})
+
+
+def recover_journal(path: Path, segment_size: int) -> Journal:
+    """Worker thread: open (recover) one journal at start."""
+    if _fp.ACTIVE:
+        _fp.hit("appliance.recover-journal")  # a recovery as slow as a big journal's
+    return Journal.open(path, segment_size=segment_size)
+
+
+def appliance_id(data: Path) -> str:
+    """A stable id for this appliance (created once under data/appliance/id)."""
+    path = Layout(data).appliance_id
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ident = f"appliance-{uuid.uuid4()}"
+        path.write_text(ident + "\n")
+        return ident
