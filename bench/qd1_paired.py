@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import percentile as pct  # noqa: E402
+from harness import cpu_seconds as cpu_s, percentile as pct  # noqa: E402
 from keepup import card_stats  # noqa: E402
 from transports import caught_up  # noqa: E402
 from nicsplit.testing.datadir import init_data  # noqa: E402
@@ -43,13 +43,6 @@ from nicsplit.testing.procs import UpProcess, nbd_connect, run_cli, wait_for  # 
 from nicsplit.testing.recovered import cg_state  # noqa: E402
 
 SIZE = 64 << 20
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
 def qd1(h, n: int, base: int) -> list[float]:

@@ -11,7 +11,7 @@ import pytest
 from nicsplit.card.handoff import H
 from nicsplit.core.records import AugmentedWrite, Outcome, Status
 from nicsplit.testing.cardrig import CardRig
-from nicsplit.testing.splitpair import WriteMaker
+from nicsplit.testing.splitpair import WriteMaker, volume_files
 from nicsplit.wire import shadow as S
 
 VOL = 1 << 20
@@ -19,11 +19,7 @@ VOL = 1 << 20
 
 @pytest.fixture
 def rig(tmp_path):
-    vols = tmp_path / "datastore"
-    vols.mkdir()
-    for i in range(2):
-        with open(vols / S.volume_file(i), "wb") as f:
-            f.truncate(VOL)
+    vols = volume_files(tmp_path / "datastore", 2, VOL)
     r = CardRig(str(tmp_path / "run"), transport="shadow", slots=8, data_size=1 << 20, sq=8,
                 acker_options={"volume_dir": str(vols), "device_entries": 8, "device_data_size": 1 << 16,
                                "match_timeout_ms": 60_000})

@@ -27,7 +27,7 @@ from nicsplit.card.transports.shadow_device import DeviceGone, DeviceMemory, Hos
 from nicsplit.core.records import AugmentedWrite, Outcome, Status
 from nicsplit.host.datastore.store import Datastore
 from nicsplit.host.shadowio import ShadowIO, write_through
-from nicsplit.testing.splitpair import WriteMaker, split_pairs
+from nicsplit.testing.splitpair import WriteMaker, split_pairs, volume_files
 from nicsplit.wire import shadow as S
 
 VOL = 1 << 20
@@ -39,11 +39,7 @@ def _closed(ep: ShadowEndpoint) -> None:
 
 @pytest.fixture
 def pair(tmp_path):
-    vols = tmp_path / "datastore"
-    vols.mkdir()
-    for i in range(2):
-        with open(vols / S.volume_file(i), "wb") as f:
-            f.truncate(VOL)
+    vols = volume_files(tmp_path / "datastore", 2, VOL)
     with split_pairs(tmp_path, ShadowEndpoint, ShadowSplitter, _closed) as make:
         ep, sp = make({"volume_dir": str(vols), "data_size": 1 << 20, "device_entries": 8,
                        "device_data_size": 1 << 16, "match_timeout_ms": 60_000}, {})

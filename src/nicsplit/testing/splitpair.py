@@ -1,7 +1,8 @@
 """A transport's two halves in one process, for unit tests of a splitter and
 its card endpoint (ring, nvme-pi): `split_pairs` opens endpoint + splitter
 pairs under a folder and closes them all at exit, then checks each endpoint
-left nothing behind; `WriteMaker` makes records with fresh io_ids.
+left nothing behind; `WriteMaker` makes records with fresh io_ids;
+`volume_files` makes the datastore volume files a shadow card writes.
 
 Example::
 
@@ -17,8 +18,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from nicsplit.core.records import AugmentedWrite, Op, WFlag
+from nicsplit.wire import shadow as S
 
-__all__ = ["split_pairs", "WriteMaker"]
+__all__ = ["split_pairs", "WriteMaker", "volume_files"]
+
+
+def volume_files(directory: Path, count: int, size: int) -> Path:
+    """``count`` sparse volume files of ``size`` bytes, named as the
+    datastore names them (what a shadow card opens by index); returns the
+    directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        with open(directory / S.volume_file(i), "wb") as f:
+            f.truncate(size)
+    return directory
 
 
 @contextlib.contextmanager
