@@ -15,11 +15,26 @@ in the same run. ``--before SRC`` runs every transport a second time per
 round with the ``nicsplit`` package of another tree (PYTHONPATH=SRC for the
 processes `nicsplit up` starts), labelled ``@before``: a change measured
 against its parent in the same run. Reported: medians over the rounds of
-p50 / p99, CPU per write and the ratio, with the spread (min..max). Nothing
-here asserts on speed.
+p50 / p99, CPU per write, the host's ``split`` p50 (publish + the wait for
+the ack after the datastore write) and the acker's doorbell sleeps per
+write, and the ratio, with the spread (min..max). Nothing here asserts on
+speed.
+
+Where the card's cores are (issue 12: what this 2-core box can show):
+
+- ``--acker-core dedicated``: ``[card] acker_core = "dedicated"``, the
+  acker polls on CPU 1 and never sleeps, everything else on CPU 0 (the
+  client too, as a VM runs on its host's cores), as on a DPU;
+- ``--isolate``: the card's pipeline worker and the appliance are stopped
+  (SIGSTOP) for each measured block, of ``n`` and of ``a`` alike, and
+  continued after it (they catch up between blocks; the acker acks
+  meanwhile, the handoff queue holds the block). On a DPU the pipeline has
+  cores of its own and the appliance is another machine: this is the
+  host's QD1 with neither on its cores. The block's card CPU is then the
+  acker's alone.
 
     .venv/bin/python bench/qd1_paired.py [--transports ring,nvme-pi,shadow] [--rounds 3] [--writes 2000]
-        [--blocks 2] [--before /path/to/other/tree/src]
+        [--blocks 2] [--before /path/to/other/tree/src] [--acker-core dedicated] [--isolate]
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -37,7 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import cpu_seconds as cpu_s, percentile as pct  # noqa: E402
 from keepup import card_stats  # noqa: E402
-from transports import caught_up  # noqa: E402
+from transports import caught_up, hist_delta_percentile  # noqa: E402
+from keepup import host_split  # noqa: E402
 from nicsplit.testing.datadir import init_data  # noqa: E402
 from nicsplit.testing.procs import UpProcess, nbd_connect, run_cli, wait_for  # noqa: E402
 from nicsplit.testing.recovered import cg_state  # noqa: E402
@@ -56,6 +73,11 @@ def qd1(h, n: int, base: int) -> list[float]:
     return out
 
 
+def acker_sleeps(data: Path) -> int:
+    """The acker's doorbell sleeps so far (0 for a card without an acker)."""
+    return ((card_stats(data).get("endpoint") or {}).get("handoff") or {}).get("acker_sleeps") or 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -63,17 +85,25 @@ def main() -> int:
     ap.add_argument("--blocks", type=int, default=2, help="blocks per vdisk per run (alternating n / a)")
     ap.add_argument("--transports", default="ring,nvme-pi,shadow")
     ap.add_argument("--before", help="another tree's src directory: each transport again with its nicsplit")
+    ap.add_argument("--acker-core", choices=("shared", "dedicated"), default="shared",
+                    help="[card] acker_core; dedicated also pins this client off the acker's CPU")
+    ap.add_argument("--isolate", action="store_true",
+                    help="stop the card's worker and the appliance during each measured block")
     args = ap.parse_args()
+    card_section = {"transport_options": {"data_size": "256M"}, "acker_core": args.acker_core}
+    allowed = sorted(os.sched_getaffinity(0))
+    # dedicated: the client runs on the host's CPUs, not the card's (set once up has started: its children inherit)
+    client_cpus = allowed[:-1] or allowed if args.acker_core == "dedicated" else allowed
     runs = [(t, "") for t in args.transports.split(",")]
     if args.before:
         runs += [(t, "@before") for t in args.transports.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="shadow-qd1-"))
     data = init_data(tmp / "data", filters=["stats", {"name": "split", "split_timeout_us": 1_000_000}],
-                     sections={"card": {"transport_options": {"data_size": "256M"}}})
+                     sections={"card": card_section})
     run_cli(data, "cg", "create", "cg1")
     run_cli(data, "vdisk", "create", "a", "--size", str(SIZE), "--cg", "cg1")
     run_cli(data, "vdisk", "create", "n", "--size", str(SIZE))
-    res: dict[str, list[tuple[float, float, float, float]]] = {}  # mode -> [(p50, p99, host cpu, card cpu)]
+    res: dict[str, list[tuple]] = {}  # mode -> [(p50, p99, host cpu, card cpu, split p50, acker sleeps/w)]
     ratios: dict[str, list[float]] = {}
     base = 0
     own = os.environ.get("PYTHONPATH")
@@ -87,6 +117,7 @@ def main() -> int:
             else:
                 os.environ["PYTHONPATH"] = env  # inherited by `nicsplit up` and what it starts
             with UpProcess(data, "--transport", transport) as up:
+                os.sched_setaffinity(0, client_cpus)
                 hs = {v: nbd_connect(up.uri(v)) for v in ("n", "a")}
                 if not filled:  # every block written once: no allocation or file hole in the blocks
                     for v in ("n", "a"):
@@ -98,34 +129,51 @@ def main() -> int:
                 worker = card_stats(data).get("worker_pid")
                 cards = [card] + ([worker] if worker and worker != card else [])
                 p50s = {}
+                paused = [worker, up.pid_of("appliance")] if args.isolate and worker and worker != card else []
                 for _ in range(args.blocks):
                     for v, mode in (("n", f"none@{transport}{tag}"), ("a", f"{transport}{tag}")):
                         qd1(hs[v], 100, base)  # warm
-                        h0, c0 = cpu_s(host), sum(map(cpu_s, cards))
-                        lat = qd1(hs[v], args.writes, base)
-                        h1, c1 = cpu_s(host), sum(map(cpu_s, cards))
+                        wait_for(lambda: caught_up(data), 120, "cg1 caught up", interval=0.05)
+                        s0, sp0 = acker_sleeps(data), host_split(data, ["a"])["a"].get("split_hist")
+                        for pid in paused:
+                            os.kill(pid, signal.SIGSTOP)
+                        try:
+                            h0, c0 = cpu_s(host), sum(map(cpu_s, cards))
+                            lat = qd1(hs[v], args.writes, base)
+                            h1, c1 = cpu_s(host), sum(map(cpu_s, cards))
+                        finally:
+                            for pid in paused:
+                                os.kill(pid, signal.SIGCONT)
                         base += args.writes
-                        row = (pct(lat, 50), pct(lat, 99), (h1 - h0) / args.writes * 1e6, (c1 - c0) / args.writes * 1e6)
+                        sleeps = (acker_sleeps(data) - s0) / args.writes
+                        split = hist_delta_percentile(sp0, host_split(data, ["a"])["a"].get("split_hist"), 50)
+                        row = (pct(lat, 50), pct(lat, 99), (h1 - h0) / args.writes * 1e6,
+                               (c1 - c0) / args.writes * 1e6, split or 0.0, sleeps)
                         res.setdefault(mode, []).append(row)
                         p50s.setdefault(v, []).append(row[0])
                         print(f"round {r} {mode:<20} p50 {row[0]:.1f} us  p99 {row[1]:.1f} us  "
-                              f"host {row[2]:.1f} us/w  card {row[3]:.1f} us/w", flush=True)
+                              f"host {row[2]:.1f} us/w  card {row[3]:.1f} us/w  split p50 {row[4]:.1f} us  "
+                              f"acker sleeps/w {row[5]:.2f}", flush=True)
                 ratios.setdefault(f"{transport}{tag}", []).append(
                     statistics.median(p50s["a"]) / statistics.median(p50s["n"]))
                 state = cg_state(data)["state"]
                 for h in hs.values():
                     h.shutdown()
+                os.sched_setaffinity(0, allowed)
                 if state != "protected":
                     print(f"  note: cg1 ended {state}", flush=True)
-    print("\n| mode | QD1 p50 (us) | p50 spread | QD1 p99 (us) | p99 spread | host CPU/write (us) | card CPU/write (us) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nacker_core = {args.acker_core}{', worker and appliance stopped during blocks' if args.isolate else ''}")
+    print("\n| mode | QD1 p50 (us) | p50 spread | QD1 p99 (us) | p99 spread | host CPU/write (us) | card CPU/write (us) "
+          "| split p50 (us) | acker sleeps/write |")
+    print("|---|---|---|---|---|---|---|---|---|")
     out = {}
     for mode, rows in sorted(res.items()):
         col = list(zip(*rows))
         med = [statistics.median(c) for c in col]
-        out[mode] = {"p50_us": med[0], "p99_us": med[1], "host_cpu_us": med[2], "card_cpu_us": med[3], "rounds": rows}
+        out[mode] = {"p50_us": med[0], "p99_us": med[1], "host_cpu_us": med[2], "card_cpu_us": med[3],
+                     "split_p50_us": med[4], "acker_sleeps_per_write": med[5], "rounds": rows}
         print(f"| {mode} | {med[0]:.1f} | {min(col[0]):.1f}..{max(col[0]):.1f} | {med[1]:.1f} | "
-              f"{min(col[1]):.1f}..{max(col[1]):.1f} | {med[2]:.1f} | {med[3]:.1f} |")
+              f"{min(col[1]):.1f}..{max(col[1]):.1f} | {med[2]:.1f} | {med[3]:.1f} | {med[4]:.1f} | {med[5]:.2f} |")
     print("\n| transport | QD1 p50 / none's, same run (median of rounds) | spread |")
     print("|---|---|---|")
     for t, rs in ratios.items():

@@ -7,25 +7,13 @@ the sets are read back from /proc."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
-from nicsplit.testing.procs import UpProcess, nbd_connect
+from nicsplit.testing.procs import UpProcess, cpus_allowed, nbd_connect
 from nicsplit.testing.stack import cg_data
 
 pytestmark = pytest.mark.usefixtures("peers")
-
-
-def cpus_allowed(pid: int, tid: int | None = None) -> set[int]:
-    """Cpus_allowed_list of a process (or one of its threads) from /proc."""
-    status = Path(f"/proc/{pid}" + (f"/task/{tid}" if tid else "") + "/status").read_text()
-    line = next(x for x in status.splitlines() if x.startswith("Cpus_allowed_list:"))
-    out: set[int] = set()
-    for part in line.split(":", 1)[1].strip().split(","):
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return out
 
 
 def test_host_threads_keep_off_the_acker_cpu(tmp_path, rng):

@@ -15,7 +15,7 @@ def test_two_cores_defaults_host_gets_the_other_core():
     assert p.acker == (1,)
     assert p.host == (0,)
     assert p.appliance is None  # every CPU
-    assert p.describe() == {"acker": [1], "host": [0], "appliance": [0, 1]}
+    assert p.describe() == {"acker": [1], "host": [0], "appliance": [0, 1], "console": [0, 1], "acker_core": "shared"}
 
 
 def test_one_core_pins_nothing():
@@ -66,3 +66,34 @@ def test_the_appliance_accepts_its_cpus_key(tmp_path):
     server_config(Config(data=tmp_path, raw={"appliance": {"cpus": "auto"}}))
     with pytest.raises(ConfigError, match="unknown key"):
         server_config(Config(data=tmp_path, raw={"appliance": {"cpu": "auto"}}))
+
+
+# -- a dedicated acker core ([card] acker_core = "dedicated") -------------------------------
+
+
+def test_dedicated_core_keeps_everything_else_off_the_acker():
+    p = plan({0, 1}, card={"acker_core": "dedicated"}, host={}, appliance={})
+    assert p.dedicated and p.acker == (1,)
+    assert p.host == (0,) and p.appliance == (0,) and p.console == (0,)
+    assert p.describe()["acker_core"] == "dedicated"
+    p = plan({0, 1, 2, 3}, card={"acker_core": "dedicated", "cpus": [3]}, host={"cpus": [0, 1]},
+             appliance={"cpus": [2]})
+    assert p.host == (0, 1) and p.appliance == (2,) and p.console == (0, 1, 2)
+
+
+@pytest.mark.parametrize("allowed, card, host, appliance, words", [
+    ({0}, {}, {}, {}, "leaves no CPU"),
+    ({0, 1}, {"cpus": []}, {}, {}, "needs the acker pinned"),
+    ({0, 1}, {}, {"cpus": [1]}, {}, "[host] cpus = [1] shares the dedicated acker core"),
+    ({0, 1}, {}, {"cpus": []}, {}, "[host] cpus = [] shares"),
+    ({0, 1}, {}, {}, {"cpus": [0, 1]}, "[appliance] cpus = [0, 1] shares"),
+])
+def test_a_dedicated_core_that_cannot_be_is_refused(allowed, card, host, appliance, words):
+    with pytest.raises(PlacementError) as e:
+        plan(allowed, card={"acker_core": "dedicated", **card}, host=host, appliance=appliance)
+    assert words in str(e.value)
+
+
+def test_unknown_acker_core_is_refused():
+    with pytest.raises(PlacementError, match="acker_core must be"):
+        plan({0, 1}, card={"acker_core": "exclusive"}, host={}, appliance={})

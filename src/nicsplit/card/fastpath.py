@@ -50,14 +50,17 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
 from nicsplit.card.handoff import NAPPING, H, Handoff
 from nicsplit.card.lostlog import LostLog
-from nicsplit.card.sched import pin_cpus, quiet_gc, set_priority
+from nicsplit.card.sched import off_core, pin_cpus, quiet_gc, run_off_core, set_priority
 from nicsplit.card.transports.nvme_acker import NvmeAcker
 from nicsplit.card.transports.ring_acker import RingAcker
+from nicsplit.core.config import ConfigError
+from nicsplit.core.placement import DEDICATED
 from nicsplit.card.transports.ring_shared import fence
 from nicsplit.card.transports.shadow_acker import ShadowAcker
 
@@ -116,8 +119,9 @@ class Acker:
 
     def spawn(self) -> None:
         cfg = self.cfg
-        wcpus = self.allowed if cfg.worker_cpus == () else cfg.worker_cpus  # (): not the acker's inherited set
-        wcfg = dataclasses.replace(cfg, cpus=wcpus, priority=cfg.worker_priority, fast_path="inline")
+        wcpus = worker_cpus(cfg, self.allowed, tuple(sorted(os.sched_getaffinity(0))))
+        wcfg = dataclasses.replace(cfg, cpus=wcpus, priority=cfg.worker_priority, fast_path="inline",
+                                   acker_core="shared")
         spec = {"data": str(cfg.data), "card": config_mapping(wcfg), "handoff_fd": self.handoff.fd,
                 "wake_fd": self.ep.wake_fd, "volume": self.ep.volume_path, "uid": self.ep.fake_uid,
                 "parent": os.getpid()}
@@ -125,9 +129,16 @@ class Acker:
         env[WORKER_ENV] = json.dumps(spec)
         self.handoff.set(H.WSTATE, 0)
         self.handoff.set(H.FULL, 0)
-        self.proc = subprocess.Popen([sys.executable, "-m", "nicsplit.card.worker"], env=env,
-                                     pass_fds=(self.handoff.fd, self.ep.wake_fd), stdout=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL)
+        def popen() -> subprocess.Popen:
+            return subprocess.Popen([sys.executable, "-m", "nicsplit.card.worker"], env=env,
+                                    pass_fds=(self.handoff.fd, self.ep.wake_fd), stdout=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL)
+
+        # On a dedicated core the worker is forked from a thread off it: a child of the
+        # real-time poller would start on its core and wait there for ever.
+        mine = set(os.sched_getaffinity(0))
+        rest = tuple(c for c in self.allowed if c not in mine)
+        self.proc = run_off_core(rest, popen) if cfg.acker_core == DEDICATED else popen()
         self.pidfd = os.pidfd_open(self.proc.pid)
         log.info("card: pipeline worker pid %d started", self.proc.pid)
 
@@ -184,7 +195,10 @@ class Acker:
 
     def run(self) -> int:
         ep, cfg = self.ep, self.cfg
-        spin_ns = int(cfg.ack_spin_us * 1000)
+        # A dedicated core polls without sleeping (poll mode, as a DPU's core)
+        # and never yields to the worker, which runs elsewhere (worker_cpus).
+        dedicated = cfg.acker_core == DEDICATED
+        spin_ns = 1 << 62 if dedicated else int(cfg.ack_spin_us * 1000)
         sleep_ms = max(1, int(cfg.sleep_max_ms))
         n_poll = cfg.poll_entries
         now = time.monotonic_ns
@@ -239,7 +253,7 @@ class Acker:
                 behind_since = 0  # a napping worker is back by NAP_UNTIL; past it, it is behind as any other
             elif not behind_since:
                 behind_since = t
-            if t - idle_since < spin_ns and (not behind_since or t - behind_since < BEHIND_NS):
+            if t - idle_since < spin_ns and (dedicated or not behind_since or t - behind_since < BEHIND_NS):
                 # spin only while the worker keeps up: when it is behind, it needs this core
                 ep.wait_entries(min(idle_since + spin_ns, t + SPIN_SLICE_NS))
                 t1 = now()
@@ -289,12 +303,43 @@ class Acker:
         os.close(self.handoff.fd)
 
 
+DEDICATED_SWITCH_S = 0.0001  # the GIL's switch interval under a poller that never sleeps
+
+
+def worker_cpus(cfg: Any, allowed: tuple[int, ...], acker: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The pipeline worker's CPUs: ``worker_cpus`` as set; () = every
+    allowed CPU (not the acker's inherited set), but the acker's on a
+    dedicated core, where a set naming the acker's CPU, an unpinned acker or
+    no CPU left is a ConfigError (a real-time poller never yields its core)."""
+    if cfg.acker_core != DEDICATED:
+        return allowed if cfg.worker_cpus == () else cfg.worker_cpus
+    rest = tuple(c for c in allowed if c not in acker)
+    if not acker or not rest:
+        raise ConfigError(f"[card] acker_core = \"dedicated\" needs the acker pinned to some of the CPUs this card "
+                          f"may use and others left for its worker (allowed: {list(allowed)}, acker: {list(acker)})")
+    if cfg.worker_cpus == ():
+        return rest
+    if cfg.worker_cpus is None or set(cfg.worker_cpus) & set(acker):
+        raise ConfigError(f"[card] worker_cpus = {cfg.worker_cpus!r} shares the dedicated acker core(s) {list(acker)}")
+    return cfg.worker_cpus
+
+
 def main(cfg: Any) -> int:
     """``nicsplit card run`` with ``fast_path = "process"``."""
     allowed = tuple(sorted(os.sched_getaffinity(0)))
     cpus = pin_cpus(cfg.cpus)
+    worker_cpus(cfg, allowed, cpus)  # a dedicated core that cannot be: an error before anything starts
     priority = set_priority(cfg.priority)
     acker = Acker(cfg, allowed)
+    if cfg.acker_core == DEDICATED:  # the control socket's thread off the poller's core (see off_core)
+        rest = tuple(c for c in allowed if c not in cpus)
+        for t in threading.enumerate():
+            if t is not threading.main_thread() and t.native_id:
+                off_core(rest, t.native_id)
+        # The poller never blocks, so the control thread gets the GIL only when the
+        # interpreter forces a switch: every 5 ms by default, and a host's hello (a
+        # few switches) then outlasts its 50 ms connect timeout.
+        sys.setswitchinterval(DEDICATED_SWITCH_S)
     signal.signal(signal.SIGTERM, acker.request_stop)
     signal.signal(signal.SIGINT, acker.request_stop)
     try:

@@ -79,6 +79,7 @@ from nicsplit.core import ctl
 from nicsplit.core.catalog import CatalogReader
 from nicsplit.core.config import ConfigError, parse_size
 from nicsplit.core.layout import InDataDir
+from nicsplit.core.placement import ACKER_CORES
 from nicsplit.core.pki import client_context, load_batch_key
 from nicsplit.core.rates import RateWindow
 from nicsplit.core.records import AugmentedWrite
@@ -133,6 +134,11 @@ class CardConfig(InDataDir):
     # its own and runs the pipeline in a worker; "inline" does both on one loop.
     fast_path: str = "process"
     ack_spin_us: float = 50  # the acker polls this long after its last entry before sleeping
+    # "shared" (default): the acker shares its core and sleeps on the doorbell
+    # ack_spin_us after its last entry. "dedicated": its core is the card's
+    # alone, as on a DPU: it polls without sleeping (poll mode) and the worker,
+    # host and appliance are kept off it (docs/pipeline.md "A dedicated core").
+    acker_core: str = "shared"
     worker_cpus: tuple[int, ...] | None = ()  # (): every allowed core; None: the last one
     worker_priority: str = "normal"  # realtime | high | normal (a real-time worker starves the host)
     worker_restarts_max: int = 5  # worker deaths within a minute before the card gives up
@@ -169,6 +175,11 @@ class CardConfig(InDataDir):
         kw["transport_options"] = opts
         if kw.get("fast_path", "process") not in ("process", "inline"):
             raise ConfigError(f"[card] fast_path must be \"process\" or \"inline\", not {kw['fast_path']!r}")
+        if kw.get("acker_core", "shared") not in ACKER_CORES:
+            raise ConfigError(f"[card] acker_core must be \"shared\" or \"dedicated\", not {kw['acker_core']!r}")
+        if kw.get("acker_core") == "dedicated" and kw.get("fast_path", "process") != "process":
+            raise ConfigError("[card] acker_core = \"dedicated\" needs fast_path = \"process\" (an inline card "
+                              "has no acker of its own)")
         return cls(data=Path(data), pipeline=PipelineConfig.from_mapping(pkw), **kw)
 
     @classmethod

@@ -6,8 +6,12 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import threading
+from typing import Callable, TypeVar
 
-__all__ = ["set_priority", "quiet_gc", "collect_when_idle", "pin_cpus"]
+T = TypeVar("T")
+
+__all__ = ["set_priority", "quiet_gc", "collect_when_idle", "pin_cpus", "off_core", "run_off_core"]
 
 log = logging.getLogger("nicsplit.card")
 
@@ -72,3 +76,34 @@ def pin_cpus(cpus: tuple[int, ...] | None) -> tuple[int, ...]:
     if want:
         os.sched_setaffinity(0, want)
     return tuple(sorted(os.sched_getaffinity(0)))
+
+
+def off_core(cpus: tuple[int, ...], tid: int = 0) -> None:
+    """Put one thread (0: the calling one) on ``cpus`` at normal priority.
+    A thread inherits its creator's CPUs and SCHED_FIFO; next to a poller
+    that never sleeps (``acker_core = "dedicated"``) it would never run, as
+    real-time threads of one priority do not share a CPU by time slices."""
+    os.sched_setaffinity(tid, cpus)
+    if os.sched_getscheduler(tid) != os.SCHED_OTHER:
+        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+
+
+def run_off_core(cpus: tuple[int, ...], fn: Callable[[], T]) -> T:
+    """``fn()`` on a short-lived thread moved to ``cpus`` at normal priority,
+    so a process it forks starts there, not on the poller's core."""
+    out: list = []
+    err: list = []
+
+    def run() -> None:
+        try:
+            off_core(cpus)
+            out.append(fn())
+        except BaseException as e:  # re-raised in the caller
+            err.append(e)
+
+    t = threading.Thread(target=run, name="card-off-core")
+    t.start()
+    t.join()
+    if err:
+        raise err[0]
+    return out[0]

@@ -222,7 +222,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     relay = cfg.raw.get("splitter", {}).get("appliance") or cfg.raw.get("card", {}).get("appliance")
     place = up_placement(cfg)
     # No card, no acker to keep off: nothing is pinned then.
-    host_cpus, app_cpus = (place.host, place.appliance) if card else (None, None)
+    host_cpus, app_cpus, console_cpus = (place.host, place.appliance, place.console) if card else (None, None, None)
     children = [
         Child("appliance", child_argv(data, "appliance", "run", *(["--listen", args.appliance_listen] if args.appliance_listen else []),
                                       *(["--peer", "host"] if net else [])),
@@ -239,7 +239,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         Child("host", child_argv(data, *host_args), sticky=_host_listen, cpus=host_cpus,
               args_from=None if not net or relay else lambda ready: ["--appliance", ready["appliance"]["address"]]),
         Child("console", child_argv(data, "console", "run", *(["--listen", args.console_listen] if args.console_listen else [])),
-              sticky=lambda ready: ["--listen", ready["address"]]),
+              sticky=lambda ready: ["--listen", ready["address"]], cpus=console_cpus),
     ]
 
     def ready(info: dict) -> None:

@@ -198,6 +198,12 @@ priority = "realtime"
 # at all while the worker has left entries unread for 100 us (it needs the
 # core). Measured here: 200 us cut unpaced QD16 to a third of the IOPS.
 # ack_spin_us = 50
+# "dedicated": the acker's CPUs are the card's alone, as a DPU's cores are:
+# it polls without ever sleeping (no write waits for its wake-up), and the
+# host, appliance, console and the card's worker are kept off them (an error
+# at start where that leaves no CPU). On 2 CPUs it halves what the rest may
+# use: the DPU emulation of docs/benchmarks.md, not the default.
+# acker_core = "shared"
 # The worker runs at normal priority (worker_priority) on every core
 # (worker_cpus = []). It does not spin: the acker acks, so nothing waits for
 # it but the RPO. After its last entry it naps worker_nap_us on a timer, then

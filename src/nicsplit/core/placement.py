@@ -30,6 +30,20 @@ it; a process restarted by the supervisor gets the same set.
 
 Example (2 CPUs, defaults): acker (1,), host (0,), appliance and worker
 every CPU.
+
+A dedicated acker core (``[card] acker_core = "dedicated"``)
+------------------------------------------------------------
+On a DPU the acker's core serves nothing else and polls without sleeping
+(poll mode, as SPDK's reactors do), so no write waits for the acker to
+wake up. Emulated here, the acker's CPUs are then the card acker's alone:
+the host, the appliance and the console default to "auto" (off them), the
+card's pipeline worker runs on every allowed CPU but the acker's
+(`nicsplit.card.fastpath`), and a placement that cannot do that is an
+error at start (one CPU, an unpinned acker, or an explicit set that names
+the acker's CPU): a real-time task that never sleeps starves whatever
+shares its core. On two CPUs that leaves one for everything else: it is
+for measuring the deployment the card is for (docs/benchmarks.md), and a
+machine with cores to spare, not the default.
 """
 
 from __future__ import annotations
@@ -37,9 +51,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PlacementError", "Placement", "acker_cpus", "choose", "plan"]
+__all__ = ["ACKER_CORES", "DEDICATED", "PlacementError", "Placement", "acker_cpus", "choose", "plan"]
 
 AUTO = "auto"
+DEDICATED = "dedicated"
+ACKER_CORES = ("shared", DEDICATED)
 
 
 class PlacementError(ValueError):
@@ -53,11 +69,16 @@ class Placement:
     acker: tuple[int, ...] | None
     host: tuple[int, ...] | None
     appliance: tuple[int, ...] | None
+    console: tuple[int, ...] | None = None
+    dedicated: bool = False  # the acker's CPUs are the card's alone
 
     def describe(self) -> dict[str, Any]:
         every = list(self.allowed)
-        return {k: (list(v) if v is not None else every)
-                for k, v in (("acker", self.acker), ("host", self.host), ("appliance", self.appliance))}
+        out: dict[str, Any] = {k: (list(v) if v is not None else every)
+                               for k, v in (("acker", self.acker), ("host", self.host), ("appliance", self.appliance),
+                                            ("console", self.console))}
+        out["acker_core"] = DEDICATED if self.dedicated else "shared"
+        return out
 
 
 def _cpu_list(value: Any, key: str) -> tuple[int, ...]:
@@ -100,6 +121,27 @@ def plan(allowed: tuple[int, ...] | set[int], card: dict, host: dict, appliance:
     supervisor (which its children inherit)."""
     allowed = tuple(sorted(allowed))
     acker = acker_cpus(allowed, card.get("cpus"))
-    return Placement(allowed=allowed, acker=acker,
-                     host=choose(allowed, acker, host.get("cpus", AUTO), "[host] cpus"),
-                     appliance=choose(allowed, acker, appliance.get("cpus", []), "[appliance] cpus"))
+    core = card.get("acker_core", "shared")
+    if core not in ACKER_CORES:
+        raise PlacementError(f"[card] acker_core must be \"shared\" or \"dedicated\", not {core!r}")
+    if core != DEDICATED:
+        return Placement(allowed=allowed, acker=acker,
+                         host=choose(allowed, acker, host.get("cpus", AUTO), "[host] cpus"),
+                         appliance=choose(allowed, acker, appliance.get("cpus", []), "[appliance] cpus"))
+    # A dedicated core: everything else off it, or no start at all.
+    if not acker:
+        raise PlacementError("[card] acker_core = \"dedicated\" needs the acker pinned: [card] cpus = [] pins nothing")
+    rest = tuple(c for c in allowed if c not in acker)
+    if not rest:
+        raise PlacementError(f"[card] acker_core = \"dedicated\" leaves no CPU for the host, the appliance and the "
+                             f"card's worker (allowed: {list(allowed)}, acker: {list(acker)})")
+    sets = {}
+    for name, table in (("host", host), ("appliance", appliance)):
+        key = f"[{name}] cpus"
+        got = choose(allowed, acker, table.get("cpus", AUTO), key)
+        if got is None or set(got) & set(acker):
+            raise PlacementError(f"{key} = {table.get('cpus')!r} shares the dedicated acker core(s) {list(acker)} "
+                                 f"([card] acker_core = \"dedicated\"); use \"auto\" or CPUs from {list(rest)}")
+        sets[name] = got
+    return Placement(allowed=allowed, acker=acker, host=sets["host"], appliance=sets["appliance"], console=rest,
+                     dedicated=True)

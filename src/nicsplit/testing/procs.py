@@ -353,6 +353,17 @@ def recv_exact(s: "socket.socket", n: int) -> bytes:
     return buf
 
 
+def cpus_allowed(pid: int, tid: int | None = None) -> set[int]:
+    """Cpus_allowed_list of a process (or one of its threads) from /proc."""
+    status = Path(f"/proc/{pid}" + (f"/task/{tid}" if tid else "") + "/status").read_text()
+    line = next(x for x in status.splitlines() if x.startswith("Cpus_allowed_list:"))
+    out: set[int] = set()
+    for part in line.split(":", 1)[1].strip().split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def nbd_connect(uri: str):
     """A libnbd handle connected to ``uri`` (default strictness)."""
     h = import_libnbd().NBD()
