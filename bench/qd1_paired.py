@@ -11,7 +11,9 @@ blocks of ``--writes`` 4 KiB libnbd writes one at a time alternate between
 ``n`` and ``a`` (client-side latency), and the host's and the card's CPU
 time over each block (utime+stime from /proc, the card's acker and worker
 together) is divided by its writes. Each round's ratio is a's p50 over n's
-in the same run. ``--before SRC`` runs every transport a second time per
+in the same run (transport ``none``: a second unprotected vdisk ``m``
+against ``n``, an A/A run: how far the ratio of two identical paths strays
+on this machine). ``--before SRC`` runs every transport a second time per
 round with the ``nicsplit`` package of another tree (PYTHONPATH=SRC for the
 processes `nicsplit up` starts), labelled ``@before``: a change measured
 against its parent in the same run. Reported: medians over the rounds of
@@ -103,6 +105,7 @@ def main() -> int:
     run_cli(data, "cg", "create", "cg1")
     run_cli(data, "vdisk", "create", "a", "--size", str(SIZE), "--cg", "cg1")
     run_cli(data, "vdisk", "create", "n", "--size", str(SIZE))
+    run_cli(data, "vdisk", "create", "m", "--size", str(SIZE))  # "none" as a transport: n against m (A/A)
     res: dict[str, list[tuple]] = {}  # mode -> [(p50, p99, host cpu, card cpu, split p50, acker sleeps/w)]
     ratios: dict[str, list[float]] = {}
     base = 0
@@ -116,11 +119,11 @@ def main() -> int:
                 os.environ.pop("PYTHONPATH", None)
             else:
                 os.environ["PYTHONPATH"] = env  # inherited by `nicsplit up` and what it starts
-            with UpProcess(data, "--transport", transport) as up:
+            with UpProcess(data, *(["--transport", transport] if transport != "none" else [])) as up:
                 os.sched_setaffinity(0, client_cpus)
-                hs = {v: nbd_connect(up.uri(v)) for v in ("n", "a")}
+                hs = {v: nbd_connect(up.uri(v)) for v in ("n", "a", "m")}
                 if not filled:  # every block written once: no allocation or file hole in the blocks
-                    for v in ("n", "a"):
+                    for v in ("n", "a", "m"):
                         for off in range(0, SIZE, 1 << 20):
                             hs[v].pwrite(b"\0" * (1 << 20), off)
                     filled = True
@@ -131,7 +134,8 @@ def main() -> int:
                 p50s = {}
                 paused = [worker, up.pid_of("appliance")] if args.isolate and worker and worker != card else []
                 for _ in range(args.blocks):
-                    for v, mode in (("n", f"none@{transport}{tag}"), ("a", f"{transport}{tag}")):
+                    other = "m" if transport == "none" else "a"
+                    for v, mode in (("n", f"none@{transport}{tag}"), (other, f"{transport}{tag}")):
                         qd1(hs[v], 100, base)  # warm
                         wait_for(lambda: caught_up(data), 120, "cg1 caught up", interval=0.05)
                         s0, sp0 = acker_sleeps(data), host_split(data, ["a"])["a"].get("split_hist")
@@ -155,7 +159,7 @@ def main() -> int:
                               f"host {row[2]:.1f} us/w  card {row[3]:.1f} us/w  split p50 {row[4]:.1f} us  "
                               f"acker sleeps/w {row[5]:.2f}", flush=True)
                 ratios.setdefault(f"{transport}{tag}", []).append(
-                    statistics.median(p50s["a"]) / statistics.median(p50s["n"]))
+                    statistics.median(p50s[other]) / statistics.median(p50s["n"]))
                 state = cg_state(data)["state"]
                 for h in hs.values():
                     h.shutdown()
