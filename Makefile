@@ -34,6 +34,7 @@ bench: system-deps venv
 	$(PY) bench/keepup.py
 	$(PY) bench/protection.py
 	$(PY) bench/transports.py
+	$(PY) bench/transports.py --transports none,ring,nvme-pi,shadow --acker-core dedicated --out bench/out/transports-dedicated
 	$(PY) bench/overflow.py
 	$(PY) bench/recovery.py
 	$(PY) bench/distribution.py

@@ -32,7 +32,11 @@ round and link): median and spread. Targets (issue 12): ring and nvme-pi
 ≤ 1.10 at any link; shadow ≤ 1.3; net adds at least the link's round trip.
 
     .venv/bin/python bench/transports.py [--quick] [--rounds 3] [--transports none,ring,nvme-pi,shadow,net]
-        [--delay-ms 0.5] [--qd1-seconds 8] [--qd16-seconds 12] [--out bench/out]
+        [--delay-ms 0.5] [--qd1-seconds 8] [--qd16-seconds 12] [--out bench/out] [--acker-core dedicated]
+
+``--acker-core dedicated`` runs every start with ``[card] acker_core =
+"dedicated"`` (the acker polls a CPU of its own, as on a DPU; fio runs on
+the other CPUs): the same comparison with the card on a core of its own.
 
 Writes ``transports.json``, ``transports.md`` and ``transports.png`` into
 ``--out``. Nothing here asserts on speed.
@@ -144,9 +148,10 @@ class Link(ReadyProcess):
             raise RuntimeError(f"link emulator refused delay {ms}: {r}")
 
 
-def setup(work: Path, size: int, appliance: str, relay: str) -> Path:
+def setup(work: Path, size: int, appliance: str, relay: str, acker_core: str = "shared") -> Path:
     data = init_data(work / "data", validate=False,
-                     sections={"card": {"appliance": relay, "transport_options": {"data_size": "256M"}},
+                     sections={"card": {"appliance": relay, "transport_options": {"data_size": "256M"},
+                                        "acker_core": acker_core},
                                "splitter": {"appliance": relay}})
     run_cli(data, "cg", "create", CG)
     run_cli(data, "vdisk", "create", PROTECTED, "--size", str(size), "--cg", CG)
@@ -184,8 +189,16 @@ def pids_of(up: UpProcess, data: Path, link: Link) -> tuple[dict[str, int], bool
     return pids, bool(card)
 
 
+def client_cpus(acker_core: str) -> set[int] | None:
+    """Where fio runs: anywhere, but with a dedicated acker core on the host's
+    CPUs (every allowed one but the acker's, the last), as a VM runs on its
+    host's cores and not on the card's."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return set(allowed[:-1]) if acker_core == "dedicated" and len(allowed) > 1 else None
+
+
 def phase(data: Path, up: UpProcess, link: Link, vdisk: str, *, qd: int, seconds: float, work: Path,
-          tag: str, size: int) -> dict[str, Any]:
+          tag: str, size: int, cpus: set[int] | None = None) -> dict[str, Any]:
     """One fio run with the CPU of every process and the split histogram around it."""
     t_wait = time.monotonic()
     try:
@@ -203,7 +216,7 @@ def phase(data: Path, up: UpProcess, link: Link, vdisk: str, *, qd: int, seconds
     out = work / f"fio-{tag}.json"
     cmd = fio_cmd(up.uri(vdisk), rw="randwrite", bs="4k", size=f"{size >> 20}m", iodepth=qd, out=out, runtime=seconds)
     t0 = time.monotonic()
-    job = run_fio(cmd + ["--randseed=4242"], out, timeout=seconds + 120)
+    job = run_fio(cmd + ["--randseed=4242"], out, timeout=seconds + 120, cpus=cpus)
     wall = time.monotonic() - t0
     d = {k: cpu_seconds(p) - c0[k] for k, p in pids.items()}
     h1 = host_split(data, [vdisk])[vdisk]
@@ -229,7 +242,8 @@ def phase(data: Path, up: UpProcess, link: Link, vdisk: str, *, qd: int, seconds
 
 
 def transport_round(data: Path, appliance: str, link: Link, transport: str, delays: list[float], *,
-                    qd1_s: float, qd16_s: float, work: Path, r: int, size: int) -> dict[str, Any]:
+                    qd1_s: float, qd16_s: float, work: Path, r: int, size: int,
+                    cpus: set[int] | None = None) -> dict[str, Any]:
     """Every (link, QD) phase of one transport in one `nicsplit up`; {"not_built": reason} when
     this tree does not know it."""
     args = ["--appliance-listen", appliance] + ([] if transport == NONE else ["--transport", transport])
@@ -255,7 +269,7 @@ def transport_round(data: Path, appliance: str, link: Link, transport: str, dela
             link.set_delay(delay)
             for qd, secs in ((1, qd1_s), (16, qd16_s)):
                 ph = phase(data, up, link, vdisk, qd=qd, seconds=secs, work=work, tag=f"{transport}-{delay}-{qd}-{r}",
-                           size=size)
+                           size=size, cpus=cpus)
                 ph["up_s"] = round(up_s, 1)
                 res[f"{delay}/qd{qd}"] = ph
                 print(f"  round {r} {transport:<8} link {delay} ms QD{qd}: p50 {ph['p50_us']:.0f} us p99 "
@@ -276,7 +290,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     doc: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_state(ROOT),
                            "machine": f"{os.cpu_count()} CPUs", "loadavg_start": loadavg(), "rounds": a.rounds,
                            "delays_ms": delays, "transports": transports, "qd1_s": a.qd1_seconds,
-                           "qd16_s": a.qd16_seconds, "size": a.size, "results": {}, "not_built": {}}
+                           "qd16_s": a.qd16_seconds, "size": a.size, "results": {}, "not_built": {},
+                           "acker_core": a.acker_core}
     size = a.size << 20
     with tempfile.TemporaryDirectory(prefix="nicsplit-transports-") as tmp:
         work = Path(tmp)
@@ -293,10 +308,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     # A fresh, pre-filled data directory per start: every transport starts from the same
                     # state (the appliance's start time grows with its journal; see docs/benchmarks.md).
                     shutil.rmtree(work / "data", ignore_errors=True)
-                    data = setup(work, size, appliance, relay)
+                    data = setup(work, size, appliance, relay, a.acker_core)
                     prefill(data, appliance, work, size)
                     got = transport_round(data, appliance, link, t, delays, qd1_s=a.qd1_seconds,
-                                          qd16_s=a.qd16_seconds, work=work, r=r, size=size)
+                                          qd16_s=a.qd16_seconds, work=work, r=r, size=size,
+                                          cpus=client_cpus(a.acker_core))
                     if "not_built" in got:
                         doc["not_built"][t] = got["not_built"]
                         print(f"  {t}: not built in this tree ({got['not_built']})", flush=True)
@@ -362,7 +378,10 @@ def markdown(doc: dict) -> str:
              "vdisks. *none* = a vdisk in no CG under the same `nicsplit up` (default transport; its IOs pass "
              "the split filter untouched). Ratio = QD1 p50 / none's, paired per round. CPU µs per write at QD16 "
              "from /proc/PID/stat; card = acker + worker, its idle (empty polls, doorbell sleeps) also apart. "
-             "late = writes whose ack came after split_timeout_us (they went on unconfirmed; all rounds, QD1 + QD16).",
+             "late = writes whose ack came after split_timeout_us (they went on unconfirmed; all rounds, QD1 + QD16). "
+             + ("**`[card] acker_core = \"dedicated\"`**: the acker polls its own CPU and never sleeps, everything "
+                "else (fio too) on the other CPUs, as on a DPU (docs/operations.md)."
+                if doc.get("acker_core") == "dedicated" else "`[card] acker_core = \"shared\"` (the default)."),
              "",
              "| transport | link one-way | QD1 p50 µs | +link µs | QD1 p99 µs | p50 × none | verdict | QD16 IOPS | "
              "split p50 / p99 µs (QD1) | split p99 µs (QD16) | host µs/w | card µs/w (of it idle) | "
@@ -434,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=256, help="vdisk size, MiB")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     ap.add_argument("--report", type=Path, metavar="JSON", help="no run: the table and plot again from a saved transports.json")
+    ap.add_argument("--acker-core", choices=("shared", "dedicated"), default="shared",
+                    help="[card] acker_core for every start (dedicated: fio off the acker's CPU too)")
     a = ap.parse_args(argv)
     if a.quick:
         a.rounds, a.qd1_seconds, a.qd16_seconds = 1, 3, 4

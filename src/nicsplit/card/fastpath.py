@@ -22,7 +22,10 @@ normal priority on ``worker_cpus`` (default: every allowed core, so it
 runs where there is room) and the spin is short: a doorbell wake-up of a
 real-time task preempts whatever runs on its core at once. While the
 handoff queue or the CQ is full the acker cannot progress, and it yields
-its core (sleeps 100 µs) instead of spinning.
+its core (sleeps 100 µs) instead of spinning. With ``acker_core =
+"dedicated"`` the core is the acker's alone (docs/operations.md): it polls
+and never sleeps or yields, the worker runs on the other CPUs and its
+control-socket thread is moved there (`worker_cpus`, `main`).
 
 The worker: spawned with the handoff memfd and its doorbell eventfd
 inherited; it dies with the acker (parent-death signal). If it dies, the
@@ -59,10 +62,10 @@ from nicsplit.card.lostlog import LostLog
 from nicsplit.card.sched import off_core, pin_cpus, quiet_gc, run_off_core, set_priority
 from nicsplit.card.transports.nvme_acker import NvmeAcker
 from nicsplit.card.transports.ring_acker import RingAcker
-from nicsplit.core.config import ConfigError
-from nicsplit.core.placement import DEDICATED
 from nicsplit.card.transports.ring_shared import fence
 from nicsplit.card.transports.shadow_acker import ShadowAcker
+from nicsplit.core.config import ConfigError
+from nicsplit.core.placement import DEDICATED
 
 log = logging.getLogger("nicsplit.card")
 
@@ -129,6 +132,7 @@ class Acker:
         env[WORKER_ENV] = json.dumps(spec)
         self.handoff.set(H.WSTATE, 0)
         self.handoff.set(H.FULL, 0)
+
         def popen() -> subprocess.Popen:
             return subprocess.Popen([sys.executable, "-m", "nicsplit.card.worker"], env=env,
                                     pass_fds=(self.handoff.fd, self.ep.wake_fd), stdout=subprocess.PIPE,
