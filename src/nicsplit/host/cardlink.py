@@ -47,6 +47,7 @@ from typing import Any
 
 from nicsplit.card.lostlog import LostLogReader
 from nicsplit.card.transports.base import open_splitter, splitter_class
+from nicsplit.host.load import ALONE_SPIN_US, HostLoad
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ log = logging.getLogger(__name__)
 class CardLink:
     def __init__(self, card_sock: Path, lost_log: Path, *, transport: str = "ring", retry_s: float = 0.5,
                  connect_timeout_s: float = 0.05, max_tracked: int = 1 << 20, spin_us: float = 20,
-                 options: dict[str, Any] | None = None, dmaps: dict[int, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, dmaps: dict[int, Any] | None = None,
+                 load: HostLoad | None = None, alone_spin_us: float = ALONE_SPIN_US) -> None:
         self.card_sock = Path(card_sock)  # the transport's rendezvous (Layout.card_sock)
         self.kind = transport
         self.options = dict(options or {})  # the transport's own (net: appliance address, data directory, ...)
@@ -77,6 +79,10 @@ class CardLink:
         # a restart reads what the card wrote while no host ran (issue 11 item 1).
         self._lost_log = LostLogReader(lost_log, Path(str(lost_log) + ".read"))
         self.spin_ns = int(spin_us * 1000)
+        # A waiter that is its host's only request spins this long instead
+        # (nicsplit.host.load); a link with no host load never counts as alone.
+        self.load = load
+        self.alone_spin_ns = max(self.spin_ns, int(alone_spin_us * 1000))
         self._waiting: dict[int, tuple[asyncio.Future, int]] = {}  # io_id -> (future, deadline)
         self._poller_scheduled = False
         self._watched: int | None = None  # the transport's wake_fd while the loop watches it
@@ -141,6 +147,9 @@ class CardLink:
             return None
         try:
             self._t = self._connect()
+            dev = getattr(self._t, "device", None)
+            if dev is not None:  # shadow's real halves wait by the same rule
+                dev.load, dev.alone_spin_ns = self.load, self.alone_spin_ns
             log.info("attached to the card through the %s transport", self.kind)
         except Exception as e:  # any failure to attach means "no card now"
             self.last_error = str(e)
@@ -181,7 +190,9 @@ class CardLink:
             return False
         if self._notifies:  # the transport completes its own futures (net: no spinning for a round trip)
             return t.ack_future(io_id, deadline_ns)
-        spin_until = min(deadline_ns, monotonic_ns() + self.spin_ns)
+        load = self.load
+        spin_until = min(deadline_ns, monotonic_ns() + (self.alone_spin_ns if load is not None and load.alone()
+                                                        else self.spin_ns))
         while True:
             t.reap()
             v = t.take_ack(io_id)

@@ -16,6 +16,7 @@ from nicsplit.core.cgs import CGCatalog
 from nicsplit.core.layout import Layout
 from nicsplit.host.actlog import ActivityLog
 from nicsplit.host.cardlink import CardLink
+from nicsplit.host.load import HostLoad
 from nicsplit.host.marking import MarkingMap
 from nicsplit.host.sequencer import Sequencer
 
@@ -62,7 +63,10 @@ class HostContext:
         card = dict(card or {})
         if card_transport is not None:  # the card transport the vdisks use (HostServer)
             card["transport"] = card_transport
-        self.card = CardLink(self.layout.card_sock, self.layout.card_lost_log, dmaps=self._link_dmaps, **card)
+        # Requests executing in this host (sessions count them): a lone waiter spins longer (nicsplit.host.load).
+        self.load = HostLoad()
+        self.card = CardLink(self.layout.card_sock, self.layout.card_lost_log, dmaps=self._link_dmaps, load=self.load,
+                             **card)
         # One link per transport the vdisks use (``[splitter]``, docs/operations.md
         # "Choosing a transport"); the card's always exists and is the one link
         # of a transport with a card half (one card serves one transport): it
@@ -86,7 +90,8 @@ class HostContext:
         if link is None:
             opts = {k: v for k, v in self._card_options.items() if k in ("retry_s", "max_tracked")}
             link = CardLink(self.layout.card_sock, self.layout.run / f"{transport}-lost.log", transport=transport,
-                            options=self._transport_options.get(transport, {}), dmaps=self._link_dmaps, **opts)
+                            options=self._transport_options.get(transport, {}), dmaps=self._link_dmaps,
+                            load=self.load, **opts)
             self.links[transport] = link
         return link
 

@@ -32,6 +32,7 @@ from typing import Any, Iterable
 from nicsplit.core import pki
 from nicsplit.host.chain import Chain
 from nicsplit.host.eager import run_eager
+from nicsplit.host.load import HostLoad
 from nicsplit.host.io import Flag, IOFailure
 from nicsplit.host.nbdpolicy import NO_TLS, SMALL_REQUEST, NbdTls
 from nicsplit.wire import nbd
@@ -91,6 +92,8 @@ class NBDSession(asyncio.BufferedProtocol):
 
     def __init__(self, host: Any, tls: NbdTls | None = None) -> None:
         self.host = host
+        # Requests executing host-wide (nicsplit.host.load): in at the start, out at the reply.
+        self._load = getattr(getattr(host, "context", None), "load", None) or HostLoad()
         self.tls = tls if tls is not None else NO_TLS
         self.codec = nbd.ServerConnection(host.exports, max_options=host.limits.max_options, tls=self.tls.mode)
         self._upgrading: list[bytes] | None = None  # bytes that arrived during the TLS handshake
@@ -327,8 +330,13 @@ class NBDSession(asyncio.BufferedProtocol):
                     self._exec += cost
                     budget.held += cost
                     self._share += cost
+                    load = self._load
+                    load.requests += 1
+                    load.backlog = codec.unparsed() > 0
                     done, res = run_eager(self._execute(ev))
+                    load.backlog = False
                     if done:
+                        load.requests -= 1
                         self._exec -= cost
                         self._out_bytes += cost
                         if type(res) is list:
@@ -488,6 +496,7 @@ class NBDSession(asyncio.BufferedProtocol):
             self._paused = True
 
     def _task_done(self, task: asyncio.Task) -> None:
+        self._load.requests -= 1
         self._exec -= self._tasks.pop(task, 0)
         if not task.cancelled():
             res = task.result()  # _execute never raises

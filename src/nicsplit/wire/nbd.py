@@ -623,6 +623,10 @@ class ServerConnection:
 
     # -- events ------------------------------------------------------------
 
+    def unparsed(self) -> int:
+        """Bytes received and not yet parsed (more requests may wait in them)."""
+        return len(self._buf) - self._pos
+
     def next_event(self):
         """Return the next event, or NEED_DATA."""
         if self._error is not None:

@@ -23,7 +23,7 @@ import mmap
 import os
 from pathlib import Path
 from time import monotonic_ns
-from typing import Callable
+from typing import Any, Callable
 
 from nicsplit.wire import ring as R
 from nicsplit.wire import shadow as S
@@ -118,6 +118,9 @@ class HostDevice:
         self._wake_card = wake_card
         self._healthy = healthy
         self.spin_ns = spin_ns
+        # The host's request count and the spin of a lone waiter (set by CardLink; nicsplit.host.load).
+        self.load: Any = None
+        self.alone_spin_ns = spin_ns
         g = mem.geometry
         self._n, self._mask, self._dsize = g.entries, g.entries - 1, g.data_size
         c = self._c = mem.counters
@@ -221,7 +224,8 @@ class HostDevice:
         st = self.take(pos)
         if st is not None:
             return st
-        until = monotonic_ns() + self.spin_ns
+        load = self.load
+        until = monotonic_ns() + (self.alone_spin_ns if load is not None and load.alone() else self.spin_ns)
         while monotonic_ns() < until:
             st = self.take(pos)
             if st is not None:
