@@ -79,11 +79,7 @@ def test_a_real_session_counts_its_requests_in_and_out(tmp_path):
     """qemu-io against a real host (real chain, datastore and ring; a small
     card loop): every QD1 write waits for its ack alone; 16 pipelined
     writes (aio_write) do not all; nothing stays counted afterwards."""
-    from nicsplit.core.cgs import CGCatalog
-    from nicsplit.core.config import Config
-    from nicsplit.host.datastore import Datastore
-    from nicsplit.host.server import HostServer
-    from nicsplit.testing.inproc import RingCard
+    from nicsplit.testing.inproc import host_with_card
 
     sock = tmp_path / "nbd.sock"
     uri = f"nbd+unix:///a?socket={sock}"
@@ -96,14 +92,7 @@ def test_a_real_session_counts_its_requests_in_and_out(tmp_path):
         assert p.returncode == 0 and b"error" not in out.lower(), out
 
     async def main():
-        cfg = Config(data=tmp_path, raw={"host": {"resync_mib_s": 0, "card": {"retry_s": 0.01}}})
-        CGCatalog(tmp_path).create("cg1")
-        ds = Datastore.create(cfg.datastore_dir, volume_size=64 << 20)
-        ds.open_io()
-        ds.create_vdisk("a", 8 << 20, extra={"cg": "cg1"})
-        host = HostServer(cfg, ds)
-        card = RingCard(host.cfg.layout.run)
-        card.start()
+        host, ds, card = host_with_card(tmp_path, {"resync_mib_s": 0, "card": {"retry_s": 0.01}})
         load = host.context.load
         seen: list[tuple[int, bool]] = []
         link = host.context.card

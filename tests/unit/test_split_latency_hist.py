@@ -11,25 +11,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from nicsplit.core.cgs import CGCatalog
-from nicsplit.core.config import Config
-from nicsplit.host.datastore import Datastore
-from nicsplit.host.server import HostServer
-from nicsplit.testing.inproc import RingCard, until
+from nicsplit.testing.inproc import host_with_card, until
 
 SLOW_NS = 50_000_000  # the layer below takes 50 ms per write
 
 
 def test_a_slow_layer_below_is_not_counted_as_split_latency(tmp_path: Path):
     async def main():
-        cfg = Config(data=tmp_path, raw={"host": {"validate": True, "resync_mib_s": 0, "card": {"retry_s": 0.01}}})
-        CGCatalog(tmp_path).create("cg1")
-        ds = Datastore.create(cfg.datastore_dir, volume_size=64 << 20)
-        ds.open_io()
-        ds.create_vdisk("a", 8 << 20, extra={"cg": "cg1"})
-        host = HostServer(cfg, ds)
-        card = RingCard(host.cfg.layout.run)
-        card.start()
+        host, ds, card = host_with_card(tmp_path, {"validate": True, "resync_mib_s": 0, "card": {"retry_s": 0.01}})
         try:
             top, below = host.chain("a").top, host.chain("a").below("split")
             split = host.chain("a").filter("split")

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from nicsplit.card.transports.ring_endpoint import RingEndpoint
+from nicsplit.core.cgs import CGCatalog
+from nicsplit.core.config import Config
+from nicsplit.host.datastore import Datastore
+from nicsplit.host.server import HostServer
 from nicsplit.core.records import AugmentedWrite, Outcome
 
-__all__ = ["RingCard", "until", "unix_connector"]
+__all__ = ["RingCard", "until", "unix_connector", "host_with_card"]
 
 POLL_S = 0.0005  # the stand-in card's poll interval (a real card spins, then sleeps on its doorbell)
 
@@ -79,3 +83,19 @@ def unix_connector(path: Path | str) -> Callable:
     async def connect():
         return await asyncio.open_unix_connection(str(path))
     return connect
+
+
+def host_with_card(data: Path, host: dict[str, Any] | None = None, *, size: int = 8 << 20) -> tuple[HostServer, Datastore, RingCard]:
+    """A real `HostServer` on a fresh datastore in ``data`` with vdisk ``a``
+    (``size`` bytes) in CG cg1 and a started `RingCard`: (host, datastore,
+    card). ``host``: the ``[host]`` table. The caller kills the card, stops
+    the host and closes the datastore."""
+    cfg = Config(data=data, raw={"host": dict(host or {})})
+    CGCatalog(data).create("cg1")
+    ds = Datastore.create(cfg.datastore_dir, volume_size=64 << 20)
+    ds.open_io()
+    ds.create_vdisk("a", size, extra={"cg": "cg1"})
+    srv = HostServer(cfg, ds)
+    card = RingCard(srv.cfg.layout.run)
+    card.start()
+    return srv, ds, card
