@@ -32,8 +32,8 @@ from typing import Any, Iterable
 from nicsplit.core import pki
 from nicsplit.host.chain import Chain
 from nicsplit.host.eager import run_eager
-from nicsplit.host.load import HostLoad
 from nicsplit.host.io import Flag, IOFailure
+from nicsplit.host.load import HostLoad
 from nicsplit.host.nbdpolicy import NO_TLS, SMALL_REQUEST, NbdTls
 from nicsplit.wire import nbd
 
