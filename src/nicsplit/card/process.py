@@ -79,7 +79,7 @@ from nicsplit.core import ctl
 from nicsplit.core.catalog import CatalogReader
 from nicsplit.core.config import ConfigError, parse_size
 from nicsplit.core.layout import InDataDir
-from nicsplit.core.placement import ACKER_CORES
+from nicsplit.core.placement import ACKER_CORES, DEDICATED
 from nicsplit.core.pki import client_context, load_batch_key
 from nicsplit.core.rates import RateWindow
 from nicsplit.core.records import AugmentedWrite
@@ -177,7 +177,7 @@ class CardConfig(InDataDir):
             raise ConfigError(f"[card] fast_path must be \"process\" or \"inline\", not {kw['fast_path']!r}")
         if kw.get("acker_core", "shared") not in ACKER_CORES:
             raise ConfigError(f"[card] acker_core must be \"shared\" or \"dedicated\", not {kw['acker_core']!r}")
-        if kw.get("acker_core") == "dedicated" and kw.get("fast_path", "process") != "process":
+        if kw.get("acker_core") == DEDICATED and kw.get("fast_path", "process") != "process":
             raise ConfigError("[card] acker_core = \"dedicated\" needs fast_path = \"process\" (an inline card "
                               "has no acker of its own)")
         return cls(data=Path(data), pipeline=PipelineConfig.from_mapping(pkw), **kw)

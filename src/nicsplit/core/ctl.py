@@ -48,26 +48,27 @@ log = logging.getLogger(__name__)
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-def ready_message(line: str | bytes) -> dict[str, Any] | None:
-    """The ``{"event": "ready", ...}`` object a child process prints on
-    stdout once it serves (the supervisor and the test harness wait for it);
-    None for any other line."""
+def _event(line: str | bytes, name: str) -> dict[str, Any] | None:
+    """The JSON object on ``line`` if its ``event`` is ``name``, else None."""
     try:
         msg = json.loads(line)
     except (ValueError, RecursionError):
         return None
-    return msg if isinstance(msg, dict) and msg.get("event") == "ready" else None
+    return msg if isinstance(msg, dict) and msg.get("event") == name else None
+
+
+def ready_message(line: str | bytes) -> dict[str, Any] | None:
+    """The ``{"event": "ready", ...}`` object a child process prints on
+    stdout once it serves (the supervisor and the test harness wait for it);
+    None for any other line."""
+    return _event(line, "ready")
 
 
 def starting_message(line: str | bytes) -> dict[str, Any] | None:
     """The ``{"event": "starting", ...}`` object a child prints while a long
     start is under way (the appliance recovering a big journal): alive and
     working, not ready yet. None for any other line."""
-    try:
-        msg = json.loads(line)
-    except (ValueError, RecursionError):
-        return None
-    return msg if isinstance(msg, dict) and msg.get("event") == "starting" else None
+    return _event(line, "starting")
 
 
 def decode_request(line: bytes) -> dict[str, Any]:

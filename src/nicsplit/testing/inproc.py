@@ -16,9 +16,9 @@ from typing import Any, Callable
 from nicsplit.card.transports.ring_endpoint import RingEndpoint
 from nicsplit.core.cgs import CGCatalog
 from nicsplit.core.config import Config
+from nicsplit.core.records import AugmentedWrite, Outcome
 from nicsplit.host.datastore import Datastore
 from nicsplit.host.server import HostServer
-from nicsplit.core.records import AugmentedWrite, Outcome
 
 __all__ = ["RingCard", "until", "unix_connector", "host_with_card"]
 
