@@ -119,9 +119,11 @@ def test_delay_and_rate_are_accurate(tmp_path, echo):
         for delay in (0.0, 0.5):
             link("set", delay_ms=delay)
             via = rtts_ms(link.address)
-            # Added one-way latency: half the round trip's increase over the direct path.
-            res[delay] = ((pct(via, .5) - pct(direct, .5)) / 2, (pct(via, .99) - pct(direct, .5)) / 2)
-        print(f"added one-way latency p50/p99: 0 ms: {res[0.0][0]:.3f}/{res[0.0][1]:.3f} ms; "
+            # Added one-way latency: half the round trip's increase over the direct path, at the
+            # 10th percentile: a loaded box only adds to a round trip (the median of the 0 ms relay
+            # swung to 0.33 ms in a CI run and hid part of the 0.5 ms), the delay is in every one.
+            res[delay] = ((pct(via, .1) - pct(direct, .1)) / 2, (pct(via, .99) - pct(direct, .5)) / 2)
+        print(f"added one-way latency p10/p99: 0 ms: {res[0.0][0]:.3f}/{res[0.0][1]:.3f} ms; "
               f"0.5 ms: {res[0.5][0]:.3f}/{res[0.5][1]:.3f} ms")
         # The configured delay is added (above the relay's own cost), not rounded to a millisecond.
         assert 0.45 <= res[0.5][0] - res[0.0][0] <= 0.65, res
