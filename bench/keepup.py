@@ -304,7 +304,8 @@ def stream(r: RingSplitter, data: Path, pids: dict[str, int], make, n: int) -> d
     cpu = card_cpu(st0, st1, d, sent)
     work_s = cpu["card_work"] * sent / 1e6
     busy = cpu["acker_busy"] * sent / 1e6
-    ov = ((st1.get("overflow") or {}).get("spilled") or 0) - ((st0.get("overflow") or {}).get("spilled") or 0)
+    ovf = lambda st: sum(((st.get("overflow") or {}).get(k) or 0) for k in ("diverted", "spilled"))  # noqa: E731
+    ov = ovf(st1) - ovf(st0)  # writes that went through the overflow log (diverted on arrival, or spilled later)
     return {
         "writes": sent, "acked_per_s": sent / t_acked, "shipped_per_s": sent / el, "overflow_spilled": ov,
         "cpu_us_per_write": cpu,
