@@ -40,7 +40,7 @@ from nicsplit.journal.writer import Journal
 from nicsplit.recovery.blockindex import BlockIndex
 from nicsplit.recovery.replica import Distributor
 from nicsplit.storage import atrest
-from nicsplit.wire import frames as F
+from nicsplit.wire import envelope, frames as F
 
 BS = 4096
 
@@ -67,7 +67,7 @@ def make_batches(n: int, per: int, key: bytes, cg: str, seed: int, span: int = 1
             off = ((seq * 7919) % span) * BS  # random-ish 4 KiB offsets in the first ``span`` blocks
             recs.append(F.Record(seq, seq, 1, Op.WRITE, 0, off, BS, t, data))
         meta = F.Batch(b + 1, cg, seq - per + 1, seq, t, t, b"")
-        body = F.seal(F.encode_records(recs), key, F.batch_aad(meta))
+        body = envelope.seal(F.encode_records(recs), key, F.batch_aad(meta))
         out.append(F.encode(F.Batch(meta.batch_id, cg, meta.first_seq, meta.last_seq, t, t, body)))
     return out
 
@@ -90,7 +90,7 @@ def ingest(jdir: Path, frames: list[bytes], key: bytes, group: int) -> int:
                 batches.append(dec.next_event())
             fed = True
             for b in batches:
-                recs = decode(F.unseal(b.body, key, F.batch_aad(b)))
+                recs = decode(envelope.unseal(b.body, key, F.batch_aad(b)))
                 res = j.append_batch(b, recs, sync=False)
                 n += len(recs)
                 if fed:  # the appliance's index update (a scan when the writer's heads do not fit)

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nicsplit.core.records import Op
 from nicsplit.journal.format import seal_record_entries_into, seal_record_entry, sealed_entries_size
 from nicsplit.journal.scan import RecordHead
-from nicsplit.wire import frames as F
+from nicsplit.wire import envelope, frames as F
 from nicsplit.wire.wirerecords import decode_wire_records
 
 BS = 4096
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(16):
         recs = [F.Record(s, s, 1, Op.WRITE, 0, s * BS, BS, s, os.urandom(BS // 2) + bytes(BS // 2))
                 for s in range(1, n + 1)]  # half random, half zeros: zstd halves each
-        bodies.append(F.seal(F.encode_records(recs), key, F.batch_aad(meta)))
-    plains = [F.unseal(b, key, F.batch_aad(meta)) for b in bodies]
+        bodies.append(envelope.seal(F.encode_records(recs), key, F.batch_aad(meta)))
+    plains = [envelope.unseal(b, key, F.batch_aad(meta)) for b in bodies]
     turn = itertools.count()
     plain = plains[0]
     wires = decode_wire_records(plain)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     aad = bytes(74)
 
     steps = {
-        "unseal (batch AES-GCM + zstd)": lambda: F.unseal(bodies[next(turn) % 16], key, F.batch_aad(meta)),
+        "unseal (batch AES-GCM + zstd)": lambda: envelope.unseal(bodies[next(turn) % 16], key, F.batch_aad(meta)),
         "decode_wire_records": lambda: decode_wire_records(plains[next(turn) % 16]),
         "fingerprint (xxh3-128)": lambda: [F.fingerprint(w.data) for w in wires],
         "seal_record_entry (all of it)": lambda: [seal_record_entry(cipher, 24, w.wire, nonces[:12]) for w in wires],

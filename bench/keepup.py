@@ -183,7 +183,7 @@ def component_round(work: Path, *, n_qd1: int, n_big: int, n_stream: int, idle_s
             out["qd1_1m"] = qd1(r, [w(1 << 20, big[i % 4]) for i in range(n_big)])
         # The card alone: its batches go to a sink that acks each at once (bench/sink.py).
         with Sink(data).start() as sink, card_ring(data, sink.ready["address"], host_off_card, allowed, {}) as (card, r):
-            pids = {"acker": card.pid, "worker": card.ready["worker_pid"]}
+            pids = {"acker": card.pid, "worker": card.ready["worker_pid"], "sink": sink.pid}
             out["stream"] = stream(r, data, pids, lambda: w(BS, small[seq[0] % 256]), n_stream)
         # The appliance's ingest alone: a synthetic card (the net transport's shipper, zstd and
         # the batch key as the card's batches) over real TLS, batches of the card's size.
@@ -302,6 +302,8 @@ def stream(r: RingSplitter, data: Path, pids: dict[str, int], make, n: int) -> d
     d = diff(c0, cpu_of(pids))
     st1 = card_stats(data)
     cpu = card_cpu(st0, st1, d, sent)
+    if "sink" in d:  # the receiving end's floor: TLS, frame decode and an ack per batch, nothing kept
+        cpu["sink"] = 1e6 * d["sink"] / sent
     work_s = cpu["card_work"] * sent / 1e6
     busy = cpu["acker_busy"] * sent / 1e6
     ovf = lambda st: sum(((st.get("overflow") or {}).get(k) or 0) for k in ("diverted", "spilled"))  # noqa: E731

@@ -87,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--listen", default="127.0.0.1:0")
     a = ap.parse_args(argv)
-    asyncio.run(main_async(a.data, a.listen))
+    import uvloop  # the event loop the appliance runs on
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main_async(a.data, a.listen))
     return 0
 
 

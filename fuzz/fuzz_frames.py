@@ -5,7 +5,7 @@ unseal over any body — frames or FrameError, nothing else."""
 import atheris
 
 with atheris.instrument_imports():
-    from nicsplit.wire import frames as F
+    from nicsplit.wire import envelope, frames as F
 
 from common import chunks, run
 
@@ -31,7 +31,7 @@ def test_one_input(data: bytes) -> None:
             pass
     else:
         try:
-            F.unseal(fdp.ConsumeBytes(len(data)), KEY if fdp.ConsumeBool() else None, b"aad")
+            envelope.unseal(fdp.ConsumeBytes(len(data)), KEY if fdp.ConsumeBool() else None, b"aad")
         except F.FrameError:
             pass
 
@@ -43,7 +43,7 @@ def seeds() -> list[bytes]:
     recs = [F.Record(1, 1, 1, Op.WRITE, 0, 0, 5, 0, b"hello"), F.Record(2, 1, 1, Op.TRIM, 0, 0, 4096, 0)]
     head = F.Batch(7, "cg1", 1, 2, 0, 0, b"")
     frames = [F.Hello("card", F.PROTOCOL_VERSION, ("cg1",)), F.HelloAck("app", F.PROTOCOL_VERSION, {"cg1": 0}),
-              F.Batch(7, "cg1", 1, 2, 0, 0, F.seal(F.encode_records(recs), KEY, F.batch_aad(head))),
+              F.Batch(7, "cg1", 1, 2, 0, 0, envelope.seal(F.encode_records(recs), KEY, F.batch_aad(head))),
               F.Ack(7, "cg1", 2, True, ()), F.Heartbeat(1), F.Error(1, "oops")]
     return [b"\0" * 8 + b"".join(F.encode(f) for f in frames), b"\x01" + b"\0" * 7 + F.encode_records(recs)]
 

@@ -25,7 +25,7 @@ from nicsplit.core.records import Op
 from nicsplit.core import pki
 from nicsplit.testing.datadir import init_data, vdisk
 from nicsplit.testing.procs import wait_for
-from nicsplit.wire import frames as F
+from nicsplit.wire import envelope, frames as F
 
 
 def appliance_cli(data: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -232,7 +232,7 @@ BAD_INPUTS = {
 
 def _sealed_raw(k: bytes, plain: bytes) -> F.Batch:
     head = F.Batch(2, "db", 2, 2, 5, 5, b"")
-    return F.Batch(2, "db", 2, 2, 5, 5, F.seal(plain, k, F.batch_aad(head)))
+    return F.Batch(2, "db", 2, 2, 5, 5, envelope.seal(plain, k, F.batch_aad(head)))
 
 
 @pytest.mark.parametrize("what", list(BAD_INPUTS))

@@ -10,7 +10,7 @@ import zlib
 import pytest
 
 from nicsplit.core.records import Op, WFlag
-from nicsplit.wire import frames as F
+from nicsplit.wire import envelope as E, frames as F
 from nicsplit.wire.frames import (
     NEED_DATA, Ack, Batch, Error, FrameDecoder, FrameError, Heartbeat, Hello, HelloAck, Record,
 )
@@ -245,58 +245,58 @@ def _aad(batch_id: int = 1) -> bytes:
 @pytest.mark.parametrize("compress", [True, False])
 def test_seal_round_trip(key, compress):
     plain = F.encode_records(records()) + b"\0" * 50000
-    body = F.seal(plain, key, _aad(), compress=compress)
+    body = E.seal(plain, key, _aad(), compress=compress)
     assert body[0] == (F.COMPRESS_ZSTD if compress else F.COMPRESS_NONE)
     assert body[1] == (F.CIPHER_AES256GCM if key else F.CIPHER_NONE)
-    assert F.unseal(body, key, _aad()) == plain
+    assert E.unseal(body, key, _aad()) == plain
     if compress:
         assert len(body) < len(plain)
 
 
 def test_incompressible_data_stays_uncompressed():
     plain = os.urandom(10000)
-    body = F.seal(plain, KEY, _aad())
+    body = E.seal(plain, KEY, _aad())
     assert body[0] == F.COMPRESS_NONE
-    assert F.unseal(body, KEY, _aad()) == plain
+    assert E.unseal(body, KEY, _aad()) == plain
 
 
 def test_flipped_ciphertext_byte_rejected():
-    body = bytearray(F.seal(b"hello records" * 100, KEY, _aad()))
+    body = bytearray(E.seal(b"hello records" * 100, KEY, _aad()))
     for i in (14, len(body) // 2, len(body) - 1):  # first ciphertext byte, middle, tag
         bad = bytearray(body)
         bad[i] ^= 0x40
         with pytest.raises(FrameError, match="authentication"):
-            F.unseal(bytes(bad), KEY, _aad())
+            E.unseal(bytes(bad), KEY, _aad())
     bad = bytearray(body)
     bad[5] ^= 1  # nonce
     with pytest.raises(FrameError, match="authentication"):
-        F.unseal(bytes(bad), KEY, _aad())
+        E.unseal(bytes(bad), KEY, _aad())
 
 
 def test_changed_aad_rejected():
-    body = F.seal(b"x" * 1000, KEY, _aad(1))
+    body = E.seal(b"x" * 1000, KEY, _aad(1))
     with pytest.raises(FrameError, match="authentication"):
-        F.unseal(body, KEY, _aad(2))
+        E.unseal(body, KEY, _aad(2))
     other = F.batch_aad(Batch(1, "db", 1, 5, 10, 20, b""))  # same id, longer range
     with pytest.raises(FrameError, match="authentication"):
-        F.unseal(body, KEY, other)
+        E.unseal(body, KEY, other)
     with pytest.raises(FrameError, match="authentication"):
-        F.unseal(body, bytes(32), _aad(1))
+        E.unseal(body, bytes(32), _aad(1))
 
 
 def test_cipher_mismatch_and_bad_envelopes():
     with pytest.raises(FrameError, match="unencrypted batch refused"):
-        F.unseal(F.seal(b"x", None, b""), KEY, b"")
+        E.unseal(E.seal(b"x", None, b""), KEY, b"")
     with pytest.raises(FrameError, match="no batch key"):
-        F.unseal(F.seal(b"x", KEY, b""), None, b"")
+        E.unseal(E.seal(b"x", KEY, b""), None, b"")
     with pytest.raises(FrameError, match="shorter"):
-        F.unseal(b"\0" * 5, KEY, b"")
+        E.unseal(b"\0" * 5, KEY, b"")
     with pytest.raises(FrameError, match="unknown compression"):
-        F.unseal(b"\x07\x00" + bytes(12), None, b"")
+        E.unseal(b"\x07\x00" + bytes(12), None, b"")
     with pytest.raises(FrameError, match="unknown cipher"):
-        F.unseal(b"\x00\x07" + bytes(12), KEY, b"")
+        E.unseal(b"\x00\x07" + bytes(12), KEY, b"")
     with pytest.raises(FrameError, match="zstd"):
-        F.unseal(b"\x01\x00" + bytes(12) + b"not zstd", None, b"")
+        E.unseal(b"\x01\x00" + bytes(12) + b"not zstd", None, b"")
 
 
 def test_decompression_bomb_refused():
@@ -304,10 +304,10 @@ def test_decompression_bomb_refused():
 
     bomb = zstandard.ZstdCompressor().compress(bytes(F.MAX_PLAIN + 1))
     with pytest.raises(FrameError, match="above the limit"):
-        F.unseal(b"\x01\x00" + bytes(12) + bomb, None, b"")
+        E.unseal(b"\x01\x00" + bytes(12) + bomb, None, b"")
     bomb = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(F.MAX_PLAIN + 1))
     with pytest.raises(FrameError, match="zstd"):
-        F.unseal(b"\x01\x00" + bytes(12) + bomb, None, b"")
+        E.unseal(b"\x01\x00" + bytes(12) + bomb, None, b"")
 
 
 def test_batch_aad_layout():
@@ -315,3 +315,42 @@ def test_batch_aad_layout():
     assert F.batch_aad(b) == b"\x01" + struct.pack(">QQQQQ", 7, 1, 4, 10, 20) + b"\x00\x02db"
     wire = F.encode(b)
     assert wire[16 : 16 + 44] == F.batch_aad(b)[1:]
+
+
+def test_large_bodies_assembled_from_chunks(seed):
+    """A body of 64 KiB or more that arrives in pieces is kept as the pieces
+    and joined once (FrameDecoder._parts): frames before, inside and after
+    it come out whole and in order whatever the chunking, the CRC is still
+    checked, the buffered count stays bounded, and EOF inside it is an error."""
+    import random
+
+    rng = random.Random(seed)
+    big = [F.Batch(i, "cg", i, i, 1, 2, rng.randbytes(rng.choice((65_536, 70_000, 300_000)))) for i in range(1, 4)]
+    frames = [F.Heartbeat(1), big[0], F.Heartbeat(2), big[1], big[2], F.Heartbeat(3)]
+    stream = b"".join(map(F.encode, frames))
+    for _ in range(20):
+        dec, out, pos = F.FrameDecoder(), [], 0
+        while pos < len(stream):
+            n = rng.choice((1, 7, 4096, 16384, 65_536, 200_000))
+            dec.receive_data(stream[pos : pos + n])
+            pos += n
+            while (fr := dec.next_event()) is not F.NEED_DATA:
+                out.append(fr)
+            assert dec.statistics().buffered < 16 + dec.max_body
+        assert out == frames
+        assert dec.statistics().buffered == 0
+    bad = bytearray(F.encode(big[0]))
+    bad[-1] ^= 1
+    dec = F.FrameDecoder()
+    with pytest.raises(F.FrameError, match="CRC"):
+        for i in range(0, len(bad), 16384):
+            dec.receive_data(bytes(bad[i : i + 16384]))
+            assert dec.next_event() is F.NEED_DATA
+    dec = F.FrameDecoder()
+    dec.receive_data(F.encode(big[0])[:16 + 40_000])
+    assert dec.next_event() is F.NEED_DATA
+    dec.receive_data(F.encode(big[0])[16 + 40_000 : 16 + 50_000])
+    assert dec.next_event() is F.NEED_DATA
+    dec.receive_data(b"")
+    with pytest.raises(F.FrameError, match="closed in the middle"):
+        dec.next_event()

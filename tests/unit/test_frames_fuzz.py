@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 from nicsplit.testing.fuzz import fuzz_settings
 
 from nicsplit.core.records import Op
-from nicsplit.wire import frames as F
+from nicsplit.wire import envelope, frames as F
 
 MAX_BODY = 4096
 FUZZ = fuzz_settings(400)  # NICSPLIT_FUZZ_SCALE runs it longer
@@ -102,6 +102,6 @@ def test_mutated_records(flips, chop):
 @given(st.binary(max_size=300), st.sampled_from([None, bytes(32)]))
 def test_unseal_random(body, key):
     try:
-        F.unseal(body, key, b"aad")
+        envelope.unseal(body, key, b"aad")
     except F.FrameError:
         pass

@@ -12,7 +12,7 @@ from hypothesis import assume, example, given, strategies as st
 
 from nicsplit.core.records import Op
 from nicsplit.testing.fuzz import fuzz_settings
-from nicsplit.wire import frames as F
+from nicsplit.wire import envelope, frames as F
 
 KEY = bytes(range(32))
 u8, u16, u32, u64 = (st.integers(0, (1 << b) - 1) for b in (8, 16, 32, 64))
@@ -95,7 +95,7 @@ def test_flipped_byte_in_a_sealed_batch_is_refused(recs, key, where, xor):
                                                         "time_ns", "data", "refs"))) for i, r in enumerate(recs)]
     plain = F.encode_records(recs)
     meta = F.Batch(9, "cg", recs[0].seq, recs[-1].seq, 1, 2, b"")
-    body = F.seal(plain, key, F.batch_aad(meta))
+    body = envelope.seal(plain, key, F.batch_aad(meta))
     wire = bytearray(F.encode(F.Batch(meta.batch_id, meta.cg, meta.first_seq, meta.last_seq, meta.t_first_ns,
                                       meta.t_last_ns, body)))
     wire[where % len(wire)] ^= xor
@@ -109,7 +109,7 @@ def test_flipped_byte_in_a_sealed_batch_is_refused(recs, key, where, xor):
     if not isinstance(got, F.Batch):
         return
     try:
-        out = F.decode_records(F.unseal(got.body, key, F.batch_aad(got)))
+        out = F.decode_records(envelope.unseal(got.body, key, F.batch_aad(got)))
     except F.FrameError:
         return
     # only a flip the frame CRC and (without a key) nothing else can see may decode:

@@ -11,9 +11,9 @@ import pytest
 from nicsplit.card.transports.net_state import NetProtocolError, NetState
 from nicsplit.core.records import AugmentedWrite, Op, WFlag
 from nicsplit.wire.frames import (
-    NEED_DATA, PROTOCOL_VERSION, Ack, Batch, Error, FrameDecoder, Heartbeat, Hello, HelloAck, batch_aad,
-    decode_records, unseal,
+    NEED_DATA, PROTOCOL_VERSION, Ack, Batch, Error, FrameDecoder, Heartbeat, Hello, HelloAck, batch_aad, decode_records,
 )
+from nicsplit.wire.envelope import unseal
 
 KEY = bytes(range(32))
 

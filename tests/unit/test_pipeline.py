@@ -17,8 +17,9 @@ from nicsplit.testing.pipeline import FakeAppliance, FakeCatalog, FakeEndpoint, 
 from nicsplit.core.records import Op, WFlag
 from nicsplit.wire.frames import (
     COMPRESS_NONE, COMPRESS_ZSTD, PROTOCOL_VERSION, Batch, FrameError, Hello, Record, batch_aad, decode_records,
-    encode_records, expand, fingerprint, seal, unseal,
+    encode_records, expand, fingerprint,
 )
+from nicsplit.wire.envelope import seal, unseal
 
 KEY = bytes(range(32))
 MS = 1_000_000

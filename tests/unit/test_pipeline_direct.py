@@ -25,7 +25,8 @@ from nicsplit.card.pipeline import CardPipeline, PipelineConfig
 from nicsplit.core.records import Op, Status
 from nicsplit.testing.pipeline import FakeAppliance, FakeCatalog, FakeEndpoint, write
 from nicsplit.core.records import Outcome
-from nicsplit.wire.frames import NEED_DATA, PROTOCOL_VERSION, Batch, FrameDecoder, Hello, batch_aad, unseal
+from nicsplit.wire.frames import NEED_DATA, PROTOCOL_VERSION, Batch, FrameDecoder, Hello, batch_aad
+from nicsplit.wire.envelope import unseal
 
 pytestmark = pytest.mark.unit
 

@@ -42,8 +42,9 @@ from nicsplit.journal.writer import Journal
 from nicsplit.testing.appliance import CrashFilesystem
 from nicsplit.testing.pipeline import FakeCatalog, FakeEndpoint, committed, failed, write
 from nicsplit.wire.frames import (
-    NEED_DATA, PROTOCOL_VERSION, Ack, Batch, FrameDecoder, Hello, HelloAck, batch_aad, decode_records, unseal,
+    NEED_DATA, PROTOCOL_VERSION, Ack, Batch, FrameDecoder, Hello, HelloAck, batch_aad, decode_records,
 )
+from nicsplit.wire.envelope import unseal
 
 KEY = bytes(range(32))
 MS = 1_000_000

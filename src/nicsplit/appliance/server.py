@@ -109,7 +109,7 @@ from nicsplit.core.catalog import CatalogReader, DatastoreError
 from nicsplit.core.cgs import CGCatalog, CGError
 from nicsplit.core.names import check_name, is_name, BadName
 from nicsplit.core.layout import InDataDir
-from nicsplit.wire import frames as F
+from nicsplit.wire import envelope, frames as F
 from nicsplit.wire.wirerecords import decode_wire_records
 
 _FP = _fp.ACTIVE  # armed failpoints (nicsplit.core.failpoints): empty unless a test arms some
@@ -450,7 +450,7 @@ class Appliance:
         ``sync=False`` after `Journal.sync`).  ``keep``: the decoded records
         are appended to it (the distribution handoff, rule 8)."""
         try:
-            plain = F.unseal(b.body, self.key, F.batch_aad(b))
+            plain = envelope.unseal(b.body, self.key, F.batch_aad(b))
         except F.FrameError as e:
             raise _Drop(f"batch {b.batch_id} of {b.cg}: {e}", F.ErrorCode.UNAUTHENTICATED) from None
         try:

@@ -54,11 +54,11 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from nicsplit.core.records import AugmentedWrite, Op, Outcome, Status, WFlag
+from nicsplit.core.crc32 import crc32
 
 __all__ = ["OverflowLog", "Overflow", "encode", "decode", "FILE_MAGIC", "REC", "TornRecord"]
 
@@ -87,12 +87,12 @@ def encode(e: AugmentedWrite | Outcome, rflags: int = 0) -> tuple[bytes, Any]:
     """(72-byte record head, payload or b"") of one entry."""
     if type(e) is Outcome:
         head = HEAD.pack(REC_MAGIC, K_OUTCOME, int(e.status), 0, 0, rflags, 0, 0, e.io_id, 0, 0, 0, 0, 0)
-        return head + CRC.pack(zlib.crc32(head)), b""
+        return head + CRC.pack(crc32(head)), b""
     data = e.data if e.data is not None else b""
     n = len(data)
     head = HEAD.pack(REC_MAGIC, K_WRITE, int(e.op), int(e.flags), e.data is not None, rflags, e.length, n,
                      e.io_id, e.cg_id, e.cg_seq, e.vdisk_id, e.voffset, e.timestamp_ns)
-    return head + CRC.pack(zlib.crc32(data, zlib.crc32(head)) if n else zlib.crc32(head)), data
+    return head + CRC.pack(crc32(data, crc32(head)) if n else crc32(head)), data
 
 
 def decode(buf: Any, pos: int, *, verify: bool = True) -> tuple[AugmentedWrite | Outcome, int, int] | None:
@@ -114,9 +114,9 @@ def decode(buf: Any, pos: int, *, verify: bool = True) -> tuple[AugmentedWrite |
         return None
     mv = memoryview(buf)
     if verify:
-        c = zlib.crc32(mv[pos: pos + HEAD.size])
+        c = crc32(mv[pos: pos + HEAD.size])
         if dlen:
-            c = zlib.crc32(mv[end: end + dlen], c)
+            c = crc32(mv[end: end + dlen], c)
         if c != crc:
             raise TornRecord(f"bad CRC at {pos}")
     if kind == K_OUTCOME:

@@ -62,12 +62,12 @@ import logging
 import os
 import struct
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 from nicsplit.core.fsutil import atomic_write
+from nicsplit.core.crc32 import crc32
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def encode_record(kind: int, seq: int, shift: int, add: Iterable[int] = (), dele
         raise ValueError(f"bad activity log record: kind {kind}, {len(add)} added, {len(delete)} removed")
     body = b"".join(ENTRY.pack(*split_key(k)) for k in (*delete, *add))
     head = RECORD_HEAD.pack(MAGIC, VERSION, kind, shift, 0, seq, len(add), len(delete), 0)[:24]
-    return head + struct.pack(">I", zlib.crc32(body, zlib.crc32(head))) + body
+    return head + struct.pack(">I", crc32(body, crc32(head))) + body
 
 
 @dataclass
@@ -162,7 +162,7 @@ def decode_log(buf: bytes | memoryview) -> Recovered:
         if magic != MAGIC or ver != VERSION or kind not in KINDS or res or na + nd > MAX_ENTRIES:
             break
         end = pos + hs + (na + nd) * es
-        if end > len(buf) or zlib.crc32(buf[pos + hs:end], zlib.crc32(buf[pos:pos + 24])) != crc:
+        if end > len(buf) or crc32(buf[pos + hs:end], crc32(buf[pos:pos + 24])) != crc:
             break
         if first:
             if kind == UPDATE:

@@ -28,7 +28,6 @@ Example::
 from __future__ import annotations
 
 import struct
-import zlib
 from typing import Callable, Iterator
 
 from cryptography.exceptions import InvalidTag
@@ -39,6 +38,7 @@ from nicsplit.storage import atrest
 from nicsplit.wire.frames import (
     BLOCK_SIZE, RECORD_HEAD, RECORD_HEAD_SIZE, REF_SIZE, FrameError, Record, block_spans, decode_record, decode_record_split,
 )
+from nicsplit.core.crc32 import crc32
 
 __all__ = [
     "JournalError", "JournalCorrupt", "SEGMENT_SUFFIX", "SEGMENT_MAGIC", "JOURNAL_VERSION", "SEALED_VERSION",
@@ -103,7 +103,7 @@ def segment_head(seg: int, key_id: int) -> bytes:
         head = SEGMENT_HEAD.pack(SEGMENT_MAGIC, SEALED_VERSION, FLAG_SEALED, seg, key_id, 0)[:20]
     else:
         head = SEGMENT_HEAD.pack(SEGMENT_MAGIC, JOURNAL_VERSION, 0, seg, 0, 0)[:20]
-    return head + struct.pack(">I", zlib.crc32(head))
+    return head + struct.pack(">I", crc32(head))
 
 
 def parse_segment_head(buf: bytes | memoryview, seg: int, where: str) -> tuple[int, str | None]:
@@ -114,7 +114,7 @@ def parse_segment_head(buf: bytes | memoryview, seg: int, where: str) -> tuple[i
     if len(buf) < SEGMENT_HEAD.size:
         return 0, f"segment header truncated ({len(buf)} bytes)"
     magic, version, flags, number, key_id, crc = SEGMENT_HEAD.unpack_from(buf, 0)
-    if zlib.crc32(buf[:20]) != crc or magic != SEGMENT_MAGIC:
+    if crc32(buf[:20]) != crc or magic != SEGMENT_MAGIC:
         return 0, "bad segment header"
     if not ((version == JOURNAL_VERSION and flags == 0 and key_id == 0)
             or (version == SEALED_VERSION and flags == FLAG_SEALED and key_id)):
@@ -172,7 +172,7 @@ _POS = struct.Struct(">Q")  # a sealed record's segment offset in its AAD (`_aad
 def encode_entry(tag: int, payload: bytes) -> bytes:
     """An entry: head (size, tag, CRC over head and payload), then ``payload``."""
     head8 = ENTRY.pack(len(payload), tag, b"", 0)[:8]
-    return b"".join((head8, _CRC.pack(zlib.crc32(payload, zlib.crc32(head8))), payload))  # one copy of the payload
+    return b"".join((head8, _CRC.pack(crc32(payload, crc32(head8))), payload))  # one copy of the payload
 
 
 def encode_commit(batch_id: int, first_seq: int, last_seq: int, t_first_ns: int, t_last_ns: int,
@@ -215,7 +215,7 @@ def seal_record_entry(cipher: AESGCM, pos: int, encoded: bytes, nonce: bytes) ->
     view = memoryview(encoded)
     rec_head = view[:RECORD_HEAD_SIZE]
     sealed = cipher.encrypt(nonce, view[RECORD_HEAD_SIZE:], _aad(head8, pos, rec_head))
-    crc = zlib.crc32(sealed, zlib.crc32(nonce, zlib.crc32(rec_head, zlib.crc32(head8))))
+    crc = crc32(sealed, crc32(nonce, crc32(rec_head, crc32(head8))))
     return b"".join((head8, struct.pack(">I", crc), rec_head, nonce, sealed))
 
 
@@ -250,7 +250,7 @@ def seal_record_entries_into(cipher: AESGCM, pos: int, records: list[bytes | mem
     record head ‖ nonce ‖ ciphertext.  Returns each entry's segment offset."""
     at: list[int] = []
     heads: dict[int, tuple[bytes, int]] = {}  # entry size -> (head8, crc of head8): records share sizes
-    encrypt, crc32, put_crc = cipher.encrypt_into, zlib.crc32, _CRC.pack_into
+    encrypt, put_crc = cipher.encrypt_into, _CRC.pack_into
     put_head, aad = _SEALED_HEAD.pack_into, _AAD.pack
     mv = memoryview(buf)
     ns, h, e, c = atrest.NONCE_SIZE, RECORD_HEAD_SIZE, ENTRY.size, _SEALED_HEAD.size
@@ -317,7 +317,7 @@ def read_record_at(pread: Callable[[int, int], bytes | memoryview], cipher: AESG
     # head and record head as associated data, the nonce through the key
     # stream), so the CRC, a second pass over the payload, is skipped there.
     if tag != TAG_RECORD or len(payload) != size or (
-            cipher is None and zlib.crc32(payload, zlib.crc32(head[:8])) != crc):
+            cipher is None and crc32(payload, crc32(head[:8])) != crc):
         raise JournalCorrupt(f"{where}: record entry fails its check")
     return open_record_payload(cipher, pos, head[:8], payload, where)
 
@@ -351,7 +351,7 @@ def read_payload_at(buf: memoryview, base: int, cipher: AESGCM | None, pos: int,
             raise JournalCorrupt(f"{where}: record fails authentication (altered on disk, "
                                  f"or sealed under another key)") from None
     else:
-        if zlib.crc32(payload, zlib.crc32(buf[at : at + 8])) != crc:
+        if crc32(payload, crc32(buf[at : at + 8])) != crc:
             raise JournalCorrupt(f"{where}: record entry fails its check")
         rec_head, body = payload[:RECORD_HEAD_SIZE], payload[RECORD_HEAD_SIZE:]
     if len(rec_head) != RECORD_HEAD_SIZE:
@@ -456,7 +456,7 @@ def encode_carried(cipher: AESGCM | None, key_id: int, fp: bytes, plain: bytes, 
         nonce = bytes(atrest.NONCE_SIZE)
     head = CARRY.pack(CARRY_MAGIC, key_id, fp, len(plain) + (atrest.TAG_SIZE if cipher else 0), nonce, 0)[:-4]
     stored = cipher.encrypt(nonce, plain, head[:24]) if cipher is not None else plain
-    return head + struct.pack(">I", zlib.crc32(stored, zlib.crc32(head))) + stored
+    return head + struct.pack(">I", crc32(stored, crc32(head))) + stored
 
 
 def carried_entries(buf: bytes) -> Iterator[tuple[int, int, int, bytes]]:
@@ -467,8 +467,8 @@ def carried_entries(buf: bytes) -> Iterator[tuple[int, int, int, bytes]]:
     while pos + CARRY.size <= len(buf):
         magic, key_id, fp, n, _nonce, crc = CARRY.unpack_from(buf, pos)
         end = pos + CARRY.size + n
-        if magic != CARRY_MAGIC or end > len(buf) or zlib.crc32(
-                view[pos + CARRY.size : end], zlib.crc32(view[pos : pos + CARRY.size - 4])) != crc:
+        if magic != CARRY_MAGIC or end > len(buf) or crc32(
+                view[pos + CARRY.size : end], crc32(view[pos : pos + CARRY.size - 4])) != crc:
             return
         yield pos, end, key_id, fp
         pos = end

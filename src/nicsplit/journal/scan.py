@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Union
@@ -79,6 +78,7 @@ from nicsplit.journal.format import (
     COMMIT, COMMIT_PREFIX, ENTRY, OPS, RECORD_HEAD, SEGMENT_HEAD, TAG_COMMIT, TAG_RECORD, JournalCorrupt,
     parse_segment_head, seg_name, seg_number,
 )
+from nicsplit.core.crc32 import crc32
 
 __all__ = [
     "RecordHead", "Commit", "Damage", "BadSpot", "SegmentHeader", "RecordEntry", "CommitEntry", "EntryWalk",
@@ -219,7 +219,7 @@ class EntryWalk:
                 yield BadSpot(pos, f"entry of {esize} bytes runs past the end of the segment", True, False)
                 return
             payload = get(pos + ENTRY.size, esize)
-            if zlib.crc32(payload, zlib.crc32(head8)) != ecrc:
+            if crc32(payload, crc32(head8)) != ecrc:
                 yield BadSpot(pos, "entry CRC mismatch" if tag == TAG_RECORD else "COMMIT entry fails its CRC",
                               False, False)
                 return
@@ -277,7 +277,7 @@ def find_commit(buf: bytes, start: int, after_seq: int) -> tuple[int, tuple] | N
             return None
         (crc,) = struct.unpack_from(">I", buf, i + 8)
         body = buf[i + ENTRY.size : i + ENTRY.size + COMMIT.size]
-        if zlib.crc32(body, zlib.crc32(buf[i : i + 8])) == crc:
+        if crc32(body, crc32(buf[i : i + 8])) == crc:
             c = COMMIT.unpack(body)
             if c[1] > after_seq and c[2] >= c[1] and _plausible_next(buf, i + ENTRY.size + COMMIT.size):
                 return i, c

@@ -50,7 +50,6 @@ import json
 import logging
 import os
 import struct
-import zlib
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +74,7 @@ from nicsplit.storage.rekey import REKEY_SUFFIX
 from nicsplit.storage.sealing import TAGS_SUFFIX
 from nicsplit.storage.sealing import ENTRY_SIZE, SealedError, ZEROS
 from nicsplit.storage.atrest import NONCE_SIZE
+from nicsplit.core.crc32 import crc32
 
 _FP = _failpoints.ACTIVE  # armed failpoints (nicsplit.core.failpoints)
 
@@ -313,7 +313,7 @@ class Distributor:
         n = body_len(kind, length)
         data = os.pread(self._undo, n, pos + UNDO_HEAD.size) if n else b""
         if magic != UNDO_MAGIC or n is None or len(data) != n or \
-                zlib.crc32(memoryview(data)[: crc_len(kind, n, length)], zlib.crc32(head[:36])) != crc:
+                crc32(memoryview(data)[: crc_len(kind, n, length)], crc32(head[:36])) != crc:
             raise ReplicaError(f"{self._undo_path}: undo entry at offset {pos} fails its check")
         if kind == UNDO_ZEROS:
             return seq, vid, off, length, None
@@ -445,7 +445,7 @@ class Distributor:
                 if kind == UNDO_SEALED and struct.unpack_from(">I", body)[0] != active:
                     data = self._read_undo(pos)[4]
                     body = self._sealer.seal(data, head[:36])
-                    head = head[:36] + struct.pack(">I", zlib.crc32(body, zlib.crc32(head[:36])))
+                    head = head[:36] + struct.pack(">I", crc32(body, crc32(head[:36])))
                     n += 1
                 elif kind == UNDO_IMAGE and vid in self._imgs:
                     kept = self._read_undo(pos)[4]
@@ -461,7 +461,7 @@ class Distributor:
                             ents.append(e2)
                             cts.append(c2)
                         body = b"".join([kept.uid, *ents, *cts])
-                        crc = zlib.crc32(body[: crc_len(kind, size, length)], zlib.crc32(head[:36]))
+                        crc = crc32(body[: crc_len(kind, size, length)], crc32(head[:36]))
                         head = head[:36] + struct.pack(">I", crc)
                         n += 1
                 os.pwrite(out, head + body, pos)
@@ -617,7 +617,7 @@ class Distributor:
         undo = bytearray(total)
         mv = memoryview(undo)
         nonces = os.urandom(NONCE_SIZE * kinds.count(UNDO_SEALED)) if cipher is not None else b""
-        seal_into, pack_into, crc32, crc_into = BlobSealer.seal_into, UNDO_HEAD.pack_into, zlib.crc32, UNDO_CRC.pack_into
+        seal_into, pack_into, crc_into = BlobSealer.seal_into, UNDO_HEAD.pack_into, UNDO_CRC.pack_into
         base = self._undo_end
         offs = array("Q")
         p = q = 0
@@ -698,7 +698,7 @@ class Distributor:
             assert kind != UNDO_SEALED or len(body) == len(pre) + BlobSealer.SEALED_OVERHEAD
             self._undo_seq.append(seq)
             self._undo_off.append(self._undo_end + len(undo))
-            undo += head + struct.pack(">I", zlib.crc32(body, zlib.crc32(head))) + body
+            undo += head + struct.pack(">I", crc32(body, crc32(head))) + body
             for b in blocks:
                 touch.setdefault((vid, b), []).append(len(todo))
             todo.append((seq, vid, off, payload if ix.rec_op[o] == Op.WRITE else None, length))

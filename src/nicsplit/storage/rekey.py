@@ -39,7 +39,6 @@ import logging
 import os
 import struct
 import threading
-import zlib
 from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -55,6 +54,7 @@ from nicsplit.storage.sealing import (
     AAD, BS, ENTRY, ENTRY_SIZE, HEADER_SIZE, RUN_BLOCKS, U32, Ciphers, SealedError, describe_blocks, nblocks,
     pread_into, scratch,
 )
+from nicsplit.core.crc32 import crc32
 
 __all__ = ["PIECE_BLOCKS", "REKEY_SUFFIX", "rekey_path", "RekeyLog", "decode_log", "Rekeying"]
 
@@ -118,7 +118,7 @@ class RekeyLog:
 
 def log_head(uid: bytes, size: int, first: int, count: int, entries: memoryview, ct: memoryview) -> bytes:
     head = _LOG_HEAD.pack(_LOG_MAGIC, _LOG_VERSION, uid, size, first, count)
-    return head + U32.pack(zlib.crc32(ct, zlib.crc32(entries, zlib.crc32(head))))
+    return head + U32.pack(crc32(ct, crc32(entries, crc32(head))))
 
 
 def decode_log(raw: bytes, uid: bytes) -> RekeyLog | str | None:
@@ -139,7 +139,7 @@ def decode_log(raw: bytes, uid: bytes) -> RekeyLog | str | None:
     held = sum(1 for i in range(0, len(entries), ENTRY_SIZE) if entries[i : i + 4] != b"\0\0\0\0")
     if len(view) != ct_at + held * BS:
         return f"{len(view)} bytes, not the {ct_at + held * BS} its {count} entries need"
-    crc = zlib.crc32(view[ct_at:], zlib.crc32(entries, zlib.crc32(view[: _LOG_HEAD.size])))
+    crc = crc32(view[ct_at:], crc32(entries, crc32(view[: _LOG_HEAD.size])))
     if U32.unpack_from(view, _LOG_HEAD.size)[0] != crc:
         return "fails its CRC"
     if version != _LOG_VERSION:

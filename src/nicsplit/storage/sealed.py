@@ -143,7 +143,6 @@ import os
 import struct
 import sys
 import threading
-import zlib
 from array import array
 from pathlib import Path
 from typing import Callable, Iterator
@@ -159,6 +158,7 @@ from nicsplit.storage.sealing import (
     AAD, BS, ENTRY, ENTRY_SIZE, HEADER, HEADER_SIZE, MAGIC, RUN_BLOCKS, U32, VERSION, ZERO_RUN, ZEROS, Ciphers,
     SealedError, nblocks, pread_into, scratch, tags_path,
 )
+from nicsplit.core.crc32 import crc32
 
 __all__ = ["SealedImage", "SealedError"]
 
@@ -176,7 +176,7 @@ class _Retry(Exception):
 
 def _write_header(tfd: int, uid: bytes, size: int) -> None:
     head = HEADER.pack(MAGIC, VERSION, uid, size, BS)
-    pwrite_all(tfd, (head + U32.pack(zlib.crc32(head))).ljust(HEADER_SIZE, b"\0"), 0)
+    pwrite_all(tfd, (head + U32.pack(crc32(head))).ljust(HEADER_SIZE, b"\0"), 0)
 
 
 class SealedImage(Rekeying, Image):
@@ -246,7 +246,7 @@ class SealedImage(Rekeying, Image):
         magic, version, uid, size, bs = HEADER.unpack_from(raw)
         if magic != MAGIC:
             raise SealedError(f"{where}: the sidecar header has magic {magic!r}, not {MAGIC!r}")
-        if U32.unpack_from(raw, HEADER.size)[0] != zlib.crc32(raw[:HEADER.size]):
+        if U32.unpack_from(raw, HEADER.size)[0] != crc32(raw[:HEADER.size]):
             raise SealedError(f"{where}: the sidecar header fails its CRC")
         if version != VERSION:
             raise SealedError(f"{where}: sealed image version {version} not supported")

@@ -20,7 +20,7 @@ import ssl
 
 from nicsplit.testing.memfs import MemFile, MemFilesystem
 from nicsplit.testing.procs import ReadyProcess
-from nicsplit.wire import frames as F
+from nicsplit.wire import envelope, frames as F
 
 # -- D5: power-cut filesystem ----------------------------------------------------
 
@@ -184,5 +184,5 @@ def make_batch(batch_id: int, cg: str, records: list[F.Record], key: bytes | Non
     t0 = min((r.time_ns for r in records), default=0)
     t1 = max((r.time_ns for r in records), default=0)
     head = F.Batch(batch_id, cg, first, last, t0, t1, b"")
-    body = F.seal(F.encode_records(records), key, F.batch_aad(head), compress=compress)
+    body = envelope.seal(F.encode_records(records), key, F.batch_aad(head), compress=compress)
     return F.Batch(batch_id, cg, first, last, t0, t1, body)

@@ -5,7 +5,7 @@
   pipeline polls them; `release` behaves like the ring's (an unknown or
   twice-released io id raises), and ``released`` records the order.
 * `FakeAppliance` — the appliance's ingest rules, sans-IO: answers Hello
-  with resume, opens batch frames with ``frames.unseal``, expands refs,
+  with resume, opens batch frames with ``envelope.unseal``, expands refs,
   journals every record above the CG's durable seq exactly once, and acks
   durable with the fingerprints of the blocks it now holds.
 * `write(...)` — an `AugmentedWrite` with defaults.
@@ -20,8 +20,9 @@ from dataclasses import dataclass, replace
 from nicsplit.core.records import BLOCK_SIZE, AugmentedWrite, Op, Outcome, Status, WFlag
 from nicsplit.wire.frames import (
     NEED_DATA, PROTOCOL_VERSION, Ack, Batch, FrameDecoder, Heartbeat, Hello, HelloAck, Record, batch_aad,
-    decode_records, encode, expand, fingerprint, unseal,
+    decode_records, encode, expand, fingerprint,
 )
+from nicsplit.wire.envelope import unseal
 
 
 def write(io_id: int, cg_seq: int, *, cg_id: int = 1, vdisk_id: int = 1, offset: int = 0, data: bytes = b"",

@@ -7,7 +7,7 @@ result is kept only if it is smaller; otherwise the batch goes uncompressed
 (``COMPRESS_NONE``) and costs nothing to decompress. The compression byte
 travels in the envelope (see encrypt.py), so the appliance dispatches on data.
 
-The zstd frame records its content size, which ``frames.unseal`` checks
+The zstd frame records its content size, which ``envelope.unseal`` checks
 against ``MAX_PLAIN`` before decompressing (bomb guard).
 
 Options: ``compress`` (default on), ``compress_level`` (default 1: at ~500

@@ -1,7 +1,7 @@
 """Stage 6, encrypt: AES-256-GCM over the (compressed) batch payload, with the
 batch header as associated data, producing the envelope ``Batch.body``.
 
-Envelope (the layout ``frames.seal`` writes and ``frames.unseal`` opens;
+Envelope (the layout ``envelope.seal`` writes and ``envelope.unseal`` opens;
 docs/wire.md)::
 
     u8 compression | u8 cipher | 12-byte nonce | ciphertext || 16-byte tag
@@ -31,22 +31,14 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from nicsplit.wire.envelope import ENVELOPE as _ENVELOPE
 from nicsplit.wire.frames import CIPHER_AES256GCM, CIPHER_NONE
 
 log = logging.getLogger(__name__)
-
-_ENVELOPE = struct.Struct(
-    ">"
-    "B"  # compression: frames.COMPRESS_NONE / COMPRESS_ZSTD (applied first)
-    "B"  # cipher: frames.CIPHER_NONE / CIPHER_AES256GCM
-    "12s"  # nonce: random 96-bit GCM nonce (all zero without cipher)
-)
-assert _ENVELOPE.size == 14
 KEY_SIZE = 32
 NONCE_WARN = 1 << 31
 

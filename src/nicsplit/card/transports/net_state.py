@@ -50,9 +50,9 @@ from typing import Iterable
 
 from nicsplit.core.records import AugmentedWrite, Op
 from nicsplit.wire.frames import (
-    PROTOCOL_VERSION, Ack, Batch, Error, Frame, Heartbeat, Hello, HelloAck, Record, batch_aad, encode,
-    encode_records, seal,
+    PROTOCOL_VERSION, Ack, Batch, Error, Frame, Heartbeat, Hello, HelloAck, Record, batch_aad, encode, encode_records,
 )
+from nicsplit.wire.envelope import seal
 
 __all__ = ["NetState", "NetStats", "NetProtocolError"]
 

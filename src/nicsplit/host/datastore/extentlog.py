@@ -20,11 +20,11 @@ import logging
 import os
 import struct
 import uuid as _uuid
-import zlib
 from dataclasses import dataclass
 
 from .errors import CorruptDatastore, DatastoreError
 from nicsplit.core.fsutil import atomic_write, fsync_dir
+from nicsplit.core.crc32 import crc32
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,12 @@ Record = tuple[int, int, int, int, int]  # (op, vdisk id, vext, volume, pext)
 
 def encode_record(op: int, vid: int, vext: int, vol: int, pext: int) -> bytes:
     body = RECORD.pack(op, vid, vext, vol, pext, 0)[:_BODY]
-    return body + _CRC.pack(zlib.crc32(body))
+    return body + _CRC.pack(crc32(body))
 
 
 def encode_header(ds_uuid: _uuid.UUID, extent_size: int) -> bytes:
     body = LOG_HEADER.pack(LOG_MAGIC, LOG_VERSION, RECORD.size, ds_uuid.bytes, extent_size, 0)[:-4]
-    return body + _CRC.pack(zlib.crc32(body))
+    return body + _CRC.pack(crc32(body))
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class ScanResult:
 
 
 def _record_ok(raw: bytes | memoryview) -> bool:
-    return _CRC.unpack_from(raw, _BODY)[0] == zlib.crc32(raw[:_BODY]) and raw[0] in _OPS
+    return _CRC.unpack_from(raw, _BODY)[0] == crc32(raw[:_BODY]) and raw[0] in _OPS
 
 
 def scan(data: bytes, ds_uuid: _uuid.UUID, extent_size: int, name: str = "extents.log") -> ScanResult:
@@ -94,7 +94,7 @@ def scan(data: bytes, ds_uuid: _uuid.UUID, extent_size: int, name: str = "extent
     magic, version, recsize, uu, es, crc = LOG_HEADER.unpack_from(data, 0)
     if magic != LOG_MAGIC:
         raise CorruptDatastore(f"{name}: bad magic {magic!r}")
-    if crc != zlib.crc32(data[: LOG_HEADER.size - 4]):
+    if crc != crc32(data[: LOG_HEADER.size - 4]):
         raise CorruptDatastore(f"{name}: header CRC mismatch")
     if version != LOG_VERSION or recsize != RECORD.size:
         raise CorruptDatastore(f"{name}: unsupported version {version} / record size {recsize}")

@@ -18,11 +18,11 @@ from __future__ import annotations
 import os
 import struct
 import uuid as _uuid
-import zlib
 
 from nicsplit.core.fsutil import fsync_dir
 
 from .errors import CorruptDatastore, DatastoreError
+from nicsplit.core.crc32 import crc32
 
 VOLUME_MAGIC = b"NSDSVOL1"
 VOLUME_VERSION = 1
@@ -46,7 +46,7 @@ def volume_name(index: int) -> str:
 
 def encode_header(index: int, ds_uuid: _uuid.UUID, extent_size: int, volume_size: int) -> bytes:
     body = VOLUME_HEADER.pack(VOLUME_MAGIC, VOLUME_VERSION, index, ds_uuid.bytes, extent_size, volume_size, 0)
-    return body[:-4] + struct.pack("<I", zlib.crc32(body[:-4]))
+    return body[:-4] + struct.pack("<I", crc32(body[:-4]))
 
 
 def create_volume(dirpath: str, index: int, ds_uuid: _uuid.UUID, extent_size: int, volume_size: int) -> int:
@@ -83,7 +83,7 @@ def open_volume(dirpath: str, index: int, ds_uuid: _uuid.UUID, extent_size: int)
         magic, version, idx, uu, es, _vs, crc = VOLUME_HEADER.unpack(raw)
         if magic != VOLUME_MAGIC:
             raise CorruptDatastore(f"{path}: bad volume magic {magic!r}")
-        if crc != zlib.crc32(raw[:-4]):
+        if crc != crc32(raw[:-4]):
             raise CorruptDatastore(f"{path}: volume header CRC mismatch")
         if version != VOLUME_VERSION:
             raise CorruptDatastore(f"{path}: unsupported volume version {version}")
