@@ -37,8 +37,9 @@ from nicsplit.card.transports.ring_handoff import HandoffEndpoint
 from nicsplit.card.transports.ring_splitter import RingSplitter
 from nicsplit.core.records import BLOCK_SIZE, AugmentedWrite, Op, Status, WFlag
 from nicsplit.testing.pipeline import FakeCatalog
+from nicsplit.wire.envelope import unseal
 from nicsplit.wire.frames import (NEED_DATA, Ack, Batch, FrameDecoder, batch_aad,
-                                  decode_records, encode, fingerprint, unseal)
+                                  decode_records, encode, fingerprint)
 
 KEY = bytes(range(32))
 BS = 4096
