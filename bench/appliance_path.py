@@ -151,7 +151,15 @@ def one_round(work: Path, a: argparse.Namespace, seed: int) -> dict:
     return out
 
 
+try:  # the product's processes tune malloc first thing (nicsplit.core.malloc); so does this stand-in
+    from nicsplit.core.malloc import tune as _tune_malloc
+except ImportError:  # a tree from before it (--tree comparisons)
+    def _tune_malloc() -> bool:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    _tune_malloc()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", type=int, default=200)
     ap.add_argument("--records", type=int, default=256, help="records per batch (the card's 1 MiB batch: 256)")

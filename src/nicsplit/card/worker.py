@@ -19,6 +19,7 @@ from nicsplit.card.handoff import Handoff
 from nicsplit.card.lostlog import LostLog
 from nicsplit.card.process import CardConfig, run_card
 from nicsplit.card.transports.ring_handoff import HandoffEndpoint
+from nicsplit.core import malloc
 
 PR_SET_PDEATHSIG = 1
 
@@ -38,6 +39,7 @@ def die_with_parent(parent: int) -> None:
 def main() -> int:
     spec = json.loads(os.environ.pop(WORKER_ENV))
     die_with_parent(int(spec["parent"]))
+    malloc.tune()  # a batch's buffers stay mapped between batches (nicsplit.core.malloc)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s card-worker %(levelname)s %(name)s: %(message)s")
     cfg = CardConfig.from_mapping(Path(spec["data"]), spec["card"])
