@@ -2,14 +2,18 @@
 the kernel after every batch.
 
 glibc's malloc serves a request above ``M_MMAP_THRESHOLD`` (128 KiB at
-start) with a fresh ``mmap`` and gives heap memory back (``M_TRIM_THRESHOLD``)
-as soon as the free top of the heap passes 128 KiB. A batch's buffers are
-just that size (a 64-write batch is ~135 KB compressed, ~270 KB plain; a
-1 MiB write's payload), made and freed per batch, so each new one is
-faulted in again page by page: encoding a 135 KB batch frame cost 93 us
-here, of which 83 were page faults of two such buffers, and a 1 MiB frame
-1,000 us. With both thresholds raised the same encodes cost 10 and 69 us
-(bench/malloc_tune.py). Every nicsplit process calls `tune` first thing.
+start) with a fresh ``mmap``, and gives the top of the heap back to the
+kernel (``M_TRIM_THRESHOLD``) once more than twice that is free there. It
+raises both when a mapped chunk is freed, so a long-running process drifts
+to thresholds set by the largest buffer it happened to free. A batch's
+buffers are just that size (a 64-write batch ~135 KB on the wire, ~270 KB
+plain; a 1 MiB write's payload), made and freed per batch, two or three
+alive at once, so they keep being faulted in page by page: encoding a 1 MiB
+batch frame cost 1,177 us (481 page faults) against 84 tuned, and a 135 KB
+one 93 against 10 in a process that had not yet freed a larger buffer
+(bench/malloc_tune.py; docs/operations.md, "Memory"). Every nicsplit
+process calls `tune` first thing, so the thresholds are the same whatever
+it has done before.
 
 The price: up to ``TRIM_BYTES`` of freed heap stays mapped per process, and
 the dynamic threshold glibc would otherwise adapt is fixed.
