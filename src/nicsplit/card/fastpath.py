@@ -59,7 +59,7 @@ from typing import Any
 
 from nicsplit.card.handoff import NAPPING, H, Handoff
 from nicsplit.card.lostlog import LostLog
-from nicsplit.card.sched import off_core, pin_cpus, quiet_gc, run_off_core, set_priority
+from nicsplit.card.sched import normal_priority, off_core, pin_cpus, quiet_gc, run_off_core, set_priority, to_normal
 from nicsplit.card.transports.nvme_acker import NvmeAcker
 from nicsplit.card.transports.ring_acker import RingAcker
 from nicsplit.card.transports.ring_shared import fence
@@ -138,18 +138,25 @@ class Acker:
                                     pass_fds=(self.handoff.fd, self.ep.wake_fd), stdout=subprocess.PIPE,
                                     stdin=subprocess.DEVNULL)
 
-        # On a dedicated core the worker is forked from a thread off it: a child of the
-        # real-time poller would start on its core and wait there for ever.
-        mine = set(os.sched_getaffinity(0))
-        rest = tuple(c for c in self.allowed if c not in mine)
-        self.proc = run_off_core(rest, popen) if cfg.acker_core == DEDICATED else popen()
+        # The worker is forked from a short-lived thread at normal priority on the worker's
+        # CPUs: a child of the real-time poller would start on its core at SCHED_FIFO (on a
+        # dedicated core it would wait there for ever; on a shared one its start-up would
+        # hold the core from everything else until it lowers its own priority).
+        self.proc = run_off_core(wcpus or self.allowed, popen)
         self.pidfd = os.pidfd_open(self.proc.pid)
         log.info("card: pipeline worker pid %d started", self.proc.pid)
+
+    def worker_gone(self) -> bool:
+        """Has the worker exited? Asked through its pidfd without reaping it
+        (``Popen.poll`` would reap it here, at the poller's SCHED_FIFO):
+        `worker_exited` reaps it at normal priority (sched.to_normal)."""
+        return os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
     def worker_exited(self) -> None:
         """The worker is gone: reclaim what it held; restart it unless stopping."""
         assert self.proc is not None
-        rc = self.proc.wait()
+        with normal_priority():  # reaping at SCHED_FIFO can spin in the kernel (sched.to_normal)
+            rc = self.proc.wait()
         os.close(self.pidfd)
         self.pidfd = -1
         if self.proc.stdout is not None:
@@ -190,7 +197,9 @@ class Acker:
             if r:
                 chunk = os.read(fd, 4096)
                 if not chunk:
-                    raise RuntimeError(f"the pipeline worker exited at start (status {self.proc.wait()})")
+                    with normal_priority():
+                        rc = self.proc.wait()
+                    raise RuntimeError(f"the pipeline worker exited at start (status {rc})")
                 buf += chunk
         self.ready_info = json.loads(buf.split(b"\n", 1)[0])
         return self.ready_info
@@ -235,7 +244,7 @@ class Acker:
             if t >= check_at:  # the worker's health, every ms while busy
                 check_at = t + 1_000_000
                 hc[H.BUSY_NS // 8], hc[H.EMPTY_NS // 8], hc[H.SLEEP_NS // 8] = busy, empty, slept
-                if self.proc is not None and self.proc.poll() is not None:
+                if self.proc is not None and self.worker_gone():
                     poller.unregister(watched)
                     self.worker_exited()
                     if self.stopping:
@@ -294,10 +303,12 @@ class Acker:
 
     def _begin_stop(self) -> None:
         self.stopping = True
-        if self.proc is not None and self.proc.poll() is None:
+        to_normal()  # stopping: acks wait no more for the scheduler, and the reap must not spin (sched.to_normal)
+        if self.proc is not None and not self.worker_gone():
             self.proc.send_signal(signal.SIGTERM)
 
     def close(self) -> None:
+        to_normal()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

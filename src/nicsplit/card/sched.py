@@ -3,15 +3,17 @@ the cyclic collector kept out of the hot path."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import threading
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["set_priority", "quiet_gc", "collect_when_idle", "pin_cpus", "off_core", "run_off_core"]
+__all__ = ["set_priority", "quiet_gc", "collect_when_idle", "pin_cpus", "off_core", "run_off_core", "to_normal",
+           "normal_priority"]
 
 log = logging.getLogger("nicsplit.card")
 
@@ -107,3 +109,29 @@ def run_off_core(cpus: tuple[int, ...], fn: Callable[[], T]) -> T:
     if err:
         raise err[0]
     return out[0]
+
+
+def to_normal() -> bool:
+    """The calling thread at normal priority (SCHED_OTHER); True if it was
+    real-time. What the kernel does for a reaping parent (``wait4`` frees
+    the child's /proc entries) may wait for another task to let go of them;
+    a real-time caller on a shared core keeps that task from ever running,
+    and the two spin there together: an acker reaping its worker at
+    SCHED_FIFO was seen spinning in ``shrink_dcache_parent`` for 10 minutes,
+    with SIGTERM pending. So the card reaps and stops at normal priority."""
+    if os.sched_getscheduler(0) == os.SCHED_OTHER:
+        return False
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    return True
+
+
+@contextlib.contextmanager
+def normal_priority() -> Iterator[None]:
+    """`to_normal` for a block; SCHED_FIFO (priority 1, `set_priority`'s)
+    again after it if the thread had it."""
+    was = to_normal()
+    try:
+        yield
+    finally:
+        if was:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
