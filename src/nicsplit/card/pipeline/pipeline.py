@@ -56,7 +56,6 @@ from .dedup import Dedup, DedupStats
 from .encrypt import Encryptor, EncryptStats
 from .hold import Hold, HoldStats
 from .merge import Merger, MergeStats
-from .items import Resolved
 from .resolve import CardCatalog, Resolver, ResolveStats
 from .ship import ShipStats, ShipWindow
 
@@ -154,7 +153,7 @@ class CardPipeline:
         # One loop over the whole poll with everything bound locally: this is
         # the card's per-write steady path (calls per write are its cost).
         hold, resolver = self.hold, self.resolver
-        outcome, add_many, resolve = hold.outcome, hold.add_many, resolver.resolve
+        outcomes, add_entries, resolve = hold.outcomes, hold.add_entries, resolver.resolve
         lookup = resolver.catalog.lookup
         refused = self.window.refused_cgs
         payload_ios, cgs = self._payload_ios, self._cgs
@@ -170,38 +169,46 @@ class CardPipeline:
         r_size = -1
         n_fast = n_writes = n_outcomes = bytes_in = 0
         runs = self.resolve_runs
-        # Writes for hold, given to it in one call (`Hold.add_many`) before
-        # anything that must see them there: an outcome, a dropped write's
-        # seq, the end of the poll.
-        adds: list[Resolved] = []
+        # Writes for hold, given to it in one call (`Hold.add_entries`) as
+        # entries (write, cg, vdisk, nbytes), a `Resolved`'s fields without
+        # its object, before anything that must see them there: an outcome,
+        # a dropped write's seq, the end of the poll. A run of outcomes goes
+        # to hold in one call too (`Hold.outcomes`), before the next write.
+        adds: list[tuple] = []
+        outs: list[Outcome] = []
         try:
             for e in entries:
                 if e.__class__ is Outcome:  # (not type(e): an attribute costs no call)
                     n_outcomes += 1
                     if adds:
-                        add_many(adds, now_ns)
+                        add_entries(adds, now_ns)
                         adds.clear()
-                    outcome(e, now_ns)
+                    outs.append(e)
                     continue
+                if outs:
+                    outcomes(outs, now_ns)
+                    outs.clear()
                 n_writes += 1
                 r = None
                 if e.vdisk_id == r_vd and e.cg_id == r_cgid and e.op == write_op:
                     data, off, length = e.data, e.voffset, e.length
                     if data is not None and len(data) == length and off >= 0 and off + length <= r_size:
                         n_fast += 1
-                        r = Resolved(e, r_cg, r_vdisk, length)
+                        r = (e, r_cg, r_vdisk, length)
                 if r is None:  # resolve itself (it may refresh the catalog: the run starts again)
-                    r = resolve(e)
+                    rv = resolve(e)
                     r_vd = None
-                    if r is not None and runs:
-                        found = lookup(e.vdisk_id)
-                        if found is not None and found[0] == r.cg:
-                            r_vd, r_cgid, r_cg, r_vdisk, r_size = e.vdisk_id, e.cg_id, r.cg, r.vdisk, found[2]
-                if r is None or (refused and r.cg in refused):
+                    if rv is not None:
+                        r = (e, rv.cg, rv.vdisk, rv.nbytes)
+                        if runs:
+                            found = lookup(e.vdisk_id)
+                            if found is not None and found[0] == rv.cg:
+                                r_vd, r_cgid, r_cg, r_vdisk, r_size = e.vdisk_id, e.cg_id, rv.cg, rv.vdisk, found[2]
+                if r is None or (refused and r[1] in refused):
                     # resolve dropped it, or the appliance refuses this CG: lost
                     # (its host marks) rather than filling the window
                     if adds:
-                        add_many(adds, now_ns)
+                        add_entries(adds, now_ns)
                         adds.clear()
                     data = e.data
                     if data is not None and e.op == write_op:  # (even empty: the transport holds it)
@@ -212,8 +219,8 @@ class CardPipeline:
                     self._release(e.io_id)
                     hold.reject(e.cg_id, e.cg_seq, now_ns)
                     continue
-                cg = r.cg
-                n = r.nbytes  # a WRITE's payload length (resolve checked it), else 0
+                cg = r[1]
+                n = r[3]  # a WRITE's payload length (resolve checked it), else 0
                 if n:  # acknowledged and not yet durable: the CG's RPO in bytes
                     bytes_in += n
                     payload_ios[e.io_id] = (cg, n)
@@ -228,7 +235,9 @@ class CardPipeline:
                     cgs[cg] = None
                 adds.append(r)
             if adds:
-                add_many(adds, now_ns)
+                add_entries(adds, now_ns)
+            elif outs:
+                outcomes(outs, now_ns)
         finally:
             self._writes += n_writes
             self._outcomes += n_outcomes
@@ -323,20 +332,18 @@ class CardPipeline:
                 self._ship(now_ns)
                 if batcher.full or not ready:
                     return
-                r = ready[0]
-                cg = r.cg
+                w, cg, _, length = ready[0]  # hold's entry: (write, cg, vdisk, nbytes)
                 ob = open_run(cg)
-                if ob is not None and r.write.cg_seq > ob.last_seq:
+                if ob is not None and w.cg_seq > ob.last_seq:
                     room_b, room_n = run_room(ob)
                     enc_append, io_append = ob.encoded.append, ob.io_ids.append
                     k = inline = used = kept = refs = 0
                     last, t_min, t_max = ob.last_seq, ob.t_min, ob.t_max
                     while k < room_n and ready:
-                        r = ready[0]
-                        length = r.nbytes  # = len(data): resolve checked a WRITE's payload, the rest carry none
-                        if r.cg != cg or used + _RH + length >= room_b:
+                        # length = len(data): resolve checked a WRITE's payload, the rest carry none
+                        w, r_cg, _, length = ready[0]
+                        if r_cg != cg or used + _RH + length >= room_b:
                             break
-                        w = r.write
                         seq = w.cg_seq
                         if seq <= last:
                             break  # `add_encoded` says why
@@ -383,11 +390,10 @@ class CardPipeline:
                             dedup.counted(inline, inline)  # new 4 KiB blocks encoded here (`encode` counts its own)
                         continue
                 # one record the general way: it opens or closes a batch (or breaks a run's rule)
-                r = popleft()
-                w = r.write
+                w, _, _, length = popleft()
                 data = w.data if (w.op == write_op and w.data is not None) else b""
                 n += 1
-                nbytes += r.nbytes
+                nbytes += length
                 enc, d_kept, d_refs = encode(cg, w.cg_seq, w.io_id, w.vdisk_id, w.op, w.flags, w.voffset, w.length,
                                              w.timestamp_ns, data)
                 add(cg, w.cg_seq, w.timestamp_ns, enc, w.io_id, d_kept, d_refs, now_ns)
