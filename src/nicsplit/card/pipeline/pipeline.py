@@ -510,7 +510,9 @@ class CardPipeline:
         # a referenced block is a full 4 KiB block dedup took out of the data
         a.dedup_in += p.data_bytes + p.ref_blocks * BLOCK_SIZE
         a.dedup_out += p.data_bytes
-        return replace(head, body=self.encryptor.seal(tag, payload, batch_aad(head)))
+        body = self.encryptor.seal(tag, payload, batch_aad(head))
+        # = replace(head, body=body): `dataclasses.replace` costs ~5 µs a batch in Python
+        return Batch(head.batch_id, head.cg, head.first_seq, head.last_seq, head.t_first_ns, head.t_last_ns, body)
 
     def _cg_bytes(self, cg: str) -> "CGBytes":
         a = self._acct.get(cg)
