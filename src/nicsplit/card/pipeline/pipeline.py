@@ -533,14 +533,29 @@ class CardPipeline:
         """`_release` for every write of a durable batch, in order, with one
         call into the transport when it offers ``release_many``."""
         pop, acct = self._payload_ios.pop, self._acct
-        out = []
+        # Every write of the batch still held (the steady case): ``io_ids``
+        # itself goes on, no list is built; from the first one not held on,
+        # ``out`` collects those that were.
+        out: list[int] | None = None
+        k = 0
+        a_cg = a = None
         for io_id in io_ids:
             got = pop(io_id, None)
-            if got is not None:
-                cg, n = got
-                if cg is not None:
-                    acct[cg].pending -= n
+            if got is None:
+                if out is None:
+                    out = io_ids[:k]
+                continue
+            cg, n = got
+            if cg is not None:
+                if cg is not a_cg:  # (a batch is one CG's)
+                    a_cg, a = cg, acct[cg]
+                a.pending -= n
+            if out is None:
+                k += 1
+            else:
                 out.append(io_id)
+        if out is None:
+            out = io_ids
         self._released += len(out)
         if self._release_many_cb is not None:
             self._release_many_cb(out)
