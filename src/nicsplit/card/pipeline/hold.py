@@ -86,7 +86,7 @@ _R, _STATE, _T, _LANE = 0, 1, 2, 3  # its Entry (None: a placeholder for a seq r
 # tuple, not a `Resolved` (a dataclass costs a Python __init__ per write,
 # ~0.2 µs; the pipeline's steady path makes these tuples itself, `add_entries`).
 Entry = tuple  # (AugmentedWrite, CG name, vdisk name, payload bytes held): Resolved's fields, in its order
-_W, _CG, _NB = 0, 1, 3
+_W, _NB = 0, 3  # an entry's write and payload bytes (the per-write loops index with the literals)
 
 
 class _Lane:
