@@ -168,6 +168,7 @@ class CardPipeline:
         r_vd = r_cgid = r_cg = r_vdisk = None
         r_size = -1
         n_fast = n_writes = n_outcomes = bytes_in = 0
+        run_n = 0  # payload bytes of the run's writes so far: counted once, when the run ends
         runs = self.resolve_runs
         # Writes for hold, given to it in one call (`Hold.add_entries`) as
         # entries (write, cg, vdisk, nbytes), a `Resolved`'s fields without
@@ -188,22 +189,38 @@ class CardPipeline:
                 if outs:
                     outcomes(outs, now_ns)
                     outs.clear()
-                n_writes += 1
-                r = None
                 if e.vdisk_id == r_vd and e.cg_id == r_cgid and e.op == write_op:
                     data, off, length = e.data, e.voffset, e.length
                     if data is not None and len(data) == length and off >= 0 and off + length <= r_size:
+                        # A write of the run: its CG is in `cgs` and not
+                        # refused (the run's first write saw to both); its
+                        # bytes go to the CG's counts when the run ends.
                         n_fast += 1
-                        r = (e, r_cg, r_vdisk, length)
-                if r is None:  # resolve itself (it may refresh the catalog: the run starts again)
-                    rv = resolve(e)
-                    r_vd = None
-                    if rv is not None:
-                        r = (e, rv.cg, rv.vdisk, rv.nbytes)
-                        if runs:
-                            found = lookup(e.vdisk_id)
-                            if found is not None and found[0] == rv.cg:
-                                r_vd, r_cgid, r_cg, r_vdisk, r_size = e.vdisk_id, e.cg_id, rv.cg, rv.vdisk, found[2]
+                        if length:
+                            payload_ios[e.io_id] = (r_cg, length)
+                            run_n += length
+                        else:  # an empty WRITE: the transport holds it too
+                            payload_ios[e.io_id] = (None, 0)
+                        adds.append((e, r_cg, r_vdisk, length))
+                        continue
+                n_writes += 1
+                if run_n:  # the run ended: its payload is acknowledged and not yet durable (the CG's RPO)
+                    bytes_in += run_n
+                    ra = self._cg_bytes(r_cg)
+                    ra.pending += run_n
+                    if not from_log:
+                        ra.in_bytes += run_n
+                    run_n = 0
+                # resolve itself (it may refresh the catalog: the run starts again)
+                r = None
+                rv = resolve(e)
+                r_vd = None
+                if rv is not None:
+                    r = (e, rv.cg, rv.vdisk, rv.nbytes)
+                    if runs and not (refused and rv.cg in refused):
+                        found = lookup(e.vdisk_id)
+                        if found is not None and found[0] == rv.cg:
+                            r_vd, r_cgid, r_cg, r_vdisk, r_size = e.vdisk_id, e.cg_id, rv.cg, rv.vdisk, found[2]
                 if r is None or (refused and r[1] in refused):
                     # resolve dropped it, or the appliance refuses this CG: lost
                     # (its host marks) rather than filling the window
@@ -239,7 +256,13 @@ class CardPipeline:
             elif outs:
                 outcomes(outs, now_ns)
         finally:
-            self._writes += n_writes
+            if run_n:  # the last run's bytes (see above)
+                bytes_in += run_n
+                ra = self._cg_bytes(r_cg)  # type: ignore[arg-type]
+                ra.pending += run_n
+                if not from_log:
+                    ra.in_bytes += run_n
+            self._writes += n_writes + n_fast
             self._outcomes += n_outcomes
             self._bytes_in += bytes_in
         if n_fast:
