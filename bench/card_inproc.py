@@ -11,7 +11,13 @@ and the appliance are not. Reports CPU µs per write (median of rounds) and,
 with ``--calls``, Python calls per write (cProfile, a separate round) and
 the top functions by own time.
 
-    .venv/bin/python bench/card_inproc.py [--rounds 3] [--writes 50000] [--calls]
+    .venv/bin/python bench/card_inproc.py [--rounds 3] [--writes 50000] [--calls] [--bytecodes]
+
+``--bytecodes`` adds a traced round (``sys.settrace`` opcode events, after
+an untraced warm-up): Python bytecodes and Python frames per write on the
+worker's side, and the functions that run the most. Unlike CPU time these
+do not move with the box's load, so a small change shows in one run; they
+do not see C (zstd, AES-GCM, hashing, allocation).
 
 4 KiB writes, half random / half zeros (zstd halves them), unique (no
 dedup hits). Nothing here asserts on speed.
@@ -160,12 +166,40 @@ except ImportError:  # a tree from before it (--tree comparisons)
         return False
 
 
+class OpcodeCounter:
+    """`one_round`'s profiler stand-in: counts bytecodes per function (by
+    code object) and Python frames while enabled."""
+
+    def __init__(self) -> None:
+        self.ops: dict[tuple[str, str], int] = {}
+        self.frames = 0
+
+    def _local(self, frame, event, arg):  # noqa: ANN001 (a trace function)
+        if event == "opcode":
+            k = (Path(frame.f_code.co_filename).name, frame.f_code.co_name)
+            self.ops[k] = self.ops.get(k, 0) + 1
+        return self._local
+
+    def _global(self, frame, event, arg):  # noqa: ANN001
+        frame.f_trace_opcodes = True
+        self.frames += 1
+        return self._local
+
+    def enable(self) -> None:
+        sys.settrace(self._global)
+
+    def disable(self) -> None:
+        sys.settrace(None)
+
+
 def main(argv: list[str] | None = None) -> int:
     _tune_malloc()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--writes", type=int, default=30_000)
     ap.add_argument("--calls", action="store_true", help="also one profiled round: Python calls per write")
+    ap.add_argument("--bytecodes", action="store_true",
+                    help="also one traced round: Python bytecodes and frames per write (load-blind)")
     a = ap.parse_args(argv)
     us = []
     with tempfile.TemporaryDirectory(prefix="nicsplit-inproc-") as tmp:
@@ -185,6 +219,15 @@ def main(argv: list[str] | None = None) -> int:
             rows = sorted(st.stats.items(), key=lambda kv: -kv[1][1])[:25]  # type: ignore[attr-defined]
             for (f, line, name), (cc, nc, tt, ct, _) in rows:
                 print(f"  {nc / a.writes:7.3f}/write  {1e6 * tt / a.writes:6.2f} µs own  {Path(f).name}:{line} {name}")
+        if a.bytecodes:
+            n = min(a.writes, 5000)  # tracing costs ~50x: a smaller round, after a warm-up one
+            one_round(Path(tmp) / "warm", 2000, None)
+            oc = OpcodeCounter()
+            one_round(Path(tmp) / "traced", n, oc)  # type: ignore[arg-type]
+            print(f"Python bytecodes per write: {sum(oc.ops.values()) / n:.1f}, Python frames per write: "
+                  f"{oc.frames / n:.2f}")
+            for (f, name), k in sorted(oc.ops.items(), key=lambda kv: -kv[1])[:12]:
+                print(f"  {k / n:7.1f}/write  {f}:{name}")
     return 0
 
 

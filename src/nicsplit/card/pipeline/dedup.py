@@ -92,8 +92,11 @@ class Dedup:
         keys = [(cg, fp) for fp in fps]
         if len(set(keys)) == len(keys) and not known.keys() & keys:
             # All new and distinct (a durable batch of new blocks, the steady
-            # case): inserted in order in one C call, the oldest forgotten.
-            known.update(dict.fromkeys(keys, now))
+            # case): inserted in order, the oldest forgotten after. A loop of
+            # stores, not `known.update(dict.fromkeys(keys, now))`: that one
+            # C call costs ~350 ns a key on an OrderedDict, the loop ~150.
+            for key in keys:
+                known[key] = now
             self._learned += len(keys)
             over = len(known) - self.known_max
             if over > 0:

@@ -79,8 +79,14 @@ _OK = Status.COMMITTED
 
 # A slot is a list, not an object: one is made per write on the card's steady
 # path, and a list costs no Python call. [_R, _STATE, _T, _LANE]:
-_R, _STATE, _T, _LANE = 0, 1, 2, 3  # Resolved (None: a placeholder for a seq resolve rejected), state,
+_R, _STATE, _T, _LANE = 0, 1, 2, 3  # its Entry (None: a placeholder for a seq resolve rejected), state,
 #                                     when it arrived, its _Lane
+
+# What hold keeps of a resolved write, and what its ready queue holds: a
+# tuple, not a `Resolved` (a dataclass costs a Python __init__ per write,
+# ~0.2 µs; the pipeline's steady path makes these tuples itself, `add_entries`).
+Entry = tuple  # (AugmentedWrite, CG name, vdisk name, payload bytes held): Resolved's fields, in its order
+_W, _NB = 0, 3  # an entry's write and payload bytes (the per-write loops index with the literals)
 
 
 class _Lane:
@@ -130,7 +136,7 @@ class Hold:
         self._lanes: dict[int, _Lane] = {}
         self._by_io: dict[int, list] = {}  # io_id → its pending slot
         self._early: OrderedDict[int, tuple[Status, int]] = OrderedDict()  # io_id → (status, t_ns)
-        self._ready: deque[Resolved] = deque()
+        self._ready: deque[Entry] = deque()
         self._count = self._bytes = 0
         self._committed = self._failed = self._lost_timeout = self._lost_late = 0
         self._refused = self._gaps = self._stray = 0
@@ -171,7 +177,10 @@ class Hold:
             lane.next = next_seq
 
     def add(self, r: Resolved, now_ns: int) -> None:
-        w = r.write
+        self._add((r.write, r.cg, r.vdisk, r.nbytes), now_ns)
+
+    def _add(self, r: Entry, now_ns: int) -> None:
+        w = r[_W]
         seq = w.cg_seq
         lanes = self._lanes
         if w.cg_id in lanes:
@@ -181,19 +190,19 @@ class Hold:
         slots = lane.slots
         if self._count >= self.max_writes or self._bytes >= self.max_bytes:  # full
             self._refused += 1
-            self._lose(r, "card full")
+            self._lose(w, "card full")
             if seq >= lane.next and seq not in slots:  # its seq is spoken for: later ones go on
                 slots[seq] = [None, _DROPPED, now_ns, lane]
                 self._advance(lane, now_ns)
             return
         if seq < lane.next or seq in slots:
             self._lost_late += 1
-            self._lose(r, f"seq {seq} cannot be placed (next is {lane.next})")
+            self._lose(w, f"seq {seq} cannot be placed (next is {lane.next})")
             return
         slot = slots[seq] = [r, _PENDING, now_ns, lane]
         self._by_io[w.io_id] = slot
         self._count += 1
-        self._bytes += r.nbytes
+        self._bytes += r[_NB]
         if self._early:
             early = self._early.pop(w.io_id, None)
             if early is not None:
@@ -207,20 +216,25 @@ class Hold:
             self._advance(lane, now_ns)
 
     def add_many(self, rs: list[Resolved], now_ns: int) -> None:
-        """`add` for each of ``rs``, in order: one call for a poll's writes.
+        """`add` for each of ``rs``, in order: one call for a poll's writes."""
+        self.add_entries([(r.write, r.cg, r.vdisk, r.nbytes) for r in rs], now_ns)
+
+    def add_entries(self, rs: list[Entry], now_ns: int) -> None:
+        """`add_many` of entries ``(write, cg, vdisk, nbytes)`` (a `Resolved`'s
+        fields): the pipeline's steady path, which builds no `Resolved`.
         The common write (its lane started, hold not full, its seq free and
         not below ``next``, no early outcome waiting) is placed here inline;
-        any other takes `add`."""
-        if self._early:  # an outcome may wait for one of them: `add` looks
+        any other takes `_add`."""
+        if self._early:  # an outcome may wait for one of them: `_add` looks
             for r in rs:
-                self.add(r, now_ns)
+                self._add(r, now_ns)
             return
         lanes, by_io = self._lanes, self._by_io
         max_w, max_b = self.max_writes, self.max_bytes
         count, nbytes = self._count, self._bytes
         lane_id = lane = slots = None
         for r in rs:
-            w = r.write
+            w = r[0]
             if w.cg_id != lane_id:
                 lane_id = w.cg_id
                 lane = lanes.get(lane_id)
@@ -228,14 +242,14 @@ class Hold:
             seq = w.cg_seq
             if lane is None or count >= max_w or nbytes >= max_b or seq < lane.next or seq in slots:
                 self._count, self._bytes = count, nbytes
-                self.add(r, now_ns)  # a new lane, full, late or repeated: `add` says what happens
+                self._add(r, now_ns)  # a new lane, full, late or repeated: `_add` says what happens
                 count, nbytes = self._count, self._bytes
                 lane_id = None  # (`add` may have started the lane)
                 continue
             slot = slots[seq] = [r, _PENDING, now_ns, lane]
             by_io[w.io_id] = slot
             count += 1
-            nbytes += r.nbytes
+            nbytes += r[3]
             nxt = lane.next
             if seq == nxt or nxt in slots:  # the head is pending: nothing moves, nothing is missing
                 lane.blocked_ns = None
@@ -300,7 +314,8 @@ class Hold:
         if slot is not None:
             lane = slot[_LANE]
             r = slot[_R]
-            seq = r.write.cg_seq
+            w = r[_W]
+            seq = w.cg_seq
             if o.status != _OK:
                 self._resolve(slot, o.io_id, o.status)
                 if seq == lane.next:
@@ -316,8 +331,8 @@ class Hold:
             del slots[seq]
             seq += 1
             lane.next = seq
-            if self._open_gaps and r.write.cg_id in self._open_gaps:
-                self._gap(r.write)
+            if self._open_gaps and w.cg_id in self._open_gaps:
+                self._gap(w)
             self._ready.append(r)
             if seq in slots:
                 if slots[seq][_STATE] != _PENDING:
@@ -334,6 +349,47 @@ class Hold:
                 self._early.popitem(last=False)
                 self._stray += 1
 
+    def outcomes(self, os: list[Outcome], now_ns: int) -> None:
+        """`outcome` for each of ``os``, in order: one call for a run of a
+        poll's outcomes. The common one (COMMITTED, for a held write) is
+        settled here inline, `outcome`'s steps without its call; any other
+        takes `outcome`."""
+        by_io, ready_append = self._by_io, self._ready.append
+        n = 0
+        try:
+            for o in os:
+                slot = by_io.get(o.io_id)
+                if slot is None or o.status != _OK:
+                    self.outcome(o, now_ns)
+                    continue
+                del by_io[o.io_id]
+                slot[_STATE] = _COMMITTED
+                n += 1
+                lane = slot[_LANE]
+                r = slot[_R]
+                w = r[0]
+                seq = w.cg_seq
+                if seq != lane.next:  # below the head nothing can move
+                    continue
+                slots = lane.slots
+                del slots[seq]
+                seq += 1
+                lane.next = seq
+                if self._open_gaps and w.cg_id in self._open_gaps:
+                    self._gap(w)
+                ready_append(r)
+                if seq in slots:
+                    if slots[seq][_STATE] != _PENDING:
+                        self._advance(lane, now_ns)
+                    else:
+                        lane.blocked_ns = None
+                elif slots:
+                    lane.blocked_ns = now_ns
+                else:
+                    lane.blocked_ns = None
+        finally:
+            self._committed += n
+
     def expire(self, now_ns: int) -> None:
         """Lose writes whose outcome is overdue and skip seqs that never came."""
         for cg_id, lane in self._lanes.items():
@@ -343,12 +399,12 @@ class Hold:
                     if s[_STATE] != _PENDING or s[_T] + self.timeout_ns > now_ns:
                         break
                     r = s[_R]
-                    self._by_io.pop(r.write.io_id, None)
+                    self._by_io.pop(r[_W].io_id, None)
                     s[_STATE] = _DROPPED
                     self._lost_timeout += 1
                     self._count -= 1
-                    self._bytes -= r.nbytes
-                    self._lose(r, f"no outcome within {self.timeout_ns // 1_000_000} ms")
+                    self._bytes -= r[_NB]
+                    self._lose(r[_W], f"no outcome within {self.timeout_ns // 1_000_000} ms")
                 elif lane.blocked_ns is not None and lane.blocked_ns + self.timeout_ns <= now_ns:
                     first = min(lane.slots)
                     log.warning("cg %d: seqs %d..%d never arrived: skipped", cg_id, lane.next, first - 1)
@@ -370,9 +426,10 @@ class Hold:
     # -- output --------------------------------------------------------------
 
     @property
-    def ready(self) -> deque[Resolved]:
-        """The ready queue itself, for a consumer that takes many at once:
-        it pops from the left and then calls `took` with what it popped."""
+    def ready(self) -> deque[Entry]:
+        """The ready queue itself (entries ``(write, cg, vdisk, nbytes)``),
+        for a consumer that takes many at once: it pops from the left and
+        then calls `took` with what it popped."""
         return self._ready
 
     def took(self, writes: int, nbytes: int) -> None:
@@ -385,8 +442,8 @@ class Hold:
             return None
         r = self._ready.popleft()
         self._count -= 1
-        self._bytes -= r.nbytes
-        return r
+        self._bytes -= r[_NB]
+        return Resolved(*r)
 
     def has_ready(self) -> bool:
         return bool(self._ready)
@@ -429,12 +486,11 @@ class Hold:
             s[_STATE] = _DROPPED
             self._failed += 1
             self._count -= 1
-            self._bytes -= s[_R].nbytes
+            self._bytes -= s[_R][_NB]
             log.info("io %d: failed in the datastore: dropped, never shipped", io_id)
             self._release(io_id)
 
-    def _lose(self, r: Resolved, why: str) -> None:
-        w = r.write
+    def _lose(self, w: AugmentedWrite, why: str) -> None:
         log.warning("io %d: lost (%s): vdisk %d %d+%d reported dirty", w.io_id, why, w.vdisk_id, w.voffset, w.length)
         self._on_lost(w)
         self._release(w.io_id)
@@ -450,9 +506,10 @@ class Hold:
             lane.next = nxt + 1
             moved = True
             if s[_STATE] == _COMMITTED:
-                if self._open_gaps and s[_R].write.cg_id in self._open_gaps:
-                    self._gap(s[_R].write)
-                self._ready.append(s[_R])
+                r = s[_R]
+                if self._open_gaps and r[_W].cg_id in self._open_gaps:
+                    self._gap(r[_W])
+                self._ready.append(r)
         if slots and lane.next not in slots:
             if moved or lane.blocked_ns is None:
                 lane.blocked_ns = now_ns  # the gap clock starts when this seq became the one missing

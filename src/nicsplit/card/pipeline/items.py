@@ -4,6 +4,11 @@
       ──merge──► Item ──dedup──► (frames.Record, io_ids) ──batch──► Pending
       ──compress+encrypt──► frames.Batch ──ship──► appliance
 
+On the steady path (merge off) no `Resolved`, `Item` or `Record` is made:
+hold keeps *entries*, tuples ``(write, cg, vdisk, nbytes)`` with a
+`Resolved`'s fields (`nicsplit.card.pipeline.hold.Entry`), and the
+pipeline encodes each into its batch (`CardPipeline._pump_direct`).
+
 An `Item` is one record-to-be: one write, or (merge on) several writes of one
 vdisk folded together. It carries the io ids of *every* write it contains,
 because each of them owns a hidden-volume slot that is freed only when the

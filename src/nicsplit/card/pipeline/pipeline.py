@@ -56,7 +56,6 @@ from .dedup import Dedup, DedupStats
 from .encrypt import Encryptor, EncryptStats
 from .hold import Hold, HoldStats
 from .merge import Merger, MergeStats
-from .items import Resolved
 from .resolve import CardCatalog, Resolver, ResolveStats
 from .ship import ShipStats, ShipWindow
 
@@ -154,7 +153,7 @@ class CardPipeline:
         # One loop over the whole poll with everything bound locally: this is
         # the card's per-write steady path (calls per write are its cost).
         hold, resolver = self.hold, self.resolver
-        outcome, add_many, resolve = hold.outcome, hold.add_many, resolver.resolve
+        outcomes, add_entries, resolve = hold.outcomes, hold.add_entries, resolver.resolve
         lookup = resolver.catalog.lookup
         refused = self.window.refused_cgs
         payload_ios, cgs = self._payload_ios, self._cgs
@@ -169,39 +168,64 @@ class CardPipeline:
         r_vd = r_cgid = r_cg = r_vdisk = None
         r_size = -1
         n_fast = n_writes = n_outcomes = bytes_in = 0
+        run_n = 0  # payload bytes of the run's writes so far: counted once, when the run ends
         runs = self.resolve_runs
-        # Writes for hold, given to it in one call (`Hold.add_many`) before
-        # anything that must see them there: an outcome, a dropped write's
-        # seq, the end of the poll.
-        adds: list[Resolved] = []
+        # Writes for hold, given to it in one call (`Hold.add_entries`) as
+        # entries (write, cg, vdisk, nbytes), a `Resolved`'s fields without
+        # its object, before anything that must see them there: an outcome,
+        # a dropped write's seq, the end of the poll. A run of outcomes goes
+        # to hold in one call too (`Hold.outcomes`), before the next write.
+        adds: list[tuple] = []
+        outs: list[Outcome] = []
         try:
             for e in entries:
                 if e.__class__ is Outcome:  # (not type(e): an attribute costs no call)
                     n_outcomes += 1
                     if adds:
-                        add_many(adds, now_ns)
+                        add_entries(adds, now_ns)
                         adds.clear()
-                    outcome(e, now_ns)
+                    outs.append(e)
                     continue
-                n_writes += 1
-                r = None
+                if outs:
+                    outcomes(outs, now_ns)
+                    outs.clear()
                 if e.vdisk_id == r_vd and e.cg_id == r_cgid and e.op == write_op:
                     data, off, length = e.data, e.voffset, e.length
                     if data is not None and len(data) == length and off >= 0 and off + length <= r_size:
+                        # A write of the run: its CG is in `cgs` and not
+                        # refused (the run's first write saw to both); its
+                        # bytes go to the CG's counts when the run ends.
                         n_fast += 1
-                        r = Resolved(e, r_cg, r_vdisk, length)
-                if r is None:  # resolve itself (it may refresh the catalog: the run starts again)
-                    r = resolve(e)
-                    r_vd = None
-                    if r is not None and runs:
+                        if length:
+                            payload_ios[e.io_id] = (r_cg, length)
+                            run_n += length
+                        else:  # an empty WRITE: the transport holds it too
+                            payload_ios[e.io_id] = (None, 0)
+                        adds.append((e, r_cg, r_vdisk, length))
+                        continue
+                n_writes += 1
+                if run_n:  # the run ended: its payload is acknowledged and not yet durable (the CG's RPO)
+                    bytes_in += run_n
+                    ra = self._cg_bytes(r_cg)
+                    ra.pending += run_n
+                    if not from_log:
+                        ra.in_bytes += run_n
+                    run_n = 0
+                # resolve itself (it may refresh the catalog: the run starts again)
+                r = None
+                rv = resolve(e)
+                r_vd = None
+                if rv is not None:
+                    r = (e, rv.cg, rv.vdisk, rv.nbytes)
+                    if runs and not (refused and rv.cg in refused):
                         found = lookup(e.vdisk_id)
-                        if found is not None and found[0] == r.cg:
-                            r_vd, r_cgid, r_cg, r_vdisk, r_size = e.vdisk_id, e.cg_id, r.cg, r.vdisk, found[2]
-                if r is None or (refused and r.cg in refused):
+                        if found is not None and found[0] == rv.cg:
+                            r_vd, r_cgid, r_cg, r_vdisk, r_size = e.vdisk_id, e.cg_id, rv.cg, rv.vdisk, found[2]
+                if r is None or (refused and r[1] in refused):
                     # resolve dropped it, or the appliance refuses this CG: lost
                     # (its host marks) rather than filling the window
                     if adds:
-                        add_many(adds, now_ns)
+                        add_entries(adds, now_ns)
                         adds.clear()
                     data = e.data
                     if data is not None and e.op == write_op:  # (even empty: the transport holds it)
@@ -212,8 +236,8 @@ class CardPipeline:
                     self._release(e.io_id)
                     hold.reject(e.cg_id, e.cg_seq, now_ns)
                     continue
-                cg = r.cg
-                n = r.nbytes  # a WRITE's payload length (resolve checked it), else 0
+                cg = r[1]
+                n = r[3]  # a WRITE's payload length (resolve checked it), else 0
                 if n:  # acknowledged and not yet durable: the CG's RPO in bytes
                     bytes_in += n
                     payload_ios[e.io_id] = (cg, n)
@@ -228,9 +252,17 @@ class CardPipeline:
                     cgs[cg] = None
                 adds.append(r)
             if adds:
-                add_many(adds, now_ns)
+                add_entries(adds, now_ns)
+            elif outs:
+                outcomes(outs, now_ns)
         finally:
-            self._writes += n_writes
+            if run_n:  # the last run's bytes (see above)
+                bytes_in += run_n
+                ra = self._cg_bytes(r_cg)  # type: ignore[arg-type]
+                ra.pending += run_n
+                if not from_log:
+                    ra.in_bytes += run_n
+            self._writes += n_writes + n_fast
             self._outcomes += n_outcomes
             self._bytes_in += bytes_in
         if n_fast:
@@ -323,20 +355,18 @@ class CardPipeline:
                 self._ship(now_ns)
                 if batcher.full or not ready:
                     return
-                r = ready[0]
-                cg = r.cg
+                w, cg, _, length = ready[0]  # hold's entry: (write, cg, vdisk, nbytes)
                 ob = open_run(cg)
-                if ob is not None and r.write.cg_seq > ob.last_seq:
+                if ob is not None and w.cg_seq > ob.last_seq:
                     room_b, room_n = run_room(ob)
                     enc_append, io_append = ob.encoded.append, ob.io_ids.append
                     k = inline = used = kept = refs = 0
                     last, t_min, t_max = ob.last_seq, ob.t_min, ob.t_max
                     while k < room_n and ready:
-                        r = ready[0]
-                        length = r.nbytes  # = len(data): resolve checked a WRITE's payload, the rest carry none
-                        if r.cg != cg or used + _RH + length >= room_b:
+                        # length = len(data): resolve checked a WRITE's payload, the rest carry none
+                        w, r_cg, _, length = ready[0]
+                        if r_cg != cg or used + _RH + length >= room_b:
                             break
-                        w = r.write
                         seq = w.cg_seq
                         if seq <= last:
                             break  # `add_encoded` says why
@@ -383,11 +413,10 @@ class CardPipeline:
                             dedup.counted(inline, inline)  # new 4 KiB blocks encoded here (`encode` counts its own)
                         continue
                 # one record the general way: it opens or closes a batch (or breaks a run's rule)
-                r = popleft()
-                w = r.write
+                w, _, _, length = popleft()
                 data = w.data if (w.op == write_op and w.data is not None) else b""
                 n += 1
-                nbytes += r.nbytes
+                nbytes += length
                 enc, d_kept, d_refs = encode(cg, w.cg_seq, w.io_id, w.vdisk_id, w.op, w.flags, w.voffset, w.length,
                                              w.timestamp_ns, data)
                 add(cg, w.cg_seq, w.timestamp_ns, enc, w.io_id, d_kept, d_refs, now_ns)
@@ -504,7 +533,9 @@ class CardPipeline:
         # a referenced block is a full 4 KiB block dedup took out of the data
         a.dedup_in += p.data_bytes + p.ref_blocks * BLOCK_SIZE
         a.dedup_out += p.data_bytes
-        return replace(head, body=self.encryptor.seal(tag, payload, batch_aad(head)))
+        body = self.encryptor.seal(tag, payload, batch_aad(head))
+        # = replace(head, body=body): `dataclasses.replace` costs ~5 µs a batch in Python
+        return Batch(head.batch_id, head.cg, head.first_seq, head.last_seq, head.t_first_ns, head.t_last_ns, body)
 
     def _cg_bytes(self, cg: str) -> "CGBytes":
         a = self._acct.get(cg)
@@ -525,14 +556,29 @@ class CardPipeline:
         """`_release` for every write of a durable batch, in order, with one
         call into the transport when it offers ``release_many``."""
         pop, acct = self._payload_ios.pop, self._acct
-        out = []
+        # Every write of the batch still held (the steady case): ``io_ids``
+        # itself goes on, no list is built; from the first one not held on,
+        # ``out`` collects those that were.
+        out: list[int] | None = None
+        k = 0
+        a_cg = a = None
         for io_id in io_ids:
             got = pop(io_id, None)
-            if got is not None:
-                cg, n = got
-                if cg is not None:
-                    acct[cg].pending -= n
+            if got is None:
+                if out is None:
+                    out = io_ids[:k]
+                continue
+            cg, n = got
+            if cg is not None:
+                if cg is not a_cg:  # (a batch is one CG's)
+                    a_cg, a = cg, acct[cg]
+                a.pending -= n
+            if out is None:
+                k += 1
+            else:
                 out.append(io_id)
+        if out is None:
+            out = io_ids
         self._released += len(out)
         if self._release_many_cb is not None:
             self._release_many_cb(out)

@@ -60,7 +60,7 @@ import logging
 import ssl
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterable
 
 from nicsplit.core import failpoints as _fp
@@ -169,7 +169,9 @@ class ShipWindow:
         if batch.batch_id in self._unacked:
             raise ValueError(f"batch {batch.batch_id} submitted twice")
         wire = encode(batch)
-        u = _Unacked(replace(batch, body=b""), wire, io_ids, now_ns)
+        # = replace(batch, body=b""): `dataclasses.replace` costs ~5 µs a batch in Python
+        head = Batch(batch.batch_id, batch.cg, batch.first_seq, batch.last_seq, batch.t_first_ns, batch.t_last_ns, b"")
+        u = _Unacked(head, wire, io_ids, now_ns)
         self._unacked[batch.batch_id] = u
         self._bytes += len(wire)
         self._submitted += 1

@@ -30,6 +30,7 @@ than free a bad payload with only a log line.
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 from time import monotonic_ns
 from typing import Callable
 
@@ -57,6 +58,13 @@ assert R.DESC.size == 64
 # core): its slots set directly, the same object.
 new_outcome = Outcome.__new__
 set_io, set_status = Outcome.io_id.__set__, Outcome.status.__set__  # type: ignore[attr-defined]
+
+# An AugmentedWrite per write from `poll` the same way: its __init__ is a
+# Python call with ten arguments (~0.3 µs); `__new__` and ten slot stores in
+# the poll's own loop cost half that. The stores must name every field:
+new_write = AugmentedWrite.__new__
+assert [f.name for f in fields(AugmentedWrite)] == [
+    "io_id", "cg_id", "cg_seq", "vdisk_id", "op", "flags", "voffset", "length", "timestamp_ns", "data"]
 
 _P, _C, _F = H.PRODUCED // 8, H.CONSUMED // 8, H.FLOOR // 8
 _WSTATE, _FULL, _WHB, _DX = H.WSTATE // 8, H.FULL // 8, H.WHEARTBEAT // 8, H.DATA_EXPECT // 8
@@ -169,8 +177,18 @@ class HandoffEndpoint:
                         skipped.append((cg_id, cg_seq))
                     else:
                         held[io_id] = pos
-                        append(AugmentedWrite(io_id, cg_id, cg_seq, vdisk_id, OPS[kind], WFLAGS[wflags], voffset,
-                                              length, ts, payload))
+                        w = new_write(AugmentedWrite)  # = AugmentedWrite(io_id, ..., payload), no __init__ call
+                        w.io_id = io_id
+                        w.cg_id = cg_id
+                        w.cg_seq = cg_seq
+                        w.vdisk_id = vdisk_id
+                        w.op = OPS[kind]
+                        w.flags = WFLAGS[wflags]
+                        w.voffset = voffset
+                        w.length = length
+                        w.timestamp_ns = ts
+                        w.data = payload
+                        append(w)
                         if match is not None:
                             match.fake(io_id, now)
                 else:  # ZERO / TRIM / BARRIER: no payload to hold
