@@ -48,6 +48,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import operator
 import os
 import struct
 from array import array
@@ -513,21 +514,36 @@ class Distributor:
                 self._write_state(pit_seq, self._undo_end)
                 self.applied_seq = pit_seq
             return 0
-        mine = [o for o in range(first, last) if ix.rec_vdisk[o] in self._imgs]
+        # The step's records as columns (array slices), not per-record lookups.
+        vids = ix.rec_vdisk[first:last]
+        vset = set(vids)
+        if vset <= self._imgs.keys():  # every record is of this replica's vdisks (the common case)
+            mine = list(range(first, last))
+            seqs, offs, lens, ops = ix.rec_seq[first:last], ix.rec_off[first:last], ix.rec_len[first:last], \
+                ix.rec_op[first:last]
+        else:
+            mine = [o for o in range(first, last) if ix.rec_vdisk[o] in self._imgs]
+            vids, seqs, offs, lens, ops = ([col[o] for o in mine] for col in
+                                           (ix.rec_vdisk, ix.rec_seq, ix.rec_off, ix.rec_len, ix.rec_op))
+            vset = set(vids)
         self._skipped += (last - first) - len(mine)
         payloads = self._payloads(mine)
-        whole = True  # every record covers whole blocks: the coalesced path (`coalesce`)
-        for o in mine:
-            seq, vid, off, length = ix.rec_seq[o], ix.rec_vdisk[o], ix.rec_off[o], ix.rec_len[o]
-            size = self.vdisks[vid].size
-            if off + length > size:
-                raise ReplicaError(f"record seq {seq}: {off}+{length} is past the end of vdisk "
-                                   f"{self.vdisks[vid].name} ({size} bytes)")
-            if whole and not aligned(off, length, size):
-                whole = False
+        if len(vset) == 1:
+            sizes = [self.vdisks[vids[0]].size] * len(vids)
+        else:
+            sizes = [self.vdisks[v].size for v in vids]
+        ends = list(map(operator.add, offs, lens))
+        if any(map(operator.gt, ends, sizes)):
+            i = next(i for i, (e, z) in enumerate(zip(ends, sizes)) if e > z)
+            raise ReplicaError(f"record seq {seqs[i]}: {offs[i]}+{lens[i]} is past the end of vdisk "
+                               f"{self.vdisks[vids[i]].name} ({sizes[i]} bytes)")
+        # Every record covers whole blocks: the coalesced path (`coalesce`).
+        rmod = BLOCK_SIZE.__rmod__
+        whole = all(lens) and not any(map(rmod, offs)) and \
+            (not any(map(rmod, lens)) or all(map(aligned, offs, lens, sizes)))
         final: dict[int, dict[int, Any]] | None = None
         if whole:
-            undo, nundo, final = self._plan_whole(mine, payloads)
+            undo, nundo, final = self._plan_whole(list(zip(seqs, vids, offs, lens, payloads)), ops)
         else:
             buf, todo = self._plan_records(mine, payloads)
             undo, nundo = [buf], len(buf)
@@ -573,16 +589,17 @@ class Distributor:
     def _image_written(self) -> None:
         self._fp("image-written")
 
-    def _plan_whole(self, mine: list[int], payloads: list[bytes]) -> tuple[list[Any], int, dict]:
+    def _plan_whole(self, recs: list[tuple[int, int, int, int, Any]], ops: Any) -> tuple[list[Any], int, dict]:
         """Undo entries (`undolog.build_entries`: the buffers to write in
         order, their total bytes) and the final block contents of a step
         whose records all cover whole blocks (`coalesce.plan`).  A record whose blocks of a
         sealed image were not written earlier in the step keeps them as the
         image stores them (UNDO_IMAGE: no block opened, nothing sealed);
-        other pre-images are sealed like before (UNDO_SEALED)."""
-        ix = self.index
-        recs = [(ix.rec_seq[o], ix.rec_vdisk[o], ix.rec_off[o], ix.rec_len[o],
-                 p if ix.rec_op[o] == Op.WRITE else None) for o, p in zip(mine, payloads)]
+        other pre-images are sealed like before (UNDO_SEALED).  ``recs``:
+        (seq, vdisk, offset, length, payload) per record, ``ops`` their ops."""
+        write = Op.WRITE
+        if ops.count(write) != len(ops):  # zeroes and trims: no payload (None: zeros)
+            recs = [r if op == write else (*r[:4], None) for r, op in zip(recs, ops)]
         stored = frozenset(vid for vid, img in self._imgs.items() if img.sealed)
         pres, final = plan(recs, self._imgs, stored)
         kept: dict[tuple[int, int], Any] = {}  # (vdisk, block) -> (entry, ciphertext) | None (unwritten)
