@@ -537,69 +537,59 @@ class SealedImage(Rekeying, Image):
 
     def write_blocks(self, items: list[tuple[int, bytes | memoryview | None]],
                      after: Callable[[], None] | None = None) -> None:
-        """`Image.write_blocks`: every block to write is sealed first, in one
-        loop, into one scratch buffer (nonces from one ``os.urandom``); then
-        each run of adjacent blocks is written with one ``pwrite`` of its
-        ciphertext, then one of its entries (rule 1); runs of None are zeroed
-        (`zero`).  ``after`` is called after each run."""
+        """`Image.write_blocks`: each run of adjacent blocks is sealed block
+        by block (nonces from one ``os.urandom`` per call) and written with
+        one ``pwritev`` of the ciphertexts, then one ``pwrite`` of their
+        entries (rule 1); runs of None are zeroed (`zero`)."""
         self._check_writable("write")
         stored = self._stored
-        last = nblocks(stored) - 1
-        tail = stored - last * BS  # the length of the last block
         for blk, c in items:
-            if blk > last or (c is not None and len(c) != (BS if blk != last else tail)):
+            if blk * BS >= stored or (c is not None and len(c) != min(BS, stored - blk * BS)):
                 raise ValueError(f"{self.path}: block {blk} given {len(c) if c is not None else 'zeros'} bytes, "
                                  f"not the block's {max(0, min(BS, stored - blk * BS))}")
-        nseal = len(items) - sum(c is None for _, c in items)
-        if nseal:
-            # Block k is sealed into ct[k * BS : k * BS + len + TAG_SIZE]: its tag
-            # lands where block k + 1 goes and is moved into the entries before
-            # block k + 1 overwrites it, so the ciphertext of adjacent blocks is
-            # contiguous (only the image's short last block is shorter, and it
-            # comes last).  A step's scratch is kept: up to STEP_BYTES, 8 MiB.
-            nonces = os.urandom(NONCE_SIZE * nseal)
-            kid, aes = self._sealing()
-            aad, uid, encrypt_into, kid_bytes = AAD.pack, self.uid, aes.encrypt_into, ENTRY_KID.pack(kid)
-            ct = scratch.get("seal", nseal * BS + TAG_SIZE)
-            tags = bytearray(nseal * ENTRY_SIZE)
-            o = e = q = 0
-            for blk, plain in items:
-                if plain is None:
-                    continue
-                m = len(plain)
-                nonce = nonces[q : q + NONCE_SIZE]
-                q += NONCE_SIZE
-                encrypt_into(nonce, plain, aad(uid, blk), ct[o : o + m + TAG_SIZE])
-                tags[e : e + 4] = kid_bytes
-                tags[e + 4 : e + 16] = nonce
-                tags[e + 16 : e + 32] = ct[o + m : o + m + TAG_SIZE]
-                o += BS
-                e += ENTRY_SIZE
-            tv = memoryview(tags)
-        fd, tfd, pwrite = self._fd, self._tfd, os.pwrite
-        i = k = 0  # k: the first sealed block of the run
-        n_items = len(items)
-        while i < n_items:
+        nonces = os.urandom(NONCE_SIZE * sum(c is not None for _, c in items))
+        kid, aes = self._sealing()
+        aad, uid, encrypt_into = AAD.pack, self.uid, aes.encrypt_into
+        kid_bytes = ENTRY_KID.pack(kid)
+        i = q = 0
+        while i < len(items):
             j = i + 1
             zero = items[i][1] is None
-            while j < n_items and items[j][0] == items[j - 1][0] + 1 and (items[j][1] is None) == zero and \
+            while j < len(items) and items[j][0] == items[j - 1][0] + 1 and (items[j][1] is None) == zero and \
                     j - i < RUN_BLOCKS:
                 j += 1
             c0 = items[i][0]
             if zero:
                 self.zero(c0 * BS, min(stored, items[j - 1][0] * BS + BS) - c0 * BS)
-            else:
-                n = j - i
-                data = ct[k * BS : (k + n - 1) * BS + len(items[j - 1][1])]  # type: ignore[arg-type]
-                ents = tv[k * ENTRY_SIZE : (k + n) * ENTRY_SIZE]
+            elif j == i + 1:  # one block (random writes): no buffer to fill, no entry buffer
+                nonce = nonces[q : q + NONCE_SIZE]
+                q += NONCE_SIZE
                 with self._lock:
-                    at = c0 * BS
-                    if pwrite(fd, data, at) != len(data):  # short: the careful loop
-                        pwrite_all(fd, data, at)
-                    at = HEADER_SIZE + c0 * ENTRY_SIZE
-                    if pwrite(tfd, ents, at) != len(ents):
-                        pwrite_all(tfd, ents, at)
-                k += n
+                    sealed = aes.encrypt(nonce, items[i][1], aad(uid, c0))
+                    m = len(sealed) - TAG_SIZE
+                    pwrite_all(self._fd, memoryview(sealed)[:m], c0 * BS)
+                    pwrite_all(self._tfd, ENTRY.pack(kid, nonce, sealed[m:]), HEADER_SIZE + c0 * ENTRY_SIZE)
+            else:
+                # Block k is sealed into ct[o : o + len + TAG_SIZE]: its tag lands
+                # where block k + 1 goes and is copied into the entries before
+                # block k + 1 overwrites it; the run's ciphertext is then contiguous.
+                ct = scratch.get("seal", (j - i) * BS + TAG_SIZE)
+                tags = bytearray((j - i) * ENTRY_SIZE)
+                o = e = 0
+                with self._lock:
+                    for k in range(i, j):
+                        blk, plain = items[k]
+                        nonce = nonces[q : q + NONCE_SIZE]
+                        q += NONCE_SIZE
+                        m = len(plain)
+                        encrypt_into(nonce, plain, aad(uid, blk), ct[o : o + m + TAG_SIZE])
+                        tags[e : e + 4] = kid_bytes
+                        tags[e + 4 : e + 16] = nonce
+                        tags[e + 16 : e + 32] = ct[o + m : o + m + TAG_SIZE]
+                        o += m
+                        e += ENTRY_SIZE
+                    pwrite_all(self._fd, ct[:o], c0 * BS)
+                    pwrite_all(self._tfd, tags, HEADER_SIZE + c0 * ENTRY_SIZE)
             if after is not None:
                 after()
             i = j
