@@ -48,10 +48,9 @@ and per block only the AEAD call and a few slice copies into per-thread
 scratch buffers that are reused (fresh megabyte buffers cost page faults
 that would halve the throughput).  The bulk calls of a distribution step
 (`read_blocks`, `write_blocks`) seal and open in place with
-``encrypt_into``/``decrypt_into``: every block of a call is sealed
-straight into one buffer (each block's tag lands where the next block goes
-and is moved to the entries first), then each run of adjacent blocks is
-written with one ``pwrite``; read, each
+``encrypt_into``/``decrypt_into``: a run's ciphertext is sealed straight
+into one buffer (each block's tag lands where the next block goes and is
+moved to the entries first) and written with one ``pwrite``; read, each
 block's ciphertext is read into a slot with room for its tag and opened
 there.  `read_stored_blocks` / `write_stored_block` move blocks as stored
 (entry and ciphertext, nothing opened) for a replica's undo log.  AES-GCM holds the GIL, so threads add no
