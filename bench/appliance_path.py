@@ -11,7 +11,7 @@ with a batch key, ``--group`` batches per group commit.  The journal and the
 replica are sealed at rest (a keyring with an active key), as by default.
 
     .venv/bin/python bench/appliance_path.py [--batches 200] [--records 256] [--group 4]
-        [--rounds 3] [--span BLOCKS] [--profile ingest|distribution] [--part both|ingest] [--json OUT]
+        [--rounds 3] [--span BLOCKS] [--profile ingest|distribution] [--part both|ingest] [--handoff] [--json OUT]
 
 Prints records per CPU-second (one core's worth) for ingest and for
 distribution, medians of ``--rounds`` (spread min–max), and with
@@ -33,11 +33,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nicsplit.core.layout import Layout
 from nicsplit.core.records import Op
 from nicsplit.journal.writer import Journal
 from nicsplit.recovery.blockindex import BlockIndex
+from nicsplit.recovery.distribution import PayloadHandoff, journaled_payloads
 from nicsplit.recovery.replica import Distributor
 from nicsplit.storage import atrest
 from nicsplit.wire import envelope, frames as F
@@ -72,8 +74,10 @@ def make_batches(n: int, per: int, key: bytes, cg: str, seed: int, span: int = 1
     return out
 
 
-def ingest(jdir: Path, frames: list[bytes], key: bytes, group: int) -> int:
-    """The server's per-group work (Appliance._ingest_group), in one thread."""
+def ingest(jdir: Path, frames: list[bytes], key: bytes, group: int, handoff: Any = None) -> int:
+    """The server's per-group work (Appliance._ingest_group), in one thread;
+    with ``handoff``, each group's journaled payloads are offered to it after
+    the group's fdatasync, as the appliance does (docs/recovery.md §11)."""
     try:  # the appliance's one-pass decode; a tree from before it decodes Records (before/after runs)
         from nicsplit.wire.wirerecords import decode_wire_records as decode
     except ImportError:
@@ -89,13 +93,18 @@ def ingest(jdir: Path, frames: list[bytes], key: bytes, group: int) -> int:
                 dec.receive_data(fr)
                 batches.append(dec.next_event())
             fed = True
+            results, decoded = [], []
             for b in batches:
                 recs = decode(envelope.unseal(b.body, key, F.batch_aad(b)))
                 res = j.append_batch(b, recs, sync=False)
+                results.append(res)
+                decoded.append(recs)
                 n += len(recs)
                 if fed:  # the appliance's index update (a scan when the writer's heads do not fit)
                     fed = bool(getattr(idx, "feed", None)) and idx.feed(res.batch)
             j.sync()
+            if handoff is not None:
+                handoff.offer(journaled_payloads(results, decoded))
             if not fed:
                 idx.refresh()
     finally:
@@ -136,17 +145,21 @@ def one_round(work: Path, a: argparse.Namespace, seed: int) -> dict:
     key = os.urandom(32)
     frames = make_batches(a.batches, a.records, key, "k", seed, a.span)
     jdir = lay.journal("k")
-    n, cpu, prof_i = timed(lambda: ingest(jdir, frames, key, a.group), a.profile == "ingest")
+    # --handoff: held for the whole run (distribution runs after ingest here), not bounded as in the appliance
+    handoff = PayloadHandoff(max_bytes=len(frames) * a.records * BS * 2) if a.handoff else None
+    n, cpu, prof_i = timed(lambda: ingest(jdir, frames, key, a.group, handoff), a.profile == "ingest")
     out = {"records": n, "ingest_cpu_s": cpu, "ingest_per_core_per_s": n / cpu,
            "ingest_us_per_record": 1e6 * cpu / n}
     if a.part == "ingest":
         out["profile"] = prof_i
         return out
     with Journal.open(jdir) as j, Distributor(jdir, lay.replica("k"), [Vd(1, "v", 1 << 30)], journal=j,
-                                               index=BlockIndex(jdir)) as d:
+                                               index=BlockIndex(jdir), handoff=handoff) as d:
         n2, cpu2, prof_d = timed(lambda: distribute(j, d), a.profile == "distribution")
     out.update({"distributed": n2, "distribution_cpu_s": cpu2, "distribution_per_core_per_s": n2 / cpu2,
                 "distribution_us_per_record": 1e6 * cpu2 / n2})
+    if handoff is not None:
+        out["handoff_hits"], out["handoff_misses"] = handoff.hits, handoff.misses
     out["profile"] = prof_i or prof_d
     return out
 
@@ -171,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", choices=("ingest", "distribution"))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--part", choices=("both", "ingest"), default="both", help="ingest: skip distribution")
+    ap.add_argument("--handoff", action="store_true",
+                    help="distribution takes the payloads ingest journaled from a PayloadHandoff, as in the "
+                         "appliance, instead of reading them back from the journal")
     a = ap.parse_args(argv)
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"seed {seed}", flush=True)
@@ -187,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         xs = [r[k] for r in rounds]
         res[k] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
         print(f"{k}: {statistics.median(xs):,.1f} ({min(xs):,.1f}–{max(xs):,.1f})")
+    if a.handoff:
+        print(f"payloads from the handoff: {sum(r['handoff_hits'] for r in rounds):,}, "
+              f"read from the journal: {sum(r['handoff_misses'] for r in rounds):,}")
     if a.profile:
         print(rounds[0]["profile"])
     if a.json:

@@ -26,7 +26,7 @@ from nicsplit.recovery.coalesce import aligned
 from nicsplit.recovery.replica import Distributor
 from nicsplit.storage import atrest
 from nicsplit.storage.image import open_image
-from nicsplit.storage.sealing import ENTRY_SIZE, HEADER_SIZE, SealedError
+from nicsplit.storage.sealing import ENTRY_SIZE, HEADER_SIZE, IOV_MAX, SealedError, pwritev_all
 from nicsplit.testing.workload import BS, T0, Meta, V, Workload, golden_at
 from nicsplit.wire.frames import RECORD_HEAD_SIZE, Record
 
@@ -199,3 +199,41 @@ def test_a_record_altered_after_indexing_stops_the_step(tmp_path: Path, seed: in
             d.catch_up(64)
         assert d.applied_seq < ix.rec_seq[o]
         assert_at(d, w, d.applied_seq)
+
+
+def test_a_step_keeping_more_blocks_than_one_pwritev_takes(tmp_path: Path, seed: int):
+    """An overwrite step's UNDO_IMAGE entries are written as iovecs (pieces
+    of the entry buffer between kept ciphertexts): more than IOV_MAX of them
+    go in several pwritev calls, and rolling the step back is exact."""
+    atrest.Keyring.create(tmp_path / atrest.KEYRING_NAME)
+    rng = random.Random(seed)
+    nb = IOV_MAX // 2 + 100  # 2 iovecs per kept block: over IOV_MAX in one step
+    w = Workload([V(31, "wide", nb * BS)])
+    seq = 0
+    for bid in (1, 2):
+        recs = []
+        for b in rng.sample(range(nb), nb):  # every block, in a random order
+            seq += 1
+            data = rng.randbytes(BS)
+            recs.append(Record(seq, seq, 31, Op.WRITE, 0, b * BS, BS, T0 + seq, data))
+            w.ledger.append((seq, 31, Op.WRITE, b * BS, BS, data))
+        w.batches.append((Meta(bid, recs[0].seq, seq, T0, T0 + seq), recs))
+    jd = tmp_path / "journal" / "cg1"
+    w.write_journal(jd)
+    with Distributor(jd, tmp_path / "replicas" / "cg1", w.vdisks) as d:
+        assert d.step(nb) == nb and d.step(nb) == nb  # the second keeps every block as stored
+        assert_at(d, w, 2 * nb)
+        d.undo_to(nb)
+        assert_at(d, w, nb)
+        d.undo_to(0)
+        assert_at(d, w, 0)
+
+
+def test_pwritev_all_takes_more_buffers_than_iov_max(tmp_path: Path, rng: random.Random):
+    parts = [rng.randbytes(rng.randint(0, 9)) for _ in range(2 * IOV_MAX + 7)]
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        pwritev_all(fd, parts, 5)
+        assert os.pread(fd, 1 << 20, 5) == b"".join(parts)
+    finally:
+        os.close(fd)

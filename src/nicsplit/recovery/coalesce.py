@@ -17,7 +17,7 @@ what guests and fio write), the step works per block instead of per record
    entry per record and every PIT inside the step stays reachable;
 3. only the last content of each block is written (last writer wins inside
    the step), per image in one bulk call (`Image.write_blocks`: runs of
-   adjacent blocks in one ``pwritev`` plus one entry write).
+   adjacent blocks in one ``pwrite`` of their data plus one of their entries).
 
 A crash anywhere in the image writes is repaired like before: the step's
 undo entries are durable before the first image byte changes, and laying

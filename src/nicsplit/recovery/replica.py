@@ -48,6 +48,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import operator
 import os
 import struct
 from array import array
@@ -64,16 +65,15 @@ from nicsplit.recovery.blockindex import BlockIndex, ReplicaError, shared_index
 from nicsplit.recovery.coalesce import IMAGE, aligned, plan
 from nicsplit.recovery.reader import RecordSource, VdiskLike
 from nicsplit.recovery.undolog import (
-    STATE_VERSIONS, UNDO_CRC, UNDO_HEAD, STATE_VERSION, UID_SIZE, UNDO_DATA, UNDO_IMAGE, UNDO_MAGIC, UNDO_SEALED, UNDO_ZEROS,
-    body_len, crc_len, Kept, undo_key_usage,
+    STATE_VERSIONS, UNDO_HEAD, STATE_VERSION, UID_SIZE, UNDO_DATA, UNDO_IMAGE, UNDO_MAGIC, UNDO_SEALED, UNDO_ZEROS,
+    body_len, build_entries, crc_len, Kept, undo_key_usage,
 )
 from nicsplit.storage import atrest
 from nicsplit.storage.blob import BlobSealer
 from nicsplit.storage.image import Image, open_image
 from nicsplit.storage.rekey import REKEY_SUFFIX
 from nicsplit.storage.sealing import TAGS_SUFFIX
-from nicsplit.storage.sealing import ENTRY_SIZE, SealedError, ZEROS
-from nicsplit.storage.atrest import NONCE_SIZE
+from nicsplit.storage.sealing import SealedError, pwritev_all
 from nicsplit.core.crc32 import crc32
 
 _FP = _failpoints.ACTIVE  # armed failpoints (nicsplit.core.failpoints)
@@ -514,26 +514,42 @@ class Distributor:
                 self._write_state(pit_seq, self._undo_end)
                 self.applied_seq = pit_seq
             return 0
-        mine = [o for o in range(first, last) if ix.rec_vdisk[o] in self._imgs]
+        # The step's records as columns (array slices), not per-record lookups.
+        vids = ix.rec_vdisk[first:last]
+        vset = set(vids)
+        if vset <= self._imgs.keys():  # every record is of this replica's vdisks (the common case)
+            mine = list(range(first, last))
+            seqs, offs, lens, ops = ix.rec_seq[first:last], ix.rec_off[first:last], ix.rec_len[first:last], \
+                ix.rec_op[first:last]
+        else:
+            mine = [o for o in range(first, last) if ix.rec_vdisk[o] in self._imgs]
+            vids, seqs, offs, lens, ops = ([col[o] for o in mine] for col in
+                                           (ix.rec_vdisk, ix.rec_seq, ix.rec_off, ix.rec_len, ix.rec_op))
+            vset = set(vids)
         self._skipped += (last - first) - len(mine)
         payloads = self._payloads(mine)
-        whole = True  # every record covers whole blocks: the coalesced path (`coalesce`)
-        for o in mine:
-            seq, vid, off, length = ix.rec_seq[o], ix.rec_vdisk[o], ix.rec_off[o], ix.rec_len[o]
-            size = self.vdisks[vid].size
-            if off + length > size:
-                raise ReplicaError(f"record seq {seq}: {off}+{length} is past the end of vdisk "
-                                   f"{self.vdisks[vid].name} ({size} bytes)")
-            if whole and not aligned(off, length, size):
-                whole = False
+        if len(vset) == 1:
+            sizes = [self.vdisks[vids[0]].size] * len(vids)
+        else:
+            sizes = [self.vdisks[v].size for v in vids]
+        ends = list(map(operator.add, offs, lens))
+        if any(map(operator.gt, ends, sizes)):
+            i = next(i for i, (e, z) in enumerate(zip(ends, sizes)) if e > z)
+            raise ReplicaError(f"record seq {seqs[i]}: {offs[i]}+{lens[i]} is past the end of vdisk "
+                               f"{self.vdisks[vids[i]].name} ({sizes[i]} bytes)")
+        # Every record covers whole blocks: the coalesced path (`coalesce`).
+        rmod = BLOCK_SIZE.__rmod__
+        whole = all(lens) and not any(map(rmod, offs)) and \
+            (not any(map(rmod, lens)) or all(map(aligned, offs, lens, sizes)))
         final: dict[int, dict[int, Any]] | None = None
         if whole:
-            undo, final = self._plan_whole(mine, payloads)
+            undo, nundo, final = self._plan_whole(list(zip(seqs, vids, offs, lens, payloads)), ops)
         else:
-            undo, todo = self._plan_records(mine, payloads)
-        end = self._undo_end + len(undo)
-        if undo:
-            os.pwrite(self._undo, undo, self._undo_end)
+            buf, todo = self._plan_records(mine, payloads)
+            undo, nundo = [buf], len(buf)
+        end = self._undo_end + nundo
+        if nundo:
+            pwritev_all(self._undo, undo, self._undo_end)  # kept ciphertext: no copy
             self._fp("undo-written")
             os.fsync(self._undo)
             self._fp("undo-synced")
@@ -573,15 +589,17 @@ class Distributor:
     def _image_written(self) -> None:
         self._fp("image-written")
 
-    def _plan_whole(self, mine: list[int], payloads: list[bytes]) -> tuple[bytearray, dict]:
-        """Undo entries and the final block contents of a step whose records
-        all cover whole blocks (`coalesce.plan`).  A record whose blocks of a
+    def _plan_whole(self, recs: list[tuple[int, int, int, int, Any]], ops: Any) -> tuple[list[Any], int, dict]:
+        """Undo entries (`undolog.build_entries`: the buffers to write in
+        order, their total bytes) and the final block contents of a step
+        whose records all cover whole blocks (`coalesce.plan`).  A record whose blocks of a
         sealed image were not written earlier in the step keeps them as the
         image stores them (UNDO_IMAGE: no block opened, nothing sealed);
-        other pre-images are sealed like before (UNDO_SEALED)."""
-        ix = self.index
-        recs = [(ix.rec_seq[o], ix.rec_vdisk[o], ix.rec_off[o], ix.rec_len[o],
-                 p if ix.rec_op[o] == Op.WRITE else None) for o, p in zip(mine, payloads)]
+        other pre-images are sealed like before (UNDO_SEALED).  ``recs``:
+        (seq, vdisk, offset, length, payload) per record, ``ops`` their ops."""
+        write = Op.WRITE
+        if ops.count(write) != len(ops):  # zeroes and trims: no payload (None: zeros)
+            recs = [r if op == write else (*r[:4], None) for r, op in zip(recs, ops)]
         stored = frozenset(vid for vid, img in self._imgs.items() if img.sealed)
         pres, final = plan(recs, self._imgs, stored)
         kept: dict[tuple[int, int], Any] = {}  # (vdisk, block) -> (entry, ciphertext) | None (unwritten)
@@ -593,69 +611,11 @@ class Distributor:
             for vid, blocks in want.items():
                 blocks.sort()
                 kept.update(zip([(vid, b) for b in blocks], self._imgs[vid].read_stored_blocks(blocks)))
-        # Sizes first, so the step's undo entries are built in one buffer:
-        # heads packed in place, sealed bodies encrypted into it (seal_into).
-        cipher = self._sealer.sealing_cipher()
-        zeros = ZEROS
-        kinds = []
-        total = 0
-        head_size, sealed_kind = UNDO_HEAD.size, UNDO_SEALED if cipher is not None else UNDO_DATA
-        for (_, vid, off, length, _), pre in zip(recs, pres):
-            if pre is IMAGE:
-                if length <= BLOCK_SIZE:
-                    unwritten = kept[vid, off // BLOCK_SIZE] is None
-                else:
-                    b0 = off // BLOCK_SIZE
-                    unwritten = all(kept[vid, b] is None for b in range(b0, -(-(off + length) // BLOCK_SIZE)))
-                kind = UNDO_ZEROS if unwritten else UNDO_IMAGE
-            elif pre is None or (pre == zeros if len(pre) == BLOCK_SIZE else not bytes(pre).strip(b"\0")):
-                kind = UNDO_ZEROS
-            else:
-                kind = sealed_kind
-            kinds.append(kind)
-            total += head_size if kind == UNDO_ZEROS else head_size + body_len(kind, length)  # type: ignore[operator]
-        undo = bytearray(total)
-        mv = memoryview(undo)
-        nonces = os.urandom(NONCE_SIZE * kinds.count(UNDO_SEALED)) if cipher is not None else b""
-        seal_into, pack_into, crc_into = BlobSealer.seal_into, UNDO_HEAD.pack_into, UNDO_CRC.pack_into
-        base = self._undo_end
-        offs = array("Q")
-        p = q = 0
-        offs_append = offs.append
-        for (seq, vid, off, length, _), pre, kind in zip(recs, pres, kinds):
-            offs_append(base + p)
-            pack_into(undo, p, UNDO_MAGIC, kind, seq, vid, off, length, 0)
-            head = mv[p : p + 36]
-            if kind == UNDO_ZEROS:  # nothing follows the head (the most common entry on a fresh replica)
-                crc_into(undo, p + 36, crc32(head))
-                p += head_size
-                continue
-            b0 = p + head_size
-            if kind == UNDO_IMAGE:
-                # uid || entries || ciphertext; an unwritten block: a zero entry, zero bytes
-                nb = -(-length // BLOCK_SIZE)
-                mv[b0 : b0 + UID_SIZE] = self._imgs[vid].uid  # type: ignore[attr-defined]
-                c = b0 + UID_SIZE + nb * ENTRY_SIZE
-                e = c + length
-                blk = off // BLOCK_SIZE
-                for i in range(nb):
-                    got = kept[vid, blk + i]
-                    if got is not None:
-                        x = b0 + UID_SIZE + i * ENTRY_SIZE
-                        mv[x : x + ENTRY_SIZE] = got[0]
-                        mv[c + i * BLOCK_SIZE : c + i * BLOCK_SIZE + len(got[1])] = got[1]
-            elif kind == UNDO_SEALED:
-                e = b0 + length + BlobSealer.SEALED_OVERHEAD
-                seal_into(cipher[0], cipher[1], nonces[q : q + NONCE_SIZE], pre, head, mv[b0:e])  # type: ignore[index]
-                q += NONCE_SIZE
-            else:
-                e = b0 + length
-                mv[b0:e] = pre
-            crc_into(undo, p + 36, crc32(mv[b0 : c if kind == UNDO_IMAGE else e], crc32(head)))
-            p = e
+        uids = {vid: self._imgs[vid].uid for vid in stored}  # type: ignore[attr-defined]
+        parts, nbytes, offs = build_entries(recs, pres, kept, uids, self._sealer.sealing_cipher(), self._undo_end)
         self._undo_seq.extend(r[0] for r in recs)
         self._undo_off.extend(offs)
-        return undo, final
+        return parts, nbytes, final
 
     def _plan_records(self, mine: list[int], payloads: list[bytes]
                       ) -> tuple[bytearray, list[tuple[int, int, int, bytes | None]]]:

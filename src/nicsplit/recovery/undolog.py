@@ -21,15 +21,19 @@ from __future__ import annotations
 import json
 import os
 import struct
+from array import array
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
+from nicsplit.core.crc32 import crc32
 from nicsplit.core.records import BLOCK_SIZE
+from nicsplit.recovery.coalesce import IMAGE
+from nicsplit.storage.atrest import NONCE_SIZE
 from nicsplit.storage.blob import BlobSealer
-from nicsplit.storage.sealing import ENTRY_SIZE
+from nicsplit.storage.sealing import ENTRY_SIZE, ZEROS
 
 __all__ = ["undo_key_usage", "UNDO_MAGIC", "UNDO_DATA", "UNDO_ZEROS", "UNDO_SEALED", "UNDO_IMAGE", "STATE_VERSION",
-           "STATE_VERSIONS", "UID_SIZE", "UNDO_HEAD", "UNDO_CRC", "body_len", "crc_len", "Kept"]
+           "STATE_VERSIONS", "UID_SIZE", "UNDO_HEAD", "UNDO_CRC", "body_len", "crc_len", "Kept", "build_entries"]
 
 UNDO_HEAD = struct.Struct(
     ">"
@@ -132,3 +136,104 @@ def undo_key_usage(path: str | Path, end: int | None = None, start: int | None =
     finally:
         os.close(fd)
     return out
+
+
+def build_entries(recs: list[tuple[int, int, int, int, Any]], pres: list[Any], kept: dict[tuple[int, int], Any],
+                  uids: dict[int, bytes], cipher: Any, base: int) -> tuple[list[Any], int, array]:
+    """The undo entries of a coalesced step (`nicsplit.recovery.coalesce`),
+    to append at offset ``base`` of the log: (the buffers to write in order,
+    their total bytes, each entry's offset).  ``recs``: (seq, vdisk, offset,
+    length, payload) per record; ``pres``: their pre-images from
+    `coalesce.plan` (`IMAGE`: kept as stored, from ``kept`` {(vdisk, block):
+    (tag entry, ciphertext) | None (unwritten)}, at image uid ``uids[vdisk]``);
+    ``cipher``: `BlobSealer.sealing_cipher()` (None: in clear)."""
+    # Sizes first, so the step's undo entries are built in one buffer:
+    # heads packed in place, sealed bodies encrypted into it (seal_into).
+    # The kept ciphertext of UNDO_IMAGE entries is not copied in: it goes
+    # to the log from the buffers read_stored_blocks read it into, as
+    # iovecs between the buffer's pieces (`sealing.pwritev_all`).
+    zeros = ZEROS
+    kinds = []
+    total = 0  # bytes of the buffer: the entries but the kept ciphertext
+    head_size, sealed_kind = UNDO_HEAD.size, UNDO_SEALED if cipher is not None else UNDO_DATA
+    for (_, vid, off, length, _), pre in zip(recs, pres):
+        if pre is IMAGE:
+            if length <= BLOCK_SIZE:
+                unwritten = kept[vid, off // BLOCK_SIZE] is None
+            else:
+                b0 = off // BLOCK_SIZE
+                unwritten = all(kept[vid, b] is None for b in range(b0, -(-(off + length) // BLOCK_SIZE)))
+            if unwritten:
+                kinds.append(UNDO_ZEROS)
+                total += head_size
+            else:
+                kinds.append(UNDO_IMAGE)
+                total += head_size + UID_SIZE + ENTRY_SIZE * -(-length // BLOCK_SIZE)
+            continue
+        if pre is None or (pre == zeros if len(pre) == BLOCK_SIZE else not bytes(pre).strip(b"\0")):
+            kind = UNDO_ZEROS
+        else:
+            kind = sealed_kind
+        kinds.append(kind)
+        total += head_size if kind == UNDO_ZEROS else head_size + body_len(kind, length)  # type: ignore[operator]
+    undo = bytearray(total)
+    mv = memoryview(undo)
+    zview = memoryview(zeros)
+    nonces = os.urandom(NONCE_SIZE * kinds.count(UNDO_SEALED)) if cipher is not None else b""
+    seal_into, pack_into, crc_into = BlobSealer.seal_into, UNDO_HEAD.pack_into, UNDO_CRC.pack_into
+    offs = array("Q")
+    parts: list[Any] = []  # the log's bytes in order: pieces of the buffer and kept ciphertext
+    p = q = cut = ct = 0  # ct: kept ciphertext bytes so far (file offset = base + p + ct)
+    offs_append, parts_append = offs.append, parts.append
+    for (seq, vid, off, length, _), pre, kind in zip(recs, pres, kinds):
+        offs_append(base + p + ct)
+        pack_into(undo, p, UNDO_MAGIC, kind, seq, vid, off, length, 0)
+        head = mv[p : p + 36]
+        if kind == UNDO_ZEROS:  # nothing follows the head (the most common entry on a fresh replica)
+            crc_into(undo, p + 36, crc32(head))
+            p += head_size
+            continue
+        b0 = p + head_size
+        if kind == UNDO_IMAGE:
+            # uid || entries || ciphertext; an unwritten block: a zero entry, zero bytes
+            nb = -(-length // BLOCK_SIZE)
+            mv[b0 : b0 + UID_SIZE] = uids[vid]
+            e = b0 + UID_SIZE + nb * ENTRY_SIZE
+            if nb == 1:  # one block (the common case)
+                got = kept[vid, off // BLOCK_SIZE]
+                mv[e - ENTRY_SIZE : e] = got[0]
+                crc_into(undo, p + 36, crc32(mv[b0:e], crc32(head)))
+                parts_append(mv[cut:e])
+                parts_append(got[1])
+                if len(got[1]) < length:  # the image's short last block, resized since
+                    parts_append(zview[: length - len(got[1])])
+            else:
+                blk = off // BLOCK_SIZE
+                gots = [kept[vid, blk + i] for i in range(nb)]
+                for i, got in enumerate(gots):
+                    if got is not None:
+                        x = b0 + UID_SIZE + i * ENTRY_SIZE
+                        mv[x : x + ENTRY_SIZE] = got[0]
+                crc_into(undo, p + 36, crc32(mv[b0:e], crc32(head)))
+                parts_append(mv[cut:e])
+                for i, got in enumerate(gots):
+                    n = min(BLOCK_SIZE, length - i * BLOCK_SIZE)
+                    c = got[1] if got is not None else zview[:0]
+                    parts_append(c)
+                    if len(c) < n:
+                        parts_append(zview[: n - len(c)])
+            cut = p = e
+            ct += length
+            continue
+        if kind == UNDO_SEALED:
+            e = b0 + length + BlobSealer.SEALED_OVERHEAD
+            seal_into(cipher[0], cipher[1], nonces[q : q + NONCE_SIZE], pre, head, mv[b0:e])  # type: ignore[index]
+            q += NONCE_SIZE
+        else:
+            e = b0 + length
+            mv[b0:e] = pre
+        crc_into(undo, p + 36, crc32(mv[b0:e], crc32(head)))
+        p = e
+    if cut < p:
+        parts_append(mv[cut:p])
+    return parts, p + ct, offs

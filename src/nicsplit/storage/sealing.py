@@ -25,7 +25,7 @@ from nicsplit.storage.atrest import KEY_SIZE, NONCE_SIZE, TAG_SIZE, AtRestError,
 __all__ = [
     "BS", "TAGS_SUFFIX", "MAGIC", "VERSION", "HEADER_SIZE", "RUN_BLOCKS", "HEADER", "U32", "ENTRY", "ENTRY_SIZE",
     "AAD", "ZEROS", "ZERO_RUN", "SealedError", "Ciphers", "Scratch", "scratch", "pread_into", "tags_path",
-    "nblocks", "describe_blocks", "pwritev_all",
+    "nblocks", "describe_blocks", "pwritev_all", "IOV_MAX",
 ]
 
 BS = BLOCK_SIZE  # the sealing unit (`core.records.BLOCK_SIZE`): one GCM message per block
@@ -46,6 +46,8 @@ ENTRY_SIZE = ENTRY.size
 assert ENTRY_SIZE == 32 and NONCE_SIZE == 12 and TAG_SIZE == 16
 AAD = struct.Struct(">16sQ")  # image uid, block number
 ZEROS = bytes(BS)
+# Buffers one pwritev takes (Linux: 1024; more is EINVAL).
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 ZERO_RUN = memoryview(bytes(RUN_BLOCKS * BS))  # reused: a fresh 2 MiB of zeros costs page faults
 assert array("I").itemsize == 4  # key ids are read as an array("I") (`SealedImage._kids`)
 
@@ -160,11 +162,13 @@ def pread_into(fd: int, view: memoryview, offset: int) -> None:
 
 def pwritev_all(fd: int, bufs: list, offset: int) -> None:
     """``os.pwritev`` of ``bufs`` (contiguous at ``offset``) until every byte
-    is written (it may write fewer)."""
-    total = sum(len(b) for b in bufs)
-    n = os.pwritev(fd, bufs, offset)
-    if n == total:
-        return
-    joined = memoryview(b"".join(bufs))  # a short write (rare): finish the rest one pwrite at a time
-    while n < total:
-        n += os.pwrite(fd, joined[n:], offset + n)
+    is written (it may write fewer), `IOV_MAX` buffers per call."""
+    for i in range(0, len(bufs), IOV_MAX):
+        chunk = bufs[i : i + IOV_MAX] if len(bufs) > IOV_MAX else bufs
+        total = sum(map(len, chunk))
+        n = os.pwritev(fd, chunk, offset)
+        if n != total:
+            joined = memoryview(b"".join(chunk))  # a short write (rare): finish the rest one pwrite at a time
+            while n < total:
+                n += os.pwrite(fd, joined[n:], offset + n)
+        offset += total
