@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     c = r["cpu_us_per_write"]
     print(json.dumps({
         "tag": a.tag, "src": os.path.dirname(nicsplit.__file__), "iops": round(r["iops"]),
-        "host": round(c["host"], 1), "card_work": round(c["card_work"], 1), "card_idle": round(c["card_idle"], 1),
+        "host": round(c["host"], 1), "host_spin": round(c["host_spin"], 1), "card_work": round(c["card_work"], 1), "card_idle": round(c["card_idle"], 1),
         "appliance": round(c["appliance"], 1), "ratio": round(r["card_plus_appliance_over_host"], 2),
+        "ratio_host_work": round(r["card_plus_appliance_over_host_work"] or 0, 2),
         "acker": round(c["acker"], 1), "acker_busy": round(c["acker_busy"], 1),
         "acker_empty_poll": round(c["acker_empty_poll"], 1), "acker_sleep": round(c["acker_sleep"], 1),
         "worker": round(c["worker"], 1), "worker_empty_poll": round(c["worker_empty_poll"], 1),

@@ -120,3 +120,27 @@ def test_a_real_session_counts_its_requests_in_and_out(tmp_path):
     assert len(qd1) >= 20 and all(r == 1 and not b for r, b in qd1), qd1  # 20 writes (and the flush at close)
     # the flush passes the splitter too (a barrier record): 16 writes and at least one barrier
     assert len(burst) >= 16 and any(r > 1 or b for r, b in burst), burst
+
+
+def test_the_spin_for_a_late_ack_is_counted_apart_and_an_ack_there_at_once_costs_none(tmp_path):
+    """`spin_ns_total` (the host's stats ``card.spin_us``): what the card's
+    latency costs the host in spinning, reported apart from its own work."""
+    link = CardLink(tmp_path / "card.sock", tmp_path / "card-lost.log", spin_us=20, alone_spin_us=2000,
+                    load=HostLoad())
+    link.load.requests = 1
+    t = LateAck()
+    link._t = t
+    loop = asyncio.new_event_loop()
+    try:
+        async def go(arm: bool):
+            if arm:
+                t.arm()
+            else:
+                t.ready_at = 0  # the ack is there before the wait
+            return link.wait_ack(t, 1, time.monotonic_ns() + 1_000_000_000)
+        assert loop.run_until_complete(go(False)) is True
+        assert link.spin_ns_total == 0
+        assert loop.run_until_complete(go(True)) is True
+        assert ACK_AFTER_NS * 0.5 <= link.spin_ns_total <= 2_000_000
+    finally:
+        loop.close()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from nicsplit.card.process import CardConfig, CardProcess
 from nicsplit.testing.inproc import unix_connector, until
 from nicsplit.testing.pipeline import FakeAppliance, FakeApplianceServer, FakeCatalog, FakeEndpoint, committed, write
@@ -85,3 +87,19 @@ def test_a_round_that_left_entries_queued_polls_again_without_a_nap(tmp_path):
         assert ep.events[first + 1][0] == "poll" and ep.events[first + 2][0] == "poll", ep.events  # no nap between
 
     run_card(tmp_path, body, worker_nap_us=20_000, poll_entries=4)
+
+
+def test_batch_defaults_follow_the_fast_path(tmp_path):
+    """With the acker in its own process the worker seals, so batches close
+    at 4 MiB / 50 ms by default; the inline fast path seals on its acking
+    thread and keeps 256 KiB / 500 us, and refuses bigger batches."""
+    from nicsplit.card.process import INLINE_BATCH_BYTES_MAX, PROCESS_BATCH
+    from nicsplit.core.config import ConfigError
+
+    p = CardConfig.from_mapping(tmp_path, {}).pipeline
+    assert (p.batch_bytes, p.batch_delay_us) == (PROCESS_BATCH["batch_bytes"], PROCESS_BATCH["batch_delay_us"])
+    assert CardConfig.from_mapping(tmp_path, {"batch_bytes": "64K"}).pipeline.batch_bytes == 64 << 10
+    i = CardConfig.from_mapping(tmp_path, {"fast_path": "inline"}).pipeline
+    assert (i.batch_bytes, i.batch_delay_us) == (256 << 10, 500) and i.batch_bytes <= INLINE_BATCH_BYTES_MAX
+    with pytest.raises(ConfigError, match="batch_bytes .*inline"):
+        CardConfig.from_mapping(tmp_path, {"fast_path": "inline", "batch_bytes": "1M"})

@@ -94,6 +94,15 @@ BUSY_SLEEP_S = 0.05  # the longest doorbell sleep while anything is in flight
 # doorbell: a paced load is taken in rounds of a nap's worth, and a trickle
 # of writes costs a few wake-ups each, not a nap per ms.
 NAPS_MAX = 4
+# Batches with the fast path in a process of its own (the worker seals; no
+# ack waits for it): a batch's fixed costs on the card and the appliance
+# (frame, seal, TLS send, journal append, fdatasync) paid once per ~250
+# writes instead of ~30. Paced at ~3,800 IOPS, card + appliance CPU per
+# write fell by about a third against 256 KiB / 500 us, the RPO did not
+# move (docs/benchmarks.md "Bigger batches"). The inline fast path keeps
+# PipelineConfig's 256 KiB / 500 us: it seals on its acking thread.
+PROCESS_BATCH = {"batch_bytes": 4 << 20, "batch_delay_us": 50_000}
+INLINE_BATCH_BYTES_MAX = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -112,9 +121,10 @@ class CardConfig(InDataDir):
     # takes everything that came meanwhile in one round. Spinning and a
     # doorbell ring per write cost more CPU per write than the pipeline at a
     # paced 3,000 IOPS here. 0: spin idle_spin_us, then the doorbell.
-    # 4 ms (1 ms before 2026-12-03): at ~4,000 IOPS ~16 writes a round; the
-    # RPO waits a nap at most (target 1 s). See docs/pipeline.md.
-    worker_nap_us: float = 4000
+    # 20 ms (4 ms before 2026-12-04, 1 ms before 2026-12-03): at ~4,000 IOPS
+    # ~80 writes a round; the RPO waits a nap at most (target 1 s). See
+    # docs/pipeline.md.
+    worker_nap_us: float = 20_000
     # Longest doorbell sleep: the heartbeat cadence while idle (the host calls
     # a card stale after 2 s). At 50 ms the idle acker + worker used 1.4% of a
     # core in wake-ups alone; at 250 ms 0.45% (issue 9: <= 1%).
@@ -154,8 +164,10 @@ class CardConfig(InDataDir):
         return self.layout.pki
 
     @classmethod
-    def from_mapping(cls, data: Path, m: Mapping[str, Any]) -> "CardConfig":
-        """From the ``[card]`` table; pipeline keys sit in the same table."""
+    def from_mapping(cls, data: Path, m: Mapping[str, Any], *, worker: bool = False) -> "CardConfig":
+        """From the ``[card]`` table; pipeline keys sit in the same table.
+        ``worker``: the fast path's pipeline worker's own copy (inline, but
+        it acks nothing: its batch size is the acker's, already resolved)."""
         own = {f.name for f in fields(cls)} - {"data", "pipeline"}
         pipe = {f.name for f in fields(PipelineConfig)}
         kw: dict[str, Any] = {}
@@ -180,6 +192,11 @@ class CardConfig(InDataDir):
         if kw.get("acker_core") == DEDICATED and kw.get("fast_path", "process") != "process":
             raise ConfigError("[card] acker_core = \"dedicated\" needs fast_path = \"process\" (an inline card "
                               "has no acker of its own)")
+        if kw.get("fast_path", "process") == "process":
+            pkw = {**PROCESS_BATCH, **pkw}
+        elif not worker and pkw.get("batch_bytes", 0) > INLINE_BATCH_BYTES_MAX:
+            raise ConfigError(f"[card] batch_bytes {pkw['batch_bytes']} is above {INLINE_BATCH_BYTES_MAX} with "
+                              "fast_path = \"inline\" (sealing a batch there holds every ack: ~0.5 ms for 256 KiB)")
         return cls(data=Path(data), pipeline=PipelineConfig.from_mapping(pkw), **kw)
 
     @classmethod

@@ -42,7 +42,7 @@ def main() -> int:
     malloc.tune()  # a batch's buffers stay mapped between batches (nicsplit.core.malloc)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s card-worker %(levelname)s %(name)s: %(message)s")
-    cfg = CardConfig.from_mapping(Path(spec["data"]), spec["card"])
+    cfg = CardConfig.from_mapping(Path(spec["data"]), spec["card"], worker=True)
     # The card's lost log, from the endpoint's first poll on: a payload found
     # bad after its ack goes there (the endpoint refuses to run without one).
     # `CardProcess` puts its own writer of the same log in its place.

@@ -211,16 +211,23 @@ priority = "realtime"
 # meanwhile in one round; then it sleeps on the doorbell. worker_nap_us = 0: it polls the
 # acker's queue idle_spin_us before sleeping on the doorbell (also the
 # inline fast path's spin).
-# worker_nap_us = 4000
+# worker_nap_us = 20000
 idle_spin_us = 200
 # Coalesce overlapping writes of one vdisk within this window (0 = every
 # write is its own point in time).
 merge_window_ms = 0
 # A batch closes at this many bytes or after this delay, whichever first.
-# Compressing and sealing 256 KiB costs the worker ~0.5 ms here (zstd-1 and
-# AES-GCM each ~0.9 ms per MiB); the acker acks meanwhile.
-batch_bytes = "256K"
-batch_delay_us = 500
+# With the fast path in its own process (the default) they default to 4M
+# and 50 ms: nothing waits for a batch but the RPO, and a batch's fixed
+# costs (frame, seal, TLS send, the appliance's journal append and
+# fdatasync) are paid once per ~250 writes instead of once per ~30: paced
+# at ~3,800 IOPS here, card + appliance CPU per write fell by about a third
+# (docs/benchmarks.md "Bigger batches"). The inline fast path seals on its
+# acking thread, so there they default to 256K and 500 us (sealing 256 KiB
+# holds the card ~0.5 ms, inside the split timeout) and batch_bytes may
+# not exceed 256K.
+# batch_bytes = "4M"
+# batch_delay_us = 50000
 # When the appliance or the link falls behind, the card moves what it
 # receives, in order, into its overflow log (DATA/run/card-overflow.log)
 # instead of refusing writes (which sends vdisks to marking); it refuses

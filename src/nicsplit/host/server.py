@@ -454,7 +454,9 @@ class HostServer:
             "activity_log": self.al_recovered,
             "card": {"attached": link.attached, "losses": link.losses, "last_error": link.last_error, "tracked": link.tracked,
                      # late writes still in flight without a verdict, and late ones the card refused
-                     "unconfirmed": link.unconfirmed, "late_refused": link.late_refused},
+                     "unconfirmed": link.unconfirmed, "late_refused": link.late_refused,
+                     # waits for an ack that went async, and the time spun for acks not there at once
+                     "async_waits": link.async_waits, "spin_us": link.spin_ns_total // 1000},
             # every transport in use: vdisks on it, and its link (net: the appliance link)
             "transports": {kind: {"vdisks": sorted(v["name"] for v in vdisks if v.get("transport") == kind),
                                   "attached": lk.attached, "losses": lk.losses, "last_error": lk.last_error}
