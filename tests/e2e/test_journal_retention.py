@@ -54,7 +54,11 @@ def _restore_equals(data: Path, tmp: Path, selector: list[str], golden: dict, ta
 
 def test_size_retention_trims_into_the_base_and_locked_bookmarks_hold(tmp_path, rng):
     data = init_data(tmp_path / "data", filters=["stats", {"name": "split", "split_timeout_us": 1_000_000}],
-                     sections={"card": {"transport_options": {"data_size": "256M"}, "dedup_horizon_s": 0.05},
+                     # Segments end at batch boundaries (a bigger batch spans them), so with
+                     # 512K segments the card's batches stay below them, as 4M batches do
+                     # below the default 64M segments: retention trims whole segments.
+                     sections={"card": {"transport_options": {"data_size": "256M"}, "dedup_horizon_s": 0.05,
+                                        "batch_bytes": "128K", "batch_delay_us": 500},
                                "appliance": {"segment_size": "512K"},
                                "retention": {"max_journal_size": LIMIT, "interval": "0.2s"}})
     run_cli(data, "cg", "create", "cg1")
