@@ -451,6 +451,24 @@ def test_batch_header_binds_seq_and_time_range():
     assert (b.t_first_ns, b.t_last_ns) == (ws[0].timestamp_ns, ws[-1].timestamp_ns)
 
 
+@pytest.mark.parametrize("merge_window_ms", [0, 5])
+def test_a_barrier_closes_its_cgs_batch_at_once_and_leaves_the_others_open(merge_window_ms):
+    """A bookmark's PIT waits for the barrier's batch: it must not wait out
+    the batch delay (50 ms by default with the fast path in a process)."""
+    r = Rig(batch_delay_us=50_000, batch_records=1000, merge_window_ms=merge_window_ms)
+    r.connect()
+    ws = [r.w(1, blk(1)), r.w(2, blk(2), offset=8192), r.w(3, blk(3)), r.w(1, op=Op.BARRIER), r.w(1, blk(4))]
+    r.step(*ws, *(committed(w.io_id) for w in ws), dt_ms=1 + merge_window_ms)
+    r.deliver(acks=False)
+    assert [(x.seq, Op(x.op).name) for x in r.app.records("cgA")] == [(1, "WRITE"), (2, "WRITE"), (3, "BARRIER")]
+    assert r.app.records("cgB") == []  # cgB's batch (no barrier) waits for its delay
+    assert r.p.batcher.statistics().closed_by_barrier == 1
+    r.step(dt_ms=50)  # the merge window (if any) lets the write after the barrier go, opening a batch
+    r.step(dt_ms=50)
+    r.deliver(acks=False)
+    assert [x.seq for x in r.app.records("cgA")] == [1, 2, 3, 4] and [x.seq for x in r.app.records("cgB")] == [1]
+
+
 # -- ship window: retransmit, resume, release only after durable ---------------------
 
 

@@ -119,9 +119,11 @@ log = logging.getLogger("nicsplit.appliance")
 _EOF = object()
 
 # Group commit (rule 12): an fdatasync costs ~0.3 ms of CPU here (an ext4
-# journal commit), more than appending a small batch, and at 10,000 writes/s
-# the card closes a batch of ~5 writes every 0.5 ms (batch_delay_us). Waiting
-# up to 2 ms for the next batches makes one fdatasync serve ~4 of them; the
+# journal commit), more than appending a small batch. A card with the inline
+# fast path closes a batch of ~5 writes every 0.5 ms at 10,000 writes/s
+# (batch_delay_us; the default fast path's batches are 4 MiB / 50 ms, and
+# several cards share a CG's journal). Waiting up to 2 ms for the next
+# batches makes one fdatasync serve ~4 of them; the
 # card acks the host without waiting for us, so this only delays its release
 # of the batch (RPO, by at most the window), never a write's completion.
 COMMIT_WINDOW_US = 2000

@@ -121,10 +121,10 @@ class CardConfig(InDataDir):
     # takes everything that came meanwhile in one round. Spinning and a
     # doorbell ring per write cost more CPU per write than the pipeline at a
     # paced 3,000 IOPS here. 0: spin idle_spin_us, then the doorbell.
-    # 20 ms (4 ms before 2026-12-04, 1 ms before 2026-12-03): at ~4,000 IOPS
-    # ~80 writes a round; the RPO waits a nap at most (target 1 s). See
-    # docs/pipeline.md.
-    worker_nap_us: float = 20_000
+    # 4 ms (1 ms before 2026-12-03): at ~4,000 IOPS ~16 writes a round; the
+    # RPO waits a nap at most (target 1 s), and so does a barrier's PIT (a
+    # bookmark, verify's re-check). See docs/pipeline.md.
+    worker_nap_us: float = 4000
     # Longest doorbell sleep: the heartbeat cadence while idle (the host calls
     # a card stale after 2 s). At 50 ms the idle acker + worker used 1.4% of a
     # core in wake-ups alone; at 250 ms 0.45% (issue 9: <= 1%).

@@ -211,7 +211,7 @@ priority = "realtime"
 # meanwhile in one round; then it sleeps on the doorbell. worker_nap_us = 0: it polls the
 # acker's queue idle_spin_us before sleeping on the doorbell (also the
 # inline fast path's spin).
-# worker_nap_us = 20000
+# worker_nap_us = 4000
 idle_spin_us = 200
 # Coalesce overlapping writes of one vdisk within this window (0 = every
 # write is its own point in time).

@@ -3,7 +3,9 @@
 A CG has at most one *open* batch. A record joins its CG's open batch; the
 batch closes when it reaches ``batch_bytes`` (encoded size estimate) or
 ``batch_records`` records, or when ``batch_delay_us`` has passed since its
-first record (`tick`) — whichever comes first. ``batch_delay_us = 0`` closes
+first record (`tick`) — whichever comes first — and at once after a BARRIER
+record (`close_cg`: the PIT a bookmark, verify or failover waits for should
+not wait out the delay, 50 ms by default). ``batch_delay_us = 0`` closes
 a batch after every record. A closed batch gets the next batch id (monotonic
 per card incarnation, starting at ``first_batch_id``) and waits in the ready
 queue for compress → encrypt → ship.
@@ -120,6 +122,7 @@ class BatchStats:
     closed_by_count: int
     closed_by_delay: int
     full: bool
+    closed_by_barrier: int = 0
 
 
 class Batcher:
@@ -143,7 +146,7 @@ class Batcher:
         self._next_id = first_batch_id
         self._open: dict[str, _Open] = {}
         self._ready: deque[Pending] = deque()
-        self._batches = self._records = self._by_size = self._by_count = self._by_delay = 0
+        self._batches = self._records = self._by_size = self._by_count = self._by_delay = self._by_barrier = 0
 
     @property
     def full(self) -> bool:
@@ -240,6 +243,13 @@ class Batcher:
                 self._by_delay += 1
                 self._close(cg, now_ns)
 
+    def close_cg(self, cg: str, now_ns: int) -> None:
+        """Close ``cg``'s open batch now (a barrier: a bookmark, verify or
+        failover waits for the PIT it makes, not for the batch's delay)."""
+        if cg in self._open:
+            self._by_barrier += 1
+            self._close(cg, now_ns)
+
     def flush(self, now_ns: int) -> None:
         for cg in list(self._open):
             self._close(cg, now_ns)
@@ -273,6 +283,7 @@ class Batcher:
             open_bytes=sum(ob.nbytes for ob in self._open.values()), ready=len(self._ready),
             max_ready=self.max_ready, next_batch_id=self._next_id, closed_by_size=self._by_size,
             closed_by_count=self._by_count, closed_by_delay=self._by_delay, full=self.full,
+            closed_by_barrier=self._by_barrier,
         )
 
     def _close(self, cg: str, now_ns: int) -> None:

@@ -348,7 +348,7 @@ class CardPipeline:
         open_run, run_room, run_added = batcher.open_run, batcher.run_room, batcher.run_added
         known = dedup.known
         get = known.get if known is not None else None
-        write_op = Op.WRITE
+        write_op, barrier_op = Op.WRITE, Op.BARRIER
         n = nbytes = 0
         try:
             while True:
@@ -365,8 +365,8 @@ class CardPipeline:
                     while k < room_n and ready:
                         # length = len(data): resolve checked a WRITE's payload, the rest carry none
                         w, r_cg, _, length = ready[0]
-                        if r_cg != cg or used + _RH + length >= room_b:
-                            break
+                        if r_cg != cg or used + _RH + length >= room_b or w.op == barrier_op:
+                            break  # a barrier goes the general way: it closes its batch
                         seq = w.cg_seq
                         if seq <= last:
                             break  # `add_encoded` says why
@@ -420,6 +420,8 @@ class CardPipeline:
                 enc, d_kept, d_refs = encode(cg, w.cg_seq, w.io_id, w.vdisk_id, w.op, w.flags, w.voffset, w.length,
                                              w.timestamp_ns, data)
                 add(cg, w.cg_seq, w.timestamp_ns, enc, w.io_id, d_kept, d_refs, now_ns)
+                if w.op == barrier_op:
+                    batcher.close_cg(cg, now_ns)
         finally:
             if n:  # what `Hold.pop_ready` and `Merger.push` would have counted one by one
                 hold.took(n, nbytes)
@@ -514,6 +516,8 @@ class CardPipeline:
         while (item := merger.pop()) is not None:
             rec, io_ids = dedup.apply(item)
             batcher.add(item.cg, rec, io_ids, now_ns)
+            if rec.op == Op.BARRIER:
+                batcher.close_cg(item.cg, now_ns)
 
     def _ship(self, now_ns: int) -> None:
         window, batcher = self.window, self.batcher
