@@ -71,7 +71,11 @@ def test_full_hidden_volume_and_overflow_log_mark_then_resync(tmp_path, seed):
                 full = card_stats(data)
             finally:
                 os.kill(appliance, signal.SIGCONT)
-            wait_for(lambda: vdisk_state(data) == "protected", 180, "the resync to end by itself", interval=0.2)
+            try:
+                wait_for(lambda: vdisk_state(data) == "protected", 180, "the resync to end by itself", interval=0.2)
+            except TimeoutError as e:  # say where it stood: the host's vdisk, the card's buffers
+                host = request(Layout(data).host_sock, {"cmd": "status"})["status"]
+                raise AssertionError(f"{e}\nhost: {host['vdisks']}\ncard: {card_stats(data)}") from None
             s1 = cg_state(data)["host_last_seq"]
             n1 = len(ledger.done)
             wait_for(lambda: len(ledger.done) >= n1 + 50, 60, "ledger writes after the resync", interval=0.1)

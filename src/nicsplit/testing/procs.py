@@ -222,6 +222,10 @@ class ReadyProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None and self.proc is not None:
+            # A test failed inside the block: its captured output then holds
+            # the processes' logs, so a failure on a CI machine says why.
+            print(f"== {self.what} log at the failure ({exc[0].__name__}):\n{self.log()}")
         if self.proc is not None and self.proc.poll() is None:
             rc = self.stop()
             if rc != 0 and exc[0] is None:
@@ -335,6 +339,8 @@ class UpProcess(ReadyProcess):
     def log(self) -> str:
         parts = [super().log()]
         for p in sorted((self.data / "run").glob("*.log")):
+            if p.name.endswith("-overflow.log"):  # the card's overflow log is data, not text
+                continue
             try:
                 parts.append(f"== {p.name}\n" + p.read_text(errors="replace")[-4000:])
             except OSError:
