@@ -7,6 +7,8 @@ writes acked while the worker naps wait, unread, in the handoff queue.
 
 - Writes acked during a nap reach the worker at its next round, without a
   doorbell ring per write.
+- A BARRIER acked during a nap rings the worker: its batch closes then,
+  not at the nap's end (a bookmark's or verify's PIT does not wait it out).
 - A worker killed in the middle of a nap loses nothing acked: what it had
   read goes to the lost log (the host resyncs it), what it had not read
   yet is taken by the new worker; every write is in one of the two.
@@ -23,7 +25,7 @@ import pytest
 
 from nicsplit.card.transports.ring_splitter import RingSplitter
 from nicsplit.core.layout import Layout
-from nicsplit.core.records import Status
+from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag
 from nicsplit.testing.cardproc import CardProcess, card_data
 from nicsplit.testing.cardproc import card_stats as stats
 from nicsplit.testing.cardproc import card_stats_or_none as _stats_or_none
@@ -71,6 +73,26 @@ def test_writes_acked_during_a_nap_reach_the_worker_at_its_next_round(card, seed
         if acked_in < NAP_US / 2e6:  # (a starved box may take longer than the window to ack them)
             assert queued > 0  # they waited for the worker's next round, unread
         assert rings <= 1, rings  # a napping worker is not rung (one ring at most: its naps may have run out)
+    finally:
+        r.close()
+
+
+def test_a_barrier_acked_during_a_nap_cuts_the_nap_short(card, seed):
+    data, _ = card
+    r = RingSplitter.connect(str(Layout(data).card_sock))
+    try:
+        st0 = _one_then_napping(data, r, seed)  # write 1 sits in the open batch; the worker naps
+        assert st0["stages"]["batch"]["closed_by_barrier"] == 0
+        barrier = AugmentedWrite(2, 1, 2, 1, Op.BARRIER, WFlag.NONE, 0, 0, monotonic_ns(), None)
+        assert r.split(barrier, 1_000_000_000)
+        r.post_outcome(2, Status.COMMITTED)
+        # The nap ends early only if the acker rang; otherwise the batch would
+        # close by barrier at the nap's end (naps_cut stays 0).
+        st = wait_for(lambda: (s := stats(data))["stages"]["batch"]["closed_by_barrier"] == 1 and s, 30,
+                      "the barrier closing the batch")
+        cut = st["poller"]["naps_cut"] - st0["poller"]["naps_cut"]
+        print(f"barrier taken after {st['poller']['naps'] - st0['poller']['naps']} more naps, {cut} cut short")
+        assert cut == 1, st["poller"]
     finally:
         r.close()
 

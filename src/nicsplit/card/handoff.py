@@ -56,7 +56,7 @@ from typing import Callable, Iterator
 
 from nicsplit.wire import ring as R
 
-__all__ = ["Handoff", "H", "REFUSED", "RELEASED", "REAL_HALF", "DEFAULT_SLOTS", "POLLING", "SLEEPING"]
+__all__ = ["Handoff", "H", "REFUSED", "RELEASED", "REAL_HALF", "DEFAULT_SLOTS", "NAPPING", "POLLING", "SLEEPING"]
 
 PAGE = 4096
 DEFAULT_SLOTS = 1 << 18  # 16 MiB of slots: twice the entries the default 256 MiB data area holds at 4 KiB
@@ -64,8 +64,9 @@ REFUSED, RELEASED = 1, 2
 # The dflags byte of a handed-off OUTCOME made by the acker, not the host:
 # the real half of a shadow write, completed on the device queue.
 REAL_HALF = 0x80
-# NAPPING: the worker sleeps on a short timer, not the doorbell: the acker
-# need not ring it, and entries it leaves unread meanwhile are not "behind".
+# NAPPING: the worker sleeps on a short timer: the acker rings it only for a
+# BARRIER (whose PIT should not wait out the nap), and entries it leaves
+# unread meanwhile are not "behind".
 POLLING, SLEEPING, NAPPING = 0, 1, 2
 
 

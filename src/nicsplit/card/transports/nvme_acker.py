@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 
-from nicsplit.card.handoff import H, REFUSED, SLEEPING
+from nicsplit.card.handoff import H, NAPPING, REFUSED, SLEEPING
 from nicsplit.card.transports.nvme_endpoint import NvmePiEndpoint, status_name
 from nicsplit.card.transports.ring_acker import RingAcker
 from nicsplit.card.transports.ring_shared import CQ_HEAD, CQ_TAIL, DATA_HEAD, K_OUTCOME, SQ_HEAD, SQ_TAIL, fence
@@ -60,6 +60,7 @@ _O_WRITE, _O_OUTCOME = int(N.Opc.WRITE), int(N.Opc.OUTCOME)
 _NODATA_KIND = {int(N.Opc.WRITE_ZEROES): int(R.Kind.ZERO), int(N.Opc.DSM): int(R.Kind.TRIM),
                 int(N.Opc.FLUSH): int(R.Kind.BARRIER)}
 _K_WRITE = int(R.Kind.WRITE)
+_K_BARRIER = int(R.Kind.BARRIER)
 _P, _C, _F = H.PRODUCED // 8, H.CONSUMED // 8, H.FLOOR // 8
 _WSTATE, _FULL, _ACKED, _REF, _HFULL = H.WSTATE // 8, H.FULL // 8, H.ACKED // 8, H.REFUSED // 8, H.HANDOFF_FULL // 8
 _DX, _GE, _PE = H.DATA_EXPECT // 8, H.GUARD_ERRORS // 8, H.PI_ERRORS // 8
@@ -105,6 +106,7 @@ class NvmeAcker(NvmePiEndpoint, RingAcker):
         data_head = c[DATA_HEAD]
         n = min(avail, max_entries, room)
         consumed = acked = refused = nbytes = 0
+        barrier = False
         while consumed < n:
             if ((cq_tail - self._cq_head_c) & cq_mask) >= cq_full:
                 self._cq_head_c = c[CQ_HEAD]
@@ -133,6 +135,7 @@ class NvmeAcker(NvmePiEndpoint, RingAcker):
                     status = _FIELD
                 else:
                     status = _NOT_READY if full else _OK
+                    barrier = barrier or kind == _K_BARRIER  # its PIT waits for the worker: ring a napping one
             else:
                 status = _OPCODE
             off = (cq_tail & cq_mask) << 4
@@ -214,7 +217,8 @@ class NvmeAcker(NvmePiEndpoint, RingAcker):
             hc[_DX] = self._data_expect
             hc[_P] = produced
             fence()  # PRODUCED visible before we read the worker's state (Dekker)
-            if hc[_WSTATE] == SLEEPING:
+            ws = hc[_WSTATE]
+            if ws == SLEEPING or (barrier and ws == NAPPING):  # a barrier closes its batch now, not at the nap's end
                 self._n_rings += 1
                 os.eventfd_write(self.wake_fd, 1)
         return consumed

@@ -31,7 +31,7 @@ from time import monotonic_ns
 from itertools import chain
 
 from nicsplit.core import failpoints as _fp
-from nicsplit.card.handoff import H, REFUSED, SLEEPING, Handoff
+from nicsplit.card.handoff import H, NAPPING, REFUSED, SLEEPING, Handoff
 from nicsplit.card.transports.ring_endpoint import RingEndpoint
 from nicsplit.card.transports.ring_shared import (
     CQ_HEAD, DATA_HEAD, DATA_TAIL, FAILED, K_OUTCOME, K_WRITE, M32, OK, R_FULL, SQ_HEAD, SQ_TAIL,
@@ -46,6 +46,7 @@ __all__ = ["RingAcker"]
 _P, _C, _F = H.PRODUCED // 8, H.CONSUMED // 8, H.FLOOR // 8
 _WSTATE, _FULL, _ACKED, _REF, _HFULL = H.WSTATE // 8, H.FULL // 8, H.ACKED // 8, H.REFUSED // 8, H.HANDOFF_FULL // 8
 _DX = H.DATA_EXPECT // 8
+_KB = int(R.Kind.BARRIER)
 
 
 class RingAcker(RingEndpoint):
@@ -102,6 +103,7 @@ class RingAcker(RingEndpoint):
         size, expect = self._dsize, self._data_expect
         n = min(avail, max_entries, room)
         acked = refused = nbytes = 0
+        barrier = False
         # The descriptors are read in bulk (iter_unpack over at most two runs
         # of SQ slots: the SQ wraps) and copied into the handoff queue a run
         # at a time (`copy`: a run breaks at a dropped entry, at either
@@ -151,6 +153,8 @@ class RingAcker(RingEndpoint):
                 continue
             else:
                 reason = R.check_fields(kind, wflags, dflags, status, length, data_pos, csum, seq, head)
+                if kind == _KB:
+                    barrier = True  # its PIT waits for the worker: ring a napping one (below)
             if not cq_room:
                 self._cq_head_c = c[CQ_HEAD]
                 cq_room = cq_n - (cq_tail - self._cq_head_c)
@@ -237,7 +241,10 @@ class RingAcker(RingEndpoint):
             hc[_DX] = expect
             hc[_P] = produced
             fence()  # PRODUCED visible before we read the worker's state (Dekker)
-            if hc[_WSTATE] == SLEEPING:
+            ws = hc[_WSTATE]
+            if ws == SLEEPING or (barrier and ws == NAPPING):
+                # A napping worker takes writes at its nap's end; a barrier
+                # (bookmark, verify, failover) closes its batch now.
                 self._n_rings += 1
                 os.eventfd_write(self.wake_fd, 1)
         return consumed
