@@ -90,7 +90,7 @@ log = logging.getLogger(__name__)
 _SIZE_KEYS = {"hold_max_bytes", "merge_max_bytes", "batch_bytes", "ship_window_bytes", "overflow_max"}
 BUSY_SLEEP_S = 0.05  # the longest doorbell sleep while anything is in flight
 # After an entry the worker naps worker_nap_us, then twice, four and eight
-# times that (60 ms in all at 4 ms) while nothing comes, then sleeps on the
+# times that (300 ms in all at 20 ms) while nothing comes, then sleeps on the
 # doorbell: a paced load is taken in rounds of a nap's worth, and a trickle
 # of writes costs a few wake-ups each, not a nap per ms.
 NAPS_MAX = 4
@@ -121,9 +121,10 @@ class CardConfig(InDataDir):
     # takes everything that came meanwhile in one round. Spinning and a
     # doorbell ring per write cost more CPU per write than the pipeline at a
     # paced 3,000 IOPS here. 0: spin idle_spin_us, then the doorbell.
-    # 4 ms (1 ms before 2026-12-03): at ~4,000 IOPS ~16 writes a round; the
-    # RPO waits a nap at most (target 1 s), and so does a barrier's PIT (a
-    # bookmark, verify's re-check). See docs/pipeline.md.
+    # 20 ms (4 ms before 2026-12-04): at ~4,000 IOPS ~80 writes a round,
+    # the worker's CPU per write ~5 us lower. The RPO waits a nap at most
+    # (target 1 s); a barrier (a bookmark, verify's re-check, a failover)
+    # does not: the acker rings a napping worker for it. See docs/pipeline.md.
     worker_nap_us: float = 20_000
     # Longest doorbell sleep: the heartbeat cadence while idle (the host calls
     # a card stale after 2 s). At 50 ms the idle acker + worker used 1.4% of a

@@ -207,11 +207,12 @@ priority = "realtime"
 # The worker runs at normal priority (worker_priority) on every core
 # (worker_cpus = []). It does not spin: the acker acks, so nothing waits for
 # it but the RPO. After its last entry it naps worker_nap_us on a timer, then
-# 2, 4 and 8 times that (the acker need not ring it), taking what came
-# meanwhile in one round; then it sleeps on the doorbell. worker_nap_us = 0: it polls the
+# 2, 4 and 8 times that (the acker rings it only for a barrier, so a
+# bookmark's PIT does not wait out the nap), taking what came meanwhile in
+# one round; then it sleeps on the doorbell. worker_nap_us = 0: it polls the
 # acker's queue idle_spin_us before sleeping on the doorbell (also the
 # inline fast path's spin).
-# worker_nap_us = 4000
+# worker_nap_us = 20000
 idle_spin_us = 200
 # Coalesce overlapping writes of one vdisk within this window (0 = every
 # write is its own point in time).
