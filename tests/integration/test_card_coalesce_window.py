@@ -23,6 +23,7 @@ from time import monotonic_ns
 
 import pytest
 
+from nicsplit.card.transports.nvme_pi import NvmePiSplitter
 from nicsplit.card.transports.ring_splitter import RingSplitter
 from nicsplit.core.layout import Layout
 from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag
@@ -77,9 +78,12 @@ def test_writes_acked_during_a_nap_reach_the_worker_at_its_next_round(card, seed
         r.close()
 
 
-def test_a_barrier_acked_during_a_nap_cuts_the_nap_short(card, seed):
-    data, _ = card
-    r = RingSplitter.connect(str(Layout(data).card_sock))
+@pytest.mark.parametrize("transport", ["ring", "nvme-pi"])
+def test_a_barrier_acked_during_a_nap_cuts_the_nap_short(tmp_path, seed, transport):
+    data = card_data(tmp_path, worker_nap_us=NAP_US, transport=transport)
+    c = CardProcess(data).start()
+    splitter = RingSplitter if transport == "ring" else NvmePiSplitter
+    r = splitter.connect(str(Layout(data).card_sock))
     try:
         st0 = _one_then_napping(data, r, seed)  # write 1 sits in the open batch; the worker naps
         assert st0["stages"]["batch"]["closed_by_barrier"] == 0
@@ -95,6 +99,7 @@ def test_a_barrier_acked_during_a_nap_cuts_the_nap_short(card, seed):
         assert cut == 1, st["poller"]
     finally:
         r.close()
+        c.stop()
 
 
 def test_a_worker_killed_mid_window_loses_nothing_acked(card, seed):
