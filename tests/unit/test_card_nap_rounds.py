@@ -2,7 +2,9 @@
 endpoint with ``set_napping``, as the fast path's `HandoffEndpoint`): a
 round that took everything queued naps at once, with no empty round in
 between; a round that left entries queued polls again at once; what was
-acked during the nap is taken at the next round and shipped."""
+acked during the nap is taken at the next round and shipped; an entry
+handed over just as the worker publishes NAPPING (the acker saw it polling,
+so it rings for nothing) is taken at once, not a nap later."""
 
 from __future__ import annotations
 
@@ -87,6 +89,43 @@ def test_a_round_that_left_entries_queued_polls_again_without_a_nap(tmp_path):
         assert ep.events[first + 1][0] == "poll" and ep.events[first + 2][0] == "poll", ep.events  # no nap between
 
     run_card(tmp_path, body, worker_nap_us=20_000, poll_entries=4)
+
+
+class LateEntryEndpoint(NappingEndpoint):
+    """The first time the worker publishes NAPPING, an entry arrives at that
+    very moment: the acker handed it over while the worker still polled."""
+
+    def __init__(self, late) -> None:
+        super().__init__()
+        self.late = late
+
+    def set_napping(self, until_ns: int) -> None:
+        super().set_napping(until_ns)
+        if until_ns and self.late:
+            self.push(*self.late)
+            self.late = ()
+
+
+def test_an_entry_handed_over_as_the_worker_publishes_napping_is_taken_without_a_nap(tmp_path):
+    async def main():
+        app = FakeAppliance(KEY)
+        server = await asyncio.start_unix_server(FakeApplianceServer(app).handle, path=str(tmp_path / "app.sock"))
+        ep = LateEntryEndpoint((write(2, 2, vdisk_id=1, offset=8192, data=blk(2)), committed(2)))
+        # A nap of 60 s: a worker that naps first would miss the deadline below.
+        cfg = CardConfig.from_mapping(tmp_path, {"tls": False, "cpus": [], "batch_delay_us": 0,
+                                                 "worker_nap_us": 60_000_000})
+        c = CardProcess(cfg, ep, CAT, key=KEY, connect=unix_connector(tmp_path / "app.sock"))
+        task = asyncio.create_task(c.run())
+        try:
+            ep.push(write(1, 1, vdisk_id=1, offset=0, data=blk(1)), committed(1))
+            await until(lambda: len(app.records("cgA")) == 2, what="both writes shipped")
+            assert c.stats()["poller"]["naps"] == 0, ep.events  # write 2 was taken by a round, not after a nap
+        finally:
+            c.stop()
+            await task
+            server.close()
+
+    asyncio.run(main())
 
 
 def test_batch_defaults_follow_the_fast_path(tmp_path):

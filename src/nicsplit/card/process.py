@@ -293,6 +293,7 @@ class CardProcess:
         if self._lost_log is not None and hasattr(endpoint, "on_refused"):
             endpoint.on_refused = self._refused
         self._stop = asyncio.Event()
+        self._napping: asyncio.Future | None = None  # the nap's future while the worker naps
         self._full = False
         self._polls = self._entries = self._sleeps = self._doorbells = self._empty_ns = self._naps = self._naps_cut = 0
         self._rates = RateWindow(span_s=10.0, every_s=1.0)  # throughput for status, sampled by the poller
@@ -365,6 +366,8 @@ class CardProcess:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._napping is not None and not self._napping.done():
+            self._napping.set_result(None)  # a stop does not wait out a nap
 
     # -- the poller --------------------------------------------------------------
 
@@ -387,12 +390,11 @@ class CardProcess:
             if busy:
                 idle_since = t
                 naps = 0
-                if set_napping is not None and not self._more_now():
+                if set_napping is not None and self._nap_now(set_napping, t + nap_ns):
                     # Took everything there was: nap at once (the coalescing
                     # window) instead of an empty round first, so a paced
                     # load costs one round per nap, not two.
                     collect_when_idle(True)
-                    set_napping(t + nap_ns)
                     await nap(nap_ns)
                     set_napping(0)
                     self._naps += 1
@@ -403,11 +405,10 @@ class CardProcess:
                     # spinning DPU core spends anyway, reported apart from
                     # the card's work per write.
                     self._empty_ns += now() - t0
-                if set_napping is not None and naps < NAPS_MAX:
+                if set_napping is not None and naps < NAPS_MAX and self._nap_now(set_napping, t + (nap_ns << naps)):
                     ns = nap_ns << naps
                     naps += 1
                     collect_when_idle(True)  # the middle generation too: a busy worker may never reach _sleep
-                    set_napping(t + ns)
                     await nap(ns)
                     set_napping(0)
                     self._naps += 1
@@ -420,28 +421,43 @@ class CardProcess:
                     continue
             await sleep(0)
 
+    def _nap_now(self, set_napping, until_ns: int) -> bool:
+        """Publish NAPPING, then look for work (Dekker, as `_sleep` does):
+        an entry handed over before NAPPING was visible is taken by another
+        round now, one after it sees NAPPING (a BARRIER rings). False (and
+        POLLING again): do not nap."""
+        if self._more_now():  # the common case, without publishing NAPPING
+            return False
+        set_napping(until_ns)
+        full_fence()
+        if self._more_now():
+            set_napping(0)
+            return False
+        return True
+
     async def _nap(self, ns: int) -> None:
         """A timer sleep the acker cuts short by ringing the doorbell (it
-        does for a BARRIER, whose PIT should not wait out the nap)."""
-        fd_of = getattr(self.endpoint, "doorbell_fd", None)
-        if not callable(fd_of):
-            await asyncio.sleep(ns / 1e9)
-            return
+        does for a BARRIER, whose PIT should not wait out the nap), and a
+        stop too."""
         loop = asyncio.get_running_loop()
-        fd = fd_of()
-        woke = loop.create_future()
+        woke = self._napping = loop.create_future()
         timer = loop.call_later(ns / 1e9, lambda: woke.done() or woke.set_result(False))
-        loop.add_reader(fd, lambda: woke.done() or woke.set_result(True))
+        fd_of = getattr(self.endpoint, "doorbell_fd", None)
+        fd = fd_of() if callable(fd_of) else None
+        if fd is not None:
+            loop.add_reader(fd, lambda: woke.done() or woke.set_result(True))
         try:
             if await woke:
                 self._naps_cut += 1
         finally:
+            self._napping = None
             timer.cancel()
-            loop.remove_reader(fd)
-            try:
-                os.eventfd_read(fd)  # clear a ring (nonblocking eventfd)
-            except (BlockingIOError, OSError):
-                pass
+            if fd is not None:
+                loop.remove_reader(fd)
+                try:
+                    os.eventfd_read(fd)  # clear a ring (nonblocking eventfd)
+                except (BlockingIOError, OSError):
+                    pass
 
     def _more_now(self) -> bool:
         """Work a round could take at once: entries already queued by the
