@@ -42,16 +42,16 @@ class NappingEndpoint(FakeEndpoint):
             self.events.append(("nap",))
 
 
-def run_card(tmp_path, body, **card):
+def run_card(tmp_path, body, ep=None, **card):
     async def main():
         app = FakeAppliance(KEY)
         server = await asyncio.start_unix_server(FakeApplianceServer(app).handle, path=str(tmp_path / "app.sock"))
-        ep = NappingEndpoint()
+        endpoint = ep or NappingEndpoint()
         cfg = CardConfig.from_mapping(tmp_path, {"tls": False, "cpus": [], "batch_delay_us": 0, **card})
-        c = CardProcess(cfg, ep, CAT, key=KEY, connect=unix_connector(tmp_path / "app.sock"))
+        c = CardProcess(cfg, endpoint, CAT, key=KEY, connect=unix_connector(tmp_path / "app.sock"))
         task = asyncio.create_task(c.run())
         try:
-            await body(c, ep, app)
+            await body(c, endpoint, app)
         finally:
             c.stop()
             await task
@@ -107,25 +107,14 @@ class LateEntryEndpoint(NappingEndpoint):
 
 
 def test_an_entry_handed_over_as_the_worker_publishes_napping_is_taken_without_a_nap(tmp_path):
-    async def main():
-        app = FakeAppliance(KEY)
-        server = await asyncio.start_unix_server(FakeApplianceServer(app).handle, path=str(tmp_path / "app.sock"))
-        ep = LateEntryEndpoint((write(2, 2, vdisk_id=1, offset=8192, data=blk(2)), committed(2)))
-        # A nap of 60 s: a worker that naps first would miss the deadline below.
-        cfg = CardConfig.from_mapping(tmp_path, {"tls": False, "cpus": [], "batch_delay_us": 0,
-                                                 "worker_nap_us": 60_000_000})
-        c = CardProcess(cfg, ep, CAT, key=KEY, connect=unix_connector(tmp_path / "app.sock"))
-        task = asyncio.create_task(c.run())
-        try:
-            ep.push(write(1, 1, vdisk_id=1, offset=0, data=blk(1)), committed(1))
-            await until(lambda: len(app.records("cgA")) == 2, what="both writes shipped")
-            assert c.stats()["poller"]["naps"] == 0, ep.events  # write 2 was taken by a round, not after a nap
-        finally:
-            c.stop()
-            await task
-            server.close()
+    async def body(c, ep, app):
+        ep.push(write(1, 1, vdisk_id=1, offset=0, data=blk(1)), committed(1))
+        await until(lambda: len(app.records("cgA")) == 2, what="both writes shipped")
+        assert c.stats()["poller"]["naps"] == 0, ep.events  # write 2 was taken by a round, not after a nap
 
-    asyncio.run(main())
+    # A nap of 60 s: a worker that naps first would miss until()'s deadline.
+    ep = LateEntryEndpoint((write(2, 2, vdisk_id=1, offset=8192, data=blk(2)), committed(2)))
+    run_card(tmp_path, body, ep, worker_nap_us=60_000_000)
 
 
 def test_batch_defaults_follow_the_fast_path(tmp_path):
