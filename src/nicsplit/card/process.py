@@ -293,7 +293,7 @@ class CardProcess:
         if self._lost_log is not None and hasattr(endpoint, "on_refused"):
             endpoint.on_refused = self._refused
         self._stop = asyncio.Event()
-        self._napping: asyncio.Future | None = None  # the nap's future while the worker naps
+        self._napping: asyncio.Future | None = None  # the doorbell wait's future while the worker naps or sleeps
         self._full = False
         self._polls = self._entries = self._sleeps = self._doorbells = self._empty_ns = self._naps = self._naps_cut = 0
         self._rates = RateWindow(span_s=10.0, every_s=1.0)  # throughput for status, sampled by the poller
@@ -367,7 +367,7 @@ class CardProcess:
     def stop(self) -> None:
         self._stop.set()
         if self._napping is not None and not self._napping.done():
-            self._napping.set_result(None)  # a stop does not wait out a nap
+            self._napping.set_result(None)  # a stop does not wait out a nap or a doorbell sleep
 
     # -- the poller --------------------------------------------------------------
 
@@ -383,21 +383,17 @@ class CardProcess:
         if set_napping is not None:
             spin_ns = 0  # nap at once: the acker acks, nothing here waits for us
         naps = NAPS_MAX  # consecutive empty naps
-        nap = self._nap
+        nap = self._take_nap
         while not self._stop.is_set():
             t0, closed = now(), batcher.next_id
             busy, t = poll_once()
             if busy:
                 idle_since = t
                 naps = 0
-                if set_napping is not None and self._nap_now(set_napping, t + nap_ns):
-                    # Took everything there was: nap at once (the coalescing
-                    # window) instead of an empty round first, so a paced
-                    # load costs one round per nap, not two.
-                    collect_when_idle(True)
-                    await nap(nap_ns)
-                    set_napping(0)
-                    self._naps += 1
+                # Took everything there was: nap at once (the coalescing
+                # window) instead of an empty round first, so a paced load
+                # costs one round per nap, not two.
+                if set_napping is not None and await nap(set_napping, t, nap_ns):
                     continue
             else:
                 if closed == batcher.next_id:
@@ -405,13 +401,8 @@ class CardProcess:
                     # spinning DPU core spends anyway, reported apart from
                     # the card's work per write.
                     self._empty_ns += now() - t0
-                if set_napping is not None and naps < NAPS_MAX and self._nap_now(set_napping, t + (nap_ns << naps)):
-                    ns = nap_ns << naps
+                if set_napping is not None and naps < NAPS_MAX and await nap(set_napping, t, nap_ns << naps):
                     naps += 1
-                    collect_when_idle(True)  # the middle generation too: a busy worker may never reach _sleep
-                    await nap(ns)
-                    set_napping(0)
-                    self._naps += 1
                     continue
                 if t - idle_since >= spin_ns:
                     woken = await self._sleep(t)
@@ -421,41 +412,46 @@ class CardProcess:
                     continue
             await sleep(0)
 
-    def _nap_now(self, set_napping, until_ns: int) -> bool:
-        """Publish NAPPING, then look for work (Dekker, as `_sleep` does):
-        an entry handed over before NAPPING was visible is taken by another
-        round now, one after it sees NAPPING (a BARRIER rings). False (and
-        POLLING again): do not nap."""
+    async def _take_nap(self, set_napping, t: int, ns: int) -> bool:
+        """Nap ``ns`` from ``t`` unless work is there; True if it napped.
+        NAPPING is published before the last look for work (Dekker, as
+        `_sleep` does): an entry handed over before NAPPING was visible is
+        taken by another round now, one after it sees NAPPING (a BARRIER
+        rings, cutting the nap short; `naps_cut`)."""
         if self._more_now():  # the common case, without publishing NAPPING
             return False
-        set_napping(until_ns)
+        set_napping(t + ns)
         full_fence()
         if self._more_now():
             set_napping(0)
             return False
+        collect_when_idle(True)  # the middle generation too: a busy worker may never reach _sleep
+        fd_of = getattr(self.endpoint, "doorbell_fd", None)
+        try:
+            if await self._wait_doorbell(fd_of() if callable(fd_of) else None, ns / 1e9):
+                self._naps_cut += 1
+        finally:
+            set_napping(0)
+        self._naps += 1
         return True
 
-    async def _nap(self, ns: int) -> None:
-        """A timer sleep the acker cuts short by ringing the doorbell (it
-        does for a BARRIER, whose PIT should not wait out the nap), and a
-        stop too."""
+    async def _wait_doorbell(self, fd: int | None, timeout: float) -> bool | None:
+        """Wait until the doorbell ``fd`` rings (True), ``timeout`` s pass
+        (False) or the card stops (None); the doorbell is cleared after."""
         loop = asyncio.get_running_loop()
         woke = self._napping = loop.create_future()
-        timer = loop.call_later(ns / 1e9, lambda: woke.done() or woke.set_result(False))
-        fd_of = getattr(self.endpoint, "doorbell_fd", None)
-        fd = fd_of() if callable(fd_of) else None
+        timer = loop.call_later(timeout, lambda: woke.done() or woke.set_result(False))
         if fd is not None:
             loop.add_reader(fd, lambda: woke.done() or woke.set_result(True))
         try:
-            if await woke:
-                self._naps_cut += 1
+            return await woke
         finally:
             self._napping = None
             timer.cancel()
             if fd is not None:
                 loop.remove_reader(fd)
                 try:
-                    os.eventfd_read(fd)  # clear a ring (nonblocking eventfd)
+                    os.eventfd_read(fd)  # clear the doorbell (nonblocking eventfd)
                 except (BlockingIOError, OSError):
                     pass
 
@@ -556,27 +552,15 @@ class CardProcess:
             ep.set_sleeping(False)
             await asyncio.sleep(0)
             return True
-        loop = asyncio.get_running_loop()
-        fd = fd_of()
-        woke = loop.create_future()
-        loop.add_reader(fd, lambda: woke.done() or woke.set_result(None))
         self._sleeps += 1
-        rang = False
         try:
-            await asyncio.wait_for(woke, timeout)
-            self._doorbells += 1
-            rang = True
-        except asyncio.TimeoutError:
-            pass
+            rang = await self._wait_doorbell(fd_of(), timeout)
         finally:
-            loop.remove_reader(fd)
             ep.set_sleeping(False)
-            try:
-                os.eventfd_read(fd)  # clear the doorbell (nonblocking eventfd)
-            except (BlockingIOError, OSError):
-                pass
             ep.heartbeat()
-        return rang or ep.pending()
+        if rang:
+            self._doorbells += 1
+        return bool(rang) or ep.pending()
 
     # -- control socket ------------------------------------------------------------
 
