@@ -97,6 +97,37 @@ class CpuLatencyHold:
             os.close(self.fd)
             self.fd = None
 
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def __enter__(self) -> "CpuLatencyHold":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+IDLE_POLL_HELP = ("hold /dev/cpu_dma_latency at 0 during the run so idle CPUs poll instead of halting "
+                  "(auto: when writable, i.e. as root); see docs/benchmarks.md")
+
+
+def add_idle_poll(ap) -> None:
+    """The ``--idle-poll auto|on|off`` option of the latency benchmarks."""
+    ap.add_argument("--idle-poll", choices=("auto", "on", "off"), default="auto", help=IDLE_POLL_HELP)
+
+
+def idle_poll_hold(mode: str) -> CpuLatencyHold:
+    """A `CpuLatencyHold` opened for ``--idle-poll`` ``mode`` (``held`` says
+    whether it applies). Without it a QD1 comparison measures the halting
+    regime, where the path that keeps a CPU busier looks faster (the halt
+    exit is on the other path's round trip: docs/benchmarks.md).
+    SystemExit when ``on`` cannot be held."""
+    hold = CpuLatencyHold()
+    if mode != "off" and not hold.open() and mode == "on":
+        raise SystemExit(f"--idle-poll on: cannot write {hold.PATH} (needs root)")
+    return hold
+
 
 def cpuidle_info() -> dict[str, str]:
     base = Path("/sys/devices/system/cpu/cpuidle")

@@ -53,7 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import cpu_seconds as cpu_s, percentile as pct  # noqa: E402
+from harness import add_idle_poll, cpu_seconds as cpu_s, idle_poll_hold, percentile as pct  # noqa: E402
 from keepup import card_stats  # noqa: E402
 from transports import caught_up, hist_delta_percentile  # noqa: E402
 from keepup import host_split  # noqa: E402
@@ -91,7 +91,10 @@ def main() -> int:
                     help="[card] acker_core; dedicated also pins this client off the acker's CPU")
     ap.add_argument("--isolate", action="store_true",
                     help="stop the card's worker and the appliance during each measured block")
+    add_idle_poll(ap)
     args = ap.parse_args()
+    hold = idle_poll_hold(args.idle_poll)  # held until this process exits
+    print(f"idle CPUs {'poll (cpu_dma_latency=0)' if hold.held else 'halt (system default)'}", flush=True)
     card_section = {"transport_options": {"data_size": "256M"}, "acker_core": args.acker_core}
     allowed = sorted(os.sched_getaffinity(0))
     # dedicated: the client runs on the host's CPUs, not the card's (set once up has started: its children inherit)
@@ -183,7 +186,8 @@ def main() -> int:
     for t, rs in ratios.items():
         print(f"| {t} | {statistics.median(rs):.2f} | {min(rs):.2f}..{max(rs):.2f} |")
     print(json.dumps({"modes": {k: {kk: vv for kk, vv in v.items() if kk != "rounds"} for k, v in out.items()},
-                      "ratios": ratios}))
+                      "ratios": ratios, "idle_poll": hold.held}))
+    hold.close()
     return 0
 
 

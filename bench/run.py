@@ -45,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import GiB, MiB, cpu_seconds, CpuLatencyHold, FioError, cpuidle_info, NbdkitServer, NicsplitServer, Server, have_tools, git_state, loadavg, measure, pin_process, prefill  # noqa: E402
+from harness import GiB, MiB, add_idle_poll, cpu_seconds, idle_poll_hold, FioError, cpuidle_info, NbdkitServer, NicsplitServer, Server, have_tools, git_state, loadavg, measure, pin_process, prefill  # noqa: E402
 from split import LAG_VDISK, SplitSystem, lag_run, wire_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,13 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="none",
         help="CPU placement: none = the scheduler decides; split = fio on CPU 0, each server on CPU 1",
     )
-    ap.add_argument(
-        "--idle-poll",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="hold /dev/cpu_dma_latency at 0 during the run so idle CPUs poll instead of halting "
-        "(auto: when writable, i.e. as root); see docs/benchmarks.md",
-    )
+    add_idle_poll(ap)
     ap.add_argument("--no-sync", action="store_true", help="do not sync(2) dirty pages between points")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default bench/out)")
     ap.add_argument("--tmpdir", default=None, help="parent of the temporary work directory (default: system temp)")
@@ -168,13 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict[str, Any] = {}
     prefills: dict[str, Any] = {}
     started = dt.datetime.now(dt.timezone.utc)
-    hold = CpuLatencyHold()
-    idle_poll = False
-    if a.idle_poll != "off":
-        idle_poll = hold.open()
-        if not idle_poll and a.idle_poll == "on":
-            print(f"--idle-poll on: cannot write {hold.PATH} (needs root)", file=sys.stderr)
-            return 2
+    hold = idle_poll_hold(a.idle_poll)
+    idle_poll = hold.held
     log(f"idle CPUs {'poll (cpu_dma_latency=0)' if idle_poll else 'halt (system default)'}")
     try:
         for s in servers:

@@ -56,7 +56,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import FioError, cpu_seconds, fio_cmd, free_port, git_state, loadavg, pyplot, run_fio  # noqa: E402
+from harness import FioError, add_idle_poll, cpu_seconds, idle_poll_hold, fio_cmd, free_port, git_state, loadavg, pyplot, run_fio  # noqa: E402
 from keepup import card_cpu, card_stats, host_split, med, spread  # noqa: E402
 from nicsplit.core.ctl import request  # noqa: E402
 from nicsplit.testing.datadir import init_data  # noqa: E402
@@ -291,7 +291,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                            "machine": f"{os.cpu_count()} CPUs", "loadavg_start": loadavg(), "rounds": a.rounds,
                            "delays_ms": delays, "transports": transports, "qd1_s": a.qd1_seconds,
                            "qd16_s": a.qd16_seconds, "size": a.size, "results": {}, "not_built": {},
-                           "acker_core": a.acker_core}
+                           "acker_core": a.acker_core, "idle_poll": a.hold.held}
     size = a.size << 20
     with tempfile.TemporaryDirectory(prefix="nicsplit-transports-") as tmp:
         work = Path(tmp)
@@ -381,7 +381,10 @@ def markdown(doc: dict) -> str:
              "late = writes whose ack came after split_timeout_us (they went on unconfirmed; all rounds, QD1 + QD16). "
              + ("**`[card] acker_core = \"dedicated\"`**: the acker polls its own CPU and never sleeps, everything "
                 "else (fio too) on the other CPUs, as on a DPU (docs/operations.md)."
-                if doc.get("acker_core") == "dedicated" else "`[card] acker_core = \"shared\"` (the default)."),
+                if doc.get("acker_core") == "dedicated" else "`[card] acker_core = \"shared\"` (the default).")
+             + (" Idle CPUs polled (cpu_dma_latency held at 0)." if doc.get("idle_poll") else
+                " **Idle CPUs halted** (the system default): a QD1 ratio then favours whichever path keeps a CPU "
+                "busier (docs/benchmarks.md)."),
              "",
              "| transport | link one-way | QD1 p50 µs | +link µs | QD1 p99 µs | p50 × none | verdict | QD16 IOPS | "
              "split p50 / p99 µs (QD1) | split p99 µs (QD16) | host µs/w | card µs/w (of it idle) | "
@@ -455,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, metavar="JSON", help="no run: the table and plot again from a saved transports.json")
     ap.add_argument("--acker-core", choices=("shared", "dedicated"), default="shared",
                     help="[card] acker_core for every start (dedicated: fio off the acker's CPU too)")
+    add_idle_poll(ap)
     a = ap.parse_args(argv)
     if a.quick:
         a.rounds, a.qd1_seconds, a.qd16_seconds = 1, 3, 4
@@ -463,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         doc = json.loads(a.report.read_text())
     else:
         try:
-            doc = run(a)
+            with idle_poll_hold(a.idle_poll) as a.hold:
+                doc = run(a)
         except FioError as e:
             print(f"fio failed: {e}", file=sys.stderr)
             return 2
