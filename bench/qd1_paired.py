@@ -37,6 +37,11 @@ Where the card's cores are (issue 12: what this 2-core box can show):
 
     .venv/bin/python bench/qd1_paired.py [--transports ring,nvme-pi,shadow] [--rounds 3] [--writes 2000]
         [--blocks 2] [--before /path/to/other/tree/src] [--acker-core dedicated] [--isolate]
+        [--idle-poll auto|on|off]
+
+``--idle-poll`` (default auto: on as root): idle CPUs poll instead of
+halting during the run (bench/harness.py `idle_poll_hold`; see
+bench/transports.py).
 """
 
 from __future__ import annotations

@@ -33,6 +33,12 @@ round and link): median and spread. Targets (issue 12): ring and nvme-pi
 
     .venv/bin/python bench/transports.py [--quick] [--rounds 3] [--transports none,ring,nvme-pi,shadow,net]
         [--delay-ms 0.5] [--qd1-seconds 8] [--qd16-seconds 12] [--out bench/out] [--acker-core dedicated]
+        [--idle-poll auto|on|off]
+
+``--idle-poll`` (default auto: on as root) holds /dev/cpu_dma_latency at 0
+so idle CPUs poll instead of halting, as bench/run.py does: in the halting
+regime a QD1 ratio favours whichever path keeps a CPU busier, and the
+unprotected baseline pays the halt exits (docs/benchmarks.md).
 
 ``--acker-core dedicated`` runs every start with ``[card] acker_core =
 "dedicated"`` (the acker polls a CPU of its own, as on a DPU; fio runs on
