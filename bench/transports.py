@@ -297,7 +297,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                            "machine": f"{os.cpu_count()} CPUs", "loadavg_start": loadavg(), "rounds": a.rounds,
                            "delays_ms": delays, "transports": transports, "qd1_s": a.qd1_seconds,
                            "qd16_s": a.qd16_seconds, "size": a.size, "results": {}, "not_built": {},
-                           "acker_core": a.acker_core, "idle_poll": a.hold.held}
+                           "acker_core": a.acker_core}
     size = a.size << 20
     with tempfile.TemporaryDirectory(prefix="nicsplit-transports-") as tmp:
         work = Path(tmp)
@@ -473,8 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         doc = json.loads(a.report.read_text())
     else:
         try:
-            with idle_poll_hold(a.idle_poll) as a.hold:
+            with idle_poll_hold(a.idle_poll) as hold:
                 doc = run(a)
+                doc["idle_poll"] = hold.held
         except FioError as e:
             print(f"fio failed: {e}", file=sys.stderr)
             return 2
