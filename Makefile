@@ -33,6 +33,7 @@ bench: system-deps venv
 	$(PY) bench/run.py
 	$(PY) bench/keepup.py
 	$(PY) bench/io_floor.py
+	$(PY) bench/wakeup.py
 	$(PY) bench/protection.py
 	$(PY) bench/transports.py
 	$(PY) bench/transports.py --transports none,ring,nvme-pi,shadow --acker-core dedicated --out bench/out/transports-dedicated

@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         "payloads_handed": delta("payloads_handed"), "payloads_read": delta("payloads_read"),
         "batches": delta("c_batches"), "group_commits": delta("c_group_commits"),
         "ratio": round(r["card_plus_appliance_over_host"], 2), "rpo_p99_s": r["rpo_p99_s"],
+        "split_p99_us": r["split_p99_us"], "split_p999_us": r["split_p999_us"],
+        "runq_wait": {k: round(v, 1) for k, v in (r.get("runq_wait_us_per_write") or {}).items()},
         "states": r["states_seen"], "load": [round(la0, 1), round(la1, 1)],
     }), flush=True)
     return 0

@@ -43,6 +43,29 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
+def runq_wait_s(pid: int, *, children: bool = False) -> float:
+    """Seconds the threads of a process spent runnable but waiting for a CPU
+    (``/proc/PID/task/TID/schedstat``, second field), with its descendants'
+    when ``children``: on a shared machine, how much a process was held up
+    by the others. 0 for a process that is gone."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+            if children:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    kids = f.read().split()
+                total += sum(int(1e9 * runq_wait_s(int(k), children=True)) for k in kids)
+        except (OSError, IndexError, ValueError):
+            continue  # the thread ended
+    return total / 1e9
+
+
 def git_state(root: Path) -> str:
     """Short commit, plus '+dirty' when tracked or new files differ."""
     def git(*a: str) -> str:

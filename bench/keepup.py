@@ -54,7 +54,7 @@ from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import cpu_seconds, fio_cmd, loadavg, percentile as pct, pyplot  # noqa: E402
+from harness import cpu_seconds, fio_cmd, loadavg, percentile as pct, pyplot, runq_wait_s  # noqa: E402
 from nicsplit.card.transports.net import NetSplitter  # noqa: E402
 from nicsplit.card.transports.ring_splitter import RingSplitter  # noqa: E402
 from nicsplit.core.catalog import CatalogReader  # noqa: E402
@@ -386,8 +386,10 @@ def host_split(data: Path, vdisks: list[str]) -> dict[str, dict]:
 
 
 def host_spin_us(data: Path) -> int:
-    """µs the host has spun for card acks that were not there at once."""
-    st = (request(Layout(data).host_sock, {"cmd": "stats"}) or {}).get("stats") or {}
+    """µs the host has spun for card acks that were not there at once (its
+    ``status``: the ``stats`` reply has no ``card`` part, so this read 0
+    before stop 28)."""
+    st = (request(Layout(data).host_sock, {"cmd": "status"}) or {}).get("status") or {}
     return int((st.get("card") or {}).get("spin_us") or 0)
 
 
@@ -428,7 +430,8 @@ def e2e_phase(data: Path, up: UpProcess, cg: str, vdisks: list[str], *, seconds:
     pids = {"host": up.pid_of("host"), "acker": up.pid_of("card"), "worker": card["worker_pid"],
             "appliance": up.pid_of("appliance")}
     s0, spin0 = host_split(data, vdisks), host_spin_us(data)
-    c0 = cpu_of(pids)
+    c0, q0 = cpu_of(pids), {k: runq_wait_s(p) for k, p in pids.items()}
+    fio_q: dict[int, float] = {}  # fio's run-queue wait, sampled while it runs (gone from /proc after)
     fios = []
     for i, v in enumerate(vdisks):
         out = work / f"fio-{cg}-{v}.json"
@@ -443,6 +446,9 @@ def e2e_phase(data: Path, up: UpProcess, cg: str, vdisks: list[str], *, seconds:
     prev_n, prev_t = 0, t0
     while any(p.poll() is None for p, _ in fios):
         time.sleep(0.5)  # ok-sleep: sampling cadence of a timed run
+        for p, _ in fios:
+            if p.poll() is None:
+                fio_q[p.pid] = runq_wait_s(p.pid, children=True) or fio_q.get(p.pid, 0.0)
         t = time.monotonic()
         sp = host_split(data, vdisks)
         n = sum(s.get("split", 0) + s.get("marked", 0) for s in sp.values())
@@ -454,6 +460,8 @@ def e2e_phase(data: Path, up: UpProcess, cg: str, vdisks: list[str], *, seconds:
         p.wait()
     el = time.monotonic() - t0
     d = diff(c0, cpu_of(pids))
+    q = {k: runq_wait_s(p) - q0[k] for k, p in pids.items()}
+    q["fio"] = sum(fio_q.values())
     s1, spin1 = host_split(data, vdisks), host_spin_us(data)
     card1 = card_stats(data)
     writes = sum(s1[v].get("split", 0) + s1[v].get("marked", 0) - s0[v].get("split", 0) - s0[v].get("marked", 0)
@@ -473,7 +481,12 @@ def e2e_phase(data: Path, up: UpProcess, cg: str, vdisks: list[str], *, seconds:
         "split_p50_us": med([s1[v].get("split_p50_us") for v in vdisks]),
         "split_p99_us": max(s1[v].get("split_p99_us", 0) for v in vdisks),
         "split_p999_us": max(s1[v].get("split_p999_us", 0) for v in vdisks),
-        "cpu_us_per_write": cpu, "card_plus_appliance_over_host": (cpu["card_work"] + cpu["appliance"]) / cpu["host"]
+        "cpu_us_per_write": cpu,
+        # runnable but waiting for a CPU, µs a write: how much each process was held up by the
+        # others on this shared machine (on the real layout the card and appliance have cores
+        # of their own); the acker's alone, without its worker
+        "runq_wait_us_per_write": {k: 1e6 * v / max(1, writes) for k, v in q.items()},
+        "card_plus_appliance_over_host": (cpu["card_work"] + cpu["appliance"]) / cpu["host"]
         if cpu["host"] else None,
         # the same against the host's work alone (its ack spin not counted)
         "card_plus_appliance_over_host_work": (cpu["card_work"] + cpu["appliance"]) / cpu["host_work"]
@@ -604,6 +617,11 @@ def markdown(doc: dict) -> str:
                      f"{f(cc['worker'] - cc['worker_empty_poll'])}) / {f(cc['card_idle'])} "
                      f"({f(cc['acker_empty_poll'])} + {f(cc['acker_sleep'])} + {f(cc['worker_empty_poll'])}) / "
                      f"{f(cc['appliance'])} ({ph['writes']:,} writes in {ph['seconds']} s)")
+    lines += ["", "Runnable but waiting for a CPU, µs per write (schedstat; a tree without it: –): host / acker "
+              "(its own threads) / worker / appliance / fio:", ""]
+    for name, ph in (("paced", p), ("unpaced", u)):
+        rq = ph.get("runq_wait_us_per_write") or {}
+        lines.append(f"- {name}: " + " / ".join(f(rq.get(k)) for k in ("host", "acker", "worker", "appliance", "fio")))
     cs = lambda k: c[f"stream.cpu_us_per_write.{k}"]["median"]  # noqa: E731
     lines += ["", "CPU µs per write, components: card stream to the sink: card work / acker busy / acker empty-poll / "
               f"acker sleeps / worker empty-poll / worker: {f(cs('card_work'))} / {f(cs('acker_busy'))} / "
