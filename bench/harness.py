@@ -48,22 +48,25 @@ def runq_wait_s(pid: int, *, children: bool = False) -> float:
     (``/proc/PID/task/TID/schedstat``, second field), with its descendants'
     when ``children``: on a shared machine, how much a process was held up
     by the others. 0 for a process that is gone."""
+    return _runq_wait_ns(pid, children) / 1e9
+
+
+def _runq_wait_ns(pid: int, children: bool) -> int:
     total = 0
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return 0.0
+        return 0
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                 total += int(f.read().split()[1])
             if children:
                 with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    kids = f.read().split()
-                total += sum(int(1e9 * runq_wait_s(int(k), children=True)) for k in kids)
+                    total += sum(_runq_wait_ns(int(k), True) for k in f.read().split())
         except (OSError, IndexError, ValueError):
             continue  # the thread ended
-    return total / 1e9
+    return total
 
 
 def git_state(root: Path) -> str:

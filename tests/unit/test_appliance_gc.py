@@ -1,21 +1,21 @@
 """The appliance's collector policy once recovered (appliance/startup.py
-`quiet_gc`): start-up state frozen out of collection, the young
+`serving_gc`): start-up state frozen out of collection, the young
 generation collected every GC_THRESHOLDS[0] allocations."""
 
 import gc
 
 import pytest
 
-from nicsplit.appliance.startup import GC_THRESHOLDS, quiet_gc
+from nicsplit.appliance.startup import GC_THRESHOLDS, serving_gc
 
 pytestmark = pytest.mark.unit
 
 
-def test_quiet_gc_freezes_what_exists_and_raises_the_young_threshold():
+def test_serving_gc_freezes_what_exists_and_raises_the_young_threshold():
     before = gc.get_threshold()
     kept = [[] for _ in range(100)]  # containers alive at "start-up"
     try:
-        quiet_gc()
+        serving_gc()
         assert gc.get_threshold() == GC_THRESHOLDS
         assert GC_THRESHOLDS[0] > before[0]
         assert gc.get_freeze_count() >= len(kept)

@@ -95,7 +95,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nicsplit.appliance.idlewatch import IdleWatch
-from nicsplit.appliance.startup import StartProgress, appliance_id, quiet_gc, recover_journal
+from nicsplit.appliance.startup import StartProgress, appliance_id, serving_gc, recover_journal
 from nicsplit.core import failpoints as _fp
 from nicsplit.recovery.distribution import NICE, CatalogMembers, CGDistribution, journaled_payloads
 from nicsplit.journal.writer import AppendResult, BatchRejected, Journal, JournalError, JournalStatistics
@@ -226,7 +226,7 @@ class Appliance:
                     progress.step = f"indexing journal {d.name}"
                     await loop.run_in_executor(self._pool, self._build_index, d.name)
                     self._distribute(d.name, j)
-        quiet_gc()
+        serving_gc()
         lsock = socket.create_server(self.cfg.listen, backlog=128)
         lsock.setblocking(False)
         acceptor = loop.create_task(self._accept_loop(lsock))

@@ -20,7 +20,7 @@ from nicsplit.core import failpoints as _fp
 from nicsplit.core.layout import Layout
 from nicsplit.journal.writer import Journal
 
-__all__ = ["GC_THRESHOLDS", "STARTING_EVERY_S", "StartProgress", "appliance_id", "quiet_gc", "recover_journal"]
+__all__ = ["GC_THRESHOLDS", "STARTING_EVERY_S", "StartProgress", "appliance_id", "serving_gc", "recover_journal"]
 
 STARTING_EVERY_S = 5.0
 # The cyclic collector's thresholds while serving (young, middle, old).
@@ -60,7 +60,7 @@ def recover_journal(path: Path, segment_size: int) -> Journal:
     return Journal.open(path, segment_size=segment_size)
 
 
-def quiet_gc() -> None:
+def serving_gc() -> None:
     """Once recovered, before serving: what exists now (modules, recovered
     journals and indexes) is frozen out of the cyclic collector, and the
     young generation is collected every `GC_THRESHOLDS`[0] allocations
@@ -70,7 +70,8 @@ def quiet_gc() -> None:
     and ~5 µs a write end to end (8 % of the appliance), against 0.3 µs
     here (docs/benchmarks.md, stop 28). The ingest path makes no cycles of
     its own; reference counting frees it, and what cycles asyncio makes are
-    still collected, later."""
+    still collected, later. (The card's `card.sched.quiet_gc` goes further
+    and turns automatic collection off: it collects in its own gaps.)"""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
