@@ -298,13 +298,18 @@ class RingSplitter:
         return True
 
     def _submit(self, w: AugmentedWrite, now: int) -> bool:
-        if not self._live(now):
+        c = self._ctr
+        # The checks of `_live` and `_sq_full` inline for the common case (QD1
+        # pays each call); the methods run only to refuse and count.
+        if (self._dead or now - c[HEARTBEAT] > self._stale_ns or c[STATE] == CLOSED) and not self._live(now):
             return False
         tail = self._sq_tail
-        if self._sq_full(tail):
+        if tail - self._sq_head_c >= self._sq_n and self._sq_full(tail):
             return False
         op = w.op
         length = w.length
+        if op == K_WRITE and not self._lent and not self._held:
+            return self._submit_copy(w, c, tail, length)
         data_pos = csum = dflags = end = 0
         res = None
         self.last_prepaid_ns = 0
@@ -373,6 +378,53 @@ class RingSplitter:
         self._inflight[io_id] = _WAITING
         self._submitted += 1
         self._publish(tail + 1)
+        return True
+
+    def _submit_copy(self, w: AugmentedWrite, c, tail: int, length: int) -> bool:
+        """`_submit` of a WRITE with no reservation lent or pinned: its
+        payload is copied to the data tail (`_place` and `_room` inline, the
+        same stores in the same order as the general path)."""
+        payload = w.data
+        if payload is None or len(payload) != length or not length:
+            return self._invalid_record(w, "WRITE payload missing or not `length` bytes")
+        size = self._dsize
+        pos = self._rtail
+        off = pos % size
+        if off + length > size:
+            pos += size - off
+            off = 0
+        end = pos + length
+        if end - self._data_head_c > size:
+            self._data_head_c = c[DATA_HEAD]
+            if end - self._data_head_c > size:
+                self._full_data += 1
+                return False
+        io_id = w.io_id
+        if io_id in self._inflight:
+            return self._invalid_record(w, "io_id already in flight")
+        self._data[off: off + length] = payload  # the one copy
+        if self._csum:
+            csum, dflags = xxh3(payload) & M32, DF_CSUM
+        else:
+            csum = dflags = 0
+        try:
+            desc_pack(
+                self._sq, (tail & self._sq_mask) << 6, K_WRITE, w.flags, dflags, 0, length, io_id, w.cg_seq,
+                w.cg_id, w.vdisk_id, w.voffset, w.timestamp_ns, pos, csum, tail & M32,
+            )
+        except struct.error as e:
+            return self._invalid_record(w, str(e))
+        self.last_prepaid_ns = 0
+        self._data_tail = self._rtail = self.last_position = c[DATA_TAIL] = end
+        self._bytes += length
+        self._inflight[io_id] = _WAITING
+        self._submitted += 1
+        tail += 1
+        self._sq_tail = tail
+        c[SQ_TAIL] = tail  # publish (TSO: payload and descriptor are visible first)
+        fence()
+        if c[STATE] == SLEEPING:
+            self._ring()
         return True
 
     # -- reservations (module docstring) ----------------------------------------
@@ -482,6 +534,14 @@ class RingSplitter:
         cq_head = self._cq_head
         while True:
             ctail = c[CQ_TAIL]
+            if ctail == cq_head + 1:  # QD1: one completion, OK and ours, without `_drain`'s loop
+                cid, status, _reason, _r, seq = cqe_unpack(self._cq, (cq_head & self._cq_mask) << 4)
+                if cid == io_id and status == OK and seq == cq_head & M32 and self._inflight.get(cid) == _WAITING:
+                    del self._inflight[cid]
+                    self._acked += 1
+                    self._cq_head = ctail
+                    c[CQ_HEAD] = ctail
+                    return True
             if ctail != cq_head:
                 got = self._drain(ctail, io_id)
                 if got is not None:
