@@ -26,10 +26,12 @@ numbers, are the point; docs/benchmarks.md):
    IOPS, RPO, state. Reported: the splitter's added latency (the host's
    ``split`` histogram), per-process CPU per write (host, card acker with its
    empty-poll time, worker, appliance) and the ratio (card work + appliance)
-   / host; plus the 1 MiB QD1 split latency through the host.
+   / host; plus the 4 KiB and the 1 MiB QD1 split latency through the host
+   (fio at QD1 on a vdisk of a third CG, before the QD16 phases).
 
     .venv/bin/python bench/keepup.py [--quick] [--rounds 3] [--seconds 60] [--rate-iops 10000] [--out bench/out]
     .venv/bin/python bench/keepup.py --qd1-only [--host-anywhere] [--rounds 3]   # the 4 KiB QD1 phase alone
+    .venv/bin/python bench/keepup.py --e2e-qd1-only [--rounds 3]   # the end-to-end 4 KiB QD1 phase alone
     # (the synthetic host keeps off the acker's CPUs, as `nicsplit up` places the host, unless --host-anywhere)
 
 Writes ``keepup.json``, ``keepup.md`` and ``keepup.png`` into ``--out``.
@@ -54,7 +56,8 @@ from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import cpu_seconds, fio_cmd, loadavg, percentile as pct, pyplot, runq_wait_s  # noqa: E402
+from harness import (cpu_seconds, fio_cmd, idle_poll_hold, loadavg, percentile as pct, pyplot,  # noqa: E402
+                     run_fio, runq_wait_s)
 from nicsplit.card.transports.net import NetSplitter  # noqa: E402
 from nicsplit.card.transports.ring_splitter import RingSplitter  # noqa: E402
 from nicsplit.core.catalog import CatalogReader  # noqa: E402
@@ -508,17 +511,61 @@ def big_writes(data: Path, up: UpProcess, vdisk: str, work: Path, n: int) -> dic
             "split_p50_us": sp.get("split_p50_us"), "split_p99_us": sp.get("split_p99_us")}
 
 
+def small_qd1(data: Path, up: UpProcess, vdisk: str, work: Path, n: int) -> dict[str, Any]:
+    """``n`` 4 KiB random writes at QD1 from fio through the host: the
+    issue's QD1 measure, the host's own ``split`` histogram (publish + the
+    wait for the ack after the datastore write), with idle CPUs polling
+    (bench/harness.py `idle_poll_hold`: in the halting regime a QD1 gap
+    halts the vCPUs and every path pays the exit). fio runs off the card
+    acker's CPUs, as a VM runs on its host's cores and never on the card's
+    (on the acker's core a QD1 client waits out each of the real-time
+    acker's spins, so every write pays its doorbell wake-up)."""
+    out = work / "fio-qd1.json"
+    cmd = fio_cmd(up.uri(vdisk), rw="randwrite", bs="4k", size="1G", iodepth=1, out=out, runtime=None)
+    cmd.append(f"--number_ios={n}")
+    cpus = os.sched_getaffinity(0) - os.sched_getaffinity(up.pid_of("card")) or None
+    with idle_poll_hold("auto") as hold:
+        polled = hold.held
+        job = run_fio(cmd, out, 600, cpus=cpus)
+    sp = host_split(data, [vdisk])[vdisk]
+    clat = job["write"]["clat_ns"]["percentile"]
+    return {"writes": sp.get("split", 0) + sp.get("marked", 0) + sp.get("late", 0), "marked": sp.get("marked", 0),
+            "late": sp.get("late", 0), "split_p50_us": sp.get("split_p50_us"), "split_p99_us": sp.get("split_p99_us"),
+            "fio_p50_us": clat["50.000000"] / 1000, "fio_p99_us": clat["99.000000"] / 1000, "idle_poll": polled,
+            "fio_cpus": sorted(cpus) if cpus else "any"}
+
+
+def e2e_qd1_rounds(rounds: int, n: int) -> int:
+    """`small_qd1` alone, ``rounds`` times, each in a fresh `nicsplit up`;
+    prints each round and the medians (one JSON line)."""
+    res = []
+    for i in range(rounds):
+        with tempfile.TemporaryDirectory(prefix="nicsplit-keepup-") as tmp:
+            data = init_data(Path(tmp) / "data", validate=False)
+            run_cli(data, "cg", "create", "small")
+            run_cli(data, "vdisk", "create", "q", "--size", "1G", "--cg", "small")
+            with UpProcess(data) as up:
+                wait_for(lambda: cg_state(data, "small").get("state") == "protected", 60, "the CG protected")
+                res.append(small_qd1(data, up, "q", Path(tmp), n))
+        print(json.dumps({"round": i + 1, **res[-1]}), flush=True)
+    med = {k: statistics.median(r[k] for r in res) for k in ("split_p50_us", "split_p99_us", "fio_p50_us", "fio_p99_us")}
+    print(json.dumps({"median": med, "marked": sum(r["marked"] for r in res), "late": sum(r["late"] for r in res),
+                      "loadavg": loadavg()}))
+    return 0
+
+
 def e2e(work: Path, *, seconds: float, rate: int) -> dict[str, Any]:
     # The documented default configuration, as `make run` writes it: init_data
     # turns the host's chain validation on (for tests) unless told not to.
     data = init_data(work / "data", validate=False)
-    for cg, vds in (("paced", ["p1", "p2"]), ("unpaced", ["u1", "u2"]), ("big", ["m"])):
+    for cg, vds in (("paced", ["p1", "p2"]), ("unpaced", ["u1", "u2"]), ("big", ["m"]), ("small", ["q"])):
         run_cli(data, "cg", "create", cg)
         for v in vds:
             run_cli(data, "vdisk", "create", v, "--size", "1G", "--cg", cg)
     out: dict[str, Any] = {}
     with UpProcess(data) as up:
         wait_for(lambda: cg_state(data, "paced").get("state") == "protected", 60, "the CGs protected")
+        out["qd1_4k"] = small_qd1(data, up, "q", work, 20_000)
         out["qd1_1m"] = big_writes(data, up, "m", work, 200)
         # 1 MiB writes at QD1 come faster than the appliance journals them:
         # the card's overflow log may hold some. The paced phase starts from
@@ -566,7 +613,7 @@ def markdown(doc: dict) -> str:
     c, e = doc["components"], doc["e2e"]
     m = lambda k: c[k]["median"]  # noqa: E731
     s = lambda k, spec=".1f": "" if c[k]["spread"] is None else f" ({f(c[k]['spread'][0], spec)}–{f(c[k]['spread'][1], spec)})"  # noqa: E731
-    p, u, big = e["paced"], e["unpaced"], e["qd1_1m"]
+    p, u, big, small = e["paced"], e["unpaced"], e["qd1_1m"], e.get("qd1_4k") or {}
     rows = [
         ("card ack, synthetic splitter QD1, p50 µs", f(m("qd1.p50_us")) + s("qd1.p50_us"), "≤ 5 (splitter added)", ""),
         ("card ack QD1, p99 µs", f(m("qd1.p99_us")) + s("qd1.p99_us"), "≤ 50", ""),
@@ -584,6 +631,12 @@ def markdown(doc: dict) -> str:
          verdict(m("ingest.per_core_per_s"), (m("ingest.per_core_per_s") or 0) >= 100_000)),
         ("stream: acked writes/s (the synthetic splitter's pace)", f(m("stream.acked_per_s"), ",.0f"), "", ""),
         ("ingest: durable records/s (the synthetic card's pace)", f(m("ingest.durable_per_s"), ",.0f"), "", ""),
+        ("e2e 4 KiB QD1 split p50 µs (the host's histogram, fio through NBD)", f(small.get("split_p50_us")), "≤ 5",
+         verdict(small.get("split_p50_us"), (small.get("split_p50_us") or 1e9) <= 5)),
+        ("e2e 4 KiB QD1 split p99 µs", f(small.get("split_p99_us")), "≤ 50",
+         verdict(small.get("split_p99_us"), (small.get("split_p99_us") or 1e9) <= 50)),
+        ("e2e 4 KiB QD1: fio p50 / p99 µs, writes marked", f"{f(small.get('fio_p50_us'))} / {f(small.get('fio_p99_us'))}, "
+         f"{small.get('marked')} of {small.get('writes')} ({small.get('late')} late)", "report", ""),
         ("e2e 1 MiB QD1 split p50 µs", f(big["split_p50_us"]), "≤ 150",
          verdict(big["split_p50_us"], (big["split_p50_us"] or 1e9) <= 150)),
         (f"e2e paced {p['rate_iops']} IOPS QD16: split p99 µs", f(p["split_p99_us"]), "≤ 100",
@@ -668,7 +721,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="leave the synthetic host on every CPU (the scheduler may put it on the acker's)")
     ap.add_argument("--qd1-only", action="store_true",
                     help="the components' 4 KiB QD1 phase alone (no idle, 1 MiB, stream nor end-to-end runs)")
+    ap.add_argument("--e2e-qd1-only", action="store_true",
+                    help="the end-to-end 4 KiB QD1 phase alone (fio through `nicsplit up`), --rounds times")
     a = ap.parse_args(argv)
+    if a.e2e_qd1_only:
+        return e2e_qd1_rounds(a.rounds, 4_000 if a.quick else 20_000)
     if a.quick:
         a.rounds, a.seconds, a.idle_seconds = 1, 10, 5
     n_qd1, n_big, n_stream = (2000, 50, 20_000) if a.quick else (10_000, 200, 100_000)
