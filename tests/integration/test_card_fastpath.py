@@ -73,6 +73,57 @@ def test_acks_flow_while_the_pipeline_worker_is_stopped(card, seed):
         r.close()
 
 
+def test_the_acker_naps_for_a_worker_behind_so_the_host_rings_no_doorbell(tmp_path, seed):
+    """While the worker is behind (stopped here) and writes keep coming, the
+    acker gives its core away in short naps on a timer, staying awake for
+    the host: a host publishing meanwhile rings no doorbell (an acker that
+    slept on it was rung for nearly every write) and every write is acked.
+    (The worker serves the card's control socket: its counters are read
+    once it runs again.)"""
+    data = card_data(tmp_path, worker_nap_us=1000)  # behind at most 8 ms after its last round
+    c = CardProcess(data).start()
+    worker = c.ready["worker_pid"]
+    allowed = os.sched_getaffinity(0)
+    off_acker = allowed - os.sched_getaffinity(c.pid)
+    r = RingSplitter.connect(str(Layout(data).card_sock))
+    try:
+        h0 = stats(data)["endpoint"]["handoff"]
+        if off_acker:  # the host's side, as `nicsplit up` places it: not on the acker's CPU
+            os.sched_setaffinity(0, off_acker)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            io = 0
+
+            def burst(n: int) -> None:
+                nonlocal io
+                for _ in range(n):  # one write every 30 us: inside the acker's spin window, after its look
+                    t = monotonic_ns()
+                    io += 1
+                    assert r.split(write(io, seed), 1_000_000_000), f"write {io} not acked"
+                    r.post_outcome(io, Status.COMMITTED)
+                    while monotonic_ns() - t < 30_000:  # pacing, not synchronisation
+                        pass
+
+            t0 = monotonic_ns()
+            while monotonic_ns() - t0 < 20_000_000:  # past the stopped worker's last nap: it is behind
+                burst(50)
+            n = 300
+            d0 = r.statistics().doorbells
+            burst(n)
+            rings = r.statistics().doorbells - d0
+        finally:
+            os.sched_setaffinity(0, allowed)
+            os.kill(worker, signal.SIGCONT)
+        wait_for(lambda: stats(data)["endpoint"]["handoff"]["consumed"] >= 2 * io, 30, "the worker catching up")
+        naps = stats(data)["endpoint"]["handoff"]["acker_naps"] - h0["acker_naps"]
+        print(f"{io} writes with the worker stopped, the last {n}: {rings} doorbells; {naps} acker naps")
+        assert naps > 0
+        assert rings <= n // 4, rings
+    finally:
+        r.close()
+        c.stop()
+
+
 def test_idle_time_is_counted_apart_and_in_cpu_not_wall_time(card, seed):
     """The benchmarks report the card's work per write apart from what it
     spends waiting for writes (a DPU core's spin): the acker's empty polls

@@ -102,6 +102,7 @@ class H:
     PI_ERRORS = 208  # nvme-pi: Writes completed with another PI error              acker writes
     DEV_ERRORS = 216  # shadow: device entries completed with an error              acker writes, each ms
     DEV_BYTES = 224  # shadow: bytes the device wrote to volume files             acker writes, each ms
+    ACK_NAPS = 232  # acker naps: timed yields to a worker behind while writes come   acker writes
 
 
 _MAGIC = int.from_bytes(b"NSHANDOF", "little")
@@ -247,7 +248,7 @@ class Handoff:
             "slots": self.n, "produced": g(H.PRODUCED), "consumed": g(H.CONSUMED), "floor": g(H.FLOOR),
             "queued": g(H.PRODUCED) - g(H.CONSUMED), "unfinished": g(H.CONSUMED) - g(H.FLOOR),
             "worker_restarts": g(H.RESTARTS), "lost_on_worker_death": g(H.LOST), "acked": g(H.ACKED),
-            "refused": g(H.REFUSED), "acker_sleeps": g(H.ACK_SLEEPS), "handoff_full": g(H.HANDOFF_FULL),
+            "refused": g(H.REFUSED), "acker_sleeps": g(H.ACK_SLEEPS), "acker_naps": g(H.ACK_NAPS), "handoff_full": g(H.HANDOFF_FULL),
             "acker_busy_s": g(H.BUSY_NS) / 1e9, "acker_empty_poll_s": g(H.EMPTY_NS) / 1e9,
             "acker_sleep_cpu_s": g(H.SLEEP_NS) / 1e9, "worker_rings": g(H.RINGS), "bad_checksum": g(H.BAD_CSUM),
         }
