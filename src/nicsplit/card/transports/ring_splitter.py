@@ -534,14 +534,13 @@ class RingSplitter:
         cq_head = self._cq_head
         while True:
             ctail = c[CQ_TAIL]
-            if ctail == cq_head + 1:  # QD1: one completion, OK and ours, without `_drain`'s loop
-                cid, status, _reason, _r, seq = cqe_unpack(self._cq, (cq_head & self._cq_mask) << 4)
-                if cid == io_id and status == OK and seq == cq_head & M32 and self._inflight.get(cid) == _WAITING:
-                    del self._inflight[cid]
-                    self._acked += 1
-                    self._cq_head = ctail
-                    c[CQ_HEAD] = ctail
+            if ctail == cq_head + 1:  # QD1: one completion, without `_drain`'s loop
+                cid = self._take_lone_ok(c, cq_head)
+                if cid == io_id:
                     return True
+                if cid is not None:  # another waiter's: kept for its wait_ack, as `_drain` keeps it
+                    self._done[cid] = True
+                    cq_head = ctail
             if ctail != cq_head:
                 got = self._drain(ctail, io_id)
                 if got is not None:
@@ -557,17 +556,26 @@ class RingSplitter:
         c = self._ctr
         ctail = c[CQ_TAIL]
         head = self._cq_head
-        if ctail == head + 1:  # one completion, OK and awaited: `_drain`'s verdict without its loop
-            cid, status, _reason, _r, seq = cqe_unpack(self._cq, (head & self._cq_mask) << 4)
-            if status == OK and seq == head & M32 and self._inflight.get(cid) == _WAITING:
-                del self._inflight[cid]
-                self._acked += 1
+        if ctail == head + 1:  # one completion: `_drain`'s verdict without its loop
+            cid = self._take_lone_ok(c, head)
+            if cid is not None:
                 self._done[cid] = True
-                self._cq_head = ctail
-                c[CQ_HEAD] = ctail
                 return
         if ctail != head:
             self._drain(ctail, -1)
+
+    def _take_lone_ok(self, c, head: int) -> int | None:
+        """The io_id of the completion at ``head`` if it is an OK for a
+        waiting io: consumed and counted as `_drain` would; else None and
+        nothing consumed (`_drain` takes it, with its checks and warnings)."""
+        cid, status, _reason, _r, seq = cqe_unpack(self._cq, (head & self._cq_mask) << 4)
+        if status != OK or seq != head & M32 or self._inflight.get(cid) != _WAITING:
+            return None
+        del self._inflight[cid]
+        self._acked += 1
+        self._cq_head = head + 1
+        c[CQ_HEAD] = head + 1
+        return cid
 
     def arm_wake(self) -> bool:
         """Before sleeping on `wake_fd` for acks: set HOST_WAITING, fence, and
