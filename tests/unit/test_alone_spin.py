@@ -40,6 +40,9 @@ class LateAck:
     def take_ack(self, io_id: int):
         return True if time.monotonic_ns() >= self.ready_at else None
 
+    def poll_ack(self, io_id: int):
+        return self.take_ack(io_id)
+
     def detach(self, io_id: int):
         return None
 

@@ -191,16 +191,14 @@ class CardLink:
             return False
         if self._notifies:  # the transport completes its own futures (net: no spinning for a round trip)
             return t.ack_future(io_id, deadline_ns)
-        t.reap()
-        v = t.take_ack(io_id)
+        v = t.poll_ack(io_id)
         if v is not None:
             return v
         load = self.load
         t0 = now = monotonic_ns()
         spin_until = min(deadline_ns, t0 + (self.alone_spin_ns if load is not None and load.alone() else self.spin_ns))
         while now < spin_until:
-            t.reap()
-            v = t.take_ack(io_id)
+            v = t.poll_ack(io_id)
             now = monotonic_ns()
             if v is not None:
                 self.spin_ns_total += now - t0

@@ -259,6 +259,9 @@ class NetSplitter:
     def reap(self) -> None:
         """Verdicts arrive through the reader task: nothing to poll."""
 
+    def poll_ack(self, io_id: int) -> bool | None:
+        return self.take_ack(io_id)  # `reap` does nothing here: verdicts arrive with the frames
+
     def take_ack(self, io_id: int) -> bool | None:
         return self._done.pop(io_id, None) if self._done else None
 

@@ -103,8 +103,8 @@ class NvmePiSplitter(RingSplitter):
 
     # -- the hot path ------------------------------------------------------------
 
-    def _submit(self, w: AugmentedWrite, now: int) -> bool:
-        if not self._live(now):
+    def submit(self, w: AugmentedWrite) -> bool:
+        if not self._live(monotonic_ns()):
             return False
         tail = self._sq_tail
         if self._sq_full(tail):
@@ -227,6 +227,10 @@ class NvmePiSplitter(RingSplitter):
             if monotonic_ns() > deadline_ns:
                 return self._timed_out(io_id)
             self._spins += 1
+
+    def poll_ack(self, io_id: int) -> bool | None:
+        self.reap()
+        return self.take_ack(io_id)
 
     def reap(self) -> None:
         if self._new_completion():

@@ -273,15 +273,69 @@ class RingSplitter:
     def split(self, w: AugmentedWrite, timeout_ns: int) -> bool:
         """Submit ``w`` and spin for its ack, at most ``timeout_ns``."""
         now = monotonic_ns()
-        if not self._submit(w, now):
+        if not self.submit(w):
             return False
         return self.wait_ack(w.io_id, now + timeout_ns)
 
     def submit(self, w: AugmentedWrite) -> bool:
         """Publish ``w`` without waiting (the ``_nowait`` half of `split`).
         False if the card is unhealthy or there is no room; then nothing was
-        published.  Every True must be followed by ``wait_ack(w.io_id, ...)``."""
-        return self._submit(w, monotonic_ns())
+        published.  Every True must be followed by ``wait_ack(w.io_id, ...)``.
+        A QD1 write pays each call several times its hot cost (cold caches),
+        so the checks and a copied WRITE (no reservation lent or pinned) are
+        inline: the stores of `_submit_general` in its order."""
+        c = self._ctr
+        now = monotonic_ns()
+        if (self._dead or now - c[HEARTBEAT] > self._stale_ns or c[STATE] == CLOSED) and not self._live(now):
+            return False
+        tail = self._sq_tail
+        if tail - self._sq_head_c >= self._sq_n and self._sq_full(tail):
+            return False
+        length = w.length
+        if w.op != K_WRITE or self._lent or self._held:
+            return self._submit_general(w, tail)
+        payload = w.data
+        if payload is None or len(payload) != length or not length:
+            return self._invalid_record(w, "WRITE payload missing or not `length` bytes")
+        size = self._dsize
+        pos = self._rtail
+        off = pos % size
+        if off + length > size:
+            pos += size - off
+            off = 0
+        end = pos + length
+        if end - self._data_head_c > size:
+            self._data_head_c = c[DATA_HEAD]
+            if end - self._data_head_c > size:
+                self._full_data += 1
+                return False
+        io_id = w.io_id
+        if io_id in self._inflight:
+            return self._invalid_record(w, "io_id already in flight")
+        self._data[off: off + length] = payload  # the one copy
+        if self._csum:
+            csum, dflags = xxh3(payload) & M32, DF_CSUM
+        else:
+            csum = dflags = 0
+        try:
+            desc_pack(
+                self._sq, (tail & self._sq_mask) << 6, K_WRITE, w.flags, dflags, 0, length, io_id, w.cg_seq,
+                w.cg_id, w.vdisk_id, w.voffset, w.timestamp_ns, pos, csum, tail & M32,
+            )
+        except struct.error as e:
+            return self._invalid_record(w, str(e))
+        self.last_prepaid_ns = 0
+        self._data_tail = self._rtail = self.last_position = c[DATA_TAIL] = end
+        self._bytes += length
+        self._inflight[io_id] = _WAITING
+        self._submitted += 1
+        tail += 1
+        self._sq_tail = tail
+        c[SQ_TAIL] = tail  # publish (TSO: payload and descriptor are visible first)
+        fence()
+        if c[STATE] == SLEEPING:
+            self._ring()
+        return True
 
     def _live(self, now: int) -> bool:
         """The card can take a submission now (not dead, closed or silent);
@@ -297,19 +351,12 @@ class RingSplitter:
             return False
         return True
 
-    def _submit(self, w: AugmentedWrite, now: int) -> bool:
-        c = self._ctr
-        # The checks of `_live` and `_sq_full` inline for the common case (QD1
-        # pays each call); the methods run only to refuse and count.
-        if (self._dead or now - c[HEARTBEAT] > self._stale_ns or c[STATE] == CLOSED) and not self._live(now):
-            return False
-        tail = self._sq_tail
-        if tail - self._sq_head_c >= self._sq_n and self._sq_full(tail):
-            return False
+    def _submit_general(self, w: AugmentedWrite, tail: int) -> bool:
+        """`submit` of everything but a copied WRITE: records without a
+        payload, and WRITEs while reservations are lent or pinned (in place,
+        moved, or copied past them)."""
         op = w.op
         length = w.length
-        if op == K_WRITE and not self._lent and not self._held:
-            return self._submit_copy(w, c, tail, length)
         data_pos = csum = dflags = end = 0
         res = None
         self.last_prepaid_ns = 0
@@ -378,53 +425,6 @@ class RingSplitter:
         self._inflight[io_id] = _WAITING
         self._submitted += 1
         self._publish(tail + 1)
-        return True
-
-    def _submit_copy(self, w: AugmentedWrite, c, tail: int, length: int) -> bool:
-        """`_submit` of a WRITE with no reservation lent or pinned: its
-        payload is copied to the data tail (`_place` and `_room` inline, the
-        same stores in the same order as the general path)."""
-        payload = w.data
-        if payload is None or len(payload) != length or not length:
-            return self._invalid_record(w, "WRITE payload missing or not `length` bytes")
-        size = self._dsize
-        pos = self._rtail
-        off = pos % size
-        if off + length > size:
-            pos += size - off
-            off = 0
-        end = pos + length
-        if end - self._data_head_c > size:
-            self._data_head_c = c[DATA_HEAD]
-            if end - self._data_head_c > size:
-                self._full_data += 1
-                return False
-        io_id = w.io_id
-        if io_id in self._inflight:
-            return self._invalid_record(w, "io_id already in flight")
-        self._data[off: off + length] = payload  # the one copy
-        if self._csum:
-            csum, dflags = xxh3(payload) & M32, DF_CSUM
-        else:
-            csum = dflags = 0
-        try:
-            desc_pack(
-                self._sq, (tail & self._sq_mask) << 6, K_WRITE, w.flags, dflags, 0, length, io_id, w.cg_seq,
-                w.cg_id, w.vdisk_id, w.voffset, w.timestamp_ns, pos, csum, tail & M32,
-            )
-        except struct.error as e:
-            return self._invalid_record(w, str(e))
-        self.last_prepaid_ns = 0
-        self._data_tail = self._rtail = self.last_position = c[DATA_TAIL] = end
-        self._bytes += length
-        self._inflight[io_id] = _WAITING
-        self._submitted += 1
-        tail += 1
-        self._sq_tail = tail
-        c[SQ_TAIL] = tail  # publish (TSO: payload and descriptor are visible first)
-        fence()
-        if c[STATE] == SLEEPING:
-            self._ring()
         return True
 
     # -- reservations (module docstring) ----------------------------------------
@@ -553,16 +553,22 @@ class RingSplitter:
     def reap(self) -> None:
         """Consume every completion available now, without waiting; their
         verdicts wait in a table for `take_ack` (the pipelined host path)."""
+        self.poll_ack(-1)
+
+    def poll_ack(self, io_id: int) -> bool | None:
+        """`reap`, then `take_ack(io_id)`, in one call (QD1: the lone completion there is usually this io's)."""
         c = self._ctr
-        ctail = c[CQ_TAIL]
         head = self._cq_head
-        if ctail == head + 1:  # one completion: `_drain`'s verdict without its loop
-            cid = self._take_lone_ok(c, head)
+        ctail = c[CQ_TAIL]
+        if ctail != head:
+            cid = self._take_lone_ok(c, head) if ctail == head + 1 else None
+            if cid == io_id:
+                return True
             if cid is not None:
                 self._done[cid] = True
-                return
-        if ctail != head:
-            self._drain(ctail, -1)
+            else:
+                self._drain(ctail, -1)
+        return self._done.pop(io_id, None) if self._done else None
 
     def _take_lone_ok(self, c, head: int) -> int | None:
         """The io_id of the completion at ``head`` if it is an OK for a

@@ -128,6 +128,8 @@ class SplitFilter(Filter):
         self.cg = vdisk.extra.get("cg")
         self.cg_id = ctx.cg_id(self.cg) if self.cg else 0
         self.seq = ctx.sequencer(self.cg) if self.cg else None
+        self._next_io_id = ctx.next_io_id  # bound once: the per-write path pays each lookup (QD1)
+        self._vdisk_id = vdisk.id
         self.dmap = ctx.dirty_map(vdisk.uuid, vdisk.size)
         self.dmap.name = vdisk.name
         self.gap = ctx.join_gap(self.cg, self.dmap) if self.cg else None
@@ -235,7 +237,7 @@ class SplitFilter(Filter):
         if self.gap.vdisks:
             wf |= _WGAP
         w = AugmentedWrite(
-            self.ctx.next_io_id(), self.cg_id, seq.next(), self.vdisk.id, op, wf, offset, length, time_ns(), data,
+            self._next_io_id(), self.cg_id, seq.next(), self._vdisk_id, op, wf, offset, length, time_ns(), data,
         )
         if not publish:
             return w, t, perf_counter_ns() - t0, 0
