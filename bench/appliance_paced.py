@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({
         "tag": a.tag, "src": os.path.dirname(nicsplit.__file__), "iops": round(r["iops"]),
         "host": round(c["host"], 1), "host_spin": round(c["host_spin"], 1), "card_work": round(c["card_work"], 1), "card_idle": round(c["card_idle"], 1), "appliance": round(c["appliance"], 1),
+        "kernel_threads": round(c.get("kernel_threads", 0), 1),
         "loop_user": per_write(loop[0]), "loop_sys": per_write(loop[1]),
         "threads_user": per_write(rest[0]), "threads_sys": per_write(rest[1]),
         "distribution": round(1e6 * (d1.get("cpu_seconds", 0) - d0.get("cpu_seconds", 0)) / w, 1),

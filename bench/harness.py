@@ -43,6 +43,27 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
+def kernel_threads_cpu_s() -> float:
+    """utime + stime of every kernel thread (kthreadd's children: kworkers
+    writing back the page cache, ksoftirqd, ...), in seconds. CPU that no
+    process is charged for: most of it, under a write load, is the
+    writeback of files written without a sync (the host's datastore), which
+    a process that syncs (the appliance) pays in its own time instead. A
+    kernel thread that exits between two readings takes its time with it."""
+    total = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone
+        if rest[1] == "2" or d == "2":  # ppid 2: a kernel thread
+            total += int(rest[11]) + int(rest[12])
+    return total / CLK_TCK
+
+
 def runq_wait_s(pid: int, *, children: bool = False) -> float:
     """Seconds the threads of a process spent runnable but waiting for a CPU
     (``/proc/PID/task/TID/schedstat``, second field), with its descendants'
