@@ -43,14 +43,11 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
-def kernel_threads_cpu_s() -> float:
-    """utime + stime of every kernel thread (kthreadd's children: kworkers
-    writing back the page cache, ksoftirqd, ...), in seconds. CPU that no
-    process is charged for: most of it, under a write load, is the
-    writeback of files written without a sync (the host's datastore), which
-    a process that syncs (the appliance) pays in its own time instead. A
-    kernel thread that exits between two readings takes its time with it."""
-    total = 0
+def kernel_threads_cpu() -> dict[int, int]:
+    """Clock ticks (utime + stime) of every kernel thread (kthreadd's
+    children: kworkers writing back the page cache, ksoftirqd, ...) by pid;
+    `kernel_threads_cpu_s` takes the difference of two readings."""
+    out = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -60,8 +57,18 @@ def kernel_threads_cpu_s() -> float:
         except OSError:
             continue  # gone
         if rest[1] == "2" or d == "2":  # ppid 2: a kernel thread
-            total += int(rest[11]) + int(rest[12])
-    return total / CLK_TCK
+            out[int(d)] = int(rest[11]) + int(rest[12])
+    return out
+
+
+def kernel_threads_cpu_s(before: dict[int, int], after: dict[int, int]) -> float:
+    """Seconds of CPU kernel threads used between two `kernel_threads_cpu`
+    readings: CPU no process is charged for. Under a write load most of it is
+    the writeback of files written without a sync (the host's datastore),
+    which a process that syncs (the appliance) pays in its own time instead.
+    A thread that exited in between took its time with it (an undercount);
+    one that started counts whole."""
+    return sum(t - before.get(pid, 0) for pid, t in after.items()) / CLK_TCK
 
 
 def runq_wait_s(pid: int, *, children: bool = False) -> float:

@@ -57,8 +57,8 @@ from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (cpu_seconds, fio_cmd, idle_poll_hold, kernel_threads_cpu_s, loadavg, percentile as pct,  # noqa: E402
-                     pyplot, run_fio, runq_wait_s)
+from harness import (cpu_seconds, fio_cmd, idle_poll_hold, kernel_threads_cpu, kernel_threads_cpu_s, loadavg,  # noqa: E402
+                     percentile as pct, pyplot, run_fio, runq_wait_s)
 from nicsplit.card.transports.net import NetSplitter  # noqa: E402
 from nicsplit.card.transports.ring_splitter import RingSplitter  # noqa: E402
 from nicsplit.core.catalog import CatalogReader  # noqa: E402
@@ -68,6 +68,7 @@ from nicsplit.core.layout import Layout  # noqa: E402
 from nicsplit.core.records import AugmentedWrite, Op, Status, WFlag  # noqa: E402
 from nicsplit.testing.datadir import init_data  # noqa: E402
 from nicsplit.testing.procs import ReadyProcess, UpProcess, nicsplit_cmd, run_cli, wait_for  # noqa: E402
+from nicsplit.testing.stack import latest_pit_equals_production  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BS = 4096
@@ -435,7 +436,7 @@ def e2e_phase(data: Path, up: UpProcess, cg: str, vdisks: list[str], *, seconds:
             "appliance": up.pid_of("appliance")}
     s0, spin0 = host_split(data, vdisks), host_spin_us(data)
     c0, q0 = cpu_of(pids), {k: runq_wait_s(p) for k, p in pids.items()}
-    k0 = kernel_threads_cpu_s()
+    k0 = kernel_threads_cpu()
     fio_q: dict[int, float] = {}  # fio's run-queue wait, sampled while it runs (gone from /proc after)
     fios = []
     for i, v in enumerate(vdisks):
@@ -465,7 +466,7 @@ def e2e_phase(data: Path, up: UpProcess, cg: str, vdisks: list[str], *, seconds:
         p.wait()
     el = time.monotonic() - t0
     d = diff(c0, cpu_of(pids))
-    kthreads = kernel_threads_cpu_s() - k0
+    kthreads = kernel_threads_cpu_s(k0, kernel_threads_cpu())
     q = {k: runq_wait_s(p) - q0[k] for k, p in pids.items()}
     q["fio"] = sum(fio_q.values())
     s1, spin1 = host_split(data, vdisks), host_spin_us(data)
@@ -542,13 +543,14 @@ def small_qd1(data: Path, up: UpProcess, vdisk: str, work: Path, n: int) -> dict
             "fio_cpus": sorted(cpus) if cpus else "any"}
 
 
-def e2e_qd1_rounds(rounds: int, n: int) -> int:
-    """`small_qd1` alone, ``rounds`` times, each in a fresh `nicsplit up`;
-    prints each round and the medians (one JSON line)."""
+def e2e_qd1_rounds(rounds: int, n: int, acker_core: str = "shared") -> int:
+    """`small_qd1` alone, ``rounds`` times, each in a fresh `nicsplit up`
+    (``acker_core``: the ``[card]`` setting, "dedicated" being the DPU's
+    layout); prints each round and the medians (one JSON line)."""
     res = []
     for i in range(rounds):
         with tempfile.TemporaryDirectory(prefix="nicsplit-keepup-") as tmp:
-            data = e2e_data(Path(tmp))
+            data = e2e_data(Path(tmp), {"card": {"acker_core": acker_core}} if acker_core != "shared" else None)
             with UpProcess(data) as up:
                 wait_for(lambda: cg_state(data, "paced").get("state") == "protected", 60, "the CGs protected")
                 res.append(small_qd1(data, up, "q", Path(tmp), n))
@@ -559,11 +561,11 @@ def e2e_qd1_rounds(rounds: int, n: int) -> int:
     return 0
 
 
-def e2e_data(work: Path) -> Path:
+def e2e_data(work: Path, sections: dict[str, dict] | None = None) -> Path:
     """The end-to-end runs' data directory: the documented default
     configuration, as `make run` writes it (init_data turns the host's chain
     validation on for tests unless told not to), and a CG per phase."""
-    data = init_data(work / "data", validate=False)
+    data = init_data(work / "data", validate=False, sections=sections)
     for cg, vds in (("paced", ["p1", "p2"]), ("unpaced", ["u1", "u2"]), ("big", ["m"]), ("small", ["q"])):
         run_cli(data, "cg", "create", cg)
         for v in vds:
@@ -584,8 +586,23 @@ def e2e(work: Path, *, seconds: float, rate: int) -> dict[str, Any]:
         wait_for(lambda: cg_state(data, "big").get("state") == "protected"
                  and not (card_stats(data)["overflow"] or {}).get("lagging"), 300, "the 1 MiB writes shipped")
         out["paced"] = e2e_phase(data, up, "paced", ["p1", "p2"], seconds=seconds, rate=rate, work=work)
+        out["paced"]["latest_pit_equals_production"] = pit_check(data, up, "paced", ["p1", "p2"], work)
         out["unpaced"] = e2e_phase(data, up, "unpaced", ["u1", "u2"], seconds=seconds, rate=0, work=work)
     return out
+
+
+def pit_check(data: Path, up: UpProcess, cg: str, vdisks: list[str], work: Path) -> bool | str:
+    """Issue 9's "the latest PIT equals production" after a phase: each of
+    ``vdisks`` restored at the latest PIT once the journal holds every seq
+    the host handed out, compared with production by ``qemu-img compare``.
+    True, or what differed (the bench reports it, it does not stop)."""
+    try:
+        for v in vdisks:
+            latest_pit_equals_production(data, cg, v, up.uri(v), work)
+            (work / f"{v}-latest.raw").unlink(missing_ok=True)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, TimeoutError, RuntimeError) as e:
+        return f"{type(e).__name__}: {str(getattr(e, 'stdout', '') or e)[-300:]}"
+    return True
 
 
 # -- report ---------------------------------------------------------------------------
@@ -657,6 +674,8 @@ def markdown(doc: dict) -> str:
         ("e2e paced: states seen", ", ".join(p["states_seen"]), "protected only",
          verdict(True, not p["left_protected"])),
         ("e2e paced: RPO p99 s", f(p["rpo_p99_s"], ".2f"), "≤ 1", verdict(p["rpo_p99_s"], (p["rpo_p99_s"] or 99) <= 1)),
+        ("e2e paced: the latest PIT equals production (p1, p2)", str(p.get("latest_pit_equals_production", "–")),
+         "True", verdict(p.get("latest_pit_equals_production"), p.get("latest_pit_equals_production") is True)),
         ("e2e paced: (card work + appliance) / host CPU per write", f(p["card_plus_appliance_over_host"], ".2f"), "≤ 1.0",
          verdict(p["card_plus_appliance_over_host"], (p["card_plus_appliance_over_host"] or 99) <= 1.0)),
         ("e2e paced: the same with the card's idle time counted", f(p["all_card_plus_appliance_over_host"], ".2f"),
@@ -735,9 +754,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="the components' 4 KiB QD1 phase alone (no idle, 1 MiB, stream nor end-to-end runs)")
     ap.add_argument("--e2e-qd1-only", action="store_true",
                     help="the end-to-end 4 KiB QD1 phase alone (fio through `nicsplit up`), --rounds times")
+    ap.add_argument("--acker-core", choices=("shared", "dedicated"), default="shared",
+                    help="with --e2e-qd1-only: [card] acker_core (dedicated: the DPU's layout)")
     a = ap.parse_args(argv)
     if a.e2e_qd1_only:
-        return e2e_qd1_rounds(a.rounds, 4_000 if a.quick else 20_000)
+        return e2e_qd1_rounds(a.rounds, 4_000 if a.quick else 20_000, a.acker_core)
     if a.quick:
         a.rounds, a.seconds, a.idle_seconds = 1, 10, 5
     n_qd1, n_big, n_stream = (2000, 50, 20_000) if a.quick else (10_000, 200, 100_000)
