@@ -543,3 +543,32 @@ def test_close_kills_handles(ds):
     ds.close()
     with pytest.raises(UnknownVdisk, match="closed"):
         a.pwrite(0, b"x")
+
+
+def test_large_writes_go_down_in_pieces_no_larger_than_write_chunk(tmp_path, monkeypatch):
+    """A write larger than `WRITE_CHUNK` reaches the volume files in pieces
+    of at most that size (large page-cache folios, store.py), in order, and
+    reads back whole; a small write is still one call."""
+    d = Datastore.create(str(tmp_path / "big"), volume_size=64 * MiB, extent_size=4 * MiB)
+    d.create_vdisk("a", 16 * MiB)
+    d.open_io()
+    calls: list[int] = []
+    real = os.pwrite
+
+    def spy(fd, data, offset):
+        calls.append(len(data))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(store_mod.os, "pwrite", spy)
+    try:
+        a = d.vdisk("a")
+        data = pattern(7, 3 * MiB + 4096)
+        a.pwrite(4 * MiB - 12345, data)  # across an extent boundary, unaligned
+        assert calls and max(calls) <= store_mod.WRITE_CHUNK
+        assert sum(calls) == len(data)
+        assert a.pread(4 * MiB - 12345, len(data)) == data
+        calls.clear()
+        a.pwrite(0, b"x" * 4096)
+        assert calls == [4096]
+    finally:
+        d.close()
