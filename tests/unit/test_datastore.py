@@ -19,6 +19,7 @@ from nicsplit.host.datastore import (
     VdiskExists,
 )
 from nicsplit.host.datastore import store as store_mod
+from nicsplit.core.fsutil import WRITE_PIECE
 from nicsplit.host.datastore.extentlog import LOG_HEADER, RECORD
 
 ES = 8192  # tiny extents: boundaries are easy to hit
@@ -545,8 +546,8 @@ def test_close_kills_handles(ds):
         a.pwrite(0, b"x")
 
 
-def test_large_writes_go_down_in_pieces_no_larger_than_write_chunk(tmp_path, monkeypatch):
-    """A write larger than `WRITE_CHUNK` reaches the volume files in pieces
+def test_large_writes_go_down_in_pieces_no_larger_than_write_piece(tmp_path, monkeypatch):
+    """A write larger than `fsutil.WRITE_PIECE` reaches the volume files in pieces
     of at most that size (large page-cache folios, store.py), in order, and
     reads back whole; a small write is still one call."""
     d = Datastore.create(str(tmp_path / "big"), volume_size=64 * MiB, extent_size=4 * MiB)
@@ -564,7 +565,7 @@ def test_large_writes_go_down_in_pieces_no_larger_than_write_chunk(tmp_path, mon
         a = d.vdisk("a")
         data = pattern(7, 3 * MiB + 4096)
         a.pwrite(4 * MiB - 12345, data)  # across an extent boundary, unaligned
-        assert calls and max(calls) <= store_mod.WRITE_CHUNK
+        assert calls and max(calls) <= WRITE_PIECE
         assert sum(calls) == len(data)
         assert a.pread(4 * MiB - 12345, len(data)) == data
         calls.clear()

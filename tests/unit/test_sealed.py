@@ -923,3 +923,42 @@ def test_blob_sealer(tmp_path: Path, kr: atrest.Keyring):
         c = clear_sealer.seal(PATTERN, b"at 0")
         assert c == bytes(4) + PATTERN and len(c) == len(PATTERN) + BlobSealer.overhead(False)
         assert s.open(c, b"whatever") == PATTERN
+
+
+@pytest.mark.parametrize("kind", ["plain", "sealed"])
+def test_large_writes_reach_the_data_file_in_pieces(tmp_path: Path, kr: atrest.Keyring, rng: random.Random,
+                                                     kind: str, monkeypatch: pytest.MonkeyPatch):
+    """A large `pwrite` and a long run of `write_blocks` reach the data file
+    in calls of at most `fsutil.WRITE_PIECE` bytes (large page-cache folios,
+    docs/benchmarks.md) and read back whole."""
+    from nicsplit.core import fsutil
+
+    size = 4 * RUN_BLOCKS * BS
+    img = open_image(tmp_path / "disk.img", size, kr if kind == "sealed" else None, writable=True, create=True)
+    data_fd = img._fd
+    sizes: list[int] = []
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
+
+    def spy_pwrite(fd, data, offset):
+        if fd == data_fd:
+            sizes.append(len(data))
+        return real_pwrite(fd, data, offset)
+
+    def spy_pwritev(fd, bufs, offset):
+        if fd == data_fd:
+            sizes.append(sum(len(b) for b in bufs))
+        return real_pwritev(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "pwrite", spy_pwrite)
+    monkeypatch.setattr(os, "pwritev", spy_pwritev)
+    try:
+        big = rng.randbytes(RUN_BLOCKS * BS + 3 * BS)
+        img.pwrite(big, BS)
+        blocks = [(b, rng.randbytes(BS)) for b in range(2 * RUN_BLOCKS, 2 * RUN_BLOCKS + 300)]
+        img.write_blocks(blocks)
+        assert sizes and max(sizes) <= fsutil.WRITE_PIECE, sizes
+        assert sum(sizes) == len(big) + 300 * BS
+        assert img.pread(BS, len(big)) == big
+        assert img.pread(2 * RUN_BLOCKS * BS, 300 * BS) == b"".join(c for _, c in blocks)
+    finally:
+        img.close()

@@ -67,6 +67,23 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         offset += n
 
 
+# Large page-cache folios: the folio a write brings in is as large as the
+# write (ext4 from Linux 6.16), and a later 4 KiB write into it dirties and
+# writes back all of it (docs/benchmarks.md, "Large folios"). Files written
+# later at random in small blocks (the datastore's volumes, images) take
+# their large writes in pieces of at most this many bytes.
+WRITE_PIECE = 64 << 10
+
+
+def pwrite_pieces(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """`pwrite_all` in pieces of at most `WRITE_PIECE` bytes."""
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    for i in range(0, len(view), WRITE_PIECE):
+        pwrite_all(fd, view[i : i + WRITE_PIECE], offset + i)
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """Call fallocate(2); raise OSError with the real errno on failure."""
     while _fallocate(fd, mode, offset, length) != 0:

@@ -20,7 +20,7 @@ import os
 import threading
 from pathlib import Path
 
-from nicsplit.core.fsutil import data_extents, fsync_dir, pwrite_all, punch_hole
+from nicsplit.core.fsutil import WRITE_PIECE, data_extents, fsync_dir, pwrite_pieces, punch_hole
 from nicsplit.storage.atrest import Keyring
 from nicsplit.storage.base import Image
 from nicsplit.storage.sealed import SealedImage
@@ -106,12 +106,12 @@ class PlainImage(Image):
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         self._check_writable("write")
         self._check(offset, len(data))
-        pwrite_all(self._fd, data, offset)
+        pwrite_pieces(self._fd, data, offset)
 
     def _write_run(self, offset: int, parts: list[bytes | memoryview]) -> None:
         self._check_writable("write")
         self._check(offset, sum(len(p) for p in parts))
-        pwritev_all(self._fd, parts, offset)  # no joined copy of the run
+        pwritev_all(self._fd, parts, offset, WRITE_PIECE)  # no joined copy of the run
 
     def zero(self, offset: int, length: int) -> None:
         self._check_writable("zero")

@@ -150,7 +150,7 @@ from typing import Callable, Iterator
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from nicsplit.core.fsutil import data_extents, fsync_dir, pwrite_all, punch_hole
+from nicsplit.core.fsutil import data_extents, fsync_dir, pwrite_all, pwrite_pieces, punch_hole
 from nicsplit.storage.atrest import NONCE_SIZE, TAG_SIZE, Keyring
 from nicsplit.storage.base import Image
 from nicsplit.storage.rekey import RekeyLog, Rekeying, rekey_path
@@ -425,7 +425,7 @@ class SealedImage(Rekeying, Image):
             ct[o : o + m] = memoryview(sealed)[:m]
             pack_entry(tags, i * ENTRY_SIZE, kid, nonce, sealed[m:])
             o += BS
-        pwrite_all(self._fd, ct, c0 * BS)
+        pwrite_pieces(self._fd, ct, c0 * BS)
         pwrite_all(self._tfd, tags, HEADER_SIZE + c0 * ENTRY_SIZE)
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -587,7 +587,7 @@ class SealedImage(Rekeying, Image):
                         tags[e + 16 : e + 32] = ct[o + m : o + m + TAG_SIZE]
                         o += m
                         e += ENTRY_SIZE
-                    pwrite_all(self._fd, ct[:o], c0 * BS)
+                    pwrite_pieces(self._fd, ct[:o], c0 * BS)
                     pwrite_all(self._tfd, tags, HEADER_SIZE + c0 * ENTRY_SIZE)
             if after is not None:
                 after()

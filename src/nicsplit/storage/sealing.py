@@ -160,9 +160,24 @@ def pread_into(fd: int, view: memoryview, offset: int) -> None:
 
 
 
-def pwritev_all(fd: int, bufs: list, offset: int) -> None:
+def pwritev_all(fd: int, bufs: list, offset: int, max_bytes: int = 0) -> None:
     """``os.pwritev`` of ``bufs`` (contiguous at ``offset``) until every byte
-    is written (it may write fewer), `IOV_MAX` buffers per call."""
+    is written (it may write fewer), `IOV_MAX` buffers per call; with
+    ``max_bytes``, calls of at most that many bytes where the buffers allow
+    (a buffer longer than it goes in one call: give it pieces)."""
+    if max_bytes:
+        group: list = []
+        size = 0
+        for b in bufs:
+            if group and size + len(b) > max_bytes:
+                pwritev_all(fd, group, offset)
+                offset += size
+                group, size = [], 0
+            group.append(b)
+            size += len(b)
+        if group:
+            pwritev_all(fd, group, offset)
+        return
     for i in range(0, len(bufs), IOV_MAX):
         chunk = bufs[i : i + IOV_MAX] if len(bufs) > IOV_MAX else bufs
         total = sum(map(len, chunk))

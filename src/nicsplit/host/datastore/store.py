@@ -51,7 +51,7 @@ import uuid as _uuid
 from dataclasses import dataclass
 from typing import Any
 
-from nicsplit.core.fsutil import punch_hole, zero_keep_allocated
+from nicsplit.core.fsutil import WRITE_PIECE, punch_hole, zero_keep_allocated
 from nicsplit.core.records import BLOCK_SIZE
 
 from nicsplit.core import catalog as _catalog
@@ -73,14 +73,6 @@ _VOLUME_RE = re.compile(r"vol-(\d{4,})\.dsk")
 COMPACT_RATIO = 2
 COMPACT_SLACK = 4096
 
-# The page cache's folio size follows the size of the write (and of the
-# readahead) that brought a range in: on kernels whose ext4 has large folios
-# (6.16 on), a 1 MiB write leaves 1 MiB folios behind, and every later 4 KiB
-# write into one dirties and writes back the whole folio: after a VM disk is
-# imported sequentially, its random 4 KiB writes cost the host ~2x the CPU
-# (docs/benchmarks.md, "Large folios"). So a write goes down in pieces of at
-# most this many bytes, for one more syscall per 64 KiB of a large write.
-WRITE_CHUNK = 64 << 10
 EXTENT_DATA = 0  # same values as nicsplit.host.io
 EXTENT_HOLE_ZERO = 3
 
@@ -648,7 +640,7 @@ class VdiskStore:
         es = self._es
         i = offset // es
         off = offset - i * es
-        if off + n <= es and n <= WRITE_CHUNK:
+        if off + n <= es and n <= WRITE_PIECE:  # large writes in pieces: fsutil.WRITE_PIECE
             ent = self._map.get(i)
             if ent is not None and os.pwrite(ent[1], data, ent[2] + off) == n:
                 self._vdirty[ent[0]] = True  # after the write: see Datastore.sync
@@ -698,7 +690,7 @@ class VdiskStore:
         pos = 0
         while pos < n:
             i, off = divmod(offset + pos, es)
-            k = min(es - off, n - pos, WRITE_CHUNK)
+            k = min(es - off, n - pos, WRITE_PIECE)
             vol, fd, base = self._entry_for_write(i)
             done = 0
             while done < k:
